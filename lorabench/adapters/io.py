@@ -1,0 +1,269 @@
+"""Adapter files: lorabench's own format, and exports the ecosystem loads.
+
+- Native (:func:`save_adapter` / :func:`load_adapter`): every adapter tensor under
+  its layer name (``unet.<path>.lora_down``), plus metadata: adapter type, rank,
+  alpha, targets, base model id and the full adapter config, so the file alone
+  rebuilds the adapter.
+- diffusers (:func:`export_diffusers`): ``<prefix>.<path>.lora_A.weight`` (down) and
+  ``.lora_B.weight`` (up), the keys ``save_lora_weights`` writes and
+  ``load_lora_weights`` reads. The whole scale is folded into ``up``, so the file
+  loads at scale 1 with no alphas.
+- kohya (:func:`export_kohya`): ``lora_unet_<path with _>.lora_down.weight``,
+  ``.lora_up.weight`` and ``.alpha`` (= rank, scale 1), read by A1111 and ComfyUI.
+
+Text-encoder layers are always named as in the published CLIP checkpoints
+(``text_encoder.text_model.encoder.layers.0...``), also under transformers >= 5,
+whose ``CLIPTextModel`` dropped the ``text_model`` level: files written with one
+transformers version load with the other, and into diffusers and kohya tools.
+
+Every adapter exports as plain up/down pairs: TriLoRA folds to
+``up = U``, ``down = diag(Sigma) V^T``; OrthA to its trained ``up`` and frozen ``down``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from lorabench.adapters.injection import Adapters
+from lorabench.errors import ConfigError
+from lorabench.utils.io import atomic_path
+
+FORMAT_VERSION = "1"
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+KOHYA_PREFIX_SDXL = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def _has_text_model(root) -> bool:
+    return hasattr(root, "text_model")
+
+
+def to_file_name(layer: str, roots: Mapping) -> str:
+    """Layer name in a model -> the canonical name used in files."""
+    prefix, _, path = layer.partition(".")
+    if prefix != "unet" and not _has_text_model(roots[prefix]) and not path.startswith("text_model."):
+        path = "text_model." + path
+    return f"{prefix}.{path}"
+
+
+def from_file_name(name: str, roots: Mapping) -> str:
+    """Canonical name in a file -> the layer name in this model."""
+    prefix, _, path = name.partition(".")
+    if prefix != "unet" and prefix in roots:
+        if _has_text_model(roots[prefix]):
+            path = path if path.startswith("text_model.") else "text_model." + path
+        else:
+            path = path.removeprefix("text_model.")
+    return f"{prefix}.{path}"
+
+
+def _write(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> Path:
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with a one-line error for a bad file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"adapter file {path!r}", "does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"adapter file {path!r}", f"is not a readable safetensors file ({exc})") from exc
+    return tensors, metadata
+
+
+# -- native ------------------------------------------------------------------------------------------
+def save_adapter(adapters: Adapters, path, *, base_model: str = "", extra: Mapping | None = None) -> Path:
+    cfg = adapters.config
+    metadata = {
+        "lorabench_format": FORMAT_VERSION,
+        "adapter_type": adapters.adapter_type,
+        "rank": str(cfg.get("rank")),
+        "alpha": str(cfg.get("alpha") if cfg.get("alpha") is not None else cfg.get("rank")),
+        "target_modules": json.dumps(cfg.get("target_modules")),
+        "text_encoder_targets": json.dumps(cfg.get("text_encoder_targets")),
+        "base_model": base_model,
+        "config": json.dumps(cfg),
+        "layers": json.dumps(adapters.layer_metadata()),
+    }
+    if extra:
+        metadata["extra"] = json.dumps(dict(extra), default=str)
+    roots = adapters._roots
+    tensors = {}
+    for key, value in adapters.state_dict().items():
+        layer, _, tensor = key.rpartition(".")
+        tensors[f"{to_file_name(layer, roots)}.{tensor}"] = value
+    return _write(tensors, path, metadata)
+
+
+def load_state_from_file(adapters: Adapters, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a native file's tensors (canonical names) into injected adapters."""
+    roots = adapters._roots
+    mapped = {}
+    for key, value in tensors.items():
+        layer, _, tensor = key.rpartition(".")
+        mapped[f"{from_file_name(layer, roots) if layer.partition('.')[0] in roots else layer}.{tensor}"] = value
+    adapters.load_state_dict(mapped, source=source)
+
+
+def load_adapter(components, path) -> Adapters:
+    """Inject the adapter stored in ``path`` (native, diffusers or kohya format) into a model."""
+    tensors, metadata = read_safetensors(path)
+    source = f"adapter file {str(path)!r}"
+    if metadata.get("lorabench_format"):
+        config = json.loads(metadata["config"])
+        try:
+            adapters = Adapters.inject(components.adaptable_modules(), config)
+        except ConfigError as exc:
+            raise ConfigError(source, f"does not fit the model: {exc}") from exc
+        try:
+            load_state_from_file(adapters, tensors, source)
+        except Exception:
+            adapters.remove()
+            raise
+        return adapters
+    return import_lora(components, tensors, metadata, source)
+
+
+# -- plain up/down pairs -----------------------------------------------------------------------------
+def lora_pairs(adapters: Adapters, file_names: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (up, down)}`` with ``up @ down`` equal to the layer's whole delta (scale folded into up),
+    shaped for the base layer (4-D for 1x1 convs); keyed by canonical file names if ``file_names``."""
+    out = {}
+    for name, layer in adapters.layers.items():
+        up, down = layer.factors()
+        up = up.detach().float() * (layer.scale * layer.multiplier)
+        down = down.detach().float()
+        if layer.is_conv:
+            up, down = up[:, :, None, None], down[:, :, None, None]
+        out[to_file_name(name, adapters._roots) if file_names else name] = (up, down)
+    return out
+
+
+def export_diffusers(adapters: Adapters, path) -> Path:
+    tensors = {}
+    for name, (up, down) in lora_pairs(adapters, file_names=True).items():
+        tensors[f"{name}.lora_A.weight"] = down
+        tensors[f"{name}.lora_B.weight"] = up
+    return _write(tensors, path, {"format": "pt"})
+
+
+def _kohya_prefixes(adapters_or_components) -> dict[str, str]:
+    roots = getattr(adapters_or_components, "_roots", None)
+    if roots is None:
+        roots = adapters_or_components.adaptable_modules()
+    return KOHYA_PREFIX_SDXL if "text_encoder_2" in roots else KOHYA_PREFIX
+
+
+def kohya_name(layer: str, prefixes: Mapping[str, str]) -> str:
+    prefix, _, path = layer.partition(".")
+    return f"{prefixes[prefix]}_{path.replace('.', '_')}"
+
+
+def export_kohya(adapters: Adapters, path) -> Path:
+    prefixes = _kohya_prefixes(adapters)
+    tensors = {}
+    rank = None
+    for name, (up, down) in lora_pairs(adapters, file_names=True).items():
+        key = kohya_name(name, prefixes)
+        rank = down.shape[0]
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    return _write(tensors, path, metadata)
+
+
+# -- importing diffusers / kohya LoRA files -----------------------------------------------------------
+def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str):
+    """``{layer: {"down", "up", "alpha"?}}`` from diffusers (PEFT or legacy) or kohya keys."""
+    parts: dict[str, dict] = {}
+    kohya = any(k.startswith("lora_") and ".lora_down." in k for k in tensors)
+    if kohya:
+        prefixes = _kohya_prefixes(components)
+        lookup = {}
+        roots = components.adaptable_modules()
+        for prefix, root in roots.items():
+            for n, _ in root.named_modules():
+                if n:
+                    lookup[kohya_name(to_file_name(f"{prefix}.{n}", roots), prefixes)] = f"{prefix}.{n}"
+        for key, t in tensors.items():
+            stem, _, kind = key.partition(".")
+            if stem not in lookup:
+                raise ConfigError(source, f"kohya key {key!r} names no layer of this model")
+            slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(kind)
+            if slot is None:
+                raise ConfigError(source, f"unsupported kohya tensor {key!r} (only LoRA up/down/alpha)")
+            parts.setdefault(lookup[stem], {})[slot] = t
+        return parts
+    suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                ".lora.up.weight": "up", ".alpha": "alpha"}
+    roots = components.adaptable_modules()
+    for key, t in tensors.items():
+        for suffix, slot in suffixes.items():
+            if key.endswith(suffix):
+                parts.setdefault(from_file_name(key[: -len(suffix)], roots), {})[slot] = t
+                break
+        else:
+            raise ConfigError(source, f"tensor {key!r} is neither lorabench, diffusers nor kohya LoRA format")
+    return parts
+
+
+def import_lora(components, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                source: str = "adapter file") -> Adapters:
+    parts = _parse_foreign(components, tensors, source)
+    if not parts:
+        raise ConfigError(source, "holds no LoRA tensors")
+    for layer, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise ConfigError(source, f"layer {layer!r} lacks its {'up' if 'down' in p else 'down'} tensor")
+    ranks = {p["down"].shape[0] for p in parts.values()}
+    if len(ranks) != 1:
+        raise ConfigError(source, f"layers have different ranks {sorted(ranks)}; lorabench needs one rank per file")
+    rank = ranks.pop()
+    roots = components.adaptable_modules()
+    by_prefix: dict[str, list[str]] = {}
+    for layer in parts:
+        prefix, _, path = layer.partition(".")
+        if prefix not in roots:
+            raise ConfigError(source, f"layer {layer!r}: unknown model part {prefix!r}; valid: {', '.join(roots)}")
+        by_prefix.setdefault(prefix, []).append(path)
+    te_paths = sorted({p for pre, ps in by_prefix.items() if pre != "unet" for p in ps})
+    config = {"name": "lora", "rank": rank, "alpha": float(rank),
+              "target_modules": [f"re:{re.escape(p)}" for p in by_prefix.get("unet", [])],
+              "text_encoder_targets": [f"re:{re.escape(p)}" for p in te_paths]}
+    use_roots = {k: v for k, v in roots.items() if k in by_prefix}
+    try:
+        adapters = Adapters.inject(use_roots, config)
+    except ConfigError as exc:
+        raise ConfigError(source, f"does not fit the model: {exc}") from exc
+    state = {}
+    for layer, p in parts.items():
+        target = adapters.layers.get(layer)
+        if target is None:
+            adapters.remove()
+            raise ConfigError(source, f"layer {layer!r} not found in the model")
+        down, up = p["down"].float(), p["up"].float()
+        scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
+        state[f"{layer}.lora_down"] = down.reshape(down.shape[0], -1)
+        state[f"{layer}.lora_up"] = up.reshape(up.shape[0], -1) * scale
+    try:
+        adapters.load_state_dict(state, source=source)
+    except Exception:
+        adapters.remove()
+        raise
+    return adapters

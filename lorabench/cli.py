@@ -1,0 +1,115 @@
+"""The ``lorabench`` command: one Hydra entry point with overrides and ``--multirun``.
+
+    lorabench                                   # the main job (conf/train.yaml defaults)
+    lorabench experiment=sd15_dreambooth_lora data.path=my_dog/
+    lorabench --multirun adapter=lora,ortho,trilora seed=0,1,2
+
+Bad input prints one line (``lorabench: error: <field>: <what is valid>``) and exits
+with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. A run that fails on
+bad input removes its output folder, so ``outputs/`` holds no half-written runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lorabench.errors import ConfigError, choice_error
+
+CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
+
+
+def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """``{group: [options]}`` for every config group folder (options may be nested: ``a/b``)."""
+    groups = {}
+    for d in sorted(p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
+        groups[d.name] = sorted(str(f.relative_to(d).with_suffix("")) for f in d.rglob("*.yaml"))
+    return groups
+
+
+def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject ``group=option`` overrides naming an option that does not exist, in one line."""
+    groups = config_groups(conf_dir)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~").split("@", 1)[0]
+        if key not in groups or "(" in value:  # not a group, or a sweep function like choice(...)
+            continue
+        for option in value.split(","):
+            option = option.strip()
+            if option and option != "null" and option not in groups[key]:
+                raise choice_error(key, option, groups[key])
+
+
+def find_config_error(exc: BaseException) -> Optional[ConfigError]:
+    """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConfigError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def remove_run_dir(run_dir: Path, root: Path) -> None:
+    """Delete a failed run's folder and any parents it leaves empty, up to ``root``."""
+    run_dir, root = run_dir.resolve(), root.resolve()
+    if root not in run_dir.parents:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != root and root in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def fail(err: ConfigError) -> None:
+    print(f"lorabench: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_entry(cfg: DictConfig) -> Optional[float]:
+    from lorabench.run import format_summary, train
+
+    # Hydra's job logging already prints to the console and main.log; Lightning's own handler
+    # would print every line twice.
+    logging.getLogger("lightning.pytorch").handlers.clear()
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    name = hc.runtime.choices.get("experiment") or "train"
+    try:
+        results = train(cfg, run_dir, config_name=str(name))
+    except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
+        err = find_config_error(exc)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        remove_run_dir(run_dir, Path(cfg.paths.output_root))
+        fail(err)
+    print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{format_summary(results)}")
+    return results["metrics"].get("val_loss_after")
+
+
+def main() -> None:
+    try:
+        check_group_overrides(sys.argv[1:])
+    except ConfigError as err:
+        fail(err)
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Image-caption data in the HF ``imagefolder`` convention.
+
+A folder of images, optionally with ``metadata.jsonl`` whose lines hold
+``{"file_name": "0001.png", "text": "a caption"}``. With ``instance_prompt`` set,
+every image gets that prompt (DreamBooth); otherwise captions come from the
+metadata. Class images for prior preservation come from a second folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from lorabench.errors import ConfigError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_column: str = "text",
+                image_column: str = "file_name") -> list[tuple[Path, str]]:
+    """``[(image path, prompt)]`` of a folder, with every image checked to be readable."""
+    if not folder:
+        raise ConfigError(field, "not set; give a folder of images (e.g. data.path=/path/to/images)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(field, f"image folder {str(folder)!r} does not exist")
+    meta = folder / "metadata.jsonl"
+    items: list[tuple[Path, str]] = []
+    if meta.is_file():
+        for i, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row[image_column], row.get(caption_column)
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(field, f"{meta}: line {i} is not a JSON object with {image_column!r} "
+                                  f"({type(exc).__name__})") from exc
+            if instance_prompt is None and not isinstance(text, str):
+                raise ConfigError(field, f"{meta}: line {i} has no {caption_column!r} caption; add one or set "
+                                  "data.instance_prompt")
+            items.append((folder / name, instance_prompt if instance_prompt is not None else text))
+    else:
+        if instance_prompt is None:
+            raise ConfigError(field.rsplit(".", 1)[0] + ".instance_prompt",
+                              f"folder {str(folder)!r} has no metadata.jsonl captions; set an instance prompt")
+        items = [(p, instance_prompt) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not items:
+        raise ConfigError(field, f"image folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for path, _ in items:
+        if not path.is_file():
+            raise ConfigError(field, f"image {str(path)!r} listed in metadata.jsonl does not exist")
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ConfigError(field, f"image {str(path)!r} is not a readable image ({exc})") from exc
+    return items
+
+
+def load_image(path, resolution: int, center_crop: bool = True, random_flip: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """RGB image -> float tensor (3, res, res) in [-1, 1]: resize shorter side, crop, maybe flip."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        if center_crop:
+            left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        else:
+            left = int(torch.randint(0, nw - resolution + 1, (1,), generator=generator))
+            top = int(torch.randint(0, nh - resolution + 1, (1,), generator=generator))
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    if random_flip and bool(torch.rand((), generator=generator) < 0.5):
+        x = x.flip(-1)
+    return x
+
+
+class ImageCaptionDataset(Dataset):
+    def __init__(self, items: list[tuple[Path, str]], resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, repeats: int = 1):
+        self.items, self.resolution = items, resolution
+        self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
+
+    def __len__(self) -> int:
+        return len(self.items) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        path, prompt = self.items[i % len(self.items)]
+        return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip),
+                "prompt": prompt}
+
+
+class PriorPreservationDataset(Dataset):
+    """Pairs each instance example with a class example (DreamBooth's prior preservation)."""
+
+    def __init__(self, instance: Dataset, klass: Dataset):
+        self.instance, self.klass = instance, klass
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.klass))
+
+    def __getitem__(self, i: int) -> dict:
+        return {"instance": self.instance[i % len(self.instance)], "class": self.klass[i % len(self.klass)]}
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a batch; with prior preservation the class half follows the instance half."""
+    if "instance" in examples[0]:
+        inst = [e["instance"] for e in examples]
+        cls = [e["class"] for e in examples]
+        out = collate(inst + cls)
+        out["num_prior"] = len(cls)
+        return out
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "prompts": [e["prompt"] for e in examples], "num_prior": 0}
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Training images (and a fixed validation subset) from an imagefolder.
+
+    ``val_samples`` > 0 adds a validation loader over the first images, with no random
+    augmentation, on which the module measures a fixed-noise loss.
+    """
+
+    def __init__(self, path: str, resolution: int = 512, batch_size: int = 1, num_workers: int = 0,
+                 center_crop: bool = True, random_flip: bool = False, instance_prompt: Optional[str] = None,
+                 caption_column: str = "text", image_column: str = "file_name", max_samples: Optional[int] = None,
+                 sample_seed: int = 0, repeats: int = 1, class_data_dir: Optional[str] = None,
+                 class_prompt: Optional[str] = None, val_samples: int = 0, seed: int = 0, name: str = "imagefolder"):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
+        self.path, self.resolution, self.batch_size, self.num_workers = path, int(resolution), batch_size, num_workers
+        self.center_crop, self.random_flip, self.instance_prompt = center_crop, random_flip, instance_prompt
+        self.caption_column, self.image_column = caption_column, image_column
+        self.max_samples, self.sample_seed, self.repeats = max_samples, sample_seed, repeats
+        self.class_data_dir, self.class_prompt = class_data_dir, class_prompt
+        self.val_samples, self.seed, self.name = val_samples, seed, name
+        self.items: list[tuple[Path, str]] = []
+
+    def prepare(self) -> "ImageFolderDataModule":
+        """Scan and check the folders (idempotent). Called by setup; call it early to fail fast."""
+        if self.items:
+            return self
+        items = scan_folder(self.path, instance_prompt=self.instance_prompt, field="data.path",
+                            caption_column=self.caption_column, image_column=self.image_column)
+        if self.max_samples is not None and self.max_samples < len(items):
+            g = torch.Generator().manual_seed(self.sample_seed)
+            items = [items[i] for i in torch.randperm(len(items), generator=g)[: self.max_samples].tolist()]
+        self.items = items
+        self.class_items = None
+        if self.class_data_dir is not None:
+            if not self.class_prompt:
+                raise ConfigError("data.class_prompt", "prior preservation needs a class prompt")
+            self.class_items = scan_folder(self.class_data_dir, instance_prompt=self.class_prompt,
+                                           field="data.class_data_dir")
+        return self
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare()
+
+    def _dataset(self, items, train: bool) -> ImageCaptionDataset:
+        return ImageCaptionDataset(items, self.resolution, center_crop=self.center_crop or not train,
+                                   random_flip=self.random_flip and train, repeats=self.repeats if train else 1)
+
+    def train_dataset(self) -> Dataset:
+        ds = self._dataset(self.items, True)
+        if self.class_items:
+            ds = PriorPreservationDataset(ds, self._dataset(self.class_items, True))
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                          drop_last=False, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        if not self.val_samples:
+            return []
+        ds = self._dataset(self.items[: self.val_samples], False)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, collate_fn=collate, num_workers=0)

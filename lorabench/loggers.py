@@ -1,0 +1,50 @@
+"""Experiment loggers: Lightning's CSV logger always, W&B when configured.
+
+W&B runs offline unless ``WANDB_MODE`` says otherwise (``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from lorabench.errors import ConfigError
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
+                  resolved_config: Mapping[str, Any]) -> list[Logger]:
+    """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``."""
+    cfg = dict(cfg or {})
+    run_dir = Path(run_dir)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    wb = cfg.get("wandb")
+    if wb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        wb = dict(wb)
+        mode = os.environ.get("WANDB_MODE") or wb.pop("mode", None) or "offline"
+        wb.pop("mode", None)
+        if mode not in WANDB_MODES:
+            raise ConfigError("WANDB_MODE", f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
+        loggers.append(WandbLogger(
+            project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
+            group=wb.pop("group", None), job_type=wb.pop("job_type", None), tags=list(wb.pop("tags", None) or []),
+            save_dir=str(run_dir), mode=mode, **wb))
+    for lg in loggers:
+        lg.log_hyperparams(dict(resolved_config))
+    return loggers
+
+
+def finish_wandb() -> None:
+    """End the W&B run of this job (needed between jobs of a multirun)."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,206 @@
+"""Load the parts of a text-to-image diffusion model, from a hub id or a local folder.
+
+One entry point, :func:`load_components`, serves every model: SD1.5 and its
+fine-tunes (ChilloutMix, AnyLoRA), SDXL (two text encoders, added time
+conditioning) and the tiny models the tests and the mini world build. The
+folder layout is diffusers' (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``). A model without ``vae/``
+is a pixel-space model: the UNet sees images scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lorabench.errors import ConfigError, choice_error
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise choice_error(field, name, DTYPES)
+    return DTYPES[name]
+
+
+@dataclass
+class ModelComponents:
+    """What a fine-tuning run needs from a base model."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    vae: Optional[nn.Module] = None
+    text_encoder_2: Optional[nn.Module] = None
+    tokenizer_2: Optional[object] = None
+    name: str = "model"
+    model_id: str = ""
+    resolution: int = 512
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        out = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
+
+    def adaptable_modules(self) -> dict[str, nn.Module]:
+        """Top-level modules adapters may be injected into, by the prefix used in files."""
+        return {"unet": self.unet, **self.text_encoders()}
+
+    def freeze(self) -> "ModelComponents":
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
+        return self
+
+
+def _check_source(pretrained: str) -> None:
+    if not pretrained:
+        raise ConfigError("model.pretrained", "empty; give a hub id (owner/name) or a local folder")
+    if os.path.exists(pretrained):
+        if not os.path.isdir(pretrained):
+            raise ConfigError("model.pretrained", f"{pretrained!r} is a file; expected a diffusers model folder")
+        if not (Path(pretrained) / "unet").is_dir():
+            raise ConfigError("model.pretrained",
+                              f"folder {pretrained!r} has no unet/ subfolder; expected a diffusers model folder")
+        return
+    if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
+        raise ConfigError("model.pretrained",
+                          f"{pretrained!r} is neither an existing folder nor a hub id of the form owner/name")
+
+
+def _read_model_index(pretrained: str, revision: Optional[str]) -> dict:
+    local = Path(pretrained) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if os.path.isdir(pretrained):
+        # A folder without model_index.json: infer from its subfolders.
+        return {name: True for name in ("vae", "text_encoder_2") if (Path(pretrained) / name).is_dir()}
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(pretrained, revision=revision)
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    if entry is None:
+        return False
+    if isinstance(entry, (list, tuple)):
+        return entry[0] is not None
+    return bool(entry)
+
+
+def load_components(
+    pretrained: str,
+    *,
+    name: Optional[str] = None,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    dtype: str = "float32",
+    vae: Optional[str] = None,
+    prediction_type: Optional[str] = None,
+    resolution: int = 512,
+) -> ModelComponents:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDPM noise scheduler.
+
+    Args:
+        pretrained: hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local folder.
+        name: short name recorded in results (defaults to ``pretrained``).
+        dtype: dtype of the frozen weights; adapters always train in float32.
+        vae: optional separate VAE (hub id or folder), e.g. SDXL's fp16-fix VAE.
+        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction``; ``None`` keeps it.
+        resolution: training and sampling resolution in pixels.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    _check_source(pretrained)
+    torch_dtype = resolve_dtype(dtype)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise choice_error("model.prediction_type", prediction_type, PREDICTION_TYPES)
+    kw = dict(revision=revision)
+    try:
+        index = _read_model_index(pretrained, revision)
+        sched_kw = {} if prediction_type is None else {"prediction_type": prediction_type}
+        noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw, **sched_kw)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(
+            pretrained, subfolder="text_encoder", torch_dtype=torch_dtype, variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(
+            pretrained, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw)
+        tokenizer_2 = text_encoder_2 = None
+        if _present(index, "text_encoder_2"):
+            tokenizer_2 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                pretrained, subfolder="text_encoder_2", torch_dtype=torch_dtype, variant=variant, **kw)
+        vae_model = None
+        if vae is not None:
+            vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+        elif _present(index, "vae"):
+            vae_model = AutoencoderKL.from_pretrained(
+                pretrained, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **kw)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {first}") from exc
+    return ModelComponents(
+        unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        name=name or pretrained, model_id=pretrained, resolution=int(resolution),
+    ).freeze()
+
+
+def save_components(components: ModelComponents, path: str | os.PathLike) -> Path:
+    """Save in diffusers' folder layout so :func:`load_components` (and diffusers pipelines,
+    when a VAE is present) can load it back. Written to a temp folder, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        parts = {"unet": components.unet, "text_encoder": components.text_encoder,
+                 "tokenizer": components.tokenizer, "scheduler": components.noise_scheduler}
+        if components.vae is not None:
+            parts["vae"] = components.vae
+        if components.text_encoder_2 is not None:
+            parts["text_encoder_2"] = components.text_encoder_2
+            parts["tokenizer_2"] = components.tokenizer_2
+        index = {"_class_name": "StableDiffusionXLPipeline" if components.is_sdxl else "StableDiffusionPipeline",
+                 "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+                 "requires_safety_checker": False}
+        for sub, obj in parts.items():
+            obj.save_pretrained(tmp / sub)
+            lib = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
+            index[sub] = [lib, type(obj).__name__]
+        index.setdefault("vae", [None, None])
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path

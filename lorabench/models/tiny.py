@@ -1,0 +1,138 @@
+"""Tiny, randomly initialised models of the real classes, built from config.
+
+The tests (and the day-one main job) use these: a diffusers
+``UNet2DConditionModel``, a transformers ``CLIPTextModel`` and a ``CLIPTokenizer``
+written to the standard ``vocab.json`` / ``merges.txt`` files, optionally a tiny
+``AutoencoderKL``. Saved with :func:`save_components` they load back through the
+same :func:`load_components` users call for SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from lorabench.models.components import ModelComponents
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map (the base alphabet of the BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = (), max_length: int = 77) -> Path:
+    """Write a CLIP BPE tokenizer whose vocabulary is the byte alphabet plus ``words`` as whole tokens.
+
+    Every word in ``words`` becomes one token through a chain of prefix merges; any other
+    text still tokenizes, character by character.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    seen = set()
+    for word in sorted(set(w.lower() for w in words)):
+        if len(word) < 2 or not word.isascii() or not word.isalnum():
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            left = left + right
+            if merge not in seen:
+                seen.add(merge)
+                merges.append(merge)
+            vocab.setdefault(left, len(vocab))
+    vocab.setdefault(BOS, len(vocab))
+    vocab.setdefault(EOS, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS,
+        "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
+    return folder
+
+
+def build_tiny_components(
+    *,
+    seed: int = 0,
+    name: str = "tiny",
+    resolution: int = 16,
+    in_channels: int = 3,
+    block_out_channels: Sequence[int] = (32, 64),
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 32,
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 8,
+    use_linear_projection: bool = False,
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    text_max_length: int = 16,
+    words: Iterable[str] = (),
+    with_vae: bool = False,
+    prediction_type: str = "epsilon",
+    num_train_timesteps: int = 1000,
+    tokenizer_dir: Optional[str] = None,
+) -> ModelComponents:
+    """Build a tiny random text-to-image model. Pixel space unless ``with_vae``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    down = ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1)
+    latent_channels = 4 if with_vae else in_channels
+    vae = None
+    sample_size = resolution
+    if with_vae:
+        vae = AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
+                            block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=resolution)
+        sample_size = resolution // 2
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+        use_linear_projection=use_linear_projection)
+    tmp = None
+    if tokenizer_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        tokenizer_dir = tmp.name
+        write_clip_tokenizer(tokenizer_dir, words=words, max_length=text_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if tmp is not None:
+        tmp.cleanup()
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
+        num_attention_heads=max(1, text_hidden_size // 8), num_hidden_layers=text_layers,
+        max_position_embeddings=text_max_length, projection_dim=cross_attention_dim,
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]))
+    if text_hidden_size != cross_attention_dim:
+        raise ValueError("text_hidden_size must equal cross_attention_dim (the UNet attends to the text states)")
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+                              clip_sample=False, steps_offset=1)
+    return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                           noise_scheduler=scheduler, name=name, model_id=f"random:{name}:seed{seed}",
+                           resolution=resolution).freeze()

@@ -1,0 +1,127 @@
+"""The train task: build everything from the composed config, fit, write ``results.json``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.adapters import read_safetensors
+from lorabench.loggers import build_loggers, finish_wandb
+from lorabench.training import DiffusionFineTuner, SaveAdapter
+from lorabench.utils.io import write_json
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"lorabench": __import__("lorabench").__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "lightning": L.__version__, "python": platform.python_version()}
+
+
+def _mean(xs: list[float]) -> Optional[float]:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+class LossHistory(L.Callback):
+    """Keeps the per-step training loss (rank zero's) for the results file."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(loss.detach().float().cpu())
+
+
+def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> dict[str, Any]:
+    """Fine-tune one adapter as ``cfg`` says; returns (and writes) the results dict."""
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    components = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare()  # fail on bad data before anything heavy happens
+    module = DiffusionFineTuner(components, adapter=OmegaConf.to_container(cfg.adapter, resolve=True),
+                                optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=int(cfg.seed),
+                                **OmegaConf.to_container(cfg.get("loss", {}) or {}, resolve=True))
+    if cfg.get("init_adapter"):
+        tensors, _ = read_safetensors(cfg.init_adapter)
+        module.adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
+    t_loaded = time.perf_counter()
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
+                            resolved_config=resolved)
+    saver = SaveAdapter(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
+    history = LossHistory()
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history], default_root_dir=str(run_dir),
+                          _convert_="all")
+    has_val = bool(getattr(datamodule, "val_samples", 0))
+    try:
+        if has_val:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        t_fit = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        fit_s = time.perf_counter() - t_fit
+        if has_val:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        finish_wandb()
+
+    losses = [float(x) for x in history.losses]
+    k = max(1, min(5, len(losses) // 4))
+    steps = int(trainer.global_step)
+    results = {
+        "config_name": config_name,
+        "seed": int(cfg.seed),
+        "model": components.name,
+        "model_id": components.model_id,
+        "adapter": module.adapters.adapter_type,
+        "adapter_config": module.adapters.config,
+        "metrics": {
+            "trainable_params": module.adapters.num_trainable(),
+            "steps": steps,
+            "train_loss_first": _mean(losses[:k]),
+            "train_loss_last": _mean(losses[-k:]),
+            "val_loss_before": module.val_history[0] if has_val and module.val_history else None,
+            "val_loss_after": module.val_history[-1] if has_val and len(module.val_history) > 1 else None,
+        },
+        "timings": {
+            "load_s": t_loaded - t_start,
+            "fit_s": fit_s,
+            "s_per_step": fit_s / steps if steps else None,
+            "total_s": time.perf_counter() - t_start,
+        },
+        "artifacts": [str(p.relative_to(run_dir)) for p in saver.written],
+        "device": str(module.device) if steps else "cpu",
+        "versions": _versions(),
+    }
+    if trainer.is_global_zero:
+        write_json(run_dir / "results.json", results)
+    return results
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    m, t = results["metrics"], results["timings"]
+
+    def f(x, fmt="{:.4f}"):
+        return "-" if x is None else fmt.format(x)
+
+    rows = [("config", results["config_name"]), ("model", results["model"]),
+            ("adapter", f"{results['adapter']} (rank {results['adapter_config'].get('rank')})"),
+            ("trainable params", f"{m['trainable_params']:,}"), ("steps", str(m["steps"])),
+            ("train loss first -> last", f"{f(m['train_loss_first'])} -> {f(m['train_loss_last'])}"),
+            ("val loss (fixed noise) before -> after", f"{f(m['val_loss_before'])} -> {f(m['val_loss_after'])}"),
+            ("s / step", f(t["s_per_step"], "{:.3f}")), ("total s", f(t["total_s"], "{:.1f}"))]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)

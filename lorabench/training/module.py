@@ -1,0 +1,220 @@
+"""Noise-prediction fine-tuning of a diffusers UNet with pluggable adapters."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lorabench.adapters import Adapters, inject_adapters
+from lorabench.errors import ConfigError, choice_error
+from lorabench.models import ModelComponents
+from lorabench.utils.seeding import generator
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "weight_decay": 1e-2,
+                 "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
+
+
+def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
+    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids)."""
+
+    def ids(tok):
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(device)
+
+    if not components.is_sdxl:
+        return {"encoder_hidden_states": components.text_encoder(ids(components.tokenizer))[0]}
+    # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
+    out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
+    out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
+    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    res = components.resolution
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
+    return {"encoder_hidden_states": states,
+            "added_cond_kwargs": {"text_embeds": out2.text_embeds, "time_ids": time_ids}}
+
+
+class DiffusionFineTuner(L.LightningModule):
+    """Fine-tune adapters on a frozen text-to-image model with the DDPM noise-prediction loss.
+
+    Args:
+        components: the frozen model (from :func:`lorabench.models.load_components`).
+        adapter: adapter config (``name``, ``rank``, targets, options), see :mod:`lorabench.adapters`.
+        optim: ``name`` (adamw | adamw8bit), ``lr``, ``text_encoder_lr``, ``weight_decay``, ``betas``,
+            ``eps``, ``lr_scheduler`` (any diffusers schedule name), ``warmup_steps``.
+        prior_loss_weight: weight of the class-image loss when the batch carries prior examples.
+        noise_offset: diffusers' noise offset (0 disables).
+        seed: seeds the noise and timestep stream, separately for every DDP rank.
+        val_timesteps: number of evenly spaced timesteps every validation image is noised at.
+    """
+
+    def __init__(self, components: ModelComponents, adapter: Mapping, optim: Optional[Mapping] = None, *,
+                 prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8):
+        super().__init__()
+        self.components = components
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
+        self.vae = components.vae
+        self.adapters: Adapters = inject_adapters(components, dict(adapter))
+        self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
+        if self.optim_cfg["name"] not in OPTIMIZERS:
+            raise choice_error("optim.name", self.optim_cfg["name"], OPTIMIZERS)
+        self.prior_loss_weight, self.noise_offset = prior_loss_weight, noise_offset
+        self.seed, self.val_timesteps = seed, val_timesteps
+        self.train_text_encoder = any(k.startswith("text_encoder") for k in self.adapters.layers)
+        self.strict_loading = False  # checkpoints hold adapter weights only
+        self._noise_gen: Optional[torch.Generator] = None
+        self.grad_norm_before_clip: Optional[float] = None
+        self.grad_norm_after_clip: Optional[float] = None
+        self.val_history: list[float] = []
+
+    # -- mode handling: frozen parts stay in eval mode (no dropout, no BN statistics updates) --------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+            if self.text_encoder_2 is not None:
+                self.text_encoder_2.eval()
+        return self
+
+    # -- the diffusion loss ------------------------------------------------------------------------
+    @property
+    def noise_scheduler(self):
+        return self.components.noise_scheduler
+
+    def _generator(self) -> torch.Generator:
+        if self._noise_gen is None or self._noise_gen.device != self.device:
+            # One stream per rank: ranks must not draw the same noise for different images.
+            self._noise_gen = generator("noise", self.seed, self.global_rank, device=self.device)
+        return self._noise_gen
+
+    def to_latents(self, pixels: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            latents = dist.sample(generator=gen) if gen is not None else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def conditioning(self, prompts: list[str]) -> dict:
+        ctx = torch.enable_grad() if (self.train_text_encoder and self.training) else torch.no_grad()
+        with ctx:
+            cond = encode_prompts(self.components, prompts, self.device)
+        return cond
+
+    def diffusion_loss(self, batch: Mapping[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
+                       latents: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if sched.config.prediction_type == "epsilon":
+            target = noise
+        elif sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            raise choice_error("model.prediction_type", sched.config.prediction_type, ("epsilon", "v_prediction"))
+        cond = self.conditioning(batch["prompts"])
+        unet_dtype = next(self.unet.parameters()).dtype
+        pred = self.unet(noisy.to(unet_dtype), timesteps, cond["encoder_hidden_states"].to(unet_dtype),
+                         added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return loss.mean() if reduce else loss
+
+    def training_step(self, batch, batch_idx):
+        gen = self._generator()
+        latents = self.to_latents(batch["pixel_values"], gen)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen, device=self.device)
+        per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
+        n_prior = int(batch.get("num_prior", 0))
+        if n_prior:
+            inst, prior = per_example[:-n_prior].mean(), per_example[-n_prior:].mean()
+            loss = inst + self.prior_loss_weight * prior
+            self.log("train/prior_loss", prior, on_step=True, batch_size=n_prior)
+        else:
+            loss = per_example.mean()
+        bs = latents.shape[0] - n_prior
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Loss at fixed noise and evenly spaced timesteps: comparable across steps and runs."""
+        k, n = self.val_timesteps, batch["pixel_values"].shape[0]
+        gen = generator("val", self.seed, batch_idx, device="cpu")
+        latents = self.to_latents(batch["pixel_values"]).repeat_interleave(k, dim=0)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = ((torch.arange(k) + 0.5) * T / k).long().clamp(max=T - 1).repeat(n).to(self.device)
+        rep = {"prompts": [p for p in batch["prompts"] for _ in range(k)]}
+        loss = self.diffusion_loss(rep, noise, t, latents)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self):
+        value = self.trainer.callback_metrics.get("val/loss")
+        if value is not None and not self.trainer.sanity_checking:
+            self.val_history.append(float(value))
+
+    # -- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = [{"params": self.adapters.trainable_parameters("unet"), "lr": cfg["lr"]}]
+        te_params = [p for pre in ("text_encoder", "text_encoder_2") for p in self.adapters.trainable_parameters(pre)]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg["text_encoder_lr"] or cfg["lr"]})
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError("adapter", "has no trainable parameters")
+        kwargs = dict(betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+        if cfg["name"] == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise ConfigError("optim.name", "adamw8bit needs bitsandbytes (pip install bitsandbytes)") from exc
+            optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
+        from diffusers.optimization import SchedulerType, get_scheduler
+
+        names = [s.value for s in SchedulerType]
+        if cfg["lr_scheduler"] not in names:
+            raise choice_error("optim.lr_scheduler", cfg["lr_scheduler"], names)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
+            self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["warmup_steps"],
+                                  num_training_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip over the adapter parameters themselves (a list, not an exhausted iterator: diffusers'
+        LoRA script hands ``clip_grad_norm_`` a spent generator, so it never clips) and log the norm."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return
+        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        before = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.grad_norm_before_clip = float(before)
+        self.grad_norm_after_clip = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])))
+        self.log("train/grad_norm", before, on_step=True)
+
+    # -- checkpoints hold adapter weights only -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = set(self.adapters.state_dict())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["lorabench_adapter"] = self.adapters.config

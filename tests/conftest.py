@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models of the real classes, saved and loaded back through the user-facing
+loader; toy image folders; the real Hydra configs, composed and shrunk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny pixel-space model saved in diffusers layout (what users point model.pretrained at)."""
+    from lorabench.models import build_tiny_components, save_components
+
+    path = tmp_path_factory.mktemp("models") / "tiny-pixel"
+    save_components(build_tiny_components(seed=0, words=["sks", "photo", "dog"]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_model_dir(tmp_path_factory) -> Path:
+    """A tiny latent model (with an AutoencoderKL) that diffusers' StableDiffusionPipeline can load."""
+    from lorabench.models import build_tiny_components, save_components
+
+    path = tmp_path_factory.mktemp("models") / "tiny-latent"
+    save_components(build_tiny_components(seed=1, with_vae=True, use_linear_projection=False), path)
+    return path
+
+
+@pytest.fixture
+def load_tiny(tiny_model_dir):
+    from lorabench.models import load_components
+
+    def _load(path=None, **kw):
+        return load_components(str(path or tiny_model_dir), name="tiny", resolution=16, **kw)
+
+    return _load
+
+
+@pytest.fixture(scope="session")
+def toy_images(tmp_path_factory) -> Path:
+    from lorabench.data import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("data") / "toy", n=8, resolution=16, seed=0)
+
+
+def compose(overrides: list[str], output_dir: Path):
+    """The real config tree composed with ``overrides``, output paths pointed at ``output_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=[f"paths.output_dir={output_dir}",
+                                                            f"paths.output_root={output_dir}", *overrides])
+    return cfg
+
+
+def tiny_overrides(model_dir: Path, steps: int = 20) -> list[str]:
+    """Shrink any experiment to the tiny saved model, loaded through model/sd15's loader."""
+    return ["model=sd15", f"model.pretrained={model_dir}", "model.name=tiny", "model.resolution=16",
+            f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false"]

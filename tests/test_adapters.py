@@ -1,0 +1,144 @@
+"""The adapter interface, for every registered adapter on Linear and 1x1 Conv2d layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorabench.adapters import ADAPTERS, Adapters, get_adapter_class
+from lorabench.errors import ConfigError
+
+ADAPTER_NAMES = sorted(ADAPTERS)
+
+
+class Toy(nn.Module):
+    """A model with the layer kinds adapters must handle: Linear, 1x1 conv, and a ModuleList slot."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(12, 10)
+        self.proj_in = nn.Conv2d(12, 12, 1)
+        self.to_out = nn.ModuleList([nn.Linear(10, 12), nn.Dropout(0.0)])
+        self.conv3 = nn.Conv2d(12, 12, 3, padding=1)
+
+    def forward(self, x):  # x: (B, 12, H, W)
+        h = self.proj_in(x).permute(0, 2, 3, 1)
+        return self.to_out[0](self.to_q(h))
+
+
+def inject(model, name, **kw):
+    cfg = {"name": name, "rank": 3, "target_modules": ["to_q", "proj_in", "to_out.0"], **kw}
+    return Adapters.inject({"unet": model}, cfg)
+
+
+def randomize(adapters, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_zero_delta_at_init_and_targets(name):
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(2, 12, 4, 4)
+    ref = model(x)
+    adapters = inject(model, name)
+    assert set(adapters.layers) == {"unet.to_q", "unet.proj_in", "unet.to_out.0"}
+    assert torch.allclose(model(x), ref, atol=0, rtol=0)
+    for delta in adapters.delta_weights().values():
+        assert delta.abs().max() == 0
+    assert adapters.num_trainable() > 0
+    for layer in adapters.layers.values():
+        assert not any(p.requires_grad for p in layer.base.parameters())
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_forward_equals_merged_weights_and_unmerge_restores(name):
+    torch.manual_seed(0)
+    model = Toy()
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(2, 12, 4, 4)
+    adapters = inject(model, name)
+    randomize(adapters)
+    y_adapter = model(x)
+    adapters.merge()
+    assert adapters.merged
+    y_merged = model(x)
+    torch.testing.assert_close(y_merged, y_adapter, atol=1e-5, rtol=1e-5)
+    # The dense delta is what forward adds.
+    for lname, layer in adapters.layers.items():
+        w = layer.base.weight.detach().reshape(layer.out_features, layer.in_features)
+        w0 = originals[lname.split(".", 1)[1] + ".weight"].reshape(w.shape)
+        torch.testing.assert_close(w - w0, layer.delta_weight(), atol=1e-6, rtol=1e-5)
+    adapters.unmerge()
+    for lname, layer in adapters.layers.items():
+        w0 = originals[lname.split(".", 1)[1] + ".weight"]
+        assert (layer.base.weight - w0).abs().max() <= 1e-6
+    adapters.remove()
+    assert isinstance(model.to_q, nn.Linear) and isinstance(model.to_out[0], nn.Linear)
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_multiplier_scales_delta(name):
+    model = Toy()
+    adapters = inject(model, name)
+    randomize(adapters)
+    before = adapters.delta_weights()
+    adapters.set_multiplier(0.6)
+    for k, d in adapters.delta_weights().items():
+        torch.testing.assert_close(d, 0.6 * before[k])
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_state_dict_round_trip(name):
+    a_model, b_model = Toy(), Toy()
+    b_model.load_state_dict(a_model.state_dict())
+    a = inject(a_model, name)
+    randomize(a, seed=1)
+    b = inject(b_model, name)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 12, 3, 3)
+    torch.testing.assert_close(a_model(x), b_model(x))
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_rank_above_min_dim_is_an_error(name):
+    with pytest.raises(ConfigError, match=r"adapter.rank: 11 exceeds min\(in, out\) = 10"):
+        inject(Toy(), name, rank=11)
+
+
+def test_rank_error_leaves_model_untouched():
+    model = Toy()
+    with pytest.raises(ConfigError):
+        inject(model, "lora", rank=11)
+    assert isinstance(model.to_q, nn.Linear) and isinstance(model.proj_in, nn.Conv2d)
+
+
+def test_unknown_adapter_and_option():
+    with pytest.raises(ConfigError, match="adapter.name: unknown value 'dora'; valid: lora, ortho, trilora"):
+        get_adapter_class("dora")
+    with pytest.raises(ConfigError, match="adapter.sigma_init: not an option of adapter 'lora'"):
+        inject(Toy(), "lora", sigma_init="identity")
+
+
+def test_non_1x1_conv_and_no_match_are_errors():
+    with pytest.raises(ConfigError, match="Conv2d with kernel"):
+        Adapters.inject({"unet": Toy()}, {"name": "lora", "rank": 2, "target_modules": ["conv3"]})
+    with pytest.raises(ConfigError, match="no layer of unet matches"):
+        Adapters.inject({"unet": Toy()}, {"name": "lora", "rank": 2, "target_modules": ["to_z"]})
+
+
+def test_lora_inits():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("to_q", nn.Linear(256, 256))
+    g = Adapters.inject({"unet": model}, {"name": "lora", "rank": 8, "target_modules": ["to_q"]})
+    down = g.layers["unet.to_q"].lora_down
+    assert abs(down.std().item() - 1 / 8) < 0.01  # diffusers/PEFT gaussian: std = 1/r
+    assert g.layers["unet.to_q"].lora_up.abs().max() == 0
+    g.remove()
+    k = Adapters.inject({"unet": model}, {"name": "lora", "rank": 8, "init": "kaiming", "target_modules": ["to_q"]})
+    assert k.layers["unet.to_q"].lora_down.abs().max() <= 1 / 16 + 1e-6  # kaiming_uniform(a=sqrt 5): bound 1/sqrt(in)

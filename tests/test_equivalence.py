@@ -1,0 +1,134 @@
+"""lorabench LoRA against the ecosystem: PEFT's LoRA, diffusers' load_lora_weights, kohya files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.adapters import Adapters, export_diffusers, export_kohya, inject_adapters, load_adapter
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]  # proj_in/out are 1x1 convs here
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def unet_inputs(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    e = torch.randn(2, 16, c.cross_attention_dim, generator=g)
+    return x, torch.tensor([10, 700]), e
+
+
+def randomize(adapters: Adapters, seed=0, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def test_matches_peft_lora(load_tiny):
+    pytest.importorskip("peft", reason="peft is the reference implementation (pip install -e '.[dev]')")
+    from peft import LoraConfig
+
+    ours, ref = load_tiny(), load_tiny()
+    adapters = inject_adapters(ours, {"name": "lora", "rank": 4, "alpha": 8, "target_modules": UNET_TARGETS})
+    randomize(adapters)
+    ref.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, init_lora_weights="gaussian"))
+    modules = dict(ref.unet.named_modules())
+    n = 0
+    for name, layer in adapters.layers.items():
+        peft_layer = modules[name.removeprefix("unet.")]
+        a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+        a.copy_(layer.lora_down.reshape(a.shape))
+        b.copy_(layer.lora_up.reshape(b.shape))
+        n += 1
+    assert n == len(adapters) > 0
+    inputs = unet_inputs(ours.unet)
+    out_ours, out_ref = ours.unet(*inputs).sample, ref.unet(*inputs).sample
+    assert (out_ours - ours.unet.__class__.forward(ours.unet, *inputs).sample).abs().max() == 0
+    torch.testing.assert_close(out_ours, out_ref, atol=1e-5, rtol=0)
+    assert (out_ours - out_ref).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def pipeline_and_ours(tiny_latent_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from lorabench.models import load_components
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_latent_model_dir), safety_checker=None,
+                                                   requires_safety_checker=False)
+    ours = load_components(str(tiny_latent_model_dir), resolution=16)
+    return pipe, ours
+
+
+def _text_inputs(tokenizer):
+    return tokenizer(["a photo of a dog"], padding="max_length", max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("name", ["lora", "ortho", "trilora"])
+@torch.no_grad()
+def test_diffusers_load_lora_weights_matches_merged(pipeline_and_ours, tmp_path, name):
+    pipe, ours = pipeline_and_ours
+    adapters = inject_adapters(ours, {"name": name, "rank": 4, "alpha": 2 if name == "lora" else None,
+                                      "target_modules": UNET_TARGETS, "text_encoder_targets": TE_TARGETS})
+    randomize(adapters, std=0.3)
+    path = export_diffusers(adapters, tmp_path / "pytorch_lora_weights.safetensors")
+    adapters.merge()
+    pipe.load_lora_weights(str(path))
+    inputs = unet_inputs(ours.unet)
+    torch.testing.assert_close(pipe.unet(*inputs).sample, ours.unet(*inputs).sample, atol=1e-5, rtol=0)
+    ids = _text_inputs(ours.tokenizer)
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], ours.text_encoder(ids)[0], atol=1e-5, rtol=0)
+    adapters.remove()  # the loaded adapter really changes the model
+    assert (pipe.unet(*inputs).sample - ours.unet(*inputs).sample).abs().max() > 1e-3
+    assert (pipe.text_encoder(ids)[0] - ours.text_encoder(ids)[0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_kohya_export_reimported(pipeline_and_ours, tmp_path):
+    pipe, ours = pipeline_and_ours
+    from lorabench.models import load_components
+
+    adapters = inject_adapters(ours, {"name": "lora", "rank": 4, "alpha": 1,
+                                      "target_modules": UNET_TARGETS, "text_encoder_targets": TE_TARGETS})
+    randomize(adapters, std=0.3)
+    path = export_kohya(adapters, tmp_path / "kohya.safetensors")
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(path)))
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down")
+               for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha") for k in keys)
+    adapters.merge()
+    inputs = unet_inputs(ours.unet)
+    expected = ours.unet(*inputs).sample
+    # lorabench's importer
+    fresh = load_components(ours.model_id, resolution=16)
+    imported = load_adapter(fresh, path)
+    assert imported.adapter_type == "lora" and len(imported) == len(adapters)
+    imported.merge()
+    torch.testing.assert_close(fresh.unet(*inputs).sample, expected, atol=1e-5, rtol=0)
+    ids = _text_inputs(ours.tokenizer)
+    torch.testing.assert_close(fresh.text_encoder(ids)[0], ours.text_encoder(ids)[0], atol=1e-5, rtol=0)
+    # diffusers' own kohya converter (what A1111-style files go through in diffusers)
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(pipe.unet(*inputs).sample, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], ours.text_encoder(ids)[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_native_file_round_trip_every_adapter(load_tiny, tmp_path):
+    from lorabench.adapters import save_adapter
+
+    for name in ("lora", "ortho", "trilora"):
+        a, b = load_tiny(), load_tiny()
+        adapters = inject_adapters(a, {"name": name, "rank": 4, "text_encoder_targets": TE_TARGETS})
+        randomize(adapters, seed=3)
+        path = save_adapter(adapters, tmp_path / f"{name}.safetensors", base_model="tiny")
+        loaded = load_adapter(b, path)
+        assert loaded.adapter_type == name and loaded.config == adapters.config
+        inputs = unet_inputs(a.unet)
+        torch.testing.assert_close(b.unet(*inputs).sample, a.unet(*inputs).sample, atol=0, rtol=0)
