@@ -92,7 +92,7 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
     try:
-        results = train(cfg, run_dir, config_name=str(name))
+        results, _ = train(cfg, run_dir, config_name=str(name))
     except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
         err = find_config_error(exc)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

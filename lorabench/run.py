@@ -42,8 +42,8 @@ class LossHistory(L.Callback):
         self.losses.append(loss.detach().float().cpu())
 
 
-def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> dict[str, Any]:
-    """Fine-tune one adapter as ``cfg`` says; returns (and writes) the results dict."""
+def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> tuple[dict[str, Any], DiffusionFineTuner]:
+    """Fine-tune one adapter as ``cfg`` says; writes and returns the results dict, and the trained module."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -66,15 +66,17 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> d
     history = LossHistory()
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history], default_root_dir=str(run_dir),
                           _convert_="all")
+    # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
+    # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
     try:
         if has_val:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+            trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
         t_fit = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
         fit_s = time.perf_counter() - t_fit
         if has_val:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+            trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     finally:
         finish_wandb()
 
@@ -108,7 +110,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> d
     }
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
-    return results
+    return results, module
 
 
 def format_summary(results: dict[str, Any]) -> str:

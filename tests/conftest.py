@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Before anything imports huggingface_hub (it reads this once): the tests never touch the hub, and a
+# machine without network would otherwise wait on retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -113,6 +113,20 @@ def _present(index: dict, name: str) -> bool:
     return bool(entry)
 
 
+def _explain(exc: BaseException) -> str:
+    """One line on why loading failed; 'not cached and hub unreachable' when that is the root cause."""
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(e).__name__ for e in chain}
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout"}:
+        return ("not in the local Hugging Face cache and the hub cannot be reached; download it first "
+                "(huggingface-cli download) or set model.pretrained to a local folder")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_components(
     pretrained: str,
     *,
@@ -165,8 +179,7 @@ def load_components(
     except ConfigError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {first}") from exc
+        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {_explain(exc)}") from exc
     return ModelComponents(
         unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
         noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,

@@ -92,10 +92,15 @@ def build_tiny_components(
     prediction_type: str = "epsilon",
     num_train_timesteps: int = 1000,
     tokenizer_dir: Optional[str] = None,
+    sdxl: bool = False,
 ) -> ModelComponents:
-    """Build a tiny random text-to-image model. Pixel space unless ``with_vae``."""
+    """Build a tiny random text-to-image model. Pixel space unless ``with_vae``.
+
+    ``sdxl=True`` builds SDXL's shape: two text encoders (the second with a projection) whose
+    hidden states are concatenated, and a UNet with ``text_time`` added conditioning.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     down = ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1) + ["DownBlock2D"]
@@ -108,12 +113,19 @@ def build_tiny_components(
                             block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=resolution)
         sample_size = resolution // 2
+    te_hidden = cross_attention_dim // 2 if sdxl else text_hidden_size
+    extra = {}
+    if sdxl:
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + te_hidden)
+    elif text_hidden_size != cross_attention_dim:
+        raise ValueError("text_hidden_size must equal cross_attention_dim (the UNet attends to the text states)")
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
         down_block_types=tuple(down), up_block_types=tuple(up), cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
-        use_linear_projection=use_linear_projection)
+        use_linear_projection=use_linear_projection, **extra)
     tmp = None
     if tokenizer_dir is None:
         tmp = tempfile.TemporaryDirectory()
@@ -123,16 +135,17 @@ def build_tiny_components(
     if tmp is not None:
         tmp.cleanup()
     vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
-        num_attention_heads=max(1, text_hidden_size // 8), num_hidden_layers=text_layers,
-        max_position_embeddings=text_max_length, projection_dim=cross_attention_dim,
-        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]))
-    if text_hidden_size != cross_attention_dim:
-        raise ValueError("text_hidden_size must equal cross_attention_dim (the UNet attends to the text states)")
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=te_hidden, intermediate_size=2 * te_hidden,
+        num_attention_heads=max(1, te_hidden // 8), num_hidden_layers=text_layers,
+        max_position_embeddings=text_max_length, projection_dim=te_hidden,
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
                               clip_sample=False, steps_offset=1)
     return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if sdxl else None,
                            noise_scheduler=scheduler, name=name, model_id=f"random:{name}:seed{seed}",
                            resolution=resolution).freeze()

@@ -1,0 +1,108 @@
+"""The `lorabench` command as users run it: the main job, multirun, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = ["trainer.max_steps=2", "trainer.enable_progress_bar=false"]
+
+
+def run_cli(args, cwd: Path, env_extra=None):
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(proc, cwd: Path, *fragments: str):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lorabench: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    outputs = cwd / "outputs"
+    leftovers = [p for p in outputs.rglob("*")] if outputs.exists() else []
+    assert not leftovers, f"half-written run left behind: {leftovers[:5]}"
+    return errors[0]
+
+
+def test_main_job_writes_results(tmp_path):
+    proc = run_cli(FAST, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list((tmp_path / "outputs").rglob("results.json"))
+    results = json.loads(results_file.read_text())
+    assert results["config_name"] == "quickstart" and results["seed"] == 0
+    assert results["metrics"]["steps"] == 2 and results["timings"]["fit_s"] > 0
+    assert {"adapter.safetensors", "pytorch_lora_weights.safetensors"} <= set(results["artifacts"])
+    assert "val loss (fixed noise) before -> after" in proc.stdout
+
+
+def test_multirun_one_results_per_job(tmp_path):
+    proc = run_cli(["--multirun", "adapter=lora,trilora", *FAST, "exports=[]"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "outputs" / "multirun").rglob("results.json"))
+    assert [json.loads(p.read_text())["adapter"] for p in results] == ["lora", "trilora"]
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("adapter=dora", ["adapter: unknown value 'dora'", "valid: lora, ortho, trilora"]),
+    ("model=sd99", ["model: unknown value 'sd99'", "sd15", "sdxl"]),
+    ("data=laion", ["data: unknown value 'laion'", "imagefolder"]),
+])
+def test_unknown_group_option(tmp_path, override, fragments):
+    assert_one_line_error(run_cli([override], tmp_path), tmp_path, *fragments)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["adapter.name=dora"], ["adapter.name: unknown value 'dora'; valid: lora, ortho, trilora"]),
+    (["adapter.rank=64"], ["adapter.rank: 64 exceeds min(in, out) = 32"]),
+    (["adapter=ortho", "adapter.row_mode=disjoint", "adapter.slot=0", "adapter.num_slots=9"],
+     ["adapter.num_slots: rank * num_slots = 4 * 9 = 36 exceeds input width 32"]),
+    (["data=imagefolder", "data.path=/no/such/folder"], ["data.path: image folder '/no/such/folder' does not exist"]),
+])
+def test_bad_config_values(tmp_path, args, fragments):
+    assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)
+
+
+def test_empty_and_corrupt_image_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    line = assert_one_line_error(run_cli(["data=imagefolder", f"data.path={empty}", "data.instance_prompt=x",
+                                          *FAST], work), work, "holds no images")
+    assert str(empty) in line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (bad / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "x"}\n')
+    assert_one_line_error(run_cli(["data=imagefolder", f"data.path={bad}", *FAST], work), work,
+                          "data.path: image", "0.png", "is not a readable image")
+
+
+def test_adapter_file_that_does_not_fit(tmp_path):
+    import torch
+
+    from lorabench.adapters import inject_adapters, save_adapter
+    from lorabench.models import build_tiny_components
+
+    other = build_tiny_components(cross_attention_dim=16, text_hidden_size=16, block_out_channels=(16, 32))
+    path = save_adapter(inject_adapters(other, {"name": "lora", "rank": 4}), tmp_path / "other.safetensors")
+    work = tmp_path / "work"
+    work.mkdir()
+    line = assert_one_line_error(run_cli([f"init_adapter={path}", *FAST], work), work, "init_adapter", "other.safetensors",
+                                 "has shape", "needs")
+    assert "(4, 16)" in line and "(4, 32)" in line
+
+
+def test_full_error_shows_traceback(tmp_path):
+    proc = run_cli(["adapter.rank=64", *FAST], tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

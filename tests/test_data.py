@@ -1,0 +1,69 @@
+"""The imagefolder loader: captions or instance prompt, crops and flips, subsets, prior pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lorabench.data import ImageFolderDataModule, collate, load_image, scan_folder
+from lorabench.errors import ConfigError
+
+
+def test_captions_from_metadata(toy_images):
+    items = scan_folder(toy_images, instance_prompt=None, field="data.path")
+    assert len(items) == 8 and items[0][1] == "a red square"
+    items = scan_folder(toy_images, instance_prompt="a photo of sks shape", field="data.path")
+    assert {p for _, p in items} == {"a photo of sks shape"}
+
+
+def test_folder_without_metadata_needs_instance_prompt(tmp_path):
+    Image.new("RGB", (20, 12), (255, 0, 0)).save(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="data.instance_prompt: .* has no metadata.jsonl"):
+        scan_folder(tmp_path, instance_prompt=None, field="data.path")
+    assert len(scan_folder(tmp_path, instance_prompt="x", field="data.path")) == 1
+
+
+def test_bad_metadata_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\nnot json\n')
+    with pytest.raises(ConfigError, match="line 2 is not a JSON object"):
+        scan_folder(tmp_path, instance_prompt=None, field="data.path")
+
+
+def test_resize_crop_flip(tmp_path):
+    img = torch.zeros(12, 20, 3, dtype=torch.uint8)
+    img[:, :10] = 255  # left half white
+    Image.fromarray(img.numpy()).save(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png", 8, center_crop=True)
+    assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert x[:, :, 0].mean() > 0.9 and x[:, :, -1].mean() < -0.9
+    flipped = load_image(tmp_path / "a.png", 8, random_flip=True, generator=torch.Generator().manual_seed(1))
+    plain = load_image(tmp_path / "a.png", 8)
+    assert torch.equal(flipped, plain) or torch.equal(flipped, plain.flip(-1))
+
+
+def test_max_samples_is_a_seeded_subset(toy_images):
+    a = ImageFolderDataModule(str(toy_images), resolution=16, max_samples=3, sample_seed=5).prepare()
+    b = ImageFolderDataModule(str(toy_images), resolution=16, max_samples=3, sample_seed=5).prepare()
+    assert len(a.items) == 3 and a.items == b.items
+
+
+def test_prior_preservation_batch(toy_images):
+    dm = ImageFolderDataModule(str(toy_images), resolution=16, batch_size=2, instance_prompt="sks",
+                               class_data_dir=str(toy_images), class_prompt="a shape").prepare()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["num_prior"] == 2
+    assert batch["prompts"] == ["sks", "sks", "a shape", "a shape"]
+
+
+def test_write_toy_dataset_is_deterministic(tmp_path):
+    from lorabench.data import write_toy_dataset
+
+    a, b = write_toy_dataset(tmp_path / "a", seed=3), write_toy_dataset(tmp_path / "b", seed=3)
+    for f in sorted(p.name for p in a.iterdir()):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert rows[0] == {"file_name": "0000.png", "text": "a red square"}
