@@ -1,0 +1,117 @@
+"""Training-step time of lorabench LoRA against PEFT LoRA on the same UNet, as a ratio.
+
+Both adapters wrap the same layers (to_q, to_k, to_v, to_out.0) of identical UNets at the same
+rank; a step is forward + MSE + backward + AdamW. The two are timed interleaved (A B A B ...)
+so machine noise hits both alike; the ratio of medians is what to read (goal: <= 1.0).
+
+    python bench/bench_train_step.py                 # CPU, defaults below
+    python bench/bench_train_step.py --device cuda --size sd15-like --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+SIZES = {
+    # ~1M parameters, 16 px: the mini-world scale.
+    "tiny": dict(block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8, res=16, text_len=16),
+    # A few M parameters, 32 px.
+    "small": dict(block_out_channels=(64, 128), cross_attention_dim=64, attention_head_dim=16, res=32, text_len=16),
+    # SD1.5's UNet architecture (860M parameters), 64x64 latents (512 px); for GPUs.
+    "sd15-like": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                      res=64, text_len=77, layers_per_block=2, in_channels=4),
+}
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def build_unet(size: str):
+    from diffusers import UNet2DConditionModel
+
+    s = dict(SIZES[size])
+    n = len(s["block_out_channels"])
+    in_ch = s.pop("in_channels", 3)
+    unet = UNet2DConditionModel(
+        sample_size=s["res"], in_channels=in_ch, out_channels=in_ch, block_out_channels=s["block_out_channels"],
+        layers_per_block=s.get("layers_per_block", 1), cross_attention_dim=s["cross_attention_dim"],
+        attention_head_dim=s["attention_head_dim"], norm_num_groups=min(32, s["block_out_channels"][0] // 4),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+    return unet.requires_grad_(False), s, in_ch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(SIZES), default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per implementation")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+
+    from peft import LoraConfig
+
+    from lorabench.adapters import Adapters
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    base, s, in_ch = build_unet(args.size)
+    dtype = getattr(torch, args.dtype)
+    ours_unet = copy.deepcopy(base).to(dev, dtype)
+    peft_unet = copy.deepcopy(base).to(dev, dtype)
+    ours = Adapters.inject({"unet": ours_unet}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
+    peft_unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
+                                     init_lora_weights="gaussian"))
+    ours_params = ours.trainable_parameters()
+    peft_params = [p for p in peft_unet.parameters() if p.requires_grad]
+    for p in peft_params:  # PEFT keeps adapter weights in the base dtype; train both in float32
+        p.data = p.data.float()
+    assert sum(p.numel() for p in ours_params) == sum(p.numel() for p in peft_params)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, in_ch, s["res"], s["res"], generator=g).to(dev, dtype)
+    t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
+    e = torch.randn(args.batch, s["text_len"], s["cross_attention_dim"], generator=g).to(dev, dtype)
+    target = torch.randn(x.shape, generator=g).to(dev, dtype)
+
+    def make_step(unet, params):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = unet(x, t, e).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            loss.backward()
+            opt.step()
+        return step
+
+    steps = {"lorabench": make_step(ours_unet, ours_params), "peft": make_step(peft_unet, peft_params)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for name, fn in (steps.items() if i % 2 == 0 else reversed(steps.items())):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"UNet {args.size} ({n_params / 1e6:.2f}M params), batch {args.batch}, rank {args.rank}, "
+          f"{args.device} {args.dtype}, {args.steps} interleaved steps each, torch {torch.__version__}")
+    for k, v in med.items():
+        q1, q3 = statistics.quantiles(times[k], n=4)[0], statistics.quantiles(times[k], n=4)[2]
+        print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q1 * 1000:.1f}-{q3 * 1000:.1f})")
+    print(f"  ratio lorabench / peft = {med['lorabench'] / med['peft']:.3f}   (goal <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
