@@ -28,8 +28,15 @@ CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().par
 
 
 def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
-    """``{group: [options]}`` for every config group folder (options may be nested: ``a/b``)."""
-    groups = {}
+    """``{group: [options]}`` for every group in train.yaml's defaults list and every group folder
+    (options may be nested: ``a/b``). A group with no folder yet has no options."""
+    from omegaconf import OmegaConf
+
+    groups: dict[str, list[str]] = {}
+    for entry in OmegaConf.load(conf_dir / "train.yaml").get("defaults", []):
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            for key in entry:
+                groups.setdefault(str(key).split()[-1], [])
     for d in sorted(p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
         groups[d.name] = sorted(str(f.relative_to(d).with_suffix("")) for f in d.rglob("*.yaml"))
     return groups

@@ -16,5 +16,5 @@ class ConfigError(ValueError):
 
 
 def choice_error(field: str, value, valid) -> ConfigError:
-    valid = ", ".join(sorted(map(str, valid)))
+    valid = ", ".join(sorted(map(str, valid))) or "none yet"
     return ConfigError(field, f"unknown value {value!r}; valid: {valid}")

@@ -54,3 +54,5 @@ def test_group_override_check():
     check_group_overrides(["adapter=lora,ortho", "model=sd15", "seed=3", "+experiment=quickstart"])
     with pytest.raises(ConfigError, match="adapter: unknown value 'lora2'"):
         check_group_overrides(["adapter=lora,lora2"])
+    with pytest.raises(ConfigError, match="merge: unknown value 'sum'; valid: none yet"):
+        check_group_overrides(["merge=sum"])  # a protocol group of the defaults list without configs yet

@@ -92,3 +92,25 @@ def test_sdxl_shaped_model_trains(tmp_path):
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.adapters.trainable_parameters())
+
+
+def test_val_loss_ignores_batching_and_padded_duplicates(load_tiny, toy_images):
+    """DistributedSampler pads the eval set with duplicates; they must not bias the loss."""
+    from torch.utils.data import DataLoader, Subset
+
+    from lorabench.data import ImageFolderDataModule, collate
+    from lorabench.training import DiffusionFineTuner
+
+    module = DiffusionFineTuner(load_tiny(), {"name": "lora", "rank": 2})
+    dm = ImageFolderDataModule(str(toy_images), resolution=16, val_samples=4).prepare()
+    ds = dm._dataset(dm.items[:4], train=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def val(loader):
+        trainer.validate(module, dataloaders=loader, verbose=False)
+        return module.val_history[-1]
+
+    whole = val(DataLoader(ds, batch_size=4, collate_fn=collate))
+    assert val(DataLoader(ds, batch_size=1, collate_fn=collate)) == pytest.approx(whole, rel=1e-6)
+    padded = Subset(ds, [0, 1, 2, 3, 0, 1])  # what a 4-example set looks like padded for 3 ranks
+    assert val(DataLoader(padded, batch_size=3, collate_fn=collate)) == pytest.approx(whole, rel=1e-6)

@@ -99,7 +99,7 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path, prompt = self.items[i % len(self.items)]
         return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip),
-                "prompt": prompt}
+                "prompt": prompt, "index": i}
 
 
 class PriorPreservationDataset(Dataset):
@@ -124,7 +124,8 @@ def collate(examples: list[dict]) -> dict:
         out["num_prior"] = len(cls)
         return out
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "prompts": [e["prompt"] for e in examples], "num_prior": 0}
+            "prompts": [e["prompt"] for e in examples], "num_prior": 0,
+            "index": torch.tensor([e.get("index", -1) for e in examples])}
 
 
 class ImageFolderDataModule(L.LightningDataModule):

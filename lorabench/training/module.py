@@ -72,6 +72,8 @@ class DiffusionFineTuner(L.LightningModule):
         self.grad_norm_before_clip: Optional[float] = None
         self.grad_norm_after_clip: Optional[float] = None
         self.val_history: list[float] = []
+        self._val_losses: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
 
     # -- mode handling: frozen parts stay in eval mode (no dropout, no BN statistics updates) --------
     def train(self, mode: bool = True):
@@ -150,22 +152,39 @@ class DiffusionFineTuner(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        """Loss at fixed noise and evenly spaced timesteps: comparable across steps and runs."""
+        """Loss at fixed noise and evenly spaced timesteps, comparable across steps and runs.
+
+        The noise of each example is seeded by its dataset index, so the loss does not depend on
+        batching or on the number of ranks; per-example losses are kept with their index so that
+        the duplicates DistributedSampler pads the last batch with are counted once.
+        """
         k, n = self.val_timesteps, batch["pixel_values"].shape[0]
-        gen = generator("val", self.seed, batch_idx, device="cpu")
         latents = self.to_latents(batch["pixel_values"]).repeat_interleave(k, dim=0)
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        noise = torch.cat([torch.randn((k, *latents.shape[1:]), generator=generator("val", self.seed, int(i)))
+                           for i in batch["index"]]).to(self.device)
         T = self.noise_scheduler.config.num_train_timesteps
         t = ((torch.arange(k) + 0.5) * T / k).long().clamp(max=T - 1).repeat(n).to(self.device)
         rep = {"prompts": [p for p in batch["prompts"] for _ in range(k)]}
-        loss = self.diffusion_loss(rep, noise, t, latents)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
-        return loss
+        per_example = self.diffusion_loss(rep, noise, t, latents, reduce=False).view(n, k).mean(dim=1)
+        self._val_losses.append(per_example.detach())
+        self._val_index.append(batch["index"].to(self.device))
+
+    def on_validation_epoch_start(self):
+        self._val_losses, self._val_index = [], []
 
     def on_validation_epoch_end(self):
-        value = self.trainer.callback_metrics.get("val/loss")
-        if value is not None and not self.trainer.sanity_checking:
-            self.val_history.append(float(value))
+        if not self._val_losses:
+            return
+        losses, index = torch.cat(self._val_losses), torch.cat(self._val_index)
+        if self.trainer.world_size > 1:  # every rank holds the same number of (padded) examples
+            losses, index = self.all_gather(losses).flatten(), self.all_gather(index).flatten()
+        unique = {}
+        for i, v in zip(index.tolist(), losses.tolist()):
+            unique.setdefault(i, v)
+        value = sum(unique.values()) / len(unique)
+        self.log("val/loss", value, prog_bar=True, rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            self.val_history.append(value)
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
