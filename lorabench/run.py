@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import read_safetensors
+from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
-from lorabench.training import DiffusionFineTuner, SaveAdapter
+from lorabench.training import DiffusionFineTuner, SaveArtifacts
 from lorabench.utils.io import write_json
 
 
@@ -51,10 +52,13 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
     components = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare()  # fail on bad data before anything heavy happens
-    module = DiffusionFineTuner(components, adapter=OmegaConf.to_container(cfg.adapter, resolve=True),
+    adapter = cfg.get("adapter")
+    module = DiffusionFineTuner(components, adapter=OmegaConf.to_container(adapter, resolve=True) if adapter else None,
                                 optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=int(cfg.seed),
-                                **OmegaConf.to_container(cfg.get("loss", {}) or {}, resolve=True))
+                                **OmegaConf.to_container(cfg.get("module", {}) or {}, resolve=True))
     if cfg.get("init_adapter"):
+        if module.adapters is None:
+            raise ConfigError("init_adapter", "needs an adapter (adapter is null: full training)")
         tensors, _ = read_safetensors(cfg.init_adapter)
         module.adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
     t_loaded = time.perf_counter()
@@ -62,7 +66,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
-    saver = SaveAdapter(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
+    saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
     history = LossHistory()
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history], default_root_dir=str(run_dir),
                           _convert_="all")
@@ -88,10 +92,11 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
         "seed": int(cfg.seed),
         "model": components.name,
         "model_id": components.model_id,
-        "adapter": module.adapters.adapter_type,
-        "adapter_config": module.adapters.config,
+        "adapter": module.adapters.adapter_type if module.adapters else "full",
+        "adapter_config": module.adapters.config if module.adapters else None,
         "metrics": {
-            "trainable_params": module.adapters.num_trainable(),
+            "trainable_params": sum(p.numel() for pre in ("unet", "text_encoder", "text_encoder_2")
+                                    for p in module.trainable_parameters(pre)),
             "steps": steps,
             "train_loss_first": _mean(losses[:k]),
             "train_loss_last": _mean(losses[-k:]),
@@ -120,7 +125,8 @@ def format_summary(results: dict[str, Any]) -> str:
         return "-" if x is None else fmt.format(x)
 
     rows = [("config", results["config_name"]), ("model", results["model"]),
-            ("adapter", f"{results['adapter']} (rank {results['adapter_config'].get('rank')})"),
+            ("adapter", f"{results['adapter']} (rank {results['adapter_config'].get('rank')})"
+                        if results["adapter_config"] else results["adapter"]),
             ("trainable params", f"{m['trainable_params']:,}"), ("steps", str(m["steps"])),
             ("train loss first -> last", f"{f(m['train_loss_first'])} -> {f(m['train_loss_last'])}"),
             ("val loss (fixed noise) before -> after", f"{f(m['val_loss_before'])} -> {f(m['val_loss_after'])}"),

@@ -114,3 +114,22 @@ def test_val_loss_ignores_batching_and_padded_duplicates(load_tiny, toy_images):
     assert val(DataLoader(ds, batch_size=1, collate_fn=collate)) == pytest.approx(whole, rel=1e-6)
     padded = Subset(ds, [0, 1, 2, 3, 0, 1])  # what a 4-example set looks like padded for 3 ranks
     assert val(DataLoader(padded, batch_size=3, collate_fn=collate)) == pytest.approx(whole, rel=1e-6)
+
+
+def test_full_training_mode_pretrains_the_world_model(tmp_path):
+    """adapter=null trains every UNet (and text-encoder) weight and saves the model folder."""
+    cfg = compose(["experiment=world_pretrain", "trainer.max_steps=3", "data.n=64", "data.val_samples=8",
+                   "data.num_workers=0", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"],
+                  tmp_path)
+    from lorabench.models import load_components
+    from lorabench.world.build import build_world_model
+
+    results, module = train(cfg, tmp_path, config_name="world_pretrain")
+    assert results["adapter"] == "full" and module.adapters is None
+    init = build_world_model()
+    trained = load_components(str(tmp_path / "model"), resolution=16)
+    changed = [k for k, v in trained.unet.state_dict().items() if not torch.equal(v, init.unet.state_dict()[k])]
+    assert len(changed) > 0.9 * len(init.unet.state_dict())
+    te_changed = [k for k, v in trained.text_encoder.state_dict().items()
+                  if not torch.equal(v, init.text_encoder.state_dict()[k])]
+    assert te_changed

@@ -34,11 +34,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word (lower-case ASCII), as ``CLIPTokenizer.bpe`` does it."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = {(pieces[i], pieces[i + 1]) for i in range(len(pieces) - 1)}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = (), max_length: int = 77) -> Path:
     """Write a CLIP BPE tokenizer whose vocabulary is the byte alphabet plus ``words`` as whole tokens.
 
-    Every word in ``words`` becomes one token through a chain of prefix merges; any other
-    text still tokenizes, character by character.
+    Every word in ``words`` becomes one token (merges are built by simulating CLIP's BPE, so
+    words sharing letter pairs do not break each other); any other text still tokenizes.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,20 +66,16 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = (), max_leng
     vocab: dict[str, int] = {}
     for tok in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted(set(w.lower() for w in words)):
         if len(word) < 2 or not word.isascii() or not word.isalnum():
             continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            left = left + right
-            if merge not in seen:
-                seen.add(merge)
-                merges.append(merge)
-            vocab.setdefault(left, len(vocab))
+        # Simulate CLIP's BPE with the merges so far and append merges until the word is one token.
+        # Appended merges rank last, so they never split a word that is already whole.
+        while len(pieces := _bpe(word, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     vocab.setdefault(BOS, len(vocab))
     vocab.setdefault(EOS, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

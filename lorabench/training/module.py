@@ -39,11 +39,15 @@ def encode_prompts(components: ModelComponents, prompts: list[str], device) -> d
 
 
 class DiffusionFineTuner(L.LightningModule):
-    """Fine-tune adapters on a frozen text-to-image model with the DDPM noise-prediction loss.
+    """Fine-tune a text-to-image model with the DDPM noise-prediction loss: adapters on a frozen
+    model, or (``adapter=None``) the whole UNet, e.g. to pretrain the mini world's model.
 
     Args:
-        components: the frozen model (from :func:`lorabench.models.load_components`).
-        adapter: adapter config (``name``, ``rank``, targets, options), see :mod:`lorabench.adapters`.
+        components: the model (from :func:`lorabench.models.load_components`).
+        adapter: adapter config (``name``, ``rank``, targets, options), see :mod:`lorabench.adapters`;
+            ``None`` trains every UNet weight instead.
+        train_text_encoder: with ``adapter=None``, train the (first) text encoder's weights too.
+        caption_dropout: probability of replacing a training prompt by "" (classifier-free guidance).
         optim: ``name`` (adamw | adamw8bit), ``lr``, ``text_encoder_lr``, ``weight_decay``, ``betas``,
             ``eps``, ``lr_scheduler`` (any diffusers schedule name), ``warmup_steps``.
         prior_loss_weight: weight of the class-image loss when the batch carries prior examples.
@@ -52,21 +56,30 @@ class DiffusionFineTuner(L.LightningModule):
         val_timesteps: number of evenly spaced timesteps every validation image is noised at.
     """
 
-    def __init__(self, components: ModelComponents, adapter: Mapping, optim: Optional[Mapping] = None, *,
-                 prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8):
+    def __init__(self, components: ModelComponents, adapter: Optional[Mapping], optim: Optional[Mapping] = None, *,
+                 prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
+                 train_text_encoder: bool = False, caption_dropout: float = 0.0):
         super().__init__()
         self.components = components
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.text_encoder_2 = components.text_encoder_2
         self.vae = components.vae
-        self.adapters: Adapters = inject_adapters(components, dict(adapter))
+        self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
+        self.caption_dropout = caption_dropout
+        if self.adapters is None:
+            self.unet.requires_grad_(True)
+            if train_text_encoder:
+                self.text_encoder.requires_grad_(True)
         self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
         if self.optim_cfg["name"] not in OPTIMIZERS:
             raise choice_error("optim.name", self.optim_cfg["name"], OPTIMIZERS)
         self.prior_loss_weight, self.noise_offset = prior_loss_weight, noise_offset
         self.seed, self.val_timesteps = seed, val_timesteps
-        self.train_text_encoder = any(k.startswith("text_encoder") for k in self.adapters.layers)
+        self.train_text_encoder = (train_text_encoder if self.adapters is None
+                                   else any(k.startswith("text_encoder") for k in self.adapters.layers))
         self.strict_loading = False  # checkpoints hold adapter weights only
         self._noise_gen: Optional[torch.Generator] = None
         self.grad_norm_before_clip: Optional[float] = None
@@ -129,8 +142,18 @@ class DiffusionFineTuner(L.LightningModule):
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss.mean() if reduce else loss
 
+    def trainable_parameters(self, prefix: str) -> list[torch.nn.Parameter]:
+        """Trainable parameters of ``unet`` or the text encoders, adapters or full weights."""
+        if self.adapters is not None:
+            return self.adapters.trainable_parameters(prefix)
+        module = getattr(self, prefix, None)
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
     def training_step(self, batch, batch_idx):
         gen = self._generator()
+        if self.caption_dropout:
+            drop = torch.rand(len(batch["prompts"]), generator=gen, device=self.device) < self.caption_dropout
+            batch = {**batch, "prompts": ["" if d else p for p, d in zip(batch["prompts"], drop.tolist())]}
         latents = self.to_latents(batch["pixel_values"], gen)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
         if self.noise_offset:
@@ -189,8 +212,8 @@ class DiffusionFineTuner(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups = [{"params": self.adapters.trainable_parameters("unet"), "lr": cfg["lr"]}]
-        te_params = [p for pre in ("text_encoder", "text_encoder_2") for p in self.adapters.trainable_parameters(pre)]
+        groups = [{"params": self.trainable_parameters("unet"), "lr": cfg["lr"]}]
+        te_params = [p for pre in ("text_encoder", "text_encoder_2") for p in self.trainable_parameters(pre)]
         if te_params:
             groups.append({"params": te_params, "lr": cfg["text_encoder_lr"] or cfg["lr"]})
         groups = [g for g in groups if g["params"]]
@@ -232,8 +255,10 @@ class DiffusionFineTuner(L.LightningModule):
             torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])))
         self.log("train/grad_norm", before, on_step=True)
 
-    # -- checkpoints hold adapter weights only -------------------------------------------------------
+    # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.adapters is None:
+            return
         keys = set(self.adapters.state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["lorabench_adapter"] = self.adapters.config

@@ -1,0 +1,92 @@
+"""The mini world's generator: determinism, splits, vocabulary, datasets in imagefolder format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorabench.errors import ConfigError
+from lorabench.world import make_world
+from lorabench.world.datasets import (caption_items, concept_items, pretrain_items, style_items,
+                                      write_imagefolder)
+from lorabench.world.spec import RARE_TOKENS, STYLE_WORDS
+
+
+def test_same_seed_gives_byte_identical_datasets(tmp_path):
+    for seed_dir in ("a", "b"):
+        world = make_world(0)
+        write_imagefolder(tmp_path / seed_dir / "pre", pretrain_items(world, 40, seed=1))
+        write_imagefolder(tmp_path / seed_dir / "sks", concept_items(world, world.identity("sks"), 6))
+    for sub in ("pre", "sks"):
+        files = sorted(p.name for p in (tmp_path / "a" / sub).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / "b" / sub).iterdir())
+        for f in files:
+            assert (tmp_path / "a" / sub / f).read_bytes() == (tmp_path / "b" / sub / f).read_bytes()
+    other = pretrain_items(make_world(0), 40, seed=2)
+    assert any(not np.array_equal(x, y) for (x, _), (y, _) in zip(other, pretrain_items(make_world(0), 40, seed=1)))
+
+
+def test_experiment_and_evaluator_pools_are_disjoint():
+    w = make_world(0)
+    exp = {(i.cls, i.body, i.pattern, i.mark) for i in w.experiment_identities}
+    ev = {(i.cls, i.body, i.pattern, i.mark) for i in w.evaluator_identities}
+    assert exp and ev and not exp & ev
+    exp_s = {(s.palette, s.texture, s.outline) for s in w.experiment_styles}
+    ev_s = {(s.palette, s.texture, s.outline) for s in w.evaluator_styles}
+    assert exp_s and ev_s and not exp_s & ev_s
+    per_class = {}
+    for i in w.experiment_identities:
+        per_class[i.cls] = per_class.get(i.cls, 0) + 1
+    assert min(per_class.values()) >= 3  # several identities per class, so same-class merges can interfere
+    assert [i.name for i in w.experiment_identities[:10]] == list(RARE_TOKENS[:10])
+
+
+def test_rare_tokens_and_style_words_never_in_pretraining_captions():
+    w = make_world(0)
+    words = {word for _, caption in pretrain_items(w, 2000) for word in caption.split()}
+    assert not words & set(RARE_TOKENS) and not words & set(STYLE_WORDS)
+    assert set(RARE_TOKENS) | set(STYLE_WORDS) <= set(w.vocabulary())
+
+
+def test_prompts():
+    w = make_world(0)
+    sks = w.identity("sks")
+    assert concept_items(w, sks, 1)[0][1] == f"a sks {sks.cls}"
+    vango = w.style("vango")
+    assert style_items(w, vango, 1)[0][1].startswith("vango image of a ")
+    assert all(p.split()[0] == "a" for _, p in caption_items(w, vango, 5))
+
+
+def test_world_tokenizer_has_one_token_per_world_word():
+    from lorabench.world.build import build_world_model
+
+    comps = build_world_model()
+    tok = comps.tokenizer
+    split = [w for w in make_world(0).vocabulary() if len(tok(w, add_special_tokens=False).input_ids) != 1]
+    assert not split, f"world words that do not map to one token: {split}"
+    caption = "a small purple triangle at right on gray"
+    assert len(tok(caption, add_special_tokens=False).input_ids) == len(caption.split())
+
+
+def test_unknown_concept_or_style_is_a_clear_error(tmp_path):
+    from lorabench.world.build import world_datamodule
+
+    with pytest.raises(ConfigError, match="world.concept: unknown value 'rex'; valid: .*sks"):
+        world_datamodule("concept", str(tmp_path / "c"), concept="rex")
+    with pytest.raises(ConfigError, match="world.style: unknown value 'vangogh'; valid: .*vango"):
+        world_datamodule("style", str(tmp_path / "s"), style="vangogh")
+    with pytest.raises(ConfigError, match="data.kind: unknown value 'faces'"):
+        world_datamodule("faces", str(tmp_path / "f"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_world_dataset_reads_back_through_the_real_loader(tmp_path):
+    from lorabench.world.build import world_datamodule
+
+    dm = world_datamodule("concept", str(tmp_path / "sks"), concept="sks", n=4, batch_size=4).prepare()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and set(batch["prompts"]) == {"a sks circle"}
+    meta = json.loads((tmp_path / "sks" / "world.json").read_text())
+    assert meta["concept"] == "sks" and meta["world_seed"] == 0
