@@ -1,0 +1,145 @@
+"""Sampling with classifier-free guidance and diffusers schedulers.
+
+Each image's initial noise comes from its own seed, so an image does not depend on the batch
+it was drawn in, and protocols that reuse "the same 8 initial latents" for every prompt pass the
+same 8 seeds. Works for pixel-space models (no VAE) and latent models, SD and SDXL.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lorabench.errors import ConfigError, choice_error
+from lorabench.models import ModelComponents
+from lorabench.training.module import encode_prompts
+from lorabench.utils.seeding import generator
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
+              "euler": "EulerDiscreteScheduler"}
+
+
+def make_scheduler(components: ModelComponents, name: str):
+    """A sampling scheduler of type ``name`` configured like the model's noise scheduler."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise choice_error("sampler.scheduler", name, SCHEDULERS)
+    return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
+
+
+class Sampler:
+    """Draw images for prompts: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1], (N, 3, H, W).
+
+    Args:
+        scheduler: ddim | dpm (DPM-Solver++) | ddpm | euler.
+        num_inference_steps: denoising steps.
+        guidance_scale: classifier-free guidance weight (1.0 = conditional only).
+        batch_size: images per UNet call (each call also runs the unconditional half).
+        progress: show a progress bar over batches and steps.
+    """
+
+    def __init__(self, components: ModelComponents, scheduler: str = "ddim", num_inference_steps: int = 20,
+                 guidance_scale: float = 3.0, batch_size: int = 64, progress: bool = True,
+                 negative_prompt: str = ""):
+        if num_inference_steps < 1:
+            raise ConfigError("sampler.num_inference_steps", f"must be >= 1, got {num_inference_steps}")
+        if batch_size < 1:
+            raise ConfigError("sampler.batch_size", f"must be >= 1, got {batch_size}")
+        self.components = components
+        self.scheduler_name = scheduler
+        self.scheduler = make_scheduler(components, scheduler)
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.batch_size, self.progress, self.negative_prompt = batch_size, progress, negative_prompt
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.components.unet.parameters()).device
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.components.unet.config
+        return cfg.in_channels, cfg.sample_size, cfg.sample_size
+
+    def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        """One noise tensor per seed, drawn on the CPU so they are identical on every device."""
+        shape = self.latent_shape()
+        return torch.stack([torch.randn(shape, generator=generator("sample-latents", int(s))) for s in seeds])
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], seeds: Optional[Sequence[int]] = None,
+                 latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prompts = list(prompts)
+        if seeds is None:
+            seeds = list(range(len(prompts)))
+        if len(seeds) != len(prompts):
+            raise ConfigError("sampler.seeds", f"{len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+        if latents is None:
+            latents = self.initial_latents(seeds)
+        out = []
+        batches = range(0, len(prompts), self.batch_size)
+        bar = tqdm(total=len(batches) * self.num_inference_steps, desc="sampling", unit="step",
+                   disable=not self.progress, leave=False)
+        for start in batches:
+            out.append(self._sample_batch(prompts[start:start + self.batch_size],
+                                          latents[start:start + self.batch_size], bar))
+        bar.close()
+        return torch.cat(out) if out else torch.empty(0, 3, *self.latent_shape()[1:])
+
+    def _sample_batch(self, prompts: list[str], x: torch.Tensor, bar) -> torch.Tensor:
+        comps, dev = self.components, self.device
+        dtype = next(comps.unet.parameters()).dtype
+        guided = self.guidance_scale != 1.0
+        cond = encode_prompts(comps, prompts, dev)
+        if guided:
+            uncond = encode_prompts(comps, [self.negative_prompt] * len(prompts), dev)
+            cond = _cat_conditions(uncond, cond)
+        sched = self.scheduler
+        sched.set_timesteps(self.num_inference_steps, device=dev)
+        x = x.to(dev, torch.float32) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = torch.cat([x, x]) if guided else x
+            inp = sched.scale_model_input(inp, t)
+            pred = comps.unet(inp.to(dtype), t, cond["encoder_hidden_states"].to(dtype),
+                              added_cond_kwargs=cond.get("added_cond_kwargs")).sample.float()
+            if guided:
+                p_uncond, p_cond = pred.chunk(2)
+                pred = p_uncond + self.guidance_scale * (p_cond - p_uncond)
+            x = sched.step(pred, t, x).prev_sample
+            bar.update(1)
+        return self.decode(x).cpu()
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        if vae is not None:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+        return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+def _cat_conditions(uncond: dict, cond: dict) -> dict:
+    out = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v])
+                                    for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def image_grid(images: torch.Tensor, rows: int, scale: int = 1):
+    """A PIL image of ``images`` ((N, 3, H, W), [0, 1]) laid out in ``rows`` rows, upscaled by ``scale``."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = torch.ones(3, rows * h, cols * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    pil = Image.fromarray(to_uint8(canvas[None])[0].numpy())
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil

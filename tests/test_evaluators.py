@@ -1,0 +1,66 @@
+"""World evaluators: train (a few steps here), save, load back for the right world only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.errors import ConfigError
+from lorabench.world import make_world
+from lorabench.world.assets import load_evaluator, save_evaluator
+from lorabench.world.datasets import random_scene
+from lorabench.world.evaluators import (_batch, attribute_accuracy, choose_threshold, retrieval_top1, train_embedding,
+                                        train_text_image)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    world = make_world(0)
+    folder = tmp_path_factory.mktemp("assets")
+    quiet = lambda *_: None  # noqa: E731
+    models = {"text_image": train_text_image(world, steps=3, batch=16, log=quiet),
+              "identity": train_embedding(world, "identity", steps=3, batch=16, log=quiet),
+              "style": train_embedding(world, "style", steps=3, batch=16, log=quiet)}
+    for name, m in models.items():
+        save_evaluator(m, name, world, {"steps": 3}, folder)
+    return world, folder, models
+
+
+def test_round_trip_and_embeddings(trained):
+    world, folder, models = trained
+    rng = np.random.default_rng(0)
+    images = _batch([random_scene(rng) for _ in range(4)], 16, rng)
+    for name, model in models.items():
+        loaded = load_evaluator(name, world, folder)
+        e = loaded.embed_images(images)
+        assert e.shape == (4, 64)
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(4))
+        torch.testing.assert_close(e, model.embed_images(images))
+    ti = load_evaluator("text_image", world, folder)
+    assert ti.embed_texts(["a small red circle at left on white"]).shape == (1, 64)
+    assert ti.fid_features(images).shape == (4, ti.image.num_features)
+    assert ti.fid_features(torch.rand(1, 3, 299, 299)).shape == (1, 128)  # any input size (FID tools probe 299 px)
+
+
+def test_mismatched_world_is_an_error(trained):
+    _, folder, _ = trained
+    with pytest.raises(ConfigError, match="world: evaluator 'identity' was built for another world"):
+        load_evaluator("identity", make_world(1), folder)
+    with pytest.raises(ConfigError, match="evaluator file .* is missing"):
+        load_evaluator("identity", make_world(0), folder / "nowhere")
+    with pytest.raises(ConfigError, match="eval.evaluator: unknown value 'fid'"):
+        load_evaluator("fid", make_world(0), folder)
+
+
+def test_quality_measures_run(trained):
+    world, _, models = trained
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng) for _ in range(6)]
+    acc = attribute_accuracy(models["text_image"], _batch(scenes, 16, rng), scenes)
+    assert set(acc) == {"size", "colour", "cls", "position", "background", "mean"}
+    assert all(0 <= v <= 1 for v in acc.values())
+    groups = [[random_scene(rng, identity=i) for _ in range(3)] for i in world.experiment_identities[:4]]
+    assert 0 <= retrieval_top1(models["identity"].embed_images, groups, 16, rng) <= 1
+    thr = choose_threshold(models["identity"].embed_images, world.evaluator_identities[:4], 16, rng, per=3)
+    assert 0 <= thr["threshold"] <= 1
