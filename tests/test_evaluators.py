@@ -64,3 +64,22 @@ def test_quality_measures_run(trained):
     assert 0 <= retrieval_top1(models["identity"].embed_images, groups, 16, rng) <= 1
     thr = choose_threshold(models["identity"].embed_images, world.evaluator_identities[:4], 16, rng, per=3)
     assert 0 <= thr["threshold"] <= 1
+
+
+def test_install_and_load_world_model(trained, tmp_path):
+    """Plumbing of `python -m lorabench.world.assets model RUN_DIR` on an untrained world model."""
+    from lorabench.models import save_components
+    from lorabench.world.assets import install_model, load_world_model
+    from lorabench.world.build import build_world_model
+
+    world, folder, _ = trained
+    save_components(build_world_model(), tmp_path / "run" / "model")
+    quality = install_model(tmp_path / "run", folder=folder, grid_path=None, n_prompts=4)
+    assert set(quality["attribute_accuracy"]) >= {"colour", "cls", "mean"} and quality["images_per_s"] > 0
+    assert (folder / "model" / "quality.json").is_file() and (folder / "model" / "world.json").is_file()
+    model = load_world_model(folder=folder)
+    assert model.unet.dtype == torch.float32 and model.resolution == 16
+    with pytest.raises(ConfigError, match="world: the shipped mini-world model was built for another world"):
+        load_world_model(world_seed=1, folder=folder)
+    with pytest.raises(ConfigError, match="model.pretrained: the mini-world model .* is missing"):
+        load_world_model(folder=tmp_path / "empty")

@@ -129,6 +129,72 @@ def build_evaluators(world_seed: int = 0, steps: int = 1500, batch: int = 192, s
     return report
 
 
+# -- the pretrained model -------------------------------------------------------------------------------
+def load_world_model(world_seed: int = 0, resolution: int = 16, dtype: str = "float32",
+                     folder: Path = ASSET_DIR, name: str = "world"):
+    """The shipped pretrained mini-world model, through the same loader as SD (``load_components``)."""
+    from lorabench.models import load_components
+
+    path = folder / "model"
+    if not (path / "world.json").is_file():
+        raise ConfigError("model.pretrained", f"the mini-world model {str(path)!r} is missing; pretrain it "
+                          "(lorabench experiment=world_pretrain) and install it (python -m lorabench.world.assets model RUN_DIR)")
+    check_fingerprint(json.loads((path / "world.json").read_text()), make_world(world_seed, resolution),
+                      "the shipped mini-world model")
+    return load_components(str(path), name=name, dtype=dtype, resolution=resolution)
+
+
+@torch.no_grad()
+def model_quality(components, world: World, n_prompts: int = 200, seed: int = 4321, steps: int = 25,
+                  guidance: float = 3.0, scheduler: str = "dpm", folder: Path = ASSET_DIR) -> dict:
+    """Attribute accuracy of the model's samples, judged zero-shot by the text-image evaluator."""
+    from lorabench.sampling import Sampler
+    from lorabench.world.datasets import random_scene
+
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(n_prompts)]
+    sampler = Sampler(components, scheduler, num_inference_steps=steps, guidance_scale=guidance, batch_size=100)
+    t0 = time.perf_counter()
+    images = sampler([s.caption() for s in scenes], seeds=list(range(n_prompts)))
+    sample_s = time.perf_counter() - t0
+    acc = attribute_accuracy(load_evaluator("text_image", world, folder), images, scenes)
+    return {"attribute_accuracy": acc, "n_prompts": n_prompts, "prompt_seed": seed, "steps": steps,
+            "guidance_scale": guidance, "scheduler": scheduler, "images_per_s": n_prompts / sample_s}
+
+
+def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
+                  grid_path: Optional[Path] = None, n_prompts: int = 200) -> dict:
+    """Copy a pretraining run's model into the package (float16 weights), record the world, report quality."""
+    from lorabench.models import load_components, save_components
+    from lorabench.sampling import Sampler, image_grid
+    from lorabench.world.datasets import random_scene
+
+    world = make_world(world_seed)
+    src = Path(run_dir) / "model"
+    if not (src / "unet").is_dir():
+        raise ConfigError("run_dir", f"{str(run_dir)!r} holds no model/ folder; give a world_pretrain run folder")
+    comps = load_components(str(src), name="world", resolution=world.resolution)
+    comps.unet.half()
+    comps.text_encoder.half()
+    dest = folder / "model"
+    save_components(comps, dest)
+    (dest / "world.json").write_text(json.dumps(world.fingerprint(), indent=1, sort_keys=True) + "\n")
+    results = json.loads((Path(run_dir) / "results.json").read_text()) if (Path(run_dir) / "results.json").is_file() else {}
+    model = load_world_model(world_seed, folder=folder)
+    quality = model_quality(model, world, n_prompts=n_prompts, folder=folder)
+    quality["pretraining"] = {k: results.get(k) for k in ("metrics", "timings", "seed")}
+    write_json(dest / "quality.json", quality)
+    if grid_path is not None:
+        rng = np.random.default_rng(7)
+        scenes = [random_scene(rng) for _ in range(8)]
+        prompts = [s.caption() for s in scenes for _ in range(4)]
+        images = Sampler(model, "dpm", num_inference_steps=25, guidance_scale=3.0)(prompts, seeds=[0, 1, 2, 3] * 8)
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, rows=8, scale=4).save(grid_path)
+        (grid_path.with_suffix(".txt")).write_text("".join(f"row {i + 1}: {s.caption()}\n" for i, s in enumerate(scenes)))
+    return quality
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m lorabench.world.assets", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +205,15 @@ def main(argv=None) -> None:
     ev.add_argument("--batch", type=int, default=192)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", type=Path, default=ASSET_DIR)
+    mo = sub.add_parser("model", help="install a world_pretrain run's model and report its attribute accuracy")
+    mo.add_argument("run_dir", type=Path)
+    mo.add_argument("--world-seed", type=int, default=0)
+    mo.add_argument("--out", type=Path, default=ASSET_DIR)
+    mo.add_argument("--grid", type=Path, default=Path("docs") / "world_samples.png")
     args = ap.parse_args(argv)
+    if args.cmd == "model":
+        print(json.dumps(install_model(args.run_dir, args.world_seed, args.out, args.grid), indent=2))
+        return
     if args.cmd == "evaluators":
         report = build_evaluators(args.world_seed, args.steps, args.batch, args.seed, args.out)
         print(json.dumps(report["quality"], indent=2))
