@@ -90,3 +90,25 @@ def test_world_dataset_reads_back_through_the_real_loader(tmp_path):
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and set(batch["prompts"]) == {"a sks circle"}
     meta = json.loads((tmp_path / "sks" / "world.json").read_text())
     assert meta["concept"] == "sks" and meta["world_seed"] == 0
+
+
+def test_world_data_name_follows_concept_or_style(tmp_path):
+    from conftest import compose
+
+    assert compose(["data=world", "data.concept=zwz"], tmp_path).data.name == "zwz"
+    assert compose(["data=world", "data.kind=style", "data.concept=null", "data.style=vango"], tmp_path).data.name == "vango"
+    cfg = compose(["data=world", "data.kind=pretrain", "data.concept=null", "adapter=ortho"], tmp_path)
+    assert cfg.data.name == "world" and cfg.adapter.concept_key == "world"
+
+
+def test_heldout_attribute_combinations_never_in_pretraining():
+    from lorabench.world.datasets import heldout_scenes
+    from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, POSITIONS, SIZES
+
+    w = make_world(0)
+    assert len(w.heldout_combos) == 90
+    seen = {tuple(c.split()[i] for i in (1, 2, 3, 5, 7)) for _, c in pretrain_items(w, 3000)}
+    assert not seen & w.heldout_combos
+    for i, values in enumerate((SIZES, COLOURS, CLASSES, POSITIONS, BACKGROUNDS)):
+        assert {c[i] for c in seen} == set(values)  # every single attribute value is still taught
+    assert all(s.combo in w.heldout_combos for s in heldout_scenes(w, 20))

@@ -147,12 +147,12 @@ def load_world_model(world_seed: int = 0, resolution: int = 16, dtype: str = "fl
 @torch.no_grad()
 def model_quality(components, world: World, n_prompts: int = 200, seed: int = 4321, steps: int = 25,
                   guidance: float = 3.0, scheduler: str = "dpm", folder: Path = ASSET_DIR) -> dict:
-    """Attribute accuracy of the model's samples, judged zero-shot by the text-image evaluator."""
+    """Attribute accuracy of the model's samples for attribute combinations held out of pretraining,
+    judged zero-shot by the text-image evaluator."""
     from lorabench.sampling import Sampler
-    from lorabench.world.datasets import random_scene
+    from lorabench.world.datasets import heldout_scenes
 
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n_prompts)]
+    scenes = heldout_scenes(world, n_prompts, seed)
     sampler = Sampler(components, scheduler, num_inference_steps=steps, guidance_scale=guidance, batch_size=100)
     t0 = time.perf_counter()
     images = sampler([s.caption() for s in scenes], seeds=list(range(n_prompts)))
@@ -167,7 +167,7 @@ def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
     """Copy a pretraining run's model into the package (float16 weights), record the world, report quality."""
     from lorabench.models import load_components, save_components
     from lorabench.sampling import Sampler, image_grid
-    from lorabench.world.datasets import random_scene
+    from lorabench.world.datasets import heldout_scenes
 
     world = make_world(world_seed)
     src = Path(run_dir) / "model"
@@ -185,8 +185,7 @@ def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
     quality["pretraining"] = {k: results.get(k) for k in ("metrics", "timings", "seed")}
     write_json(dest / "quality.json", quality)
     if grid_path is not None:
-        rng = np.random.default_rng(7)
-        scenes = [random_scene(rng) for _ in range(8)]
+        scenes = heldout_scenes(world, 8, seed=7)
         prompts = [s.caption() for s in scenes for _ in range(4)]
         images = Sampler(model, "dpm", num_inference_steps=25, guidance_scale=3.0)(prompts, seeds=[0, 1, 2, 3] * 8)
         grid_path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,24 @@ def random_scene(rng: np.random.Generator, *, identity: Optional[Identity] = Non
 
 
 def pretrain_items(world: World, n: int, seed: int = 0) -> list[Item]:
+    """The pretraining corpus: plain objects whose attribute combination is not held out."""
     rng = _rng(world, "pretrain", seed)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         scene = random_scene(rng)
-        out.append((render(scene, world.resolution, rng), scene.caption()))
+        if scene.combo not in world.heldout_combos:
+            out.append((render(scene, world.resolution, rng), scene.caption()))
+    return out
+
+
+def heldout_scenes(world: World, n: int, seed: int = 0) -> list[Scene]:
+    """Plain scenes whose attribute combinations the model never saw (for attribute accuracy)."""
+    rng = _rng(world, "heldout", seed)
+    combos = sorted(world.heldout_combos)
+    out = []
+    for k in rng.integers(len(combos), size=n):
+        size, colour, cls, position, background = combos[int(k)]
+        out.append(random_scene(rng, cls=cls, colour=colour, size=size, position=position, background=background))
     return out
 
 

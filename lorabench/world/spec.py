@@ -63,10 +63,14 @@ class Style:
     outline: str
 
 
+Combo = tuple[str, str, str, str, str]  # (size, colour, class, position, background)
+
+
 @dataclass
 class World:
     seed: int = 0
     resolution: int = 16
+    heldout_combos: frozenset = frozenset()  # attribute combinations never in the pretraining corpus
     experiment_identities: list[Identity] = field(default_factory=list)
     evaluator_identities: list[Identity] = field(default_factory=list)
     experiment_styles: list[Style] = field(default_factory=list)
@@ -94,7 +98,7 @@ class World:
 
     def fingerprint(self) -> dict:
         """What shipped assets record, so a mismatching world is detected instead of silently used."""
-        return {"seed": self.seed, "resolution": self.resolution,
+        return {"seed": self.seed, "resolution": self.resolution, "heldout_combos": sorted(self.heldout_combos),
                 "experiment_identities": [asdict(i) for i in self.experiment_identities],
                 "experiment_styles": [asdict(s) for s in self.experiment_styles]}
 
@@ -123,7 +127,10 @@ def make_world(seed: int = 0, resolution: int = 16, n_experiment_identities: int
     sorder = rng.permutation(len(styles))
     experiment_styles = [Style(STYLE_WORDS[i], *styles[k]) for i, k in enumerate(sorder[:n_experiment_styles])]
     evaluator_styles = [Style(f"style{i:03d}", *styles[k]) for i, k in enumerate(sorder[n_experiment_styles:])]
-    return World(seed, resolution, experiment_identities, evaluator_identities, experiment_styles, evaluator_styles)
+    combos_all = list(itertools.product(SIZES, COLOURS, CLASSES, POSITIONS, BACKGROUNDS))
+    heldout = frozenset(combos_all[k] for k in rng.permutation(len(combos_all))[: len(combos_all) // 10])
+    return World(seed, resolution, heldout, experiment_identities, evaluator_identities, experiment_styles,
+                 evaluator_styles)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,10 @@ class Scene:
     identity: Optional[Identity] = None
     style: Optional[Style] = None
     jitter: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def combo(self) -> Combo:
+        return (self.size, self.colour, self.cls, self.position, self.background)
 
     def caption(self) -> str:
         return CAPTION.format(size=self.size, colour=self.colour, cls=self.cls, position=self.position,
