@@ -19,7 +19,10 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
     cfg = compose([f"experiment={experiment}"], tmp_path)
     for group in ("model", "data", "trainer"):
         assert callable(get_method(cfg[group]._target_)) or get_method(cfg[group]._target_)
-    assert cfg.adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
+    if cfg.get("adapter") is None:  # full training (world_pretrain): the whole UNet trains
+        assert experiment == "world_pretrain" and cfg.module.train_text_encoder
+    else:
+        assert cfg.adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
     assert cfg.data.resolution == cfg.model.resolution
 
 

@@ -83,3 +83,16 @@ def test_install_and_load_world_model(trained, tmp_path):
         load_world_model(world_seed=1, folder=folder)
     with pytest.raises(ConfigError, match="model.pretrained: the mini-world model .* is missing"):
         load_world_model(folder=tmp_path / "empty")
+
+
+def test_shipped_assets_load_for_the_default_world():
+    from lorabench.world.assets import ASSET_DIR, load_world_model
+
+    model = load_world_model()
+    assert model.name == "world" and model.unet.config.sample_size == 16
+    rng = np.random.default_rng(0)
+    images = _batch([random_scene(rng) for _ in range(2)], 16, rng)
+    for name in ("text_image", "identity", "style"):
+        assert load_evaluator(name).embed_images(images).shape == (2, 64)
+    assert 0 < load_evaluator("identity").extra["threshold"]["threshold"] < 1
+    assert (ASSET_DIR / "evaluators" / "quality.json").is_file() and (ASSET_DIR / "model" / "quality.json").is_file()

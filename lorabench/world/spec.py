@@ -98,7 +98,7 @@ class World:
 
     def fingerprint(self) -> dict:
         """What shipped assets record, so a mismatching world is detected instead of silently used."""
-        return {"seed": self.seed, "resolution": self.resolution, "heldout_combos": sorted(self.heldout_combos),
+        return {"seed": self.seed, "resolution": self.resolution, "heldout_combos": [list(c) for c in sorted(self.heldout_combos)],
                 "experiment_identities": [asdict(i) for i in self.experiment_identities],
                 "experiment_styles": [asdict(s) for s in self.experiment_styles]}
 
