@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from lorabench.errors import ConfigError, choice_error
+from lorabench.utils.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -191,9 +190,7 @@ def save_components(components: ModelComponents, path: str | os.PathLike) -> Pat
     """Save in diffusers' folder layout so :func:`load_components` (and diffusers pipelines,
     when a VAE is present) can load it back. Written to a temp folder, then renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         parts = {"unet": components.unet, "text_encoder": components.text_encoder,
                  "tokenizer": components.tokenizer, "scheduler": components.noise_scheduler}
         if components.vae is not None:
@@ -210,10 +207,4 @@ def save_components(components: ModelComponents, path: str | os.PathLike) -> Pat
             index[sub] = [lib, type(obj).__name__]
         index.setdefault("vae", [None, None])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image
 
+from lorabench.utils.io import atomic_dir
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.render import render
 from lorabench.world.spec import (BACKGROUNDS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, SIZES, STYLE_PROMPT,
@@ -108,9 +106,7 @@ def write_imagefolder(folder, items: Iterable[Item], extra: Optional[dict] = Non
     """Write ``items`` as ``00000.png`` ... plus ``metadata.jsonl`` (and ``world.json`` if ``extra``),
     into a temporary folder renamed into place at the end."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         rows = []
         for i, (img, text) in enumerate(items):
             name = f"{i:05d}.png"
@@ -119,10 +115,4 @@ def write_imagefolder(folder, items: Iterable[Item], extra: Optional[dict] = Non
         (tmp / "metadata.jsonl").write_text("".join(r + "\n" for r in rows))
         if extra is not None:
             (tmp / "world.json").write_text(json.dumps(extra, indent=1, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder

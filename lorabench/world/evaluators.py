@@ -143,13 +143,17 @@ def train_text_image(world: World, steps: int = 1500, batch: int = 256, seed: in
         same = torch.tensor([[a == b for b in map(_caption, scenes)] for a in map(_caption, scenes)], dtype=torch.float)
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"text-image step {step}: loss {loss.item():.3f}")
+        _optimise(opt, sched, loss, step, steps, log, "text-image")
     return model.eval()
+
+
+def _optimise(opt, sched, loss, step: int, steps: int, log: Callable, label: str) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    if step % 250 == 0 or step == steps - 1:
+        log(f"{label} step {step}: loss {loss.item():.3f}")
 
 
 def train_embedding(world: World, kind: str, steps: int = 1200, batch: int = 256, seed: int = 0,
@@ -167,12 +171,7 @@ def train_embedding(world: World, kind: str, steps: int = 1200, batch: int = 256
                   else random_scene(rng, style=pool[k], identity=_maybe_identity(world, rng)) for k in labels]
         logits = model.logits(_batch(scenes, world.resolution, rng))
         loss = F.cross_entropy(logits, torch.from_numpy(labels))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"{kind} step {step}: loss {loss.item():.3f}")
+        _optimise(opt, sched, loss, step, steps, log, kind)
     return model.eval()
 
 
