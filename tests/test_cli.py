@@ -89,8 +89,6 @@ def test_empty_and_corrupt_image_folders(tmp_path):
 
 
 def test_adapter_file_that_does_not_fit(tmp_path):
-    import torch
-
     from lorabench.adapters import inject_adapters, save_adapter
     from lorabench.models import build_tiny_components
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorabench.data import ImageFolderDataModule, collate, load_image, scan_folder
+from lorabench.data import ImageFolderDataModule, load_image, scan_folder
 from lorabench.errors import ConfigError
 
 

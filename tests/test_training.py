@@ -12,10 +12,6 @@ from conftest import compose, tiny_overrides
 from lorabench.run import train
 
 
-def _base_state(components):
-    return {k: v.detach().clone() for k, v in components.unet.state_dict().items()}
-
-
 @pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
 def test_each_adapter_trains_and_leaves_base_bitwise_unchanged(adapter, tiny_model_dir, load_tiny, tmp_path):
     cfg = compose([f"adapter={adapter}", *tiny_overrides(tiny_model_dir, steps=20), "data.batch_size=4",

@@ -122,8 +122,7 @@ class DiffusionFineTuner(L.LightningModule):
     def conditioning(self, prompts: list[str]) -> dict:
         ctx = torch.enable_grad() if (self.train_text_encoder and self.training) else torch.no_grad()
         with ctx:
-            cond = encode_prompts(self.components, prompts, self.device)
-        return cond
+            return encode_prompts(self.components, prompts, self.device)
 
     def diffusion_loss(self, batch: Mapping[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
                        latents: torch.Tensor, reduce: bool = True) -> torch.Tensor:
