@@ -112,3 +112,20 @@ def test_heldout_attribute_combinations_never_in_pretraining():
     for i, values in enumerate((SIZES, COLOURS, CLASSES, POSITIONS, BACKGROUNDS)):
         assert {c[i] for c in seen} == set(values)  # every single attribute value is still taught
     assert all(s.combo in w.heldout_combos for s in heldout_scenes(w, 20))
+
+
+def test_world_model_schedule_reaches_pure_noise_and_sampling_starts_there():
+    """In pixel space SD's scaled_linear schedule leaves 7% of the image at t = T, and the model
+    learns to read the layout from the noise instead of the prompt. The world model's schedule ends at
+    zero signal (so v-prediction), and sampling starts at t = T (trailing spacing)."""
+    from lorabench.sampling import make_scheduler
+    from lorabench.world.assets import load_world_model
+    from lorabench.world.build import build_world_model
+
+    for comps in (build_world_model(), load_world_model()):
+        sched = comps.noise_scheduler
+        assert float(sched.alphas_cumprod[-1].sqrt()) < 1e-3
+        assert sched.config.prediction_type == "v_prediction"
+        dpm = make_scheduler(comps, "dpm")
+        dpm.set_timesteps(25)
+        assert int(dpm.timesteps[0]) == 999

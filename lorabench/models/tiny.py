@@ -107,6 +107,8 @@ def build_tiny_components(
     with_vae: bool = False,
     prediction_type: str = "epsilon",
     num_train_timesteps: int = 1000,
+    beta_schedule: str = "scaled_linear",
+    timestep_spacing: str = "leading",
     tokenizer_dir: Optional[str] = None,
     sdxl: bool = False,
 ) -> ModelComponents:
@@ -158,9 +160,9 @@ def build_tiny_components(
         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
     text_encoder = CLIPTextModel(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config) if sdxl else None
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                               beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
-                              clip_sample=False, steps_offset=1)
+                              clip_sample=False, steps_offset=1, timestep_spacing=timestep_spacing)
     return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if sdxl else None,
                            noise_scheduler=scheduler, name=name, model_id=f"random:{name}:seed{seed}",

@@ -18,15 +18,25 @@ KINDS = ("pretrain", "concept", "style", "captions")
 def build_world_model(world_seed: int = 0, resolution: int = 16, seed: int = 0,
                       block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
                       cross_attention_dim: int = 64, attention_head_dim: int = 8, text_layers: int = 2,
-                      text_max_length: int = 16, name: str = "world-init") -> ModelComponents:
+                      text_max_length: int = 16, beta_schedule: str = "squaredcos_cap_v2",
+                      prediction_type: str = "v_prediction", timestep_spacing: str = "trailing",
+                      name: str = "world-init") -> ModelComponents:
     """The untrained mini-world model: a tiny pixel-space UNet and a CLIP text encoder whose tokenizer
-    holds every world word (attributes, classes, rare tokens, style words) as one token."""
+    holds every world word (attributes, classes, rare tokens, style words) as one token.
+
+    The noise schedule is a pixel-space one. SD's ``scaled_linear`` schedule was made for latents: at
+    t = T it keeps 7% of the signal, and at 16 px that is enough for the UNet to read the object's
+    position from the noisy input instead of from the prompt. Sampling starts from pure noise, so a
+    model trained that way ignores "at left". The cosine schedule reaches zero signal at T, which
+    needs v-prediction (epsilon cannot be inverted to x0 there) and trailing timesteps (so sampling
+    starts at t = T, where training saw pure noise)."""
     world = make_world(world_seed, resolution)
     return build_tiny_components(seed=seed, name=name, resolution=resolution, words=world.vocabulary(),
                                  block_out_channels=block_out_channels, layers_per_block=layers_per_block,
                                  cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
                                  text_hidden_size=cross_attention_dim, text_layers=text_layers,
-                                 text_max_length=text_max_length)
+                                 text_max_length=text_max_length, beta_schedule=beta_schedule,
+                                 prediction_type=prediction_type, timestep_spacing=timestep_spacing)
 
 
 def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: int = 16, n: int = 8,
