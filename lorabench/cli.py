@@ -98,14 +98,23 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
+    protocol = cfg.get("protocol")
     try:
-        results, _ = train(cfg, run_dir, config_name=str(name))
+        if protocol:
+            from hydra.utils import get_method
+
+            results = get_method(protocol._target_)(cfg, run_dir)
+        else:
+            results, _ = train(cfg, run_dir, config_name=str(name))
     except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
         err = find_config_error(exc)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         remove_run_dir(run_dir, Path(cfg.paths.output_root))
         fail(err)
+    if protocol:
+        print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n\n{results['table']}")
+        return None
     print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{format_summary(results)}")
     return results["metrics"].get("val_loss_after")
 

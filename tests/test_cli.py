@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-FAST = ["trainer.max_steps=2", "trainer.enable_progress_bar=false"]
+FAST = ["experiment=quickstart", "trainer.max_steps=2", "trainer.enable_progress_bar=false"]
 
 
 def run_cli(args, cwd: Path, env_extra=None):
@@ -34,7 +34,33 @@ def assert_one_line_error(proc, cwd: Path, *fragments: str):
     return errors[0]
 
 
-def test_main_job_writes_results(tmp_path):
+# The main job (experiment=world_concepts) shrunk: one concept, two adapters, 2 steps, 1 image per prompt.
+MAIN_FAST = ["protocol.concepts=[zwz]", "~protocol.adapters.ortho", "trainer.max_steps=2",
+             "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2"]
+
+
+def test_main_job_prints_the_single_concept_table(tmp_path):
+    proc = run_cli(MAIN_FAST, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list((tmp_path / "outputs" / "world_concepts").glob("*/results.json"))
+    results = json.loads(results_file.read_text())
+    assert results["protocol"] == "single_concept" and results["methods"] == ["base", "lora", "trilora"]
+    assert [(r["method"], r["concept"]) for r in results["rows"]] == [("base", "zwz"), ("lora", "zwz"), ("trilora", "zwz")]
+    for method in ("| base |", "| lora |", "| trilora |", "identity sim. in context"):
+        assert method in proc.stdout
+    assert (results_file.parent / "samples.png").is_file() and (results_file.parent / "table.md").is_file()
+
+
+def test_main_job_unknown_concept_is_one_line(tmp_path):
+    assert_one_line_error(run_cli(["protocol.concepts=[nope]"], tmp_path), tmp_path,
+                          "world.concept: unknown value 'nope'", "sks")
+
+
+def test_main_job_rejects_a_top_level_adapter(tmp_path):
+    assert_one_line_error(run_cli(["adapter=lora", *MAIN_FAST], tmp_path), tmp_path, "adapter:", "protocol.adapters")
+
+
+def test_quickstart_writes_results(tmp_path):
     proc = run_cli(FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results_file] = list((tmp_path / "outputs").rglob("results.json"))

@@ -76,6 +76,16 @@ def load_evaluator(name: str, world: Optional[World] = None, folder: Path = ASSE
     return model.eval()
 
 
+def concept_scorer(world_seed: int = 0, resolution: int = 16, folder: Path = ASSET_DIR):
+    """The mini world's ConceptScorer: the text-image evaluator for CLIP-T/I, the identity evaluator
+    (with its recorded threshold) for identity similarity and alignment."""
+    from lorabench.evaluation import ConceptScorer
+
+    world = make_world(world_seed, resolution)
+    identity = load_evaluator("identity", world, folder)
+    return ConceptScorer(load_evaluator("text_image", world, folder), identity, identity.extra["threshold"]["threshold"])
+
+
 def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
     """Quality on held-out data: experiment identities and styles (never trained on), fresh renders."""
     from lorabench.world.datasets import random_scene

@@ -1,0 +1,80 @@
+"""Single-concept scores, as the personalisation papers report them.
+
+Every metric model is used through one small interface, so the mini world's evaluators and the real
+models (CLIP, DINO, ArcFace, CSD) are interchangeable:
+
+- ``ImageEmbedder.embed_images(images)``: float images in [0, 1], (N, 3, H, W) -> (N, d), L2-normalised;
+- ``TextImageEmbedder`` adds ``embed_texts(texts)`` -> (N, d), L2-normalised, in the same space.
+
+Scores (each a mean, in [-1, 1]; the papers print cosine similarities, not 100x):
+
+- ``text_alignment`` (CLIP-T): cosine of each image with its prompt's text (the concept token removed);
+- ``image_alignment`` (CLIP-I): mean cosine over all (generated, reference) pairs, image tower;
+- ``identity_similarity`` (DINO): mean cosine over all (generated, reference) pairs, identity embedding;
+- ``identity_alignment``: share of generated images whose mean cosine distance to the references is
+  below the identity threshold (ArcFace distance < 0.68 in Orthogonal Adaptation; the world's
+  evaluator records its own threshold, chosen at the equal-error point of same/other pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from lorabench.errors import ConfigError
+
+
+class ImageEmbedder(Protocol):
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class TextImageEmbedder(ImageEmbedder, Protocol):
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, d), (M, d) normalised embeddings -> (N, M) cosine similarities."""
+    return a.float() @ b.float().T
+
+
+class ConceptScorer:
+    """Scores samples of one concept against reference images of it.
+
+    Args:
+        text_image: CLIP (or its stand-in) for text and image alignment.
+        identity: DINO / ArcFace (or its stand-in) for identity similarity and alignment.
+        identity_threshold: cosine distance below which an image counts as the identity.
+        batch_size: images per embedder call.
+    """
+
+    def __init__(self, text_image: TextImageEmbedder, identity: ImageEmbedder, identity_threshold: float,
+                 batch_size: int = 256):
+        if not 0.0 < identity_threshold < 2.0:
+            raise ConfigError("eval.identity_threshold", f"must be a cosine distance in (0, 2), got {identity_threshold}")
+        self.text_image, self.identity = text_image, identity
+        self.identity_threshold, self.batch_size = float(identity_threshold), batch_size
+
+    def _embed(self, fn, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, references: torch.Tensor,
+                 texts: Optional[Sequence[str]] = None) -> dict[str, float]:
+        if images.ndim != 4 or references.ndim != 4 or len(images) == 0 or len(references) == 0:
+            raise ValueError(f"expected non-empty (N, 3, H, W) images and references, got {tuple(images.shape)} "
+                             f"and {tuple(references.shape)}")
+        out: dict[str, float] = {}
+        img_ti = self._embed(self.text_image.embed_images, images)
+        ref_ti = self._embed(self.text_image.embed_images, references)
+        out["image_alignment"] = float(pairwise_cosine(img_ti, ref_ti).mean())
+        if texts is not None:
+            if len(texts) != len(images):
+                raise ValueError(f"{len(texts)} texts for {len(images)} images")
+            txt = self.text_image.embed_texts(list(texts))
+            out["text_alignment"] = float((img_ti.float() * txt.float()).sum(-1).mean())
+        sim = pairwise_cosine(self._embed(self.identity.embed_images, images),
+                              self._embed(self.identity.embed_images, references))
+        out["identity_similarity"] = float(sim.mean())
+        out["identity_alignment"] = float(((1 - sim.mean(1)) < self.identity_threshold).float().mean())
+        return out

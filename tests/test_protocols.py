@@ -1,0 +1,115 @@
+"""Single-concept scoring and its protocol's bookkeeping, on the shipped mini-world evaluators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from lorabench.world.assets import concept_scorer
+
+    return concept_scorer(world_seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_sets():
+    from lorabench.world.tasks import WorldConceptEval
+
+    return WorldConceptEval(world_seed=0, n_references=8)
+
+
+def test_own_references_score_higher_than_another_identity(scorer, eval_sets):
+    sks, zwz = eval_sets("sks"), eval_sets("zwz")
+    own = scorer(sks.references, sks.references)
+    other = scorer(zwz.references, sks.references)
+    assert own["identity_similarity"] > other["identity_similarity"] + 0.3
+    assert own["image_alignment"] > other["image_alignment"]
+    assert own["identity_alignment"] == 1.0 and other["identity_alignment"] <= 0.25
+
+
+def test_text_alignment_prefers_the_matching_text(scorer, eval_sets):
+    from lorabench.world import make_world
+    from lorabench.world.datasets import heldout_scenes
+    from lorabench.world.evaluators import _batch
+
+    world = make_world(0)
+    scenes = heldout_scenes(world, 16, seed=3)
+    images = _batch(scenes, world.resolution, np.random.default_rng(0))
+    right = scorer(images, images, [s.caption() for s in scenes])["text_alignment"]
+    wrong = scorer(images, images, [s.caption() for s in scenes[1:] + scenes[:1]])["text_alignment"]
+    assert right > wrong + 0.2
+
+
+def test_scorer_rejects_bad_input(scorer, eval_sets):
+    from lorabench.evaluation import ConceptScorer
+
+    with pytest.raises(ConfigError, match="eval.identity_threshold"):
+        ConceptScorer(scorer.text_image, scorer.identity, identity_threshold=3.0)
+    refs = eval_sets("sks").references
+    with pytest.raises(ValueError, match="2 texts for 8 images"):
+        scorer(refs, refs, ["a", "b"])
+
+
+def test_eval_set_prompts_texts_and_references(eval_sets):
+    from lorabench.world import make_world
+    from lorabench.world.datasets import concept_items
+
+    s = eval_sets("sks")
+    assert s.prompts[0] == "a sks circle" and s.prompts[1] == "a sks circle at left on black"
+    assert all("sks" in p for p in s.prompts) and not any("sks" in t.split() for t in s.texts)
+    assert s.texts[1] == "a circle at left on black"
+    train = concept_items(make_world(0), make_world(0).identity("sks"), 8, seed=0)
+    train_t = torch.stack([torch.from_numpy(img).permute(2, 0, 1).float() / 255 for img, _ in train])
+    assert s.references.shape == train_t.shape and not torch.equal(s.references, train_t)
+
+
+def test_eval_set_bad_context_or_concept():
+    from lorabench.world.tasks import WorldConceptEval
+
+    with pytest.raises(ConfigError, match="eval.concepts.contexts: unknown value 'middle'"):
+        WorldConceptEval(contexts=[["middle", "black"]])
+    with pytest.raises(ConfigError, match="world.concept: unknown value 'nope'"):
+        WorldConceptEval()("nope")
+
+
+def test_summary_is_mean_and_population_std_over_replicates():
+    from lorabench.protocols.single_concept import format_table, summarise
+
+    rows = [{"method": "base", "identity_similarity": 0.1, "identity_alignment": 0.0, "image_alignment": 0.5,
+             "context_text_alignment": 0.2},
+            {"method": "base", "identity_similarity": 0.3, "identity_alignment": 0.5, "image_alignment": 0.7,
+             "context_text_alignment": 0.4},
+            {"method": "lora", "identity_similarity": 0.6, "identity_alignment": 1.0, "image_alignment": 0.9,
+             "context_text_alignment": 0.3, "train_s": 12.0}]
+    s = summarise(rows)
+    assert s["base"]["identity_similarity"]["mean"] == pytest.approx(0.2)
+    assert s["base"]["identity_similarity"]["std"] == pytest.approx(0.1)
+    assert s["lora"]["identity_alignment"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    assert "train_s" not in s["base"] and "context_identity_similarity" not in s["base"]
+    table = format_table(s, n_concepts=2, n_seeds=1)
+    assert "| base | 0.200 +- 0.100 |" in table and "| lora | 0.600 +- 0.000 |" in table and "12.0 +- 0.0" in table
+
+
+def test_sample_seeds_are_shared_across_prompts_and_differ_by_replicate():
+    from lorabench.protocols.single_concept import sample_seeds
+
+    assert sample_seeds(0, 4) == sample_seeds(0, 4) and len(set(sample_seeds(0, 4))) == 4
+    assert not set(sample_seeds(0, 4)) & set(sample_seeds(1, 4))
+    assert all(isinstance(s, int) for s in sample_seeds(2, 3))
+
+
+def test_scores_split_the_concept_prompt_from_the_context_prompts(scorer, eval_sets):
+    from lorabench.protocols.single_concept import score_samples
+
+    sks, zwz = eval_sets("sks"), eval_sets("zwz")
+    n = 2  # images per prompt: the concept prompt's two are sks renders, the context ones zwz renders
+    images = torch.cat([sks.references[:n], zwz.references[: n * (len(sks.prompts) - 1)]])
+    out = score_samples(scorer, images, sks, n)
+    assert out["identity_similarity"] == pytest.approx(scorer(sks.references[:n], sks.references)["identity_similarity"])
+    assert out["identity_similarity"] > out["context_identity_similarity"] + 0.3
+    assert {"context_text_alignment", "context_identity_alignment", "text_alignment"} <= set(out)
