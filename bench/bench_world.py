@@ -40,6 +40,7 @@ def finetune_step_times(steps: int, batch: int, rank: int) -> list[float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = world_datamodule("concept", f"{tmp}/data", concept="sks", n=8, batch_size=batch, val_samples=0)
+        dm.prepare()
         module = DiffusionFineTuner(load_world_model(), {"name": "lora", "rank": rank}, {"lr": 1e-3})
         trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()],

@@ -58,9 +58,14 @@ def toy_images(tmp_path_factory) -> Path:
 
 
 def compose(overrides: list[str], output_dir: Path):
-    """The real config tree composed with ``overrides``, output paths pointed at ``output_dir``."""
+    """The real config tree composed with ``overrides``, output paths pointed at ``output_dir``.
+    Without an ``experiment=`` override it composes ``experiment=quickstart`` (one plain training
+    run), not the main job's protocol."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    if not any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        overrides = ["experiment=quickstart", *overrides]
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=[f"paths.output_dir={output_dir}",

@@ -19,7 +19,12 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
     cfg = compose([f"experiment={experiment}"], tmp_path)
     for group in ("model", "data", "trainer"):
         assert callable(get_method(cfg[group]._target_)) or get_method(cfg[group]._target_)
-    if cfg.get("adapter") is None:  # full training (world_pretrain): the whole UNet trains
+    if cfg.get("protocol"):  # a protocol trains the adapters listed under protocol.adapters
+        assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
+        for name, adapter in cfg.protocol.adapters.items():
+            assert adapter.name == name and name in importlib.import_module("lorabench.adapters").ADAPTERS
+        assert callable(get_method(cfg.eval.scorer._target_)) and callable(get_method(cfg.eval.concepts._target_))
+    elif cfg.get("adapter") is None:  # full training (world_pretrain): the whole UNet trains
         assert experiment == "world_pretrain" and cfg.module.train_text_encoder
     else:
         assert cfg.adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS

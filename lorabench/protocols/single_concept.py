@@ -58,11 +58,19 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, concept: str, seed: in
     return cell
 
 
-def _sample(components, sampler_cfg: dict, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Sample where the trainer trains (Lightning moves the module back to the CPU after fit)."""
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    return torch.device("cuda" if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def _sample(components, sampler_cfg: dict, prompts: list[str], seeds: list[int],
+            device: torch.device = torch.device("cpu")) -> torch.Tensor:
     from lorabench.sampling import Sampler
 
-    components.unet.eval()
-    components.text_encoder.eval()
+    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        if part is not None:
+            part.to(device).eval()
     sampler = Sampler(components, **sampler_cfg)
     return sampler([p for p in prompts for _ in seeds], seeds=[s for _ in prompts for s in seeds])
 
@@ -143,13 +151,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     scorer = instantiate(ev.scorer)
     sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
     n_img = int(ev.images_per_prompt)
+    device = eval_device(cfg)
 
     rows: list[dict] = []
     grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
     base = instantiate(cfg.model, _convert_="all")
     for c in concepts:
         for seed in seeds:
-            imgs = _sample(base, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img))
+            imgs = _sample(base, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
             rows.append({"method": "base", "concept": c, "seed": seed, **score_samples(scorer, imgs, sets[c], n_img)})
             if seed == seeds[0]:
                 grids[c].append(imgs)
@@ -165,7 +174,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 k += 1
                 cell_dir = run_dir / "cells" / f"{name}-{c}-seed{seed}"
                 results, module = train(cell_config(cfg, acfg, c, seed, cell_dir), cell_dir, config_name=f"{name}/{c}")
-                imgs = _sample(module.components, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img))
+                imgs = _sample(module.components, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
                 scores = score_samples(scorer, imgs, sets[c], n_img)
                 rows.append({"method": name, "concept": c, "seed": seed, **scores,
                              "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
