@@ -104,19 +104,18 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
             from hydra.utils import get_method
 
             results = get_method(protocol._target_)(cfg, run_dir)
+            summary, objective = "\n" + results["table"], None
         else:
             results, _ = train(cfg, run_dir, config_name=str(name))
+            summary, objective = format_summary(results), results["metrics"].get("val_loss_after")
     except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
         err = find_config_error(exc)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         remove_run_dir(run_dir, Path(cfg.paths.output_root))
         fail(err)
-    if protocol:
-        print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n\n{results['table']}")
-        return None
-    print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{format_summary(results)}")
-    return results["metrics"].get("val_loss_after")
+    print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
+    return objective
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _load(cls, model_id: str, field: str):
-    from lorabench.models.components import _explain
+    from lorabench.models.components import explain_load_error
 
     try:
         return cls.from_pretrained(model_id)
     except Exception as exc:  # noqa: BLE001 - one line naming the field
-        raise ConfigError(field, f"could not load {model_id!r}: {_explain(exc)}") from exc
+        raise ConfigError(field, f"could not load {model_id!r}: {explain_load_error(exc)}") from exc
 
 
 def _features(out) -> torch.Tensor:

@@ -59,22 +59,29 @@ class ConceptScorer:
         return torch.cat([fn(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, references: torch.Tensor,
+    def embed_references(self, references: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both embeddings of the reference images; pass the result to ``__call__`` to reuse them."""
+        if references.ndim != 4 or len(references) == 0:
+            raise ValueError(f"expected non-empty (N, 3, H, W) references, got {tuple(references.shape)}")
+        return {"text_image": self._embed(self.text_image.embed_images, references),
+                "identity": self._embed(self.identity.embed_images, references)}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, references: torch.Tensor | dict[str, torch.Tensor],
                  texts: Optional[Sequence[str]] = None) -> dict[str, float]:
-        if images.ndim != 4 or references.ndim != 4 or len(images) == 0 or len(references) == 0:
-            raise ValueError(f"expected non-empty (N, 3, H, W) images and references, got {tuple(images.shape)} "
-                             f"and {tuple(references.shape)}")
+        """``references``: images, or their ``embed_references`` output."""
+        if images.ndim != 4 or len(images) == 0:
+            raise ValueError(f"expected non-empty (N, 3, H, W) images, got {tuple(images.shape)}")
+        refs = references if isinstance(references, dict) else self.embed_references(references)
         out: dict[str, float] = {}
         img_ti = self._embed(self.text_image.embed_images, images)
-        ref_ti = self._embed(self.text_image.embed_images, references)
-        out["image_alignment"] = float(pairwise_cosine(img_ti, ref_ti).mean())
+        out["image_alignment"] = float(pairwise_cosine(img_ti, refs["text_image"]).mean())
         if texts is not None:
             if len(texts) != len(images):
                 raise ValueError(f"{len(texts)} texts for {len(images)} images")
             txt = self.text_image.embed_texts(list(texts))
             out["text_alignment"] = float((img_ti.float() * txt.float()).sum(-1).mean())
-        sim = pairwise_cosine(self._embed(self.identity.embed_images, images),
-                              self._embed(self.identity.embed_images, references))
+        sim = pairwise_cosine(self._embed(self.identity.embed_images, images), refs["identity"])
         out["identity_similarity"] = float(sim.mean())
         out["identity_alignment"] = float(((1 - sim.mean(1)) < self.identity_threshold).float().mean())
         return out

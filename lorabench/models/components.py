@@ -112,7 +112,7 @@ def _present(index: dict, name: str) -> bool:
     return bool(entry)
 
 
-def _explain(exc: BaseException) -> str:
+def explain_load_error(exc: BaseException) -> str:
     """One line on why loading failed; 'not cached and hub unreachable' when that is the root cause."""
     chain, e = [], exc
     while e is not None and e not in chain:
@@ -178,7 +178,7 @@ def load_components(
     except ConfigError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {_explain(exc)}") from exc
+        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {explain_load_error(exc)}") from exc
     return ModelComponents(
         unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
         noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,

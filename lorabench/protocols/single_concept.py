@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,7 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         for m in METRICS + ("train_s",):
             xs = [r[m] for r in sel if r.get(m) is not None]
             if xs:
-                mean = sum(xs) / len(xs)
-                out[method][m] = {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)),
-                                  "n": len(xs)}
+                out[method][m] = {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)}
     return out
 
 
@@ -106,13 +104,15 @@ def format_table(summary: dict, n_concepts: int, n_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def score_samples(scorer, images: torch.Tensor, eval_set, n_img: int) -> dict[str, float]:
+def score_samples(scorer, images: torch.Tensor, eval_set, n_img: int, references=None) -> dict[str, float]:
     """Scores of one replicate: the first prompt's ``n_img`` images (the concept prompt) and the
-    context prompts' images (prefixed ``context_``). ``images`` is prompt-major, as _sample draws them."""
+    context prompts' images (prefixed ``context_``). ``images`` is prompt-major, as _sample draws them.
+    ``references``: the eval set's reference embeddings (``scorer.embed_references``), if already made."""
     texts = [t for t in eval_set.texts for _ in range(n_img)]
-    out = scorer(images[:n_img], eval_set.references, texts[:n_img])
+    refs = references if references is not None else scorer.embed_references(eval_set.references)
+    out = scorer(images[:n_img], refs, texts[:n_img])
     if len(eval_set.prompts) > 1:
-        ctx = scorer(images[n_img:], eval_set.references, texts[n_img:])
+        ctx = scorer(images[n_img:], refs, texts[n_img:])
         out.update({f"context_{k}": v for k, v in ctx.items()})
     return out
 
@@ -149,17 +149,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     eval_sets = instantiate(ev.concepts)
     sets = {c: eval_sets(c) for c in concepts}  # unknown concept names fail here, before any training
     scorer = instantiate(ev.scorer)
+    refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
     sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
     n_img = int(ev.images_per_prompt)
     device = eval_device(cfg)
 
     rows: list[dict] = []
+    base_identity: dict[tuple[str, int], float] = {}
     grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
     base = instantiate(cfg.model, _convert_="all")
     for c in concepts:
         for seed in seeds:
             imgs = _sample(base, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
-            rows.append({"method": "base", "concept": c, "seed": seed, **score_samples(scorer, imgs, sets[c], n_img)})
+            rows.append({"method": "base", "concept": c, "seed": seed,
+                         **score_samples(scorer, imgs, sets[c], n_img, refs[c])})
+            base_identity[c, seed] = rows[-1]["identity_similarity"]
             if seed == seeds[0]:
                 grids[c].append(imgs)
     del base
@@ -175,15 +179,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 cell_dir = run_dir / "cells" / f"{name}-{c}-seed{seed}"
                 results, module = train(cell_config(cfg, acfg, c, seed, cell_dir), cell_dir, config_name=f"{name}/{c}")
                 imgs = _sample(module.components, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
-                scores = score_samples(scorer, imgs, sets[c], n_img)
+                scores = score_samples(scorer, imgs, sets[c], n_img, refs[c])
                 rows.append({"method": name, "concept": c, "seed": seed, **scores,
                              "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
                              "s_per_step": results["timings"]["s_per_step"]})
                 if seed == seeds[0]:
                     grids[c].append(imgs)
-                base_row = next(r for r in rows if r["method"] == "base" and r["concept"] == c and r["seed"] == seed)
                 print(f"[{k}/{total}] {name} {c} seed {seed}: identity sim. {scores['identity_similarity']:.3f} "
-                      f"(base {base_row['identity_similarity']:.3f}), {results['metrics']['steps']} steps in "
+                      f"(base {base_identity[c, seed]:.3f}), {results['metrics']['steps']} steps in "
                       f"{results['timings']['fit_s']:.0f} s", flush=True)
                 del module
 

@@ -107,9 +107,13 @@ class EmbeddingEvaluator(nn.Module):
 
 
 # -- training data -------------------------------------------------------------------------------
+def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 images -> (N, 3, H, W) floats in [0, 1], what every evaluator takes."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
 def _batch(scenes: list[Scene], res: int, rng) -> torch.Tensor:
-    arr = np.stack([render(s, res, rng) for s in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    return to_tensor([render(s, res, rng) for s in scenes])
 
 
 def text_image_scenes(world: World, rng, n: int) -> list[Scene]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from lorabench.errors import choice_error
 from lorabench.world.datasets import concept_items
-from lorabench.world.spec import CONCEPT_PROMPT, POSITIONS, BACKGROUNDS, make_world
+from lorabench.world.evaluators import to_tensor
+from lorabench.world.spec import BACKGROUNDS, CONCEPT_PROMPT, POSITIONS, make_world
 
 DEFAULT_CONTEXTS = (("left", "black"), ("top", "gray"), ("right", "white"))
 
@@ -33,8 +34,6 @@ class WorldConceptEval:
 
     def __init__(self, world_seed: int = 0, resolution: int = 16, n_references: int = 8,
                  reference_seed: int = 1000, contexts: Sequence[Sequence[str]] = DEFAULT_CONTEXTS):
-        from lorabench.errors import choice_error
-
         self.world = make_world(world_seed, resolution)
         for position, background in contexts:
             if position not in POSITIONS:
@@ -50,5 +49,4 @@ class WorldConceptEval:
         prompts = [base] + [f"{base} at {p} on {b}" for p, b in self.contexts]
         texts = [" ".join(w for w in p.split() if w != identity.token) for p in prompts]
         items = concept_items(self.world, identity, self.n_references, self.reference_seed)
-        refs = torch.from_numpy(np.stack([img for img, _ in items])).permute(0, 3, 1, 2).float() / 255.0
-        return ConceptEvalSet(prompts, texts, refs)
+        return ConceptEvalSet(prompts, texts, to_tensor([img for img, _ in items]))
