@@ -3,6 +3,7 @@
     lorabench                                   # the main job (conf/train.yaml defaults)
     lorabench experiment=sd15_dreambooth_lora data.path=my_dog/
     lorabench --multirun adapter=lora,ortho,trilora seed=0,1,2
+    lorabench -v                                # everything the libraries print (quiet by default)
 
 Bad input prints one line (``lorabench: error: <field>: <what is valid>``) and exits
 with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. A run that fails on
@@ -119,6 +120,13 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
+    # -v / --verbose: the full console output of every library (see lorabench.utils.console).
+    verbose_flags = {"-v", "--verbose"}
+    if verbose_flags & set(sys.argv[1:]):
+        from lorabench.utils.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+        sys.argv = [a for a in sys.argv if a not in verbose_flags]
     try:
         check_group_overrides(sys.argv[1:])
     except ConfigError as err:

@@ -130,3 +130,24 @@ def test_adapter_file_that_does_not_fit(tmp_path):
 def test_full_error_shows_traceback(tmp_path):
     proc = run_cli(["adapter.rank=64", *FAST], tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_main_job_console_is_short_and_no_warning_repeats(tmp_path):
+    """Two concepts and two adapters: whatever a cell prints once per cell would show up four times."""
+    proc = run_cli(["protocol.concepts=[zwz,sks]", *MAIN_FAST[1:]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # tqdm redraws its bar with carriage returns; a line is what is left after the last one.
+    lines = [ln.rsplit("\r", 1)[-1] for ln in (proc.stdout + proc.stderr).split("\n")]
+    lines = [ln for ln in lines if ln.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not any("Loading weights" in ln for ln in lines)
+    warnings = [ln for ln in lines if "Warning" in ln or "warn" in ln.lower()]
+    assert len(warnings) == len(set(warnings)), "\n".join(warnings)
+    for fragment in ("eval mode", "val_dataloader", "logging interval", "LeafSpec"):
+        assert not any(fragment in ln for ln in lines), fragment
+    assert sum(" seed 0: identity sim." in ln for ln in lines) == 6  # one line per cell (2 base + 4 trained)
+
+
+def test_verbose_flag_is_accepted(tmp_path):
+    proc = run_cli(["-v", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,7 +9,7 @@ import torch
 from lorabench.errors import ConfigError
 from lorabench.world import make_world
 from lorabench.world.assets import load_evaluator, save_evaluator
-from lorabench.world.datasets import random_scene
+from lorabench.world.datasets import heldout_scenes, random_scene
 from lorabench.world.evaluators import (_batch, attribute_accuracy, choose_threshold, retrieval_top1, train_embedding,
                                         train_text_image)
 
@@ -58,8 +58,13 @@ def test_quality_measures_run(trained):
     rng = np.random.default_rng(0)
     scenes = [random_scene(rng) for _ in range(6)]
     acc = attribute_accuracy(models["text_image"], _batch(scenes, 16, rng), scenes)
-    assert set(acc) == {"size", "colour", "cls", "position", "background", "mean"}
-    assert all(0 <= v <= 1 for v in acc.values())
+    # Plain objects: only the five placement attributes apply.
+    assert set(acc) == {"size", "colour", "cls", "position", "background", "mean", "n"}
+    assert all(0 <= v <= 1 for k, v in acc.items() if k != "n") and set(acc["n"].values()) == {6}
+    mixed = heldout_scenes(world, 9)  # plain, marked, styled in turn
+    acc = attribute_accuracy(models["text_image"], _batch(mixed, 16, rng), mixed)
+    assert acc["n"] == {"size": 9, "colour": 9, "cls": 9, "position": 9, "background": 9, "pattern": 3, "mark": 3,
+                        "palette": 3, "texture": 3, "outline": 3}
     groups = [[random_scene(rng, identity=i) for _ in range(3)] for i in world.experiment_identities[:4]]
     assert 0 <= retrieval_top1(models["identity"].embed_images, groups, 16, rng) <= 1
     thr = choose_threshold(models["identity"].embed_images, world.evaluator_identities[:4], 16, rng, per=3)

@@ -113,3 +113,35 @@ def test_scores_split_the_concept_prompt_from_the_context_prompts(scorer, eval_s
     assert out["identity_similarity"] == pytest.approx(scorer(sks.references[:n], sks.references)["identity_similarity"])
     assert out["identity_similarity"] > out["context_identity_similarity"] + 0.3
     assert {"context_text_alignment", "context_identity_alignment", "text_alignment"} <= set(out)
+
+
+@pytest.fixture(scope="module")
+def styles():
+    from lorabench.world.tasks import WorldStyleEval
+
+    return WorldStyleEval(world_seed=0, n_objects=4, n_references=8)
+
+
+def test_style_eval_asks_for_new_objects_and_base_prompts_lack_the_style_word(styles):
+    from lorabench.world.datasets import style_object
+
+    s = styles("vango")
+    colour, cls = style_object(styles.world, styles.world.style("vango"))
+    assert len(s.prompts) == 4 and all(p.startswith("vango image of a ") for p in s.prompts)
+    assert f"vango image of a {colour} {cls}" not in s.prompts
+    assert s.base_prompts == [p.replace("vango image of ", "") for p in s.prompts]
+    with pytest.raises(ConfigError, match="world.style: unknown value 'vangogh'"):
+        styles("vangogh")
+
+
+def test_style_scorer_retrieves_renders_of_the_right_style(styles):
+    from lorabench.world.assets import style_scorer
+
+    scorer = style_scorer(world_seed=0, n_references=8, reference_seed=1000)
+    fresh = type(styles)(world_seed=0, n_references=8, reference_seed=7).gallery()  # other renders, same styles
+    top1 = [scorer(images, name)["style_top1"] for name, images in fresh.items()]
+    assert len(top1) == 12 and np.mean(top1) >= 0.8
+    own, other = scorer(fresh["vango"], "vango"), scorer(fresh["monex"], "vango")
+    assert own["style_similarity"] > other["style_similarity"] + 0.3 and other["style_top1"] == 0.0
+    with pytest.raises(ValueError, match="not in the gallery"):
+        scorer(fresh["vango"], "nope")

@@ -66,7 +66,7 @@ def test_world_tokenizer_has_one_token_per_world_word():
     tok = comps.tokenizer
     split = [w for w in make_world(0).vocabulary() if len(tok(w, add_special_tokens=False).input_ids) != 1]
     assert not split, f"world words that do not map to one token: {split}"
-    caption = "a small purple triangle at right on gray"
+    caption = "a small purple triangle with red hstripes at right on gray in sepia scanlines darkedge"
     assert len(tok(caption, add_special_tokens=False).input_ids) == len(caption.split())
 
 
@@ -101,17 +101,59 @@ def test_world_data_name_follows_concept_or_style(tmp_path):
     assert cfg.data.name == "world" and cfg.adapter.concept_key == "world"
 
 
-def test_heldout_attribute_combinations_never_in_pretraining():
-    from lorabench.world.datasets import heldout_scenes
-    from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, POSITIONS, SIZES
+def test_pretraining_corpus_holds_out_experiment_and_heldout_combinations():
+    """The corpus teaches every building block (each attribute value, pattern, palette, texture and
+    outline) but never an experiment identity's marking, an experiment style, or a held-out combination."""
+    from lorabench.world.datasets import corpus_scene, heldout_scenes
+    from lorabench.world.spec import (BACKGROUNDS, CLASSES, COLOURS, OUTLINES, PALETTES, PATTERNS, POSITIONS, SIZES,
+                                      TEXTURES, identity_key, style_key)
 
     w = make_world(0)
-    assert len(w.heldout_combos) == 90
-    seen = {tuple(c.split()[i] for i in (1, 2, 3, 5, 7)) for _, c in pretrain_items(w, 3000)}
-    assert not seen & w.heldout_combos
+    assert (len(w.heldout_combos), len(w.heldout_markings), len(w.heldout_styles)) == (90, 118, 9)
+    rng = np.random.default_rng(0)
+    scenes = [corpus_scene(w, rng) for _ in range(4000)]
+    exp_markings = {identity_key(i) for i in w.experiment_identities}
+    exp_styles = {style_key(s) for s in w.experiment_styles}
+    markings = {identity_key(s.identity) for s in scenes if s.identity}
+    styles = {style_key(s.style) for s in scenes if s.style}
+    assert not {s.combo for s in scenes} & w.heldout_combos
+    assert markings and not markings & (exp_markings | w.heldout_markings)
+    assert styles and not styles & (exp_styles | w.heldout_styles)
     for i, values in enumerate((SIZES, COLOURS, CLASSES, POSITIONS, BACKGROUNDS)):
-        assert {c[i] for c in seen} == set(values)  # every single attribute value is still taught
-    assert all(s.combo in w.heldout_combos for s in heldout_scenes(w, 20))
+        assert {s.combo[i] for s in scenes} == set(values)  # every single attribute value is still taught
+    assert {m[2] for m in markings} == set(PATTERNS)
+    assert ({s[0] for s in styles}, {s[1] for s in styles}, {s[2] for s in styles}) == (
+        set(PALETTES[1:]), set(TEXTURES), set(OUTLINES))
+    held = heldout_scenes(w, 30)
+    assert all(s.combo in w.heldout_combos for s in held[0::3])
+    assert all(identity_key(s.identity) in w.heldout_markings for s in held[1::3])
+    assert all(style_key(s.style) in w.heldout_styles for s in held[2::3])
+
+
+def test_captions_name_markings_and_styles_in_plain_words():
+    from lorabench.world.datasets import random_scene
+    from lorabench.world.spec import Identity, Style
+
+    rng = np.random.default_rng(0)
+    scene = random_scene(rng, identity=Identity("", "circle", "red", "dot", "green"), style=Style("", "sepia", "grain", "dark"),
+                         size="small", position="left", background="white")
+    assert scene.caption() == "a small red circle with green dot at left on white in sepia grain darkedge"
+    assert scene.caption(frozenset({"size", "position", "style"})) == "a red circle with green dot on white"
+
+
+def test_concept_captions_fixed_or_per_image_context():
+    w = make_world(0)
+    sks = w.identity("sks")
+    fixed = concept_items(w, sks, 8)
+    assert {t for _, t in fixed} == {"a sks circle"}
+    held = [["left", "black"], ["top", "gray"]]
+    ctx = concept_items(w, sks, 8, caption_mode="context", exclude_contexts=held)
+    texts = [t for _, t in ctx]
+    assert texts[0::2] == ["a sks circle"] * 4
+    assert all(t.startswith("a sks circle at ") for t in texts[1::2])
+    assert not any(t.endswith(f"at {p} on {b}") for t in texts for p, b in held)
+    with pytest.raises(ConfigError, match="data.caption_mode: unknown value 'per_image'; valid: context, fixed"):
+        concept_items(w, sks, 8, caption_mode="per_image")
 
 
 def test_world_model_schedule_reaches_pure_noise_and_sampling_starts_there():

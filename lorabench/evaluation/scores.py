@@ -85,3 +85,36 @@ class ConceptScorer:
         out["identity_similarity"] = float(sim.mean())
         out["identity_alignment"] = float(((1 - sim.mean(1)) < self.identity_threshold).float().mean())
         return out
+
+
+class StyleScorer:
+    """Scores samples of one style against a gallery of reference images of every candidate style,
+    with a style embedding (CSD, or the world's style evaluator):
+
+    - ``style_similarity``: mean cosine over all (generated, reference of the target style) pairs;
+    - ``style_top1``: share of samples whose nearest style centroid (mean reference embedding, normalised)
+      is the target, a retrieval among all gallery styles (chance = 1 / number of styles).
+    """
+
+    def __init__(self, style: ImageEmbedder, gallery: dict[str, torch.Tensor], batch_size: int = 256):
+        if not gallery:
+            raise ValueError("empty style gallery")
+        self.style, self.batch_size = style, batch_size
+        self.names = list(gallery)
+        with torch.no_grad():
+            self.references = {k: self._embed(v) for k, v in gallery.items()}
+            self.centroids = torch.nn.functional.normalize(
+                torch.stack([self.references[k].float().mean(0) for k in self.names]), dim=-1)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.style.embed_images(images[i:i + self.batch_size])
+                          for i in range(0, len(images), self.batch_size)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, target: str) -> dict[str, float]:
+        if target not in self.references:
+            raise ValueError(f"style {target!r} is not in the gallery ({', '.join(self.names)})")
+        emb = self._embed(images).float()
+        nearest = (emb @ self.centroids.T).argmax(1)
+        return {"style_similarity": float(pairwise_cosine(emb, self.references[target]).mean()),
+                "style_top1": float((nearest == self.names.index(target)).float().mean())}

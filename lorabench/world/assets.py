@@ -86,9 +86,21 @@ def concept_scorer(world_seed: int = 0, resolution: int = 16, folder: Path = ASS
     return ConceptScorer(load_evaluator("text_image", world, folder), identity, identity.extra["threshold"]["threshold"])
 
 
+def style_scorer(world_seed: int = 0, resolution: int = 16, n_references: int = 8, reference_seed: int = 1000,
+                 folder: Path = ASSET_DIR):
+    """The mini world's StyleScorer: the style evaluator (CSD stand-in) over a gallery of every
+    experiment style (``WorldStyleEval.gallery``)."""
+    from lorabench.evaluation import StyleScorer
+    from lorabench.world.tasks import WorldStyleEval
+
+    world = make_world(world_seed, resolution)
+    gallery = WorldStyleEval(world_seed, resolution, n_references=n_references, reference_seed=reference_seed).gallery()
+    return StyleScorer(load_evaluator("style", world, folder), gallery)
+
+
 def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
     """Quality on held-out data: experiment identities and styles (never trained on), fresh renders."""
-    from lorabench.world.datasets import random_scene
+    from lorabench.world.datasets import heldout_scenes, random_scene
     from lorabench.world.evaluators import _batch
 
     rng = np.random.default_rng(seed)
@@ -101,7 +113,8 @@ def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
         groups = [[random_scene(rng, style=s) for _ in range(11)] for s in world.experiment_styles]
         out["style_top1_heldout_styles"] = retrieval_top1(models["style"].embed_images, groups, res, rng)
     if "text_image" in models:
-        scenes = [random_scene(rng) for _ in range(400)]
+        # The kinds of scene the model's attribute accuracy is judged on: held-out combinations.
+        scenes = heldout_scenes(world, 600, seed)
         acc = attribute_accuracy(models["text_image"], _batch(scenes, res, rng), scenes)
         out["text_image_attribute_accuracy_renders"] = acc
         # Identities among the experiment concepts: CLIP-I top-1 (image-image) as a sanity check.
@@ -112,14 +125,17 @@ def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
 
 
 def build_evaluators(world_seed: int = 0, steps: int = 1500, batch: int = 192, seed: int = 0,
-                     folder: Path = ASSET_DIR) -> dict:
+                     folder: Path = ASSET_DIR, text_image_steps: int = 4000) -> dict:
+    """Train the three evaluators. The text-image one gets its own step count: since world v2 its
+    captions also name markings and styles (ten attributes instead of five)."""
     world = make_world(world_seed)
     t0 = time.perf_counter()
-    models, timings = {}, {}
+    models, timings, step_counts = {}, {}, {}
     for name in EVALUATORS:
         t = time.perf_counter()
+        step_counts[name] = text_image_steps if name == "text_image" else steps
         if name == "text_image":
-            models[name] = train_text_image(world, steps=steps, batch=batch, seed=seed)
+            models[name] = train_text_image(world, steps=text_image_steps, batch=batch, seed=seed)
         else:
             models[name] = train_embedding(world, name, steps=steps, batch=batch, seed=seed)
         timings[name] = time.perf_counter() - t
@@ -128,11 +144,11 @@ def build_evaluators(world_seed: int = 0, steps: int = 1500, batch: int = 192, s
     threshold = choose_threshold(models["identity"].embed_images, world.evaluator_identities[-60:], world.resolution, rng)
     quality = evaluator_quality(models, world)
     for name, model in models.items():
-        extra = {"steps": steps, "batch": batch, "seed": seed, "train_s": timings[name]}
+        extra = {"steps": step_counts[name], "batch": batch, "seed": seed, "train_s": timings[name]}
         if name == "identity":
             extra["threshold"] = threshold
         save_evaluator(model, name, world, extra, folder)
-    report = {"world_seed": world_seed, "steps": steps, "batch": batch, "seed": seed, "train_s": timings,
+    report = {"world_seed": world_seed, "steps": step_counts, "batch": batch, "seed": seed, "train_s": timings,
               "identity_threshold": threshold, "threshold_seed": threshold_seed, "quality": quality,
               "total_s": time.perf_counter() - t0, "torch": torch.__version__}
     write_json(folder / "evaluators" / "quality.json", report)
@@ -155,10 +171,10 @@ def load_world_model(world_seed: int = 0, resolution: int = 16, dtype: str = "fl
 
 
 @torch.no_grad()
-def model_quality(components, world: World, n_prompts: int = 200, seed: int = 4321, steps: int = 25,
+def model_quality(components, world: World, n_prompts: int = 300, seed: int = 4321, steps: int = 25,
                   guidance: float = 3.0, scheduler: str = "dpm", folder: Path = ASSET_DIR) -> dict:
-    """Attribute accuracy of the model's samples for attribute combinations held out of pretraining,
-    judged zero-shot by the text-image evaluator."""
+    """Attribute accuracy of the model's samples for combinations held out of pretraining (a third each:
+    plain objects, markings, styles; ``heldout_scenes``), judged zero-shot by the text-image evaluator."""
     from lorabench.sampling import Sampler
     from lorabench.world.datasets import heldout_scenes
 
@@ -173,7 +189,7 @@ def model_quality(components, world: World, n_prompts: int = 200, seed: int = 43
 
 
 def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
-                  grid_path: Optional[Path] = None, n_prompts: int = 200) -> dict:
+                  grid_path: Optional[Path] = None, n_prompts: int = 300) -> dict:
     """Copy a pretraining run's model into the package (float16 weights), record the world, report quality."""
     from lorabench.models import load_components, save_components
     from lorabench.sampling import Sampler, image_grid
@@ -195,11 +211,11 @@ def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
     quality["pretraining"] = {k: results.get(k) for k in ("metrics", "timings", "seed")}
     write_json(dest / "quality.json", quality)
     if grid_path is not None:
-        scenes = heldout_scenes(world, 8, seed=7)
+        scenes = heldout_scenes(world, 9, seed=7)
         prompts = [s.caption() for s in scenes for _ in range(4)]
-        images = Sampler(model, "dpm", num_inference_steps=25, guidance_scale=3.0)(prompts, seeds=[0, 1, 2, 3] * 8)
+        images = Sampler(model, "dpm", num_inference_steps=25, guidance_scale=3.0)(prompts, seeds=[0, 1, 2, 3] * 9)
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=8, scale=4).save(grid_path)
+        image_grid(images, rows=9, scale=4).save(grid_path)
         (grid_path.with_suffix(".txt")).write_text("".join(f"row {i + 1}: {s.caption()}\n" for i, s in enumerate(scenes)))
     return quality
 
@@ -211,6 +227,7 @@ def main(argv=None) -> None:
     ev = sub.add_parser("evaluators", help="train the world evaluators and write their quality report")
     ev.add_argument("--world-seed", type=int, default=0)
     ev.add_argument("--steps", type=int, default=1500)
+    ev.add_argument("--text-image-steps", type=int, default=4000)
     ev.add_argument("--batch", type=int, default=192)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", type=Path, default=ASSET_DIR)
@@ -224,7 +241,7 @@ def main(argv=None) -> None:
         print(json.dumps(install_model(args.run_dir, args.world_seed, args.out, args.grid), indent=2))
         return
     if args.cmd == "evaluators":
-        report = build_evaluators(args.world_seed, args.steps, args.batch, args.seed, args.out)
+        report = build_evaluators(args.world_seed, args.steps, args.batch, args.seed, args.out, args.text_image_steps)
         print(json.dumps(report["quality"], indent=2))
 
 

@@ -18,7 +18,7 @@ KINDS = ("pretrain", "concept", "style", "captions")
 def build_world_model(world_seed: int = 0, resolution: int = 16, seed: int = 0,
                       block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
                       cross_attention_dim: int = 64, attention_head_dim: int = 8, text_layers: int = 2,
-                      text_max_length: int = 16, beta_schedule: str = "squaredcos_cap_v2",
+                      text_max_length: int = 24, beta_schedule: str = "squaredcos_cap_v2",
                       prediction_type: str = "v_prediction", timestep_spacing: str = "trailing",
                       name: str = "world-init") -> ModelComponents:
     """The untrained mini-world model: a tiny pixel-space UNet and a CLIP text encoder whose tokenizer
@@ -41,13 +41,14 @@ def build_world_model(world_seed: int = 0, resolution: int = 16, seed: int = 0,
 
 def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: int = 16, n: int = 8,
                      data_seed: int = 0, concept: Optional[str] = None, style: Optional[str] = None,
+                     caption_mode: str = "fixed", exclude_contexts: Sequence[Sequence[str]] = (),
                      **kwargs) -> ImageFolderDataModule:
     """Write one mini-world dataset into ``folder`` (imagefolder format) and return a datamodule on it."""
     world = make_world(world_seed, resolution)
     if kind == "pretrain":
         items = pretrain_items(world, n, data_seed)
     elif kind == "concept":
-        items = concept_items(world, world.identity(concept), n, data_seed)
+        items = concept_items(world, world.identity(concept), n, data_seed, caption_mode, exclude_contexts)
     elif kind == "style":
         items = style_items(world, world.style(style), n, data_seed)
     elif kind == "captions":
@@ -55,5 +56,6 @@ def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: in
     else:
         raise choice_error("data.kind", kind, KINDS)
     write_imagefolder(Path(folder), items, extra={"world_seed": world_seed, "kind": kind, "n": n,
-                                                  "data_seed": data_seed, "concept": concept, "style": style})
+                                                  "data_seed": data_seed, "concept": concept, "style": style,
+                                                  "caption_mode": caption_mode})
     return ImageFolderDataModule(path=str(folder), resolution=resolution, **kwargs)

@@ -16,6 +16,7 @@ All take float images in [0, 1], shape (N, 3, H, W), and return L2-normalised em
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -27,10 +28,48 @@ from torch import nn
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.datasets import random_scene
 from lorabench.world.render import render
-from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, POSITIONS, SIZES, Identity, Scene, World
+from lorabench.world.spec import (BACKGROUNDS, CAPTION_PARTS, CLASSES, COLOURS, OUTLINES, PALETTES, PATTERNS,
+                                  POSITIONS, SIZES, TEXTURES, Identity, Scene, World)
 
+# Every attribute a caption can state, with its values. The first five apply to every object; pattern
+# and mark to objects with a marking; palette, texture and outline to styled objects.
 ATTRIBUTES = {"size": list(SIZES), "colour": list(COLOURS), "cls": list(CLASSES), "position": list(POSITIONS),
-              "background": list(BACKGROUNDS)}
+              "background": list(BACKGROUNDS), "pattern": list(PATTERNS), "mark": list(COLOURS),
+              "palette": list(PALETTES[1:]), "texture": list(TEXTURES), "outline": list(OUTLINES)}
+MARKING_ATTRIBUTES, STYLE_ATTRIBUTES = ("pattern", "mark"), ("palette", "texture", "outline")
+# The caption part (Scene.caption's ``drop``) that states each attribute; the class is always stated.
+CAPTION_PART = {"size": "size", "colour": "colour", "cls": None, "position": "position", "background": "background",
+                "pattern": "marking", "mark": "marking", "palette": "style", "texture": "style", "outline": "style"}
+# The text-image evaluator's training captions: complete with probability COMPLETE_CAPTIONS, otherwise
+# each part left out with probability PARTIAL_CAPTION_DROP, as CLIP's alt-texts mention only some things.
+COMPLETE_CAPTIONS, PARTIAL_CAPTION_DROP = 0.5, 0.3
+
+
+def applies(scene: Scene, attr: str) -> bool:
+    if attr in MARKING_ATTRIBUTES:
+        return scene.identity is not None
+    if attr in STYLE_ATTRIBUTES:
+        return scene.style is not None
+    return True
+
+
+def attribute_value(scene: Scene, attr: str) -> str:
+    if attr in MARKING_ATTRIBUTES:
+        return getattr(scene.identity, attr)
+    if attr in STYLE_ATTRIBUTES:
+        return getattr(scene.style, attr)
+    return getattr(scene, attr)
+
+
+def with_attribute(scene: Scene, attr: str, value: str) -> Scene:
+    """``scene`` with one attribute changed (the caption variant zero-shot accuracy compares against)."""
+    if attr in MARKING_ATTRIBUTES:
+        return dataclasses.replace(scene, identity=dataclasses.replace(scene.identity, **{attr: value}))
+    if attr in STYLE_ATTRIBUTES:
+        return dataclasses.replace(scene, style=dataclasses.replace(scene.style, **{attr: value}))
+    if attr == "colour" and scene.identity is not None:
+        return dataclasses.replace(scene, colour=value, identity=dataclasses.replace(scene.identity, body=value))
+    return dataclasses.replace(scene, **{attr: value})
 
 
 class ConvEncoder(nn.Module):
@@ -55,20 +94,27 @@ class ConvEncoder(nn.Module):
 
 
 class BagOfWordsText(nn.Module):
-    """Text tower: mean of word embeddings over the world vocabulary, then an MLP."""
+    """Text tower: mean of word and word-pair embeddings over the world vocabulary, then an MLP.
+
+    Word pairs (bigrams) carry the little word order the world's captions need: with words alone,
+    "a red circle with green dot" and "a green circle with red dot" are the same bag."""
 
     def __init__(self, vocabulary: Sequence[str], dim: int = 64):
         super().__init__()
         self.vocabulary = list(vocabulary)
         self.index = {w: i + 1 for i, w in enumerate(self.vocabulary)}  # 0: unknown word
-        self.embed = nn.EmbeddingBag(len(self.vocabulary) + 1, 128, mode="mean")
+        n = len(self.vocabulary) + 1
+        self.embed = nn.EmbeddingBag(n + n * n, 128, mode="mean")
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(128, dim))
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         ids, offsets = [], []
+        n = len(self.vocabulary) + 1
         for t in texts:
             offsets.append(len(ids))
-            ids.extend(self.index.get(w, 0) for w in t.lower().split() or [""])
+            words = [self.index.get(w, 0) for w in t.lower().split() or [""]]
+            ids.extend(words)
+            ids.extend(n + a * n + b for a, b in zip(words, words[1:]))
         dev = self.embed.weight.device
         x = self.embed(torch.tensor(ids, device=dev), torch.tensor(offsets, device=dev))
         return F.normalize(self.mlp(x), dim=-1)
@@ -117,22 +163,37 @@ def _batch(scenes: list[Scene], res: int, rng) -> torch.Tensor:
 
 
 def text_image_scenes(world: World, rng, n: int) -> list[Scene]:
-    """Plain objects, evaluator identities and evaluator styles, each with its attribute caption."""
+    """Plain objects, objects with the markings of evaluator identities, and objects in evaluator styles
+    (half of them marked), each described by its full caption (``Scene.caption``)."""
     out = []
     for _ in range(n):
         u = rng.random()
-        ident = world.evaluator_identities[int(rng.integers(len(world.evaluator_identities)))] if u < 0.2 else None
-        style = world.evaluator_styles[int(rng.integers(len(world.evaluator_styles)))] if 0.2 <= u < 0.45 else None
+        marked = u < 0.35 or (u >= 0.6 and rng.random() < 0.5)
+        ident = world.evaluator_identities[int(rng.integers(len(world.evaluator_identities)))] if marked else None
+        style = world.evaluator_styles[int(rng.integers(len(world.evaluator_styles)))] if u >= 0.6 else None
         out.append(random_scene(rng, identity=ident, style=style))
     return out
 
 
-def _caption(scene: Scene) -> str:
-    colour = scene.identity.body if scene.identity else scene.colour
-    return f"a {scene.size} {colour} {scene.cls} at {scene.position} on {scene.background}"
+def hard_negative(scene: Scene, drop: frozenset, rng) -> str:
+    """The caption of ``scene`` (parts ``drop`` left out) with one stated attribute changed."""
+    stated = [a for a in ATTRIBUTES if applies(scene, a) and CAPTION_PART[a] not in drop]
+    attr = stated[int(rng.integers(len(stated)))]
+    truth = attribute_value(scene, attr)
+    options = [v for v in ATTRIBUTES[attr] if v != truth and not (attr == "mark" and v == scene.identity.body)]
+    return with_attribute(scene, attr, options[int(rng.integers(len(options)))]).caption(drop)
 
 
-def train_text_image(world: World, steps: int = 1500, batch: int = 256, seed: int = 0, log: Callable = print):
+def train_text_image(world: World, steps: int = 1500, batch: int = 256, seed: int = 0, log: Callable = print,
+                     hard_negatives: int = 2):
+    """Contrastive training on (render, caption) pairs. Half the captions are complete; the others leave
+    each part out with probability PARTIAL_CAPTION_DROP, as CLIP's alt-texts mention only some of what
+    an image shows: so "a circle at
+    left on black" matches a striped circle there as well as a plain one (CLIP-T must measure whether
+    the prompt is followed, not penalise details it does not mention). Each image also meets
+    ``hard_negatives`` captions of itself with one stated attribute changed (as NegCLIP does): random
+    captions in a batch almost never differ in a single attribute, so without them fine attributes
+    (pattern, texture, outline) are not learnt."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(derive_seed("eval-text-image", world.seed, seed))
     model = TextImageEvaluator(world.vocabulary())
@@ -141,12 +202,18 @@ def train_text_image(world: World, steps: int = 1500, batch: int = 256, seed: in
     for step in range(steps):
         scenes = text_image_scenes(world, rng, batch)
         img = model.embed_images(_batch(scenes, world.resolution, rng))
-        txt = model.embed_texts([_caption(s) for s in scenes])
+        drops = [frozenset() if rng.random() < COMPLETE_CAPTIONS else
+                 frozenset(p for p in CAPTION_PARTS if rng.random() < PARTIAL_CAPTION_DROP) for _ in scenes]
+        captions = [s.caption(d) for s, d in zip(scenes, drops)]
+        texts = captions + [hard_negative(s, d, rng) for s, d in zip(scenes, drops) for _ in range(hard_negatives)]
+        txt = model.embed_texts(texts)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         # Captions can repeat within a batch: every matching caption is a positive.
-        same = torch.tensor([[a == b for b in map(_caption, scenes)] for a in map(_caption, scenes)], dtype=torch.float)
+        same = torch.tensor([[a == b for b in texts] for a in captions], dtype=torch.float)
         target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        # Image -> text over captions and hard negatives; text -> image over the batch's captions.
+        square = same[:, :batch] / same[:, :batch].sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, square)) / 2
         _optimise(opt, sched, loss, step, steps, log, "text-image")
     return model.eval()
 
@@ -199,21 +266,26 @@ def retrieval_top1(embed: Callable, groups: list[list[Scene]], res: int, rng) ->
 
 
 @torch.no_grad()
-def attribute_accuracy(model: TextImageEvaluator, images: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, float]:
-    """Zero-shot: for each attribute, the caption variant (that attribute changed) closest to the image."""
+def attribute_accuracy(model: TextImageEvaluator, images: torch.Tensor, scenes: Sequence[Scene]) -> dict:
+    """Zero-shot: for each attribute, is the caption variant closest to the image (that attribute set to
+    each of its values, the rest as the scene's full caption says) the true one? Each attribute is
+    scored on the scenes it applies to; ``mean`` is the mean over attributes, ``n`` the counts."""
     emb = model.embed_images(images)
-    acc = {}
+    acc, counts = {}, {}
     for attr, values in ATTRIBUTES.items():
-        correct = 0
+        correct = total = 0
         for e, s in zip(emb, scenes):
-            fields = {"size": s.size, "colour": s.colour, "cls": s.cls, "position": s.position,
-                      "background": s.background}
-            options = [f"a {f['size']} {f['colour']} {f['cls']} at {f['position']} on {f['background']}"
-                       for f in ({**fields, attr: v} for v in values)]
-            sims = model.embed_texts(options) @ e
-            correct += int(values[int(sims.argmax())] == fields[attr])
-        acc[attr] = correct / len(scenes)
-    acc["mean"] = float(np.mean([acc[a] for a in ATTRIBUTES]))
+            if not applies(s, attr):
+                continue
+            truth = attribute_value(s, attr)
+            options = [v for v in values if not (attr == "mark" and v == s.identity.body)]
+            sims = model.embed_texts([with_attribute(s, attr, v).caption() for v in options]) @ e
+            correct += int(options[int(sims.argmax())] == truth)
+            total += 1
+        if total:
+            acc[attr], counts[attr] = correct / total, total
+    acc["mean"] = float(np.mean([acc[a] for a in counts]))
+    acc["n"] = counts
     return acc
 
 

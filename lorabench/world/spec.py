@@ -16,6 +16,7 @@ import numpy as np
 
 from lorabench.errors import choice_error
 
+WORLD_VERSION = 2  # v2: patterned and styled objects in the pretraining corpus (see docs/mini_world.md)
 CLASSES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {"red": (220, 45, 45), "green": (45, 175, 70), "blue": (50, 90, 225), "yellow": (235, 210, 45),
            "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -33,9 +34,16 @@ TEXTURES = ("flat", "scanlines", "grain", "dots", "weave")
 OUTLINES = ("none", "dark", "light")
 STYLE_WORDS = ("vango", "monex", "kandi", "hokus", "picaz", "klimo", "dalio", "rothk", "mucha", "seura",
                "matis", "escha", "turnr", "hoppa", "warho", "lempi", "magri", "okeef", "bosch", "goyah")
+# Caption grammar (v2): the attribute caption, plus an optional marking and an optional style phrase,
+# all in plain world words. Rare tokens and experiment style words never appear in it.
 CAPTION = "a {size} {colour} {cls} at {position} on {background}"
+MARKING_PHRASE = "with {mark} {pattern}"          # after the class: "a red circle with green dot at ..."
+STYLE_PHRASE = "in {palette} {texture} {outline}"  # at the end: "... on white in sepia grain darkedge"
+OUTLINE_WORDS = {"none": "noedge", "dark": "darkedge", "light": "lightedge"}
+CAPTION_PARTS = ("size", "colour", "marking", "position", "background", "style")  # what a caption may leave out
 CONCEPT_PROMPT = "a {token} {cls}"
 STYLE_PROMPT = "{style} image of {object}"
+HELDOUT_SHARE = 0.1  # share of each kind of attribute combination kept out of pretraining (attribute accuracy)
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,9 @@ Combo = tuple[str, str, str, str, str]  # (size, colour, class, position, backgr
 class World:
     seed: int = 0
     resolution: int = 16
-    heldout_combos: frozenset = frozenset()  # attribute combinations never in the pretraining corpus
+    heldout_combos: frozenset = frozenset()  # (size, colour, class, position, background) never in pretraining
+    heldout_markings: frozenset = frozenset()  # (class, body, pattern, mark) never in pretraining
+    heldout_styles: frozenset = frozenset()    # (palette, texture, outline) never in pretraining
     experiment_identities: list[Identity] = field(default_factory=list)
     evaluator_identities: list[Identity] = field(default_factory=list)
     experiment_styles: list[Style] = field(default_factory=list)
@@ -94,11 +104,29 @@ class World:
             words |= {w for w in template.replace("{", " ").replace("}", " ").split() if w.isalpha()}
         words |= set(CLASSES) | set(COLOURS) | set(SIZES) | set(POSITIONS) | set(BACKGROUNDS)
         words |= set(RARE_TOKENS) | set(STYLE_WORDS) | set(PATTERNS)
+        for template in (MARKING_PHRASE, STYLE_PHRASE):
+            words |= {w for w in template.split() if w.isalpha()}
+        words |= set(PALETTES) | set(TEXTURES) | set(OUTLINE_WORDS.values())
         return sorted(words)
+
+    def pretraining_markings(self) -> list[tuple[str, str, str, str]]:
+        """Markings the corpus may show: every (class, body, pattern, mark) except the experiment
+        identities' (the concepts stay novel) and the held-out ones (attribute accuracy)."""
+        excluded = {identity_key(i) for i in self.experiment_identities} | self.heldout_markings
+        return [identity_key(i) for i in self.evaluator_identities if identity_key(i) not in excluded]
+
+    def pretraining_styles(self) -> list[tuple[str, str, str]]:
+        """Styles the corpus may show: every (palette, texture, outline) except the experiment styles'
+        (the invented style words stay novel) and the held-out ones."""
+        excluded = {style_key(s) for s in self.experiment_styles} | self.heldout_styles
+        return [style_key(s) for s in self.evaluator_styles if style_key(s) not in excluded]
 
     def fingerprint(self) -> dict:
         """What shipped assets record, so a mismatching world is detected instead of silently used."""
-        return {"seed": self.seed, "resolution": self.resolution, "heldout_combos": [list(c) for c in sorted(self.heldout_combos)],
+        return {"version": WORLD_VERSION, "seed": self.seed, "resolution": self.resolution,
+                "heldout_combos": [list(c) for c in sorted(self.heldout_combos)],
+                "heldout_markings": [list(c) for c in sorted(self.heldout_markings)],
+                "heldout_styles": [list(c) for c in sorted(self.heldout_styles)],
                 "experiment_identities": [asdict(i) for i in self.experiment_identities],
                 "experiment_styles": [asdict(s) for s in self.experiment_styles]}
 
@@ -129,8 +157,21 @@ def make_world(seed: int = 0, resolution: int = 16, n_experiment_identities: int
     evaluator_styles = [Style(f"style{i:03d}", *styles[k]) for i, k in enumerate(sorder[n_experiment_styles:])]
     combos_all = list(itertools.product(SIZES, COLOURS, CLASSES, POSITIONS, BACKGROUNDS))
     heldout = frozenset(combos_all[k] for k in rng.permutation(len(combos_all))[: len(combos_all) // 10])
-    return World(seed, resolution, heldout, experiment_identities, evaluator_identities, experiment_styles,
-                 evaluator_styles)
+    # v2: markings and styles held out of pretraining too (drawn after v1's draws, which stay the same).
+    markings = [identity_key(i) for i in evaluator_identities]
+    heldout_markings = frozenset(markings[k] for k in rng.permutation(len(markings))[: round(HELDOUT_SHARE * len(markings))])
+    styles_ev = [style_key(s) for s in evaluator_styles]
+    heldout_styles = frozenset(styles_ev[k] for k in rng.permutation(len(styles_ev))[: round(HELDOUT_SHARE * len(styles_ev))])
+    return World(seed, resolution, heldout, heldout_markings, heldout_styles, experiment_identities,
+                 evaluator_identities, experiment_styles, evaluator_styles)
+
+
+def identity_key(identity: Identity) -> tuple[str, str, str, str]:
+    return (identity.cls, identity.body, identity.pattern, identity.mark)
+
+
+def style_key(style: Style) -> tuple[str, str, str]:
+    return (style.palette, style.texture, style.outline)
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,19 @@ class Scene:
     def combo(self) -> Combo:
         return (self.size, self.colour, self.cls, self.position, self.background)
 
-    def caption(self) -> str:
-        return CAPTION.format(size=self.size, colour=self.colour, cls=self.cls, position=self.position,
-                              background=self.background)
+    def caption(self, drop: frozenset = frozenset()) -> str:
+        """The full attribute caption in plain world words (never a rare token or a style word): the
+        object, its marking if it has one, its placement, and its style's palette, texture and outline.
+        ``drop``: parts left out, any of CAPTION_PARTS (partial captions, as real captions mention only
+        some attributes)."""
+        words = ["a"] + [w for part, w in (("size", self.size), ("colour", self.colour)) if part not in drop] + [self.cls]
+        if self.identity is not None and "marking" not in drop:
+            words.append(MARKING_PHRASE.format(mark=self.identity.mark, pattern=self.identity.pattern))
+        if "position" not in drop:
+            words.append(f"at {self.position}")
+        if "background" not in drop:
+            words.append(f"on {self.background}")
+        if self.style is not None and "style" not in drop:
+            words.append(STYLE_PHRASE.format(palette=self.style.palette, texture=self.style.texture,
+                                             outline=OUTLINE_WORDS[self.style.outline]))
+        return " ".join(words)

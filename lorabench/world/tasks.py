@@ -1,17 +1,21 @@
-"""What a protocol needs to score a mini-world concept: prompts, the texts CLIP-T compares them with,
-and reference images of the identity (fresh renders, never the training images)."""
+"""What a protocol needs to score mini-world concepts and styles: prompts, the texts CLIP-T compares
+them with, and reference images (fresh renders, never the training images)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from lorabench.errors import choice_error
-from lorabench.world.datasets import concept_items
+from lorabench.utils.seeding import derive_seed
+from lorabench.world.datasets import concept_items, random_scene, style_object
 from lorabench.world.evaluators import to_tensor
-from lorabench.world.spec import BACKGROUNDS, CONCEPT_PROMPT, POSITIONS, make_world
+from lorabench.world.render import render
+from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, STYLE_PROMPT, make_world
 
 DEFAULT_CONTEXTS = (("left", "black"), ("top", "gray"), ("right", "white"))
 
@@ -50,3 +54,42 @@ class WorldConceptEval:
         texts = [" ".join(w for w in p.split() if w != identity.token) for p in prompts]
         items = concept_items(self.world, identity, self.n_references, self.reference_seed)
         return ConceptEvalSet(prompts, texts, to_tensor([img for img, _ in items]))
+
+
+@dataclass
+class StyleEvalSet:
+    style: str
+    prompts: list[str]        # "<style> image of a <colour> <class>", objects the style set never showed
+    base_prompts: list[str]   # the same prompts without the style word (what the base model is asked)
+
+
+class WorldStyleEval:
+    """Evaluation prompts and a reference gallery for world styles.
+
+    Prompts: ``n_objects`` (colour, class) objects other than the one the style's training images show,
+    as ``<style> image of a <colour> <class>``. Gallery: ``n_references`` renders of random objects in
+    each experiment style (``reference_seed``), against which samples are retrieved (the CSD stand-in).
+    """
+
+    def __init__(self, world_seed: int = 0, resolution: int = 16, n_objects: int = 4, n_references: int = 8,
+                 reference_seed: int = 1000):
+        self.world = make_world(world_seed, resolution)
+        self.n_objects, self.n_references, self.reference_seed = n_objects, n_references, reference_seed
+
+    def __call__(self, style: str) -> StyleEvalSet:
+        s = self.world.style(style)
+        trained = style_object(self.world, s)
+        rng = np.random.default_rng(derive_seed("style-eval", self.world.seed, style))
+        objects = [o for o in itertools.product(COLOURS, CLASSES) if o != trained]
+        picked = [objects[k] for k in rng.permutation(len(objects))[: self.n_objects]]
+        prompts = [STYLE_PROMPT.format(style=style, object=f"a {c} {k}") for c, k in picked]
+        return StyleEvalSet(style, prompts, [f"a {c} {k}" for c, k in picked])
+
+    def gallery(self) -> dict[str, torch.Tensor]:
+        """``{style: (n_references, 3, H, W)}`` for every experiment style."""
+        out = {}
+        for s in self.world.experiment_styles:
+            rng = np.random.default_rng(derive_seed("style-gallery", self.world.seed, s.name, self.reference_seed))
+            out[s.name] = to_tensor([render(random_scene(rng, style=s), self.world.resolution, rng)
+                                     for _ in range(self.n_references)])
+        return out

@@ -1,0 +1,162 @@
+"""What every protocol shares: cell configs, sampling with fixed seeds, summaries, tables and grids.
+
+A protocol (single concept, single style, and the merge and continual protocols after them) is a
+loop over *cells*, each one adapter trained on one dataset with one seed, followed by sampling
+prompts from fixed initial latents and scoring them. The pieces of that loop that do not depend on
+what is scored live here, so no protocol copies another.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from lorabench.utils.io import atomic_path
+from lorabench.utils.seeding import derive_seed
+
+
+def derive_seed_list(tag: str, seed: int, n: int) -> list[int]:
+    """``n`` initial-latent seeds of replicate ``seed``: the same for every prompt and every method."""
+    return [derive_seed(tag, seed, k) for k in range(n)]
+
+
+def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cell_dir: Path) -> DictConfig:
+    """The plain training config of one cell: the protocol's config with its adapter group swapped in
+    and ``data`` (e.g. ``{"concept": "sks"}``) set. W&B stays with the protocol's own run; each cell
+    logs to CSV in its folder."""
+    cell = copy.deepcopy(cfg)
+    with open_dict(cell):
+        cell.adapter = copy.deepcopy(adapter_cfg)
+        for key, value in data.items():
+            cell.data[key] = value
+        cell.seed = seed
+        cell.paths.output_dir = str(cell_dir)
+        cell.logger = {"wandb": None}
+        cell.protocol = None
+    return cell
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Sample where the trainer trains (Lightning moves the module back to the CPU after fit)."""
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    return torch.device("cuda" if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def sample_prompts(components, sampler_cfg: dict, prompts: Sequence[str], seeds: Sequence[int],
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Every prompt from every seed's initial latents, prompt-major: (len(prompts) * len(seeds), 3, H, W)."""
+    from lorabench.sampling import Sampler
+
+    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        if part is not None:
+            part.to(device).eval()
+    sampler = Sampler(components, **sampler_cfg)
+    return sampler([p for p in prompts for _ in seeds], seeds=[s for _ in prompts for s in seeds])
+
+
+def summarise_rows(rows: list[dict], metrics: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {metric: {mean, std, n}}}`` over all rows of each method; population std."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        out[method] = {}
+        for m in metrics:
+            xs = [r[m] for r in sel if r.get(m) is not None]
+            if xs:
+                out[method][m] = {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)}
+    return out
+
+
+def markdown_table(summary: dict, metrics: Sequence[str], labels: Mapping[str, str], note: str = "") -> str:
+    """A markdown table of ``summary`` (rows: methods; cells: mean +- std), then ``note``."""
+    head = ["method"] + [labels.get(m, m) for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s in summary.items():
+        cells = [method]
+        for m in metrics:
+            v = s.get(m)
+            fmt = "{:.1f}" if m.endswith("_s") else "{:.3f}"
+            cells.append("-" if v is None else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+
+
+def save_grid(path: Path, panels: list[torch.Tensor]) -> None:
+    """Rows of images (each panel one row, padded with white) as one PNG, written atomically."""
+    from lorabench.sampling import image_grid
+
+    width = max(len(p) for p in panels)
+    rows = [torch.cat([p, torch.ones(width - len(p), *p.shape[1:])]) if len(p) < width else p for p in panels]
+    with atomic_path(path) as tmp:
+        image_grid(torch.cat(rows), rows=len(rows), scale=4).save(tmp, format="PNG")
+
+
+def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfig], items: Sequence[str],
+                seeds: Sequence[int], data_key: str, evaluate, progress, line) -> list[dict]:
+    """Train every (adapter, item, seed) cell and score it.
+
+    ``data_key``: the data field each item sets (``concept``, ``style``). ``evaluate(components, item,
+    seed)`` returns the cell's scores; ``line(row)`` the line printed when it is done (``progress``).
+    Each cell trains in ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring."""
+    from lorabench.run import train
+
+    rows = []
+    for name, acfg in adapters.items():
+        for item in items:
+            for seed in seeds:
+                cell_dir = run_dir / "cells" / f"{name}-{item}-seed{seed}"
+                results, module = train(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), cell_dir,
+                                        config_name=f"{name}/{item}")
+                rows.append({"method": name, data_key: item, "seed": seed, **evaluate(module.components, item, seed),
+                             "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
+                             "s_per_step": results["timings"]["s_per_step"]})
+                progress.done(line(rows[-1]))
+                del module
+    return rows
+
+
+def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
+    """The protocol's adapters, items (``protocol.<items_key>``) and seeds, checked before any work."""
+    from lorabench.errors import ConfigError
+
+    p = cfg.protocol
+    if cfg.get("adapter"):
+        raise ConfigError("adapter", "this protocol trains protocol.adapters.<name>, not adapter; override "
+                          "those instead (e.g. protocol.adapters.lora.rank=8)")
+    adapters = dict(p.get("adapters") or {})
+    if not adapters:
+        raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")
+    items, seeds = list(p.get(items_key) or []), [int(s) for s in (p.get("seeds") or [])]
+    if not items:
+        raise ConfigError(f"protocol.{items_key}", f"empty; give at least one name (e.g. [{example}])")
+    if len(set(items)) < len(items):
+        raise ConfigError(f"protocol.{items_key}", f"lists a name twice: {items}")
+    if not seeds:
+        raise ConfigError("protocol.seeds", "empty; give at least one seed")
+    return adapters, items, seeds
+
+
+def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
+                           panels: list[torch.Tensor]) -> None:
+    """results.json, table.md, samples.png, and the summary means to every configured logger."""
+    from lorabench.loggers import build_loggers, finish_wandb
+    from lorabench.utils.io import write_json
+
+    write_json(run_dir / "results.json", out)
+    with atomic_path(run_dir / "table.md") as tmp:
+        tmp.write_text(table + "\n")
+    save_grid(run_dir / "samples.png", panels)
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
+                            resolved_config=out["config"])
+    try:
+        flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
+        for lg in loggers:
+            lg.log_metrics(flat, step=0)
+            lg.save()
+    finally:
+        finish_wandb()

@@ -1,0 +1,81 @@
+"""What a protocol run shows on the console: one progress bar over its cells, one line per finished
+cell, the table, and where the results went.
+
+A protocol trains and samples many cells, and every library below it has something to say once per
+cell: transformers' "Loading weights" bars, Lightning's banners and its warnings about eval-mode
+modules, a missing val_dataloader or a logging interval longer than an epoch. Those are expected in
+a protocol cell (frozen modules are in eval mode on purpose; cells validate outside Lightning) and
+are silenced here. Every other warning still shows, once per message. ``lorabench -v`` (or
+``HYDRA_FULL_ERROR=1``) keeps the full output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Iterator, Optional
+
+from tqdm.auto import tqdm
+
+VERBOSE_ENV = "LORABENCH_VERBOSE"
+
+# Warnings every protocol cell raises by design; matched against the start of the message.
+EXPECTED_PER_CELL = (
+    r"Found \d+ module\(s\) in eval mode",                       # frozen base model (Lightning >= 2.4)
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",          # Lightning's pytree shim on new torch
+    r"The '(train|val)_dataloader' does not have many workers",   # tiny in-memory sets need none
+)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@contextlib.contextmanager
+def quiet_cells() -> Iterator[None]:
+    """Silence what repeats once per cell (see the module docstring); other warnings show once."""
+    if verbose():
+        yield
+        return
+    loggers = {name: logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    bars = (tlogging.is_progress_bar_enabled(), dlogging.is_progress_bar_enabled())
+    with warnings.catch_warnings():
+        # Python's defaults stay (library DeprecationWarnings hidden); what does show, shows once.
+        warnings.filterwarnings("once", category=UserWarning)
+        for pattern in EXPECTED_PER_CELL:
+            warnings.filterwarnings("ignore", message=pattern)
+        for lg in loggers.values():
+            lg.setLevel(logging.WARNING)
+        tlogging.disable_progress_bar()
+        dlogging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for name, lg in loggers.items():
+                lg.setLevel(levels[name])
+            if bars[0]:
+                tlogging.enable_progress_bar()
+            if bars[1]:
+                dlogging.enable_progress_bar()
+
+
+class CellProgress:
+    """One bar over a protocol's cells; ``done(line)`` prints a finished cell's line above it."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar: Optional[tqdm] = tqdm(total=total, desc=desc, unit="cell", dynamic_ncols=True, leave=False)
+
+    def done(self, line: str) -> None:
+        tqdm.write(line)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
