@@ -24,16 +24,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.protocols.toolkit import (derive_seed_list, eval_device, markdown_table, sample_prompts,
-                                         protocol_inputs, summarise_rows, train_cells,
+                                         protocol_inputs, summarise_rows, train_cells, training_note,
                                          write_protocol_outputs)
 from lorabench.utils.console import CellProgress, quiet_cells
 
 # Scores on the concept prompt itself ("a sks circle": does the model draw the identity?) and on the
 # context prompts ("a sks circle at left on black": does it still follow the rest of the prompt?).
 METRICS = ("identity_similarity", "identity_alignment", "image_alignment", "context_identity_similarity",
-           "context_text_alignment")
+           "context_identity_alignment", "context_text_alignment")
 LABELS = {"identity_similarity": "identity sim.", "identity_alignment": "identity align.",
           "image_alignment": "CLIP-I", "context_identity_similarity": "identity sim. in context",
+          "context_identity_alignment": "identity align. in context",
           "context_text_alignment": "CLIP-T in context"}
 
 
@@ -71,7 +72,7 @@ def cell_line(row: dict) -> str:
     """The one line a finished cell prints."""
     line = (f"{row['method']:>8} {row['concept']} seed {row['seed']}: identity sim. {row['identity_similarity']:.3f}, "
             f"align. {row['identity_alignment']:.2f}; in context {row['context_identity_similarity']:.3f}")
-    return line + (f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else "")
+    return line + training_note(row)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.protocols.toolkit import (derive_seed_list, eval_device, markdown_table, protocol_inputs,
-                                         sample_prompts, summarise_rows, train_cells, write_protocol_outputs)
+                                         sample_prompts, summarise_rows, train_cells, training_note,
+                                         write_protocol_outputs)
 from lorabench.utils.console import CellProgress, quiet_cells
 
 METRICS = ("style_top1", "style_similarity", "train_s")
@@ -30,7 +31,7 @@ LABELS = {"style_top1": "style top-1", "style_similarity": "style sim.", "train_
 def cell_line(row: dict) -> str:
     line = f"{row['method']:>8} {row['style']} seed {row['seed']}: style top-1 {row['style_top1']:.2f}, " \
            f"sim. {row['style_similarity']:.3f}"
-    return line + (f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else "")
+    return line + training_note(row)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

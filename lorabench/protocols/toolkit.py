@@ -96,6 +96,11 @@ def save_grid(path: Path, panels: list[torch.Tensor]) -> None:
         image_grid(torch.cat(rows), rows=len(rows), scale=4).save(tmp, format="PNG")
 
 
+def training_note(row: dict) -> str:
+    """`` (400 steps, 55 s)`` for a trained cell's line, nothing for the base model's."""
+    return f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else ""
+
+
 def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfig], items: Sequence[str],
                 seeds: Sequence[int], data_key: str, evaluate, progress, line) -> list[dict]:
     """Train every (adapter, item, seed) cell and score it.
