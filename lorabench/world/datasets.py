@@ -58,10 +58,13 @@ def _marking(key: tuple[str, str, str, str]) -> Identity:
     return Identity("", *key)
 
 
-def corpus_scene(world: World, rng: np.random.Generator) -> Scene:
+def corpus_scene(world: World, rng: np.random.Generator, markings: Optional[list] = None,
+                 styles: Optional[list] = None) -> Scene:
     """One pretraining scene: plain, patterned or styled (CORPUS_MIX), never a held-out combination,
-    an experiment identity's marking or an experiment style."""
-    markings, styles = world.pretraining_markings(), world.pretraining_styles()
+    an experiment identity's marking or an experiment style. ``markings`` / ``styles``: the world's
+    ``pretraining_markings()`` / ``pretraining_styles()``, passed in when drawing many scenes."""
+    markings = markings if markings is not None else world.pretraining_markings()
+    styles = styles if styles is not None else world.pretraining_styles()
     while True:
         u = rng.random()
         identity = style = None
@@ -78,9 +81,10 @@ def corpus_scene(world: World, rng: np.random.Generator) -> Scene:
 def pretrain_items(world: World, n: int, seed: int = 0) -> list[Item]:
     """The pretraining corpus (see ``corpus_scene``), captions partly dropped (CAPTION_DROP)."""
     rng = _rng(world, "pretrain", seed)
+    markings, styles = world.pretraining_markings(), world.pretraining_styles()
     out = []
     for _ in range(n):
-        scene = corpus_scene(world, rng)
+        scene = corpus_scene(world, rng, markings, styles)
         drop = frozenset(part for part, p in CAPTION_DROP.items() if rng.random() < p)
         out.append((render(scene, world.resolution, rng), scene.caption(drop)))
     return out
