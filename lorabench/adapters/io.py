@@ -100,6 +100,10 @@ def save_adapter(adapters: Adapters, path, *, base_model: str = "", extra: Mappi
         "config": json.dumps(cfg),
         "layers": json.dumps(adapters.layer_metadata()),
     }
+    if not adapters.merged:  # the base weights it was trained on, so merges can refuse other models
+        from lorabench.merging.updates import adapted_weights, base_fingerprint
+
+        metadata["base_fingerprint"] = base_fingerprint(adapted_weights(adapters))
     if extra:
         metadata["extra"] = json.dumps(dict(extra), default=str)
     roots = adapters._roots

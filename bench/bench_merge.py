@@ -1,0 +1,135 @@
+"""Merging 10 rank-64 LoRA adapters into an SD1.5-shaped UNet, against the memory-bandwidth floor and PEFT.
+
+The UNet has SD1.5's architecture with random weights (no download). Ten rank-64 LoRA adapters on
+to_q, to_k, to_v, to_out.0 are merged by summation into the base weights:
+
+- lorabench: ``merge(updates, {"name": "sum"})`` (the factors concatenated, rank 640) and then
+  ``W += U D`` in place for every adapted layer;
+- PEFT: ``add_weighted_adapter(..., combination_type="cat")`` then ``merge_adapter()`` (its unmerge
+  between repeats is not timed);
+- the floor: one read and one write of every adapted weight, timed in the same run as a single
+  large tensor copy of that many bytes.
+
+Printed: the medians of ``--repeats`` runs and the ratios to the floor (goal: lorabench <= 2.0x).
+
+    python bench/bench_merge.py                      # CPU
+    python bench/bench_merge.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_step import TARGETS, build_unet  # noqa: E402
+
+from lorabench.merging import AdapterUpdate, merge  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def copy_time(nbytes: int, device, repeats: int) -> float:
+    """Median time of one copy of ``nbytes`` (one read and one write of every byte)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return timed(lambda: dst.copy_(src), device, repeats)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--adapters", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", default="sd15-like")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    unet, _, _ = build_unet(args.size)
+    unet = unet.to(device, dtype)
+    layers = {n: m for n, m in unet.named_modules() if n.split(".")[-1] in ("to_q", "to_k", "to_v")
+              or n.endswith("to_out.0")}
+    weights = {n: m.weight for n, m in layers.items()}
+    n_params = sum(w.numel() for w in weights.values())
+    nbytes = n_params * weights[next(iter(weights))].element_size()
+    g = torch.Generator().manual_seed(0)
+    updates = [AdapterUpdate(f"a{i}", {n: ((torch.randn(w.shape[0], args.rank, generator=g) * 0.01).to(device, dtype),
+                                          (torch.randn(args.rank, w.shape[1], generator=g) * 0.01).to(device, dtype))
+                                      for n, w in weights.items()}) for i in range(args.adapters)]
+    print(f"torch {torch.__version__}, {device} {args.dtype}, {torch.get_num_threads()} threads; {len(weights)} "
+          f"adapted layers, {n_params / 1e6:.1f}M weights ({nbytes / 2**20:.0f} MiB); {args.adapters} adapters x rank "
+          f"{args.rank}")
+
+    t_floor = copy_time(nbytes, device, max(args.repeats, 10))  # the floor: one read + one write of nbytes
+
+    def ours():
+        res = merge(updates, {"name": "sum", "lam": 1.0})
+        with torch.no_grad():
+            for n, d in res.deltas.items():
+                d.add_to_(weights[n])
+
+    t_ours, _ = timed(ours, device, args.repeats)
+
+    # PEFT on the same UNet and the same factors
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights=False)
+    model = LoraModel(unet, cfg, "a0")
+    for i in range(1, args.adapters):
+        model.peft_config[f"a{i}"] = cfg
+        model.inject_adapter(unet, f"a{i}")
+    with torch.no_grad():
+        for n, mod in unet.named_modules():
+            if hasattr(mod, "lora_A") and n in layers:
+                for i, u in enumerate(updates):
+                    up, down = u.layers[n]
+                    mod.lora_A[f"a{i}"].weight.copy_(down)
+                    mod.lora_B[f"a{i}"].weight.copy_(up)
+    names = [f"a{i}" for i in range(args.adapters)]
+    peft_times = []
+    for k in range(args.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        model.add_weighted_adapter(names, [1.0] * len(names), f"merged{k}", combination_type="cat")
+        model.set_adapter(f"merged{k}")
+        model.merge_adapter()
+        sync(device)
+        peft_times.append(time.perf_counter() - t0)
+        model.unmerge_adapter()  # untimed: puts the base weights back for the next repeat
+        model.set_adapter("a0")
+        model.delete_adapter(f"merged{k}")
+    t_peft = statistics.median(peft_times)
+    print(f"floor (read + write {nbytes / 2**20:.0f} MiB, one copy): {t_floor * 1e3:9.1f} ms "
+          f"({2 * nbytes / t_floor / 1e9:.1f} GB/s)")
+    print(f"lorabench sum + fold into weights:       {t_ours * 1e3:9.1f} ms   {t_ours / t_floor:6.2f}x floor")
+    print(f"PEFT add_weighted_adapter(cat) + merge_adapter:   {t_peft * 1e3:9.1f} ms   {t_peft / t_floor:6.2f}x floor"
+          f"   (lorabench / PEFT = {t_ours / t_peft:.2f})")
+    flops = 2 * sum(w.numel() for w in weights.values()) * args.rank * args.adapters
+    print(f"compute of the fold: {flops / 1e9:.0f} GFLOP = {flops / t_ours / 1e9:.0f} GFLOP/s achieved; arithmetic "
+          f"intensity {flops / (2 * nbytes):.0f} FLOP/byte (above the machine's FLOP/byte balance the floor is "
+          "out of reach)")
+
+
+if __name__ == "__main__":
+    main()

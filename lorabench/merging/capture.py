@@ -1,0 +1,114 @@
+"""Input statistics of adapted layers, captured with forward hooks, for gradient fusion and crosstalk.
+
+While concept i's own model (base + its adapter) samples its prompts, a hook on every adapter layer
+adds ``X^T X`` of the layer's input rows (tokens or pixels) to an (in, in) accumulator and counts
+the rows. Memory is bounded by the layer width squared, never by the number of tokens. Sampling
+covers both kinds of layers Mix-of-Show distinguishes: text-side inputs (cross-attention K/V, and
+text-encoder layers when adapted) come from the concept's prompts, spatial inputs from the
+activations of the sampling trajectory (``num_inference_steps``, short by default).
+
+Saved as safetensors: one ``(in, in)`` float32 tensor ``G = X^T X / n`` per layer (the mean over
+rows, so every concept weighs the same in fusion however many tokens it saw), with the base
+model's fingerprint, the row counts and the prompts in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from lorabench.errors import ConfigError
+from lorabench.merging.updates import adapted_weights, base_fingerprint
+
+STATS_FORMAT = "lorabench-input-stats-1"
+
+
+class InputStats:
+    """Forward hooks on adapter layers that accumulate ``X^T X`` and the row count per layer."""
+
+    def __init__(self, adapters):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._handles = []
+        for name, layer in adapters.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name, layer.is_conv)))
+
+    def _hook(self, name: str, is_conv: bool):
+        def hook(module, args, output):
+            x = args[0].detach()
+            x = x.movedim(1, -1) if is_conv else x  # (N, C, H, W) -> (N, H, W, C)
+            x = x.reshape(-1, x.shape[-1]).double()
+            acc = self.sums.get(name)
+            gram = x.T @ x
+            self.sums[name] = gram if acc is None else acc + gram
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        return {k: (v / self.rows[k]).float().cpu() for k, v in self.sums.items()}
+
+
+def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[int], sampler_cfg: Mapping,
+                  device: torch.device = torch.device("cpu")) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Sample every prompt from every seed with the adapters active and return ``({layer: G}, {layer: rows})``."""
+    from lorabench.protocols.toolkit import sample_prompts
+
+    if adapters.merged:
+        raise RuntimeError("capture runs the adapter unmerged (its layers' inputs are what is recorded)")
+    hooks = InputStats(adapters)
+    try:
+        with torch.no_grad():
+            sample_prompts(components, dict(sampler_cfg), prompts, seeds, device)
+    finally:
+        hooks.remove()
+    missing = sorted(set(adapters.layers) - set(hooks.sums))
+    if missing:
+        raise RuntimeError(f"layer {missing[0]!r} never ran while sampling; cannot capture its inputs")
+    return hooks.grams(), dict(hooks.rows)
+
+
+def save_stats(path, grams: Mapping[str, torch.Tensor], rows: Mapping[str, int], fingerprint: str,
+               prompts: Sequence[str] = (), extra: Optional[Mapping] = None) -> Path:
+    from safetensors.torch import save_file
+
+    from lorabench.utils.io import atomic_path
+
+    meta = {"format": STATS_FORMAT, "base_fingerprint": fingerprint, "rows": json.dumps(dict(rows)),
+            "prompts": json.dumps(list(prompts)), "extra": json.dumps(dict(extra or {}), default=str)}
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in grams.items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_stats(path, adapters=None, fingerprint: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Read a statistics file; with ``adapters`` (or a ``fingerprint``), refuse one made on another model
+    or for other layers, in one line."""
+    from lorabench.adapters import read_safetensors
+
+    grams, meta = read_safetensors(path)
+    field = f"statistics file {str(path)!r}"
+    if meta.get("format") != STATS_FORMAT:
+        raise ConfigError(field, f"is not a lorabench input-statistics file (format {meta.get('format')!r})")
+    expect = fingerprint
+    if adapters is not None:
+        expect = base_fingerprint(adapted_weights(adapters))
+        widths = {k: layer.in_features for k, layer in adapters.layers.items()}
+        for k, w in widths.items():
+            if k not in grams:
+                raise ConfigError(field, f"has no statistics for layer {k!r}; was it captured with other targets?")
+            if tuple(grams[k].shape) != (w, w):
+                raise ConfigError(field, f"layer {k!r} has statistics of shape {tuple(grams[k].shape)}, the model "
+                                  f"needs ({w}, {w}); it comes from another model")
+    if expect and meta.get("base_fingerprint") and meta["base_fingerprint"] != expect:
+        raise ConfigError(field, f"was captured on another base model (fingerprint {meta['base_fingerprint']}, "
+                          f"this model {expect})")
+    return grams

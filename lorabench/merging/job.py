@@ -1,0 +1,97 @@
+"""The merge job: merge adapter files (lorabench, diffusers or kohya) into one adapter file or a
+merged diffusers UNet folder, with any registered method.
+
+    lorabench experiment=merge_adapters model=sd15 protocol.inputs=[a.safetensors,b.safetensors]
+    lorabench experiment=merge_adapters merge=ties protocol.save_as=unet protocol.inputs=[...]
+    lorabench experiment=merge_adapters merge=gradient_fusion protocol.inputs=[...] \
+        protocol.prompts=["a photo of sks dog","a photo of zwz cat"]      # captures statistics first
+    lorabench experiment=merge_adapters merge=gradient_fusion protocol.inputs=[...] protocol.stats=[a.st,b.st]
+
+Gradient fusion reads one statistics file per input (``protocol.stats``), or captures them on the
+spot from one prompt per input (``protocol.prompts``) and writes them into the run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.errors import ConfigError, choice_error
+
+SAVE_AS = ("adapter", "unet")
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    from lorabench.adapters import load_adapter
+    from lorabench.merging import (adapted_weights, base_fingerprint, capture_stats, get_merge, load_stats, merge,
+                                   read_update, save_merged_adapter, save_merged_unet, save_stats)
+    from lorabench.protocols.toolkit import derive_seed_list, eval_device
+    from lorabench.utils.io import write_json
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    p = cfg.protocol
+    merge_cfg = OmegaConf.to_container(cfg.get("merge") or {}, resolve=True)
+    if not merge_cfg:
+        raise ConfigError("merge", "no merge method; pick one, e.g. merge=sum (valid: see conf/merge/)")
+    method = get_merge(str(merge_cfg.get("name")))
+    inputs = [str(x) for x in (p.get("inputs") or [])]
+    if len(inputs) < 2:
+        raise ConfigError("protocol.inputs", f"give at least two adapter files to merge, got {len(inputs)}")
+    if len(set(inputs)) < len(inputs):
+        raise ConfigError("protocol.inputs", f"lists a file twice: {inputs}")
+    for f in inputs:
+        if not Path(f).is_file():
+            raise ConfigError("protocol.inputs", f"adapter file {f!r} does not exist")
+    save_as = str(p.get("save_as", "adapter"))
+    if save_as not in SAVE_AS:
+        raise choice_error("protocol.save_as", save_as, SAVE_AS)
+    stats_files, prompts = list(p.get("stats") or []), list(p.get("prompts") or [])
+    if method.needs_stats and len(stats_files) != len(inputs) and len(prompts) != len(inputs):
+        raise ConfigError("protocol.stats", f"{method.name} needs one statistics file (protocol.stats) or one prompt "
+                          f"(protocol.prompts) per input: {len(inputs)}")
+
+    components = instantiate(cfg.model, _convert_="all")
+    names = [Path(f).stem if Path(f).stem not in ("adapter", "pytorch_lora_weights") else Path(f).parent.name
+             for f in inputs]
+    names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    updates = [read_update(components, f, name) for f, name in zip(inputs, names)]
+    stats = None
+    if method.needs_stats:
+        stats = []
+        cap = dict(OmegaConf.to_container(p.get("capture") or {}, resolve=True))
+        seeds = derive_seed_list("merge-capture", int(cfg.seed), int(cap.pop("images_per_prompt", 4)))
+        for i, f in enumerate(inputs):
+            ad = load_adapter(components, f)
+            try:
+                if len(stats_files) == len(inputs):
+                    stats.append(load_stats(stats_files[i], ad))
+                else:
+                    grams, rows = capture_stats(components, ad, [prompts[i]], seeds, cap, eval_device(cfg))
+                    save_stats(run_dir / f"stats-{names[i]}.safetensors", grams, rows,
+                               base_fingerprint(adapted_weights(ad)), [prompts[i]])
+                    stats.append(grams)
+            finally:
+                ad.remove()
+    result = merge(updates, merge_cfg, stats=stats)
+    info = {k: v for k, v in result.info.items() if not isinstance(v, dict)}
+    if save_as == "adapter":
+        rank = p.get("rank")
+        out_path = run_dir / "merged_lora.safetensors"
+        dropped = save_merged_adapter(result.deltas, out_path, rank=None if rank is None else int(rank),
+                                      metadata={"merge": str(merge_cfg), "inputs": str(inputs)})
+        info["dropped_energy_mean"] = sum(dropped.values()) / max(1, len(dropped))
+        info["dropped_energy_max"] = max(dropped.values(), default=0.0)
+    else:
+        out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
+    out = {"protocol": "merge_adapters", "inputs": inputs, "merge": merge_cfg, "merge_s": result.merge_s,
+           "output": str(out_path), "layers": len(result.deltas), "info": info, "total_s": time.perf_counter() - t0}
+    write_json(run_dir / "results.json", out)
+    extra = "".join(f"\n  {k}: {v:.4g}" for k, v in info.items() if isinstance(v, float))
+    out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
+                    f"({len(result.deltas)} layers)\n  wrote {out_path}{extra}")
+    return out

@@ -1,0 +1,274 @@
+"""Merge methods, registered by name (``merge.name=<name>``), each one function of per-layer updates.
+
+Every method takes the adapters' :class:`~lorabench.merging.updates.AdapterUpdate` s and returns
+``{layer: LayerDelta}``, the merged update ``W - W0`` of every layer. ``W0`` itself is never needed:
+
+- ``sum`` (FedAvg in Orthogonal Adaptation's table): ``dW = lam * sum_i dW_i`` (lam 0.6 as in the
+  paper; the FedAvg weight and the LoRA scale folded together). Exact, kept low rank.
+- ``task_arithmetic`` (Ilharco et al. 2023): ``lam * sum_i tau_i`` with the task vector
+  ``tau_i = dW_i``: the same algebra as ``sum``, its own name for its own default (lam 1.0).
+- ``ties`` (Yadav et al. 2023): on each full ``dW_i``, keep the ``density`` share of largest
+  magnitudes (trim), elect each entry's sign as the sign of the trimmed sum, average the entries that
+  agree with it (disjoint mean), times lam.
+- ``dare`` (Yu et al. 2024): drop each entry of each ``dW_i`` with probability ``drop`` and
+  rescale the rest by ``1 / (1 - drop)`` (seeded, per adapter and layer), then ``lam * sum``.
+- ``svd``: the exact ``lam * sum``, truncated to its best rank-``rank`` approximation (rank null:
+  the largest input rank), with the dropped energy reported.
+- ``gradient_fusion`` (Mix-of-Show): per layer, ``W`` minimising
+  ``sum_i ||(W0 + dW_i) X_i - W X_i||^2 + rho ||W - W0||^2`` on captured input statistics
+  ``G_i = X_i X_i^T / n_i`` (see :mod:`lorabench.merging.capture`). In ``D = W - W0`` this is
+  ``sum_i tr((dW_i - D) G_i (dW_i - D)^T) + rho ||D||^2``, minimised by
+  ``D = (sum_i dW_i G_i) (sum_i G_i + rho I)^-1``. Solvers: ``closed_form`` (that formula by a
+  Cholesky solve, no inverse formed) and ``lbfgs`` (the faithful iterative one, from D = 0, i.e.
+  from W0, as Mix-of-Show starts). ``rho = ridge * mean_i tr(G_i) / in``.
+
+  The ridge pulls W toward W0, not toward 0 as the literal ``(sum_i G_i + ridge)^-1`` does: the
+  text-side Gram matrices have rank at most the number of prompt tokens, and a pull toward 0 would
+  erase the base weights in every direction no prompt reaches. Where ``sum_i G_i`` is full rank the
+  two agree as the ridge goes to 0.
+
+PEFT's ``add_weighted_adapter`` applies its non-SVD TIES / DARE modes to the A and B factors
+separately, which changes what trimming and dropping mean; here they work on the full ``dW``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from lorabench.errors import ConfigError, choice_error
+from lorabench.merging.updates import AdapterUpdate, LayerDelta, check_compatible
+from lorabench.utils.seeding import generator
+
+MergeFn = Callable[..., dict[str, LayerDelta]]
+
+
+@dataclasses.dataclass
+class MergeMethod:
+    name: str
+    fn: MergeFn
+    needs_stats: bool = False
+
+
+MERGES: dict[str, MergeMethod] = {}
+SOLVERS = ("closed_form", "lbfgs")
+
+
+def register_merge(name: str, needs_stats: bool = False):
+    """Function decorator: make a merge available under ``merge.name=<name>``."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in MERGES:
+            raise ValueError(f"merge {name!r} registered twice")
+        MERGES[name] = MergeMethod(name, fn, needs_stats)
+        return fn
+
+    return deco
+
+
+def get_merge(name: str) -> MergeMethod:
+    if name not in MERGES:
+        raise choice_error("merge.name", name, MERGES)
+    return MERGES[name]
+
+
+@dataclasses.dataclass
+class MergeResult:
+    deltas: dict[str, LayerDelta]
+    merge_s: float
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def merge(updates: Sequence[AdapterUpdate], config: Mapping, stats: Optional[Sequence[Mapping]] = None) -> MergeResult:
+    """Merge ``updates`` as ``config`` says (``{name, **options}``); ``stats[i]`` are adapter i's
+    captured statistics ``{layer: G}``, needed by gradient fusion. Times the merge itself."""
+    config = dict(config)
+    method = get_merge(str(config.pop("name", None)))
+    check_compatible(updates)
+    kwargs = {}
+    if method.needs_stats:
+        if stats is None or len(stats) != len(updates):
+            raise ConfigError("merge.stats", f"{method.name} needs one statistics file per adapter "
+                              f"({len(updates)}), got {0 if stats is None else len(stats)}")
+        kwargs["stats"] = stats
+    info: dict = {}
+    t0 = time.perf_counter()
+    try:
+        deltas = method.fn(updates, info=info, **config, **kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            bad = str(exc).split("'")[1]
+            raise ConfigError(f"merge.{bad}", f"not an option of merge {method.name!r}") from exc
+        raise
+    return MergeResult(deltas, time.perf_counter() - t0, info)
+
+
+def _layers(updates: Sequence[AdapterUpdate]) -> list[str]:
+    return list(updates[0].layers)
+
+
+def _positive(field: str, value, upper: Optional[float] = None) -> float:
+    value = float(value)
+    if not value > 0 or (upper is not None and value > upper):
+        raise ConfigError(f"merge.{field}", f"must be in (0, {upper if upper is not None else 'inf'}], got {value}")
+    return value
+
+
+# -- sums ------------------------------------------------------------------------------------------
+def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, LayerDelta]:
+    """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated."""
+    out = {}
+    for layer in _layers(updates):
+        ups = torch.cat([u.layers[layer][0] for u in updates], dim=1)
+        downs = torch.cat([u.layers[layer][1] for u in updates], dim=0)
+        out[layer] = LayerDelta(up=ups * float(lam), down=downs)
+    return out
+
+
+@register_merge("sum")
+def sum_merge(updates, lam: float = 0.6, info=None):
+    return weighted_sum(updates, lam)
+
+
+@register_merge("task_arithmetic")
+def task_arithmetic(updates, lam: float = 1.0, info=None):
+    return weighted_sum(updates, lam)
+
+
+@register_merge("svd")
+def svd_merge(updates, lam: float = 0.6, rank: Optional[int] = None, info=None):
+    rank = int(rank) if rank is not None else max(u.layers[k][1].shape[0] for u in updates for k in u.layers)
+    if rank < 1:
+        raise ConfigError("merge.rank", f"must be a positive integer or null, got {rank}")
+    out, dropped = {}, {}
+    for layer, d in weighted_sum(updates, lam).items():
+        up, down, dropped[layer] = d.low_rank(rank)
+        out[layer] = LayerDelta(up=up, down=down)
+    if info is not None:
+        info["dropped_energy"] = dropped
+        info["dropped_energy_mean"] = sum(dropped.values()) / max(1, len(dropped))
+    return out
+
+
+# -- element-wise merges on the full dW ---------------------------------------------------------------
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` share of entries with the largest magnitude (ties at the cut kept)."""
+    k = max(1, int(round(density * delta.numel())))
+    if k >= delta.numel():
+        return delta
+    cut = delta.abs().reshape(-1).kthvalue(delta.numel() - k + 1).values
+    return torch.where(delta.abs() >= cut, delta, torch.zeros_like(delta))
+
+
+@register_merge("ties")
+def ties_merge(updates, lam: float = 1.0, density: float = 0.2, info=None):
+    density = _positive("density", density, 1.0)
+    out = {}
+    for layer in _layers(updates):
+        trimmed = torch.stack([trim(u.delta(layer), density) for u in updates])
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        count = agree.sum(0).clamp(min=1)
+        out[layer] = LayerDelta(dense=(trimmed * agree).sum(0) / count * float(lam))
+    return out
+
+
+@register_merge("dare")
+def dare_merge(updates, lam: float = 1.0, drop: float = 0.5, seed: int = 0, info=None):
+    drop = float(drop)
+    if not 0.0 <= drop < 1.0:
+        raise ConfigError("merge.drop", f"must be in [0, 1), got {drop}")
+    out = {}
+    for layer in _layers(updates):
+        acc = None
+        for i, u in enumerate(updates):
+            d = u.delta(layer)
+            g = generator("dare", seed, i, layer)
+            keep = torch.rand(d.shape, generator=g) >= drop
+            d = d * keep / (1.0 - drop)
+            acc = d if acc is None else acc + d
+        out[layer] = LayerDelta(dense=acc * float(lam))
+    return out
+
+
+# -- gradient fusion ---------------------------------------------------------------------------------
+def ridge_value(grams: Sequence[torch.Tensor], ridge: float) -> float:
+    width = grams[0].shape[0]
+    return float(ridge) * sum(float(torch.trace(g)) for g in grams) / (len(grams) * width)
+
+
+def fusion_objective(d: torch.Tensor, deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
+                     rho: float) -> torch.Tensor:
+    """``sum_i tr((dW_i - D) G_i (dW_i - D)^T) + rho ||D||_F^2``: gradient fusion's layer objective in
+    ``D = W - W0`` (``sum_i ||(W0 + dW_i) X_i - W X_i||^2`` with ``G_i = X_i X_i^T``)."""
+    total = rho * (d * d).sum()
+    for dw, g in zip(deltas, grams):
+        e = dw - d
+        total = total + ((e @ g) * e).sum()
+    return total
+
+
+def fuse_closed_form(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rho: float) -> torch.Tensor:
+    """The minimiser ``(sum_i dW_i G_i)(sum_i G_i + rho I)^-1`` by one Cholesky factorisation."""
+    a = sum(grams) + rho * torch.eye(grams[0].shape[0], dtype=grams[0].dtype, device=grams[0].device)
+    b = sum(dw @ g for dw, g in zip(deltas, grams))
+    chol, bad = torch.linalg.cholesky_ex(a)
+    if int(bad):
+        raise ConfigError("merge.ridge", f"sum of input statistics + ridge is not positive definite "
+                          f"(ridge {rho:.3g}); raise merge.ridge")
+    # W A = B  <=>  A W^T = B^T (A symmetric)
+    return torch.cholesky_solve(b.T, chol).T
+
+
+def fuse_lbfgs(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rho: float, max_iter: int = 500,
+               tolerance: float = 1e-10) -> tuple[torch.Tensor, int]:
+    """Mix-of-Show's solver: LBFGS on the same objective, from D = 0 (W = W0). Returns (D, iterations).
+    The objective is divided by its value at D = 0, so ``tolerance`` is relative."""
+    d = torch.zeros_like(deltas[0], requires_grad=True)
+    with torch.no_grad():
+        norm = float(fusion_objective(d, deltas, grams, rho)) or 1.0
+    opt = torch.optim.LBFGS([d], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=tolerance ** 2,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = fusion_objective(d, deltas, grams, rho) / norm
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return d.detach(), int(opt.state[d].get("n_iter", 0))
+
+
+@register_merge("gradient_fusion", needs_stats=True)
+def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 1e-4, max_iter: int = 500,
+                    tolerance: float = 1e-10, dtype: str = "float64", info=None):
+    if solver not in SOLVERS:
+        raise choice_error("merge.solver", solver, SOLVERS)
+    if not float(ridge) > 0:
+        raise ConfigError("merge.ridge", f"must be > 0 (it keeps the solve well posed), got {ridge}")
+    dt = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
+    if dt is None:
+        raise choice_error("merge.dtype", dtype, ("float32", "float64"))
+    out, iters, objective = {}, {}, {}
+    for layer in _layers(updates):
+        for i, s in enumerate(stats):
+            if layer not in s:
+                raise ConfigError("merge.stats", f"statistics of adapter {updates[i].name!r} lack layer {layer!r}")
+        grams = [s[layer].to(dt) for s in stats]
+        deltas = [u.delta(layer).to(dt) for u in updates]
+        rho = ridge_value(grams, ridge)
+        if solver == "closed_form":
+            d = fuse_closed_form(deltas, grams, rho)
+        else:
+            d, iters[layer] = fuse_lbfgs(deltas, grams, rho, int(max_iter), float(tolerance))
+        objective[layer] = float(fusion_objective(d, deltas, grams, rho))
+        out[layer] = LayerDelta(dense=d.float())
+    if info is not None:
+        info["objective"] = objective
+        if iters:
+            info["lbfgs_iterations"] = iters
+    return out

@@ -1,0 +1,249 @@
+"""Per-layer weight updates: what every merge method reads and writes.
+
+An :class:`AdapterUpdate` is one trained adapter reduced to ``{layer: (up, down)}`` with
+``dW = up @ down`` (scale and multiplier folded into ``up``), whatever it was trained as: LoRA,
+OrthA, TriLoRA (folded), or a diffusers / kohya file. A merge returns ``{layer: LayerDelta}``: a
+low-rank pair when the result is exactly low rank (sums), a dense matrix otherwise (TIES, DARE,
+gradient fusion). Deltas are applied to a model's base weights, saved as an adapter file at a
+chosen rank, or saved as a merged diffusers UNet folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from lorabench.errors import ConfigError
+
+
+@dataclass
+class LayerDelta:
+    """One layer's merged update: ``up @ down`` or ``dense`` (shape (out, in), float32)."""
+
+    up: Optional[torch.Tensor] = None
+    down: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape) if self.dense is not None else (self.up.shape[0], self.down.shape[1])
+
+    def to_dense(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.up @ self.down
+
+    @torch.no_grad()
+    def add_to_(self, weight: torch.Tensor, alpha: float = 1.0) -> None:
+        """``weight += alpha * delta`` in place, in the weight's dtype (2-D view of 1x1 convs)."""
+        w = weight.view(weight.shape[0], -1)
+        if self.dense is not None:
+            w.add_(self.dense.to(w.device, w.dtype), alpha=alpha)
+        else:
+            w.addmm_(self.up.to(w.device, w.dtype), self.down.to(w.device, w.dtype), alpha=alpha)
+
+    def low_rank(self, rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(up, down, dropped)``: the best rank-``rank`` approximation (``None``: exact, the pair's
+        own rank or the dense matrix's numerical rank) and the share of squared Frobenius norm it
+        drops (0 when exact)."""
+        if self.dense is not None:
+            u, s, vh = torch.linalg.svd(self.dense.double(), full_matrices=False)
+        else:
+            qu, ru = torch.linalg.qr(self.up.double())
+            qd, rd = torch.linalg.qr(self.down.double().T)
+            uc, s, vhc = torch.linalg.svd(ru @ rd.T)
+            u, vh = qu @ uc, (qd @ vhc.T).T
+        if rank is None:
+            rank = int((s > s.max() * 1e-7).sum()) if len(s) and s.max() > 0 else 1
+        rank = max(1, min(rank, len(s)))
+        total = float((s ** 2).sum())
+        dropped = float((s[rank:] ** 2).sum()) / total if total > 0 else 0.0
+        up = (u[:, :rank] * s[:rank]).float()
+        return up, vh[:rank].float().contiguous(), dropped
+
+
+@dataclass
+class AdapterUpdate:
+    """One adapter's per-layer updates, and where they came from."""
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {layer: (up, down)}, dW = up @ down
+    base_model: str = ""
+    base_fingerprint: str = ""
+    adapter_type: str = "lora"
+    config: dict = field(default_factory=dict)
+    layer_metadata: dict = field(default_factory=dict)  # e.g. OrthA's basis rows per layer
+
+    def delta(self, layer: str) -> torch.Tensor:
+        up, down = self.layers[layer]
+        return up @ down
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: (u.shape[0], d.shape[1]) for k, (u, d) in self.layers.items()}
+
+
+def adapted_weights(adapters) -> dict[str, torch.Tensor]:
+    """The base weights under every adapter layer, by layer name (2-D views)."""
+    return {name: layer.base.weight.view(layer.base.weight.shape[0], -1) for name, layer in adapters.layers.items()}
+
+
+def base_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of base weights: names, shapes and a strided sample of their float32 values.
+
+    Two adapters (or a statistics file and a model) with different fingerprints were made on
+    different base models. The sample (up to 4096 values a layer) keeps it fast on SD-sized UNets."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name].detach().float().reshape(-1)
+        step = max(1, w.numel() // 4096)
+        h.update(f"{name}:{tuple(weights[name].shape)}".encode())
+        h.update(w[::step].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def updates_from_adapters(adapters, name: str, base_model: str = "") -> AdapterUpdate:
+    """The updates of adapters injected in a model (unmerged)."""
+    from lorabench.adapters import lora_pairs
+
+    if adapters.merged:
+        raise RuntimeError("unmerge the adapters before reading their updates")
+    pairs = {k: (u.reshape(u.shape[0], -1).clone(), d.reshape(d.shape[0], -1).clone())
+             for k, (u, d) in lora_pairs(adapters).items()}
+    return AdapterUpdate(name, pairs, base_model, base_fingerprint(adapted_weights(adapters)),
+                         adapters.adapter_type, dict(adapters.config), adapters.layer_metadata())
+
+
+def read_update(components, path, name: Optional[str] = None) -> AdapterUpdate:
+    """Read an adapter file (lorabench, diffusers or kohya format) as updates of ``components``'s layers.
+
+    The adapter is injected to resolve layer names and fold its factors, then removed again."""
+    from lorabench.adapters import load_adapter, read_safetensors
+
+    _, metadata = read_safetensors(path)
+    adapters = load_adapter(components, path)
+    try:
+        upd = updates_from_adapters(adapters, name or Path(path).stem, base_model=metadata.get("base_model", ""))
+    finally:
+        adapters.remove()
+    # The model it was trained on (lorabench files record it), not the one it was loaded into;
+    # unknown for diffusers and kohya files.
+    upd.base_fingerprint = metadata.get("base_fingerprint", "")
+    if metadata.get("layers"):
+        upd.layer_metadata = json.loads(metadata["layers"])
+    return upd
+
+
+def check_compatible(updates: Sequence[AdapterUpdate], field_name: str = "merge.inputs") -> None:
+    """One-line errors for updates that cannot be merged: different base models, different layers
+    or shapes, a name listed twice, OrthA disjoint adapters that share basis rows."""
+    if not updates:
+        raise ConfigError(field_name, "nothing to merge; give at least one adapter")
+    names = [u.name for u in updates]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(field_name, f"adapter {dup[0]!r} is listed twice; each concept merges once")
+    first = updates[0]
+    for u in updates[1:]:
+        if u.base_fingerprint and first.base_fingerprint and u.base_fingerprint != first.base_fingerprint:
+            raise ConfigError(field_name, f"{u.name!r} was trained on another base model than {first.name!r} "
+                              f"(base weights {u.base_fingerprint} vs {first.base_fingerprint}); merge adapters "
+                              "of one base model")
+        if u.shapes() != first.shapes():
+            extra = sorted(set(u.layers) ^ set(first.layers))
+            what = (f"layer {extra[0]!r} is in one and not the other" if extra else
+                    "the same layers have different shapes")
+            raise ConfigError(field_name, f"{u.name!r} and {first.name!r} adapt different target modules ({what}); "
+                              "merge adapters with the same targets")
+    check_disjoint_rows(updates, field_name)
+
+
+def check_disjoint_rows(updates: Sequence[AdapterUpdate], field_name: str) -> None:
+    """OrthA in disjoint mode promises non-overlapping rows; two adapters that share rows break it."""
+    disjoint = [u for u in updates if u.adapter_type == "ortho" and u.config.get("row_mode") == "disjoint"]
+    for a_i, a in enumerate(disjoint):
+        for b in disjoint[a_i + 1:]:
+            for layer, meta in a.layer_metadata.items():
+                other = b.layer_metadata.get(layer)
+                if other and set(meta["rows"]) & set(other["rows"]):
+                    raise ConfigError(field_name, f"OrthA adapters {a.name!r} and {b.name!r} share basis rows in "
+                                      f"disjoint mode (slots {a.config.get('slot')} and {b.config.get('slot')}); "
+                                      "give each concept its own adapter.slot")
+
+
+@contextmanager
+def merged_into(adapted: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta]) -> Iterator[None]:
+    """Add ``deltas`` to the weights ``adapted`` (``{layer: weight}``) for the ``with`` block, then put
+    the exact original weights back (copies, not a subtraction, so nothing drifts)."""
+    missing = sorted(set(deltas) - set(adapted))
+    if missing:
+        raise ConfigError("merge", f"layer {missing[0]!r} of the merge is not in the model ({len(missing)} such)")
+    saved = {k: adapted[k].detach().clone() for k in deltas}
+    try:
+        for k, d in deltas.items():
+            d.add_to_(adapted[k].data)
+        yield
+    finally:
+        with torch.no_grad():
+            for k, w in saved.items():
+                adapted[k].data.copy_(w)
+
+
+def model_weights(components, layer_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The weights of ``layer_names`` (``unet.<path>``, ``text_encoder.<path>``) in a model without adapters."""
+    roots = components.adaptable_modules()
+    out = {}
+    for name in layer_names:
+        prefix, _, path = name.partition(".")
+        if prefix not in roots:
+            raise ConfigError("merge", f"layer {name!r}: unknown model part {prefix!r}")
+        try:
+            out[name] = roots[prefix].get_submodule(path).weight
+        except AttributeError as exc:
+            raise ConfigError("merge", f"layer {name!r} is not in the model") from exc
+    return out
+
+
+def save_merged_adapter(deltas: Mapping[str, LayerDelta], path, rank: Optional[int] = None,
+                        metadata: Optional[Mapping[str, str]] = None) -> dict[str, float]:
+    """Write the merge as a diffusers-format LoRA file (``lora_A`` = down, ``lora_B`` = up, scale 1),
+    each layer at ``rank`` (``None``: exact). Returns ``{layer: share of energy dropped}``."""
+    from lorabench.utils.io import atomic_path
+    from safetensors.torch import save_file
+
+    tensors, dropped = {}, {}
+    ranks = set()
+    for layer, d in deltas.items():
+        up, down, lost = d.low_rank(rank)
+        ranks.add(up.shape[1])
+        tensors[f"{layer}.lora_A.weight"] = down.contiguous()
+        tensors[f"{layer}.lora_B.weight"] = up.contiguous()
+        dropped[layer] = lost
+    if len(ranks) > 1:  # one rank per file (what diffusers and kohya loaders expect): pad with zeros
+        r = max(ranks)
+        for layer in deltas:
+            a, b = tensors[f"{layer}.lora_A.weight"], tensors[f"{layer}.lora_B.weight"]
+            if a.shape[0] < r:
+                tensors[f"{layer}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
+                tensors[f"{layer}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], 1)
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return dropped
+
+
+def save_merged_unet(components, deltas: Mapping[str, LayerDelta], folder) -> Path:
+    """Write the UNet with the merge folded in as a diffusers folder (``UNet2DConditionModel.from_pretrained``)."""
+    from lorabench.utils.io import atomic_dir
+
+    unet_layers = {k: v for k, v in deltas.items() if k.startswith("unet.")}
+    if len(unet_layers) < len(deltas):
+        raise ConfigError("merge.output", "the merge adapts text-encoder layers too; save it as an adapter file "
+                          "(merge.save_as=adapter), a UNet folder would drop them")
+    with merged_into(model_weights(components, list(unet_layers)), unet_layers):
+        with atomic_dir(Path(folder)) as tmp:
+            components.unet.save_pretrained(str(tmp), safe_serialization=True)
+    return Path(folder)

@@ -1,0 +1,267 @@
+"""Merge methods, input statistics, crosstalk measures and their one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.errors import ConfigError
+from lorabench.merging import (AdapterUpdate, LayerDelta, base_fingerprint, check_compatible, fuse_closed_form,
+                               fuse_lbfgs, fusion_objective, group_crosstalk, load_stats, merge, merged_into,
+                               output_error, save_merged_adapter, save_stats)
+from lorabench.merging.methods import ridge_value, trim
+
+
+def random_updates(n=3, shapes=(("a", 24, 16), ("b", 12, 20)), r=4, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return [AdapterUpdate(f"c{i}", {name: (torch.randn(o, r, generator=g), torch.randn(r, i_, generator=g))
+                                    for name, o, i_ in shapes}, **kw) for i in range(n)]
+
+
+def random_grams(updates, tokens=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in updates:
+        grams = {}
+        for layer, (_, down) in updates[0].layers.items():
+            x = torch.randn(tokens, down.shape[1], generator=g) * torch.linspace(0.2, 2.0, down.shape[1])
+            grams[layer] = (x.T @ x / tokens)
+        out.append(grams)
+    return out
+
+
+def test_sum_equals_w0_plus_lambda_sum_of_deltas():
+    ups = random_updates(4)
+    w0 = {k: torch.randn(u.shape[0], d.shape[1]) for k, (u, d) in ups[0].layers.items()}
+    weights = {k: v.clone() for k, v in w0.items()}
+    res = merge(ups, {"name": "sum", "lam": 0.6})
+    with merged_into(weights, res.deltas):
+        for k in w0:
+            expect = w0[k].double() + 0.6 * sum(u.delta(k).double() for u in ups)
+            err = (weights[k].double() - expect).abs().max() / expect.abs().max()
+            assert err <= 1e-6, (k, float(err))
+    for k in w0:  # restored exactly
+        assert torch.equal(weights[k], w0[k])
+
+
+def test_closed_form_objective_is_at_or_below_lbfgs():
+    ups = random_updates(3)
+    grams = random_grams(ups)
+    for layer in ups[0].layers:
+        gs = [g[layer].double() for g in grams]
+        ds = [u.delta(layer).double() for u in ups]
+        rho = ridge_value(gs, 1e-4)
+        closed = fusion_objective(fuse_closed_form(ds, gs, rho), ds, gs, rho)
+        lbfgs, _ = fuse_lbfgs(ds, gs, rho, max_iter=500)
+        iterative = fusion_objective(lbfgs, ds, gs, rho)
+        assert float(closed) <= float(iterative) * (1 + 1e-6)
+        # and it is the minimiser: the gradient vanishes there
+        d = fuse_closed_form(ds, gs, rho).requires_grad_(True)
+        fusion_objective(d, ds, gs, rho).backward()
+        assert float(d.grad.abs().max()) < 1e-8 * float(closed)
+
+
+def test_gradient_fusion_of_one_concept_returns_it_where_its_inputs_reach():
+    [u] = random_updates(1)
+    grams = random_grams([u])
+    res = merge([u], {"name": "gradient_fusion", "ridge": 1e-9}, stats=grams)
+    for layer in u.layers:
+        assert torch.allclose(res.deltas[layer].to_dense(), u.delta(layer), rtol=1e-4, atol=1e-4)
+
+
+def test_ties_trims_elects_and_averages_disjointly():
+    a = AdapterUpdate("a", {"l": (torch.eye(2), torch.tensor([[3.0, -1.0], [0.5, 2.0]]))})
+    b = AdapterUpdate("b", {"l": (torch.eye(2), torch.tensor([[1.0, 4.0], [-0.1, -2.5]]))})
+    # density 0.5 keeps 2 of 4 entries per task: a -> [[3, 0], [0, 2]], b -> [[0, 4], [0, -2.5]]
+    assert torch.equal(trim(a.delta("l"), 0.5), torch.tensor([[3.0, 0.0], [0.0, 2.0]]))
+    out = merge([a, b], {"name": "ties", "density": 0.5, "lam": 1.0}).deltas["l"].to_dense()
+    # signs: [[+, +], [0, -]]; disjoint means over agreeing kept entries
+    assert torch.allclose(out, torch.tensor([[3.0, 4.0], [0.0, -2.5]]))
+
+
+def test_dare_is_seeded_and_unbiased():
+    ups = random_updates(2, shapes=(("l", 64, 64),))
+    d1 = merge(ups, {"name": "dare", "drop": 0.5, "seed": 3}).deltas["l"].to_dense()
+    d2 = merge(ups, {"name": "dare", "drop": 0.5, "seed": 3}).deltas["l"].to_dense()
+    d3 = merge(ups, {"name": "dare", "drop": 0.5, "seed": 4}).deltas["l"].to_dense()
+    assert torch.equal(d1, d2) and not torch.equal(d1, d3)
+    full = ups[0].delta("l") + ups[1].delta("l")
+    kept = ((d1 != 0).float().mean())
+    assert 0.6 < float(kept) < 0.9  # 1 - 0.5^2 of entries survive in at least one task
+    mean = torch.stack([merge(ups, {"name": "dare", "drop": 0.5, "seed": s}).deltas["l"].to_dense()
+                        for s in range(200)]).mean(0)
+    assert float((mean - full).norm() / full.norm()) < 0.15
+
+
+def test_svd_truncation_reports_dropped_energy_and_saves_at_rank(tmp_path):
+    ups = random_updates(3, shapes=(("l", 32, 32),))
+    exact = merge(ups, {"name": "sum", "lam": 1.0}).deltas["l"]
+    res = merge(ups, {"name": "svd", "lam": 1.0, "rank": 4})
+    s = torch.linalg.svdvals(exact.to_dense().double())
+    expected = float((s[4:] ** 2).sum() / (s ** 2).sum())
+    assert res.info["dropped_energy"]["l"] == pytest.approx(expected, rel=1e-6)
+    assert res.deltas["l"].up.shape == (32, 4)
+    dropped = save_merged_adapter({"l": exact}, tmp_path / "m.safetensors", rank=None)
+    assert dropped["l"] < 1e-10  # rank 12 = exact
+
+
+def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, load_tiny):
+    from lorabench.adapters import inject_adapters, load_adapter
+    from lorabench.merging import model_weights, updates_from_adapters
+
+    comps = load_tiny()
+    ups = []
+    for i in range(2):
+        ad = inject_adapters(comps, {"name": "lora", "rank": 2})
+        for layer in ad.layers.values():
+            torch.nn.init.normal_(layer.lora_up, std=0.1)
+        ups.append(updates_from_adapters(ad, f"c{i}"))
+        ad.remove()
+    res = merge(ups, {"name": "sum", "lam": 0.6})
+    save_merged_adapter(res.deltas, tmp_path / "merged.safetensors")
+    loaded = load_adapter(comps, tmp_path / "merged.safetensors")
+    for name, d in loaded.delta_weights().items():
+        assert torch.allclose(d, res.deltas[name].to_dense(), atol=1e-6)
+    loaded.remove()
+    # and the UNet folder: the merged weights, loadable by diffusers
+    from diffusers import UNet2DConditionModel
+
+    from lorabench.merging import save_merged_unet
+
+    save_merged_unet(comps, res.deltas, tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    base = model_weights(comps, list(res.deltas))
+    for name, w in base.items():
+        merged_w = unet.get_submodule(name.partition(".")[2]).weight
+        assert torch.allclose(merged_w, w + res.deltas[name].to_dense(), atol=1e-6)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("other_base", "trained on another base model"),
+    ("other_targets", "adapt different target modules"),
+    ("duplicate", "listed twice"),
+    ("shared_rows", "share basis rows in disjoint mode"),
+])
+def test_incompatible_adapters_are_one_line_errors(case, fragment):
+    ups = random_updates(2, base_fingerprint="abc")
+    if case == "other_base":
+        ups[1].base_fingerprint = "def"
+    elif case == "other_targets":
+        ups[1].layers.pop("b")
+    elif case == "duplicate":
+        ups[1].name = ups[0].name
+    else:
+        for u, slot in zip(ups, (0, 1)):
+            u.adapter_type, u.config = "ortho", {"row_mode": "disjoint", "slot": slot}
+            u.layer_metadata = {"a": {"rows": [0, 1, 2, 3] if slot == 0 else [3, 4, 5, 6]}}
+    with pytest.raises(ConfigError, match=fragment) as exc:
+        merge(ups, {"name": "sum"})
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_merge_and_option_are_one_line_errors():
+    ups = random_updates(2)
+    with pytest.raises(ConfigError, match="merge.name: unknown value 'avg'"):
+        merge(ups, {"name": "avg"})
+    with pytest.raises(ConfigError, match="merge.nope: not an option of merge 'sum'"):
+        merge(ups, {"name": "sum", "nope": 1})
+    with pytest.raises(ConfigError, match="gradient_fusion needs one statistics file per adapter"):
+        merge(ups, {"name": "gradient_fusion"})
+    with pytest.raises(ConfigError, match="merge.solver"):
+        merge(ups, {"name": "gradient_fusion", "solver": "adam"}, stats=random_grams(ups))
+
+
+def test_statistics_file_from_another_model_is_refused(tmp_path, load_tiny):
+    from lorabench.adapters import inject_adapters
+    from lorabench.merging import adapted_weights, capture_stats
+
+    comps = load_tiny()
+    ad = inject_adapters(comps, {"name": "lora", "rank": 2})
+    sampler = {"scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 2.0, "progress": False}
+    grams, rows = capture_stats(comps, ad, ["a sks dog"], [0, 1], sampler)
+    for name, layer in ad.layers.items():  # bounded by width squared, whatever the token count
+        assert grams[name].shape == (layer.in_features, layer.in_features) and rows[name] > layer.in_features
+    good = save_stats(tmp_path / "s.safetensors", grams, rows, base_fingerprint(adapted_weights(ad)))
+    assert set(load_stats(good, ad)) == set(ad.layers)
+    other = save_stats(tmp_path / "o.safetensors", grams, rows, "0123456789abcdef")
+    with pytest.raises(ConfigError, match="captured on another base model"):
+        load_stats(other, ad)
+    wrong = save_stats(tmp_path / "w.safetensors", {k: torch.eye(3) for k in grams}, rows, "")
+    with pytest.raises(ConfigError, match="comes from another model"):
+        load_stats(wrong, ad)
+    ad.remove()
+
+
+def test_orthogonal_rows_have_no_weight_crosstalk_and_no_interference_in_own_subspace():
+    from lorabench.adapters.ortho import orthogonal_basis, select_rows
+
+    g = torch.Generator().manual_seed(0)
+    width, r = 32, 4
+    basis = orthogonal_basis(0, width)
+    orth = [AdapterUpdate(f"o{s}", {"l": (torch.randn(16, r, generator=g),
+                                         basis[select_rows(0, width, r, "x", "disjoint", s, 3)])}) for s in range(3)]
+    grams = random_grams(orth)
+    per_layer = group_crosstalk(orth, grams)["l"]
+    assert per_layer["weight_crosstalk"] < 1e-6 and per_layer["subspace_overlap"] < 1e-6
+    assert per_layer["subspace_interference"] < 1e-6
+    merged = merge(orth, {"name": "sum", "lam": 1.0}).deltas
+    assert output_error(orth[0], merged, grams[0], subspace=True)["l"] < 1e-5
+
+
+def test_layer_delta_add_to_handles_conv_weights():
+    w = torch.zeros(6, 4, 1, 1)
+    LayerDelta(up=torch.ones(6, 2), down=torch.ones(2, 4)).add_to_(w, alpha=0.5)
+    assert torch.allclose(w, torch.ones(6, 4, 1, 1))
+
+
+def test_check_compatible_needs_something():
+    with pytest.raises(ConfigError, match="nothing to merge"):
+        check_compatible([])
+
+
+# -- the merge job (lorabench experiment=merge_adapters) ------------------------------------------------
+def _adapter_files(model_dir, tmp_path, seed=0):
+    from lorabench.adapters import export_kohya, inject_adapters, save_adapter
+    from lorabench.models import load_components
+
+    comps = load_components(str(model_dir), name="tiny", resolution=16)
+    ad = inject_adapters(comps, {"name": "lora", "rank": 2})
+    torch.manual_seed(seed)
+    for layer in ad.layers.values():
+        torch.nn.init.normal_(layer.lora_up, std=0.1)
+    native = save_adapter(ad, tmp_path / f"c{seed}" / "adapter.safetensors", base_model=str(model_dir))
+    kohya = export_kohya(ad, tmp_path / f"c{seed}.kohya.safetensors")
+    return native, kohya, ad
+
+
+def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_path, tiny_model_dir):
+    from test_cli import run_cli
+
+    from lorabench.adapters import load_adapter
+    from lorabench.models import load_components
+
+    a, _, ad_a = _adapter_files(tiny_model_dir, tmp_path, 0)
+    _, b, ad_b = _adapter_files(tiny_model_dir, tmp_path, 1)
+    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+                    "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge.lam=0.5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/merged_lora.safetensors"))
+    comps = load_components(str(tiny_model_dir), name="tiny", resolution=16)
+    merged = load_adapter(comps, out).delta_weights()
+    da, db = ad_a.delta_weights(), ad_b.delta_weights()
+    for k, d in merged.items():
+        assert torch.allclose(d, 0.5 * (da[k] + db[k]), atol=1e-6)
+
+
+def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_dir):
+    from test_cli import assert_one_line_error, run_cli
+
+    from lorabench.models import build_tiny_components, save_components
+
+    other = tmp_path / "other-model"
+    save_components(build_tiny_components(seed=7, words=["sks", "photo", "dog"]), other)
+    a, _, _ = _adapter_files(tiny_model_dir, tmp_path / "x", 0)
+    b, _, _ = _adapter_files(other, tmp_path / "y", 1)
+    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+                    "model.resolution=16", f"protocol.inputs=[{a},{b}]"], tmp_path)
+    assert_one_line_error(proc, tmp_path, "merge.inputs", "trained on another base model")
