@@ -34,12 +34,12 @@ def assert_one_line_error(proc, cwd: Path, *fragments: str):
     return errors[0]
 
 
-# The main job (experiment=world_concepts) shrunk: one concept, two adapters, 2 steps, 1 image per prompt.
-MAIN_FAST = ["protocol.concepts=[zwz]", "~protocol.adapters.ortho", "trainer.max_steps=2",
+# The single-concept table (experiment=world_concepts) shrunk: one concept, two adapters, 2 steps, 1 image per prompt.
+MAIN_FAST = ["experiment=world_concepts", "protocol.concepts=[zwz]", "~protocol.adapters.ortho", "trainer.max_steps=2",
              "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2"]
 
 
-def test_main_job_prints_the_single_concept_table(tmp_path):
+def test_single_concept_experiment_prints_its_table(tmp_path):
     proc = run_cli(MAIN_FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results_file] = list((tmp_path / "outputs" / "world_concepts").glob("*/results.json"))
@@ -52,7 +52,7 @@ def test_main_job_prints_the_single_concept_table(tmp_path):
 
 
 def test_main_job_unknown_concept_is_one_line(tmp_path):
-    assert_one_line_error(run_cli(["protocol.concepts=[nope]"], tmp_path), tmp_path,
+    assert_one_line_error(run_cli(["protocol.concepts=[nope,sks,twt]"], tmp_path), tmp_path,
                           "world.concept: unknown value 'nope'", "sks")
 
 
@@ -132,20 +132,44 @@ def test_full_error_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
+def test_main_job_is_the_compact_table2(tmp_path):
+    """`lorabench` with no arguments: LoRA FedAvg, OrthA and closed-form fusion, single -> merged."""
+    proc = run_cli(MAIN_TABLE2_FAST, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list((tmp_path / "outputs" / "orthogonal_adaptation_compact").glob("*/results.json"))
+    results = json.loads(results_file.read_text())
+    assert results["protocol"] == "modular"
+    assert set(results["methods"]) == {"dblora_fedavg", "ortha_disjoint", "lora_fusion_closed_form"}
+    for label in ("| DB-LoRA (FedAvg) |", "| OrthA, disjoint slots (sum) |", "| LoRA gradient fusion (closed form) |",
+                  "single -> merged", "Published"):
+        assert label in proc.stdout
+
+
+MAIN_TABLE2_FAST = ["protocol.concepts=[sks,twt]", "protocol.group_size=2", "trainer.max_steps=2",
+                    "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2",
+                    "protocol.capture.images_per_prompt=1", "protocol.capture.num_inference_steps=2"]
+
+
 def test_main_job_console_is_short_and_no_warning_repeats(tmp_path):
-    """Two concepts and two adapters: whatever a cell prints once per cell would show up four times."""
-    proc = run_cli(["protocol.concepts=[zwz,sks]", *MAIN_FAST[1:]], tmp_path)
+    """Two concepts and two adapter types: whatever a cell prints once per cell would show up four times.
+    The console is the progress bar, one line per finished cell, and the table (stdout)."""
+    proc = run_cli(MAIN_TABLE2_FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # tqdm redraws its bar with carriage returns; a line is what is left after the last one.
     lines = [ln.rsplit("\r", 1)[-1] for ln in (proc.stdout + proc.stderr).split("\n")]
     lines = [ln for ln in lines if ln.strip()]
-    assert len(lines) <= 40, "\n".join(lines)
+    table = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    cells = [ln for ln in lines if " seed 0: " in ln and "align." in ln]
+    other = [ln for ln in lines if ln not in table and ln not in cells and not ln.startswith("modular:")]
+    assert len(table) <= 40 and len(other) <= 3, "\n".join(other)
     assert not any("Loading weights" in ln for ln in lines)
     warnings = [ln for ln in lines if "Warning" in ln or "warn" in ln.lower()]
     assert len(warnings) == len(set(warnings)), "\n".join(warnings)
     for fragment in ("eval mode", "val_dataloader", "logging interval", "LeafSpec"):
         assert not any(fragment in ln for ln in lines), fragment
-    assert sum(" seed 0: identity sim." in ln for ln in lines) == 6  # one line per cell (2 base + 4 trained)
+    # one line per cell: 4 trained (2 concepts x 2 adapter types) + 6 merged (3 methods x 2 concepts)
+    assert sum("single identity align." in ln for ln in cells) == 4
+    assert sum("->" in ln for ln in cells) == 6
 
 
 def test_verbose_flag_is_accepted(tmp_path):

@@ -125,6 +125,42 @@ def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfi
     return rows
 
 
+def cell_key(cell: DictConfig) -> str:
+    """A hash of everything that decides what a cell trains (model, adapter, data, optimiser, trainer,
+    module, seed), not where it is written or logged: equal keys train equal adapters."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    keep = {k: OmegaConf.to_container(cell[k], resolve=True) if OmegaConf.is_config(cell[k]) else cell[k]
+            for k in ("model", "adapter", "data", "optim", "trainer", "module", "seed", "init_adapter") if k in cell}
+    keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
+                       if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
+                 name: str) -> tuple[Path, dict, bool]:
+    """Train one cell into ``cache_root/<name>-<key>/`` unless a finished one is there already.
+
+    Returns ``(cell_dir, training results, reused)``. A cell is finished when its results.json is
+    written (the last thing training writes), so an interrupted cell is trained again. Protocols and
+    sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
+    import json
+
+    from lorabench.run import train
+
+    probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
+    cell_dir = Path(cache_root) / f"{name}-{cell_key(probe)}"
+    done = cell_dir / "results.json"
+    if done.is_file() and (cell_dir / "adapter.safetensors").is_file():
+        return cell_dir, json.loads(done.read_text()), True
+    results, module = train(cell_config(cfg, adapter_cfg, data, seed, cell_dir), cell_dir, config_name=name)
+    del module
+    return cell_dir, results, False
+
+
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
     """The protocol's adapters, items (``protocol.<items_key>``) and seeds, checked before any work."""
     from lorabench.errors import ConfigError
@@ -147,8 +183,9 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 
 def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
-                           panels: list[torch.Tensor]) -> None:
-    """results.json, table.md, samples.png, and the summary means to every configured logger."""
+                           panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None) -> None:
+    """results.json, table.md, samples.png, and the summary means to every configured logger;
+    ``tables`` (``{key: (columns, rows)}``) go to loggers that take tables (W&B)."""
     from lorabench.loggers import build_loggers, finish_wandb
     from lorabench.utils.io import write_json
 
@@ -162,6 +199,9 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
         flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
         for lg in loggers:
             lg.log_metrics(flat, step=0)
+            if hasattr(lg, "log_table"):
+                for key, (columns, data) in (tables or {}).items():
+                    lg.log_table(key=f"{name}/{key}", columns=list(columns), data=[list(r) for r in data])
             lg.save()
     finally:
         finish_wandb()

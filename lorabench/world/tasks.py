@@ -47,6 +47,10 @@ class WorldConceptEval:
         self.n_references, self.reference_seed = n_references, reference_seed
         self.contexts = [tuple(c) for c in contexts]
 
+    def concept_class(self, concept: str) -> str:
+        """The object class of a concept (merge groups prefer concepts of one class)."""
+        return self.world.identity(concept).cls
+
     def __call__(self, concept: str) -> ConceptEvalSet:
         identity = self.world.identity(concept)
         base = CONCEPT_PROMPT.format(token=identity.token, cls=identity.cls)

@@ -1,0 +1,477 @@
+"""Modular customisation (Orthogonal Adaptation, Table 2): train each concept once, alone; then merge
+groups of independently trained concepts and score every concept alone and inside its merged model.
+
+    lorabench experiment=orthogonal_adaptation/world                    # the world Table 2, 3 seeds
+    lorabench experiment=orthogonal_adaptation/world protocol.only=[dblora_fedavg,ortha_disjoint]
+    python -m lorabench.protocols.modular outputs/.../run1 outputs/.../run2   # rebuild the table
+
+Stages, per seed:
+1. **Single.** Every (adapter type, concept) is trained once (cached under ``protocol.cache_dir``
+   by a hash of its training config, so a sweep over merge methods or a rerun never trains a concept
+   twice), loaded into the base model, scored with the single-concept protocol's prompts, initial
+   latents and scorer, and its layers' input statistics are captured (:mod:`lorabench.merging.capture`)
+   from the concept's training prompt, for gradient fusion and the crosstalk measures.
+2. **Groups.** Each concept is merged with ``group_size - 1`` others drawn with the seed, concepts of
+   its own class first (the paper merges faces with faces). A group two concepts drew is merged once
+   and its measured merge time recorded for both.
+3. **Merged.** For each method (an adapter type and a merge config), each concept's group is merged
+   (timed), folded into the base model's weights, and the concept is scored again from the same
+   initial latents. Crosstalk diagnostics of the group's updates go beside it.
+
+A row is one (method, concept, seed); the table shows single -> merged means +- std over seeds (each
+seed's mean over concepts). Methods that need token-embedding training (P+, Custom Diffusion, ED-LoRA)
+stay in the table as "not yet implemented".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lorabench.errors import ConfigError
+from lorabench.protocols.single_concept import sample_seeds, score_samples
+from lorabench.protocols.toolkit import (derive_seed_list, eval_device, protocol_inputs, sample_prompts,
+                                         trained_cell, write_protocol_outputs)
+from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.utils.seeding import derive_seed
+
+# Table 2's columns: text alignment (CLIP-T, the concept in context prompts), image alignment (CLIP-I)
+# and identity alignment (share of samples within the identity threshold), single -> merged.
+SCORES = ("context_text_alignment", "image_alignment", "identity_alignment")
+SCORE_LABELS = {"context_text_alignment": "text align.", "image_alignment": "image align.",
+                "identity_alignment": "identity align."}
+CROSSTALK = ("weight_crosstalk", "subspace_overlap", "interference", "subspace_interference", "output_error",
+             "subspace_output_error")
+
+# Orthogonal Adaptation, Table 2 (12 faces, each merged with 2 others): single -> merged.
+PUBLISHED = [
+    ("P+", "<1 s", ".643 -> .643", ".683 -> .683", ".515 -> .515"),
+    ("Custom Diffusion", "~2 s", ".668 -> .673", ".648 -> .623", ".504 -> .408"),
+    ("DB-LoRA (FedAvg)", "<1 s", ".613 -> .682", ".744 -> .531", ".683 -> .098"),
+    ("Mix-of-Show (FedAvg)", "<1 s", ".625 -> .621", ".745 -> .735", ".728 -> .706"),
+    ("Mix-of-Show (gradient fusion)", "~15 min", ".625 -> .631", ".745 -> .729", ".728 -> .717"),
+    ("Orthogonal Adaptation", "<1 s", ".624 -> .644", ".748 -> .741", ".740 -> .745"),
+]
+NOT_IMPLEMENTED = ("P+", "Custom Diffusion", "Mix-of-Show ED-LoRA (FedAvg)", "Mix-of-Show ED-LoRA (gradient fusion)")
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
+    """The protocol's methods (``protocol.only`` picks some), each checked: a known adapter, a merge."""
+    from lorabench.merging import get_merge
+
+    methods = {k: OmegaConf.to_container(v, resolve=True) for k, v in (p.get("methods") or {}).items()}
+    if not methods:
+        raise ConfigError("protocol.methods", "no merge methods; add e.g. /merge@protocol.methods.fedavg.merge: sum")
+    only = p.get("only")
+    if only:
+        only = [only] if isinstance(only, str) else list(only)
+        for name in only:
+            if name not in methods:
+                raise ConfigError("protocol.only", f"unknown method {name!r}; valid: {', '.join(methods)}")
+        methods = {k: methods[k] for k in only}
+    for name, m in methods.items():
+        if m.get("adapter") not in adapters:
+            raise ConfigError(f"protocol.methods.{name}.adapter",
+                              f"unknown adapter {m.get('adapter')!r}; valid: {', '.join(adapters)}")
+        if not m.get("merge"):
+            raise ConfigError(f"protocol.methods.{name}.merge", "missing; e.g. /merge@protocol.methods.<name>.merge: sum")
+        get_merge(str(m["merge"].get("name")))
+    return methods
+
+
+def assign_slots(adapter_cfg: DictConfig, concepts: Sequence[str], slots: Optional[Mapping], key: str) -> dict[str, DictConfig]:
+    """Per-concept adapter configs. OrthA in disjoint mode gets a slot per concept (``protocol.slots``
+    or the concept's index) and ``num_slots``; two concepts on one slot would share rows: an error."""
+    out = {}
+    disjoint = adapter_cfg.get("name") == "ortho" and adapter_cfg.get("row_mode") == "disjoint"
+    if disjoint:
+        slots = dict(slots) if slots else {c: i for i, c in enumerate(concepts)}
+        missing = [c for c in concepts if c not in slots]
+        if missing:
+            raise ConfigError("protocol.slots", f"no slot for concept {missing[0]!r}")
+        seen: dict[int, str] = {}
+        for c in concepts:
+            if slots[c] in seen:
+                raise ConfigError("protocol.slots", f"concepts {seen[slots[c]]!r} and {c!r} share slot {slots[c]}: "
+                                  f"OrthA adapter {key!r} is in disjoint mode, each concept needs its own rows")
+            seen[slots[c]] = c
+        num = int(adapter_cfg.get("num_slots") or max(len(concepts), max(slots.values()) + 1))
+    for c in concepts:
+        acfg = OmegaConf.create(OmegaConf.to_container(adapter_cfg, resolve=False))
+        with open_dict(acfg):
+            if acfg.get("name") == "ortho":
+                acfg.concept_key = c
+            if disjoint:
+                acfg.slot, acfg.num_slots = int(slots[c]), num
+        out[c] = acfg
+    return out
+
+
+def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size: int, seed: int,
+                same_class: bool = True) -> dict[str, list[str]]:
+    """``{concept: its group}``: the concept and ``group_size - 1`` others drawn with ``seed``, those of
+    its own class first when ``same_class``. Groups list concepts in the protocol's order."""
+    rng = random.Random(derive_seed("modular-groups", seed))
+    order = {c: i for i, c in enumerate(concepts)}
+    groups = {}
+    for c in concepts:
+        others = [o for o in concepts if o != c]
+        same = [o for o in others if same_class and classes.get(o) == classes.get(c)]
+        rest = [o for o in others if o not in same]
+        rng.shuffle(same)
+        rng.shuffle(rest)
+        groups[c] = sorted([c] + (same + rest)[:group_size - 1], key=order.get)
+    return groups
+
+
+# -- summaries and the table -------------------------------------------------------------------------
+def seed_means(rows: Sequence[dict], method: str, key: str) -> list[float]:
+    """One value per seed: the mean of ``key`` over that seed's rows of ``method``."""
+    out = []
+    for seed in dict.fromkeys(r["seed"] for r in rows if r["method"] == method):
+        xs = [r[key] for r in rows if r["method"] == method and r["seed"] == seed and r.get(key) is not None]
+        if xs:
+            out.append(statistics.fmean(xs))
+    return out
+
+
+def _ms(xs: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)} if xs else {}
+
+
+def summarise(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {key: {mean, std, n}}}``, std over seeds (population)."""
+    keys = ["merge_s"] + [f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")] + list(CROSSTALK)
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        out[method] = {k: v for k in keys if (v := _ms(seed_means(rows, method, k)))}
+    return out
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
+    """(markdown, csv) of Table 2 from protocol rows: one line per method, single -> merged (delta)."""
+    summary = summarise(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    concepts = sorted({r["concept"] for r in rows})
+    head = ["method", "merge time"] + [SCORE_LABELS[s] + " single -> merged (delta)" for s in SCORES] + \
+           ["weight crosstalk", "interference", "interference in own subspace", "output error"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "merge_s_mean", "merge_s_std"] +
+               [f"{k}_{s}_{x}" for s in SCORES for k in ("single", "merged", "delta") for x in ("mean", "std")] +
+               [f"{c}_{x}" for c in CROSSTALK for x in ("mean", "std")] + ["n_seeds"])
+    for method, s in summary.items():
+        cells = [labels.get(method, method), _fmt_time(s["merge_s"]["mean"]) if "merge_s" in s else "-"]
+        for m in SCORES:
+            a, b, d = s.get(f"single_{m}"), s.get(f"merged_{m}"), s.get(f"delta_{m}")
+            cells.append(f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if a and b and d else "-")
+        for c in ("weight_crosstalk", "interference", "subspace_interference", "output_error"):
+            cells.append(f"{s[c]['mean']:.3f} +- {s[c]['std']:.3f}" if c in s else "-")
+        md.append("| " + " | ".join(cells) + " |")
+        w.writerow([method] + [s.get("merge_s", {}).get(x, "") for x in ("mean", "std")] +
+                   [s.get(f"{k}_{m}", {}).get(x, "") for m in SCORES for k in ("single", "merged", "delta")
+                    for x in ("mean", "std")] + [s.get(c, {}).get(x, "") for c in CROSSTALK for x in ("mean", "std")] +
+                   [s.get("merge_s", {}).get("n", "")])
+    for name in NOT_IMPLEMENTED:
+        md.append("| " + " | ".join([name, "not yet implemented"] + ["-"] * (len(head) - 2)) + " |")
+    md.append("")
+    md.append(f"Mean over {len(concepts)} concepts per seed, then mean (delta: +- std) over {len(seeds)} seed(s) "
+              f"{seeds}. Crosstalk (lorabench.merging.crosstalk): weight = ||dW_i dW_j^T|| / (||dW_i|| ||dW_j||); "
+              "interference = ||dW_j X_i|| / ||dW_i X_i||, in own subspace: on P_i X_i (X_i projected on the rows of down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the "
+              "merged update D; layer means over the group's pairs.")
+    md += ["", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
+           "| method | merge time | text align. | image align. | identity align. |", "|---|---|---|---|---|"]
+    md += ["| " + " | ".join(r) + " |" for r in PUBLISHED]
+    return "\n".join(md), buf.getvalue()
+
+
+MIN_SINGLE_IDENTITY = 0.2  # below this the single models never learned the identity: nothing can collapse
+
+
+def _verdict(claim: str, ok: bool, detail: str, inconclusive: str = "") -> dict[str, Any]:
+    verdict = "inconclusive" if inconclusive else ("reproduced" if ok else "not reproduced")
+    return {"claim": claim, "verdict": verdict, "detail": detail + (f"; {inconclusive}" if inconclusive else "")}
+
+
+def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The paper's directional claims, judged on per-seed means with criteria fixed in advance:
+    *collapses* = merged identity alignment at most half of single; *holds* = at least 0.8x single;
+    *far more merge time* = at least 10x FedAvg's; *far below* = at most half. A claim about identity
+    is inconclusive when the single models' identity alignment is below ``MIN_SINGLE_IDENTITY``.
+    ``roles`` names the methods: ``lora_fedavg``, ``ortha`` and ``gradient_fusion`` (absent roles are
+    skipped). Crosstalk is judged on the paper's measure (the weight product) and, separately, on the
+    interference of the updates on captured inputs."""
+    s = summarise(rows)
+    out = []
+
+    def ident(m):
+        return s[m]["single_identity_alignment"], s[m]["merged_identity_alignment"]
+
+    def pm(v):
+        return f"{v['mean']:.3f} +- {v['std']:.3f}"
+
+    def weak(*singles):
+        low = [x for x in singles if x["mean"] < MIN_SINGLE_IDENTITY]
+        return (f"single-concept identity alignment below {MIN_SINGLE_IDENTITY}: the adapters never learned "
+                "the identity") if low else ""
+
+    lf, oa, gf = roles.get("lora_fedavg"), roles.get("ortha"), roles.get("gradient_fusion")
+    if lf in s and oa in s:
+        (ls, lm), (os_, om) = ident(lf), ident(oa)
+        ok = lm["mean"] <= 0.5 * ls["mean"] and om["mean"] >= 0.8 * os_["mean"]
+        out.append(_verdict("DB-LoRA FedAvg identity collapses on merge, while OrthA's holds", ok,
+                            f"identity align. {lf}: {pm(ls)} -> {pm(lm)}; {oa}: {pm(os_)} -> {pm(om)} "
+                            "(collapse: merged <= 0.5x single; hold: merged >= 0.8x single)", weak(ls, os_)))
+    if gf in s and lf in s:
+        gs, gm = ident(gf)
+        t_gf, t_lf = s[gf]["merge_s"], s[lf]["merge_s"]
+        ok = gm["mean"] >= 0.8 * gs["mean"] and t_gf["mean"] >= 10 * t_lf["mean"]
+        out.append(_verdict("gradient fusion holds identity but costs far more merge time", ok,
+                            f"identity align. {gf}: {pm(gs)} -> {pm(gm)}; merge time {_fmt_time(t_gf['mean'])} "
+                            f"vs {_fmt_time(t_lf['mean'])} ({t_gf['mean'] / max(t_lf['mean'], 1e-12):.0f}x; "
+                            "hold: >= 0.8x single; far more: >= 10x)", weak(gs)))
+    if lf in s and oa in s:
+        for c, what in (("weight_crosstalk", "the paper's measure, the normalised weight product"),
+                        ("interference", "interference on captured inputs"),
+                        ("subspace_interference", "interference on the inputs concept i's update reads")):
+            a, b = s[oa].get(c), s[lf].get(c)
+            if a and b:
+                out.append(_verdict(f"OrthA's crosstalk is far below LoRA's ({what})", a["mean"] <= 0.5 * b["mean"],
+                                    f"{c} {oa} {pm(a)} vs {lf} {pm(b)} (far below: at most 0.5x)"))
+    return out
+
+
+def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+    """Per-layer interference and weight crosstalk, one line per method (mean over groups and seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorabench.utils.io import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, key, title in zip(axes, ("interference", "weight_crosstalk"),
+                              ("interference ||dW_j X_i|| / ||dW_i X_i||", "weight crosstalk ||dW_i dW_j^T|| (normalised)")):
+        for method, per_layer in layers.items():
+            names = list(per_layer)
+            ax.plot(range(len(names)), [per_layer[n].get(key, float("nan")) for n in names], marker="o", ms=3,
+                    label=method)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("adapted layer (model order)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# -- the protocol ------------------------------------------------------------------------------------
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    from lorabench.adapters import load_adapter
+    from lorabench.merging import (adapted_weights, base_fingerprint, capture_stats, group_crosstalk, layer_means,
+                                   load_stats, merge, merged_into, model_weights, output_error, save_stats,
+                                   updates_from_adapters)
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    p = cfg.protocol
+    adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
+    methods = select_methods(p, adapters)
+    group_size = int(p.get("group_size", 3))
+    if not 2 <= group_size <= len(concepts):
+        raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
+                          f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
+    used = list(dict.fromkeys(m["adapter"] for m in methods.values()))
+    cell_cfgs = {a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used}
+    ev = cfg.eval
+    eval_sets = instantiate(ev.concepts)
+    sets = {c: eval_sets(c) for c in concepts}  # unknown concept names fail here, before any training
+    classes = {c: eval_sets.concept_class(c) if hasattr(eval_sets, "concept_class") else "" for c in concepts}
+    scorer = instantiate(ev.scorer)
+    refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
+    sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
+    cap = OmegaConf.to_container(p.get("capture") or {}, resolve=True)
+    capture_sampler = {**sampler_cfg, "num_inference_steps": int(cap.get("num_inference_steps", 10))}
+    n_cap = int(cap.get("images_per_prompt", 4))
+    n_img = int(ev.images_per_prompt)
+    device = eval_device(cfg)
+    cache_root = Path(str(p.get("cache_dir") or run_dir / "cells"))
+    # What each concept's training data sets: the world names it (data.concept); the real path gives
+    # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
+    concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))
+                    if p.get("concept_data") and c in p.concept_data else {"concept": c} for c in concepts}
+    labels = {k: m.get("label", k) for k, m in methods.items()}
+
+    n_steps = len(seeds) * len(concepts) * (len(used) + len(methods))
+    progress = CellProgress(n_steps, desc="modular")
+    rows: list[dict] = []
+    singles: list[dict] = []
+    layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    panels: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
+    with quiet_cells():
+        base = instantiate(cfg.model, _convert_="all")
+        for seed in seeds:
+            groups = draw_groups(concepts, classes, group_size, seed, bool(p.get("same_class", True)))
+            latents = sample_seeds(seed, n_img)
+            # 1. single: train once (or reuse), score alone, capture input statistics
+            updates: dict[tuple[str, str], Any] = {}
+            stats: dict[tuple[str, str], dict] = {}
+            single: dict[tuple[str, str], dict] = {}
+            for a in used:
+                for c in concepts:
+                    cell_dir, res, reused = trained_cell(cfg, cell_cfgs[a][c], concept_data[c], seed, cache_root,
+                                                         f"{a}-{c}-seed{seed}")
+                    ad = load_adapter(base, cell_dir / "adapter.safetensors")
+                    try:
+                        stats_file = cell_dir / f"stats-{n_cap}x{capture_sampler['num_inference_steps']}.safetensors"
+                        if stats_file.is_file():
+                            grams = load_stats(stats_file, ad)
+                        else:
+                            grams, n_rows = capture_stats(base, ad, sets[c].prompts[:1],
+                                                          derive_seed_list("modular-capture", seed, n_cap),
+                                                          capture_sampler, device)
+                            save_stats(stats_file, grams, n_rows, base_fingerprint(adapted_weights(ad)),
+                                       sets[c].prompts[:1], {"concept": c, "adapter": a, "seed": seed})
+                        imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, latents, device)
+                        updates[a, c] = updates_from_adapters(ad, c, base_model=base.model_id)
+                    finally:
+                        ad.remove()
+                    stats[a, c] = grams
+                    single[a, c] = score_samples(scorer, imgs, sets[c], n_img, refs[c])
+                    singles.append({"adapter": a, "concept": c, "seed": seed, **single[a, c],
+                                    "train_s": res["timings"]["fit_s"], "reused": reused})
+                    if seed == seeds[0] and a == used[0]:
+                        panels[c].append(imgs)
+                    progress.done(f"{a:>15} {c} seed {seed}: single identity align. "
+                                  f"{single[a, c]['identity_alignment']:.2f}" +
+                                  (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
+            # 2-3. merge each concept's group, score the concept in it
+            for name, m in methods.items():
+                a = m["adapter"]
+                merged_groups: dict[tuple[str, ...], Any] = {}  # a group drawn twice is merged once
+                for c in concepts:
+                    group = groups[c]
+                    ups = [updates[a, g] for g in group]
+                    grams = [stats[a, g] for g in group]
+                    if tuple(group) not in merged_groups:
+                        merged_groups[tuple(group)] = merge(ups, m["merge"], stats=grams)
+                    result = merged_groups[tuple(group)]
+                    weights = model_weights(base, list(result.deltas))
+                    with merged_into(weights, result.deltas):
+                        imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, latents, device)
+                    merged = score_samples(scorer, imgs, sets[c], n_img, refs[c])
+                    per_layer = group_crosstalk(ups, grams)
+                    err = output_error(updates[a, c], result.deltas, stats[a, c])
+                    err_sub = output_error(updates[a, c], result.deltas, stats[a, c], subspace=True)
+                    for layer, row in per_layer.items():
+                        row["output_error"], row["subspace_output_error"] = err[layer], err_sub[layer]
+                        acc = layer_acc.setdefault(name, {}).setdefault(layer, {})
+                        for k, v in row.items():
+                            acc.setdefault(k, []).append(v)
+                    row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": group,
+                           "merge_s": result.merge_s, **layer_means(per_layer)}
+                    for k in SCORES + ("identity_similarity",):
+                        row[f"single_{k}"], row[f"merged_{k}"] = single[a, c][k], merged[k]
+                        row[f"delta_{k}"] = merged[k] - single[a, c][k]
+                    if "dropped_energy_mean" in result.info:
+                        row["dropped_energy"] = result.info["dropped_energy_mean"]
+                    rows.append(row)
+                    if seed == seeds[0]:
+                        panels[c].append(imgs)
+                    progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
+                                  f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(result.merge_s)}")
+        del base
+    progress.close()
+
+    crosstalk_layers = {mth: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
+                        for mth, per in layer_acc.items()}
+    roles = OmegaConf.to_container(p.get("roles") or {}, resolve=True)
+    table, table_csv = table2(rows, labels)
+    out = {"protocol": "modular", "concepts": concepts, "seeds": seeds, "group_size": group_size,
+           "methods": {k: {**m, "label": labels[k]} for k, m in methods.items()}, "labels": labels, "roles": roles,
+           "prompts": {c: sets[c].prompts for c in concepts}, "images_per_prompt": n_img, "sampler": sampler_cfg,
+           "capture": {"images_per_prompt": n_cap, "num_inference_steps": capture_sampler["num_inference_steps"]},
+           "rows": rows, "single_rows": singles, "summary": summarise(rows), "crosstalk_layers": crosstalk_layers,
+           "verdicts": verdicts(rows, roles), "total_s": time.perf_counter() - t0,
+           "config": OmegaConf.to_container(cfg, resolve=True)}
+    table = table + "\n\n" + format_verdicts(out["verdicts"])
+    crosstalk_plot(run_dir / "crosstalk.png", crosstalk_layers)
+    tables = {"crosstalk": (["method", "layer", *CROSSTALK],
+                            [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in crosstalk_layers.items()
+                             for layer, v in per.items()])}
+    write_protocol_outputs(cfg, run_dir, "modular", out, table, [img for c in concepts for img in panels[c]],
+                           tables=tables)
+    from lorabench.utils.io import atomic_path
+
+    with atomic_path(run_dir / "table2.csv") as tmp:
+        tmp.write_text(table_csv)
+    out["table"] = table
+    return out
+
+
+def format_verdicts(items: Sequence[Mapping]) -> str:
+    return "\n".join(f"- **{v['verdict']}**: {v['claim']}. {v['detail']}" for v in items)
+
+
+def rebuild(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None) -> str:
+    """Table 2 from the results.json of one or more modular runs (e.g. the jobs of a sweep); writes
+    table2.md and table2.csv into ``out_dir`` when given."""
+    rows, labels, roles = [], {}, {}
+    for d in run_dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise ConfigError(str(d), "has no results.json (is it a finished modular run folder?)")
+        res = json.loads(f.read_text())
+        if res.get("protocol") != "modular":
+            raise ConfigError(str(f), f"is a {res.get('protocol')!r} run, not a modular one")
+        rows += res["rows"]
+        labels.update(res.get("labels", {}))
+        roles.update(res.get("roles", {}))
+    md, table_csv = table2(rows, labels)
+    md += "\n\n" + format_verdicts(verdicts(rows, roles))
+    if out_dir is not None:
+        from lorabench.utils.io import atomic_path
+
+        out_dir = Path(out_dir)
+        for name, text in (("table2.md", md + "\n"), ("table2.csv", table_csv)):
+            with atomic_path(out_dir / name) as tmp:
+                tmp.write_text(text)
+    return md
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lorabench.protocols.modular",
+                                 description="Rebuild Table 2 from modular run folders (no re-running).")
+    ap.add_argument("run_dirs", nargs="+", help="folders holding a modular run's results.json")
+    ap.add_argument("--out", help="write table2.md and table2.csv here")
+    args = ap.parse_args(argv)
+    try:
+        print(rebuild(args.run_dirs, args.out))
+    except ConfigError as err:
+        print(f"lorabench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
