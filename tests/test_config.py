@@ -21,9 +21,15 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
         assert callable(get_method(cfg[group]._target_)) or get_method(cfg[group]._target_)
     if cfg.get("protocol"):  # a protocol trains the adapters listed under protocol.adapters
         assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
-        for name, adapter in cfg.protocol.adapters.items():
-            assert adapter.name == name and name in importlib.import_module("lorabench.adapters").ADAPTERS
-        assert callable(get_method(cfg.eval.scorer._target_)) and callable(get_method(cfg.eval.concepts._target_))
+        for adapter in (cfg.protocol.get("adapters") or {}).values():  # keys are the protocol's names for them
+            assert adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
+        for method in (cfg.protocol.get("methods") or {}).values():
+            assert method.adapter in cfg.protocol.adapters
+            assert method.merge.name in importlib.import_module("lorabench.merging").MERGES
+        if cfg.get("eval"):
+            assert callable(get_method(cfg.eval.scorer._target_)) and callable(get_method(cfg.eval.concepts._target_))
+        else:  # the merge job: a top-level merge config
+            assert cfg.merge.name in importlib.import_module("lorabench.merging").MERGES
     elif cfg.get("adapter") is None:  # full training (world_pretrain): the whole UNet trains
         assert experiment == "world_pretrain" and cfg.module.train_text_encoder
     else:
@@ -62,5 +68,7 @@ def test_group_override_check():
     check_group_overrides(["adapter=lora,ortho", "model=sd15", "seed=3", "+experiment=quickstart"])
     with pytest.raises(ConfigError, match="adapter: unknown value 'lora2'"):
         check_group_overrides(["adapter=lora,lora2"])
-    with pytest.raises(ConfigError, match="merge: unknown value 'sum'; valid: none yet"):
-        check_group_overrides(["merge=sum"])  # a protocol group of the defaults list without configs yet
+    with pytest.raises(ConfigError, match="merge: unknown value 'avg'; valid: dare, gradient_fusion"):
+        check_group_overrides(["merge=avg"])
+    with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: none yet"):
+        check_group_overrides(["sequence=naive"])  # a protocol group of the defaults list without configs yet
