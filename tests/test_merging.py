@@ -265,3 +265,17 @@ def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_d
     proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]"], tmp_path)
     assert_one_line_error(proc, tmp_path, "merge.inputs", "trained on another base model")
+
+
+def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(tmp_path, tiny_model_dir):
+    from test_cli import run_cli
+
+    a, _, _ = _adapter_files(tiny_model_dir, tmp_path, 0)
+    _, b, _ = _adapter_files(tiny_model_dir, tmp_path, 1)
+    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+                    "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge=gradient_fusion",
+                    "protocol.prompts=[a sks dog,a photo dog]", "protocol.save_as=unet",
+                    "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [run_dir] = list((tmp_path / "outputs" / "merge_adapters").glob("*"))
+    assert (run_dir / "unet" / "config.json").is_file() and len(list(run_dir.glob("stats-*.safetensors"))) == 2

@@ -152,3 +152,27 @@ def test_sweep_over_methods_shares_trained_cells_and_rebuilds_one_table(tmp_path
     assert all(s["reused"] for s in second["single_rows"])  # the LoRA cells of job 0, not trained again
     md = rebuild(jobs)
     assert "DB-LoRA (FedAvg)" in md and "LoRA gradient fusion (closed form)" in md
+
+
+def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lorabench.protocols.modular import run
+
+    _, out = world_run
+    tables = {}
+    real = WandbLogger.log_table
+
+    def spy(self, key, columns=None, data=None, **kw):
+        tables[key] = (list(columns), len(data))
+        return real(self, key=key, columns=columns, data=data, **kw)
+
+    monkeypatch.setattr(WandbLogger, "log_table", spy)
+    cfg = compose([*SMALL, "trainer.max_steps=40", "protocol.only=ortha_disjoint", "logger=wandb",
+                   f"protocol.cache_dir={out / 'cache' / 'modular'}"], tmp_path)
+    res = run(cfg, tmp_path / "wb")
+    columns, n = tables["modular/crosstalk"]
+    assert columns[:2] == ["method", "layer"] and "interference" in columns
+    assert n == len(res["crosstalk_layers"]["ortha_disjoint"])
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
