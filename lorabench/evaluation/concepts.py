@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from lorabench.errors import ConfigError, choice_error
-from lorabench.world.tasks import ConceptEvalSet
+from lorabench.world.tasks import ConceptEvalSet, without_token
 
 DEFAULT_TEMPLATES = ("a photo of {token} {cls} on the beach", "a photo of {token} {cls} in a forest",
                      "a close-up photo of {token} {cls}, smiling")
@@ -53,5 +53,4 @@ class FolderConceptEval:
         refs = torch.stack([load_image(p, self.resolution) for p in paths])
         refs = (refs + 1) / 2  # the loader gives [-1, 1]; scorers take [0, 1]
         prompts = [t.format(token=c["token"], cls=c["cls"]) for t in [self.prompt, *self.templates]]
-        texts = [" ".join(w for w in p.split() if w != c["token"]) for p in prompts]
-        return ConceptEvalSet(prompts, texts, refs.clamp(0, 1))
+        return ConceptEvalSet(prompts, without_token(prompts, c["token"]), refs.clamp(0, 1))

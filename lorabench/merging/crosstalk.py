@@ -27,6 +27,7 @@ All are computed from the factors and the Gram matrices, never from per-token ac
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Mapping, Sequence
 
 import torch
@@ -119,5 +120,4 @@ def group_crosstalk(updates: Sequence[AdapterUpdate], grams: Sequence[Mapping[st
 def layer_means(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The mean of each measure over layers."""
     keys = sorted({k for row in per_layer.values() for k in row})
-    return {k: sum(row[k] for row in per_layer.values() if k in row) / max(1, sum(k in r for r in per_layer.values()))
-            for k in keys}
+    return {k: statistics.fmean(row[k] for row in per_layer.values() if k in row) for k in keys}

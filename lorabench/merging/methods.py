@@ -34,6 +34,7 @@ separately, which changes what trimming and dropping mean; here they work on the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -94,15 +95,13 @@ def merge(updates: Sequence[AdapterUpdate], config: Mapping, stats: Optional[Seq
             raise ConfigError("merge.stats", f"{method.name} needs one statistics file per adapter "
                               f"({len(updates)}), got {0 if stats is None else len(stats)}")
         kwargs["stats"] = stats
+    options = set(inspect.signature(method.fn).parameters) - {"updates", "stats", "info"}
+    for key in config:
+        if key not in options:
+            raise ConfigError(f"merge.{key}", f"not an option of merge {method.name!r}; valid: {', '.join(sorted(options))}")
     info: dict = {}
     t0 = time.perf_counter()
-    try:
-        deltas = method.fn(updates, info=info, **config, **kwargs)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            bad = str(exc).split("'")[1]
-            raise ConfigError(f"merge.{bad}", f"not an option of merge {method.name!r}") from exc
-        raise
+    deltas = method.fn(updates, info=info, **config, **kwargs)
     return MergeResult(deltas, time.perf_counter() - t0, info)
 
 

@@ -41,8 +41,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.errors import ConfigError
 from lorabench.protocols.single_concept import sample_seeds, score_samples
-from lorabench.protocols.toolkit import (derive_seed_list, eval_device, protocol_inputs, sample_prompts,
+from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, mean_std, protocol_inputs, sample_prompts,
                                          trained_cell, write_protocol_outputs)
+from lorabench.utils.io import atomic_path
 from lorabench.utils.console import CellProgress, quiet_cells
 from lorabench.utils.seeding import derive_seed
 
@@ -147,16 +148,12 @@ def seed_means(rows: Sequence[dict], method: str, key: str) -> list[float]:
     return out
 
 
-def _ms(xs: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)} if xs else {}
-
-
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {key: {mean, std, n}}}``, std over seeds (population)."""
     keys = ["merge_s"] + [f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")] + list(CROSSTALK)
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        out[method] = {k: v for k in keys if (v := _ms(seed_means(rows, method, k)))}
+        out[method] = {k: v for k in keys if (v := mean_std(seed_means(rows, method, k)))}
     return out
 
 
@@ -265,8 +262,6 @@ def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorabench.utils.io import atomic_path
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     for ax, key, title in zip(axes, ("interference", "weight_crosstalk"),
                               ("interference ||dW_j X_i|| / ||dW_i X_i||", "weight crosstalk ||dW_i dW_j^T|| (normalised)")):
@@ -302,18 +297,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
     used = list(dict.fromkeys(m["adapter"] for m in methods.values()))
     cell_cfgs = {a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used}
-    ev = cfg.eval
-    eval_sets = instantiate(ev.concepts)
-    sets = {c: eval_sets(c) for c in concepts}  # unknown concept names fail here, before any training
+    eval_sets, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
     classes = {c: eval_sets.concept_class(c) if hasattr(eval_sets, "concept_class") else "" for c in concepts}
-    scorer = instantiate(ev.scorer)
     refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
-    sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
     cap = OmegaConf.to_container(p.get("capture") or {}, resolve=True)
     capture_sampler = {**sampler_cfg, "num_inference_steps": int(cap.get("num_inference_steps", 10))}
     n_cap = int(cap.get("images_per_prompt", 4))
-    n_img = int(ev.images_per_prompt)
-    device = eval_device(cfg)
     cache_root = Path(str(p.get("cache_dir") or run_dir / "cells"))
     # What each concept's training data sets: the world names it (data.concept); the real path gives
     # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
@@ -336,6 +325,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             updates: dict[tuple[str, str], Any] = {}
             stats: dict[tuple[str, str], dict] = {}
             single: dict[tuple[str, str], dict] = {}
+            group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}
             for a in used:
                 for c in concepts:
                     cell_dir, res, reused = trained_cell(cfg, cell_cfgs[a][c], concept_data[c], seed, cache_root,
@@ -379,7 +369,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     with merged_into(weights, result.deltas):
                         imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, latents, device)
                     merged = score_samples(scorer, imgs, sets[c], n_img, refs[c])
-                    per_layer = group_crosstalk(ups, grams)
+                    if (a, tuple(group)) not in group_ct:  # the same for every method on these adapters
+                        group_ct[a, tuple(group)] = group_crosstalk(ups, grams)
+                    per_layer = {k: dict(v) for k, v in group_ct[a, tuple(group)].items()}
                     err = output_error(updates[a, c], result.deltas, stats[a, c])
                     err_sub = output_error(updates[a, c], result.deltas, stats[a, c], subspace=True)
                     for layer, row in per_layer.items():
@@ -420,8 +412,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                              for layer, v in per.items()])}
     write_protocol_outputs(cfg, run_dir, "modular", out, table, [img for c in concepts for img in panels[c]],
                            tables=tables)
-    from lorabench.utils.io import atomic_path
-
     with atomic_path(run_dir / "table2.csv") as tmp:
         tmp.write_text(table_csv)
     out["table"] = table
@@ -449,8 +439,6 @@ def rebuild(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None
     md, table_csv = table2(rows, labels)
     md += "\n\n" + format_verdicts(verdicts(rows, roles))
     if out_dir is not None:
-        from lorabench.utils.io import atomic_path
-
         out_dir = Path(out_dir)
         for name, text in (("table2.md", md + "\n"), ("table2.csv", table_csv)):
             with atomic_path(out_dir / name) as tmp:

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.protocols.toolkit import (derive_seed_list, eval_device, markdown_table, sample_prompts,
+from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, markdown_table, sample_prompts,
                                          protocol_inputs, summarise_rows, train_cells, training_note,
                                          write_protocol_outputs)
 from lorabench.utils.console import CellProgress, quiet_cells
@@ -80,14 +80,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, zwz")
-    ev = cfg.eval
-    eval_sets = instantiate(ev.concepts)
-    sets = {c: eval_sets(c) for c in concepts}  # unknown concept names fail here, before any training
-    scorer = instantiate(ev.scorer)
+    _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
     refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
-    sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
-    n_img = int(ev.images_per_prompt)
-    device = eval_device(cfg)
 
     rows: list[dict] = []
     grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.protocols.toolkit import (derive_seed_list, eval_device, markdown_table, protocol_inputs,
+from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, markdown_table, protocol_inputs,
                                          sample_prompts, summarise_rows, train_cells, training_note,
                                          write_protocol_outputs)
 from lorabench.utils.console import CellProgress, quiet_cells
@@ -39,13 +39,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     adapters, styles, seeds = protocol_inputs(cfg, "styles", "vango, monex")
-    ev = cfg.eval
-    eval_sets = instantiate(ev.styles)
-    sets = {s: eval_sets(s) for s in styles}  # unknown style names fail here, before any training
-    scorer = instantiate(ev.style_scorer)
-    sampler_cfg = OmegaConf.to_container(ev.sampler, resolve=True)
-    n_img = int(ev.images_per_prompt)
-    device = eval_device(cfg)
+    _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, styles, "styles", "style_scorer")
 
     def seeds_of(seed):
         return derive_seed_list("single-style-samples", seed, n_img)

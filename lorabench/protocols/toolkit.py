@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import statistics
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -41,6 +41,30 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
     return cell
 
 
+class EvalSetup(NamedTuple):
+    """What a protocol scores with, built from ``cfg.eval`` before any training."""
+
+    eval_sets: Any          # callable: item name -> its eval set (prompts, references)
+    sets: dict[str, Any]    # {item: eval set}
+    scorer: Any
+    sampler: dict
+    images_per_prompt: int
+    device: torch.device
+
+
+def eval_setup(cfg: DictConfig, items: Sequence[str], sets_key: str, scorer_key: str) -> EvalSetup:
+    """Instantiate ``eval.<sets_key>`` and ``eval.<scorer_key>`` and build every item's eval set, so an
+    unknown item name fails here, before any training."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ev = cfg.eval
+    eval_sets = instantiate(ev[sets_key])
+    sets = {i: eval_sets(i) for i in items}
+    return EvalSetup(eval_sets, sets, instantiate(ev[scorer_key]), OmegaConf.to_container(ev.sampler, resolve=True),
+                     int(ev.images_per_prompt), eval_device(cfg))
+
+
 def eval_device(cfg: DictConfig) -> torch.device:
     """Sample where the trainer trains (Lightning moves the module back to the CPU after fit)."""
     accel = str(cfg.trainer.get("accelerator", "cpu"))
@@ -59,16 +83,17 @@ def sample_prompts(components, sampler_cfg: dict, prompts: Sequence[str], seeds:
     return sampler([p for p in prompts for _ in seeds], seeds=[s for _ in prompts for s in seeds])
 
 
+def mean_std(xs: Sequence[float]) -> dict[str, float]:
+    """``{mean, std, n}`` with the population std; empty for no values."""
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)} if xs else {}
+
+
 def summarise_rows(rows: list[dict], metrics: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {metric: {mean, std, n}}}`` over all rows of each method; population std."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
-        out[method] = {}
-        for m in metrics:
-            xs = [r[m] for r in sel if r.get(m) is not None]
-            if xs:
-                out[method][m] = {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)}
+        out[method] = {m: v for m in metrics if (v := mean_std([r[m] for r in sel if r.get(m) is not None]))}
     return out
 
 

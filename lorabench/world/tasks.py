@@ -20,6 +20,11 @@ from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, CONCEPT_PROMPT, 
 DEFAULT_CONTEXTS = (("left", "black"), ("top", "gray"), ("right", "white"))
 
 
+def without_token(prompts: Sequence[str], token: str) -> list[str]:
+    """The prompts with the concept token removed: what CLIP-T compares the images with."""
+    return [" ".join(w for w in p.split() if w != token) for p in prompts]
+
+
 @dataclass
 class ConceptEvalSet:
     prompts: list[str]       # what the model is asked, concept token included
@@ -55,7 +60,7 @@ class WorldConceptEval:
         identity = self.world.identity(concept)
         base = CONCEPT_PROMPT.format(token=identity.token, cls=identity.cls)
         prompts = [base] + [f"{base} at {p} on {b}" for p, b in self.contexts]
-        texts = [" ".join(w for w in p.split() if w != identity.token) for p in prompts]
+        texts = without_token(prompts, identity.token)
         items = concept_items(self.world, identity, self.n_references, self.reference_seed)
         return ConceptEvalSet(prompts, texts, to_tensor([img for img, _ in items]))
 
