@@ -73,7 +73,7 @@ def find_config_error(exc: BaseException) -> Optional[ConfigError]:
 def remove_run_dir(run_dir: Path, root: Path) -> None:
     """Delete a failed run's folder and any parents it leaves empty, up to ``root``."""
     run_dir, root = run_dir.resolve(), root.resolve()
-    if root not in run_dir.parents:
+    if root not in run_dir.parents or (run_dir / "state").is_dir():  # a resumable run's state stays
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent

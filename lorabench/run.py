@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -43,13 +43,20 @@ class LossHistory(L.Callback):
         self.losses.append(loss.detach().float().cpu())
 
 
-def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> tuple[dict[str, Any], DiffusionFineTuner]:
-    """Fine-tune one adapter as ``cfg`` says; writes and returns the results dict, and the trained module."""
+def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", components=None,
+          prepare: Optional[Callable[[DiffusionFineTuner], None]] = None,
+          callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, Any], DiffusionFineTuner]:
+    """Fine-tune one adapter as ``cfg`` says; writes and returns the results dict, and the trained module.
+
+    ``components``: train on this model instead of building ``cfg.model`` (a protocol that changes the
+    base weights between runs, e.g. a continual sequence); ``prepare(module)`` runs after the adapter is
+    injected and before fitting (e.g. to initialise it); ``callbacks`` join the trainer's."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    components = instantiate(cfg.model, _convert_="all")
+    if components is None:
+        components = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare()  # fail on bad data before anything heavy happens
     adapter = cfg.get("adapter")
@@ -61,6 +68,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
             raise ConfigError("init_adapter", "needs an adapter (adapter is null: full training)")
         tensors, _ = read_safetensors(cfg.init_adapter)
         module.adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
+    if prepare is not None:
+        prepare(module)
     t_loaded = time.perf_counter()
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -68,7 +77,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
     history = LossHistory()
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history], default_root_dir=str(run_dir),
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history, *callbacks], default_root_dir=str(run_dir),
                           _convert_="all")
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
@@ -82,7 +91,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train") -> t
         if has_val:
             trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     finally:
-        finish_wandb()
+        if (cfg.get("logger") or {}).get("wandb"):
+            finish_wandb()  # this run's own W&B run (a protocol's run stays open)
 
     losses = [float(x) for x in history.losses]
     k = max(1, min(5, len(losses) // 4))

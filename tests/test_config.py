@@ -23,6 +23,10 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
         assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
         for adapter in (cfg.protocol.get("adapters") or {}).values():  # keys are the protocol's names for them
             assert adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
+        if cfg.protocol.get("adapter"):  # the continual protocol trains one adapter type per sequence
+            assert cfg.protocol.adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
+            assert cfg.protocol.method.name in importlib.import_module("lorabench.continual").method_names()
+            assert cfg.sequence.kind in ("objects", "styles") and len(cfg.sequence.tasks) >= cfg.sequence.length
         for method in (cfg.protocol.get("methods") or {}).values():
             assert method.adapter in cfg.protocol.adapters
             assert method.merge.name in importlib.import_module("lorabench.merging").MERGES
@@ -43,6 +47,14 @@ def test_paper_settings(tmp_path):
     assert list(c.adapter.target_modules) == ["to_q", "to_k", "to_v", "to_out.0"] and c.model.resolution == 1024
     o = compose(["experiment=orthoada_chilloutmix_concept"], tmp_path)
     assert (o.adapter.name, o.adapter.rank, o.optim.lr) == ("ortho", 20, 1e-5) and o.adapter.text_encoder_targets
+    s = compose(["experiment=continual/sdxl_objects"], tmp_path)
+    a = s.protocol.adapter
+    assert (a.rank, a.alpha, a.init, s.optim.name, s.optim.lr, s.optim.lr_scheduler) == (64, 64, "gaussian", "adamw8bit",
+                                                                                     1e-5, "constant")
+    assert (s.trainer.max_steps, s.trainer.gradient_clip_val, s.data.batch_size, s.model.resolution) == (850, 1.0, 1, 1024)
+    assert [t.name for t in s.sequence.tasks] == ["sks", "zwz", "sbu", "uwu", "pdw", "twt", "zsn", "ofl", "psq", "cws"]
+    assert (s.eval.images_per_prompt, s.eval.sampler.num_inference_steps) == (8, 50)
+    assert 1 + len(s.eval.concepts.templates) == 5 and set(s.eval.concepts.concepts) == {t.name for t in s.sequence.tasks}
     t = compose(["experiment=trilora_anylora_pokemon"], tmp_path)
     assert (t.adapter.name, t.optim.lr, t.trainer.max_epochs, t.data.max_samples) == ("trilora", 1e-4, 100, 100)
 
@@ -70,5 +82,6 @@ def test_group_override_check():
         check_group_overrides(["adapter=lora,lora2"])
     with pytest.raises(ConfigError, match="merge: unknown value 'avg'; valid: dare, gradient_fusion"):
         check_group_overrides(["merge=avg"])
-    with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: none yet"):
-        check_group_overrides(["sequence=naive"])  # a protocol group of the defaults list without configs yet
+    with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: dreambooth_objects, "
+                       "unlearncanvas_styles, world_objects, world_styles"):
+        check_group_overrides(["sequence=naive"])  # methods are protocol.method.name, not a sequence

@@ -208,8 +208,10 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 
 def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
-                           panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None) -> None:
-    """results.json, table.md, samples.png, and the summary means to every configured logger;
+                           panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None,
+                           loggers: Sequence | None = None, step: int = 0) -> None:
+    """results.json, table.md, samples.png, and the summary means to every configured logger (built
+    here, or the run's own ``loggers`` if it logged along the way, at ``step``), then the W&B run ends;
     ``tables`` (``{key: (columns, rows)}``) go to loggers that take tables (W&B)."""
     from lorabench.loggers import build_loggers, finish_wandb
     from lorabench.utils.io import write_json
@@ -218,12 +220,13 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
     with atomic_path(run_dir / "table.md") as tmp:
         tmp.write_text(table + "\n")
     save_grid(run_dir / "samples.png", panels)
-    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
-                            resolved_config=out["config"])
+    if loggers is None:
+        loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
+                                resolved_config=out["config"])
     try:
         flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
         for lg in loggers:
-            lg.log_metrics(flat, step=0)
+            lg.log_metrics(flat, step=step)
             if hasattr(lg, "log_table"):
                 for key, (columns, data) in (tables or {}).items():
                     lg.log_table(key=f"{name}/{key}", columns=list(columns), data=[list(r) for r in data])

@@ -94,11 +94,13 @@ class WorldStyleEval:
         prompts = [STYLE_PROMPT.format(style=style, object=f"a {c} {k}") for c, k in picked]
         return StyleEvalSet(style, prompts, [f"a {c} {k}" for c, k in picked])
 
+    def references(self, style: str) -> torch.Tensor:
+        """(n_references, 3, H, W): renders of random objects in ``style`` (its part of the gallery)."""
+        s = self.world.style(style)
+        rng = np.random.default_rng(derive_seed("style-gallery", self.world.seed, s.name, self.reference_seed))
+        return to_tensor([render(random_scene(rng, style=s), self.world.resolution, rng)
+                          for _ in range(self.n_references)])
+
     def gallery(self) -> dict[str, torch.Tensor]:
         """``{style: (n_references, 3, H, W)}`` for every experiment style."""
-        out = {}
-        for s in self.world.experiment_styles:
-            rng = np.random.default_rng(derive_seed("style-gallery", self.world.seed, s.name, self.reference_seed))
-            out[s.name] = to_tensor([render(random_scene(rng, style=s), self.world.resolution, rng)
-                                     for _ in range(self.n_references)])
-        return out
+        return {s.name: self.references(s.name) for s in self.world.experiment_styles}

@@ -1,0 +1,13 @@
+"""Low-rank continual personalization: the methods that pass one adapter (or one merged model) from
+task to task (:mod:`lorabench.continual.methods`), and the score matrix, Average Score and Average
+Forgetting as a torchmetrics Metric with the Lightning callback that logs them
+(:mod:`lorabench.continual.metrics`). The protocol is :mod:`lorabench.protocols.continual`."""
+
+from lorabench.continual.methods import (CONTINUAL, ContinualMethod, build_method, magmax_select, method_names,
+                                         orthogonal_columns, register_continual, sign_conflict_ratio)
+from lorabench.continual.metrics import (ContinualEvaluation, ContinualScores, average_score, backward_transfer,
+                                         forgetting, summary)
+
+__all__ = ["CONTINUAL", "ContinualEvaluation", "ContinualMethod", "ContinualScores", "average_score",
+           "backward_transfer", "build_method", "forgetting", "magmax_select", "method_names", "orthogonal_columns",
+           "register_continual", "sign_conflict_ratio", "summary"]

@@ -1,0 +1,696 @@
+"""Continual personalization (Staniszewski, Zaleska, Deja; arXiv 2410.04891): one adapter method over
+a sequence of tasks, every seen task scored after every task.
+
+    lorabench experiment=continual/world_objects protocol.method.name=magmax
+    lorabench --multirun experiment=continual/world_objects protocol.method.name=naive,merge_init,ortho_init,magmax \\
+        sequence.order_seed=0,5,10 seed=0
+    python -m lorabench.protocols.continual outputs/continual --out experiments/continual   # the tables
+
+One run = one method, one task order (``sequence.order_seed``) and one training seed (``seed``):
+
+1. The sequence is resolved and checked before any work: every task's data and evaluation set exist,
+   no token twice, as many tasks as ``sequence.length`` asks, a known method.
+2. The base model is scored on every task (the tables' reference row).
+3. For each task t: the method sets the base weights (``train_deltas``) and initialises a fresh
+   adapter, the task trains (the plain training of :func:`lorabench.run.train`), and at the end of the
+   fit the :class:`~lorabench.continual.metrics.ContinualEvaluation` callback folds the adapter into
+   the method's state and scores tasks 0..t from fixed initial latents and prompts: ``M[j, t]`` per
+   metric (CLIP-I and DINO for objects, CSD and DINO for styles; in the mini world their stand-ins).
+   References are embedded once per task.
+4. The completed task's state (the method's tensors, its score rows, the RNG state) is written
+   atomically to ``<run>/state/task_<t>``. A run killed during task k and started again with the same
+   command resumes at task k, and ends with the same results as an uninterrupted run.
+
+The run folder is fixed by the config (``hydra.run.dir``), so "the same command" finds its state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.continual.methods import build_method, sign_conflict_ratio
+from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
+from lorabench.errors import ConfigError, choice_error
+from lorabench.protocols.toolkit import cell_config, derive_seed_list, eval_device, mean_std, write_protocol_outputs
+from lorabench.utils.io import atomic_dir, atomic_path, write_json
+from lorabench.utils.seeding import derive_seed
+
+KINDS = ("objects", "styles")
+# kind -> (eval set key, {metric: (scorer key, embedder attribute)})
+SUITES = {"objects": ("concepts", {"clip_i": ("scorer", "text_image"), "dino": ("scorer", "identity")}),
+          "styles": ("styles", {"csd": ("style_scorer", "style"), "dino": ("scorer", "identity")})}
+LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "csd": "CSD"}
+# The poster's tables (papers/continual_personalization_poster.txt): (S metric 1, S metric 2, F 1, F 2)
+# as (mean, std); the base model has no forgetting.
+PUBLISHED = {
+    "objects": {"base": ((0.586, None), (0.304, None), None, None),
+                "naive": ((0.670, .013), (0.402, .029), (0.063, .013), (0.144, .039)),
+                "merge_init": ((0.675, .005), (0.457, .011), (0.026, .003), (0.056, .009)),
+                "ortho_init": ((0.673, .014), (0.403, .025), (0.072, .015), (0.162, .033)),
+                "magmax": ((0.643, .002), (0.408, .006), (0.018, .002), (0.036, .006))},
+    "styles": {"base": ((0.088, None), (0.146, None), None, None),
+               "naive": ((0.345, .032), (0.249, .010), (0.184, .039), (0.136, .013)),
+               "merge_init": ((0.385, .019), (0.285, .019), (0.131, .019), (0.085, .021)),
+               "ortho_init": ((0.349, .014), (0.252, .012), (0.204, .013), (0.141, .013)),
+               "magmax": ((0.289, .015), (0.240, .009), (0.093, .013), (0.052, .015))},
+}
+METHOD_LABELS = {"base": "Base model (reference)", "naive": "Naive continual fine-tuning",
+                 "merge_init": "Merge & Initialization", "ortho_init": "Merge & Orthogonal Initialization",
+                 "magmax": "Magnitude-based merging (MagMax-light)", "ortha": "Orthogonal Adaptation in sequence"}
+
+
+# -- the sequence ----------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    index: int
+    name: str                      # the token (objects) or style word (styles)
+    data: dict                     # data-config fields this task sets
+    prompts: list[str]             # evaluation prompts
+    references: torch.Tensor       # (N, 3, H, W) in [0, 1]
+    train_prompt: str = ""
+
+
+def order(names: Sequence[Any], order_seed: Optional[int]) -> list[Any]:
+    """The task order: Python's ``random.shuffle`` seeded with ``order_seed`` (the reference code's
+    shuffle, so an order seed gives the same order as theirs for the same list); ``None`` keeps it."""
+    out = list(names)
+    if order_seed is not None:
+        random.Random(int(order_seed)).shuffle(out)
+    return out
+
+
+def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
+    """``(kind, tasks)`` in training order, each with its evaluation prompts and references; every
+    check of the sequence happens here, before any training."""
+    from hydra.utils import instantiate
+
+    seq = cfg.get("sequence")
+    if not seq:
+        raise ConfigError("sequence", "no sequence; add one, e.g. sequence=world_objects")
+    kind = str(seq.get("kind"))
+    if kind not in KINDS:
+        raise choice_error("sequence.kind", kind, KINDS)
+    entries = OmegaConf.to_container(seq.get("tasks") or [], resolve=True)
+    data_key = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
+    items = []
+    for i, e in enumerate(entries):
+        e = {"name": e} if isinstance(e, str) else dict(e)
+        if not e.get("name"):
+            raise ConfigError(f"sequence.tasks[{i}]", "needs a name (the task's token or style word)")
+        items.append((str(e["name"]), {data_key: str(e["name"]), **dict(e.get("data") or {})}))
+    names = [n for n, _ in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError("sequence.tasks", f"token {dup[0]!r} is listed twice; every task needs its own token")
+    length = int(seq.get("length") or len(items))
+    if length < 1 or len(items) < length:
+        raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
+                          f"give at least {length} tasks or lower sequence.length")
+    items = order(items[:length], seq.get("order_seed"))
+    sets_key, _ = SUITES[kind]
+    if cfg.get("eval") is None or sets_key not in cfg.eval:
+        raise ConfigError(f"eval.{sets_key}", f"a {kind} sequence needs eval.{sets_key}; use e.g. eval=world")
+    eval_sets = instantiate(cfg.eval[sets_key])
+    tasks = []
+    for i, (name, data) in enumerate(items):
+        path = data.get("path")
+        if path is not None and not Path(str(path)).exists():
+            raise ConfigError(f"sequence.tasks.{name}.data.path", f"{path} does not exist; each task needs its images")
+        try:
+            es = eval_sets(name)
+            refs = eval_sets.references(name) if kind == "styles" else es.references
+        except ConfigError as err:
+            raise ConfigError(f"sequence.tasks.{name}", f"no data or evaluation set for this task ({err})") from err
+        tasks.append(Task(i, name, data, list(es.prompts), refs))
+    return kind, tasks
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+class TaskScorer:
+    """Per-image scores of a task's samples: for each metric, the mean cosine of the image's embedding
+    with every reference embedding of the task (the papers' "mean over all (generated, reference)
+    pairs", kept per image so it can be sharded and gathered). References are embedded once per task;
+    ``reference_embeddings`` counts how often that happened."""
+
+    def __init__(self, embedders: Mapping[str, Any], batch_size: int = 256):
+        self.embedders, self.batch_size = dict(embedders), batch_size
+        self.refs: dict[int, dict[str, torch.Tensor]] = {}
+        self.reference_embeddings = 0
+
+    def _embed(self, fn, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]).float()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
+        if task.index not in self.refs:
+            self.refs[task.index] = {m: self._embed(e.embed_images, task.references) for m, e in self.embedders.items()}
+            self.reference_embeddings += 1
+        out = {}
+        for m, e in self.embedders.items():
+            emb = self._embed(e.embed_images, images)
+            out[m] = (emb @ self.refs[task.index][m].T).mean(1).double().cpu()
+        return out
+
+
+def build_scorer(cfg: DictConfig, kind: str) -> TaskScorer:
+    from hydra.utils import instantiate
+
+    _, metrics = SUITES[kind]
+    scorers = {}
+    for key in {k for k, _ in metrics.values()}:
+        if key not in cfg.eval:
+            raise ConfigError(f"eval.{key}", f"a {kind} sequence scores with eval.{key}; use e.g. eval=world")
+        scorers[key] = instantiate(cfg.eval[key])
+    return TaskScorer({m: getattr(scorers[k], attr) for m, (k, attr) in metrics.items()})
+
+
+def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Sequence[int], scorer: TaskScorer,
+                rank: int = 0, world_size: int = 1) -> tuple[dict[str, list], dict[int, torch.Tensor]]:
+    """Sample this rank's share of every task's evaluation images (prompt-major: image k of task j is
+    prompt k // len(seeds) from seed k % len(seeds)) and score them. Returns
+    ``{metric: [(task, indices, values)]}`` and ``{task: images}``."""
+    from lorabench.sampling import Sampler
+
+    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        if part is not None:
+            part.eval()
+    flat = [(t, k, p, s) for t in tasks for k, (p, s) in enumerate((p, s) for p in t.prompts for s in seeds)]
+    mine = flat[rank::world_size]
+    images = Sampler(components, **sampler_cfg)([p for *_, p, _ in mine], seeds=[s for *_, s in mine]) if mine else None
+    scores: dict[str, list] = {m: [] for m in scorer.embedders}
+    by_task: dict[int, torch.Tensor] = {}
+    for t in tasks:
+        pos = [i for i, (tt, *_) in enumerate(mine) if tt is t]
+        if not pos:
+            continue
+        imgs = images[pos]
+        by_task[t.index] = imgs
+        index = torch.tensor([mine[i][1] for i in pos])
+        for m, v in scorer(imgs, t).items():
+            scores[m].append((t.index, index, v))
+    return scores, by_task
+
+
+# -- resume -----------------------------------------------------------------------------------------------
+def fingerprint(cfg: DictConfig) -> str:
+    """A hash of everything that decides a run's results (not where it is written or logged)."""
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in ("model", "data", "optim", "module", "seed", "sequence", "eval") if k in cfg}
+    keep["protocol"] = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                        for k, v in cfg.protocol.items() if k not in ("_target_",)}
+    keep["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                       if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return ({"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]},
+            {"torch": torch.get_rng_state()})
+
+
+def set_rng_state(meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    kind, keys, pos, has_gauss, g = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
+    torch.set_rng_state(tensors["torch"])
+
+
+class SequenceState:
+    """``<run>/state``: ``sequence.json`` (the fingerprint and task order), ``base.json`` (the base
+    model's rows) and one folder per completed task, each written to a temporary folder and renamed."""
+
+    def __init__(self, folder: Path, key: str, tasks: Sequence[str]):
+        self.folder, self.key, self.tasks = Path(folder), key, list(tasks)
+        meta = self.folder / "sequence.json"
+        if meta.is_file():
+            found = json.loads(meta.read_text())
+            if found.get("fingerprint") != key or found.get("tasks") != self.tasks:
+                raise ConfigError("hydra.run.dir", f"{self.folder.parent} holds a sequence run with other settings "
+                                  f"(tasks {found.get('tasks')}); resume it with its own command or give this run "
+                                  "another folder")
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / "sequence.json", {"fingerprint": self.key, "tasks": self.tasks})
+
+    def task_dir(self, t: int) -> Path:
+        return self.folder / f"task_{t:03d}"
+
+    def completed(self) -> int:
+        """How many tasks are complete (consecutive from the first)."""
+        n = 0
+        while (self.task_dir(n) / "record.json").is_file():
+            n += 1
+        return n
+
+    def save_task(self, t: int, method_state: Mapping[str, torch.Tensor], record: dict) -> None:
+        from safetensors.torch import save_file
+
+        meta, tensors = rng_state()
+        with atomic_dir(self.task_dir(t)) as tmp:
+            save_file({k: v.contiguous() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
+            save_file(tensors, str(tmp / "rng.safetensors"))
+            (tmp / "record.json").write_text(json.dumps({**record, "rng": meta}))
+
+    def load_task(self, t: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        d = self.task_dir(t)
+        record = json.loads((d / "record.json").read_text())
+        set_rng_state(record["rng"], load_file(str(d / "rng.safetensors")))
+        return record, load_file(str(d / "method.safetensors"))
+
+    def read_record(self, t: int) -> dict:
+        return json.loads((self.task_dir(t) / "record.json").read_text())
+
+
+def rows_of(scores: Mapping[str, list]) -> dict[str, list]:
+    """Score rows in JSON form: ``{metric: [[task, [indices], [values]]]}``."""
+    return {m: [[int(j), idx.tolist(), vals.tolist()] for j, idx, vals in parts] for m, parts in scores.items()}
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    kind: str
+    tasks: list[Task]
+    method: Any
+    scorer: TaskScorer
+    sampler_cfg: dict
+    seeds: list[int]
+    components: Any = None
+    w0: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+    last_images: dict = field(default_factory=dict)
+
+    def set_weights(self, weights: Mapping[str, torch.Tensor], deltas: Mapping) -> None:
+        """Base weights = W0 + deltas (the exact W0 copy first, so nothing drifts over tasks)."""
+        with torch.no_grad():
+            for k, w in weights.items():
+                w.copy_(self.w0[k].to(w.device, w.dtype).view_as(w))
+            for k, d in deltas.items():
+                d.add_to_(weights[k].data)
+
+    def prepare(self, t: int):
+        from lorabench.merging.updates import adapted_weights
+
+        def hook(module) -> None:
+            weights = adapted_weights(module.adapters)
+            if not self.w0:
+                self.w0 = {k: w.detach().cpu().clone() for k, w in weights.items()}
+            self.set_weights(weights, self.method.train_deltas())
+            self.method.start(module.adapters, t)
+
+        return hook
+
+    def evaluate(self, module, t: int, rank: int, world_size: int) -> dict[str, list]:
+        """The callback's ``evaluate``: fold task t in, then score tasks 0..t on the method's model."""
+        from lorabench.merging.updates import adapted_weights
+
+        t0 = time.perf_counter()
+        adapters = module.adapters
+        before = self.method.eval_deltas()
+        task_vector = self.method.finish(adapters, t)
+        for layer in adapters.layers.values():
+            layer.multiplier = 0.0  # the adapter is folded into the method's state now
+        self.set_weights(adapted_weights(adapters), self.method.eval_deltas())
+        scores, images = score_tasks(self.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds, self.scorer,
+                                     rank, world_size)
+        self.last_images = images
+        self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_of(scores),
+                           "sign_conflict": sign_conflict_ratio(task_vector, before),
+                           "eval_s": time.perf_counter() - t0}
+        return scores
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the sequence ``cfg`` describes (resuming from ``run_dir/state`` when it holds one)."""
+    from hydra.utils import instantiate
+
+    from lorabench.loggers import build_loggers
+    from lorabench.run import train
+    from lorabench.utils.console import CellProgress, quiet_cells
+
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    p = cfg.protocol
+    if cfg.get("adapter"):
+        raise ConfigError("adapter", "this protocol trains protocol.adapter, not adapter; override that instead "
+                          "(e.g. protocol.adapter.rank=8)")
+    if not p.get("adapter"):
+        raise ConfigError("protocol.adapter", "no adapter; add e.g. /adapter@protocol.adapter: lora")
+    method = build_method(OmegaConf.to_container(p.method, resolve=True) if p.get("method") else {})
+    kind, tasks = resolve_sequence(cfg)
+    scorer = build_scorer(cfg, kind)
+    n_img = int(cfg.eval.images_per_prompt)
+    adapter_cfgs = [method.adapter_config(OmegaConf.to_container(p.adapter, resolve=True), t, len(tasks))
+                    for t in range(len(tasks))]
+    state = SequenceState(run_dir / "state", fingerprint(cfg), [t.name for t in tasks])
+    seed = int(cfg.seed)
+    sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
+    r = Run(cfg, run_dir, kind, tasks, method, scorer, sampler_cfg,
+            derive_seed_list("continual-eval", int(p.get("eval_seed", 0)), n_img))
+    device = eval_device(cfg)
+    names = list(SUITES[kind][1])
+    metric = ContinualScores(names, len(tasks))
+
+    state.start()
+    done = state.completed()
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
+                            resolved_config=OmegaConf.to_container(cfg, resolve=True))
+    callback = ContinualEvaluation(metric, r.evaluate, loggers, [t.name for t in tasks])
+    progress = CellProgress(len(tasks) + 1, desc=f"continual {method.name}")
+    with quiet_cells():
+        r.components = instantiate(cfg.model, _convert_="all")
+        r.components.unet.to(device)
+        base_file = state.folder / "base.json"
+        if base_file.is_file():
+            base = json.loads(base_file.read_text())
+        else:
+            scores, _ = score_tasks(r.components, sampler_cfg, tasks, r.seeds, scorer)
+            base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
+            write_json(base_file, base)
+        progress.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
+        for t in range(done):  # replay the completed tasks
+            rec = state.read_record(t)
+            r.records[t] = {k: v for k, v in rec.items() if k != "rng"}
+            for m, parts in rec["rows"].items():
+                for j, idx, vals in parts:
+                    metric.update(m, j, t, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
+            progress.done(f"task {t + 1} ({rec['name']}): resumed from {state.task_dir(t)}")
+        if done:
+            _, method_state = state.load_task(done - 1)
+            method.load_state_dict(method_state)
+        for t in range(done, len(tasks)):
+            task = tasks[t]
+            task_dir = run_dir / "tasks" / f"{t:02d}-{task.name}"
+            tcfg = cell_config(cfg, OmegaConf.create(adapter_cfgs[t]), task.data,
+                               derive_seed("continual-task", seed, t) % (2 ** 31), task_dir)
+            callback.task = t
+            results, module = train(tcfg, task_dir, config_name=f"{method.name}/{task.name}",
+                                    components=r.components, prepare=r.prepare(t), callbacks=[callback])
+            module.adapters.remove()
+            r.set_weights(_weights(r.components, r.w0), {})
+            r.records[t].update(train_s=results["timings"]["fit_s"], steps=results["metrics"]["steps"])
+            state.save_task(t, method.state_dict(), r.records[t])
+            del module
+            m = metric.matrices()
+            progress.done(f"task {t + 1} ({task.name}): " + ", ".join(
+                f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in names)
+                + f" ({results['metrics']['steps']} steps, {results['timings']['fit_s']:.0f} s train, "
+                f"{r.records[t]['eval_s']:.0f} s eval)")
+        if not r.last_images:  # a finished run started again: show the final model's samples
+            r.set_weights(_weights(r.components, r.w0), method.eval_deltas())
+            _, r.last_images = score_tasks(r.components, sampler_cfg, tasks, r.seeds, scorer)
+            r.set_weights(_weights(r.components, r.w0), {})
+    progress.close()
+
+    out = results_dict(cfg, kind, tasks, method, metric, base, r.records, seed, time.perf_counter() - t_start)
+    table = run_table(out)
+    fig = heatmap(metric.matrices(), [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, "
+                  f"seed {seed}")
+    with atomic_path(run_dir / "score_matrix.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    panels = [r.last_images[t.index][:2 * n_img] for t in tasks if t.index in r.last_images]
+    write_protocol_outputs(cfg, run_dir, "continual", out, table, panels, loggers=loggers, step=len(tasks))
+    out["table"] = table
+    return out
+
+
+def _weights(components, w0: Mapping) -> dict[str, torch.Tensor]:
+    from lorabench.merging.updates import model_weights
+
+    return model_weights(components, list(w0))
+
+
+def average(m: torch.Tensor) -> float:
+    return summary(m)["average_score"]
+
+
+def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s) -> dict:
+    mats = metric.matrices()
+    t_n = len(tasks)
+    curves = {n: {q: [summary(m[:t + 1, :t + 1])[q] for t in range(m.shape[0])] for q in summary(m)}
+              for n, m in mats.items()}
+    final = {n: summary(m) for n, m in mats.items()}
+    method_name = method.name
+    return {
+        "protocol": "continual", "kind": kind, "method": method_name,
+        "method_config": OmegaConf.to_container(cfg.protocol.method, resolve=True),
+        "adapter": OmegaConf.to_container(cfg.protocol.adapter, resolve=True),
+        "order_seed": cfg.sequence.get("order_seed"), "seed": seed, "seeds": [seed],
+        "tasks": [t.name for t in tasks], "metrics": list(mats), "num_tasks": t_n,
+        "matrices": {n: [[None if math.isnan(x) else x for x in row] for row in m.tolist()] for n, m in mats.items()},
+        "final": final, "curves": curves,
+        "base": {n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
+        "sign_conflict": [records[t].get("sign_conflict") for t in range(t_n)],
+        "timings": {"train_s": [records[t].get("train_s") for t in range(t_n)],
+                    "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": total_s},
+        "summary": {method_name: {f"{n}/{q}": mean_std([v]) for n, s in final.items() for q, v in s.items()
+                                  if not math.isnan(v)}},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def run_table(out: dict) -> str:
+    names = out["metrics"]
+    head = ["model", *[f"S {LABELS.get(n, n)}" for n in names], *[f"F {LABELS.get(n, n)}" for n in names],
+            *[f"F textbook {LABELS.get(n, n)}" for n in names], *[f"BWT {LABELS.get(n, n)}" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = ["base model", *[f"{out['base'][n]['average_score']:.3f}" for n in names]] + ["-"] * (3 * len(names))
+    lines.append("| " + " | ".join(base) + " |")
+    f = out["final"]
+    row = [out["method"], *[f"{f[n]['average_score']:.3f}" for n in names], *[f"{f[n]['forgetting_ref']:.3f}" for n in names],
+           *[f"{f[n]['forgetting']:.3f}" for n in names], *[f"{f[n]['backward_transfer']:.3f}" for n in names]]
+    lines.append("| " + " | ".join(row) + " |")
+    note = (f"{out['kind']}, {out['num_tasks']} tasks in order {', '.join(out['tasks'])} (order seed "
+            f"{out['order_seed']}, training seed {out['seed']}). S: Average Score after the last task; F: Average "
+            "Forgetting as the reference code computes it (divided by T); F textbook: divided by T - 1, last task "
+            "left out; BWT: backward transfer.")
+    return "\n".join(lines) + "\n\n" + note
+
+
+# -- tables, verdicts and the sign-conflict plot, rebuilt from results.json files -----------------------------
+PAPER_METHODS = ("naive", "merge_init", "ortho_init", "magmax")
+MIN_RUNS = 3
+
+
+def collect(paths: Sequence[str | Path]) -> list[dict]:
+    """Every continual results.json under ``paths`` (files or folders, searched recursively)."""
+    found = []
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(p.rglob("results.json"))
+        for f in files:
+            data = json.loads(f.read_text())
+            if data.get("protocol") == "continual":
+                data["_path"] = str(f)
+                found.append(data)
+    return found
+
+
+def aggregate(results: Sequence[dict]) -> dict:
+    """``{kind: {method: {"S"|"F"|"F_textbook"|"BWT": {metric: {mean, std, n}}, "runs": [...]}}}`` with the
+    population std over runs (order seed x training seed); the base model's row under ``"base"``."""
+    out: dict = {}
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        rows = [r for r in results if r["kind"] == kind]
+        names = rows[0]["metrics"]
+        agg = {"base": {"S": {n: mean_std([r["base"][n]["average_score"] for r in rows]) for n in names},
+                        "runs": sorted({(r["order_seed"], r["seed"]) for r in rows})}}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["method"] == method]
+            agg[method] = {q: {n: mean_std([r["final"][n][key] for r in sel]) for n in names}
+                           for q, key in (("S", "average_score"), ("F", "forgetting_ref"),
+                                          ("F_textbook", "forgetting"), ("BWT", "backward_transfer"))}
+            agg[method]["runs"] = sorted((r["order_seed"], r["seed"]) for r in sel)
+            agg[method]["total_s"] = mean_std([r["timings"]["total_s"] for r in sel])
+        out[kind] = {"metrics": names, "methods": agg}
+    return out
+
+
+def _fmt(v: Optional[dict]) -> str:
+    return "-" if not v else f"{v['mean']:.3f} +- {v['std']:.3f}"
+
+
+def _pub(v) -> str:
+    if v is None:
+        return "-"
+    mean, std = v
+    return f"{mean:.3f}" + (f" +- {std:.3f}" if std is not None else "")
+
+
+def render_table(kind: str, agg: dict) -> tuple[str, list[list]]:
+    """Markdown (measured, then the published side table) and CSV rows for one kind."""
+    names, methods = agg["metrics"], agg["methods"]
+    lab = [LABELS.get(n, n) for n in names]
+    head = ["method", "runs", *[f"S {x}" for x in lab], *[f"F {x}" for x in lab], *[f"F textbook {x}" for x in lab],
+            *[f"BWT {x}" for x in lab], "run s"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv = [["kind", "method", "quantity", "metric", "mean", "std", "n"]]
+    for method, a in methods.items():
+        label = METHOD_LABELS.get(method, method)
+        if method == "base":
+            cells = [label, str(len(a["runs"])), *[_fmt(a["S"][n]) for n in names], *["-"] * (3 * len(names)), "-"]
+        else:
+            cells = [label, str(len(a["runs"])), *[_fmt(a[q][n]) for q in ("S", "F", "F_textbook", "BWT") for n in names],
+                     f"{a['total_s']['mean']:.0f}"]
+        md.append("| " + " | ".join(cells) + " |")
+        for q in ("S", "F", "F_textbook", "BWT"):
+            for n in names:
+                v = a.get(q, {}).get(n)
+                if v:
+                    csv.append([kind, method, q, n, v["mean"], v["std"], v["n"]])
+    pub = PUBLISHED.get(kind, {})
+    md += ["", f"Published ({'objects' if kind == 'objects' else 'styles'} table of the poster; SDXL, rank 64, "
+           "8 runs: order seeds {0, 5, 10, 42} x training seeds {0, 5}):", "",
+           "| method | " + " | ".join([*[f"S {x}" for x in lab], *[f"F {x}" for x in lab]]) + " |",
+           "|" + "---|" * (1 + 2 * len(names))]
+    for method, vals in pub.items():
+        md.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(_pub(v) for v in vals) + " |")
+    note = ("S: Average Score after the last task; F: Average Forgetting as the reference code computes it "
+            "(divided by T, the paper's numbers); F textbook: divided by T - 1, last task left out; BWT: backward "
+            "transfer. Mean +- population std over runs (order seed x training seed).")
+    return "\n".join(md) + "\n\n" + note, csv
+
+
+def verdicts(agg: dict) -> list[dict]:
+    """The paper's directional claims, by criteria fixed here (means over runs, both metrics of a table):
+
+    - naive forgets more than merge_init: F(naive) > F(merge_init);
+    - magmax forgets least, at some cost in score: the lowest F of the four paper methods, and an S
+      below the best method's S on at least one metric;
+    - ortho_init is no better than naive: F(ortho_init) >= F(naive) - std and S(ortho_init) <=
+      S(naive) + std (naive's std over runs).
+
+    Fewer than 3 runs of a method involved: inconclusive."""
+    out = []
+    for kind, a in agg.items():
+        names, m = a["metrics"], a["methods"]
+
+        def have(*methods):
+            return all(x in m and len(m[x]["runs"]) >= MIN_RUNS for x in methods)
+
+        def f(x, n):
+            return m[x]["F"][n]["mean"]
+
+        def s(x, n):
+            return m[x]["S"][n]["mean"]
+
+        def numbers(methods):
+            return "; ".join(f"{x}: " + ", ".join(f"S {LABELS.get(n, n)} {_fmt(m[x]['S'][n])}, F {LABELS.get(n, n)} "
+                                                  f"{_fmt(m[x]['F'][n])}" for n in names) for x in methods if x in m)
+
+        claims = [
+            ("naive forgets more than merge_init", ("naive", "merge_init"),
+             lambda: all(f("naive", n) > f("merge_init", n) for n in names)),
+            ("magmax forgets least, at some cost in score", PAPER_METHODS,
+             lambda: all(f("magmax", n) <= min(f(x, n) for x in PAPER_METHODS) for n in names)
+             and any(s("magmax", n) < max(s(x, n) for x in PAPER_METHODS) for n in names)),
+            ("ortho_init is no better than naive", ("naive", "ortho_init"),
+             lambda: all(f("ortho_init", n) >= f("naive", n) - m["naive"]["F"][n]["std"]
+                         and s("ortho_init", n) <= s("naive", n) + m["naive"]["S"][n]["std"] for n in names)),
+        ]
+        for claim, methods, test in claims:
+            if not have(*methods):
+                verdict = f"inconclusive (fewer than {MIN_RUNS} runs of {', '.join(x for x in methods if not have(x))})"
+            else:
+                verdict = "reproduced" if test() else "not reproduced"
+            out.append({"kind": kind, "claim": claim, "verdict": verdict, "numbers": numbers(methods)})
+    return out
+
+
+def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
+    """The paper's Fig. 2: the norm of the parameters of task t's change that oppose the sign of what
+    was handed on, over the norm of the change, per task and method (mean +- std over runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for method in dict.fromkeys(r["method"] for r in results if r["kind"] == kind):
+            runs = [r["sign_conflict"] for r in results if r["kind"] == kind and r["method"] == method]
+            arr = np.array([[np.nan if v is None else v for v in run] for run in runs], dtype=float)
+            x = np.arange(1, arr.shape[1] + 1)
+            mean, std = np.nanmean(arr, 0), np.nanstd(arr, 0)
+            ax.plot(x, mean, marker="o", label=method)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("task")
+        ax.set_ylabel("||opposed|| / ||task change||")
+        ax.set_title(f"sign conflicts ({kind})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def rebuild(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Tables (markdown + CSV per kind), verdicts and the sign-conflict plot from results.json files."""
+    import csv as csvlib
+    import io
+
+    results = collect(paths)
+    if not results:
+        raise ConfigError("paths", f"no continual results.json under {', '.join(map(str, paths))}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(results)
+    written = {}
+    for kind, a in agg.items():
+        md, rows = render_table(kind, a)
+        with atomic_path(out_dir / f"table_{kind}.md") as tmp:
+            tmp.write_text(md + "\n")
+        buf = io.StringIO()
+        csvlib.writer(buf).writerows(rows)
+        with atomic_path(out_dir / f"table_{kind}.csv") as tmp:
+            tmp.write_text(buf.getvalue())
+        written[kind] = md
+    v = verdicts(agg)
+    write_json(out_dir / "verdicts.json", v)
+    sign_conflict_plot(results, out_dir / "sign_conflicts.png")
+    return {"tables": written, "verdicts": v, "aggregate": agg, "runs": [r["_path"] for r in results]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.continual",
+                                     description="Rebuild the continual tables and verdicts from run folders.")
+    parser.add_argument("paths", nargs="+", help="run folders or results.json files (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for table_<kind>.md/.csv, verdicts.json, sign_conflicts.png")
+    args = parser.parse_args(argv)
+    try:
+        out = rebuild(args.paths, args.out)
+    except ConfigError as err:
+        print(f"lorabench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for kind, md in out["tables"].items():
+        print(f"\n## {kind}\n\n{md}")
+    print("\n" + "\n".join(f"- {v['kind']}: {v['claim']}: **{v['verdict']}** ({v['numbers']})" for v in out["verdicts"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Continual personalization: the formulas, the Metric (one process = two DDP ranks), MagMax and
+Merge & Orthogonal Init against independent re-implementations, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.continual import (ContinualScores, average_score, backward_transfer, build_method, forgetting,
+                                 magmax_select, orthogonal_columns, sign_conflict_ratio)
+from lorabench.errors import ConfigError
+from tests.test_cli import assert_one_line_error, run_cli
+
+NAN = math.nan
+
+
+# -- formulas --------------------------------------------------------------------------------------------
+def test_formulas_on_a_hand_computed_matrix():
+    # Task 0 peaks after task 1 (0.7), not right after its own training (0.5).
+    m = torch.tensor([[0.5, 0.7, 0.4], [NAN, 0.6, 0.5], [NAN, NAN, 0.8]])
+    assert average_score(m) == pytest.approx((0.4 + 0.5 + 0.8) / 3)
+    assert forgetting(m, "reference") == pytest.approx(((0.7 - 0.4) + (0.6 - 0.5) + 0.0) / 3)
+    assert forgetting(m, "textbook") == pytest.approx(((0.7 - 0.4) + (0.6 - 0.5)) / 2)
+    assert backward_transfer(m) == pytest.approx(((0.4 - 0.5) + (0.5 - 0.6)) / 2)
+
+
+def test_textbook_forgetting_leaves_the_final_column_out_of_the_max():
+    m = torch.tensor([[0.3, 0.6], [NAN, 0.7]])  # task 0 improved: no forgetting by the reference's max
+    assert forgetting(m, "reference") == pytest.approx(0.0)
+    assert forgetting(m, "textbook") == pytest.approx(0.3 - 0.6)
+    assert math.isnan(forgetting(m[:1, :1], "textbook")) and forgetting(m[:1, :1], "reference") == 0.0
+    with pytest.raises(ValueError, match="textbook, reference"):
+        forgetting(m, "other")
+
+
+def _rows(seed=0, tasks=3, per=6):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for after in range(tasks):
+        for task in range(after + 1):
+            for name in ("clip_i", "dino"):
+                out.append((name, task, after, torch.arange(per), torch.rand(per, generator=g, dtype=torch.float64)))
+    return out
+
+
+def test_metric_matrix_is_the_mean_of_per_image_scores_and_drops_duplicates():
+    rows = _rows()
+    metric = ContinualScores(["clip_i", "dino"], 3)
+    for name, task, after, idx, vals in rows:
+        metric.update(name, task, after, idx, vals)
+    name, task, after, idx, vals = rows[0]
+    metric.update(name, task, after, idx[:2], vals[:2])  # a padded duplicate of two images
+    mats = metric.matrices()
+    for name, task, after, idx, vals in rows:
+        assert mats[name][task, after].item() == pytest.approx(vals.mean().item(), rel=1e-12)
+    assert torch.isnan(mats["dino"][2, 0]) and mats["dino"].shape == (3, 3)
+    out = metric.compute()
+    assert out["clip_i/average_score"] == pytest.approx(average_score(mats["clip_i"]))
+    assert out["dino/forgetting_ref"] == pytest.approx(forgetting(mats["dino"], "reference"))
+    with pytest.raises(ValueError, match="task"):
+        metric.update("dino", 2, 1, idx, vals)
+
+
+def _ddp_worker(rank, world, init_file, rows, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    metric = ContinualScores(["clip_i", "dino"], 3)
+    for name, task, after, idx, vals in rows:  # each rank holds every other image (its shard)
+        metric.update(name, task, after, idx[rank::world], vals[rank::world])
+    values = metric.compute()
+    mats = {k: torch.nan_to_num(v, nan=-1.0).tolist() for k, v in metric.matrices().items()}  # every rank calls it
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"values": values, "mats": mats}))
+    dist.destroy_process_group()
+
+
+def test_metric_is_identical_in_one_process_and_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    rows = _rows(seed=3)
+    single = ContinualScores(["clip_i", "dino"], 3)
+    for name, task, after, idx, vals in rows:
+        single.update(name, task, after, idx, vals)
+    out_file = tmp_path / "ddp.json"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), rows, str(out_file)), nprocs=2, join=True)
+    ddp = json.loads(out_file.read_text())
+    assert ddp["values"] == single.compute()  # bit for bit
+    assert ddp["mats"] == {k: torch.nan_to_num(v, nan=-1.0).tolist() for k, v in single.matrices().items()}
+
+
+# -- methods against independent re-implementations ---------------------------------------------------------
+def test_magmax_matches_an_independent_reimplementation_with_ties_to_the_newer_task():
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(6, 5, generator=g) for _ in range(4)]
+    deltas[2][0, 0] = -deltas[1][0, 0]  # a tie in magnitude with opposite sign: the newer task wins
+    deltas[3][1, 1] = deltas[0][1, 1].abs()
+    merged = deltas[0]
+    for d in deltas[1:]:
+        merged = magmax_select(merged, d)
+    stack = np.stack([d.numpy() for d in deltas])
+    mags = np.abs(stack)
+    # independent: the last task index that reaches the element's maximum magnitude
+    last = len(deltas) - 1 - np.argmax(mags[::-1] == mags.max(0), axis=0)
+    expected = np.take_along_axis(stack, last[None], 0)[0]
+    np.testing.assert_array_equal(merged.numpy(), expected)
+    assert merged[0, 0] == deltas[2][0, 0] or abs(deltas[2][0, 0]) < max(abs(deltas[3][0, 0]), abs(deltas[0][0, 0]))
+
+
+def test_orthogonal_columns_match_numpy_per_column_svd():
+    g = torch.Generator().manual_seed(1)
+    down = torch.randn(2, 7, generator=g)
+    new = orthogonal_columns(down)
+    for j in range(down.shape[1]):
+        _, _, vh = np.linalg.svd(down[:, j].double().numpy()[None, :])
+        ref = vh[-1]  # r = 2: unique up to sign
+        got = new[:, j].double().numpy()
+        assert min(np.abs(got - ref).max(), np.abs(got + ref).max()) < 1e-6
+    down4 = torch.randn(4, 9, generator=g)
+    new4 = orthogonal_columns(down4)
+    assert torch.allclose(new4.norm(dim=0), torch.ones(9), atol=1e-6)
+    assert (new4 * down4).sum(0).abs().max() < 1e-5
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, up, down, scale=1.0):
+        super().__init__()
+        self.lora_up, self.lora_down = torch.nn.Parameter(up.clone()), torch.nn.Parameter(down.clone())
+        self.scale, self.multiplier, self.is_conv = scale, 1.0, False
+
+    def factors(self):
+        return self.lora_up, self.lora_down
+
+
+class _Adapters:
+    adapter_type = "lora"
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def state_dict(self):
+        return {f"{k}.{n}": p.detach() for k, layer in self.layers.items() for n, p in layer.named_parameters()}
+
+    def load_state_dict(self, tensors, source=""):
+        for k, layer in self.layers.items():
+            for n, p in layer.named_parameters():
+                p.data.copy_(tensors[f"{k}.{n}"])
+
+
+def test_ortho_init_matches_an_independent_reimplementation():
+    g = torch.Generator().manual_seed(2)
+    r, n_in, n_out, scale = 3, 8, 5, 0.5
+    method = build_method({"name": "ortho_init"})
+    ups, downs = [], []
+    for t in range(3):
+        ad = _Adapters({"l": _Layer(torch.zeros(n_out, r), torch.randn(r, n_in, generator=g), scale)})
+        method.start(ad, t)
+        layer = ad.layers["l"]
+        if t > 0:  # the new down is orthogonal, column by column, to the running sum of downs
+            prev = np.sum([d.numpy() for d in downs], axis=0)
+            got = layer.lora_down.detach().numpy()
+            assert np.allclose(np.linalg.norm(got, axis=0), 1.0, atol=1e-6)
+            assert np.abs((got * prev).sum(0)).max() < 1e-5
+            assert np.abs(layer.lora_up.detach().numpy()).max() == 0
+        with torch.no_grad():  # "training"
+            layer.lora_up.add_(torch.randn(n_out, r, generator=g))
+            layer.lora_down.add_(0.1 * torch.randn(r, n_in, generator=g))
+        ups.append(layer.lora_up.detach().clone())
+        downs.append(layer.lora_down.detach().clone())
+        task = method.finish(ad, t)
+        np.testing.assert_allclose(task["l"].numpy(), scale * ups[-1].numpy() @ downs[-1].numpy(), rtol=1e-5, atol=1e-6)
+    # the model: W0 + scale * (sum up)(sum down), cross terms included
+    expected = scale * np.sum([u.numpy() for u in ups], 0) @ np.sum([d.numpy() for d in downs], 0)
+    np.testing.assert_allclose(method.eval_deltas()["l"].to_dense().numpy(), expected, rtol=1e-5, atol=1e-5)
+    again = build_method({"name": "ortho_init"})
+    again.load_state_dict(method.state_dict())
+    assert torch.equal(again.eval_deltas()["l"].to_dense(), method.eval_deltas()["l"].to_dense())
+
+
+def test_merge_init_magmax_and_naive_states():
+    g = torch.Generator().manual_seed(4)
+    pairs = [(torch.randn(4, 2, generator=g), torch.randn(2, 6, generator=g)) for _ in range(3)]
+    mi, mm, nv = (build_method({"name": n}) for n in ("merge_init", "magmax", "naive"))
+    for t, (u, d) in enumerate(pairs):
+        for m in (mi, mm):
+            m.finish(_Adapters({"l": _Layer(u, d)}), t)
+        nv.start(_Adapters({"l": _Layer(u, d)}), t)
+        nv.finish(_Adapters({"l": _Layer(u, d)}), t)
+    dense = [u @ d for u, d in pairs]
+    assert torch.allclose(mi.eval_deltas()["l"].to_dense(), sum(dense), atol=1e-6)
+    assert torch.equal(mm.eval_deltas()["l"].to_dense(), magmax_select(magmax_select(dense[0], dense[1]), dense[2]))
+    assert torch.equal(nv.eval_deltas()["l"].to_dense(), dense[-1])
+    assert sign_conflict_ratio({"l": dense[1]}, {}) is None
+    ratio = sign_conflict_ratio({"l": dense[1]}, mi.eval_deltas())
+    opposed = (torch.sign(dense[1]) * torch.sign(sum(dense))) < 0
+    assert ratio == pytest.approx(float(dense[1][opposed].norm() / dense[1].norm()))
+
+
+def test_unknown_method_and_option_are_config_errors():
+    with pytest.raises(ConfigError, match="protocol.method.name: unknown value 'magmix'.*magmax"):
+        build_method({"name": "magmix"})
+    with pytest.raises(ConfigError, match="protocol.method.lr: not an option of 'magmax'; valid: lam"):
+        build_method({"name": "magmax", "lr": 1})
+    assert build_method({"name": "merge:ties", "merge_options": {"density": 0.5}}).name == "merge:ties"
+
+
+# -- the protocol: resume and bad input -----------------------------------------------------------------------
+SHORT = ["experiment=continual/world_objects", "sequence.length=3", "trainer.max_steps=12",
+         "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=3", "eval.concepts.n_references=2",
+         "eval.concepts.contexts=[[left,black]]", "protocol.method.name=ortho_init"]
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline", "LORABENCH_OUTPUTS": str(cwd / "outputs")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return [sys.executable, "-m", "lorabench", *args], env
+
+
+def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir(), kill_dir.mkdir()
+    cmd, env = _cli(SHORT, ref_dir)
+    done = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = Path("outputs/continual/world_objects/ortho_init/order0-seed0/results.json")  # fixed by the config
+    ref = ref_dir / run
+    ref = json.loads(ref.read_text())
+
+    cmd, env = _cli(SHORT, kill_dir)
+    proc = subprocess.Popen(cmd, cwd=kill_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    run_dirs = []
+    while time.time() < deadline and proc.poll() is None:  # kill once task 2 (index 1) is training
+        run_dirs = list((kill_dir / "outputs").rglob("state"))
+        if run_dirs and (run_dirs[0] / "task_000" / "record.json").is_file() and \
+                list((run_dirs[0].parent / "tasks").glob("01-*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed mid-task"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = run_dirs[0]
+    assert (state / "task_000" / "record.json").is_file() and not (state / "task_001").exists()
+
+    again = subprocess.run(cmd, cwd=kill_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stdout + again.stderr
+    res = json.loads((kill_dir / run).read_text())
+    assert res["matrices"] == ref["matrices"] and res["base"] == ref["base"]
+    assert res["sign_conflict"] == ref["sign_conflict"]
+    assert res["tasks"] == ref["tasks"] and len(res["tasks"]) == 3
+
+
+@pytest.mark.parametrize("override,fragments", [
+    (["sequence.tasks=[sks,zwz,sks]", "sequence.length=3"], ("sequence.tasks", "'sks' is listed twice")),
+    (["sequence.tasks=[sks,nope]", "sequence.length=2"], ("sequence.tasks.nope", "no data")),
+    (["sequence.length=12"], ("sequence.length", "asks for 12 tasks", "lists 10")),
+    (["protocol.method.name=magmix"], ("protocol.method.name", "unknown value 'magmix'", "merge_init")),
+])
+def test_bad_sequences_fail_in_one_line_before_training(tmp_path, override, fragments):
+    proc = run_cli(["experiment=continual/world_objects", *override], tmp_path)
+    assert_one_line_error(proc, tmp_path, *fragments)
+
+
+def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
+    proc = run_cli(["experiment=continual/world_objects", "sequence.length=1",
+                    "sequence.tasks=[{name: sks, data: {path: /nonexistent/dog}}]"], tmp_path)
+    assert_one_line_error(proc, tmp_path, "sequence.tasks.sks.data.path", "/nonexistent/dog does not exist")
