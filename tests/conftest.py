@@ -77,3 +77,25 @@ def tiny_overrides(model_dir: Path, steps: int = 20) -> list[str]:
     """Shrink any experiment to the tiny saved model, loaded through model/sd15's loader."""
     return ["model=sd15", f"model.pretrained={model_dir}", "model.name=tiny", "model.resolution=16",
             f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_metric_models(tmp_path_factory) -> tuple[Path, Path]:
+    """(clip_dir, vit_dir): a tiny CLIP (with tokenizer) and a tiny ViT saved in transformers layout,
+    what ``eval.scorer.clip`` / ``eval.scorer.identity`` point at in full-scale dry runs."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+
+    from lorabench.models.tiny import write_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("metric_models")
+    clip_dir, vit_dir = root / "clip", root / "vit"
+    write_clip_tokenizer(str(clip_dir), words=["a", "photo", "of", "person", "dog", "cat"], max_length=16)
+    vocab = len(CLIPTokenizer.from_pretrained(str(clip_dir)).get_vocab())
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                          num_hidden_layers=1, max_position_embeddings=16),
+                         vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                            num_hidden_layers=1, image_size=32, patch_size=8),
+                         projection_dim=16)).save_pretrained(str(clip_dir))
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(str(vit_dir))
+    return clip_dir, vit_dir

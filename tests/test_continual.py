@@ -276,3 +276,159 @@ def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
     proc = run_cli(["experiment=continual/world_objects", "sequence.length=1",
                     "sequence.tasks=[{name: sks, data: {path: /nonexistent/dog}}]"], tmp_path)
     assert_one_line_error(proc, tmp_path, "sequence.tasks.sks.data.path", "/nonexistent/dog does not exist")
+
+
+def test_full_scale_objects_config_dry_run_on_a_tiny_saved_sdxl_model(tmp_path, tiny_metric_models):
+    """continual/sdxl_objects end to end on a tiny saved SDXL-shaped model, toy subject folders and tiny
+    CLIP / ViT metric models: sizes, precision and the 8-bit optimiser (bitsandbytes needs CUDA) are
+    overridden, the rest is the full-scale config."""
+    from lorabench.data import write_toy_dataset
+    from lorabench.models import build_tiny_components, save_components
+
+    save_components(build_tiny_components(sdxl=True, with_vae=True), tmp_path / "sdxl")
+    data = tmp_path / "dreambooth"
+    for i, subject in enumerate(("dog", "cat", "backpack")):
+        write_toy_dataset(data / subject, n=2, resolution=16, seed=i)
+    clip_dir, vit_dir = tiny_metric_models
+    args = ["experiment=continual/sdxl_objects", f"model.pretrained={tmp_path / 'sdxl'}", "model.vae=null",
+            "model.variant=null", "model.dtype=float32", "model.resolution=16", "trainer=cpu", "trainer.precision=32",
+            "trainer.max_steps=2", "optim.name=adamw", "protocol.adapter.rank=2", "protocol.adapter.alpha=2",
+            "protocol.method.name=magmax", f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}",
+            "eval.scorer.device=cpu", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
+            "eval.images_per_prompt=1"]
+    env = {"DREAMBOOTH_DATA": str(data)}
+    # the 4th subject (teapot) has no folder: caught before any training, nothing left behind
+    assert_one_line_error(run_cli([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
+                          "sequence.tasks.uwu.data.path", "teapot does not exist")
+    proc = run_cli([*args, "sequence.length=3"], tmp_path, env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [res] = list((tmp_path / "outputs").glob("continual/sdxl_objects/magmax/order0-seed0/results.json"))
+    out = json.loads(res.read_text())
+    assert out["metrics"] == ["clip_i", "dino"] and len(out["tasks"]) == 3
+    assert all(v is not None for v in out["matrices"]["dino"][0])
+
+
+def test_csd_loads_the_authors_checkpoint_format(tmp_path):
+    """CSD's checkpoint holds OpenAI-format visual weights (``backbone.*``, fused q/k/v ``in_proj``) and
+    ``last_layer_style``; loaded into transformers' CLIPVisionModel it embeds as the original does."""
+    import torch.nn.functional as F
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from lorabench.evaluation.hf import CLIP_MEAN, CLIP_STD, CSDEmbedder
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    ref = CLIPVisionModel(cfg).eval()
+    hf = {k.removeprefix("vision_model."): v for k, v in ref.state_dict().items()}  # transformers 4.x has the prefix
+    sd = {"backbone.class_embedding": hf["embeddings.class_embedding"],
+          "backbone.positional_embedding": hf["embeddings.position_embedding.weight"],
+          "backbone.conv1.weight": hf["embeddings.patch_embedding.weight"]}
+    for theirs, ours in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            sd[f"backbone.{theirs}.{p}"] = hf[f"{ours}.{p}"]
+    for i in range(2):
+        a, b = f"backbone.transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            sd[f"{a}attn.in_proj_{p}"] = torch.cat([hf[f"{b}self_attn.{x}_proj.{p}"] for x in "qkv"])
+            for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                sd[f"{a}{theirs}.{p}"] = hf[f"{b}{ours}.{p}"]
+    sd["last_layer_style"] = torch.randn(128, 16)
+    sd["last_layer_content"] = torch.randn(128, 16)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, tmp_path / "checkpoint.pth")
+    csd = CSDEmbedder(str(tmp_path / "checkpoint.pth"))
+    images = torch.rand(3, 3, 32, 32)
+    pix = (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = F.normalize(ref(pixel_values=pix).pooler_output @ sd["last_layer_style"], dim=-1)
+    torch.testing.assert_close(csd.embed_images(images), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="eval.style_scorer.checkpoint: .* is not a file"):
+        CSDEmbedder(str(tmp_path / "missing.pth"))
+
+
+def test_cross_paper_rows_compose_and_orthA_takes_a_fresh_slot_per_task(tmp_path):
+    from conftest import compose
+
+    c = compose(["experiment=continual/world_objects", "adapter@protocol.adapter=trilora",
+                 "protocol.method.name=merge_init"], tmp_path)
+    assert c.protocol.adapter.name == "trilora"  # TriLoRA as the per-task adapter
+    o = compose(["experiment=continual/world_objects", "adapter@protocol.adapter=ortho", "protocol.method.name=ortha"],
+                tmp_path)
+    method = build_method(dict(o.protocol.method))
+    slots = [method.adapter_config(dict(o.protocol.adapter), t, 10) for t in range(10)]
+    assert [s["slot"] for s in slots] == list(range(10)) and {s["row_mode"] for s in slots} == {"disjoint"}
+    assert {s["num_slots"] for s in slots} == {10}
+    with pytest.raises(ConfigError, match="adapter.name: .*use adapter=ortho"):
+        method.adapter_config({"name": "lora", "rank": 4}, 0, 10)
+
+
+def _fake_run(method, order_seed, s, f, base=0.3):
+    m = {"average_score": s, "forgetting_ref": f, "forgetting": f * 1.1, "backward_transfer": -f}
+    return {"protocol": "continual", "kind": "objects", "method": method, "order_seed": order_seed, "seed": 0,
+            "metrics": ["clip_i", "dino"], "final": {"clip_i": m, "dino": m},
+            "base": {"clip_i": {"average_score": base}, "dino": {"average_score": base}},
+            "sign_conflict": [None, 0.4, 0.5], "timings": {"total_s": 100.0}}
+
+
+def test_tables_and_verdicts_rebuild_from_results_files(tmp_path):
+    from lorabench.protocols.continual import main, rebuild
+
+    # (S, F) per method: naive forgets more than merge_init; magmax forgets least and scores lower;
+    # ortho_init is no better than naive.
+    recipe = {"naive": (0.5, 0.20), "merge_init": (0.6, 0.05), "ortho_init": (0.5, 0.22), "magmax": (0.55, 0.02)}
+    for method, (s, f) in recipe.items():
+        for k, order_seed in enumerate((0, 5, 10)):
+            d = tmp_path / "runs" / method / f"order{order_seed}-seed0"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_fake_run(method, order_seed, s + 0.01 * k, f + 0.001 * k)))
+    out = rebuild([tmp_path / "runs"], tmp_path / "tables")
+    assert [v["verdict"] for v in out["verdicts"]] == ["reproduced"] * 3
+    md = (tmp_path / "tables" / "table_objects.md").read_text()
+    assert "| Merge & Initialization | 3 | 0.610 +- 0.008 |" in md and "Published" in md and "0.457 +- 0.011" in md
+    assert (tmp_path / "tables" / "sign_conflicts.png").is_file() and (tmp_path / "tables" / "table_objects.csv").is_file()
+    # two runs of a method are too few for a verdict
+    for d in (tmp_path / "runs" / "magmax").glob("order10-*"):
+        (d / "results.json").unlink()
+    out = rebuild([tmp_path / "runs"], tmp_path / "tables2")
+    assert out["verdicts"][1]["verdict"].startswith("inconclusive (fewer than 3 runs of magmax")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nothing"), "--out", str(tmp_path / "t3")])
+    assert exit_info.value.code == 2
+
+
+def test_callback_logs_curves_heatmap_and_matrix_to_wandb_every_task(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from conftest import compose
+    from lorabench.protocols.continual import run
+
+    calls = {"metrics": [], "image": [], "table": []}
+    real_metrics, real_table = WandbLogger.log_metrics, WandbLogger.log_table
+
+    def spy_metrics(self, metrics, step=None):
+        calls["metrics"].append((step, dict(metrics)))
+        return real_metrics(self, metrics, step)
+
+    def spy_image(self, key, images, step=None, **kw):
+        calls["image"].append((key, step))
+
+    def spy_table(self, key, columns=None, data=None, step=None, **kw):
+        calls["table"].append((key, step, list(columns), len(data)))
+        return real_table(self, key=key, columns=columns, data=data, step=step, **kw)
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", spy_metrics)
+    monkeypatch.setattr(WandbLogger, "log_image", spy_image)
+    monkeypatch.setattr(WandbLogger, "log_table", spy_table)
+    args = [a for a in SHORT if not a.startswith("sequence.length")] + ["sequence.length=2", "logger=wandb"]
+    cfg = compose(args, tmp_path)
+    res = run(cfg, tmp_path / "run")
+    per_task = [(s, m) for s, m in calls["metrics"] if "continual/task" in m]
+    assert [s for s, _ in per_task] == [0, 1]
+    assert per_task[1][1]["continual/dino/average_score"] == pytest.approx(res["final"]["dino"]["average_score"])
+    assert "continual/clip_i/forgetting_ref" in per_task[1][1] and "continual/dino/backward_transfer" in per_task[1][1]
+    assert calls["image"] == [("continual/score_matrix", 0), ("continual/score_matrix", 1)]
+    assert ("continual/M_dino", 1, ["task", "after_1", "after_2"], 2) in calls["table"]
+    csv = (tmp_path / "run" / "csv" / "metrics.csv").read_text()  # the CSV logger gets the same curves
+    assert "continual/dino/average_score" in csv.splitlines()[0]

@@ -102,33 +102,21 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
 
 
-def test_full_scale_config_dry_run_on_a_tiny_saved_model(tmp_path, tiny_model_dir):
+def test_full_scale_config_dry_run_on_a_tiny_saved_model(tmp_path, tiny_model_dir, tiny_metric_models):
     """The chilloutmix config end to end, on a tiny saved SD-class model, toy face folders and tiny
     CLIP / ViT metric models: only sizes are overridden."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
-
     from lorabench.data import write_toy_dataset
-    from lorabench.models.tiny import write_clip_tokenizer
 
     data = tmp_path / "faces"
     for i in (1, 2, 3):
         write_toy_dataset(data / f"person{i}", n=2, resolution=16, seed=i)
-    clip_dir = tmp_path / "clip"
-    write_clip_tokenizer(str(clip_dir), words=["a", "photo", "of", "person"], max_length=16)
-    vocab = len(CLIPTokenizer.from_pretrained(str(clip_dir)).get_vocab())
-    CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                          num_hidden_layers=1, max_position_embeddings=16),
-                         vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                            num_hidden_layers=1, image_size=32, patch_size=8),
-                         projection_dim=16)).save_pretrained(str(clip_dir))
-    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
-                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(str(tmp_path / "vit"))
+    clip_dir, vit_dir = tiny_metric_models
     args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={tiny_model_dir}",
             "model.resolution=16", "trainer=cpu", "trainer.max_steps=2", "protocol.concepts=[person1,person2,person3]",
             "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form]",
             "protocol.adapters.lora.rank=2", "protocol.adapters.ortha.rank=2",
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
-            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={tmp_path / 'vit'}",
+            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}",
             "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false", "eval.images_per_prompt=1"]
     proc = run_cli(args, tmp_path, env_extra={"ORTHA_DATA": str(data)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,16 @@ DEFAULT_TEMPLATES = ("a photo of {token} {cls} on the beach", "a photo of {token
                      "a close-up photo of {token} {cls}, smiling")
 
 
+def folder_images(path, n: int | None, resolution: int, field: str) -> torch.Tensor:
+    """The first ``n`` images of a folder (all when ``None``), (N, 3, R, R) in [0, 1]."""
+    from lorabench.data.imagefolder import load_image, scan_folder
+
+    items = scan_folder(Path(path), instance_prompt="", field=field)
+    paths = [p for p, _ in items][: n or None]
+    refs = torch.stack([load_image(p, resolution) for p in paths])
+    return ((refs + 1) / 2).clamp(0, 1)  # the loader gives [-1, 1]; scorers take [0, 1]
+
+
 class FolderConceptEval:
     """``concepts``: ``{name: {path, token, cls}}``; ``templates``: context prompts with ``{token}``
     and ``{cls}``; ``prompt``: the instance prompt template; ``n_references`` images per concept
@@ -45,12 +55,43 @@ class FolderConceptEval:
         return self.concepts[concept]
 
     def __call__(self, concept: str) -> ConceptEvalSet:
-        from lorabench.data.imagefolder import load_image, scan_folder
-
         c = self._get(concept)
-        items = scan_folder(Path(c["path"]), instance_prompt="", field=f"eval.concepts.concepts.{concept}.path")
-        paths = [p for p, _ in items][: self.n_references or None]
-        refs = torch.stack([load_image(p, self.resolution) for p in paths])
-        refs = (refs + 1) / 2  # the loader gives [-1, 1]; scorers take [0, 1]
+        refs = folder_images(c["path"], self.n_references, self.resolution, f"eval.concepts.concepts.{concept}.path")
         prompts = [t.format(token=c["token"], cls=c["cls"]) for t in [self.prompt, *self.templates]]
-        return ConceptEvalSet(prompts, without_token(prompts, c["token"]), refs.clamp(0, 1))
+        return ConceptEvalSet(prompts, without_token(prompts, c["token"]), refs)
+
+
+DEFAULT_STYLE_OBJECTS = ("a dog", "a house", "a tree", "a car", "a person")
+
+
+class FolderStyleEval:
+    """Evaluation prompts and references for styles given as image folders (the real path), the
+    counterpart of :class:`lorabench.world.tasks.WorldStyleEval`.
+
+    ``styles``: ``{name: {path}}`` (the style's reference images, e.g. its UnlearnCanvas images);
+    ``prompt``: the template, ``{style} image of {object}`` as the continual paper trains; ``objects``:
+    what the evaluation prompts ask for in the style."""
+
+    def __init__(self, styles: Mapping[str, Mapping], resolution: int = 1024, n_references: int | None = None,
+                 prompt: str = "{style} image of {object}", objects: Sequence[str] = DEFAULT_STYLE_OBJECTS):
+        self.styles = {k: dict(v) for k, v in (styles or {}).items()}
+        for name, st in self.styles.items():
+            if not st.get("path"):
+                raise ConfigError(f"eval.styles.styles.{name}.path", "missing; each style needs its reference folder")
+        self.resolution, self.n_references = int(resolution), n_references
+        self.prompt, self.objects = prompt, list(objects)
+
+    def _get(self, style: str) -> dict:
+        if style not in self.styles:
+            raise choice_error("eval.styles.styles", style, self.styles)
+        return self.styles[style]
+
+    def __call__(self, style: str):
+        from lorabench.world.tasks import StyleEvalSet
+
+        self._get(style)
+        return StyleEvalSet(style, [self.prompt.format(style=style, object=o) for o in self.objects], list(self.objects))
+
+    def references(self, style: str) -> torch.Tensor:
+        return folder_images(self._get(style)["path"], self.n_references, self.resolution,
+                             f"eval.styles.styles.{style}.path")

@@ -4,6 +4,8 @@
   (the continual paper) or openai/clip-vit-large-patch14 (torchmetrics' CLIPScore default).
 - ``DINOEmbedder``: the self-supervised DINO ViT's CLS token, e.g. facebook/dino-vits16 (DreamBooth's
   DINO metric; not a supervised ViT).
+- ``CSDEmbedder``: CSD (Somepalli et al. 2024), CLIP ViT-L/14's image tower with a style head, from the
+  authors' checkpoint file (the continual paper's style metric).
 
 Both take float images in [0, 1], (N, 3, H, W), resize them (bicubic, antialiased) to the model's input
 size, normalise with the model's mean/std, and return L2-normalised features. Hub ids or local folders.
@@ -83,6 +85,94 @@ class DINOEmbedder:
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=self.pre(images), interpolate_pos_encoding=True)
         return F.normalize(out.last_hidden_state[:, 0].float(), dim=-1)  # the CLS token
+
+
+def _openai_visual_config(sd: dict, prefix: str):
+    """A CLIPVisionConfig read off OpenAI-format visual weights (``conv1``, ``transformer.resblocks.*``)."""
+    from transformers import CLIPVisionConfig
+
+    width, _, patch, _ = sd[f"{prefix}conv1.weight"].shape
+    layers = len({k.split(".")[3] for k in sd if k.startswith(f"{prefix}transformer.resblocks.")})
+    grid = int(round((sd[f"{prefix}positional_embedding"].shape[0] - 1) ** 0.5))
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            num_hidden_layers=layers, num_attention_heads=width // 64, image_size=grid * patch,
+                            patch_size=patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def openai_visual_to_transformers(sd: dict, prefix: str = "backbone.", to: str = "vision_model.") -> dict:
+    """OpenAI CLIP's ``VisionTransformer`` weights (``prefix``-ed, as in CSD's checkpoint) as a
+    transformers ``CLIPVisionModel`` state dict (``in_proj`` split into q, k, v). ``to``: the prefix of
+    transformers' keys (``vision_model.`` in 4.x, none in 5.x)."""
+    out = {f"{to}embeddings.class_embedding": sd[f"{prefix}class_embedding"],
+           f"{to}embeddings.position_embedding.weight": sd[f"{prefix}positional_embedding"],
+           f"{to}embeddings.patch_embedding.weight": sd[f"{prefix}conv1.weight"]}
+    for ours, theirs in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
+        for p in ("weight", "bias"):
+            out[f"{to}{ours}.{p}"] = sd[f"{prefix}{theirs}.{p}"]
+    i = 0
+    while f"{prefix}transformer.resblocks.{i}.ln_1.weight" in sd:
+        src, dst = f"{prefix}transformer.resblocks.{i}.", f"{to}encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.in_proj_{p}"].chunk(3)
+            out.update({f"{dst}self_attn.q_proj.{p}": q, f"{dst}self_attn.k_proj.{p}": k, f"{dst}self_attn.v_proj.{p}": v,
+                        f"{dst}self_attn.out_proj.{p}": sd[f"{src}attn.out_proj.{p}"],
+                        f"{dst}layer_norm1.{p}": sd[f"{src}ln_1.{p}"], f"{dst}layer_norm2.{p}": sd[f"{src}ln_2.{p}"],
+                        f"{dst}mlp.fc1.{p}": sd[f"{src}mlp.c_fc.{p}"], f"{dst}mlp.fc2.{p}": sd[f"{src}mlp.c_proj.{p}"]})
+        i += 1
+    return out
+
+
+class CSDEmbedder:
+    """CSD's style embedding: ``normalize(ln_post(CLS) @ last_layer_style)`` of CLIP's image tower.
+
+    ``checkpoint``: the authors' file (``.pth`` with a ``model_state_dict``, or its tensors as
+    ``.safetensors``): OpenAI-format ``backbone.*`` visual weights and the ``last_layer_style``
+    projection. The architecture is read off the weights; images are resized to its input size
+    (224 for ViT-L/14) and normalised with CLIP's mean and std."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", field: str = "eval.style_scorer.checkpoint"):
+        from pathlib import Path
+
+        from transformers import CLIPVisionModel
+
+        path = Path(str(checkpoint))
+        if not path.is_file():
+            raise ConfigError(field, f"{checkpoint} is not a file; give the CSD checkpoint (checkpoint.pth from the "
+                              "CSD authors' release, or its tensors as .safetensors)")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                sd = load_file(str(path))
+            else:
+                raw = torch.load(str(path), map_location="cpu", weights_only=True)
+                sd = raw.get("model_state_dict", raw) if isinstance(raw, dict) else raw
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}
+            config = _openai_visual_config(sd, "backbone.")
+            style = sd["last_layer_style"].float()
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ConfigError(field, f"{checkpoint} is not a CSD checkpoint ({type(exc).__name__}: {exc})"[:300]) from exc
+        self.model = CLIPVisionModel(config).eval()
+        to = "vision_model." if any(k.startswith("vision_model.") for k in self.model.state_dict()) else ""
+        missing, _ = self.model.load_state_dict(openai_visual_to_transformers(sd, to=to), strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing:
+            raise ConfigError(field, f"{checkpoint} lacks {len(missing)} visual weights (e.g. {missing[0]!r})")
+        self.model.to(device)
+        self.style = style.to(device)
+        self.pre = _Preprocess(config.image_size, CLIP_MEAN, CLIP_STD, device)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.model(pixel_values=self.pre(images)).pooler_output.float()
+        return F.normalize(feats @ self.style, dim=-1)
+
+
+def style_models(csd: str, device: str = "cpu"):
+    """The models the continual protocol's style metrics read: ``.style`` (CSD)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(style=CSDEmbedder(csd, device, field="eval.style_scorer.csd"))
 
 
 def concept_scorer(clip: str = "openai/clip-vit-base-patch32", identity: str = "facebook/dino-vits16",

@@ -407,13 +407,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                     components=r.components, prepare=r.prepare(t), callbacks=[callback])
             module.adapters.remove()
             r.set_weights(_weights(r.components, r.w0), {})
-            r.records[t].update(train_s=results["timings"]["fit_s"], steps=results["metrics"]["steps"])
-            state.save_task(t, method.state_dict(), r.records[t])
+            # fit_s includes the callback's evaluation at the end of the fit
+            r.records[t].update(train_s=results["timings"]["fit_s"] - r.records[t]["eval_s"],
+                                steps=results["metrics"]["steps"])
+            if rank_zero():
+                state.save_task(t, method.state_dict(), r.records[t])
             del module
             m = metric.matrices()
             progress.done(f"task {t + 1} ({task.name}): " + ", ".join(
                 f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in names)
-                + f" ({results['metrics']['steps']} steps, {results['timings']['fit_s']:.0f} s train, "
+                + f" ({results['metrics']['steps']} steps, {r.records[t]['train_s']:.0f} s train, "
                 f"{r.records[t]['eval_s']:.0f} s eval)")
         if not r.last_images:  # a finished run started again: show the final model's samples
             r.set_weights(_weights(r.components, r.w0), method.eval_deltas())
@@ -423,17 +426,30 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     out = results_dict(cfg, kind, tasks, method, metric, base, r.records, seed, time.perf_counter() - t_start)
     table = run_table(out)
-    fig = heatmap(metric.matrices(), [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, "
-                  f"seed {seed}")
-    with atomic_path(run_dir / "score_matrix.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    import matplotlib.pyplot as plt
+    mats = metric.matrices()  # a collective under DDP: every rank calls it
+    if rank_zero():
+        fig = heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, "
+                      f"seed {seed}")
+        with atomic_path(run_dir / "score_matrix.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        import matplotlib.pyplot as plt
 
-    plt.close(fig)
+        plt.close(fig)
     panels = [r.last_images[t.index][:2 * n_img] for t in tasks if t.index in r.last_images]
+    if not rank_zero():
+        out["table"] = table
+        return out
     write_protocol_outputs(cfg, run_dir, "continual", out, table, panels, loggers=loggers, step=len(tasks))
     out["table"] = table
     return out
+
+
+def rank_zero() -> bool:
+    """Under DDP (every rank runs the protocol; training and evaluation are sharded by Lightning and the
+    callback) only rank zero writes state and outputs."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _weights(components, w0: Mapping) -> dict[str, torch.Tensor]:
@@ -516,7 +532,8 @@ def aggregate(results: Sequence[dict]) -> dict:
         names = rows[0]["metrics"]
         agg = {"base": {"S": {n: mean_std([r["base"][n]["average_score"] for r in rows]) for n in names},
                         "runs": sorted({(r["order_seed"], r["seed"]) for r in rows})}}
-        for method in dict.fromkeys(r["method"] for r in rows):
+        found = list(dict.fromkeys(r["method"] for r in rows))
+        for method in [m for m in PAPER_METHODS if m in found] + [m for m in found if m not in PAPER_METHODS]:
             sel = [r for r in rows if r["method"] == method]
             agg[method] = {q: {n: mean_std([r["final"][n][key] for r in sel]) for n in names}
                            for q, key in (("S", "average_score"), ("F", "forgetting_ref"),
@@ -631,8 +648,8 @@ def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
     for ax, kind in zip(axes[0], kinds):
         for method in dict.fromkeys(r["method"] for r in results if r["kind"] == kind):
             runs = [r["sign_conflict"] for r in results if r["kind"] == kind and r["method"] == method]
-            arr = np.array([[np.nan if v is None else v for v in run] for run in runs], dtype=float)
-            x = np.arange(1, arr.shape[1] + 1)
+            arr = np.array([[np.nan if v is None else v for v in run] for run in runs], dtype=float)[:, 1:]
+            x = np.arange(2, arr.shape[1] + 2)  # task 1 has nothing handed on to conflict with
             mean, std = np.nanmean(arr, 0), np.nanstd(arr, 0)
             ax.plot(x, mean, marker="o", label=method)
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
