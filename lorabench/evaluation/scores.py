@@ -33,6 +33,11 @@ class TextImageEmbedder(ImageEmbedder, Protocol):
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
 
 
+def embed_batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` (an ``embed_images``) over ``images`` in batches of ``batch_size``, concatenated."""
+    return torch.cat([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, d), (M, d) normalised embeddings -> (N, M) cosine similarities."""
     return a.float() @ b.float().T
@@ -56,7 +61,7 @@ class ConceptScorer:
         self.identity_threshold, self.batch_size = float(identity_threshold), batch_size
 
     def _embed(self, fn, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
+        return embed_batched(fn, images, self.batch_size)
 
     @torch.no_grad()
     def embed_references(self, references: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,8 +112,7 @@ class StyleScorer:
                 torch.stack([self.references[k].float().mean(0) for k in self.names]), dim=-1)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.style.embed_images(images[i:i + self.batch_size])
-                          for i in range(0, len(images), self.batch_size)])
+        return embed_batched(self.style.embed_images, images, self.batch_size)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, target: str) -> dict[str, float]:

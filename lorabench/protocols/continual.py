@@ -26,7 +26,6 @@ The run folder is fixed by the config (``hydra.run.dir``), so "the same command"
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -42,7 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.continual.methods import build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
 from lorabench.errors import ConfigError, choice_error
-from lorabench.protocols.toolkit import cell_config, derive_seed_list, eval_device, mean_std, write_protocol_outputs
+from lorabench.evaluation.scores import embed_batched
+from lorabench.protocols.toolkit import (cell_config, config_hash, derive_seed_list, eval_device, eval_mode, mean_std,
+                                         write_protocol_outputs)
 from lorabench.utils.io import atomic_dir, atomic_path, write_json
 from lorabench.utils.seeding import derive_seed
 
@@ -148,17 +149,14 @@ class TaskScorer:
         self.refs: dict[int, dict[str, torch.Tensor]] = {}
         self.reference_embeddings = 0
 
-    def _embed(self, fn, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]).float()
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
         if task.index not in self.refs:
-            self.refs[task.index] = {m: self._embed(e.embed_images, task.references) for m, e in self.embedders.items()}
+            self.refs[task.index] = {m: embed_batched(e.embed_images, task.references, self.batch_size).float() for m, e in self.embedders.items()}
             self.reference_embeddings += 1
         out = {}
         for m, e in self.embedders.items():
-            emb = self._embed(e.embed_images, images)
+            emb = embed_batched(e.embed_images, images, self.batch_size).float()
             out[m] = (emb @ self.refs[task.index][m].T).mean(1).double().cpu()
         return out
 
@@ -182,9 +180,7 @@ def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Seq
     ``{metric: [(task, indices, values)]}`` and ``{task: images}``."""
     from lorabench.sampling import Sampler
 
-    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
-        if part is not None:
-            part.eval()
+    eval_mode(components)
     flat = [(t, k, p, s) for t in tasks for k, (p, s) in enumerate((p, s) for p in t.prompts for s in seeds)]
     mine = flat[rank::world_size]
     images = Sampler(components, **sampler_cfg)([p for *_, p, _ in mine], seeds=[s for *_, s in mine]) if mine else None
@@ -205,13 +201,10 @@ def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Seq
 # -- resume -----------------------------------------------------------------------------------------------
 def fingerprint(cfg: DictConfig) -> str:
     """A hash of everything that decides a run's results (not where it is written or logged)."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in ("model", "data", "optim", "module", "seed", "sequence", "eval") if k in cfg}
-    keep["protocol"] = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                        for k, v in cfg.protocol.items() if k not in ("_target_",)}
-    keep["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-                       if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    protocol = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.protocol.items() if k != "_target_"}
+    return config_hash(cfg, ("model", "data", "optim", "module", "seed", "sequence", "eval", "trainer"), length=16,
+                       extra={"protocol": protocol})
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:

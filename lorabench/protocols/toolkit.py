@@ -76,9 +76,7 @@ def sample_prompts(components, sampler_cfg: dict, prompts: Sequence[str], seeds:
     """Every prompt from every seed's initial latents, prompt-major: (len(prompts) * len(seeds), 3, H, W)."""
     from lorabench.sampling import Sampler
 
-    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
-        if part is not None:
-            part.to(device).eval()
+    eval_mode(components, device)
     sampler = Sampler(components, **sampler_cfg)
     return sampler([p for p in prompts for _ in seeds], seeds=[s for _ in prompts for s in seeds])
 
@@ -150,19 +148,33 @@ def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfi
     return rows
 
 
-def cell_key(cell: DictConfig) -> str:
-    """A hash of everything that decides what a cell trains (model, adapter, data, optimiser, trainer,
-    module, seed), not where it is written or logged: equal keys train equal adapters."""
+def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
+    """A hash of the config groups ``keys`` (resolved) and ``extra``, leaving out the trainer's display
+    options: what decides a result, not where it is written or how it is shown."""
     import hashlib
     import json
 
     from omegaconf import OmegaConf
 
-    keep = {k: OmegaConf.to_container(cell[k], resolve=True) if OmegaConf.is_config(cell[k]) else cell[k]
-            for k in ("model", "adapter", "data", "optim", "trainer", "module", "seed", "init_adapter") if k in cell}
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in keys if k in cfg}
     keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
                        if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    keep.update(extra or {})
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def cell_key(cell: DictConfig) -> str:
+    """A hash of everything that decides what a cell trains (model, adapter, data, optimiser, trainer,
+    module, seed), not where it is written or logged: equal keys train equal adapters."""
+    return config_hash(cell, ("model", "adapter", "data", "optim", "trainer", "module", "seed", "init_adapter"))
+
+
+def eval_mode(components, device: torch.device | None = None) -> None:
+    """Every part of the model in eval mode (and on ``device``), before sampling."""
+    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        if part is not None:
+            (part.to(device) if device is not None else part).eval()
 
 
 def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
