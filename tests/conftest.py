@@ -83,7 +83,7 @@ def tiny_overrides(model_dir: Path, steps: int = 20) -> list[str]:
 def tiny_metric_models(tmp_path_factory) -> tuple[Path, Path]:
     """(clip_dir, vit_dir): a tiny CLIP (with tokenizer) and a tiny ViT saved in transformers layout,
     what ``eval.scorer.clip`` / ``eval.scorer.identity`` point at in full-scale dry runs."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
     from lorabench.models.tiny import write_clip_tokenizer
 
@@ -96,6 +96,7 @@ def tiny_metric_models(tmp_path_factory) -> tuple[Path, Path]:
                          vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                             num_hidden_layers=1, image_size=32, patch_size=8),
                          projection_dim=16)).save_pretrained(str(clip_dir))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip_dir))
     ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
                        image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(str(vit_dir))
     return clip_dir, vit_dir

@@ -55,8 +55,12 @@ def test_paper_settings(tmp_path):
     assert [t.name for t in s.sequence.tasks] == ["sks", "zwz", "sbu", "uwu", "pdw", "twt", "zsn", "ofl", "psq", "cws"]
     assert (s.eval.images_per_prompt, s.eval.sampler.num_inference_steps) == (8, 50)
     assert 1 + len(s.eval.concepts.templates) == 5 and set(s.eval.concepts.concepts) == {t.name for t in s.sequence.tasks}
-    t = compose(["experiment=trilora_anylora_pokemon"], tmp_path)
-    assert (t.adapter.name, t.optim.lr, t.trainer.max_epochs, t.data.max_samples) == ("trilora", 1e-4, 100, 100)
+    t = compose(["experiment=trilora/pokemon"], tmp_path)
+    assert (t.model.name, t.optim.lr, t.protocol.table_epoch, t.data.max_train_samples) == ("anylora", 1e-4, 100, 100)
+    assert (t.eval.sampler.num_inference_steps, t.eval.sampler.guidance_scale, t.protocol.sample_seed) == (20, 7.5, 30)
+    assert [a.sigma_init for k, a in t.protocol.adapters.items() if k != "lora"] == ["svd_w0", "identity", "svd_u"]
+    g = compose(["experiment=trilora/gac"], tmp_path)
+    assert (g.model.name, g.optim.lr, g.protocol.table_epoch, g.data.max_train_samples) == ("sd15", 5e-5, 10, None)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sd21", "chilloutmix", "anylora", "sdxl"])

@@ -1,16 +1,23 @@
-"""Image-caption data in the HF ``imagefolder`` convention.
+"""Image-caption data in the HF ``imagefolder`` convention, or in one parquet file.
 
 A folder of images, optionally with ``metadata.jsonl`` whose lines hold
 ``{"file_name": "0001.png", "text": "a caption"}``. With ``instance_prompt`` set,
 every image gets that prompt (DreamBooth); otherwise captions come from the
 metadata. Class images for prior preservation come from a second folder.
+
+A ``.parquet`` file laid out like the Pokemon BLIP captions mirrors (an ``image`` column of
+``{"bytes", "path"}`` structs or raw bytes, and a ``text`` column) works the same way; reading it
+needs pyarrow (``pip install 'lorabench[parquet]'``). Every image is decoded once before training,
+so a broken row fails with its row number, not mid-epoch.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 import numpy as np
@@ -21,16 +28,67 @@ from torch.utils.data import DataLoader, Dataset
 from lorabench.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ImageSource = Union[Path, bytes]  # a file, or the encoded bytes of one (a parquet row)
+
+
+def _check_decodes(source: ImageSource, field: str, where: str) -> None:
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ConfigError(field, f"{where} is not a readable image ({exc})") from exc
+
+
+def scan_parquet(path, *, instance_prompt: Optional[str], field: str, caption_column: str = "text",
+                 image_column: str = "image") -> list[tuple[bytes, str]]:
+    """``[(encoded image, prompt)]`` of a parquet file (HF datasets' layout: the image column holds
+    ``{"bytes", "path"}`` structs or raw bytes), with every row's image checked to decode."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ConfigError(field, "reading a parquet file needs pyarrow (pip install 'lorabench[parquet]')") from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid / OSError kinds
+        raise ConfigError(field, f"{str(path)!r} is not a readable parquet file ({exc})") from exc
+    prefix = field.rsplit(".", 1)[0]
+    need = [(image_column, f"{prefix}.image_column")]
+    if instance_prompt is None:
+        need.append((caption_column, f"{prefix}.caption_column"))
+    for column, key in need:
+        if column not in table.column_names:
+            raise ConfigError(field, f"{str(path)!r} has no column {column!r} (columns: {', '.join(table.column_names)}); "
+                              f"set {key} to the right one")
+    images = table.column(image_column).to_pylist()
+    texts = table.column(caption_column).to_pylist() if instance_prompt is None else [instance_prompt] * len(images)
+    items = []
+    for row, (img, text) in enumerate(zip(images, texts)):
+        data = img.get("bytes") if isinstance(img, dict) else img
+        if not isinstance(data, bytes):
+            raise ConfigError(field, f"{str(path)!r} row {row}: column {image_column!r} holds no image bytes")
+        if not isinstance(text, str):
+            raise ConfigError(field, f"{str(path)!r} row {row}: column {caption_column!r} holds no caption")
+        _check_decodes(data, field, f"{str(path)!r} row {row}: the image")
+        items.append((data, text))
+    if not items:
+        raise ConfigError(field, f"{str(path)!r} has no rows")
+    return items
 
 
 def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_column: str = "text",
-                image_column: str = "file_name") -> list[tuple[Path, str]]:
-    """``[(image path, prompt)]`` of a folder, with every image checked to be readable."""
+                image_column: Optional[str] = None) -> list[tuple[ImageSource, str]]:
+    """``[(image, prompt)]`` of a folder (or a parquet file), with every image checked to be readable."""
     if not folder:
         raise ConfigError(field, "not set; give a folder of images (e.g. data.path=/path/to/images)")
     folder = Path(folder)
+    if folder.suffix == ".parquet":
+        if not folder.is_file():
+            raise ConfigError(field, f"parquet file {str(folder)!r} does not exist")
+        return scan_parquet(folder, instance_prompt=instance_prompt, field=field, caption_column=caption_column,
+                            image_column=image_column or "image")
+    image_column = image_column or "file_name"
     if not folder.is_dir():
-        raise ConfigError(field, f"image folder {str(folder)!r} does not exist")
+        raise ConfigError(field, f"image folder {str(folder)!r} does not exist (give a folder or a .parquet file)")
     meta = folder / "metadata.jsonl"
     items: list[tuple[Path, str]] = []
     if meta.is_file():
@@ -57,18 +115,15 @@ def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_c
     for path, _ in items:
         if not path.is_file():
             raise ConfigError(field, f"image {str(path)!r} listed in metadata.jsonl does not exist")
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ConfigError(field, f"image {str(path)!r} is not a readable image ({exc})") from exc
+        _check_decodes(path, field, f"image {str(path)!r}")
     return items
 
 
-def load_image(path, resolution: int, center_crop: bool = True, random_flip: bool = False,
+def load_image(path: ImageSource, resolution: int, center_crop: bool = True, random_flip: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """RGB image -> float tensor (3, res, res) in [-1, 1]: resize shorter side, crop, maybe flip."""
-    with Image.open(path) as im:
+    """RGB image (a file or its bytes) -> float tensor (3, res, res) in [-1, 1]: resize shorter side,
+    crop, maybe flip."""
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
         im = im.convert("RGB")
         w, h = im.size
         s = resolution / min(w, h)
@@ -88,7 +143,7 @@ def load_image(path, resolution: int, center_crop: bool = True, random_flip: boo
 
 
 class ImageCaptionDataset(Dataset):
-    def __init__(self, items: list[tuple[Path, str]], resolution: int, center_crop: bool = True,
+    def __init__(self, items: list[tuple[ImageSource, str]], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, repeats: int = 1):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
@@ -129,15 +184,18 @@ def collate(examples: list[dict]) -> dict:
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Training images (and a fixed validation subset) from an imagefolder.
+    """Training images (and a fixed validation subset) from an imagefolder or a parquet file.
 
-    ``val_samples`` > 0 adds a validation loader over the first images, with no random
-    augmentation, on which the module measures a fixed-noise loss.
+    ``max_train_samples`` keeps a random subset (seeded by ``sample_seed``) for training, as diffusers'
+    text-to-image script does; ``all_items`` keeps the whole set (a style protocol's evaluation prompts
+    and FID references). ``val_samples`` > 0 adds a validation loader over the first images, with no
+    random augmentation, on which the module measures a fixed-noise loss.
     """
 
     def __init__(self, path: str, resolution: int = 512, batch_size: int = 1, num_workers: int = 0,
                  center_crop: bool = True, random_flip: bool = False, instance_prompt: Optional[str] = None,
-                 caption_column: str = "text", image_column: str = "file_name", max_samples: Optional[int] = None,
+                 caption_column: str = "text", image_column: Optional[str] = None,
+                 max_train_samples: Optional[int] = None,
                  sample_seed: int = 0, repeats: int = 1, class_data_dir: Optional[str] = None,
                  class_prompt: Optional[str] = None, val_samples: int = 0, seed: int = 0, name: str = "imagefolder"):
         super().__init__()
@@ -146,10 +204,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.path, self.resolution, self.batch_size, self.num_workers = path, int(resolution), batch_size, num_workers
         self.center_crop, self.random_flip, self.instance_prompt = center_crop, random_flip, instance_prompt
         self.caption_column, self.image_column = caption_column, image_column
-        self.max_samples, self.sample_seed, self.repeats = max_samples, sample_seed, repeats
+        if max_train_samples is not None and max_train_samples < 1:
+            raise ConfigError("data.max_train_samples", f"must be >= 1 or null (the whole set), got {max_train_samples}")
+        self.max_train_samples, self.sample_seed, self.repeats = max_train_samples, sample_seed, repeats
         self.class_data_dir, self.class_prompt = class_data_dir, class_prompt
         self.val_samples, self.seed, self.name = val_samples, seed, name
-        self.items: list[tuple[Path, str]] = []
+        self.items: list[tuple[ImageSource, str]] = []
+        self.all_items: list[tuple[ImageSource, str]] = []
 
     def prepare(self) -> "ImageFolderDataModule":
         """Scan and check the folders (idempotent). Called by setup; call it early to fail fast."""
@@ -157,9 +218,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             return self
         items = scan_folder(self.path, instance_prompt=self.instance_prompt, field="data.path",
                             caption_column=self.caption_column, image_column=self.image_column)
-        if self.max_samples is not None and self.max_samples < len(items):
+        self.all_items = items
+        n = self.max_train_samples
+        if n is not None and n > len(items):
+            warnings.warn(f"data.max_train_samples={n} is larger than the dataset ({len(items)} images at "
+                          f"{self.path}); training on the whole set", stacklevel=2)
+        elif n is not None and n < len(items):
             g = torch.Generator().manual_seed(self.sample_seed)
-            items = [items[i] for i in torch.randperm(len(items), generator=g)[: self.max_samples].tolist()]
+            items = [items[i] for i in torch.randperm(len(items), generator=g)[:n].tolist()]
         self.items = items
         self.class_items = None
         if self.class_data_dir is not None:

@@ -74,11 +74,19 @@ def eval_device(cfg: DictConfig) -> torch.device:
 def sample_prompts(components, sampler_cfg: dict, prompts: Sequence[str], seeds: Sequence[int],
                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Every prompt from every seed's initial latents, prompt-major: (len(prompts) * len(seeds), 3, H, W)."""
+    return sample_each(components, sampler_cfg, [p for p in prompts for _ in seeds],
+                       [s for _ in prompts for s in seeds], device)
+
+
+def sample_each(components, sampler_cfg: dict, prompts: Sequence[str], seeds: Sequence[int],
+                device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One image per prompt, prompt ``i`` from seed ``seeds[i]``'s initial latents: (len(prompts), 3, H, W)."""
     from lorabench.sampling import Sampler
 
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     eval_mode(components, device)
-    sampler = Sampler(components, **sampler_cfg)
-    return sampler([p for p in prompts for _ in seeds], seeds=[s for _ in prompts for s in seeds])
+    return Sampler(components, **sampler_cfg)(list(prompts), seeds=list(seeds))
 
 
 def mean_std(xs: Sequence[float]) -> dict[str, float]:

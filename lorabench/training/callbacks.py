@@ -39,3 +39,49 @@ class SaveArtifacts(L.Callback):
         for e in self.exports:
             filename, fn = EXPORTS[e]
             self.written.append(fn(adapters, self.dirpath / filename))
+
+
+class CheckpointEvaluation(L.Callback):
+    """Evaluate the model being trained at chosen epochs, without changing the training run.
+
+    ``evaluate(components) -> (scores, images)`` samples and scores the current model (e.g. FID, NFID
+    and CLIP score of a style fine-tune). At the end of each epoch in ``epochs`` (1-based), rank zero
+    evaluates, appends ``{"epoch", "step", **scores}`` to ``history``, logs the scores as
+    ``<prefix>/<name>`` at step = epoch to ``loggers`` (the protocol's CSV / W&B, so every cell's curve
+    lands in one run), keeps the images in ``images[epoch]`` and writes them as ``grid_dir/epoch<e>.png``. Sampling uses its own seeded
+    generators and puts the model back in training mode, so a run evaluated at checkpoints trains the
+    same weights as one that is not.
+    """
+
+    def __init__(self, epochs, evaluate, loggers=(), prefix: str = "checkpoints", grid_dir: str | None = None):
+        self.epochs = sorted({int(e) for e in epochs})
+        if not self.epochs or self.epochs[0] < 1:
+            raise ValueError(f"checkpoint epochs must be >= 1, got {list(epochs)}")
+        self.evaluate, self.loggers, self.prefix = evaluate, list(loggers), prefix
+        self.grid_dir = Path(grid_dir) if grid_dir else None
+        self.history: list[dict] = []
+        self.images: dict = {}  # epoch -> images
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch not in self.epochs or not trainer.is_global_zero:
+            return
+        import torch
+
+        from lorabench.protocols.toolkit import save_grid
+
+        with torch.no_grad():
+            scores, images = self.evaluate(pl_module.components)
+        pl_module.train()
+        self.images[epoch] = images
+        self.history.append({"epoch": epoch, "step": int(trainer.global_step), **scores})
+        for lg in self.loggers:
+            lg.log_metrics({f"{self.prefix}/{k}": v for k, v in scores.items()}, step=epoch)
+        if self.grid_dir is not None:
+            path = self.grid_dir / f"epoch{epoch:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(path, [images])
+            for lg in self.loggers:
+                if hasattr(lg, "log_image"):
+                    lg.log_image(key=f"{self.prefix}/samples", images=[str(path)], step=epoch,
+                                 caption=[f"epoch {epoch}"])

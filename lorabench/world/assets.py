@@ -98,6 +98,17 @@ def style_scorer(world_seed: int = 0, resolution: int = 16, n_references: int = 
     return StyleScorer(load_evaluator("style", world, folder), gallery)
 
 
+def fidelity_scorer(world_seed: int = 0, resolution: int = 16, kid_subset_size: int = 100, kid_subsets: int = 100,
+                    folder: Path = ASSET_DIR):
+    """The mini world's FidelityScorer: the text-image evaluator's pooled image features (128-d) as the
+    FID / KID feature space (the Inception stand-in), and its image and text towers for CLIP score."""
+    from lorabench.evaluation.fidelity import EmbeddingCLIPScore, FeatureExtractor, FidelityScorer
+
+    model = load_evaluator("text_image", make_world(world_seed, resolution), folder)
+    features = FeatureExtractor(model.fid_features, model.image.num_features, owner=model)
+    return FidelityScorer(features, EmbeddingCLIPScore(model), kid_subset_size, kid_subsets)
+
+
 def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
     """Quality on held-out data: experiment identities and styles (never trained on), fresh renders."""
     from lorabench.world.datasets import heldout_scenes, random_scene

@@ -42,7 +42,7 @@ def build_world_model(world_seed: int = 0, resolution: int = 16, seed: int = 0,
 def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: int = 16, n: int = 8,
                      data_seed: int = 0, concept: Optional[str] = None, style: Optional[str] = None,
                      caption_mode: str = "fixed", exclude_contexts: Sequence[Sequence[str]] = (),
-                     **kwargs) -> ImageFolderDataModule:
+                     caption_drop: Sequence[str] = (), **kwargs) -> ImageFolderDataModule:
     """Write one mini-world dataset into ``folder`` (imagefolder format) and return a datamodule on it."""
     world = make_world(world_seed, resolution)
     if kind == "pretrain":
@@ -52,10 +52,10 @@ def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: in
     elif kind == "style":
         items = style_items(world, world.style(style), n, data_seed)
     elif kind == "captions":
-        items = caption_items(world, world.style(style), n, data_seed)
+        items = caption_items(world, world.style(style), n, data_seed, caption_drop)
     else:
         raise choice_error("data.kind", kind, KINDS)
     write_imagefolder(Path(folder), items, extra={"world_seed": world_seed, "kind": kind, "n": n,
                                                   "data_seed": data_seed, "concept": concept, "style": style,
-                                                  "caption_mode": caption_mode})
+                                                  "caption_mode": caption_mode, "caption_drop": sorted(caption_drop)})
     return ImageFolderDataModule(path=str(folder), resolution=resolution, **kwargs)

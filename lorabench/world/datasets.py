@@ -26,7 +26,7 @@ from lorabench.utils.io import atomic_dir
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.render import render
 from lorabench.errors import ConfigError, choice_error
-from lorabench.world.spec import (BACKGROUNDS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, SIZES, STYLE_PROMPT,
+from lorabench.world.spec import (BACKGROUNDS, CAPTION_PARTS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, SIZES, STYLE_PROMPT,
                                   Identity, Scene, Style, World)
 
 # The pretraining corpus's mix: shares of plain, patterned (a marking) and styled objects (a styled
@@ -149,13 +149,18 @@ def style_items(world: World, style: Style, n: int = 5, seed: int = 0) -> list[I
             for _ in range(n)]
 
 
-def caption_items(world: World, style: Style, n: int = 100, seed: int = 0) -> list[Item]:
-    """Many plain objects rendered in one style, each with its plain attribute caption."""
+def caption_items(world: World, style: Style, n: int = 100, seed: int = 0, drop: Sequence[str] = ()) -> list[Item]:
+    """Many plain objects rendered in one style, each with its plain attribute caption; ``drop``: caption
+    parts left out (CAPTION_PARTS; ``[style]`` leaves the style phrase out, so the captions describe the
+    objects only, as BLIP captions describe a Pokemon and not the drawing style)."""
+    bad = sorted(set(drop) - set(CAPTION_PARTS))
+    if bad:
+        raise choice_error("data.caption_drop", bad[0], CAPTION_PARTS)
     rng = _rng(world, "captions", style.name, seed)
     out = []
     for _ in range(n):
         scene = random_scene(rng, style=style)
-        out.append((render(scene, world.resolution, rng), scene.caption()))
+        out.append((render(scene, world.resolution, rng), scene.caption(frozenset(drop))))
     return out
 
 

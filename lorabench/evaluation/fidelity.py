@@ -1,0 +1,202 @@
+"""Image-set scores of a style fine-tune, as TriLoRA reports them: FID, KID and CLIP score.
+
+Everything statistical is torchmetrics': ``FrechetInceptionDistance`` and ``KernelInceptionDistance``
+with a feature extractor passed in (the mini world's text-image evaluator features, or Inception
+from a local torch-fidelity weights file at full scale), and CLIP score with torchmetrics'
+``CLIPScore`` conventions (100 x cosine of each image with its prompt, averaged, then clamped at 0).
+
+:class:`FidelityScorer` holds the reference set's features once (``reset_real_features=False``), so
+the base model and every method are compared with the same reference statistics, the same feature
+extractor and the same resizing: what Normalized FID (FID(method) / FID(base)) needs. Images are
+floats in [0, 1], (N, 3, H, W), as the sampler returns them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from lorabench.errors import ConfigError
+from lorabench.evaluation.scores import TextImageEmbedder, embed_batched
+
+
+class FeatureExtractor(nn.Module):
+    """A FID feature extractor from any ``fn(images in [0, 1]) -> (N, d)``, as torchmetrics takes it
+    (``num_features`` set, so torchmetrics does not probe it with a 299 px dummy image)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], num_features: int, owner: nn.Module | None = None,
+                 batch_size: int = 256):
+        super().__init__()
+        self.fn, self.num_features, self.owner, self.batch_size = fn, int(num_features), owner, batch_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return embed_batched(self.fn, images.float(), self.batch_size)
+
+
+class EmbeddingCLIPScore(Metric):
+    """torchmetrics' CLIP score on any :class:`TextImageEmbedder` (the world's CLIP stand-in):
+    ``max(100 * mean_i cos(image_i, text_i), 0)``, summed over updates and synced like CLIPScore."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, embedder: TextImageEmbedder, batch_size: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.embedder, self.batch_size = embedder, batch_size
+        self.add_state("score", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, texts: Sequence[str]) -> None:
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts for {len(images)} images")
+        img = embed_batched(self.embedder.embed_images, images.float(), self.batch_size).float()
+        txt = torch.cat([self.embedder.embed_texts(list(texts[i:i + self.batch_size]))
+                         for i in range(0, len(texts), self.batch_size)]).float()
+        cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+        self.score += 100 * cos.diagonal().double().sum()
+        self.n_samples += len(images)
+
+    def compute(self) -> torch.Tensor:
+        return torch.clamp(self.score / self.n_samples, min=0.0)
+
+
+class UInt8CLIPScore(Metric):
+    """torchmetrics' own ``CLIPScore`` fed images in [0, 1]: it expects the uint8 range (a float image
+    in [0, 1] would be divided by 255 a second time), so images are scaled to [0, 255] first."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, clip_score: Metric, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = clip_score
+
+    def update(self, images: torch.Tensor, texts: Sequence[str]) -> None:
+        self.inner.update((images.clamp(0, 1) * 255).round().to(torch.uint8), list(texts))
+
+    def compute(self) -> torch.Tensor:
+        return self.inner.compute()
+
+    def reset(self) -> None:
+        super().reset()
+        self.inner.reset()
+
+
+class FidelityScorer:
+    """FID, KID and CLIP score of generated images against one reference set.
+
+    Args:
+        features: the feature extractor (an ``nn.Module`` with ``num_features``) or an Inception
+            feature size (64, 192, 768, 2048; needs torch-fidelity and ``feature_extractor_weights_path``).
+        clip_score: a metric whose ``update(images in [0, 1], texts)`` / ``compute()`` give CLIP score.
+        kid_subset_size: KID's subset size, lowered to the smaller set's size when a set is smaller.
+        kid_subsets: number of KID subsets.
+    """
+
+    def __init__(self, features: nn.Module | int, clip_score: Metric, kid_subset_size: int = 100,
+                 kid_subsets: int = 100, feature_extractor_weights_path: Optional[str] = None):
+        if kid_subset_size < 2:
+            raise ConfigError("eval.fidelity.kid_subset_size", f"must be >= 2, got {kid_subset_size}")
+        kw = {"feature_extractor_weights_path": feature_extractor_weights_path} if isinstance(features, int) else {}
+        self.fid = FrechetInceptionDistance(features, reset_real_features=False, normalize=True, **kw)
+        # KID shares FID's extractor (one Inception, not two). It keeps every feature, as it must: the
+        # sets here are hundreds of images, so its memory warning is silenced.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+            self.kid = KernelInceptionDistance(self.fid.inception, subsets=kid_subsets, subset_size=kid_subset_size,
+                                               reset_real_features=False, normalize=True)
+        self.kid.used_custom_model = self.fid.used_custom_model
+        self.clip_score, self.kid_subset_size = clip_score, int(kid_subset_size)
+        self.n_references = 0
+
+    def to(self, device) -> "FidelityScorer":
+        """Move the feature extractor and CLIP model (the protocol scores where it samples)."""
+        for metric in (self.fid, self.kid, self.clip_score):
+            metric.to(device)
+        return self
+
+    @torch.no_grad()
+    def set_references(self, images: torch.Tensor) -> "FidelityScorer":
+        """The reference set (e.g. every dataset image), embedded once for every later call."""
+        if images.ndim != 4 or len(images) < 2:
+            raise ValueError(f"expected at least 2 reference images (N, 3, H, W), got {tuple(images.shape)}")
+        for metric in (self.fid, self.kid):
+            metric.reset_real_features = True
+            metric.reset()
+            metric.reset_real_features = False
+            metric.update(images.float(), real=True)
+        self.n_references = len(images)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, texts: Sequence[str]) -> dict[str, float]:
+        """``{fid, kid, kid_std, clip_score}`` of ``images`` (generated for ``texts``)."""
+        if not self.n_references:
+            raise RuntimeError("FidelityScorer: set_references first")
+        if images.ndim != 4 or len(images) < 2:
+            raise ValueError(f"expected at least 2 images (N, 3, H, W), got {tuple(images.shape)}")
+        for metric in (self.fid, self.kid, self.clip_score):
+            metric.reset()
+        self.fid.update(images.float(), real=False)
+        self.kid.update(images.float(), real=False)
+        self.clip_score.update(images, texts)
+        self.kid.subset_size = min(self.kid_subset_size, len(images), self.n_references)
+        kid_mean, kid_std = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+                "clip_score": float(self.clip_score.compute())}
+
+
+def inception_scorer(feature_extractor_weights_path: Optional[str], clip: str, kid_subset_size: int = 100,
+                     kid_subsets: int = 100, feature: int = 2048) -> FidelityScorer:
+    """The full-scale scorer: torch-fidelity's Inception (FID / KID) from a local weights file, and
+    torchmetrics' CLIPScore on a local CLIP folder (or a hub id where the hub is reachable)."""
+    if not feature_extractor_weights_path:
+        raise ConfigError("eval.fidelity.feature_extractor_weights_path",
+                          "not set; download torch-fidelity's weights-inception-2015-12-05-6726825d.pth and give its path")
+    if not Path(feature_extractor_weights_path).is_file():
+        raise ConfigError("eval.fidelity.feature_extractor_weights_path",
+                          f"{str(feature_extractor_weights_path)!r} does not exist (torch-fidelity's Inception weights file)")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError("eval.fidelity", "Inception FID needs torch-fidelity (pip install 'lorabench[fid]')")
+    return FidelityScorer(feature, hf_clip_score(clip), kid_subset_size, kid_subsets, feature_extractor_weights_path)
+
+
+class _TensorFeatures(nn.Module):
+    """A transformers CLIPModel whose ``get_*_features`` return tensors: transformers 5 returns a model
+    output there, which torchmetrics' CLIPScore (1.9) cannot normalise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        from lorabench.evaluation.hf import _features
+
+        return _features(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        from lorabench.evaluation.hf import _features
+
+        return _features(self.model.get_text_features(*args, **kwargs))
+
+
+def hf_clip_score(clip: str, field: str = "eval.fidelity.clip") -> UInt8CLIPScore:
+    """torchmetrics' CLIPScore on a transformers CLIP model (hub id or local folder), loaded here so a
+    missing model fails as one line naming ``field``."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    from lorabench.evaluation.hf import _load
+
+    model, processor = _TensorFeatures(_load(CLIPModel, clip, field).eval()), _load(CLIPProcessor, clip, field)
+    return UInt8CLIPScore(CLIPScore(model_name_or_path=lambda: (model, processor)))

@@ -1,0 +1,383 @@
+"""Style fine-tuning on a caption dataset and TriLoRA's Table 1 (Feng et al. 2024, arXiv 2405.11236),
+with the over-training study.
+
+The protocol, as the paper runs it with diffusers' text-to-image LoRA script:
+
+1. Every adapter in ``protocol.adapters`` (LoRA, TriLoRA with each Sigma initialisation) trains on
+   the dataset's captioned images (``data.max_train_samples``: a seeded subset, as the paper's 100 of
+   833 Pokemon) for ``protocol.table_epoch`` epochs; the adapters in ``protocol.overtrain`` keep going
+   to the last of ``protocol.checkpoints`` (the over-training study).
+2. At every checkpoint epoch (a callback; sampling does not change the training run), one image per
+   caption of the *whole* dataset, each from its own fixed seed (derived from ``protocol.sample_seed``,
+   the paper's 30): FID and KID against every dataset image, CLIP score of each image with its caption.
+3. The base model draws the same prompts from the same seeds: NFID = FID(method) / FID(base) uses one
+   reference set, one feature extractor and one resizing for both terms, so the base model's NFID is
+   exactly 1.
+
+The table reads every adapter at ``table_epoch``. With a constant learning rate (required when
+``overtrain`` is set) a run read at epoch e equals a run stopped at e, so the long runs serve both.
+
+    lorabench experiment=trilora/world                     # 4 adapters x 3 seeds, table + curves
+    python -m lorabench.protocols.style_finetune outputs/trilora/world --out experiments/trilora
+
+One replicate = one (adapter, seed); the seed drives the training subset, data order and noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lorabench.errors import ConfigError
+from lorabench.protocols.toolkit import (cell_config, derive_seed_list, eval_device, mean_std, protocol_inputs,
+                                         sample_each, save_grid, summarise_rows)
+from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.utils.io import atomic_path, write_json
+
+METRICS = ("nfid", "fid", "kid", "clip_score", "train_s")
+LABELS = {"nfid": "NFID", "fid": "FID", "kid": "KID", "clip_score": "CLIP score", "train_s": "train s"}
+CURVE_METRICS = ("fid", "nfid", "kid", "clip_score")
+# Table 1 of the paper (NFID: lower is better; CLIP score: 100 x cosine, CLIP ViT-L/14).
+PUBLISHED = {"base": {"gac_nfid": 1.0, "gac_clip": 32.2, "pokemon_nfid": 1.0, "pokemon_clip": 29.2},
+             "lora": {"gac_nfid": 0.923, "gac_clip": 32.5, "pokemon_nfid": 0.867, "pokemon_clip": 30.3},
+             "trilora": {"gac_nfid": 0.833, "gac_clip": 32.5, "pokemon_nfid": 0.796, "pokemon_clip": 30.1}}
+# "CLIP about equal": within this share of LoRA's CLIP score (the paper's gaps: 0 and 0.2 of ~30 points).
+CLIP_TOLERANCE = 0.03
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list[str]]:
+    """``(adapters, seeds, table_epoch, checkpoints, overtrain)``, checked before any work."""
+    adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
+    p = cfg.protocol
+    table_epoch = int(p.table_epoch)
+    checkpoints = sorted({int(e) for e in (p.get("checkpoints") or [table_epoch])} | {table_epoch})
+    if checkpoints[0] < 1:
+        raise ConfigError("protocol.checkpoints", f"epochs must be >= 1, got {checkpoints}")
+    overtrain = list(p.get("overtrain") or [])
+    unknown = [a for a in overtrain if a not in adapters]
+    if unknown:
+        raise ConfigError("protocol.overtrain", f"{unknown} are not in protocol.adapters ({', '.join(adapters)})")
+    if overtrain and checkpoints[-1] == table_epoch:
+        raise ConfigError("protocol.checkpoints", f"over-training needs a checkpoint after table_epoch={table_epoch}")
+    schedule = cfg.optim.get("lr_scheduler", "constant")
+    if overtrain and schedule not in CONSTANT_SCHEDULES:
+        raise ConfigError("optim.lr_scheduler", f"{schedule!r}: the over-training runs are read at table_epoch, which "
+                          f"equals a shorter run only with {' or '.join(CONSTANT_SCHEDULES)}; drop protocol.overtrain")
+    if int(cfg.eval.get("images_per_prompt", 1)) != 1:
+        raise ConfigError("eval.images_per_prompt", "this protocol draws one image per dataset caption; set it to 1")
+    return adapters, seeds, table_epoch, checkpoints, overtrain
+
+
+def dataset_eval_set(cfg: DictConfig, max_prompts: int | None) -> tuple[list[str], torch.Tensor]:
+    """Every caption of the dataset (the paper's evaluation prompts) and every image at the model's
+    resolution in [0, 1] (the FID reference set), from the data config with no training subset."""
+    from lorabench.data import load_image
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("max_train_samples", None)
+    dm = instantiate(data_cfg, _convert_="all").prepare()
+    items = dm.all_items[:max_prompts] if max_prompts else dm.all_items
+    if len(items) < 2:
+        raise ConfigError("data", f"the dataset has {len(items)} image(s); FID needs at least 2")
+    refs = torch.stack([load_image(src, dm.resolution, center_crop=True) for src, _ in items])
+    return [text for _, text in items], (refs + 1) / 2
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, samples.png,
+    curves.csv and curves.png, and logs the curves and tables to the configured loggers."""
+    from lorabench.loggers import build_loggers
+    from lorabench.run import train
+    from lorabench.training.callbacks import CheckpointEvaluation
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    p = cfg.protocol
+    adapters, seeds, table_epoch, checkpoints, overtrain = resolve_plan(cfg)
+    sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
+    device = eval_device(cfg)
+    with quiet_cells():
+        prompts, references = dataset_eval_set(cfg, p.get("max_eval_prompts"))
+    scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references.to(device))
+    latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
+    n_grid = min(int(p.get("grid_images", 16)), len(prompts))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"style_finetune-seed{seeds[0]}", resolved_config=resolved)
+
+    def evaluate(components, base_fid=None):
+        images = sample_each(components, sampler_cfg, prompts, latent_seeds, device)
+        scores = scorer(images, prompts)
+        scores["nfid"] = scores["fid"] / (base_fid if base_fid is not None else scores["fid"])
+        return scores, images[:n_grid]
+
+    n_cells = len(adapters) * len(seeds)
+    progress = CellProgress(1 + n_cells, desc="style_finetune")
+    with quiet_cells():
+        base_model = instantiate(cfg.model, _convert_="all")
+        base_scores, base_images = evaluate(base_model)
+        del base_model
+    base_fid = base_scores["fid"]
+    rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores}]
+    progress.done(f"    base: FID {base_fid:.3f}, KID {base_scores['kid']:.4f}, CLIP {base_scores['clip_score']:.2f}")
+    panels = [base_images[:n_grid]]
+    for name, acfg in adapters.items():
+        final = checkpoints[-1] if name in overtrain else table_epoch
+        epochs = [e for e in checkpoints if e <= final]
+        for seed in seeds:
+            cell_dir = run_dir / "cells" / f"{name}-seed{seed}"
+            cell = cell_config(cfg, acfg, {}, seed, cell_dir)
+            with open_dict(cell):
+                cell.trainer.max_epochs, cell.trainer.max_steps = final, -1
+            callback = CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
+                                            prefix=f"curves/{name}/seed{seed}", grid_dir=str(cell_dir / "samples"))
+            with quiet_cells():
+                results, module = train(cell, cell_dir, config_name=f"{name}/seed{seed}", callbacks=[callback])
+            for point in callback.history:
+                rows.append({"method": name, "seed": seed, **point, "train_s": results["timings"]["fit_s"],
+                             "steps": results["metrics"]["steps"]})
+            at = next(r for r in callback.history if r["epoch"] == table_epoch)
+            progress.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
+                          f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID {callback.history[-1]['nfid']:.3f} "
+                          f"at epoch {callback.history[-1]['epoch']} ({results['timings']['fit_s']:.0f} s)")
+            if seed == seeds[0]:
+                panels.append(callback.images[table_epoch])
+            del module
+    progress.close()
+
+    out = {"protocol": "style_finetune", "dataset": str(cfg.data.get("name")), "seeds": seeds,
+           "methods": ["base", *adapters], "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
+           "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
+           "prompts": prompts, "n_references": len(references), "sample_seed": int(p.sample_seed),
+           "sampler": sampler_cfg, "rows": rows, "total_s": time.perf_counter() - t0, "config": resolved}
+    out.update(summaries(out))
+    out["table"] = finish(run_dir, out, loggers, panels)
+    return out
+
+
+# -- summaries, tables, curves and verdicts ------------------------------------------------------------
+def table_rows(out: dict) -> list[dict]:
+    """The base row and every adapter's row at the table epoch."""
+    return [r for r in out["rows"] if r["method"] == "base" or r["epoch"] == out["table_epoch"]]
+
+
+def curves(out: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """``{method: {epoch: {metric: {mean, std, n}}}}`` over seeds, for every checkpoint."""
+    res: dict[str, dict[int, dict]] = {}
+    for r in out["rows"]:
+        if r["method"] != "base":
+            res.setdefault(r["method"], {}).setdefault(int(r["epoch"]), []).append(r)
+    return {m: {e: {k: mean_std([r[k] for r in rs]) for k in CURVE_METRICS} for e, rs in sorted(by.items())}
+            for m, by in res.items()}
+
+
+def summaries(out: dict) -> dict:
+    return {"summary": summarise_rows(table_rows(out), METRICS), "curves": curves(out), "verdicts": verdicts(out)}
+
+
+def _by_seed(out: dict, method: str, epoch: int, metric: str) -> dict[int, float]:
+    return {r["seed"]: r[metric] for r in out["rows"] if r["method"] == method and r["epoch"] == epoch}
+
+
+def verdicts(out: dict, lora: str = "lora", trilora: str = "trilora") -> dict[str, dict]:
+    """The paper's three claims, each with its rule and numbers (``out`` holds both adapters)."""
+    if lora not in out["methods"] or trilora not in out["methods"]:
+        return {}
+    te = out["table_epoch"]
+    res: dict[str, dict] = {}
+    # 1. TriLoRA NFID < LoRA NFID < 1 at the paper's training length.
+    a, b = _by_seed(out, trilora, te, "nfid"), _by_seed(out, lora, te, "nfid")
+    seeds = sorted(set(a) & set(b))
+    ma, mb = statistics.fmean(a[s] for s in seeds), statistics.fmean(b[s] for s in seeds)
+    holds = [a[s] < b[s] < 1 for s in seeds]
+    verdict = ("reproduced" if ma < mb < 1 and all(holds) else
+               "mixed" if ma < mb < 1 else "not reproduced")
+    res["nfid_order"] = {"claim": "TriLoRA NFID < LoRA NFID < 1", "verdict": verdict,
+                         "rule": "reproduced: the seed means and every seed satisfy it; mixed: the means only",
+                         "trilora_nfid": ma, "lora_nfid": mb, "seeds_holding": sum(holds), "seeds": len(seeds)}
+    # 2. CLIP score about equal.
+    a, b = _by_seed(out, trilora, te, "clip_score"), _by_seed(out, lora, te, "clip_score")
+    ma, mb = statistics.fmean(a[s] for s in seeds), statistics.fmean(b[s] for s in seeds)
+    res["clip_equal"] = {"claim": "CLIP score about equal (TriLoRA vs LoRA)",
+                         "verdict": "reproduced" if abs(ma - mb) <= CLIP_TOLERANCE * abs(mb) else "not reproduced",
+                         "rule": f"|mean difference| <= {CLIP_TOLERANCE:.0%} of LoRA's CLIP score",
+                         "trilora_clip": ma, "lora_clip": mb, "difference": ma - mb}
+    # 3. Over-training: from table_epoch to the last checkpoint, TriLoRA's NFID rises less than LoRA's.
+    last = out["checkpoints"][-1]
+    if lora in out["overtrain"] and trilora in out["overtrain"]:
+        def rise(m):
+            end, at = _by_seed(out, m, last, "nfid"), _by_seed(out, m, te, "nfid")
+            return {s: end[s] - at[s] for s in seeds}
+
+        ra, rb = rise(trilora), rise(lora)
+        mra, mrb = statistics.fmean(ra.values()), statistics.fmean(rb.values())
+        if mrb <= 0:
+            verdict = "not observed (LoRA does not over-train here)"
+        elif mra < mrb and all(ra[s] < rb[s] for s in seeds):
+            verdict = "reproduced"
+        elif mra < mrb:
+            verdict = "mixed"
+        else:
+            verdict = "not reproduced"
+        res["overtraining"] = {
+            "claim": "TriLoRA resists over-training (its NFID rises less than LoRA's when trained long)",
+            "verdict": verdict, "rule": f"NFID rise from epoch {te} to {last}; reproduced: LoRA rises, TriLoRA "
+            "rises less in the mean and in every seed; mixed: in the mean only",
+            "trilora_rise": mra, "lora_rise": mrb, "from_epoch": te, "to_epoch": last}
+    return res
+
+
+def render_table(out: dict) -> str:
+    """Table 1: the world's NFID / FID / KID / CLIP score (mean +- std over seeds) beside the paper's."""
+    head = ["method", "NFID", "FID", "KID", "CLIP score", "paper Pokemon NFID", "paper Pokemon CLIP",
+            "paper GAC NFID", "paper GAC CLIP"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s in out["summary"].items():
+        cells = [f"{method} ({describe(out, method)})" if method != "base" else "base model"]
+        for m, fmt in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}")):
+            v = s.get(m)
+            cells.append("-" if v is None else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}")
+        pub = PUBLISHED.get(method, {})
+        cells += [f"{pub[k]:g}" if k in pub else "-" for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = len(out["seeds"])
+    note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
+            f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID against "
+            f"all {out['n_references']} dataset images. NFID = FID / FID(base model, same prompts, seeds, references "
+            "and features); the base model is deterministic here (one row). Paper: Feng et al. 2024, Table 1 "
+            "(SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
+    return "\n".join(lines) + "\n\n" + note
+
+
+def describe(out: dict, method: str) -> str:
+    a = out["adapters"].get(method, {})
+    text = f"{a.get('name')} r{a.get('rank')}"
+    if a.get("name") == "trilora":
+        text += f", Sigma {a.get('sigma_init')}" + (" normalised" if a.get("sigma_normalize") else "")
+    return text
+
+
+def write_curves_csv(path: Path, out: dict) -> None:
+    cols = ["method", "seed", "epoch", "step", *CURVE_METRICS, "kid_std"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in out["rows"]:
+            w.writerow([r.get(c) for c in cols])
+
+
+def write_table_csv(path: Path, out: dict) -> None:
+    cols = ["method", "adapter", "n_seeds"] + [f"{m}_{k}" for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")] \
+        + ["paper_pokemon_nfid", "paper_pokemon_clip", "paper_gac_nfid", "paper_gac_clip"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for method, s in out["summary"].items():
+            pub = PUBLISHED.get(method, {})
+            w.writerow([method, describe(out, method) if method != "base" else "base", s["nfid"]["n"]]
+                       + [s[m][k] for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")]
+                       + [pub.get(k) for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")])
+
+
+def plot_curves(path: Path, out: dict) -> None:
+    """FID, NFID and CLIP score against epoch (mean +- std over seeds), the base model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in out["rows"] if r["method"] == "base")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, metric in zip(axes, ("fid", "nfid", "clip_score")):
+        for method, by in out["curves"].items():
+            epochs = sorted(by)
+            mean = [by[e][metric]["mean"] for e in epochs]
+            std = [by[e][metric]["std"] for e in epochs]
+            line, = ax.plot(epochs, mean, marker="o", label=f"{method} ({describe(out, method)})")
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+        ax.axhline(base[metric], color="gray", ls="--", label="base model")
+        ax.axvline(out["table_epoch"], color="black", ls=":", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epoch")
+        ax.set_title(LABELS[metric] + (" (lower is better)" if metric != "clip_score" else " (higher is better)"))
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Over-training study on {out['dataset']}: mean +- std over {len(out['seeds'])} seeds; "
+                 f"dotted line: the table's epoch {out['table_epoch']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def finish(run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor]) -> str:
+    """Write results.json, table.md / table.csv, curves.csv / curves.png and samples.png; log the
+    table and the curves plot to the loggers (W&B: a Table and an image); returns the table."""
+    from lorabench.loggers import finish_wandb
+
+    table = render_table(out)
+    write_outputs(run_dir, out, table)
+    if panels:
+        save_grid(run_dir / "samples.png", list(panels))
+    try:
+        flat = {f"table/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
+        columns = ["method", *METRICS]
+        data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
+        for lg in loggers:
+            lg.log_metrics(flat, step=out["table_epoch"])
+            if hasattr(lg, "log_table"):
+                lg.log_table(key="style_finetune/table1", columns=columns, data=data)
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="style_finetune/curves", images=[str(run_dir / "curves.png")])
+            lg.save()
+    finally:
+        finish_wandb()
+    return table
+
+
+def write_outputs(out_dir: Path, out: dict, table: str | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", out)
+    with atomic_path(out_dir / "table.md") as tmp:
+        tmp.write_text((table or render_table(out)) + "\n")
+    write_table_csv(out_dir / "table.csv", out)
+    write_curves_csv(out_dir / "curves.csv", out)
+    write_json(out_dir / "verdicts.json", out["verdicts"])
+    plot_curves(out_dir / "curves.png", out)
+
+
+def rebuild(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Table, CSVs, verdicts and curves plot rebuilt from a run's results.json (no model needed)."""
+    out = json.loads((Path(run_dir) / "results.json").read_text())
+    out.update(summaries(out))
+    write_outputs(Path(out_dir), out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.style_finetune",
+                                     description="Rebuild Table 1, its CSVs, verdicts and the curves plot from a run folder.")
+    parser.add_argument("run_dir", help="a style_finetune run folder (holds results.json)")
+    parser.add_argument("--out", required=True, help="where to write table.md, table.csv, curves.*, verdicts.json")
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / "results.json").is_file():
+        parser.error(f"run_dir: {args.run_dir!r} holds no results.json")
+    out = rebuild(args.run_dir, args.out)
+    print(render_table(out))
+    for v in out["verdicts"].values():
+        print(f"- {v['claim']}: {v['verdict']}")
+
+
+if __name__ == "__main__":
+    main()

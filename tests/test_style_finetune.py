@@ -1,0 +1,236 @@
+"""TriLoRA's protocol: caption data (folders and parquet), FID / KID / CLIP score through torchmetrics,
+NFID, checkpoint evaluation that leaves training unchanged, Table 1 and verdicts, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from lorabench.data import ImageFolderDataModule
+from lorabench.errors import ConfigError
+from test_cli import assert_one_line_error, run_cli
+
+WORLD_ARGS = ["experiment=trilora/world", "data.n=12", "data.max_train_samples=6", "data.batch_size=3",
+              "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
+              "~protocol.adapters.trilora_svd_u", "eval.sampler.num_inference_steps=2", "protocol.grid_images=4"]
+
+
+@pytest.fixture(scope="module")
+def world_scorer():
+    from lorabench.world.assets import fidelity_scorer
+
+    return fidelity_scorer(kid_subset_size=50, kid_subsets=20)
+
+
+def world_images(n: int, seed: int, style: str = "vango") -> torch.Tensor:
+    from lorabench.world.datasets import caption_items
+    from lorabench.world.evaluators import to_tensor
+    from lorabench.world.spec import make_world
+
+    world = make_world(0, 16)
+    return to_tensor([img for img, _ in caption_items(world, world.style(style), n, seed)])
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def test_fid_of_a_set_against_itself_is_about_zero(world_scorer):
+    images = world_images(200, 0)  # more images than feature dimensions (128): full-rank covariances
+    world_scorer.set_references(images)
+    scores = world_scorer(images, ["a circle"] * len(images))
+    other = world_scorer(world_images(200, 0, "monex"), ["a circle"] * len(images))
+    assert abs(scores["fid"]) < 1e-3 and other["fid"] > 1.0
+    # KID's unbiased estimator on random subsets is 0 in expectation, not exactly
+    assert abs(scores["kid"]) < 0.1 * other["kid"]
+
+
+def test_our_fid_equals_torchmetrics_given_the_same_features(world_scorer):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    refs, a, b = world_images(120, 0), world_images(60, 1), world_images(60, 2, "monex")
+    world_scorer.set_references(refs)
+    ours = [world_scorer(x, ["a circle"] * len(x)) for x in (a, b, a)]  # references reused across calls
+    for x, got in zip((a, b), ours):
+        fid = FrechetInceptionDistance(world_scorer.fid.inception, normalize=True)
+        fid.update(refs, real=True)
+        fid.update(x, real=False)
+        assert abs(got["fid"] - float(fid.compute())) < 1e-4
+    assert ours[0]["fid"] == ours[2]["fid"] and ours[1]["fid"] > ours[0]["fid"]
+
+
+def test_kid_subset_size_never_exceeds_the_sets(world_scorer):
+    world_scorer.set_references(world_images(30, 0))
+    scores = world_scorer(world_images(8, 1), ["a circle"] * 8)  # subset_size 50 > 8 would raise in torchmetrics
+    assert world_scorer.kid.subset_size == 8 and scores["kid"] == scores["kid"]
+
+
+class _Fixed:
+    """An embedder whose image and text embeddings are given vectors."""
+
+    def __init__(self, img, txt):
+        self.img, self.txt = img, txt
+
+    def embed_images(self, images):
+        return self.img[: len(images)]
+
+    def embed_texts(self, texts):
+        return self.txt[: len(texts)]
+
+
+def test_clip_score_follows_torchmetrics_conventions():
+    from lorabench.evaluation.fidelity import EmbeddingCLIPScore
+
+    img = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    txt = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.2]]), dim=-1)
+    m = EmbeddingCLIPScore(_Fixed(img, txt))
+    m.update(torch.zeros(3, 3, 4, 4), ["a", "b", "c"])
+    cos = (img * txt).sum(-1)
+    assert float(m.compute()) == pytest.approx(float(100 * cos.mean()), abs=1e-5)  # 100 x cosine, averaged
+    m = EmbeddingCLIPScore(_Fixed(img, -img))
+    m.update(torch.zeros(3, 3, 4, 4), ["a", "b", "c"])
+    assert float(m.compute()) == 0.0  # clamped at 0 after averaging
+
+
+def test_torchmetrics_clip_score_gets_uint8_range_images(tiny_metric_models):
+    from lorabench.evaluation.fidelity import hf_clip_score
+
+    clip_dir, _ = tiny_metric_models
+    metric = hf_clip_score(str(clip_dir))
+    seen = []
+    update = metric.inner.update
+    metric.inner.update = lambda images, texts: (seen.append(images), update(images, texts))
+    metric.update(torch.rand(2, 3, 32, 32), ["a photo of dog", "a photo of cat"])
+    assert seen[0].dtype == torch.uint8 and int(seen[0].max()) > 1
+    assert 0.0 <= float(metric.compute()) <= 100.0
+
+
+def test_inception_scorer_errors_name_the_key(tmp_path):
+    from lorabench.evaluation.fidelity import inception_scorer
+
+    with pytest.raises(ConfigError, match="eval.fidelity.feature_extractor_weights_path: not set"):
+        inception_scorer(None, "openai/clip-vit-large-patch14")
+    with pytest.raises(ConfigError, match="does not exist"):
+        inception_scorer(str(tmp_path / "missing.pth"), "openai/clip-vit-large-patch14")
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def write_parquet(path, rows: list[dict]) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parquet_like_the_pokemon_mirrors(tmp_path):
+    rows = [{"image": {"bytes": png((255, 0, 0)), "path": None}, "text": "a red thing"},
+            {"image": {"bytes": png((0, 0, 255)), "path": None}, "text": "a blue thing"},
+            {"image": {"bytes": png((0, 255, 0)), "path": None}, "text": "a green thing"}]
+    write_parquet(tmp_path / "train.parquet", rows)
+    dm = ImageFolderDataModule(str(tmp_path / "train.parquet"), resolution=16, batch_size=3, max_train_samples=2,
+                               sample_seed=1).prepare()
+    assert len(dm.all_items) == 3 and len(dm.items) == 2 and dm.all_items[0][1] == "a red thing"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    red = batch["pixel_values"][[p == "a red thing" for p in batch["prompts"]]]
+    assert not len(red) or (red[0, 0].mean() > 0.9 and red[0, 2].mean() < -0.9)
+
+
+def test_parquet_bad_input_is_one_line(tmp_path):
+    write_parquet(tmp_path / "nocap.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "caption": "x"}])
+    with pytest.raises(ConfigError, match=r"data.path: .*nocap.parquet' has no column 'text' \(columns: image, caption\); "
+                                          r"set data.caption_column"):
+        ImageFolderDataModule(str(tmp_path / "nocap.parquet"), resolution=16).prepare()
+    write_parquet(tmp_path / "broken.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "text": "ok"},
+                                                {"image": {"bytes": b"not an image", "path": None}, "text": "bad"}])
+    with pytest.raises(ConfigError, match=r"broken.parquet' row 1: the image is not a readable image"):
+        ImageFolderDataModule(str(tmp_path / "broken.parquet"), resolution=16).prepare()
+
+
+def test_max_train_samples_larger_than_the_set_warns_and_keeps_all(toy_images):
+    with pytest.warns(UserWarning, match="max_train_samples=50 is larger than the dataset \\(8 images"):
+        dm = ImageFolderDataModule(str(toy_images), resolution=16, max_train_samples=50).prepare()
+    assert len(dm.items) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(ImageFolderDataModule(str(toy_images), resolution=16, max_train_samples=8).prepare().items) == 8
+
+
+# -- training with checkpoint evaluation -----------------------------------------------------------------
+def test_checkpoint_evaluation_does_not_change_training(tmp_path):
+    from lorabench.adapters import read_safetensors
+    from lorabench.run import train
+    from lorabench.training.callbacks import CheckpointEvaluation
+    from test_config import compose
+
+    def cell(name, callbacks=()):
+        cfg = compose(["experiment=trilora/world", "data.n=8", "data.max_train_samples=6", "data.batch_size=3",
+                       "adapter=trilora", "protocol=null", "trainer.max_steps=-1", "trainer.max_epochs=3"],
+                      tmp_path / name)
+        train(cfg, tmp_path / name, callbacks=callbacks)
+        return read_safetensors(tmp_path / name / "adapter.safetensors")[0]
+
+    from lorabench.protocols.toolkit import sample_each
+
+    def evaluate(components):
+        images = sample_each(components, {"scheduler": "dpm", "num_inference_steps": 2, "progress": False},
+                             ["a circle", "a square"], [1, 2])
+        return {"mean": float(images.mean())}, images
+
+    cb = CheckpointEvaluation([1, 3], evaluate, grid_dir=str(tmp_path / "grids"))
+    plain, evaluated = cell("plain"), cell("evaluated", [cb])
+    assert [h["epoch"] for h in cb.history] == [1, 3] and [h["step"] for h in cb.history] == [2, 6]
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["epoch0001.png", "epoch0003.png"]
+    assert plain.keys() == evaluated.keys() and all(torch.equal(plain[k], evaluated[k]) for k in plain)
+
+
+# -- the protocol end to end -----------------------------------------------------------------------------
+def test_world_protocol_end_to_end(tmp_path):
+    """Two adapters that over-train and one that does not, one seed, 2-step sampling: the base model's
+    NFID is exactly 1 and the table shows it; curves, grids, plots and verdicts are written; the
+    renderer rebuilds the same table from results.json."""
+    from lorabench.protocols.style_finetune import main
+
+    proc = run_cli([*WORLD_ARGS, f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    out = json.loads((run / "results.json").read_text())
+    base = [r for r in out["rows"] if r["method"] == "base"]
+    assert len(base) == 1 and base[0]["nfid"] == 1.0
+    assert out["summary"]["base"]["nfid"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    table = (run / "table.md").read_text()
+    assert "| base model | 1.000 +- 0.000 |" in table and "| 0.796 |" in table  # the paper's Pokemon TriLoRA NFID
+    epochs = {m: sorted(r["epoch"] for r in out["rows"] if r["method"] == m) for m in out["methods"]}
+    assert epochs == {"base": [0], "lora": [1, 2], "trilora": [1, 2], "trilora_identity": [1]}
+    for r in out["rows"][1:]:
+        assert r["nfid"] == pytest.approx(r["fid"] / base[0]["fid"], rel=1e-12)
+    assert len(out["prompts"]) == 12 and out["n_references"] == 12
+    assert set(out["verdicts"]) == {"nfid_order", "clip_equal", "overtraining"}
+    for f in ("curves.csv", "curves.png", "table.csv", "samples.png", "verdicts.json"):
+        assert (run / f).is_file(), f
+    assert (run / "cells" / "lora-seed0" / "samples" / "epoch0002.png").is_file()
+    logged = (run / "csv").rglob("metrics.csv")
+    assert any("curves/lora/seed0/nfid" in p.read_text() for p in logged)
+    main([str(run), "--out", str(tmp_path / "rebuilt")])
+    assert (tmp_path / "rebuilt" / "table.md").read_text() == table
+
+
+def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
+    write_parquet(tmp_path / "p.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "caption": "x"}])
+    assert_one_line_error(run_cli(["experiment=trilora/pokemon", f"data.path={tmp_path / 'p.parquet'}", "trainer=cpu"],
+                                  tmp_path), tmp_path, "data.path:", "has no column 'text'")
+    write_parquet(tmp_path / "ok.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "text": "x"}] * 2)
+    assert_one_line_error(run_cli(["experiment=trilora/pokemon", f"data.path={tmp_path / 'ok.parquet'}", "trainer=cpu"],
+                                  tmp_path), tmp_path, "eval.fidelity.feature_extractor_weights_path:", "weights-inception")
+    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.overtrain=[lora,dora]"], tmp_path), tmp_path,
+                          "protocol.overtrain:", "dora")
+    assert_one_line_error(run_cli([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
+                          "optim.lr_scheduler:", "constant")
