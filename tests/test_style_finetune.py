@@ -59,6 +59,8 @@ def test_our_fid_equals_torchmetrics_given_the_same_features(world_scorer):
         fid.update(x, real=False)
         assert abs(got["fid"] - float(fid.compute())) < 1e-4
     assert ours[0]["fid"] == ours[2]["fid"] and ours[1]["fid"] > ours[0]["fid"]
+    world_scorer.set_references(iter([refs[:50], refs[50:]]))  # references streamed in batches
+    assert world_scorer(a, ["a circle"] * len(a))["fid"] == pytest.approx(ours[0]["fid"], abs=1e-6)
 
 
 def test_kid_subset_size_never_exceeds_the_sets(world_scorer):
@@ -169,7 +171,7 @@ def test_checkpoint_evaluation_does_not_change_training(tmp_path):
     from lorabench.adapters import read_safetensors
     from lorabench.run import train
     from lorabench.training.callbacks import CheckpointEvaluation
-    from test_config import compose
+    from conftest import compose
 
     def cell(name, callbacks=()):
         cfg = compose(["experiment=trilora/world", "data.n=8", "data.max_train_samples=6", "data.batch_size=3",
@@ -234,3 +236,87 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                           "protocol.overtrain:", "dora")
     assert_one_line_error(run_cli([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
                           "optim.lr_scheduler:", "constant")
+
+
+def test_full_scale_pokemon_config_dry_run_on_a_tiny_saved_model(tmp_path, tiny_metric_models):
+    """trilora/pokemon end to end on a tiny saved SD-shaped model (with a VAE) and a parquet file laid out
+    like the Pokemon mirrors: sizes and lengths are overridden, and FID runs on the tiny CLIP's features
+    (clip_feature_scorer) since torch-fidelity's Inception is an optional extra; the rest (AnyLoRA's lr,
+    100-sample subset logic, seed 30, guidance 7.5, torchmetrics CLIPScore) is the full-scale config."""
+    from lorabench.models import build_tiny_components, save_components
+
+    save_components(build_tiny_components(with_vae=True), tmp_path / "sd")
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
+    write_parquet(tmp_path / "pokemon.parquet",
+                  [{"image": {"bytes": png(c), "path": None}, "text": f"a photo of {w}"}
+                   for c, w in zip(colours, ["dog", "cat", "dog", "cat", "dog", "cat"])])
+    clip_dir, _ = tiny_metric_models
+    args = ["experiment=trilora/pokemon", f"model.pretrained={tmp_path / 'sd'}", "model.resolution=16",
+            "trainer=cpu", "trainer.precision=32", f"data.path={tmp_path / 'pokemon.parquet'}",
+            "data.max_train_samples=4", "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
+            "~protocol.adapters.trilora_identity", "~protocol.adapters.trilora_svd_u",
+            "~eval.fidelity", "+eval.fidelity={_target_:lorabench.evaluation.fidelity.clip_feature_scorer,"
+            f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert out["sample_seed"] == 30 and out["sampler"]["guidance_scale"] == 7.5 and len(out["prompts"]) == 6
+    assert {r["method"] for r in out["rows"]} == {"base", "lora", "trilora"}
+    assert all(0.0 <= r["clip_score"] <= 100.0 for r in out["rows"])
+    trained = json.loads((tmp_path / "run" / "cells" / "trilora-seed0" / "results.json").read_text())
+    assert trained["adapter"] == "trilora" and trained["metrics"]["steps"] == 2 * 4  # 2 epochs of 4 images, batch 1
+
+
+def test_curves_grids_and_table_go_to_wandb(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from conftest import compose
+    from lorabench.protocols.style_finetune import run
+
+    calls = {"metrics": [], "image": [], "table": []}
+    real_metrics = WandbLogger.log_metrics
+
+    def spy_metrics(self, metrics, step=None):
+        calls["metrics"].append((step, dict(metrics)))
+        return real_metrics(self, metrics, step)
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", spy_metrics)
+    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None, **kw: calls["image"].append((key, step)))
+    monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns=None, data=None, step=None, **kw:
+                        calls["table"].append((key, list(columns), len(data))))
+    args = [a for a in WORLD_ARGS if "adapters" not in a] + ["~protocol.adapters.trilora_identity",
+                                                               "~protocol.adapters.trilora_svd_u", "logger=wandb"]
+    res = run(compose(args, tmp_path), tmp_path / "run")
+    lora = [(s, m["curves/lora/seed0/nfid"]) for s, m in calls["metrics"] if "curves/lora/seed0/nfid" in m]
+    assert lora == [(r["epoch"], r["nfid"]) for r in res["rows"] if r["method"] == "lora"]  # NFID against epoch
+    assert ("curves/trilora/seed0/samples", 2) in calls["image"] and ("style_finetune/curves", None) in calls["image"]
+    assert calls["table"] == [("style_finetune/table1", ["method", "nfid", "fid", "kid", "clip_score", "train_s"], 3)]
+
+
+def test_epochs_with_a_warmup_schedule_and_random_crops(tmp_path):
+    """Caption-set training as diffusers' script does it: epochs (not steps), warmup then the schedule,
+    random crops when center_crop is off."""
+    import csv
+
+    from conftest import compose
+    from lorabench.data import load_image
+    from lorabench.run import train
+
+    cfg = compose(["experiment=trilora/world", "data.n=8", "data.max_train_samples=6", "data.batch_size=3",
+                   "+data.center_crop=false", "+data.random_flip=true", "adapter=lora", "protocol=null",
+                   "trainer.max_steps=-1", "trainer.max_epochs=4", "trainer.log_every_n_steps=1",
+                   "optim.lr_scheduler=cosine_with_restarts", "optim.warmup_steps=4", "optim.lr=1e-3"], tmp_path)
+    results, _ = train(cfg, tmp_path)
+    assert results["metrics"]["steps"] == 8  # 4 epochs x 2 batches of 3
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert lrs[:4] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4]), lrs
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < lrs[4], lrs
+    img = torch.zeros(16, 32, 3, dtype=torch.uint8)
+    img[:, :16] = 255
+    Image.fromarray(img.numpy()).save(tmp_path / "wide.png")
+    crops = {float(load_image(tmp_path / "wide.png", 16, center_crop=False,
+                              generator=torch.Generator().manual_seed(s)).mean()) for s in range(8)}
+    assert len(crops) > 1  # different offsets of the 32-wide image

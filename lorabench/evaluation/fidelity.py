@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -101,10 +101,11 @@ class FidelityScorer:
         clip_score: a metric whose ``update(images in [0, 1], texts)`` / ``compute()`` give CLIP score.
         kid_subset_size: KID's subset size, lowered to the smaller set's size when a set is smaller.
         kid_subsets: number of KID subsets.
+        batch_size: images per feature-extractor call (a 512 px set is fed in pieces, never whole).
     """
 
     def __init__(self, features: nn.Module | int, clip_score: Metric, kid_subset_size: int = 100,
-                 kid_subsets: int = 100, feature_extractor_weights_path: Optional[str] = None):
+                 kid_subsets: int = 100, feature_extractor_weights_path: Optional[str] = None, batch_size: int = 64):
         if kid_subset_size < 2:
             raise ConfigError("eval.fidelity.kid_subset_size", f"must be >= 2, got {kid_subset_size}")
         kw = {"feature_extractor_weights_path": feature_extractor_weights_path} if isinstance(features, int) else {}
@@ -116,7 +117,7 @@ class FidelityScorer:
             self.kid = KernelInceptionDistance(self.fid.inception, subsets=kid_subsets, subset_size=kid_subset_size,
                                                reset_real_features=False, normalize=True)
         self.kid.used_custom_model = self.fid.used_custom_model
-        self.clip_score, self.kid_subset_size = clip_score, int(kid_subset_size)
+        self.clip_score, self.kid_subset_size, self.batch_size = clip_score, int(kid_subset_size), int(batch_size)
         self.n_references = 0
 
     def to(self, device) -> "FidelityScorer":
@@ -126,16 +127,25 @@ class FidelityScorer:
         return self
 
     @torch.no_grad()
-    def set_references(self, images: torch.Tensor) -> "FidelityScorer":
-        """The reference set (e.g. every dataset image), embedded once for every later call."""
-        if images.ndim != 4 or len(images) < 2:
-            raise ValueError(f"expected at least 2 reference images (N, 3, H, W), got {tuple(images.shape)}")
+    def set_references(self, images: torch.Tensor | Iterable[torch.Tensor]) -> "FidelityScorer":
+        """The reference set (e.g. every dataset image), embedded once for every later call: one
+        (N, 3, H, W) tensor, or an iterable of such batches (a large set need not fit in memory)."""
         for metric in (self.fid, self.kid):
             metric.reset_real_features = True
             metric.reset()
             metric.reset_real_features = False
-            metric.update(images.float(), real=True)
-        self.n_references = len(images)
+        n = 0
+        for batch in ([images] if isinstance(images, torch.Tensor) else images):
+            if batch.ndim != 4:
+                raise ValueError(f"expected (N, 3, H, W) reference images, got {tuple(batch.shape)}")
+            for i in range(0, len(batch), self.batch_size):
+                chunk = batch[i:i + self.batch_size].to(self.fid.device, torch.float32)
+                self.fid.update(chunk, real=True)
+                self.kid.update(chunk, real=True)
+            n += len(batch)
+        if n < 2:
+            raise ValueError(f"expected at least 2 reference images, got {n}")
+        self.n_references = n
         return self
 
     @torch.no_grad()
@@ -145,11 +155,15 @@ class FidelityScorer:
             raise RuntimeError("FidelityScorer: set_references first")
         if images.ndim != 4 or len(images) < 2:
             raise ValueError(f"expected at least 2 images (N, 3, H, W), got {tuple(images.shape)}")
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts for {len(images)} images")
         for metric in (self.fid, self.kid, self.clip_score):
             metric.reset()
-        self.fid.update(images.float(), real=False)
-        self.kid.update(images.float(), real=False)
-        self.clip_score.update(images, texts)
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i:i + self.batch_size].to(self.fid.device, torch.float32)
+            self.fid.update(chunk, real=False)
+            self.kid.update(chunk, real=False)
+            self.clip_score.update(chunk, list(texts[i:i + self.batch_size]))
         self.kid.subset_size = min(self.kid_subset_size, len(images), self.n_references)
         kid_mean, kid_std = self.kid.compute()
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
@@ -200,3 +214,15 @@ def hf_clip_score(clip: str, field: str = "eval.fidelity.clip") -> UInt8CLIPScor
 
     model, processor = _TensorFeatures(_load(CLIPModel, clip, field).eval()), _load(CLIPProcessor, clip, field)
     return UInt8CLIPScore(CLIPScore(model_name_or_path=lambda: (model, processor)))
+
+
+def clip_feature_scorer(clip: str, kid_subset_size: int = 100, kid_subsets: int = 100,
+                        device: str = "cpu") -> FidelityScorer:
+    """FID / KID on CLIP image embeddings (FD_CLIP, Kynkaanniemi et al. 2023) and torchmetrics' CLIPScore,
+    both from one local CLIP folder: for machines without torch-fidelity or Inception weights. Its FIDs
+    are not comparable with Inception FIDs (NFID, a ratio within one tool, is the comparable number)."""
+    from lorabench.evaluation.hf import CLIPEmbedder
+
+    embedder = CLIPEmbedder(clip, device=device, field="eval.fidelity.clip")
+    features = FeatureExtractor(embedder.embed_images, embedder.model.config.projection_dim)
+    return FidelityScorer(features, hf_clip_score(clip), kid_subset_size, kid_subsets)

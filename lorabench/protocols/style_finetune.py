@@ -79,9 +79,10 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list
     return adapters, seeds, table_epoch, checkpoints, overtrain
 
 
-def dataset_eval_set(cfg: DictConfig, max_prompts: int | None) -> tuple[list[str], torch.Tensor]:
-    """Every caption of the dataset (the paper's evaluation prompts) and every image at the model's
-    resolution in [0, 1] (the FID reference set), from the data config with no training subset."""
+def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int = 64):
+    """Every caption of the dataset (the paper's evaluation prompts), and the FID reference set: every
+    image at the model's resolution in [0, 1], center-cropped, as batches loaded on demand (833 images
+    at 512 px do not need to sit in memory at once). Uses the data config with no training subset."""
     from lorabench.data import load_image
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -90,8 +91,13 @@ def dataset_eval_set(cfg: DictConfig, max_prompts: int | None) -> tuple[list[str
     items = dm.all_items[:max_prompts] if max_prompts else dm.all_items
     if len(items) < 2:
         raise ConfigError("data", f"the dataset has {len(items)} image(s); FID needs at least 2")
-    refs = torch.stack([load_image(src, dm.resolution, center_crop=True) for src, _ in items])
-    return [text for _, text in items], (refs + 1) / 2
+
+    def references():
+        for i in range(0, len(items), batch_size):
+            batch = torch.stack([load_image(src, dm.resolution, center_crop=True) for src, _ in items[i:i + batch_size]])
+            yield (batch + 1) / 2
+
+    return [text for _, text in items], references
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -110,7 +116,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     device = eval_device(cfg)
     with quiet_cells():
         prompts, references = dataset_eval_set(cfg, p.get("max_eval_prompts"))
-    scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references.to(device))
+    scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
     latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
     n_grid = min(int(p.get("grid_images", 16)), len(prompts))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -159,7 +165,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     out = {"protocol": "style_finetune", "dataset": str(cfg.data.get("name")), "seeds": seeds,
            "methods": ["base", *adapters], "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
            "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
-           "prompts": prompts, "n_references": len(references), "sample_seed": int(p.sample_seed),
+           "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
            "sampler": sampler_cfg, "rows": rows, "total_s": time.perf_counter() - t0, "config": resolved}
     out.update(summaries(out))
     out["table"] = finish(run_dir, out, loggers, panels)
