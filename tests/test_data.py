@@ -45,9 +45,9 @@ def test_resize_crop_flip(tmp_path):
     assert torch.equal(flipped, plain) or torch.equal(flipped, plain.flip(-1))
 
 
-def test_max_samples_is_a_seeded_subset(toy_images):
-    a = ImageFolderDataModule(str(toy_images), resolution=16, max_samples=3, sample_seed=5).prepare()
-    b = ImageFolderDataModule(str(toy_images), resolution=16, max_samples=3, sample_seed=5).prepare()
+def test_max_train_samples_is_a_seeded_subset(toy_images):
+    a = ImageFolderDataModule(str(toy_images), resolution=16, max_train_samples=3, sample_seed=5).prepare()
+    b = ImageFolderDataModule(str(toy_images), resolution=16, max_train_samples=3, sample_seed=5).prepare()
     assert len(a.items) == 3 and a.items == b.items
 
 

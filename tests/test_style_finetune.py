@@ -320,3 +320,45 @@ def test_epochs_with_a_warmup_schedule_and_random_crops(tmp_path):
     crops = {float(load_image(tmp_path / "wide.png", 16, center_crop=False,
                               generator=torch.Generator().manual_seed(s)).mean()) for s in range(8)}
     assert len(crops) > 1  # different offsets of the 32-wide image
+
+
+def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
+    """A results.json with one seed: ``lora`` / ``trilora`` are NFIDs at epochs 1 (table) and 4 (last)."""
+    from lorabench.protocols.style_finetune import summaries
+
+    rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, "fid": base_fid, "nfid": 1.0, "kid": 0.1,
+             "kid_std": 0.0, "clip_score": 30.0}]
+    for m, nfids in (("lora", lora), ("trilora", trilora)):
+        for e, n in zip((1, 4), nfids):
+            rows.append({"method": m, "seed": seed, "epoch": e, "step": e, "fid": n * base_fid, "nfid": n,
+                         "kid": 0.1, "kid_std": 0.0, "clip_score": 30.0 + (m == "lora") * 0.5, "train_s": 1.0})
+    out = {"dataset": "x", "prompts": ["a"], "sample_seed": 30, "sampler": {}, "table_epoch": 1, "n_references": 2,
+           "seeds": [seed], "methods": ["base", "lora", "trilora"], "checkpoints": [1, 4], "rows": rows,
+           "overtrain": ["lora", "trilora"], "adapters": {"lora": {"name": "lora", "rank": 4},
+                                                          "trilora": {"name": "trilora", "rank": 4, "sigma_init": "svd_w0"}}}
+    out.update(summaries(out))
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(out))
+    return tmp_path / name
+
+
+def test_table_from_several_runs_and_the_verdict_rules(tmp_path):
+    from lorabench.protocols.style_finetune import collect, verdicts
+
+    a = synthetic_run(tmp_path, "a", 0, lora=(0.9, 1.3), trilora=(0.8, 0.85))
+    b = synthetic_run(tmp_path, "b", 1, lora=(0.95, 1.1), trilora=(0.97, 1.0))
+    out = collect([a, b])
+    assert out["seeds"] == [0, 1] and sum(r["method"] == "base" for r in out["rows"]) == 1
+    assert out["summary"]["lora"]["nfid"]["n"] == 2 and out["summary"]["lora"]["nfid"]["mean"] == pytest.approx(0.925)
+    v = out["verdicts"]
+    # means: TriLoRA 0.885 < LoRA 0.925 < 1, but seed 1 has TriLoRA 0.97 > LoRA 0.95 -> mixed
+    assert (v["nfid_order"]["verdict"], v["nfid_order"]["seeds_holding"]) == ("mixed", 1)
+    assert v["clip_equal"]["verdict"] == "reproduced" and v["clip_equal"]["difference"] == pytest.approx(-0.5)
+    # rises: LoRA +0.4 / +0.15, TriLoRA +0.05 / +0.03 -> reproduced
+    assert v["overtraining"]["verdict"] == "reproduced" and v["overtraining"]["lora_rise"] == pytest.approx(0.275)
+    flat = collect([synthetic_run(tmp_path, "c", 0, lora=(0.9, 0.8), trilora=(0.8, 0.7))])
+    assert verdicts(flat)["overtraining"]["verdict"].startswith("not observed")
+    with pytest.raises(ValueError, match="appears in two runs"):
+        collect([a, a])
+    with pytest.raises(ValueError, match="not one table"):
+        collect([a, synthetic_run(tmp_path, "d", 2, lora=(1, 1), trilora=(1, 1), base_fid=11.0)])

@@ -363,23 +363,61 @@ def write_outputs(out_dir: Path, out: dict, table: str | None = None) -> None:
     plot_curves(out_dir / "curves.png", out)
 
 
-def rebuild(run_dir: str | Path, out_dir: str | Path) -> dict:
-    """Table, CSVs, verdicts and curves plot rebuilt from a run's results.json (no model needed)."""
-    out = json.loads((Path(run_dir) / "results.json").read_text())
+SAME_ACROSS_RUNS = ("dataset", "prompts", "sample_seed", "sampler", "table_epoch", "n_references")
+
+
+def collect(run_dirs: Sequence[str | Path]) -> dict:
+    """One results dict from the results.json of several runs of one setup (e.g. a multirun with one
+    seed per job): rows joined, the base model's row kept once (it must agree across runs)."""
+    outs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    out = dict(outs[0])
+    rows, seen = [], {}
+    for d, o in zip(run_dirs, outs):
+        for key in SAME_ACROSS_RUNS:
+            if o.get(key) != out.get(key):
+                raise ValueError(f"{d}: {key} differs from {run_dirs[0]}; these runs are not one table")
+        for r in o["rows"]:
+            k = (r["method"], r["seed"], r["epoch"])
+            if k in seen:
+                if r["method"] == "base":
+                    if r["fid"] == seen[k]["fid"]:
+                        continue
+                    raise ValueError(f"{d}: the base model's FID differs from another run's; these runs are not one table")
+                raise ValueError(f"{d}: {r['method']} seed {r['seed']} epoch {r['epoch']} appears in two runs")
+            seen[k] = r
+            rows.append(r)
+    out["rows"] = rows
+    out["seeds"] = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    out["methods"] = list(dict.fromkeys(m for o in outs for m in o["methods"]))
+    out["adapters"] = {k: v for o in outs for k, v in o["adapters"].items()}
+    out["overtrain"] = sorted({m for o in outs for m in o["overtrain"]})
+    out["checkpoints"] = sorted({e for o in outs for e in o["checkpoints"]})
+    out["runs"] = [str(d) for d in run_dirs]
     out.update(summaries(out))
+    return out
+
+
+def rebuild(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Table, CSVs, verdicts and curves plot rebuilt from runs' results.json (no model needed)."""
+    out = collect([run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs))
     write_outputs(Path(out_dir), out)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.style_finetune",
-                                     description="Rebuild Table 1, its CSVs, verdicts and the curves plot from a run folder.")
-    parser.add_argument("run_dir", help="a style_finetune run folder (holds results.json)")
+                                     description="Rebuild Table 1, its CSVs, verdicts and the curves plot from run folders.")
+    parser.add_argument("run_dirs", nargs="+", help="style_finetune run folders (each holds results.json), "
+                        "e.g. the jobs of a multirun over seeds")
     parser.add_argument("--out", required=True, help="where to write table.md, table.csv, curves.*, verdicts.json")
     args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / "results.json").is_file():
-        parser.error(f"run_dir: {args.run_dir!r} holds no results.json")
-    out = rebuild(args.run_dir, args.out)
+    for d in args.run_dirs:
+        if not (Path(d) / "results.json").is_file():
+            parser.error(f"run_dirs: {d!r} holds no results.json")
+    try:
+        out = rebuild(args.run_dirs, args.out)
+    except ValueError as exc:
+        parser.error(f"run_dirs: {exc}")
     print(render_table(out))
     for v in out["verdicts"].values():
         print(f"- {v['claim']}: {v['verdict']}")
