@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 
 from lorabench.errors import ConfigError, choice_error
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -60,14 +62,32 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 
 def find_config_error(exc: BaseException) -> Optional[ConfigError]:
-    """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers."""
-    seen = set()
+    """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers; or,
+    for an error raised inside a third-party constructor that Hydra instantiated (a Lightning or
+    diffusers class rejecting an option), a ConfigError naming the config key Hydra reports."""
+    seen, chain = set(), []
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, ConfigError):
             return exc
         seen.add(id(exc))
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    return None
+    from hydra.errors import InstantiationException
+
+    wrapper = next((e for e in chain if isinstance(e, InstantiationException)), None)
+    inner = chain[-1]
+    if wrapper is None or inner is wrapper or raised_in_lorabench(inner):
+        return None  # our own bug: keep the traceback
+    key = re.search(r"full_key: (\S+)", str(wrapper))
+    return ConfigError(key.group(1) if key else "config", f"{type(inner).__name__}: {' '.join(str(inner).split())}")
+
+
+def raised_in_lorabench(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is lorabench's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and PACKAGE_DIR in Path(tb.tb_frame.f_code.co_filename).resolve().parents
 
 
 def remove_run_dir(run_dir: Path, root: Path) -> None:
@@ -84,6 +104,66 @@ def remove_run_dir(run_dir: Path, root: Path) -> None:
         root.rmdir()
 
 
+def check_trainer(trainer_cfg, field: str = "trainer") -> None:
+    """Lightning's own validation of the trainer options, run once on a throwaway Trainer (no logger,
+    no checkpoints, a temporary folder) so that a bad option fails as one line before any work."""
+    import tempfile
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if not trainer_cfg:
+        return
+    opts = OmegaConf.to_container(trainer_cfg, resolve=True)
+    accel, devices = str(opts.get("accelerator", "auto")), opts.get("devices", "auto")
+    if accel in ("gpu", "cuda"):
+        have = torch.cuda.device_count()
+        if not have:
+            raise ConfigError(f"{field}.accelerator", f"{accel!r} but this machine has no CUDA device; use trainer=cpu")
+        if isinstance(devices, int) and devices > have:
+            raise ConfigError(f"{field}.devices", f"{devices} asked, {have} CUDA device(s) here; use devices<={have} "
+                              "or one process per GPU through a launcher")
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as tmp:
+            instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=tmp,
+                        _convert_="all")
+    except Exception as exc:  # noqa: BLE001 - Lightning's messages, made one line
+        cause = exc.__cause__ or exc
+        message = " ".join(str(cause).split())
+        key = re.search(r"unexpected keyword argument '(\w+)'", message) or re.search(r"`(\w+)`", message)
+        if key and "unexpected keyword" in message:
+            raise ConfigError(f"{field}.{key.group(1)}", "not an option of lightning.pytorch.Trainer") from exc
+        named = [key.group(1)] if key and key.group(1) in opts else \
+            [k for k in opts if re.search(rf"\b{re.escape(k)}\b", message, re.IGNORECASE)]
+        raise ConfigError(f"{field}.{named[0]}" if named else field, message) from exc
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """What can be checked with no model and no data, before the run does any work: optimiser
+    numbers that make no sense, and the Trainer's options."""
+    from omegaconf import OmegaConf
+
+    from lorabench.training.module import DEFAULT_OPTIM, check_optim
+
+    if cfg.get("optim") is not None:
+        check_optim({**DEFAULT_OPTIM, **OmegaConf.to_container(cfg.optim, resolve=True)})
+    check_trainer(cfg.get("trainer"))
+    ev = cfg.get("eval")
+    if ev is not None:
+        for key, low in (("sampler.num_inference_steps", 1), ("sampler.batch_size", 1), ("images_per_prompt", 1)):
+            v = OmegaConf.select(ev, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise ConfigError(f"eval.{key}", f"must be an integer >= {low}, got {v!r}")
+
+
 def fail(err: ConfigError) -> None:
     print(f"lorabench: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -93,14 +173,17 @@ def fail(err: ConfigError) -> None:
 def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     from lorabench.run import format_summary, train
 
-    # Hydra's job logging already prints to the console and main.log; Lightning's own handler
-    # would print every line twice.
-    logging.getLogger("lightning.pytorch").handlers.clear()
+    # Lightning adds its own handlers to "lightning", "lightning.pytorch" and "lightning.fabric"; each
+    # line then printed twice (once through them, once through Hydra's root handler). Hydra's only.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
     protocol = cfg.get("protocol")
     try:
+        preflight(cfg)
         if protocol:
             from hydra.utils import get_method
 

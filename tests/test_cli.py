@@ -93,6 +93,15 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["adapter=ortho", "adapter.row_mode=disjoint", "adapter.slot=0", "adapter.num_slots=9"],
      ["adapter.num_slots: rank * num_slots = 4 * 9 = 36 exceeds input width 32"]),
     (["data=imagefolder", "data.path=/no/such/folder"], ["data.path: image folder '/no/such/folder' does not exist"]),
+    # numbers that make no sense, and options Lightning rejects: one line, before any work
+    (["optim.lr=-1e-4"], ["optim.lr: must be a number > 0, got -0.0001"]),
+    (["optim.warmup_steps=-3"], ["optim.warmup_steps: must be an integer >= 0"]),
+    (["trainer.max_epochs=-5"], ["trainer.max_epochs: `max_epochs` must be a non-negative integer or -1"]),
+    (["+trainer.max_stepz=10"], ["trainer.max_stepz: not an option of lightning.pytorch.Trainer"]),
+    (["trainer.precision=17"], ["trainer.precision: Precision 17 is invalid. Allowed precision values"]),
+    (["trainer=gpu"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device; use trainer=cpu"]),
+    (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
+    (["eval=world", "eval.sampler.num_inference_steps=0"], ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)
@@ -175,3 +184,10 @@ def test_main_job_console_is_short_and_no_warning_repeats(tmp_path):
 def test_verbose_flag_is_accepted(tmp_path):
     proc = run_cli(["-v", *FAST], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_lightning_log_lines_appear_once(tmp_path):
+    proc = run_cli(FAST, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]

@@ -18,6 +18,33 @@ DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "weight_d
                  "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
 
 
+def check_optim(optim: Mapping) -> None:
+    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work."""
+    def bad(key, what):
+        return ConfigError(f"optim.{key}", f"{what}, got {optim.get(key)!r}")
+
+    def number(key):
+        v = optim.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    if optim.get("name", "adamw") not in OPTIMIZERS:
+        raise choice_error("optim.name", optim.get("name"), OPTIMIZERS)
+    if not (number("lr") or 0) > 0:
+        raise bad("lr", "must be a number > 0")
+    if optim.get("text_encoder_lr") is not None and not (number("text_encoder_lr") or 0) > 0:
+        raise bad("text_encoder_lr", "must be null (same as lr) or a number > 0")
+    if number("weight_decay") is None or optim["weight_decay"] < 0:
+        raise bad("weight_decay", "must be a number >= 0")
+    if number("eps") is None or optim["eps"] <= 0:
+        raise bad("eps", "must be a number > 0")
+    betas = optim.get("betas")
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise bad("betas", "must be two numbers in [0, 1)")
+    if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
+        raise bad("warmup_steps", "must be an integer >= 0")
+
+
 def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
     """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
     ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids)."""
@@ -74,8 +101,7 @@ class DiffusionFineTuner(L.LightningModule):
             if train_text_encoder:
                 self.text_encoder.requires_grad_(True)
         self.optim_cfg = {**DEFAULT_OPTIM, **dict(optim or {})}
-        if self.optim_cfg["name"] not in OPTIMIZERS:
-            raise choice_error("optim.name", self.optim_cfg["name"], OPTIMIZERS)
+        check_optim(self.optim_cfg)
         self.prior_loss_weight, self.noise_offset = prior_loss_weight, noise_offset
         self.seed, self.val_timesteps = seed, val_timesteps
         self.train_text_encoder = (train_text_encoder if self.adapters is None
