@@ -236,6 +236,10 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                           "protocol.overtrain:", "dora")
     assert_one_line_error(run_cli([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
                           "optim.lr_scheduler:", "constant")
+    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.table_epoch=0"], tmp_path), tmp_path,
+                          "protocol.table_epoch: must be an integer >= 1, got 0")
+    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.checkpoints=[1,two]"], tmp_path), tmp_path,
+                          "protocol.checkpoints: must be a list of epochs")
 
 
 def test_full_scale_pokemon_config_dry_run_on_a_tiny_saved_model(tmp_path, tiny_metric_models):

@@ -60,7 +60,13 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list
     """``(adapters, seeds, table_epoch, checkpoints, overtrain)``, checked before any work."""
     adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
     p = cfg.protocol
+    for key in ("table_epoch", "sample_seed"):
+        v = p.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or (key == "table_epoch" and v < 1):
+            raise ConfigError(f"protocol.{key}", f"must be an integer{' >= 1' if key == 'table_epoch' else ''}, got {v!r}")
     table_epoch = int(p.table_epoch)
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in (p.get("checkpoints") or [])):
+        raise ConfigError("protocol.checkpoints", f"must be a list of epochs (integers), got {list(p.checkpoints)}")
     checkpoints = sorted({int(e) for e in (p.get("checkpoints") or [table_epoch])} | {table_epoch})
     if checkpoints[0] < 1:
         raise ConfigError("protocol.checkpoints", f"epochs must be >= 1, got {checkpoints}")
