@@ -366,3 +366,26 @@ def test_table_from_several_runs_and_the_verdict_rules(tmp_path):
         collect([a, a])
     with pytest.raises(ValueError, match="not one table"):
         collect([a, synthetic_run(tmp_path, "d", 2, lora=(1, 1), trilora=(1, 1), base_fid=11.0)])
+
+
+def test_offline_wandb_run_reads_back_with_table_images_and_curves(tmp_path):
+    """A real offline W&B run (no spies): its folder holds Table 1 as a W&B Table whose rows are the
+    summary, every checkpoint's sample grid and the curves plot as images, and the curve keys."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    args = [a for a in WORLD_ARGS if "adapters" not in a] + ["~protocol.adapters.trilora_identity",
+                                                               "~protocol.adapters.trilora_svd_u", "logger=wandb"]
+    proc = run_cli([*args, f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [offline] = list((run / "wandb").glob("offline-run-*"))
+    out = json.loads((run / "results.json").read_text())
+    [table] = list((offline / "files" / "media" / "table" / "style_finetune").glob("table1_*.table.json"))
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:2] == ["method", "nfid"]
+    assert {r[0]: r[1] for r in logged["data"]} == pytest.approx({m: s["nfid"]["mean"] for m, s in out["summary"].items()})
+    images = offline / "files" / "media" / "images"
+    for method in ("lora", "trilora"):
+        assert len(list((images / "curves" / method / "seed0").glob("samples_*.png"))) == 2  # epochs 1 and 2
+    assert list((images / "style_finetune").glob("curves_*.png"))
+    history = next(offline.glob("run-*.wandb")).read_bytes()  # protobuf records: keys are stored as plain text
+    assert b"curves/lora/seed0/nfid" in history and b"curves/trilora/seed0/clip_score" in history
