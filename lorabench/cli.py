@@ -151,17 +151,17 @@ def preflight(cfg: DictConfig) -> None:
     numbers that make no sense, and the Trainer's options."""
     from omegaconf import OmegaConf
 
-    from lorabench.training.module import DEFAULT_OPTIM, check_optim
+    from lorabench.sampling import check_counts
+    from lorabench.training.module import check_optim
 
     if cfg.get("optim") is not None:
-        check_optim({**DEFAULT_OPTIM, **OmegaConf.to_container(cfg.optim, resolve=True)})
+        check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))
     ev = cfg.get("eval")
     if ev is not None:
-        for key, low in (("sampler.num_inference_steps", 1), ("sampler.batch_size", 1), ("images_per_prompt", 1)):
-            v = OmegaConf.select(ev, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-                raise ConfigError(f"eval.{key}", f"must be an integer >= {low}, got {v!r}")
+        check_counts({k: OmegaConf.select(ev, f"sampler.{k}") for k in ("num_inference_steps", "batch_size")},
+                     "eval.sampler")
+        check_counts({"images_per_prompt": ev.get("images_per_prompt")}, "eval")
 
 
 def fail(err: ConfigError) -> None:

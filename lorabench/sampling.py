@@ -30,6 +30,13 @@ def make_scheduler(components: ModelComponents, name: str):
     return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
 
 
+def check_counts(options: dict, field: str) -> None:
+    """Each ``options[key]`` that is set must be an integer >= 1 (a one-line ``<field>.<key>`` error)."""
+    for key, v in options.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{field}.{key}", f"must be an integer >= 1, got {v!r}")
+
+
 class Sampler:
     """Draw images for prompts: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1], (N, 3, H, W).
 
@@ -44,10 +51,7 @@ class Sampler:
     def __init__(self, components: ModelComponents, scheduler: str = "ddim", num_inference_steps: int = 20,
                  guidance_scale: float = 3.0, batch_size: int = 64, progress: bool = True,
                  negative_prompt: str = ""):
-        if num_inference_steps < 1:
-            raise ConfigError("sampler.num_inference_steps", f"must be >= 1, got {num_inference_steps}")
-        if batch_size < 1:
-            raise ConfigError("sampler.batch_size", f"must be >= 1, got {batch_size}")
+        check_counts({"num_inference_steps": num_inference_steps, "batch_size": batch_size}, "sampler")
         self.components = components
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(components, scheduler)

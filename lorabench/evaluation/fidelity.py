@@ -60,8 +60,7 @@ class EmbeddingCLIPScore(Metric):
         if len(texts) != len(images):
             raise ValueError(f"{len(texts)} texts for {len(images)} images")
         img = embed_batched(self.embedder.embed_images, images.float(), self.batch_size).float()
-        txt = torch.cat([self.embedder.embed_texts(list(texts[i:i + self.batch_size]))
-                         for i in range(0, len(texts), self.batch_size)]).float()
+        txt = embed_batched(lambda t: self.embedder.embed_texts(list(t)), list(texts), self.batch_size).float()
         cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
         self.score += 100 * cos.diagonal().double().sum()
         self.n_samples += len(images)

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.errors import ConfigError
 from lorabench.protocols.toolkit import (cell_config, derive_seed_list, eval_device, mean_std, protocol_inputs,
-                                         sample_each, save_grid, summarise_rows)
+                                         sample_each, summarise_rows, write_protocol_outputs)
 from lorabench.utils.console import CellProgress, quiet_cells
 from lorabench.utils.io import atomic_path, write_json
 
@@ -174,7 +174,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
            "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
            "sampler": sampler_cfg, "rows": rows, "total_s": time.perf_counter() - t0, "config": resolved}
     out.update(summaries(out))
-    out["table"] = finish(run_dir, out, loggers, panels)
+    out["table"] = finish(cfg, run_dir, out, loggers, panels)
     return out
 
 
@@ -333,36 +333,25 @@ def plot_curves(path: Path, out: dict) -> None:
     plt.close(fig)
 
 
-def finish(run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor]) -> str:
-    """Write results.json, table.md / table.csv, curves.csv / curves.png and samples.png; log the
-    table and the curves plot to the loggers (W&B: a Table and an image); returns the table."""
-    from lorabench.loggers import finish_wandb
-
+def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor]) -> str:
+    """This protocol's own files (table.csv, curves.csv / curves.png, verdicts.json) and the curves plot
+    to the loggers, then the toolkit's outputs (results.json, table.md, samples.png, the summary and
+    Table 1 to the loggers, the W&B run ended); returns the table."""
     table = render_table(out)
-    write_outputs(run_dir, out, table)
-    if panels:
-        save_grid(run_dir / "samples.png", list(panels))
-    try:
-        flat = {f"table/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
-        columns = ["method", *METRICS]
-        data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
-        for lg in loggers:
-            lg.log_metrics(flat, step=out["table_epoch"])
-            if hasattr(lg, "log_table"):
-                lg.log_table(key="style_finetune/table1", columns=columns, data=data)
-            if hasattr(lg, "log_image"):
-                lg.log_image(key="style_finetune/curves", images=[str(run_dir / "curves.png")])
-            lg.save()
-    finally:
-        finish_wandb()
+    write_extras(run_dir, out)
+    for lg in loggers:
+        if hasattr(lg, "log_image"):
+            lg.log_image(key="style_finetune/curves", images=[str(run_dir / "curves.png")])
+    columns = ["method", *METRICS]
+    data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
+    write_protocol_outputs(cfg, run_dir, "style_finetune", out, table, list(panels),
+                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"])
     return table
 
 
-def write_outputs(out_dir: Path, out: dict, table: str | None = None) -> None:
+def write_extras(out_dir: Path, out: dict) -> None:
+    """What the toolkit's outputs do not cover: table.csv, curves.csv, curves.png and verdicts.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", out)
-    with atomic_path(out_dir / "table.md") as tmp:
-        tmp.write_text((table or render_table(out)) + "\n")
     write_table_csv(out_dir / "table.csv", out)
     write_curves_csv(out_dir / "curves.csv", out)
     write_json(out_dir / "verdicts.json", out["verdicts"])
@@ -406,7 +395,11 @@ def collect(run_dirs: Sequence[str | Path]) -> dict:
 def rebuild(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict:
     """Table, CSVs, verdicts and curves plot rebuilt from runs' results.json (no model needed)."""
     out = collect([run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs))
-    write_outputs(Path(out_dir), out)
+    out_dir = Path(out_dir)
+    write_extras(out_dir, out)
+    write_json(out_dir / "results.json", out)
+    with atomic_path(out_dir / "table.md") as tmp:
+        tmp.write_text(render_table(out) + "\n")
     return out
 
 

@@ -19,7 +19,10 @@ DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "weight_d
 
 
 def check_optim(optim: Mapping) -> None:
-    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work."""
+    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work;
+    keys not given take DEFAULT_OPTIM's values."""
+    optim = {**DEFAULT_OPTIM, **dict(optim)}
+
     def bad(key, what):
         return ConfigError(f"optim.{key}", f"{what}, got {optim.get(key)!r}")
 
