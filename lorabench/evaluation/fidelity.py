@@ -39,7 +39,9 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return embed_batched(self.fn, images.float(), self.batch_size)
+        # Features land where the metric's states are (the images' device), wherever ``fn``'s model
+        # runs (e.g. a CLIPEmbedder built for another device).
+        return embed_batched(self.fn, images.float(), self.batch_size).to(images.device)
 
 
 class EmbeddingCLIPScore(Metric):
