@@ -100,3 +100,83 @@ def tiny_metric_models(tmp_path_factory) -> tuple[Path, Path]:
     ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
                        image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(str(vit_dir))
     return clip_dir, vit_dir
+
+
+def write_tiny_arcface(path: Path, self_normalising: bool = False) -> Path:
+    """A tiny random ONNX graph with ArcFace's interface: input (N, 3, 112, 112), output (N, 16). With
+    ``self_normalising``, its first nodes are ``Sub`` and ``Mul`` as in graphs that normalise inside."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 16, 16)).astype("float32") * 0.05, "conv_w"),
+             numpy_helper.from_array(rng.standard_normal((392, 16)).astype("float32") * 0.1, "fc_w"),
+             numpy_helper.from_array(np.zeros(16, "float32"), "fc_b")]
+    nodes, x = [], "input.1"
+    if self_normalising:
+        inits += [numpy_helper.from_array(np.array(127.5, "float32"), "mean"),
+                  numpy_helper.from_array(np.array(1 / 127.5, "float32"), "scale")]
+        nodes += [helper.make_node("Sub", [x, "mean"], ["centred"], name="Sub_0"),
+                  helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="Mul_1")]
+        x = "scaled"
+    nodes += [helper.make_node("Conv", [x, "conv_w"], ["c"], name="Conv_2", strides=[16, 16]),
+              helper.make_node("Relu", ["c"], ["r"], name="Relu_3"),
+              helper.make_node("Flatten", ["r"], ["f"], name="Flatten_4", axis=1),
+              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["683"], name="Gemm_5")]
+    graph = helper.make_graph(nodes, "arcface_tiny",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_arcface(tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime")
+    return write_tiny_arcface(tmp_path_factory.mktemp("arcface") / "w600k_tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def scaled_down_models(tmp_path_factory) -> dict[str, Path]:
+    """SD1.5- and SDXL-architecture models (same block types and counts, tiny widths, a 4-block VAE)
+    saved as diffusers folders: what the full-scale dry runs point ``model.pretrained`` at."""
+    from lorabench.models import build_scaled_down, save_components
+
+    root = tmp_path_factory.mktemp("scaled_down")
+    words = ["sks", "photo", "person", "dog", "cat", "image"]
+    return {arch: save_components(build_scaled_down(arch, words=words, resolution=res), root / arch)
+            for arch, res in (("sd15", 64), ("sdxl", 32))}
+
+
+def write_tiny_csd(path: Path, seed: int = 0):
+    """A tiny checkpoint in the CSD authors' format: OpenAI-format visual weights (``backbone.*``, fused
+    q/k/v ``in_proj``), ``last_layer_style`` / ``last_layer_content``, under ``model_state_dict`` with
+    DataParallel's ``module.`` prefix. Returns (the transformers model it was made from, its tensors)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    ref = CLIPVisionModel(cfg).eval()
+    hf = {k.removeprefix("vision_model."): v for k, v in ref.state_dict().items()}  # transformers 4.x has the prefix
+    sd = {"backbone.class_embedding": hf["embeddings.class_embedding"],
+          "backbone.positional_embedding": hf["embeddings.position_embedding.weight"],
+          "backbone.conv1.weight": hf["embeddings.patch_embedding.weight"]}
+    for theirs, ours in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            sd[f"backbone.{theirs}.{p}"] = hf[f"{ours}.{p}"]
+    for i in range(2):
+        a, b = f"backbone.transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            sd[f"{a}attn.in_proj_{p}"] = torch.cat([hf[f"{b}self_attn.{x}_proj.{p}"] for x in "qkv"])
+            for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                sd[f"{a}{theirs}.{p}"] = hf[f"{b}{ours}.{p}"]
+    sd["last_layer_style"] = torch.randn(128, 16)
+    sd["last_layer_content"] = torch.randn(128, 16)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
+    return ref, sd

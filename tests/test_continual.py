@@ -19,6 +19,7 @@ import torch
 from lorabench.continual import (ContinualScores, average_score, backward_transfer, build_method, forgetting,
                                  magmax_select, orthogonal_columns, sign_conflict_ratio)
 from lorabench.errors import ConfigError
+from tests.conftest import write_tiny_csd
 from tests.test_cli import assert_one_line_error, run_cli
 
 NAN = math.nan
@@ -278,24 +279,25 @@ def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
     assert_one_line_error(proc, tmp_path, "sequence.tasks.sks.data.path", "/nonexistent/dog does not exist")
 
 
-def test_full_scale_objects_config_dry_run_on_a_tiny_saved_sdxl_model(tmp_path, tiny_metric_models):
-    """continual/sdxl_objects end to end on a tiny saved SDXL-shaped model, toy subject folders and tiny
-    CLIP / ViT metric models: sizes, precision and the 8-bit optimiser (bitsandbytes needs CUDA) are
-    overridden, the rest is the full-scale config."""
-    from lorabench.data import write_toy_dataset
-    from lorabench.models import build_tiny_components, save_components
+# What both full-scale sequences override: sizes, the CPU trainer in fp32 (fp16 AMP and the 8-bit optimiser
+# need CUDA), the tiny metric models; the rest is the full-scale config.
+def sdxl_dry_run_args(experiment: str, model_dir: Path, clip_dir: Path, vit_dir: Path) -> list[str]:
+    return [f"experiment={experiment}", f"model.pretrained={model_dir}", "model.vae=null", "model.variant=null",
+            "model.dtype=float32", "model.resolution=32", "trainer=cpu", "trainer.precision=32", "trainer.max_steps=2",
+            "optim.name=adamw", "protocol.adapter.rank=2", "protocol.adapter.alpha=2", "protocol.method.name=magmax",
+            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}", "eval.scorer.device=cpu",
+            "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false", "eval.images_per_prompt=1"]
 
-    save_components(build_tiny_components(sdxl=True, with_vae=True), tmp_path / "sdxl")
+
+def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scaled_down_models, tiny_metric_models):
+    """continual/sdxl_objects end to end on an SDXL-architecture model with tiny widths (two text encoders
+    of different widths, text_time conditioning), toy subject folders and tiny CLIP / ViT metric models."""
+    from lorabench.data import write_toy_dataset
+
     data = tmp_path / "dreambooth"
     for i, subject in enumerate(("dog", "cat", "backpack")):
-        write_toy_dataset(data / subject, n=2, resolution=16, seed=i)
-    clip_dir, vit_dir = tiny_metric_models
-    args = ["experiment=continual/sdxl_objects", f"model.pretrained={tmp_path / 'sdxl'}", "model.vae=null",
-            "model.variant=null", "model.dtype=float32", "model.resolution=16", "trainer=cpu", "trainer.precision=32",
-            "trainer.max_steps=2", "optim.name=adamw", "protocol.adapter.rank=2", "protocol.adapter.alpha=2",
-            "protocol.method.name=magmax", f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}",
-            "eval.scorer.device=cpu", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
-            "eval.images_per_prompt=1"]
+        write_toy_dataset(data / subject, n=2, resolution=32, seed=i)
+    args = sdxl_dry_run_args("continual/sdxl_objects", scaled_down_models["sdxl"], *tiny_metric_models)
     env = {"DREAMBOOTH_DATA": str(data)}
     # the 4th subject (teapot) has no folder: caught before any training, nothing left behind
     assert_one_line_error(run_cli([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
@@ -308,41 +310,46 @@ def test_full_scale_objects_config_dry_run_on_a_tiny_saved_sdxl_model(tmp_path, 
     assert all(v is not None for v in out["matrices"]["dino"][0])
 
 
+def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models, tiny_metric_models):
+    """continual/sdxl_styles end to end on the scaled-down SDXL, with CSD from a tiny checkpoint in the
+    authors' format ($CSD_CHECKPOINT) scoring the style retrieval; a missing checkpoint is one line."""
+    from lorabench.data import write_toy_dataset
+
+    data = tmp_path / "unlearncanvas"
+    for i, folder in enumerate(("Van_Gogh/Dogs", "Monet/Flowers")):
+        write_toy_dataset(data / folder, n=2, resolution=32, seed=i)
+    write_tiny_csd(tmp_path / "csd.pth")
+    args = [*sdxl_dry_run_args("continual/sdxl_styles", scaled_down_models["sdxl"], *tiny_metric_models),
+            "sequence.length=2", "eval.style_scorer.device=cpu",
+            "eval.styles.styles={Van_Gogh:{path:" + str(data / "Van_Gogh/Dogs") + "},Monet:{path:"
+            + str(data / "Monet/Flowers") + "}}"]
+    env = {"UNLEARNCANVAS_DATA": str(data), "CSD_CHECKPOINT": str(tmp_path / "missing.pth")}
+    assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.style_scorer.csd",
+                          "give the CSD checkpoint")
+    proc = run_cli(args, tmp_path, env_extra={**env, "CSD_CHECKPOINT": str(tmp_path / "csd.pth")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [res] = list((tmp_path / "outputs").glob("continual/sdxl_styles/magmax/order0-seed0/results.json"))
+    out = json.loads(res.read_text())
+    assert len(out["tasks"]) == 2 and "csd" in out["metrics"]
+    assert all(v is not None for v in out["matrices"]["csd"][0])
+
+
 def test_csd_loads_the_authors_checkpoint_format(tmp_path):
     """CSD's checkpoint holds OpenAI-format visual weights (``backbone.*``, fused q/k/v ``in_proj``) and
     ``last_layer_style``; loaded into transformers' CLIPVisionModel it embeds as the original does."""
     import torch.nn.functional as F
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from lorabench.evaluation.hf import CLIP_MEAN, CLIP_STD, CSDEmbedder
 
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    ref = CLIPVisionModel(cfg).eval()
-    hf = {k.removeprefix("vision_model."): v for k, v in ref.state_dict().items()}  # transformers 4.x has the prefix
-    sd = {"backbone.class_embedding": hf["embeddings.class_embedding"],
-          "backbone.positional_embedding": hf["embeddings.position_embedding.weight"],
-          "backbone.conv1.weight": hf["embeddings.patch_embedding.weight"]}
-    for theirs, ours in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        for p in ("weight", "bias"):
-            sd[f"backbone.{theirs}.{p}"] = hf[f"{ours}.{p}"]
-    for i in range(2):
-        a, b = f"backbone.transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for p in ("weight", "bias"):
-            sd[f"{a}attn.in_proj_{p}"] = torch.cat([hf[f"{b}self_attn.{x}_proj.{p}"] for x in "qkv"])
-            for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                sd[f"{a}{theirs}.{p}"] = hf[f"{b}{ours}.{p}"]
-    sd["last_layer_style"] = torch.randn(128, 16)
-    sd["last_layer_content"] = torch.randn(128, 16)
-    torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, tmp_path / "checkpoint.pth")
+    ref, sd = write_tiny_csd(tmp_path / "checkpoint.pth")
     csd = CSDEmbedder(str(tmp_path / "checkpoint.pth"))
     images = torch.rand(3, 3, 32, 32)
     pix = (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = F.normalize(ref(pixel_values=pix).pooler_output @ sd["last_layer_style"], dim=-1)
     torch.testing.assert_close(csd.embed_images(images), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((csd.embed_images(images) * csd.embed_images(images.clone())).sum(-1), torch.ones(3),
+                               atol=1e-5, rtol=0)  # an image against itself: cosine 1
     with pytest.raises(ConfigError, match="eval.style_scorer.checkpoint: .* is not a file"):
         CSDEmbedder(str(tmp_path / "missing.pth"))
 

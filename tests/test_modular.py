@@ -102,29 +102,37 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
 
 
-def test_full_scale_config_dry_run_on_a_tiny_saved_model(tmp_path, tiny_model_dir, tiny_metric_models):
-    """The chilloutmix config end to end, on a tiny saved SD-class model, toy face folders and tiny
-    CLIP / ViT metric models: only sizes are overridden."""
+def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models, tiny_arcface):
+    """The chilloutmix config end to end on an SD1.5-architecture model with tiny widths (saved as a
+    diffusers folder), toy face folders, a tiny CLIP and a tiny ArcFace ONNX graph behind eval=faces:
+    only sizes are overridden."""
     from lorabench.data import write_toy_dataset
 
     data = tmp_path / "faces"
     for i in (1, 2, 3):
-        write_toy_dataset(data / f"person{i}", n=2, resolution=16, seed=i)
-    clip_dir, vit_dir = tiny_metric_models
-    args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={tiny_model_dir}",
-            "model.resolution=16", "trainer=cpu", "trainer.max_steps=2", "protocol.concepts=[person1,person2,person3]",
+        write_toy_dataset(data / f"person{i}", n=2, resolution=64, seed=i)
+    clip_dir, _ = tiny_metric_models
+    args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={scaled_down_models['sd15']}",
+            "model.resolution=64", "trainer=cpu", "trainer.max_steps=2", "protocol.concepts=[person1,person2,person3]",
             "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form]",
             "protocol.adapters.lora.rank=2", "protocol.adapters.ortha.rank=2",
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
-            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}",
-            "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false", "eval.images_per_prompt=1"]
-    proc = run_cli(args, tmp_path, env_extra={"ORTHA_DATA": str(data)})
+            f"eval.scorer.clip={clip_dir}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
+            "eval.images_per_prompt=1"]
+    env = {"ORTHA_DATA": str(data), "ARCFACE_ONNX": str(tmp_path / "missing.onnx")}
+    # without the ArcFace file: one line naming the key and what to download, before any training
+    assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.scorer.identity",
+                          "give the ArcFace ONNX file")
+    proc = run_cli(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results] = list((tmp_path / "outputs").glob("orthogonal_adaptation_chilloutmix/*/results.json"))
     res = json.loads(results.read_text())
     assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form"}
-    # text-encoder layers are adapted, merged and crosstalk-measured too
-    assert any(k.startswith("text_encoder.") for k in res["crosstalk_layers"]["ortha"])
+    assert all(0.0 <= r["merged_identity_alignment"] <= 1.0 for r in res["rows"])
+    # text-encoder layers are adapted, merged and crosstalk-measured too, and every SD1.5 block kind
+    layers = res["crosstalk_layers"]["ortha"]
+    assert any(k.startswith("text_encoder.") for k in layers)
+    assert {k.split(".")[1] for k in layers if k.startswith("unet.")} == {"down_blocks", "mid_block", "up_blocks"}
     assert Path(results).with_name("table2.csv").is_file()
 
 

@@ -13,7 +13,7 @@ floats in [0, 1], (N, 3, H, W), as the sampler returns them.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -181,8 +181,11 @@ def inception_scorer(feature_extractor_weights_path: Optional[str], clip: str, k
     if not Path(feature_extractor_weights_path).is_file():
         raise ConfigError("eval.fidelity.feature_extractor_weights_path",
                           f"{str(feature_extractor_weights_path)!r} does not exist (torch-fidelity's Inception weights file)")
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise ConfigError("eval.fidelity", "Inception FID needs torch-fidelity (pip install 'lorabench[fid]')")
+    try:
+        importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    except (ImportError, RuntimeError) as exc:  # torchvision built for another torch raises RuntimeError
+        raise ConfigError("eval.fidelity", "Inception FID needs torch-fidelity and a torchvision built for this torch "
+                          f"(pip install 'lorabench[fid]'): {type(exc).__name__}: {exc}"[:300]) from exc
     return FidelityScorer(feature, hf_clip_score(clip), kid_subset_size, kid_subsets, feature_extractor_weights_path)
 
 

@@ -6,9 +6,13 @@
   DINO metric; not a supervised ViT).
 - ``CSDEmbedder``: CSD (Somepalli et al. 2024), CLIP ViT-L/14's image tower with a style head, from the
   authors' checkpoint file (the continual paper's style metric).
+- ``ArcFaceEmbedder``: an ArcFace recognition network from a local ONNX file (insightface's
+  ``w600k_r50.onnx`` or ``glintr100.onnx``), run by onnxruntime (``pip install 'lorabench[arcface]'``);
+  Orthogonal Adaptation's identity metric.
 
-Both take float images in [0, 1], (N, 3, H, W), resize them (bicubic, antialiased) to the model's input
-size, normalise with the model's mean/std, and return L2-normalised features. Hub ids or local folders.
+All take images (N, 3, H, W), float in [0, 1] or uint8 in [0, 255], resize them (bicubic, antialiased)
+to the model's input size, normalise with the model's own mean/std, and return L2-normalised features.
+Hub ids or local folders.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ def _load(cls, model_id: str, field: str):
         raise ConfigError(field, f"could not load {model_id!r}: {explain_load_error(exc)}") from exc
 
 
+def weights_file(path, field: str, what: str):
+    """``path`` as a Path if it is a file, else a one-line error naming ``field`` and what to download."""
+    from pathlib import Path
+
+    if not Path(str(path)).is_file():
+        raise ConfigError(field, f"{path} is not a file; give {what}")
+    return Path(str(path))
+
+
 def _features(out) -> torch.Tensor:
     # transformers >= 5 returns a model output whose pooler_output is the projected feature; 4.x a tensor.
     return out.pooler_output if hasattr(out, "pooler_output") else out
@@ -45,12 +58,24 @@ class _Preprocess:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected (N, 3, H, W) images in [0, 1], got {tuple(images.shape)}")
-        x = images.to(self.device, torch.float32)
+        x = unit_range(images).to(self.device)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         return (x.clamp(0, 1) - self.mean) / self.std
+
+
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float images in [0, 1]: uint8 images are divided by 255; float images must already
+    be in [0, 1] (a float image in 0-255 is the usual slip, and would silently score as white)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (N, 3, H, W) images, got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    x = images.float()
+    if x.numel() and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
+        raise ValueError(f"float images must be in [0, 1] (got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
+                         "pass uint8 for 0-255 images")
+    return x
 
 
 class CLIPEmbedder:
@@ -131,14 +156,10 @@ class CSDEmbedder:
     (224 for ViT-L/14) and normalised with CLIP's mean and std."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", field: str = "eval.style_scorer.checkpoint"):
-        from pathlib import Path
-
         from transformers import CLIPVisionModel
 
-        path = Path(str(checkpoint))
-        if not path.is_file():
-            raise ConfigError(field, f"{checkpoint} is not a file; give the CSD checkpoint (checkpoint.pth from the "
-                              "CSD authors' release, or its tensors as .safetensors)")
+        path = weights_file(checkpoint, field, "the CSD checkpoint (checkpoint.pth from the CSD authors' release, "
+                            "or its tensors as .safetensors)")
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -168,6 +189,58 @@ class CSDEmbedder:
         return F.normalize(feats @ self.style, dim=-1)
 
 
+class ArcFaceEmbedder:
+    """ArcFace identity features from a local ONNX file, with insightface's own preprocessing: RGB
+    faces resized to the network's input (112 x 112), scaled to ``(x - mean) / std`` in 0-255 units,
+    where ``mean = std = 127.5`` unless the graph normalises itself (its first nodes hold both a
+    ``Sub`` and a ``Mul``; then ``mean = 0, std = 1``), exactly as ``insightface.model_zoo.ArcFaceONNX``
+    decides. No face detector runs: give images whose face fills the frame (generated portraits, or
+    crops), as the 5-point alignment of insightface is not reproduced here."""
+
+    def __init__(self, onnx_file: str, device: str = "cpu", field: str = "eval.scorer.identity"):
+        path = weights_file(onnx_file, field, "the ArcFace ONNX file (e.g. insightface's buffalo_l/w600k_r50.onnx)")
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ConfigError(field, "ArcFace needs onnxruntime and onnx (pip install 'lorabench[arcface]')") from exc
+        try:
+            graph = onnx.load(str(path)).graph
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError
+            raise ConfigError(field, f"{onnx_file} is not an ONNX model ({type(exc).__name__})") from exc
+        self.mean, self.std = arcface_normalisation([n.name for n in graph.node[:8]])
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda") else \
+            ["CPUExecutionProvider"]
+        providers = [p for p in providers if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.size = inp.name, tuple(int(d) for d in inp.shape[2:4])
+        if len(self.size) != 2 or self.size[0] != self.size[1]:
+            raise ConfigError(field, f"{onnx_file} takes input {inp.shape}; expected (N, 3, S, S)")
+
+    def preprocess(self, images: torch.Tensor):
+        x = unit_range(images)
+        if x.shape[-2:] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+        return ((x.clamp(0, 1) * 255.0 - self.mean) / self.std).numpy().astype("float32")
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: self.preprocess(images.cpu())})[0]
+        return F.normalize(torch.from_numpy(out).float().flatten(1), dim=-1)
+
+
+def arcface_normalisation(first_node_names) -> tuple[float, float]:
+    """insightface's rule: a graph whose first nodes subtract and multiply normalises itself."""
+    names = list(first_node_names)
+    sub = any(n.startswith(("Sub", "_minus")) for n in names)
+    mul = any(n.startswith(("Mul", "_mul")) for n in names)
+    return (0.0, 1.0) if sub and mul else (127.5, 127.5)
+
+
+IDENTITY_MODELS = ("dino", "arcface")
+
+
 def style_models(csd: str, device: str = "cpu"):
     """The models the continual protocol's style metrics read: ``.style`` (CSD)."""
     from types import SimpleNamespace
@@ -176,9 +249,14 @@ def style_models(csd: str, device: str = "cpu"):
 
 
 def concept_scorer(clip: str = "openai/clip-vit-base-patch32", identity: str = "facebook/dino-vits16",
-                   identity_threshold: float = 0.5, device: str = "cpu"):
-    """A ConceptScorer on real models: CLIP for text/image alignment, DINO for identity."""
+                   identity_threshold: float = 0.5, device: str = "cpu", identity_model: str = "dino"):
+    """A ConceptScorer on real models: CLIP for text/image alignment; for identity, DINO (``identity``: a
+    hub id or folder) or ArcFace (``identity``: an ONNX file), per ``identity_model``."""
+    from lorabench.errors import choice_error
     from lorabench.evaluation.scores import ConceptScorer
 
+    if identity_model not in IDENTITY_MODELS:
+        raise choice_error("eval.scorer.identity_model", identity_model, IDENTITY_MODELS)
+    embedder = ArcFaceEmbedder if identity_model == "arcface" else DINOEmbedder
     return ConceptScorer(CLIPEmbedder(clip, device, field="eval.scorer.clip"),
-                         DINOEmbedder(identity, device, field="eval.scorer.identity"), identity_threshold)
+                         embedder(identity, device, field="eval.scorer.identity"), identity_threshold)

@@ -167,3 +167,71 @@ def build_tiny_components(
                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if sdxl else None,
                            noise_scheduler=scheduler, name=name, model_id=f"random:{name}:seed{seed}",
                            resolution=resolution).freeze()
+
+
+# The published architectures, scaled down: the same block types, block counts, layers per block,
+# attention layout (linear projections, per-block transformer depth, added time conditioning) and
+# encoder pairing as SD1.5 and SDXL's diffusers configs; only widths (and SDXL's deepest transformer
+# stack, 10 -> 2) shrink. What full-scale dry runs load through ``model.pretrained=<folder>``.
+SCALED_DOWN = {
+    "sd15": dict(
+        unet=dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=8,  # SD1.5: 320..1280
+                  norm_num_groups=32, use_linear_projection=False),
+        text=(32,), vae_blocks=4),  # CLIP ViT-L/14's text tower (768), one encoder; VAE: 4 blocks, 8x down
+    "sdxl": dict(
+        unet=dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
+                  attention_head_dim=(2, 4, 4), norm_num_groups=32, use_linear_projection=True,  # SDXL: (5, 10, 20)
+                  addition_embed_type="text_time", addition_time_embed_dim=8),
+        text=(16, 32), vae_blocks=4),  # CLIP ViT-L (768) + OpenCLIP bigG (1280, projected), concatenated
+}
+
+
+def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: Iterable[str] = (),
+                      text_max_length: int = 16) -> ModelComponents:
+    """A randomly initialised ``arch`` (``sd15`` | ``sdxl``) model with tiny widths, latent space (an
+    ``AutoencoderKL`` with the real 4 blocks, so 8x down-sampling: ``resolution`` must be a multiple of
+    8 x the UNet's down-sampling)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if arch not in SCALED_DOWN:
+        raise ValueError(f"arch must be one of {sorted(SCALED_DOWN)}, got {arch!r}")
+    spec = SCALED_DOWN[arch]
+    factor = 2 ** (spec["vae_blocks"] - 1) * 2 ** (len(spec["unet"]["down_block_types"]) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution must be a multiple of {factor} for {arch}, got {resolution}")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * spec["vae_blocks"],
+                        down_block_types=("DownEncoderBlock2D",) * spec["vae_blocks"],
+                        up_block_types=("UpDecoderBlock2D",) * spec["vae_blocks"], layers_per_block=2,
+                        norm_num_groups=32, sample_size=resolution)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(tok_dir, words=words, max_length=text_max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vocab = tokenizer.get_vocab()
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=max(1, hidden // 8), num_hidden_layers=2,
+                              max_position_embeddings=text_max_length, projection_dim=hidden,
+                              bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+
+    hidden = spec["text"]
+    extra = {}
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config(hidden[0])), None
+    if len(hidden) == 2:
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden[1]))
+        extra["projection_class_embeddings_input_dim"] = 6 * spec["unet"]["addition_time_embed_dim"] + hidden[1]
+    unet = UNet2DConditionModel(sample_size=resolution // 2 ** (spec["vae_blocks"] - 1), in_channels=4, out_channels=4,
+                                cross_attention_dim=sum(hidden), **spec["unet"], **extra)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1,
+                              timestep_spacing="leading")
+    return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if text_encoder_2 else None,
+                           noise_scheduler=scheduler, name=f"{arch}-scaled-down", model_id=f"random:{arch}:seed{seed}",
+                           resolution=resolution).freeze()
