@@ -26,6 +26,7 @@ from lorabench.utils.io import atomic_dir
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+ATTENTION = ("sdpa", "classic", "xformers")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -136,6 +137,7 @@ def load_components(
     vae: Optional[str] = None,
     prediction_type: Optional[str] = None,
     resolution: int = 512,
+    attention: Optional[str] = None,
 ) -> ModelComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDPM noise scheduler.
 
@@ -146,6 +148,7 @@ def load_components(
         vae: optional separate VAE (hub id or folder), e.g. SDXL's fp16-fix VAE.
         prediction_type: override the scheduler's ``epsilon`` / ``v_prediction``; ``None`` keeps it.
         resolution: training and sampling resolution in pixels.
+        attention: the UNet's attention kernel, see :func:`set_attention`; ``None`` keeps diffusers' choice.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -154,6 +157,8 @@ def load_components(
     torch_dtype = resolve_dtype(dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise choice_error("model.prediction_type", prediction_type, PREDICTION_TYPES)
+    if attention is not None and attention not in ATTENTION:
+        raise choice_error("model.attention", attention, ATTENTION)
     kw = dict(revision=revision)
     try:
         index = _read_model_index(pretrained, revision)
@@ -179,11 +184,31 @@ def load_components(
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {explain_load_error(exc)}") from exc
+    if attention is not None:
+        set_attention(unet, attention)
     return ModelComponents(
         unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
         noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         name=name or pretrained, model_id=pretrained, resolution=int(resolution),
     ).freeze()
+
+
+def set_attention(unet: nn.Module, kind: str, field: str = "model.attention") -> None:
+    """The UNet's attention kernel: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``,
+    flash / memory-efficient kernels where the GPU has them; diffusers' default on torch 2), ``classic``
+    (explicit softmax(QK^T)V, the reference), ``xformers`` (needs the xformers package). Adapters sit on
+    the projections, so every kernel trains the same adapter."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if kind not in ATTENTION:
+        raise choice_error(field, kind, ATTENTION)
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise ConfigError(field, f"xformers attention is unavailable here ({exc}); use sdpa") from exc
+        return
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def save_components(components: ModelComponents, path: str | os.PathLike) -> Path:

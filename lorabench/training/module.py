@@ -84,11 +84,14 @@ class DiffusionFineTuner(L.LightningModule):
         noise_offset: diffusers' noise offset (0 disables).
         seed: seeds the noise and timestep stream, separately for every DDP rank.
         val_timesteps: number of evenly spaced timesteps every validation image is noised at.
+        gradient_checkpointing: recompute the UNet's (and trained text encoders') block activations in the
+            backward pass instead of keeping them: less memory, about one more forward of time; the
+            gradients are the same.
     """
 
     def __init__(self, components: ModelComponents, adapter: Optional[Mapping], optim: Optional[Mapping] = None, *,
                  prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
-                 train_text_encoder: bool = False, caption_dropout: float = 0.0):
+                 train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -109,6 +112,14 @@ class DiffusionFineTuner(L.LightningModule):
         self.seed, self.val_timesteps = seed, val_timesteps
         self.train_text_encoder = (train_text_encoder if self.adapters is None
                                    else any(k.startswith("text_encoder") for k in self.adapters.layers))
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing:
+            # non-reentrant checkpoints (diffusers' default): gradients reach the adapters even though no
+            # input of a frozen block requires grad
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                for te in components.text_encoders().values():
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.strict_loading = False  # checkpoints hold adapter weights only
         self._noise_gen: Optional[torch.Generator] = None
         self.grad_norm_before_clip: Optional[float] = None

@@ -1,0 +1,109 @@
+"""What a LoRA training step costs over the frozen base model's own forward and backward, and what
+gradient checkpointing saves in memory.
+
+Three steps on identical UNets (SD1.5's architecture at full size with ``--size sd15-like``: 512 px,
+64 x 64 latents, 77 text tokens), timed interleaved (A B C A B C ...) so machine noise hits all alike:
+
+- ``base``: the frozen UNet, forward + MSE + backward to the input latents (no weight gradients): the
+  floor any adapter step pays;
+- ``lora``: lorabench LoRA (rank ``--rank``) on to_q/k/v/out, forward + backward + AdamW;
+- ``lora+ckpt``: the same with gradient checkpointing (``module.gradient_checkpointing=true``).
+
+Read ``lora / base`` (goal: <= 1.05) and the peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
+
+    python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16
+    python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from bench_train_step import SIZES, TARGETS, build_unet
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(SIZES), default="sd15-like")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args()
+
+    from lorabench.adapters import Adapters
+
+    torch.manual_seed(0)
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base, s, in_ch = build_unet(args.size)
+    unets = {name: copy.deepcopy(base).to(dev, dtype) for name in ("base", "lora", "lora+ckpt")}
+    params = {"base": []}
+    for name in ("lora", "lora+ckpt"):
+        ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
+        params[name] = ad.trainable_parameters()  # float32 master weights, as in training
+    unets["lora+ckpt"].enable_gradient_checkpointing()
+    for u in unets.values():
+        u.train()  # checkpointing (and any dropout) as in training; the frozen weights do not change
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, in_ch, s["res"], s["res"], generator=g).to(dev, dtype)
+    t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
+    e = torch.randn(args.batch, s["text_len"], s["cross_attention_dim"], generator=g).to(dev, dtype)
+    target = torch.randn(x.shape, generator=g).to(dev, dtype)
+
+    def make_step(name):
+        unet, ps = unets[name], params[name]
+        opt = torch.optim.AdamW(ps, lr=1e-4) if ps else None
+
+        def step():
+            inp = x.detach().requires_grad_(not ps)  # the base model's backward reaches the input
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = unet(inp, t, e).sample
+            torch.nn.functional.mse_loss(out.float(), target.float()).backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {name: make_step(name) for name in unets}
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times = {k: [] for k in steps}
+    peak = {}
+    order = list(steps)
+    for i in range(args.warmup + args.steps):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            if cuda:
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"UNet {args.size} ({n_params / 1e6:.0f}M params), {s['res'] * (8 if in_ch == 4 else 1)} px, batch "
+          f"{args.batch}, LoRA rank {args.rank}, {args.device} {args.dtype}, {args.steps} interleaved steps each, "
+          f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
+    for k, v in med.items():
+        q = statistics.quantiles(times[k], n=4)
+        mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""
+        print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
+    print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.05)")
+    print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
+    if peak:
+        print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
