@@ -33,7 +33,9 @@ def _mean(xs: list[float]) -> Optional[float]:
 
 
 class LossHistory(L.Callback):
-    """Keeps the per-step training loss (rank zero's) for the results file."""
+    """Per-step training losses and the step count, handed back through ``trainer.callback_metrics``:
+    under a spawning strategy (ddp_spawn) the fit runs in worker processes and ``callback_metrics`` (with
+    the weights) is the state Lightning returns from rank zero, so one code path serves both."""
 
     def __init__(self):
         self.losses: list[torch.Tensor] = []
@@ -41,6 +43,10 @@ class LossHistory(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach().float().cpu())
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
+        trainer.callback_metrics["run/train_losses"] = torch.stack(self.losses) if self.losses else torch.zeros(0)
 
 
 def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", components=None,
@@ -82,21 +88,32 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
+    if "spawn" in str(cfg.trainer.get("strategy", "")):
+        # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
+        # the second spawn of a run (validate, then fit) with "unable to resize file"
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    val_losses = []
+
+    def validate():  # the metric is synced over ranks in the module and returned via callback_metrics
+        trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+        val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
     try:
         if has_val:
-            trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+            validate()
         t_fit = time.perf_counter()
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
         fit_s = time.perf_counter() - t_fit
+        fitted = dict(trainer.callback_metrics)  # read before validate() resets them
         if has_val:
-            trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+            validate()
     finally:
         if (cfg.get("logger") or {}).get("wandb"):
             finish_wandb()  # this run's own W&B run (a protocol's run stays open)
 
-    losses = [float(x) for x in history.losses]
+    losses = [float(x) for x in fitted.get("run/train_losses", torch.zeros(0))]
     k = max(1, min(5, len(losses) // 4))
-    steps = int(trainer.global_step)
+    steps = int(fitted["run/steps"]) if "run/steps" in fitted else 0
     results = {
         "config_name": config_name,
         "seed": int(cfg.seed),
@@ -110,8 +127,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             "steps": steps,
             "train_loss_first": _mean(losses[:k]),
             "train_loss_last": _mean(losses[-k:]),
-            "val_loss_before": module.val_history[0] if has_val and module.val_history else None,
-            "val_loss_after": module.val_history[-1] if has_val and len(module.val_history) > 1 else None,
+            "val_loss_before": val_losses[0] if val_losses else None,
+            "val_loss_after": val_losses[-1] if len(val_losses) > 1 else None,
         },
         "timings": {
             "load_s": t_loaded - t_start,
@@ -119,7 +136,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             "s_per_step": fit_s / steps if steps else None,
             "total_s": time.perf_counter() - t_start,
         },
-        "artifacts": [str(p.relative_to(run_dir)) for p in saver.written],
+        "artifacts": saver.expected_files(full=module.adapters is None) if steps else [],
         "device": str(module.device) if steps else "cpu",
         "versions": _versions(),
     }

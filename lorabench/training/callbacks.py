@@ -28,6 +28,13 @@ class SaveArtifacts(L.Callback):
         self.dirpath, self.exports, self.base_model = Path(dirpath), list(exports), base_model
         self.written: list[Path] = []
 
+    def expected_files(self, full: bool = False) -> list[str]:
+        """The files ``on_train_end`` writes, relative to ``dirpath`` (what the main process reports,
+        also when rank zero wrote them in a spawned worker)."""
+        if full:
+            return ["model"]
+        return ["adapter.safetensors", *(EXPORTS[e][0] for e in self.exports)]
+
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         adapters = pl_module.adapters

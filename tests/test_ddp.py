@@ -1,0 +1,41 @@
+"""Two-process DDP on CPU (gloo, trainer=ddp_cpu, spawned as trainer=ddp spawns on GPUs): a fine-tune
+with its evaluation, synced metrics equal to one process's, files and W&B written once by rank zero."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose
+from lorabench.run import train
+from test_cli import run_cli
+
+# 3 validation images on 2 ranks: DistributedSampler pads one duplicate, which must not count.
+RUN = ["experiment=quickstart", "trainer.max_steps=4", "data.val_samples=3", "trainer.enable_progress_bar=false"]
+
+
+def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "ddp"
+    proc = run_cli([*RUN, "trainer=ddp_cpu", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((run_dir / "results.json").read_text())
+    assert ddp["metrics"]["steps"] == 4
+    assert set(ddp["artifacts"]) <= {p.name for p in run_dir.iterdir()}
+
+    # Evaluation before training: the same weights, so the 2-rank metric equals the 1-rank one.
+    single = tmp_path / "single"
+    one, _ = train(compose([*RUN, "exports=[]", "logger=csv"], single), single)
+    assert ddp["metrics"]["val_loss_before"] == pytest.approx(one["metrics"]["val_loss_before"], rel=1e-6)
+    # After training: the adapter rank zero saved, evaluated in one process, gives the 2-rank metric.
+    reload = tmp_path / "reload"
+    again, _ = train(compose([*RUN, "exports=[]", "logger=csv", "trainer.max_steps=0",
+                              f"init_adapter={run_dir / 'adapter.safetensors'}"], reload), reload)
+    assert ddp["metrics"]["val_loss_after"] == pytest.approx(again["metrics"]["val_loss_before"], rel=1e-6)
+    assert ddp["metrics"]["val_loss_after"] != pytest.approx(ddp["metrics"]["val_loss_before"], rel=1e-6)
+
+    # One output folder, written by rank zero only: one W&B run, one CSV log, no per-rank folders.
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("metrics.csv")] == ["csv/metrics.csv"]
+    assert not list(tmp_path.glob("outputs"))  # nothing written outside the run folder
