@@ -171,8 +171,6 @@ def fail(err: ConfigError) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_entry(cfg: DictConfig) -> Optional[float]:
-    from lorabench.run import format_summary, train
-
     # Lightning adds its own handlers to "lightning", "lightning.pytorch" and "lightning.fabric"; each
     # line then printed twice (once through them, once through Hydra's root handler). Hydra's only.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -182,6 +180,30 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
     protocol = cfg.get("protocol")
+    from hydra.types import RunMode
+
+    from lorabench.utils.gpus import claim_gpu, gpu_list
+
+    try:
+        gpus = gpu_list() if hc.mode == RunMode.MULTIRUN else []
+    except ConfigError as err:  # a malformed $LORABENCH_GPUS
+        remove_run_dir(run_dir, Path(cfg.paths.output_root))
+        fail(err)
+    with claim_gpu(gpus) as gpu:
+        return _run_job(cfg, run_dir, name, protocol, gpu)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str]) -> Optional[float]:
+    from lorabench.run import format_summary, train
+
+    if gpu is not None:  # this job's own GPU, for training (trainer.devices) and sampling ("cuda")
+        import torch
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.trainer.devices = [int(gpu)]
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(gpu))
     try:
         preflight(cfg)
         if protocol:
@@ -202,7 +224,17 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     return objective
 
 
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    from lorabench.utils.gpus import gpu_count
+
+    if not OmegaConf.has_resolver("lorabench_gpu_count"):
+        OmegaConf.register_new_resolver("lorabench_gpu_count", gpu_count)
+
+
 def main() -> None:
+    _register_resolvers()
     # -v / --verbose: the full console output of every library (see lorabench.utils.console).
     verbose_flags = {"-v", "--verbose"}
     if verbose_flags & set(sys.argv[1:]):

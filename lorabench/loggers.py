@@ -17,8 +17,10 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
-                  resolved_config: Mapping[str, Any]) -> list[Logger]:
-    """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``."""
+                  resolved_config: Mapping[str, Any], job_type: str = "train") -> list[Logger]:
+    """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``. W&B runs are grouped by
+    ``wandb.group`` (the experiment) and typed ``job_type`` (train / merge / eval, from the caller) unless
+    the config sets one."""
     cfg = dict(cfg or {})
     run_dir = Path(run_dir)
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
@@ -33,7 +35,7 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
             raise ConfigError("WANDB_MODE", f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
         loggers.append(WandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
-            group=wb.pop("group", None), job_type=wb.pop("job_type", None), tags=list(wb.pop("tags", None) or []),
+            group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type, tags=list(wb.pop("tags", None) or []),
             save_dir=str(run_dir), mode=mode, **wb))
     for lg in loggers:
         lg.log_hyperparams(dict(resolved_config))

@@ -171,4 +171,11 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
     columns, n = tables["modular/crosstalk"]
     assert columns[:2] == ["method", "layer"] and "interference" in columns
     assert n == len(res["crosstalk_layers"]["ortha_disjoint"])
-    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the offline run read back: the crosstalk table, the single -> merged bars, the crosstalk plot, the samples
+    [offline] = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert list(offline.glob("run-*.wandb"))
+    media = offline / "files" / "media"
+    assert list((media / "table" / "modular").glob("crosstalk_*.table.json"))
+    for key in ("merge_bars", "crosstalk", "samples"):
+        assert list((media / "images" / "modular").glob(f"{key}_*.png")), key
+    assert (tmp_path / "wb" / "merge_bars.png").is_file()

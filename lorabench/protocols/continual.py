@@ -366,7 +366,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     state.start()
     done = state.completed()
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
-                            resolved_config=OmegaConf.to_container(cfg, resolve=True))
+                            resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
     callback = ContinualEvaluation(metric, r.evaluate, loggers, [t.name for t in tasks])
     progress = CellProgress(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
@@ -432,7 +432,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not rank_zero():
         out["table"] = table
         return out
-    write_protocol_outputs(cfg, run_dir, "continual", out, table, panels, loggers=loggers, step=len(tasks))
+    write_protocol_outputs(cfg, run_dir, "continual", out, table, panels, loggers=loggers, step=len(tasks),
+                           images={"score_matrix_final": run_dir / "score_matrix.png"})
     out["table"] = table
     return out
 

@@ -279,6 +279,31 @@ def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, fl
     plt.close(fig)
 
 
+def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]], labels: Mapping[str, str]) -> None:
+    """Table 2 as bars: per score, each method's single (light) and merged (dark) mean +- std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6), sharey=True)
+    for ax, score in zip(axes, SCORES):
+        for i, m in enumerate(methods):
+            for j, (kind, alpha) in enumerate((("single", 0.45), ("merged", 1.0))):
+                v = summary[m].get(f"{kind}_{score}", {})
+                ax.bar(i + (j - 0.5) * 0.38, v.get("mean", float("nan")), 0.38, yerr=v.get("std", 0.0),
+                       color=f"C{i}", alpha=alpha, capsize=2, label=kind if i == 0 else None)
+        ax.set_xticks(range(len(methods)), [labels.get(m, m) for m in methods], rotation=30, ha="right", fontsize=7)
+        ax.set_title(SCORE_LABELS[score] + ": single -> merged", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 # -- the protocol ------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from lorabench.adapters import load_adapter
@@ -407,11 +432,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
            "config": OmegaConf.to_container(cfg, resolve=True)}
     table = table + "\n\n" + format_verdicts(out["verdicts"])
     crosstalk_plot(run_dir / "crosstalk.png", crosstalk_layers)
+    merge_bars(run_dir / "merge_bars.png", out["summary"], labels)
     tables = {"crosstalk": (["method", "layer", *CROSSTALK],
                             [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in crosstalk_layers.items()
                              for layer, v in per.items()])}
     write_protocol_outputs(cfg, run_dir, "modular", out, table, [img for c in concepts for img in panels[c]],
-                           tables=tables)
+                           tables=tables, images={"merge_bars": run_dir / "merge_bars.png",
+                                                  "crosstalk": run_dir / "crosstalk.png"})
     with atomic_path(run_dir / "table2.csv") as tmp:
         tmp.write_text(table_csv)
     out["table"] = table

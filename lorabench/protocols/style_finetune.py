@@ -126,7 +126,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
     n_grid = min(int(p.get("grid_images", 16)), len(prompts))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"style_finetune-seed{seeds[0]}", resolved_config=resolved)
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"style_finetune-seed{seeds[0]}", resolved_config=resolved,
+                            job_type="eval")
 
     def evaluate(components, base_fid=None):
         images = sample_each(components, sampler_cfg, prompts, latent_seeds, device)
@@ -339,13 +340,11 @@ def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[
     Table 1 to the loggers, the W&B run ended); returns the table."""
     table = render_table(out)
     write_extras(run_dir, out)
-    for lg in loggers:
-        if hasattr(lg, "log_image"):
-            lg.log_image(key="style_finetune/curves", images=[str(run_dir / "curves.png")])
     columns = ["method", *METRICS]
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
     write_protocol_outputs(cfg, run_dir, "style_finetune", out, table, list(panels),
-                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"])
+                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"],
+                           images={"curves": run_dir / "curves.png"})
     return table
 
 

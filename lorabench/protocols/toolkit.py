@@ -229,10 +229,12 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
                            panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None,
-                           loggers: Sequence | None = None, step: int = 0) -> None:
+                           loggers: Sequence | None = None, step: int = 0,
+                           images: Mapping[str, Path] | None = None) -> None:
     """results.json, table.md, samples.png, and the summary means to every configured logger (built
     here, or the run's own ``loggers`` if it logged along the way, at ``step``), then the W&B run ends;
-    ``tables`` (``{key: (columns, rows)}``) go to loggers that take tables (W&B)."""
+    ``tables`` (``{key: (columns, rows)}``) and ``images`` (``{key: png}``, plus the sample grid as
+    ``<name>/samples``) go to loggers that take them (W&B)."""
     from lorabench.loggers import build_loggers, finish_wandb
     from lorabench.utils.io import write_json
 
@@ -242,7 +244,7 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
     save_grid(run_dir / "samples.png", panels)
     if loggers is None:
         loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
-                                resolved_config=out["config"])
+                                resolved_config=out["config"], job_type="merge" if name == "modular" else "eval")
     try:
         flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
         for lg in loggers:
@@ -250,6 +252,9 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
             if hasattr(lg, "log_table"):
                 for key, (columns, data) in (tables or {}).items():
                     lg.log_table(key=f"{name}/{key}", columns=list(columns), data=[list(r) for r in data])
+            if hasattr(lg, "log_image"):
+                for key, path in {"samples": run_dir / "samples.png", **(images or {})}.items():
+                    lg.log_image(key=f"{name}/{key}", images=[str(path)])
             lg.save()
     finally:
         finish_wandb()

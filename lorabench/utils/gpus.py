@@ -1,0 +1,64 @@
+"""One GPU per job for sweeps on one machine (``hydra/launcher=local_gpus``): each job claims a free GPU
+of ``$LORABENCH_GPUS`` with an exclusive lock file held for the job's life, so parallel jobs never share a
+device, however the launcher orders them."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from lorabench.errors import ConfigError
+
+ENV = "LORABENCH_GPUS"
+
+
+def gpu_list(value: Optional[str] = None) -> list[str]:
+    """The GPU ids of ``$LORABENCH_GPUS`` (``0,1,2,3``); empty when unset."""
+    value = os.environ.get(ENV, "") if value is None else value
+    ids = [v.strip() for v in value.split(",") if v.strip()]
+    if any(not v.isdigit() for v in ids):
+        raise ConfigError(ENV, f"must be comma-separated GPU indices such as 0,1,2,3; got {value!r}")
+    return ids
+
+
+def gpu_count() -> int:
+    """``hydra.launcher.n_jobs`` of local_gpus: one job per listed GPU."""
+    ids = gpu_list()
+    if not ids:
+        raise ConfigError(ENV, "not set; hydra/launcher=local_gpus runs one job per GPU: e.g. LORABENCH_GPUS=0,1,2,3")
+    return len(ids)
+
+
+def try_claim(ids: list[str], lock_dir: Path):
+    """(gpu, open lock file) for the first free GPU of ``ids``, or ``None`` when all are held."""
+    for gpu in ids:
+        fh = open(lock_dir / f"lorabench-gpu{gpu}.lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return gpu, fh
+        except BlockingIOError:
+            fh.close()
+    return None
+
+
+@contextmanager
+def claim_gpu(ids: list[str], lock_dir: Optional[str] = None, poll_s: float = 5.0) -> Iterator[Optional[str]]:
+    """Hold the first free GPU of ``ids`` (``None`` when ``ids`` is empty) until the block ends; with
+    every GPU held (more jobs than GPUs), wait for one."""
+    if not ids:
+        yield None
+        return
+    lock_dir = Path(lock_dir or tempfile.gettempdir())
+    while (claimed := try_claim(ids, lock_dir)) is None:
+        time.sleep(poll_s)
+    gpu, fh = claimed
+    try:
+        yield gpu
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

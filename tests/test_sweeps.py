@@ -1,0 +1,70 @@
+"""Sweep launchers: the local_gpus (joblib) and slurm (submitit) configs compose with their plugins, a
+joblib multirun writes one results folder per job, and jobs on one machine never share a GPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lorabench.errors import ConfigError
+from test_cli import FAST, run_cli
+
+
+def compose_launcher(launcher: str, overrides=()):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from lorabench.cli import _register_resolvers
+
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"hydra/launcher={launcher}", *overrides],
+                       return_hydra_config=True)
+
+
+def test_launcher_configs_compose(monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    monkeypatch.setenv("LORABENCH_GPUS", "0,1,2")
+    joblib = compose_launcher("local_gpus").hydra.launcher
+    assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 3
+    slurm = compose_launcher("slurm", ["hydra.launcher.partition=gpu"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.tasks_per_node, slurm.gpus_per_node, slurm.partition) == (1, 1, "gpu")  # one process per GPU
+    monkeypatch.delenv("LORABENCH_GPUS")
+    with pytest.raises(Exception, match="LORABENCH_GPUS: not set"):
+        _ = compose_launcher("local_gpus").hydra.launcher.n_jobs
+
+
+def test_jobs_claim_distinct_gpus_and_wait_when_all_are_held(tmp_path):
+    from lorabench.utils.gpus import claim_gpu, gpu_list
+
+    assert gpu_list("0, 2") == ["0", "2"] and gpu_list("") == []
+    with pytest.raises(ConfigError, match="LORABENCH_GPUS: must be comma-separated GPU indices"):
+        gpu_list("cuda:0")
+    got, order = [], []
+    with claim_gpu(["0", "1"], str(tmp_path)) as a, claim_gpu(["0", "1"], str(tmp_path)) as b:
+        assert {a, b} == {"0", "1"}
+
+        def third():
+            with claim_gpu(["0", "1"], str(tmp_path), poll_s=0.05) as c:
+                got.append(c)
+                order.append("third")
+        t = threading.Thread(target=third)
+        t.start()
+        time.sleep(0.3)
+        assert not got  # both GPUs are held: the third job waits
+        order.append("release")
+    t.join(5)
+    assert order == ["release", "third"] and got[0] in {"0", "1"}
+
+
+def test_joblib_multirun_one_results_folder_per_job(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["--multirun", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "seed=0,1",
+                    f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0", "1"]
