@@ -12,6 +12,7 @@ bad input removes its output folder, so ``outputs/`` holds no half-written runs.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -171,6 +172,8 @@ def fail(err: ConfigError) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_entry(cfg: DictConfig) -> Optional[float]:
+    importlib.import_module("lightning.pytorch")  # it installs its handlers on import: before clearing them
+
     # Lightning adds its own handlers to "lightning", "lightning.pytorch" and "lightning.fabric"; each
     # line then printed twice (once through them, once through Hydra's root handler). Hydra's only.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

@@ -93,6 +93,8 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["adapter=ortho", "adapter.row_mode=disjoint", "adapter.slot=0", "adapter.num_slots=9"],
      ["adapter.num_slots: rank * num_slots = 4 * 9 = 36 exceeds input width 32"]),
     (["data=imagefolder", "data.path=/no/such/folder"], ["data.path: image folder '/no/such/folder' does not exist"]),
+    (["model=sd15", "model.pretrained=/no/such/model"],
+     ["model.pretrained: '/no/such/model' is neither an existing folder nor a hub id"]),
     # numbers that make no sense, and options Lightning rejects: one line, before any work
     (["optim.lr=-1e-4"], ["optim.lr: must be a number > 0, got -0.0001"]),
     (["optim.warmup_steps=-3"], ["optim.warmup_steps: must be an integer >= 0"]),

@@ -25,9 +25,10 @@ def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(run_module, "finish_wandb", snapshot_then_finish)
     cfg = compose([*tiny_overrides(tiny_model_dir, steps=2), "logger=wandb", "logger.wandb.group=unit",
                    "exports=[]", "data.val_samples=0"], tmp_path)
+    assert compose(["logger=wandb"], tmp_path).logger.wandb.group == "quickstart"  # default: one group per experiment
     train(cfg, tmp_path, config_name="wandb_test")
     assert wandb.run is None  # finished at the end of the job (needed between multirun jobs)
-    assert seen["mode"] == "offline" and seen["group"] == "unit" and seen["job_type"] == "quickstart"
+    assert seen["mode"] == "offline" and seen["group"] == "unit" and seen["job_type"] == "train"
     config = seen["config"]
     assert config["adapter"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
     assert config["model"]["pretrained"] == str(tiny_model_dir)  # interpolations resolved
