@@ -15,7 +15,7 @@ from test_cli import assert_one_line_error, run_cli
 SMALL = ["experiment=orthogonal_adaptation/world", "protocol.concepts=[sks,twt]", "protocol.group_size=2",
          "protocol.seeds=[0]", "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2",
          "eval.concepts.n_references=2", "protocol.capture.images_per_prompt=1",
-         "protocol.capture.num_inference_steps=2"]
+         "protocol.capture.num_inference_steps=2", "protocol.train_workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,23 @@ def test_cached_cells_are_not_trained_again(world_run, tmp_path):
                    f"protocol.cache_dir={out / 'cache' / 'modular'}"], tmp_path)
     res = run(cfg, tmp_path / "again")
     assert all(s["reused"] for s in res["single_rows"])
+
+
+def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
+    """protocol.train_workers=2: the uncached cells train first in two spawned one-thread processes; the
+    protocol then scores those cells (marked trained in this run, not cached), and a second run reuses them."""
+    from lorabench.protocols.modular import run
+
+    args = [*SMALL, "trainer.max_steps=3", "protocol.only=[dblora_fedavg,ortha_disjoint]", "protocol.train_workers=2",
+            f"protocol.cache_dir={tmp_path / 'cache'}"]
+    first = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    assert len(first["single_rows"]) == 4 and not any(s["reused"] for s in first["single_rows"])
+    assert all(s["steps"] == 3 for s in first["single_rows"])
+    assert len(list((tmp_path / "cache").glob("*/adapter.safetensors"))) == 4
+    second = run(compose(args, tmp_path / "b"), tmp_path / "b")
+    assert all(s["reused"] for s in second["single_rows"])
+    assert [r["merged_identity_alignment"] for r in second["rows"]] == [r["merged_identity_alignment"]
+                                                                        for r in first["rows"]]
 
 
 def test_table_rebuilds_from_results_files(world_run, tmp_path):

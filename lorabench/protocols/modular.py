@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.errors import ConfigError
 from lorabench.protocols.single_concept import sample_seeds, score_samples
-from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, mean_std, protocol_inputs, sample_prompts,
-                                         trained_cell, write_protocol_outputs)
+from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, mean_std, pretrain_cells, protocol_inputs,
+                                         sample_prompts, trained_cell, write_protocol_outputs)
 from lorabench.utils.io import atomic_path
 from lorabench.utils.console import CellProgress, quiet_cells
 from lorabench.utils.seeding import derive_seed
@@ -335,6 +335,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     if p.get("concept_data") and c in p.concept_data else {"concept": c} for c in concepts}
     labels = {k: m.get("label", k) for k, m in methods.items()}
 
+    # Cells not cached yet train first, protocol.train_workers at a time (1: each where the loop needs it).
+    fresh = pretrain_cells(cfg, [(cell_cfgs[a][c], concept_data[c], seed, f"{a}-{c}-seed{seed}")
+                                 for seed in seeds for a in used for c in concepts], cache_root,
+                           int(p.get("train_workers", 1)))
     n_steps = len(seeds) * len(concepts) * (len(used) + len(methods))
     progress = CellProgress(n_steps, desc="modular")
     rows: list[dict] = []
@@ -355,6 +359,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 for c in concepts:
                     cell_dir, res, reused = trained_cell(cfg, cell_cfgs[a][c], concept_data[c], seed, cache_root,
                                                          f"{a}-{c}-seed{seed}")
+                    reused = reused and f"{a}-{c}-seed{seed}" not in fresh
                     ad = load_adapter(base, cell_dir / "adapter.safetensors")
                     try:
                         stats_file = cell_dir / f"stats-{n_cap}x{capture_sampler['num_inference_steps']}.safetensors"
@@ -373,7 +378,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     stats[a, c] = grams
                     single[a, c] = score_samples(scorer, imgs, sets[c], n_img, refs[c])
                     singles.append({"adapter": a, "concept": c, "seed": seed, **single[a, c],
-                                    "train_s": res["timings"]["fit_s"], "reused": reused})
+                                    "train_s": res["timings"]["fit_s"], "steps": res["metrics"]["steps"],
+                                    "reused": reused})
                     if seed == seeds[0] and a == used[0]:
                         panels[c].append(imgs)
                     progress.done(f"{a:>15} {c} seed {seed}: single identity align. "

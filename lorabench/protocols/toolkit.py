@@ -185,25 +185,83 @@ def eval_mode(components, device: torch.device | None = None) -> None:
             (part.to(device) if device is not None else part).eval()
 
 
+def cached_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
+                name: str) -> tuple[Path, bool]:
+    """``(cell_dir, finished)``: where the cell trains (``cache_root/<name>-<key>/``) and whether a
+    finished one is there (its results.json, the last thing training writes, and its adapter)."""
+    probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
+    cell_dir = Path(cache_root) / f"{name}-{cell_key(probe)}"
+    return cell_dir, (cell_dir / "results.json").is_file() and (cell_dir / "adapter.safetensors").is_file()
+
+
 def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
                  name: str) -> tuple[Path, dict, bool]:
     """Train one cell into ``cache_root/<name>-<key>/`` unless a finished one is there already.
 
-    Returns ``(cell_dir, training results, reused)``. A cell is finished when its results.json is
-    written (the last thing training writes), so an interrupted cell is trained again. Protocols and
+    Returns ``(cell_dir, training results, reused)``. An interrupted cell is trained again. Protocols and
     sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
     import json
 
     from lorabench.run import train
 
-    probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
-    cell_dir = Path(cache_root) / f"{name}-{cell_key(probe)}"
-    done = cell_dir / "results.json"
-    if done.is_file() and (cell_dir / "adapter.safetensors").is_file():
-        return cell_dir, json.loads(done.read_text()), True
+    cell_dir, finished = cached_cell(cfg, adapter_cfg, data, seed, cache_root, name)
+    if finished:
+        return cell_dir, json.loads((cell_dir / "results.json").read_text()), True
     results, module = train(cell_config(cfg, adapter_cfg, data, seed, cell_dir), cell_dir, config_name=name)
     del module
     return cell_dir, results, False
+
+
+def _train_in_worker(resolved: dict, cell_dir: str, name: str, threads: int) -> str:
+    from omegaconf import OmegaConf
+
+    from lorabench.run import train
+    from lorabench.utils.console import quiet_cells
+
+    torch.set_num_threads(threads)
+    with quiet_cells():
+        train(OmegaConf.create(resolved), Path(cell_dir), config_name=name)
+    return name
+
+
+def pretrain_cells(cfg: DictConfig, cells: Sequence[tuple[DictConfig, Mapping, int, str]], cache_root: Path,
+                   workers: int) -> set[str]:
+    """Train the unfinished ``(adapter_cfg, data, seed, name)`` cells into the cache, ``workers`` at a
+    time in spawned processes with ``cores // workers`` threads each (never more threads than cores:
+    oversubscribed OpenMP runs several times slower). On 2 cores, two 1-thread processes train 1.4x the
+    steps per second of one 2-thread process (docs/benchmarks.md). Returns the names trained here; the
+    protocol then finds them finished, as :func:`trained_cell` does any cached cell. ``workers <= 1``
+    trains nothing here (the protocol trains each cell when it reaches it)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from omegaconf import OmegaConf
+
+    if workers <= 1:
+        return set()
+    pending = []
+    for adapter_cfg, data, seed, name in cells:
+        cell_dir, finished = cached_cell(cfg, adapter_cfg, data, seed, cache_root, name)
+        if not finished:
+            resolved = OmegaConf.to_container(cell_config(cfg, adapter_cfg, data, seed, cell_dir), resolve=True)
+            pending.append((resolved, str(cell_dir), name))
+    if len(pending) < 2:
+        return set()
+    from lorabench.utils.console import CellProgress
+
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    done = set()
+    progress = CellProgress(len(pending), desc=f"training in {workers} processes")
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_train_in_worker, *job, threads) for job in pending]
+            for fut in as_completed(futures):
+                done.add(fut.result())
+                progress.done(f"{fut.result():>24}: trained")
+    finally:
+        progress.close()
+    return done
 
 
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
