@@ -94,7 +94,7 @@ def test_bf16_mixed_precision_trains_fp32_adapters(tiny_model_dir, tmp_path):
 
 def test_fp16_config_on_a_machine_without_cuda_is_one_line(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+        pytest.skip("checks the no-CUDA error, which a machine with a GPU cannot raise")
     cfg = compose(["trainer=gpu_fp16"], tmp_path)
     assert cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "gpu"
     assert_one_line_error(run_cli(["experiment=quickstart", "trainer=gpu_fp16"], tmp_path), tmp_path,

@@ -26,7 +26,6 @@ class SaveArtifacts(L.Callback):
             if e not in EXPORTS:
                 raise choice_error("callbacks.save_adapter.exports", e, EXPORTS)
         self.dirpath, self.exports, self.base_model = Path(dirpath), list(exports), base_model
-        self.written: list[Path] = []
 
     def expected_files(self, full: bool = False) -> list[str]:
         """The files ``on_train_end`` writes, relative to ``dirpath`` (what the main process reports,
@@ -39,13 +38,13 @@ class SaveArtifacts(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         adapters = pl_module.adapters
         if adapters is None:
-            self.written = [save_components(pl_module.components, self.dirpath / "model")]
+            save_components(pl_module.components, self.dirpath / "model")
             return
-        self.written = [save_adapter(adapters, self.dirpath / "adapter.safetensors", base_model=self.base_model,
-                                     extra={"global_step": trainer.global_step})]
+        save_adapter(adapters, self.dirpath / "adapter.safetensors", base_model=self.base_model,
+                     extra={"global_step": trainer.global_step})
         for e in self.exports:
             filename, fn = EXPORTS[e]
-            self.written.append(fn(adapters, self.dirpath / filename))
+            fn(adapters, self.dirpath / filename)
 
 
 class CheckpointEvaluation(L.Callback):
