@@ -21,14 +21,15 @@ CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from hydra import compose, initialize_config_dir
-from lorabench.protocols.toolkit import cell_config
+from lorabench.protocols.cells import cell_config
 from lorabench.run import train
 from lorabench.utils.console import quiet_cells
 from pathlib import Path
 out = Path(sys.argv[3])
 with initialize_config_dir(config_dir=sys.argv[4], version_base="1.3"):
-    cfg = compose("train", [f"paths.output_dir={out}", f"paths.output_root={out}", "experiment=orthogonal_adaptation/world",
-                            f"trainer.max_steps={sys.argv[2]}", "trainer.enable_progress_bar=false"])
+    cfg = compose("train", [f"paths.output_dir={out}", f"paths.output_root={out}",
+                            "experiment=orthogonal_adaptation/world", f"trainer.max_steps={sys.argv[2]}",
+                            "trainer.enable_progress_bar=false"])
 with quiet_cells():
     res, _ = train(cell_config(cfg, cfg.protocol.adapters.lora, {"concept": "sks"}, 0, out), out)
 print(json.dumps({"s_per_step": res["timings"]["s_per_step"]}))
@@ -60,7 +61,8 @@ def main() -> None:
     print(f"world LoRA cell, {args.steps} steps, {os.cpu_count()} cores")
     print(f"  1 process x {args.threads} threads : {full:.3f} s/step   {rate_full:.2f} steps/s")
     print(f"  1 process x 1 thread    : {one:.3f} s/step   {1 / one:.2f} steps/s")
-    print(f"  {args.workers} processes x 1 thread  : {', '.join(f'{s:.3f}' for s in par)} s/step   {rate_par:.2f} steps/s")
+    per_process = ", ".join(f"{s:.3f}" for s in par)
+    print(f"  {args.workers} processes x 1 thread  : {per_process} s/step   {rate_par:.2f} steps/s")
     print(f"  ratio parallel / one process = {rate_par / rate_full:.2f}x steps per second")
 
 

@@ -30,8 +30,9 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from lorabench.protocols.continual import build_scorer, resolve_sequence, score_tasks
-    from lorabench.protocols.toolkit import derive_seed_list
+    from lorabench.continual.tasks import score_tasks
+    from lorabench.protocols.continual import build_scorer, resolve_sequence
+    from lorabench.utils.seeding import derive_seed_list
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=continual/world_objects", "paths.output_dir=/tmp/bench",

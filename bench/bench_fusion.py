@@ -64,7 +64,8 @@ def main() -> None:
         d_l, iters = fuse_lbfgs(deltas, grams, rho, max_iter=args.max_iter)
         t_l = time.perf_counter() - t0
         with torch.no_grad():
-            f_c, f_l = float(fusion_objective(d_c, deltas, grams, rho)), float(fusion_objective(d_l, deltas, grams, rho))
+            f_c = float(fusion_objective(d_c, deltas, grams, rho))
+            f_l = float(fusion_objective(d_l, deltas, grams, rho))
         gap = (f_c - f_l) / abs(f_l)  # <= 0: closed form at or below LBFGS
         worst_gap = max(worst_gap, gap)
         tot_c, tot_l = tot_c + t_c, tot_l + t_l

@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import TARGETS, build_unet  # noqa: E402
-
 from lorabench.merging import AdapterUpdate, merge  # noqa: E402
 
 

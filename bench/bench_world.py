@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def finetune_step_times(steps: int, batch: int, rank: int) -> list[float]:
@@ -87,7 +86,8 @@ def main() -> None:
     q = statistics.quantiles(times, n=4)
     print(f"fine-tuning (LoRA r{args.rank}, batch {args.batch}): median {statistics.median(times):.3f} s/step "
           f"(IQR {q[0]:.3f}-{q[2]:.3f}, {len(times)} steps)")
-    print(f"sampling (DPM-Solver++ 25 steps, CFG 3.0): {sampling_rate(args.images):.2f} images/s ({args.images} images)")
+    print(f"sampling (DPM-Solver++ 25 steps, CFG 3.0): {sampling_rate(args.images):.2f} images/s "
+          f"({args.images} images)")
     if not args.skip_main_job:
         wall = main_job_wall_time()
         print(f"main job (`lorabench`): {wall:.0f} s wall time = {wall / 600:.2f} x the 10-minute budget")

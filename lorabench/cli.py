@@ -18,14 +18,20 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.errors import ConfigError, choice_error
+from lorabench.utils.console import VERBOSE_ENV
+from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -34,8 +40,6 @@ CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().par
 def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     """``{group: [options]}`` for every group in train.yaml's defaults list and every group folder
     (options may be nested: ``a/b``). A group with no folder yet has no options."""
-    from omegaconf import OmegaConf
-
     groups: dict[str, list[str]] = {}
     for entry in OmegaConf.load(conf_dir / "train.yaml").get("defaults", []):
         if isinstance(entry, dict) or OmegaConf.is_dict(entry):
@@ -73,8 +77,6 @@ def find_config_error(exc: BaseException) -> Optional[ConfigError]:
         seen.add(id(exc))
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    from hydra.errors import InstantiationException
-
     wrapper = next((e for e in chain if isinstance(e, InstantiationException)), None)
     inner = chain[-1]
     if wrapper is None or inner is wrapper or raised_in_lorabench(inner):
@@ -108,11 +110,7 @@ def remove_run_dir(run_dir: Path, root: Path) -> None:
 def check_trainer(trainer_cfg, field: str = "trainer") -> None:
     """Lightning's own validation of the trainer options, run once on a throwaway Trainer (no logger,
     no checkpoints, a temporary folder) so that a bad option fails as one line before any work."""
-    import tempfile
-
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    import torch  # noqa: PLC0415 - heavy: the CLI's start-up (override checks, --help) does not pay for torch
 
     if not trainer_cfg:
         return
@@ -149,12 +147,13 @@ def check_trainer(trainer_cfg, field: str = "trainer") -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """What can be checked with no model and no data, before the run does any work: optimiser
-    numbers that make no sense, and the Trainer's options."""
-    from omegaconf import OmegaConf
+    numbers that make no sense, the Trainer's options and the callbacks."""
+    # heavy (torch, diffusers): the CLI's start-up (override checks, --help) does not pay for them
+    from lorabench.run import check_callbacks  # noqa: PLC0415
+    from lorabench.sampling import check_counts  # noqa: PLC0415
+    from lorabench.training import check_optim  # noqa: PLC0415
 
-    from lorabench.sampling import check_counts
-    from lorabench.training.module import check_optim
-
+    check_callbacks(cfg.get("callbacks"))
     if cfg.get("optim") is not None:
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))
@@ -183,10 +182,6 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
     protocol = cfg.get("protocol")
-    from hydra.types import RunMode
-
-    from lorabench.utils.gpus import claim_gpu, gpu_list
-
     try:
         gpus = gpu_list() if hc.mode == RunMode.MULTIRUN else []
     except ConfigError as err:  # a malformed $LORABENCH_GPUS
@@ -197,12 +192,12 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str]) -> Optional[float]:
-    from lorabench.run import format_summary, train
+    # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
+    import torch  # noqa: PLC0415
+
+    from lorabench.run import format_summary, train  # noqa: PLC0415
 
     if gpu is not None:  # this job's own GPU, for training (trainer.devices) and sampling ("cuda")
-        import torch
-        from omegaconf import open_dict
-
         with open_dict(cfg):
             cfg.trainer.devices = [int(gpu)]
         if torch.cuda.is_available():
@@ -210,8 +205,6 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
     try:
         preflight(cfg)
         if protocol:
-            from hydra.utils import get_method
-
             results = get_method(protocol._target_)(cfg, run_dir)
             summary, objective = "\n" + results["table"], None
         else:
@@ -228,10 +221,6 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
 
 
 def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    from lorabench.utils.gpus import gpu_count
-
     if not OmegaConf.has_resolver("lorabench_gpu_count"):
         OmegaConf.register_new_resolver("lorabench_gpu_count", gpu_count)
 
@@ -241,8 +230,6 @@ def main() -> None:
     # -v / --verbose: the full console output of every library (see lorabench.utils.console).
     verbose_flags = {"-v", "--verbose"}
     if verbose_flags & set(sys.argv[1:]):
-        from lorabench.utils.console import VERBOSE_ENV
-
         os.environ[VERBOSE_ENV] = "1"
         sys.argv = [a for a in sys.argv if a not in verbose_flags]
     try:

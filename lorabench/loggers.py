@@ -6,10 +6,11 @@ W&B runs offline unless ``WANDB_MODE`` says otherwise (``wandb sync`` uploads la
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from lorabench.errors import ConfigError
 
@@ -26,8 +27,6 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     wb = cfg.get("wandb")
     if wb:
-        from lightning.pytorch.loggers import WandbLogger
-
         wb = dict(wb)
         mode = os.environ.get("WANDB_MODE") or wb.pop("mode", None) or "offline"
         wb.pop("mode", None)
@@ -35,8 +34,8 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
             raise ConfigError("WANDB_MODE", f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
         loggers.append(WandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
-            group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type, tags=list(wb.pop("tags", None) or []),
-            save_dir=str(run_dir), mode=mode, **wb))
+            group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type,
+            tags=list(wb.pop("tags", None) or []), save_dir=str(run_dir), mode=mode, **wb))
     for lg in loggers:
         lg.log_hyperparams(dict(resolved_config))
     return loggers
@@ -44,9 +43,6 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
 
 def finish_wandb() -> None:
     """End the W&B run of this job (needed between jobs of a multirun)."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # no W&B run can be open if nothing imported wandb
+    if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()

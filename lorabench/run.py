@@ -5,25 +5,25 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import diffusers
 import lightning as L
 import torch
+import transformers
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import lorabench
 from lorabench.adapters import read_safetensors
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
-from lorabench.training import DiffusionFineTuner, SaveArtifacts
+from lorabench.training import DiffusionFineTuner, LossHistory, SaveArtifacts
 from lorabench.utils.io import write_json
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"lorabench": __import__("lorabench").__version__, "torch": torch.__version__,
+    return {"lorabench": lorabench.__version__, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "lightning": L.__version__, "python": platform.python_version()}
 
@@ -32,21 +32,18 @@ def _mean(xs: list[float]) -> Optional[float]:
     return float(sum(xs) / len(xs)) if xs else None
 
 
-class LossHistory(L.Callback):
-    """Per-step training losses and the step count, handed back through ``trainer.callback_metrics``:
-    under a spawning strategy (ddp_spawn) the fit runs in worker processes and ``callback_metrics`` (with
-    the weights) is the state Lightning returns from rank zero, so one code path serves both."""
+def check_callbacks(callbacks: Optional[Mapping]) -> None:
+    """Every entry of the ``callbacks`` group must be null or a config with a ``_target_``."""
+    for name, spec in (callbacks or {}).items():
+        if spec is not None and (not hasattr(spec, "get") or not spec.get("_target_")):
+            raise ConfigError(f"callbacks.{name}", "needs a _target_ (a Lightning callback class) and its arguments, "
+                              "e.g. callbacks=lr_monitor, or null to drop it")
 
-    def __init__(self):
-        self.losses: list[torch.Tensor] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(loss.detach().float().cpu())
-
-    def on_train_end(self, trainer, pl_module):
-        trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
-        trainer.callback_metrics["run/train_losses"] = torch.stack(self.losses) if self.losses else torch.zeros(0)
+def build_callbacks(callbacks: Optional[Mapping]) -> list[L.Callback]:
+    """The user's Lightning callbacks from the ``callbacks`` config group (null entries dropped)."""
+    check_callbacks(callbacks)
+    return [instantiate(spec, _convert_="all") for spec in (callbacks or {}).values() if spec is not None]
 
 
 def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", components=None,
@@ -56,7 +53,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
 
     ``components``: train on this model instead of building ``cfg.model`` (a protocol that changes the
     base weights between runs, e.g. a continual sequence); ``prepare(module)`` runs after the adapter is
-    injected and before fitting (e.g. to initialise it); ``callbacks`` join the trainer's."""
+    injected and before fitting (e.g. to initialise it); ``callbacks`` join the trainer's, and those of the
+    ``callbacks`` config group."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -83,8 +81,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
     history = LossHistory()
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[saver, history, *callbacks], default_root_dir=str(run_dir),
-                          _convert_="all")
+    trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(run_dir), _convert_="all",
+                          callbacks=[saver, history, *callbacks, *build_callbacks(cfg.get("callbacks"))])
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))

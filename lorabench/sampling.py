@@ -1,20 +1,28 @@
-"""Sampling with classifier-free guidance and diffusers schedulers.
+"""Sampling with classifier-free guidance and diffusers schedulers, and what protocols draw with it.
 
 Each image's initial noise comes from its own seed, so an image does not depend on the batch
 it was drawn in, and protocols that reuse "the same 8 initial latents" for every prompt pass the
 same 8 seeds. Works for pixel-space models (no VAE) and latent models, SD and SDXL.
+
+- :class:`Sampler`: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1];
+- :func:`sample_prompts` (every prompt from every seed) and :func:`sample_each` (prompt i from seed i):
+  the model in eval mode on a device first;
+- :func:`image_grid` and :func:`save_grid`: images as one PNG.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
+import diffusers
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from lorabench.errors import ConfigError, choice_error
-from lorabench.models import ModelComponents
-from lorabench.training.module import encode_prompts
+from lorabench.models import ModelComponents, encode_prompts
+from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
@@ -23,8 +31,6 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "dd
 
 def make_scheduler(components: ModelComponents, name: str):
     """A sampling scheduler of type ``name`` configured like the model's noise scheduler."""
-    import diffusers
-
     if name not in SCHEDULERS:
         raise choice_error("sampler.scheduler", name, SCHEDULERS)
     return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
@@ -137,8 +143,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(images: torch.Tensor, rows: int, scale: int = 1):
     """A PIL image of ``images`` ((N, 3, H, W), [0, 1]) laid out in ``rows`` rows, upscaled by ``scale``."""
-    from PIL import Image
-
     n, _, h, w = images.shape
     cols = -(-n // rows)
     canvas = torch.ones(3, rows * h, cols * w)
@@ -147,3 +151,41 @@ def image_grid(images: torch.Tensor, rows: int, scale: int = 1):
         canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
     pil = Image.fromarray(to_uint8(canvas[None])[0].numpy())
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
+def save_grid(path: str | os.PathLike, panels: list[torch.Tensor]) -> None:
+    """Rows of images (each panel one row, padded with white) as one PNG, written atomically."""
+    width = max(len(p) for p in panels)
+    rows = [torch.cat([p, torch.ones(width - len(p), *p.shape[1:])]) if len(p) < width else p for p in panels]
+    with atomic_path(path) as tmp:
+        image_grid(torch.cat(rows), rows=len(rows), scale=4).save(tmp, format="PNG")
+
+
+def eval_device(cfg) -> torch.device:
+    """Where a run samples: where its trainer trains (``cfg.trainer.accelerator``), since Lightning moves
+    the module back to the CPU after fit."""
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    return torch.device("cuda" if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def eval_mode(components: ModelComponents, device: torch.device | None = None) -> None:
+    """Every part of the model in eval mode (and on ``device``), before sampling."""
+    for part in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        if part is not None:
+            (part.to(device) if device is not None else part).eval()
+
+
+def sample_prompts(components: ModelComponents, sampler_cfg: dict, prompts: Sequence[str], seeds: Sequence[int],
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Every prompt from every seed's initial latents, prompt-major: (len(prompts) * len(seeds), 3, H, W)."""
+    return sample_each(components, sampler_cfg, [p for p in prompts for _ in seeds],
+                       [s for _ in prompts for s in seeds], device)
+
+
+def sample_each(components: ModelComponents, sampler_cfg: dict, prompts: Sequence[str], seeds: Sequence[int],
+                device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One image per prompt, prompt ``i`` from seed ``seeds[i]``'s initial latents: (len(prompts), 3, H, W)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    eval_mode(components, device)
+    return Sampler(components, **sampler_cfg)(list(prompts), seeds=list(seeds))

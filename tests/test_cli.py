@@ -45,7 +45,8 @@ def test_single_concept_experiment_prints_its_table(tmp_path):
     [results_file] = list((tmp_path / "outputs" / "world_concepts").glob("*/results.json"))
     results = json.loads(results_file.read_text())
     assert results["protocol"] == "single_concept" and results["methods"] == ["base", "lora", "trilora"]
-    assert [(r["method"], r["concept"]) for r in results["rows"]] == [("base", "zwz"), ("lora", "zwz"), ("trilora", "zwz")]
+    assert [(r["method"], r["concept"]) for r in results["rows"]] == [("base", "zwz"), ("lora", "zwz"),
+                                                                     ("trilora", "zwz")]
     for method in ("| base |", "| lora |", "| trilora |", "identity sim. in context"):
         assert method in proc.stdout
     assert (results_file.parent / "samples.png").is_file() and (results_file.parent / "table.md").is_file()
@@ -103,7 +104,8 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer.precision=17"], ["trainer.precision: Precision 17 is invalid. Allowed precision values"]),
     (["trainer=gpu"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device; use trainer=cpu"]),
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
-    (["eval=world", "eval.sampler.num_inference_steps=0"], ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
+    (["eval=world", "eval.sampler.num_inference_steps=0"],
+     ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)
@@ -133,8 +135,8 @@ def test_adapter_file_that_does_not_fit(tmp_path):
     path = save_adapter(inject_adapters(other, {"name": "lora", "rank": 4}), tmp_path / "other.safetensors")
     work = tmp_path / "work"
     work.mkdir()
-    line = assert_one_line_error(run_cli([f"init_adapter={path}", *FAST], work), work, "init_adapter", "other.safetensors",
-                                 "has shape", "needs")
+    line = assert_one_line_error(run_cli([f"init_adapter={path}", *FAST], work), work, "init_adapter",
+                                 "other.safetensors", "has shape", "needs")
     assert "(4, 16)" in line and "(4, 32)" in line
 
 

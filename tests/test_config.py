@@ -49,12 +49,14 @@ def test_paper_settings(tmp_path):
     assert (o.adapter.name, o.adapter.rank, o.optim.lr) == ("ortho", 20, 1e-5) and o.adapter.text_encoder_targets
     s = compose(["experiment=continual/sdxl_objects"], tmp_path)
     a = s.protocol.adapter
-    assert (a.rank, a.alpha, a.init, s.optim.name, s.optim.lr, s.optim.lr_scheduler) == (64, 64, "gaussian", "adamw8bit",
-                                                                                     1e-5, "constant")
-    assert (s.trainer.max_steps, s.trainer.gradient_clip_val, s.data.batch_size, s.model.resolution) == (850, 1.0, 1, 1024)
+    assert (a.rank, a.alpha, a.init, s.optim.name, s.optim.lr, s.optim.lr_scheduler) == (
+        64, 64, "gaussian", "adamw8bit", 1e-5, "constant")
+    assert (s.trainer.max_steps, s.trainer.gradient_clip_val, s.data.batch_size, s.model.resolution) == (
+        850, 1.0, 1, 1024)
     assert [t.name for t in s.sequence.tasks] == ["sks", "zwz", "sbu", "uwu", "pdw", "twt", "zsn", "ofl", "psq", "cws"]
     assert (s.eval.images_per_prompt, s.eval.sampler.num_inference_steps) == (8, 50)
-    assert 1 + len(s.eval.concepts.templates) == 5 and set(s.eval.concepts.concepts) == {t.name for t in s.sequence.tasks}
+    assert 1 + len(s.eval.concepts.templates) == 5
+    assert set(s.eval.concepts.concepts) == {t.name for t in s.sequence.tasks}
     t = compose(["experiment=trilora/pokemon"], tmp_path)
     assert (t.model.name, t.optim.lr, t.protocol.table_epoch, t.data.max_train_samples) == ("anylora", 1e-4, 100, 100)
     assert (t.eval.sampler.num_inference_steps, t.eval.sampler.guidance_scale, t.protocol.sample_seed) == (20, 7.5, 30)

@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lorabench.continual import (ContinualScores, average_score, backward_transfer, build_method, forgetting,
-                                 magmax_select, orthogonal_columns, sign_conflict_ratio)
-from lorabench.errors import ConfigError
 from tests.conftest import write_tiny_csd
 from tests.test_cli import assert_one_line_error, run_cli
+
+from lorabench.continual import (
+    ContinualScores,
+    average_score,
+    backward_transfer,
+    build_method,
+    forgetting,
+    magmax_select,
+    orthogonal_columns,
+    sign_conflict_ratio,
+)
+from lorabench.errors import ConfigError
 
 NAN = math.nan
 
@@ -393,7 +401,8 @@ def test_tables_and_verdicts_rebuild_from_results_files(tmp_path):
     assert [v["verdict"] for v in out["verdicts"]] == ["reproduced"] * 3
     md = (tmp_path / "tables" / "table_objects.md").read_text()
     assert "| Merge & Initialization | 3 | 0.610 +- 0.008 |" in md and "Published" in md and "0.457 +- 0.011" in md
-    assert (tmp_path / "tables" / "sign_conflicts.png").is_file() and (tmp_path / "tables" / "table_objects.csv").is_file()
+    assert (tmp_path / "tables" / "sign_conflicts.png").is_file()
+    assert (tmp_path / "tables" / "table_objects.csv").is_file()
     # two runs of a method are too few for a verdict
     for d in (tmp_path / "runs" / "magmax").glob("order10-*"):
         (d / "results.json").unlink()

@@ -10,8 +10,14 @@ from lorabench.errors import ConfigError
 from lorabench.world import make_world
 from lorabench.world.assets import load_evaluator, save_evaluator
 from lorabench.world.datasets import heldout_scenes, random_scene
-from lorabench.world.evaluators import (_batch, attribute_accuracy, choose_threshold, retrieval_top1, train_embedding,
-                                        train_text_image)
+from lorabench.world.evaluators import (
+    attribute_accuracy,
+    batch_tensor,
+    choose_threshold,
+    retrieval_top1,
+    train_embedding,
+    train_text_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def trained(tmp_path_factory):
 def test_round_trip_and_embeddings(trained):
     world, folder, models = trained
     rng = np.random.default_rng(0)
-    images = _batch([random_scene(rng) for _ in range(4)], 16, rng)
+    images = batch_tensor([random_scene(rng) for _ in range(4)], 16, rng)
     for name, model in models.items():
         loaded = load_evaluator(name, world, folder)
         e = loaded.embed_images(images)
@@ -57,12 +63,12 @@ def test_quality_measures_run(trained):
     world, _, models = trained
     rng = np.random.default_rng(0)
     scenes = [random_scene(rng) for _ in range(6)]
-    acc = attribute_accuracy(models["text_image"], _batch(scenes, 16, rng), scenes)
+    acc = attribute_accuracy(models["text_image"], batch_tensor(scenes, 16, rng), scenes)
     # Plain objects: only the five placement attributes apply.
     assert set(acc) == {"size", "colour", "cls", "position", "background", "mean", "n"}
     assert all(0 <= v <= 1 for k, v in acc.items() if k != "n") and set(acc["n"].values()) == {6}
     mixed = heldout_scenes(world, 9)  # plain, marked, styled in turn
-    acc = attribute_accuracy(models["text_image"], _batch(mixed, 16, rng), mixed)
+    acc = attribute_accuracy(models["text_image"], batch_tensor(mixed, 16, rng), mixed)
     assert acc["n"] == {"size": 9, "colour": 9, "cls": 9, "position": 9, "background": 9, "pattern": 3, "mark": 3,
                         "palette": 3, "texture": 3, "outline": 3}
     groups = [[random_scene(rng, identity=i) for _ in range(3)] for i in world.experiment_identities[:4]]
@@ -96,7 +102,7 @@ def test_shipped_assets_load_for_the_default_world():
     model = load_world_model()
     assert model.name == "world" and model.unet.config.sample_size == 16
     rng = np.random.default_rng(0)
-    images = _batch([random_scene(rng) for _ in range(2)], 16, rng)
+    images = batch_tensor([random_scene(rng) for _ in range(2)], 16, rng)
     for name in ("text_image", "identity", "style"):
         assert load_evaluator(name).embed_images(images).shape == (2, 64)
     assert 0 < load_evaluator("identity").extra["threshold"]["threshold"] < 1

@@ -40,7 +40,8 @@ def test_real_embedders_give_normalised_features_and_score(tiny_clip_and_vit):
     clip_dir, vit_dir = tiny_clip_and_vit
     clip, dino = CLIPEmbedder(str(clip_dir)), DINOEmbedder(str(vit_dir))
     images = torch.rand(3, 3, 16, 16)
-    for emb in (clip.embed_images(images), clip.embed_texts(["a red circle", "a square", "a"]), dino.embed_images(images)):
+    texts = ["a red circle", "a square", "a"]
+    for emb in (clip.embed_images(images), clip.embed_texts(texts), dino.embed_images(images)):
         assert emb.shape[0] == 3 and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     # batch-invariant: an image's feature does not depend on its batch mates
     torch.testing.assert_close(dino.embed_images(images[:1]), dino.embed_images(images)[:1], atol=1e-5, rtol=0)
@@ -114,7 +115,8 @@ def test_arcface_bad_input_is_one_line(tmp_path, tiny_arcface, case):
     from lorabench.evaluation.hf import ArcFaceEmbedder, concept_scorer
 
     if case == "missing":
-        with pytest.raises(ConfigError, match="eval.scorer.identity: .*w600k.onnx is not a file; give the ArcFace ONNX"):
+        with pytest.raises(ConfigError,
+                           match="eval.scorer.identity: .*w600k.onnx is not a file; give the ArcFace ONNX"):
             ArcFaceEmbedder(str(tmp_path / "w600k.onnx"))
     elif case == "not_onnx":
         (tmp_path / "x.onnx").write_bytes(b"\x00not a model\xff" * 10)

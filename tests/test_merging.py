@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from lorabench.errors import ConfigError
-from lorabench.merging import (AdapterUpdate, LayerDelta, base_fingerprint, check_compatible, fuse_closed_form,
-                               fuse_lbfgs, fusion_objective, group_crosstalk, load_stats, merge, merged_into,
-                               output_error, save_merged_adapter, save_stats)
+from lorabench.merging import (
+    AdapterUpdate,
+    LayerDelta,
+    check_compatible,
+    fuse_closed_form,
+    fuse_lbfgs,
+    fusion_objective,
+    group_crosstalk,
+    load_stats,
+    merge,
+    merged_into,
+    output_error,
+    save_merged_adapter,
+    save_stats,
+)
 from lorabench.merging.methods import ridge_value, trim
 
 
@@ -173,7 +185,7 @@ def test_unknown_merge_and_option_are_one_line_errors():
 
 def test_statistics_file_from_another_model_is_refused(tmp_path, load_tiny):
     from lorabench.adapters import inject_adapters
-    from lorabench.merging import adapted_weights, capture_stats
+    from lorabench.merging import capture_stats
 
     comps = load_tiny()
     ad = inject_adapters(comps, {"name": "lora", "rank": 2})
@@ -181,7 +193,7 @@ def test_statistics_file_from_another_model_is_refused(tmp_path, load_tiny):
     grams, rows = capture_stats(comps, ad, ["a sks dog"], [0, 1], sampler)
     for name, layer in ad.layers.items():  # bounded by width squared, whatever the token count
         assert grams[name].shape == (layer.in_features, layer.in_features) and rows[name] > layer.in_features
-    good = save_stats(tmp_path / "s.safetensors", grams, rows, base_fingerprint(adapted_weights(ad)))
+    good = save_stats(tmp_path / "s.safetensors", grams, rows, ad.base_fingerprint())
     assert set(load_stats(good, ad)) == set(ad.layers)
     other = save_stats(tmp_path / "o.safetensors", grams, rows, "0123456789abcdef")
     with pytest.raises(ConfigError, match="captured on another base model"):
@@ -235,10 +247,9 @@ def _adapter_files(model_dir, tmp_path, seed=0):
 
 
 def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_path, tiny_model_dir):
-    from test_cli import run_cli
-
     from lorabench.adapters import load_adapter
     from lorabench.models import load_components
+    from test_cli import run_cli
 
     a, _, ad_a = _adapter_files(tiny_model_dir, tmp_path, 0)
     _, b, ad_b = _adapter_files(tiny_model_dir, tmp_path, 1)
@@ -254,9 +265,8 @@ def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_pat
 
 
 def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_dir):
-    from test_cli import assert_one_line_error, run_cli
-
     from lorabench.models import build_tiny_components, save_components
+    from test_cli import assert_one_line_error, run_cli
 
     other = tmp_path / "other-model"
     save_components(build_tiny_components(seed=7, words=["sks", "photo", "dog"]), other)

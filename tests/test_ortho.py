@@ -57,7 +57,8 @@ def test_same_rows_in_a_new_process():
 
 
 def test_disjoint_overflow_is_an_error():
-    with pytest.raises(ConfigError, match=r"adapter.num_slots: rank \* num_slots = 4 \* 17 = 68 exceeds input width 64"):
+    with pytest.raises(ConfigError,
+                       match=r"adapter.num_slots: rank \* num_slots = 4 \* 17 = 68 exceeds input width 64"):
         concept_adapter("a", row_mode="disjoint", slot=0, num_slots=17)
 
 

@@ -35,11 +35,11 @@ def test_own_references_score_higher_than_another_identity(scorer, eval_sets):
 def test_text_alignment_prefers_the_matching_text(scorer, eval_sets):
     from lorabench.world import make_world
     from lorabench.world.datasets import heldout_scenes
-    from lorabench.world.evaluators import _batch
+    from lorabench.world.evaluators import batch_tensor
 
     world = make_world(0)
     scenes = heldout_scenes(world, 16, seed=3)
-    images = _batch(scenes, world.resolution, np.random.default_rng(0))
+    images = batch_tensor(scenes, world.resolution, np.random.default_rng(0))
     right = scorer(images, images, [s.caption() for s in scenes])["text_alignment"]
     wrong = scorer(images, images, [s.caption() for s in scenes[1:] + scenes[:1]])["text_alignment"]
     assert right > wrong + 0.2
@@ -96,21 +96,22 @@ def test_summary_is_mean_and_population_std_over_replicates():
 
 
 def test_sample_seeds_are_shared_across_prompts_and_differ_by_replicate():
-    from lorabench.protocols.single_concept import sample_seeds
+    from lorabench.protocols.scoring import concept_seeds
 
-    assert sample_seeds(0, 4) == sample_seeds(0, 4) and len(set(sample_seeds(0, 4))) == 4
-    assert not set(sample_seeds(0, 4)) & set(sample_seeds(1, 4))
-    assert all(isinstance(s, int) for s in sample_seeds(2, 3))
+    assert concept_seeds(0, 4) == concept_seeds(0, 4) and len(set(concept_seeds(0, 4))) == 4
+    assert not set(concept_seeds(0, 4)) & set(concept_seeds(1, 4))
+    assert all(isinstance(s, int) for s in concept_seeds(2, 3))
 
 
 def test_scores_split_the_concept_prompt_from_the_context_prompts(scorer, eval_sets):
-    from lorabench.protocols.single_concept import score_samples
+    from lorabench.evaluation.scores import score_samples
 
     sks, zwz = eval_sets("sks"), eval_sets("zwz")
     n = 2  # images per prompt: the concept prompt's two are sks renders, the context ones zwz renders
     images = torch.cat([sks.references[:n], zwz.references[: n * (len(sks.prompts) - 1)]])
     out = score_samples(scorer, images, sks, n)
-    assert out["identity_similarity"] == pytest.approx(scorer(sks.references[:n], sks.references)["identity_similarity"])
+    alone = scorer(sks.references[:n], sks.references)
+    assert out["identity_similarity"] == pytest.approx(alone["identity_similarity"])
     assert out["identity_similarity"] > out["context_identity_similarity"] + 0.3
     assert {"context_text_alignment", "context_identity_alignment", "text_alignment"} <= set(out)
 

@@ -63,8 +63,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_adapter_gradients(arch, 
 def test_attention_kernels_agree_and_a_bad_kernel_is_one_line(scaled_down_models):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from lorabench.models import load_components
-    from lorabench.training.module import encode_prompts
+    from lorabench.models import encode_prompts, load_components
 
     outs = {}
     for kind, cls in (("sdpa", AttnProcessor2_0), ("classic", AttnProcessor)):

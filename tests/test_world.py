@@ -9,8 +9,7 @@ import pytest
 
 from lorabench.errors import ConfigError
 from lorabench.world import make_world
-from lorabench.world.datasets import (caption_items, concept_items, pretrain_items, style_items,
-                                      write_imagefolder)
+from lorabench.world.datasets import caption_items, concept_items, pretrain_items, style_items, write_imagefolder
 from lorabench.world.spec import RARE_TOKENS, STYLE_WORDS
 
 
@@ -96,7 +95,8 @@ def test_world_data_name_follows_concept_or_style(tmp_path):
     from conftest import compose
 
     assert compose(["data=world", "data.concept=zwz"], tmp_path).data.name == "zwz"
-    assert compose(["data=world", "data.kind=style", "data.concept=null", "data.style=vango"], tmp_path).data.name == "vango"
+    styled = compose(["data=world", "data.kind=style", "data.concept=null", "data.style=vango"], tmp_path)
+    assert styled.data.name == "vango"
     cfg = compose(["data=world", "data.kind=pretrain", "data.concept=null", "adapter=ortho"], tmp_path)
     assert cfg.data.name == "world" and cfg.adapter.concept_key == "world"
 
@@ -105,8 +105,19 @@ def test_pretraining_corpus_holds_out_experiment_and_heldout_combinations():
     """The corpus teaches every building block (each attribute value, pattern, palette, texture and
     outline) but never an experiment identity's marking, an experiment style, or a held-out combination."""
     from lorabench.world.datasets import corpus_scene, heldout_scenes
-    from lorabench.world.spec import (BACKGROUNDS, CLASSES, COLOURS, OUTLINES, PALETTES, PATTERNS, POSITIONS, SIZES,
-                                      TEXTURES, identity_key, style_key)
+    from lorabench.world.spec import (
+        BACKGROUNDS,
+        CLASSES,
+        COLOURS,
+        OUTLINES,
+        PALETTES,
+        PATTERNS,
+        POSITIONS,
+        SIZES,
+        TEXTURES,
+        identity_key,
+        style_key,
+    )
 
     w = make_world(0)
     assert (len(w.heldout_combos), len(w.heldout_markings), len(w.heldout_styles)) == (90, 118, 9)
@@ -135,8 +146,8 @@ def test_captions_name_markings_and_styles_in_plain_words():
     from lorabench.world.spec import Identity, Style
 
     rng = np.random.default_rng(0)
-    scene = random_scene(rng, identity=Identity("", "circle", "red", "dot", "green"), style=Style("", "sepia", "grain", "dark"),
-                         size="small", position="left", background="white")
+    scene = random_scene(rng, identity=Identity("", "circle", "red", "dot", "green"),
+                         style=Style("", "sepia", "grain", "dark"), size="small", position="left", background="white")
     assert scene.caption() == "a small red circle with green dot at left on white in sepia grain darkedge"
     assert scene.caption(frozenset({"size", "position", "style"})) == "a red circle with green dot on white"
 

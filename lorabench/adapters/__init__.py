@@ -8,10 +8,18 @@
 # Importing the modules registers the adapters.
 from lorabench.adapters import lora, ortho, trilora  # noqa: F401
 from lorabench.adapters.base import ADAPTERS, AdapterLayer, AdapterOptions, get_adapter_class, register_adapter
-from lorabench.adapters.injection import DEFAULT_UNET_TARGETS, Adapters, inject_adapters
-from lorabench.adapters.io import (export_diffusers, export_kohya, import_lora, load_adapter, lora_pairs,
-                                   read_safetensors, save_adapter)
+from lorabench.adapters.injection import DEFAULT_UNET_TARGETS, Adapters, base_fingerprint, inject_adapters
+from lorabench.adapters.io import (
+                                   export_diffusers,
+                                   export_kohya,
+                                   import_lora,
+                                   load_adapter,
+                                   lora_pairs,
+                                   read_safetensors,
+                                   save_adapter,
+)
 
-__all__ = ["ADAPTERS", "AdapterLayer", "AdapterOptions", "Adapters", "DEFAULT_UNET_TARGETS", "export_diffusers",
+__all__ = ["ADAPTERS", "AdapterLayer", "AdapterOptions", "Adapters", "DEFAULT_UNET_TARGETS", "base_fingerprint",
+           "export_diffusers",
            "export_kohya", "get_adapter_class", "import_lora", "inject_adapters", "load_adapter", "lora_pairs",
            "read_safetensors", "register_adapter", "save_adapter"]

@@ -21,28 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError
+from lorabench.utils.registry import Registry
 
-ADAPTERS: dict[str, type["AdapterLayer"]] = {}
+ADAPTERS: Registry[type["AdapterLayer"]] = Registry("adapter", "adapter.name")
 
 
 def register_adapter(name: str):
     """Class decorator: make an adapter available under ``adapter.name=<name>``."""
-
-    def deco(cls):
-        if name in ADAPTERS:
-            raise ValueError(f"adapter {name!r} registered twice")
-        cls.adapter_type = name
-        ADAPTERS[name] = cls
-        return cls
-
-    return deco
+    return ADAPTERS.register(name, on_register=lambda cls, n: setattr(cls, "adapter_type", n))
 
 
 def get_adapter_class(name: str) -> type["AdapterLayer"]:
-    if name not in ADAPTERS:
-        raise choice_error("adapter.name", name, ADAPTERS)
-    return ADAPTERS[name]
+    """The adapter class registered as ``name`` (a one-line error listing the valid names)."""
+    return ADAPTERS.lookup(name)
 
 
 @dataclasses.dataclass
@@ -55,6 +47,7 @@ class AdapterOptions:
 
     @property
     def scale(self) -> float:
+        """``alpha / rank`` (1 when alpha is unset)."""
         return (self.rank if self.alpha is None else float(self.alpha)) / self.rank
 
     def validate(self) -> None:
@@ -69,7 +62,8 @@ def layer_shape(base: nn.Module, name: str) -> tuple[int, int]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if isinstance(base, nn.Conv2d):
-        if base.kernel_size != (1, 1) or base.stride != (1, 1) or base.groups != 1 or base.padding not in ((0, 0), "valid"):
+        pointwise = base.kernel_size == (1, 1) and base.stride == (1, 1) and base.groups == 1
+        if not pointwise or base.padding not in ((0, 0), "valid"):
             raise ConfigError("adapter.target_modules",
                               f"layer {name!r} is a Conv2d with kernel {base.kernel_size}; adapters support "
                               "Linear layers and 1x1 Conv2d projections only")
@@ -123,6 +117,7 @@ class AdapterLayer(nn.Module):
         return F.linear(x, weight)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's own output ``scale * multiplier * up(down(dropout(x)))``, without the base layer's."""
         up, down = self.factors()
         h = self._project(self.dropout(x.to(down.dtype)), down)
         return self._project(h, up) * (self.scale * self.multiplier)
@@ -135,6 +130,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the update into the base weight (``W0 += dW``); the forward pass then skips the adapter."""
         if self.merged:
             return
         w = self.base.weight
@@ -143,6 +139,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the folded update back out of the base weight."""
         if not self.merged:
             return
         w = self.base.weight

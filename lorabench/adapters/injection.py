@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -26,6 +27,20 @@ def matches(name: str, targets: Sequence[str]) -> bool:
         elif name == t or name.endswith("." + t):
             return True
     return False
+
+
+def base_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of base weights: names, shapes and a strided sample of their float32 values.
+
+    Two adapters (or a statistics file and a model) with different fingerprints were made on
+    different base models. The sample (up to 4096 values a layer) keeps it fast on SD-sized UNets."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name].detach().float().reshape(-1)
+        step = max(1, w.numel() // 4096)
+        h.update(f"{name}:{tuple(weights[name].shape)}".encode())
+        h.update(w[::step].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -101,15 +116,18 @@ class Adapters:
 
     # -- parameters -----------------------------------------------------------------------------
     def parameters(self, prefix: Optional[str] = None) -> Iterator[nn.Parameter]:
+        """The adapter layers' own parameters (optionally only those under ``prefix``: unet, text_encoder)."""
         for full, layer in self.layers.items():
             if prefix is None or full.startswith(prefix + "."):
                 for p in layer.parameters(recurse=False):
                     yield p
 
     def trainable_parameters(self, prefix: Optional[str] = None) -> list[nn.Parameter]:
+        """What the optimiser sees: the parameters that require grad (OrthA: ``up`` only)."""
         return [p for p in self.parameters(prefix) if p.requires_grad]
 
     def num_trainable(self) -> int:
+        """The number of trainable values."""
         return sum(p.numel() for p in self.trainable_parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -144,29 +162,44 @@ class Adapters:
         if was_merged:
             self.merge()
 
+    # -- the base weights under the adapters ---------------------------------------------------------
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The base weight under every adapter layer, by layer name (2-D views, shared with the model)."""
+        return {name: layer.base.weight.view(layer.base.weight.shape[0], -1) for name, layer in self.layers.items()}
+
+    def base_fingerprint(self) -> str:
+        """:func:`base_fingerprint` of :meth:`base_weights`: which base model these adapters sit on."""
+        return base_fingerprint(self.base_weights())
+
     # -- deltas and merging ---------------------------------------------------------------------
     def delta_weights(self) -> dict[str, torch.Tensor]:
+        """``{layer: dW}`` of every adapted layer (float32, shaped like a Linear weight)."""
         return {name: layer.delta_weight() for name, layer in self.layers.items()}
 
     @property
     def merged(self) -> bool:
+        """Whether any layer has its update folded into the base weight."""
         return any(layer.merged for layer in self.layers.values())
 
     def merge(self) -> None:
+        """Fold every layer's update into its base weight."""
         for layer in self.layers.values():
             layer.merge()
 
     def unmerge(self) -> None:
+        """Take every folded update back out."""
         for layer in self.layers.values():
             layer.unmerge()
 
     def set_multiplier(self, value: float) -> None:
+        """Scale every layer's update by ``value`` (a merge coefficient, an inference LoRA scale)."""
         if self.merged:
             raise RuntimeError("unmerge before changing the multiplier")
         for layer in self.layers.values():
             layer.multiplier = float(value)
 
     def layer_metadata(self) -> dict[str, dict]:
+        """``{layer: facts}`` worth saving beside the weights (e.g. OrthA's basis rows)."""
         return {name: meta for name, layer in self.layers.items() if (meta := layer.adapter_metadata())}
 
     def __len__(self) -> int:

@@ -88,6 +88,8 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 # -- native ------------------------------------------------------------------------------------------
 def save_adapter(adapters: Adapters, path, *, base_model: str = "", extra: Mapping | None = None) -> Path:
+    """Write the adapters in lorabench's format: every tensor under its canonical layer name, and the
+    metadata that rebuilds them."""
     cfg = adapters.config
     metadata = {
         "lorabench_format": FORMAT_VERSION,
@@ -101,9 +103,7 @@ def save_adapter(adapters: Adapters, path, *, base_model: str = "", extra: Mappi
         "layers": json.dumps(adapters.layer_metadata()),
     }
     if not adapters.merged:  # the base weights it was trained on, so merges can refuse other models
-        from lorabench.merging.updates import adapted_weights, base_fingerprint
-
-        metadata["base_fingerprint"] = base_fingerprint(adapted_weights(adapters))
+        metadata["base_fingerprint"] = adapters.base_fingerprint()
     if extra:
         metadata["extra"] = json.dumps(dict(extra), default=str)
     roots = adapters._roots
@@ -159,6 +159,7 @@ def lora_pairs(adapters: Adapters, file_names: bool = False) -> dict[str, tuple[
 
 
 def export_diffusers(adapters: Adapters, path) -> Path:
+    """Write ``lora_A`` / ``lora_B`` pairs at scale 1, the file ``pipe.load_lora_weights`` reads."""
     tensors = {}
     for name, (up, down) in lora_pairs(adapters, file_names=True).items():
         tensors[f"{name}.lora_A.weight"] = down
@@ -174,11 +175,13 @@ def _kohya_prefixes(adapters_or_components) -> dict[str, str]:
 
 
 def kohya_name(layer: str, prefixes: Mapping[str, str]) -> str:
+    """A canonical layer name as kohya writes it (``lora_unet_<path with _>``)."""
     prefix, _, path = layer.partition(".")
     return f"{prefixes[prefix]}_{path.replace('.', '_')}"
 
 
 def export_kohya(adapters: Adapters, path) -> Path:
+    """Write ``lora_down`` / ``lora_up`` / ``alpha`` (alpha = rank, scale 1), the file A1111 and ComfyUI read."""
     prefixes = _kohya_prefixes(adapters)
     tensors = {}
     rank = None
@@ -229,6 +232,7 @@ def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str)
 
 def import_lora(components, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                 source: str = "adapter file") -> Adapters:
+    """Inject a diffusers or kohya LoRA file's pairs as a lorabench LoRA (scale from its alphas folded in)."""
     parts = _parse_foreign(components, tensors, source)
     if not parts:
         raise ConfigError(source, "holds no LoRA tensors")

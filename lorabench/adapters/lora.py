@@ -16,6 +16,7 @@ LORA_INITS = ("gaussian", "kaiming")
 
 @dataclasses.dataclass
 class LoRAOptions(AdapterOptions):
+    """LoRA's options: the common ones and the initialisation of ``down``."""
     # gaussian: down ~ N(0, std=1/r), up = 0 -- diffusers' training scripts and PEFT's "gaussian".
     # kaiming: down ~ kaiming_uniform(a=sqrt(5)), up = 0 -- PEFT's default.
     init: str = "gaussian"
@@ -28,6 +29,7 @@ class LoRAOptions(AdapterOptions):
 
 @register_adapter("lora")
 class LoRALayer(AdapterLayer):
+    """``dW = up @ down * alpha / r``; both factors train, ``up`` starts at zero."""
     Options = LoRAOptions
 
     def __init__(self, base, name, opts: LoRAOptions, context=None):

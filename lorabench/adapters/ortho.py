@@ -75,6 +75,7 @@ def select_rows(seed: int, width: int, rank: int, concept_key: str, row_mode: st
 
 @dataclasses.dataclass
 class OrthoOptions(AdapterOptions):
+    """OrthA's options: the shared basis, and how a concept's rows are picked from it."""
     basis_seed: int = 0
     concept_key: str = "concept"
     row_mode: str = "random"
@@ -88,7 +89,8 @@ class OrthoOptions(AdapterOptions):
         if self.row_mode == "disjoint":
             if not isinstance(self.num_slots, int) or self.num_slots < 1:
                 raise ConfigError("adapter.num_slots",
-                                  f"disjoint mode needs a positive integer (the number of concepts), got {self.num_slots!r}")
+                                  "disjoint mode needs a positive integer (the number of concepts), "
+                                  f"got {self.num_slots!r}")
             if not isinstance(self.slot, int) or not 0 <= self.slot < self.num_slots:
                 raise ConfigError("adapter.slot",
                                   f"disjoint mode needs an integer in [0, {self.num_slots}), got {self.slot!r}")
@@ -96,6 +98,7 @@ class OrthoOptions(AdapterOptions):
 
 @register_adapter("ortho")
 class OrthoLayer(AdapterLayer):
+    """``dW = up @ down * scale`` with ``down`` frozen rows of a shared orthogonal basis; only ``up`` trains."""
     Options = OrthoOptions
 
     def __init__(self, base, name, opts: OrthoOptions, context=None):

@@ -29,6 +29,7 @@ SIGMA_INITS = ("svd_w0", "identity", "svd_u")
 
 @dataclasses.dataclass
 class TriLoRAOptions(AdapterOptions):
+    """TriLoRA's options: the common ones and how Sigma starts."""
     sigma_init: str = "svd_w0"
     sigma_normalize: bool = False
     u_std: float | None = None  # None: 1/r, as LoRA's gaussian down
@@ -43,6 +44,7 @@ class TriLoRAOptions(AdapterOptions):
 
 @register_adapter("trilora")
 class TriLoRALayer(AdapterLayer):
+    """``dW = U diag(Sigma) V^T * scale``; U Gaussian, V zero, Sigma non-zero; all three train."""
     Options = TriLoRAOptions
 
     def __init__(self, base, name, opts: TriLoRAOptions, context=None):
@@ -69,6 +71,7 @@ class TriLoRALayer(AdapterLayer):
         return self.tri_u, self.tri_sigma[:, None] * self.tri_vt
 
     def adapter_forward(self, x):
+        """``scale * multiplier * U (Sigma * (V^T dropout(x)))``, three thin products."""
         # x V, then * Sigma, then U^T: never builds the (r, in) product.
         h = self._project(self.dropout(x.to(self.tri_vt.dtype)), self.tri_vt)
         sig = self.tri_sigma[:, None, None] if self.is_conv else self.tri_sigma

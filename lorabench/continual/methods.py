@@ -39,44 +39,36 @@ TriLoRA as the per-task adapter is ``merge_init`` (or ``magmax``) with ``adapter
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 
+from lorabench.adapters import lora_pairs
 from lorabench.errors import ConfigError, choice_error
-from lorabench.merging.updates import LayerDelta
+from lorabench.merging.methods import MERGES, merge
+from lorabench.merging.updates import AdapterUpdate, LayerDelta
+from lorabench.utils.registry import Registry
 
-CONTINUAL: dict[str, type["ContinualMethod"]] = {}
+CONTINUAL: Registry[type["ContinualMethod"]] = Registry("continual method", "protocol.method.name")
 
 
 def register_continual(name: str):
     """Class decorator: make a method available as ``protocol.method.name=<name>``."""
-
-    def deco(cls):
-        if name in CONTINUAL:
-            raise ValueError(f"continual method {name!r} registered twice")
-        cls.name = name
-        CONTINUAL[name] = cls
-        return cls
-
-    return deco
+    return CONTINUAL.register(name, on_register=lambda cls, n: setattr(cls, "name", n))
 
 
 def method_names() -> list[str]:
-    from lorabench.merging.methods import MERGES
-
+    """Every valid ``protocol.method.name``: the registered methods and ``merge:<name>`` for every merge
+    that needs no input statistics."""
     return [*CONTINUAL, *(f"merge:{m}" for m, spec in MERGES.items() if not spec.needs_stats)]
 
 
 def build_method(cfg: Mapping[str, Any]) -> "ContinualMethod":
     """A method from its config (``{name, **options}``); unknown names and options are one-line errors."""
-    import inspect
-
     cfg = dict(cfg or {})
     name = str(cfg.pop("name", None))
     if name.startswith("merge:"):
-        from lorabench.merging.methods import MERGES
-
         merge_name = name.split(":", 1)[1]
         if merge_name not in MERGES or MERGES[merge_name].needs_stats:
             raise choice_error("protocol.method.name", name, method_names())
@@ -95,8 +87,6 @@ def build_method(cfg: Mapping[str, Any]) -> "ContinualMethod":
 
 def dense_deltas(adapters) -> dict[str, torch.Tensor]:
     """``{layer: dW}`` (float32, (out, in)) of the injected adapters, scale and multiplier included."""
-    from lorabench.adapters import lora_pairs
-
     return {k: (u.reshape(u.shape[0], -1) @ d.reshape(d.shape[0], -1)) for k, (u, d) in lora_pairs(adapters).items()}
 
 
@@ -182,12 +172,14 @@ class MergedDelta(ContinualMethod):
 
 @register_continual("merge_init")
 class MergeInit(MergedDelta):
+    """Merge & Init: every task's adapter is added to the running model at ``lam``; the next starts fresh."""
     def combine(self, previous, new):
         return new.clone() if previous is None else previous + new
 
 
 @register_continual("magmax")
 class MagMax(MergedDelta):
+    """MagMax-light: per element, the task delta of largest magnitude (ties to the newer task)."""
     def combine(self, previous, new):
         return new.clone() if previous is None else magmax_select(previous, new)
 
@@ -212,9 +204,6 @@ class RegistryMerge(MergedDelta):
         self.name = f"merge:{merge}"
 
     def finish(self, adapters, t):
-        from lorabench.merging.methods import merge
-        from lorabench.merging.updates import AdapterUpdate
-
         task = {k: v.detach().cpu().float() for k, v in dense_deltas(adapters).items()}
 
         def update(name, deltas):  # dense deltas as exact low-rank pairs, what merges read

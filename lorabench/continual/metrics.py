@@ -26,9 +26,11 @@ from typing import Callable, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lorabench.utils.plots import figure
 
 STATES = ("rows_metric", "rows_task", "rows_after", "rows_index", "rows_value")
 
@@ -41,6 +43,7 @@ def _seen(m: torch.Tensor) -> int:
 
 
 def average_score(m: torch.Tensor) -> float:
+    """Average Score ``S_T``: the mean of the last column (every seen task after the last one)."""
     return float(m[:, -1].double().mean()) if _seen(m) else math.nan
 
 
@@ -60,6 +63,7 @@ def forgetting(m: torch.Tensor, definition: str = "textbook") -> float:
 
 
 def backward_transfer(m: torch.Tensor) -> float:
+    """Backward transfer ``(1/(T-1)) sum_{j < T-1} (M[j, T-1] - M[j, j])``."""
     t = _seen(m)
     if t < 2:
         return math.nan
@@ -120,8 +124,6 @@ class ContinualScores(Metric):
     def matrices(self) -> dict[str, torch.Tensor]:
         """``{name: (T_seen, T_seen)}``, NaN where nothing was scored (above the diagonal); gathered
         from every rank when torch.distributed runs."""
-        import torch.distributed as dist
-
         if not self._is_synced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             with self.sync_context():
                 return self._matrices()
@@ -147,12 +149,7 @@ class ContinualScores(Metric):
 
 def heatmap(matrices: dict[str, torch.Tensor], tasks: Sequence[str], title: str = ""):
     """A matplotlib figure: one heatmap of M[j, i] per metric (rows: evaluated task, columns: after task)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.8), squeeze=False)
+    fig, axes = figure(len(matrices), figsize=(4.2 * len(matrices), 3.8))
     for ax, (name, m) in zip(axes[0], matrices.items()):
         t = m.shape[0]
         im = ax.imshow(m.numpy(), cmap="viridis")
@@ -196,6 +193,7 @@ class ContinualEvaluation(L.Callback):
             self.log_task(t, values, matrices)
 
     def log_task(self, t: int, values: dict[str, float], matrices: dict[str, torch.Tensor]) -> None:
+        """Log task ``t``'s quantities as curves, the score matrix as a heatmap and as tables."""
         self.logged = {f"continual/{k}": v for k, v in values.items() if not math.isnan(v)}
         fig = heatmap(matrices, self.tasks, title=f"after task {t + 1}")
         for lg in self.loggers:
@@ -210,6 +208,3 @@ class ContinualEvaluation(L.Callback):
                     lg.log_table(f"continual/M_{name}", columns=columns, data=data, step=t)
             if hasattr(lg, "save"):
                 lg.save()
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)

@@ -43,8 +43,8 @@ def scan_parquet(path, *, instance_prompt: Optional[str], field: str, caption_co
                  image_column: str = "image") -> list[tuple[bytes, str]]:
     """``[(encoded image, prompt)]`` of a parquet file (HF datasets' layout: the image column holds
     ``{"bytes", "path"}`` structs or raw bytes), with every row's image checked to decode."""
-    try:
-        import pyarrow.parquet as pq
+    try:  # an optional dependency: pip install 'lorabench[parquet]'
+        import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError as exc:
         raise ConfigError(field, "reading a parquet file needs pyarrow (pip install 'lorabench[parquet]')") from exc
     try:
@@ -57,8 +57,8 @@ def scan_parquet(path, *, instance_prompt: Optional[str], field: str, caption_co
         need.append((caption_column, f"{prefix}.caption_column"))
     for column, key in need:
         if column not in table.column_names:
-            raise ConfigError(field, f"{str(path)!r} has no column {column!r} (columns: {', '.join(table.column_names)}); "
-                              f"set {key} to the right one")
+            raise ConfigError(field, f"{str(path)!r} has no column {column!r} (columns: "
+                              f"{', '.join(table.column_names)}); set {key} to the right one")
     images = table.column(image_column).to_pylist()
     texts = table.column(caption_column).to_pylist() if instance_prompt is None else [instance_prompt] * len(images)
     items = []
@@ -205,7 +205,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.center_crop, self.random_flip, self.instance_prompt = center_crop, random_flip, instance_prompt
         self.caption_column, self.image_column = caption_column, image_column
         if max_train_samples is not None and max_train_samples < 1:
-            raise ConfigError("data.max_train_samples", f"must be >= 1 or null (the whole set), got {max_train_samples}")
+            raise ConfigError("data.max_train_samples",
+                              f"must be >= 1 or null (the whole set), got {max_train_samples}")
         self.max_train_samples, self.sample_seed, self.repeats = max_train_samples, sample_seed, repeats
         self.class_data_dir, self.class_prompt = class_data_dir, class_prompt
         self.val_samples, self.seed, self.name = val_samples, seed, name

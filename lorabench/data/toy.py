@@ -1,8 +1,8 @@
 """A few procedurally drawn images with captions, in imagefolder format.
 
-Enough for the day-one main job and the tests to fine-tune a model end to end
-through the real loader; the synthetic mini world (a later issue) replaces it
-for experiments.
+Enough for the smoke run (experiment=quickstart) and the tests to fine-tune a
+tiny model end to end through the real loader; experiments use the mini world
+(lorabench/world/).
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ def _draw(shape: str, colour, size: int, rng: np.random.Generator) -> np.ndarray
     yy, xx = np.mgrid[:size, :size]
     r = size * rng.uniform(0.25, 0.35)
     cy, cx = size / 2 + rng.uniform(-1, 1) * size * 0.1, size / 2 + rng.uniform(-1, 1) * size * 0.1
-    mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r) if shape == "square" else (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    if shape == "square":
+        mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+    else:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
     img[mask] = colour
     return img
 
 
-def write_toy_dataset(folder, n: int = 8, resolution: int = 16, seed: int = 0, prompt_template: str = "a {colour} {shape}") -> Path:
+def write_toy_dataset(folder, n: int = 8, resolution: int = 16, seed: int = 0,
+                      prompt_template: str = "a {colour} {shape}") -> Path:
     """Write ``n`` images and metadata.jsonl into ``folder`` (deterministic in ``seed``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,11 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.multimodal.clip_score import CLIPScore
+from transformers import CLIPModel, CLIPProcessor
 
 from lorabench.errors import ConfigError
+from lorabench.evaluation.hf import CLIPEmbedder, load_pretrained, tensor_features
 from lorabench.evaluation.scores import TextImageEmbedder, embed_batched
 
 
@@ -177,10 +180,12 @@ def inception_scorer(feature_extractor_weights_path: Optional[str], clip: str, k
     torchmetrics' CLIPScore on a local CLIP folder (or a hub id where the hub is reachable)."""
     if not feature_extractor_weights_path:
         raise ConfigError("eval.fidelity.feature_extractor_weights_path",
-                          "not set; download torch-fidelity's weights-inception-2015-12-05-6726825d.pth and give its path")
+                          "not set; download torch-fidelity's weights-inception-2015-12-05-6726825d.pth and give "
+                          "its path")
     if not Path(feature_extractor_weights_path).is_file():
         raise ConfigError("eval.fidelity.feature_extractor_weights_path",
-                          f"{str(feature_extractor_weights_path)!r} does not exist (torch-fidelity's Inception weights file)")
+                          f"{str(feature_extractor_weights_path)!r} does not exist (torch-fidelity's Inception "
+                          "weights file)")
     try:
         importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
     except (ImportError, RuntimeError) as exc:  # torchvision built for another torch raises RuntimeError
@@ -198,25 +203,17 @@ class _TensorFeatures(nn.Module):
         self.model, self.config = model, model.config
 
     def get_image_features(self, *args, **kwargs) -> torch.Tensor:
-        from lorabench.evaluation.hf import _features
-
-        return _features(self.model.get_image_features(*args, **kwargs))
+        return tensor_features(self.model.get_image_features(*args, **kwargs))
 
     def get_text_features(self, *args, **kwargs) -> torch.Tensor:
-        from lorabench.evaluation.hf import _features
-
-        return _features(self.model.get_text_features(*args, **kwargs))
+        return tensor_features(self.model.get_text_features(*args, **kwargs))
 
 
 def hf_clip_score(clip: str, field: str = "eval.fidelity.clip") -> UInt8CLIPScore:
     """torchmetrics' CLIPScore on a transformers CLIP model (hub id or local folder), loaded here so a
     missing model fails as one line naming ``field``."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    from lorabench.evaluation.hf import _load
-
-    model, processor = _TensorFeatures(_load(CLIPModel, clip, field).eval()), _load(CLIPProcessor, clip, field)
+    model = _TensorFeatures(load_pretrained(CLIPModel, clip, field).eval())
+    processor = load_pretrained(CLIPProcessor, clip, field)
     return UInt8CLIPScore(CLIPScore(model_name_or_path=lambda: (model, processor)))
 
 
@@ -225,8 +222,6 @@ def clip_feature_scorer(clip: str, kid_subset_size: int = 100, kid_subsets: int 
     """FID / KID on CLIP image embeddings (FD_CLIP, Kynkaanniemi et al. 2023) and torchmetrics' CLIPScore,
     both from one local CLIP folder: for machines without torch-fidelity or Inception weights. Its FIDs
     are not comparable with Inception FIDs (NFID, a ratio within one tool, is the comparable number)."""
-    from lorabench.evaluation.hf import CLIPEmbedder
-
     embedder = CLIPEmbedder(clip, device=device, field="eval.fidelity.clip")
     features = FeatureExtractor(embedder.embed_images, embedder.model.config.projection_dim)
     return FidelityScorer(features, hf_clip_score(clip), kid_subset_size, kid_subsets)

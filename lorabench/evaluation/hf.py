@@ -17,20 +17,25 @@ Hub ids or local folders.
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel, ViTModel
 
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, choice_error
+from lorabench.evaluation.scores import ConceptScorer
+from lorabench.models.components import explain_load_error
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _load(cls, model_id: str, field: str):
-    from lorabench.models.components import explain_load_error
-
+def load_pretrained(cls, model_id: str, field: str):
+    """``cls.from_pretrained(model_id)``, or a one-line error naming ``field`` and why it failed."""
     try:
         return cls.from_pretrained(model_id)
     except Exception as exc:  # noqa: BLE001 - one line naming the field
@@ -39,15 +44,14 @@ def _load(cls, model_id: str, field: str):
 
 def weights_file(path, field: str, what: str):
     """``path`` as a Path if it is a file, else a one-line error naming ``field`` and what to download."""
-    from pathlib import Path
-
     if not Path(str(path)).is_file():
         raise ConfigError(field, f"{path} is not a file; give {what}")
     return Path(str(path))
 
 
-def _features(out) -> torch.Tensor:
-    # transformers >= 5 returns a model output whose pooler_output is the projected feature; 4.x a tensor.
+def tensor_features(out) -> torch.Tensor:
+    """The feature tensor of a ``get_*_features`` call: transformers >= 5 returns a model output whose
+    pooler_output is the projected feature; 4.x a tensor."""
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
@@ -73,37 +77,34 @@ def unit_range(images: torch.Tensor) -> torch.Tensor:
         return images.float() / 255.0
     x = images.float()
     if x.numel() and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
-        raise ValueError(f"float images must be in [0, 1] (got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
-                         "pass uint8 for 0-255 images")
+        raise ValueError(f"float images must be in [0, 1] (got values in [{float(x.min()):.3g}, "
+                         f"{float(x.max()):.3g}]); pass uint8 for 0-255 images")
     return x
 
 
 class CLIPEmbedder:
     def __init__(self, model_id: str = "openai/clip-vit-base-patch32", device: str = "cpu",
                  field: str = "eval.clip"):
-        from transformers import CLIPModel, CLIPTokenizer
-
-        self.model = _load(CLIPModel, model_id, field).eval().to(device)
-        self.tokenizer = _load(CLIPTokenizer, model_id, field)
+        self.model = load_pretrained(CLIPModel, model_id, field).eval().to(device)
+        self.tokenizer = load_pretrained(CLIPTokenizer, model_id, field)
         self.pre = _Preprocess(self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD, device)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(_features(self.model.get_image_features(pixel_values=self.pre(images))).float(), dim=-1)
+        out = self.model.get_image_features(pixel_values=self.pre(images))
+        return F.normalize(tensor_features(out).float(), dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.pre.device)
         out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
-        return F.normalize(_features(out).float(), dim=-1)
+        return F.normalize(tensor_features(out).float(), dim=-1)
 
 
 class DINOEmbedder:
     def __init__(self, model_id: str = "facebook/dino-vits16", device: str = "cpu", image_size: Optional[int] = None,
                  field: str = "eval.dino"):
-        from transformers import ViTModel
-
-        self.model = _load(ViTModel, model_id, field).eval().to(device)
+        self.model = load_pretrained(ViTModel, model_id, field).eval().to(device)
         self.pre = _Preprocess(image_size or self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD, device)
 
     @torch.no_grad()
@@ -114,12 +115,11 @@ class DINOEmbedder:
 
 def _openai_visual_config(sd: dict, prefix: str):
     """A CLIPVisionConfig read off OpenAI-format visual weights (``conv1``, ``transformer.resblocks.*``)."""
-    from transformers import CLIPVisionConfig
-
     width, _, patch, _ = sd[f"{prefix}conv1.weight"].shape
     layers = len({k.split(".")[3] for k in sd if k.startswith(f"{prefix}transformer.resblocks.")})
     grid = int(round((sd[f"{prefix}positional_embedding"].shape[0] - 1) ** 0.5))
-    return CLIPVisionConfig(hidden_size=width, intermediate_size=sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    mlp = sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=mlp,
                             num_hidden_layers=layers, num_attention_heads=width // 64, image_size=grid * patch,
                             patch_size=patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
@@ -139,7 +139,8 @@ def openai_visual_to_transformers(sd: dict, prefix: str = "backbone.", to: str =
         src, dst = f"{prefix}transformer.resblocks.{i}.", f"{to}encoder.layers.{i}."
         for p in ("weight", "bias"):
             q, k, v = sd[f"{src}attn.in_proj_{p}"].chunk(3)
-            out.update({f"{dst}self_attn.q_proj.{p}": q, f"{dst}self_attn.k_proj.{p}": k, f"{dst}self_attn.v_proj.{p}": v,
+            out.update({f"{dst}self_attn.q_proj.{p}": q, f"{dst}self_attn.k_proj.{p}": k,
+                        f"{dst}self_attn.v_proj.{p}": v,
                         f"{dst}self_attn.out_proj.{p}": sd[f"{src}attn.out_proj.{p}"],
                         f"{dst}layer_norm1.{p}": sd[f"{src}ln_1.{p}"], f"{dst}layer_norm2.{p}": sd[f"{src}ln_2.{p}"],
                         f"{dst}mlp.fc1.{p}": sd[f"{src}mlp.c_fc.{p}"], f"{dst}mlp.fc2.{p}": sd[f"{src}mlp.c_proj.{p}"]})
@@ -156,14 +157,10 @@ class CSDEmbedder:
     (224 for ViT-L/14) and normalised with CLIP's mean and std."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", field: str = "eval.style_scorer.checkpoint"):
-        from transformers import CLIPVisionModel
-
         path = weights_file(checkpoint, field, "the CSD checkpoint (checkpoint.pth from the CSD authors' release, "
                             "or its tensors as .safetensors)")
         try:
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 sd = load_file(str(path))
             else:
                 raw = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -172,7 +169,8 @@ class CSDEmbedder:
             config = _openai_visual_config(sd, "backbone.")
             style = sd["last_layer_style"].float()
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise ConfigError(field, f"{checkpoint} is not a CSD checkpoint ({type(exc).__name__}: {exc})"[:300]) from exc
+            what = f"{checkpoint} is not a CSD checkpoint ({type(exc).__name__}: {exc})"
+            raise ConfigError(field, what[:300]) from exc
         self.model = CLIPVisionModel(config).eval()
         to = "vision_model." if any(k.startswith("vision_model.") for k in self.model.state_dict()) else ""
         missing, _ = self.model.load_state_dict(openai_visual_to_transformers(sd, to=to), strict=False)
@@ -199,9 +197,9 @@ class ArcFaceEmbedder:
 
     def __init__(self, onnx_file: str, device: str = "cpu", field: str = "eval.scorer.identity"):
         path = weights_file(onnx_file, field, "the ArcFace ONNX file (e.g. insightface's buffalo_l/w600k_r50.onnx)")
-        try:
-            import onnx
-            import onnxruntime as ort
+        try:  # optional dependencies: pip install 'lorabench[arcface]'
+            import onnx  # noqa: PLC0415
+            import onnxruntime as ort  # noqa: PLC0415
         except ImportError as exc:
             raise ConfigError(field, "ArcFace needs onnxruntime and onnx (pip install 'lorabench[arcface]')") from exc
         try:
@@ -243,8 +241,6 @@ IDENTITY_MODELS = ("dino", "arcface")
 
 def style_models(csd: str, device: str = "cpu"):
     """The models the continual protocol's style metrics read: ``.style`` (CSD)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(style=CSDEmbedder(csd, device, field="eval.style_scorer.csd"))
 
 
@@ -252,9 +248,6 @@ def concept_scorer(clip: str = "openai/clip-vit-base-patch32", identity: str = "
                    identity_threshold: float = 0.5, device: str = "cpu", identity_model: str = "dino"):
     """A ConceptScorer on real models: CLIP for text/image alignment; for identity, DINO (``identity``: a
     hub id or folder) or ArcFace (``identity``: an ONNX file), per ``identity_model``."""
-    from lorabench.errors import choice_error
-    from lorabench.evaluation.scores import ConceptScorer
-
     if identity_model not in IDENTITY_MODELS:
         raise choice_error("eval.scorer.identity_model", identity_model, IDENTITY_MODELS)
     embedder = ArcFaceEmbedder if identity_model == "arcface" else DINOEmbedder

@@ -56,7 +56,8 @@ class ConceptScorer:
     def __init__(self, text_image: TextImageEmbedder, identity: ImageEmbedder, identity_threshold: float,
                  batch_size: int = 256):
         if not 0.0 < identity_threshold < 2.0:
-            raise ConfigError("eval.identity_threshold", f"must be a cosine distance in (0, 2), got {identity_threshold}")
+            raise ConfigError("eval.identity_threshold",
+                              f"must be a cosine distance in (0, 2), got {identity_threshold}")
         self.text_image, self.identity = text_image, identity
         self.identity_threshold, self.batch_size = float(identity_threshold), batch_size
 
@@ -90,6 +91,21 @@ class ConceptScorer:
         out["identity_similarity"] = float(sim.mean())
         out["identity_alignment"] = float(((1 - sim.mean(1)) < self.identity_threshold).float().mean())
         return out
+
+
+def score_samples(scorer: ConceptScorer, images: torch.Tensor, eval_set, n_img: int,
+                  references: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Scores of one replicate of a :class:`~lorabench.evaluation.eval_sets.ConceptEvalSet`: the first
+    prompt's ``n_img`` images (the concept prompt) and the context prompts' images (keys prefixed
+    ``context_``). ``images`` is prompt-major, as ``sampling.sample_prompts`` draws them.
+    ``references``: the set's reference embeddings (``scorer.embed_references``), if already made."""
+    texts = [t for t in eval_set.texts for _ in range(n_img)]
+    refs = references if references is not None else scorer.embed_references(eval_set.references)
+    out = scorer(images[:n_img], refs, texts[:n_img])
+    if len(eval_set.prompts) > 1:
+        ctx = scorer(images[n_img:], refs, texts[n_img:])
+        out.update({f"context_{k}": v for k, v in ctx.items()})
+    return out
 
 
 class StyleScorer:

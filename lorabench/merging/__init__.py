@@ -6,19 +6,35 @@
     with merged_into(model_weights(model, result.deltas), result.deltas): ...   # sample the merged model
 
 Methods: :mod:`lorabench.merging.methods`; input statistics for gradient fusion:
-:mod:`lorabench.merging.capture`; crosstalk diagnostics: :mod:`lorabench.merging.crosstalk`.
+:mod:`lorabench.merging.capture`; crosstalk diagnostics: :mod:`lorabench.merging.crosstalk`. The merge
+job (adapter files in, a merged file or UNet out) is :mod:`lorabench.protocols.merge_adapters`.
 """
 
 from lorabench.merging.capture import InputStats, capture_stats, load_stats, save_stats
 from lorabench.merging.crosstalk import group_crosstalk, layer_means, output_error, pair_crosstalk
-from lorabench.merging.methods import (MERGES, MergeResult, fuse_closed_form, fuse_lbfgs, fusion_objective, get_merge,
-                                       merge, register_merge)
-from lorabench.merging.updates import (AdapterUpdate, adapted_weights, LayerDelta, base_fingerprint, check_compatible, merged_into,
-                                       model_weights, read_update, save_merged_adapter, save_merged_unet,
-                                       updates_from_adapters)
+from lorabench.merging.methods import (
+                                       MERGES,
+                                       MergeResult,
+                                       fuse_closed_form,
+                                       fuse_lbfgs,
+                                       fusion_objective,
+                                       get_merge,
+                                       merge,
+                                       register_merge,
+)
+from lorabench.merging.updates import (
+                                       AdapterUpdate,
+                                       LayerDelta,
+                                       check_compatible,
+                                       merged_into,
+                                       model_weights,
+                                       read_update,
+                                       save_merged_adapter,
+                                       save_merged_unet,
+                                       updates_from_adapters,
+)
 
-__all__ = ["AdapterUpdate", "adapted_weights", "InputStats", "LayerDelta", "MERGES", "MergeResult", "base_fingerprint", "capture_stats",
-           "check_compatible", "fuse_closed_form", "fuse_lbfgs", "fusion_objective", "get_merge", "group_crosstalk",
-           "layer_means", "load_stats", "merge", "merged_into", "model_weights", "output_error", "pair_crosstalk",
-           "read_update", "register_merge", "save_merged_adapter", "save_merged_unet", "save_stats",
-           "updates_from_adapters"]
+__all__ = ["AdapterUpdate", "InputStats", "LayerDelta", "MERGES", "MergeResult", "capture_stats", "check_compatible",
+           "fuse_closed_form", "fuse_lbfgs", "fusion_objective", "get_merge", "group_crosstalk", "layer_means",
+           "load_stats", "merge", "merged_into", "model_weights", "output_error", "pair_crosstalk", "read_update",
+           "register_merge", "save_merged_adapter", "save_merged_unet", "save_stats", "updates_from_adapters"]

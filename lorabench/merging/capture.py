@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
+from safetensors.torch import save_file
 
+from lorabench.adapters import read_safetensors
 from lorabench.errors import ConfigError
-from lorabench.merging.updates import adapted_weights, base_fingerprint
+from lorabench.sampling import sample_prompts
+from lorabench.utils.io import atomic_path
 
 STATS_FORMAT = "lorabench-input-stats-1"
 
@@ -49,19 +52,19 @@ class InputStats:
         return hook
 
     def remove(self) -> None:
+        """Take the hooks off the layers."""
         for h in self._handles:
             h.remove()
         self._handles = []
 
     def grams(self) -> dict[str, torch.Tensor]:
+        """``{layer: G = X^T X / n}`` (float32, on the CPU)."""
         return {k: (v / self.rows[k]).float().cpu() for k, v in self.sums.items()}
 
 
 def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[int], sampler_cfg: Mapping,
                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Sample every prompt from every seed with the adapters active and return ``({layer: G}, {layer: rows})``."""
-    from lorabench.protocols.toolkit import sample_prompts
-
     if adapters.merged:
         raise RuntimeError("capture runs the adapter unmerged (its layers' inputs are what is recorded)")
     hooks = InputStats(adapters)
@@ -78,10 +81,7 @@ def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[
 
 def save_stats(path, grams: Mapping[str, torch.Tensor], rows: Mapping[str, int], fingerprint: str,
                prompts: Sequence[str] = (), extra: Optional[Mapping] = None) -> Path:
-    from safetensors.torch import save_file
-
-    from lorabench.utils.io import atomic_path
-
+    """Write captured statistics (:func:`capture_stats`) with the base model's fingerprint, atomically."""
     meta = {"format": STATS_FORMAT, "base_fingerprint": fingerprint, "rows": json.dumps(dict(rows)),
             "prompts": json.dumps(list(prompts)), "extra": json.dumps(dict(extra or {}), default=str)}
     with atomic_path(Path(path)) as tmp:
@@ -92,15 +92,13 @@ def save_stats(path, grams: Mapping[str, torch.Tensor], rows: Mapping[str, int],
 def load_stats(path, adapters=None, fingerprint: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Read a statistics file; with ``adapters`` (or a ``fingerprint``), refuse one made on another model
     or for other layers, in one line."""
-    from lorabench.adapters import read_safetensors
-
     grams, meta = read_safetensors(path)
     field = f"statistics file {str(path)!r}"
     if meta.get("format") != STATS_FORMAT:
         raise ConfigError(field, f"is not a lorabench input-statistics file (format {meta.get('format')!r})")
     expect = fingerprint
     if adapters is not None:
-        expect = base_fingerprint(adapted_weights(adapters))
+        expect = adapters.base_fingerprint()
         widths = {k: layer.in_features for k, layer in adapters.layers.items()}
         for k, w in widths.items():
             if k not in grams:

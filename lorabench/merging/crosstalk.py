@@ -74,7 +74,8 @@ def pair_crosstalk(a: AdapterUpdate, b: AdapterUpdate, grams_a: Mapping[str, tor
         qi, qj = _orthonormal_rows(di), _orthonormal_rows(dj)
         row = {"weight_crosstalk": _fro_product(ui, di, uj, dj) / norm if norm > 0 else 0.0,
                "basis_overlap": float(torch.linalg.matrix_norm(di @ dj.T)),
-               "subspace_overlap": float(torch.linalg.matrix_norm(qi.T @ qj)) / math.sqrt(min(qi.shape[1], qj.shape[1]))}
+               "subspace_overlap": (float(torch.linalg.matrix_norm(qi.T @ qj))
+                                    / math.sqrt(min(qi.shape[1], qj.shape[1])))}
         if grams_a is not None:
             g = grams_a[layer].double()
             own = _energy(ui, di, g)

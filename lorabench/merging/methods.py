@@ -42,6 +42,7 @@ import torch
 
 from lorabench.errors import ConfigError, choice_error
 from lorabench.merging.updates import AdapterUpdate, LayerDelta, check_compatible
+from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
 
 MergeFn = Callable[..., dict[str, LayerDelta]]
@@ -49,12 +50,13 @@ MergeFn = Callable[..., dict[str, LayerDelta]]
 
 @dataclasses.dataclass
 class MergeMethod:
+    """A registered merge: its name, its function, and whether it reads captured input statistics."""
     name: str
     fn: MergeFn
     needs_stats: bool = False
 
 
-MERGES: dict[str, MergeMethod] = {}
+MERGES: Registry[MergeMethod] = Registry("merge", "merge.name")
 SOLVERS = ("closed_form", "lbfgs")
 
 
@@ -62,22 +64,20 @@ def register_merge(name: str, needs_stats: bool = False):
     """Function decorator: make a merge available under ``merge.name=<name>``."""
 
     def deco(fn: MergeFn) -> MergeFn:
-        if name in MERGES:
-            raise ValueError(f"merge {name!r} registered twice")
-        MERGES[name] = MergeMethod(name, fn, needs_stats)
+        MERGES.add(name, MergeMethod(name, fn, needs_stats))
         return fn
 
     return deco
 
 
 def get_merge(name: str) -> MergeMethod:
-    if name not in MERGES:
-        raise choice_error("merge.name", name, MERGES)
-    return MERGES[name]
+    """The merge registered as ``name`` (a one-line error listing the valid names)."""
+    return MERGES.lookup(name)
 
 
 @dataclasses.dataclass
 class MergeResult:
+    """What :func:`merge` returns: the merged update per layer, the merge's own time, method details."""
     deltas: dict[str, LayerDelta]
     merge_s: float
     info: dict = dataclasses.field(default_factory=dict)
@@ -98,7 +98,8 @@ def merge(updates: Sequence[AdapterUpdate], config: Mapping, stats: Optional[Seq
     options = set(inspect.signature(method.fn).parameters) - {"updates", "stats", "info"}
     for key in config:
         if key not in options:
-            raise ConfigError(f"merge.{key}", f"not an option of merge {method.name!r}; valid: {', '.join(sorted(options))}")
+            raise ConfigError(f"merge.{key}",
+                              f"not an option of merge {method.name!r}; valid: {', '.join(sorted(options))}")
     info: dict = {}
     t0 = time.perf_counter()
     deltas = method.fn(updates, info=info, **config, **kwargs)
@@ -129,16 +130,19 @@ def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, Laye
 
 @register_merge("sum")
 def sum_merge(updates, lam: float = 0.6, info=None):
+    """FedAvg in Orthogonal Adaptation's table: ``lam * sum_i dW_i`` (lam 0.6), kept low rank."""
     return weighted_sum(updates, lam)
 
 
 @register_merge("task_arithmetic")
 def task_arithmetic(updates, lam: float = 1.0, info=None):
+    """Task arithmetic: ``lam * sum_i tau_i`` with ``tau_i = dW_i`` (lam 1.0), kept low rank."""
     return weighted_sum(updates, lam)
 
 
 @register_merge("svd")
 def svd_merge(updates, lam: float = 0.6, rank: Optional[int] = None, info=None):
+    """The exact ``lam * sum`` truncated to its best rank-``rank`` approximation; reports the energy dropped."""
     rank = int(rank) if rank is not None else max(u.layers[k][1].shape[0] for u in updates for k in u.layers)
     if rank < 1:
         raise ConfigError("merge.rank", f"must be a positive integer or null, got {rank}")
@@ -164,6 +168,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 @register_merge("ties")
 def ties_merge(updates, lam: float = 1.0, density: float = 0.2, info=None):
+    """TIES: trim each dW_i to its ``density`` largest entries, elect signs, average the agreeing entries."""
     density = _positive("density", density, 1.0)
     out = {}
     for layer in _layers(updates):
@@ -177,6 +182,7 @@ def ties_merge(updates, lam: float = 1.0, density: float = 0.2, info=None):
 
 @register_merge("dare")
 def dare_merge(updates, lam: float = 1.0, drop: float = 0.5, seed: int = 0, info=None):
+    """DARE: drop entries with probability ``drop`` (seeded), rescale the rest, then ``lam * sum``."""
     drop = float(drop)
     if not 0.0 <= drop < 1.0:
         raise ConfigError("merge.drop", f"must be in [0, 1), got {drop}")
@@ -195,6 +201,7 @@ def dare_merge(updates, lam: float = 1.0, drop: float = 0.5, seed: int = 0, info
 
 # -- gradient fusion ---------------------------------------------------------------------------------
 def ridge_value(grams: Sequence[torch.Tensor], ridge: float) -> float:
+    """``rho = ridge * mean_i tr(G_i) / in``: the ridge in the units of the statistics."""
     width = grams[0].shape[0]
     return float(ridge) * sum(float(torch.trace(g)) for g in grams) / (len(grams) * width)
 
@@ -245,6 +252,7 @@ def fuse_lbfgs(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rh
 @register_merge("gradient_fusion", needs_stats=True)
 def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 1e-4, max_iter: int = 500,
                     tolerance: float = 1e-10, dtype: str = "float64", info=None):
+    """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring)."""
     if solver not in SOLVERS:
         raise choice_error("merge.solver", solver, SOLVERS)
     if not float(ridge) > 0:

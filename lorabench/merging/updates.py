@@ -10,7 +10,6 @@ chosen rank, or saved as a merged diffusers UNet folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,8 +17,11 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
+from safetensors.torch import save_file
 
+from lorabench.adapters import load_adapter, lora_pairs, read_safetensors
 from lorabench.errors import ConfigError
+from lorabench.utils.io import atomic_dir, atomic_path
 
 
 @dataclass
@@ -32,9 +34,11 @@ class LayerDelta:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the merged update."""
         return tuple(self.dense.shape) if self.dense is not None else (self.up.shape[0], self.down.shape[1])
 
     def to_dense(self) -> torch.Tensor:
+        """The update as one (out, in) matrix."""
         return self.dense if self.dense is not None else self.up @ self.down
 
     @torch.no_grad()
@@ -79,41 +83,22 @@ class AdapterUpdate:
     layer_metadata: dict = field(default_factory=dict)  # e.g. OrthA's basis rows per layer
 
     def delta(self, layer: str) -> torch.Tensor:
+        """``up @ down`` of one layer."""
         up, down = self.layers[layer]
         return up @ down
 
     def shapes(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (out, in)}``."""
         return {k: (u.shape[0], d.shape[1]) for k, (u, d) in self.layers.items()}
-
-
-def adapted_weights(adapters) -> dict[str, torch.Tensor]:
-    """The base weights under every adapter layer, by layer name (2-D views)."""
-    return {name: layer.base.weight.view(layer.base.weight.shape[0], -1) for name, layer in adapters.layers.items()}
-
-
-def base_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
-    """A short hash of base weights: names, shapes and a strided sample of their float32 values.
-
-    Two adapters (or a statistics file and a model) with different fingerprints were made on
-    different base models. The sample (up to 4096 values a layer) keeps it fast on SD-sized UNets."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        w = weights[name].detach().float().reshape(-1)
-        step = max(1, w.numel() // 4096)
-        h.update(f"{name}:{tuple(weights[name].shape)}".encode())
-        h.update(w[::step].cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def updates_from_adapters(adapters, name: str, base_model: str = "") -> AdapterUpdate:
     """The updates of adapters injected in a model (unmerged)."""
-    from lorabench.adapters import lora_pairs
-
     if adapters.merged:
         raise RuntimeError("unmerge the adapters before reading their updates")
     pairs = {k: (u.reshape(u.shape[0], -1).clone(), d.reshape(d.shape[0], -1).clone())
              for k, (u, d) in lora_pairs(adapters).items()}
-    return AdapterUpdate(name, pairs, base_model, base_fingerprint(adapted_weights(adapters)),
+    return AdapterUpdate(name, pairs, base_model, adapters.base_fingerprint(),
                          adapters.adapter_type, dict(adapters.config), adapters.layer_metadata())
 
 
@@ -121,8 +106,6 @@ def read_update(components, path, name: Optional[str] = None) -> AdapterUpdate:
     """Read an adapter file (lorabench, diffusers or kohya format) as updates of ``components``'s layers.
 
     The adapter is injected to resolve layer names and fold its factors, then removed again."""
-    from lorabench.adapters import load_adapter, read_safetensors
-
     _, metadata = read_safetensors(path)
     adapters = load_adapter(components, path)
     try:
@@ -211,9 +194,6 @@ def save_merged_adapter(deltas: Mapping[str, LayerDelta], path, rank: Optional[i
                         metadata: Optional[Mapping[str, str]] = None) -> dict[str, float]:
     """Write the merge as a diffusers-format LoRA file (``lora_A`` = down, ``lora_B`` = up, scale 1),
     each layer at ``rank`` (``None``: exact). Returns ``{layer: share of energy dropped}``."""
-    from lorabench.utils.io import atomic_path
-    from safetensors.torch import save_file
-
     tensors, dropped = {}, {}
     ranks = set()
     for layer, d in deltas.items():
@@ -237,8 +217,6 @@ def save_merged_adapter(deltas: Mapping[str, LayerDelta], path, rank: Optional[i
 
 def save_merged_unet(components, deltas: Mapping[str, LayerDelta], folder) -> Path:
     """Write the UNet with the merge folded in as a diffusers folder (``UNet2DConditionModel.from_pretrained``)."""
-    from lorabench.utils.io import atomic_dir
-
     unet_layers = {k: v for k, v in deltas.items() if k.startswith("unet.")}
     if len(unet_layers) < len(deltas):
         raise ConfigError("merge.output", "the merge adapts text-encoder layers too; save it as an adapter file "

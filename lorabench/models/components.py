@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorabench.errors import ConfigError, choice_error
 from lorabench.utils.io import atomic_dir
@@ -77,6 +80,26 @@ class ModelComponents:
         return self
 
 
+def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
+    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids)."""
+
+    def ids(tok):
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(device)
+
+    if not components.is_sdxl:
+        return {"encoder_hidden_states": components.text_encoder(ids(components.tokenizer))[0]}
+    # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
+    out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
+    out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
+    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    res = components.resolution
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
+    return {"encoder_hidden_states": states,
+            "added_cond_kwargs": {"text_embeds": out2.text_embeds, "time_ids": time_ids}}
+
+
 def _check_source(pretrained: str) -> None:
     if not pretrained:
         raise ConfigError("model.pretrained", "empty; give a hub id (owner/name) or a local folder")
@@ -99,8 +122,6 @@ def _read_model_index(pretrained: str, revision: Optional[str]) -> dict:
     if os.path.isdir(pretrained):
         # A folder without model_index.json: infer from its subfolders.
         return {name: True for name in ("vae", "text_encoder_2") if (Path(pretrained) / name).is_dir()}
-    from diffusers import DiffusionPipeline
-
     return DiffusionPipeline.load_config(pretrained, revision=revision)
 
 
@@ -150,9 +171,6 @@ def load_components(
         resolution: training and sampling resolution in pixels.
         attention: the UNet's attention kernel, see :func:`set_attention`; ``None`` keeps diffusers' choice.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     _check_source(pretrained)
     torch_dtype = resolve_dtype(dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -198,8 +216,6 @@ def set_attention(unet: nn.Module, kind: str, field: str = "model.attention") ->
     flash / memory-efficient kernels where the GPU has them; diffusers' default on torch 2), ``classic``
     (explicit softmax(QK^T)V, the reference), ``xformers`` (needs the xformers package). Adapters sit on
     the projections, so every kernel trains the same adapter."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
     if kind not in ATTENTION:
         raise choice_error(field, kind, ATTENTION)
     if kind == "xformers":

@@ -1,6 +1,6 @@
 """Tiny, randomly initialised models of the real classes, built from config.
 
-The tests (and the day-one main job) use these: a diffusers
+The tests and the smoke run (experiment=quickstart) use these: a diffusers
 ``UNet2DConditionModel``, a transformers ``CLIPTextModel`` and a ``CLIPTokenizer``
 written to the standard ``vocab.json`` / ``merges.txt`` files, optionally a tiny
 ``AutoencoderKL``. Saved with :func:`save_components` they load back through the
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lorabench.models.components import ModelComponents
 
@@ -117,9 +119,6 @@ def build_tiny_components(
     ``sdxl=True`` builds SDXL's shape: two text encoders (the second with a projection) whose
     hidden states are concatenated, and a UNet with ``text_time`` added conditioning.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     torch.manual_seed(seed)
     down = ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1) + ["DownBlock2D"]
     up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1)
@@ -195,9 +194,6 @@ def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: 
     """A randomly initialised ``arch`` (``sd15`` | ``sdxl``) model with tiny widths, latent space (an
     ``AutoencoderKL`` with the real 4 blocks, so 8x down-sampling: ``resolution`` must be a multiple of
     8 x the UNet's down-sampling)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     if arch not in SCALED_DOWN:
         raise ValueError(f"arch must be one of {sorted(SCALED_DOWN)}, got {arch!r}")
     spec = SCALED_DOWN[arch]

@@ -26,9 +26,10 @@ The run folder is fixed by the config (``hydra.run.dir``), so "the same command"
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,25 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.continual.methods import build_method, sign_conflict_ratio
+from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
+from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
 from lorabench.errors import ConfigError, choice_error
-from lorabench.evaluation.scores import embed_batched
-from lorabench.protocols.toolkit import (cell_config, config_hash, derive_seed_list, eval_device, eval_mode, mean_std,
-                                         write_protocol_outputs)
-from lorabench.utils.io import atomic_dir, atomic_path, write_json
-from lorabench.utils.seeding import derive_seed
+from lorabench.loggers import build_loggers
+from lorabench.merging.updates import model_weights
+from lorabench.protocols.cells import cell_config, config_hash
+from lorabench.protocols.report import mean_std, rebuild_cli, write_protocol_outputs
+from lorabench.protocols.resume import SequenceState
+from lorabench.run import train
+from lorabench.sampling import eval_device
+from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.utils.io import write_json, write_text
+from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.seeding import derive_seed, derive_seed_list
 
 KINDS = ("objects", "styles")
 # kind -> (eval set key, {metric: (scorer key, embedder attribute)})
@@ -72,30 +82,9 @@ METHOD_LABELS = {"base": "Base model (reference)", "naive": "Naive continual fin
 
 
 # -- the sequence ----------------------------------------------------------------------------------------
-@dataclass
-class Task:
-    index: int
-    name: str                      # the token (objects) or style word (styles)
-    data: dict                     # data-config fields this task sets
-    prompts: list[str]             # evaluation prompts
-    references: torch.Tensor       # (N, 3, H, W) in [0, 1]
-    train_prompt: str = ""
-
-
-def order(names: Sequence[Any], order_seed: Optional[int]) -> list[Any]:
-    """The task order: Python's ``random.shuffle`` seeded with ``order_seed`` (the reference code's
-    shuffle, so an order seed gives the same order as theirs for the same list); ``None`` keeps it."""
-    out = list(names)
-    if order_seed is not None:
-        random.Random(int(order_seed)).shuffle(out)
-    return out
-
-
 def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     """``(kind, tasks)`` in training order, each with its evaluation prompts and references; every
     check of the sequence happens here, before any training."""
-    from hydra.utils import instantiate
-
     seq = cfg.get("sequence")
     if not seq:
         raise ConfigError("sequence", "no sequence; add one, e.g. sequence=world_objects")
@@ -138,32 +127,8 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
-class TaskScorer:
-    """Per-image scores of a task's samples: for each metric, the mean cosine of the image's embedding
-    with every reference embedding of the task (the papers' "mean over all (generated, reference)
-    pairs", kept per image so it can be sharded and gathered). References are embedded once per task;
-    ``reference_embeddings`` counts how often that happened."""
-
-    def __init__(self, embedders: Mapping[str, Any], batch_size: int = 256):
-        self.embedders, self.batch_size = dict(embedders), batch_size
-        self.refs: dict[int, dict[str, torch.Tensor]] = {}
-        self.reference_embeddings = 0
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, task: Task) -> dict[str, torch.Tensor]:
-        if task.index not in self.refs:
-            self.refs[task.index] = {m: embed_batched(e.embed_images, task.references, self.batch_size).float() for m, e in self.embedders.items()}
-            self.reference_embeddings += 1
-        out = {}
-        for m, e in self.embedders.items():
-            emb = embed_batched(e.embed_images, images, self.batch_size).float()
-            out[m] = (emb @ self.refs[task.index][m].T).mean(1).double().cpu()
-        return out
-
-
 def build_scorer(cfg: DictConfig, kind: str) -> TaskScorer:
-    from hydra.utils import instantiate
-
+    """The task scorer of a ``kind`` sequence: its metrics' embedders, from ``cfg.eval``."""
     _, metrics = SUITES[kind]
     scorers = {}
     for key in {k for k, _ in metrics.values()}:
@@ -171,31 +136,6 @@ def build_scorer(cfg: DictConfig, kind: str) -> TaskScorer:
             raise ConfigError(f"eval.{key}", f"a {kind} sequence scores with eval.{key}; use e.g. eval=world")
         scorers[key] = instantiate(cfg.eval[key])
     return TaskScorer({m: getattr(scorers[k], attr) for m, (k, attr) in metrics.items()})
-
-
-def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Sequence[int], scorer: TaskScorer,
-                rank: int = 0, world_size: int = 1) -> tuple[dict[str, list], dict[int, torch.Tensor]]:
-    """Sample this rank's share of every task's evaluation images (prompt-major: image k of task j is
-    prompt k // len(seeds) from seed k % len(seeds)) and score them. Returns
-    ``{metric: [(task, indices, values)]}`` and ``{task: images}``."""
-    from lorabench.sampling import Sampler
-
-    eval_mode(components)
-    flat = [(t, k, p, s) for t in tasks for k, (p, s) in enumerate((p, s) for p in t.prompts for s in seeds)]
-    mine = flat[rank::world_size]
-    images = Sampler(components, **sampler_cfg)([p for *_, p, _ in mine], seeds=[s for *_, s in mine]) if mine else None
-    scores: dict[str, list] = {m: [] for m in scorer.embedders}
-    by_task: dict[int, torch.Tensor] = {}
-    for t in tasks:
-        pos = [i for i, (tt, *_) in enumerate(mine) if tt is t]
-        if not pos:
-            continue
-        imgs = images[pos]
-        by_task[t.index] = imgs
-        index = torch.tensor([mine[i][1] for i in pos])
-        for m, v in scorer(imgs, t).items():
-            scores[m].append((t.index, index, v))
-    return scores, by_task
 
 
 # -- resume -----------------------------------------------------------------------------------------------
@@ -207,70 +147,6 @@ def fingerprint(cfg: DictConfig) -> str:
                        extra={"protocol": protocol})
 
 
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return ({"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]},
-            {"torch": torch.get_rng_state()})
-
-
-def set_rng_state(meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
-    v, state, gauss = meta["python"]
-    random.setstate((v, tuple(state), gauss))
-    kind, keys, pos, has_gauss, g = meta["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
-    torch.set_rng_state(tensors["torch"])
-
-
-class SequenceState:
-    """``<run>/state``: ``sequence.json`` (the fingerprint and task order), ``base.json`` (the base
-    model's rows) and one folder per completed task, each written to a temporary folder and renamed."""
-
-    def __init__(self, folder: Path, key: str, tasks: Sequence[str]):
-        self.folder, self.key, self.tasks = Path(folder), key, list(tasks)
-        meta = self.folder / "sequence.json"
-        if meta.is_file():
-            found = json.loads(meta.read_text())
-            if found.get("fingerprint") != key or found.get("tasks") != self.tasks:
-                raise ConfigError("hydra.run.dir", f"{self.folder.parent} holds a sequence run with other settings "
-                                  f"(tasks {found.get('tasks')}); resume it with its own command or give this run "
-                                  "another folder")
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(self.folder / "sequence.json", {"fingerprint": self.key, "tasks": self.tasks})
-
-    def task_dir(self, t: int) -> Path:
-        return self.folder / f"task_{t:03d}"
-
-    def completed(self) -> int:
-        """How many tasks are complete (consecutive from the first)."""
-        n = 0
-        while (self.task_dir(n) / "record.json").is_file():
-            n += 1
-        return n
-
-    def save_task(self, t: int, method_state: Mapping[str, torch.Tensor], record: dict) -> None:
-        from safetensors.torch import save_file
-
-        meta, tensors = rng_state()
-        with atomic_dir(self.task_dir(t)) as tmp:
-            save_file({k: v.contiguous() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
-            save_file(tensors, str(tmp / "rng.safetensors"))
-            (tmp / "record.json").write_text(json.dumps({**record, "rng": meta}))
-
-    def load_task(self, t: int) -> tuple[dict, dict[str, torch.Tensor]]:
-        from safetensors.torch import load_file
-
-        d = self.task_dir(t)
-        record = json.loads((d / "record.json").read_text())
-        set_rng_state(record["rng"], load_file(str(d / "rng.safetensors")))
-        return record, load_file(str(d / "method.safetensors"))
-
-    def read_record(self, t: int) -> dict:
-        return json.loads((self.task_dir(t) / "record.json").read_text())
-
-
 def rows_of(scores: Mapping[str, list]) -> dict[str, list]:
     """Score rows in JSON form: ``{metric: [[task, [indices], [values]]]}``."""
     return {m: [[int(j), idx.tolist(), vals.tolist()] for j, idx, vals in parts] for m, parts in scores.items()}
@@ -279,14 +155,17 @@ def rows_of(scores: Mapping[str, list]) -> dict[str, list]:
 # -- the run ----------------------------------------------------------------------------------------------
 @dataclass
 class Run:
+    """One sequence run: the method's model is ``W0 + deltas`` on the adapted layers of ``components``."""
+
     cfg: DictConfig
     run_dir: Path
     kind: str
     tasks: list[Task]
-    method: Any
+    method: ContinualMethod
     scorer: TaskScorer
     sampler_cfg: dict
     seeds: list[int]
+    metric: ContinualScores
     components: Any = None
     w0: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
@@ -300,11 +179,16 @@ class Run:
             for k, d in deltas.items():
                 d.add_to_(weights[k].data)
 
+    def reset_weights(self, deltas: Mapping) -> None:
+        """The adapted layers of the model (no adapters injected) = W0 + deltas."""
+        self.set_weights(model_weights(self.components, list(self.w0)), deltas)
+
     def prepare(self, t: int):
-        from lorabench.merging.updates import adapted_weights
+        """The hook :func:`lorabench.run.train` calls after injecting task ``t``'s adapter: the method's
+        training model and its initialisation of the adapter (W0 is copied the first time)."""
 
         def hook(module) -> None:
-            weights = adapted_weights(module.adapters)
+            weights = module.adapters.base_weights()
             if not self.w0:
                 self.w0 = {k: w.detach().cpu().clone() for k, w in weights.items()}
             self.set_weights(weights, self.method.train_deltas())
@@ -314,15 +198,13 @@ class Run:
 
     def evaluate(self, module, t: int, rank: int, world_size: int) -> dict[str, list]:
         """The callback's ``evaluate``: fold task t in, then score tasks 0..t on the method's model."""
-        from lorabench.merging.updates import adapted_weights
-
         t0 = time.perf_counter()
         adapters = module.adapters
         before = self.method.eval_deltas()
         task_vector = self.method.finish(adapters, t)
         for layer in adapters.layers.values():
             layer.multiplier = 0.0  # the adapter is folded into the method's state now
-        self.set_weights(adapted_weights(adapters), self.method.eval_deltas())
+        self.set_weights(adapters.base_weights(), self.method.eval_deltas())
         scores, images = score_tasks(self.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds, self.scorer,
                                      rank, world_size)
         self.last_images = images
@@ -331,15 +213,58 @@ class Run:
                            "eval_s": time.perf_counter() - t0}
         return scores
 
+    def base_scores(self, state: SequenceState) -> dict[str, list[float]]:
+        """The base model's mean score per task and metric (the tables' reference row), kept in the state."""
+        base_file = state.folder / "base.json"
+        if base_file.is_file():
+            return json.loads(base_file.read_text())
+        scores, _ = score_tasks(self.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer)
+        base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
+        write_json(base_file, base)
+        return base
+
+    def resume(self, state: SequenceState, progress: CellProgress) -> int:
+        """Replay the completed tasks' score rows into the metric and load the method's state after the
+        last of them; returns how many tasks are done."""
+        done = state.completed()
+        for t in range(done):
+            rec = state.read_record(t)
+            self.records[t] = {k: v for k, v in rec.items() if k != "rng"}
+            for m, parts in rec["rows"].items():
+                for j, idx, vals in parts:
+                    self.metric.update(m, j, t, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
+            progress.done(f"task {t + 1} ({rec['name']}): resumed from {state.task_dir(t)}")
+        if done:
+            _, method_state = state.load_task(done - 1)
+            self.method.load_state_dict(method_state)
+        return done
+
+    def train_task(self, t: int, adapter_cfg: dict, callback: ContinualEvaluation, state: SequenceState) -> str:
+        """Train task ``t`` (the callback scores every seen task at the end of the fit), save its state;
+        returns the task's line for the console."""
+        task, seed = self.tasks[t], int(self.cfg.seed)
+        task_dir = self.run_dir / "tasks" / f"{t:02d}-{task.name}"
+        tcfg = cell_config(self.cfg, OmegaConf.create(adapter_cfg), task.data,
+                           derive_seed("continual-task", seed, t) % (2 ** 31), task_dir)
+        callback.task = t
+        results, module = train(tcfg, task_dir, config_name=f"{self.method.name}/{task.name}",
+                                components=self.components, prepare=self.prepare(t), callbacks=[callback])
+        module.adapters.remove()
+        self.reset_weights({})
+        # fit_s includes the callback's evaluation at the end of the fit
+        record = self.records[t]
+        record.update(train_s=results["timings"]["fit_s"] - record["eval_s"], steps=results["metrics"]["steps"])
+        if rank_zero():
+            state.save_task(t, self.method.state_dict(), record)
+        del module
+        m = self.metric.matrices()
+        return (f"task {t + 1} ({task.name}): " + ", ".join(
+            f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in m)
+            + f" ({results['metrics']['steps']} steps, {record['train_s']:.0f} s train, {record['eval_s']:.0f} s eval)")
+
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the sequence ``cfg`` describes (resuming from ``run_dir/state`` when it holds one)."""
-    from hydra.utils import instantiate
-
-    from lorabench.loggers import build_loggers
-    from lorabench.run import train
-    from lorabench.utils.console import CellProgress, quiet_cells
-
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     p = cfg.protocol
@@ -350,113 +275,61 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("protocol.adapter", "no adapter; add e.g. /adapter@protocol.adapter: lora")
     method = build_method(OmegaConf.to_container(p.method, resolve=True) if p.get("method") else {})
     kind, tasks = resolve_sequence(cfg)
-    scorer = build_scorer(cfg, kind)
     n_img = int(cfg.eval.images_per_prompt)
     adapter_cfgs = [method.adapter_config(OmegaConf.to_container(p.adapter, resolve=True), t, len(tasks))
                     for t in range(len(tasks))]
     state = SequenceState(run_dir / "state", fingerprint(cfg), [t.name for t in tasks])
     seed = int(cfg.seed)
-    sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
-    r = Run(cfg, run_dir, kind, tasks, method, scorer, sampler_cfg,
-            derive_seed_list("continual-eval", int(p.get("eval_seed", 0)), n_img))
-    device = eval_device(cfg)
-    names = list(SUITES[kind][1])
-    metric = ContinualScores(names, len(tasks))
+    r = Run(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind),
+            OmegaConf.to_container(cfg.eval.sampler, resolve=True),
+            derive_seed_list("continual-eval", int(p.get("eval_seed", 0)), n_img),
+            ContinualScores(list(SUITES[kind][1]), len(tasks)))
 
     state.start()
-    done = state.completed()
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
                             resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
-    callback = ContinualEvaluation(metric, r.evaluate, loggers, [t.name for t in tasks])
+    callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
     progress = CellProgress(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
         r.components = instantiate(cfg.model, _convert_="all")
-        r.components.unet.to(device)
-        base_file = state.folder / "base.json"
-        if base_file.is_file():
-            base = json.loads(base_file.read_text())
-        else:
-            scores, _ = score_tasks(r.components, sampler_cfg, tasks, r.seeds, scorer)
-            base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
-            write_json(base_file, base)
+        r.components.unet.to(eval_device(cfg))
+        base = r.base_scores(state)
         progress.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
-        for t in range(done):  # replay the completed tasks
-            rec = state.read_record(t)
-            r.records[t] = {k: v for k, v in rec.items() if k != "rng"}
-            for m, parts in rec["rows"].items():
-                for j, idx, vals in parts:
-                    metric.update(m, j, t, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
-            progress.done(f"task {t + 1} ({rec['name']}): resumed from {state.task_dir(t)}")
-        if done:
-            _, method_state = state.load_task(done - 1)
-            method.load_state_dict(method_state)
-        for t in range(done, len(tasks)):
-            task = tasks[t]
-            task_dir = run_dir / "tasks" / f"{t:02d}-{task.name}"
-            tcfg = cell_config(cfg, OmegaConf.create(adapter_cfgs[t]), task.data,
-                               derive_seed("continual-task", seed, t) % (2 ** 31), task_dir)
-            callback.task = t
-            results, module = train(tcfg, task_dir, config_name=f"{method.name}/{task.name}",
-                                    components=r.components, prepare=r.prepare(t), callbacks=[callback])
-            module.adapters.remove()
-            r.set_weights(_weights(r.components, r.w0), {})
-            # fit_s includes the callback's evaluation at the end of the fit
-            r.records[t].update(train_s=results["timings"]["fit_s"] - r.records[t]["eval_s"],
-                                steps=results["metrics"]["steps"])
-            if rank_zero():
-                state.save_task(t, method.state_dict(), r.records[t])
-            del module
-            m = metric.matrices()
-            progress.done(f"task {t + 1} ({task.name}): " + ", ".join(
-                f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in names)
-                + f" ({results['metrics']['steps']} steps, {r.records[t]['train_s']:.0f} s train, "
-                f"{r.records[t]['eval_s']:.0f} s eval)")
+        for t in range(r.resume(state, progress), len(tasks)):
+            progress.done(r.train_task(t, adapter_cfgs[t], callback, state))
         if not r.last_images:  # a finished run started again: show the final model's samples
-            r.set_weights(_weights(r.components, r.w0), method.eval_deltas())
-            _, r.last_images = score_tasks(r.components, sampler_cfg, tasks, r.seeds, scorer)
-            r.set_weights(_weights(r.components, r.w0), {})
+            r.reset_weights(method.eval_deltas())
+            _, r.last_images = score_tasks(r.components, r.sampler_cfg, tasks, r.seeds, r.scorer)
+            r.reset_weights({})
     progress.close()
 
-    out = results_dict(cfg, kind, tasks, method, metric, base, r.records, seed, time.perf_counter() - t_start)
-    table = run_table(out)
-    mats = metric.matrices()  # a collective under DDP: every rank calls it
-    if rank_zero():
-        fig = heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, "
-                      f"seed {seed}")
-        with atomic_path(run_dir / "score_matrix.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    panels = [r.last_images[t.index][:2 * n_img] for t in tasks if t.index in r.last_images]
+    out = results_dict(cfg, kind, tasks, method, r.metric, base, r.records, seed, time.perf_counter() - t_start)
+    out["table"] = run_table(out)
+    mats = r.metric.matrices()  # a collective under DDP: every rank calls it
     if not rank_zero():
-        out["table"] = table
         return out
-    write_protocol_outputs(cfg, run_dir, "continual", out, table, panels, loggers=loggers, step=len(tasks),
+    save_figure(heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, seed {seed}"),
+                run_dir / "score_matrix.png")
+    panels = [r.last_images[t.index][:2 * n_img] for t in tasks if t.index in r.last_images]
+    write_protocol_outputs(cfg, run_dir, "continual", {k: v for k, v in out.items() if k != "table"}, out["table"],
+                           panels, loggers=loggers, step=len(tasks),
                            images={"score_matrix_final": run_dir / "score_matrix.png"})
-    out["table"] = table
     return out
 
 
 def rank_zero() -> bool:
     """Under DDP (every rank runs the protocol; training and evaluation are sharded by Lightning and the
     callback) only rank zero writes state and outputs."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _weights(components, w0: Mapping) -> dict[str, torch.Tensor]:
-    from lorabench.merging.updates import model_weights
-
-    return model_weights(components, list(w0))
-
-
 def average(m: torch.Tensor) -> float:
+    """The Average Score of a score matrix."""
     return summary(m)["average_score"]
 
 
 def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s) -> dict:
+    """The run's results.json content."""
     mats = metric.matrices()
     t_n = len(tasks)
     curves = {n: {q: [summary(m[:t + 1, :t + 1])[q] for t in range(m.shape[0])] for q in summary(m)}
@@ -482,6 +355,7 @@ def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s)
 
 
 def run_table(out: dict) -> str:
+    """The run's own table: the base model and the method, Average Score, Forgetting and BWT per metric."""
     names = out["metrics"]
     head = ["model", *[f"S {LABELS.get(n, n)}" for n in names], *[f"F {LABELS.get(n, n)}" for n in names],
             *[f"F textbook {LABELS.get(n, n)}" for n in names], *[f"BWT {LABELS.get(n, n)}" for n in names]]
@@ -489,8 +363,8 @@ def run_table(out: dict) -> str:
     base = ["base model", *[f"{out['base'][n]['average_score']:.3f}" for n in names]] + ["-"] * (3 * len(names))
     lines.append("| " + " | ".join(base) + " |")
     f = out["final"]
-    row = [out["method"], *[f"{f[n]['average_score']:.3f}" for n in names], *[f"{f[n]['forgetting_ref']:.3f}" for n in names],
-           *[f"{f[n]['forgetting']:.3f}" for n in names], *[f"{f[n]['backward_transfer']:.3f}" for n in names]]
+    row = [out["method"], *[f"{f[n][q]:.3f}" for q in ("average_score", "forgetting_ref", "forgetting",
+                                                         "backward_transfer") for n in names]]
     lines.append("| " + " | ".join(row) + " |")
     note = (f"{out['kind']}, {out['num_tasks']} tasks in order {', '.join(out['tasks'])} (order seed "
             f"{out['order_seed']}, training seed {out['seed']}). S: Average Score after the last task; F: Average "
@@ -556,20 +430,21 @@ def render_table(kind: str, agg: dict) -> tuple[str, list[list]]:
     head = ["method", "runs", *[f"S {x}" for x in lab], *[f"F {x}" for x in lab], *[f"F textbook {x}" for x in lab],
             *[f"BWT {x}" for x in lab], "run s"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = [["kind", "method", "quantity", "metric", "mean", "std", "n"]]
+    csv_rows = [["kind", "method", "quantity", "metric", "mean", "std", "n"]]
     for method, a in methods.items():
         label = METHOD_LABELS.get(method, method)
         if method == "base":
             cells = [label, str(len(a["runs"])), *[_fmt(a["S"][n]) for n in names], *["-"] * (3 * len(names)), "-"]
         else:
-            cells = [label, str(len(a["runs"])), *[_fmt(a[q][n]) for q in ("S", "F", "F_textbook", "BWT") for n in names],
+            cells = [label, str(len(a["runs"])),
+                     *[_fmt(a[q][n]) for q in ("S", "F", "F_textbook", "BWT") for n in names],
                      f"{a['total_s']['mean']:.0f}"]
         md.append("| " + " | ".join(cells) + " |")
         for q in ("S", "F", "F_textbook", "BWT"):
             for n in names:
                 v = a.get(q, {}).get(n)
                 if v:
-                    csv.append([kind, method, q, n, v["mean"], v["std"], v["n"]])
+                    csv_rows.append([kind, method, q, n, v["mean"], v["std"], v["n"]])
     pub = PUBLISHED.get(kind, {})
     md += ["", f"Published ({'objects' if kind == 'objects' else 'styles'} table of the poster; SDXL, rank 64, "
            "8 runs: order seeds {0, 5, 10, 42} x training seeds {0, 5}):", "",
@@ -580,7 +455,7 @@ def render_table(kind: str, agg: dict) -> tuple[str, list[list]]:
     note = ("S: Average Score after the last task; F: Average Forgetting as the reference code computes it "
             "(divided by T, the paper's numbers); F textbook: divided by T - 1, last task left out; BWT: backward "
             "transfer. Mean +- population std over runs (order seed x training seed).")
-    return "\n".join(md) + "\n\n" + note, csv
+    return "\n".join(md) + "\n\n" + note, csv_rows
 
 
 def verdicts(agg: dict) -> list[dict]:
@@ -632,13 +507,8 @@ def verdicts(agg: dict) -> list[dict]:
 def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
     """The paper's Fig. 2: the norm of the parameters of task t's change that oppose the sign of what
     was handed on, over the norm of the change, per task and method (mean +- std over runs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = list(dict.fromkeys(r["kind"] for r in results))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
+    fig, axes = figure(len(kinds), figsize=(5.5 * len(kinds), 3.8))
     for ax, kind in zip(axes[0], kinds):
         for method in dict.fromkeys(r["method"] for r in results if r["kind"] == kind):
             runs = [r["sign_conflict"] for r in results if r["kind"] == kind and r["method"] == method]
@@ -651,32 +521,23 @@ def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
         ax.set_ylabel("||opposed|| / ||task change||")
         ax.set_title(f"sign conflicts ({kind})")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def rebuild(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
     """Tables (markdown + CSV per kind), verdicts and the sign-conflict plot from results.json files."""
-    import csv as csvlib
-    import io
-
     results = collect(paths)
     if not results:
         raise ConfigError("paths", f"no continual results.json under {', '.join(map(str, paths))}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(results)
     written = {}
     for kind, a in agg.items():
         md, rows = render_table(kind, a)
-        with atomic_path(out_dir / f"table_{kind}.md") as tmp:
-            tmp.write_text(md + "\n")
+        write_text(out_dir / f"table_{kind}.md", md + "\n")
         buf = io.StringIO()
-        csvlib.writer(buf).writerows(rows)
-        with atomic_path(out_dir / f"table_{kind}.csv") as tmp:
-            tmp.write_text(buf.getvalue())
+        csv.writer(buf).writerows(rows)
+        write_text(out_dir / f"table_{kind}.csv", buf.getvalue())
         written[kind] = md
     v = verdicts(agg)
     write_json(out_dir / "verdicts.json", v)
@@ -684,23 +545,19 @@ def rebuild(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
     return {"tables": written, "verdicts": v, "aggregate": agg, "runs": [r["_path"] for r in results]}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-    import sys
+def report(paths: Sequence[str | Path], out_dir: str | Path) -> str:
+    """:func:`rebuild`, and its tables and verdicts as text for the console."""
+    out = rebuild(paths, out_dir)
+    tables = "".join(f"\n## {kind}\n\n{md}\n" for kind, md in out["tables"].items())
+    return tables + "\n" + "\n".join(f"- {v['kind']}: {v['claim']}: **{v['verdict']}** ({v['numbers']})"
+                                      for v in out["verdicts"])
 
-    parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.continual",
-                                     description="Rebuild the continual tables and verdicts from run folders.")
-    parser.add_argument("paths", nargs="+", help="run folders or results.json files (searched recursively)")
-    parser.add_argument("--out", required=True, help="folder for table_<kind>.md/.csv, verdicts.json, sign_conflicts.png")
-    args = parser.parse_args(argv)
-    try:
-        out = rebuild(args.paths, args.out)
-    except ConfigError as err:
-        print(f"lorabench: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    for kind, md in out["tables"].items():
-        print(f"\n## {kind}\n\n{md}")
-    print("\n" + "\n".join(f"- {v['kind']}: {v['claim']}: **{v['verdict']}** ({v['numbers']})" for v in out["verdicts"]))
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m lorabench.protocols.continual RUNS... --out DIR``: rebuild the tables and verdicts."""
+    rebuild_cli(argv, "python -m lorabench.protocols.continual",
+                "Rebuild the continual tables and verdicts from run folders (searched recursively).", report,
+                "folder for table_<kind>.md/.csv, verdicts.json, sign_conflicts.png")
 
 
 if __name__ == "__main__":

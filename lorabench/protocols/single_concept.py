@@ -1,12 +1,12 @@
 """Single-concept personalisation: fine-tune each concept with each adapter, sample, score, and
 compare with the base model given the same prompts and the same initial noise.
 
-This is the "single-concept" column of the Orthogonal Adaptation table and the main job of the
-mini world (``lorabench`` with no arguments, conf/experiment/world_concepts.yaml):
+This is the "single-concept" column of the Orthogonal Adaptation table
+(conf/experiment/world_concepts.yaml, world_personalize.yaml):
 
-    lorabench                                                  # 3 concepts x {lora, ortho, trilora}
-    lorabench experiment=world_personalize                     # LoRA, 3 seeds (the acceptance check)
-    lorabench protocol.concepts=[sks,uwu] protocol.adapters.lora.rank=8
+    lorabench experiment=world_concepts                         # 3 concepts x {lora, ortho, trilora}
+    lorabench experiment=world_personalize                      # LoRA, 3 seeds (the acceptance check)
+    lorabench experiment=world_concepts protocol.concepts=[sks,uwu] protocol.adapters.lora.rank=8
 
 One replicate = one (method, concept, seed): the seed drives training (noise, timesteps, adapter
 init) and the initial latents of the samples, so the base model's rows vary with the seed too.
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, markdown_table, sample_prompts,
-                                         protocol_inputs, summarise_rows, train_cells, training_note,
-                                         write_protocol_outputs)
-from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.evaluation.scores import score_samples
+from lorabench.protocols.cells import compare_with_base, protocol_inputs
+from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
+from lorabench.protocols.scoring import concept_seeds, eval_setup
+from lorabench.sampling import sample_prompts
 
 # Scores on the concept prompt itself ("a sks circle": does the model draw the identity?) and on the
 # context prompts ("a sks circle at left on black": does it still follow the rest of the prompt?).
@@ -36,11 +36,9 @@ LABELS = {"identity_similarity": "identity sim.", "identity_alignment": "identit
           "image_alignment": "CLIP-I", "context_identity_similarity": "identity sim. in context",
           "context_identity_alignment": "identity align. in context",
           "context_text_alignment": "CLIP-T in context"}
-
-
-def sample_seeds(seed: int, n: int) -> list[int]:
-    """The initial-latent seeds of replicate ``seed``: the same for every prompt and every method."""
-    return derive_seed_list("single-concept-samples", seed, n)
+# The line a finished cell prints.
+CELL_LINE = ("{method:>8} {concept} seed {seed}: identity sim. {identity_similarity:.3f}, align. "
+             "{identity_alignment:.2f}; in context {context_identity_similarity:.3f}")
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -49,30 +47,11 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def format_table(summary: dict, n_concepts: int, n_seeds: int) -> str:
+    """The markdown table of :func:`summarise`'s output, with a note on what was averaged."""
     note = (f"mean +- std over {n_concepts} concept(s) x {n_seeds} seed(s); cosine similarities. First three "
             "columns: the concept prompt (identity align. = share of samples within the identity threshold); "
             "'in context': the concept in context prompts (CLIP-T against the prompt without the token).")
     return markdown_table(summary, METRICS + ("train_s",), {**LABELS, "train_s": "train s"}, note)
-
-
-def score_samples(scorer, images: torch.Tensor, eval_set, n_img: int, references=None) -> dict[str, float]:
-    """Scores of one replicate: the first prompt's ``n_img`` images (the concept prompt) and the
-    context prompts' images (prefixed ``context_``). ``images`` is prompt-major, as _sample draws them.
-    ``references``: the eval set's reference embeddings (``scorer.embed_references``), if already made."""
-    texts = [t for t in eval_set.texts for _ in range(n_img)]
-    refs = references if references is not None else scorer.embed_references(eval_set.references)
-    out = scorer(images[:n_img], refs, texts[:n_img])
-    if len(eval_set.prompts) > 1:
-        ctx = scorer(images[n_img:], refs, texts[n_img:])
-        out.update({f"context_{k}": v for k, v in ctx.items()})
-    return out
-
-
-def cell_line(row: dict) -> str:
-    """The one line a finished cell prints."""
-    line = (f"{row['method']:>8} {row['concept']} seed {row['seed']}: identity sim. {row['identity_similarity']:.3f}, "
-            f"align. {row['identity_alignment']:.2f}; in context {row['context_identity_similarity']:.3f}")
-    return line + training_note(row)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -83,30 +62,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
     refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
 
-    rows: list[dict] = []
+    def evaluate(components, c, seed, method):
+        imgs = sample_prompts(components, sampler_cfg, sets[c].prompts, concept_seeds(seed, n_img), device)
+        return score_samples(scorer, imgs, sets[c], n_img, refs[c]), imgs
+
     grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
-    progress = CellProgress(len(concepts) * len(seeds) * (1 + len(adapters)), desc="single_concept")
-    with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
-        for c in concepts:
-            for seed in seeds:
-                imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
-                rows.append({"method": "base", "concept": c, "seed": seed,
-                             **score_samples(scorer, imgs, sets[c], n_img, refs[c])})
-                if seed == seeds[0]:
-                    grids[c].append(imgs)
-                progress.done(cell_line(rows[-1]))
-        del base
-
-        def evaluate(components, c, seed):
-            imgs = sample_prompts(components, sampler_cfg, sets[c].prompts, sample_seeds(seed, n_img), device)
-            if seed == seeds[0]:
-                grids[c].append(imgs)
-            return score_samples(scorer, imgs, sets[c], n_img, refs[c])
-
-        rows += train_cells(cfg, run_dir, adapters, concepts, seeds, "concept", evaluate, progress, cell_line)
-    progress.close()
-
+    rows = compare_with_base(cfg, run_dir, "single_concept", "concept", concepts, seeds, adapters, evaluate,
+                             CELL_LINE, grids)
     summary = summarise(rows)
     by_concept = {c: summarise([r for r in rows if r["concept"] == c]) for c in concepts}
     table = format_table(summary, len(concepts), len(seeds))

@@ -16,22 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, markdown_table, protocol_inputs,
-                                         sample_prompts, summarise_rows, train_cells, training_note,
-                                         write_protocol_outputs)
-from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.protocols.cells import compare_with_base, protocol_inputs
+from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
+from lorabench.protocols.scoring import eval_setup
+from lorabench.sampling import sample_prompts
+from lorabench.utils.seeding import derive_seed_list
 
 METRICS = ("style_top1", "style_similarity", "train_s")
 LABELS = {"style_top1": "style top-1", "style_similarity": "style sim.", "train_s": "train s"}
-
-
-def cell_line(row: dict) -> str:
-    line = f"{row['method']:>8} {row['style']} seed {row['seed']}: style top-1 {row['style_top1']:.2f}, " \
-           f"sim. {row['style_similarity']:.3f}"
-    return line + training_note(row)
+CELL_LINE = "{method:>8} {style} seed {seed}: style top-1 {style_top1:.2f}, sim. {style_similarity:.3f}"
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -41,32 +36,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     adapters, styles, seeds = protocol_inputs(cfg, "styles", "vango, monex")
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, styles, "styles", "style_scorer")
 
-    def seeds_of(seed):
-        return derive_seed_list("single-style-samples", seed, n_img)
+    def evaluate(components, s, seed, method):
+        prompts = sets[s].base_prompts if method == "base" else sets[s].prompts
+        imgs = sample_prompts(components, sampler_cfg, prompts, derive_seed_list("single-style-samples", seed, n_img),
+                              device)
+        return scorer(imgs, s), imgs
 
-    rows: list[dict] = []
     grids = {s: [] for s in styles}
-    progress = CellProgress(len(styles) * len(seeds) * (1 + len(adapters)), desc="single_style")
-    with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
-        for s in styles:
-            for seed in seeds:
-                imgs = sample_prompts(base, sampler_cfg, sets[s].base_prompts, seeds_of(seed), device)
-                rows.append({"method": "base", "style": s, "seed": seed, **scorer(imgs, s)})
-                if seed == seeds[0]:
-                    grids[s].append(imgs)
-                progress.done(cell_line(rows[-1]))
-        del base
-
-        def evaluate(components, s, seed):
-            imgs = sample_prompts(components, sampler_cfg, sets[s].prompts, seeds_of(seed), device)
-            if seed == seeds[0]:
-                grids[s].append(imgs)
-            return scorer(imgs, s)
-
-        rows += train_cells(cfg, run_dir, adapters, styles, seeds, "style", evaluate, progress, cell_line)
-    progress.close()
-
+    rows = compare_with_base(cfg, run_dir, "single_style", "style", styles, seeds, adapters, evaluate, CELL_LINE, grids)
     summary = summarise_rows(rows, METRICS)
     note = (f"mean +- std over {len(styles)} style(s) x {len(seeds)} seed(s), {len(sets[styles[0]].prompts)} new "
             f"objects x {n_img} samples each. style top-1: share of samples whose nearest style (style evaluator, "

@@ -1,4 +1,6 @@
-from lorabench.training.callbacks import SaveArtifacts
-from lorabench.training.module import DiffusionFineTuner, encode_prompts
+"""Training: the Lightning module that fine-tunes a diffusers UNet with adapters, and its callbacks."""
 
-__all__ = ["DiffusionFineTuner", "SaveArtifacts", "encode_prompts"]
+from lorabench.training.callbacks import CheckpointEvaluation, LossHistory, SaveArtifacts
+from lorabench.training.module import DiffusionFineTuner, check_optim
+
+__all__ = ["CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "SaveArtifacts", "check_optim"]

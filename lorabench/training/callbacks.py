@@ -1,4 +1,6 @@
-"""Callbacks that write the run's artefacts."""
+"""The callbacks every training run has: :class:`SaveArtifacts` (the adapter files), :class:`LossHistory`
+(the losses results.json reports), and :class:`CheckpointEvaluation` (scores at chosen epochs). A user's
+own callbacks come from the ``callbacks`` config group."""
 
 from __future__ import annotations
 
@@ -6,11 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lorabench.adapters import export_diffusers, export_kohya, save_adapter
 from lorabench.errors import choice_error
 from lorabench.models import save_components
+from lorabench.sampling import save_grid
 
 EXPORTS = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
            "kohya": ("kohya_lora.safetensors", export_kohya)}
@@ -24,7 +28,7 @@ class SaveArtifacts(L.Callback):
     def __init__(self, dirpath: str, exports: Sequence[str] = ("diffusers",), base_model: str = ""):
         for e in exports:
             if e not in EXPORTS:
-                raise choice_error("callbacks.save_adapter.exports", e, EXPORTS)
+                raise choice_error("exports", e, EXPORTS)
         self.dirpath, self.exports, self.base_model = Path(dirpath), list(exports), base_model
 
     def expected_files(self, full: bool = False) -> list[str]:
@@ -47,6 +51,23 @@ class SaveArtifacts(L.Callback):
             fn(adapters, self.dirpath / filename)
 
 
+class LossHistory(L.Callback):
+    """Per-step training losses and the step count, handed back through ``trainer.callback_metrics``:
+    under a spawning strategy (ddp_spawn) the fit runs in worker processes and ``callback_metrics`` (with
+    the weights) is the state Lightning returns from rank zero, so one code path serves both."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(loss.detach().float().cpu())
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
+        trainer.callback_metrics["run/train_losses"] = torch.stack(self.losses) if self.losses else torch.zeros(0)
+
+
 class CheckpointEvaluation(L.Callback):
     """Evaluate the model being trained at chosen epochs, without changing the training run.
 
@@ -54,9 +75,9 @@ class CheckpointEvaluation(L.Callback):
     and CLIP score of a style fine-tune). At the end of each epoch in ``epochs`` (1-based), rank zero
     evaluates, appends ``{"epoch", "step", **scores}`` to ``history``, logs the scores as
     ``<prefix>/<name>`` at step = epoch to ``loggers`` (the protocol's CSV / W&B, so every cell's curve
-    lands in one run), keeps the images in ``images[epoch]`` and writes them as ``grid_dir/epoch<e>.png``. Sampling uses its own seeded
-    generators and puts the model back in training mode, so a run evaluated at checkpoints trains the
-    same weights as one that is not.
+    lands in one run), keeps the images in ``images[epoch]`` and writes them as ``grid_dir/epoch<e>.png``.
+    Sampling uses its own seeded generators and puts the model back in training mode, so a run evaluated
+    at checkpoints trains the same weights as one that is not.
     """
 
     def __init__(self, epochs, evaluate, loggers=(), prefix: str = "checkpoints", grid_dir: str | None = None):
@@ -72,10 +93,6 @@ class CheckpointEvaluation(L.Callback):
         epoch = trainer.current_epoch + 1
         if epoch not in self.epochs or not trainer.is_global_zero:
             return
-        import torch
-
-        from lorabench.protocols.toolkit import save_grid
-
         with torch.no_grad():
             scores, images = self.evaluate(pl_module.components)
         pl_module.train()
@@ -85,7 +102,6 @@ class CheckpointEvaluation(L.Callback):
             lg.log_metrics({f"{self.prefix}/{k}": v for k, v in scores.items()}, step=epoch)
         if self.grid_dir is not None:
             path = self.grid_dir / f"epoch{epoch:04d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
             save_grid(path, [images])
             for lg in self.loggers:
                 if hasattr(lg, "log_image"):

@@ -7,10 +7,11 @@ from typing import Any, Mapping, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import SchedulerType, get_scheduler
 
 from lorabench.adapters import Adapters, inject_adapters
 from lorabench.errors import ConfigError, choice_error
-from lorabench.models import ModelComponents
+from lorabench.models import ModelComponents, encode_prompts
 from lorabench.utils.seeding import generator
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -46,26 +47,6 @@ def check_optim(optim: Mapping) -> None:
         raise bad("betas", "must be two numbers in [0, 1)")
     if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
         raise bad("warmup_steps", "must be an integer >= 0")
-
-
-def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
-    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
-    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids)."""
-
-    def ids(tok):
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(device)
-
-    if not components.is_sdxl:
-        return {"encoder_hidden_states": components.text_encoder(ids(components.tokenizer))[0]}
-    # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
-    out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
-    out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
-    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-    res = components.resolution
-    time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
-    return {"encoder_hidden_states": states,
-            "added_cond_kwargs": {"text_embeds": out2.text_embeds, "time_ids": time_ids}}
 
 
 class DiffusionFineTuner(L.LightningModule):
@@ -260,15 +241,13 @@ class DiffusionFineTuner(L.LightningModule):
             raise ConfigError("adapter", "has no trainable parameters")
         kwargs = dict(betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
         if cfg["name"] == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
+            try:  # an optional dependency, for the continual paper's 8-bit Adam
+                import bitsandbytes as bnb  # noqa: PLC0415
             except ImportError as exc:
                 raise ConfigError("optim.name", "adamw8bit needs bitsandbytes (pip install bitsandbytes)") from exc
             optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
         else:
             optimizer = torch.optim.AdamW(groups, **kwargs)
-        from diffusers.optimization import SchedulerType, get_scheduler
-
         names = [s.value for s in SchedulerType]
         if cfg["lr_scheduler"] not in names:
             raise choice_error("optim.lr_scheduler", cfg["lr_scheduler"], names)

@@ -43,8 +43,9 @@ def quiet_cells() -> Iterator[None]:
         return
     loggers = {name: logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")}
     levels = {name: lg.level for name, lg in loggers.items()}
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
+    # heavy: the CLI imports this module at start-up, before it knows whether anything will run
+    from diffusers.utils import logging as dlogging  # noqa: PLC0415
+    from transformers.utils import logging as tlogging  # noqa: PLC0415
 
     bars = (tlogging.is_progress_bar_enabled(), dlogging.is_progress_bar_enabled())
     with warnings.catch_warnings():

@@ -55,6 +55,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

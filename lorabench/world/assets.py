@@ -18,13 +18,28 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, choice_error
+from lorabench.evaluation import ConceptScorer, StyleScorer
+from lorabench.evaluation.fidelity import EmbeddingCLIPScore, FeatureExtractor, FidelityScorer
+from lorabench.models import load_components, save_components
+from lorabench.sampling import Sampler, image_grid
 from lorabench.utils.io import atomic_path, write_json
-from lorabench.world.evaluators import (EmbeddingEvaluator, TextImageEvaluator, attribute_accuracy, choose_threshold,
-                                        retrieval_top1, train_embedding, train_text_image)
+from lorabench.world.datasets import heldout_scenes, random_scene
+from lorabench.world.evaluators import (
+    EmbeddingEvaluator,
+    TextImageEvaluator,
+    attribute_accuracy,
+    batch_tensor,
+    choose_threshold,
+    retrieval_top1,
+    train_embedding,
+    train_text_image,
+)
 from lorabench.world.spec import World, make_world
+from lorabench.world.tasks import WorldStyleEval
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 EVALUATORS = ("text_image", "identity", "style")
@@ -51,11 +66,7 @@ def save_evaluator(model: torch.nn.Module, name: str, world: World, extra: dict,
 
 def load_evaluator(name: str, world: Optional[World] = None, folder: Path = ASSET_DIR):
     """Load a shipped evaluator for ``world`` (default: the shipped world, seed 0)."""
-    from safetensors import safe_open
-
     if name not in EVALUATORS:
-        from lorabench.errors import choice_error
-
         raise choice_error("eval.evaluator", name, EVALUATORS)
     path = folder / "evaluators" / f"{name}.safetensors"
     if not path.is_file():
@@ -79,20 +90,16 @@ def load_evaluator(name: str, world: Optional[World] = None, folder: Path = ASSE
 def concept_scorer(world_seed: int = 0, resolution: int = 16, folder: Path = ASSET_DIR):
     """The mini world's ConceptScorer: the text-image evaluator for CLIP-T/I, the identity evaluator
     (with its recorded threshold) for identity similarity and alignment."""
-    from lorabench.evaluation import ConceptScorer
-
     world = make_world(world_seed, resolution)
     identity = load_evaluator("identity", world, folder)
-    return ConceptScorer(load_evaluator("text_image", world, folder), identity, identity.extra["threshold"]["threshold"])
+    return ConceptScorer(load_evaluator("text_image", world, folder), identity,
+                         identity.extra["threshold"]["threshold"])
 
 
 def style_scorer(world_seed: int = 0, resolution: int = 16, n_references: int = 8, reference_seed: int = 1000,
                  folder: Path = ASSET_DIR):
     """The mini world's StyleScorer: the style evaluator (CSD stand-in) over a gallery of every
     experiment style (``WorldStyleEval.gallery``)."""
-    from lorabench.evaluation import StyleScorer
-    from lorabench.world.tasks import WorldStyleEval
-
     world = make_world(world_seed, resolution)
     gallery = WorldStyleEval(world_seed, resolution, n_references=n_references, reference_seed=reference_seed).gallery()
     return StyleScorer(load_evaluator("style", world, folder), gallery)
@@ -102,8 +109,6 @@ def fidelity_scorer(world_seed: int = 0, resolution: int = 16, kid_subset_size: 
                     folder: Path = ASSET_DIR):
     """The mini world's FidelityScorer: the text-image evaluator's pooled image features (128-d) as the
     FID / KID feature space (the Inception stand-in), and its image and text towers for CLIP score."""
-    from lorabench.evaluation.fidelity import EmbeddingCLIPScore, FeatureExtractor, FidelityScorer
-
     model = load_evaluator("text_image", make_world(world_seed, resolution), folder)
     features = FeatureExtractor(model.fid_features, model.image.num_features, owner=model)
     return FidelityScorer(features, EmbeddingCLIPScore(model), kid_subset_size, kid_subsets)
@@ -111,9 +116,6 @@ def fidelity_scorer(world_seed: int = 0, resolution: int = 16, kid_subset_size: 
 
 def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
     """Quality on held-out data: experiment identities and styles (never trained on), fresh renders."""
-    from lorabench.world.datasets import heldout_scenes, random_scene
-    from lorabench.world.evaluators import _batch
-
     rng = np.random.default_rng(seed)
     res = world.resolution
     out = {}
@@ -126,7 +128,7 @@ def evaluator_quality(models: dict, world: World, seed: int = 1234) -> dict:
     if "text_image" in models:
         # The kinds of scene the model's attribute accuracy is judged on: held-out combinations.
         scenes = heldout_scenes(world, 600, seed)
-        acc = attribute_accuracy(models["text_image"], _batch(scenes, res, rng), scenes)
+        acc = attribute_accuracy(models["text_image"], batch_tensor(scenes, res, rng), scenes)
         out["text_image_attribute_accuracy_renders"] = acc
         # Identities among the experiment concepts: CLIP-I top-1 (image-image) as a sanity check.
         groups = [[random_scene(rng, identity=i) for _ in range(11)] for i in world.experiment_identities]
@@ -152,7 +154,8 @@ def build_evaluators(world_seed: int = 0, steps: int = 1500, batch: int = 192, s
         timings[name] = time.perf_counter() - t
     threshold_seed = 99
     rng = np.random.default_rng(threshold_seed)
-    threshold = choose_threshold(models["identity"].embed_images, world.evaluator_identities[-60:], world.resolution, rng)
+    threshold = choose_threshold(models["identity"].embed_images, world.evaluator_identities[-60:], world.resolution,
+                                 rng)
     quality = evaluator_quality(models, world)
     for name, model in models.items():
         extra = {"steps": step_counts[name], "batch": batch, "seed": seed, "train_s": timings[name]}
@@ -170,12 +173,11 @@ def build_evaluators(world_seed: int = 0, steps: int = 1500, batch: int = 192, s
 def load_world_model(world_seed: int = 0, resolution: int = 16, dtype: str = "float32",
                      folder: Path = ASSET_DIR, name: str = "world"):
     """The shipped pretrained mini-world model, through the same loader as SD (``load_components``)."""
-    from lorabench.models import load_components
-
     path = folder / "model"
     if not (path / "world.json").is_file():
         raise ConfigError("model.pretrained", f"the mini-world model {str(path)!r} is missing; pretrain it "
-                          "(lorabench experiment=world_pretrain) and install it (python -m lorabench.world.assets model RUN_DIR)")
+                          "(lorabench experiment=world_pretrain) and install it "
+                          "(python -m lorabench.world.assets model RUN_DIR)")
     check_fingerprint(json.loads((path / "world.json").read_text()), make_world(world_seed, resolution),
                       "the shipped mini-world model")
     return load_components(str(path), name=name, dtype=dtype, resolution=resolution)
@@ -186,9 +188,6 @@ def model_quality(components, world: World, n_prompts: int = 300, seed: int = 43
                   guidance: float = 3.0, scheduler: str = "dpm", folder: Path = ASSET_DIR) -> dict:
     """Attribute accuracy of the model's samples for combinations held out of pretraining (a third each:
     plain objects, markings, styles; ``heldout_scenes``), judged zero-shot by the text-image evaluator."""
-    from lorabench.sampling import Sampler
-    from lorabench.world.datasets import heldout_scenes
-
     scenes = heldout_scenes(world, n_prompts, seed)
     sampler = Sampler(components, scheduler, num_inference_steps=steps, guidance_scale=guidance, batch_size=100)
     t0 = time.perf_counter()
@@ -202,10 +201,6 @@ def model_quality(components, world: World, n_prompts: int = 300, seed: int = 43
 def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
                   grid_path: Optional[Path] = None, n_prompts: int = 300) -> dict:
     """Copy a pretraining run's model into the package (float16 weights), record the world, report quality."""
-    from lorabench.models import load_components, save_components
-    from lorabench.sampling import Sampler, image_grid
-    from lorabench.world.datasets import heldout_scenes
-
     world = make_world(world_seed)
     src = Path(run_dir) / "model"
     if not (src / "unet").is_dir():
@@ -216,7 +211,8 @@ def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
     dest = folder / "model"
     save_components(comps, dest)
     (dest / "world.json").write_text(json.dumps(world.fingerprint(), indent=1, sort_keys=True) + "\n")
-    results = json.loads((Path(run_dir) / "results.json").read_text()) if (Path(run_dir) / "results.json").is_file() else {}
+    results_file = Path(run_dir) / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     model = load_world_model(world_seed, folder=folder)
     quality = model_quality(model, world, n_prompts=n_prompts, folder=folder)
     quality["pretraining"] = {k: results.get(k) for k in ("metrics", "timings", "seed")}
@@ -227,7 +223,8 @@ def install_model(run_dir: Path, world_seed: int = 0, folder: Path = ASSET_DIR,
         images = Sampler(model, "dpm", num_inference_steps=25, guidance_scale=3.0)(prompts, seeds=[0, 1, 2, 3] * 9)
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, rows=9, scale=4).save(grid_path)
-        (grid_path.with_suffix(".txt")).write_text("".join(f"row {i + 1}: {s.caption()}\n" for i, s in enumerate(scenes)))
+        captions = "".join(f"row {i + 1}: {s.caption()}\n" for i, s in enumerate(scenes))
+        grid_path.with_suffix(".txt").write_text(captions)
     return quality
 
 

@@ -8,8 +8,7 @@ from typing import Optional, Sequence
 from lorabench.data import ImageFolderDataModule
 from lorabench.errors import choice_error
 from lorabench.models import ModelComponents, build_tiny_components
-from lorabench.world.datasets import (caption_items, concept_items, pretrain_items, style_items,
-                                      write_imagefolder)
+from lorabench.world.datasets import caption_items, concept_items, pretrain_items, style_items, write_imagefolder
 from lorabench.world.spec import make_world
 
 KINDS = ("pretrain", "concept", "style", "captions")

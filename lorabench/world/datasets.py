@@ -22,12 +22,24 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from lorabench.errors import ConfigError, choice_error
 from lorabench.utils.io import atomic_dir
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.render import render
-from lorabench.errors import ConfigError, choice_error
-from lorabench.world.spec import (BACKGROUNDS, CAPTION_PARTS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, SIZES, STYLE_PROMPT,
-                                  Identity, Scene, Style, World)
+from lorabench.world.spec import (
+    BACKGROUNDS,
+    CAPTION_PARTS,
+    CLASSES,
+    COLOURS,
+    CONCEPT_PROMPT,
+    POSITIONS,
+    SIZES,
+    STYLE_PROMPT,
+    Identity,
+    Scene,
+    Style,
+    World,
+)
 
 # The pretraining corpus's mix: shares of plain, patterned (a marking) and styled objects (a styled
 # object carries a marking half of the time), and how often each caption part is left out.
@@ -95,7 +107,8 @@ def heldout_scenes(world: World, n: int, seed: int = 0) -> list[Scene]:
     held-out (size, colour, class, position, background), an object with a held-out marking, and an
     object in a held-out style."""
     rng = _rng(world, "heldout", seed)
-    combos, markings, styles = sorted(world.heldout_combos), sorted(world.heldout_markings), sorted(world.heldout_styles)
+    combos, markings = sorted(world.heldout_combos), sorted(world.heldout_markings)
+    styles = sorted(world.heldout_styles)
     out = []
     for k in range(n):
         if k % 3 == 0:
@@ -130,7 +143,8 @@ def concept_items(world: World, identity: Identity, n: int = 8, seed: int = 0, c
         scene = random_scene(rng, identity=identity)
         if (scene.position, scene.background) in excluded:
             continue
-        text = f"{prompt} at {scene.position} on {scene.background}" if caption_mode == "context" and len(out) % 2 else prompt
+        in_context = caption_mode == "context" and len(out) % 2
+        text = f"{prompt} at {scene.position} on {scene.background}" if in_context else prompt
         out.append((render(scene, world.resolution, rng), text))
     return out
 

@@ -28,8 +28,21 @@ from torch import nn
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.datasets import random_scene
 from lorabench.world.render import render
-from lorabench.world.spec import (BACKGROUNDS, CAPTION_PARTS, CLASSES, COLOURS, OUTLINES, PALETTES, PATTERNS,
-                                  POSITIONS, SIZES, TEXTURES, Identity, Scene, World)
+from lorabench.world.spec import (
+    BACKGROUNDS,
+    CAPTION_PARTS,
+    CLASSES,
+    COLOURS,
+    OUTLINES,
+    PALETTES,
+    PATTERNS,
+    POSITIONS,
+    SIZES,
+    TEXTURES,
+    Identity,
+    Scene,
+    World,
+)
 
 # Every attribute a caption can state, with its values. The first five apply to every object; pattern
 # and mark to objects with a marking; palette, texture and outline to styled objects.
@@ -158,7 +171,8 @@ def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _batch(scenes: list[Scene], res: int, rng) -> torch.Tensor:
+def batch_tensor(scenes: list[Scene], res: int, rng) -> torch.Tensor:
+    """Render ``scenes`` at ``res`` px as one (N, 3, res, res) batch in [0, 1]."""
     return to_tensor([render(s, res, rng) for s in scenes])
 
 
@@ -201,7 +215,7 @@ def train_text_image(world: World, steps: int = 1500, batch: int = 256, seed: in
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         scenes = text_image_scenes(world, rng, batch)
-        img = model.embed_images(_batch(scenes, world.resolution, rng))
+        img = model.embed_images(batch_tensor(scenes, world.resolution, rng))
         drops = [frozenset() if rng.random() < COMPLETE_CAPTIONS else
                  frozenset(p for p in CAPTION_PARTS if rng.random() < PARTIAL_CAPTION_DROP) for _ in scenes]
         captions = [s.caption(d) for s, d in zip(scenes, drops)]
@@ -240,7 +254,7 @@ def train_embedding(world: World, kind: str, steps: int = 1200, batch: int = 256
         labels = rng.integers(len(pool), size=batch)
         scenes = [random_scene(rng, identity=pool[k]) if kind == "identity"
                   else random_scene(rng, style=pool[k], identity=_maybe_identity(world, rng)) for k in labels]
-        logits = model.logits(_batch(scenes, world.resolution, rng))
+        logits = model.logits(batch_tensor(scenes, world.resolution, rng))
         loss = F.cross_entropy(logits, torch.from_numpy(labels))
         _optimise(opt, sched, loss, step, steps, log, kind)
     return model.eval()
@@ -256,10 +270,10 @@ def _maybe_identity(world: World, rng) -> Optional[Identity]:
 @torch.no_grad()
 def retrieval_top1(embed: Callable, groups: list[list[Scene]], res: int, rng) -> float:
     """Gallery: the first image of every group; queries: the rest. Top-1 = nearest gallery item is its own."""
-    gallery = embed(_batch([g[0] for g in groups], res, rng))
+    gallery = embed(batch_tensor([g[0] for g in groups], res, rng))
     hits = total = 0
     for k, g in enumerate(groups):
-        q = embed(_batch(g[1:], res, rng))
+        q = embed(batch_tensor(g[1:], res, rng))
         hits += int(((q @ gallery.T).argmax(1) == k).sum())
         total += len(g) - 1
     return hits / total
@@ -293,7 +307,7 @@ def attribute_accuracy(model: TextImageEvaluator, images: torch.Tensor, scenes: 
 def choose_threshold(embed: Callable, identities: list[Identity], res: int, rng, per: int = 6) -> dict:
     """Cosine-distance threshold for "same identity", at the equal-error point on held-out identities."""
     groups = [[random_scene(rng, identity=i) for _ in range(per)] for i in identities]
-    emb = torch.stack([embed(_batch(g, res, rng)) for g in groups])  # (I, per, d)
+    emb = torch.stack([embed(batch_tensor(g, res, rng)) for g in groups])  # (I, per, d)
     flat = emb.reshape(-1, emb.shape[-1])
     dist = 1 - flat @ flat.T
     ids = torch.arange(len(identities)).repeat_interleave(per)

@@ -142,7 +142,8 @@ def make_world(seed: int = 0, resolution: int = 16, n_experiment_identities: int
     evaluator = []
     for k in order:
         c, b, p, m = combos[k]
-        if len(per_class[c]) < n_experiment_identities // len(CLASSES) + (1 if CLASSES.index(c) < n_experiment_identities % len(CLASSES) else 0):
+        quota = n_experiment_identities // len(CLASSES) + (CLASSES.index(c) < n_experiment_identities % len(CLASSES))
+        if len(per_class[c]) < quota:
             per_class[c].append((c, b, p, m))
         else:
             evaluator.append((c, b, p, m))
@@ -159,9 +160,11 @@ def make_world(seed: int = 0, resolution: int = 16, n_experiment_identities: int
     heldout = frozenset(combos_all[k] for k in rng.permutation(len(combos_all))[: len(combos_all) // 10])
     # v2: markings and styles held out of pretraining too (drawn after v1's draws, which stay the same).
     markings = [identity_key(i) for i in evaluator_identities]
-    heldout_markings = frozenset(markings[k] for k in rng.permutation(len(markings))[: round(HELDOUT_SHARE * len(markings))])
+    heldout_markings = frozenset(markings[k]
+                                 for k in rng.permutation(len(markings))[: round(HELDOUT_SHARE * len(markings))])
     styles_ev = [style_key(s) for s in evaluator_styles]
-    heldout_styles = frozenset(styles_ev[k] for k in rng.permutation(len(styles_ev))[: round(HELDOUT_SHARE * len(styles_ev))])
+    heldout_styles = frozenset(styles_ev[k]
+                               for k in rng.permutation(len(styles_ev))[: round(HELDOUT_SHARE * len(styles_ev))])
     return World(seed, resolution, heldout, heldout_markings, heldout_styles, experiment_identities,
                  evaluator_identities, experiment_styles, evaluator_styles)
 
@@ -196,7 +199,7 @@ class Scene:
         object, its marking if it has one, its placement, and its style's palette, texture and outline.
         ``drop``: parts left out, any of CAPTION_PARTS (partial captions, as real captions mention only
         some attributes)."""
-        words = ["a"] + [w for part, w in (("size", self.size), ("colour", self.colour)) if part not in drop] + [self.cls]
+        words = ["a", *[w for part, w in (("size", self.size), ("colour", self.colour)) if part not in drop], self.cls]
         if self.identity is not None and "marking" not in drop:
             words.append(MARKING_PHRASE.format(mark=self.identity.mark, pattern=self.identity.pattern))
         if "position" not in drop:

@@ -4,13 +4,13 @@ them with, and reference images (fresh renders, never the training images)."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from lorabench.errors import choice_error
+from lorabench.evaluation.eval_sets import ConceptEvalSet, StyleEvalSet, without_token
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.datasets import concept_items, random_scene, style_object
 from lorabench.world.evaluators import to_tensor
@@ -18,18 +18,6 @@ from lorabench.world.render import render
 from lorabench.world.spec import BACKGROUNDS, CLASSES, COLOURS, CONCEPT_PROMPT, POSITIONS, STYLE_PROMPT, make_world
 
 DEFAULT_CONTEXTS = (("left", "black"), ("top", "gray"), ("right", "white"))
-
-
-def without_token(prompts: Sequence[str], token: str) -> list[str]:
-    """The prompts with the concept token removed: what CLIP-T compares the images with."""
-    return [" ".join(w for w in p.split() if w != token) for p in prompts]
-
-
-@dataclass
-class ConceptEvalSet:
-    prompts: list[str]       # what the model is asked, concept token included
-    texts: list[str]         # the same prompts without the token (CLIP-T compares images with these)
-    references: torch.Tensor  # (N, 3, H, W) in [0, 1]
 
 
 class WorldConceptEval:
@@ -63,13 +51,6 @@ class WorldConceptEval:
         texts = without_token(prompts, identity.token)
         items = concept_items(self.world, identity, self.n_references, self.reference_seed)
         return ConceptEvalSet(prompts, texts, to_tensor([img for img, _ in items]))
-
-
-@dataclass
-class StyleEvalSet:
-    style: str
-    prompts: list[str]        # "<style> image of a <colour> <class>", objects the style set never showed
-    base_prompts: list[str]   # the same prompts without the style word (what the base model is asked)
 
 
 class WorldStyleEval:

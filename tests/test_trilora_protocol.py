@@ -185,8 +185,8 @@ def test_parquet_like_the_pokemon_mirrors(tmp_path):
 
 def test_parquet_bad_input_is_one_line(tmp_path):
     write_parquet(tmp_path / "nocap.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "caption": "x"}])
-    with pytest.raises(ConfigError, match=r"data.path: .*nocap.parquet' has no column 'text' \(columns: image, caption\); "
-                                          r"set data.caption_column"):
+    with pytest.raises(ConfigError, match=r"data.path: .*nocap.parquet' has no column 'text' "
+                                          r"\(columns: image, caption\); set data.caption_column"):
         ImageFolderDataModule(str(tmp_path / "nocap.parquet"), resolution=16).prepare()
     write_parquet(tmp_path / "broken.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "text": "ok"},
                                                 {"image": {"bytes": b"not an image", "path": None}, "text": "bad"}])
@@ -205,10 +205,10 @@ def test_max_train_samples_larger_than_the_set_warns_and_keeps_all(toy_images):
 
 # -- training with checkpoint evaluation -----------------------------------------------------------------
 def test_checkpoint_evaluation_does_not_change_training(tmp_path):
+    from conftest import compose
     from lorabench.adapters import read_safetensors
     from lorabench.run import train
     from lorabench.training.callbacks import CheckpointEvaluation
-    from conftest import compose
 
     def cell(name, callbacks=()):
         cfg = compose(["experiment=trilora/world", "data.n=8", "data.max_train_samples=6", "data.batch_size=3",
@@ -217,7 +217,7 @@ def test_checkpoint_evaluation_does_not_change_training(tmp_path):
         train(cfg, tmp_path / name, callbacks=callbacks)
         return read_safetensors(tmp_path / name / "adapter.safetensors")[0]
 
-    from lorabench.protocols.toolkit import sample_each
+    from lorabench.sampling import sample_each
 
     def evaluate(components):
         images = sample_each(components, {"scheduler": "dpm", "num_inference_steps": 2, "progress": False},
@@ -236,7 +236,7 @@ def test_world_protocol_end_to_end(tmp_path):
     """Two adapters that over-train and one that does not, one seed, 2-step sampling: the base model's
     NFID is exactly 1 and the table shows it; curves, grids, plots and verdicts are written; the
     renderer rebuilds the same table from results.json."""
-    from lorabench.protocols.style_finetune import main
+    from lorabench.protocols.trilora import main
 
     proc = run_cli([*WORLD_ARGS, f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -268,7 +268,8 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                                   tmp_path), tmp_path, "data.path:", "has no column 'text'")
     write_parquet(tmp_path / "ok.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "text": "x"}] * 2)
     assert_one_line_error(run_cli(["experiment=trilora/pokemon", f"data.path={tmp_path / 'ok.parquet'}", "trainer=cpu"],
-                                  tmp_path), tmp_path, "eval.fidelity.feature_extractor_weights_path:", "weights-inception")
+                                  tmp_path), tmp_path, "eval.fidelity.feature_extractor_weights_path:",
+                          "weights-inception")
     assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.overtrain=[lora,dora]"], tmp_path), tmp_path,
                           "protocol.overtrain:", "dora")
     assert_one_line_error(run_cli([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
@@ -294,7 +295,8 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
             "data.max_train_samples=4", "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
             "~protocol.adapters.trilora_identity", "~protocol.adapters.trilora_svd_u",
             "~eval.fidelity", "+eval.fidelity={_target_:lorabench.evaluation.fidelity.clip_feature_scorer,"
-            f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
+            f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=2",
+            "eval.sampler.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -311,7 +313,7 @@ def test_curves_grids_and_table_go_to_wandb(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
     from conftest import compose
-    from lorabench.protocols.style_finetune import run
+    from lorabench.protocols.trilora import run
 
     calls = {"metrics": [], "image": [], "table": []}
     real_metrics = WandbLogger.log_metrics
@@ -321,7 +323,8 @@ def test_curves_grids_and_table_go_to_wandb(tmp_path, monkeypatch):
         return real_metrics(self, metrics, step)
 
     monkeypatch.setattr(WandbLogger, "log_metrics", spy_metrics)
-    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None, **kw: calls["image"].append((key, step)))
+    monkeypatch.setattr(WandbLogger, "log_image",
+                        lambda self, key, images, step=None, **kw: calls["image"].append((key, step)))
     monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns=None, data=None, step=None, **kw:
                         calls["table"].append((key, list(columns), len(data))))
     args = [a for a in WORLD_ARGS if "adapters" not in a] + ["~protocol.adapters.trilora_identity",
@@ -362,7 +365,7 @@ def test_epochs_with_a_warmup_schedule_and_random_crops(tmp_path):
 
 def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
     """A results.json with one seed: ``lora`` / ``trilora`` are NFIDs at epochs 1 (table) and 4 (last)."""
-    from lorabench.protocols.style_finetune import summaries
+    from lorabench.protocols.trilora import summaries
 
     rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, "fid": base_fid, "nfid": 1.0, "kid": 0.1,
              "kid_std": 0.0, "clip_score": 30.0}]
@@ -372,8 +375,9 @@ def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
                          "kid": 0.1, "kid_std": 0.0, "clip_score": 30.0 + (m == "lora") * 0.5, "train_s": 1.0})
     out = {"dataset": "x", "prompts": ["a"], "sample_seed": 30, "sampler": {}, "table_epoch": 1, "n_references": 2,
            "seeds": [seed], "methods": ["base", "lora", "trilora"], "checkpoints": [1, 4], "rows": rows,
-           "overtrain": ["lora", "trilora"], "adapters": {"lora": {"name": "lora", "rank": 4},
-                                                          "trilora": {"name": "trilora", "rank": 4, "sigma_init": "svd_w0"}}}
+           "overtrain": ["lora", "trilora"],
+           "adapters": {"lora": {"name": "lora", "rank": 4},
+                        "trilora": {"name": "trilora", "rank": 4, "sigma_init": "svd_w0"}}}
     out.update(summaries(out))
     (tmp_path / name).mkdir()
     (tmp_path / name / "results.json").write_text(json.dumps(out))
@@ -381,7 +385,7 @@ def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
 
 
 def test_table_from_several_runs_and_the_verdict_rules(tmp_path):
-    from lorabench.protocols.style_finetune import collect, verdicts
+    from lorabench.protocols.trilora import collect, verdicts
 
     a = synthetic_run(tmp_path, "a", 0, lora=(0.9, 1.3), trilora=(0.8, 0.85))
     b = synthetic_run(tmp_path, "b", 1, lora=(0.95, 1.1), trilora=(0.97, 1.0))
@@ -416,7 +420,8 @@ def test_offline_wandb_run_reads_back_with_table_images_and_curves(tmp_path):
     [table] = list((offline / "files" / "media" / "table" / "style_finetune").glob("table1_*.table.json"))
     logged = json.loads(table.read_text())
     assert logged["columns"][:2] == ["method", "nfid"]
-    assert {r[0]: r[1] for r in logged["data"]} == pytest.approx({m: s["nfid"]["mean"] for m, s in out["summary"].items()})
+    expected = {m: s["nfid"]["mean"] for m, s in out["summary"].items()}
+    assert {r[0]: r[1] for r in logged["data"]} == pytest.approx(expected)
     images = offline / "files" / "media" / "images"
     for method in ("lora", "trilora"):
         assert len(list((images / "curves" / method / "seed0").glob("samples_*.png"))) == 2  # epochs 1 and 2

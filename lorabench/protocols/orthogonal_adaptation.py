@@ -1,26 +1,29 @@
-"""Modular customisation (Orthogonal Adaptation, Table 2): train each concept once, alone; then merge
-groups of independently trained concepts and score every concept alone and inside its merged model.
+"""Orthogonal Adaptation's Table 2 (Po et al., CVPR 2024): modular customisation. Train each concept
+once, alone; then merge groups of independently trained concepts and score every concept alone and
+inside its merged model.
 
     lorabench experiment=orthogonal_adaptation/world                    # the world Table 2, 3 seeds
     lorabench experiment=orthogonal_adaptation/world protocol.only=[dblora_fedavg,ortha_disjoint]
-    python -m lorabench.protocols.modular outputs/.../run1 outputs/.../run2   # rebuild the table
+    python -m lorabench.protocols.orthogonal_adaptation outputs/.../run1 outputs/.../run2   # rebuild the table
 
 Stages, per seed:
-1. **Single.** Every (adapter type, concept) is trained once (cached under ``protocol.cache_dir``
-   by a hash of its training config, so a sweep over merge methods or a rerun never trains a concept
-   twice), loaded into the base model, scored with the single-concept protocol's prompts, initial
-   latents and scorer, and its layers' input statistics are captured (:mod:`lorabench.merging.capture`)
-   from the concept's training prompt, for gradient fusion and the crosstalk measures.
-2. **Groups.** Each concept is merged with ``group_size - 1`` others drawn with the seed, concepts of
-   its own class first (the paper merges faces with faces). A group two concepts drew is merged once
-   and its measured merge time recorded for both.
-3. **Merged.** For each method (an adapter type and a merge config), each concept's group is merged
-   (timed), folded into the base model's weights, and the concept is scored again from the same
-   initial latents. Crosstalk diagnostics of the group's updates go beside it.
+1. **Single** (:func:`single_stage`). Every (adapter type, concept) is trained once (cached under
+   ``protocol.cache_dir`` by a hash of its training config, so a sweep over merge methods or a rerun
+   never trains a concept twice), loaded into the base model, scored with the single-concept
+   protocol's prompts, initial latents and scorer, and its layers' input statistics are captured
+   (:mod:`lorabench.merging.capture`) from the concept's training prompt, for gradient fusion and the
+   crosstalk measures.
+2. **Groups** (:func:`draw_groups`). Each concept is merged with ``group_size - 1`` others drawn with
+   the seed, concepts of its own class first (the paper merges faces with faces). A group two
+   concepts drew is merged once and its measured merge time recorded for both.
+3. **Merged** (:func:`merged_stage`). For each method (an adapter type and a merge config), each
+   concept's group is merged (timed), folded into the base model's weights, and the concept is scored
+   again from the same initial latents. Crosstalk diagnostics of the group's updates go beside it.
 
 A row is one (method, concept, seed); the table shows single -> merged means +- std over seeds (each
 seed's mean over concepts). Methods that need token-embedding training (P+, Custom Diffusion, ED-LoRA)
-stay in the table as "not yet implemented".
+stay in the table as "not yet implemented". Results record the protocol as ``modular`` and log under
+``modular/...`` in W&B, the names runs have always had.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import io
 import json
 import random
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,14 +42,33 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lorabench.adapters import load_adapter
 from lorabench.errors import ConfigError
-from lorabench.protocols.single_concept import sample_seeds, score_samples
-from lorabench.protocols.toolkit import (derive_seed_list, eval_setup, mean_std, pretrain_cells, protocol_inputs,
-                                         sample_prompts, trained_cell, write_protocol_outputs)
-from lorabench.utils.io import atomic_path
+from lorabench.evaluation.scores import score_samples
+from lorabench.merging import (
+    AdapterUpdate,
+    capture_stats,
+    get_merge,
+    group_crosstalk,
+    layer_means,
+    load_stats,
+    merge,
+    merged_into,
+    model_weights,
+    output_error,
+    save_stats,
+    updates_from_adapters,
+)
+from lorabench.protocols.cells import pretrain_cells, protocol_inputs, trained_cell
+from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
+from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
+from lorabench.sampling import sample_prompts
 from lorabench.utils.console import CellProgress, quiet_cells
-from lorabench.utils.seeding import derive_seed
+from lorabench.utils.io import write_text
+from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.seeding import derive_seed, derive_seed_list
 
+PROTOCOL = "modular"  # the protocol's name in results.json and its W&B keys
 # Table 2's columns: text alignment (CLIP-T, the concept in context prompts), image alignment (CLIP-I)
 # and identity alignment (share of samples within the identity threshold), single -> merged.
 SCORES = ("context_text_alignment", "image_alignment", "identity_alignment")
@@ -70,8 +92,6 @@ NOT_IMPLEMENTED = ("P+", "Custom Diffusion", "Mix-of-Show ED-LoRA (FedAvg)", "Mi
 # -- inputs ------------------------------------------------------------------------------------------
 def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
     """The protocol's methods (``protocol.only`` picks some), each checked: a known adapter, a merge."""
-    from lorabench.merging import get_merge
-
     methods = {k: OmegaConf.to_container(v, resolve=True) for k, v in (p.get("methods") or {}).items()}
     if not methods:
         raise ConfigError("protocol.methods", "no merge methods; add e.g. /merge@protocol.methods.fedavg.merge: sum")
@@ -87,12 +107,14 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
             raise ConfigError(f"protocol.methods.{name}.adapter",
                               f"unknown adapter {m.get('adapter')!r}; valid: {', '.join(adapters)}")
         if not m.get("merge"):
-            raise ConfigError(f"protocol.methods.{name}.merge", "missing; e.g. /merge@protocol.methods.<name>.merge: sum")
+            raise ConfigError(f"protocol.methods.{name}.merge",
+                              "missing; e.g. /merge@protocol.methods.<name>.merge: sum")
         get_merge(str(m["merge"].get("name")))
     return methods
 
 
-def assign_slots(adapter_cfg: DictConfig, concepts: Sequence[str], slots: Optional[Mapping], key: str) -> dict[str, DictConfig]:
+def assign_slots(adapter_cfg: DictConfig, concepts: Sequence[str], slots: Optional[Mapping],
+                 key: str) -> dict[str, DictConfig]:
     """Per-concept adapter configs. OrthA in disjoint mode gets a slot per concept (``protocol.slots``
     or the concept's index) and ``num_slots``; two concepts on one slot would share rows: an error."""
     out = {}
@@ -178,7 +200,8 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
         cells = [labels.get(method, method), _fmt_time(s["merge_s"]["mean"]) if "merge_s" in s else "-"]
         for m in SCORES:
             a, b, d = s.get(f"single_{m}"), s.get(f"merged_{m}"), s.get(f"delta_{m}")
-            cells.append(f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if a and b and d else "-")
+            ok = a and b and d
+            cells.append(f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if ok else "-")
         for c in ("weight_crosstalk", "interference", "subspace_interference", "output_error"):
             cells.append(f"{s[c]['mean']:.3f} +- {s[c]['std']:.3f}" if c in s else "-")
         md.append("| " + " | ".join(cells) + " |")
@@ -191,8 +214,9 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
     md.append("")
     md.append(f"Mean over {len(concepts)} concepts per seed, then mean (delta: +- std) over {len(seeds)} seed(s) "
               f"{seeds}. Crosstalk (lorabench.merging.crosstalk): weight = ||dW_i dW_j^T|| / (||dW_i|| ||dW_j||); "
-              "interference = ||dW_j X_i|| / ||dW_i X_i||, in own subspace: on P_i X_i (X_i projected on the rows of down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the "
-              "merged update D; layer means over the group's pairs.")
+              "interference = ||dW_j X_i|| / ||dW_i X_i||, in own subspace: on P_i X_i (X_i projected on the rows of "
+              "down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the merged update D; layer means over the "
+              "group's pairs.")
     md += ["", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
            "| method | merge time | text align. | image align. | identity align. |", "|---|---|---|---|---|"]
     md += ["| " + " | ".join(r) + " |" for r in PUBLISHED]
@@ -257,14 +281,10 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
 
 def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
     """Per-layer interference and weight crosstalk, one line per method (mean over groups and seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-    for ax, key, title in zip(axes, ("interference", "weight_crosstalk"),
-                              ("interference ||dW_j X_i|| / ||dW_i X_i||", "weight crosstalk ||dW_i dW_j^T|| (normalised)")):
+    fig, axes = figure(2, figsize=(12, 3.6))
+    for ax, key, title in zip(axes[0], ("interference", "weight_crosstalk"),
+                              ("interference ||dW_j X_i|| / ||dW_i X_i||",
+                               "weight crosstalk ||dW_i dW_j^T|| (normalised)")):
         for method, per_layer in layers.items():
             names = list(per_layer)
             ax.plot(range(len(names)), [per_layer[n].get(key, float("nan")) for n in names], marker="o", ms=3,
@@ -272,23 +292,15 @@ def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, fl
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("adapted layer (model order)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    axes[0, 0].legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]], labels: Mapping[str, str]) -> None:
     """Table 2 as bars: per score, each method's single (light) and merged (dark) mean +- std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = list(summary)
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6), sharey=True)
-    for ax, score in zip(axes, SCORES):
+    fig, axes = figure(len(SCORES), figsize=(4.2 * len(SCORES), 3.6), sharey=True)
+    for ax, score in zip(axes[0], SCORES):
         for i, m in enumerate(methods):
             for j, (kind, alpha) in enumerate((("single", 0.45), ("merged", 1.0))):
                 v = summary[m].get(f"{kind}_{score}", {})
@@ -297,22 +309,34 @@ def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float
         ax.set_xticks(range(len(methods)), [labels.get(m, m) for m in methods], rotation=30, ha="right", fontsize=7)
         ax.set_title(SCORE_LABELS[score] + ": single -> merged", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    axes[0, 0].legend(fontsize=7)
+    save_figure(fig, path)
 
 
 # -- the protocol ------------------------------------------------------------------------------------
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    from lorabench.adapters import load_adapter
-    from lorabench.merging import (adapted_weights, base_fingerprint, capture_stats, group_crosstalk, layer_means,
-                                   load_stats, merge, merged_into, model_weights, output_error, save_stats,
-                                   updates_from_adapters)
+@dataclass
+class Plan:
+    """What :func:`run` settles from the config before any work; every stage reads it."""
 
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
+    concepts: list[str]
+    seeds: list[int]
+    methods: dict[str, dict]
+    used: list[str]                          # adapter types some method merges
+    cell_cfgs: dict[str, dict[str, Any]]     # {adapter: {concept: its adapter config}}
+    concept_data: dict[str, dict]            # {concept: the data fields its cells set}
+    group_size: int
+    same_class: bool
+    ev: EvalSetup
+    classes: dict[str, str]
+    refs: dict[str, dict]                    # {concept: reference embeddings}
+    capture_sampler: dict
+    n_cap: int
+    cache_root: Path
+    labels: dict[str, str]
+
+
+def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
+    """Check the protocol's inputs and build the eval setup (one-line errors, before any training)."""
     p = cfg.protocol
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
     methods = select_methods(p, adapters)
@@ -321,177 +345,207 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
                           f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
     used = list(dict.fromkeys(m["adapter"] for m in methods.values()))
-    cell_cfgs = {a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used}
-    eval_sets, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
-    classes = {c: eval_sets.concept_class(c) if hasattr(eval_sets, "concept_class") else "" for c in concepts}
-    refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
+    ev = eval_setup(cfg, concepts, "concepts", "scorer")
     cap = OmegaConf.to_container(p.get("capture") or {}, resolve=True)
-    capture_sampler = {**sampler_cfg, "num_inference_steps": int(cap.get("num_inference_steps", 10))}
-    n_cap = int(cap.get("images_per_prompt", 4))
-    cache_root = Path(str(p.get("cache_dir") or run_dir / "cells"))
     # What each concept's training data sets: the world names it (data.concept); the real path gives
     # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
     concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))
                     if p.get("concept_data") and c in p.concept_data else {"concept": c} for c in concepts}
-    labels = {k: m.get("label", k) for k, m in methods.items()}
+    return Plan(
+        concepts=concepts, seeds=seeds, methods=methods, used=used,
+        cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
+        concept_data=concept_data, group_size=group_size, same_class=bool(p.get("same_class", True)), ev=ev,
+        classes={c: ev.eval_sets.concept_class(c) if hasattr(ev.eval_sets, "concept_class") else "" for c in concepts},
+        refs={c: ev.scorer.embed_references(ev.sets[c].references) for c in concepts},
+        capture_sampler={**ev.sampler, "num_inference_steps": int(cap.get("num_inference_steps", 10))},
+        n_cap=int(cap.get("images_per_prompt", 4)), cache_root=Path(str(p.get("cache_dir") or run_dir / "cells")),
+        labels={k: m.get("label", k) for k, m in methods.items()})
 
-    # Cells not cached yet train first, protocol.train_workers at a time (1: each where the loop needs it).
-    fresh = pretrain_cells(cfg, [(cell_cfgs[a][c], concept_data[c], seed, f"{a}-{c}-seed{seed}")
-                                 for seed in seeds for a in used for c in concepts], cache_root,
-                           int(p.get("train_workers", 1)))
-    n_steps = len(seeds) * len(concepts) * (len(used) + len(methods))
-    progress = CellProgress(n_steps, desc="modular")
-    rows: list[dict] = []
-    singles: list[dict] = []
-    layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    panels: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
-    with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
-        for seed in seeds:
-            groups = draw_groups(concepts, classes, group_size, seed, bool(p.get("same_class", True)))
-            latents = sample_seeds(seed, n_img)
-            # 1. single: train once (or reuse), score alone, capture input statistics
-            updates: dict[tuple[str, str], Any] = {}
-            stats: dict[tuple[str, str], dict] = {}
-            single: dict[tuple[str, str], dict] = {}
-            group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}
-            for a in used:
-                for c in concepts:
-                    cell_dir, res, reused = trained_cell(cfg, cell_cfgs[a][c], concept_data[c], seed, cache_root,
-                                                         f"{a}-{c}-seed{seed}")
-                    reused = reused and f"{a}-{c}-seed{seed}" not in fresh
-                    ad = load_adapter(base, cell_dir / "adapter.safetensors")
-                    try:
-                        stats_file = cell_dir / f"stats-{n_cap}x{capture_sampler['num_inference_steps']}.safetensors"
-                        if stats_file.is_file():
-                            grams = load_stats(stats_file, ad)
-                        else:
-                            grams, n_rows = capture_stats(base, ad, sets[c].prompts[:1],
-                                                          derive_seed_list("modular-capture", seed, n_cap),
-                                                          capture_sampler, device)
-                            save_stats(stats_file, grams, n_rows, base_fingerprint(adapted_weights(ad)),
-                                       sets[c].prompts[:1], {"concept": c, "adapter": a, "seed": seed})
-                        imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, latents, device)
-                        updates[a, c] = updates_from_adapters(ad, c, base_model=base.model_id)
-                    finally:
-                        ad.remove()
-                    stats[a, c] = grams
-                    single[a, c] = score_samples(scorer, imgs, sets[c], n_img, refs[c])
-                    singles.append({"adapter": a, "concept": c, "seed": seed, **single[a, c],
-                                    "train_s": res["timings"]["fit_s"], "steps": res["metrics"]["steps"],
-                                    "reused": reused})
-                    if seed == seeds[0] and a == used[0]:
-                        panels[c].append(imgs)
-                    progress.done(f"{a:>15} {c} seed {seed}: single identity align. "
-                                  f"{single[a, c]['identity_alignment']:.2f}" +
-                                  (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
-            # 2-3. merge each concept's group, score the concept in it
-            for name, m in methods.items():
-                a = m["adapter"]
-                merged_groups: dict[tuple[str, ...], Any] = {}  # a group drawn twice is merged once
-                for c in concepts:
-                    group = groups[c]
-                    ups = [updates[a, g] for g in group]
-                    grams = [stats[a, g] for g in group]
-                    if tuple(group) not in merged_groups:
-                        merged_groups[tuple(group)] = merge(ups, m["merge"], stats=grams)
-                    result = merged_groups[tuple(group)]
-                    weights = model_weights(base, list(result.deltas))
-                    with merged_into(weights, result.deltas):
-                        imgs = sample_prompts(base, sampler_cfg, sets[c].prompts, latents, device)
-                    merged = score_samples(scorer, imgs, sets[c], n_img, refs[c])
-                    if (a, tuple(group)) not in group_ct:  # the same for every method on these adapters
-                        group_ct[a, tuple(group)] = group_crosstalk(ups, grams)
-                    per_layer = {k: dict(v) for k, v in group_ct[a, tuple(group)].items()}
-                    err = output_error(updates[a, c], result.deltas, stats[a, c])
-                    err_sub = output_error(updates[a, c], result.deltas, stats[a, c], subspace=True)
-                    for layer, row in per_layer.items():
-                        row["output_error"], row["subspace_output_error"] = err[layer], err_sub[layer]
-                        acc = layer_acc.setdefault(name, {}).setdefault(layer, {})
-                        for k, v in row.items():
-                            acc.setdefault(k, []).append(v)
-                    row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": group,
-                           "merge_s": result.merge_s, **layer_means(per_layer)}
-                    for k in SCORES + ("identity_similarity",):
-                        row[f"single_{k}"], row[f"merged_{k}"] = single[a, c][k], merged[k]
-                        row[f"delta_{k}"] = merged[k] - single[a, c][k]
-                    if "dropped_energy_mean" in result.info:
-                        row["dropped_energy"] = result.info["dropped_energy_mean"]
-                    rows.append(row)
-                    if seed == seeds[0]:
-                        panels[c].append(imgs)
-                    progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
-                                  f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(result.merge_s)}")
-        del base
-    progress.close()
 
-    crosstalk_layers = {mth: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
-                        for mth, per in layer_acc.items()}
-    roles = OmegaConf.to_container(p.get("roles") or {}, resolve=True)
-    table, table_csv = table2(rows, labels)
-    out = {"protocol": "modular", "concepts": concepts, "seeds": seeds, "group_size": group_size,
-           "methods": {k: {**m, "label": labels[k]} for k, m in methods.items()}, "labels": labels, "roles": roles,
-           "prompts": {c: sets[c].prompts for c in concepts}, "images_per_prompt": n_img, "sampler": sampler_cfg,
-           "capture": {"images_per_prompt": n_cap, "num_inference_steps": capture_sampler["num_inference_steps"]},
-           "rows": rows, "single_rows": singles, "summary": summarise(rows), "crosstalk_layers": crosstalk_layers,
-           "verdicts": verdicts(rows, roles), "total_s": time.perf_counter() - t0,
-           "config": OmegaConf.to_container(cfg, resolve=True)}
-    table = table + "\n\n" + format_verdicts(out["verdicts"])
-    crosstalk_plot(run_dir / "crosstalk.png", crosstalk_layers)
-    merge_bars(run_dir / "merge_bars.png", out["summary"], labels)
-    tables = {"crosstalk": (["method", "layer", *CROSSTALK],
-                            [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in crosstalk_layers.items()
-                             for layer, v in per.items()])}
-    write_protocol_outputs(cfg, run_dir, "modular", out, table, [img for c in concepts for img in panels[c]],
-                           tables=tables, images={"merge_bars": run_dir / "merge_bars.png",
-                                                  "crosstalk": run_dir / "crosstalk.png"})
-    with atomic_path(run_dir / "table2.csv") as tmp:
-        tmp.write_text(table_csv)
-    out["table"] = table
+@dataclass
+class SeedSingles:
+    """Stage 1's output for one seed, keyed by (adapter type, concept)."""
+
+    updates: dict[tuple[str, str], AdapterUpdate]
+    stats: dict[tuple[str, str], dict]
+    scores: dict[tuple[str, str], dict]
+    rows: list[dict]
+
+
+def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int], fresh: set[str],
+                 progress: CellProgress, panels: dict[str, list[torch.Tensor]]) -> SeedSingles:
+    """Train (or reuse) every (adapter type, concept) cell of ``seed``, score it alone and capture its
+    input statistics (cached beside the cell)."""
+    ev, out = plan.ev, SeedSingles({}, {}, {}, [])
+    n_steps = plan.capture_sampler["num_inference_steps"]
+    for a in plan.used:
+        for c in plan.concepts:
+            name = f"{a}-{c}-seed{seed}"
+            cell_dir, res, reused = trained_cell(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed,
+                                                 plan.cache_root, name)
+            reused = reused and name not in fresh
+            ad = load_adapter(base, cell_dir / "adapter.safetensors")
+            try:
+                stats_file = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
+                if stats_file.is_file():
+                    grams = load_stats(stats_file, ad)
+                else:
+                    grams, n_rows = capture_stats(base, ad, ev.sets[c].prompts[:1],
+                                                  derive_seed_list("modular-capture", seed, plan.n_cap),
+                                                  plan.capture_sampler, ev.device)
+                    save_stats(stats_file, grams, n_rows, ad.base_fingerprint(), ev.sets[c].prompts[:1],
+                               {"concept": c, "adapter": a, "seed": seed})
+                imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+                out.updates[a, c] = updates_from_adapters(ad, c, base_model=base.model_id)
+            finally:
+                ad.remove()
+            out.stats[a, c] = grams
+            score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, "train_s": res["timings"]["fit_s"],
+                             "steps": res["metrics"]["steps"], "reused": reused})
+            if seed == plan.seeds[0] and a == plan.used[0]:
+                panels[c].append(imgs)
+            progress.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
+                          (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
     return out
 
 
-def format_verdicts(items: Sequence[Mapping]) -> str:
-    return "\n".join(f"- **{v['verdict']}**: {v['claim']}. {v['detail']}" for v in items)
+def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedSingles, progress: CellProgress,
+                 panels: dict[str, list[torch.Tensor]], layer_acc: dict) -> list[dict]:
+    """Merge each concept's group with every method, score the concept in the merged model, and measure
+    the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
+    ev, rows = plan.ev, []
+    groups = draw_groups(plan.concepts, plan.classes, plan.group_size, seed, plan.same_class)
+    group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}  # the same for every method on these adapters
+    for name, m in plan.methods.items():
+        a = m["adapter"]
+        merged_groups: dict[tuple[str, ...], Any] = {}  # a group drawn twice is merged once
+        for c in plan.concepts:
+            group = tuple(groups[c])
+            ups = [singles.updates[a, g] for g in group]
+            grams = [singles.stats[a, g] for g in group]
+            if group not in merged_groups:
+                merged_groups[group] = merge(ups, m["merge"], stats=grams)
+            result = merged_groups[group]
+            with merged_into(model_weights(base, list(result.deltas)), result.deltas):
+                imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+            merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+            if (a, group) not in group_ct:
+                group_ct[a, group] = group_crosstalk(ups, grams)
+            per_layer = {k: dict(v) for k, v in group_ct[a, group].items()}
+            err = output_error(singles.updates[a, c], result.deltas, singles.stats[a, c])
+            err_sub = output_error(singles.updates[a, c], result.deltas, singles.stats[a, c], subspace=True)
+            for layer, row in per_layer.items():
+                row["output_error"], row["subspace_output_error"] = err[layer], err_sub[layer]
+                acc = layer_acc.setdefault(name, {}).setdefault(layer, {})
+                for k, v in row.items():
+                    acc.setdefault(k, []).append(v)
+            row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": list(group),
+                   "merge_s": result.merge_s, **layer_means(per_layer)}
+            single = singles.scores[a, c]
+            for k in SCORES + ("identity_similarity",):
+                row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
+                row[f"delta_{k}"] = merged[k] - single[k]
+            if "dropped_energy_mean" in result.info:
+                row["dropped_energy"] = result.info["dropped_energy_mean"]
+            rows.append(row)
+            if seed == plan.seeds[0]:
+                panels[c].append(imgs)
+            progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
+                          f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(result.merge_s)}")
+    return rows
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, table2.csv,
+    samples.png, crosstalk.png and merge_bars.png, and logs them to the configured loggers."""
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    plan = make_plan(cfg, run_dir)
+    concepts, seeds, used = plan.concepts, plan.seeds, plan.used
+    # Cells not cached yet train first, protocol.train_workers at a time (1: each where the loop needs it).
+    fresh = pretrain_cells(cfg, [(plan.cell_cfgs[a][c], plan.concept_data[c], seed, f"{a}-{c}-seed{seed}")
+                                 for seed in seeds for a in used for c in concepts], plan.cache_root,
+                           int(cfg.protocol.get("train_workers", 1)))
+    progress = CellProgress(len(seeds) * len(concepts) * (len(used) + len(plan.methods)), desc=PROTOCOL)
+    rows: list[dict] = []
+    singles: list[dict] = []
+    layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    panels: dict[str, list[torch.Tensor]] = {c: [plan.ev.sets[c].references] for c in concepts}
+    with quiet_cells():
+        base = instantiate(cfg.model, _convert_="all")
+        for seed in seeds:
+            latents = concept_seeds(seed, plan.ev.images_per_prompt)
+            seed_singles = single_stage(plan, cfg, base, seed, latents, fresh, progress, panels)
+            singles += seed_singles.rows
+            rows += merged_stage(plan, base, seed, latents, seed_singles, progress, panels, layer_acc)
+        del base
+    progress.close()
+    out = results(cfg, plan, rows, singles, layer_acc, time.perf_counter() - t0)
+    out["table"] = write_outputs(cfg, run_dir, out, [img for c in concepts for img in panels[c]])
+    return out
+
+
+def results(cfg: DictConfig, plan: Plan, rows: list[dict], singles: list[dict], layer_acc: Mapping,
+            total_s: float) -> dict[str, Any]:
+    """The run's results.json content."""
+    crosstalk_layers = {mth: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
+                        for mth, per in layer_acc.items()}
+    roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)
+    ev = plan.ev
+    return {"protocol": PROTOCOL, "concepts": plan.concepts, "seeds": plan.seeds, "group_size": plan.group_size,
+            "methods": {k: {**m, "label": plan.labels[k]} for k, m in plan.methods.items()}, "labels": plan.labels,
+            "roles": roles, "prompts": {c: ev.sets[c].prompts for c in plan.concepts},
+            "images_per_prompt": ev.images_per_prompt, "sampler": ev.sampler,
+            "capture": {"images_per_prompt": plan.n_cap,
+                        "num_inference_steps": plan.capture_sampler["num_inference_steps"]},
+            "rows": rows, "single_rows": singles, "summary": summarise(rows), "crosstalk_layers": crosstalk_layers,
+            "verdicts": verdicts(rows, roles), "total_s": total_s, "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def write_outputs(cfg: DictConfig, run_dir: Path, out: dict, panels: list[torch.Tensor]) -> str:
+    """The table (with verdicts), its CSV, the plots and the shared protocol outputs; returns the table."""
+    table, table_csv = table2(out["rows"], out["labels"])
+    table = table + "\n\n" + format_verdicts(out["verdicts"])
+    crosstalk_plot(run_dir / "crosstalk.png", out["crosstalk_layers"])
+    merge_bars(run_dir / "merge_bars.png", out["summary"], out["labels"])
+    per_layer = [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in out["crosstalk_layers"].items()
+                 for layer, v in per.items()]
+    tables = {"crosstalk": (["method", "layer", *CROSSTALK], per_layer)}
+    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, panels, tables=tables, job_type="merge",
+                           images={"merge_bars": run_dir / "merge_bars.png", "crosstalk": run_dir / "crosstalk.png"})
+    write_text(run_dir / "table2.csv", table_csv)
+    return table
 
 
 def rebuild(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None) -> str:
-    """Table 2 from the results.json of one or more modular runs (e.g. the jobs of a sweep); writes
-    table2.md and table2.csv into ``out_dir`` when given."""
+    """Table 2 from the results.json of one or more runs of this protocol (e.g. the jobs of a sweep);
+    writes table2.md and table2.csv into ``out_dir`` when given."""
     rows, labels, roles = [], {}, {}
     for d in run_dirs:
         f = Path(d) / "results.json"
         if not f.is_file():
-            raise ConfigError(str(d), "has no results.json (is it a finished modular run folder?)")
+            raise ConfigError(str(d), "has no results.json (is it a finished orthogonal_adaptation run folder?)")
         res = json.loads(f.read_text())
-        if res.get("protocol") != "modular":
-            raise ConfigError(str(f), f"is a {res.get('protocol')!r} run, not a modular one")
+        if res.get("protocol") != PROTOCOL:
+            raise ConfigError(str(f), f"is a {res.get('protocol')!r} run, not an orthogonal_adaptation "
+                              f"({PROTOCOL}) one")
         rows += res["rows"]
         labels.update(res.get("labels", {}))
         roles.update(res.get("roles", {}))
     md, table_csv = table2(rows, labels)
     md += "\n\n" + format_verdicts(verdicts(rows, roles))
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        for name, text in (("table2.md", md + "\n"), ("table2.csv", table_csv)):
-            with atomic_path(out_dir / name) as tmp:
-                tmp.write_text(text)
+        write_text(Path(out_dir) / "table2.md", md + "\n")
+        write_text(Path(out_dir) / "table2.csv", table_csv)
     return md
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m lorabench.protocols.modular",
-                                 description="Rebuild Table 2 from modular run folders (no re-running).")
-    ap.add_argument("run_dirs", nargs="+", help="folders holding a modular run's results.json")
-    ap.add_argument("--out", help="write table2.md and table2.csv here")
-    args = ap.parse_args(argv)
-    try:
-        print(rebuild(args.run_dirs, args.out))
-    except ConfigError as err:
-        print(f"lorabench: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """``python -m lorabench.protocols.orthogonal_adaptation RUN... [--out DIR]``: rebuild Table 2."""
+    rebuild_cli(argv, "python -m lorabench.protocols.orthogonal_adaptation",
+                "Rebuild Table 2 from Orthogonal Adaptation run folders (no re-running).", rebuild,
+                "write table2.md and table2.csv here", out_required=False)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,44 @@
-"""Evaluation prompts and references for concepts given as image folders (the real path).
+"""What a protocol scores a concept or a style with: its prompts, the texts CLIP-T compares the
+images with, and reference images.
 
-The counterpart of :class:`lorabench.world.tasks.WorldConceptEval`: ``FolderConceptEval(concepts)``
-maps each concept name to its folder, token and class; calling it with a name gives the prompts
-(the instance prompt, then one per context template), the same prompts without the token (what
-CLIP-T compares the images with) and the folder's images as references.
+- :class:`ConceptEvalSet` and :class:`StyleEvalSet`: the sets themselves, whoever builds them;
+- :class:`FolderConceptEval` and :class:`FolderStyleEval`: the real path's builders, from image
+  folders (the mini world's are :class:`lorabench.world.tasks.WorldConceptEval` and
+  :class:`~lorabench.world.tasks.WorldStyleEval`). ``FolderConceptEval(concepts)`` maps each concept
+  name to its folder, token and class; calling it with a name gives the prompts (the instance prompt,
+  then one per context template), the same prompts without the token and the folder's images.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from lorabench.data.imagefolder import load_image, scan_folder
 from lorabench.errors import ConfigError, choice_error
-from lorabench.world.tasks import ConceptEvalSet, without_token
+
+
+def without_token(prompts: Sequence[str], token: str) -> list[str]:
+    """The prompts with the concept token removed: what CLIP-T compares the images with."""
+    return [" ".join(w for w in p.split() if w != token) for p in prompts]
+
+
+@dataclass
+class ConceptEvalSet:
+    prompts: list[str]       # what the model is asked, concept token included
+    texts: list[str]         # the same prompts without the token (CLIP-T compares images with these)
+    references: torch.Tensor  # (N, 3, H, W) in [0, 1]
+
+
+@dataclass
+class StyleEvalSet:
+    style: str
+    prompts: list[str]        # "<style> image of <object>", objects the style set never showed
+    base_prompts: list[str]   # the same prompts without the style word (what the base model is asked)
+
 
 DEFAULT_TEMPLATES = ("a photo of {token} {cls} on the beach", "a photo of {token} {cls} in a forest",
                      "a close-up photo of {token} {cls}, smiling")
@@ -22,8 +46,6 @@ DEFAULT_TEMPLATES = ("a photo of {token} {cls} on the beach", "a photo of {token
 
 def folder_images(path, n: int | None, resolution: int, field: str) -> torch.Tensor:
     """The first ``n`` images of a folder (all when ``None``), (N, 3, R, R) in [0, 1]."""
-    from lorabench.data.imagefolder import load_image, scan_folder
-
     items = scan_folder(Path(path), instance_prompt="", field=field)
     paths = [p for p, _ in items][: n or None]
     refs = torch.stack([load_image(p, resolution) for p in paths])
@@ -86,11 +108,10 @@ class FolderStyleEval:
             raise choice_error("eval.styles.styles", style, self.styles)
         return self.styles[style]
 
-    def __call__(self, style: str):
-        from lorabench.world.tasks import StyleEvalSet
-
+    def __call__(self, style: str) -> StyleEvalSet:
         self._get(style)
-        return StyleEvalSet(style, [self.prompt.format(style=style, object=o) for o in self.objects], list(self.objects))
+        prompts = [self.prompt.format(style=style, object=o) for o in self.objects]
+        return StyleEvalSet(style, prompts, list(self.objects))
 
     def references(self, style: str) -> torch.Tensor:
         return folder_images(self._get(style)["path"], self.n_references, self.resolution,

@@ -20,18 +20,27 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lorabench.adapters import load_adapter
 from lorabench.errors import ConfigError, choice_error
+from lorabench.merging import (
+    capture_stats,
+    get_merge,
+    load_stats,
+    merge,
+    read_update,
+    save_merged_adapter,
+    save_merged_unet,
+    save_stats,
+)
+from lorabench.sampling import eval_device
+from lorabench.utils.io import write_json
+from lorabench.utils.seeding import derive_seed_list
 
 SAVE_AS = ("adapter", "unet")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    from lorabench.adapters import load_adapter
-    from lorabench.merging import (adapted_weights, base_fingerprint, capture_stats, get_merge, load_stats, merge,
-                                   read_update, save_merged_adapter, save_merged_unet, save_stats)
-    from lorabench.protocols.toolkit import derive_seed_list, eval_device
-    from lorabench.utils.io import write_json
-
+    """Merge ``protocol.inputs`` with ``cfg.merge`` and write the result (and any statistics it captured)."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     p = cfg.protocol
@@ -72,8 +81,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     stats.append(load_stats(stats_files[i], ad))
                 else:
                     grams, rows = capture_stats(components, ad, [prompts[i]], seeds, cap, eval_device(cfg))
-                    save_stats(run_dir / f"stats-{names[i]}.safetensors", grams, rows,
-                               base_fingerprint(adapted_weights(ad)), [prompts[i]])
+                    save_stats(run_dir / f"stats-{names[i]}.safetensors", grams, rows, ad.base_fingerprint(),
+                               [prompts[i]])
                     stats.append(grams)
             finally:
                 ad.remove()

@@ -1,5 +1,5 @@
-"""Style fine-tuning on a caption dataset and TriLoRA's Table 1 (Feng et al. 2024, arXiv 2405.11236),
-with the over-training study.
+"""TriLoRA's Table 1 (Feng et al. 2024, arXiv 2405.11236): style fine-tuning on a caption dataset,
+with the over-training study. The method itself is :mod:`lorabench.adapters.trilora`.
 
 The protocol, as the paper runs it with diffusers' text-to-image LoRA script:
 
@@ -18,31 +18,41 @@ The table reads every adapter at ``table_epoch``. With a constant learning rate 
 ``overtrain`` is set) a run read at epoch e equals a run stopped at e, so the long runs serve both.
 
     lorabench experiment=trilora/world                     # 4 adapters x 3 seeds, table + curves
-    python -m lorabench.protocols.style_finetune outputs/trilora/world --out experiments/trilora
+    python -m lorabench.protocols.trilora outputs/trilora/world/vango --out experiments/trilora
 
 One replicate = one (adapter, seed); the seed drives the training subset, data order and noise.
+Results record the protocol as ``style_finetune`` and log under ``style_finetune/...`` in W&B, the
+names runs have always had.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lorabench.data import load_image
 from lorabench.errors import ConfigError
-from lorabench.protocols.toolkit import (cell_config, derive_seed_list, eval_device, mean_std, protocol_inputs,
-                                         sample_each, summarise_rows, write_protocol_outputs)
+from lorabench.loggers import build_loggers
+from lorabench.protocols.cells import cell_config, protocol_inputs
+from lorabench.protocols.report import mean_std, rebuild_cli, summarise_rows, write_protocol_outputs
+from lorabench.run import train
+from lorabench.sampling import eval_device, sample_each
+from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import CellProgress, quiet_cells
-from lorabench.utils.io import atomic_path, write_json
+from lorabench.utils.io import write_json, write_text
+from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.seeding import derive_seed_list
 
+PROTOCOL = "style_finetune"  # the protocol's name in results.json and its W&B keys
 METRICS = ("nfid", "fid", "kid", "clip_score", "train_s")
 LABELS = {"nfid": "NFID", "fid": "FID", "kid": "KID", "clip_score": "CLIP score", "train_s": "train s"}
 CURVE_METRICS = ("fid", "nfid", "kid", "clip_score")
@@ -63,7 +73,8 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list
     for key in ("table_epoch", "sample_seed"):
         v = p.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or (key == "table_epoch" and v < 1):
-            raise ConfigError(f"protocol.{key}", f"must be an integer{' >= 1' if key == 'table_epoch' else ''}, got {v!r}")
+            bound = " >= 1" if key == "table_epoch" else ""
+            raise ConfigError(f"protocol.{key}", f"must be an integer{bound}, got {v!r}")
     table_epoch = int(p.table_epoch)
     if not all(isinstance(e, int) and not isinstance(e, bool) for e in (p.get("checkpoints") or [])):
         raise ConfigError("protocol.checkpoints", f"must be a list of epochs (integers), got {list(p.checkpoints)}")
@@ -89,8 +100,6 @@ def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int =
     """Every caption of the dataset (the paper's evaluation prompts), and the FID reference set: every
     image at the model's resolution in [0, 1], center-cropped, as batches loaded on demand (833 images
     at 512 px do not need to sit in memory at once). Uses the data config with no training subset."""
-    from lorabench.data import load_image
-
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("max_train_samples", None)
     dm = instantiate(data_cfg, _convert_="all").prepare()
@@ -100,7 +109,8 @@ def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int =
 
     def references():
         for i in range(0, len(items), batch_size):
-            batch = torch.stack([load_image(src, dm.resolution, center_crop=True) for src, _ in items[i:i + batch_size]])
+            batch = torch.stack([load_image(src, dm.resolution, center_crop=True)
+                                 for src, _ in items[i:i + batch_size]])
             yield (batch + 1) / 2
 
     return [text for _, text in items], references
@@ -110,10 +120,6 @@ def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int =
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, samples.png,
     curves.csv and curves.png, and logs the curves and tables to the configured loggers."""
-    from lorabench.loggers import build_loggers
-    from lorabench.run import train
-    from lorabench.training.callbacks import CheckpointEvaluation
-
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     p = cfg.protocol
@@ -126,8 +132,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
     n_grid = min(int(p.get("grid_images", 16)), len(prompts))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"style_finetune-seed{seeds[0]}", resolved_config=resolved,
-                            job_type="eval")
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{PROTOCOL}-seed{seeds[0]}",
+                            resolved_config=resolved, job_type="eval")
 
     def evaluate(components, base_fid=None):
         images = sample_each(components, sampler_cfg, prompts, latent_seeds, device)
@@ -136,7 +142,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return scores, images[:n_grid]
 
     n_cells = len(adapters) * len(seeds)
-    progress = CellProgress(1 + n_cells, desc="style_finetune")
+    progress = CellProgress(1 + n_cells, desc=PROTOCOL)
     with quiet_cells():
         base_model = instantiate(cfg.model, _convert_="all")
         base_scores, base_images = evaluate(base_model)
@@ -162,15 +168,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                              "steps": results["metrics"]["steps"]})
             at = next(r for r in callback.history if r["epoch"] == table_epoch)
             progress.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
-                          f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID {callback.history[-1]['nfid']:.3f} "
-                          f"at epoch {callback.history[-1]['epoch']} ({results['timings']['fit_s']:.0f} s)")
+                          f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID "
+                          f"{callback.history[-1]['nfid']:.3f} at epoch {callback.history[-1]['epoch']} "
+                          f"({results['timings']['fit_s']:.0f} s)")
             if seed == seeds[0]:
                 panels.append(callback.images[table_epoch])
             del module
     progress.close()
 
-    out = {"protocol": "style_finetune", "dataset": str(cfg.data.get("name")), "seeds": seeds,
-           "methods": ["base", *adapters], "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
+    out = {"protocol": PROTOCOL, "dataset": str(cfg.data.get("name")), "seeds": seeds,
+           "methods": ["base", *adapters],
+           "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
            "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
            "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
            "sampler": sampler_cfg, "rows": rows, "total_s": time.perf_counter() - t0, "config": resolved}
@@ -196,6 +204,7 @@ def curves(out: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
 
 
 def summaries(out: dict) -> dict:
+    """The table's summary, the curves and the verdicts of a results dict."""
     return {"summary": summarise_rows(table_rows(out), METRICS), "curves": curves(out), "verdicts": verdicts(out)}
 
 
@@ -266,14 +275,15 @@ def render_table(out: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     n = len(out["seeds"])
     note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
-            f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID against "
-            f"all {out['n_references']} dataset images. NFID = FID / FID(base model, same prompts, seeds, references "
-            "and features); the base model is deterministic here (one row). Paper: Feng et al. 2024, Table 1 "
-            "(SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
+            f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID "
+            f"against all {out['n_references']} dataset images. NFID = FID / FID(base model, same prompts, seeds, "
+            "references and features); the base model is deterministic here (one row). Paper: Feng et al. 2024, "
+            "Table 1 (SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
     return "\n".join(lines) + "\n\n" + note
 
 
 def describe(out: dict, method: str) -> str:
+    """An adapter's short description for tables and legends (``trilora r4, Sigma svd_w0``)."""
     a = out["adapters"].get(method, {})
     text = f"{a.get('name')} r{a.get('rank')}"
     if a.get("name") == "trilora":
@@ -281,38 +291,37 @@ def describe(out: dict, method: str) -> str:
     return text
 
 
+def _csv_text(rows: Sequence[Sequence]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
 def write_curves_csv(path: Path, out: dict) -> None:
+    """Every checkpoint's scores, one row per (method, seed, epoch)."""
     cols = ["method", "seed", "epoch", "step", *CURVE_METRICS, "kid_std"]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in out["rows"]:
-            w.writerow([r.get(c) for c in cols])
+    write_text(path, _csv_text([cols, *[[r.get(c) for c in cols] for r in out["rows"]]]))
 
 
 def write_table_csv(path: Path, out: dict) -> None:
-    cols = ["method", "adapter", "n_seeds"] + [f"{m}_{k}" for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")] \
+    """Table 1 as CSV, the paper's numbers beside the measured ones."""
+    cols = ["method", "adapter", "n_seeds"] + [f"{m}_{k}" for m in ("nfid", "fid", "kid", "clip_score")
+                                              for k in ("mean", "std")] \
         + ["paper_pokemon_nfid", "paper_pokemon_clip", "paper_gac_nfid", "paper_gac_clip"]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for method, s in out["summary"].items():
-            pub = PUBLISHED.get(method, {})
-            w.writerow([method, describe(out, method) if method != "base" else "base", s["nfid"]["n"]]
-                       + [s[m][k] for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")]
-                       + [pub.get(k) for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")])
+    rows = [cols]
+    for method, s in out["summary"].items():
+        pub = PUBLISHED.get(method, {})
+        rows.append([method, describe(out, method) if method != "base" else "base", s["nfid"]["n"]]
+                    + [s[m][k] for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")]
+                    + [pub.get(k) for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")])
+    write_text(path, _csv_text(rows))
 
 
 def plot_curves(path: Path, out: dict) -> None:
     """FID, NFID and CLIP score against epoch (mean +- std over seeds), the base model as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = next(r for r in out["rows"] if r["method"] == "base")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, metric in zip(axes, ("fid", "nfid", "clip_score")):
+    fig, axes = figure(3, figsize=(13, 3.8))
+    for ax, metric in zip(axes[0], ("fid", "nfid", "clip_score")):
         for method, by in out["curves"].items():
             epochs = sorted(by)
             mean = [by[e][metric]["mean"] for e in epochs]
@@ -325,32 +334,28 @@ def plot_curves(path: Path, out: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("epoch")
         ax.set_title(LABELS[metric] + (" (lower is better)" if metric != "clip_score" else " (higher is better)"))
-    axes[0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"Over-training study on {out['dataset']}: mean +- std over {len(out['seeds'])} seeds; "
                  f"dotted line: the table's epoch {out['table_epoch']}", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor]) -> str:
     """This protocol's own files (table.csv, curves.csv / curves.png, verdicts.json) and the curves plot
-    to the loggers, then the toolkit's outputs (results.json, table.md, samples.png, the summary and
+    to the loggers, then every protocol's outputs (results.json, table.md, samples.png, the summary and
     Table 1 to the loggers, the W&B run ended); returns the table."""
     table = render_table(out)
     write_extras(run_dir, out)
     columns = ["method", *METRICS]
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
-    write_protocol_outputs(cfg, run_dir, "style_finetune", out, table, list(panels),
+    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, list(panels),
                            tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"],
                            images={"curves": run_dir / "curves.png"})
     return table
 
 
 def write_extras(out_dir: Path, out: dict) -> None:
-    """What the toolkit's outputs do not cover: table.csv, curves.csv, curves.png and verdicts.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """What every protocol's outputs do not cover: table.csv, curves.csv, curves.png and verdicts.json."""
     write_table_csv(out_dir / "table.csv", out)
     write_curves_csv(out_dir / "curves.csv", out)
     write_json(out_dir / "verdicts.json", out["verdicts"])
@@ -376,7 +381,8 @@ def collect(run_dirs: Sequence[str | Path]) -> dict:
                 if r["method"] == "base":
                     if r["fid"] == seen[k]["fid"]:
                         continue
-                    raise ValueError(f"{d}: the base model's FID differs from another run's; these runs are not one table")
+                    raise ValueError(f"{d}: the base model's FID differs from another run's; these runs are not "
+                                     "one table")
                 raise ValueError(f"{d}: {r['method']} seed {r['seed']} epoch {r['epoch']} appears in two runs")
             seen[k] = r
             rows.append(r)
@@ -393,32 +399,29 @@ def collect(run_dirs: Sequence[str | Path]) -> dict:
 
 def rebuild(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict:
     """Table, CSVs, verdicts and curves plot rebuilt from runs' results.json (no model needed)."""
-    out = collect([run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs))
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    for d in run_dirs:
+        if not (Path(d) / "results.json").is_file():
+            raise ConfigError("run_dirs", f"{str(d)!r} holds no results.json")
+    out = collect(run_dirs)
     out_dir = Path(out_dir)
     write_extras(out_dir, out)
     write_json(out_dir / "results.json", out)
-    with atomic_path(out_dir / "table.md") as tmp:
-        tmp.write_text(render_table(out) + "\n")
+    write_text(out_dir / "table.md", render_table(out) + "\n")
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.style_finetune",
-                                     description="Rebuild Table 1, its CSVs, verdicts and the curves plot from run folders.")
-    parser.add_argument("run_dirs", nargs="+", help="style_finetune run folders (each holds results.json), "
-                        "e.g. the jobs of a multirun over seeds")
-    parser.add_argument("--out", required=True, help="where to write table.md, table.csv, curves.*, verdicts.json")
-    args = parser.parse_args(argv)
-    for d in args.run_dirs:
-        if not (Path(d) / "results.json").is_file():
-            parser.error(f"run_dirs: {d!r} holds no results.json")
-    try:
-        out = rebuild(args.run_dirs, args.out)
-    except ValueError as exc:
-        parser.error(f"run_dirs: {exc}")
-    print(render_table(out))
-    for v in out["verdicts"].values():
-        print(f"- {v['claim']}: {v['verdict']}")
+def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
+    """:func:`rebuild`, and the table and verdicts as text for the console."""
+    out = rebuild(run_dirs, out_dir)
+    return render_table(out) + "\n" + "\n".join(f"- {v['claim']}: {v['verdict']}" for v in out["verdicts"].values())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m lorabench.protocols.trilora RUN... --out DIR``: rebuild Table 1, its CSVs, verdicts and curves."""
+    rebuild_cli(argv, "python -m lorabench.protocols.trilora",
+                "Rebuild Table 1, its CSVs, verdicts and the curves plot from run folders (e.g. the jobs of a "
+                "multirun over seeds).", report, "where to write table.md, table.csv, curves.*, verdicts.json")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ SMALL = ["experiment=orthogonal_adaptation/world", "protocol.concepts=[sks,twt]"
 @pytest.fixture(scope="module")
 def world_run(tmp_path_factory):
     """LoRA and disjoint OrthA on two concepts, 40 steps, merged by plain summation (lam 1)."""
-    from lorabench.protocols.modular import run
+    from lorabench.protocols.orthogonal_adaptation import run
 
     out = tmp_path_factory.mktemp("modular")
-    cfg = compose([*SMALL, "trainer.max_steps=40", "protocol.only=[dblora_fedavg,ortha_disjoint,lora_fusion_closed_form]",
-                   "protocol.methods.dblora_fedavg.merge.lam=1.0", "protocol.methods.ortha_disjoint.merge.lam=1.0"], out)
+    cfg = compose([*SMALL, "trainer.max_steps=40",
+                   "protocol.only=[dblora_fedavg,ortha_disjoint,lora_fusion_closed_form]",
+                   "protocol.methods.dblora_fedavg.merge.lam=1.0", "protocol.methods.ortha_disjoint.merge.lam=1.0"],
+                  out)
     return run(cfg, out / "run"), out
 
 
@@ -61,11 +63,11 @@ def test_disjoint_ortha_keeps_concept_outputs_where_lora_does_not(world_run):
 
 
 def test_cached_cells_are_not_trained_again(world_run, tmp_path):
-    from lorabench.protocols.modular import run
+    from lorabench.protocols.orthogonal_adaptation import run
 
     _, out = world_run
     cfg = compose([*SMALL, "trainer.max_steps=40", "protocol.only=lora_svd",
-                   f"protocol.cache_dir={out / 'cache' / 'modular'}"], tmp_path)
+                   f"protocol.cache_dir={out / 'cache' / 'orthogonal_adaptation'}"], tmp_path)
     res = run(cfg, tmp_path / "again")
     assert all(s["reused"] for s in res["single_rows"])
 
@@ -73,7 +75,7 @@ def test_cached_cells_are_not_trained_again(world_run, tmp_path):
 def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
     """protocol.train_workers=2: the uncached cells train first in two spawned one-thread processes; the
     protocol then scores those cells (marked trained in this run, not cached), and a second run reuses them."""
-    from lorabench.protocols.modular import run
+    from lorabench.protocols.orthogonal_adaptation import run
 
     args = [*SMALL, "trainer.max_steps=3", "protocol.only=[dblora_fedavg,ortha_disjoint]", "protocol.train_workers=2",
             f"protocol.cache_dir={tmp_path / 'cache'}"]
@@ -88,7 +90,7 @@ def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
 
 
 def test_table_rebuilds_from_results_files(world_run, tmp_path):
-    from lorabench.protocols.modular import main
+    from lorabench.protocols.orthogonal_adaptation import main
 
     _, out = world_run
     main([str(out / "run"), "--out", str(tmp_path)])
@@ -119,7 +121,8 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
 
 
-def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models, tiny_arcface):
+def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models,
+                                                         tiny_arcface):
     """The chilloutmix config end to end on an SD1.5-architecture model with tiny widths (saved as a
     diffusers folder), toy face folders, a tiny CLIP and a tiny ArcFace ONNX graph behind eval=faces:
     only sizes are overridden."""
@@ -154,7 +157,7 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
 
 
 def test_sweep_over_methods_shares_trained_cells_and_rebuilds_one_table(tmp_path):
-    from lorabench.protocols.modular import rebuild
+    from lorabench.protocols.orthogonal_adaptation import rebuild
 
     proc = run_cli(["--multirun", *SMALL, "trainer.max_steps=2", "protocol.only=dblora_fedavg,lora_fusion_closed_form"],
                    tmp_path)
@@ -171,7 +174,7 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    from lorabench.protocols.modular import run
+    from lorabench.protocols.orthogonal_adaptation import run
 
     _, out = world_run
     tables = {}
@@ -183,7 +186,7 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(WandbLogger, "log_table", spy)
     cfg = compose([*SMALL, "trainer.max_steps=40", "protocol.only=ortha_disjoint", "logger=wandb",
-                   f"protocol.cache_dir={out / 'cache' / 'modular'}"], tmp_path)
+                   f"protocol.cache_dir={out / 'cache' / 'orthogonal_adaptation'}"], tmp_path)
     res = run(cfg, tmp_path / "wb")
     columns, n = tables["modular/crosstalk"]
     assert columns[:2] == ["method", "layer"] and "interference" in columns
