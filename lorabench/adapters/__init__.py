@@ -1,8 +1,8 @@
 """Adapters: one module per method, registered by name, behind one small interface.
 
-    from lorabench.adapters import inject_adapters
-    adapters = inject_adapters(components, {"name": "lora", "rank": 4})
-    adapters.trainable_parameters(); adapters.delta_weights(); adapters.merge(); adapters.unmerge()
+from lorabench.adapters import inject_adapters
+adapters = inject_adapters(components, {"name": "lora", "rank": 4})
+adapters.trainable_parameters(); adapters.delta_weights(); adapters.merge(); adapters.unmerge()
 """
 
 # Importing the modules registers the adapters.
@@ -10,16 +10,30 @@ from lorabench.adapters import lora, ortho, trilora  # noqa: F401
 from lorabench.adapters.base import ADAPTERS, AdapterLayer, AdapterOptions, get_adapter_class, register_adapter
 from lorabench.adapters.injection import DEFAULT_UNET_TARGETS, Adapters, base_fingerprint, inject_adapters
 from lorabench.adapters.io import (
-                                   export_diffusers,
-                                   export_kohya,
-                                   import_lora,
-                                   load_adapter,
-                                   lora_pairs,
-                                   read_safetensors,
-                                   save_adapter,
+    export_diffusers,
+    export_kohya,
+    import_lora,
+    load_adapter,
+    lora_pairs,
+    read_safetensors,
+    save_adapter,
 )
 
-__all__ = ["ADAPTERS", "AdapterLayer", "AdapterOptions", "Adapters", "DEFAULT_UNET_TARGETS", "base_fingerprint",
-           "export_diffusers",
-           "export_kohya", "get_adapter_class", "import_lora", "inject_adapters", "load_adapter", "lora_pairs",
-           "read_safetensors", "register_adapter", "save_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "AdapterLayer",
+    "AdapterOptions",
+    "Adapters",
+    "DEFAULT_UNET_TARGETS",
+    "base_fingerprint",
+    "export_diffusers",
+    "export_kohya",
+    "get_adapter_class",
+    "import_lora",
+    "inject_adapters",
+    "load_adapter",
+    "lora_pairs",
+    "read_safetensors",
+    "register_adapter",
+    "save_adapter",
+]
