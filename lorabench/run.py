@@ -135,7 +135,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             "total_s": time.perf_counter() - t_start,
         },
         "artifacts": saver.expected_files(full=module.adapters is None) if steps else [],
-        "device": str(module.device) if steps else "cpu",
+        "device": str(trainer.strategy.root_device) if steps else "cpu",  # the module is on the CPU after fit
         "versions": _versions(),
     }
     if trainer.is_global_zero:

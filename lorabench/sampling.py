@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, encode_prompts
 from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
@@ -39,8 +39,8 @@ def make_scheduler(components: ModelComponents, name: str):
 def check_counts(options: dict, field: str) -> None:
     """Each ``options[key]`` that is set must be an integer >= 1 (a one-line ``<field>.<key>`` error)."""
     for key, v in options.items():
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ConfigError(f"{field}.{key}", f"must be an integer >= 1, got {v!r}")
+        if v is not None:
+            check_int(v, f"{field}.{key}", minimum=1)
 
 
 class Sampler:
@@ -87,6 +87,10 @@ class Sampler:
             raise ConfigError("sampler.seeds", f"{len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         if latents is None:
             latents = self.initial_latents(seeds)
+        comps = self.components
+        for part in (comps.text_encoder, comps.text_encoder_2, comps.vae):  # they follow the UNet's device
+            if part is not None:
+                part.to(self.device)
         out = []
         batches = range(0, len(prompts), self.batch_size)
         bar = tqdm(total=len(batches) * self.num_inference_steps, desc="sampling", unit="step",

@@ -17,6 +17,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
+# The trainer a test that runs on either device takes: the CPU always, CUDA as a `gpu` test.
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are collected everywhere and skipped, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run `pytest -m gpu` on a GPU machine (bench/gpu_rows.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 CONF = REPO / "conf"
 
 

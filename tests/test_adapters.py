@@ -142,3 +142,43 @@ def test_lora_inits():
     g.remove()
     k = Adapters.inject({"unet": model}, {"name": "lora", "rank": 8, "init": "kaiming", "target_modules": ["to_q"]})
     assert k.layers["unet.to_q"].lora_down.abs().max() <= 1 / 16 + 1e-6  # kaiming_uniform(a=sqrt 5): bound 1/sqrt(in)
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_fused_forward_equals_the_reference_arithmetic(name):
+    """The path CUDA takes (AdapterLayer.fused_forward), run here on the CPU: the same output and the same
+    gradients as ``base(x) + adapter_forward(x)`` to float32 rounding, with a scale != 1 and an input
+    that does or does not require grad."""
+    torch.manual_seed(0)
+    model = Toy()
+    ad = inject(model, name, target_modules=["to_q"], alpha=2.0)
+    layer = ad.layers["unet.to_q"]
+    with torch.no_grad():
+        for p in layer.parameters(recurse=False):
+            p.normal_()
+    for needs_grad in (True, False):
+        x = torch.randn(2, 3, 12, requires_grad=needs_grad)
+        g = torch.randn(2, 3, 10)
+        outs, grads = [], []
+        for fused in (False, True):
+            for p in layer.parameters():
+                p.grad = None
+            base = layer.base(x)
+            out = layer.fused_forward(x, base) if fused else base + layer.adapter_forward(x)
+            out.backward(g)
+            outs.append(out.detach())
+            grads.append([p.grad.clone() for p in layer.parameters(recurse=False) if p.grad is not None])
+        assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+        assert len(grads[0]) == len(grads[1]) > 0
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-5) for a, b in zip(*grads))
+
+
+def test_the_cpu_keeps_the_reference_path():
+    """On the CPU forward() is base(x) + adapter_forward(x), bit for bit."""
+    torch.manual_seed(0)
+    model = Toy()
+    layer = inject(model, "lora", target_modules=["to_q"]).layers["unet.to_q"]
+    with torch.no_grad():
+        layer.lora_up.normal_()
+    x = torch.randn(2, 3, 12)
+    assert torch.equal(layer(x), layer.base(x) + layer.adapter_forward(x))

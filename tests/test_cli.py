@@ -72,6 +72,15 @@ def test_quickstart_writes_results(tmp_path):
     assert "val loss (fixed noise) before -> after" in proc.stdout
 
 
+def test_a_callback_from_the_config_group_joins_the_trainer(tmp_path):
+    """callbacks=lr_monitor: Lightning's LearningRateMonitor logs the learning rate at every step."""
+    proc = run_cli([*FAST, "callbacks=lr_monitor", "exports=[]", "trainer.log_every_n_steps=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [metrics] = list((tmp_path / "outputs").rglob("csv/metrics.csv"))
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert any(col.startswith("lr-AdamW") for col in header), header
+
+
 def test_multirun_one_results_per_job(tmp_path):
     proc = run_cli(["--multirun", "adapter=lora,trilora", *FAST, "exports=[]"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,6 +115,7 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
     (["eval=world", "eval.sampler.num_inference_steps=0"],
      ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
+    (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)

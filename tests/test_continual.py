@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import write_tiny_csd
+from tests.conftest import DEVICES, write_tiny_csd
 from tests.test_cli import assert_one_line_error, run_cli
 
 from lorabench.continual import (
@@ -275,6 +275,9 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     (["sequence.tasks=[sks,nope]", "sequence.length=2"], ("sequence.tasks.nope", "no data")),
     (["sequence.length=12"], ("sequence.length", "asks for 12 tasks", "lists 10")),
     (["protocol.method.name=magmix"], ("protocol.method.name", "unknown value 'magmix'", "merge_init")),
+    (["sequence.order_seed=abc"], ("sequence.order_seed: must be an integer or null, got 'abc'",)),
+    (["protocol.method.name=merge:ties", "+protocol.method.merge_options.density=0"],
+     ("protocol.method.merge_options.density: must be a number in (0, 1], got 0",)),
 ])
 def test_bad_sequences_fail_in_one_line_before_training(tmp_path, override, fragments):
     proc = run_cli(["experiment=continual/world_objects", *override], tmp_path)
@@ -287,17 +290,23 @@ def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
     assert_one_line_error(proc, tmp_path, "sequence.tasks.sks.data.path", "/nonexistent/dog does not exist")
 
 
-# What both full-scale sequences override: sizes, the CPU trainer in fp32 (fp16 AMP and the 8-bit optimiser
-# need CUDA), the tiny metric models; the rest is the full-scale config.
-def sdxl_dry_run_args(experiment: str, model_dir: Path, clip_dir: Path, vit_dir: Path) -> list[str]:
+# What both full-scale sequences override: sizes, the trainer (the CPU in fp32, or CUDA in bf16: the configs'
+# fp16 AMP needs CUDA, and the 8-bit optimiser bitsandbytes), the tiny metric models; the rest is the
+# full-scale config.
+def sdxl_dry_run_args(experiment: str, model_dir: Path, clip_dir: Path, vit_dir: Path, trainer: str = "cpu"
+                      ) -> list[str]:
+    device = "cuda" if trainer == "gpu" else "cpu"
+    precision = ["trainer.precision=32"] if trainer == "cpu" else []
     return [f"experiment={experiment}", f"model.pretrained={model_dir}", "model.vae=null", "model.variant=null",
-            "model.dtype=float32", "model.resolution=32", "trainer=cpu", "trainer.precision=32", "trainer.max_steps=2",
+            "model.dtype=float32", "model.resolution=32", f"trainer={trainer}", *precision, "trainer.max_steps=2",
             "optim.name=adamw", "protocol.adapter.rank=2", "protocol.adapter.alpha=2", "protocol.method.name=magmax",
-            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}", "eval.scorer.device=cpu",
+            f"eval.scorer.clip={clip_dir}", f"eval.scorer.identity={vit_dir}", f"eval.scorer.device={device}",
             "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false", "eval.images_per_prompt=1"]
 
 
-def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scaled_down_models, tiny_metric_models):
+@pytest.mark.parametrize("trainer", DEVICES)
+def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scaled_down_models, tiny_metric_models,
+                                                                  trainer):
     """continual/sdxl_objects end to end on an SDXL-architecture model with tiny widths (two text encoders
     of different widths, text_time conditioning), toy subject folders and tiny CLIP / ViT metric models."""
     from lorabench.data import write_toy_dataset
@@ -305,7 +314,7 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
     data = tmp_path / "dreambooth"
     for i, subject in enumerate(("dog", "cat", "backpack")):
         write_toy_dataset(data / subject, n=2, resolution=32, seed=i)
-    args = sdxl_dry_run_args("continual/sdxl_objects", scaled_down_models["sdxl"], *tiny_metric_models)
+    args = sdxl_dry_run_args("continual/sdxl_objects", scaled_down_models["sdxl"], *tiny_metric_models, trainer)
     env = {"DREAMBOOTH_DATA": str(data)}
     # the 4th subject (teapot) has no folder: caught before any training, nothing left behind
     assert_one_line_error(run_cli([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
@@ -318,7 +327,8 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
     assert all(v is not None for v in out["matrices"]["dino"][0])
 
 
-def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models, tiny_metric_models):
+@pytest.mark.parametrize("trainer", DEVICES)
+def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models, tiny_metric_models, trainer):
     """continual/sdxl_styles end to end on the scaled-down SDXL, with CSD from a tiny checkpoint in the
     authors' format ($CSD_CHECKPOINT) scoring the style retrieval; a missing checkpoint is one line."""
     from lorabench.data import write_toy_dataset
@@ -327,8 +337,8 @@ def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models,
     for i, folder in enumerate(("Van_Gogh/Dogs", "Monet/Flowers")):
         write_toy_dataset(data / folder, n=2, resolution=32, seed=i)
     write_tiny_csd(tmp_path / "csd.pth")
-    args = [*sdxl_dry_run_args("continual/sdxl_styles", scaled_down_models["sdxl"], *tiny_metric_models),
-            "sequence.length=2", "eval.style_scorer.device=cpu",
+    args = [*sdxl_dry_run_args("continual/sdxl_styles", scaled_down_models["sdxl"], *tiny_metric_models, trainer),
+            "sequence.length=2", f"eval.style_scorer.device={'cuda' if trainer == 'gpu' else 'cpu'}",
             "eval.styles.styles={Van_Gogh:{path:" + str(data / "Van_Gogh/Dogs") + "},Monet:{path:"
             + str(data / "Monet/Flowers") + "}}"]
     env = {"UNLEARNCANVAS_DATA": str(data), "CSD_CHECKPOINT": str(tmp_path / "missing.pth")}

@@ -10,6 +10,8 @@ from lorabench.merging import (
     AdapterUpdate,
     LayerDelta,
     check_compatible,
+    check_merge,
+    fold,
     fuse_closed_form,
     fuse_lbfgs,
     fusion_objective,
@@ -181,6 +183,64 @@ def test_unknown_merge_and_option_are_one_line_errors():
         merge(ups, {"name": "gradient_fusion"})
     with pytest.raises(ConfigError, match="merge.solver"):
         merge(ups, {"name": "gradient_fusion", "solver": "adam"}, stats=random_grams(ups))
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"name": "ties", "density": 2}, "merge.density: must be a number in (0, 1], got 2"),
+    ({"name": "ties", "density": 0}, "merge.density: must be a number in (0, 1], got 0"),
+    ({"name": "dare", "drop": 1.0}, "merge.drop: must be a number in [0, 1), got 1.0"),
+    ({"name": "dare", "seed": "x"}, "merge.seed: must be an integer, got 'x'"),
+    ({"name": "svd", "rank": 0}, "merge.rank: must be an integer >= 1 or null, got 0"),
+    ({"name": "sum", "lam": "big"}, "merge.lam: must be a number"),
+    ({"name": "gradient_fusion", "ridge": 0}, "merge.ridge: must be a number in (0, inf), got 0"),
+    ({"name": "gradient_fusion", "dtype": "float16"}, "merge.dtype: unknown value 'float16'"),
+    ({"name": "gradient_fusion", "max_iter": 0}, "merge.max_iter: must be an integer >= 1, got 0"),
+])
+def test_every_merge_option_is_checked_without_merging(config, fragment):
+    """check_merge: the values a merge would reject when it runs, refused before any work."""
+    with pytest.raises(ConfigError) as err:
+        check_merge(config)
+    assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match="protocol.methods.x.merge.density"):
+        check_merge({"name": "ties", "density": 3}, "protocol.methods.x.merge")
+    assert check_merge({"name": "ties", "density": 0.5, "lam": 1}).name == "ties"
+
+
+def test_grouped_fold_equals_the_per_layer_fold():
+    """fold() (layers of one shape and rank in one batched matmul, dense deltas in one multi-tensor add)
+    equals LayerDelta.add_to_ layer by layer to 1e-6 in float32, for low-rank and dense deltas, layers of
+    several shapes, and a layer alone in its group."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (24, 16), "b": (24, 16), "c": (24, 16), "d": (12, 20), "e": (12, 20), "f": (30, 8)}
+    weights = {k: torch.randn(o, i, generator=g) for k, (o, i) in shapes.items()}
+    deltas = {k: LayerDelta(up=torch.randn(o, 5, generator=g), down=torch.randn(5, i, generator=g))
+              for k, (o, i) in shapes.items() if k != "e"}
+    deltas["e"] = LayerDelta(dense=torch.randn(12, 20, generator=g))
+    per_layer = {k: w.clone() for k, w in weights.items()}
+    for k, d in deltas.items():
+        d.add_to_(per_layer[k], alpha=0.6)
+    grouped = {k: w.clone() for k, w in weights.items()}
+    fold(grouped, deltas, alpha=0.6)
+    for k in weights:
+        assert torch.allclose(grouped[k], per_layer[k], atol=1e-6, rtol=1e-6), k
+    # merged_into folds the same way (alpha 1) and puts the exact weights back
+    originals = {k: w.clone() for k, w in weights.items()}
+    once = {k: w.clone() for k, w in weights.items()}
+    for k, d in deltas.items():
+        d.add_to_(once[k])
+    with merged_into(weights, deltas):
+        assert all(torch.allclose(weights[k], once[k], atol=1e-6, rtol=1e-6) for k in weights)
+    assert all(torch.equal(weights[k], originals[k]) for k in weights)
+
+
+def test_weighted_sum_concatenates_every_layer_as_before():
+    """The sum's factors, concatenated a shape group at a time, equal the per-layer concatenation exactly."""
+    ups = random_updates(3, shapes=(("a", 24, 16), ("b", 12, 20), ("c", 24, 16)))
+    res = merge(ups, {"name": "sum", "lam": 0.6}).deltas
+    assert list(res) == ["a", "b", "c"]
+    for layer, d in res.items():
+        assert torch.equal(d.up, torch.cat([u.layers[layer][0] for u in ups], dim=1) * 0.6)
+        assert torch.equal(d.down, torch.cat([u.layers[layer][1] for u in ups], dim=0))
 
 
 def test_statistics_file_from_another_model_is_refused(tmp_path, load_tiny):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose
+from conftest import DEVICES, compose
 from test_cli import assert_one_line_error, run_cli
 
 # The world Table 2 shrunk: two circle identities, groups of 2, a few steps, one image per prompt.
@@ -106,6 +106,12 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.slots={sks:0,twt:0}"], ["protocol.slots", "share slot 0"]),
     (["protocol.only=[nope]"], ["protocol.only", "dblora_fedavg"]),
     (["protocol.methods.lora_ties.merge.name=avg"], ["merge.name", "unknown value 'avg'"]),
+    # a merge option out of range is found before any cell trains, not when the merge runs
+    (["protocol.methods.lora_ties.merge.density=2"],
+     ["protocol.methods.lora_ties.merge.density: must be a number in (0, 1], got 2"]),
+    (["protocol.methods.lora_dare.merge.seed=x"], ["protocol.methods.lora_dare.merge.seed: must be an integer"]),
+    (["protocol.group_size=two"], ["protocol.group_size: must be an integer >= 2, got 'two'"]),
+    (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
 ])
 def test_bad_protocol_input_is_one_line_before_training(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*SMALL, *args], tmp_path), tmp_path, *fragments)
@@ -121,8 +127,9 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
 
 
+@pytest.mark.parametrize("trainer", DEVICES)
 def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models,
-                                                         tiny_arcface):
+                                                         tiny_arcface, trainer):
     """The chilloutmix config end to end on an SD1.5-architecture model with tiny widths (saved as a
     diffusers folder), toy face folders, a tiny CLIP and a tiny ArcFace ONNX graph behind eval=faces:
     only sizes are overridden."""
@@ -133,7 +140,8 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
         write_toy_dataset(data / f"person{i}", n=2, resolution=64, seed=i)
     clip_dir, _ = tiny_metric_models
     args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={scaled_down_models['sd15']}",
-            "model.resolution=64", "trainer=cpu", "trainer.max_steps=2", "protocol.concepts=[person1,person2,person3]",
+            "model.resolution=64", f"trainer={trainer}", "trainer.max_steps=2",
+            "protocol.concepts=[person1,person2,person3]",
             "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form]",
             "protocol.adapters.lora.rank=2", "protocol.adapters.ortha.rank=2",
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",

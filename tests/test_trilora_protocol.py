@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import DEVICES
 from lorabench.data import ImageFolderDataModule
 from lorabench.errors import ConfigError
 from test_cli import assert_one_line_error, run_cli
@@ -280,7 +281,9 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                           "protocol.checkpoints: must be a list of epochs")
 
 
-def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models):
+@pytest.mark.parametrize("trainer", DEVICES)
+def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models,
+                                                                 trainer):
     """trilora/pokemon end to end on an SD1.5-architecture model with tiny widths and a parquet file laid out
     like the Pokemon mirrors: sizes and lengths are overridden, and FID runs on the tiny CLIP's features
     (clip_feature_scorer) since torch-fidelity's Inception is an optional extra; the rest (AnyLoRA's lr,
@@ -291,7 +294,8 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
                    for c, w in zip(colours, ["dog", "cat", "dog", "cat", "dog", "cat"])])
     clip_dir, _ = tiny_metric_models
     args = ["experiment=trilora/pokemon", f"model.pretrained={scaled_down_models['sd15']}", "model.resolution=64",
-            "trainer=cpu", "trainer.precision=32", f"data.path={tmp_path / 'pokemon.parquet'}",
+            f"trainer={trainer}", *(["trainer.precision=32"] if trainer == "cpu" else []),
+            f"data.path={tmp_path / 'pokemon.parquet'}",
             "data.max_train_samples=4", "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
             "~protocol.adapters.trilora_identity", "~protocol.adapters.trilora_svd_u",
             "~eval.fidelity", "+eval.fidelity={_target_:lorabench.evaluation.fidelity.clip_feature_scorer,"

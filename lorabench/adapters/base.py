@@ -126,7 +126,23 @@ class AdapterLayer(nn.Module):
         out = self.base(x)
         if self.merged or self.multiplier == 0.0:
             return out
+        if x.is_cuda and not self.is_conv and isinstance(self.dropout, nn.Identity):
+            return self.fused_forward(x, out)
         return out + self.adapter_forward(x).to(out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + dW x`` with few kernels, the path CUDA takes (Linear layers, no dropout): the adapter
+        runs in the activations' dtype (under bf16 autocast the input is never copied to float32; the
+        float32 factors are cast, a few KB), the scale multiplies the rank-r tensor, not the output,
+        and the up-projection adds itself to the base output inside one GEMM (``addmm_``). The CPU
+        keeps :meth:`adapter_forward`'s reference arithmetic, so CPU results stay bit for bit."""
+        up, down = self.factors()
+        h = F.linear(x.to(out.dtype), down.to(out.dtype))
+        s = self.scale * self.multiplier
+        if s != 1.0:
+            h = h * s
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.to(out.dtype).t())
+        return out
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -46,7 +46,7 @@ import torch
 
 from lorabench.adapters import lora_pairs
 from lorabench.errors import ConfigError, choice_error
-from lorabench.merging.methods import MERGES, merge
+from lorabench.merging.methods import MERGES, check_merge, merge
 from lorabench.merging.updates import AdapterUpdate, LayerDelta
 from lorabench.utils.registry import Registry
 
@@ -72,6 +72,7 @@ def build_method(cfg: Mapping[str, Any]) -> "ContinualMethod":
         merge_name = name.split(":", 1)[1]
         if merge_name not in MERGES or MERGES[merge_name].needs_stats:
             raise choice_error("protocol.method.name", name, method_names())
+        check_merge({"name": merge_name, **dict(cfg.get("merge_options") or {})}, "protocol.method.merge_options")
         cls, cfg = RegistryMerge, {"merge": merge_name, **cfg}
     elif name in CONTINUAL:
         cls = CONTINUAL[name]

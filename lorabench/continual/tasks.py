@@ -61,11 +61,12 @@ class TaskScorer:
 
 
 def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Sequence[int], scorer: TaskScorer,
-                rank: int = 0, world_size: int = 1) -> tuple[dict[str, list], dict[int, torch.Tensor]]:
+                rank: int = 0, world_size: int = 1,
+                device: Optional[torch.device] = None) -> tuple[dict[str, list], dict[int, torch.Tensor]]:
     """Sample this rank's share of every task's evaluation images (prompt-major: image k of task j is
-    prompt k // len(seeds) from seed k % len(seeds)) and score them. Returns
-    ``{metric: [(task, indices, values)]}`` and ``{task: images}``."""
-    eval_mode(components)
+    prompt k // len(seeds) from seed k % len(seeds)) on ``device`` (``None``: where the model is) and
+    score them. Returns ``{metric: [(task, indices, values)]}`` and ``{task: images}``."""
+    eval_mode(components, device)
     flat = [(t, k, p, s) for t in tasks for k, (p, s) in enumerate((p, s) for p in t.prompts for s in seeds)]
     mine = flat[rank::world_size]
     images = Sampler(components, **sampler_cfg)([p for *_, p, _ in mine], seeds=[s for *_, s in mine]) if mine else None

@@ -77,7 +77,7 @@ def pair_crosstalk(a: AdapterUpdate, b: AdapterUpdate, grams_a: Mapping[str, tor
                "subspace_overlap": (float(torch.linalg.matrix_norm(qi.T @ qj))
                                     / math.sqrt(min(qi.shape[1], qj.shape[1])))}
         if grams_a is not None:
-            g = grams_a[layer].double()
+            g = grams_a[layer].to(ui.device, torch.float64)  # statistics move to the factors' device
             own = _energy(ui, di, g)
             row["interference"] = math.sqrt(_energy(uj, dj, g) / own) if own > 0 else 0.0
             gp = _project(g, qi)
@@ -92,10 +92,10 @@ def output_error(own: AdapterUpdate, merged: Mapping[str, LayerDelta], grams: Ma
     inputs against concept i's own model's (``subspace``: on ``P_i X_i``)."""
     out = {}
     for layer, (up, down) in own.layers.items():
-        g = grams[layer].double()
+        g = grams[layer].to(up.device, torch.float64)  # statistics and the merge move to the factors' device
         if subspace:
             g = _project(g, _orthonormal_rows(down.double()))
-        e = merged[layer].to_dense().double() - (up.double() @ down.double())
+        e = merged[layer].to_dense().to(up.device, torch.float64) - (up.double() @ down.double())
         own_e = _energy(up.double(), down.double(), g)
         out[layer] = math.sqrt(max(0.0, float(((e @ g) * e).sum())) / own_e) if own_e > 0 else 0.0
     return out

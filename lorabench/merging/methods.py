@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging.updates import AdapterUpdate, LayerDelta, check_compatible
 from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
@@ -58,6 +60,7 @@ class MergeMethod:
 
 MERGES: Registry[MergeMethod] = Registry("merge", "merge.name")
 SOLVERS = ("closed_form", "lbfgs")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def register_merge(name: str, needs_stats: bool = False):
@@ -83,11 +86,56 @@ class MergeResult:
     info: dict = dataclasses.field(default_factory=dict)
 
 
+def _number(value, field: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(field, f"must be a number in {interval}, got {value!r}")
+
+
+# Every option any merge takes, and what values it may have: checked before any work (check_merge).
+OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "lam": lambda v, f: _number(v, f, -math.inf, math.inf, True, True),
+    "density": lambda v, f: _number(v, f, 0.0, 1.0, True, False),
+    "drop": lambda v, f: _number(v, f, 0.0, 1.0, False, True),
+    "rank": lambda v, f: check_int(v, f, minimum=1, allow_none=True),
+    "seed": lambda v, f: check_int(v, f),
+    "solver": lambda v, f: v in SOLVERS or _raise(choice_error(f, v, SOLVERS)),
+    "ridge": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
+    "max_iter": lambda v, f: check_int(v, f, minimum=1),
+    "tolerance": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
+    "dtype": lambda v, f: v in DTYPES or _raise(choice_error(f, v, DTYPES)),
+}
+
+
+def _raise(err: Exception):
+    raise err
+
+
+def check_merge(config: Mapping, field: str = "merge") -> MergeMethod:
+    """The merge ``config`` names (``{name, **options}``), with every option checked: a known option of
+    that merge, with a valid value. One-line errors name ``<field>.<option>``; nothing is merged."""
+    config = dict(config or {})
+    method = MERGES.get(str(config.get("name")))
+    if method is None:
+        raise choice_error(f"{field}.name", config.get("name"), MERGES)
+    options = set(inspect.signature(method.fn).parameters) - {"updates", "stats", "info"}
+    for key, value in config.items():
+        if key == "name":
+            continue
+        if key not in options:
+            raise ConfigError(f"{field}.{key}",
+                              f"not an option of merge {method.name!r}; valid: {', '.join(sorted(options))}")
+        OPTION_CHECKS[key](value, f"{field}.{key}")
+    return method
+
+
 def merge(updates: Sequence[AdapterUpdate], config: Mapping, stats: Optional[Sequence[Mapping]] = None) -> MergeResult:
     """Merge ``updates`` as ``config`` says (``{name, **options}``); ``stats[i]`` are adapter i's
     captured statistics ``{layer: G}``, needed by gradient fusion. Times the merge itself."""
-    config = dict(config)
-    method = get_merge(str(config.pop("name", None)))
+    method = check_merge(config)
+    config = {k: v for k, v in dict(config).items() if k != "name"}
     check_compatible(updates)
     kwargs = {}
     if method.needs_stats:
@@ -95,11 +143,6 @@ def merge(updates: Sequence[AdapterUpdate], config: Mapping, stats: Optional[Seq
             raise ConfigError("merge.stats", f"{method.name} needs one statistics file per adapter "
                               f"({len(updates)}), got {0 if stats is None else len(stats)}")
         kwargs["stats"] = stats
-    options = set(inspect.signature(method.fn).parameters) - {"updates", "stats", "info"}
-    for key in config:
-        if key not in options:
-            raise ConfigError(f"merge.{key}",
-                              f"not an option of merge {method.name!r}; valid: {', '.join(sorted(options))}")
     info: dict = {}
     t0 = time.perf_counter()
     deltas = method.fn(updates, info=info, **config, **kwargs)
@@ -110,22 +153,25 @@ def _layers(updates: Sequence[AdapterUpdate]) -> list[str]:
     return list(updates[0].layers)
 
 
-def _positive(field: str, value, upper: Optional[float] = None) -> float:
-    value = float(value)
-    if not value > 0 or (upper is not None and value > upper):
-        raise ConfigError(f"merge.{field}", f"must be in (0, {upper if upper is not None else 'inf'}], got {value}")
-    return value
-
-
 # -- sums ------------------------------------------------------------------------------------------
 def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, LayerDelta]:
-    """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated."""
-    out = {}
+    """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated. Layers of
+    one shape are concatenated together (two kernels per shape, not per layer); each layer's pair is a
+    view of its slice."""
+    by_shape: dict[tuple, list[str]] = defaultdict(list)
     for layer in _layers(updates):
-        ups = torch.cat([u.layers[layer][0] for u in updates], dim=1)
-        downs = torch.cat([u.layers[layer][1] for u in updates], dim=0)
-        out[layer] = LayerDelta(up=ups * float(lam), down=downs)
-    return out
+        up, down = updates[0].layers[layer]
+        by_shape[up.shape[0], down.shape[1], up.device, up.dtype].append(layer)
+    out = {}
+    for layers in by_shape.values():
+        ups = torch.cat([u.layers[layer][0] for layer in layers for u in updates], dim=1) * float(lam)
+        downs = torch.cat([u.layers[layer][1] for layer in layers for u in updates], dim=0)
+        start = 0
+        for layer in layers:
+            end = start + sum(u.layers[layer][0].shape[1] for u in updates)
+            out[layer] = LayerDelta(up=ups[:, start:end], down=downs[start:end])
+            start = end
+    return {layer: out[layer] for layer in _layers(updates)}  # the model's layer order
 
 
 @register_merge("sum")
@@ -144,8 +190,6 @@ def task_arithmetic(updates, lam: float = 1.0, info=None):
 def svd_merge(updates, lam: float = 0.6, rank: Optional[int] = None, info=None):
     """The exact ``lam * sum`` truncated to its best rank-``rank`` approximation; reports the energy dropped."""
     rank = int(rank) if rank is not None else max(u.layers[k][1].shape[0] for u in updates for k in u.layers)
-    if rank < 1:
-        raise ConfigError("merge.rank", f"must be a positive integer or null, got {rank}")
     out, dropped = {}, {}
     for layer, d in weighted_sum(updates, lam).items():
         up, down, dropped[layer] = d.low_rank(rank)
@@ -169,7 +213,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 @register_merge("ties")
 def ties_merge(updates, lam: float = 1.0, density: float = 0.2, info=None):
     """TIES: trim each dW_i to its ``density`` largest entries, elect signs, average the agreeing entries."""
-    density = _positive("density", density, 1.0)
+    density = float(density)
     out = {}
     for layer in _layers(updates):
         trimmed = torch.stack([trim(u.delta(layer), density) for u in updates])
@@ -184,15 +228,13 @@ def ties_merge(updates, lam: float = 1.0, density: float = 0.2, info=None):
 def dare_merge(updates, lam: float = 1.0, drop: float = 0.5, seed: int = 0, info=None):
     """DARE: drop entries with probability ``drop`` (seeded), rescale the rest, then ``lam * sum``."""
     drop = float(drop)
-    if not 0.0 <= drop < 1.0:
-        raise ConfigError("merge.drop", f"must be in [0, 1), got {drop}")
     out = {}
     for layer in _layers(updates):
         acc = None
         for i, u in enumerate(updates):
             d = u.delta(layer)
             g = generator("dare", seed, i, layer)
-            keep = torch.rand(d.shape, generator=g) >= drop
+            keep = (torch.rand(d.shape, generator=g) >= drop).to(d.device)  # drawn on the CPU: same on any device
             d = d * keep / (1.0 - drop)
             acc = d if acc is None else acc + d
         out[layer] = LayerDelta(dense=acc * float(lam))
@@ -253,20 +295,14 @@ def fuse_lbfgs(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rh
 def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 1e-4, max_iter: int = 500,
                     tolerance: float = 1e-10, dtype: str = "float64", info=None):
     """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring)."""
-    if solver not in SOLVERS:
-        raise choice_error("merge.solver", solver, SOLVERS)
-    if not float(ridge) > 0:
-        raise ConfigError("merge.ridge", f"must be > 0 (it keeps the solve well posed), got {ridge}")
-    dt = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
-    if dt is None:
-        raise choice_error("merge.dtype", dtype, ("float32", "float64"))
+    dt = DTYPES[dtype]
     out, iters, objective = {}, {}, {}
     for layer in _layers(updates):
         for i, s in enumerate(stats):
             if layer not in s:
                 raise ConfigError("merge.stats", f"statistics of adapter {updates[i].name!r} lack layer {layer!r}")
-        grams = [s[layer].to(dt) for s in stats]
         deltas = [u.delta(layer).to(dt) for u in updates]
+        grams = [s[layer].to(deltas[0].device, dt) for s in stats]  # statistics move to the factors' device
         rho = ridge_value(grams, ridge)
         if solver == "closed_form":
             d = fuse_closed_form(deltas, grams, rho)

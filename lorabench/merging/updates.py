@@ -11,6 +11,7 @@ chosen rank, or saved as a merged diffusers UNet folder.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,32 @@ def check_disjoint_rows(updates: Sequence[AdapterUpdate], field_name: str) -> No
                                       "give each concept its own adapter.slot")
 
 
+@torch.no_grad()
+def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], alpha: float = 1.0) -> None:
+    """``weights[k] += alpha * deltas[k]`` for every layer, in place, in each weight's dtype, with few
+    kernels: the low-rank deltas of one (shape, rank, device, dtype) in one batched matmul and one
+    multi-tensor add, the dense deltas in one multi-tensor add. Each layer's result equals
+    :meth:`LayerDelta.add_to_`'s to float tolerance (one more rounding of the product)."""
+    groups: dict[tuple, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
+    dense_w, dense_d = [], []
+    for k, d in deltas.items():
+        w = weights[k].view(weights[k].shape[0], -1)
+        if d.dense is not None:
+            dense_w.append(w)
+            dense_d.append(d.dense.to(w.device, w.dtype))
+        else:
+            groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
+    for (_, _, device, dtype), items in groups.items():
+        if len(items) == 1:
+            items[0][1].add_to_(items[0][0], alpha)
+            continue
+        ups = torch.stack([d.up.to(device, dtype) for _, d in items])
+        downs = torch.stack([d.down.to(device, dtype) for _, d in items])
+        torch._foreach_add_([w for w, _ in items], list(torch.bmm(ups, downs).unbind(0)), alpha=alpha)
+    if dense_w:
+        torch._foreach_add_(dense_w, dense_d, alpha=alpha)
+
+
 @contextmanager
 def merged_into(adapted: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta]) -> Iterator[None]:
     """Add ``deltas`` to the weights ``adapted`` (``{layer: weight}``) for the ``with`` block, then put
@@ -166,8 +193,7 @@ def merged_into(adapted: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerD
         raise ConfigError("merge", f"layer {missing[0]!r} of the merge is not in the model ({len(missing)} such)")
     saved = {k: adapted[k].detach().clone() for k in deltas}
     try:
-        for k, d in deltas.items():
-            d.add_to_(adapted[k].data)
+        fold({k: adapted[k].data for k in deltas}, deltas)
         yield
     finally:
         with torch.no_grad():
@@ -199,8 +225,8 @@ def save_merged_adapter(deltas: Mapping[str, LayerDelta], path, rank: Optional[i
     for layer, d in deltas.items():
         up, down, lost = d.low_rank(rank)
         ranks.add(up.shape[1])
-        tensors[f"{layer}.lora_A.weight"] = down.contiguous()
-        tensors[f"{layer}.lora_B.weight"] = up.contiguous()
+        tensors[f"{layer}.lora_A.weight"] = down.cpu().contiguous()
+        tensors[f"{layer}.lora_B.weight"] = up.cpu().contiguous()
         dropped[layer] = lost
     if len(ranks) > 1:  # one rank per file (what diffusers and kohya loaders expect): pad with zeros
         r = max(ranks)

@@ -25,7 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, check_int
 from lorabench.run import train
 from lorabench.utils.console import CellProgress, quiet_cells
 
@@ -42,7 +42,8 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     adapters = dict(p.get("adapters") or {})
     if not adapters:
         raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")
-    items, seeds = list(p.get(items_key) or []), [int(s) for s in (p.get("seeds") or [])]
+    items = list(p.get(items_key) or [])
+    seeds = [check_int(s, f"protocol.seeds[{i}]") for i, s in enumerate(p.get("seeds") or [])]
     if not items:
         raise ConfigError(f"protocol.{items_key}", f"empty; give at least one name (e.g. [{example}])")
     if len(set(items)) < len(items):

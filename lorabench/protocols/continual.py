@@ -44,9 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
 from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.loggers import build_loggers
-from lorabench.merging.updates import model_weights
+from lorabench.merging.updates import fold, model_weights
 from lorabench.protocols.cells import cell_config, config_hash
 from lorabench.protocols.report import mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.resume import SequenceState
@@ -103,11 +103,11 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError("sequence.tasks", f"token {dup[0]!r} is listed twice; every task needs its own token")
-    length = int(seq.get("length") or len(items))
-    if length < 1 or len(items) < length:
+    length = check_int(seq.get("length") or len(items), "sequence.length", minimum=1)
+    if len(items) < length:
         raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
                           f"give at least {length} tasks or lower sequence.length")
-    items = order(items[:length], seq.get("order_seed"))
+    items = order(items[:length], check_int(seq.get("order_seed"), "sequence.order_seed", allow_none=True))
     sets_key, _ = SUITES[kind]
     if cfg.get("eval") is None or sets_key not in cfg.eval:
         raise ConfigError(f"eval.{sets_key}", f"a {kind} sequence needs eval.{sets_key}; use e.g. eval=world")
@@ -166,6 +166,7 @@ class Run:
     sampler_cfg: dict
     seeds: list[int]
     metric: ContinualScores
+    device: torch.device
     components: Any = None
     w0: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
@@ -176,8 +177,7 @@ class Run:
         with torch.no_grad():
             for k, w in weights.items():
                 w.copy_(self.w0[k].to(w.device, w.dtype).view_as(w))
-            for k, d in deltas.items():
-                d.add_to_(weights[k].data)
+            fold({k: weights[k].data for k in deltas}, deltas)
 
     def reset_weights(self, deltas: Mapping) -> None:
         """The adapted layers of the model (no adapters injected) = W0 + deltas."""
@@ -206,7 +206,7 @@ class Run:
             layer.multiplier = 0.0  # the adapter is folded into the method's state now
         self.set_weights(adapters.base_weights(), self.method.eval_deltas())
         scores, images = score_tasks(self.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds, self.scorer,
-                                     rank, world_size)
+                                     rank, world_size, module.device)
         self.last_images = images
         self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_of(scores),
                            "sign_conflict": sign_conflict_ratio(task_vector, before),
@@ -218,7 +218,8 @@ class Run:
         base_file = state.folder / "base.json"
         if base_file.is_file():
             return json.loads(base_file.read_text())
-        scores, _ = score_tasks(self.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer)
+        scores, _ = score_tasks(self.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer,
+                                device=self.device)
         base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
         write_json(base_file, base)
         return base
@@ -282,8 +283,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seed = int(cfg.seed)
     r = Run(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind),
             OmegaConf.to_container(cfg.eval.sampler, resolve=True),
-            derive_seed_list("continual-eval", int(p.get("eval_seed", 0)), n_img),
-            ContinualScores(list(SUITES[kind][1]), len(tasks)))
+            derive_seed_list("continual-eval", check_int(p.get("eval_seed", 0), "protocol.eval_seed"), n_img),
+            ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 
     state.start()
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
@@ -292,14 +293,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     progress = CellProgress(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
         r.components = instantiate(cfg.model, _convert_="all")
-        r.components.unet.to(eval_device(cfg))
         base = r.base_scores(state)
         progress.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
         for t in range(r.resume(state, progress), len(tasks)):
             progress.done(r.train_task(t, adapter_cfgs[t], callback, state))
         if not r.last_images:  # a finished run started again: show the final model's samples
             r.reset_weights(method.eval_deltas())
-            _, r.last_images = score_tasks(r.components, r.sampler_cfg, tasks, r.seeds, r.scorer)
+            _, r.last_images = score_tasks(r.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
             r.reset_weights({})
     progress.close()
 

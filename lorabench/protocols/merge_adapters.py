@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import load_adapter
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
-    get_merge,
+    check_merge,
     load_stats,
     merge,
     read_update,
@@ -47,7 +47,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     merge_cfg = OmegaConf.to_container(cfg.get("merge") or {}, resolve=True)
     if not merge_cfg:
         raise ConfigError("merge", "no merge method; pick one, e.g. merge=sum (valid: see conf/merge/)")
-    method = get_merge(str(merge_cfg.get("name")))
+    method = check_merge(merge_cfg, "merge")
     inputs = [str(x) for x in (p.get("inputs") or [])]
     if len(inputs) < 2:
         raise ConfigError("protocol.inputs", f"give at least two adapter files to merge, got {len(inputs)}")
@@ -63,6 +63,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if method.needs_stats and len(stats_files) != len(inputs) and len(prompts) != len(inputs):
         raise ConfigError("protocol.stats", f"{method.name} needs one statistics file (protocol.stats) or one prompt "
                           f"(protocol.prompts) per input: {len(inputs)}")
+    rank = check_int(p.get("rank"), "protocol.rank", minimum=1, allow_none=True)
+    cap = dict(OmegaConf.to_container(p.get("capture") or {}, resolve=True))
+    n_capture = check_int(cap.pop("images_per_prompt", 4), "protocol.capture.images_per_prompt", minimum=1)
 
     components = instantiate(cfg.model, _convert_="all")
     names = [Path(f).stem if Path(f).stem not in ("adapter", "pytorch_lora_weights") else Path(f).parent.name
@@ -72,8 +75,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     stats = None
     if method.needs_stats:
         stats = []
-        cap = dict(OmegaConf.to_container(p.get("capture") or {}, resolve=True))
-        seeds = derive_seed_list("merge-capture", int(cfg.seed), int(cap.pop("images_per_prompt", 4)))
+        seeds = derive_seed_list("merge-capture", int(cfg.seed), n_capture)
         for i, f in enumerate(inputs):
             ad = load_adapter(components, f)
             try:
@@ -89,9 +91,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     result = merge(updates, merge_cfg, stats=stats)
     info = {k: v for k, v in result.info.items() if not isinstance(v, dict)}
     if save_as == "adapter":
-        rank = p.get("rank")
         out_path = run_dir / "merged_lora.safetensors"
-        dropped = save_merged_adapter(result.deltas, out_path, rank=None if rank is None else int(rank),
+        dropped = save_merged_adapter(result.deltas, out_path, rank=rank,
                                       metadata={"merge": str(merge_cfg), "inputs": str(inputs)})
         info["dropped_energy_mean"] = sum(dropped.values()) / max(1, len(dropped))
         info["dropped_energy_max"] = max(dropped.values(), default=0.0)

@@ -43,12 +43,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import load_adapter
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, check_int
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
     capture_stats,
-    get_merge,
+    check_merge,
     group_crosstalk,
     layer_means,
     load_stats,
@@ -62,7 +62,7 @@ from lorabench.merging import (
 from lorabench.protocols.cells import pretrain_cells, protocol_inputs, trained_cell
 from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
-from lorabench.sampling import sample_prompts
+from lorabench.sampling import check_counts, sample_prompts
 from lorabench.utils.console import CellProgress, quiet_cells
 from lorabench.utils.io import write_text
 from lorabench.utils.plots import figure, save_figure
@@ -109,7 +109,7 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
         if not m.get("merge"):
             raise ConfigError(f"protocol.methods.{name}.merge",
                               "missing; e.g. /merge@protocol.methods.<name>.merge: sum")
-        get_merge(str(m["merge"].get("name")))
+        check_merge(m["merge"], f"protocol.methods.{name}.merge")
     return methods
 
 
@@ -340,13 +340,15 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     p = cfg.protocol
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
     methods = select_methods(p, adapters)
-    group_size = int(p.get("group_size", 3))
-    if not 2 <= group_size <= len(concepts):
+    group_size = check_int(p.get("group_size", 3), "protocol.group_size", minimum=2)
+    if group_size > len(concepts):
         raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
                           f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
     used = list(dict.fromkeys(m["adapter"] for m in methods.values()))
     ev = eval_setup(cfg, concepts, "concepts", "scorer")
     cap = OmegaConf.to_container(p.get("capture") or {}, resolve=True)
+    check_counts({k: cap.get(k) for k in ("images_per_prompt", "num_inference_steps")}, "protocol.capture")
+    check_int(p.get("train_workers", 1), "protocol.train_workers", minimum=1)
     # What each concept's training data sets: the world names it (data.concept); the real path gives
     # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
     concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))

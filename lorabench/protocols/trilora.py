@@ -40,7 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.data import load_image
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, check_int
 from lorabench.loggers import build_loggers
 from lorabench.protocols.cells import cell_config, protocol_inputs
 from lorabench.protocols.report import mean_std, rebuild_cli, summarise_rows, write_protocol_outputs
@@ -70,12 +70,10 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list
     """``(adapters, seeds, table_epoch, checkpoints, overtrain)``, checked before any work."""
     adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
     p = cfg.protocol
-    for key in ("table_epoch", "sample_seed"):
-        v = p.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or (key == "table_epoch" and v < 1):
-            bound = " >= 1" if key == "table_epoch" else ""
-            raise ConfigError(f"protocol.{key}", f"must be an integer{bound}, got {v!r}")
-    table_epoch = int(p.table_epoch)
+    table_epoch = check_int(p.get("table_epoch"), "protocol.table_epoch", minimum=1)
+    check_int(p.get("sample_seed"), "protocol.sample_seed")
+    check_int(p.get("grid_images", 16), "protocol.grid_images", minimum=1)
+    check_int(p.get("max_eval_prompts"), "protocol.max_eval_prompts", minimum=2, allow_none=True)
     if not all(isinstance(e, int) and not isinstance(e, bool) for e in (p.get("checkpoints") or [])):
         raise ConfigError("protocol.checkpoints", f"must be a list of epochs (integers), got {list(p.checkpoints)}")
     checkpoints = sorted({int(e) for e in (p.get("checkpoints") or [table_epoch])} | {table_epoch})

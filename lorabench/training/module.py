@@ -68,11 +68,15 @@ class DiffusionFineTuner(L.LightningModule):
         gradient_checkpointing: recompute the UNet's (and trained text encoders') block activations in the
             backward pass instead of keeping them: less memory, about one more forward of time; the
             gradients are the same.
+        compile: ``torch.compile`` the UNet (adapters included) in place: its first steps compile (minutes
+            at SD size), then elementwise work is fused and kernel launches drop; the loss matches eager
+            mode to float tolerance (tests/test_gpu.py).
     """
 
     def __init__(self, components: ModelComponents, adapter: Optional[Mapping], optim: Optional[Mapping] = None, *,
                  prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
-                 train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False):
+                 train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False,
+                 compile: bool = False):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -101,6 +105,8 @@ class DiffusionFineTuner(L.LightningModule):
             if self.train_text_encoder:
                 for te in components.text_encoders().values():
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:
+            self.unet.compile()  # nn.Module.compile: in place, so parameter names and adapter layers stay
         self.strict_loading = False  # checkpoints hold adapter weights only
         self._noise_gen: Optional[torch.Generator] = None
         self.grad_norm_before_clip: Optional[float] = None
@@ -126,9 +132,11 @@ class DiffusionFineTuner(L.LightningModule):
         return self.components.noise_scheduler
 
     def _generator(self) -> torch.Generator:
-        if self._noise_gen is None or self._noise_gen.device != self.device:
-            # One stream per rank: ranks must not draw the same noise for different images.
-            self._noise_gen = generator("noise", self.seed, self.global_rank, device=self.device)
+        """The training noise stream: one per rank (ranks must not draw the same noise for different
+        images), on the CPU whatever the device, so a GPU run draws the same noise and timesteps as a
+        CPU run (the draws are moved to the device, a few KB a step)."""
+        if self._noise_gen is None:
+            self._noise_gen = generator("noise", self.seed, self.global_rank)
         return self._noise_gen
 
     def to_latents(self, pixels: torch.Tensor, gen: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -172,15 +180,15 @@ class DiffusionFineTuner(L.LightningModule):
     def training_step(self, batch, batch_idx):
         gen = self._generator()
         if self.caption_dropout:
-            drop = torch.rand(len(batch["prompts"]), generator=gen, device=self.device) < self.caption_dropout
+            drop = torch.rand(len(batch["prompts"]), generator=gen) < self.caption_dropout
             batch = {**batch, "prompts": ["" if d else p for p, d in zip(batch["prompts"], drop.tolist())]}
         latents = self.to_latents(batch["pixel_values"], gen)
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=self.device)
+                (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen, device=self.device)
+                                  generator=gen).to(self.device)
         per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
         n_prior = int(batch.get("num_prior", 0))
         if n_prior:
@@ -247,7 +255,12 @@ class DiffusionFineTuner(L.LightningModule):
                 raise ConfigError("optim.name", "adamw8bit needs bitsandbytes (pip install bitsandbytes)") from exc
             optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
         else:
-            optimizer = torch.optim.AdamW(groups, **kwargs)
+            # CUDA: the fused kernel updates every adapter tensor in one launch; the CPU keeps the default
+            # implementation (and its results). Not under fp16's gradient scaler: Lightning cannot clip the
+            # gradients of an optimizer that unscales them inside its own step.
+            scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+            fused = scaler is None and all(p.is_cuda for g in groups for p in g["params"])
+            optimizer = torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
         names = [s.value for s in SchedulerType]
         if cfg["lr_scheduler"] not in names:
             raise choice_error("optim.lr_scheduler", cfg["lr_scheduler"], names)
