@@ -7,11 +7,16 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
 - ``base``: the frozen UNet, forward + MSE + backward to the input latents (no weight gradients): the
   floor any adapter step pays;
 - ``lora``: lorabench LoRA (rank ``--rank``) on to_q/k/v/out, forward + backward + AdamW;
-- ``lora+ckpt``: the same with gradient checkpointing (``module.gradient_checkpointing=true``).
+- ``lora+ckpt``: the same with gradient checkpointing (``module.gradient_checkpointing=true``);
+- ``lora-ref``: the same LoRA with every layer forced onto the reference arithmetic the CPU uses
+  (``base(x) + adapter_forward(x)``) instead of the fused CUDA path, to show what the fused path saves;
+- with ``--compile``, ``base-compiled`` and ``lora-compiled``: both UNets through ``torch.compile``
+  (``module.compile=true``); their first warm-up steps compile.
 
-Read ``lora / base`` (goal: <= 1.05) and the peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
+Read ``lora / base`` (goal on a GPU: <= 1.10) and the peak memory of ``lora`` against ``lora+ckpt``
+(CUDA only).
 
-    python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16
+    python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile]
     python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
 """
 
@@ -21,6 +26,7 @@ import argparse
 import copy
 import statistics
 import time
+import types
 
 import torch
 
@@ -36,6 +42,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd base and LoRA variants")
     args = ap.parse_args()
 
     from lorabench.adapters import Adapters
@@ -43,12 +50,19 @@ def main() -> None:
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     base, s, in_ch = build_unet(args.size)
-    unets = {name: copy.deepcopy(base).to(dev, dtype) for name in ("base", "lora", "lora+ckpt")}
-    params = {"base": []}
-    for name in ("lora", "lora+ckpt"):
+    names = ["base", "lora", "lora+ckpt", "lora-ref"] + (["base-compiled", "lora-compiled"] if args.compile else [])
+    unets = {name: copy.deepcopy(base).to(dev, dtype) for name in names}
+    params = {name: [] for name in names}
+    for name in [n for n in names if n.startswith("lora")]:
         ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
         params[name] = ad.trainable_parameters()  # float32 master weights, as in training
+        if name == "lora-ref":
+            for layer in ad.layers.values():
+                layer.forward = types.MethodType(
+                    lambda self, x: (lambda out: out + self.adapter_forward(x).to(out.dtype))(self.base(x)), layer)
     unets["lora+ckpt"].enable_gradient_checkpointing()
+    for name in [n for n in names if n.endswith("-compiled")]:
+        unets[name].compile()
     for u in unets.values():
         u.train()  # checkpointing (and any dropout) as in training; the frozen weights do not change
 
@@ -99,7 +113,11 @@ def main() -> None:
         q = statistics.quantiles(times[k], n=4)
         mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""
         print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
-    print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.05)")
+    print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.10)")
+    print(f"  ratio lora-ref / base = {med['lora-ref'] / med['base']:.3f}   (the reference arithmetic on this device)")
+    if args.compile:
+        print(f"  ratio lora-compiled / base-compiled = {med['lora-compiled'] / med['base-compiled']:.3f};  "
+              f"lora-compiled / base (eager) = {med['lora-compiled'] / med['base']:.3f}")
     print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
     if peak:
         print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")

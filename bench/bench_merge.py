@@ -4,13 +4,14 @@ The UNet has SD1.5's architecture with random weights (no download). Ten rank-64
 to_q, to_k, to_v, to_out.0 are merged by summation into the base weights:
 
 - lorabench: ``merge(updates, {"name": "sum"})`` (the factors concatenated, rank 640) and then
-  ``W += U D`` in place for every adapted layer;
+  ``fold``: ``W += U D`` in place, the layers of one shape in one batched matmul; beside it the same
+  fold layer by layer (``LayerDelta.add_to_``, one matmul per layer), and their largest difference;
 - PEFT: ``add_weighted_adapter(..., combination_type="cat")`` then ``merge_adapter()`` (its unmerge
   between repeats is not timed);
 - the floor: one read and one write of every adapted weight, timed in the same run as a single
   large tensor copy of that many bytes.
 
-Printed: the medians of ``--repeats`` runs and the ratios to the floor (goal: lorabench <= 2.0x).
+Printed: the medians of ``--repeats`` runs and the ratios to the floor (goal on a GPU: at most 1 ms).
 
     python bench/bench_merge.py                      # CPU
     python bench/bench_merge.py --device cuda --dtype bfloat16
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import TARGETS, build_unet  # noqa: E402
-from lorabench.merging import AdapterUpdate, merge  # noqa: E402
+from lorabench.merging import AdapterUpdate, fold, merge  # noqa: E402
 
 
 def sync(device):
@@ -81,13 +82,28 @@ def main() -> None:
 
     t_floor = copy_time(nbytes, device, max(args.repeats, 10))  # the floor: one read + one write of nbytes
 
+    originals = {n: w.detach().clone() for n, w in weights.items()}
+
     def ours():
+        fold(weights, merge(updates, {"name": "sum", "lam": 1.0}).deltas)
+
+    def per_layer():
         res = merge(updates, {"name": "sum", "lam": 1.0})
         with torch.no_grad():
             for n, d in res.deltas.items():
                 d.add_to_(weights[n])
 
+    results = {}
+    for name, fn in (("grouped", ours), ("per_layer", per_layer)):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(originals[n])
+        fn()  # one untimed run: its result, then warm
+        results[name] = {n: w.detach().float().clone() for n, w in weights.items()}
+    diff = max(float((results["grouped"][n] - results["per_layer"][n]).abs().max()) for n in weights)
+    scale = max(float(r.abs().max()) for r in results["per_layer"].values())
     t_ours, _ = timed(ours, device, args.repeats)
+    t_per_layer, _ = timed(per_layer, device, args.repeats)
 
     # PEFT on the same UNet and the same factors
     from peft import LoraConfig
@@ -121,7 +137,10 @@ def main() -> None:
     t_peft = statistics.median(peft_times)
     print(f"floor (read + write {nbytes / 2**20:.0f} MiB, one copy): {t_floor * 1e3:9.1f} ms "
           f"({2 * nbytes / t_floor / 1e9:.1f} GB/s)")
-    print(f"lorabench sum + fold into weights:       {t_ours * 1e3:9.1f} ms   {t_ours / t_floor:6.2f}x floor")
+    print(f"lorabench sum + grouped fold:            {t_ours * 1e3:9.2f} ms   {t_ours / t_floor:6.2f}x floor")
+    print(f"lorabench sum + per-layer fold:          {t_per_layer * 1e3:9.2f} ms   {t_per_layer / t_floor:6.2f}x floor"
+          f"   (grouped / per-layer = {t_ours / t_per_layer:.2f}; largest difference {diff:.2e}, "
+          f"{diff / scale:.1e} of the largest weight)")
     print(f"PEFT add_weighted_adapter(cat) + merge_adapter:   {t_peft * 1e3:9.1f} ms   {t_peft / t_floor:6.2f}x floor"
           f"   (lorabench / PEFT = {t_ours / t_peft:.2f})")
     flops = 2 * sum(w.numel() for w in weights.values()) * args.rank * args.adapters
