@@ -101,16 +101,17 @@ OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "drop": lambda v, f: _number(v, f, 0.0, 1.0, False, True),
     "rank": lambda v, f: check_int(v, f, minimum=1, allow_none=True),
     "seed": lambda v, f: check_int(v, f),
-    "solver": lambda v, f: v in SOLVERS or _raise(choice_error(f, v, SOLVERS)),
+    "solver": lambda v, f: _one_of(v, f, SOLVERS),
     "ridge": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
     "max_iter": lambda v, f: check_int(v, f, minimum=1),
     "tolerance": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
-    "dtype": lambda v, f: v in DTYPES or _raise(choice_error(f, v, DTYPES)),
+    "dtype": lambda v, f: _one_of(v, f, DTYPES),
 }
 
 
-def _raise(err: Exception):
-    raise err
+def _one_of(value, field: str, valid) -> None:
+    if value not in valid:
+        raise choice_error(field, value, valid)
 
 
 def check_merge(config: Mapping, field: str = "merge") -> MergeMethod:
