@@ -13,7 +13,14 @@ to_q, to_k, to_v, to_out.0 are merged by summation into the base weights:
 
 Printed: the medians of ``--repeats`` runs and the ratios to the floor (goal on a GPU: at most 1 ms).
 
+``--overhead`` keeps the 128 layers and their six shape groups but gives each group a tiny shape (and
+rank 4), so the arithmetic vanishes and what is left is the host's work per merge: Python, dispatch and
+kernel launches, what bounded the merge on an H200 (7.55 ms for 0.15 ms of arithmetic). It runs on the
+CPU too, and compares the stacked sum + fold (the factors kept stacked per shape, a few kernels per
+shape) with the per-layer one and with the shape-group concatenation that preceded the stacks.
+
     python bench/bench_merge.py                      # CPU
+    python bench/bench_merge.py --overhead           # host work per merge, on the CPU
     python bench/bench_merge.py --device cuda --dtype bfloat16
 """
 
@@ -29,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import TARGETS, build_unet  # noqa: E402
-from lorabench.merging import AdapterUpdate, fold, merge  # noqa: E402
+from lorabench.merging import AdapterUpdate, LayerDelta, fold, merge  # noqa: E402
 
 
 def sync(device):
@@ -55,6 +62,52 @@ def copy_time(nbytes: int, device, repeats: int) -> float:
     return timed(lambda: dst.copy_(src), device, repeats)[0]
 
 
+def unstacked_sum(updates, lam):
+    """The sum as it was before the stacks: the layers of one shape concatenated, a view per layer."""
+    by_shape = {}
+    for layer, (up, down) in updates[0].layers.items():
+        by_shape.setdefault((up.shape[0], down.shape[1]), []).append(layer)
+    out = {}
+    for layers in by_shape.values():
+        ups = torch.cat([u.layers[k][0] for k in layers for u in updates], dim=1) * lam
+        downs = torch.cat([u.layers[k][1] for k in layers for u in updates], dim=0)
+        r = sum(u.layers[layers[0]][0].shape[1] for u in updates)
+        for j, k in enumerate(layers):
+            out[k] = LayerDelta(up=ups[:, j * r:(j + 1) * r], down=downs[j * r:(j + 1) * r])
+    return out
+
+
+def overhead(args, device, dtype, layers) -> None:
+    """Host time per merge + fold with the arithmetic made negligible (see the module's docstring)."""
+    shapes = sorted({tuple(m.weight.shape) for m in layers.values()})
+    tiny = {s: (4 + k, 5 + k) for k, s in enumerate(shapes)}
+    weights = {n: torch.zeros(tiny[tuple(m.weight.shape)], device=device, dtype=dtype) for n, m in layers.items()}
+    g = torch.Generator().manual_seed(0)
+    updates = [AdapterUpdate(f"a{i}", {n: (torch.randn(w.shape[0], 4, generator=g).to(device, dtype),
+                                          torch.randn(4, w.shape[1], generator=g).to(device, dtype))
+                                      for n, w in weights.items()}) for i in range(args.adapters)]
+    repeats = max(args.repeats, 50)
+
+    def per_layer(deltas):
+        for n, d in deltas.items():
+            d.add_to_(weights[n])
+
+    rows = {
+        "stacked sum + stacked fold": lambda: fold(weights, merge(updates, {"name": "sum", "lam": 1.0}).deltas),
+        "stacked sum + per-layer fold": lambda: per_layer(merge(updates, {"name": "sum", "lam": 1.0}).deltas),
+        "shape-group sum + grouped fold": lambda: fold(weights, unstacked_sum(updates, 1.0)),
+    }
+    print(f"host work per merge ({len(weights)} layers in {len(shapes)} shape groups, {args.adapters} adapters, "
+          f"tiny shapes on {device}; median of {repeats}):")
+    base = None
+    with torch.no_grad():
+        for name, fn in rows.items():
+            fn()
+            t, _ = timed(fn, device, repeats)
+            base = base or t
+            print(f"  {name:32s} {t * 1e3:7.3f} ms   ({t / base:.2f}x the first)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -63,12 +116,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", default="sd15-like")
+    ap.add_argument("--overhead", action="store_true", help="host work per merge only (tiny shapes)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     unet, _, _ = build_unet(args.size)
     unet = unet.to(device, dtype)
     layers = {n: m for n, m in unet.named_modules() if n.split(".")[-1] in ("to_q", "to_k", "to_v")
               or n.endswith("to_out.0")}
+    if args.overhead:
+        return overhead(args, device, dtype, layers)
     weights = {n: m.weight for n, m in layers.items()}
     n_params = sum(w.numel() for w in weights.values())
     nbytes = n_params * weights[next(iter(weights))].element_size()

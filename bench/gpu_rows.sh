@@ -3,8 +3,11 @@
 #   bash bench/gpu_rows.sh OUT_DIR [STEP ...]   (offline GPU image: bash .gpu/run.sh bash bench/gpu_rows.sh OUT_DIR)
 # Each step runs under its own timeout and writes its log to OUT_DIR/<step>.log, so one hang cannot eat the
 # rest; OUT_DIR/summary.txt gets one line per step (exit status, seconds). Steps, most informative first:
-# bench_lora_overhead, bench_train_step, bench_merge (the three GPU benchmarks), main_job_gpu (the main job
-# with trainer=gpu), pytest_gpu (the `gpu` tests), bench_lora_overhead_compile. Naming steps runs only those.
+# bench_lora_overhead, bench_train_step, bench_merge (the three GPU benchmarks), bench_merge_overhead (the
+# host's work per merge), main_job_gpu (the main job with trainer=gpu), pytest_gpu_world (the world configs
+# of tests/test_gpu.py), pytest_gpu_dryruns (the other `gpu` tests: full-scale dry runs on CUDA),
+# bench_lora_overhead_compile. Naming steps runs only those. All steps at their limits take about 29
+# minutes: more than one 15-minute device session, so name the steps a session should run.
 set -u
 out=${1:?usage: bash bench/gpu_rows.sh OUT_DIR [STEP ...]}
 shift
@@ -32,8 +35,10 @@ step bench_lora_overhead 150 "$py" bench/bench_lora_overhead.py --device cuda --
 step bench_train_step 100 "$py" bench/bench_train_step.py --device cuda --size sd15-like --batch 4 \
     --dtype bfloat16 --steps 15
 step bench_merge 60 "$py" bench/bench_merge.py --device cuda --dtype bfloat16
+step bench_merge_overhead 60 "$py" bench/bench_merge.py --device cuda --dtype bfloat16 --overhead
 step main_job_gpu 240 "$py" -m lorabench trainer=gpu
-step pytest_gpu 420 "$py" -m pytest -m gpu -q -p no:cacheprovider
+step pytest_gpu_world 420 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step pytest_gpu_dryruns 420 "$py" -m pytest -m gpu -q -p no:cacheprovider --ignore tests/test_gpu.py
 step bench_lora_overhead_compile 240 "$py" bench/bench_lora_overhead.py --device cuda --size sd15-like \
     --batch 4 --dtype bfloat16 --steps 10 --compile
 cat "$out/summary.txt"

@@ -161,7 +161,8 @@ def test_incompatible_adapters_are_one_line_errors(case, fragment):
     if case == "other_base":
         ups[1].base_fingerprint = "def"
     elif case == "other_targets":
-        ups[1].layers.pop("b")
+        ups[1] = AdapterUpdate(ups[1].name, {k: v for k, v in ups[1].layers.items() if k != "b"},
+                               base_fingerprint="abc")
     elif case == "duplicate":
         ups[1].name = ups[0].name
     else:
@@ -206,6 +207,17 @@ def test_every_merge_option_is_checked_without_merging(config, fragment):
     assert check_merge({"name": "ties", "density": 0.5, "lam": 1}).name == "ties"
 
 
+def assert_fold_is_per_layer(weights, deltas, alpha):
+    """fold() on copies of ``weights`` equals LayerDelta.add_to_ layer by layer to 1e-6 (fp32)."""
+    per_layer = {k: w.clone() for k, w in weights.items()}
+    for k, d in deltas.items():
+        d.add_to_(per_layer[k], alpha=alpha)
+    folded = {k: w.clone() for k, w in weights.items()}
+    fold(folded, deltas, alpha=alpha)
+    for k in weights:
+        assert torch.allclose(folded[k], per_layer[k], atol=1e-6, rtol=1e-6), k
+
+
 def test_grouped_fold_equals_the_per_layer_fold():
     """fold() (layers of one shape and rank in one batched matmul, dense deltas in one multi-tensor add)
     equals LayerDelta.add_to_ layer by layer to 1e-6 in float32, for low-rank and dense deltas, layers of
@@ -216,13 +228,7 @@ def test_grouped_fold_equals_the_per_layer_fold():
     deltas = {k: LayerDelta(up=torch.randn(o, 5, generator=g), down=torch.randn(5, i, generator=g))
               for k, (o, i) in shapes.items() if k != "e"}
     deltas["e"] = LayerDelta(dense=torch.randn(12, 20, generator=g))
-    per_layer = {k: w.clone() for k, w in weights.items()}
-    for k, d in deltas.items():
-        d.add_to_(per_layer[k], alpha=0.6)
-    grouped = {k: w.clone() for k, w in weights.items()}
-    fold(grouped, deltas, alpha=0.6)
-    for k in weights:
-        assert torch.allclose(grouped[k], per_layer[k], atol=1e-6, rtol=1e-6), k
+    assert_fold_is_per_layer(weights, deltas, alpha=0.6)
     # merged_into folds the same way (alpha 1) and puts the exact weights back
     originals = {k: w.clone() for k, w in weights.items()}
     once = {k: w.clone() for k, w in weights.items()}
@@ -241,6 +247,36 @@ def test_weighted_sum_concatenates_every_layer_as_before():
     for layer, d in res.items():
         assert torch.equal(d.up, torch.cat([u.layers[layer][0] for u in ups], dim=1) * 0.6)
         assert torch.equal(d.down, torch.cat([u.layers[layer][1] for u in ups], dim=0))
+
+
+def test_stacked_sum_folds_like_the_per_layer_path():
+    """Updates of one layout sum stack by stack; the fold applies whole stacks in one batched matmul and
+    equals add_to_ layer by layer to 1e-6 (fp32), also for a part of a stack; updates of different
+    layouts (ranks differ per layer) take the shape-group path and give the same sums."""
+    ups = random_updates(3, shapes=(("a", 24, 16), ("b", 12, 20), ("c", 24, 16), ("d", 12, 20)))
+    assert [s.layers for s in ups[0].stacks] == [("a", "c"), ("b", "d")]
+    assert ups[0].layers["c"][0].data_ptr() == ups[0].stacks[0].ups[1].data_ptr()  # views, not copies
+    res = merge(ups, {"name": "sum", "lam": 0.6}).deltas
+    assert res["a"].stack is res["c"].stack and res["a"].stack is not res["b"].stack
+    g = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(*d.shape, generator=g) for k, d in res.items()}
+    for part in (res, {k: res[k] for k in ("a", "b", "d")}):
+        assert_fold_is_per_layer(weights, part, alpha=0.5)
+    g = torch.Generator().manual_seed(2)
+    other = AdapterUpdate("r", {k: (torch.randn(o, 2 + j, generator=g), torch.randn(2 + j, i, generator=g))
+                                for j, (k, (o, i)) in enumerate(ups[0].shapes().items())})
+    assert other.layout() != ups[0].layout()
+    mixed = merge([ups[0], other], {"name": "sum", "lam": 1.0}).deltas
+    for k, d in mixed.items():
+        assert d.stack is None
+        assert torch.allclose(d.to_dense(), ups[0].delta(k) + other.delta(k), atol=1e-5)
+
+
+def test_an_update_is_read_only():
+    """The factors live in the stacks; a layer's pair cannot be swapped behind them."""
+    u = random_updates(1)[0]
+    with pytest.raises(TypeError):
+        u.layers["a"] = u.layers["a"]
 
 
 def test_statistics_file_from_another_model_is_refused(tmp_path, load_tiny):

@@ -25,6 +25,7 @@ from lorabench.merging.methods import (
 )
 from lorabench.merging.updates import (
     AdapterUpdate,
+    FactorStack,
     LayerDelta,
     check_compatible,
     fold,
@@ -38,6 +39,7 @@ from lorabench.merging.updates import (
 
 __all__ = [
     "AdapterUpdate",
+    "FactorStack",
     "InputStats",
     "LayerDelta",
     "MERGES",

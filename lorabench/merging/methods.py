@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from lorabench.errors import ConfigError, check_int, choice_error
-from lorabench.merging.updates import AdapterUpdate, LayerDelta, check_compatible
+from lorabench.merging.updates import AdapterUpdate, FactorStack, LayerDelta, check_compatible
 from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
 
@@ -156,9 +156,20 @@ def _layers(updates: Sequence[AdapterUpdate]) -> list[str]:
 
 # -- sums ------------------------------------------------------------------------------------------
 def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, LayerDelta]:
-    """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated. Layers of
-    one shape are concatenated together (two kernels per shape, not per layer); each layer's pair is a
-    view of its slice."""
+    """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated. When the
+    updates share one layout (the same model's layers, stacked alike) their stacks are concatenated
+    whole, two kernels per stack; each layer's pair is a view of its slice and names the stack, so
+    :func:`fold` applies it in one batched matmul. Otherwise layers of one shape are concatenated
+    together."""
+    layout = updates[0].layout()
+    if all(u.layout() == layout for u in updates[1:]):
+        out = {}
+        for g, stack in enumerate(updates[0].stacks):
+            merged = FactorStack(stack.layers, torch.cat([u.stacks[g].ups for u in updates], dim=2) * float(lam),
+                                 torch.cat([u.stacks[g].downs for u in updates], dim=1))
+            for layer, up, down in zip(stack.layers, merged.ups.unbind(0), merged.downs.unbind(0)):
+                out[layer] = LayerDelta(up=up, down=down, stack=merged)
+        return {layer: out[layer] for layer in _layers(updates)}  # the model's layer order
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for layer in _layers(updates):
         up, down = updates[0].layers[layer]

@@ -15,6 +15,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -25,13 +26,37 @@ from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_dir, atomic_path
 
 
+@dataclass(frozen=True, eq=False)
+class FactorStack:
+    """The factors of several layers of one shape and rank, stacked: ``ups`` (L, out, r) and ``downs``
+    (L, r, in), ``layers[i]``'s pair being ``(ups[i], downs[i])``. Sums and folds work on whole stacks,
+    a few kernels per shape instead of a few per layer."""
+
+    layers: tuple[str, ...]
+    ups: torch.Tensor
+    downs: torch.Tensor
+
+
+def stack_factors(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[FactorStack, ...]:
+    """``pairs`` (``{layer: (up, down)}``) grouped by (out, in, rank, device, dtype) and stacked, in the
+    order of each group's first layer."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for layer, (up, down) in pairs.items():
+        groups[up.shape[0], down.shape[1], up.shape[1], up.device, up.dtype].append(layer)
+    return tuple(FactorStack(tuple(layers), torch.stack([pairs[k][0] for k in layers]),
+                             torch.stack([pairs[k][1] for k in layers])) for layers in groups.values())
+
+
 @dataclass
 class LayerDelta:
-    """One layer's merged update: ``up @ down`` or ``dense`` (shape (out, in), float32)."""
+    """One layer's merged update: ``up @ down`` or ``dense`` (shape (out, in), float32). A low-rank
+    delta made by a stacked sum also names its ``stack`` (its pair is a view of one slice of it), so
+    :func:`fold` can apply the whole stack at once."""
 
     up: Optional[torch.Tensor] = None
     down: Optional[torch.Tensor] = None
     dense: Optional[torch.Tensor] = None
+    stack: Optional[FactorStack] = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,24 +98,43 @@ class LayerDelta:
 
 @dataclass
 class AdapterUpdate:
-    """One adapter's per-layer updates, and where they came from."""
+    """One adapter's per-layer updates, and where they came from.
+
+    ``layers`` is read-only once built: the factors are stored stacked by shape (:attr:`stacks`) and
+    each layer's pair is a view of its stack, so merges and folds take a few kernels per shape. Build a
+    new update to change the layers."""
 
     name: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {layer: (up, down)}, dW = up @ down
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # {layer: (up, down)}, dW = up @ down
     base_model: str = ""
     base_fingerprint: str = ""
     adapter_type: str = "lora"
     config: dict = field(default_factory=dict)
     layer_metadata: dict = field(default_factory=dict)  # e.g. OrthA's basis rows per layer
+    stacks: tuple[FactorStack, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        pairs = {k: (up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)) for k, (up, down) in
+                 self.layers.items()}
+        self.stacks = stack_factors(pairs)
+        views = {}
+        for s in self.stacks:
+            views.update(zip(s.layers, zip(s.ups.unbind(0), s.downs.unbind(0))))
+        self.layers = MappingProxyType({k: views[k] for k in pairs})  # the given layer order
+        self._shapes = MappingProxyType({k: (u.shape[0], d.shape[1]) for k, (u, d) in self.layers.items()})
 
     def delta(self, layer: str) -> torch.Tensor:
         """``up @ down`` of one layer."""
         up, down = self.layers[layer]
         return up @ down
 
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (out, in)}``."""
-        return {k: (u.shape[0], d.shape[1]) for k, (u, d) in self.layers.items()}
+    def shapes(self) -> Mapping[str, tuple[int, int]]:
+        """``{layer: (out, in)}`` (read-only)."""
+        return self._shapes
+
+    def layout(self) -> tuple:
+        """Which layers each stack holds, with their (out, in): two updates of one layout sum stack by stack."""
+        return tuple((s.layers, s.ups.shape[1], s.downs.shape[2]) for s in self.stacks)
 
 
 def updates_from_adapters(adapters, name: str, base_model: str = "") -> AdapterUpdate:
@@ -165,14 +209,29 @@ def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], 
     multi-tensor add, the dense deltas in one multi-tensor add. Each layer's result equals
     :meth:`LayerDelta.add_to_`'s to float tolerance (one more rounding of the product)."""
     groups: dict[tuple, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
+    stacked: dict[int, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
     dense_w, dense_d = [], []
     for k, d in deltas.items():
-        w = weights[k].view(weights[k].shape[0], -1)
+        w = weights[k]
+        if w.dim() != 2:
+            w = w.view(w.shape[0], -1)
         if d.dense is not None:
             dense_w.append(w)
             dense_d.append(d.dense.to(w.device, w.dtype))
+        elif d.stack is not None:
+            stacked[id(d.stack)].append((w, d))
         else:
             groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
+    for items in stacked.values():  # whole stacks as they are: no gathering
+        stack = items[0][1].stack
+        w0 = items[0][0]
+        if (len(items) == len(stack.layers) and all(w.device == w0.device and w.dtype == w0.dtype for w, _ in items)
+                and tuple(w0.shape) == (stack.ups.shape[1], stack.downs.shape[2])):
+            prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype))
+            torch._foreach_add_([w for w, _ in items], list(prod.unbind(0)), alpha=alpha)
+        else:  # part of a stack, or weights of mixed dtypes: the general path
+            for w, d in items:
+                groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
     for (_, _, device, dtype), items in groups.items():
         if len(items) == 1:
             items[0][1].add_to_(items[0][0], alpha)
