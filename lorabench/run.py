@@ -66,6 +66,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     adapter = cfg.get("adapter")
     module = DiffusionFineTuner(components, adapter=OmegaConf.to_container(adapter, resolve=True) if adapter else None,
                                 optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=int(cfg.seed),
+                                embeddings=OmegaConf.to_container(cfg.embeddings, resolve=True)
+                                if cfg.get("embeddings") else None,
                                 **OmegaConf.to_container(cfg.get("module", {}) or {}, resolve=True))
     if cfg.get("init_adapter"):
         if module.adapters is None:
@@ -117,10 +119,11 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         "seed": int(cfg.seed),
         "model": components.name,
         "model_id": components.model_id,
-        "adapter": module.adapters.adapter_type if module.adapters else "full",
+        "adapter": module.adapters.adapter_type if module.adapters else ("none" if module.tokens else "full"),
         "adapter_config": module.adapters.config if module.adapters else None,
+        "embeddings_config": module.tokens.config if module.tokens else None,
         "metrics": {
-            "trainable_params": sum(p.numel() for pre in ("unet", "text_encoder", "text_encoder_2")
+            "trainable_params": sum(p.numel() for pre in ("unet", "text_encoder", "text_encoder_2", "embeddings")
                                     for p in module.trainable_parameters(pre)),
             "steps": steps,
             "train_loss_first": _mean(losses[:k]),
@@ -134,7 +137,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             "s_per_step": fit_s / steps if steps else None,
             "total_s": time.perf_counter() - t_start,
         },
-        "artifacts": saver.expected_files(full=module.adapters is None) if steps else [],
+        "artifacts": saver.expected(module) if steps else [],
         "device": str(trainer.strategy.root_device) if steps else "cpu",  # the module is on the CPU after fit
         "versions": _versions(),
     }

@@ -116,6 +116,11 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["eval=world", "eval.sampler.num_inference_steps=0"],
      ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
     (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
+    # new tokens: a word the tokenizer knows is not a new token; options are checked before any work
+    (["embeddings=textual_inversion", "embeddings.token=a"],
+     ["embeddings.token: 'a' is already in text_encoder's vocabulary"]),
+    (["+protocol.adapters.ti.embeddings={token: '<x>', num_vectors: 0}"],
+     ["protocol.adapters.ti.embeddings.num_vectors: must be an integer >= 1"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)

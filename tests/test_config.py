@@ -22,7 +22,10 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
     if cfg.get("protocol"):  # a protocol trains the adapters listed under protocol.adapters
         assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
         for adapter in (cfg.protocol.get("adapters") or {}).values():  # keys are the protocol's names for them
-            assert adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
+            if adapter.get("embeddings") is not None:  # new tokens, alone or beside an adapter
+                assert adapter.embeddings.name == "textual_inversion"
+            if adapter.get("name") is not None or adapter.get("embeddings") is None:
+                assert adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
         if cfg.protocol.get("adapter"):  # the continual protocol trains one adapter type per sequence
             assert cfg.protocol.adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
             assert cfg.protocol.method.name in importlib.import_module("lorabench.continual").method_names()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +53,8 @@ class ModelComponents:
     name: str = "model"
     model_id: str = ""
     resolution: int = 512
+    # word -> the new tokens it stands for (textual inversion's ``bind``), applied by encode_prompts
+    prompt_rewrites: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
@@ -80,9 +82,19 @@ class ModelComponents:
         return self
 
 
+def rewrite_prompt(prompt: str, rewrites: dict[str, str]) -> str:
+    """``prompt`` with each bound word (a whole word, not inside another token) replaced by its tokens."""
+    for word, tokens in rewrites.items():
+        prompt = re.sub(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", tokens, prompt)
+    return prompt
+
+
 def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
     """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
-    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids)."""
+    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids). Words bound to new tokens
+    (``components.prompt_rewrites``) are replaced by them first."""
+    if components.prompt_rewrites:
+        prompts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
 
     def ids(tok):
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,

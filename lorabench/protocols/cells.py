@@ -36,9 +36,10 @@ Evaluate = Callable[..., tuple[dict, torch.Tensor]]
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
     """The protocol's adapters, items (``protocol.<items_key>``) and seeds, checked before any work."""
     p = cfg.protocol
-    if cfg.get("adapter"):
-        raise ConfigError("adapter", "this protocol trains protocol.adapters.<name>, not adapter; override "
-                          "those instead (e.g. protocol.adapters.lora.rank=8)")
+    for key in ("adapter", "embeddings"):
+        if cfg.get(key):
+            raise ConfigError(key, f"this protocol trains protocol.adapters.<name>, not {key}; override "
+                              "those instead (e.g. protocol.adapters.lora.rank=8)")
     adapters = dict(p.get("adapters") or {})
     if not adapters:
         raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")
@@ -55,11 +56,21 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cell_dir: Path) -> DictConfig:
     """The plain training config of one cell: the protocol's config with its adapter group swapped in
-    and ``data`` (e.g. ``{"concept": "sks"}``) set. W&B stays with the protocol's own run; each cell
-    logs to CSV in its folder."""
+    and ``data`` (e.g. ``{"concept": "sks"}``) set. An adapter entry's ``embeddings`` (new tokens, e.g.
+    textual inversion) become the cell's ``embeddings`` group; an entry with embeddings and no ``name``
+    trains the tokens alone. W&B stays with the protocol's own run; each cell logs to CSV in its folder."""
     cell = copy.deepcopy(cfg)
+    adapter_cfg = copy.deepcopy(adapter_cfg)
+    embeddings = None
+    if adapter_cfg is not None and adapter_cfg.get("embeddings") is not None:
+        with open_dict(adapter_cfg):
+            embeddings = adapter_cfg.pop("embeddings")
+        if adapter_cfg.get("name") is None:
+            adapter_cfg = None
     with open_dict(cell):
-        cell.adapter = copy.deepcopy(adapter_cfg)
+        cell.adapter = adapter_cfg
+        if embeddings is not None:
+            cell.embeddings = embeddings
         for key, value in data.items():
             cell.data[key] = value
         cell.seed = seed
@@ -83,16 +94,19 @@ def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: M
 def cell_key(cell: DictConfig) -> str:
     """A hash of everything that decides what a cell trains (model, adapter, data, optimiser, trainer,
     module, seed), not where it is written or logged: equal keys train equal adapters."""
-    return config_hash(cell, ("model", "adapter", "data", "optim", "trainer", "module", "seed", "init_adapter"))
+    return config_hash(cell, ("model", "adapter", "embeddings", "data", "optim", "trainer", "module", "seed",
+                              "init_adapter"))
 
 
 def cached_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
                 name: str) -> tuple[Path, bool]:
     """``(cell_dir, finished)``: where the cell trains (``cache_root/<name>-<key>/``) and whether a
-    finished one is there (its results.json, the last thing training writes, and its adapter)."""
+    finished one is there (its results.json, the last thing training writes, and its adapter or tokens)."""
     probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
     cell_dir = Path(cache_root) / f"{name}-{cell_key(probe)}"
-    return cell_dir, (cell_dir / "results.json").is_file() and (cell_dir / "adapter.safetensors").is_file()
+    files = (["adapter.safetensors"] if probe.get("adapter") else []) + \
+        (["embeddings.safetensors"] if probe.get("embeddings") else [])
+    return cell_dir, (cell_dir / "results.json").is_file() and all((cell_dir / f).is_file() for f in files)
 
 
 def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,

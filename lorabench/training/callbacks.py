@@ -22,8 +22,9 @@ EXPORTS = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
 
 class SaveArtifacts(L.Callback):
     """At the end of training write ``adapter.safetensors`` (lorabench format) and the asked
-    exports into ``dirpath``, from rank zero only, each file atomically. In full training
-    (no adapter) write the whole model as a diffusers folder ``model/`` instead."""
+    exports into ``dirpath``, from rank zero only, each file atomically; new tokens go to
+    ``embeddings.safetensors`` (diffusers' textual-inversion format). In full training (no adapter,
+    no tokens) write the whole model as a diffusers folder ``model/`` instead."""
 
     def __init__(self, dirpath: str, exports: Sequence[str] = ("diffusers",), base_model: str = ""):
         for e in exports:
@@ -38,11 +39,22 @@ class SaveArtifacts(L.Callback):
             return ["model"]
         return ["adapter.safetensors", *(EXPORTS[e][0] for e in self.exports)]
 
+    def expected(self, module) -> list[str]:
+        """:meth:`expected_files` for a module: adapter files, ``embeddings.safetensors`` with new tokens."""
+        if module.adapters is None and module.tokens is None:
+            return ["model"]
+        files = self.expected_files() if module.adapters is not None else []
+        return files + (["embeddings.safetensors"] if module.tokens is not None else [])
+
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         adapters = pl_module.adapters
+        if pl_module.tokens is not None:  # diffusers' textual-inversion format
+            pl_module.tokens.save(self.dirpath / "embeddings.safetensors",
+                                  {"base_model": self.base_model, "global_step": str(trainer.global_step)})
         if adapters is None:
-            save_components(pl_module.components, self.dirpath / "model")
+            if pl_module.tokens is None:
+                save_components(pl_module.components, self.dirpath / "model")
             return
         save_adapter(adapters, self.dirpath / "adapter.safetensors", base_model=self.base_model,
                      extra={"global_step": trainer.global_step})

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from diffusers.optimization import SchedulerType, get_scheduler
 
 from lorabench.adapters import Adapters, inject_adapters
+from lorabench.adapters.tokens import ConceptTokens, inject_tokens
 from lorabench.errors import ConfigError, choice_error
 from lorabench.models import ModelComponents, encode_prompts
 from lorabench.utils.seeding import generator
 
 OPTIMIZERS = ("adamw", "adamw8bit")
-DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "weight_decay": 1e-2,
+DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embedding_lr": None, "weight_decay": 1e-2,
                  "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
 
 
@@ -35,8 +36,9 @@ def check_optim(optim: Mapping) -> None:
         raise choice_error("optim.name", optim.get("name"), OPTIMIZERS)
     if not (number("lr") or 0) > 0:
         raise bad("lr", "must be a number > 0")
-    if optim.get("text_encoder_lr") is not None and not (number("text_encoder_lr") or 0) > 0:
-        raise bad("text_encoder_lr", "must be null (same as lr) or a number > 0")
+    for key in ("text_encoder_lr", "embedding_lr"):
+        if optim.get(key) is not None and not (number(key) or 0) > 0:
+            raise bad(key, "must be null (same as lr) or a number > 0")
     if number("weight_decay") is None or optim["weight_decay"] < 0:
         raise bad("weight_decay", "must be a number >= 0")
     if number("eps") is None or optim["eps"] <= 0:
@@ -56,10 +58,12 @@ class DiffusionFineTuner(L.LightningModule):
     Args:
         components: the model (from :func:`lorabench.models.load_components`).
         adapter: adapter config (``name``, ``rank``, targets, options), see :mod:`lorabench.adapters`;
-            ``None`` trains every UNet weight instead.
+            ``None`` trains every UNet weight instead (unless ``embeddings`` is given: then only those train).
+        embeddings: new-token config (textual inversion, :mod:`lorabench.adapters.tokens`), trained beside
+            the adapter at ``optim.embedding_lr``; ``None``: none.
         train_text_encoder: with ``adapter=None``, train the (first) text encoder's weights too.
         caption_dropout: probability of replacing a training prompt by "" (classifier-free guidance).
-        optim: ``name`` (adamw | adamw8bit), ``lr``, ``text_encoder_lr``, ``weight_decay``, ``betas``,
+        optim: ``name`` (adamw | adamw8bit), ``lr``, ``text_encoder_lr``, ``embedding_lr``, ``weight_decay``, ``betas``,
             ``eps``, ``lr_scheduler`` (any diffusers schedule name), ``warmup_steps``.
         prior_loss_weight: weight of the class-image loss when the batch carries prior examples.
         noise_offset: diffusers' noise offset (0 disables).
@@ -76,7 +80,7 @@ class DiffusionFineTuner(L.LightningModule):
     def __init__(self, components: ModelComponents, adapter: Optional[Mapping], optim: Optional[Mapping] = None, *,
                  prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
                  train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, embeddings: Optional[Mapping] = None):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -84,10 +88,11 @@ class DiffusionFineTuner(L.LightningModule):
         self.text_encoder_2 = components.text_encoder_2
         self.vae = components.vae
         self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
+        self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
         self.caption_dropout = caption_dropout
-        if self.adapters is None:
+        if self.adapters is None and self.tokens is None:
             self.unet.requires_grad_(True)
             if train_text_encoder:
                 self.text_encoder.requires_grad_(True)
@@ -95,8 +100,10 @@ class DiffusionFineTuner(L.LightningModule):
         check_optim(self.optim_cfg)
         self.prior_loss_weight, self.noise_offset = prior_loss_weight, noise_offset
         self.seed, self.val_timesteps = seed, val_timesteps
-        self.train_text_encoder = (train_text_encoder if self.adapters is None
-                                   else any(k.startswith("text_encoder") for k in self.adapters.layers))
+        self.train_text_encoder = (train_text_encoder if self.adapters is None and self.tokens is None
+                                   else any(k.startswith("text_encoder") for k in getattr(self.adapters, "layers", {})))
+        # new tokens train through the (frozen, eval-mode) text encoders
+        self.text_grad = self.train_text_encoder or self.tokens is not None
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if self.gradient_checkpointing:
             # non-reentrant checkpoints (diffusers' default): gradients reach the adapters even though no
@@ -149,7 +156,7 @@ class DiffusionFineTuner(L.LightningModule):
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def conditioning(self, prompts: list[str]) -> dict:
-        ctx = torch.enable_grad() if (self.train_text_encoder and self.training) else torch.no_grad()
+        ctx = torch.enable_grad() if (self.text_grad and self.training) else torch.no_grad()
         with ctx:
             return encode_prompts(self.components, prompts, self.device)
 
@@ -171,9 +178,14 @@ class DiffusionFineTuner(L.LightningModule):
         return loss.mean() if reduce else loss
 
     def trainable_parameters(self, prefix: str) -> list[torch.nn.Parameter]:
-        """Trainable parameters of ``unet`` or the text encoders, adapters or full weights."""
+        """Trainable parameters of ``unet`` or the text encoders, adapters or full weights; ``embeddings``:
+        the new tokens' rows."""
+        if prefix == "embeddings":
+            return self.tokens.parameters() if self.tokens is not None else []
         if self.adapters is not None:
             return self.adapters.trainable_parameters(prefix)
+        if self.tokens is not None:
+            return []
         module = getattr(self, prefix, None)
         return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
@@ -244,9 +256,10 @@ class DiffusionFineTuner(L.LightningModule):
         te_params = [p for pre in ("text_encoder", "text_encoder_2") for p in self.trainable_parameters(pre)]
         if te_params:
             groups.append({"params": te_params, "lr": cfg["text_encoder_lr"] or cfg["lr"]})
+        groups.append({"params": self.trainable_parameters("embeddings"), "lr": cfg["embedding_lr"] or cfg["lr"]})
         groups = [g for g in groups if g["params"]]
         if not groups:
-            raise ConfigError("adapter", "has no trainable parameters")
+            raise ConfigError("adapter", "has no trainable parameters (and no embeddings train)")
         kwargs = dict(betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
         if cfg["name"] == "adamw8bit":
             try:  # an optional dependency, for the continual paper's 8-bit Adam
@@ -288,8 +301,10 @@ class DiffusionFineTuner(L.LightningModule):
 
     # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.adapters is None:
+        if self.adapters is None and self.tokens is None:
             return
-        keys = set(self.adapters.state_dict())
+        rows = {id(p) for p in self.trainable_parameters("embeddings")}
+        keys = {n for n, p in self.named_parameters() if id(p) in rows}
+        keys |= set(self.adapters.state_dict()) if self.adapters is not None else set()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["lorabench_adapter"] = self.adapters.config

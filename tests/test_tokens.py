@@ -1,0 +1,117 @@
+"""Textual inversion: new tokens whose embedding rows alone train, exported in diffusers' format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.adapters.tokens import inject_tokens, load_tokens
+from lorabench.errors import ConfigError
+from lorabench.models import encode_prompts, load_components
+
+
+def pipeline_for(path):
+    """The diffusers pipeline of a saved model folder (the user's loader for textual inversion)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+
+
+def text_states(encoder, tokenizer, prompt):
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids, output_hidden_states=True).hidden_states[-2]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_export_loads_in_diffusers_with_the_same_text_states(arch, scaled_down_models, tmp_path):
+    """A trained-looking embedding (random rows), saved and loaded with diffusers' load_textual_inversion,
+    gives every text encoder the same hidden states as lorabench's own model, to 1e-5 (fp32)."""
+    comps = load_components(str(scaled_down_models[arch]))
+    tokens = inject_tokens(comps, {"token": "<sks>", "num_vectors": 2, "init_word": "dog", "bind": "sks"})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    path = tokens.save(tmp_path / "sks.safetensors")
+    ours = encode_prompts(comps, ["a photo of sks dog"], "cpu")["encoder_hidden_states"]
+
+    pipe = pipeline_for(scaled_down_models[arch])
+    with torch.no_grad():
+        if arch == "sd15":
+            pipe.load_textual_inversion(str(path))
+            prompt = pipe.maybe_convert_prompt("a photo of <sks> dog", pipe.tokenizer)
+            theirs = pipe.text_encoder(pipe.tokenizer([prompt], padding="max_length", return_tensors="pt",
+                                                      max_length=pipe.tokenizer.model_max_length).input_ids)[0]
+        else:
+            from safetensors.torch import load_file
+
+            rows = load_file(str(path))
+            pipe.load_textual_inversion(rows["clip_l"], token="<sks>", text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(rows["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+            prompt = pipe.maybe_convert_prompt("a photo of <sks> dog", pipe.tokenizer)
+            theirs = torch.cat([text_states(pipe.text_encoder, pipe.tokenizer, prompt),
+                                text_states(pipe.text_encoder_2, pipe.tokenizer_2, prompt)], dim=-1)
+    assert prompt == "a photo of <sks> <sks>_1 dog"
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+    # the base model sees a different prompt: the tokens changed something
+    tokens.remove()
+    base = encode_prompts(comps, ["a photo of sks dog"], "cpu")["encoder_hidden_states"]
+    assert not torch.allclose(base, ours, atol=1e-3)
+    # and lorabench reads its own file back to the same states
+    again = load_tokens(comps, path)
+    assert again.config["bind"] == "sks" and again.names == ["<sks>", "<sks>_1"]
+    assert torch.allclose(encode_prompts(comps, ["a photo of sks dog"], "cpu")["encoder_hidden_states"], ours,
+                          atol=1e-6)
+
+
+def test_only_the_new_rows_train(load_tiny):
+    """Two optimiser steps through the text encoder change the new rows and nothing else: the base table
+    and every other weight stay bit-identical; after remove() the tokenizer is the model's own again."""
+    comps = load_tiny()
+    tok_before = comps.tokenizer
+    before = {k: v.clone() for k, v in comps.text_encoder.state_dict().items()}
+    tokens = inject_tokens(comps, {"token": "<sks>", "num_vectors": 2, "init_word": "dog", "bind": "sks"})
+    trainable = [p for p in comps.text_encoder.parameters() if p.requires_grad]
+    assert trainable == tokens.parameters()
+    start = [p.detach().clone() for p in tokens.parameters()]
+    opt = torch.optim.AdamW(tokens.parameters(), lr=1e-2)
+    for _ in range(2):
+        states = encode_prompts(comps, ["a sks dog", "a photo of sks"], "cpu")["encoder_hidden_states"]
+        states.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(a, p) for a, p in zip(start, tokens.parameters()))
+    tokens.remove()
+    after = comps.text_encoder.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert comps.tokenizer is tok_before and comps.prompt_rewrites == {}
+
+
+def test_bad_token_inputs_are_one_line_errors(load_tiny, scaled_down_models, tmp_path):
+    comps = load_tiny()
+    with pytest.raises(ConfigError, match="embeddings.token.*already in text_encoder's vocabulary"):
+        inject_tokens(comps, {"token": "dog"})
+    with pytest.raises(ConfigError, match="embeddings.token: must be one word"):
+        inject_tokens(comps, {"token": "<a b>"})
+    with pytest.raises(ConfigError, match="embeddings.num_vectors"):
+        inject_tokens(comps, {"token": "<x>", "num_vectors": 0})
+    with pytest.raises(ConfigError, match="embeddings.colour: not an option"):
+        inject_tokens(comps, {"token": "<x>", "colour": 1})
+    # an embedding file for another text encoder (the SD1.5-shaped model's width) is refused, and the model
+    # is left as it was
+    other = load_components(str(scaled_down_models["sdxl"]))
+    path = inject_tokens(other, {"token": "<sks>"}).save(tmp_path / "sdxl.safetensors")
+    with pytest.raises(ConfigError, match="holds rows for .*text_encoder_2"):
+        load_tokens(comps, path)
+    sd15 = load_components(str(scaled_down_models["sd15"]))
+    one = inject_tokens(sd15, {"token": "<w>"})
+    wide = tmp_path / "wide.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"<w>": torch.zeros(1, one.parameters()[0].shape[1] * 2)}, str(wide))
+    with pytest.raises(ConfigError, match="made for another text encoder"):
+        load_tokens(comps, wide)
+    assert "<w>" not in comps.tokenizer.get_vocab() and comps.prompt_rewrites == {}
