@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lorabench.errors import ConfigError, check_int, choice_error
-from lorabench.models import ModelComponents, encode_prompts
+from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
 
@@ -115,8 +115,7 @@ class Sampler:
         for t in sched.timesteps:
             inp = torch.cat([x, x]) if guided else x
             inp = sched.scale_model_input(inp, t)
-            pred = comps.unet(inp.to(dtype), t, cond["encoder_hidden_states"].to(dtype),
-                              added_cond_kwargs=cond.get("added_cond_kwargs")).sample.float()
+            pred = denoise(comps.unet, inp, t, cond, dtype).float()
             if guided:
                 p_uncond, p_cond = pred.chunk(2)
                 pred = p_uncond + self.guidance_scale * (p_cond - p_uncond)
@@ -134,6 +133,8 @@ class Sampler:
 
 def _cat_conditions(uncond: dict, cond: dict) -> dict:
     out = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
+    if "layer_states" in cond:
+        out["layer_states"] = tuple(torch.cat([u, c]) for u, c in zip(uncond["layer_states"], cond["layer_states"]))
     if "added_cond_kwargs" in cond:
         out["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v])
                                     for k, v in cond["added_cond_kwargs"].items()}

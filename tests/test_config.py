@@ -23,7 +23,7 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
         assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
         for adapter in (cfg.protocol.get("adapters") or {}).values():  # keys are the protocol's names for them
             if adapter.get("embeddings") is not None:  # new tokens, alone or beside an adapter
-                assert adapter.embeddings.name == "textual_inversion"
+                assert adapter.embeddings.name in ("textual_inversion", "pplus")
             if adapter.get("name") is not None or adapter.get("embeddings") is None:
                 assert adapter.name in importlib.import_module("lorabench.adapters").ADAPTERS
         if cfg.protocol.get("adapter"):  # the continual protocol trains one adapter type per sequence

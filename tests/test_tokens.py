@@ -115,3 +115,126 @@ def test_bad_token_inputs_are_one_line_errors(load_tiny, scaled_down_models, tmp
     with pytest.raises(ConfigError, match="made for another text encoder"):
         load_tokens(comps, wide)
     assert "<w>" not in comps.tokenizer.get_vocab() and comps.prompt_rewrites == {}
+
+
+def cross_attention_inputs(comps, cond):
+    """What every cross-attention layer's to_k reads, by layer, in one UNet call."""
+    from lorabench.adapters.tokens import cross_attention_layers
+    from lorabench.models import denoise
+
+    seen, hooks = {}, []
+    for name in cross_attention_layers(comps.unet):
+        mod = comps.unet.get_submodule(name).to_k
+        hooks.append(mod.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0])))
+    latent = torch.randn(1, comps.unet.config.in_channels, comps.unet.config.sample_size,
+                         comps.unet.config.sample_size, generator=torch.Generator().manual_seed(0))
+    out = denoise(comps.unet, latent, torch.tensor([500]), cond, torch.float32)
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_pplus_routes_each_cross_attention_layer_to_its_own_rows(arch, scaled_down_models, tmp_path):
+    """P+: cross-attention layer l reads exactly the text states of textual inversion with P+'s rows of layer
+    l (1e-5, fp32); the lorabench file loads back to the same UNet output; remove() restores the model."""
+    from lorabench.adapters.tokens import cross_attention_layers
+
+    comps = load_components(str(scaled_down_models[arch]))
+    layers = cross_attention_layers(comps.unet)
+    assert len(layers) > 2
+    plain_processors = dict(comps.unet.attn_processors)
+    tokens = inject_tokens(comps, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tokens.parameters():
+            assert p.shape[:2] == (len(layers), 2)
+            p.copy_(torch.randn(p.shape, generator=g))
+    rows = {k: v.clone() for k, v in tokens.state_dict().items()}
+    cond = encode_prompts(comps, ["a photo of sks dog"], "cpu")
+    seen, out = cross_attention_inputs(comps, cond)
+    path = tokens.save(tmp_path / "pplus.safetensors")
+    tokens.remove()
+    assert comps.text_groups == 1 and dict(comps.unet.attn_processors).keys() == plain_processors.keys()
+    assert all(type(p) is type(plain_processors[k]) for k, p in comps.unet.attn_processors.items())
+    for i, name in enumerate(layers[:: max(1, len(layers) // 4)] + [layers[-1]]):
+        i = layers.index(name)
+        ti = load_tokens_rows(comps, {k: v[i:i + 1] for k, v in rows.items()})
+        want = encode_prompts(comps, ["a photo of sks dog"], "cpu")["encoder_hidden_states"]
+        ti.remove()
+        assert torch.allclose(seen[name], want, atol=1e-5), name
+    again = load_tokens(comps, path)
+    assert again.config["name"] == "pplus" and comps.text_groups == len(layers)
+    _, out_again = cross_attention_inputs(comps, encode_prompts(comps, ["a photo of sks dog"], "cpu"))
+    assert torch.allclose(out, out_again, atol=1e-6)
+
+
+def load_tokens_rows(comps, rows):
+    """Textual inversion of <sks> x2 bound to sks with the given rows ({encoder: (1, 2, dim)})."""
+    from lorabench.adapters.tokens import ConceptTokens
+
+    return ConceptTokens.inject(comps, {"token": "<sks>", "num_vectors": 2, "bind": "sks"}, init=rows)
+
+
+def test_pplus_trains_only_its_rows_through_the_unet(load_tiny):
+    """Two steps of the diffusion loss through a frozen UNet and text encoder change P+'s rows of every layer
+    and leave every model weight bit-identical."""
+    from lorabench.training import DiffusionFineTuner
+
+    comps = load_tiny()
+    before = {f"{k}.{n}": t.clone() for k, m in (("unet", comps.unet), ("te", comps.text_encoder))
+              for n, t in m.state_dict().items()}
+    module = DiffusionFineTuner(comps, adapter=None, optim={"lr": 1e-2},
+                                embeddings={"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable == module.tokens.parameters()
+    start = [p.detach().clone() for p in trainable]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    module.train()
+    g = torch.Generator().manual_seed(0)
+    size = comps.unet.config.sample_size
+    for _ in range(2):
+        latents = torch.randn(2, comps.unet.config.in_channels, size, size, generator=g)
+        loss = module.diffusion_loss({"prompts": ["a sks dog", "a photo of sks"]}, torch.randn_like(latents),
+                                     torch.tensor([100, 700]), latents)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for a, p in zip(start, trainable):
+        changed = (a != p.detach()).flatten(1).any(1)  # per layer group
+        assert changed.all()
+    module.tokens.remove()
+    after = {f"{k}.{n}": t for k, m in (("unet", comps.unet), ("te", comps.text_encoder))
+             for n, t in m.state_dict().items()}
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_concepts_side_by_side(load_tiny):
+    """Two concepts' tokens in one model: each bound word reads its own tokens; a second concept with the
+    same token or the same word is a one-line error that changes nothing; removal is last-in first-out."""
+    comps = load_tiny()
+    a = inject_tokens(comps, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    b = inject_tokens(comps, {"name": "textual_inversion", "token": "<twt>", "bind": "photo"})
+    assert comps.prompt_rewrites == {"sks": "<sks> <sks>_1", "photo": "<twt>"}
+    for cfg, fragment in (({"token": "<sks>", "bind": "dog"}, "'<sks>' is already in text_encoder's vocabulary"),
+                          ({"token": "<new>", "bind": "sks"}, "two concepts cannot share a word")):
+        with pytest.raises(ConfigError, match=fragment) as exc:
+            inject_tokens(comps, cfg)
+        assert "\n" not in str(exc.value)
+    assert comps.prompt_rewrites == {"sks": "<sks> <sks>_1", "photo": "<twt>"}
+    with pytest.raises(RuntimeError, match="reverse order"):
+        a.remove()
+    b.remove()
+    a.remove()
+    assert comps.prompt_rewrites == {} and comps.text_groups == 1
+
+
+def test_pplus_needs_cross_attention(load_tiny):
+    from diffusers import UNet2DConditionModel
+
+    comps = load_tiny()
+    comps.unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                                      down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                      mid_block_type="UNetMidBlock2D", norm_num_groups=4, cross_attention_dim=32)
+    with pytest.raises(ConfigError, match="embeddings.name: pplus needs a UNet with cross-attention layers"):
+        inject_tokens(comps, {"name": "pplus", "token": "<sks>"})

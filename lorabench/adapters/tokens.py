@@ -1,18 +1,29 @@
-"""Textual inversion (Gal et al. 2022): new tokens whose embedding rows alone train.
+"""New tokens whose embedding rows alone train: textual inversion (Gal et al. 2022) and P+ (Voynov et al.
+2023, extended textual conditioning, the layer-wise embeddings of Mix-of-Show's ED-LoRA).
 
 A concept gets ``num_vectors`` new tokens, named as diffusers names a multi-vector embedding: ``<sks>``,
-``<sks>_1``, ``<sks>_2``, ... They are added to a copy of each tokenizer (the model's own tokenizer is put
-back by :meth:`ConceptTokens.remove`) and read by a :class:`NewTokenEmbedding` that wraps each text
-encoder's token embedding: the base table stays frozen and bit-identical, the new rows are the only
-trainable tensors, initialised from an existing word's embedding. A prompt names the concept by its
+``<sks>_1``, ... They are added to a copy of each tokenizer (the model's own is put back by
+:meth:`ConceptTokens.remove`) and read by a :class:`NewTokenEmbedding` wrapping each text encoder's token
+embedding: the base table stays frozen and bit-identical, the new rows are the only trainable tensors,
+initialised from an existing word's embedding (or the table's mean). A prompt names the concept by its
 token (``a <sks> circle``) or, with ``bind``, by a word the tokens stand in for (``bind: sks`` rewrites
 ``a sks circle`` as ``a <sks> <sks>_1 circle``, so datasets and evaluation prompts stay as they are).
 
-Files are diffusers' textual-inversion format, safetensors, so ``pipe.load_textual_inversion`` reads
-them: one encoder: ``{token: (num_vectors, dim)}``; SDXL: ``{"clip_l": ..., "clip_g": ...}`` (load each
-into its encoder with ``token=``, as diffusers' documentation does). lorabench's metadata rides along.
+- ``textual_inversion``: one row per token, shared by every layer of the UNet.
+- ``pplus``: one row per token *per UNet cross-attention layer* (16 on SD1.5). The text encoder runs once
+  per layer, batched (``ModelComponents.text_groups``), and diffusers attention processors route each
+  cross-attention layer to its own text states (:class:`LayerRouting`, through the UNet's
+  ``cross_attention_kwargs``); no UNet is forked.
 
-    tokens = inject_tokens(components, {"token": "<sks>", "num_vectors": 2, "init_word": "circle", "bind": "sks"})
+Several concepts' tokens sit side by side in one model (each injection wraps the previous one; remove in
+reverse order). A word bound twice, or a token taken twice, is a one-line error before any change.
+
+Files. Textual inversion: diffusers' format, so ``pipe.load_textual_inversion`` reads it; one encoder
+``{token: (num_vectors, dim)}``, SDXL ``{"clip_l": ..., "clip_g": ...}``. P+: lorabench's own format,
+``{encoder: (layers, num_vectors, dim)}`` with the cross-attention layers' names, in order, in the
+metadata (``lorabench_layers``). Both carry the token config in ``lorabench_tokens``.
+
+    tokens = inject_tokens(components, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
     tokens.parameters(); tokens.save("sks.safetensors"); tokens.remove()
 """
 
@@ -31,34 +42,87 @@ from torch import nn
 from lorabench.errors import ConfigError, check_int
 from lorabench.utils.io import atomic_path
 
+METHODS = ("textual_inversion", "pplus")
 TOKEN_KEYS = ("name", "token", "num_vectors", "init_word", "bind")
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 class NewTokenEmbedding(nn.Module):
-    """A token embedding with new rows: ``base`` (frozen) for the model's tokens, ``new`` (trainable,
-    float32) for the tokens ``ids``; a gradient reaches ``new`` only."""
+    """A token embedding with new rows: ``base`` (frozen; an ``nn.Embedding`` or another
+    :class:`NewTokenEmbedding`) for every other token, ``new`` (trainable, float32, (groups, n, dim)) for
+    the tokens ``ids``. With ``groups`` > 1 the batch holds the prompts once per group, group-major, and
+    group g's rows embed its copy. A gradient reaches ``new`` only."""
 
-    def __init__(self, base: nn.Embedding, ids: list[int], init: torch.Tensor):
+    def __init__(self, base: nn.Module, ids: list[int], init: torch.Tensor):
         super().__init__()
         self.base = base
-        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device),
-                             persistent=False)
-        self.new = nn.Parameter(init.detach().float().clone().to(base.weight.device))
+        device = self.table().weight.device
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        self.new = nn.Parameter(init.detach().float().clone().to(device))
+
+    def table(self) -> nn.Embedding:
+        """The model's own embedding table under every wrapper."""
+        return self.base.table() if isinstance(self.base, NewTokenEmbedding) else self.base
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table().embedding_dim
 
     @property
     def weight(self) -> torch.Tensor:
-        """The whole table as transformers sees it (base rows, then the new rows at their ids)."""
-        n = max(self.base.num_embeddings, int(self.ids.max()) + 1)
-        table = torch.cat([self.base.weight, self.base.weight.new_zeros(n - self.base.num_embeddings,
-                                                                         self.base.embedding_dim)])
-        return table.index_copy(0, self.ids, self.new.to(table.dtype))
+        """The model's table with every wrapper's first-group rows at their ids (what transformers reads
+        as the input embeddings' weight, e.g. to size things)."""
+        inner = self.base.weight
+        n = max(inner.shape[0], int(self.ids.max()) + 1)
+        table = torch.cat([inner, inner.new_zeros(n - inner.shape[0], inner.shape[1])])
+        return table.index_copy(0, self.ids, self.new[0].to(table.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids.clamp(max=self.base.num_embeddings - 1))
+        own = isinstance(self.base, nn.Embedding)
+        out = self.base(input_ids.clamp(max=self.base.num_embeddings - 1) if own else input_ids)
+        groups = self.new.shape[0]
+        if groups == 1:
+            rows = self.new[0].to(out.dtype)[None]  # (1, n, dim): every prompt
+        else:
+            if input_ids.shape[0] % groups:
+                raise ValueError(f"layer-wise tokens: a batch of {input_ids.shape[0]} prompts is not {groups} "
+                                 "groups of equal size (encode prompts with lorabench.models.encode_prompts)")
+            per = input_ids.shape[0] // groups
+            rows = self.new.to(out.dtype).repeat_interleave(per, dim=0)  # (batch, n, dim)
         for j in range(len(self.ids)):
-            out = torch.where((input_ids == self.ids[j]).unsqueeze(-1), self.new[j].to(out.dtype), out)
+            out = torch.where((input_ids == self.ids[j]).unsqueeze(-1), rows[:, j, None, :], out)
         return out
+
+
+class LayerRouting:
+    """An attention processor wrapper: a cross-attention layer (``index`` set) reads its own text states,
+    ``layer_states[index]``, from the UNet's ``cross_attention_kwargs``; a self-attention layer (``index``
+    None) takes the keyword and ignores it. Everything else is the wrapped processor's."""
+
+    def __init__(self, inner, index: Optional[int]):
+        self.inner, self.index = inner, index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 layer_states=None, **kwargs):
+        if layer_states is not None and self.index is not None:
+            encoder_hidden_states = layer_states[self.index]
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, temb=temb, **kwargs)
+
+
+def cross_attention_layers(unet: nn.Module) -> list[str]:
+    """The UNet's cross-attention modules, in execution order of their names (P+'s layers)."""
+    return [n for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)]
+
+
+def _route(unet: nn.Module) -> None:
+    layers = {f"{n}.processor": i for i, n in enumerate(cross_attention_layers(unet))}
+    unet.set_attn_processor({k: LayerRouting(p, layers.get(k)) for k, p in unet.attn_processors.items()})
+
+
+def _unroute(unet: nn.Module) -> None:
+    unet.set_attn_processor({k: p.inner if isinstance(p, LayerRouting) else p
+                             for k, p in unet.attn_processors.items()})
 
 
 def _token_embedding(text_encoder: nn.Module) -> nn.Module:
@@ -84,8 +148,8 @@ def check_tokens_config(config: Mapping, field: str = "embeddings") -> dict:
     unknown = sorted(set(cfg) - set(TOKEN_KEYS))
     if unknown:
         raise ConfigError(f"{field}.{unknown[0]}", f"not an option; valid: {', '.join(TOKEN_KEYS)}")
-    if cfg["name"] != "textual_inversion":
-        raise ConfigError(f"{field}.name", f"unknown embedding method {cfg['name']!r}; valid: textual_inversion")
+    if cfg["name"] not in METHODS:
+        raise ConfigError(f"{field}.name", f"unknown embedding method {cfg['name']!r}; valid: {', '.join(METHODS)}")
     token = cfg.get("token")
     if not isinstance(token, str) or not token.strip() or token != token.strip() or " " in token:
         raise ConfigError(f"{field}.token", f"must be one word without spaces, e.g. '<sks>', got {token!r}")
@@ -102,63 +166,72 @@ def token_names(token: str, num_vectors: int) -> list[str]:
 
 
 class ConceptTokens:
-    """New tokens in every text encoder of a model (see the module docstring)."""
+    """One concept's new tokens in every text encoder of a model (see the module docstring)."""
 
-    def __init__(self, components, config: Mapping, layers: dict[str, NewTokenEmbedding], saved: dict):
+    def __init__(self, components, config: Mapping, layers: dict[str, NewTokenEmbedding], saved: dict,
+                 unet_layers: list[str]):
         self.components, self.config, self.layers, self._saved = components, dict(config), layers, saved
+        self.unet_layers = unet_layers  # P+: the cross-attention layers, in the order of the rows
 
     @classmethod
-    def inject(cls, components, config: Mapping, init: Optional[Mapping[str, torch.Tensor]] = None) -> "ConceptTokens":
-        """Add the tokens of ``config`` (see :func:`check_tokens_config`); ``init`` (``{encoder: (n, dim)}``)
-        overrides the init word's embedding, as when a file is loaded. Checks everything before any change."""
-        cfg = check_tokens_config(config)
+    def inject(cls, components, config: Mapping, init: Optional[Mapping[str, torch.Tensor]] = None,
+               field: str = "embeddings") -> "ConceptTokens":
+        """Add the tokens of ``config`` (see :func:`check_tokens_config`); ``init`` (``{encoder: (groups, n,
+        dim)}``) replaces the init word's embedding, as when a file is loaded. Checks everything first."""
+        cfg = check_tokens_config(config, field)
         names = token_names(cfg["token"], cfg["num_vectors"])
-        encoders = components.text_encoders()
+        unet_layers = cross_attention_layers(components.unet) if cfg["name"] == "pplus" else []
+        if cfg["name"] == "pplus":
+            if not unet_layers:
+                raise ConfigError(f"{field}.name", "pplus needs a UNet with cross-attention layers; this one has "
+                                  "none (use textual_inversion)")
+            if components.text_groups not in (1, len(unet_layers)):
+                raise ConfigError(f"{field}.name", f"the model's text is already encoded in {components.text_groups} "
+                                  f"groups, not {len(unet_layers)}")
+        groups = max(1, len(unet_layers))
+        if cfg["bind"] and cfg["bind"] in components.prompt_rewrites:
+            raise ConfigError(f"{field}.bind", f"{cfg['bind']!r} already stands for "
+                              f"{components.prompt_rewrites[cfg['bind']]!r}; two concepts cannot share a word")
         tokenizers = {"text_encoder": components.tokenizer, "text_encoder_2": components.tokenizer_2}
         plans = {}
-        for key, te in encoders.items():
-            tok, base = tokenizers[key], _token_embedding(te)
-            if isinstance(base, NewTokenEmbedding):
-                raise ConfigError("embeddings", f"{key} already carries new tokens; remove them first")
+        for key, te in components.text_encoders().items():
+            tok, emb = tokenizers[key], _token_embedding(te)
             taken = [n for n in names if _known(tok, n)]
             if taken:
-                raise ConfigError("embeddings.token", f"{taken[0]!r} is already in {key}'s vocabulary; a new token "
-                                  "must be a string the tokenizer does not know, e.g. '<sks>'")
+                raise ConfigError(f"{field}.token", f"{taken[0]!r} is already in {key}'s vocabulary (a word of the "
+                                  "model or another concept's token); a new token must be a string the tokenizer "
+                                  "does not know, e.g. '<sks>'")
+            dim = emb.embedding_dim
             if init is not None:
                 rows = init.get(key)
-                if rows is None or tuple(rows.shape) != (len(names), base.embedding_dim):
+                if rows is None or tuple(rows.shape) != (groups, len(names), dim):
                     got = None if rows is None else tuple(rows.shape)
-                    raise ConfigError("embeddings", f"the embedding file's rows for {key} have shape {got}, but this "
-                                      f"model needs ({len(names)}, {base.embedding_dim}): made for another text "
-                                      "encoder?")
-            elif cfg["init_word"]:
-                ids = tok(cfg["init_word"], add_special_tokens=False).input_ids
-                if not ids:
-                    raise ConfigError("embeddings.init_word", f"{cfg['init_word']!r} gives no token")
-                rows = base.weight.detach()[ids].float().mean(0, keepdim=True).repeat(len(names), 1)
-            else:  # the mean of the table, as when no word fits
-                rows = base.weight.detach().float().mean(0, keepdim=True).repeat(len(names), 1)
+                    raise ConfigError(field, f"the embedding file's rows for {key} have shape {got}, but this model "
+                                      f"needs {(groups, len(names), dim)}: made for another text encoder or UNet?")
+            else:
+                table = (emb.table() if isinstance(emb, NewTokenEmbedding) else emb).weight.detach().float()
+                ids = tok(cfg["init_word"], add_special_tokens=False).input_ids if cfg["init_word"] else []
+                if cfg["init_word"] and not ids:
+                    raise ConfigError(f"{field}.init_word", f"{cfg['init_word']!r} gives no token")
+                start = table[ids].mean(0) if ids else table.mean(0)  # no word: the table's mean
+                rows = start.expand(groups, len(names), dim)
             plans[key] = (tok, te, rows)
         # every check passed: change the model
         saved = {"tokenizer": components.tokenizer, "tokenizer_2": components.tokenizer_2,
-                 "prompt_rewrites": dict(components.prompt_rewrites)}
+                 "prompt_rewrites": dict(components.prompt_rewrites), "text_groups": components.text_groups}
         layers = {}
         for key, (tok, te, rows) in plans.items():
             new_tok = copy.deepcopy(tok)
             new_tok.add_tokens(names)
-            ids = new_tok.convert_tokens_to_ids(names)
-            layer = NewTokenEmbedding(te.get_input_embeddings(), ids, rows)
-            te.set_input_embeddings(layer)
-            layers[key] = layer
-            if key == "text_encoder":
-                components.tokenizer = new_tok
-            else:
-                components.tokenizer_2 = new_tok
+            layers[key] = NewTokenEmbedding(te.get_input_embeddings(), new_tok.convert_tokens_to_ids(names), rows)
+            te.set_input_embeddings(layers[key])
+            setattr(components, "tokenizer" if key == "text_encoder" else "tokenizer_2", new_tok)
         if cfg["bind"]:
-            if cfg["bind"] in components.prompt_rewrites:
-                raise ConfigError("embeddings.bind", f"{cfg['bind']!r} already stands for other tokens")
-            components.prompt_rewrites[cfg["bind"]] = " ".join(names)
-        return cls(components, cfg, layers, saved)
+            components.prompt_rewrites = {**components.prompt_rewrites, cfg["bind"]: " ".join(names)}
+        if groups > 1 and components.text_groups == 1:
+            _route(components.unet)
+            components.text_groups = groups
+        return cls(components, cfg, layers, saved, unet_layers)
 
     # -- what trains ----------------------------------------------------------------------------------
     @property
@@ -171,71 +244,82 @@ class ConceptTokens:
         return [layer.new for layer in self.layers.values()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{encoder: (num_vectors, dim)}``."""
+        """``{encoder: (groups, num_vectors, dim)}`` (groups: 1, or P+'s layers)."""
         return {key: layer.new.detach() for key, layer in self.layers.items()}
 
-    @torch.no_grad()
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``{encoder: (num_vectors, dim)}`` in (shapes checked)."""
-        for key, layer in self.layers.items():
-            if key not in tensors or tensors[key].shape != layer.new.shape:
-                raise ConfigError("embeddings", f"no rows of shape {tuple(layer.new.shape)} for {key}")
-            layer.new.copy_(tensors[key])
-
     def remove(self) -> None:
-        """Put the model's own embeddings, tokenizers and prompts back."""
+        """Put the model's own embeddings, tokenizers, prompts and attention processors back (the last
+        concept added is removed first)."""
+        encoders = self.components.text_encoders()
         for key, layer in self.layers.items():
-            self.components.text_encoders()[key].set_input_embeddings(layer.base)
-        self.components.tokenizer = self._saved["tokenizer"]
-        self.components.tokenizer_2 = self._saved["tokenizer_2"]
-        self.components.prompt_rewrites = self._saved["prompt_rewrites"]
+            if encoders[key].get_input_embeddings() is not layer:
+                raise RuntimeError("remove concepts' tokens in the reverse order of adding them")
+        for key, layer in self.layers.items():
+            encoders[key].set_input_embeddings(layer.base)
+        comps = self.components
+        comps.tokenizer, comps.tokenizer_2 = self._saved["tokenizer"], self._saved["tokenizer_2"]
+        comps.prompt_rewrites = self._saved["prompt_rewrites"]
+        if comps.text_groups != self._saved["text_groups"]:
+            _unroute(comps.unet)
+            comps.text_groups = self._saved["text_groups"]
         self.layers = {}
 
     # -- files ------------------------------------------------------------------------------------------
     def save(self, path, metadata: Optional[Mapping[str, str]] = None) -> Path:
-        """Write diffusers' textual-inversion format (see the module docstring), atomically."""
+        """Write the tokens (see the module docstring for the formats), atomically."""
         rows = {k: v.float().cpu().contiguous() for k, v in self.state_dict().items()}
-        tensors = {self.config["token"]: rows["text_encoder"]} if len(rows) == 1 else \
-            {SDXL_KEYS[k]: v for k, v in rows.items()}
         meta = {"format": "pt", "lorabench_tokens": json.dumps(self.config), **dict(metadata or {})}
+        if self.config["name"] == "pplus":
+            tensors = rows
+            meta["lorabench_layers"] = json.dumps(self.unet_layers)
+        elif len(rows) == 1:
+            tensors = {self.config["token"]: rows["text_encoder"][0]}
+        else:
+            tensors = {SDXL_KEYS[k]: v[0] for k, v in rows.items()}
         with atomic_path(Path(path)) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return Path(path)
 
 
-def inject_tokens(components, config: Mapping) -> ConceptTokens:
+def inject_tokens(components, config: Mapping, field: str = "embeddings") -> ConceptTokens:
     """:meth:`ConceptTokens.inject` with the init word's embedding."""
-    return ConceptTokens.inject(components, config)
+    return ConceptTokens.inject(components, config, field=field)
 
 
 def load_tokens(components, path, token: Optional[str] = None, bind: Optional[str] = None) -> ConceptTokens:
-    """Add the tokens of a textual-inversion file (lorabench's or any diffusers-format one)."""
+    """Add the tokens of a file: lorabench's (textual inversion or P+) or any diffusers-format textual
+    inversion. ``token`` / ``bind`` override the file's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("embeddings.path", f"{path} is not a file")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {}
-    if set(tensors) == set(SDXL_KEYS.values()):
-        init = {k: tensors[v] for k, v in SDXL_KEYS.items()}
+    cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {"name": "textual_inversion"}
+    if cfg.get("name") == "pplus":
+        init = tensors
+        layers = json.loads(meta.get("lorabench_layers", "[]"))
+        if layers != cross_attention_layers(components.unet):
+            raise ConfigError("embeddings.path", f"{path}: P+ rows for {len(layers)} cross-attention layers that are "
+                              "not this UNet's: made for another model?")
+    elif set(tensors) == set(SDXL_KEYS.values()):
+        init = {k: tensors[v][None] for k, v in SDXL_KEYS.items()}
     elif len(tensors) == 1:
         (name, rows), = tensors.items()
         cfg.setdefault("token", name)
-        init = {"text_encoder": rows if rows.dim() == 2 else rows[None]}
+        init = {"text_encoder": (rows if rows.dim() == 2 else rows[None])[None]}
     else:
-        raise ConfigError("embeddings.path", f"{path}: not a textual-inversion file (one tensor, or clip_l and "
-                          f"clip_g), got keys {sorted(tensors)[:4]}")
+        raise ConfigError("embeddings.path", f"{path}: not a token file (one tensor, or clip_l and clip_g, or "
+                          f"lorabench's P+), got keys {sorted(tensors)[:4]}")
     if token is not None:
         cfg["token"] = token
     if bind is not None:
         cfg["bind"] = bind
     if "token" not in cfg:
         raise ConfigError("embeddings.token", f"{path} names no token; give one")
-    cfg["num_vectors"] = int(next(iter(init.values())).shape[0])
     if set(init) != set(components.text_encoders()):
         raise ConfigError("embeddings.path", f"{path} holds rows for {sorted(init)}, the model has text encoders "
                           f"{sorted(components.text_encoders())}: made for another model?")
+    cfg["num_vectors"] = int(next(iter(init.values())).shape[1])
     cfg["init_word"] = None
     return ConceptTokens.inject(components, cfg, init=init)
-

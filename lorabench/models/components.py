@@ -55,6 +55,8 @@ class ModelComponents:
     resolution: int = 512
     # word -> the new tokens it stands for (textual inversion's ``bind``), applied by encode_prompts
     prompt_rewrites: dict[str, str] = field(default_factory=dict)
+    # > 1 with layer-wise tokens (P+): the text is encoded once per UNet cross-attention layer
+    text_groups: int = 1
 
     @property
     def is_sdxl(self) -> bool:
@@ -92,24 +94,45 @@ def rewrite_prompt(prompt: str, rewrites: dict[str, str]) -> str:
 def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
     """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
     ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids). Words bound to new tokens
-    (``components.prompt_rewrites``) are replaced by them first."""
+    (``components.prompt_rewrites``) are replaced by them first. With layer-wise tokens (P+,
+    ``components.text_groups`` > 1) the prompts are encoded once per cross-attention layer in one batch,
+    and ``layer_states`` holds each layer's states (``encoder_hidden_states`` and the pooled embeddings
+    are the first layer's); :func:`denoise` hands them to the UNet."""
     if components.prompt_rewrites:
         prompts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
+    groups = components.text_groups
 
     def ids(tok):
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(device)
+        out = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return out.repeat(groups, 1).to(device)  # group-major: each group's copy of every prompt
 
     if not components.is_sdxl:
-        return {"encoder_hidden_states": components.text_encoder(ids(components.tokenizer))[0]}
-    # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
-    out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
-    out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
-    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-    res = components.resolution
-    time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
-    return {"encoder_hidden_states": states,
-            "added_cond_kwargs": {"text_embeds": out2.text_embeds, "time_ids": time_ids}}
+        states = components.text_encoder(ids(components.tokenizer))[0]
+        out = {"encoder_hidden_states": states}
+    else:
+        # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
+        out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
+        out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
+        states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        res = components.resolution
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
+        out = {"encoder_hidden_states": states,
+               "added_cond_kwargs": {"text_embeds": out2.text_embeds[:len(prompts)], "time_ids": time_ids}}
+    if groups > 1:
+        out["layer_states"] = tuple(states.chunk(groups))
+        out["encoder_hidden_states"] = out["layer_states"][0]
+    return out
+
+
+def denoise(unet: nn.Module, sample: torch.Tensor, timesteps, cond: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The UNet's prediction for ``sample`` under ``cond`` (from :func:`encode_prompts`), in ``dtype``:
+    the layer-wise text states, if any, go to the attention processors as ``cross_attention_kwargs``."""
+    extra = {}
+    if "layer_states" in cond:
+        extra["cross_attention_kwargs"] = {"layer_states": tuple(s.to(dtype) for s in cond["layer_states"])}
+    return unet(sample.to(dtype), timesteps, cond["encoder_hidden_states"].to(dtype),
+                added_cond_kwargs=cond.get("added_cond_kwargs"), **extra).sample
 
 
 def _check_source(pretrained: str) -> None:

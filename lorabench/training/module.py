@@ -12,7 +12,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from lorabench.adapters import Adapters, inject_adapters
 from lorabench.adapters.tokens import ConceptTokens, inject_tokens
 from lorabench.errors import ConfigError, choice_error
-from lorabench.models import ModelComponents, encode_prompts
+from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.seeding import generator
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -172,8 +172,7 @@ class DiffusionFineTuner(L.LightningModule):
             raise choice_error("model.prediction_type", sched.config.prediction_type, ("epsilon", "v_prediction"))
         cond = self.conditioning(batch["prompts"])
         unet_dtype = next(self.unet.parameters()).dtype
-        pred = self.unet(noisy.to(unet_dtype), timesteps, cond["encoder_hidden_states"].to(unet_dtype),
-                         added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+        pred = denoise(self.unet, noisy, timesteps, cond, unet_dtype)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss.mean() if reduce else loss
 
