@@ -66,6 +66,7 @@ class NewTokenEmbedding(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
+        """The width of an embedding row."""
         return self.table().embedding_dim
 
     @property
