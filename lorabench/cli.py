@@ -149,19 +149,21 @@ def preflight(cfg: DictConfig) -> None:
     """What can be checked with no model and no data, before the run does any work: optimiser
     numbers that make no sense, the Trainer's options and the callbacks."""
     # heavy (torch, diffusers): the CLI's start-up (override checks, --help) does not pay for them
-    from lorabench.adapters.tokens import check_tokens_config  # noqa: PLC0415
+    from lorabench.adapters.tokens import check_tokens_config, for_concept  # noqa: PLC0415
     from lorabench.run import check_callbacks  # noqa: PLC0415
     from lorabench.sampling import check_counts  # noqa: PLC0415
     from lorabench.training import check_optim  # noqa: PLC0415
 
     check_callbacks(cfg.get("callbacks"))
     if cfg.get("embeddings"):
-        check_tokens_config(OmegaConf.to_container(cfg.embeddings, resolve=True))
+        check_tokens_config(for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
+                                        OmegaConf.select(cfg, "data.concept")))
     adapters = OmegaConf.select(cfg, "protocol.adapters") or {}
     for key, entry in adapters.items():
-        if entry is not None and entry.get("embeddings") is not None:
-            check_tokens_config(OmegaConf.to_container(entry.embeddings, resolve=True),
-                                f"protocol.adapters.{key}.embeddings")
+        if entry is not None and entry.get("embeddings") is not None:  # a null token: each concept's own
+            field = f"protocol.adapters.{key}.embeddings"
+            check_tokens_config(for_concept(OmegaConf.to_container(entry.embeddings, resolve=True), "concept", field),
+                                field)
         elif entry is None or entry.get("name") is None:
             raise ConfigError(f"protocol.adapters.{key}", "names no adapter (name: lora | ortho | trilora) and no "
                               "embeddings (embeddings: {name: textual_inversion, ...})")

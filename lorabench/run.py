@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lorabench
 from lorabench.adapters import read_safetensors
+from lorabench.adapters.tokens import for_concept
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
 from lorabench.training import DiffusionFineTuner, LossHistory, SaveArtifacts
@@ -66,8 +67,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     adapter = cfg.get("adapter")
     module = DiffusionFineTuner(components, adapter=OmegaConf.to_container(adapter, resolve=True) if adapter else None,
                                 optim=OmegaConf.to_container(cfg.optim, resolve=True), seed=int(cfg.seed),
-                                embeddings=OmegaConf.to_container(cfg.embeddings, resolve=True)
-                                if cfg.get("embeddings") else None,
+                                embeddings=for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
+                                                       cfg.data.get("concept")) if cfg.get("embeddings") else None,
                                 **OmegaConf.to_container(cfg.get("module", {}) or {}, resolve=True))
     if cfg.get("init_adapter"):
         if module.adapters is None:

@@ -155,9 +155,25 @@ def check_tokens_config(config: Mapping, field: str = "embeddings") -> dict:
     if not isinstance(token, str) or not token.strip() or token != token.strip() or " " in token:
         raise ConfigError(f"{field}.token", f"must be one word without spaces, e.g. '<sks>', got {token!r}")
     check_int(cfg["num_vectors"], f"{field}.num_vectors", minimum=1)
-    for key in ("init_word", "bind"):
-        if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key].strip()):
-            raise ConfigError(f"{field}.{key}", f"must be a word or null, got {cfg[key]!r}")
+    if cfg["init_word"] is not None and (not isinstance(cfg["init_word"], str) or not cfg["init_word"].strip()):
+        raise ConfigError(f"{field}.init_word", f"must be a word or null, got {cfg['init_word']!r}")
+    if cfg["bind"] not in (None, False) and (not isinstance(cfg["bind"], str) or not cfg["bind"].strip()):
+        raise ConfigError(f"{field}.bind", f"must be a word, null (the concept's word) or false, got {cfg['bind']!r}")
+    return cfg
+
+
+def for_concept(config: Mapping, word: Optional[str], field: str = "embeddings") -> dict:
+    """``config`` with a null ``token`` / ``bind`` taken from the concept's word: token ``<word>``, bound
+    to ``word`` (how protocols name each concept's tokens). ``bind: false`` binds nothing (prompts name
+    the token themselves). A null token with no word is a one-line error."""
+    cfg = dict(config)
+    if cfg.get("token") is None:
+        if not word:
+            raise ConfigError(f"{field}.token", "null and no concept word to name it after; give the new token "
+                              "(e.g. '<sks>') or data.concept")
+        cfg["token"] = f"<{word}>"
+    if cfg.get("bind") is None and word:
+        cfg["bind"] = word
     return cfg
 
 

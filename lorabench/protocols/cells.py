@@ -17,14 +17,17 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lorabench.adapters import Adapters, load_adapter
+from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.errors import ConfigError, check_int
 from lorabench.run import train
 from lorabench.utils.console import CellProgress, quiet_cells
@@ -57,8 +60,12 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cell_dir: Path) -> DictConfig:
     """The plain training config of one cell: the protocol's config with its adapter group swapped in
     and ``data`` (e.g. ``{"concept": "sks"}``) set. An adapter entry's ``embeddings`` (new tokens, e.g.
-    textual inversion) become the cell's ``embeddings`` group; an entry with embeddings and no ``name``
-    trains the tokens alone. W&B stays with the protocol's own run; each cell logs to CSV in its folder."""
+    textual inversion) become the cell's ``embeddings`` group, a null token or bind named after the
+    concept's word (``data["word"]``, else ``data["concept"]``; ``word`` is not a data field); an entry
+    with embeddings and no ``name`` trains the tokens alone. W&B stays with the protocol's own run; each
+    cell logs to CSV in its folder."""
+    data = dict(data)
+    word = data.pop("word", None) or data.get("concept")
     cell = copy.deepcopy(cfg)
     adapter_cfg = copy.deepcopy(adapter_cfg)
     embeddings = None
@@ -67,6 +74,7 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
             embeddings = adapter_cfg.pop("embeddings")
         if adapter_cfg.get("name") is None:
             adapter_cfg = None
+        embeddings = OmegaConf.create(for_concept(OmegaConf.to_container(embeddings, resolve=True), word))
     with open_dict(cell):
         cell.adapter = adapter_cfg
         if embeddings is not None:
@@ -121,6 +129,47 @@ def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: 
     results, module = train(cell_config(cfg, adapter_cfg, data, seed, cell_dir), cell_dir, config_name=name)
     del module
     return cell_dir, results, False
+
+
+@contextmanager
+def loaded_cell(components, cell_dir: Path) -> Iterator[tuple[Optional[Adapters], Optional[ConceptTokens]]]:
+    """A trained cell in ``components`` for the ``with`` block: its adapter (``adapter.safetensors``) and
+    its new tokens (``embeddings.safetensors``), whichever it has; both are removed afterwards."""
+    adapters = tokens = None
+    try:
+        if (cell_dir / "adapter.safetensors").is_file():
+            adapters = load_adapter(components, cell_dir / "adapter.safetensors")
+        if (cell_dir / "embeddings.safetensors").is_file():
+            tokens = load_tokens(components, cell_dir / "embeddings.safetensors")
+        yield adapters, tokens
+    finally:
+        if tokens is not None:
+            tokens.remove()
+        if adapters is not None:
+            adapters.remove()
+
+
+def check_cell_tokens(cfg: DictConfig, adapters: Mapping[str, DictConfig], items: Sequence[str],
+                      data: Mapping[str, Mapping]) -> None:
+    """Concepts that would be merged side by side need their own tokens and words: two items whose cells
+    resolve to one token (or one bound word) for an adapter with embeddings is a one-line error. Each
+    cell's token config is checked too."""
+    for name, acfg in adapters.items():
+        if acfg is None or acfg.get("embeddings") is None:
+            continue
+        seen: dict[tuple[str, str], str] = {}
+        for item in items:
+            emb = cell_config(cfg, acfg, data[item], 0, Path(".")).embeddings
+            check_tokens_config(OmegaConf.to_container(emb), f"protocol.adapters.{name}.embeddings")
+            for key in ("token", "bind"):
+                value = emb.get(key)
+                if value is None:
+                    continue
+                if (key, value) in seen:
+                    raise ConfigError(f"protocol.adapters.{name}.embeddings.{key}",
+                                      f"{seen[key, value]!r} and {item!r} both get {value!r}; each concept needs "
+                                      "its own (e.g. <${{data.concept}}>)")
+                seen[key, value] = item
 
 
 def _train_in_worker(resolved: dict, cell_dir: str, name: str, threads: int) -> str:

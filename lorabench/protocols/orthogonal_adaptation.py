@@ -21,9 +21,11 @@ Stages, per seed:
    again from the same initial latents. Crosstalk diagnostics of the group's updates go beside it.
 
 A row is one (method, concept, seed); the table shows single -> merged means +- std over seeds (each
-seed's mean over concepts). Methods that need token-embedding training (P+, Custom Diffusion, ED-LoRA)
-stay in the table as "not yet implemented". Results record the protocol as ``modular`` and log under
-``modular/...`` in W&B, the names runs have always had.
+seed's mean over concepts). Methods with new tokens (P+, Mix-of-Show's ED-LoRA, OrthA as the paper trains
+it: :mod:`lorabench.adapters.tokens`) load every group member's tokens side by side in the merged model
+(their embeddings never sum; the load time counts as merge time); Custom Diffusion stays in the table as
+"not yet implemented". Results record the protocol as ``modular`` and log under ``modular/...`` in W&B,
+the names runs have always had.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,7 +44,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lorabench.adapters import load_adapter
+from lorabench.adapters.tokens import load_tokens
 from lorabench.errors import ConfigError, check_int
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
@@ -59,7 +61,7 @@ from lorabench.merging import (
     save_stats,
     updates_from_adapters,
 )
-from lorabench.protocols.cells import pretrain_cells, protocol_inputs, trained_cell
+from lorabench.protocols.cells import check_cell_tokens, loaded_cell, pretrain_cells, protocol_inputs, trained_cell
 from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
 from lorabench.sampling import check_counts, sample_prompts
@@ -86,7 +88,9 @@ PUBLISHED = [
     ("Mix-of-Show (gradient fusion)", "~15 min", ".625 -> .631", ".745 -> .729", ".728 -> .717"),
     ("Orthogonal Adaptation", "<1 s", ".624 -> .644", ".748 -> .741", ".740 -> .745"),
 ]
-NOT_IMPLEMENTED = ("P+", "Custom Diffusion", "Mix-of-Show ED-LoRA (FedAvg)", "Mix-of-Show ED-LoRA (gradient fusion)")
+NOT_IMPLEMENTED = ("Custom Diffusion",)
+UNCHANGED_FLOOR = 0.02  # P+'s "unchanged by merging": |merged - single| within max(2 x seed std, this)
+BETTER_RETENTION = 0.1  # "holds identity better": merged/single identity alignment higher by at least this
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -236,9 +240,13 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
     *collapses* = merged identity alignment at most half of single; *holds* = at least 0.8x single;
     *far more merge time* = at least 10x FedAvg's; *far below* = at most half. A claim about identity
     is inconclusive when the single models' identity alignment is below ``MIN_SINGLE_IDENTITY``.
-    ``roles`` names the methods: ``lora_fedavg``, ``ortha`` and ``gradient_fusion`` (absent roles are
-    skipped). Crosstalk is judged on the paper's measure (the weight product) and, separately, on the
-    interference of the updates on captured inputs."""
+    ``roles`` names the methods: ``lora_fedavg``, ``ortha``, ``gradient_fusion``, ``pplus`` and
+    ``ortha_no_embeddings`` (absent roles are skipped). Crosstalk is judged on the paper's measure (the
+    weight product) and, separately, on the interference of the updates on captured inputs. Two more,
+    fixed before their first run: P+ is *unchanged by merging* when every score's mean change is within
+    ``max(2 x the seed std of its single score, UNCHANGED_FLOOR)``; OrthA with layer-wise embeddings
+    *holds identity better* than without them when its retention (merged / single identity alignment)
+    is higher by at least ``BETTER_RETENTION``, reported beside both methods' interference."""
     s = summarise(rows)
     out = []
 
@@ -268,6 +276,26 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
                             f"identity align. {gf}: {pm(gs)} -> {pm(gm)}; merge time {_fmt_time(t_gf['mean'])} "
                             f"vs {_fmt_time(t_lf['mean'])} ({t_gf['mean'] / max(t_lf['mean'], 1e-12):.0f}x; "
                             "hold: >= 0.8x single; far more: >= 10x)", weak(gs)))
+    pp, ab = roles.get("pplus"), roles.get("ortha_no_embeddings")
+    if pp in s:
+        parts, ok = [], True
+        for score in SCORES:
+            d, single = s[pp].get(f"delta_{score}"), s[pp].get(f"single_{score}")
+            if d and single:
+                tol = max(2 * single["std"], UNCHANGED_FLOOR)
+                ok = ok and abs(d["mean"]) <= tol
+                parts.append(f"{SCORE_LABELS[score]} change {d['mean']:+.3f} (within +-{tol:.3f})")
+        out.append(_verdict("P+ is unchanged by merging (embeddings do not interact)", ok, "; ".join(parts)))
+    if oa in s and ab in s:
+        (ps, pm_), (as_, am) = ident(oa), ident(ab)
+        keep = {m: mm["mean"] / ss["mean"] if ss["mean"] > 0 else float("nan")
+                for m, (ss, mm) in ((oa, (ps, pm_)), (ab, (as_, am)))}
+        inter = "; ".join(f"interference {m} {pm(s[m]['interference'])}" for m in (oa, ab) if "interference" in s[m])
+        out.append(_verdict("OrthA with layer-wise embeddings holds identity better than OrthA without them",
+                            keep[oa] - keep[ab] >= BETTER_RETENTION,
+                            f"identity align. {oa}: {pm(ps)} -> {pm(pm_)} (kept {keep[oa]:.2f}); {ab}: {pm(as_)} -> "
+                            f"{pm(am)} (kept {keep[ab]:.2f}); better: kept at least {BETTER_RETENTION} more; {inter}",
+                            weak(ps, as_)))
     if lf in s and oa in s:
         for c, what in (("weight_crosstalk", "the paper's measure, the normalised weight product"),
                         ("interference", "interference on captured inputs"),
@@ -353,6 +381,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
     concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))
                     if p.get("concept_data") and c in p.concept_data else {"concept": c} for c in concepts}
+    check_cell_tokens(cfg, {a: adapters[a] for a in used}, concepts, concept_data)
     return Plan(
         concepts=concepts, seeds=seeds, methods=methods, used=used,
         cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
@@ -372,6 +401,7 @@ class SeedSingles:
     stats: dict[tuple[str, str], dict]
     scores: dict[tuple[str, str], dict]
     rows: list[dict]
+    tokens: dict[tuple[str, str], Path] = field(default_factory=dict)  # the cell's token file, if it has one
 
 
 def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int], fresh: set[str],
@@ -386,21 +416,24 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
             cell_dir, res, reused = trained_cell(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed,
                                                  plan.cache_root, name)
             reused = reused and name not in fresh
-            ad = load_adapter(base, cell_dir / "adapter.safetensors")
-            try:
+            with loaded_cell(base, cell_dir) as (ad, tokens):
+                grams: dict = {}
                 stats_file = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
-                if stats_file.is_file():
+                if ad is None:  # new tokens alone (P+): nothing to merge or capture
+                    pass
+                elif stats_file.is_file():
                     grams = load_stats(stats_file, ad)
-                else:
+                else:  # concept i's own model, its tokens included, reads its inputs X_i
                     grams, n_rows = capture_stats(base, ad, ev.sets[c].prompts[:1],
                                                   derive_seed_list("modular-capture", seed, plan.n_cap),
                                                   plan.capture_sampler, ev.device)
                     save_stats(stats_file, grams, n_rows, ad.base_fingerprint(), ev.sets[c].prompts[:1],
                                {"concept": c, "adapter": a, "seed": seed})
                 imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
-                out.updates[a, c] = updates_from_adapters(ad, c, base_model=base.model_id)
-            finally:
-                ad.remove()
+                out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
+                                     else AdapterUpdate(c, {}))
+                if tokens is not None:
+                    out.tokens[a, c] = cell_dir / "embeddings.safetensors"
             out.stats[a, c] = grams
             score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
             out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, "train_s": res["timings"]["fit_s"],
@@ -429,8 +462,15 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
             if group not in merged_groups:
                 merged_groups[group] = merge(ups, m["merge"], stats=grams)
             result = merged_groups[group]
-            with merged_into(model_weights(base, list(result.deltas)), result.deltas):
-                imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+            t_tokens = time.perf_counter()
+            tokens = [load_tokens(base, singles.tokens[a, g]) for g in group if (a, g) in singles.tokens]
+            merge_s = result.merge_s + (time.perf_counter() - t_tokens)  # the group's tokens, side by side
+            try:
+                with merged_into(model_weights(base, list(result.deltas)), result.deltas):
+                    imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+            finally:
+                for t in reversed(tokens):
+                    t.remove()
             merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
             if (a, group) not in group_ct:
                 group_ct[a, group] = group_crosstalk(ups, grams)
@@ -443,7 +483,7 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
                 for k, v in row.items():
                     acc.setdefault(k, []).append(v)
             row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": list(group),
-                   "merge_s": result.merge_s, **layer_means(per_layer)}
+                   "merge_s": merge_s, **layer_means(per_layer)}
             single = singles.scores[a, c]
             for k in SCORES + ("identity_similarity",):
                 row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
@@ -454,7 +494,7 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
             if seed == plan.seeds[0]:
                 panels[c].append(imgs)
             progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
-                          f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(result.merge_s)}")
+                          f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(merge_s)}")
     return rows
 
 
