@@ -165,8 +165,8 @@ def preflight(cfg: DictConfig) -> None:
             check_tokens_config(for_concept(OmegaConf.to_container(entry.embeddings, resolve=True), "concept", field),
                                 field)
         elif entry is None or entry.get("name") is None:
-            raise ConfigError(f"protocol.adapters.{key}", "names no adapter (name: lora | ortho | trilora) and no "
-                              "embeddings (embeddings: {name: textual_inversion, ...})")
+            raise ConfigError(f"protocol.adapters.{key}", "names no adapter (name: lora | ortho | trilora | "
+                              "custom_diffusion) and no embeddings (embeddings: {name: textual_inversion, ...})")
     if cfg.get("optim") is not None:
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))

@@ -192,3 +192,22 @@ def write_tiny_csd(path: Path, seed: int = 0):
     sd["last_layer_content"] = torch.randn(128, 16)
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
     return ref, sd
+
+
+def model_weights(comps) -> dict[str, torch.Tensor]:
+    """Copies of every UNet and text-encoder tensor, to check later that training left them bit-identical."""
+    return {f"{k}.{n}": t.detach().clone() for k, m in (("unet", comps.unet), ("te", comps.text_encoder))
+            for n, t in m.state_dict().items()}
+
+
+def two_steps(module, opt) -> None:
+    """Two optimiser steps of a DiffusionFineTuner's diffusion loss on random latents, prompts naming ``sks``."""
+    comps, g = module.components, torch.Generator().manual_seed(0)
+    size = comps.unet.config.sample_size
+    module.train()
+    for _ in range(2):
+        latents = torch.randn(2, comps.unet.config.in_channels, size, size, generator=g)
+        module.diffusion_loss({"prompts": ["a sks dog", "a photo of sks"]}, torch.randn_like(latents),
+                              torch.tensor([100, 700]), latents).backward()
+        opt.step()
+        opt.zero_grad()

@@ -28,7 +28,11 @@ class Toy(nn.Module):
 
 
 def inject(model, name, **kw):
-    cfg = {"name": name, "rank": 3, "target_modules": ["to_q", "proj_in", "to_out.0"], **kw}
+    # custom_diffusion trains whole weights: no rank, no alpha
+    own = {"rank": 3} if name != "custom_diffusion" else {}
+    if name == "custom_diffusion":
+        kw.pop("alpha", None)
+    cfg = {"name": name, **own, "target_modules": ["to_q", "proj_in", "to_out.0"], **kw}
     return Adapters.inject({"unet": model}, cfg)
 
 
@@ -104,10 +108,15 @@ def test_state_dict_round_trip(name):
     torch.testing.assert_close(a_model(x), b_model(x))
 
 
-@pytest.mark.parametrize("name", ADAPTER_NAMES)
+@pytest.mark.parametrize("name", [n for n in ADAPTER_NAMES if n != "custom_diffusion"])
 def test_rank_above_min_dim_is_an_error(name):
     with pytest.raises(ConfigError, match=r"adapter.rank: 11 exceeds min\(in, out\) = 10"):
         inject(Toy(), name, rank=11)
+
+
+def test_custom_diffusion_has_no_rank():
+    with pytest.raises(ConfigError, match="adapter.rank: custom_diffusion trains each weight whole"):
+        Adapters.inject({"unet": Toy()}, {"name": "custom_diffusion", "rank": 4, "target_modules": ["to_q"]})
 
 
 def test_rank_error_leaves_model_untouched():
@@ -118,7 +127,8 @@ def test_rank_error_leaves_model_untouched():
 
 
 def test_unknown_adapter_and_option():
-    with pytest.raises(ConfigError, match="adapter.name: unknown value 'dora'; valid: lora, ortho, trilora"):
+    with pytest.raises(ConfigError,
+                       match="adapter.name: unknown value 'dora'; valid: custom_diffusion, lora, ortho, trilora"):
         get_adapter_class("dora")
     with pytest.raises(ConfigError, match="adapter.sigma_init: not an option of adapter 'lora'"):
         inject(Toy(), "lora", sigma_init="identity")
@@ -151,7 +161,7 @@ def test_fused_forward_equals_the_reference_arithmetic(name):
     that does or does not require grad."""
     torch.manual_seed(0)
     model = Toy()
-    ad = inject(model, name, target_modules=["to_q"], alpha=2.0)
+    ad = inject(model, name, target_modules=["to_q"], alpha=2.0)  # (custom_diffusion: no alpha)
     layer = ad.layers["unet.to_q"]
     with torch.no_grad():
         for p in layer.parameters(recurse=False):

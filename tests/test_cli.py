@@ -89,7 +89,7 @@ def test_multirun_one_results_per_job(tmp_path):
 
 
 @pytest.mark.parametrize("override,fragments", [
-    ("adapter=dora", ["adapter: unknown value 'dora'", "valid: lora, ortho, trilora"]),
+    ("adapter=dora", ["adapter: unknown value 'dora'", "valid: custom_diffusion, lora, ortho, trilora"]),
     ("model=sd99", ["model: unknown value 'sd99'", "sd15", "sdxl"]),
     ("data=laion", ["data: unknown value 'laion'", "imagefolder"]),
 ])
@@ -98,7 +98,7 @@ def test_unknown_group_option(tmp_path, override, fragments):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["adapter.name=dora"], ["adapter.name: unknown value 'dora'; valid: lora, ortho, trilora"]),
+    (["adapter.name=dora"], ["adapter.name: unknown value 'dora'; valid: custom_diffusion, lora, ortho, trilora"]),
     (["adapter.rank=64"], ["adapter.rank: 64 exceeds min(in, out) = 32"]),
     (["adapter=ortho", "adapter.row_mode=disjoint", "adapter.slot=0", "adapter.num_slots=9"],
      ["adapter.num_slots: rank * num_slots = 4 * 9 = 36 exceeds input width 32"]),

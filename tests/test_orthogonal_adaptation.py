@@ -112,6 +112,13 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.methods.lora_dare.merge.seed=x"], ["protocol.methods.lora_dare.merge.seed: must be an integer"]),
     (["protocol.group_size=two"], ["protocol.group_size: must be an integer >= 2, got 'two'"]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
+    # merged side by side, two concepts need two tokens and two words
+    (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],
+     ["protocol.adapters.pplus.embeddings.token: 'sks' and 'twt' both get '<x>'"]),
+    (["protocol.only=[ortha_paper]", "protocol.adapters.ortha_paper.embeddings.bind=circle"],
+     ["protocol.adapters.ortha_paper.embeddings.bind: 'sks' and 'twt' both get 'circle'"]),
+    (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.num_vectors=0"],
+     ["protocol.adapters.pplus.embeddings.num_vectors: must be an integer >= 1"]),
 ])
 def test_bad_protocol_input_is_one_line_before_training(tmp_path, args, fragments):
     assert_one_line_error(run_cli([*SMALL, *args], tmp_path), tmp_path, *fragments)
@@ -122,6 +129,11 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     p = cfg.protocol
     assert cfg.model.name == "chilloutmix" and len(p.concepts) == 12 and p.group_size == 3
     assert p.adapters.lora.rank == 20 and p.adapters.ortha.rank == 20 and cfg.optim.lr == 1e-5
+    # the paper's OrthA and Mix-of-Show's ED-LoRA train two layer-wise tokens per concept at 1e-3
+    assert p.adapters.ortha.embeddings.name == "pplus" and p.adapters.ortha.embeddings.num_vectors == 2
+    assert p.adapters.edlora.embeddings.name == "pplus" and p.adapters.edlora.rank == 4
+    assert cfg.optim.embedding_lr == 1e-3 and "embeddings" not in p.adapters.ortha_no_embeddings
+    assert p.concept_data.person2.word == "zwz" and p.roles.gradient_fusion == "edlora_fusion_lbfgs"
     assert p.methods.dblora_fedavg.merge.lam == 0.6 and p.methods.ortha.merge.name == "sum"
     assert list(p.adapters.ortha.text_encoder_targets) == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
@@ -142,7 +154,7 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={scaled_down_models['sd15']}",
             "model.resolution=64", f"trainer={trainer}", "trainer.max_steps=2",
             "protocol.concepts=[person1,person2,person3]",
-            "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form]",
+            "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form,pplus]",
             "protocol.adapters.lora.rank=2", "protocol.adapters.ortha.rank=2",
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
             f"eval.scorer.clip={clip_dir}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
@@ -155,7 +167,9 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results] = list((tmp_path / "outputs").glob("orthogonal_adaptation_chilloutmix/*/results.json"))
     res = json.loads(results.read_text())
-    assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form"}
+    assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form", "pplus"}
+    # tokens side by side: P+ alone changes nothing on merge (the group's other tokens are not in the prompts)
+    assert all(r["delta_identity_alignment"] == 0 for r in res["rows"] if r["method"] == "pplus")
     assert all(0.0 <= r["merged_identity_alignment"] <= 1.0 for r in res["rows"])
     # text-encoder layers are adapted, merged and crosstalk-measured too, and every SD1.5 block kind
     layers = res["crosstalk_layers"]["ortha"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import model_weights, two_steps
 from lorabench.adapters.tokens import inject_tokens, load_tokens
 from lorabench.errors import ConfigError
 from lorabench.models import encode_prompts, load_components
@@ -182,30 +183,18 @@ def test_pplus_trains_only_its_rows_through_the_unet(load_tiny):
     from lorabench.training import DiffusionFineTuner
 
     comps = load_tiny()
-    before = {f"{k}.{n}": t.clone() for k, m in (("unet", comps.unet), ("te", comps.text_encoder))
-              for n, t in m.state_dict().items()}
+    before = model_weights(comps)
     module = DiffusionFineTuner(comps, adapter=None, optim={"lr": 1e-2},
                                 embeddings={"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable == module.tokens.parameters()
     start = [p.detach().clone() for p in trainable]
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    module.train()
-    g = torch.Generator().manual_seed(0)
-    size = comps.unet.config.sample_size
-    for _ in range(2):
-        latents = torch.randn(2, comps.unet.config.in_channels, size, size, generator=g)
-        loss = module.diffusion_loss({"prompts": ["a sks dog", "a photo of sks"]}, torch.randn_like(latents),
-                                     torch.tensor([100, 700]), latents)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    two_steps(module, torch.optim.AdamW(trainable, lr=1e-2))
     for a, p in zip(start, trainable):
         changed = (a != p.detach()).flatten(1).any(1)  # per layer group
         assert changed.all()
     module.tokens.remove()
-    after = {f"{k}.{n}": t for k, m in (("unet", comps.unet), ("te", comps.text_encoder))
-             for n, t in m.state_dict().items()}
+    after = model_weights(comps)
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -238,3 +227,43 @@ def test_pplus_needs_cross_attention(load_tiny):
                                       mid_block_type="UNetMidBlock2D", norm_num_groups=4, cross_attention_dim=32)
     with pytest.raises(ConfigError, match="embeddings.name: pplus needs a UNet with cross-attention layers"):
         inject_tokens(comps, {"name": "pplus", "token": "<sks>"})
+
+
+@pytest.mark.parametrize("adapter", [
+    {"name": "lora", "rank": 2, "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},  # ED-LoRA
+    {"name": "ortho", "rank": 2, "row_mode": "random", "concept_key": "sks",                         # OrthA (paper)
+     "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"]},
+])
+def test_adapter_and_layerwise_tokens_train_exactly_their_parameters(adapter, load_tiny):
+    """ED-LoRA and OrthA as the paper trains it: after two steps every trainable adapter tensor (UNet and
+    text encoder) and the P+ rows (their own optimiser group, at embedding_lr) have changed; OrthA's frozen
+    down and every model weight are bit-identical."""
+    from lorabench.training import DiffusionFineTuner
+
+    comps = load_tiny()
+    before = model_weights(comps)
+    module = DiffusionFineTuner(comps, adapter=adapter, optim={"lr": 1e-2, "embedding_lr": 5e-2},
+                                embeddings={"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    assert any(k.startswith("text_encoder.") for k in module.adapters.layers)
+    ptrs = {p.data_ptr() for p in module.adapters.trainable_parameters()}
+    frozen = {k: t.clone() for k, t in module.adapters.state_dict().items() if t.data_ptr() not in ptrs}
+    trainable = module.adapters.trainable_parameters() + module.tokens.parameters()
+    assert {id(p) for p in module.parameters() if p.requires_grad} == {id(p) for p in trainable}
+    start = [p.detach().clone() for p in trainable]
+    import lightning as L
+
+    module.trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False)
+    opt = module.configure_optimizers()["optimizer"]  # the tokens in their own group, at embedding_lr
+    lrs = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    assert all(lrs[id(p)] == 5e-2 for p in module.tokens.parameters())
+    assert all(lrs[id(p)] == 1e-2 for p in module.adapters.trainable_parameters())
+    two_steps(module, opt)
+    assert all(not torch.equal(a, p) for a, p in zip(start, trainable))
+    now = module.adapters.state_dict()
+    assert all(torch.equal(frozen[k], now[k]) for k in frozen)
+    assert (adapter["name"] == "ortho") == bool(frozen)  # OrthA's down is frozen, LoRA has none
+    module.tokens.remove()
+    module.adapters.remove()
+    after = model_weights(comps)
+    assert all(torch.equal(before[k], after[k]) for k in before)

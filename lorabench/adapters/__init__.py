@@ -6,7 +6,7 @@ adapters.trainable_parameters(); adapters.delta_weights(); adapters.merge(); ada
 """
 
 # Importing the modules registers the adapters.
-from lorabench.adapters import lora, ortho, trilora  # noqa: F401
+from lorabench.adapters import custom_diffusion, lora, ortho, trilora  # noqa: F401
 from lorabench.adapters.base import ADAPTERS, AdapterLayer, AdapterOptions, get_adapter_class, register_adapter
 from lorabench.adapters.injection import DEFAULT_UNET_TARGETS, Adapters, base_fingerprint, inject_adapters
 from lorabench.adapters.io import (

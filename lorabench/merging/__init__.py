@@ -10,7 +10,14 @@ Methods: :mod:`lorabench.merging.methods`; input statistics for gradient fusion:
 job (adapter files in, a merged file or UNet out) is :mod:`lorabench.protocols.merge_adapters`.
 """
 
-from lorabench.merging.capture import InputStats, capture_stats, load_stats, save_stats
+from lorabench.merging.capture import (
+    InputStats,
+    capture_stats,
+    load_stats,
+    save_stats,
+    text_gram,
+    token_features,
+)
 from lorabench.merging.crosstalk import group_crosstalk, layer_means, output_error, pair_crosstalk
 from lorabench.merging.methods import (
     MERGES,
@@ -65,5 +72,7 @@ __all__ = [
     "save_merged_adapter",
     "save_merged_unet",
     "save_stats",
+    "text_gram",
+    "token_features",
     "updates_from_adapters",
 ]

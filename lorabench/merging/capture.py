@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 
 from lorabench.adapters import read_safetensors
 from lorabench.errors import ConfigError
+from lorabench.models import encode_prompts
+from lorabench.models.components import rewrite_prompt
 from lorabench.sampling import sample_prompts
 from lorabench.utils.io import atomic_path
 
@@ -77,6 +79,37 @@ def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[
     if missing:
         raise RuntimeError(f"layer {missing[0]!r} never ran while sampling; cannot capture its inputs")
     return hooks.grams(), dict(hooks.rows)
+
+
+@torch.no_grad()
+def text_states(components, prompts: Sequence[str], device=torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states, ids)``: the text states cross-attention K / V layers read for ``prompts`` (B, T, dim) and
+    the first tokenizer's ids at each position (B, T), bound words rewritten as the model does."""
+    states = encode_prompts(components, list(prompts), device)["encoder_hidden_states"]
+    tok = components.tokenizer
+    texts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return states.double().cpu(), ids.input_ids
+
+
+def token_features(components, prompts: Sequence[str], tokens: Sequence[str],
+                   device=torch.device("cpu")) -> torch.Tensor:
+    """Custom Diffusion's target-word features: the text states at every position of ``tokens`` (new
+    tokens of the model's tokenizer) in ``prompts``, (n, dim) float64 on the CPU."""
+    states, ids = text_states(components, prompts, device)
+    want = torch.tensor(components.tokenizer.convert_tokens_to_ids(list(tokens)))
+    mask = torch.isin(ids, want)
+    if not mask.any():
+        raise ConfigError("merge.stats", f"none of {list(tokens)} occurs in the prompts {list(prompts)[:2]}")
+    return states[mask]
+
+
+def text_gram(components, prompts: Sequence[str], device=torch.device("cpu")) -> torch.Tensor:
+    """``C^T C / n`` over every position of ``prompts``' text states (Custom Diffusion's regularisation
+    features), (dim, dim) float64 on the CPU."""
+    states, _ = text_states(components, prompts, device)
+    rows = states.reshape(-1, states.shape[-1])
+    return rows.T @ rows / len(rows)
 
 
 def save_stats(path, grams: Mapping[str, torch.Tensor], rows: Mapping[str, int], fingerprint: str,

@@ -27,6 +27,13 @@ Every method takes the adapters' :class:`~lorabench.merging.updates.AdapterUpdat
   erase the base weights in every direction no prompt reaches. Where ``sum_i G_i`` is full rank the
   two agree as the ridge goes to 0.
 
+- ``custom_diffusion`` (Kumari et al. 2023, eq. 5): per cross-attention K / V layer, the update ``D``
+  that changes the outputs of regularisation text features least (``min ||D C_reg^T||``) while every
+  concept's target-word features map exactly as in its own model (``D C_i^T = dW_i C_i^T``). With
+  ``C`` the concepts' rows stacked, ``M = C_reg^T C_reg / n + rho I`` and ``R = [dW_i C_i^T]_i``:
+  ``D = R (C M^-1 C^T)^-1 C M^-1``. Its statistics per adapter and layer are
+  ``{"rows": C_i, "reg": C_reg^T C_reg / n}`` (:func:`lorabench.merging.capture.token_features`).
+
 PEFT's ``add_weighted_adapter`` applies its non-SVD TIES / DARE modes to the A and B factors
 separately, which changes what trimming and dropping mean; here they work on the full ``dW``.
 """
@@ -326,4 +333,36 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
         info["objective"] = objective
         if iters:
             info["lbfgs_iterations"] = iters
+    return out
+
+
+@register_merge("custom_diffusion", needs_stats=True)
+def custom_diffusion_merge(updates, stats, ridge: float = 1e-4, dtype: str = "float64", info=None):
+    """Custom Diffusion's constrained closed form (module docstring); ``info["constraint_error"]``: per
+    layer, the largest ``||D C_i^T - dW_i C_i^T|| / ||dW_i C_i^T||`` over the concepts (0 when exact)."""
+    dt = DTYPES[dtype]
+    out, err = {}, {}
+    for layer in _layers(updates):
+        for i, s in enumerate(stats):
+            item = s.get(layer)
+            if not isinstance(item, Mapping) or "rows" not in item or "reg" not in item:
+                raise ConfigError("merge.stats", f"custom_diffusion needs target-word rows and a regularisation "
+                                  f"Gram per layer; adapter {updates[i].name!r} has none for {layer!r}")
+        deltas = [u.delta(layer).to(dt) for u in updates]
+        dev = deltas[0].device
+        rows = [s[layer]["rows"].to(dev, dt) for s in stats]
+        reg = torch.stack([s[layer]["reg"].to(dev, dt) for s in stats]).mean(0)
+        n_in = reg.shape[0]
+        m = reg + ridge * torch.trace(reg) / n_in * torch.eye(n_in, dtype=dt, device=dev)
+        c = torch.cat(rows)                                          # (n, in)
+        targets = torch.cat([d @ r.T for d, r in zip(deltas, rows)], dim=1)  # R: (out, n)
+        a = torch.linalg.solve(m, c.T).T                             # C M^-1, (n, in)
+        k = c @ a.T                                                  # C M^-1 C^T, (n, n)
+        k = k + 1e-10 * torch.trace(k) / len(k) * torch.eye(len(k), dtype=dt, device=dev)
+        d = targets @ torch.linalg.solve(k, a)                       # R K^-1 C M^-1
+        out[layer] = LayerDelta(dense=d.float())
+        err[layer] = max(float(torch.linalg.norm(d @ r.T - dw @ r.T) / torch.linalg.norm(dw @ r.T).clamp_min(1e-30))
+                         for dw, r in zip(deltas, rows))
+    if info is not None:
+        info["constraint_error"] = err
     return out

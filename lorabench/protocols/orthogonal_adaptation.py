@@ -23,9 +23,11 @@ Stages, per seed:
 A row is one (method, concept, seed); the table shows single -> merged means +- std over seeds (each
 seed's mean over concepts). Methods with new tokens (P+, Mix-of-Show's ED-LoRA, OrthA as the paper trains
 it: :mod:`lorabench.adapters.tokens`) load every group member's tokens side by side in the merged model
-(their embeddings never sum; the load time counts as merge time); Custom Diffusion stays in the table as
-"not yet implemented". Results record the protocol as ``modular`` and log under ``modular/...`` in W&B,
-the names runs have always had.
+(their embeddings never sum; the load time counts as merge time). Custom Diffusion's merge reads each
+concept's target-word features (the text states at its tokens in its training prompt) and a Gram of
+regularisation prompts (``protocol.reg_prompts``; default: every concept's evaluation prompts without
+their tokens). Results record the protocol as ``modular`` and log under ``modular/...`` in W&B, the
+names runs have always had.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ from lorabench.merging import (
     model_weights,
     output_error,
     save_stats,
+    text_gram,
+    token_features,
     updates_from_adapters,
 )
 from lorabench.protocols.cells import check_cell_tokens, loaded_cell, pretrain_cells, protocol_inputs, trained_cell
@@ -88,7 +92,7 @@ PUBLISHED = [
     ("Mix-of-Show (gradient fusion)", "~15 min", ".625 -> .631", ".745 -> .729", ".728 -> .717"),
     ("Orthogonal Adaptation", "<1 s", ".624 -> .644", ".748 -> .741", ".740 -> .745"),
 ]
-NOT_IMPLEMENTED = ("Custom Diffusion",)
+NOT_IMPLEMENTED: tuple[str, ...] = ()  # published rows without a lorabench method (listed in the table)
 UNCHANGED_FLOOR = 0.02  # P+'s "unchanged by merging": |merged - single| within max(2 x seed std, this)
 BETTER_RETENTION = 0.1  # "holds identity better": merged/single identity alignment higher by at least this
 
@@ -361,6 +365,8 @@ class Plan:
     n_cap: int
     cache_root: Path
     labels: dict[str, str]
+    features_for: set[str] = field(default_factory=set)  # adapters merged by custom_diffusion (token features)
+    reg_prompts: list[str] = field(default_factory=list)  # custom_diffusion's regularisation prompts
 
 
 def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
@@ -382,6 +388,14 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))
                     if p.get("concept_data") and c in p.concept_data else {"concept": c} for c in concepts}
     check_cell_tokens(cfg, {a: adapters[a] for a in used}, concepts, concept_data)
+    features_for = {m["adapter"] for m in methods.values() if m["merge"]["name"] == "custom_diffusion"}
+    for name, m in methods.items():
+        if m["adapter"] in features_for and not (adapters[m["adapter"]].get("embeddings") or {}):
+            raise ConfigError(f"protocol.methods.{name}.merge", "custom_diffusion keeps each concept's target-word "
+                              f"features, and adapter {m['adapter']!r} trains no new tokens; give it embeddings "
+                              "(e.g. /embeddings@protocol.adapters.<name>.embeddings: textual_inversion)")
+    # the regularisation prompts: every concept's evaluation prompts without their tokens
+    reg_prompts = list(p.get("reg_prompts") or []) or list(dict.fromkeys(t for c in concepts for t in ev.sets[c].texts))
     return Plan(
         concepts=concepts, seeds=seeds, methods=methods, used=used,
         cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
@@ -390,7 +404,8 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         refs={c: ev.scorer.embed_references(ev.sets[c].references) for c in concepts},
         capture_sampler={**ev.sampler, "num_inference_steps": int(cap.get("num_inference_steps", 10))},
         n_cap=int(cap.get("images_per_prompt", 4)), cache_root=Path(str(p.get("cache_dir") or run_dir / "cells")),
-        labels={k: m.get("label", k) for k, m in methods.items()})
+        labels={k: m.get("label", k) for k, m in methods.items()}, features_for=features_for,
+        reg_prompts=reg_prompts)
 
 
 @dataclass
@@ -402,6 +417,7 @@ class SeedSingles:
     scores: dict[tuple[str, str], dict]
     rows: list[dict]
     tokens: dict[tuple[str, str], Path] = field(default_factory=dict)  # the cell's token file, if it has one
+    features: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # custom_diffusion's target rows
 
 
 def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int], fresh: set[str],
@@ -434,6 +450,8 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
                                      else AdapterUpdate(c, {}))
                 if tokens is not None:
                     out.tokens[a, c] = cell_dir / "embeddings.safetensors"
+                    if a in plan.features_for:  # the text states at the concept's tokens in its training prompt
+                        out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
             out.stats[a, c] = grams
             score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
             out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, "train_s": res["timings"]["fit_s"],
@@ -451,6 +469,7 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
     the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
     ev, rows = plan.ev, []
     groups = draw_groups(plan.concepts, plan.classes, plan.group_size, seed, plan.same_class)
+    reg = text_gram(base, plan.reg_prompts, ev.device) if plan.features_for else None
     group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}  # the same for every method on these adapters
     for name, m in plan.methods.items():
         a = m["adapter"]
@@ -460,7 +479,9 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
             ups = [singles.updates[a, g] for g in group]
             grams = [singles.stats[a, g] for g in group]
             if group not in merged_groups:
-                merged_groups[group] = merge(ups, m["merge"], stats=grams)
+                merge_stats = grams if m["merge"]["name"] != "custom_diffusion" else \
+                    [{k: {"rows": singles.features[a, g], "reg": reg} for k in ups[0].layers} for g in group]
+                merged_groups[group] = merge(ups, m["merge"], stats=merge_stats)
             result = merged_groups[group]
             t_tokens = time.perf_counter()
             tokens = [load_tokens(base, singles.tokens[a, g]) for g in group if (a, g) in singles.tokens]

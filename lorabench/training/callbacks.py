@@ -12,12 +12,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lorabench.adapters import export_diffusers, export_kohya, save_adapter
+from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_custom_diffusion
 from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import save_grid
 
 EXPORTS = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
-           "kohya": ("kohya_lora.safetensors", export_kohya)}
+           "kohya": ("kohya_lora.safetensors", export_kohya),
+           "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
 
 class SaveArtifacts(L.Callback):

@@ -1,0 +1,94 @@
+"""Custom Diffusion (Kumari et al., CVPR 2023): the cross-attention key and value projections train whole.
+
+The update of each adapted projection is a dense ``dW`` (zero at the start), trained directly, which is
+what fine-tuning ``W_k`` and ``W_v`` is; with the modifier token (``embeddings=textual_inversion``, one
+vector) that is the method. Through the common interface the update factors exactly as ``up @ down``
+with the identity on the smaller side (rank ``min(in, out)``), so merges, diffusers-format LoRA
+exports and folds read it like any adapter; the forward pass uses ``dW`` itself.
+
+Its own file format is diffusers' Custom Diffusion one (``unet.load_attn_procs``): for every attention
+processor, the full trained weights ``W0 + dW`` as ``<processor>.to_k_custom_diffusion.weight`` and
+``...to_v_custom_diffusion.weight``; processors that do not train get an empty entry.
+Its merge, the constrained closed form of the paper's eq. (5), is ``merge.name=custom_diffusion``
+(:mod:`lorabench.merging.methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from lorabench.adapters.base import AdapterLayer, AdapterOptions, layer_shape, register_adapter
+from lorabench.errors import ConfigError
+from lorabench.utils.io import atomic_path
+
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' weight name
+
+
+@dataclasses.dataclass
+class CustomDiffusionOptions(AdapterOptions):
+    """No rank and no alpha: the whole weight trains."""
+    rank: Optional[int] = None
+
+    def validate(self) -> None:
+        for key in ("rank", "alpha"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"adapter.{key}", "custom_diffusion trains each weight whole; it has no "
+                                  f"{key} (leave it unset)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("adapter.dropout", f"must be in [0, 1), got {self.dropout!r}")
+
+
+@register_adapter("custom_diffusion")
+class CustomDiffusionLayer(AdapterLayer):
+    """A dense update ``dW`` (out, in), zero at the start, trained whole (``rank`` is ``min(in, out)``)."""
+    Options = CustomDiffusionOptions
+
+    def __init__(self, base, name, opts: CustomDiffusionOptions, context=None):
+        n_in, n_out = layer_shape(base, name)
+        super().__init__(base, name, dataclasses.replace(opts, rank=min(n_in, n_out)), context)
+        self.delta = nn.Parameter(torch.zeros(n_out, n_in))
+
+    def factors(self):
+        eye = torch.eye(self.rank, device=self.delta.device, dtype=self.delta.dtype)  # made when asked, never saved
+        return (eye, self.delta) if self.out_features <= self.in_features else (self.delta, eye)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.delta.float() * self.multiplier
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project(self.dropout(x.to(self.delta.dtype)), self.delta) * self.multiplier
+
+    def fused_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + F.linear(x.to(out.dtype), self.delta.to(out.dtype)) * self.multiplier
+
+
+def export_custom_diffusion(adapters, path) -> Path:
+    """Write diffusers' Custom Diffusion file (see the module docstring): ``unet.load_attn_procs(folder,
+    weight_name=CUSTOM_DIFFUSION_FILE)`` reads it. Every adapted cross-attention layer needs both its
+    ``to_k`` and ``to_v`` adapted (diffusers' processor trains the pair)."""
+    unet = adapters._roots.get("unet")
+    if unet is None:
+        raise ConfigError("exports", "a Custom Diffusion file holds UNet layers; these adapters have none")
+    tensors = {}
+    for key in unet.attn_processors:  # "<attention module>.processor"
+        attn = key[: -len(".processor")]
+        pair = [adapters.layers.get(f"unet.{attn}.{p}") for p in ("to_k", "to_v")]
+        if not any(pair):
+            tensors[key] = torch.zeros(0)  # diffusers: this processor does not train
+            continue
+        if not all(pair):
+            raise ConfigError("adapter.target_modules", f"{attn}: Custom Diffusion files hold to_k and to_v together; "
+                              "adapt both (e.g. [attn2.to_k, attn2.to_v])")
+        for p, layer in zip(("to_k", "to_v"), pair):
+            w = layer.base.weight.detach().float() + layer.delta_weight().detach()
+            tensors[f"{key}.{p}_custom_diffusion.weight"] = w.cpu().contiguous()
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return Path(path)
