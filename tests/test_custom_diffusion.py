@@ -121,3 +121,24 @@ def test_constrained_merge_keeps_each_concept_and_is_the_least_change():
         assert torch.trace((d + e) @ reg @ (d + e).T) >= torch.trace(d @ reg @ d.T) - 1e-9
     with pytest.raises(ConfigError, match="merge.stats: custom_diffusion needs target-word rows"):
         merge(ups, {"name": "custom_diffusion"}, stats=[{"l": torch.eye(n_in)}] * 3)
+
+
+def test_target_features_run_from_the_modifier_token_through_eos(load_tiny):
+    """As the authors' merge reads "<new1> category": the text states from the concept's first new token
+    through EOS (no padding); the regularisation Gram sums every real position but BOS."""
+    from lorabench.merging import text_gram, token_features
+    from lorabench.merging.capture import text_states
+
+    comps = load_tiny()
+    tokens = inject_tokens(comps, {"token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    rows = token_features(comps, ["a photo of sks dog"], tokens.names)
+    states, ids, real = text_states(comps, ["a photo of sks dog"])
+    first = int((ids[0] == comps.tokenizer.convert_tokens_to_ids("<sks>")).nonzero()[0])
+    last = int(real[0].nonzero()[-1])  # EOS
+    assert torch.equal(rows, states[0, first:last + 1])
+    assert len(rows) == 4  # <sks> <sks>_1 dog EOS
+    gram = text_gram(comps, ["a photo of sks dog", "a dog"])
+    everything = torch.cat([states[0, 1:last + 1], text_states(comps, ["a dog"])[0][0, 1:4]])
+    assert torch.allclose(gram, everything.T @ everything)
+    with pytest.raises(ConfigError, match="does not name the tokens"):
+        token_features(comps, ["a dog"], tokens.names)

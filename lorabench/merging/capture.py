@@ -82,34 +82,39 @@ def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[
 
 
 @torch.no_grad()
-def text_states(components, prompts: Sequence[str], device=torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(states, ids)``: the text states cross-attention K / V layers read for ``prompts`` (B, T, dim) and
-    the first tokenizer's ids at each position (B, T), bound words rewritten as the model does."""
+def text_states(components, prompts: Sequence[str], device=torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          torch.Tensor]:
+    """``(states, ids, real)``: the text states cross-attention K / V layers read for ``prompts`` (B, T, dim),
+    the first tokenizer's ids (B, T) and which positions are real tokens, BOS excluded, EOS included
+    (not padding), bound words rewritten as the model does."""
     states = encode_prompts(components, list(prompts), device)["encoder_hidden_states"]
     tok = components.tokenizer
     texts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return states.double().cpu(), ids.input_ids
+    enc = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    real = enc.attention_mask.bool()
+    real[:, 0] = False  # BOS: the same state in every prompt
+    return states.double().cpu(), enc.input_ids, real
 
 
 def token_features(components, prompts: Sequence[str], tokens: Sequence[str],
                    device=torch.device("cpu")) -> torch.Tensor:
-    """Custom Diffusion's target-word features: the text states at every position of ``tokens`` (new
-    tokens of the model's tokenizer) in ``prompts``, (n, dim) float64 on the CPU."""
-    states, ids = text_states(components, prompts, device)
-    want = torch.tensor(components.tokenizer.convert_tokens_to_ids(list(tokens)))
-    mask = torch.isin(ids, want)
-    if not mask.any():
-        raise ConfigError("merge.stats", f"none of {list(tokens)} occurs in the prompts {list(prompts)[:2]}")
-    return states[mask]
+    """Custom Diffusion's target features: in each of ``prompts``, the text states from the first of
+    ``tokens`` (the concept's new tokens) through EOS, as the authors' merge takes "<new1> category"
+    from the modifier token on; (n, dim) float64 on the CPU."""
+    states, ids, real = text_states(components, prompts, device)
+    new = torch.isin(ids, torch.tensor(components.tokenizer.convert_tokens_to_ids(list(tokens))))
+    if not new.any(dim=1).all():
+        raise ConfigError("merge.stats", f"a prompt of {list(prompts)[:2]} does not name the tokens {list(tokens)}")
+    after = new.long().cumsum(dim=1) > 0  # from the first new token on
+    return states[after & real]
 
 
 def text_gram(components, prompts: Sequence[str], device=torch.device("cpu")) -> torch.Tensor:
-    """``C^T C / n`` over every position of ``prompts``' text states (Custom Diffusion's regularisation
-    features), (dim, dim) float64 on the CPU."""
-    states, _ = text_states(components, prompts, device)
-    rows = states.reshape(-1, states.shape[-1])
-    return rows.T @ rows / len(rows)
+    """``C^T C`` over the real token positions (BOS excluded) of ``prompts``' text states, as the authors
+    use their regularisation captions; (dim, dim) float64 on the CPU."""
+    states, _, real = text_states(components, prompts, device)
+    rows = states[real]
+    return rows.T @ rows
 
 
 def save_stats(path, grams: Mapping[str, torch.Tensor], rows: Mapping[str, int], fingerprint: str,

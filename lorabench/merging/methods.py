@@ -30,9 +30,10 @@ Every method takes the adapters' :class:`~lorabench.merging.updates.AdapterUpdat
 - ``custom_diffusion`` (Kumari et al. 2023, eq. 5): per cross-attention K / V layer, the update ``D``
   that changes the outputs of regularisation text features least (``min ||D C_reg^T||``) while every
   concept's target-word features map exactly as in its own model (``D C_i^T = dW_i C_i^T``). With
-  ``C`` the concepts' rows stacked, ``M = C_reg^T C_reg / n + rho I`` and ``R = [dW_i C_i^T]_i``:
-  ``D = R (C M^-1 C^T)^-1 C M^-1``. Its statistics per adapter and layer are
-  ``{"rows": C_i, "reg": C_reg^T C_reg / n}`` (:func:`lorabench.merging.capture.token_features`).
+  ``C`` the concepts' rows stacked (exact duplicates dropped, as the authors' merge does),
+  ``M = C_reg^T C_reg + rho I`` and ``R = [dW_i C_i^T]_i``: ``D = R (C M^-1 C^T)^-1 C M^-1``. Its
+  statistics per adapter and layer are ``{"rows": C_i, "reg": C_reg^T C_reg}``
+  (:func:`lorabench.merging.capture.token_features`, :func:`~lorabench.merging.capture.text_gram`).
 
 PEFT's ``add_weighted_adapter`` applies its non-SVD TIES / DARE modes to the A and B factors
 separately, which changes what trimming and dropping mean; here they work on the full ``dW``.
@@ -356,6 +357,8 @@ def custom_diffusion_merge(updates, stats, ridge: float = 1e-4, dtype: str = "fl
         m = reg + ridge * torch.trace(reg) / n_in * torch.eye(n_in, dtype=dt, device=dev)
         c = torch.cat(rows)                                          # (n, in)
         targets = torch.cat([d @ r.T for d, r in zip(deltas, rows)], dim=1)  # R: (out, n)
+        keep = [j for j in range(len(c)) if not any(torch.equal(c[j], c[i]) for i in range(j))]
+        c, targets = c[keep], targets[:, keep]                        # a row twice would make K singular
         a = torch.linalg.solve(m, c.T).T                             # C M^-1, (n, in)
         k = c @ a.T                                                  # C M^-1 C^T, (n, n)
         k = k + 1e-10 * torch.trace(k) / len(k) * torch.eye(len(k), dtype=dt, device=dev)
