@@ -89,7 +89,7 @@ def test_group_override_check():
     check_group_overrides(["adapter=lora,ortho", "model=sd15", "seed=3", "+experiment=quickstart"])
     with pytest.raises(ConfigError, match="adapter: unknown value 'lora2'"):
         check_group_overrides(["adapter=lora,lora2"])
-    with pytest.raises(ConfigError, match="merge: unknown value 'avg'; valid: dare, gradient_fusion"):
+    with pytest.raises(ConfigError, match="merge: unknown value 'avg'; valid: custom_diffusion, dare, gradient_fusion"):
         check_group_overrides(["merge=avg"])
     with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: dreambooth_objects, "
                        "unlearncanvas_styles, world_objects, world_styles"):

@@ -60,12 +60,15 @@ class CustomDiffusionLayer(AdapterLayer):
         return (eye, self.delta) if self.out_features <= self.in_features else (self.delta, eye)
 
     def delta_weight(self) -> torch.Tensor:
+        """``dW`` itself (float32), times the multiplier."""
         return self.delta.float() * self.multiplier
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``dW x`` with the dense update (no identity factor)."""
         return self._project(self.dropout(x.to(self.delta.dtype)), self.delta) * self.multiplier
 
     def fused_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: ``out + dW x`` in the activations' dtype."""
         return out + F.linear(x.to(out.dtype), self.delta.to(out.dtype)) * self.multiplier
 
 
