@@ -435,16 +435,15 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
             with loaded_cell(base, cell_dir) as (ad, tokens):
                 grams: dict = {}
                 stats_file = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
-                if ad is None:  # new tokens alone (P+): nothing to merge or capture
-                    pass
-                elif stats_file.is_file():
+                if ad is not None and stats_file.is_file():
                     grams = load_stats(stats_file, ad)
-                else:  # concept i's own model, its tokens included, reads its inputs X_i
+                elif ad is not None:  # concept i's own model, its tokens included, reads its inputs X_i
                     grams, n_rows = capture_stats(base, ad, ev.sets[c].prompts[:1],
                                                   derive_seed_list("modular-capture", seed, plan.n_cap),
                                                   plan.capture_sampler, ev.device)
                     save_stats(stats_file, grams, n_rows, ad.base_fingerprint(), ev.sets[c].prompts[:1],
                                {"concept": c, "adapter": a, "seed": seed})
+                # (new tokens alone, P+: no layers, nothing to capture or merge)
                 imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
