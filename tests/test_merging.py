@@ -75,6 +75,23 @@ def test_closed_form_objective_is_at_or_below_lbfgs():
         assert float(d.grad.abs().max()) < 1e-8 * float(closed)
 
 
+def test_lbfgs_reaches_the_closed_form_and_the_process_pool_solves_the_same_layers():
+    """On well-conditioned statistics LBFGS converges to the minimiser (so its hand-written gradient is
+    the objective's); with merge.workers = 2 the layers' solves run in spawned processes and agree."""
+    ups = random_updates(3)
+    grams = random_grams(ups)
+    closed = merge(ups, {"name": "gradient_fusion"}, stats=grams)
+    serial = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs"}, stats=grams)
+    pooled = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": 2}, stats=grams)
+    for layer in ups[0].layers:
+        ref = closed.deltas[layer].dense
+        for res in (serial, pooled):
+            assert float((res.deltas[layer].dense - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+        assert serial.info["lbfgs_iterations"][layer] < 500  # converged, not cut
+    with pytest.raises(ConfigError, match=r"merge\.workers"):
+        merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": 0}, stats=grams)
+
+
 def test_gradient_fusion_of_one_concept_returns_it_where_its_inputs_reach():
     [u] = random_updates(1)
     grams = random_grams([u])

@@ -41,11 +41,15 @@ separately, which changes what trimming and dropping mean; here they work on the
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import math
+import os
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -114,6 +118,7 @@ OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "max_iter": lambda v, f: check_int(v, f, minimum=1),
     "tolerance": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
     "dtype": lambda v, f: _one_of(v, f, DTYPES),
+    "workers": lambda v, f: check_int(v, f, minimum=1),
 }
 
 
@@ -294,40 +299,83 @@ def fuse_closed_form(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tenso
 def fuse_lbfgs(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rho: float, max_iter: int = 500,
                tolerance: float = 1e-10) -> tuple[torch.Tensor, int]:
     """Mix-of-Show's solver: LBFGS on the same objective, from D = 0 (W = W0). Returns (D, iterations).
-    The objective is divided by its value at D = 0, so ``tolerance`` is relative."""
+    The objective is divided by its value at D = 0, so ``tolerance`` is relative. Each evaluation gives
+    :func:`fusion_objective` from the residuals ``E_i = dW_i - D`` (exact near the minimum, where an
+    expanded quadratic would cancel) and its gradient ``2 (rho D - sum_i E_i G_i)`` from the same
+    products, without an autograd graph."""
     d = torch.zeros_like(deltas[0], requires_grad=True)
-    with torch.no_grad():
-        norm = float(fusion_objective(d, deltas, grams, rho)) or 1.0
+    norm = float(fusion_objective(d.detach(), deltas, grams, rho)) or 1.0
     opt = torch.optim.LBFGS([d], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=tolerance ** 2,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
-        opt.zero_grad()
-        loss = fusion_objective(d, deltas, grams, rho) / norm
-        loss.backward()
-        return loss
+        with torch.no_grad():
+            loss, grad = rho * (d * d).sum(), rho * d
+            for dw, g in zip(deltas, grams):
+                e = dw - d
+                eg = e @ g
+                loss, grad = loss + (eg * e).sum(), grad - eg
+            d.grad = grad * (2 / norm)
+        return loss / norm
 
     opt.step(closure)
     return d.detach(), int(opt.state[d].get("n_iter", 0))
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def solver_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` spawned one-thread-per-core processes, kept for the life of the process (a protocol
+    merges dozens of groups; spawning each time would cost more than a small merge)."""
+    if workers not in _POOLS:
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                              initializer=_pool_init, initargs=(threads,))
+    return _POOLS[workers]
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(cancel_futures=True)
+    _POOLS.clear()
+
+
 @register_merge("gradient_fusion", needs_stats=True)
 def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 1e-4, max_iter: int = 500,
-                    tolerance: float = 1e-10, dtype: str = "float64", info=None):
-    """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring)."""
+                    tolerance: float = 1e-10, dtype: str = "float64", workers: int = 1, info=None):
+    """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring).
+
+    ``workers`` > 1 (LBFGS on CPU tensors only): the layers' independent LBFGS solves run in that many
+    spawned processes. Each layer's solve is the same function either way; LBFGS is bound by its own
+    per-iteration Python work at the world's layer sizes, so on 2 cores two processes take about half
+    the time (docs/benchmarks.md)."""
     dt = DTYPES[dtype]
-    out, iters, objective = {}, {}, {}
+    out, iters, objective, problems = {}, {}, {}, {}
     for layer in _layers(updates):
         for i, s in enumerate(stats):
             if layer not in s:
                 raise ConfigError("merge.stats", f"statistics of adapter {updates[i].name!r} lack layer {layer!r}")
         deltas = [u.delta(layer).to(dt) for u in updates]
         grams = [s[layer].to(deltas[0].device, dt) for s in stats]  # statistics move to the factors' device
-        rho = ridge_value(grams, ridge)
+        problems[layer] = deltas, grams, ridge_value(grams, ridge)
+    pooled = solver == "lbfgs" and workers > 1 and len(problems) > 1 and \
+        all(p[0][0].device.type == "cpu" for p in problems.values())
+    if pooled:
+        pool = solver_pool(workers)
+        futures = {layer: pool.submit(fuse_lbfgs, deltas, grams, rho, int(max_iter), float(tolerance))
+                   for layer, (deltas, grams, rho) in problems.items()}
+    for layer, (deltas, grams, rho) in problems.items():
         if solver == "closed_form":
             d = fuse_closed_form(deltas, grams, rho)
         else:
-            d, iters[layer] = fuse_lbfgs(deltas, grams, rho, int(max_iter), float(tolerance))
+            d, iters[layer] = futures[layer].result() if pooled else \
+                fuse_lbfgs(deltas, grams, rho, int(max_iter), float(tolerance))
         objective[layer] = float(fusion_objective(d, deltas, grams, rho))
         out[layer] = LayerDelta(dense=d.float())
     if info is not None:
