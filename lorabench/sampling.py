@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import diffusers
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from lorabench.errors import ConfigError, check_int, choice_error
@@ -158,12 +158,32 @@ def image_grid(images: torch.Tensor, rows: int, scale: int = 1):
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def save_grid(path: str | os.PathLike, panels: list[torch.Tensor]) -> None:
-    """Rows of images (each panel one row, padded with white) as one PNG, written atomically."""
+def save_grid(path: str | os.PathLike, panels: list[torch.Tensor], labels: Optional[Sequence[str]] = None,
+              title: str = "") -> None:
+    """Rows of images (each panel one row, padded with white) as one PNG, written atomically; ``labels``
+    name the rows (in a left margin), ``title`` (lines) says what the columns are."""
+    if labels is not None and len(labels) != len(panels):
+        raise ValueError(f"save_grid: {len(labels)} labels for {len(panels)} rows")
     width = max(len(p) for p in panels)
     rows = [torch.cat([p, torch.ones(width - len(p), *p.shape[1:])]) if len(p) < width else p for p in panels]
+    grid = image_grid(torch.cat(rows), rows=len(rows), scale=4)
+    if labels or title:
+        font = ImageFont.load_default()
+        measure = ImageDraw.Draw(grid)
+        margin = 8 + max((measure.textlength(t, font=font) for t in labels or ()), default=0)
+        lines = title.splitlines() if title else []
+        top = 4 + 12 * len(lines) if lines else 0
+        canvas = Image.new("RGB", (grid.width + int(margin), grid.height + top), "white")
+        canvas.paste(grid, (int(margin), top))
+        draw = ImageDraw.Draw(canvas)
+        for i, line in enumerate(lines):
+            draw.text((4, 2 + 12 * i), line, fill="black", font=font)
+        row_h = grid.height / len(rows)
+        for i, text in enumerate(labels or ()):
+            draw.text((4, top + (i + 0.5) * row_h - 6), text, fill="black", font=font)
+        grid = canvas
     with atomic_path(path) as tmp:
-        image_grid(torch.cat(rows), rows=len(rows), scale=4).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")
 
 
 def eval_device(cfg) -> torch.device:

@@ -50,6 +50,10 @@ def test_single_concept_experiment_prints_its_table(tmp_path):
     for method in ("| base |", "| lora |", "| trilora |", "identity sim. in context"):
         assert method in proc.stdout
     assert (results_file.parent / "samples.png").is_file() and (results_file.parent / "table.md").is_file()
+    # every trained cell's update size, in its row, per method, as a plot and as the table's dW/W0 column
+    assert all(r["size_weight_median"] > 0 for r in results["rows"][1:]) and "dW/W0" in proc.stdout
+    assert set(results["update_size"]) == {"lora", "trilora"}
+    assert (results_file.parent / "update_size.png").is_file()
 
 
 def test_main_job_unknown_concept_is_one_line(tmp_path):

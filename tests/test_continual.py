@@ -325,6 +325,10 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
     out = json.loads(res.read_text())
     assert out["metrics"] == ["clip_i", "dino"] and len(out["tasks"]) == 3
     assert all(v is not None for v in out["matrices"]["dino"][0])
+    # every task's update against the weights it trained on, on its own inputs
+    per_task = out["update_size_per_task"]
+    assert len(per_task) == 3 and all(t["size_output_median"] > 0 for t in per_task)
+    assert out["update_size"]["magmax"]["adapters"] == 3
 
 
 @pytest.mark.parametrize("trainer", DEVICES)

@@ -43,9 +43,16 @@ def test_rows_pair_single_and_merged_scores_and_record_merge_time(world_run):
     assert sorted((s["adapter"], s["concept"]) for s in res["single_rows"]) == [
         ("lora", "sks"), ("lora", "twt"), ("ortha_disjoint", "sks"), ("ortha_disjoint", "twt")]
     run_dir = out / "run"
-    for f in ("results.json", "table.md", "table2.csv", "samples.png", "crosstalk.png"):
+    for f in ("results.json", "table.md", "table2.csv", "samples.png", "crosstalk.png", "update_size.png"):
         assert (run_dir / f).is_file(), f
     assert "not yet implemented" not in res["table"] and "Published" in res["table"]  # every row has a method
+    # update sizes on the statistics captured for the merges: per cell, and per adapter type and layer
+    for s in res["single_rows"]:
+        assert 0 < s["size_weight_median"] <= s["size_weight_max"]
+        assert 0 < s["size_output_median"] <= s["size_output_max"]
+    sizes = res["update_size"]
+    assert set(sizes) == {"lora", "ortha_disjoint"} and sizes["lora"]["adapters"] == 2
+    assert len(sizes["lora"]["layers"]) == len(res["crosstalk_layers"]["dblora_fedavg"])
 
 
 def test_disjoint_ortha_keeps_concept_outputs_where_lora_does_not(world_run):
@@ -176,6 +183,10 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     assert any(k.startswith("text_encoder.") for k in layers)
     assert {k.split(".")[1] for k in layers if k.startswith("unet.")} == {"down_blocks", "mid_block", "up_blocks"}
     assert Path(results).with_name("table2.csv").is_file()
+    # update sizes of every trained adapter at full scale too (P+ trains no layers: none)
+    assert set(res["update_size"]) == {"lora", "ortha"}
+    assert any(k.startswith("text_encoder.") for k in res["update_size"]["ortha"]["layers"])
+    assert res["update_size"]["lora"]["output_median"]["mean"] > 0
 
 
 def test_sweep_over_methods_shares_trained_cells_and_rebuilds_one_table(tmp_path):
@@ -218,6 +229,8 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
     assert list(offline.glob("run-*.wandb"))
     media = offline / "files" / "media"
     assert list((media / "table" / "modular").glob("crosstalk_*.table.json"))
-    for key in ("merge_bars", "crosstalk", "samples"):
+    for key in ("merge_bars", "crosstalk", "samples", "update_size"):
         assert list((media / "images" / "modular").glob(f"{key}_*.png")), key
+    history = next(offline.glob("run-*.wandb")).read_bytes()  # protobuf records: keys are stored as plain text
+    assert b"modular/update_size/ortha_disjoint/weight_median" in history
     assert (tmp_path / "wb" / "merge_bars.png").is_file()

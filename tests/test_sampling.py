@@ -48,3 +48,22 @@ def test_bad_input(load_tiny):
 def test_image_grid():
     grid = image_grid(torch.rand(6, 3, 4, 4), rows=2, scale=3)
     assert grid.size == (3 * 4 * 3, 2 * 4 * 3)
+
+
+def test_sample_grid_names_its_rows_and_columns(tmp_path):
+    from PIL import Image
+
+    from lorabench.sampling import save_grid
+
+    panels = [torch.rand(3, 3, 8, 8), torch.rand(2, 3, 8, 8)]
+    save_grid(tmp_path / "plain.png", panels)
+    save_grid(tmp_path / "labelled.png", panels, ["sks: references", "sks: lora merged with twt"], "4 prompts x 1")
+    plain, labelled = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "labelled.png")
+    assert plain.size == (3 * 32, 2 * 32)
+    assert labelled.width > plain.width + 50 and labelled.height > plain.height  # a label margin and a title line
+    # the images are pasted unchanged at the bottom right
+    w, h = plain.size
+    assert list(labelled.crop((labelled.width - w, labelled.height - h, labelled.width, labelled.height)).getdata()) \
+        == list(plain.convert("RGB").getdata())
+    with pytest.raises(ValueError, match="1 labels for 2 rows"):
+        save_grid(tmp_path / "bad.png", panels, ["one"])

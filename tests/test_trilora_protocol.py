@@ -254,7 +254,11 @@ def test_world_protocol_end_to_end(tmp_path):
         assert r["nfid"] == pytest.approx(r["fid"] / base[0]["fid"], rel=1e-12)
     assert len(out["prompts"]) == 12 and out["n_references"] == 12
     assert set(out["verdicts"]) == {"nfid_order", "clip_equal", "overtraining"}
-    for f in ("curves.csv", "curves.png", "table.csv", "samples.png", "verdicts.json"):
+    # update size at every checkpoint (rows), and per method at the table's epoch (plot and results)
+    assert all(r["size_weight_median"] > 0 and r["size_output_median"] > 0 for r in out["rows"][1:])
+    assert set(out["update_size"]) == {"lora", "trilora", "trilora_identity"}
+    assert out["summary"]["lora"]["size_weight_median"]["n"] == 1
+    for f in ("curves.csv", "curves.png", "table.csv", "samples.png", "verdicts.json", "update_size.png"):
         assert (run / f).is_file(), f
     assert (run / "cells" / "lora-seed0" / "samples" / "epoch0002.png").is_file()
     logged = (run / "csv").rglob("metrics.csv")
@@ -310,6 +314,7 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
     assert all(0.0 <= r["clip_score"] <= 100.0 for r in out["rows"])
     trained = json.loads((tmp_path / "run" / "cells" / "trilora-seed0" / "results.json").read_text())
     assert trained["adapter"] == "trilora" and trained["metrics"]["steps"] == 2 * 4  # 2 epochs of 4 images, batch 1
+    assert set(out["update_size"]) == {"lora", "trilora"} and out["update_size"]["trilora"]["output_max"]["mean"] > 0
 
 
 def test_curves_grids_and_table_go_to_wandb(tmp_path, monkeypatch):

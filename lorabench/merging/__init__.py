@@ -18,7 +18,14 @@ from lorabench.merging.capture import (
     text_gram,
     token_features,
 )
-from lorabench.merging.crosstalk import group_crosstalk, layer_means, output_error, pair_crosstalk
+from lorabench.merging.crosstalk import (
+    group_crosstalk,
+    layer_means,
+    output_error,
+    pair_crosstalk,
+    size_summary,
+    update_size,
+)
 from lorabench.merging.methods import (
     MERGES,
     MergeResult,
@@ -72,7 +79,9 @@ __all__ = [
     "save_merged_adapter",
     "save_merged_unet",
     "save_stats",
+    "size_summary",
     "text_gram",
     "token_features",
+    "update_size",
     "updates_from_adapters",
 ]

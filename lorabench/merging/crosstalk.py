@@ -15,6 +15,9 @@ normalisation. lorabench defines, for one layer and an ordered pair (i, j), ``dW
   prompts produce, relative to concept i's own update. 0 means j is invisible to i.
 - ``output_error = ||(D - dW_i) X_i||_F / ||dW_i X_i||_F`` for a merged update ``D``: how far the
   merged layer's outputs on concept i's inputs are from concept i's own model's.
+- ``update_size``: how large one update is against the layer it changes, ``weight = ||dW||_F / ||W0||_F``
+  and, on the update's own captured inputs, ``output = ||dW X||_F / ||W0 X||_F``. It places a run on
+  the axis the papers' regimes differ on (a world run at lr 3e-3 and an SDXL run at 1e-5).
 - ``subspace_interference`` and ``subspace_output_error``: the same on ``P_i X_i``, concept i's inputs
   projected onto the row space of ``down_i`` (the input directions concept i's update reads;
   ``dW_i P_i X_i = dW_i X_i``). This is where orthogonality acts: with disjoint OrthA rows
@@ -122,3 +125,31 @@ def layer_means(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str, float
     """The mean of each measure over layers."""
     keys = sorted({k for row in per_layer.values() for k in row})
     return {k: statistics.fmean(row[k] for row in per_layer.values() if k in row) for k in keys}
+
+
+def update_size(update: AdapterUpdate, weights: Mapping[str, torch.Tensor],
+                grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """``{layer: {"weight": ||dW|| / ||W0||[, "output": ||dW X|| / ||W0 X||]}}`` (Frobenius norms; the
+    output ratio on ``G = X^T X / n`` where ``grams`` has the layer). ``weights``: the base weights W0."""
+    out = {}
+    for layer, (up, down) in update.layers.items():
+        u, d = up.double(), down.double()
+        w0 = weights[layer].detach().to(u.device, torch.float64)
+        base = float(torch.linalg.matrix_norm(w0))
+        row = {"weight": _fro(u, d) / base if base > 0 else 0.0}
+        if grams is not None and layer in grams:
+            g = grams[layer].to(u.device, torch.float64)
+            base_out = float(((w0 @ g) * w0).sum())
+            row["output"] = math.sqrt(_energy(u, d, g) / base_out) if base_out > 0 else 0.0
+        out[layer] = row
+    return out
+
+
+def size_summary(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{weight_median, weight_max[, output_median, output_max]}`` over the layers of :func:`update_size`."""
+    out = {}
+    for key in ("weight", "output"):
+        values = [row[key] for row in per_layer.values() if key in row]
+        if values:
+            out[f"{key}_median"], out[f"{key}_max"] = statistics.median(values), max(values)
+    return out

@@ -29,21 +29,26 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.errors import ConfigError, check_int
+from lorabench.protocols.sizes import row_fields
 from lorabench.run import train
 from lorabench.utils.console import CellProgress, quiet_cells
 
 # evaluate(components, item, seed, method) -> (scores, images)
 Evaluate = Callable[..., tuple[dict, torch.Tensor]]
+# measure(module, item, seed, method) -> the trained adapter's update size (lorabench.protocols.sizes.measure)
+Measure = Callable[..., dict]
 
 
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
-    """The protocol's adapters, items (``protocol.<items_key>``) and seeds, checked before any work."""
+    """The protocol's adapters, items (``protocol.<items_key>``) and seeds, checked before any work. An
+    adapter set to null (``protocol.adapters.<name>: null``) is dropped: how an experiment that extends
+    another leaves out some of its adapters."""
     p = cfg.protocol
     for key in ("adapter", "embeddings"):
         if cfg.get(key):
             raise ConfigError(key, f"this protocol trains protocol.adapters.<name>, not {key}; override "
                               "those instead (e.g. protocol.adapters.lora.rank=8)")
-    adapters = dict(p.get("adapters") or {})
+    adapters = {k: v for k, v in (p.get("adapters") or {}).items() if v is not None}
     if not adapters:
         raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")
     items = list(p.get(items_key) or [])
@@ -219,13 +224,14 @@ def cell_line(template: str, row: dict) -> str:
 
 def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfig], items: Sequence[str],
                 seeds: Sequence[int], data_key: str, evaluate: Evaluate, progress: CellProgress,
-                line: str, grids: dict[str, list[torch.Tensor]]) -> list[dict]:
+                line: str, grids: dict[str, list[torch.Tensor]], measure: Optional[Measure] = None) -> list[dict]:
     """Train every (adapter, item, seed) cell and score it.
 
     ``data_key``: the data field each item sets (``concept``, ``style``). ``evaluate(components, item,
     seed, method)`` returns the cell's scores and images (the first seed's go to ``grids[item]``);
-    ``line`` is the template of the line printed when it is done (:func:`cell_line`). Each cell trains in
-    ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring."""
+    ``measure(module, item, seed, method)``, if given, the cell's update size (its ``size_*`` fields join
+    the row); ``line`` is the template of the line printed when it is done (:func:`cell_line`). Each cell
+    trains in ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring."""
     rows = []
     for name, acfg in adapters.items():
         for item in items:
@@ -234,9 +240,10 @@ def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfi
                 results, module = train(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), cell_dir,
                                         config_name=f"{name}/{item}")
                 scores, images = evaluate(module.components, item, seed, name)
+                sizes = row_fields(measure(module, item, seed, name)) if measure is not None else {}
                 if seed == seeds[0]:
                     grids[item].append(images)
-                rows.append({"method": name, data_key: item, "seed": seed, **scores,
+                rows.append({"method": name, data_key: item, "seed": seed, **scores, **sizes,
                              "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
                              "s_per_step": results["timings"]["s_per_step"]})
                 progress.done(cell_line(line, rows[-1]))
@@ -246,11 +253,11 @@ def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfi
 
 def compare_with_base(cfg: DictConfig, run_dir: Path, name: str, data_key: str, items: Sequence[str],
                       seeds: Sequence[int], adapters: Mapping[str, DictConfig], evaluate: Evaluate, line: str,
-                      grids: dict[str, list[torch.Tensor]]) -> list[dict]:
+                      grids: dict[str, list[torch.Tensor]], measure: Optional[Measure] = None) -> list[dict]:
     """The base model scored on every (item, seed), then every trained cell (:func:`train_cells`): the
     rows of a single-item protocol, ``method`` "base" first. ``evaluate(components, item, seed, method)``
     samples and scores; the first seed's images of every method go to ``grids[item]``; ``line`` is the
-    template of a finished cell's line (:func:`cell_line`)."""
+    template of a finished cell's line (:func:`cell_line`); ``measure``: as in :func:`train_cells`."""
     rows: list[dict] = []
     progress = CellProgress(len(items) * len(seeds) * (1 + len(adapters)), desc=name)
     with quiet_cells():
@@ -263,6 +270,6 @@ def compare_with_base(cfg: DictConfig, run_dir: Path, name: str, data_key: str, 
                     grids[item].append(images)
                 progress.done(cell_line(line, rows[-1]))
         del base
-        rows += train_cells(cfg, run_dir, adapters, items, seeds, data_key, evaluate, progress, line, grids)
+        rows += train_cells(cfg, run_dir, adapters, items, seeds, data_key, evaluate, progress, line, grids, measure)
     progress.close()
     return rows

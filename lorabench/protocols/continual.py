@@ -47,6 +47,7 @@ from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.loggers import build_loggers
 from lorabench.merging.updates import fold, model_weights
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import cell_config, config_hash
 from lorabench.protocols.report import mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.resume import SequenceState
@@ -200,6 +201,9 @@ class Run:
         """The callback's ``evaluate``: fold task t in, then score tasks 0..t on the method's model."""
         t0 = time.perf_counter()
         adapters = module.adapters
+        task = self.tasks[t]  # the task's update against the weights it trained on, on its own inputs
+        measured = sizes.measure(self.components, adapters, [task.train_prompt or task.prompts[0]], self.sampler_cfg,
+                                 module.device, seed=t)
         before = self.method.eval_deltas()
         task_vector = self.method.finish(adapters, t)
         for layer in adapters.layers.values():
@@ -209,7 +213,7 @@ class Run:
                                      rank, world_size, module.device)
         self.last_images = images
         self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_of(scores),
-                           "sign_conflict": sign_conflict_ratio(task_vector, before),
+                           "sign_conflict": sign_conflict_ratio(task_vector, before), "update_size": measured,
                            "eval_s": time.perf_counter() - t0}
         return scores
 
@@ -310,10 +314,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return out
     save_figure(heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, seed {seed}"),
                 run_dir / "score_matrix.png")
-    panels = [r.last_images[t.index][:2 * n_img] for t in tasks if t.index in r.last_images]
+    images = {"score_matrix_final": run_dir / "score_matrix.png"}
+    if sizes.size_plot(run_dir / "update_size.png", out["update_size"], f"{method.name}: each task's update size"):
+        images["update_size"] = run_dir / "update_size.png"
+    shown = [t for t in tasks if t.index in r.last_images]
+    panels = [r.last_images[t.index][:2 * n_img] for t in shown]
     write_protocol_outputs(cfg, run_dir, "continual", {k: v for k, v in out.items() if k != "table"}, out["table"],
-                           panels, loggers=loggers, step=len(tasks),
-                           images={"score_matrix_final": run_dir / "score_matrix.png"})
+                           panels, loggers=loggers, step=len(tasks), images=images,
+                           labels=[f"task {t.index + 1}: {t.name}" for t in shown],
+                           grid_title=f"{method.name}, order {out['order_seed']}, seed {seed}, after the last task; "
+                           f"each row: the task's first 2 prompts x {n_img} samples")
     return out
 
 
@@ -336,6 +346,9 @@ def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s)
               for n, m in mats.items()}
     final = {n: summary(m) for n, m in mats.items()}
     method_name = method.name
+    size_log = sizes.SizeLog()
+    for t in range(t_n):
+        size_log.add(method_name, records[t].get("update_size") or {})
     return {
         "protocol": "continual", "kind": kind, "method": method_name,
         "method_config": OmegaConf.to_container(cfg.protocol.method, resolve=True),
@@ -346,6 +359,8 @@ def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s)
         "final": final, "curves": curves,
         "base": {n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
         "sign_conflict": [records[t].get("sign_conflict") for t in range(t_n)],
+        "update_size": size_log.results(),
+        "update_size_per_task": [sizes.row_fields(records[t].get("update_size") or {}) for t in range(t_n)],
         "timings": {"train_s": [records[t].get("train_s") for t in range(t_n)],
                     "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": total_s},
         "summary": {method_name: {f"{n}/{q}": mean_std([v]) for n, s in final.items() for q, v in s.items()

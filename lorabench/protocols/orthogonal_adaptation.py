@@ -65,6 +65,7 @@ from lorabench.merging import (
     token_features,
     updates_from_adapters,
 )
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import check_cell_tokens, loaded_cell, pretrain_cells, protocol_inputs, trained_cell
 from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
@@ -408,6 +409,10 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         reg_prompts=reg_prompts)
 
 
+# the sample grid's rows per concept: (label, images)
+Panels = dict[str, list[tuple[str, torch.Tensor]]]
+
+
 @dataclass
 class SeedSingles:
     """Stage 1's output for one seed, keyed by (adapter type, concept)."""
@@ -421,9 +426,9 @@ class SeedSingles:
 
 
 def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int], fresh: set[str],
-                 progress: CellProgress, panels: dict[str, list[torch.Tensor]]) -> SeedSingles:
-    """Train (or reuse) every (adapter type, concept) cell of ``seed``, score it alone and capture its
-    input statistics (cached beside the cell)."""
+                 progress: CellProgress, panels: Panels, size_log: sizes.SizeLog) -> SeedSingles:
+    """Train (or reuse) every (adapter type, concept) cell of ``seed``, score it alone, capture its
+    input statistics (cached beside the cell) and measure its update size on them (``size_log``)."""
     ev, out = plan.ev, SeedSingles({}, {}, {}, [])
     n_steps = plan.capture_sampler["num_inference_steps"]
     for a in plan.used:
@@ -443,7 +448,9 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
                                                   plan.capture_sampler, ev.device)
                     save_stats(stats_file, grams, n_rows, ad.base_fingerprint(), ev.sets[c].prompts[:1],
                                {"concept": c, "adapter": a, "seed": seed})
-                # (new tokens alone, P+: no layers, nothing to capture or merge)
+                # (new tokens alone, P+: no layers, nothing to capture, merge or measure)
+                measured = sizes.measure(base, ad, grams=grams) if ad is not None else {}
+                size_log.add(a, measured)
                 imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
@@ -453,17 +460,18 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
                         out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
             out.stats[a, c] = grams
             score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
-            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, "train_s": res["timings"]["fit_s"],
+            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, **sizes.row_fields(measured),
+                             "train_s": res["timings"]["fit_s"],
                              "steps": res["metrics"]["steps"], "reused": reused})
             if seed == plan.seeds[0] and a == plan.used[0]:
-                panels[c].append(imgs)
+                panels[c].append((f"{c}: {a} alone", imgs))
             progress.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
                           (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
     return out
 
 
 def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedSingles, progress: CellProgress,
-                 panels: dict[str, list[torch.Tensor]], layer_acc: dict) -> list[dict]:
+                 panels: Panels, layer_acc: dict) -> list[dict]:
     """Merge each concept's group with every method, score the concept in the merged model, and measure
     the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
     ev, rows = plan.ev, []
@@ -512,7 +520,7 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
                 row["dropped_energy"] = result.info["dropped_energy_mean"]
             rows.append(row)
             if seed == plan.seeds[0]:
-                panels[c].append(imgs)
+                panels[c].append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
             progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
                           f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(merge_s)}")
     return rows
@@ -533,18 +541,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     rows: list[dict] = []
     singles: list[dict] = []
     layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    panels: dict[str, list[torch.Tensor]] = {c: [plan.ev.sets[c].references] for c in concepts}
+    panels: Panels = {c: [(f"{c}: references", plan.ev.sets[c].references)] for c in concepts}
+    size_log = sizes.SizeLog()
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         for seed in seeds:
             latents = concept_seeds(seed, plan.ev.images_per_prompt)
-            seed_singles = single_stage(plan, cfg, base, seed, latents, fresh, progress, panels)
+            seed_singles = single_stage(plan, cfg, base, seed, latents, fresh, progress, panels, size_log)
             singles += seed_singles.rows
             rows += merged_stage(plan, base, seed, latents, seed_singles, progress, panels, layer_acc)
         del base
     progress.close()
     out = results(cfg, plan, rows, singles, layer_acc, time.perf_counter() - t0)
-    out["table"] = write_outputs(cfg, run_dir, out, [img for c in concepts for img in panels[c]])
+    out["update_size"] = size_log.results()
+    rows_of_grid = [row for c in concepts for row in panels[c]]
+    c0 = concepts[0]
+    title = (f"seed {seeds[0]}; each row: {len(plan.ev.sets[c0].prompts)} prompts x {plan.ev.images_per_prompt} "
+             f"samples, prompt by prompt ({c0}'s: {' | '.join(plan.ev.sets[c0].prompts)})")
+    out["table"] = write_outputs(cfg, run_dir, out, [img for _, img in rows_of_grid],
+                                 [label for label, _ in rows_of_grid], title)
     return out
 
 
@@ -565,17 +580,22 @@ def results(cfg: DictConfig, plan: Plan, rows: list[dict], singles: list[dict], 
             "verdicts": verdicts(rows, roles), "total_s": total_s, "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def write_outputs(cfg: DictConfig, run_dir: Path, out: dict, panels: list[torch.Tensor]) -> str:
+def write_outputs(cfg: DictConfig, run_dir: Path, out: dict, panels: list[torch.Tensor],
+                  labels: Optional[Sequence[str]] = None, grid_title: str = "") -> str:
     """The table (with verdicts), its CSV, the plots and the shared protocol outputs; returns the table."""
     table, table_csv = table2(out["rows"], out["labels"])
     table = table + "\n\n" + format_verdicts(out["verdicts"])
     crosstalk_plot(run_dir / "crosstalk.png", out["crosstalk_layers"])
     merge_bars(run_dir / "merge_bars.png", out["summary"], out["labels"])
+    images = {"merge_bars": run_dir / "merge_bars.png", "crosstalk": run_dir / "crosstalk.png"}
+    if sizes.size_plot(run_dir / "update_size.png", out.get("update_size") or {},
+                       "update size per layer, mean over each adapter type's cells"):
+        images["update_size"] = run_dir / "update_size.png"
     per_layer = [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in out["crosstalk_layers"].items()
                  for layer, v in per.items()]
     tables = {"crosstalk": (["method", "layer", *CROSSTALK], per_layer)}
-    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, panels, tables=tables, job_type="merge",
-                           images={"merge_bars": run_dir / "merge_bars.png", "crosstalk": run_dir / "crosstalk.png"})
+    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, panels, tables=tables, job_type="merge", images=images,
+                           labels=labels, grid_title=grid_title)
     write_text(run_dir / "table2.csv", table_csv)
     return table
 

@@ -55,19 +55,23 @@ def format_verdicts(items: Sequence[Mapping]) -> str:
 def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
                            panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None,
                            loggers: Sequence | None = None, step: int = 0,
-                           images: Mapping[str, Path] | None = None, job_type: str = "eval") -> None:
-    """results.json, table.md, samples.png, and the summary means to every configured logger (built
-    here as a ``job_type`` W&B run, or the run's own ``loggers`` if it logged along the way, at
-    ``step``), then the W&B run ends; ``tables`` (``{key: (columns, rows)}``) and ``images``
-    (``{key: png}``, plus the sample grid as ``<name>/samples``) go to loggers that take them (W&B)."""
+                           images: Mapping[str, Path] | None = None, job_type: str = "eval",
+                           labels: Sequence[str] | None = None, grid_title: str = "") -> None:
+    """results.json, table.md, samples.png (rows named by ``labels``, columns by ``grid_title``), and the
+    summary means to every configured logger (built here as a ``job_type`` W&B run, or the run's own
+    ``loggers`` if it logged along the way, at ``step``), then the W&B run ends; ``tables``
+    (``{key: (columns, rows)}``) and ``images`` (``{key: png}``, plus the sample grid as
+    ``<name>/samples``) go to loggers that take them (W&B)."""
     write_json(run_dir / "results.json", out)
     write_text(run_dir / "table.md", table + "\n")
-    save_grid(run_dir / "samples.png", panels)
+    save_grid(run_dir / "samples.png", panels, labels, grid_title)
     if loggers is None:
         loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
                                 resolved_config=out["config"], job_type=job_type)
     try:
         flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
+        flat.update({f"{name}/update_size/{g}/{k}": v["mean"] for g, e in (out.get("update_size") or {}).items()
+                     for k, v in e.items() if isinstance(v, dict) and "mean" in v})
         for lg in loggers:
             lg.log_metrics(flat, step=step)
             if hasattr(lg, "log_table"):

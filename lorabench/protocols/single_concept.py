@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.evaluation.scores import score_samples
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import compare_with_base, protocol_inputs
 from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
 from lorabench.protocols.scoring import concept_seeds, eval_setup
@@ -43,7 +44,7 @@ CELL_LINE = ("{method:>8} {concept} seed {seed}: identity sim. {identity_similar
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {metric: {mean, std, n}}}`` over all replicates (concepts x seeds); population std."""
-    return summarise_rows(rows, METRICS + ("train_s",))
+    return summarise_rows(rows, METRICS + ("train_s",) + sizes.SIZE_FIELDS)
 
 
 def format_table(summary: dict, n_concepts: int, n_seeds: int) -> str:
@@ -51,7 +52,9 @@ def format_table(summary: dict, n_concepts: int, n_seeds: int) -> str:
     note = (f"mean +- std over {n_concepts} concept(s) x {n_seeds} seed(s); cosine similarities. First three "
             "columns: the concept prompt (identity align. = share of samples within the identity threshold); "
             "'in context': the concept in context prompts (CLIP-T against the prompt without the token).")
-    return markdown_table(summary, METRICS + ("train_s",), {**LABELS, "train_s": "train s"}, note)
+    note += " dW/W0: the update's ||dW|| / ||W0||, median over adapted layers (lorabench/protocols/sizes.py)."
+    return markdown_table(summary, METRICS + ("train_s", "size_weight_median"),
+                          {**LABELS, "train_s": "train s", "size_weight_median": "dW/W0"}, note)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -66,16 +69,28 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         imgs = sample_prompts(components, sampler_cfg, sets[c].prompts, concept_seeds(seed, n_img), device)
         return score_samples(scorer, imgs, sets[c], n_img, refs[c]), imgs
 
+    size_log = sizes.SizeLog()
+
+    def measure(module, c, seed, method):
+        measured = sizes.measure(module.components, module.adapters, sets[c].prompts, sampler_cfg, device, seed=seed)
+        size_log.add(method, measured)
+        return measured
+
     grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
     rows = compare_with_base(cfg, run_dir, "single_concept", "concept", concepts, seeds, adapters, evaluate,
-                             CELL_LINE, grids)
+                             CELL_LINE, grids, measure)
     summary = summarise(rows)
     by_concept = {c: summarise([r for r in rows if r["concept"] == c]) for c in concepts}
     table = format_table(summary, len(concepts), len(seeds))
     out = {"protocol": "single_concept", "concepts": concepts, "seeds": seeds, "methods": ["base", *adapters],
            "prompts": {c: sets[c].prompts for c in concepts}, "images_per_prompt": n_img, "sampler": sampler_cfg,
-           "rows": rows, "summary": summary, "summary_by_concept": by_concept, "total_s": time.perf_counter() - t0,
-           "config": OmegaConf.to_container(cfg, resolve=True)}
-    write_protocol_outputs(cfg, run_dir, "single_concept", out, table, [img for c in concepts for img in grids[c]])
+           "rows": rows, "summary": summary, "summary_by_concept": by_concept, "update_size": size_log.results(),
+           "total_s": time.perf_counter() - t0, "config": OmegaConf.to_container(cfg, resolve=True)}
+    size_png = size_log.plot(run_dir / "update_size.png", "single_concept: update size per layer")
+    labels = [f"{c}: {what}" for c in concepts for what in ("references", "base", *adapters)]
+    write_protocol_outputs(cfg, run_dir, "single_concept", out, table, [img for c in concepts for img in grids[c]],
+                           images={"update_size": size_png} if size_png else None, labels=labels,
+                           grid_title=f"seed {seeds[0]}; each row: {len(sets[concepts[0]].prompts)} prompts x {n_img} "
+                           f"samples ({concepts[0]}'s: {' | '.join(sets[concepts[0]].prompts)})")
     out["table"] = table
     return out

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import compare_with_base, protocol_inputs
 from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
 from lorabench.protocols.scoring import eval_setup
@@ -42,19 +43,34 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                               device)
         return scorer(imgs, s), imgs
 
+    size_log = sizes.SizeLog()
+
+    def measure(module, s, seed, method):
+        measured = sizes.measure(module.components, module.adapters, sets[s].prompts, sampler_cfg, device, seed=seed)
+        size_log.add(method, measured)
+        return measured
+
     grids = {s: [] for s in styles}
-    rows = compare_with_base(cfg, run_dir, "single_style", "style", styles, seeds, adapters, evaluate, CELL_LINE, grids)
-    summary = summarise_rows(rows, METRICS)
+    rows = compare_with_base(cfg, run_dir, "single_style", "style", styles, seeds, adapters, evaluate, CELL_LINE, grids,
+                             measure)
+    summary = summarise_rows(rows, METRICS + sizes.SIZE_FIELDS)
     note = (f"mean +- std over {len(styles)} style(s) x {len(seeds)} seed(s), {len(sets[styles[0]].prompts)} new "
             f"objects x {n_img} samples each. style top-1: share of samples whose nearest style (style evaluator, "
             f"{len(scorer.names)} experiment styles; chance {1 / len(scorer.names):.3f}) is the trained one. The base "
             "model is asked the same prompts without the style word.")
-    table = markdown_table(summary, METRICS, LABELS, note)
+    table = markdown_table(summary, METRICS + ("size_weight_median",), {**LABELS, "size_weight_median": "dW/W0"},
+                           note + " dW/W0: ||dW|| / ||W0||, median over adapted layers.")
     out = {"protocol": "single_style", "styles": styles, "seeds": seeds, "methods": ["base", *adapters],
            "prompts": {s: sets[s].prompts for s in styles}, "base_prompts": {s: sets[s].base_prompts for s in styles},
            "images_per_prompt": n_img, "sampler": sampler_cfg, "rows": rows, "summary": summary,
            "summary_by_style": {s: summarise_rows([r for r in rows if r["style"] == s], METRICS) for s in styles},
-           "total_s": time.perf_counter() - t0, "config": OmegaConf.to_container(cfg, resolve=True)}
-    write_protocol_outputs(cfg, run_dir, "single_style", out, table, [img for s in styles for img in grids[s]])
+           "update_size": size_log.results(), "total_s": time.perf_counter() - t0,
+           "config": OmegaConf.to_container(cfg, resolve=True)}
+    size_png = size_log.plot(run_dir / "update_size.png", "single_style: update size per layer")
+    labels = [f"{s}: {what}" for s in styles for what in ("base (no style word)", *adapters)]
+    write_protocol_outputs(cfg, run_dir, "single_style", out, table, [img for s in styles for img in grids[s]],
+                           images={"update_size": size_png} if size_png else None, labels=labels,
+                           grid_title=f"seed {seeds[0]}; each row: {len(sets[styles[0]].prompts)} new objects x "
+                           f"{n_img} samples")
     out["table"] = table
     return out

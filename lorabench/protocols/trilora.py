@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.data import load_image
 from lorabench.errors import ConfigError, check_int
 from lorabench.loggers import build_loggers
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import cell_config, protocol_inputs
 from lorabench.protocols.report import mean_std, rebuild_cli, summarise_rows, write_protocol_outputs
 from lorabench.run import train
@@ -139,6 +140,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         scores["nfid"] = scores["fid"] / (base_fid if base_fid is not None else scores["fid"])
         return scores, images[:n_grid]
 
+    size_log = sizes.SizeLog()
+
+    def measurer(name: str, seed: int):
+        def measure(module) -> dict[str, float]:
+            measured = sizes.measure(module.components, module.adapters, prompts, sampler_cfg, device, seed=seed)
+            if module.current_epoch + 1 == table_epoch:  # the table's adapter (the callback runs at epoch end)
+                size_log.add(name, measured)
+            return sizes.row_fields(measured)
+        return measure
+
     n_cells = len(adapters) * len(seeds)
     progress = CellProgress(1 + n_cells, desc=PROTOCOL)
     with quiet_cells():
@@ -148,7 +159,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     base_fid = base_scores["fid"]
     rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores}]
     progress.done(f"    base: FID {base_fid:.3f}, KID {base_scores['kid']:.4f}, CLIP {base_scores['clip_score']:.2f}")
-    panels = [base_images[:n_grid]]
+    panels, labels = [base_images[:n_grid]], ["base model"]
     for name, acfg in adapters.items():
         final = checkpoints[-1] if name in overtrain else table_epoch
         epochs = [e for e in checkpoints if e <= final]
@@ -158,7 +169,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             with open_dict(cell):
                 cell.trainer.max_epochs, cell.trainer.max_steps = final, -1
             callback = CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
-                                            prefix=f"curves/{name}/seed{seed}", grid_dir=str(cell_dir / "samples"))
+                                            prefix=f"curves/{name}/seed{seed}", grid_dir=str(cell_dir / "samples"),
+                                            measure=measurer(name, seed))
             with quiet_cells():
                 results, module = train(cell, cell_dir, config_name=f"{name}/seed{seed}", callbacks=[callback])
             for point in callback.history:
@@ -171,6 +183,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           f"({results['timings']['fit_s']:.0f} s)")
             if seed == seeds[0]:
                 panels.append(callback.images[table_epoch])
+                labels.append(f"{name}, epoch {table_epoch}")
             del module
     progress.close()
 
@@ -179,9 +192,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
            "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
            "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
            "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
-           "sampler": sampler_cfg, "rows": rows, "total_s": time.perf_counter() - t0, "config": resolved}
+           "sampler": sampler_cfg, "rows": rows, "update_size": size_log.results(), "total_s": time.perf_counter() - t0,
+           "config": resolved}
     out.update(summaries(out))
-    out["table"] = finish(cfg, run_dir, out, loggers, panels)
+    out["table"] = finish(cfg, run_dir, out, loggers, panels, labels,
+                          f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions")
     return out
 
 
@@ -203,7 +218,8 @@ def curves(out: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
 
 def summaries(out: dict) -> dict:
     """The table's summary, the curves and the verdicts of a results dict."""
-    return {"summary": summarise_rows(table_rows(out), METRICS), "curves": curves(out), "verdicts": verdicts(out)}
+    return {"summary": summarise_rows(table_rows(out), METRICS + sizes.SIZE_FIELDS), "curves": curves(out),
+            "verdicts": verdicts(out)}
 
 
 def _by_seed(out: dict, method: str, epoch: int, metric: str) -> dict[int, float]:
@@ -338,7 +354,8 @@ def plot_curves(path: Path, out: dict) -> None:
     save_figure(fig, path)
 
 
-def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor]) -> str:
+def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor],
+           labels: Optional[Sequence[str]] = None, grid_title: str = "") -> str:
     """This protocol's own files (table.csv, curves.csv / curves.png, verdicts.json) and the curves plot
     to the loggers, then every protocol's outputs (results.json, table.md, samples.png, the summary and
     Table 1 to the loggers, the W&B run ended); returns the table."""
@@ -346,9 +363,13 @@ def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[
     write_extras(run_dir, out)
     columns = ["method", *METRICS]
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
+    images = {"curves": run_dir / "curves.png"}
+    if sizes.size_plot(run_dir / "update_size.png", out.get("update_size") or {},
+                       f"update size per layer at epoch {out['table_epoch']}, mean over seeds"):
+        images["update_size"] = run_dir / "update_size.png"
     write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, list(panels),
-                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"],
-                           images={"curves": run_dir / "curves.png"})
+                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"], images=images,
+                           labels=labels, grid_title=grid_title)
     return table
 
 

@@ -91,14 +91,16 @@ class CheckpointEvaluation(L.Callback):
     ``<prefix>/<name>`` at step = epoch to ``loggers`` (the protocol's CSV / W&B, so every cell's curve
     lands in one run), keeps the images in ``images[epoch]`` and writes them as ``grid_dir/epoch<e>.png``.
     Sampling uses its own seeded generators and puts the model back in training mode, so a run evaluated
-    at checkpoints trains the same weights as one that is not.
+    at checkpoints trains the same weights as one that is not. ``measure(pl_module) -> {name: value}``,
+    if given, adds diagnostics of the module itself (e.g. its update size) to each checkpoint's scores.
     """
 
-    def __init__(self, epochs, evaluate, loggers=(), prefix: str = "checkpoints", grid_dir: str | None = None):
+    def __init__(self, epochs, evaluate, loggers=(), prefix: str = "checkpoints", grid_dir: str | None = None,
+                 measure=None):
         self.epochs = sorted({int(e) for e in epochs})
         if not self.epochs or self.epochs[0] < 1:
             raise ValueError(f"checkpoint epochs must be >= 1, got {list(epochs)}")
-        self.evaluate, self.loggers, self.prefix = evaluate, list(loggers), prefix
+        self.evaluate, self.loggers, self.prefix, self.measure = evaluate, list(loggers), prefix, measure
         self.grid_dir = Path(grid_dir) if grid_dir else None
         self.history: list[dict] = []
         self.images: dict = {}  # epoch -> images
@@ -109,6 +111,8 @@ class CheckpointEvaluation(L.Callback):
             return
         with torch.no_grad():
             scores, images = self.evaluate(pl_module.components)
+            if self.measure is not None:
+                scores = {**scores, **self.measure(pl_module)}
         pl_module.train()
         self.images[epoch] = images
         self.history.append({"epoch": epoch, "step": int(trainer.global_step), **scores})

@@ -1,0 +1,125 @@
+"""The claims ledger: bootstrap intervals, the three-way verdict, gates, update sizes and the scoreboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench.errors import ConfigError
+from lorabench.merging import AdapterUpdate, size_summary, update_size
+from lorabench.protocols.claims import Claim, Regime, bootstrap, judge, judge_claims, mean_of, render_ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def units(values_by_seed, method="m", key="x"):
+    return [[{method: {key: v}} for v in vals] for vals in values_by_seed]
+
+
+def test_bootstrap_interval_is_seeded_contains_the_mean_and_narrows_with_more_units():
+    rng = np.random.default_rng(1)
+    few = units([rng.normal(1.0, 1.0, 4) for _ in range(3)])
+    many = units([rng.normal(1.0, 1.0, 40) for _ in range(3)])
+    stat = lambda u: mean_of(u, "m", "x")  # noqa: E731
+    point, low, high = bootstrap(few, stat)
+    assert low <= point <= high
+    assert bootstrap(few, stat) == (point, low, high)  # numpy default_rng(0): the same interval every time
+    _, low2, high2 = bootstrap(many, stat)
+    assert high2 - low2 < high - low
+
+
+def test_a_paired_difference_of_identical_methods_has_a_zero_interval():
+    """Units hold every method, so one resample draws the same units for both sides of a difference."""
+    rng = np.random.default_rng(2)
+    data = [[{"a": {"x": v}, "b": {"x": v + 0.5}} for v in rng.normal(0, 3, 5)] for _ in range(3)]
+    point, low, high = bootstrap(data, lambda u: mean_of(u, "b", "x") - mean_of(u, "a", "x"))
+    assert point == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("low,high,rule,threshold,verdict", [
+    (0.6, 0.9, ">", 0.5, "reproduced"), (0.1, 0.4, ">", 0.5, "not reproduced"), (0.4, 0.6, ">", 0.5, "inconclusive"),
+    (0.1, 0.4, "<", 0.5, "reproduced"), (0.6, 0.9, "<", 0.5, "not reproduced"), (0.4, 0.6, "<", 0.5, "inconclusive"),
+    (0.0, 0.0, "abs<=", 0.02, "reproduced"), (0.05, 0.1, "abs<=", 0.02, "not reproduced"),
+    (-0.1, -0.05, "abs<=", 0.02, "not reproduced"), (-0.01, 0.05, "abs<=", 0.02, "inconclusive"),
+])
+def test_the_three_way_verdict(low, high, rule, threshold, verdict):
+    assert judge(low, high, rule, threshold) == verdict
+
+
+def test_judge_claims_gates_reports_not_run_and_renders():
+    claim = Claim("X1", "m keeps more than n", "x(m) - x(n)", "+1", ">", 0.0,
+                  lambda u: mean_of(u, "m", "x") - mean_of(u, "n", "x"), ("m", "n"))
+    other = Claim("X2", "only in A", "x(m)", "1", ">", 0.0, lambda u: mean_of(u, "m", "x"), ("m",), regimes=("A",))
+    data = [[{"m": {"x": 1.0 + 0.1 * i}, "n": {"x": 0.1 * i}} for i in range(4)] for _ in range(3)]
+    learned = Regime("A", data, ["a.json"], {"m": 0.5, "n": 0.5}, {"m": {"weight_median": 0.01}}, "learning", 0.2)
+    unlearned = Regime("B", data, ["b.json"], {"m": 0.5, "n": 0.1}, {}, "learning", 0.2)
+    empty = Regime("C", [], [])
+    ledger = judge_claims("toy", [claim, other], [learned, unlearned, empty])
+    x1 = ledger["claims"][0]["regimes"]
+    assert x1["A"]["verdict"] == "reproduced" and x1["A"]["update_size"] == {"m": {"weight_median": 0.01}}
+    assert x1["B"]["verdict"] == "inconclusive" and "nothing learned" in x1["B"]["detail"]
+    assert x1["C"]["verdict"] == "not run"
+    assert ledger["claims"][1]["regimes"]["B"]["verdict"] == "not in this regime"
+    assert ledger["counts"]["A"] == {"reproduced": 2, "not reproduced": 0, "inconclusive": 0, "not run": 0}
+    text = render_ledger(ledger, "Toy")
+    assert "| X1 |" in text and "**yes** 1 [1, 1]" in text and "| not run |" in text
+
+
+def test_update_size_matches_its_definition():
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 5)
+    up, down = torch.randn(6, 2), torch.randn(2, 5)
+    x = torch.randn(40, 5)
+    ratios = update_size(AdapterUpdate("a", {"l": (up, down)}), {"l": w0}, {"l": x.T @ x / 40})["l"]
+    dw = up @ down
+    assert ratios["weight"] == pytest.approx(float(dw.norm() / w0.norm()), rel=1e-5)
+    assert ratios["output"] == pytest.approx(float((x @ dw.T).norm() / (x @ w0.T).norm()), rel=1e-5)
+    both = {"l": ratios, "k": {"weight": 3 * ratios["weight"]}}
+    s = size_summary(both)
+    assert s["weight_max"] == pytest.approx(3 * ratios["weight"]) and s["output_median"] == ratios["output"]
+
+
+@pytest.fixture(scope="module")
+def experiments_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ledger") / "experiments"
+    shutil.copytree(ROOT / "experiments", root, ignore=shutil.ignore_patterns("*.png", "cells", "grids", "wandb"))
+    return root
+
+
+def test_the_scoreboard_rebuilds_from_the_committed_runs_to_the_same_text(experiments_copy):
+    from lorabench.protocols.scoreboard import END, START, build
+
+    ledgers = build(experiments_copy)
+    first = (experiments_copy / "README.md").read_text()
+    assert first.count(START) == 1 and first.count(END) == 1
+    for paper in ("orthogonal_adaptation", "continual", "trilora"):
+        claims = json.loads((experiments_copy / paper / "claims.json").read_text())
+        assert claims["claims"] and claims == json.loads(json.dumps(ledgers[paper]))
+    build(experiments_copy)  # twice: the same text, the markers kept once
+    assert (experiments_copy / "README.md").read_text() == first
+    # the committed Table 2 run is judged, every claim of the paper in its regime
+    oa = ledgers["orthogonal_adaptation"]
+    assert {c["regimes"]["lr 3e-3"]["verdict"] for c in oa["claims"]} <= {
+        "reproduced", "not reproduced", "inconclusive"}
+    committed = ROOT / "experiments" / "README.md"
+    if START in committed.read_text():  # the committed scoreboard is what the committed runs give
+        assert committed.read_text() == first
+
+
+def test_a_run_in_the_wrong_regime_is_one_line(experiments_copy, tmp_path):
+    from lorabench.protocols.scoreboard import build
+
+    bad = experiments_copy / "trilora" / "runs" / "regime" / "vango_lr1e-3"
+    bad.mkdir(parents=True)
+    res = json.loads((experiments_copy / "trilora" / "runs" / "world_vango" / "results.json").read_text())
+    (bad / "results.json").write_text(json.dumps(res))  # a 3e-3 run filed under 1e-3
+    try:
+        with pytest.raises(ConfigError, match=r"vango_lr1e-3.*optim.lr=0.003.*'lr 1e-3'"):
+            build(experiments_copy)
+    finally:
+        shutil.rmtree(bad)
