@@ -458,9 +458,10 @@ def test_callback_logs_curves_heatmap_and_matrix_to_wandb_every_task(tmp_path, m
     assert [s for s, _ in per_task] == [0, 1]
     assert per_task[1][1]["continual/dino/average_score"] == pytest.approx(res["final"]["dino"]["average_score"])
     assert "continual/clip_i/forgetting_ref" in per_task[1][1] and "continual/dino/backward_transfer" in per_task[1][1]
-    # the heatmap after every task, then the run's final heatmap and sample grid
+    # the heatmap after every task, then the run's sample grid, final heatmap and update sizes
     assert calls["image"] == [("continual/score_matrix", 0), ("continual/score_matrix", 1),
-                              ("continual/samples", None), ("continual/score_matrix_final", None)]
+                              ("continual/samples", None), ("continual/score_matrix_final", None),
+                              ("continual/update_size", None)]
     assert ("continual/M_dino", 1, ["task", "after_1", "after_2"], 2) in calls["table"]
     csv = (tmp_path / "run" / "csv" / "metrics.csv").read_text()  # the CSV logger gets the same curves
     assert "continual/dino/average_score" in csv.splitlines()[0]

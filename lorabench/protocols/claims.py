@@ -62,8 +62,8 @@ class Claim:
 
     @property
     def criterion(self) -> str:
-        """The rule as text, on the quantity q: ``q > 0.5``, ``|q| <= 0.02``."""
-        return f"|q| <= {self.threshold:g}" if self.rule == "abs<=" else f"q {self.rule} {self.threshold:g}"
+        """The rule as text, on the quantity q: ``q > 0.5``, ``abs(q) <= 0.02`` (no ``|``: it sits in tables)."""
+        return f"abs(q) <= {self.threshold:g}" if self.rule == "abs<=" else f"q {self.rule} {self.threshold:g}"
 
 
 @dataclass
@@ -215,22 +215,30 @@ def ledger_plot(ledger: Mapping, path: Path, title: str) -> Optional[Path]:
     cols = min(4, len(claims))
     rows = math.ceil(len(claims) / cols)
     fig, axes = figure(cols, rows, figsize=(3.4 * cols, 2.7 * rows))
+    order = [r["label"] for r in ledger["regimes"]]
     for ax, c in zip(axes.flat, claims):
+        points = []
         for label, e in c["regimes"].items():
-            if "point" not in e:
-                continue
-            sizes = [s["weight_median"] for s in e.get("update_size", {}).values() if "weight_median" in s]
-            x = float(np.median(sizes)) if sizes else float("nan")
+            if "point" in e:
+                sizes = [s["weight_median"] for s in e.get("update_size", {}).values() if "weight_median" in s]
+                points.append((label, float(np.median(sizes)) if sizes else float("nan"), e))
+        by_size = all(x > 0 for _, x, _ in points)  # else (a regime without sizes): one column per regime
+        for label, x, e in points:
+            x = x if by_size else order.index(label)
             colour = {"reproduced": "tab:green", "not reproduced": "tab:red"}.get(e["verdict"], "tab:gray")
             ax.errorbar([x], [e["point"]], yerr=[[e["point"] - e["low"]], [e["high"] - e["point"]]], fmt="o",
                         color=colour, capsize=3)
             ax.annotate(label, (x, e["point"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         thr = float(c["rule"].split()[-1])
-        for y in ((-thr, thr) if c["rule"].startswith("|q|") else (thr,)):
+        for y in ((-thr, thr) if c["rule"].startswith("abs(q)") else (thr,)):
             ax.axhline(y, color="black", ls="--", lw=0.8)
-        ax.set_xscale("log")
+        if by_size:
+            ax.set_xscale("log")
+            ax.set_xlabel("update size ||dW||/||W0|| (median)", fontsize=7)
+        else:
+            ax.set_xticks(range(len(order)), order, fontsize=6)
+            ax.set_xlabel("regime (update size not measured in every one)", fontsize=7)
         ax.set_title(f"{c['id']}: {c['rule']}", fontsize=8)
-        ax.set_xlabel("update size ||dW||/||W0|| (median)", fontsize=7)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(claims):]:
         ax.set_visible(False)

@@ -62,7 +62,7 @@ def _size_stats(values: Mapping[str, list[float]]) -> dict[str, dict[str, float]
 
 
 # -- Orthogonal Adaptation --------------------------------------------------------------------------------
-OA_REGIMES = {"lr 3e-3": (3e-3, ("runs/world", "runs/world_custom_diffusion")),
+OA_REGIMES = {"lr 3e-3": (3e-3, ("runs/world",)),
               "lr 1e-3": (1e-3, ("runs/regime/lr1e-3",)),
               "lr 3e-4": (3e-4, ("runs/regime/lr3e-4",))}
 OA_GATE = 0.2  # single identity alignment: below it the single models never learned the identity
