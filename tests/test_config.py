@@ -22,6 +22,8 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
     if cfg.get("protocol"):  # a protocol trains the adapters listed under protocol.adapters
         assert callable(get_method(cfg.protocol._target_)) and cfg.get("adapter") is None
         for adapter in (cfg.protocol.get("adapters") or {}).values():  # keys are the protocol's names for them
+            if adapter is None:  # an adapter of the extended experiment, dropped (protocol.adapters.<name>: null)
+                continue
             if adapter.get("embeddings") is not None:  # new tokens, alone or beside an adapter
                 assert adapter.embeddings.name in ("textual_inversion", "pplus")
             if adapter.get("name") is not None or adapter.get("embeddings") is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -375,6 +377,8 @@ def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_pat
     da, db = ad_a.delta_weights(), ad_b.delta_weights()
     for k, d in merged.items():
         assert torch.allclose(d, 0.5 * (da[k] + db[k]), atol=1e-6)
+    res = json.loads((out.parent / "results.json").read_text())  # each input's update size on its base
+    assert len(res["update_size"]) == 2 and all(e["weight_median"]["mean"] > 0 for e in res["update_size"].values())
 
 
 def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_dir):
@@ -402,3 +406,5 @@ def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(
     assert proc.returncode == 0, proc.stderr[-2000:]
     [run_dir] = list((tmp_path / "outputs" / "merge_adapters").glob("*"))
     assert (run_dir / "unet" / "config.json").is_file() and len(list(run_dir.glob("stats-*.safetensors"))) == 2
+    res = json.loads((run_dir / "results.json").read_text())  # on the captured inputs too
+    assert all(e["output_median"]["mean"] > 0 for e in res["update_size"].values())

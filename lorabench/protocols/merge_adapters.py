@@ -27,11 +27,15 @@ from lorabench.merging import (
     check_merge,
     load_stats,
     merge,
+    model_weights,
     read_update,
     save_merged_adapter,
     save_merged_unet,
     save_stats,
+    size_summary,
+    update_size,
 )
+from lorabench.protocols import sizes
 from lorabench.sampling import eval_device
 from lorabench.utils.io import write_json
 from lorabench.utils.seeding import derive_seed_list
@@ -89,6 +93,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             finally:
                 ad.remove()
     result = merge(updates, merge_cfg, stats=stats)
+    weights = model_weights(components, list(updates[0].layers))
+    size_log = sizes.SizeLog()  # each input against the base it sits on (on its inputs where captured)
+    for i, u in enumerate(updates):
+        per_layer = update_size(u, weights, stats[i] if stats else None)
+        size_log.add(u.name, {"layers": per_layer, **size_summary(per_layer)})
     info = {k: v for k, v in result.info.items() if not isinstance(v, dict)}
     if save_as == "adapter":
         out_path = run_dir / "merged_lora.safetensors"
@@ -99,7 +108,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
     out = {"protocol": "merge_adapters", "inputs": inputs, "merge": merge_cfg, "merge_s": result.merge_s,
-           "output": str(out_path), "layers": len(result.deltas), "info": info, "total_s": time.perf_counter() - t0}
+           "output": str(out_path), "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
+           "total_s": time.perf_counter() - t0}
     write_json(run_dir / "results.json", out)
     extra = "".join(f"\n  {k}: {v:.4g}" for k, v in info.items() if isinstance(v, float))
     out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
