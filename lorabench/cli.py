@@ -160,11 +160,13 @@ def preflight(cfg: DictConfig) -> None:
                                         OmegaConf.select(cfg, "data.concept")))
     adapters = OmegaConf.select(cfg, "protocol.adapters") or {}
     for key, entry in adapters.items():
-        if entry is not None and entry.get("embeddings") is not None:  # a null token: each concept's own
+        if entry is None:  # dropped from an extended experiment (protocols.cells.protocol_inputs)
+            continue
+        if entry.get("embeddings") is not None:  # a null token: each concept's own
             field = f"protocol.adapters.{key}.embeddings"
             check_tokens_config(for_concept(OmegaConf.to_container(entry.embeddings, resolve=True), "concept", field),
                                 field)
-        elif entry is None or entry.get("name") is None:
+        elif entry.get("name") is None:
             raise ConfigError(f"protocol.adapters.{key}", "names no adapter (name: lora | ortho | trilora | "
                               "custom_diffusion) and no embeddings (embeddings: {name: textual_inversion, ...})")
     if cfg.get("optim") is not None:

@@ -96,3 +96,15 @@ def test_group_override_check():
     with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: dreambooth_objects, "
                        "unlearncanvas_styles, world_objects, world_styles"):
         check_group_overrides(["sequence=naive"])  # methods are protocol.method.name, not a sequence
+
+
+def test_an_experiment_that_extends_another_drops_adapters_set_to_null(tmp_path):
+    """trilora/regime extends trilora/world without two of its adapters: preflight and the protocol's
+    inputs see LoRA and TriLoRA only."""
+    from lorabench.cli import preflight
+    from lorabench.protocols.cells import protocol_inputs
+
+    cfg = compose(["experiment=trilora/regime"], tmp_path)
+    preflight(cfg)
+    adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
+    assert list(adapters) == ["lora", "trilora"] and seeds == [0, 1, 2]
