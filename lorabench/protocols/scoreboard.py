@@ -317,7 +317,9 @@ def _tl_regime(label: str, parts: Sequence[tuple[dict, Mapping[str, str]]], sour
             seeds.setdefault(seed, {}).update(unit)
     replicates = [[seeds[s]] for s in sorted(seeds)]
     methods = {m for u in seeds.values() for m in u if m != "base"}
-    learning = {m: 1.0 - statistics.fmean(u[m]["nfid"] for u in seeds.values() if m in u) for m in methods}
+    # the gate of T3, T4, T7 is LoRA's learning (NFID below 1): only LoRA's is kept
+    learning = {m: 1.0 - statistics.fmean(u[m]["nfid"] for u in seeds.values() if m in u) for m in methods
+                if m == "lora"}
     sizes = {m: {k.removeprefix("size_"): float(np.median([u[m][k] for u in seeds.values() if k in u.get(m, {})]))
                  for k in {k for u in seeds.values() for k in u.get(m, {}) if k.startswith("size_")}}
              for m in methods}
@@ -340,8 +342,6 @@ def tl_regimes(folder: Path) -> list[Regime]:
         res = runs[lr] = _tl_run(folder, d, lr, label)
         regime = _tl_regime(label, [(res, {"lora": "lora", "trilora": "trilora"})] if res else [],
                             [res["_path"]] if res else [])
-        # the gate of T3, T4, T7: LoRA learned (NFID below 1): only LoRA's learning gates them
-        regime.learning = {k: v for k, v in regime.learning.items() if k == "lora"}
         out.append(regime)
     out.append(tl_matched(folder, runs))
     return out
@@ -367,7 +367,6 @@ def tl_matched(folder: Path, runs: Mapping[float, Optional[dict]]) -> Regime:
     if len(parts) < 2:
         return Regime("matched", [], sources)
     regime = _tl_regime("matched", parts, sources + [runs[chosen[m]]["_path"] for m in ("lora", "trilora")])
-    regime.learning = {k: v for k, v in regime.learning.items() if k == "lora"}
     regime.learning_label += f"; chosen lr: lora {chosen['lora']:g}, trilora {chosen['trilora']:g}"
     return regime
 
