@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The regime axis of issue 21, as each paper's preregistration.md fixes it, then the scoreboard:
 #   bash experiments/regime.sh trilora                # ~50 min on 2 CPU cores (vango at 3e-4, 1e-3; monex at all three)
-#   bash experiments/regime.sh continual              # ~80 min (16 runs of ~5 min)
+#   bash experiments/regime.sh continual              # ~64 min (16 runs, two at a time)
 #   bash experiments/regime.sh orthogonal_adaptation  # ~70 min (two lrs, 60 cells each)
 #   bash experiments/regime.sh all
 # Each run's results and figures are copied to experiments/<paper>/runs/regime/ (the lr written as in the
@@ -34,9 +34,12 @@ trilora() {
     done
 }
 
-continual() {
-    "$LB" --multirun experiment=continual/regime_objects optim.lr=3e-4,1e-3 \
-        protocol.method.name=naive,merge_init,ortho_init,magmax sequence.order_seed=0,5 seed=0
+continual() {  # the two learning rates as two one-thread multiruns side by side (2 cores: 1.4x one process)
+    for lr in 3e-4 1e-3; do
+        OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$LB" --multirun experiment=continual/regime_objects optim.lr=$lr \
+            protocol.method.name=naive,merge_init,ortho_init,magmax sequence.order_seed=0,5 seed=0 &
+    done
+    wait
     for lr in 0.0003 0.001; do
         for run in "$OUT/continual/regime_objects/lr$lr"/*/order*-seed*; do
             keep "$run" "experiments/continual/runs/regime/lr${NAME[$lr]}/$(basename "$(dirname "$run")")/$(basename "$run")"
