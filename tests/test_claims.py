@@ -114,12 +114,11 @@ def test_the_scoreboard_rebuilds_from_the_committed_runs_to_the_same_text(experi
 def test_a_run_in_the_wrong_regime_is_one_line(experiments_copy, tmp_path):
     from lorabench.protocols.scoreboard import build
 
-    bad = experiments_copy / "orthogonal_adaptation" / "runs" / "regime" / "lr1e-3"
-    bad.mkdir(parents=True)
-    res = (experiments_copy / "orthogonal_adaptation" / "runs" / "world" / "results.json").read_text()
+    root = tmp_path / "experiments"
+    shutil.copytree(experiments_copy, root)
+    bad = root / "orthogonal_adaptation" / "runs" / "regime" / "lr1e-3"
+    bad.mkdir(parents=True, exist_ok=True)
+    res = (root / "orthogonal_adaptation" / "runs" / "world" / "results.json").read_text()
     (bad / "results.json").write_text(res)  # Table 2's 3e-3 run filed under 1e-3
-    try:
-        with pytest.raises(ConfigError, match=r"regime/lr1e-3.*optim.lr=0.003.*'lr 1e-3'"):
-            build(experiments_copy)
-    finally:
-        shutil.rmtree(bad)
+    with pytest.raises(ConfigError, match=r"regime/lr1e-3.*optim.lr=0.003.*'lr 1e-3'"):
+        build(root)
