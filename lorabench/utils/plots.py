@@ -3,12 +3,18 @@ nothing to close, and every PNG written atomically."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from lorabench.utils.io import atomic_path
+
+# Log-scale ticks are typeset as math text; where matplotlib's font cache lacks its STIX and Computer
+# Modern families it falls back to DejaVu Sans (fine) and logs a warning per family through the root
+# logger, i.e. about 20 lines on the console of every run that plots. The fallback is not news.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
 def figure(ncols: int = 1, nrows: int = 1, figsize: tuple[float, float] = (6.0, 3.8),
