@@ -35,11 +35,13 @@ trilora() {
 }
 
 continual() {  # the two learning rates as two one-thread multiruns side by side (2 cores: 1.4x one process)
+    local pids=()
     for lr in 3e-4 1e-3; do
         OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$LB" --multirun experiment=continual/regime_objects optim.lr=$lr \
             protocol.method.name=naive,merge_init,ortho_init,magmax sequence.order_seed=0,5 seed=0 &
+        pids+=($!)
     done
-    wait
+    for p in "${pids[@]}"; do wait "$p"; done  # a failed multirun stops the script (set -e), as before
     for lr in 0.0003 0.001; do
         for run in "$OUT/continual/regime_objects/lr$lr"/*/order*-seed*; do
             keep "$run" "experiments/continual/runs/regime/lr${NAME[$lr]}/$(basename "$(dirname "$run")")/$(basename "$run")"
