@@ -6,7 +6,9 @@
 # bench_lora_overhead, bench_train_step, bench_merge (the three GPU benchmarks), bench_merge_overhead (the
 # host's work per merge), main_job_gpu (the main job with trainer=gpu), pytest_gpu_world (the world configs
 # of tests/test_gpu.py), pytest_gpu_dryruns (the other `gpu` tests: full-scale dry runs on CUDA),
-# bench_lora_overhead_compile. Naming steps runs only those. All steps at their limits take about 29
+# world_table2_batched (the world Table 2 from a cold cache with every cell batched: target 5 minutes),
+# bench_batched_sd15 (4 SD1.5 LoRAs stacked at batch 1 against one after another: target 2.5x),
+# pytest_gpu_batched (tests/test_batched.py's `gpu` tests), bench_lora_overhead_compile. Naming steps runs only those. All steps at their limits take about 29
 # minutes: more than one 15-minute device session, so name the steps a session should run.
 set -u
 out=${1:?usage: bash bench/gpu_rows.sh OUT_DIR [STEP ...]}
@@ -39,6 +41,11 @@ step bench_merge_overhead 60 "$py" bench/bench_merge.py --device cuda --dtype bf
 step main_job_gpu 240 "$py" -m lorabench trainer=gpu
 step pytest_gpu_world 420 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step pytest_gpu_dryruns 420 "$py" -m pytest -m gpu -q -p no:cacheprovider --ignore tests/test_gpu.py
+step world_table2_batched 420 "$py" -m lorabench experiment=orthogonal_adaptation/world trainer=gpu \
+    protocol.batch_cells=auto protocol.train_workers=1
+step bench_batched_sd15 150 "$py" bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 \
+    --batch 1 --dtype bfloat16 --steps 15
+step pytest_gpu_batched 240 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_batched.py
 step bench_lora_overhead_compile 240 "$py" bench/bench_lora_overhead.py --device cuda --size sd15-like \
     --batch 4 --dtype bfloat16 --steps 10 --compile
 cat "$out/summary.txt"

@@ -150,6 +150,7 @@ def preflight(cfg: DictConfig) -> None:
     numbers that make no sense, the Trainer's options and the callbacks."""
     # heavy (torch, diffusers): the CLI's start-up (override checks, --help) does not pay for them
     from lorabench.adapters.tokens import check_tokens_config, for_concept  # noqa: PLC0415
+    from lorabench.protocols.cells import check_batch_cells  # noqa: PLC0415
     from lorabench.run import check_callbacks  # noqa: PLC0415
     from lorabench.sampling import check_counts  # noqa: PLC0415
     from lorabench.training import check_optim  # noqa: PLC0415
@@ -169,6 +170,8 @@ def preflight(cfg: DictConfig) -> None:
         elif entry.get("name") is None:
             raise ConfigError(f"protocol.adapters.{key}", "names no adapter (name: lora | ortho | trilora | "
                               "custom_diffusion) and no embeddings (embeddings: {name: textual_inversion, ...})")
+    if OmegaConf.select(cfg, "protocol.batch_cells") is not None:
+        check_batch_cells(OmegaConf.select(cfg, "protocol.batch_cells"))
     if cfg.get("optim") is not None:
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))

@@ -15,11 +15,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lorabench
-from lorabench.adapters import read_safetensors
-from lorabench.adapters.tokens import for_concept
+from lorabench.adapters import inject_adapters, read_safetensors
+from lorabench.adapters.stacked import StackedAdapters, take_out
+from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
 from lorabench.training import DiffusionFineTuner, LossHistory, SaveArtifacts
+from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
 from lorabench.utils.io import write_json
 
 
@@ -113,38 +115,180 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             finish_wandb()  # this run's own W&B run (a protocol's run stays open)
 
     losses = [float(x) for x in fitted.get("run/train_losses", torch.zeros(0))]
-    k = max(1, min(5, len(losses) // 4))
     steps = int(fitted["run/steps"]) if "run/steps" in fitted else 0
-    results = {
+    results = run_results(
+        cfg, config_name, components, module.adapters, module.tokens,
+        sum(p.numel() for pre in ("unet", "text_encoder", "text_encoder_2", "embeddings")
+            for p in module.trainable_parameters(pre)),
+        steps, losses, val_losses,
+        {"load_s": t_loaded - t_start, "fit_s": fit_s, "s_per_step": fit_s / steps if steps else None,
+         "total_s": time.perf_counter() - t_start},
+        saver.expected(module) if steps else [],
+        str(trainer.strategy.root_device) if steps else "cpu")  # the module is on the CPU after fit
+    if trainer.is_global_zero:
+        write_json(run_dir / "results.json", results)
+    return results, module
+
+
+def run_results(cfg: DictConfig, config_name: str, components, adapters, tokens, trainable: int, steps: int,
+                losses: Sequence[float], val_losses: Sequence[float], timings: dict, artifacts: list[str],
+                device: str) -> dict[str, Any]:
+    """The ``results.json`` of one trained run (also of each member of a batched one)."""
+    k = max(1, min(5, len(losses) // 4))
+    return {
         "config_name": config_name,
         "seed": int(cfg.seed),
         "model": components.name,
         "model_id": components.model_id,
-        "adapter": module.adapters.adapter_type if module.adapters else ("none" if module.tokens else "full"),
-        "adapter_config": module.adapters.config if module.adapters else None,
-        "embeddings_config": module.tokens.config if module.tokens else None,
+        "adapter": adapters.adapter_type if adapters else ("none" if tokens else "full"),
+        "adapter_config": adapters.config if adapters else None,
+        "embeddings_config": tokens.config if tokens else None,
         "metrics": {
-            "trainable_params": sum(p.numel() for pre in ("unet", "text_encoder", "text_encoder_2", "embeddings")
-                                    for p in module.trainable_parameters(pre)),
+            "trainable_params": trainable,
             "steps": steps,
-            "train_loss_first": _mean(losses[:k]),
-            "train_loss_last": _mean(losses[-k:]),
+            "train_loss_first": _mean(list(losses[:k])),
+            "train_loss_last": _mean(list(losses[-k:])),
             "val_loss_before": val_losses[0] if val_losses else None,
             "val_loss_after": val_losses[-1] if len(val_losses) > 1 else None,
         },
-        "timings": {
-            "load_s": t_loaded - t_start,
-            "fit_s": fit_s,
-            "s_per_step": fit_s / steps if steps else None,
-            "total_s": time.perf_counter() - t_start,
-        },
-        "artifacts": saver.expected(module) if steps else [],
-        "device": str(trainer.strategy.root_device) if steps else "cpu",  # the module is on the CPU after fit
+        "timings": timings,
+        "artifacts": artifacts,
+        "device": device,
         "versions": _versions(),
     }
-    if trainer.is_global_zero:
+
+
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device))}
+    import resource  # noqa: PLC0415  (POSIX; the process's peak resident set, in KiB on Linux)
+    return {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def member_tokens(components, cfg: DictConfig, k: int) -> tuple[ConceptTokens, dict[str, str], dict]:
+    """Member ``k``'s new tokens in a batched run: its run's tokens, renamed ``<name>#k`` so members that
+    learn one concept (several seeds) sit side by side, and bound to no word: ``(tokens, rewrites, its
+    run's token config)``, ``rewrites`` being what the member's own prompts get (its word -> its tokens).
+    Their rows start as its run's do (from the init word, whatever the tokens are called); its file takes
+    its run's config, so it names them as its run does."""
+    own = check_tokens_config(for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
+                                          cfg.data.get("concept")))
+    tokens = inject_tokens(components, {**own, "token": f"{own['token']}#{k}", "bind": False})
+    return tokens, {own["bind"]: " ".join(tokens.names)}, own
+
+
+def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], config_names: Sequence[str],
+                  member_callbacks: Optional[Sequence[Sequence[L.Callback]]] = None) -> list[dict[str, Any]]:
+    """Train the runs ``cfgs`` (one adapter or new tokens each, of one batch: lorabench.protocols.cells.batch_key)
+    in one pass, their K adapters stacked in one model (:mod:`lorabench.training.batched`). Each run's folder
+    gets what :func:`train` writes (adapter.safetensors, its exports, its CSV log, results.json last) and
+    the same adapter, to float rounding. ``member_callbacks[k]``: run ``k``'s own epoch-end callbacks, called
+    with it alone in the model (:class:`~lorabench.training.batched.MemberEpochCallbacks`). Returns the runs'
+    results; a run's ``timings.fit_s`` is its share of the pass (``timings.batched`` holds the whole pass
+    and its peak memory). Lightning checkpoints are not written (they would hold every member at once)."""
+    if not cfgs:
+        return []
+    t_start = time.perf_counter()
+    run_dirs = [Path(d) for d in run_dirs]
+    cfg0 = cfgs[0]
+    # the data first (checked before anything heavy; it draws nothing from the global RNG): members whose
+    # data have different numbers of batches per epoch train in separate passes, one per length
+    datamodules = [instantiate(cfg.data, _convert_="all").prepare() for cfg in cfgs]
+    lengths = [len(dm.train_dataloader()) for dm in datamodules]
+    if len(set(lengths)) > 1:
+        out: list[Optional[dict]] = [None] * len(cfgs)
+        for n in dict.fromkeys(lengths):
+            idx = [i for i, m in enumerate(lengths) if m == n]
+            part = train_batched([cfgs[i] for i in idx], [run_dirs[i] for i in idx], [config_names[i] for i in idx],
+                                 [member_callbacks[i] for i in idx] if member_callbacks else None)
+            for i, res in zip(idx, part):
+                out[i] = res
+        return out
+    components, model_draws, members, states = None, False, [], []
+    tokens, rewrites, own_tokens = [], [], []
+    for i, cfg in enumerate(cfgs):
+        # each member starts as its own run does: seeded, the model built, its data checked, its adapter
+        # injected (initialised from the global RNG) and loaded, its tokens added; the RNG state it then
+        # has, it keeps. Its adapter is taken out again to be stacked; its tokens stay, beside the others'.
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        if components is None:
+            seeded = torch.get_rng_state()
+            components = instantiate(cfg.model, _convert_="all")
+            model_draws = not torch.equal(seeded, torch.get_rng_state())
+        elif model_draws:  # building this model draws from the global RNG: draw what each run's build does
+            instantiate(cfg.model, _convert_="all")
+        adapters = inject_adapters(components, OmegaConf.to_container(cfg.adapter, resolve=True)) \
+            if cfg.get("adapter") else None
+        made = member_tokens(components, cfg, i) if cfg.get("embeddings") else (None, {}, None)
+        tokens.append(made[0])
+        rewrites.append(made[1])
+        own_tokens.append(made[2])
+        if cfg.get("init_adapter"):
+            tensors, _ = read_safetensors(cfg.init_adapter)
+            adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
+        if adapters is not None:
+            take_out(adapters)
+            members.append(adapters)
+        states.append(torch.get_rng_state())
+    if members and len(members) != len(cfgs):
+        raise ConfigError("adapter", "the members of a batched run all train an adapter, or none does")
+    stacked = StackedAdapters(members) if members else None
+    module = BatchedFineTuner(components, stacked, tokens, optim=OmegaConf.to_container(cfg0.optim, resolve=True),
+                              seeds=[int(c.seed) for c in cfgs], rewrites=rewrites,
+                              **OmegaConf.to_container(cfg0.get("module", {}) or {}, resolve=True))
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        module.step_loggers[i] = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_names[i]}-seed{cfg.seed}",
+                                               resolved_config=OmegaConf.to_container(cfg, resolve=True))
+    t_loaded = time.perf_counter()
+    extra = [MemberEpochCallbacks(member_callbacks)] if member_callbacks else []
+    trainer = instantiate(cfg0.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(run_dirs[0]),
+                          _convert_="all", callbacks=extra)
+    train_loaders = member_loaders([dm.train_dataloader() for dm in datamodules], states, "max_size_cycle")
+    has_val = all(getattr(dm, "val_samples", 0) for dm in datamodules)
+    val_loaders = member_loaders([dm.val_dataloader() for dm in datamodules], states, "max_size") if has_val else None
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if has_val:
+        trainer.validate(module, dataloaders=val_loaders, verbose=False)
+    t_fit = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train_loaders)
+    fit_s = time.perf_counter() - t_fit
+    if has_val:
+        trainer.validate(module, dataloaders=val_loaders, verbose=False)
+    memory = _peak_memory(device)
+    steps, k = int(trainer.global_step), len(cfgs)
+    module.cpu()
+    out = []
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        adapters = stacked.unstack(i) if stacked is not None else None
+        saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
+        if tokens[i] is not None:
+            tokens[i].config = own_tokens[i]  # its file names the tokens as its run does
+        saver.write(components, adapters, tokens[i], steps)
+        for lg in module.step_loggers[i]:
+            lg.save()
+            lg.finalize("success")
+        share = fit_s / k
+        timings = {"load_s": (t_loaded - t_start) / k, "fit_s": share, "s_per_step": share / steps if steps else None,
+                   "total_s": (time.perf_counter() - t_start) / k,
+                   "batched": {"members": k, "fit_s": fit_s, "s_per_step": fit_s / steps if steps else None,
+                               **memory}}
+        trainable = [*(adapters.trainable_parameters() if adapters is not None else []),
+                     *(tokens[i].parameters() if tokens[i] is not None else [])]
+        files = (saver.expected_files() if adapters is not None else []) + \
+            (["embeddings.safetensors"] if tokens[i] is not None else [])
+        results = run_results(cfg, config_names[i], components, adapters, tokens[i], sum(p.numel() for p in trainable),
+                              steps, module.member_losses[i], module.member_val[i], timings,
+                              files if steps else [], str(device) if steps else "cpu")
         write_json(run_dir / "results.json", results)
-    return results, module
+        out.append(results)
+    if stacked is not None:
+        stacked.remove()
+    for t in reversed(tokens):
+        if t is not None:
+            t.remove()
+    return out
 
 
 def format_summary(results: dict[str, Any]) -> str:

@@ -77,6 +77,9 @@ class AdapterLayer(nn.Module):
 
     adapter_type: ClassVar[str] = ""
     Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+    # For an adapter that trains a dense update (Custom Diffusion): the parameter that holds it. K stacked
+    # layers (lorabench.adapters.stacked) apply it directly, not its factors with an identity.
+    dense_update: ClassVar[Optional[str]] = None
 
     def __init__(self, base: nn.Module, name: str, opts: AdapterOptions, context: Optional[dict] = None):
         super().__init__()

@@ -49,6 +49,7 @@ class CustomDiffusionOptions(AdapterOptions):
 class CustomDiffusionLayer(AdapterLayer):
     """A dense update ``dW`` (out, in), zero at the start, trained whole (``rank`` is ``min(in, out)``)."""
     Options = CustomDiffusionOptions
+    dense_update = "delta"  # stacked (lorabench.adapters.stacked), K runs apply their dW directly
 
     def __init__(self, base, name, opts: CustomDiffusionOptions, context=None):
         n_in, n_out = layer_shape(base, name)

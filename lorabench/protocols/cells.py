@@ -16,10 +16,12 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -30,7 +32,7 @@ from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.errors import ConfigError, check_int
 from lorabench.protocols.sizes import row_fields
-from lorabench.run import train
+from lorabench.run import train, train_batched
 from lorabench.utils.console import CellProgress, quiet_cells
 
 # evaluate(components, item, seed, method) -> (scores, images)
@@ -59,6 +61,7 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
         raise ConfigError(f"protocol.{items_key}", f"lists a name twice: {items}")
     if not seeds:
         raise ConfigError("protocol.seeds", "empty; give at least one seed")
+    check_batch_cells(p.get("batch_cells", 1))
     return adapters, items, seeds
 
 
@@ -177,40 +180,191 @@ def check_cell_tokens(cfg: DictConfig, adapters: Mapping[str, DictConfig], items
                 seen[key, value] = item
 
 
-def _train_in_worker(resolved: dict, cell_dir: str, name: str, threads: int) -> str:
-    torch.set_num_threads(threads)
+# Data fields that say which concept or style a cell learns and where its files go: cells that differ
+# only in these (and in their seed, an OrthA concept's rows) can train in one batched pass.
+MEMBER_DATA_KEYS = ("concept", "style", "name", "folder", "path", "seed", "data_seed", "sample_seed",
+                    "instance_prompt", "class_data_dir", "class_prompt", "exclude_contexts")
+MEMBER_ADAPTER_KEYS = ("concept_key", "slot")
+
+
+def batch_key(cell: Mapping) -> Optional[str]:
+    """Which cells can train together, K adapters stacked in one model (:func:`lorabench.run.train_batched`),
+    each exactly as it would alone: cells with equal keys; ``None`` for a cell that trains alone.
+
+    Alone: full fine-tuning; an adapter with dropout (its masks would come from one shared generator);
+    new tokens that no word is bound to; 8-bit AdamW (its quantisation blocks span members); a compiled
+    UNet; user callbacks; several devices. Cells batch when everything
+    else is equal: model, adapter (but an OrthA concept's rows), new tokens (but their names), optimiser,
+    trainer, module, data (but the concept or style and its files)."""
+    cell = OmegaConf.to_container(cell, resolve=True) if OmegaConf.is_config(cell) else dict(cell)
+    adapter, trainer = cell.get("adapter"), dict(cell.get("trainer") or {})
+    module, optim = dict(cell.get("module") or {}), dict(cell.get("optim") or {})
+    embeddings = cell.get("embeddings")
+    if not adapter and not embeddings or embeddings and not embeddings.get("bind"):
+        return None  # (unbound tokens: the prompts name them, and members' tokens must have their own names)
+    if adapter and (adapter.get("dropout") or 0) > 0:
+        return None
+    if optim.get("name", "adamw") != "adamw" or module.get("compile") or module.get("train_text_encoder"):
+        return None
+    if any(v is not None for v in (cell.get("callbacks") or {}).values()):
+        return None
+    devices = trainer.get("devices", 1)
+    if devices not in (1, "1", [0]) or "ddp" in str(trainer.get("strategy", "")):
+        return None
+    shared = {
+        "model": cell.get("model"), "optim": optim, "module": module, "init": cell.get("init_adapter") is None,
+        "trainer": {k: v for k, v in trainer.items() if k not in ("enable_progress_bar", "enable_model_summary")},
+        "adapter": {k: v for k, v in (adapter or {}).items() if k not in MEMBER_ADAPTER_KEYS},
+        "embeddings": {k: v for k, v in (embeddings or {}).items() if k not in ("token", "bind")},
+        "data": {k: v for k, v in (cell.get("data") or {}).items() if k not in MEMBER_DATA_KEYS},
+    }
+    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
+    """``protocol.batch_cells``: a positive integer (1: every cell alone) or ``auto``."""
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(field, f"must be an integer >= 1 (1: every cell alone) or auto, got {value!r}")
+    return value
+
+
+def plan_batches(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
+                 capacity: Optional[Callable[[list], int]] = None) -> list[list]:
+    """``jobs`` ``(resolved cell config, cell folder, name)`` grouped into the passes that train them: cells
+    of one :func:`batch_key` in batches of ``batch_cells``; ``auto``: a group's cells shared evenly over
+    the ``workers``, at most :data:`AUTO_MAX_CELLS` a pass and at most ``capacity(group)`` (what fits the
+    device, :func:`gpu_capacity`); the others alone. The order of ``jobs`` is kept within a batch."""
+    groups: dict[str, list] = {}
+    out: list[list] = []
+    for job in jobs:
+        key = batch_key(job[0]) if batch_cells != 1 else None
+        if key is None:
+            out.append([job])
+        else:
+            groups.setdefault(key, []).append(job)
+    for members in groups.values():
+        size = batch_cells
+        if batch_cells == "auto":
+            size = min(AUTO_MAX_CELLS, -(-len(members) // max(1, workers)))
+            if capacity is not None and size > 1:
+                size = max(1, min(size, capacity(members)))
+        out += [members[i:i + size] for i in range(0, len(members), size)]
+    return out
+
+
+# ``batch_cells: auto``: at most this many cells a pass (on the CPU the cores, not the memory, limit it:
+# a world cell needs a few MB; on a GPU the measured memory of a pass bounds it too, gpu_capacity).
+AUTO_MAX_CELLS = 16
+GPU_MEMORY_SHARE = 0.85  # of the free memory a pass may plan to use
+
+
+def capacity_from(peak_one: int, peak_two: int, free: int, share: float = GPU_MEMORY_SHARE) -> int:
+    """How many cells a pass can hold: a pass of k cells is taken to peak at ``peak_one + (k - 1) * (peak_two
+    - peak_one)`` (the model once, each cell's adapter, optimiser state and activations once more), and
+    must stay within ``share`` of the ``free`` memory. At least 1."""
+    per_cell = max(1, peak_two - peak_one)
+    return max(1, 1 + int((share * free - peak_one) // per_cell))
+
+
+def gpu_capacity(group: Sequence[tuple[dict, str, str]], scratch: Path) -> int:
+    """The cells of ``group`` that fit in one pass on this process's GPU: one training step of the first
+    cell alone and of the first two batched, their peak memory measured (:func:`lorabench.run.train_batched`),
+    extrapolated (:func:`capacity_from`) to the free memory. Probe cells train in ``scratch``, removed after."""
+    peaks = []
+    try:
+        for k in (1, 2):
+            jobs = []
+            for i, (resolved, _, name) in enumerate(group[:k]):
+                cell = copy.deepcopy(resolved)
+                cell["trainer"] = {**cell["trainer"], "max_steps": 1}
+                cell["data"] = {**cell["data"], "val_samples": 0}
+                cell["exports"] = []
+                cell["paths"] = {**cell.get("paths", {}), "output_dir": str(scratch / f"k{k}-{i}")}
+                if "folder" in cell["data"]:
+                    cell["data"]["folder"] = str(scratch / f"k{k}-{i}" / "world_data")
+                jobs.append((cell, str(scratch / f"k{k}-{i}"), f"probe-{name}"))
+            torch.cuda.empty_cache()
+            res = train_batched([OmegaConf.create(j[0]) for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs])
+            peaks.append(int(res[0]["timings"]["batched"]["peak_memory_bytes"]))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return capacity_from(peaks[0], peaks[1], free)
+
+
+def plan_passes(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
+                scratch: Path) -> list[list]:
+    """:func:`plan_batches`, with ``auto`` bounded by the GPU's memory when the cells train on one."""
+    capacity = None
+    if batch_cells == "auto" and jobs:
+        accel = str((jobs[0][0].get("trainer") or {}).get("accelerator", "cpu"))
+        if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
+            capacity = lambda group: gpu_capacity(group, scratch)  # noqa: E731
+    return plan_batches(jobs, batch_cells, workers, capacity)
+
+
+def train_pass(batch: Sequence[tuple[dict, str, str]]) -> list[dict]:
+    """Train one pass of :func:`plan_batches`: a cell alone, or several batched; their results."""
+    if len(batch) == 1:
+        resolved, cell_dir, name = batch[0]
+        return [train(OmegaConf.create(resolved), Path(cell_dir), config_name=name)[0]]
+    return train_batched([OmegaConf.create(r) for r, _, _ in batch], [d for _, d, _ in batch],
+                         [n for _, _, n in batch])
+
+
+def _train_in_worker(batch: list[tuple[dict, str, str]], threads: int) -> list[str]:
+    if threads:
+        torch.set_num_threads(threads)
     with quiet_cells():
-        train(OmegaConf.create(resolved), Path(cell_dir), config_name=name)
-    return name
+        train_pass(batch)
+    return [name for _, _, name in batch]
 
 
 def pretrain_cells(cfg: DictConfig, cells: Sequence[tuple[DictConfig, Mapping, int, str]], cache_root: Path,
-                   workers: int) -> set[str]:
+                   workers: int, batch_cells: int | str = 1) -> set[str]:
     """Train the unfinished ``(adapter_cfg, data, seed, name)`` cells into the cache, ``workers`` at a
     time in spawned processes with ``cores // workers`` threads each (never more threads than cores:
-    oversubscribed OpenMP runs several times slower). On 2 cores, two 1-thread processes train 1.4x the
-    steps per second of one 2-thread process (docs/benchmarks.md). Returns the names trained here; the
-    protocol then finds them finished, as :func:`trained_cell` does any cached cell. ``workers <= 1``
-    trains nothing here (the protocol trains each cell when it reaches it)."""
-    if workers <= 1:
-        return set()
+    oversubscribed OpenMP runs several times slower), and ``batch_cells`` cells a pass where they can
+    train together (:func:`batch_key`, :func:`lorabench.run.train_batched`: the same adapters as alone).
+    On 2 cores, two 1-thread processes train 1.4x the steps per second of one 2-thread process
+    (docs/benchmarks.md). Returns the names trained here; the protocol then finds them finished, as
+    :func:`trained_cell` does any cached cell. With ``workers <= 1`` and no batching nothing trains here
+    (the protocol trains each cell when it reaches it)."""
     pending = []
     for adapter_cfg, data, seed, name in cells:
         cell_dir, finished = cached_cell(cfg, adapter_cfg, data, seed, cache_root, name)
         if not finished:
             resolved = OmegaConf.to_container(cell_config(cfg, adapter_cfg, data, seed, cell_dir), resolve=True)
             pending.append((resolved, str(cell_dir), name))
-    if len(pending) < 2:
+    passes = plan_passes(pending, batch_cells, workers, Path(cache_root) / ".probe")
+    if workers <= 1 and all(len(p) == 1 for p in passes) or len(pending) < 2:
         return set()
-    threads = max(1, (os.cpu_count() or 2) // workers)
-    done = set()
-    progress = CellProgress(len(pending), desc=f"training in {workers} processes")
+    done: set[str] = set()
+    how = f"{workers} processes" if workers > 1 else "this process"
+    batched = sum(len(p) for p in passes if len(p) > 1)
+    desc = f"training in {how}" + (f", {batched} cells in {sum(len(p) > 1 for p in passes)} batched passes"
+                                   if batched else "")
+    progress = CellProgress(len(pending), desc=desc)
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_train_in_worker, *job, threads) for job in pending]
+        if workers <= 1:
+            for batch in passes:
+                for name in _train_in_worker(batch, 0):
+                    done.add(name)
+                    progress.done(f"{name:>24}: trained" + (f" ({len(batch)} at once)" if len(batch) > 1 else ""))
+            return done
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
+            # the largest passes first, so the last ones to finish are short
+            futures = [pool.submit(_train_in_worker, batch, threads)
+                       for batch in sorted(passes, key=len, reverse=True)]
             for fut in as_completed(futures):
-                done.add(fut.result())
-                progress.done(f"{fut.result():>24}: trained")
+                names = fut.result()
+                for name in names:
+                    done.add(name)
+                    progress.done(f"{name:>24}: trained" + (f" ({len(names)} at once)" if len(names) > 1 else ""))
     finally:
         progress.close()
     return done
@@ -231,23 +385,41 @@ def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfi
     seed, method)`` returns the cell's scores and images (the first seed's go to ``grids[item]``);
     ``measure(module, item, seed, method)``, if given, the cell's update size (its ``size_*`` fields join
     the row); ``line`` is the template of the line printed when it is done (:func:`cell_line`). Each cell
-    trains in ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring."""
+    trains in ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring.
+
+    With ``protocol.batch_cells`` above 1 (or ``auto``) the cells that can train together
+    (:func:`batch_key`) train first, that many a pass (:func:`lorabench.run.train_batched`), and are
+    then loaded back one by one and scored as a cell trained alone is."""
+    cells = [(name, acfg, item, seed, run_dir / "cells" / f"{name}-{item}-seed{seed}")
+             for name, acfg in adapters.items() for item in items for seed in seeds]
+    batch_cells = check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1))
+    jobs = [(OmegaConf.to_container(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), resolve=True),
+             str(cell_dir), f"{name}/{item}") for name, acfg, item, seed, cell_dir in cells] if batch_cells != 1 else []
+    pretrained: dict[str, dict] = {}
+    for batch in plan_passes(jobs, batch_cells, 1, run_dir / "cells" / ".probe"):
+        if len(batch) > 1:
+            pretrained.update({d: res for (_, d, _), res in zip(batch, train_pass(batch))})
+    base = instantiate(cfg.model, _convert_="all") if pretrained else None
     rows = []
-    for name, acfg in adapters.items():
-        for item in items:
-            for seed in seeds:
-                cell_dir = run_dir / "cells" / f"{name}-{item}-seed{seed}"
-                results, module = train(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), cell_dir,
-                                        config_name=f"{name}/{item}")
-                scores, images = evaluate(module.components, item, seed, name)
+    for name, acfg, item, seed, cell_dir in cells:
+        if str(cell_dir) in pretrained:
+            results = pretrained[str(cell_dir)]
+            with loaded_cell(base, cell_dir) as (ad, _):
+                scores, images = evaluate(base, item, seed, name)
+                module = SimpleNamespace(components=base, adapters=ad)
                 sizes = row_fields(measure(module, item, seed, name)) if measure is not None else {}
-                if seed == seeds[0]:
-                    grids[item].append(images)
-                rows.append({"method": name, data_key: item, "seed": seed, **scores, **sizes,
-                             "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
-                             "s_per_step": results["timings"]["s_per_step"]})
-                progress.done(cell_line(line, rows[-1]))
-                del module
+        else:
+            results, module = train(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), cell_dir,
+                                    config_name=f"{name}/{item}")
+            scores, images = evaluate(module.components, item, seed, name)
+            sizes = row_fields(measure(module, item, seed, name)) if measure is not None else {}
+        if seed == seeds[0]:
+            grids[item].append(images)
+        rows.append({"method": name, data_key: item, "seed": seed, **scores, **sizes,
+                     "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
+                     "s_per_step": results["timings"]["s_per_step"]})
+        progress.done(cell_line(line, rows[-1]))
+        del module
     return rows
 
 

@@ -66,7 +66,13 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import check_cell_tokens, loaded_cell, pretrain_cells, protocol_inputs, trained_cell
+from lorabench.protocols.cells import (
+    check_cell_tokens,
+    loaded_cell,
+    pretrain_cells,
+    protocol_inputs,
+    trained_cell,
+)
 from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
 from lorabench.sampling import check_counts, sample_prompts
@@ -533,10 +539,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = make_plan(cfg, run_dir)
     concepts, seeds, used = plan.concepts, plan.seeds, plan.used
-    # Cells not cached yet train first, protocol.train_workers at a time (1: each where the loop needs it).
+    # Cells not cached yet train first, protocol.train_workers processes at a time, protocol.batch_cells
+    # cells a pass where they can (1 and 1: each where the loop needs it).
     fresh = pretrain_cells(cfg, [(plan.cell_cfgs[a][c], plan.concept_data[c], seed, f"{a}-{c}-seed{seed}")
                                  for seed in seeds for a in used for c in concepts], plan.cache_root,
-                           int(cfg.protocol.get("train_workers", 1)))
+                           int(cfg.protocol.get("train_workers", 1)), cfg.protocol.get("batch_cells", 1))
     progress = CellProgress(len(seeds) * len(concepts) * (len(used) + len(plan.methods)), desc=PROTOCOL)
     rows: list[dict] = []
     singles: list[dict] = []

@@ -43,9 +43,9 @@ from lorabench.data import load_image
 from lorabench.errors import ConfigError, check_int
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import cell_config, protocol_inputs
+from lorabench.protocols.cells import cell_config, check_batch_cells, plan_passes, protocol_inputs
 from lorabench.protocols.report import mean_std, rebuild_cli, summarise_rows, write_protocol_outputs
-from lorabench.run import train
+from lorabench.run import train, train_batched
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import CellProgress, quiet_cells
@@ -160,31 +160,51 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores}]
     progress.done(f"    base: FID {base_fid:.3f}, KID {base_scores['kid']:.4f}, CLIP {base_scores['clip_score']:.2f}")
     panels, labels = [base_images[:n_grid]], ["base model"]
+    batch_cells = check_batch_cells(p.get("batch_cells", 1))
     for name, acfg in adapters.items():
         final = checkpoints[-1] if name in overtrain else table_epoch
         epochs = [e for e in checkpoints if e <= final]
+        cells = {}
         for seed in seeds:
             cell_dir = run_dir / "cells" / f"{name}-seed{seed}"
             cell = cell_config(cfg, acfg, {}, seed, cell_dir)
             with open_dict(cell):
                 cell.trainer.max_epochs, cell.trainer.max_steps = final, -1
-            callback = CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
-                                            prefix=f"curves/{name}/seed{seed}", grid_dir=str(cell_dir / "samples"),
-                                            measure=measurer(name, seed))
+            cells[seed] = (cell, cell_dir)
+        # the seeds of one method train one by one, or protocol.batch_cells at a time in one pass
+        jobs = [(OmegaConf.to_container(c, resolve=True), str(d), f"{name}/seed{seed}")
+                for seed, (c, d) in cells.items()]
+        seed_of = {str(d): seed for seed, (_, d) in cells.items()}
+        passes = plan_passes(jobs, batch_cells, 1, run_dir / "cells" / ".probe") if batch_cells != 1 else \
+            [[job] for job in jobs]
+        for batch in passes:
+            batch_seeds = [seed_of[d] for _, d, _ in batch]
+            callbacks = {seed: CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
+                                                    prefix=f"curves/{name}/seed{seed}",
+                                                    grid_dir=str(cells[seed][1] / "samples"),
+                                                    measure=measurer(name, seed)) for seed in batch_seeds}
             with quiet_cells():
-                results, module = train(cell, cell_dir, config_name=f"{name}/seed{seed}", callbacks=[callback])
-            for point in callback.history:
-                rows.append({"method": name, "seed": seed, **point, "train_s": results["timings"]["fit_s"],
-                             "steps": results["metrics"]["steps"]})
-            at = next(r for r in callback.history if r["epoch"] == table_epoch)
-            progress.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
-                          f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID "
-                          f"{callback.history[-1]['nfid']:.3f} at epoch {callback.history[-1]['epoch']} "
-                          f"({results['timings']['fit_s']:.0f} s)")
-            if seed == seeds[0]:
-                panels.append(callback.images[table_epoch])
-                labels.append(f"{name}, epoch {table_epoch}")
-            del module
+                if len(batch) == 1:
+                    (seed,) = batch_seeds
+                    results = [train(cells[seed][0], cells[seed][1], config_name=f"{name}/seed{seed}",
+                                     callbacks=[callbacks[seed]])[0]]
+                else:
+                    results = train_batched([cells[s][0] for s in batch_seeds], [cells[s][1] for s in batch_seeds],
+                                            [f"{name}/seed{s}" for s in batch_seeds],
+                                            member_callbacks=[[callbacks[s]] for s in batch_seeds])
+            for seed, res in zip(batch_seeds, results):
+                callback = callbacks[seed]
+                for point in callback.history:
+                    rows.append({"method": name, "seed": seed, **point, "train_s": res["timings"]["fit_s"],
+                                 "steps": res["metrics"]["steps"]})
+                at = next(r for r in callback.history if r["epoch"] == table_epoch)
+                progress.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
+                              f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID "
+                              f"{callback.history[-1]['nfid']:.3f} at epoch {callback.history[-1]['epoch']} "
+                              f"({res['timings']['fit_s']:.0f} s)")
+                if seed == seeds[0]:
+                    panels.append(callback.images[table_epoch])
+                    labels.append(f"{name}, epoch {table_epoch}")
     progress.close()
 
     out = {"protocol": PROTOCOL, "dataset": str(cfg.data.get("name")), "seeds": seeds,

@@ -50,16 +50,19 @@ class SaveArtifacts(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        adapters = pl_module.adapters
-        if pl_module.tokens is not None:  # diffusers' textual-inversion format
-            pl_module.tokens.save(self.dirpath / "embeddings.safetensors",
-                                  {"base_model": self.base_model, "global_step": str(trainer.global_step)})
+        self.write(pl_module.components, pl_module.adapters, pl_module.tokens, trainer.global_step)
+
+    def write(self, components, adapters, tokens, global_step: int) -> None:
+        """Write the files of one trained run (also each member of a batched run)."""
+        if tokens is not None:  # diffusers' textual-inversion format
+            tokens.save(self.dirpath / "embeddings.safetensors",
+                        {"base_model": self.base_model, "global_step": str(global_step)})
         if adapters is None:
-            if pl_module.tokens is None:
-                save_components(pl_module.components, self.dirpath / "model")
+            if tokens is None:
+                save_components(components, self.dirpath / "model")
             return
         save_adapter(adapters, self.dirpath / "adapter.safetensors", base_model=self.base_model,
-                     extra={"global_step": trainer.global_step})
+                     extra={"global_step": global_step})
         for e in self.exports:
             filename, fn = EXPORTS[e]
             fn(adapters, self.dirpath / filename)

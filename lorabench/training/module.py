@@ -51,6 +51,15 @@ def check_optim(optim: Mapping) -> None:
         raise bad("warmup_steps", "must be an integer >= 0")
 
 
+def unique_mean(losses: torch.Tensor, index: torch.Tensor) -> float:
+    """The mean of per-example ``losses`` counting each dataset ``index`` once (DistributedSampler pads
+    the last batch with repeated examples)."""
+    unique: dict[int, float] = {}
+    for i, v in zip(index.tolist(), losses.tolist()):
+        unique.setdefault(i, v)
+    return sum(unique.values()) / len(unique)
+
+
 class DiffusionFineTuner(L.LightningModule):
     """Fine-tune a text-to-image model with the DDPM noise-prediction loss: adapters on a frozen
     model, or (``adapter=None``) the whole UNet, e.g. to pretrain the mini world's model.
@@ -80,15 +89,18 @@ class DiffusionFineTuner(L.LightningModule):
     def __init__(self, components: ModelComponents, adapter: Optional[Mapping], optim: Optional[Mapping] = None, *,
                  prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
                  train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False,
-                 compile: bool = False, embeddings: Optional[Mapping] = None):
+                 compile: bool = False, embeddings: Optional[Mapping] = None, injected=None):
         super().__init__()
         self.components = components
         self.unet = components.unet
         self.text_encoder = components.text_encoder
         self.text_encoder_2 = components.text_encoder_2
         self.vae = components.vae
-        self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
-        self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
+        if injected is not None:  # ``(adapters, tokens)`` already in the model (lorabench.training.batched)
+            self.adapters, self.tokens = injected
+        else:
+            self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
+            self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
         self.caption_dropout = caption_dropout
@@ -188,8 +200,9 @@ class DiffusionFineTuner(L.LightningModule):
         module = getattr(self, prefix, None)
         return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
-    def training_step(self, batch, batch_idx):
-        gen = self._generator()
+    def draw(self, batch: Mapping[str, Any], gen: torch.Generator):
+        """A training step's random draws from the noise stream ``gen``, in a fixed order (caption dropout,
+        the VAE's latent sample, noise, noise offset, timesteps): ``(batch, latents, noise, timesteps)``."""
         if self.caption_dropout:
             drop = torch.rand(len(batch["prompts"]), generator=gen) < self.caption_dropout
             batch = {**batch, "prompts": ["" if d else p for p, d in zip(batch["prompts"], drop.tolist())]}
@@ -200,14 +213,23 @@ class DiffusionFineTuner(L.LightningModule):
                 (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=gen).to(self.device)
-        per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
-        n_prior = int(batch.get("num_prior", 0))
+        return batch, latents, noise, timesteps
+
+    def reduce_loss(self, per_example: torch.Tensor, n_prior: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(loss, prior loss or None)`` of one run's batch: the instance mean, plus the class examples'
+        mean (the last ``n_prior``) times ``prior_loss_weight``."""
         if n_prior:
             inst, prior = per_example[:-n_prior].mean(), per_example[-n_prior:].mean()
-            loss = inst + self.prior_loss_weight * prior
+            return inst + self.prior_loss_weight * prior, prior
+        return per_example.mean(), None
+
+    def training_step(self, batch, batch_idx):
+        batch, latents, noise, timesteps = self.draw(batch, self._generator())
+        per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
+        n_prior = int(batch.get("num_prior", 0))
+        loss, prior = self.reduce_loss(per_example, n_prior)
+        if prior is not None:
             self.log("train/prior_loss", prior, on_step=True, batch_size=n_prior)
-        else:
-            loss = per_example.mean()
         bs = latents.shape[0] - n_prior
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=bs)
@@ -220,16 +242,25 @@ class DiffusionFineTuner(L.LightningModule):
         batching or on the number of ranks; per-example losses are kept with their index so that
         the duplicates DistributedSampler pads the last batch with are counted once.
         """
-        k, n = self.val_timesteps, batch["pixel_values"].shape[0]
+        self._val_losses.append(self.val_example_losses(*self.val_inputs(batch, self.seed)).detach())
+        self._val_index.append(batch["index"].to(self.device))
+
+    def val_inputs(self, batch: Mapping[str, Any], seed: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A validation batch's UNet inputs ``(prompts, noise, timesteps, latents)``: every example repeated
+        at ``val_timesteps`` evenly spaced timesteps, its noise seeded by ``(seed, its dataset index)``."""
+        k = self.val_timesteps
         latents = self.to_latents(batch["pixel_values"]).repeat_interleave(k, dim=0)
-        noise = torch.cat([torch.randn((k, *latents.shape[1:]), generator=generator("val", self.seed, int(i)))
+        noise = torch.cat([torch.randn((k, *latents.shape[1:]), generator=generator("val", seed, int(i)))
                            for i in batch["index"]]).to(self.device)
         T = self.noise_scheduler.config.num_train_timesteps
-        t = ((torch.arange(k) + 0.5) * T / k).long().clamp(max=T - 1).repeat(n).to(self.device)
-        rep = {"prompts": [p for p in batch["prompts"] for _ in range(k)]}
-        per_example = self.diffusion_loss(rep, noise, t, latents, reduce=False).view(n, k).mean(dim=1)
-        self._val_losses.append(per_example.detach())
-        self._val_index.append(batch["index"].to(self.device))
+        t = ((torch.arange(k) + 0.5) * T / k).long().clamp(max=T - 1).repeat(len(batch["index"])).to(self.device)
+        return {"prompts": [p for p in batch["prompts"] for _ in range(k)]}, noise, t, latents
+
+    def val_example_losses(self, rep: dict, noise: torch.Tensor, t: torch.Tensor,
+                           latents: torch.Tensor) -> torch.Tensor:
+        """Each example's loss averaged over its timesteps, from :meth:`val_inputs`."""
+        per = self.diffusion_loss(rep, noise, t, latents, reduce=False)
+        return per.view(-1, self.val_timesteps).mean(dim=1)
 
     def on_validation_epoch_start(self):
         self._val_losses, self._val_index = [], []
@@ -240,10 +271,7 @@ class DiffusionFineTuner(L.LightningModule):
         losses, index = torch.cat(self._val_losses), torch.cat(self._val_index)
         if self.trainer.world_size > 1:  # every rank holds the same number of (padded) examples
             losses, index = self.all_gather(losses).flatten(), self.all_gather(index).flatten()
-        unique = {}
-        for i, v in zip(index.tolist(), losses.tolist()):
-            unique.setdefault(i, v)
-        value = sum(unique.values()) / len(unique)
+        value = unique_mean(losses, index)
         self.log("val/loss", value, prog_bar=True, rank_zero_only=True)
         if not self.trainer.sanity_checking:
             self.val_history.append(value)

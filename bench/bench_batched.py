@@ -1,0 +1,154 @@
+"""K adapters trained in one pass (protocol.batch_cells) against one after another, side by side in one run.
+
+``--mode cells`` (the CPU question: is batching at least as fast as today's two one-thread processes?)
+trains the same ``--cells`` world LoRA cells (the Orthogonal Adaptation world recipe, ``--steps`` steps,
+batch 8) into fresh caches through the protocols' own code path (``pretrain_cells``), three ways:
+
+  separate : ``--workers`` one-thread processes, each training cells one by one (today's world default);
+  batched  : ``--workers`` one-thread processes, each training its share of the cells in one pass (auto);
+  one pass : one process with every core's threads, all cells in one pass.
+
+and prints cells per minute and the ratio to ``separate``.
+
+``--mode step`` (the GPU question) times training steps of ``--concepts`` LoRA adapters on one UNet of
+``--size`` (bench_train_step's sizes; ``sd15-like`` is SD1.5's UNet at 512 px), each concept at batch
+``--batch``: one after another (one adapter, a step each) against all stacked in one model (one step
+for all), as concept-steps per second, steps interleaved so machine noise hits both alike.
+
+    python bench/bench_batched.py --mode cells --cells 8 --steps 60
+    python bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONCEPTS = ["sks", "twt", "vlx", "xod"]
+
+
+def cells_mode(args) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from lorabench.protocols.cells import pretrain_cells
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    tmp = Path(tempfile.mkdtemp())
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
+                                "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
+                                "trainer.enable_progress_bar=false"])
+    cells = [(cfg.protocol.adapters.lora, {"concept": CONCEPTS[i % 4]}, i // 4, f"lora-{CONCEPTS[i % 4]}-seed{i // 4}")
+             for i in range(args.cells)]
+    ways = {"separate": (args.workers, 1), "batched": (args.workers, "auto"), "one pass": (1, "auto")}
+    rates = {}
+    try:
+        for name, (workers, batch) in ways.items():
+            cache = tmp / name.replace(" ", "_")
+            torch.set_num_threads(os.cpu_count() or 2)
+            t = time.perf_counter()
+            done = pretrain_cells(cfg, cells, cache, workers, batch)
+            wall = time.perf_counter() - t
+            assert len(done) == args.cells, (name, len(done))
+            rates[name] = args.cells / wall * 60
+            print(f"  {name:>9}: {workers} process(es), batch_cells={batch}: {wall:6.1f} s, "
+                  f"{rates[name]:.2f} cells/min", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"world LoRA cells: {args.cells} x {args.steps} steps, {os.cpu_count()} cores")
+    for name, r in rates.items():
+        print(f"  {name:>9}: {r / rates['separate']:.2f}x the cells per minute of separate")
+
+
+def step_mode(args) -> None:
+    from bench_train_step import TARGETS, build_unet
+    from lorabench.adapters import Adapters
+    from lorabench.adapters.stacked import StackedAdapters, take_out
+
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    single_unet, s, in_ch = build_unet(args.size)
+    stacked_unet = copy.deepcopy(single_unet)
+    k, b = args.concepts, args.batch
+    cfg = {"name": "lora", "rank": args.rank, "target_modules": TARGETS}
+    # one after another: every concept's run is one adapter at batch b; its step costs what any other's does
+    single = Adapters.inject({"unet": single_unet}, cfg)
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        members.append(Adapters.inject({"unet": stacked_unet}, cfg))
+        take_out(members[-1])
+    stacked = StackedAdapters(members)
+    single_unet.to(dev, dtype)
+    stacked_unet.to(dev, dtype)
+
+    def make_step(unet, params, n, route):
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+
+        def step():
+            x = torch.randn(n, in_ch, s["res"], s["res"], device=dev, dtype=dtype)
+            ctx = torch.randn(n, s["text_len"], s["cross_attention_dim"], device=dev, dtype=dtype)
+            with route():
+                loss = unet(x, torch.randint(0, 1000, (n,), device=dev), ctx).sample.float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext)
+    many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k))
+
+    def timed(step):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for _ in range(args.warmup):
+        timed(one), timed(many)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_one, t_many = [], []
+    for _ in range(args.steps):  # interleaved, so machine noise hits both alike
+        t_one.append(timed(one))
+        t_many.append(timed(many))
+    a, m = statistics.median(t_one), statistics.median(t_many)
+    print(f"{args.size} UNet, {k} LoRA adapters (rank {args.rank}) at batch {b} each, {args.device} {args.dtype}")
+    print(f"  one after another: {a * 1000:.1f} ms a step of 1 concept, {1 / a:.2f} concept-steps/s")
+    print(f"  stacked          : {m * 1000:.1f} ms a step of {k} concepts, {k / m:.2f} concept-steps/s")
+    if dev.type == "cuda":
+        print(f"  peak memory of both models' steps: {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+    print(f"  ratio: {(k / m) / (1 / a):.2f}x the concept-steps per second")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["cells", "step"], default="cells")
+    ap.add_argument("--cells", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--concepts", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    cells_mode(args) if args.mode == "cells" else step_mode(args)
+
+
+if __name__ == "__main__":
+    main()

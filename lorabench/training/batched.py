@@ -1,0 +1,255 @@
+"""K runs trained in one pass: K adapters stacked in one model, each run's samples routed through its own.
+
+:class:`BatchedFineTuner` is :class:`~lorabench.training.module.DiffusionFineTuner` over
+:class:`~lorabench.adapters.stacked.StackedAdapters`, with what makes each member train exactly as its
+own run would:
+
+- **data**: each member's own loader (its shuffling generator), one batch of each per step, walked
+  through its epochs by Lightning as a run's own loader is (:func:`member_loaders`); each member's items
+  draw from its own copy of the global torch RNG (random flips and crops, :class:`MemberDataset`);
+- **noise**: each member's own noise stream (``generator("noise", seed)``), drawn in its run's order;
+- **loss**: each member's loss is its own batch's mean (prior examples weighted as in its run); the
+  step minimises their sum, and a member's tensors get gradient from its own samples only;
+- **optimiser**: one AdamW over the stacked tensors. AdamW is element-wise, so every member's moments
+  and update are its own run's; the schedule is shared (members of a batch share the optimiser config);
+- **clipping**: each member's gradient norm is clipped on its own (:meth:`configure_gradient_clipping`).
+
+- **tokens**: each member's new tokens (textual inversion, P+) sit side by side in the text encoders
+  (:class:`MemberTokens`), under names of their own (:func:`lorabench.run.member_tokens`: one concept's
+  seeds can share a pass); a member's prompts are rewritten to its own, so its rows learn from its
+  samples only.
+
+What stays out (such runs train one by one, :func:`lorabench.protocols.cells.batch_key`): adapter
+dropout (masks would come from one shared generator), 8-bit AdamW (its quantisation blocks span
+members), full fine-tuning, text-encoder training, several devices.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from lorabench.adapters.stacked import StackedAdapters
+from lorabench.adapters.tokens import ConceptTokens
+from lorabench.models.components import rewrite_prompt
+from lorabench.training.module import DiffusionFineTuner, unique_mean
+from lorabench.utils.seeding import generator
+
+
+class MemberDataset(Dataset):
+    """A member's dataset whose items are made under the member's own copy of the global torch RNG state
+    (``states[k]``, saved back after each item), so augmentations (random flips and crops) draw what
+    they would in the member's own run, whatever the other members draw in between."""
+
+    def __init__(self, dataset: Dataset, states: list[torch.Tensor], k: int):
+        self.dataset, self.states, self.k = dataset, states, k
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states[self.k])
+        try:
+            return self.dataset[i]
+        finally:
+            self.states[self.k] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def member_loader(loader: DataLoader, states: list[torch.Tensor], k: int) -> DataLoader:
+    """``loader`` with its dataset wrapped in :class:`MemberDataset`: the same sampler (and so the same
+    shuffling generator), batch size and collate function. A loader with worker processes is kept as it
+    is: its workers seed their own RNG from the loader's generator, not from the global state."""
+    if loader.num_workers:
+        return loader
+    return DataLoader(MemberDataset(loader.dataset, states, k), batch_size=loader.batch_size,
+                      sampler=loader.sampler, collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+                      generator=loader.generator)
+
+
+def member_loaders(loaders: Sequence[DataLoader], states: list[torch.Tensor], mode: str) -> CombinedLoader:
+    """Every member's loader (:func:`member_loader`) in one Lightning ``CombinedLoader``: a step's batch is
+    the list of the members' batches. Lightning walks each loader through its epochs as it walks a run's
+    single loader; ``max_size_cycle`` (training) needs loaders of one length for that to hold (a shorter
+    one would restart mid-epoch), ``max_size`` (validation) gives None for a member whose batches ran out."""
+    if mode == "max_size_cycle" and len({len(dl) for dl in loaders}) > 1:
+        raise ValueError(f"members' loaders have different numbers of batches: {[len(dl) for dl in loaders]}")
+    return CombinedLoader([member_loader(dl, states, k) for k, dl in enumerate(loaders)], mode=mode)
+
+
+class MemberTokens:
+    """Every member's new tokens (or None), side by side in the text encoders: each member's prompts name
+    its own tokens (the members of a batch learn different concepts), so its rows get gradient from its
+    own samples only."""
+
+    def __init__(self, members: Sequence[Optional[ConceptTokens]]):
+        self.members = list(members)
+
+    def member_parameters(self, k: int) -> list[torch.nn.Parameter]:
+        return self.members[k].parameters() if self.members[k] is not None else []
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for k in range(len(self.members)) for p in self.member_parameters(k)]
+
+
+class MemberEpochCallbacks(L.Callback):
+    """Each member's own epoch-end callbacks (e.g. :class:`~lorabench.training.callbacks.CheckpointEvaluation`),
+    called with that member alone in the model (:meth:`BatchedFineTuner.as_member`), as its own run calls
+    them. Only ``on_train_epoch_end`` is forwarded."""
+
+    def __init__(self, per_member: Sequence[Sequence[L.Callback]]):
+        self.per_member = [list(cbs) for cbs in per_member]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for k, callbacks in enumerate(self.per_member):
+            if callbacks:
+                with pl_module.as_member(k) as member:
+                    for cb in callbacks:
+                        cb.on_train_epoch_end(trainer, member)
+
+
+class BatchedFineTuner(DiffusionFineTuner):
+    """Train K runs at once: the members of ``stacked`` (None: the runs train new tokens alone) and their
+    ``tokens`` (one entry per member, None where it has none), seeds ``seeds``; ``module`` options and
+    ``optim`` as :class:`DiffusionFineTuner`'s, shared by the members."""
+
+    def __init__(self, components, stacked: Optional[StackedAdapters], tokens: Sequence[Optional[ConceptTokens]],
+                 optim, seeds: Sequence[int], rewrites: Optional[Sequence[Mapping[str, str]]] = None, **module):
+        if (stacked is not None and len(seeds) != len(stacked)) or len(tokens) != len(seeds):
+            raise ValueError(f"{len(seeds)} seeds for {len(tokens)} members")
+        if stacked is None and not any(t is not None for t in tokens):
+            raise ValueError("a batched run trains adapters or tokens")
+        member_tokens = MemberTokens(tokens) if any(t is not None for t in tokens) else None
+        super().__init__(components, adapter=None, optim=optim, seed=int(seeds[0]),
+                         injected=(stacked, member_tokens), **module)
+        self.seeds = [int(s) for s in seeds]
+        self.rewrites = [dict(r) for r in rewrites] if rewrites is not None else [{} for _ in seeds]
+        self._gens: list[Optional[torch.Generator]] = [None] * len(seeds)
+        self.member_losses: list[list[float]] = [[] for _ in seeds]
+        self.member_grad_norms: list[Optional[float]] = [None] * len(seeds)
+        self.member_val: list[list[float]] = [[] for _ in seeds]
+        self.step_loggers: list[list] = [[] for _ in seeds]  # each member's own loggers (its CSV)
+        self._val_parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (member, losses, indices)
+
+    def route(self, counts: list[int]):
+        """The ``with`` block's forward passes take ``counts[k]`` samples of member ``k``, member by member."""
+        return self.adapters.router.route(counts=counts) if self.adapters is not None else nullcontext()
+
+    def member_grads(self, k: int) -> list[torch.Tensor]:
+        """Member ``k``'s gradients, in its own run's order: its adapter slices (UNet, then text encoders),
+        then its token rows."""
+        grads = self.adapters.member_grads(k) if self.adapters is not None else []
+        if self.tokens is not None:
+            grads += [p.grad for p in self.tokens.member_parameters(k) if p.grad is not None]
+        return grads
+
+    @contextmanager
+    def as_member(self, k: int) -> Iterator[SimpleNamespace]:
+        """Member ``k`` alone in the model for the ``with`` block: its adapter (with its current values) in
+        place of the stacked layers, its word bound to its tokens. Yields what a callback reads of a module:
+        ``components``, ``adapters``, ``current_epoch``, ``train()``."""
+        rewrites = self.components.prompt_rewrites
+        self.components.prompt_rewrites = {**rewrites, **self.rewrites[k]}
+        try:
+            with (self.adapters.member_in_model(k) if self.adapters is not None else nullcontext()) as adapters:
+                yield SimpleNamespace(components=self.components, adapters=adapters, current_epoch=self.current_epoch,
+                                      train=self.train)
+        finally:
+            self.components.prompt_rewrites = rewrites
+
+    def member_prompts(self, k: int, prompts: Sequence[str]) -> list[str]:
+        """Member ``k``'s prompts with its word rewritten to its own tokens (:func:`lorabench.run.member_tokens`)."""
+        if not self.rewrites[k]:
+            return list(prompts)
+        return [rewrite_prompt(p, self.rewrites[k]) for p in prompts]
+
+    def member_generator(self, k: int) -> torch.Generator:
+        if self._gens[k] is None:
+            self._gens[k] = generator("noise", self.seeds[k], self.global_rank)
+        return self._gens[k]
+
+    def training_step(self, batch: list, batch_idx):
+        parts, counts = [], []
+        for k, b in enumerate(batch):
+            parts.append(self.draw(b, self.member_generator(k)))
+            counts.append(parts[-1][1].shape[0])
+        joined = {"prompts": [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]}
+        latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        with self.route(counts):
+            per_example = self.diffusion_loss(joined, noise, timesteps, latents, reduce=False)
+        losses = [self.reduce_loss(chunk, int(b.get("num_prior", 0)))[0]
+                  for chunk, b in zip(per_example.split(counts), batch)]
+        for k, loss in enumerate(losses):
+            self.member_losses[k].append(float(loss.detach()))
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss / len(losses), on_step=True, prog_bar=True, batch_size=sum(counts))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.trainer.global_step
+        every = max(1, int(self.trainer.log_every_n_steps or 1))
+        if step % every:
+            return
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for k, loggers in enumerate(self.step_loggers):
+            metrics = {"train/loss": self.member_losses[k][-1], "train/lr": lr}
+            if self.member_grad_norms[k] is not None:
+                metrics["train/grad_norm"] = self.member_grad_norms[k]
+            for lg in loggers:
+                lg.log_metrics(metrics, step=step - 1)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Each member's gradient clipped by its own norm, as its own run clips it."""
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "value":
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # element-wise: per member as it is
+            return
+        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        for k in range(len(self.seeds)):
+            grads = self.member_grads(k)
+            if not grads:
+                continue
+            total = torch.nn.utils.get_total_norm(grads)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
+            self.member_grad_norms[k] = float(total)
+
+    # -- validation: every member's fixed-noise loss, all members in one forward pass ----------------
+    def validation_step(self, batch: list, batch_idx):
+        inputs, counts = [], []
+        for k, b in enumerate(batch):
+            if b is None:
+                counts.append(0)
+                continue
+            inputs.append((k, b, self.val_inputs(b, self.seeds[k])))
+            counts.append(inputs[-1][2][1].shape[0])
+        rep = {"prompts": [p for k, _, x in inputs for p in self.member_prompts(k, x[0]["prompts"])]}
+        noise, t, latents = (torch.cat([x[i] for *_, x in inputs]) for i in (1, 2, 3))
+        with self.route(counts):
+            per = self.val_example_losses(rep, noise, t, latents)
+        examples = [len(b["index"]) for _, b, _ in inputs]
+        for (k, b, _), chunk in zip(inputs, per.split(examples)):
+            self._val_parts.append((k, chunk.detach(), b["index"]))
+
+    def on_validation_epoch_start(self):
+        self._val_parts = []
+
+    def on_validation_epoch_end(self):
+        for k in range(len(self.seeds)):
+            mine = [(loss, index) for j, loss, index in self._val_parts if j == k]
+            if mine:
+                self.member_val[k].append(unique_mean(torch.cat([m[0] for m in mine]).cpu(),
+                                                      torch.cat([m[1] for m in mine]).cpu()))
+        self._val_parts = []
+
+    def member_results(self) -> list[dict[str, Any]]:
+        """Per member: its per-step losses and its validation losses (before, after)."""
+        return [{"losses": self.member_losses[k], "val": self.member_val[k]} for k in range(len(self.seeds))]

@@ -1,0 +1,326 @@
+"""K adapters trained in one pass (lorabench.adapters.stacked, lorabench.training.batched): the stacked
+layer routes every sample through its own adapter, and a batched run's adapters equal K separate runs'
+(fp32, 1e-5) on the world model and a scaled-down SD1.5; protocols use it through protocol.batch_cells."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose, tiny_overrides
+
+TOL = 1e-5
+
+
+def _members(adapter: str, k: int, conv: bool = False):
+    from lorabench.adapters import get_adapter_class
+    from lorabench.adapters.base import parse_options
+
+    base = nn.Conv2d(12, 10, 1) if conv else nn.Linear(12, 10)
+    cls = get_adapter_class(adapter)
+    layers = []
+    for i in range(k):
+        torch.manual_seed(i)
+        extra = {"concept_key": f"c{i}"} if adapter == "ortho" else {}
+        layer = cls(base, "unet.x", parse_options(cls, {"rank": 3, **extra}))
+        with torch.no_grad():  # non-zero updates, different per member
+            for p in layer.parameters(recurse=False):
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        layers.append(layer)
+    return base, layers
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1x1"])
+@pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
+def test_stacked_layer_routes_each_sample_through_its_own_adapter(adapter, conv):
+    """Equal counts (reshape), unequal counts and an explicit index (gather) all give each sample its own
+    adapter's output, and gradients reach only the slices of the adapters the samples used."""
+    from lorabench.adapters.stacked import Router, StackedLayer
+
+    base, layers = _members(adapter, 3, conv)
+    router = Router(3)
+    stacked = StackedLayer(layers, router)
+    shape = (6, 12, 2, 2) if conv else (6, 5, 12)
+    x = torch.randn(*shape)
+    for counts, index in (([2, 2, 2], None), ([3, 0, 3], None), ([1, 4, 1], None),
+                          (None, torch.tensor([2, 0, 1, 1, 0, 2]))):
+        idx = index if index is not None else torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+        with router.route(counts=counts, index=index):
+            y = stacked(x)
+        want = torch.stack([layers[int(a)](x[i:i + 1])[0] for i, a in enumerate(idx)])
+        torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
+    with router.route(counts=[1, 2, 3]):  # the batch twice, copy after copy (P+'s text encoding)
+        y = stacked(torch.cat([x, x]))
+    idx = torch.tensor([0, 1, 1, 2, 2, 2] * 2)
+    want = torch.stack([layers[int(a)](xi[None])[0] for xi, a in zip(torch.cat([x, x]), idx)])
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
+    trainable = [n for n in stacked.param_names if getattr(stacked, n).requires_grad]
+    with router.route(counts=[2, 0, 4]):
+        stacked(x).square().sum().backward()
+    for n in trainable:
+        g = getattr(stacked, n).grad
+        assert g[1].abs().max() == 0 and g[0].abs().max() > 0 and g[2].abs().max() > 0
+    with pytest.raises(RuntimeError, match="outside Router.route"):
+        stacked(x)
+    with pytest.raises(RuntimeError, match="routes 5 samples"), router.route(counts=[2, 2, 1]):
+        stacked(x)
+
+
+def test_member_loaders_walk_each_members_epochs_under_its_own_rng():
+    """Two members' loaders in one CombinedLoader: over three epochs each member sees its own shuffled
+    order (its loader's generator), and a random draw made while loading an item comes from the member's
+    own RNG state, as in its own run."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from lorabench.training.batched import member_loaders
+
+    class Draw(Dataset):  # an item is its index and a draw from the global RNG (as random flips are)
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i), float(torch.rand(()))])
+
+    def loader(n, seed):
+        return DataLoader(Draw(n), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def alone(n, seed, rng_seed, epochs):
+        torch.manual_seed(rng_seed)
+        dl = loader(n, seed)
+        return [b for _ in range(epochs) for b in dl]
+
+    states = []
+    for rng_seed in (10, 11):
+        torch.manual_seed(rng_seed)
+        states.append(torch.get_rng_state())
+    combined = member_loaders([loader(4, 0), loader(4, 1)], states, "max_size_cycle")
+    got = [b for _ in range(3) for b, *_ in combined]
+    assert len(got) == 6
+    for k, (seed, rng_seed) in enumerate(((0, 10), (1, 11))):
+        assert all(torch.equal(g[k], w) for g, w in zip(got, alone(4, seed, rng_seed, 3)))
+    val = [b for b, *_ in member_loaders([loader(4, 0), loader(6, 1)], states, "max_size")]
+    assert len(val) == 3 and val[2][0] is None and val[2][1] is not None
+    with pytest.raises(ValueError, match="different numbers of batches"):
+        member_loaders([loader(4, 0), loader(6, 1)], states, "max_size_cycle")
+
+
+def test_batch_key_groups_cells_that_differ_only_in_concept_and_seed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lorabench.protocols.cells import batch_key, cell_config, plan_batches
+
+    cfg = compose(["experiment=orthogonal_adaptation/world"], tmp_path)
+    ad = cfg.protocol.adapters
+
+    def key(acfg, concept="sks", seed=0, **over):
+        cell = cell_config(cfg, acfg, {"concept": concept}, seed, tmp_path / f"{concept}{seed}")
+        for k, v in over.items():
+            node, _, leaf = k.rpartition(".")
+            cell[node][leaf] = v
+        return batch_key(cell)
+
+    lora = key(ad.lora)
+    assert lora is not None and lora == key(ad.lora, "twt", 2)
+    assert key(ad.ortha_random, "sks") == key(ad.ortha_random, "twt") != lora  # rows differ, shapes do not
+    assert key(ad.lora, **{"optim.lr": 1e-3}) != lora
+    assert key(ad.lora, **{"data.n": 4}) != lora
+    assert key(ad.pplus, "sks") == key(ad.pplus, "twt", 1) not in (None, lora)  # tokens' names differ only
+    assert key(ad.edlora) not in (None, lora, key(ad.pplus))
+    assert key(ad.custom_diffusion) not in (None, lora)  # a dense update and a modifier token
+    for alone in (key(ad.lora, **{"adapter.dropout": 0.1}),
+                  key(ad.lora, **{"optim.name": "adamw8bit"}), key(ad.lora, **{"trainer.devices": 2})):
+        assert alone is None
+    specs = [(ad.lora, "sks", 0), (ad.lora, "twt", 0), (ad.lora, "vlx", 1), (ad.custom_diffusion, "sks", 0),
+             (ad.ortha_random, "sks", 0)]
+    jobs = [(OmegaConf.to_container(cell_config(cfg, a, {"concept": c}, s, tmp_path / "x"), resolve=True), f"d{i}",
+             f"n{i}") for i, (a, c, s) in enumerate(specs)]
+    assert sorted(len(p) for p in plan_batches(jobs, 2, 1)) == [1, 1, 1, 2]
+    assert sorted(len(p) for p in plan_batches(jobs, "auto", 1)) == [1, 1, 3]
+    assert sorted(len(p) for p in plan_batches(jobs, "auto", 2)) == [1, 1, 1, 2]
+    assert all(len(p) == 1 for p in plan_batches(jobs, 1, 2))
+    assert sorted(len(p) for p in plan_batches(jobs, "auto", 1, capacity=lambda group: 2)) == [1, 1, 1, 2]
+    assert key(ad.pplus, **{"embeddings.bind": False}) is None  # prompts that name the tokens themselves
+
+
+def _world_cells(tmp_path, adapter: str, members, steps: int, extra=()):
+    """The cell configs of world cells ``members`` = [(concept, seed)] of one adapter type."""
+    from omegaconf import OmegaConf
+
+    from lorabench.protocols.cells import cell_config
+
+    cfg = compose(["experiment=orthogonal_adaptation/world", f"trainer.max_steps={steps}",
+                   "trainer.enable_progress_bar=false", *extra], tmp_path / "cfg")
+    lora = cfg.protocol.adapters.lora
+    acfgs = {"lora": lora, "ortho": cfg.protocol.adapters.ortha_random,
+             "trilora": {"name": "trilora", "rank": 4, "sigma_init": "svd_w0", "target_modules": lora.target_modules}}
+    acfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(acfgs[adapter]), resolve=True))
+    if adapter == "ortho":
+        return [cell_config(cfg, OmegaConf.merge(acfg, {"concept_key": c}), {"concept": c}, s, Path("."))
+                for c, s in members]
+    return [cell_config(cfg, acfg, {"concept": c}, s, Path(".")) for c, s in members]
+
+
+def _train_both(cells, tmp_path):
+    """Train ``cells`` one by one and batched; returns (separate dirs, batched dirs, batched results)."""
+    from lorabench.run import train, train_batched
+    from lorabench.utils.console import quiet_cells
+
+    sep = [tmp_path / f"sep{i}" for i in range(len(cells))]
+    bat = [tmp_path / f"bat{i}" for i in range(len(cells))]
+    with quiet_cells():
+        for cell, d in zip(cells, sep):
+            cell.paths.output_dir = str(d)
+            train(cell, d, config_name="c")
+        for cell, d in zip(cells, bat):
+            cell.paths.output_dir = str(d)
+        results = train_batched(cells, bat, ["c"] * len(cells))
+    return sep, bat, results
+
+
+def _assert_same_adapters(sep, bat):
+    from lorabench.adapters import read_safetensors
+
+    worst = 0.0
+    for a, b in zip(sep, bat):
+        files = [f for f in ("adapter.safetensors", "embeddings.safetensors") if (a / f).is_file()]
+        assert files and files == [f for f in ("adapter.safetensors", "embeddings.safetensors") if (b / f).is_file()]
+        for f in files:
+            ta, ma = read_safetensors(a / f)
+            tb, mb = read_safetensors(b / f)
+            assert ta.keys() == tb.keys()
+            assert {k: v for k, v in ma.items() if k != "extra"} == {k: v for k, v in mb.items() if k != "extra"}
+            for k in ta:
+                worst = max(worst, float((ta[k] - tb[k]).abs().max()))
+        ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
+        assert ra["metrics"]["steps"] == rb["metrics"]["steps"]
+        for m in ("train_loss_first", "train_loss_last", "val_loss_before", "val_loss_after"):
+            assert ra["metrics"][m] == pytest.approx(rb["metrics"][m], rel=1e-4), m
+        for k in ("adapter_config", "embeddings_config", "artifacts", "adapter"):
+            assert ra[k] == rb[k], k
+        assert ra["metrics"]["trainable_params"] == rb["metrics"]["trainable_params"]
+    assert worst <= TOL, worst
+    return worst
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
+def test_batched_world_cells_equal_separate_runs(adapter, tmp_path):
+    """Three world cells (two concepts, two seeds, random flips on so each member's data RNG matters)
+    trained one by one and in one batched pass: the same adapters to 1e-5, the same losses."""
+    cells = _world_cells(tmp_path, adapter, [("sks", 0), ("twt", 0), ("sks", 1)], steps=12,
+                         extra=["+data.random_flip=true", "trainer.gradient_clip_val=0.05"])
+    sep, bat, results = _train_both(cells, tmp_path)
+    _assert_same_adapters(sep, bat)
+    assert results[0]["timings"]["batched"]["members"] == 3
+    assert (bat[0] / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("method", ["pplus", "edlora", "ortha_paper", "custom_diffusion"])
+def test_batched_token_cells_equal_separate_runs(method, tmp_path):
+    """The token methods of Table 2 (P+ tokens alone; ED-LoRA's LoRA on UNet and text encoder with P+
+    tokens; the paper's OrthA with P+ tokens; Custom Diffusion's dense K/V update with a modifier token):
+    each member's tokens side by side in the text encoder, the adapters stacked, every member equal to
+    its separate run; two members learn one concept (two seeds), under tokens of their own."""
+    from omegaconf import OmegaConf
+
+    from lorabench.protocols.cells import cell_config
+
+    cfg = compose(["experiment=orthogonal_adaptation/world", "trainer.max_steps=8",
+                   "trainer.enable_progress_bar=false"], tmp_path / "cfg")
+    acfg = cfg.protocol.adapters[method]
+    cells = []
+    for c, seed in (("sks", 0), ("twt", 1), ("sks", 1)):
+        a = OmegaConf.merge(acfg, {"concept_key": c}) if method == "ortha_paper" else acfg
+        cells.append(cell_config(cfg, a, {"concept": c}, seed, Path(".")))
+    sep, bat, _ = _train_both(cells, tmp_path)
+    _assert_same_adapters(sep, bat)
+
+
+def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_down_models, toy_images):
+    """The SD1.5 architecture (latents from a VAE sampled with each member's noise stream, conv and linear
+    projections, text-encoder layers adapted too): LoRA and OrthA members equal their separate runs."""
+    from omegaconf import OmegaConf
+
+    for adapter in ("lora", "ortho"):
+        cfg = compose(["experiment=sd15_dreambooth_lora", *tiny_overrides(scaled_down_models["sd15"], steps=4),
+                       "model.resolution=64", "model.name=sd15-scaled-down", f"adapter={adapter}", "trainer=cpu",
+                       f"data.path={toy_images}", "data.instance_prompt='a photo of sks dog'",
+                       "+adapter.text_encoder_targets=[q_proj,v_proj]", "data.batch_size=2", "exports=[]"],
+                      tmp_path / adapter / "cfg")
+        cells = []
+        for i, seed in enumerate((0, 1)):
+            cell = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+            cell.seed = seed
+            if adapter == "ortho":
+                cell.adapter.concept_key = f"c{i}"
+            cells.append(cell)
+        sep, bat, _ = _train_both(cells, tmp_path / adapter)
+        _assert_same_adapters(sep, bat)
+
+
+def test_protocol_batch_cells_gives_the_table_of_separate_cells(tmp_path):
+    """The world Table 2 shrunk (LoRA and OrthA on two concepts): cells trained with protocol.batch_cells=auto
+    give the same single and merged scores as cells trained one by one, and the same cache entries."""
+    from lorabench.protocols.orthogonal_adaptation import run
+    from test_orthogonal_adaptation import SMALL
+
+    args = [*SMALL, "trainer.max_steps=6", "protocol.only=[dblora_fedavg,ortha_disjoint]"]
+    one = run(compose([*args, f"protocol.cache_dir={tmp_path / 'c1'}"], tmp_path / "a"), tmp_path / "a")
+    many = run(compose([*args, f"protocol.cache_dir={tmp_path / 'c2'}", "protocol.batch_cells=auto"],
+                       tmp_path / "b"), tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == sorted(p.name for p in (tmp_path / "c2").iterdir())
+    for r1, r2 in zip(one["rows"], many["rows"]):
+        for k in ("single_identity_alignment", "merged_identity_alignment", "merged_text_alignment"):
+            assert round(r1[k], 3) == round(r2[k], 3), k
+    batched = [json.loads(p.read_text()) for p in (tmp_path / "c2").glob("*/results.json")]
+    assert {r["timings"].get("batched", {}).get("members") for r in batched} == {2}
+
+
+def test_bad_batch_cells_is_one_line_before_training(tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+    from test_orthogonal_adaptation import SMALL
+
+    for bad in ("0", "fast"):
+        r = run_cli([*SMALL, f"protocol.batch_cells={bad}"], tmp_path)
+        assert_one_line_error(r, tmp_path, "protocol.batch_cells: must be an integer >= 1 (1: every cell alone) "
+                              "or auto")
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_auto_capacity_extrapolates_a_pass_to_the_free_memory():
+    from lorabench.protocols.cells import capacity_from
+
+    gib = 2**30
+    # model 2 GiB, each cell 1 GiB more: 85% of 20 GiB holds the model and 15 cells
+    assert capacity_from(3 * gib, 4 * gib, 20 * gib) == 15
+    assert capacity_from(3 * gib, 4 * gib, 2 * gib) == 1  # never below one
+    assert capacity_from(3 * gib, 3 * gib, 20 * gib) > 10**9  # cells that cost nothing measurable
+
+
+@pytest.mark.gpu
+def test_auto_batch_fits_the_gpu_and_trains_like_separate_runs(tmp_path):
+    """On CUDA, ``auto`` measures a pass of one and of two cells and keeps a pass within the free memory;
+    the batched cells equal separate ones (bf16 autocast: to a looser tolerance than fp32)."""
+    from omegaconf import OmegaConf
+
+    from lorabench.protocols.cells import gpu_capacity
+
+    cells = _world_cells(tmp_path, "lora", [("sks", 0), ("twt", 0), ("vlx", 1)], steps=10, extra=["trainer=gpu"])
+    jobs = [(OmegaConf.to_container(c, resolve=True), str(tmp_path / f"j{i}"), f"j{i}") for i, c in enumerate(cells)]
+    cap = gpu_capacity(jobs, tmp_path / "probe")
+    assert cap >= 3 and not (tmp_path / "probe").exists()
+    sep, bat, results = _train_both(cells, tmp_path)
+    assert results[0]["timings"]["batched"]["peak_memory_bytes"] > 0
+    from lorabench.adapters import read_safetensors
+    for a, b in zip(sep, bat):
+        ta, _ = read_safetensors(a / "adapter.safetensors")
+        tb, _ = read_safetensors(b / "adapter.safetensors")
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], atol=2e-3, rtol=0.05)
