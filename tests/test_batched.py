@@ -92,10 +92,12 @@ def test_member_loaders_walk_each_members_epochs_under_its_own_rng():
     def loader(n, seed):
         return DataLoader(Draw(n), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
-    def alone(n, seed, rng_seed, epochs):
+    def alone(n, seed, rng_seed, epochs):  # a run's own loader, walked as Lightning walks it
+        from lightning.pytorch.utilities import CombinedLoader
+
         torch.manual_seed(rng_seed)
-        dl = loader(n, seed)
-        return [b for _ in range(epochs) for b in dl]
+        combined = CombinedLoader(loader(n, seed), "max_size_cycle")
+        return [b for _ in range(epochs) for b, *_ in combined]
 
     states = []
     for rng_seed in (10, 11):
