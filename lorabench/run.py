@@ -243,9 +243,9 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     extra = [MemberEpochCallbacks(member_callbacks)] if member_callbacks else []
     trainer = instantiate(cfg0.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(run_dirs[0]),
                           _convert_="all", callbacks=extra)
-    train_loaders = member_loaders([dm.train_dataloader() for dm in datamodules], states, "max_size_cycle")
+    train_loaders = member_loaders([dm.train_dataloader() for dm in datamodules], states, train=True)
     has_val = all(getattr(dm, "val_samples", 0) for dm in datamodules)
-    val_loaders = member_loaders([dm.val_dataloader() for dm in datamodules], states, "max_size") if has_val else None
+    val_loaders = member_loaders([dm.val_dataloader() for dm in datamodules], states, train=False) if has_val else None
     device = trainer.strategy.root_device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -84,6 +84,17 @@ class _Factors(nn.Module):
         return self.layer.factors()
 
 
+class _AdapterOutput(nn.Module):
+    """Calls a layer's ``adapter_forward`` as ``forward`` (for ``torch.func.functional_call``)."""
+
+    def __init__(self, layer: AdapterLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer.adapter_forward(x)
+
+
 class StackedLayer(nn.Module):
     """K adapter layers of one type on one base layer. Their parameters and buffers are stacked
     (``lora_up``: (K, out, r), ...) under the same names; ``forward`` routes each sample through its own."""
@@ -104,7 +115,7 @@ class StackedLayer(nn.Module):
         self.dense = type(first).dense_update  # the parameter holding a dense dW, applied directly
         self.in_features, self.out_features = first.in_features, first.out_features
         # in a list, not a submodule: the template's own tensors stay out of the model's
-        self._template_list = [_Factors(first)]
+        self._template_list = [_Factors(first), _AdapterOutput(first)]
         self.param_names = [n for n, _ in first.named_parameters(recurse=False)]
         self.buffer_names = [n for n, _ in first.named_buffers(recurse=False)]
         for n, p in first.named_parameters(recurse=False):
@@ -124,7 +135,16 @@ class StackedLayer(nn.Module):
 
         return torch.func.vmap(one)(*tensors)
 
+    def member_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Adapter ``k``'s tensors (slices of the stacked ones, so gradients reach the stack)."""
+        return {f"layer.{n}": getattr(self, n)[k] for n in self.param_names + self.buffer_names}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.batched_forward(x) if x.is_cuda else self.member_forward(x)
+
+    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The accelerator's arithmetic: every adapter at once in two batched products (equal to
+        :meth:`member_forward` up to rounding)."""
         out = self.base(x)
         # each adapter's chain of matrices, applied right to left: (down, up), or the dense dW alone
         chain = [getattr(self, self.dense)] if self.dense else list(reversed(self.stacked_factors()))
@@ -148,6 +168,21 @@ class StackedLayer(nn.Module):
         y = y.reshape(n, -1, self.out_features) * self.scale
         y = y.transpose(1, 2).reshape(out.shape) if self.is_conv else y.reshape(out.shape)
         return out + y.to(out.dtype)
+
+    def member_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference arithmetic (the CPU's): each adapter's own ``adapter_forward`` on its own rows, in
+        the order they have in the batch. A member's rows are the tensor its own run would see, so the
+        same kernels on the same shapes give its run's outputs and gradients bit for bit, not merely to
+        rounding (which AdamW's normalised steps would amplify over a run)."""
+        out = self.base(x)
+        idx = self.router.sample_index(x.shape[0], x.device)
+        delta = torch.zeros_like(out)
+        for k in range(self.k):
+            rows = (idx == k).nonzero().squeeze(1)
+            if len(rows):
+                y = torch.func.functional_call(self._template_list[1], self.member_tensors(k), (x[rows],))
+                delta = delta.index_copy(0, rows, y.to(out.dtype))
+        return out + delta
 
     @torch.no_grad()
     def write_back(self, k: int, layer: AdapterLayer) -> None:

@@ -5,8 +5,8 @@
 own run would:
 
 - **data**: each member's own loader (its shuffling generator), one batch of each per step, walked
-  through its epochs by Lightning as a run's own loader is (:func:`member_loaders`); each member's items
-  draw from its own copy of the global torch RNG (random flips and crops, :class:`MemberDataset`);
+  through its epochs by Lightning as a run's own loader is (:func:`member_loaders`); each member's loader
+  draws from its own copy of the global torch RNG (random flips and crops, :class:`MemberLoader`);
 - **noise**: each member's own noise stream (``generator("noise", seed)``), drawn in its run's order;
 - **loss**: each member's loss is its own batch's mean (prior examples weighted as in its run); the
   step minimises their sum, and a member's tensors get gradient from its own samples only;
@@ -26,14 +26,17 @@ members), full fine-tuning, text-encoder training, several devices.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lorabench.adapters.stacked import StackedAdapters
 from lorabench.adapters.tokens import ConceptTokens
@@ -42,46 +45,54 @@ from lorabench.training.module import DiffusionFineTuner, unique_mean
 from lorabench.utils.seeding import generator
 
 
-class MemberDataset(Dataset):
-    """A member's dataset whose items are made under the member's own copy of the global torch RNG state
-    (``states[k]``, saved back after each item), so augmentations (random flips and crops) draw what
-    they would in the member's own run, whatever the other members draw in between."""
+class MemberLoader:
+    """Member ``k``'s loader, walked under the member's own copy of the global torch RNG state
+    (``states[k]``, saved back after each call): creating an iterator (a loader without a generator draws
+    its workers' base seed from the global RNG) and each batch (a sampler without a generator, random
+    flips and crops in the dataset) draw what they would in the member's own run, whatever the other
+    members draw in between. The loader itself is the member's own: same sampler, workers and collate."""
 
-    def __init__(self, dataset: Dataset, states: list[torch.Tensor], k: int):
-        self.dataset, self.states, self.k = dataset, states, k
+    def __init__(self, loader: DataLoader, states: list[torch.Tensor], k: int):
+        self.loader, self.states, self.k = loader, states, k
+        if loader.num_workers and loader.worker_init_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
+            loader.worker_init_fn = partial(pl_worker_init_function, rank=0)  # as Lightning gives a run's loader
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.loader)
 
-    def __getitem__(self, i):
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states[self.k])
         try:
-            return self.dataset[i]
+            yield
         finally:
             self.states[self.k] = torch.get_rng_state()
             torch.set_rng_state(outer)
 
+    def __iter__(self) -> Iterator:
+        with self._own_rng():
+            it = iter(self.loader)
+        while True:
+            with self._own_rng():
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch
 
-def member_loader(loader: DataLoader, states: list[torch.Tensor], k: int) -> DataLoader:
-    """``loader`` with its dataset wrapped in :class:`MemberDataset`: the same sampler (and so the same
-    shuffling generator), batch size and collate function. A loader with worker processes is kept as it
-    is: its workers seed their own RNG from the loader's generator, not from the global state."""
-    if loader.num_workers:
-        return loader
-    return DataLoader(MemberDataset(loader.dataset, states, k), batch_size=loader.batch_size,
-                      sampler=loader.sampler, collate_fn=loader.collate_fn, drop_last=loader.drop_last,
-                      generator=loader.generator)
 
-
-def member_loaders(loaders: Sequence[DataLoader], states: list[torch.Tensor], mode: str) -> CombinedLoader:
-    """Every member's loader (:func:`member_loader`) in one Lightning ``CombinedLoader``: a step's batch is
-    the list of the members' batches. Lightning walks each loader through its epochs as it walks a run's
-    single loader; ``max_size_cycle`` (training) needs loaders of one length for that to hold (a shorter
-    one would restart mid-epoch), ``max_size`` (validation) gives None for a member whose batches ran out."""
-    if mode == "max_size_cycle" and len({len(dl) for dl in loaders}) > 1:
+def member_loaders(loaders: Sequence[DataLoader], states: list[torch.Tensor], train: bool) -> CombinedLoader:
+    """Every member's loader (:class:`MemberLoader`) in one Lightning ``CombinedLoader``: a step's batch is
+    the list of the members' batches, and each loader is walked through its epochs as a run walks its own.
+    Training needs loaders of one length (a shorter one would restart mid-epoch) and uses ``max_size``, not
+    Lightning's training default ``max_size_cycle``: at an epoch's end that mode restarts the loaders that
+    ran out first and draws a batch from them before it sees that all ran out, which moves those members'
+    shuffling generators and RNG ahead of their own runs'. Validation gives None for a member whose
+    batches ran out."""
+    if train and len({len(dl) for dl in loaders}) > 1:
         raise ValueError(f"members' loaders have different numbers of batches: {[len(dl) for dl in loaders]}")
-    return CombinedLoader([member_loader(dl, states, k) for k, dl in enumerate(loaders)], mode=mode)
+    return CombinedLoader([MemberLoader(dl, states, k) for k, dl in enumerate(loaders)], mode="max_size")
 
 
 class MemberTokens:
