@@ -8,8 +8,9 @@
 # of tests/test_gpu.py), pytest_gpu_dryruns (the other `gpu` tests: full-scale dry runs on CUDA),
 # world_table2_batched (the world Table 2 from a cold cache with every cell batched: target 5 minutes),
 # bench_batched_sd15 (4 SD1.5 LoRAs stacked at batch 1 against one after another: target 2.5x),
-# pytest_gpu_batched (tests/test_batched.py's `gpu` tests), bench_lora_overhead_compile. Naming steps runs only those. All steps at their limits take about 29
-# minutes: more than one 15-minute device session, so name the steps a session should run.
+# pytest_gpu_batched (tests/test_batched.py's `gpu` tests), bench_lora_overhead_compile. Naming steps runs
+# only those. All steps at their limits take about 44 minutes: more than one 15-minute device session, so
+# name the steps a session should run (for issue 22: world_table2_batched bench_batched_sd15 pytest_gpu_batched).
 set -u
 out=${1:?usage: bash bench/gpu_rows.sh OUT_DIR [STEP ...]}
 shift
