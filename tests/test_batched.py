@@ -6,6 +6,7 @@ protocols use it through protocol.batch_cells."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,7 @@ def test_batched_world_cells_equal_separate_runs(adapter, tmp_path):
     """Three world cells (two concepts, two seeds, random flips on so each member's data RNG matters)
     trained one by one and in one batched pass: the same adapters to 1e-5 (on the CPU, bit for bit), the
     same losses."""
-    cells = _world_cells(tmp_path, adapter, [("sks", 0), ("twt", 0), ("sks", 1)], steps=12,
+    cells = _world_cells(tmp_path, adapter, [("sks", 0), ("twt", 0), ("sks", 1)], steps=6,
                          extra=["+data.random_flip=true", "trainer.gradient_clip_val=0.05"])
     sep, bat, results = _train_both(cells, tmp_path)
     _assert_same_adapters(sep, bat)
@@ -252,7 +253,7 @@ def test_batched_token_cells_equal_separate_runs(method, tmp_path):
 
     from lorabench.protocols.cells import cell_config
 
-    cfg = compose(["experiment=orthogonal_adaptation/world", "trainer.max_steps=8",
+    cfg = compose(["experiment=orthogonal_adaptation/world", "trainer.max_steps=4",
                    "trainer.enable_progress_bar=false"], tmp_path / "cfg")
     acfg = cfg.protocol.adapters[method]
     cells = []
@@ -355,13 +356,17 @@ def test_protocol_batch_cells_gives_the_table_of_separate_cells(tmp_path):
 
 
 def test_bad_batch_cells_is_one_line_before_training(tmp_path):
+    from lorabench.errors import ConfigError
+    from lorabench.protocols.cells import check_batch_cells
     from test_cli import assert_one_line_error, run_cli
     from test_orthogonal_adaptation import SMALL
 
-    for bad in ("0", "fast"):
-        r = run_cli([*SMALL, f"protocol.batch_cells={bad}"], tmp_path)
-        assert_one_line_error(r, tmp_path, "protocol.batch_cells: must be an integer >= 1 (1: every cell alone) "
-                              "or auto")
+    want = "protocol.batch_cells: must be an integer >= 1 (1: every cell alone) or auto"
+    r = run_cli([*SMALL, "protocol.batch_cells=fast"], tmp_path)
+    assert_one_line_error(r, tmp_path, want)
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ConfigError, match=re.escape(want.split(": ", 1)[1])):
+            check_batch_cells(bad)
     assert not list(tmp_path.rglob("results.json"))
 
 
