@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorabench.adapters.base import AdapterLayer
@@ -113,6 +114,8 @@ class StackedLayer(nn.Module):
         self.base, self.router, self.name = first.base, router, first.name
         self.is_conv, self.scale, self.k = first.is_conv, first.scale * first.multiplier, len(layers)
         self.dense = type(first).dense_update  # the parameter holding a dense dW, applied directly
+        # adapters whose forward is the base class's (LoRA, OrthA) run it here on stacked factors
+        self.plain = type(first).adapter_forward is AdapterLayer.adapter_forward and not self.dense
         self.in_features, self.out_features = first.in_features, first.out_features
         # in a list, not a submodule: the template's own tensors stay out of the model's
         self._template_list = [_Factors(first), _AdapterOutput(first)]
@@ -175,14 +178,29 @@ class StackedLayer(nn.Module):
         same kernels on the same shapes give its run's outputs and gradients bit for bit, not merely to
         rounding (which AdamW's normalised steps would amplify over a run)."""
         out = self.base(x)
-        idx = self.router.sample_index(x.shape[0], x.device)
+        counts, n = self.router.counts, x.shape[0]
+        if counts is not None and sum(counts) == n:  # adapter by adapter: each member's rows are a slice
+            starts = [sum(counts[:k]) for k in range(self.k)]
+            rows = [slice(a, a + c) if c else None for a, c in zip(starts, counts)]
+        else:
+            idx = self.router.sample_index(n, x.device)
+            rows = [r if len(r) else None for r in ((idx == k).nonzero().squeeze(1) for k in range(self.k))]
+        if self.plain:  # the base class's adapter_forward: scale * up(down(x)), on one vmapped factors() call
+            up, down = self.stacked_factors()
+            member = lambda k, xk: self._project(self._project(xk.to(down.dtype), down[k]), up[k]) * self.scale  # noqa: E731
+        else:
+            member = lambda k, xk: torch.func.functional_call(  # noqa: E731
+                self._template_list[1], self.member_tensors(k), (xk,))
+        if all(r is None or isinstance(r, slice) for r in rows):  # the members' outputs, in batch order
+            return out + torch.cat([member(k, x[r]).to(out.dtype) for k, r in enumerate(rows) if r is not None])
         delta = torch.zeros_like(out)
-        for k in range(self.k):
-            rows = (idx == k).nonzero().squeeze(1)
-            if len(rows):
-                y = torch.func.functional_call(self._template_list[1], self.member_tensors(k), (x[rows],))
-                delta = delta.index_copy(0, rows, y.to(out.dtype))
+        for k, r in enumerate(rows):
+            if r is not None:
+                delta = delta.index_copy(0, r, member(k, x[r]).to(out.dtype))
         return out + delta
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight[:, :, None, None]) if self.is_conv else F.linear(x, weight)
 
     @torch.no_grad()
     def write_back(self, k: int, layer: AdapterLayer) -> None:
