@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorabench.adapters.base import AdapterLayer
@@ -187,7 +186,8 @@ class StackedLayer(nn.Module):
             rows = [r if len(r) else None for r in ((idx == k).nonzero().squeeze(1) for k in range(self.k))]
         if self.plain:  # the base class's adapter_forward: scale * up(down(x)), on one vmapped factors() call
             up, down = self.stacked_factors()
-            member = lambda k, xk: self._project(self._project(xk.to(down.dtype), down[k]), up[k]) * self.scale  # noqa: E731
+            project = self._template_list[0].layer._project  # the members' own (Linear or 1x1 conv)
+            member = lambda k, xk: project(project(xk.to(down.dtype), down[k]), up[k]) * self.scale  # noqa: E731
         else:
             member = lambda k, xk: torch.func.functional_call(  # noqa: E731
                 self._template_list[1], self.member_tensors(k), (xk,))
@@ -198,9 +198,6 @@ class StackedLayer(nn.Module):
             if r is not None:
                 delta = delta.index_copy(0, r, member(k, x[r]).to(out.dtype))
         return out + delta
-
-    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight[:, :, None, None]) if self.is_conv else F.linear(x, weight)
 
     @torch.no_grad()
     def write_back(self, k: int, layer: AdapterLayer) -> None:
