@@ -1,6 +1,7 @@
 """K adapters trained in one pass (lorabench.adapters.stacked, lorabench.training.batched): the stacked
 layer routes every sample through its own adapter, and a batched run's adapters equal K separate runs'
-(fp32, 1e-5; on the CPU bit for bit) on the world model, and to fp32's floor on a scaled-down SD1.5;
+(fp32, 1e-5; on the CPU bit for bit) on the world model; on a scaled-down SD1.5 to 1e-5 in float64 and
+to fp32's floor (a separate run against itself at another thread count) in fp32;
 protocols use it through protocol.batch_cells."""
 
 from __future__ import annotations
@@ -284,6 +285,26 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return (sum(float((x - y).square().sum()) for x, y in zip(a, b)) / sum(float(x.square().sum()) for x in a)) ** 0.5
 
 
+def _sd15_cells(tmp_path, scaled_down_models, toy_images, adapter: str, steps: int, extra=()):
+    """Two scaled-down SD1.5 DreamBooth cells of ``adapter`` (seeds 0 and 1; OrthA: concepts c0 and c1),
+    the text encoder's q and v projections adapted too."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(["experiment=sd15_dreambooth_lora", *tiny_overrides(scaled_down_models["sd15"], steps=steps),
+                   "model.resolution=64", "model.name=sd15-scaled-down", f"adapter={adapter}", "trainer=cpu",
+                   f"data.path={toy_images}", "data.instance_prompt='a photo of sks dog'",
+                   "+adapter.text_encoder_targets=[q_proj,v_proj]", "data.batch_size=2", "exports=[]", *extra],
+                  tmp_path / adapter / "cfg")
+    cells = []
+    for i, seed in enumerate((0, 1)):
+        cell = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        cell.seed = seed
+        if adapter == "ortho":
+            cell.adapter.concept_key = f"c{i}"
+        cells.append(cell)
+    return cells
+
+
 def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_down_models, toy_images):
     """The SD1.5 architecture (latents from a VAE sampled with each member's noise stream, conv and linear
     projections, text-encoder layers adapted too): LoRA and OrthA members train as their separate runs.
@@ -296,25 +317,12 @@ def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_dow
     measured here: the same losses, step-1 gradients and trained adapters as their separate runs, no
     further apart than a separate run is from itself at another thread count (x3). A routing, data,
     noise or loss-normalisation error moves step-1 gradients by tens of percent."""
-    from omegaconf import OmegaConf
-
     from lorabench.run import train
     from lorabench.utils.console import quiet_cells
 
     for adapter in ("lora", "ortho"):
         steps = 4
-        cfg = compose(["experiment=sd15_dreambooth_lora", *tiny_overrides(scaled_down_models["sd15"], steps=steps),
-                       "model.resolution=64", "model.name=sd15-scaled-down", f"adapter={adapter}", "trainer=cpu",
-                       f"data.path={toy_images}", "data.instance_prompt='a photo of sks dog'",
-                       "+adapter.text_encoder_targets=[q_proj,v_proj]", "data.batch_size=2", "exports=[]"],
-                      tmp_path / adapter / "cfg")
-        cells = []
-        for i, seed in enumerate((0, 1)):
-            cell = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-            cell.seed = seed
-            if adapter == "ortho":
-                cell.adapter.concept_key = f"c{i}"
-            cells.append(cell)
+        cells = _sd15_cells(tmp_path, scaled_down_models, toy_images, adapter, steps)
         with _StepGrads() as grads:
             sep, bat, _ = _train_both(cells, tmp_path / adapter)
         diffs = _adapter_diffs(sep, bat)
@@ -334,6 +342,27 @@ def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_dow
             own, batched = grads.steps[k * steps], [g[k] for g in grads.steps[2 * steps]]
             assert _rel(own, batched) <= 3 * floor_grad + 1e-6, (adapter, k, _rel(own, batched), floor_grad)
             assert float(diffs[k].median()) <= 3 * float(floor.median()) + 1e-7, (adapter, k)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
+def test_batched_scaled_down_sd15_cells_equal_separate_runs_in_fp64(adapter, tmp_path, scaled_down_models,
+                                                                  toy_images):
+    """The same SD1.5 cells in float64 (trainer.precision=64-true), where rounding sits ~1e-16 instead of
+    ~1e-7: the batched members' adapters equal their separate runs' to 1e-5 (measured: <= 6e-8 after 3 steps),
+    and their step-1 gradients to 1e-9 (measured: <= 5e-11; with member 0's noise stream for every member:
+    114% and 246%). What is left of the fp32 difference above is rounding, not arithmetic: a
+    routing, noise, data or loss-normalisation error would stay at tens of percent here."""
+    steps = 3
+    cells = _sd15_cells(tmp_path, scaled_down_models, toy_images, adapter, steps, ["trainer.precision=64-true"])
+    with _StepGrads() as grads:
+        sep, bat, results = _train_both(cells, tmp_path / adapter)
+    assert all(g.dtype == torch.float64 for g in grads.steps[0])
+    assert len(grads.steps) == 3 * steps
+    for k in range(2):
+        own, batched = grads.steps[k * steps], [g[k] for g in grads.steps[2 * steps]]
+        assert _rel(own, batched) <= 1e-9, (adapter, k, _rel(own, batched))
+    _assert_same_adapters(sep, bat)
+    assert results[0]["timings"]["batched"]["members"] == 2
 
 
 def test_protocol_batch_cells_gives_the_table_of_separate_cells(tmp_path):
