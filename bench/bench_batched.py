@@ -1,8 +1,10 @@
 """K adapters trained in one pass (protocol.batch_cells) against one after another, side by side in one run.
 
 ``--mode cells`` (the CPU question: is batching at least as fast as today's two one-thread processes?)
-trains the same ``--cells`` world LoRA cells (the Orthogonal Adaptation world recipe, ``--steps`` steps,
-batch 8) into fresh caches through the protocols' own code path (``pretrain_cells``), three ways:
+trains the same ``--cells`` world cells of ``--adapter`` (LoRA by default; ``all``: ``--cells`` of each of
+the world Table 2's seven adapter types, its cell stage at ``--cells 12``; the Orthogonal Adaptation world
+recipe, ``--steps`` steps, batch 8) into fresh caches through the protocols' own code path
+(``pretrain_cells``), three ways (``--ways`` picks beside separate):
 
   separate : ``--workers`` one-thread processes, each training cells one by one (today's world default);
   batched  : ``--workers`` one-thread processes, each training its share of the cells in one pass (auto);
@@ -16,6 +18,7 @@ and prints cells per minute and the ratio to ``separate``.
 for all), as concept-steps per second, steps interleaved so machine noise hits both alike.
 
     python bench/bench_batched.py --mode cells --cells 8 --steps 60
+    python bench/bench_batched.py --mode cells --adapter all --cells 12 --steps 200 --ways batched
     python bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 --batch 1
 """
 
@@ -47,9 +50,23 @@ def cells_mode(args) -> None:
         cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
                                 "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
                                 "trainer.enable_progress_bar=false"])
-    cells = [(cfg.protocol.adapters.lora, {"concept": CONCEPTS[i % 4]}, i // 4, f"lora-{CONCEPTS[i % 4]}-seed{i // 4}")
-             for i in range(args.cells)]
-    ways = {"separate": (args.workers, 1), "batched": (args.workers, "auto"), "one pass": (1, "auto")}
+    from lorabench.protocols.orthogonal_adaptation import assign_slots
+
+    names = list(cfg.protocol.adapters) if args.adapter == "all" else [args.adapter]
+    for name in names:
+        if name not in cfg.protocol.adapters:
+            raise SystemExit(f"--adapter: {name!r} is not one of the world's adapters "
+                             f"({', '.join(cfg.protocol.adapters)}) or all")
+    cells = []
+    for name in names:  # each type's cells as the protocol builds them
+        acfgs = assign_slots(cfg.protocol.adapters[name], CONCEPTS, None, name)
+        cells += [(acfgs[c], {"concept": c}, i // 4, f"{name}-{c}-seed{i // 4}")
+                  for i, c in ((i, CONCEPTS[i % 4]) for i in range(args.cells))]
+    all_ways = {"separate": (args.workers, 1), "batched": (args.workers, "auto"), "one pass": (1, "auto")}
+    asked = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if any(w not in all_ways for w in asked):
+        raise SystemExit(f"--ways: {args.ways!r}; valid: a comma list of batched, one pass")
+    ways = {w: all_ways[w] for w in ("separate", *asked)}
     rates = {}
     try:
         for name, (workers, batch) in ways.items():
@@ -58,13 +75,13 @@ def cells_mode(args) -> None:
             t = time.perf_counter()
             done = pretrain_cells(cfg, cells, cache, workers, batch)
             wall = time.perf_counter() - t
-            assert len(done) == args.cells, (name, len(done))
-            rates[name] = args.cells / wall * 60
+            assert len(done) == len(cells), (name, len(done))
+            rates[name] = len(cells) / wall * 60
             print(f"  {name:>9}: {workers} process(es), batch_cells={batch}: {wall:6.1f} s, "
                   f"{rates[name]:.2f} cells/min", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"world LoRA cells: {args.cells} x {args.steps} steps, {os.cpu_count()} cores")
+    print(f"world {args.adapter} cells: {len(cells)} x {args.steps} steps, {os.cpu_count()} cores")
     for name, r in rates.items():
         print(f"  {name:>9}: {r / rates['separate']:.2f}x the cells per minute of separate")
 
@@ -139,6 +156,10 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=8)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--adapter", default="lora",
+                    help="cells mode: one of the world Table 2's protocol.adapters, or all (--cells of each)")
+    ap.add_argument("--ways", default="batched,one pass",
+                    help="cells mode: beside separate, a comma list of: batched, one pass")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--concepts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
