@@ -130,7 +130,8 @@ def test_inception_scorer_loads_a_local_weights_file(tmp_path, tiny_metric_model
     try:
         fe = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
     except (ImportError, RuntimeError) as exc:
-        pytest.skip(f"torch-fidelity does not import here: {type(exc).__name__}: {exc}")
+        pytest.skip(f"torch-fidelity (the optional `fid` extra, with a torchvision built for this torch) does not "
+                    f"import here: {type(exc).__name__}: {exc}")
     from lorabench.evaluation.fidelity import inception_scorer
 
     with monkeypatch.context() as m:  # random init instead of the download

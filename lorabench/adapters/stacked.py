@@ -24,6 +24,7 @@ only the slice of the adapter a sample was routed to.
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -44,6 +45,7 @@ class Router:
         self.k = k
         self.counts: Optional[list[int]] = None
         self.index: Optional[torch.Tensor] = None
+        self._rows: dict = {}  # member_rows of the current route, by (batch size, device)
 
     @contextmanager
     def route(self, counts: Optional[Sequence[int]] = None, index: Optional[torch.Tensor] = None) -> Iterator[None]:
@@ -52,13 +54,13 @@ class Router:
             raise ValueError("give counts or index")
         if counts is not None and (len(counts) != self.k or min(counts) < 0):
             raise ValueError(f"counts needs {self.k} non-negative entries, got {list(counts)}")
-        old = self.counts, self.index
+        old = self.counts, self.index, self._rows
         self.counts = list(counts) if counts is not None else None
-        self.index = index
+        self.index, self._rows = index, {}
         try:
             yield
         finally:
-            self.counts, self.index = old
+            self.counts, self.index, self._rows = old
 
     def sample_index(self, n: int, device) -> torch.Tensor:
         """The adapter of each of ``n`` rows. ``n`` may be a multiple of the routed samples: the batch then
@@ -71,6 +73,21 @@ class Router:
         if len(index) == 0 or n % len(index):
             raise RuntimeError(f"the router routes {len(index)} samples, the layer got a batch of {n}")
         return index.repeat(n // len(index))
+
+    def member_rows(self, n: int, device) -> list:
+        """Each adapter's rows of a batch of ``n``: a slice where the batch is routed adapter by adapter,
+        else an index tensor; None for an adapter with no rows. Worked out once per route and batch size,
+        not in every adapted layer."""
+        key = (n, str(device))
+        if key not in self._rows:
+            if self.counts is not None and sum(self.counts) == n:
+                starts = [0, *itertools.accumulate(self.counts)]
+                rows = [slice(a, a + c) if c else None for a, c in zip(starts, self.counts)]
+            else:
+                idx = self.sample_index(n, device)
+                rows = [r if len(r) else None for r in ((idx == k).nonzero().squeeze(1) for k in range(self.k))]
+            self._rows[key] = rows
+        return self._rows[key]
 
 
 class _Factors(nn.Module):
@@ -177,13 +194,7 @@ class StackedLayer(nn.Module):
         same kernels on the same shapes give its run's outputs and gradients bit for bit, not merely to
         rounding (which AdamW's normalised steps would amplify over a run)."""
         out = self.base(x)
-        counts, n = self.router.counts, x.shape[0]
-        if counts is not None and sum(counts) == n:  # adapter by adapter: each member's rows are a slice
-            starts = [sum(counts[:k]) for k in range(self.k)]
-            rows = [slice(a, a + c) if c else None for a, c in zip(starts, counts)]
-        else:
-            idx = self.router.sample_index(n, x.device)
-            rows = [r if len(r) else None for r in ((idx == k).nonzero().squeeze(1) for k in range(self.k))]
+        rows = self.router.member_rows(x.shape[0], x.device)
         if self.plain:  # the base class's adapter_forward: scale * up(down(x)), on one vmapped factors() call
             up, down = self.stacked_factors()
             project = self._template_list[0].layer._project  # the members' own (Linear or 1x1 conv)
