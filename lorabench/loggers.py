@@ -42,7 +42,14 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
 
 
 def finish_wandb() -> None:
-    """End the W&B run of this job (needed between jobs of a multirun)."""
+    """End the W&B run of this job (needed between jobs of a multirun) and wait until it is on disk.
+
+    ``wandb.finish()`` can return before W&B's service process has written the run's records: a CI run
+    read an offline run's ``run-*.wandb`` file straight after it and found only the file header. So the
+    service is then torn down too (``wandb.teardown()`` waits for it to exit; the next run starts a new
+    one), which also covers processes whose ``atexit`` hooks do not run (multiprocessing workers)."""
     wandb = sys.modules.get("wandb")  # no W&B run can be open if nothing imported wandb
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        if wandb.run is None:  # nothing else of this process still logs to the service
+            wandb.teardown()
