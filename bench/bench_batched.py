@@ -60,12 +60,13 @@ def cells_mode(args) -> None:
     cells = []
     for name in names:  # each type's cells as the protocol builds them
         acfgs = assign_slots(cfg.protocol.adapters[name], CONCEPTS, None, name)
-        cells += [(acfgs[c], {"concept": c}, i // 4, f"{name}-{c}-seed{i // 4}")
-                  for i, c in ((i, CONCEPTS[i % 4]) for i in range(args.cells))]
+        for i in range(args.cells):
+            c, seed = CONCEPTS[i % len(CONCEPTS)], i // len(CONCEPTS)
+            cells.append((acfgs[c], {"concept": c}, seed, f"{name}-{c}-seed{seed}"))
     all_ways = {"separate": (args.workers, 1), "batched": (args.workers, "auto"), "one pass": (1, "auto")}
     asked = [w.strip() for w in args.ways.split(",") if w.strip()]
     if any(w not in all_ways for w in asked):
-        raise SystemExit(f"--ways: {args.ways!r}; valid: a comma list of batched, one pass")
+        raise SystemExit(f"--ways: {args.ways!r}; valid: a comma list of {', '.join(list(all_ways)[1:])}")
     ways = {w: all_ways[w] for w in ("separate", *asked)}
     rates = {}
     try:

@@ -51,5 +51,6 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")  # no W&B run can be open if nothing imported wandb
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
-        if wandb.run is None:  # nothing else of this process still logs to the service
+        # finish() always clears wandb.run; only the setup knows whether another run still logs (teardown would end it)
+        if wandb.setup().most_recent_active_run is None:
             wandb.teardown()
