@@ -19,7 +19,10 @@ for all), as concept-steps per second, steps interleaved so machine noise hits b
 
     python bench/bench_batched.py --mode cells --cells 8 --steps 60
     python bench/bench_batched.py --mode cells --adapter all --cells 12 --steps 200 --ways batched
-    python bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 --batch 1
+    python bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 --batch 1 --dtype bfloat16
+
+Step mode first checks that stacking changes nothing but rounding: ``--check-steps`` steps of every member
+stacked against each member alone from the same initial values and inputs.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def step_mode(args) -> None:
             opt.zero_grad(set_to_none=True)
         return step
 
+    if args.check_steps:
+        check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype)
     one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext)
     many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k))
 
@@ -151,6 +156,56 @@ def step_mode(args) -> None:
     print(f"  ratio: {(k / m) / (1 / a):.2f}x the concept-steps per second")
 
 
+def check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype) -> None:
+    """Train ``--check-steps`` steps of every member stacked, and of each member alone from the same initial
+    values and inputs (its own AdamW), and print how far each member's update is from its separate run's
+    (relative Frobenius norm over its layers, and the largest element-wise difference)."""
+    k, b, n_steps = args.concepts, args.batch, args.check_steps
+    g = torch.Generator().manual_seed(0)
+    data = [[(torch.randn(b, in_ch, s["res"], s["res"], generator=g), torch.randint(0, 1000, (b,), generator=g),
+              torch.randn(b, s["text_len"], s["cross_attention_dim"], generator=g)) for _ in range(n_steps)]
+            for _ in range(k)]
+    init = {full: {n: getattr(layer, n).detach().clone() for n in layer.param_names}
+            for full, layer in stacked.layers.items()}
+    fused = {"fused": True} if dev.type == "cuda" else {}
+
+    def loss_of(unet, x, t, c):
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = unet(x.to(dev, dtype), t.to(dev), c.to(dev, dtype)).sample
+        return out.float().square().mean(dim=(1, 2, 3))
+
+    opt = torch.optim.AdamW(stacked.trainable_parameters(), lr=1e-3, **fused)
+    for i in range(n_steps):
+        x, t, c = (torch.cat([data[m][i][j] for m in range(k)]) for j in range(3))
+        with stacked.router.route([b] * k):
+            per = loss_of(stacked_unet, x, t, c)
+        torch.stack([chunk.mean() for chunk in per.split(b)]).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    worst_rel, worst_abs = 0.0, 0.0
+    for m in range(k):
+        with torch.no_grad():
+            for full, layer in single.layers.items():
+                for n in stacked.layers[full].param_names:
+                    layer.get_parameter(n).copy_(init[full][n][m])
+        opt = torch.optim.AdamW(single.trainable_parameters(), lr=1e-3, **fused)
+        for i in range(n_steps):
+            loss_of(single_unet, *data[m][i]).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        num = den = 0.0
+        for full, layer in single.layers.items():
+            for n in stacked.layers[full].param_names:
+                sep = layer.get_parameter(n).detach().float() - init[full][n][m].float()
+                bat = getattr(stacked.layers[full], n)[m].detach().float() - init[full][n][m].float()
+                num += float((sep - bat).norm()) ** 2
+                den += float(sep.norm()) ** 2
+                worst_abs = max(worst_abs, float((sep - bat).abs().max()))
+        worst_rel = max(worst_rel, (num / max(den, 1e-30)) ** 0.5)
+    print(f"  equality after {n_steps} steps (lr 1e-3): each member's update against its separate run's: "
+          f"largest relative difference {worst_rel:.2e} (Frobenius), largest element {worst_abs:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["cells", "step"], default="cells")
@@ -168,6 +223,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--check-steps", type=int, default=3,
+                    help="step mode: first train this many steps stacked and separately and print how far apart")
     args = ap.parse_args()
     cells_mode(args) if args.mode == "cells" else step_mode(args)
 

@@ -11,12 +11,15 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
 - ``lora-ref``: the same LoRA with every layer forced onto the reference arithmetic the CPU uses
   (``base(x) + adapter_forward(x)``) instead of the fused CUDA path, to show what the fused path saves;
 - with ``--compile``, ``base-compiled`` and ``lora-compiled``: both UNets through ``torch.compile``
-  (``module.compile=true``); their first warm-up steps compile.
+  (``module.compile=true``); their first warm-up steps compile;
+- with ``--graph`` (CUDA), ``base-graph`` and ``lora-graph``: the same two steps captured whole as CUDA
+  graphs (:class:`lorabench.training.cuda_graph.CapturedStep`: forward, loss, backward and the fused,
+  capturable AdamW in one replay), which takes the CPU's kernel launches out of the step.
 
-Read ``lora / base`` (goal on a GPU: <= 1.10) and the peak memory of ``lora`` against ``lora+ckpt``
-(CUDA only).
+Read ``lora / base`` (goal on a GPU: <= 1.10; ``lora-graph / base-graph`` where launches are gone) and the
+peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
 
-    python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile]
+    python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile] [--graph]
     python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
 """
 
@@ -43,14 +46,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd base and LoRA variants")
+    ap.add_argument("--graph", action="store_true", help="add base and LoRA steps captured as CUDA graphs (CUDA)")
+    ap.add_argument("--only", default="", help="comma list of variants to time (default: all asked for)")
     args = ap.parse_args()
+    if args.graph and args.device != "cuda":
+        raise SystemExit("--graph needs --device cuda (CUDA graphs)")
 
     from lorabench.adapters import Adapters
 
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     base, s, in_ch = build_unet(args.size)
-    names = ["base", "lora", "lora+ckpt", "lora-ref"] + (["base-compiled", "lora-compiled"] if args.compile else [])
+    names = ["base", "lora", "lora+ckpt", "lora-ref"] + (["base-compiled", "lora-compiled"] if args.compile else []) \
+        + (["base-graph", "lora-graph"] if args.graph else [])
+    if args.only:
+        asked = [n.strip() for n in args.only.split(",") if n.strip()]
+        bad = [n for n in asked if n not in names]
+        if bad or "base" not in asked or "lora" not in asked:
+            raise SystemExit(f"--only: {args.only!r}; it needs base and lora, and names among {', '.join(names)}")
+        names = [n for n in names if n in asked]
     unets = {name: copy.deepcopy(base).to(dev, dtype) for name in names}
     params = {name: [] for name in names}
     for name in [n for n in names if n.startswith("lora")]:
@@ -60,7 +74,8 @@ def main() -> None:
             for layer in ad.layers.values():
                 layer.forward = types.MethodType(
                     lambda self, x: (lambda out: out + self.adapter_forward(x).to(out.dtype))(self.base(x)), layer)
-    unets["lora+ckpt"].enable_gradient_checkpointing()
+    if "lora+ckpt" in unets:
+        unets["lora+ckpt"].enable_gradient_checkpointing()
     for name in [n for n in names if n.endswith("-compiled")]:
         unets[name].compile()
     for u in unets.values():
@@ -72,7 +87,23 @@ def main() -> None:
     e = torch.randn(args.batch, s["text_len"], s["cross_attention_dim"], generator=g).to(dev, dtype)
     target = torch.randn(x.shape, generator=g).to(dev, dtype)
 
+    def make_graphed_step(name):
+        from lorabench.training.cuda_graph import CapturedStep
+
+        unet, ps = unets[name], params[name]
+        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True, capturable=True) if ps else None
+
+        def loss_fn(x, t, e, target):
+            out = unet(x, t, e).sample
+            return torch.nn.functional.mse_loss(out.float(), target.float())
+
+        inputs = {"x": x.detach().requires_grad_(not ps), "t": t, "e": e, "target": target}
+        captured = CapturedStep(loss_fn, inputs, opt, autocast_dtype=dtype if dtype != torch.float32 else None)
+        return lambda: captured(x=x)
+
     def make_step(name):
+        if name.endswith("-graph"):
+            return make_graphed_step(name)
         unet, ps = unets[name], params[name]
         opt = torch.optim.AdamW(ps, lr=1e-4) if ps else None
 
@@ -86,7 +117,14 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
         return step
 
-    steps = {name: make_step(name) for name in unets}
+    steps = {}
+    for name in unets:
+        try:
+            steps[name] = make_step(name)
+        except Exception as exc:  # a capture or compile that fails leaves the other rows standing
+            if not name.endswith(("-graph", "-compiled")):
+                raise
+            print(f"  {name}: could not be set up: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = {k: [] for k in steps}
@@ -94,11 +132,20 @@ def main() -> None:
     order = list(steps)
     for i in range(args.warmup + args.steps):
         for name in (order if i % 2 == 0 else order[::-1]):
+            if name not in steps:
+                continue
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            steps[name]()
+            try:
+                steps[name]()
+            except Exception as exc:  # e.g. a compile that fails at its first step: drop that row only
+                if not name.endswith(("-graph", "-compiled")):
+                    raise
+                print(f"  {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                del steps[name], times[name]
+                continue
             sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -114,13 +161,19 @@ def main() -> None:
         mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""
         print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
     print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.10)")
-    print(f"  ratio lora-ref / base = {med['lora-ref'] / med['base']:.3f}   (the reference arithmetic on this device)")
-    if args.compile:
+    if "lora-ref" in med:
+        print(f"  ratio lora-ref / base = {med['lora-ref'] / med['base']:.3f}   "
+              "(the reference arithmetic on this device)")
+    if "lora-compiled" in med and "base-compiled" in med:
         print(f"  ratio lora-compiled / base-compiled = {med['lora-compiled'] / med['base-compiled']:.3f};  "
               f"lora-compiled / base (eager) = {med['lora-compiled'] / med['base']:.3f}")
-    print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
-    if peak:
-        print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")
+    if "lora-graph" in med and "base-graph" in med:
+        print(f"  ratio lora-graph / base-graph = {med['lora-graph'] / med['base-graph']:.3f}   (goal <= 1.10);  "
+              f"lora-graph / lora (eager) = {med['lora-graph'] / med['lora']:.3f}")
+    if "lora+ckpt" in med:
+        print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
+        if peak:
+            print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")
 
 
 if __name__ == "__main__":

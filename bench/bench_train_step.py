@@ -4,8 +4,14 @@ Both adapters wrap the same layers (to_q, to_k, to_v, to_out.0) of identical UNe
 rank; a step is forward + MSE + backward + AdamW. The two are timed interleaved (A B A B ...)
 so machine noise hits both alike; the ratio of medians is what to read (goal: <= 1.0).
 
+With ``--graph`` (CUDA) two more variants, ``lorabench-graph`` and ``peft-graph``: each step captured
+whole as a CUDA graph (:class:`lorabench.training.cuda_graph.CapturedStep`, fused capturable AdamW). The
+issue's goal reads ``lorabench-graph / peft`` (lorabench's fastest step against PEFT's eager one, as its
+users train) at most 0.75; ``lorabench-graph / peft-graph`` says what is left once both are captured.
+
     python bench/bench_train_step.py                 # CPU, defaults below
     python bench/bench_train_step.py --device cuda --size sd15-like --batch 8
+    python bench/bench_train_step.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 --graph
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--graph", action="store_true", help="add both steps captured as CUDA graphs (CUDA)")
     args = ap.parse_args()
+    if args.graph and args.device != "cuda":
+        raise SystemExit("--graph needs --device cuda (CUDA graphs)")
 
     from peft import LoraConfig
 
@@ -92,7 +101,26 @@ def main() -> None:
             opt.step()
         return step
 
+    def make_graphed_step(unet, params):
+        from lorabench.training.cuda_graph import CapturedStep
+
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
+
+        def loss_fn(x, t, e, target):
+            return torch.nn.functional.mse_loss(unet(x, t, e).sample.float(), target.float())
+
+        captured = CapturedStep(loss_fn, {"x": x, "t": t, "e": e, "target": target}, opt,
+                                autocast_dtype=dtype if dtype != torch.float32 else None)
+        return lambda: captured(x=x)
+
     steps = {"lorabench": make_step(ours_unet, ours_params), "peft": make_step(peft_unet, peft_params)}
+    if args.graph:  # own copies of the UNets: a captured graph holds its model's tensors
+        ours_g, peft_g = copy.deepcopy(ours_unet), copy.deepcopy(peft_unet)
+        for name, unet in (("lorabench-graph", ours_g), ("peft-graph", peft_g)):
+            try:
+                steps[name] = make_graphed_step(unet, [p for p in unet.parameters() if p.requires_grad])
+            except Exception as exc:  # a capture that fails leaves the eager rows standing
+                print(f"  {name}: could not be captured: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = {k: [] for k in steps}
     for i in range(args.warmup + args.steps):
@@ -111,6 +139,9 @@ def main() -> None:
         q1, q3 = statistics.quantiles(times[k], n=4)[0], statistics.quantiles(times[k], n=4)[2]
         print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q1 * 1000:.1f}-{q3 * 1000:.1f})")
     print(f"  ratio lorabench / peft = {med['lorabench'] / med['peft']:.3f}   (goal <= 1.0)")
+    if "lorabench-graph" in med and "peft-graph" in med:
+        print(f"  ratio lorabench-graph / peft = {med['lorabench-graph'] / med['peft']:.3f}   (goal <= 0.75);  "
+              f"lorabench-graph / peft-graph = {med['lorabench-graph'] / med['peft-graph']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,145 @@
 #!/usr/bin/env bash
-# Every GPU row of docs/benchmarks.md in one go, on a CUDA machine, from the repository root:
-#   bash bench/gpu_rows.sh OUT_DIR [STEP ...]   (offline GPU image: bash .gpu/run.sh bash bench/gpu_rows.sh OUT_DIR)
-# Each step runs under its own timeout and writes its log to OUT_DIR/<step>.log, so one hang cannot eat the
-# rest; OUT_DIR/summary.txt gets one line per step (exit status, seconds). Steps, most informative first:
-# bench_lora_overhead, bench_train_step, bench_merge (the three GPU benchmarks), bench_merge_overhead (the
-# host's work per merge), main_job_gpu (the main job with trainer=gpu), pytest_gpu_world (the world configs
-# of tests/test_gpu.py), pytest_gpu_dryruns (the other `gpu` tests: full-scale dry runs on CUDA),
-# world_table2_batched (the world Table 2 from a cold cache with every cell batched: target 5 minutes),
-# bench_batched_sd15 (4 SD1.5 LoRAs stacked at batch 1 against one after another: target 2.5x),
-# pytest_gpu_batched (tests/test_batched.py's `gpu` tests), bench_lora_overhead_compile. Naming steps runs
-# only those. All steps at their limits take about 44 minutes: more than one 15-minute device session, so
-# name the steps a session should run (for issue 22: world_table2_batched bench_batched_sd15 pytest_gpu_batched).
+# Every GPU figure of docs/benchmarks.md and `pytest -m gpu`, in one script sized for one lent GPU session.
+#
+#   bash bench/gpu_rows.sh [--dry] OUT_DIR [STEP ...]
+#   (offline GPU image: bash .gpu/run.sh bash bench/gpu_rows.sh OUT_DIR)
+#
+# Each step runs under its own timeout and writes OUT_DIR/<step>.log, so one hang cannot eat the rest;
+# OUT_DIR/summary.txt gets one line per step (exit status, seconds). Naming steps runs only those, in the
+# order below. Two phases:
+#   alone (one at a time, nothing else on the GPU, so the ratios they print are clean):
+#     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs), train_step (lorabench / PEFT,
+#     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
+#     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
+#     members' equality to separate runs), lora_step_compile (torch.compile rows: minutes of compiling)
+#   together (started at once, then waited for; their wall times share the GPU and the CPU):
+#     world_table2 (the world Table 2, cold cache, trainer=gpu, every cell batched: goal 5 minutes),
+#     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
+#     name pytest_gpu to run every shard)
+# STEPS_ALONE / STEPS_TOGETHER can be set to run a phase's steps only; LIMIT_TOGETHER (s) bounds phase 2.
+#
+# --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
+# skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
+# the script before a GPU session spends minutes on it.
 set -u
-out=${1:?usage: bash bench/gpu_rows.sh OUT_DIR [STEP ...]}
+dry=0
+if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
+out=${1:?usage: bash bench/gpu_rows.sh [--dry] OUT_DIR [STEP ...]}
 shift
 only=" $* "
 mkdir -p "$out"
+: > "$out/summary.txt"
+out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
 export LORABENCH_OUTPUTS=${LORABENCH_OUTPUTS:-$out/outputs}
+export PYTHONUNBUFFERED=1
+SHARDS=${SHARDS:-4}
+LIMIT_TOGETHER=${LIMIT_TOGETHER:-300}
 
-step() {
+if [ $dry = 1 ]; then
+    dev=cpu; size=tiny; dtype=float32; graph=""; steps=2; trainer=trainer=cpu
+    world_small=(protocol.concepts=[sks,twt] protocol.group_size=2 protocol.seeds=[0] trainer.max_steps=3
+                 eval.images_per_prompt=1 eval.sampler.num_inference_steps=2 eval.concepts.n_references=2
+                 protocol.capture.images_per_prompt=1 protocol.capture.num_inference_steps=2)
+    collect=--collect-only
+else
+    dev=cuda; size=sd15-like; dtype=bfloat16; graph=--graph; steps=15; trainer=trainer=gpu
+    world_small=(); collect=""
+fi
+
+stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }  # each log line's time
+
+wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }
+
+step() {  # step NAME LIMIT CMD...: in the foreground
     local name=$1 limit=$2
     shift 2
-    if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
+    wanted "$name" || return 0
     local start=$SECONDS
-    echo "== $name (at most ${limit} s): $*"
-    timeout --kill-after=15 "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    echo "   exit $rc after $((SECONDS - start)) s"
+    echo "== $name (at most ${limit} s, $(date -u +%H:%M:%S)): $*"
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | stamp > "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "   $name: exit $rc after $((SECONDS - start)) s"
     echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$out/summary.txt"
 }
 
-{ nvidia-smi; "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } \
-    > "$out/device.txt" 2>&1
-step bench_lora_overhead 150 "$py" bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 \
-    --dtype bfloat16 --steps 15
-step bench_train_step 100 "$py" bench/bench_train_step.py --device cuda --size sd15-like --batch 4 \
-    --dtype bfloat16 --steps 15
-step bench_merge 60 "$py" bench/bench_merge.py --device cuda --dtype bfloat16
-step bench_merge_overhead 60 "$py" bench/bench_merge.py --device cuda --dtype bfloat16 --overhead
-step main_job_gpu 240 "$py" -m lorabench trainer=gpu
-step pytest_gpu_world 420 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step pytest_gpu_dryruns 420 "$py" -m pytest -m gpu -q -p no:cacheprovider --ignore tests/test_gpu.py
-step world_table2_batched 420 "$py" -m lorabench experiment=orthogonal_adaptation/world trainer=gpu \
-    protocol.batch_cells=auto protocol.train_workers=1
-step bench_batched_sd15 150 "$py" bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 \
-    --batch 1 --dtype bfloat16 --steps 15
-step pytest_gpu_batched 240 "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_batched.py
-step bench_lora_overhead_compile 240 "$py" bench/bench_lora_overhead.py --device cuda --size sd15-like \
-    --batch 4 --dtype bfloat16 --steps 10 --compile
+pids=()
+bg() {  # bg NAME LIMIT CMD...: started in the background; `join` waits for every one
+    local name=$1 limit=$2
+    shift 2
+    wanted "$name" || wanted "${name%_[0-9]*}" || return 0
+    echo "== $name (at most ${limit} s, together, $(date -u +%H:%M:%S)): $*"
+    (
+        start=$SECONDS
+        timeout --kill-after=15 "$limit" "$@" 2>&1 | stamp > "$out/$name.log"
+        rc=${PIPESTATUS[0]}
+        echo "   $name: exit $rc after $((SECONDS - start)) s"
+        echo "$name exit=$rc seconds=$((SECONDS - start)) together" >> "$out/summary.txt"
+    ) &
+    pids+=($!)
+}
+join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
+
+if wanted device; then
+    { nvidia-smi 2>&1 || echo "no nvidia-smi"; "$py" -c "import torch, diffusers, transformers, lightning, peft
+print('torch', torch.__version__, '| cuda', torch.version.cuda, '| diffusers', diffusers.__version__,
+      '| transformers', transformers.__version__, '| lightning', lightning.__version__, '| peft', peft.__version__)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"; } > "$out/device.txt" 2>&1
+    echo "device exit=0 seconds=0" >> "$out/summary.txt"
+fi
+
+# -- phase 1: alone -------------------------------------------------------------------------------------
+step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype \
+    --steps $steps $graph
+step train_step 150 "$py" bench/bench_train_step.py --device $dev --size $size --batch 4 --dtype $dtype \
+    --steps $steps $graph
+if [ $dry = 1 ]; then
+    step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --overhead --repeats 3
+else
+    step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype
+fi
+step merge_overhead 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --overhead
+step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --size $size --concepts 4 --batch 1 \
+    --dtype $dtype --steps $steps
+if [ $dry = 0 ]; then
+    step lora_step_compile 300 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype \
+        --steps 10 --compile --only base,lora,base-compiled,lora-compiled
+fi
+
+# -- phase 2: together ----------------------------------------------------------------------------------
+bg world_table2 "$LIMIT_TOGETHER" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
+    protocol.batch_cells=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" "${world_small[@]}"
+if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
+    mapfile -t ids < <("$py" -m pytest -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null | grep '::')
+    echo "   pytest -m gpu: ${#ids[@]} tests in $SHARDS shards"
+    for ((s = 0; s < SHARDS; s++)); do
+        shard=()
+        for ((i = s; i < ${#ids[@]}; i += SHARDS)); do shard+=("${ids[$i]}"); done
+        [ ${#shard[@]} -gt 0 ] || continue
+        bg "pytest_gpu_$((s + 1))" "$LIMIT_TOGETHER" "$py" -m pytest -m gpu -q -rA -p no:cacheprovider \
+            --durations=0 $collect "${shard[@]}"
+    done
+fi
+join
+
+# the world run's cells: how long each batched pass took per step (from the cells' results.json)
+if [ -d "$LORABENCH_OUTPUTS" ]; then
+    "$py" - "$LORABENCH_OUTPUTS" > "$out/world_cells.txt" 2>&1 <<'PY'
+import json, sys
+from collections import defaultdict
+from pathlib import Path
+passes = defaultdict(list)
+for f in Path(sys.argv[1]).glob("cache/orthogonal_adaptation/*/results.json"):
+    r = json.loads(f.read_text())
+    b = r["timings"].get("batched") or {}
+    name = f.parent.name.split("-")[0]  # the adapter entry of the world config (lora, edlora, pplus, ...)
+    key = (name, b.get("members", 1), round(b.get("fit_s", r["timings"]["fit_s"]), 1),
+           b.get("s_per_step", r["timings"]["s_per_step"]), b.get("peak_memory_bytes", 0) / 2**30)
+    passes[key].append(f.parent.name)
+for (name, k, fit, sps, gib), cells in sorted(passes.items()):
+    print(f"{name:>16}: {len(cells):2d} cells in a pass of {k}: fit {fit:.1f} s, {sps * 1000:.1f} ms a step, "
+          f"peak {gib:.2f} GiB")
+PY
+fi
+echo "== done $(date -u +%H:%M:%S)"
 cat "$out/summary.txt"

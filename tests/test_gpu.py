@@ -1,9 +1,9 @@
 """lorabench on a GPU: every world experiment end to end with trainer=gpu (bf16 mixed precision), a resumed
-continual sequence, the merge job, the compiled UNet against eager mode, and bf16 on CUDA against fp32 on
-the CPU. Run them with ``pytest -m gpu`` on a CUDA machine (bench/gpu_rows.sh runs them with the GPU
-benchmarks); elsewhere they are collected and skipped with that reason. The full-scale dry runs on CUDA
-are the ``gpu`` cases of the dry-run tests in test_orthogonal_adaptation.py, test_continual.py and
-test_trilora_protocol.py."""
+continual sequence, the merge job, the compiled UNet against eager mode, bf16 on CUDA against fp32 on the
+CPU, and a training step captured as a CUDA graph against eager steps. Run them with ``pytest -m gpu`` on a
+CUDA machine (bench/gpu_rows.sh runs them with the GPU benchmarks); elsewhere they are collected and skipped
+with that reason. The full-scale dry runs on CUDA are the ``gpu`` cases of the dry-run tests in
+test_orthogonal_adaptation.py, test_continual.py and test_trilora_protocol.py."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ WORLD = {
                     *EVAL_SMALL],
     "orthogonal_adaptation/world": ["experiment=orthogonal_adaptation/world", *OA_SMALL,
                                     "protocol.train_workers=1"],
+    # every adapter type of the world Table 2 (LoRA, OrthA, P+ tokens, ED-LoRA, Custom Diffusion with its
+    # modifier token) trained in batched passes on CUDA: the stacked layers' batched arithmetic and the
+    # members' tokens side by side
+    "orthogonal_adaptation/world:batched": ["experiment=orthogonal_adaptation/world", *OA_SMALL,
+                                            "protocol.train_workers=1", "protocol.batch_cells=auto"],
+    # textual inversion and P+ tokens alone, beside a LoRA, one cell at a time
+    "world_textual_inversion": ["experiment=world_textual_inversion", "protocol.concepts=[sks]",
+                                "trainer.max_steps=3", *EVAL_SMALL, "eval.concepts.n_references=2"],
     "orthogonal_adaptation/world_compact": ["experiment=orthogonal_adaptation/world_compact", *OA_SMALL,
                                             "protocol.train_workers=2"],
     "trilora/world": ["experiment=trilora/world", "data.n=12", "data.max_train_samples=6", "data.batch_size=3",
@@ -153,3 +161,51 @@ def test_compiled_unet_trains_like_eager_mode(tmp_path):
         res, _ = train(cfg, tmp_path / str(compiled), config_name="compile")
         losses[compiled] = res["metrics"]["train_loss_first"]
     assert losses[True] == pytest.approx(losses[False], rel=0.02), losses
+
+
+def test_captured_step_trains_like_eager_steps():
+    """CapturedStep (one CUDA graph per step: forward, backward, clipping, fused capturable AdamW) gives the
+    eager steps' losses and weights: its warm-up leaves the parameters and optimiser state as they were."""
+    from diffusers import UNet2DConditionModel
+
+    from lorabench.adapters import Adapters
+    from lorabench.training.cuda_graph import CapturedStep
+
+    dev = torch.device("cuda")
+    unets, params = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+                                    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).requires_grad_(False).to(dev)
+        ad = Adapters.inject({"unet": unet}, {"name": "lora", "rank": 4,
+                                              "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+        unets.append(unet)
+        params.append(ad.trainable_parameters())
+    cfg = unets[0].config
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dev),
+                "t": torch.randint(0, 1000, (4,), generator=g).to(dev),
+                "e": torch.randn(4, 8, cfg.cross_attention_dim, generator=g).to(dev),
+                "target": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dev)}
+               for _ in range(5)]
+
+    def loss_fn(unet):
+        return lambda x, t, e, target: torch.nn.functional.mse_loss(unet(x, t, e).sample, target)
+
+    opt_e = torch.optim.AdamW(params[0], lr=1e-2, fused=True)
+    eager = []
+    for b in batches:
+        opt_e.zero_grad(set_to_none=True)
+        loss = loss_fn(unets[0])(**b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params[0], 0.5)
+        opt_e.step()
+        eager.append(float(loss))
+    opt_g = torch.optim.AdamW(params[1], lr=1e-2, fused=True, capturable=True)
+    step = CapturedStep(loss_fn(unets[1]), batches[0], opt_g, clip_norm=0.5)
+    graphed = [float(step(**b)) for b in batches]
+    assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    for a, b in zip(params[0], params[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -129,3 +129,13 @@ def test_full_training_mode_pretrains_the_world_model(tmp_path):
     te_changed = [k for k, v in trained.text_encoder.state_dict().items()
                   if not torch.equal(v, init.text_encoder.state_dict()[k])]
     assert te_changed
+
+
+def test_a_captured_step_needs_cuda_and_says_so():
+    """CapturedStep (CUDA graphs) on a machine without CUDA: one clear error, before anything runs."""
+    from lorabench.training.cuda_graph import CapturedStep
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_gpu.py::test_captured_step_trains_like_eager_steps runs it")
+    with pytest.raises(RuntimeError, match="CapturedStep needs a CUDA device"):
+        CapturedStep(lambda x: x.sum(), {"x": torch.zeros(2)})

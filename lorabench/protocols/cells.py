@@ -231,11 +231,12 @@ def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
 
 
 def plan_batches(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
-                 capacity: Optional[Callable[[list], int]] = None) -> list[list]:
+                 capacity: Optional[Callable[[list], int]] = None, max_cells: Optional[int] = None) -> list[list]:
     """``jobs`` ``(resolved cell config, cell folder, name)`` grouped into the passes that train them: cells
     of one :func:`batch_key` in batches of ``batch_cells``; ``auto``: a group's cells shared evenly over
-    the ``workers``, at most :data:`AUTO_MAX_CELLS` a pass and at most ``capacity(group)`` (what fits the
-    device, :func:`gpu_capacity`); the others alone. The order of ``jobs`` is kept within a batch."""
+    the ``workers``, at most ``max_cells`` a pass (:data:`AUTO_MAX_CELLS` on the CPU,
+    :data:`GPU_AUTO_MAX_CELLS` on a GPU) and at most ``capacity(group)`` (what fits the device,
+    :func:`gpu_capacity`); the others alone. The order of ``jobs`` is kept within a batch."""
     groups: dict[str, list] = {}
     out: list[list] = []
     for job in jobs:
@@ -247,7 +248,7 @@ def plan_batches(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, 
     for members in groups.values():
         size = batch_cells
         if batch_cells == "auto":
-            size = min(AUTO_MAX_CELLS, -(-len(members) // max(1, workers)))
+            size = min(max_cells or AUTO_MAX_CELLS, -(-len(members) // max(1, workers)))
             if capacity is not None and size > 1:
                 size = max(1, min(size, capacity(members)))
         out += [members[i:i + size] for i in range(0, len(members), size)]
@@ -255,8 +256,10 @@ def plan_batches(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, 
 
 
 # ``batch_cells: auto``: at most this many cells a pass (on the CPU the cores, not the memory, limit it:
-# a world cell needs a few MB; on a GPU the measured memory of a pass bounds it too, gpu_capacity).
+# a world cell needs a few MB). On a GPU a pass of K cells costs about what one cell does while kernel
+# launches set the pace, so passes are wider there, bounded by the measured memory (gpu_capacity).
 AUTO_MAX_CELLS = 16
+GPU_AUTO_MAX_CELLS = 64
 GPU_MEMORY_SHARE = 0.85  # of the free memory a pass may plan to use
 
 
@@ -298,12 +301,13 @@ def gpu_capacity(group: Sequence[tuple[dict, str, str]], scratch: Path) -> int:
 def plan_passes(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
                 scratch: Path) -> list[list]:
     """:func:`plan_batches`, with ``auto`` bounded by the GPU's memory when the cells train on one."""
-    capacity = None
+    capacity, max_cells = None, AUTO_MAX_CELLS
     if batch_cells == "auto" and jobs:
         accel = str((jobs[0][0].get("trainer") or {}).get("accelerator", "cpu"))
         if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
             capacity = lambda group: gpu_capacity(group, scratch)  # noqa: E731
-    return plan_batches(jobs, batch_cells, workers, capacity)
+            max_cells = GPU_AUTO_MAX_CELLS
+    return plan_batches(jobs, batch_cells, workers, capacity, max_cells)
 
 
 def train_pass(batch: Sequence[tuple[dict, str, str]]) -> list[dict]:

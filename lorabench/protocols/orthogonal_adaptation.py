@@ -544,6 +544,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     fresh = pretrain_cells(cfg, [(plan.cell_cfgs[a][c], plan.concept_data[c], seed, f"{a}-{c}-seed{seed}")
                                  for seed in seeds for a in used for c in concepts], plan.cache_root,
                            int(cfg.protocol.get("train_workers", 1)), cfg.protocol.get("batch_cells", 1))
+    t_cells = time.perf_counter()
     progress = CellProgress(len(seeds) * len(concepts) * (len(used) + len(plan.methods)), desc=PROTOCOL)
     rows: list[dict] = []
     singles: list[dict] = []
@@ -561,6 +562,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     progress.close()
     out = results(cfg, plan, rows, singles, layer_acc, time.perf_counter() - t0)
     out["update_size"] = size_log.results()
+    # where the time went: the cells trained up front (pretrain_cells), then scoring, capture and merging
+    out["timings"] = {"pretrain_cells_s": t_cells - t0, "score_and_merge_s": time.perf_counter() - t_cells,
+                      "pretrained_cells": len(fresh)}
     rows_of_grid = [row for c in concepts for row in panels[c]]
     c0 = concepts[0]
     title = (f"seed {seeds[0]}; each row: {len(plan.ev.sets[c0].prompts)} prompts x {plan.ev.images_per_prompt} "

@@ -143,8 +143,12 @@ class BatchedFineTuner(DiffusionFineTuner):
         self.seeds = [int(s) for s in seeds]
         self.rewrites = [dict(r) for r in rewrites] if rewrites is not None else [{} for _ in seeds]
         self._gens: list[Optional[torch.Generator]] = [None] * len(seeds)
-        self.member_losses: list[list[float]] = [[] for _ in seeds]
-        self.member_grad_norms: list[Optional[float]] = [None] * len(seeds)
+        # each step's member losses and gradient norms, kept on the device as one (K,) tensor and read
+        # back to Python floats in one transfer when asked (member_losses, member_grad_norms): on a GPU a
+        # float() per member and step would wait for the device K times a step
+        self._losses: list[list[float]] = [[] for _ in seeds]
+        self._pending_losses: list[torch.Tensor] = []
+        self._grad_norms: Optional[torch.Tensor] = None
         self.member_val: list[list[float]] = [[] for _ in seeds]
         self.step_loggers: list[list] = [[] for _ in seeds]  # each member's own loggers (its CSV)
         self._val_parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (member, losses, indices)
@@ -197,22 +201,41 @@ class BatchedFineTuner(DiffusionFineTuner):
             per_example = self.diffusion_loss(joined, noise, timesteps, latents, reduce=False)
         losses = [self.reduce_loss(chunk, int(b.get("num_prior", 0)))[0]
                   for chunk, b in zip(per_example.split(counts), batch)]
-        for k, loss in enumerate(losses):
-            self.member_losses[k].append(float(loss.detach()))
+        self._pending_losses.append(torch.stack(losses).detach())
         loss = torch.stack(losses).sum()
         self.log("train/loss", loss / len(losses), on_step=True, prog_bar=True, batch_size=sum(counts))
         return loss
+
+    @property
+    def member_losses(self) -> list[list[float]]:
+        """Each member's training loss at every step so far (its own batch's mean, as its run logs it)."""
+        if self._pending_losses:
+            for step in torch.stack(self._pending_losses).cpu().tolist():
+                for k, v in enumerate(step):
+                    self._losses[k].append(v)
+            self._pending_losses = []
+        return self._losses
+
+    @property
+    def member_grad_norms(self) -> list[Optional[float]]:
+        """Each member's gradient norm before clipping at the last step (None before the first)."""
+        if self._grad_norms is None:
+            return [None] * len(self.seeds)
+        return [None if v != v else float(v) for v in self._grad_norms.cpu().tolist()]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         step = self.trainer.global_step
         every = max(1, int(self.trainer.log_every_n_steps or 1))
         if step % every:
             return
+        if not any(self.step_loggers):
+            return
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        losses, norms = self.member_losses, self.member_grad_norms
         for k, loggers in enumerate(self.step_loggers):
-            metrics = {"train/loss": self.member_losses[k][-1], "train/lr": lr}
-            if self.member_grad_norms[k] is not None:
-                metrics["train/grad_norm"] = self.member_grad_norms[k]
+            metrics = {"train/loss": losses[k][-1], "train/lr": float(lr)}
+            if norms[k] is not None:
+                metrics["train/grad_norm"] = norms[k]
             for lg in loggers:
                 lg.log_metrics(metrics, step=step - 1)
 
@@ -223,15 +246,34 @@ class BatchedFineTuner(DiffusionFineTuner):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # element-wise: per member as it is
             return
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        stacked = [p for p in (self.adapters.trainable_parameters() if self.adapters is not None else [])
+                   if p.grad is not None]
+        if stacked and self.tokens is None and all(p.is_cuda for p in stacked):
+            # the accelerator's arithmetic: every member's norm from one reduction per stacked tensor, and
+            # one scaling of each (equal to the loop below up to rounding; the CPU keeps the loop, so its
+            # members' gradients are those of their own runs bit for bit)
+            k = len(self.seeds)
+            total = torch.stack([p.grad.reshape(k, -1).float().pow(2).sum(1) for p in stacked]).sum(0).sqrt()
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for p in stacked:
+                p.grad.mul_(coef.view(k, *([1] * (p.grad.dim() - 1))).to(p.grad.dtype))
+            self._grad_norms = total.detach()
+            return
+        norms = []
         for k in range(len(self.seeds)):
             grads = self.member_grads(k)
             if not grads:
+                norms.append(None)
                 continue
             total = torch.nn.utils.get_total_norm(grads)
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef)
-            self.member_grad_norms[k] = float(total)
+            norms.append(total.detach())
+        if any(n is not None for n in norms):  # nan: a member with no gradient this step
+            like = next(n for n in norms if n is not None)
+            self._grad_norms = torch.stack([n if n is not None else torch.full_like(like, float("nan"))
+                                            for n in norms])
 
     # -- validation: every member's fixed-noise loss, all members in one forward pass ----------------
     def validation_step(self, batch: list, batch_idx):

@@ -78,11 +78,12 @@ class LossHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(loss.detach().float().cpu())
+        self.losses.append(loss.detach().float())  # on the device: moved once at the end, not a wait a step
 
     def on_train_end(self, trainer, pl_module):
         trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
-        trainer.callback_metrics["run/train_losses"] = torch.stack(self.losses) if self.losses else torch.zeros(0)
+        trainer.callback_metrics["run/train_losses"] = \
+            torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
 
 
 class CheckpointEvaluation(L.Callback):

@@ -128,8 +128,7 @@ class DiffusionFineTuner(L.LightningModule):
             self.unet.compile()  # nn.Module.compile: in place, so parameter names and adapter layers stay
         self.strict_loading = False  # checkpoints hold adapter weights only
         self._noise_gen: Optional[torch.Generator] = None
-        self.grad_norm_before_clip: Optional[float] = None
-        self.grad_norm_after_clip: Optional[float] = None
+        self._grad_norms: Optional[torch.Tensor] = None  # (before, after) the last clipping, on the device
         self.val_history: list[float] = []
         self._val_losses: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
@@ -321,10 +320,21 @@ class DiffusionFineTuner(L.LightningModule):
             return
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
         before = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.grad_norm_before_clip = float(before)
-        self.grad_norm_after_clip = float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])))
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                      for p in params]))
+        # kept as tensors (read back when asked): a float() here would wait for a GPU at every step
+        self._grad_norms = torch.stack([before.detach().float(), after.detach()])
         self.log("train/grad_norm", before, on_step=True)
+
+    @property
+    def grad_norm_before_clip(self) -> Optional[float]:
+        """The adapter gradients' norm at the last step, before clipping (None before the first)."""
+        return None if self._grad_norms is None else float(self._grad_norms[0])
+
+    @property
+    def grad_norm_after_clip(self) -> Optional[float]:
+        """The same norm after clipping."""
+        return None if self._grad_norms is None else float(self._grad_norms[1])
 
     # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
