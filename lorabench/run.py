@@ -248,6 +248,9 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     val_loaders = member_loaders([dm.val_dataloader() for dm in datamodules], states, train=False) if has_val else None
     device = trainer.strategy.root_device
     if device.type == "cuda":
+        # CUDA is initialised lazily: in a process whose first CUDA call this is, the caching allocator has no
+        # devices yet and resetting its statistics fails ("Invalid device argument", seen on an H200)
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     if has_val:
         trainer.validate(module, dataloaders=val_loaders, verbose=False)

@@ -16,6 +16,7 @@ FAST = ["experiment=quickstart", "trainer.max_steps=2", "trainer.enable_progress
 def run_cli(args, cwd: Path, env_extra=None):
     env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("LORABENCH_OUTPUTS", None)  # runs go to cwd/outputs, where the tests look (the GPU runner sets it)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -71,6 +71,24 @@ def test_adapter_only_checkpoint(tiny_model_dir, tmp_path):
     assert ckpt["lorabench_adapter"]["name"] == "lora"
 
 
+def test_tokens_only_checkpoint(tiny_model_dir, tmp_path):
+    """Textual inversion alone (no adapter) with checkpointing on, as trainer=gpu has it: the checkpoint holds
+    the new token rows and their config (the H200 run of 2026-12-04 crashed here on the missing adapter)."""
+    from omegaconf import open_dict
+
+    cfg = compose([*tiny_overrides(tiny_model_dir, steps=2), "embeddings=textual_inversion",
+                   "embeddings.token='<sks>'", "embeddings.bind=false", "trainer.enable_checkpointing=true",
+                   "exports=[]", "data.val_samples=0"], tmp_path)
+    with open_dict(cfg):
+        cfg.adapter = None  # the tokens alone, as a protocol's textual-inversion cell trains them
+    _, module = train(cfg, tmp_path)
+    [ckpt_file] = list(tmp_path.rglob("*.ckpt"))
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    assert ckpt["lorabench_adapter"] is None and ckpt["lorabench_embeddings"]["token"] == "<sks>"
+    rows = {id(p) for p in module.trainable_parameters("embeddings")}
+    assert set(ckpt["state_dict"]) == {n for n, p in module.named_parameters() if id(p) in rows}
+
+
 def test_sdxl_shaped_model_trains(tmp_path):
     """SDXL plumbing: two text encoders, pooled embeddings and time ids, through save/load."""
     from lorabench.models import build_tiny_components, load_components, save_components

@@ -351,10 +351,12 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
                     tolerance: float = 1e-10, dtype: str = "float64", workers: int = 1, info=None):
     """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring).
 
-    ``workers`` > 1 (LBFGS on CPU tensors only): the layers' independent LBFGS solves run in that many
-    spawned processes. Each layer's solve is the same function either way; LBFGS is bound by its own
-    per-iteration Python work at the world's layer sizes, so on 2 cores two processes take about half
-    the time (docs/benchmarks.md)."""
+    ``workers`` > 1: the layers' independent LBFGS solves run in that many spawned processes. Each layer's
+    solve is the same function either way; LBFGS is bound by its own per-iteration Python work at the
+    world's layer sizes, so on 2 cores two processes take about half the time (docs/benchmarks.md).
+    LBFGS solves on the CPU wherever the factors are (its result is moved back to them): its iterations
+    are Python, scalar reads and tiny products, which a GPU runs slower than a CPU (an H200 took 139 s for
+    the world ED-LoRA's merge, one CPU process about 34 s). The closed form runs on the factors' device."""
     dt = DTYPES[dtype]
     out, iters, objective, problems = {}, {}, {}, {}
     for layer in _layers(updates):
@@ -364,18 +366,20 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
         deltas = [u.delta(layer).to(dt) for u in updates]
         grams = [s[layer].to(deltas[0].device, dt) for s in stats]  # statistics move to the factors' device
         problems[layer] = deltas, grams, ridge_value(grams, ridge)
-    pooled = solver == "lbfgs" and workers > 1 and len(problems) > 1 and \
-        all(p[0][0].device.type == "cpu" for p in problems.values())
+    cpu = {layer: ([x.cpu() for x in deltas], [g.cpu() for g in grams])
+           for layer, (deltas, grams, _) in problems.items()} if solver == "lbfgs" else {}
+    pooled = solver == "lbfgs" and workers > 1 and len(problems) > 1
     if pooled:
         pool = solver_pool(workers)
-        futures = {layer: pool.submit(fuse_lbfgs, deltas, grams, rho, int(max_iter), float(tolerance))
-                   for layer, (deltas, grams, rho) in problems.items()}
+        futures = {layer: pool.submit(fuse_lbfgs, *cpu[layer], rho, int(max_iter), float(tolerance))
+                   for layer, (_, _, rho) in problems.items()}
     for layer, (deltas, grams, rho) in problems.items():
         if solver == "closed_form":
             d = fuse_closed_form(deltas, grams, rho)
         else:
             d, iters[layer] = futures[layer].result() if pooled else \
-                fuse_lbfgs(deltas, grams, rho, int(max_iter), float(tolerance))
+                fuse_lbfgs(*cpu[layer], rho, int(max_iter), float(tolerance))
+            d = d.to(deltas[0].device)
         objective[layer] = float(fusion_objective(d, deltas, grams, rho))
         out[layer] = LayerDelta(dense=d.float())
     if info is not None:

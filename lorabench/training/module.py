@@ -344,4 +344,7 @@ class DiffusionFineTuner(L.LightningModule):
         keys = {n for n, p in self.named_parameters() if id(p) in rows}
         keys |= set(self.adapters.state_dict()) if self.adapters is not None else set()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        checkpoint["lorabench_adapter"] = self.adapters.config
+        # a run that trains new tokens alone (textual inversion, P+) has no adapter config to store
+        checkpoint["lorabench_adapter"] = self.adapters.config if self.adapters is not None else None
+        if self.tokens is not None:
+            checkpoint["lorabench_embeddings"] = self.tokens.config
