@@ -8,7 +8,11 @@ recipe, ``--steps`` steps, batch 8) into fresh caches through the protocols' own
 
   separate : ``--workers`` one-thread processes, each training cells one by one (today's world default);
   batched  : ``--workers`` one-thread processes, each training its share of the cells in one pass (auto);
-  one pass : one process with every core's threads, all cells in one pass.
+  one pass : one process with every core's threads, all cells in one pass;
+  one pass graph : the same with ``module.cuda_graph=true`` (on CUDA each step is one graph replay).
+
+With ``--device cuda`` the cells train with ``trainer=gpu`` (the GPU question: how much do passes and
+graphs take off a launch-bound world cell?).
 
 and prints cells per minute and the ratio to ``separate``.
 
@@ -52,7 +56,12 @@ def cells_mode(args) -> None:
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
                                 "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
-                                "trainer.enable_progress_bar=false"])
+                                "trainer.enable_progress_bar=false",
+                                *(["trainer=gpu"] if args.device == "cuda" else [])])
+        graph_cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
+                                      "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
+                                      "trainer.enable_progress_bar=false", "module.cuda_graph=true",
+                                      *(["trainer=gpu"] if args.device == "cuda" else [])])
     from lorabench.protocols.orthogonal_adaptation import assign_slots
 
     names = list(cfg.protocol.adapters) if args.adapter == "all" else [args.adapter]
@@ -66,18 +75,19 @@ def cells_mode(args) -> None:
         for i in range(args.cells):
             c, seed = CONCEPTS[i % len(CONCEPTS)], i // len(CONCEPTS)
             cells.append((acfgs[c], {"concept": c}, seed, f"{name}-{c}-seed{seed}"))
-    all_ways = {"separate": (args.workers, 1), "batched": (args.workers, "auto"), "one pass": (1, "auto")}
+    all_ways = {"separate": (args.workers, 1, cfg), "batched": (args.workers, "auto", cfg),
+                "one pass": (1, "auto", cfg), "one pass graph": (1, "auto", graph_cfg)}
     asked = [w.strip() for w in args.ways.split(",") if w.strip()]
     if any(w not in all_ways for w in asked):
         raise SystemExit(f"--ways: {args.ways!r}; valid: a comma list of {', '.join(list(all_ways)[1:])}")
     ways = {w: all_ways[w] for w in ("separate", *asked)}
     rates = {}
     try:
-        for name, (workers, batch) in ways.items():
+        for name, (workers, batch, way_cfg) in ways.items():
             cache = tmp / name.replace(" ", "_")
             torch.set_num_threads(os.cpu_count() or 2)
             t = time.perf_counter()
-            done = pretrain_cells(cfg, cells, cache, workers, batch)
+            done = pretrain_cells(way_cfg, cells, cache, workers, batch)
             wall = time.perf_counter() - t
             assert len(done) == len(cells), (name, len(done))
             rates[name] = len(cells) / wall * 60
@@ -215,7 +225,8 @@ def main() -> None:
     ap.add_argument("--adapter", default="lora",
                     help="cells mode: one of the world Table 2's protocol.adapters, or all (--cells of each)")
     ap.add_argument("--ways", default="batched,one pass",
-                    help="cells mode: beside separate, a comma list of: batched, one pass")
+                    help="cells mode: beside separate, a comma list of: batched, one pass, one pass graph "
+                         "(module.cuda_graph: each step replayed as a CUDA graph; eager on the CPU)")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--concepts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)

@@ -11,12 +11,18 @@
 #     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs), train_step (lorabench / PEFT,
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
-#     members' equality to separate runs), lora_step_compile (torch.compile rows: minutes of compiling)
+#     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
+#     one batched pass, and one pass with module.cuda_graph), lora_step_compile (torch.compile rows: more
+#     than 3 minutes of compiling on an H200, so only when named)
 #   together (started at once, then waited for; their wall times share the GPU and the CPU):
-#     world_table2 (the world Table 2, cold cache, trainer=gpu, every cell batched: goal 5 minutes),
+#     world_table2 (the world Table 2, cold cache, trainer=gpu, every cell batched, each step a CUDA graph
+#     unless WORLD_GRAPH=false: goal 5 minutes),
 #     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
 #     name pytest_gpu to run every shard)
-# STEPS_ALONE / STEPS_TOGETHER can be set to run a phase's steps only; LIMIT_TOGETHER (s) bounds phase 2.
+# LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. On a 15-minute lease everything but
+# lora_step_compile fits one call (about 4.5 min alone, then 5 together):
+#   LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh /tmp/g device lora_step train_step \
+#       merge merge_overhead batched_sd15 world_cells world_table2 pytest_gpu
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
 # skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
@@ -41,11 +47,12 @@ if [ $dry = 1 ]; then
     world_small=(protocol.concepts=[sks,twt] protocol.group_size=2 protocol.seeds=[0] trainer.max_steps=3
                  eval.images_per_prompt=1 eval.sampler.num_inference_steps=2 eval.concepts.n_references=2
                  protocol.capture.images_per_prompt=1 protocol.capture.num_inference_steps=2)
-    collect=--collect-only
+    collect=--collect-only; cells=(--cells 2 --steps 3)
 else
     dev=cuda; size=sd15-like; dtype=bfloat16; graph=--graph; steps=15; trainer=trainer=gpu
-    world_small=(); collect=""
+    world_small=(); collect=""; cells=(--cells 4 --steps 100)
 fi
+graph_opt=(); [ "${WORLD_GRAPH:-true}" = true ] && graph_opt=(module.cuda_graph=true)
 
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }  # each log line's time
 
@@ -101,14 +108,17 @@ fi
 step merge_overhead 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --overhead
 step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --size $size --concepts 4 --batch 1 \
     --dtype $dtype --steps $steps
-if [ $dry = 0 ]; then
+step world_cells 240 "$py" bench/bench_batched.py --mode cells --device $dev "${cells[@]}" \
+    --ways "one pass,one pass graph"
+if [ $dry = 0 ] && [ "$only" != "  " ]; then  # minutes of compiling: only when named
     step lora_step_compile 300 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype \
         --steps 10 --compile --only base,lora,base-compiled,lora-compiled
 fi
 
 # -- phase 2: together ----------------------------------------------------------------------------------
 bg world_table2 "$LIMIT_TOGETHER" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
-    protocol.batch_cells=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" "${world_small[@]}"
+    protocol.batch_cells=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" "${world_small[@]}" \
+    "${graph_opt[@]}"
 if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
     mapfile -t ids < <("$py" -m pytest -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null | grep '::')
     echo "   pytest -m gpu: ${#ids[@]} tests in $SHARDS shards"

@@ -154,6 +154,7 @@ def preflight(cfg: DictConfig) -> None:
     from lorabench.run import check_callbacks  # noqa: PLC0415
     from lorabench.sampling import check_counts  # noqa: PLC0415
     from lorabench.training import check_optim  # noqa: PLC0415
+    from lorabench.training.module import check_cuda_graph  # noqa: PLC0415
 
     check_callbacks(cfg.get("callbacks"))
     if cfg.get("embeddings"):
@@ -175,6 +176,9 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.get("optim") is not None:
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))
+    if cfg.get("module") is not None and cfg.get("trainer") is not None:
+        check_cuda_graph(OmegaConf.to_container(cfg.module, resolve=True),
+                         OmegaConf.to_container(cfg.trainer, resolve=True))
     ev = cfg.get("eval")
     if ev is not None:
         check_counts({k: OmegaConf.select(ev, f"sampler.{k}") for k in ("num_inference_steps", "batch_size")},

@@ -22,6 +22,7 @@ from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
 from lorabench.training import DiffusionFineTuner, LossHistory, SaveArtifacts
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
+from lorabench.training.module import check_cuda_graph
 from lorabench.utils.io import write_json
 
 
@@ -33,6 +34,16 @@ def _versions() -> dict[str, str]:
 
 def _mean(xs: list[float]) -> Optional[float]:
     return float(sum(xs) / len(xs)) if xs else None
+
+
+def hand_over_clipping(module: DiffusionFineTuner, trainer_cfg: Mapping) -> dict[str, Any]:
+    """With ``module.cuda_graph`` the module clips inside its captured step (Lightning clips only under
+    automatic optimisation and refuses a clip value otherwise): the trainer's clipping moves to the module;
+    returns the trainer keyword arguments that take it off the trainer."""
+    if not module.cuda_graph:
+        return {}
+    module.graph_clip = (trainer_cfg.get("gradient_clip_val"), trainer_cfg.get("gradient_clip_algorithm"))
+    return {"gradient_clip_val": None, "gradient_clip_algorithm": None}
 
 
 def check_callbacks(callbacks: Optional[Mapping]) -> None:
@@ -60,6 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     ``callbacks`` config group."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
+    check_cuda_graph(cfg.get("module") or {}, cfg.trainer)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     if components is None:
@@ -87,7 +99,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
     history = LossHistory()
     trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(run_dir), _convert_="all",
-                          callbacks=[saver, history, *callbacks, *build_callbacks(cfg.get("callbacks"))])
+                          callbacks=[saver, history, *callbacks, *build_callbacks(cfg.get("callbacks"))],
+                          **hand_over_clipping(module, cfg.trainer))
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
@@ -189,6 +202,7 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     if not cfgs:
         return []
     t_start = time.perf_counter()
+    check_cuda_graph(cfgs[0].get("module") or {}, cfgs[0].trainer)
     run_dirs = [Path(d) for d in run_dirs]
     cfg0 = cfgs[0]
     # the data first (checked before anything heavy; it draws nothing from the global RNG): members whose
@@ -242,7 +256,7 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     t_loaded = time.perf_counter()
     extra = [MemberEpochCallbacks(member_callbacks)] if member_callbacks else []
     trainer = instantiate(cfg0.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(run_dirs[0]),
-                          _convert_="all", callbacks=extra)
+                          _convert_="all", callbacks=extra, **hand_over_clipping(module, cfg0.trainer))
     train_loaders = member_loaders([dm.train_dataloader() for dm in datamodules], states, train=True)
     has_val = all(getattr(dm, "val_samples", 0) for dm in datamodules)
     val_loaders = member_loaders([dm.val_dataloader() for dm in datamodules], states, train=False) if has_val else None

@@ -156,4 +156,42 @@ def test_a_captured_step_needs_cuda_and_says_so():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: tests/test_gpu.py::test_captured_step_trains_like_eager_steps runs it")
     with pytest.raises(RuntimeError, match="CapturedStep needs a CUDA device"):
-        CapturedStep(lambda x: x.sum(), {"x": torch.zeros(2)})
+        CapturedStep(lambda x: x.sum(), {"x": torch.zeros(2)}, graph=True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_cuda_graph_option_trains_the_same_adapter(schedule, tiny_model_dir, tmp_path):
+    """module.cuda_graph=true runs each step through a CapturedStep (eager on the CPU) and the optimiser
+    and schedule by hand: bit for bit the adapter, losses, gradient norms and logged rates of a plain run
+    (clipping active, a warm-up and cosine schedule in one case)."""
+    out = {}
+    for graph in (False, True):
+        d = tmp_path / str(graph)
+        cfg = compose([*tiny_overrides(tiny_model_dir, steps=6), "data.batch_size=4", "optim.lr=3e-3",
+                       f"optim.lr_scheduler={schedule}", "optim.warmup_steps=2", "trainer.gradient_clip_val=0.01",
+                       "trainer.log_every_n_steps=1", "exports=[]", "data.val_samples=0",
+                       f"module.cuda_graph={str(graph).lower()}"], d)
+        results, module = train(cfg, d, config_name="graph")
+        rows = list(csv.DictReader(open(d / "csv" / "metrics.csv")))
+        out[graph] = (results, module, rows)
+    (r0, m0, rows0), (r1, m1, rows1) = out[False], out[True]
+    assert r1["metrics"]["steps"] == r0["metrics"]["steps"] == 6
+    assert r1["metrics"]["train_loss_first"] == r0["metrics"]["train_loss_first"]
+    assert r1["metrics"]["train_loss_last"] == r0["metrics"]["train_loss_last"]
+    assert m1.grad_norm_before_clip == m0.grad_norm_before_clip > 0.01  # clipping was active
+    for k, v in m0.adapters.state_dict().items():
+        assert torch.equal(v, m1.adapters.state_dict()[k]), k
+    logged = [[(r.get("train/lr"), r.get("train/grad_norm")) for r in rows if r.get("train/lr")]
+              for rows in (rows0, rows1)]
+    assert logged[0] == logged[1] and len(logged[0]) == 6
+    assert m1.automatic_optimization is False and m1._captured and not any(s.graphed for s in m1._captured.values())
+
+
+def test_cuda_graph_conflicts_are_one_line_errors(tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    base = ["experiment=quickstart", "trainer.max_steps=1", "module.cuda_graph=true"]
+    for extra, want in ((["module.gradient_checkpointing=true"], "and module.gradient_checkpointing cannot run"),
+                        (["trainer.precision=16-mixed"], "cannot run under fp16 mixed precision"),
+                        (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches must be 1")):
+        assert_one_line_error(run_cli([*base, *extra], tmp_path), tmp_path, "module.cuda_graph", want)

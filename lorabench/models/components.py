@@ -91,13 +91,12 @@ def rewrite_prompt(prompt: str, rewrites: dict[str, str]) -> str:
     return prompt
 
 
-def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
-    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL,
-    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids). Words bound to new tokens
-    (``components.prompt_rewrites``) are replaced by them first. With layer-wise tokens (P+,
-    ``components.text_groups`` > 1) the prompts are encoded once per cross-attention layer in one batch,
-    and ``layer_states`` holds each layer's states (``encoder_hidden_states`` and the pooled embeddings
-    are the first layer's); :func:`denoise` hands them to the UNet."""
+def tokenize_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """What :func:`encode_tokens` encodes, as tensors of fixed shapes on ``device`` (so a captured training
+    step can take them as inputs, :mod:`lorabench.training.cuda_graph`): ``ids`` (and ``ids_2``, SDXL's
+    second tokenizer), each padded to the tokenizer's length and repeated once per text group (P+), and,
+    for SDXL, the size/crop ``time_ids``. Words bound to new tokens (``components.prompt_rewrites``) are
+    replaced by them first."""
     if components.prompt_rewrites:
         prompts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
     groups = components.text_groups
@@ -107,22 +106,43 @@ def encode_prompts(components: ModelComponents, prompts: list[str], device) -> d
                   return_tensors="pt").input_ids
         return out.repeat(groups, 1).to(device)  # group-major: each group's copy of every prompt
 
+    out = {"ids": ids(components.tokenizer)}
+    if components.is_sdxl:
+        res = components.resolution
+        out["ids_2"] = ids(components.tokenizer_2)
+        out["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], device=device).repeat(len(prompts), 1)
+    return out
+
+
+def encode_tokens(components: ModelComponents, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UNet conditioning from :func:`tokenize_prompts`'s tensors: ``encoder_hidden_states`` and, for SDXL,
+    ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids). With layer-wise tokens (P+,
+    ``components.text_groups`` > 1) the prompts were repeated once per cross-attention layer, and
+    ``layer_states`` holds each layer's states (``encoder_hidden_states`` and the pooled embeddings are the
+    first layer's); :func:`denoise` hands them to the UNet."""
+    groups = components.text_groups
     if not components.is_sdxl:
-        states = components.text_encoder(ids(components.tokenizer))[0]
+        states = components.text_encoder(tokens["ids"])[0]
         out = {"encoder_hidden_states": states}
     else:
         # SDXL: penultimate hidden states of both encoders, concatenated; pooled output of the second.
-        out1 = components.text_encoder(ids(components.tokenizer), output_hidden_states=True)
-        out2 = components.text_encoder_2(ids(components.tokenizer_2), output_hidden_states=True)
+        out1 = components.text_encoder(tokens["ids"], output_hidden_states=True)
+        out2 = components.text_encoder_2(tokens["ids_2"], output_hidden_states=True)
         states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        res = components.resolution
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=states.dtype).repeat(len(prompts), 1)
+        time_ids = tokens["time_ids"].to(states.dtype)
         out = {"encoder_hidden_states": states,
-               "added_cond_kwargs": {"text_embeds": out2.text_embeds[:len(prompts)], "time_ids": time_ids}}
+               "added_cond_kwargs": {"text_embeds": out2.text_embeds[:len(time_ids)], "time_ids": time_ids}}
     if groups > 1:
         out["layer_states"] = tuple(states.chunk(groups))
         out["encoder_hidden_states"] = out["layer_states"][0]
     return out
+
+
+def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """UNet conditioning for ``prompts`` (:func:`tokenize_prompts`, then :func:`encode_tokens`):
+    ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``; with layer-wise tokens (P+) also
+    ``layer_states``, one per cross-attention layer."""
+    return encode_tokens(components, tokenize_prompts(components, prompts, device))
 
 
 def denoise(unet: nn.Module, sample: torch.Tensor, timesteps, cond: dict, dtype: torch.dtype) -> torch.Tensor:

@@ -191,6 +191,8 @@ class BatchedFineTuner(DiffusionFineTuner):
         return self._gens[k]
 
     def training_step(self, batch: list, batch_idx):
+        if self.cuda_graph:
+            return self.captured_training_step(batch)
         parts, counts = [], []
         for k, b in enumerate(batch):
             parts.append(self.draw(b, self.member_generator(k)))
@@ -204,6 +206,37 @@ class BatchedFineTuner(DiffusionFineTuner):
         self._pending_losses.append(torch.stack(losses).detach())
         loss = torch.stack(losses).sum()
         self.log("train/loss", loss / len(losses), on_step=True, prog_bar=True, batch_size=sum(counts))
+        return loss
+
+    def captured_member_loss(self, counts: list[int], n_priors: list[int],
+                             **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured step's loss from tensors alone (the sum of the members' losses) and the members'
+        losses, as :meth:`training_step` computes them."""
+        with self.route(counts):
+            cond = self.encode_step_tokens(inputs)
+            per_example = self.noise_loss(cond, inputs["noise"], inputs["timesteps"], inputs["latents"],
+                                          reduce=False)
+        losses = torch.stack([self.reduce_loss(chunk, n)[0] for chunk, n in zip(per_example.split(counts), n_priors)])
+        return losses.sum(), losses.detach()
+
+    def captured_training_step(self, batch: list):
+        """:meth:`training_step` under ``module.cuda_graph``: each member's draws and prompts as there, the
+        forward-to-clipping part through a :class:`~lorabench.training.cuda_graph.CapturedStep`."""
+        parts = [self.draw(b, self.member_generator(k)) for k, b in enumerate(batch)]
+        counts = [part[1].shape[0] for part in parts]
+        n_priors = [int(b.get("num_prior", 0)) for b in batch]
+        prompts = [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]
+        latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        inputs = self.step_inputs(latents, noise, timesteps, prompts)
+        key = (tuple(counts), tuple(n_priors), *[(k, tuple(v.shape)) for k, v in inputs.items()])
+        step = self.run_captured(key, partial(self.captured_member_loss, counts, n_priors), inputs,
+                                 lambda: self.clip_members(*self.graph_clip))
+        losses = step.aux.clone()
+        self._pending_losses.append(losses)
+        if step.hook_out is not None:
+            self._grad_norms = step.hook_out.clone()
+        loss = losses.sum()
+        self.log("train/loss", loss / len(counts), on_step=True, prog_bar=True, batch_size=sum(counts))
         return loss
 
     @property
@@ -241,10 +274,18 @@ class BatchedFineTuner(DiffusionFineTuner):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Each member's gradient clipped by its own norm, as its own run clips it."""
+        norms = self.clip_members(gradient_clip_val, gradient_clip_algorithm)
+        if norms is not None:
+            self._grad_norms = norms
+
+    def clip_members(self, gradient_clip_val=None, gradient_clip_algorithm=None) -> Optional[torch.Tensor]:
+        """Clip each member's gradient by its own norm; returns the members' norms before clipping (NaN for a
+        member without gradient; None when clipping by value). Tensor arithmetic only: it also runs inside a
+        captured step."""
         if gradient_clip_val and (gradient_clip_algorithm or "norm") == "value":
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for g in self.trainer.optimizers[0].param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # element-wise: per member as it is
-            return
+            return None
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
         stacked = [p for p in (self.adapters.trainable_parameters() if self.adapters is not None else [])
                    if p.grad is not None]
@@ -257,8 +298,7 @@ class BatchedFineTuner(DiffusionFineTuner):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for p in stacked:
                 p.grad.mul_(coef.view(k, *([1] * (p.grad.dim() - 1))).to(p.grad.dtype))
-            self._grad_norms = total.detach()
-            return
+            return total.detach()
         norms = []
         for k in range(len(self.seeds)):
             grads = self.member_grads(k)
@@ -270,10 +310,10 @@ class BatchedFineTuner(DiffusionFineTuner):
             for g in grads:
                 g.mul_(coef)
             norms.append(total.detach())
-        if any(n is not None for n in norms):  # nan: a member with no gradient this step
-            like = next(n for n in norms if n is not None)
-            self._grad_norms = torch.stack([n if n is not None else torch.full_like(like, float("nan"))
-                                            for n in norms])
+        if not any(n is not None for n in norms):
+            return None
+        like = next(n for n in norms if n is not None)  # nan: a member with no gradient this step
+        return torch.stack([n if n is not None else torch.full_like(like, float("nan")) for n in norms])
 
     # -- validation: every member's fixed-noise loss, all members in one forward pass ----------------
     def validation_step(self, batch: list, batch_idx):
