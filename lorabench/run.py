@@ -135,7 +135,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             for p in module.trainable_parameters(pre)),
         steps, losses, val_losses,
         {"load_s": t_loaded - t_start, "fit_s": fit_s, "s_per_step": fit_s / steps if steps else None,
-         "total_s": time.perf_counter() - t_start},
+         "total_s": time.perf_counter() - t_start,
+         **({"cuda_graph": dict(module.graph_stats)} if module.cuda_graph else {})},
         saver.expected(module) if steps else [],
         str(trainer.strategy.root_device) if steps else "cpu")  # the module is on the CPU after fit
     if trainer.is_global_zero:
@@ -290,7 +291,7 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
         timings = {"load_s": (t_loaded - t_start) / k, "fit_s": share, "s_per_step": share / steps if steps else None,
                    "total_s": (time.perf_counter() - t_start) / k,
                    "batched": {"members": k, "fit_s": fit_s, "s_per_step": fit_s / steps if steps else None,
-                               **memory}}
+                               **memory, **({"cuda_graph": dict(module.graph_stats)} if module.cuda_graph else {})}}
         trainable = [*(adapters.trainable_parameters() if adapters is not None else []),
                      *(tokens[i].parameters() if tokens[i] is not None else [])]
         files = (saver.expected_files() if adapters is not None else []) + \

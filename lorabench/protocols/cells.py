@@ -98,11 +98,14 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
 
 def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
     """A hash of the config groups ``keys`` (resolved) and ``extra``, leaving out the trainer's display
-    options: what decides a result, not where it is written or how it is shown."""
+    options and ``module.cuda_graph``: what decides a result, not where it is written, how it is shown or
+    how its steps are launched (a captured step computes what an eager one does)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
             for k in keys if k in cfg}
     keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
                        if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
+    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute
+        keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
     keep.update(extra or {})
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:length]
 

@@ -64,8 +64,8 @@ def check_cuda_graph(module: Mapping, trainer: Mapping) -> None:
         return
     for key in ("gradient_checkpointing", "compile"):
         if module.get(key):
-            raise ConfigError("module.cuda_graph", f"and module.{key} cannot run together (a captured step "
-                              f"replays one fixed sequence of kernels); set one of them to false")
+            raise ConfigError("module.cuda_graph", f"cannot run with module.{key} (a captured step replays "
+                              "one fixed sequence of kernels); set one of them to false")
     if str(trainer.get("precision", "")).startswith("16"):
         raise ConfigError("module.cuda_graph", "cannot run under fp16 mixed precision (its gradient scaler works "
                           f"outside the captured step), got trainer.precision={trainer.get('precision')}; "
@@ -169,6 +169,8 @@ class DiffusionFineTuner(L.LightningModule):
         # the trainer's gradient clipping, handed over by lorabench.run (Lightning clips only in automatic mode)
         self.graph_clip: tuple[Optional[float], Optional[str]] = (None, None)
         self._captured: dict[tuple, CapturedStep] = {}
+        # what the captured steps did: graphs captured, batch shapes run eagerly, steps replayed as graphs
+        self.graph_stats = {"graphs": 0, "eager_shapes": 0, "replayed_steps": 0, "eager_steps": 0}
         self._noise_gen: Optional[torch.Generator] = None
         self._grad_norms: Optional[torch.Tensor] = None  # (before, after) the last clipping, on the device
         self.val_history: list[float] = []
@@ -315,7 +317,9 @@ class DiffusionFineTuner(L.LightningModule):
             params = [p for g in optimizer.param_groups for p in g["params"]]
             step = CapturedStep(loss_fn, inputs, params=params, after_backward=after_backward, graph=graphed)
             self._captured[key] = step
+            self.graph_stats["graphs" if graphed else "eager_shapes"] += 1
         step(**inputs)
+        self.graph_stats["replayed_steps" if step.graphed else "eager_steps"] += 1
         self.optimizers().step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -342,6 +346,15 @@ class DiffusionFineTuner(L.LightningModule):
         self.log("train/loss", reported[0], on_step=True, prog_bar=True, batch_size=bs)
         self.log("train/lr", lr, on_step=True, batch_size=bs)
         return reported[0]
+
+    def on_train_end(self) -> None:
+        """A run's captured steps end with its fit: their graphs, memory pools and the gradients they wrote
+        are let go (a protocol samples and scores the trained cell next, on the same GPU)."""
+        if self._captured:
+            for g in (self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []):
+                for p in g["params"]:
+                    p.grad = None
+            self._captured = {}
 
     def graph_params(self) -> list[torch.nn.Parameter]:
         """The optimiser's parameters that have a gradient, in its order (what the trainer clips)."""
