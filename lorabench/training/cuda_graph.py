@@ -69,6 +69,7 @@ class CapturedStep:
         self.params = list(params) if params is not None else \
             [p for g in (optimizer.param_groups if optimizer is not None else []) for p in g["params"]]
         self.autocast_dtype = autocast_dtype
+        self.device_type = "cuda" if on_cuda else "cpu"
         self.loss: Optional[torch.Tensor] = None
         self.aux: Optional[torch.Tensor] = None
         self.hook_out: Optional[torch.Tensor] = None
@@ -96,7 +97,7 @@ class CapturedStep:
         """The step's autocast: ``autocast_dtype`` if given, else the caller's (e.g. Lightning's bf16-mixed),
         in either case without the weight cache (a cast cached outside a capture would be replayed stale)."""
         if self.autocast_dtype is not None:
-            return torch.autocast("cuda" if self.graphed else "cpu", dtype=self.autocast_dtype, cache_enabled=False)
+            return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=False)
         if self.graphed and torch.is_autocast_enabled("cuda"):
             return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
         return nullcontext()
