@@ -69,6 +69,13 @@ class MergeMethod:
     fn: MergeFn
     needs_stats: bool = False
 
+    def options(self) -> frozenset[str]:
+        """The options its config may set: the function's parameters but ``updates``, ``stats``, ``info``
+        (read once: merging is fast enough that inspecting the signature every call showed in its time)."""
+        if "_options" not in self.__dict__:
+            self._options = frozenset(inspect.signature(self.fn).parameters) - {"updates", "stats", "info"}
+        return self._options
+
 
 MERGES: Registry[MergeMethod] = Registry("merge", "merge.name")
 SOLVERS = ("closed_form", "lbfgs")
@@ -134,7 +141,7 @@ def check_merge(config: Mapping, field: str = "merge") -> MergeMethod:
     method = MERGES.get(str(config.get("name")))
     if method is None:
         raise choice_error(f"{field}.name", config.get("name"), MERGES)
-    options = set(inspect.signature(method.fn).parameters) - {"updates", "stats", "info"}
+    options = method.options()
     for key, value in config.items():
         if key == "name":
             continue
@@ -178,7 +185,8 @@ def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, Laye
     if all(u.layout() == layout for u in updates[1:]):
         out = {}
         for g, stack in enumerate(updates[0].stacks):
-            merged = FactorStack(stack.layers, torch.cat([u.stacks[g].ups for u in updates], dim=2) * float(lam),
+            ups = torch.cat([u.stacks[g].ups for u in updates], dim=2)
+            merged = FactorStack(stack.layers, ups * float(lam) if lam != 1 else ups,  # (x * 1.0 is x)
                                  torch.cat([u.stacks[g].downs for u in updates], dim=1))
             for layer, up, down in zip(stack.layers, merged.ups.unbind(0), merged.downs.unbind(0)):
                 out[layer] = LayerDelta(up=up, down=down, stack=merged)

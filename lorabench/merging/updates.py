@@ -122,6 +122,7 @@ class AdapterUpdate:
             views.update(zip(s.layers, zip(s.ups.unbind(0), s.downs.unbind(0))))
         self.layers = MappingProxyType({k: views[k] for k in pairs})  # the given layer order
         self._shapes = MappingProxyType({k: (u.shape[0], d.shape[1]) for k, (u, d) in self.layers.items()})
+        self._layout = tuple((s.layers, s.ups.shape[1], s.downs.shape[2]) for s in self.stacks)
 
     def delta(self, layer: str) -> torch.Tensor:
         """``up @ down`` of one layer."""
@@ -134,7 +135,7 @@ class AdapterUpdate:
 
     def layout(self) -> tuple:
         """Which layers each stack holds, with their (out, in): two updates of one layout sum stack by stack."""
-        return tuple((s.layers, s.ups.shape[1], s.downs.shape[2]) for s in self.stacks)
+        return self._layout
 
 
 def updates_from_adapters(adapters, name: str, base_model: str = "") -> AdapterUpdate:
