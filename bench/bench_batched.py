@@ -54,14 +54,11 @@ def cells_mode(args) -> None:
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     tmp = Path(tempfile.mkdtemp())
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
-                                "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
-                                "trainer.enable_progress_bar=false",
-                                *(["trainer=gpu"] if args.device == "cuda" else [])])
-        graph_cfg = compose("train", [f"paths.output_dir={tmp}", f"paths.output_root={tmp}",
-                                      "experiment=orthogonal_adaptation/world", f"trainer.max_steps={args.steps}",
-                                      "trainer.enable_progress_bar=false", "module.cuda_graph=true",
-                                      *(["trainer=gpu"] if args.device == "cuda" else [])])
+        overrides = [f"paths.output_dir={tmp}", f"paths.output_root={tmp}", "experiment=orthogonal_adaptation/world",
+                     f"trainer.max_steps={args.steps}", "trainer.enable_progress_bar=false",
+                     *(["trainer=gpu"] if args.device == "cuda" else [])]
+        cfg = compose("train", overrides)
+        graph_cfg = compose("train", [*overrides, "module.cuda_graph=true"])
     from lorabench.protocols.orthogonal_adaptation import assign_slots
 
     names = list(cfg.protocol.adapters) if args.adapter == "all" else [args.adapter]

@@ -33,7 +33,7 @@ import types
 
 import torch
 
-from bench_train_step import SIZES, TARGETS, build_unet
+from bench_train_step import SIZES, TARGETS, build_unet, graphed_step
 
 
 def main() -> None:
@@ -87,23 +87,9 @@ def main() -> None:
     e = torch.randn(args.batch, s["text_len"], s["cross_attention_dim"], generator=g).to(dev, dtype)
     target = torch.randn(x.shape, generator=g).to(dev, dtype)
 
-    def make_graphed_step(name):
-        from lorabench.training.cuda_graph import CapturedStep
-
-        unet, ps = unets[name], params[name]
-        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True, capturable=True) if ps else None
-
-        def loss_fn(x, t, e, target):
-            out = unet(x, t, e).sample
-            return torch.nn.functional.mse_loss(out.float(), target.float())
-
-        inputs = {"x": x.detach().requires_grad_(not ps), "t": t, "e": e, "target": target}
-        captured = CapturedStep(loss_fn, inputs, opt, autocast_dtype=dtype if dtype != torch.float32 else None)
-        return lambda: captured(x=x)
-
     def make_step(name):
         if name.endswith("-graph"):
-            return make_graphed_step(name)
+            return graphed_step(unets[name], params[name], x, t, e, target, dtype)
         unet, ps = unets[name], params[name]
         opt = torch.optim.AdamW(ps, lr=1e-4) if ps else None
 

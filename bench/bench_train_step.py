@@ -50,6 +50,22 @@ def build_unet(size: str):
     return unet.requires_grad_(False), s, in_ch
 
 
+def graphed_step(unet, params, x, t, e, target, dtype):
+    """A training step of ``unet`` (MSE of its output against ``target``, backward, fused capturable AdamW on
+    ``params``; with no ``params``, the backward reaches ``x``) captured as a CUDA graph; called, it replays
+    on ``x``."""
+    from lorabench.training.cuda_graph import CapturedStep
+
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True) if params else None
+
+    def loss_fn(x, t, e, target):
+        return torch.nn.functional.mse_loss(unet(x, t, e).sample.float(), target.float())
+
+    inputs = {"x": x.detach().requires_grad_(not params), "t": t, "e": e, "target": target}
+    captured = CapturedStep(loss_fn, inputs, opt, autocast_dtype=dtype if dtype != torch.float32 else None)
+    return lambda: captured(x=x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="small")
@@ -101,24 +117,13 @@ def main() -> None:
             opt.step()
         return step
 
-    def make_graphed_step(unet, params):
-        from lorabench.training.cuda_graph import CapturedStep
-
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
-
-        def loss_fn(x, t, e, target):
-            return torch.nn.functional.mse_loss(unet(x, t, e).sample.float(), target.float())
-
-        captured = CapturedStep(loss_fn, {"x": x, "t": t, "e": e, "target": target}, opt,
-                                autocast_dtype=dtype if dtype != torch.float32 else None)
-        return lambda: captured(x=x)
-
     steps = {"lorabench": make_step(ours_unet, ours_params), "peft": make_step(peft_unet, peft_params)}
     if args.graph:  # own copies of the UNets: a captured graph holds its model's tensors
         ours_g, peft_g = copy.deepcopy(ours_unet), copy.deepcopy(peft_unet)
         for name, unet in (("lorabench-graph", ours_g), ("peft-graph", peft_g)):
             try:
-                steps[name] = make_graphed_step(unet, [p for p in unet.parameters() if p.requires_grad])
+                steps[name] = graphed_step(unet, [p for p in unet.parameters() if p.requires_grad],
+                                           x, t, e, target, dtype)
             except Exception as exc:  # a capture that fails leaves the eager rows standing
                 print(f"  {name}: could not be captured: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -193,20 +193,29 @@ class BatchedFineTuner(DiffusionFineTuner):
     def training_step(self, batch: list, batch_idx):
         if self.cuda_graph:
             return self.captured_training_step(batch)
-        parts, counts = [], []
-        for k, b in enumerate(batch):
-            parts.append(self.draw(b, self.member_generator(k)))
-            counts.append(parts[-1][1].shape[0])
-        joined = {"prompts": [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]}
-        latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        counts, n_priors, prompts, latents, noise, timesteps = self.draw_members(batch)
         with self.route(counts):
-            per_example = self.diffusion_loss(joined, noise, timesteps, latents, reduce=False)
-        losses = [self.reduce_loss(chunk, int(b.get("num_prior", 0)))[0]
-                  for chunk, b in zip(per_example.split(counts), batch)]
-        self._pending_losses.append(torch.stack(losses).detach())
-        loss = torch.stack(losses).sum()
-        self.log("train/loss", loss / len(losses), on_step=True, prog_bar=True, batch_size=sum(counts))
+            per_example = self.diffusion_loss({"prompts": prompts}, noise, timesteps, latents, reduce=False)
+        losses = self.member_losses_of(per_example, counts, n_priors)
+        self._pending_losses.append(losses.detach())
+        loss = losses.sum()
+        self.log("train/loss", loss / len(counts), on_step=True, prog_bar=True, batch_size=sum(counts))
         return loss
+
+    def draw_members(self, batch: list) -> tuple[list[int], list[int], list[str], torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+        """Every member's draws from its own noise stream (:meth:`draw`), joined member by member:
+        ``(counts, n_priors, prompts, latents, noise, timesteps)``, each member's prompts naming its own tokens."""
+        parts = [self.draw(b, self.member_generator(k)) for k, b in enumerate(batch)]
+        counts = [part[1].shape[0] for part in parts]
+        n_priors = [int(b.get("num_prior", 0)) for b in batch]
+        prompts = [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]
+        latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        return counts, n_priors, prompts, latents, noise, timesteps
+
+    def member_losses_of(self, per_example: torch.Tensor, counts: list[int], n_priors: list[int]) -> torch.Tensor:
+        """Each member's loss, (K,): its own examples' mean, prior examples weighted as in its run."""
+        return torch.stack([self.reduce_loss(chunk, n)[0] for chunk, n in zip(per_example.split(counts), n_priors)])
 
     def captured_member_loss(self, counts: list[int], n_priors: list[int],
                              **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,20 +225,16 @@ class BatchedFineTuner(DiffusionFineTuner):
             cond = self.encode_step_tokens(inputs)
             per_example = self.noise_loss(cond, inputs["noise"], inputs["timesteps"], inputs["latents"],
                                           reduce=False)
-        losses = torch.stack([self.reduce_loss(chunk, n)[0] for chunk, n in zip(per_example.split(counts), n_priors)])
+        losses = self.member_losses_of(per_example, counts, n_priors)
         return losses.sum(), losses.detach()
 
     def captured_training_step(self, batch: list):
         """:meth:`training_step` under ``module.cuda_graph``: each member's draws and prompts as there, the
         forward-to-clipping part through a :class:`~lorabench.training.cuda_graph.CapturedStep`."""
-        parts = [self.draw(b, self.member_generator(k)) for k, b in enumerate(batch)]
-        counts = [part[1].shape[0] for part in parts]
-        n_priors = [int(b.get("num_prior", 0)) for b in batch]
-        prompts = [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]
-        latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        counts, n_priors, prompts, latents, noise, timesteps = self.draw_members(batch)
         inputs = self.step_inputs(latents, noise, timesteps, prompts)
-        key = (tuple(counts), tuple(n_priors), *[(k, tuple(v.shape)) for k, v in inputs.items()])
-        step = self.run_captured(key, partial(self.captured_member_loss, counts, n_priors), inputs,
+        step = self.run_captured((tuple(counts), tuple(n_priors)),
+                                 partial(self.captured_member_loss, counts, n_priors), inputs,
                                  lambda: self.clip_members(*self.graph_clip))
         losses = step.aux.clone()
         self._pending_losses.append(losses)

@@ -306,10 +306,12 @@ class DiffusionFineTuner(L.LightningModule):
         loss, prior = self.reduce_loss(per_example, n_prior)
         return loss, torch.stack([loss.detach(), (prior if prior is not None else loss).detach()])
 
-    def run_captured(self, key: tuple, loss_fn, inputs: dict, after_backward) -> CapturedStep:
-        """Run one step of ``loss_fn`` through the CapturedStep of its input shapes ``key`` (captured the
-        first time; on the CPU, or past :data:`MAX_GRAPHS` shapes, an eager one), then the optimiser and the
-        schedule; Lightning counts the optimiser step."""
+    def run_captured(self, static: tuple, loss_fn, inputs: dict, after_backward) -> CapturedStep:
+        """Run one step of ``loss_fn`` through the CapturedStep of its inputs' shapes and of ``static`` (the
+        Python values ``loss_fn`` is bound to), captured the first time (on the CPU, or past
+        :data:`MAX_GRAPHS` of them, an eager one); then the optimiser and the schedule, Lightning counting the
+        optimiser step."""
+        key = (static, tuple((k, tuple(v.shape)) for k, v in inputs.items()))
         step = self._captured.get(key)
         if step is None:
             graphed = self.device.type == "cuda" and sum(c.graphed for c in self._captured.values()) < MAX_GRAPHS
@@ -332,9 +334,8 @@ class DiffusionFineTuner(L.LightningModule):
         batch, latents, noise, timesteps = self.draw(batch, self._generator())
         n_prior = int(batch.get("num_prior", 0))
         inputs = self.step_inputs(latents, noise, timesteps, batch["prompts"])
-        key = (n_prior, *[(k, tuple(v.shape)) for k, v in inputs.items()])
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # this step's, before the schedule moves it
-        step = self.run_captured(key, partial(self.captured_loss, n_prior), inputs,
+        step = self.run_captured((n_prior,), partial(self.captured_loss, n_prior), inputs,
                                  lambda: self.clip_grads(self.graph_params(), *self.graph_clip))
         reported = step.aux.clone()
         if step.hook_out is not None:
