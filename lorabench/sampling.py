@@ -30,9 +30,17 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "dd
 
 
 def make_scheduler(components: ModelComponents, name: str):
-    """A sampling scheduler of type ``name`` configured like the model's noise scheduler."""
+    """A sampling scheduler of type ``name`` configured like the model's noise scheduler; ``pipeline``:
+    the class the model's own pipeline ships (its model_index.json, e.g. Euler for SDXL base), what
+    ``StableDiffusionXLPipeline(...)(prompt)`` samples with when no scheduler is passed."""
+    if name == "pipeline":
+        cls = components.pipeline_defaults.get("scheduler")
+        if not cls or not hasattr(diffusers, cls):
+            raise ConfigError("sampler.scheduler", f"'pipeline' needs the model's model_index.json to name a diffusers "
+                              f"scheduler (got {cls!r}); choose one of {', '.join(SCHEDULERS)}")
+        return getattr(diffusers, cls).from_config(components.noise_scheduler.config)
     if name not in SCHEDULERS:
-        raise choice_error("sampler.scheduler", name, SCHEDULERS)
+        raise choice_error("sampler.scheduler", name, (*SCHEDULERS, "pipeline"))
     return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
 
 
@@ -47,17 +55,30 @@ class Sampler:
     """Draw images for prompts: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1], (N, 3, H, W).
 
     Args:
-        scheduler: ddim | dpm (DPM-Solver++) | ddpm | euler.
+        scheduler: ddim | dpm (DPM-Solver++) | ddpm | euler | pipeline (the model's own pipeline's).
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance weight (1.0 = conditional only).
         batch_size: images per UNet call (each call also runs the unconditional half).
         progress: show a progress bar over batches and steps.
+        negative_prompt: the unconditional half's prompt.
+        zero_negative: encode the unconditional half as zeros; ``None``: as the model's pipeline does
+            (SDXL base's ``force_zeros_for_empty_prompt``, when ``negative_prompt`` is empty).
+        latent_seed: ``None``: each seed's own initial latents, drawn on the CPU (identical on every
+            device); an int: the reference code's way, one ``torch.randn`` of ``max(seeds) + 1`` latents
+            from ``torch.Generator(device).manual_seed(latent_seed)`` on the sampling device, image ``i``
+            taking latent ``seeds[i]`` (so seeds are indices there).
     """
 
     def __init__(self, components: ModelComponents, scheduler: str = "ddim", num_inference_steps: int = 20,
                  guidance_scale: float = 3.0, batch_size: int = 64, progress: bool = True,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", zero_negative: Optional[bool] = None, latent_seed: Optional[int] = None):
         check_counts({"num_inference_steps": num_inference_steps, "batch_size": batch_size}, "sampler")
+        if latent_seed is not None:
+            check_int(latent_seed, "sampler.latent_seed", minimum=0)
+        if zero_negative is None:
+            forced = components.pipeline_defaults.get("force_zeros_for_empty_prompt")
+            zero_negative = not negative_prompt and bool(forced)
+        self.zero_negative, self.latent_seed = bool(zero_negative), latent_seed
         self.components = components
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(components, scheduler)
@@ -73,8 +94,14 @@ class Sampler:
         return cfg.in_channels, cfg.sample_size, cfg.sample_size
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """One noise tensor per seed, drawn on the CPU so they are identical on every device."""
+        """One noise tensor per seed, drawn on the CPU so they are identical on every device (or, with
+        ``latent_seed``, rows of one batch drawn on the sampling device)."""
         shape = self.latent_shape()
+        if self.latent_seed is not None:
+            idx = [check_int(s, "sampler seeds (indices with latent_seed)", minimum=0) for s in seeds]
+            g = torch.Generator(self.device).manual_seed(int(self.latent_seed))
+            batch = torch.randn((max(idx, default=-1) + 1, *shape), generator=g, device=self.device)
+            return batch[idx].cpu()
         return torch.stack([torch.randn(shape, generator=generator("sample-latents", int(s))) for s in seeds])
 
     @torch.no_grad()
@@ -108,6 +135,8 @@ class Sampler:
         cond = encode_prompts(comps, prompts, dev)
         if guided:
             uncond = encode_prompts(comps, [self.negative_prompt] * len(prompts), dev)
+            if self.zero_negative:  # diffusers' SDXL pipeline: zeros, pooled embedding included
+                uncond = _zeros_like(uncond)
             cond = _cat_conditions(uncond, cond)
         sched = self.scheduler
         sched.set_timesteps(self.num_inference_steps, device=dev)
@@ -129,6 +158,17 @@ class Sampler:
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
         return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+def _zeros_like(cond: dict) -> dict:
+    """``cond`` with every text embedding zeroed (SDXL's size / crop time ids kept)."""
+    out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else tuple(torch.zeros_like(x) for x in v))
+           for k, v in cond.items() if k != "added_cond_kwargs"}
+    if "added_cond_kwargs" in cond:
+        added = dict(cond["added_cond_kwargs"])
+        added["text_embeds"] = torch.zeros_like(added["text_embeds"])
+        out["added_cond_kwargs"] = added
+    return out
 
 
 def _cat_conditions(uncond: dict, cond: dict) -> dict:

@@ -211,3 +211,27 @@ def two_steps(module, opt) -> None:
                               torch.tensor([100, 700]), latents).backward()
         opt.step()
         opt.zero_grad()
+
+
+def write_tiny_scrfd(path: Path, size: int, outputs: list) -> Path:
+    """An ONNX graph with the interface of insightface's SCRFD detector (``det_10g.onnx``): input
+    (1, 3, size, size), nine outputs (scores, box distances, landmark offsets for strides 8, 16, 32,
+    two anchors per position, in stride units). ``outputs``: the nine arrays it returns, whatever the image."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits, nodes, outs = [], [], []
+    for i, arr in enumerate(outputs):
+        arr = np.asarray(arr, dtype="float32")
+        inits.append(numpy_helper.from_array(arr, f"const_{i}"))
+        nodes.append(helper.make_node("Identity", [f"const_{i}"], [f"out_{i}"], name=f"Identity_{i}"))
+        outs.append(helper.make_tensor_value_info(f"out_{i}", TensorProto.FLOAT, list(arr.shape)))
+    graph = helper.make_graph(nodes, "scrfd_tiny",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, size, size])],
+                              outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

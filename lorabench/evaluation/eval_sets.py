@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 from lorabench.data.imagefolder import load_image, scan_folder
+from lorabench.data.prepare import read_manifest
 from lorabench.errors import ConfigError, choice_error
 
 
@@ -67,6 +68,8 @@ class FolderConceptEval:
                                       "token and cls")
         self.resolution, self.n_references = int(resolution), n_references
         self.prompt, self.templates = prompt, list(templates)
+        if not prompt and not self.templates:
+            raise ConfigError("eval.concepts.templates", "no prompt and no templates; give at least one")
 
     def concept_class(self, concept: str) -> str:
         return self._get(concept)["cls"]
@@ -79,7 +82,8 @@ class FolderConceptEval:
     def __call__(self, concept: str) -> ConceptEvalSet:
         c = self._get(concept)
         refs = folder_images(c["path"], self.n_references, self.resolution, f"eval.concepts.concepts.{concept}.path")
-        prompts = [t.format(token=c["token"], cls=c["cls"]) for t in [self.prompt, *self.templates]]
+        lead = [self.prompt] if self.prompt else []  # prompt: null scores the templates only
+        prompts = [t.format(token=c["token"], cls=c["cls"]) for t in [*lead, *self.templates]]
         return ConceptEvalSet(prompts, without_token(prompts, c["token"]), refs)
 
 
@@ -90,12 +94,21 @@ class FolderStyleEval:
     """Evaluation prompts and references for styles given as image folders (the real path), the
     counterpart of :class:`lorabench.world.tasks.WorldStyleEval`.
 
-    ``styles``: ``{name: {path}}`` (the style's reference images, e.g. its UnlearnCanvas images);
-    ``prompt``: the template, ``{style} image of {object}`` as the continual paper trains; ``objects``:
-    what the evaluation prompts ask for in the style."""
+    ``styles``: ``{name: {path, word}}`` (the style's reference images, e.g. its UnlearnCanvas images,
+    and the word the prompts use for it, the name when absent); ``manifest``: instead, a prepared
+    dataset's config.json (``python -m lorabench.data.prepare continual-styles``): each style's metric
+    folder (held-out objects drawn in that style) and its lower-cased word; ``prompt``: the template,
+    ``{style} image of {object}`` as the continual paper trains; ``objects``: what the evaluation
+    prompts ask for in the style."""
 
-    def __init__(self, styles: Mapping[str, Mapping], resolution: int = 1024, n_references: int | None = None,
-                 prompt: str = "{style} image of {object}", objects: Sequence[str] = DEFAULT_STYLE_OBJECTS):
+    def __init__(self, styles: Mapping[str, Mapping] | None = None, resolution: int = 1024,
+                 n_references: int | None = None, prompt: str = "{style} image of {object}",
+                 objects: Sequence[str] = DEFAULT_STYLE_OBJECTS, manifest: str | None = None):
+        if manifest and styles:
+            raise ConfigError("eval.styles.manifest", "give eval.styles.styles or a manifest, not both")
+        if manifest:
+            root, tasks = read_manifest(manifest, "eval.styles.manifest")
+            styles = {t["name"]: {"path": str(root / t["metric_path"]), "word": t["style"]} for t in tasks}
         self.styles = {k: dict(v) for k, v in (styles or {}).items()}
         for name, st in self.styles.items():
             if not st.get("path"):
@@ -109,8 +122,8 @@ class FolderStyleEval:
         return self.styles[style]
 
     def __call__(self, style: str) -> StyleEvalSet:
-        self._get(style)
-        prompts = [self.prompt.format(style=style, object=o) for o in self.objects]
+        word = self._get(style).get("word") or style
+        prompts = [self.prompt.format(style=word, object=o) for o in self.objects]
         return StyleEvalSet(style, prompts, list(self.objects))
 
     def references(self, style: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel, ViTModel
 
 from lorabench.errors import ConfigError, choice_error
+from lorabench.evaluation.faces import FaceDetector, align_face
 from lorabench.evaluation.scores import ConceptScorer
 from lorabench.models.components import explain_load_error
 
@@ -56,15 +57,24 @@ def tensor_features(out) -> torch.Tensor:
 
 
 class _Preprocess:
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], device: str):
-        self.size, self.device = size, torch.device(device)
+    """Resize to ``size`` (or, with ``resize``, to ``resize`` then a centre crop of ``size``: DINO's
+    ``Resize(256) + CenterCrop(224)``), then normalise."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], device: str,
+                 resize: Optional[int] = None):
+        self.size, self.device, self.resize = size, torch.device(device), resize or size
+        if self.resize < self.size:
+            raise ConfigError("eval.scorer.identity_resize", f"{resize} is below the model's input size {size}")
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = unit_range(images).to(self.device)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        if x.shape[-2:] != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bicubic", antialias=True, align_corners=False)
+        if self.resize != self.size:
+            top = (self.resize - self.size) // 2
+            x = x[..., top:top + self.size, top:top + self.size]
         return (x.clamp(0, 1) - self.mean) / self.std
 
 
@@ -103,9 +113,10 @@ class CLIPEmbedder:
 
 class DINOEmbedder:
     def __init__(self, model_id: str = "facebook/dino-vits16", device: str = "cpu", image_size: Optional[int] = None,
-                 field: str = "eval.dino"):
+                 field: str = "eval.dino", resize: Optional[int] = None):
         self.model = load_pretrained(ViTModel, model_id, field).eval().to(device)
-        self.pre = _Preprocess(image_size or self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD, device)
+        self.pre = _Preprocess(image_size or self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD, device,
+                               resize=resize)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -189,13 +200,19 @@ class CSDEmbedder:
 
 class ArcFaceEmbedder:
     """ArcFace identity features from a local ONNX file, with insightface's own preprocessing: RGB
-    faces resized to the network's input (112 x 112), scaled to ``(x - mean) / std`` in 0-255 units,
+    faces at the network's input (112 x 112), scaled to ``(x - mean) / std`` in 0-255 units,
     where ``mean = std = 127.5`` unless the graph normalises itself (its first nodes hold both a
     ``Sub`` and a ``Mul``; then ``mean = 0, std = 1``), exactly as ``insightface.model_zoo.ArcFaceONNX``
-    decides. No face detector runs: give images whose face fills the frame (generated portraits, or
-    crops), as the 5-point alignment of insightface is not reproduced here."""
+    decides.
 
-    def __init__(self, onnx_file: str, device: str = "cpu", field: str = "eval.scorer.identity"):
+    ``detector``: insightface's SCRFD ONNX file. Each frame's best face is detected and warped onto the
+    ArcFace 5-point template (:mod:`lorabench.evaluation.faces`), what the 0.68 distance rule assumes;
+    a frame without a face gets a zero embedding (never the identity) and is counted in
+    ``face_counts``. Without a detector the whole frame is resized to 112 px (only for frames that are
+    already aligned face crops)."""
+
+    def __init__(self, onnx_file: str, device: str = "cpu", field: str = "eval.scorer.identity",
+                 detector: Optional[str] = None):
         path = weights_file(onnx_file, field, "the ArcFace ONNX file (e.g. insightface's buffalo_l/w600k_r50.onnx)")
         try:  # optional dependencies: pip install 'lorabench[arcface]'
             import onnx  # noqa: PLC0415
@@ -215,17 +232,36 @@ class ArcFaceEmbedder:
         self.input_name, self.size = inp.name, tuple(int(d) for d in inp.shape[2:4])
         if len(self.size) != 2 or self.size[0] != self.size[1]:
             raise ConfigError(field, f"{onnx_file} takes input {inp.shape}; expected (N, 3, S, S)")
+        self.detector = FaceDetector(detector) if detector else None
+        self.face_counts = {"frames": 0, "no_face": 0}
+
+    def crops(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input faces in 0-255 units, (N, 3, S, S), and which frames had a face."""
+        x = unit_range(images).clamp(0, 1) * 255.0
+        if self.detector is None:
+            if x.shape[-2:] != self.size:
+                x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+            return x.clamp(0, 255), torch.ones(len(x), dtype=torch.bool)
+        out, found = torch.zeros(len(x), 3, *self.size), torch.zeros(len(x), dtype=torch.bool)
+        for i, frame in enumerate(x):
+            _, landmarks = self.detector.detect(frame)
+            self.face_counts["frames"] += 1
+            if len(landmarks) == 0:
+                self.face_counts["no_face"] += 1
+                continue
+            out[i], found[i] = align_face(frame, landmarks[0], self.size[0]), True
+        return out, found
 
     def preprocess(self, images: torch.Tensor):
-        x = unit_range(images)
-        if x.shape[-2:] != self.size:
-            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
-        return ((x.clamp(0, 1) * 255.0 - self.mean) / self.std).numpy().astype("float32")
+        return ((self.crops(images)[0] - self.mean) / self.std).numpy().astype("float32")
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: self.preprocess(images.cpu())})[0]
-        return F.normalize(torch.from_numpy(out).float().flatten(1), dim=-1)
+        faces, found = self.crops(images.cpu())
+        blob = ((faces - self.mean) / self.std).numpy().astype("float32")
+        out = F.normalize(torch.from_numpy(self.session.run(None, {self.input_name: blob})[0]).float().flatten(1),
+                          dim=-1)
+        return out * found[:, None].float()  # no face: a zero embedding (cosine 0 with everything)
 
 
 def arcface_normalisation(first_node_names) -> tuple[float, float]:
@@ -245,11 +281,16 @@ def style_models(csd: str, device: str = "cpu"):
 
 
 def concept_scorer(clip: str = "openai/clip-vit-base-patch32", identity: str = "facebook/dino-vits16",
-                   identity_threshold: float = 0.5, device: str = "cpu", identity_model: str = "dino"):
+                   identity_threshold: float = 0.5, device: str = "cpu", identity_model: str = "dino",
+                   identity_resize: Optional[int] = None, face_detector: Optional[str] = None):
     """A ConceptScorer on real models: CLIP for text/image alignment; for identity, DINO (``identity``: a
-    hub id or folder) or ArcFace (``identity``: an ONNX file), per ``identity_model``."""
+    hub id or folder; ``identity_resize``: resize to it, then centre-crop the model's input) or ArcFace
+    (``identity``: an ONNX file; ``face_detector``: insightface's SCRFD ONNX file, so faces are
+    detected and 5-point aligned first), per ``identity_model``."""
     if identity_model not in IDENTITY_MODELS:
         raise choice_error("eval.scorer.identity_model", identity_model, IDENTITY_MODELS)
-    embedder = ArcFaceEmbedder if identity_model == "arcface" else DINOEmbedder
-    return ConceptScorer(CLIPEmbedder(clip, device, field="eval.scorer.clip"),
-                         embedder(identity, device, field="eval.scorer.identity"), identity_threshold)
+    if identity_model == "arcface":
+        ident = ArcFaceEmbedder(identity, device, field="eval.scorer.identity", detector=face_detector)
+    else:
+        ident = DINOEmbedder(identity, device, field="eval.scorer.identity", resize=identity_resize)
+    return ConceptScorer(CLIPEmbedder(clip, device, field="eval.scorer.clip"), ident, identity_threshold)

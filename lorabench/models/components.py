@@ -57,6 +57,9 @@ class ModelComponents:
     prompt_rewrites: dict[str, str] = field(default_factory=dict)
     # > 1 with layer-wise tokens (P+): the text is encoded once per UNet cross-attention layer
     text_groups: int = 1
+    # what the model's own diffusers pipeline would do when sampling (its model_index.json): the
+    # scheduler class it ships ("scheduler") and SDXL's "force_zeros_for_empty_prompt"
+    pipeline_defaults: dict = field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
@@ -263,7 +266,21 @@ def load_components(
         unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
         noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         name=name or pretrained, model_id=pretrained, resolution=int(resolution),
+        pipeline_defaults=pipeline_defaults(index),
     ).freeze()
+
+
+def pipeline_defaults(index: dict) -> dict:
+    """What a model folder's ``model_index.json`` says its pipeline samples with: the scheduler class
+    (e.g. SDXL base ships ``EulerDiscreteScheduler``) and whether an empty negative prompt is encoded as
+    zeros (SDXL base: ``force_zeros_for_empty_prompt: true``)."""
+    out = {}
+    entry = index.get("scheduler")
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        out["scheduler"] = str(entry[1])
+    if "force_zeros_for_empty_prompt" in index:
+        out["force_zeros_for_empty_prompt"] = bool(index["force_zeros_for_empty_prompt"])
+    return out
 
 
 def set_attention(unet: nn.Module, kind: str, field: str = "model.attention") -> None:

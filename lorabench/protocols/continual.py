@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
 from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
+from lorabench.data.prepare import read_manifest
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.loggers import build_loggers
 from lorabench.merging.updates import fold, model_weights
@@ -93,6 +94,10 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     if kind not in KINDS:
         raise choice_error("sequence.kind", kind, KINDS)
     entries = OmegaConf.to_container(seq.get("tasks") or [], resolve=True)
+    if seq.get("manifest"):
+        if entries:
+            raise ConfigError("sequence.tasks", "give the tasks or sequence.manifest, not both")
+        entries = manifest_tasks(seq.manifest, kind)
     data_key = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
     items = []
     for i, e in enumerate(entries):
@@ -125,6 +130,22 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
             raise ConfigError(f"sequence.tasks.{name}", f"no data or evaluation set for this task ({err})") from err
         tasks.append(Task(i, name, data, list(es.prompts), refs))
     return kind, tasks
+
+
+def manifest_tasks(path, kind: str) -> list[dict]:
+    """The sequence's tasks from a prepared style dataset (the reference's config.json order): each
+    trains on its five images with "{style} image of {train object}", the reference's prompt."""
+    if kind != "styles":
+        raise ConfigError("sequence.manifest", "only style sequences read a manifest; list object tasks in "
+                          "sequence.tasks")
+    root, tasks = read_manifest(path)
+    out = []
+    for i, t in enumerate(tasks):
+        if not all(k in t for k in ("name", "style", "train_object", "train_path")):
+            raise ConfigError("sequence.manifest", f"{path}: task {i} lacks name, style, train_object or train_path")
+        out.append({"name": t["name"], "data": {"path": str(root / t["train_path"]),
+                                                 "instance_prompt": f"{t['style']} image of {t['train_object']}"}})
+    return out
 
 
 # -- scoring ----------------------------------------------------------------------------------------------

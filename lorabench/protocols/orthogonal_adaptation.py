@@ -562,6 +562,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     progress.close()
     out = results(cfg, plan, rows, singles, layer_acc, time.perf_counter() - t0)
     out["update_size"] = size_log.results()
+    # ArcFace with a face detector: how many frames (samples and references) had no face (scored as not
+    # the identity: a zero embedding); absent for identity models that score whole frames
+    faces = getattr(plan.ev.scorer.identity, "face_counts", None)
+    if faces is not None and getattr(plan.ev.scorer.identity, "detector", None) is not None:
+        out["faces"] = {**faces, "rule": "the best-scoring detection is the face; a frame without one gets a zero "
+                        "embedding: cosine 0 with every reference, never the identity"}
     # where the time went: the cells trained up front (pretrain_cells), then scoring, capture and merging
     out["timings"] = {"pretrain_cells_s": t_cells - t0, "score_and_merge_s": time.perf_counter() - t_cells,
                       "pretrained_cells": len(fresh)}
