@@ -25,6 +25,7 @@ from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
 
+MAX_LATENT_BATCH = 4096  # latent_seed: the largest batch of initial latents drawn at once
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
               "euler": "EulerDiscreteScheduler"}
 
@@ -99,6 +100,9 @@ class Sampler:
         shape = self.latent_shape()
         if self.latent_seed is not None:
             idx = [check_int(s, "sampler seeds (indices with latent_seed)", minimum=0) for s in seeds]
+            if max(idx, default=0) >= MAX_LATENT_BATCH:
+                raise ConfigError("sampler.latent_seed", f"with a latent seed, seeds index one batch of latents "
+                                  f"(< {MAX_LATENT_BATCH}); got {max(idx)}: unset latent_seed for per-seed latents")
             g = torch.Generator(self.device).manual_seed(int(self.latent_seed))
             batch = torch.randn((max(idx, default=-1) + 1, *shape), generator=g, device=self.device)
             return batch[idx].cpu()

@@ -235,3 +235,34 @@ def write_tiny_scrfd(path: Path, size: int, outputs: list) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+# The public datasets' folder names (UnlearnCanvas: its 20 objects; 12 of its style folders)
+UNLEARNCANVAS_OBJECTS = ("Architectures Bears Birds Butterfly Cats Dogs Fishes Flame Flowers Frogs Horses Human "
+                         "Jellyfish Rabbits Sandwiches Sea Statues Towers Trees Waterfalls").split()
+UNLEARNCANVAS_STYLES = ("Abstractionism Byzantine Cartoon Cubism Impressionism Monet Pencil_Drawing Pop_Art Sketch "
+                        "Ukiyoe Van_Gogh Watercolor").split()
+
+
+def tiny_jpeg(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_unlearncanvas_tree(root: Path, styles=UNLEARNCANVAS_STYLES, objects=UNLEARNCANVAS_OBJECTS,
+                             images: int = 20) -> Path:
+    """A synthetic copy of UnlearnCanvas's tree: <Style>/<Object>/1.jpg .. 20.jpg and Seed_Images/<Object>."""
+    jpg = [tiny_jpeg(i) for i in range(4)]
+    for style in (*styles, "Seed_Images"):
+        for obj in objects:
+            d = root / style / obj
+            d.mkdir(parents=True)
+            for k in range(1, images + 1):
+                (d / f"{k}.jpg").write_bytes(jpg[k % 4])
+    return root

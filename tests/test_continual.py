@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DEVICES, write_tiny_csd
+from tests.conftest import DEVICES, write_tiny_csd, write_unlearncanvas_tree
 from tests.test_cli import assert_one_line_error, run_cli
 
 from lorabench.continual import (
@@ -312,13 +312,13 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
     from lorabench.data import write_toy_dataset
 
     data = tmp_path / "dreambooth"
-    for i, subject in enumerate(("dog", "cat", "backpack")):
+    for i, subject in enumerate(("colorful_sneaker", "fancy_boot", "backpack")):
         write_toy_dataset(data / subject, n=2, resolution=32, seed=i)
     args = sdxl_dry_run_args("continual/sdxl_objects", scaled_down_models["sdxl"], *tiny_metric_models, trainer)
     env = {"DREAMBOOTH_DATA": str(data)}
-    # the 4th subject (teapot) has no folder: caught before any training, nothing left behind
+    # the 4th subject (the bear plushie) has no folder: caught before any training, nothing left behind
     assert_one_line_error(run_cli([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
-                          "sequence.tasks.uwu.data.path", "teapot does not exist")
+                          "sequence.tasks.uwu.data.path", "bear_plushie does not exist")
     proc = run_cli([*args, "sequence.length=3"], tmp_path, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [res] = list((tmp_path / "outputs").glob("continual/sdxl_objects/magmax/order0-seed0/results.json"))
@@ -335,17 +335,14 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
 def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models, tiny_metric_models, trainer):
     """continual/sdxl_styles end to end on the scaled-down SDXL, with CSD from a tiny checkpoint in the
     authors' format ($CSD_CHECKPOINT) scoring the style retrieval; a missing checkpoint is one line."""
-    from lorabench.data import write_toy_dataset
 
-    data = tmp_path / "unlearncanvas"
-    for i, folder in enumerate(("Van_Gogh/Dogs", "Monet/Flowers")):
-        write_toy_dataset(data / folder, n=2, resolution=32, seed=i)
+    from lorabench.data.prepare import prepare_continual_styles
+
+    prepare_continual_styles(write_unlearncanvas_tree(tmp_path / "unlearncanvas"), tmp_path / "styles")
     write_tiny_csd(tmp_path / "csd.pth")
     args = [*sdxl_dry_run_args("continual/sdxl_styles", scaled_down_models["sdxl"], *tiny_metric_models, trainer),
-            "sequence.length=2", f"eval.style_scorer.device={'cuda' if trainer == 'gpu' else 'cpu'}",
-            "eval.styles.styles={Van_Gogh:{path:" + str(data / "Van_Gogh/Dogs") + "},Monet:{path:"
-            + str(data / "Monet/Flowers") + "}}"]
-    env = {"UNLEARNCANVAS_DATA": str(data), "CSD_CHECKPOINT": str(tmp_path / "missing.pth")}
+            "sequence.length=2", f"eval.style_scorer.device={'cuda' if trainer == 'gpu' else 'cpu'}"]
+    env = {"CONTINUAL_STYLES_DATA": str(tmp_path / "styles"), "CSD_CHECKPOINT": str(tmp_path / "missing.pth")}
     assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.style_scorer.csd",
                           "give the CSD checkpoint")
     proc = run_cli(args, tmp_path, env_extra={**env, "CSD_CHECKPOINT": str(tmp_path / "csd.pth")})

@@ -318,6 +318,10 @@ def save_components(components: ModelComponents, path: str | os.PathLike) -> Pat
             obj.save_pretrained(tmp / sub)
             lib = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
             index[sub] = [lib, type(obj).__name__]
+        if components.pipeline_defaults.get("scheduler"):  # what the pipeline samples with (the file holds the config)
+            index["scheduler"] = ["diffusers", components.pipeline_defaults["scheduler"]]
+        if "force_zeros_for_empty_prompt" in components.pipeline_defaults:
+            index["force_zeros_for_empty_prompt"] = components.pipeline_defaults["force_zeros_for_empty_prompt"]
         index.setdefault("vae", [None, None])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path

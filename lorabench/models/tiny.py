@@ -189,6 +189,12 @@ SCALED_DOWN = {
 }
 
 
+# what the real models' model_index.json say their pipelines sample with (SD1.5: PNDM; SDXL base: Euler,
+# zero embeddings for an empty negative prompt)
+PIPELINE_DEFAULTS = {"sd15": {"scheduler": "PNDMScheduler"},
+                     "sdxl": {"scheduler": "EulerDiscreteScheduler", "force_zeros_for_empty_prompt": True}}
+
+
 def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: Iterable[str] = (),
                       text_max_length: int = 16) -> ModelComponents:
     """A randomly initialised ``arch`` (``sd15`` | ``sdxl``) model with tiny widths, latent space (an
@@ -230,4 +236,4 @@ def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: 
     return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if text_encoder_2 else None,
                            noise_scheduler=scheduler, name=f"{arch}-scaled-down", model_id=f"random:{arch}:seed{seed}",
-                           resolution=resolution).freeze()
+                           resolution=resolution, pipeline_defaults=PIPELINE_DEFAULTS[arch]).freeze()

@@ -93,7 +93,7 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     kind = str(seq.get("kind"))
     if kind not in KINDS:
         raise choice_error("sequence.kind", kind, KINDS)
-    entries = OmegaConf.to_container(seq.get("tasks") or [], resolve=True)
+    entries = OmegaConf.to_container(seq.tasks, resolve=True) if seq.get("tasks") else []
     if seq.get("manifest"):
         if entries:
             raise ConfigError("sequence.tasks", "give the tasks or sequence.manifest, not both")
@@ -223,7 +223,8 @@ class Run:
         t0 = time.perf_counter()
         adapters = module.adapters
         task = self.tasks[t]  # the task's update against the weights it trained on, on its own inputs
-        measured = sizes.measure(self.components, adapters, [task.train_prompt or task.prompts[0]], self.sampler_cfg,
+        measured = sizes.measure(self.components, adapters, [task.train_prompt or task.prompts[0]],
+                                 {k: v for k, v in self.sampler_cfg.items() if k != "latent_seed"},
                                  module.device, seed=t)
         before = self.method.eval_deltas()
         task_vector = self.method.finish(adapters, t)
@@ -306,9 +307,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     for t in range(len(tasks))]
     state = SequenceState(run_dir / "state", fingerprint(cfg), [t.name for t in tasks])
     seed = int(cfg.seed)
-    r = Run(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind),
-            OmegaConf.to_container(cfg.eval.sampler, resolve=True),
-            derive_seed_list("continual-eval", check_int(p.get("eval_seed", 0), "protocol.eval_seed"), n_img),
+    sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
+    # the same n_img initial latents for every prompt: per-seed latents, or (eval.sampler.latent_seed, the
+    # reference code's way) rows 0..n_img-1 of one batch drawn from that seed
+    eval_seeds = list(range(n_img)) if sampler_cfg.get("latent_seed") is not None else \
+        derive_seed_list("continual-eval", check_int(p.get("eval_seed", 0), "protocol.eval_seed"), n_img)
+    r = Run(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind), sampler_cfg, eval_seeds,
             ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 
     state.start()
