@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import DEVICES, compose
+from conftest import DEVICES, compose, write_tiny_scrfd
 from test_cli import assert_one_line_error, run_cli
+from test_faces import scrfd_outputs
 
 # The world Table 2 shrunk: two circle identities, groups of 2, a few steps, one image per prompt.
 SMALL = ["experiment=orthogonal_adaptation/world", "protocol.concepts=[sks,twt]", "protocol.group_size=2",
@@ -161,12 +163,24 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     args = ["experiment=orthogonal_adaptation/chilloutmix", f"model.pretrained={scaled_down_models['sd15']}",
             "model.resolution=64", f"trainer={trainer}", "trainer.max_steps=2",
             "protocol.concepts=[person1,person2,person3]",
-            "protocol.seeds=[0]", "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form,pplus]",
+            "protocol.seeds=[0]",
+            "protocol.only=[dblora_fedavg,ortha,lora_fusion_closed_form,pplus,custom_diffusion,edlora_fedavg]",
             "protocol.adapters.lora.rank=2", "protocol.adapters.ortha.rank=2",
+            # the baselines' own recipes, shortened: Custom Diffusion's 250 steps, ED-LoRA's 500 epochs (fp16)
+            "protocol.adapters.custom_diffusion.recipe.trainer.max_steps=2",
+            "protocol.adapters.edlora.recipe.trainer.max_epochs=1",
+            *(["protocol.adapters.edlora.recipe.trainer.precision=32"] if trainer == "cpu" else []),
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
             f"eval.scorer.clip={clip_dir}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
             "eval.images_per_prompt=1"]
-    env = {"ORTHA_DATA": str(data), "ARCFACE_ONNX": str(tmp_path / "missing.onnx")}
+    # a detector that finds one face in every frame (landmarks at the template's layout, scaled)
+    outs = scrfd_outputs()
+    for s in range(3):
+        outs[s][:] = 0.1
+    outs[0][10 + 1], outs[3][11] = 0.9, [1.0, 1.0, 1.5, 1.5]
+    outs[6][11] = [0.25, 0.0, 0.75, 0.0, 0.5, 0.5, 0.25, 0.75, 0.75, 0.75]
+    env = {"ORTHA_DATA": str(data), "ARCFACE_ONNX": str(tmp_path / "missing.onnx"),
+           "FACE_DETECTOR_ONNX": str(write_tiny_scrfd(tmp_path / "det.onnx", 32, outs))}
     # without the ArcFace file: one line naming the key and what to download, before any training
     assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.scorer.identity",
                           "give the ArcFace ONNX file")
@@ -174,7 +188,15 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results] = list((tmp_path / "outputs").glob("orthogonal_adaptation_chilloutmix/*/results.json"))
     res = json.loads(results.read_text())
-    assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form", "pplus"}
+    assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form", "pplus",
+                                                  "custom_diffusion", "edlora_fedavg"}
+    # identity on detected faces: every frame had one here, and the rule is written down
+    assert res["faces"]["frames"] > 0 and res["faces"]["no_face"] == 0 and "zero embedding" in res["faces"]["rule"]
+    # ED-LoRA trained on Mix-of-Show's recipe (batch 2, linear decay), not OrthA's
+    [edlora_cfg] = list((tmp_path / "outputs").rglob("edlora-person1-seed0-*/csv/hparams.yaml"))
+    ed = OmegaConf.load(edlora_cfg)
+    assert ed.optim.lr == 1e-4 and ed.optim.text_encoder_lr == 1e-5 and ed.data.batch_size == 2
+    assert ed.adapter.alpha == 1.0 and ed.module.noise_offset == 0.01
     # tokens side by side: P+ alone changes nothing on merge (the group's other tokens are not in the prompts)
     assert all(r["delta_identity_alignment"] == 0 for r in res["rows"] if r["method"] == "pplus")
     assert all(0.0 <= r["merged_identity_alignment"] <= 1.0 for r in res["rows"])
@@ -184,7 +206,7 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     assert {k.split(".")[1] for k in layers if k.startswith("unet.")} == {"down_blocks", "mid_block", "up_blocks"}
     assert Path(results).with_name("table2.csv").is_file()
     # update sizes of every trained adapter at full scale too (P+ trains no layers: none)
-    assert set(res["update_size"]) == {"lora", "ortha"}
+    assert set(res["update_size"]) == {"lora", "ortha", "custom_diffusion", "edlora"}
     assert any(k.startswith("text_encoder.") for k in res["update_size"]["ortha"]["layers"])
     assert res["update_size"]["lora"]["output_median"]["mean"] > 0
 

@@ -65,17 +65,31 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     return adapters, items, seeds
 
 
+# what an adapter entry's ``recipe`` may override: the training groups of its cells
+RECIPE_GROUPS = ("optim", "trainer", "data", "module")
+
+
 def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cell_dir: Path) -> DictConfig:
     """The plain training config of one cell: the protocol's config with its adapter group swapped in
     and ``data`` (e.g. ``{"concept": "sks"}``) set. An adapter entry's ``embeddings`` (new tokens, e.g.
     textual inversion) become the cell's ``embeddings`` group, a null token or bind named after the
     concept's word (``data["word"]``, else ``data["concept"]``; ``word`` is not a data field); an entry
-    with embeddings and no ``name`` trains the tokens alone. W&B stays with the protocol's own run; each
+    with embeddings and no ``name`` trains the tokens alone. An entry's ``recipe`` (``{optim: ...,
+    trainer: ..., data: ..., module: ...}``) overrides those groups for its cells: a baseline trained
+    with its own published settings. W&B stays with the protocol's own run; each
     cell logs to CSV in its folder."""
     data = dict(data)
     word = data.pop("word", None) or data.get("concept")
     cell = copy.deepcopy(cfg)
     adapter_cfg = copy.deepcopy(adapter_cfg)
+    recipe = None
+    if adapter_cfg is not None and adapter_cfg.get("recipe") is not None:
+        with open_dict(adapter_cfg):
+            recipe = OmegaConf.to_container(adapter_cfg.pop("recipe"), resolve=True)
+        bad = sorted(set(recipe) - set(RECIPE_GROUPS))
+        if bad:
+            raise ConfigError("protocol.adapters.*.recipe", f"{bad[0]!r} is not a training group; a recipe overrides "
+                              f"{', '.join(RECIPE_GROUPS)}")
     embeddings = None
     if adapter_cfg is not None and adapter_cfg.get("embeddings") is not None:
         with open_dict(adapter_cfg):
@@ -87,6 +101,8 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
         cell.adapter = adapter_cfg
         if embeddings is not None:
             cell.embeddings = embeddings
+        for group, values in (recipe or {}).items():  # the method's own training recipe (e.g. Mix-of-Show's)
+            cell[group] = OmegaConf.merge(cell[group], values)
         for key, value in data.items():
             cell.data[key] = value
         cell.seed = seed
