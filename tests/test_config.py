@@ -67,10 +67,11 @@ def test_paper_settings(tmp_path):
     assert (t.eval.sampler.num_inference_steps, t.eval.sampler.guidance_scale, t.protocol.sample_seed) == (20, 7.5, 30)
     assert [a.sigma_init for k, a in t.protocol.adapters.items() if k != "lora"] == ["svd_w0", "identity", "svd_u"]
     g = compose(["experiment=trilora/gac"], tmp_path)
-    assert (g.model.name, g.optim.lr, g.protocol.table_epoch, g.data.max_train_samples) == ("sd15", 5e-5, 10, None)
+    assert (g.model.name, g.optim.lr, g.protocol.table_epoch, g.data.max_train_samples) == \
+        ("realistic_vision", 5e-5, 10, None)
 
 
-@pytest.mark.parametrize("model", ["sd15", "sd21", "chilloutmix", "anylora", "sdxl"])
+@pytest.mark.parametrize("model", ["sd15", "sd21", "chilloutmix", "anylora", "sdxl", "realistic_vision"])
 def test_hub_models_fail_clearly_offline(model, tmp_path):
     """The real models cannot be downloaded here (conftest sets HF_HUB_OFFLINE); the error must say
     which model and why, in one line."""

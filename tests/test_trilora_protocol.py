@@ -297,8 +297,14 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
     write_parquet(tmp_path / "pokemon.parquet",
                   [{"image": {"bytes": png(c), "path": None}, "text": f"a photo of {w}"}
                    for c, w in zip(colours, ["dog", "cat", "dog", "cat", "dog", "cat"])])
+    from lorabench.models import build_scaled_down, save_components
+
     clip_dir, _ = tiny_metric_models
+    # NFID's reference model (SD1.5 in the config): a second tiny SD1.5 with other weights
+    reference = save_components(build_scaled_down("sd15", seed=7, words=["photo", "dog", "cat"], resolution=64),
+                                tmp_path / "reference_sd15")
     args = ["experiment=trilora/pokemon", f"model.pretrained={scaled_down_models['sd15']}", "model.resolution=64",
+            f"protocol.reference_model.pretrained={reference}", "protocol.reference_model.resolution=64",
             f"trainer={trainer}", *(["trainer.precision=32"] if trainer == "cpu" else []),
             f"data.path={tmp_path / 'pokemon.parquet'}",
             "data.max_train_samples=4", "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
@@ -307,11 +313,20 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
             f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=2",
             "eval.sampler.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
+    # a reference model that does not load: one line naming the field, before any training
+    assert_one_line_error(run_cli([*args, f"protocol.reference_model.pretrained={tmp_path / 'nope'}"], tmp_path),
+                          tmp_path, "protocol.reference_model: could not load it", "nope")
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "run" / "results.json").read_text())
     assert out["sample_seed"] == 30 and out["sampler"]["guidance_scale"] == 7.5 and len(out["prompts"]) == 6
-    assert {r["method"] for r in out["rows"]} == {"base", "lora", "trilora"}
+    assert {r["method"] for r in out["rows"]} == {"reference", "base", "lora", "trilora"}
+    # every NFID divides by the reference model's FID, not the training base's
+    ref_fid = next(r["fid"] for r in out["rows"] if r["method"] == "reference")
+    base = next(r for r in out["rows"] if r["method"] == "base")
+    assert base["fid"] != ref_fid and out["reference_model"] == "sd15"
+    for r in out["rows"]:
+        assert r["nfid"] == pytest.approx(r["fid"] / ref_fid, rel=1e-12)
     assert all(0.0 <= r["clip_score"] <= 100.0 for r in out["rows"])
     trained = json.loads((tmp_path / "run" / "cells" / "trilora-seed0" / "results.json").read_text())
     assert trained["adapter"] == "trilora" and trained["metrics"]["steps"] == 2 * 4  # 2 epochs of 4 images, batch 1

@@ -54,6 +54,7 @@ from lorabench.utils.plots import figure, save_figure
 from lorabench.utils.seeding import derive_seed_list
 
 PROTOCOL = "style_finetune"  # the protocol's name in results.json and its W&B keys
+FIXED_ROWS = ("reference", "base")  # rows without training: NFID's reference model, the training base
 METRICS = ("nfid", "fid", "kid", "clip_score", "train_s")
 LABELS = {"nfid": "NFID", "fid": "FID", "kid": "KID", "clip_score": "CLIP score", "train_s": "train s"}
 CURVE_METRICS = ("fid", "nfid", "kid", "clip_score")
@@ -115,6 +116,18 @@ def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int =
     return [text for _, text in items], references
 
 
+def load_reference(ref_cfg: DictConfig):
+    """NFID's reference model, or a one-line error naming ``protocol.reference_model``."""
+    try:
+        with quiet_cells():
+            return instantiate(ref_cfg, _convert_="all")
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps the loader's error: one line naming the field
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        raise ConfigError("protocol.reference_model", f"could not load it ({cause})") from exc
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, samples.png,
@@ -123,6 +136,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = cfg.protocol
     adapters, seeds, table_epoch, checkpoints, overtrain = resolve_plan(cfg)
+    # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
+    # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
+    # first, so a model that does not load stops the run before any work.
+    ref_cfg = p.get("reference_model")
+    ref_model = None if ref_cfg is None else load_reference(ref_cfg)
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     device = eval_device(cfg)
     with quiet_cells():
@@ -152,13 +170,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     n_cells = len(adapters) * len(seeds)
     progress = CellProgress(1 + n_cells, desc=PROTOCOL)
+    rows = []
     with quiet_cells():
+        if ref_model is not None:
+            ref_scores, _ = evaluate(ref_model)
+            rows.append({"method": "reference", "seed": None, "epoch": 0, "step": 0, **ref_scores})
+            ref_model = None
         base_model = instantiate(cfg.model, _convert_="all")
-        base_scores, base_images = evaluate(base_model)
+        base_scores, base_images = evaluate(base_model, ref_scores["fid"] if ref_cfg is not None else None)
         del base_model
-    base_fid = base_scores["fid"]
-    rows = [{"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores}]
-    progress.done(f"    base: FID {base_fid:.3f}, KID {base_scores['kid']:.4f}, CLIP {base_scores['clip_score']:.2f}")
+    base_fid = ref_scores["fid"] if ref_cfg is not None else base_scores["fid"]  # every row's NFID denominator
+    rows.append({"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores})
+    progress.done(f"    base: FID {base_scores['fid']:.3f}, KID {base_scores['kid']:.4f}, CLIP "
+                  f"{base_scores['clip_score']:.2f}" + (f"; reference model FID {base_fid:.3f}" if ref_cfg else ""))
     panels, labels = [base_images[:n_grid]], ["base model"]
     batch_cells = check_batch_cells(p.get("batch_cells", 1))
     for name, acfg in adapters.items():
@@ -208,7 +232,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     progress.close()
 
     out = {"protocol": PROTOCOL, "dataset": str(cfg.data.get("name")), "seeds": seeds,
-           "methods": ["base", *adapters],
+           "methods": [*(["reference"] if ref_cfg is not None else []), "base", *adapters],
+           "reference_model": None if ref_cfg is None else str(ref_cfg.get("name") or ref_cfg.get("pretrained")),
            "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
            "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
            "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
@@ -222,15 +247,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 # -- summaries, tables, curves and verdicts ------------------------------------------------------------
 def table_rows(out: dict) -> list[dict]:
-    """The base row and every adapter's row at the table epoch."""
-    return [r for r in out["rows"] if r["method"] == "base" or r["epoch"] == out["table_epoch"]]
+    """The reference model's and the base's rows and every adapter's row at the table epoch."""
+    return [r for r in out["rows"] if r["method"] in FIXED_ROWS or r["epoch"] == out["table_epoch"]]
 
 
 def curves(out: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
     """``{method: {epoch: {metric: {mean, std, n}}}}`` over seeds, for every checkpoint."""
     res: dict[str, dict[int, dict]] = {}
     for r in out["rows"]:
-        if r["method"] != "base":
+        if r["method"] not in FIXED_ROWS:
             res.setdefault(r["method"], {}).setdefault(int(r["epoch"]), []).append(r)
     return {m: {e: {k: mean_std([r[k] for r in rs]) for k in CURVE_METRICS} for e, rs in sorted(by.items())}
             for m, by in res.items()}
@@ -300,20 +325,30 @@ def render_table(out: dict) -> str:
             "paper GAC NFID", "paper GAC CLIP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, s in out["summary"].items():
-        cells = [f"{method} ({describe(out, method)})" if method != "base" else "base model"]
+        cells = [f"{method} ({describe(out, method)})" if method not in FIXED_ROWS else
+                 {"base": "base model", "reference": f"reference model ({out.get('reference_model')})"}[method]]
         for m, fmt in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}")):
             v = s.get(m)
             cells.append("-" if v is None else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}")
-        pub = PUBLISHED.get(method, {})
+        pub = published(out, method)
         cells += [f"{pub[k]:g}" if k in pub else "-" for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")]
         lines.append("| " + " | ".join(cells) + " |")
     n = len(out["seeds"])
     note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
             f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID "
-            f"against all {out['n_references']} dataset images. NFID = FID / FID(base model, same prompts, seeds, "
-            "references and features); the base model is deterministic here (one row). Paper: Feng et al. 2024, "
-            "Table 1 (SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
+            f"against all {out['n_references']} dataset images. NFID = FID / FID("
+            f"{out.get('reference_model') or 'the base model'}, same prompts, seeds, references and features); the "
+            "base and reference models are deterministic here (one row each). Paper: Feng et al. 2024, Table 1 "
+            "(SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
     return "\n".join(lines) + "\n\n" + note
+
+
+def published(out: dict, method: str) -> dict:
+    """The paper's Table 1 entries for a row: its "SD v1.5" row (NFID 1) is the NFID reference model's
+    row when there is one (the full-scale configs), else the training base's (the world)."""
+    if out.get("reference_model"):
+        return PUBLISHED["base"] if method == "reference" else {} if method == "base" else PUBLISHED.get(method, {})
+    return PUBLISHED.get(method, {})
 
 
 def describe(out: dict, method: str) -> str:
@@ -344,8 +379,8 @@ def write_table_csv(path: Path, out: dict) -> None:
         + ["paper_pokemon_nfid", "paper_pokemon_clip", "paper_gac_nfid", "paper_gac_clip"]
     rows = [cols]
     for method, s in out["summary"].items():
-        pub = PUBLISHED.get(method, {})
-        rows.append([method, describe(out, method) if method != "base" else "base", s["nfid"]["n"]]
+        pub = published(out, method)
+        rows.append([method, describe(out, method) if method not in FIXED_ROWS else method, s["nfid"]["n"]]
                     + [s[m][k] for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")]
                     + [pub.get(k) for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")])
     write_text(path, _csv_text(rows))
@@ -417,7 +452,7 @@ def collect(run_dirs: Sequence[str | Path]) -> dict:
         for r in o["rows"]:
             k = (r["method"], r["seed"], r["epoch"])
             if k in seen:
-                if r["method"] == "base":
+                if r["method"] in FIXED_ROWS:
                     if r["fid"] == seen[k]["fid"]:
                         continue
                     raise ValueError(f"{d}: the base model's FID differs from another run's; these runs are not "
