@@ -310,7 +310,7 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
             "data.max_train_samples=4", "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
             "~protocol.adapters.trilora_identity", "~protocol.adapters.trilora_svd_u",
             "~eval.fidelity", "+eval.fidelity={_target_:lorabench.evaluation.fidelity.clip_feature_scorer,"
-            f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=2",
+            f"clip:'{clip_dir}',kid_subset_size:4}}", "eval.sampler.num_inference_steps=4",
             "eval.sampler.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
     # a reference model that does not load: one line naming the field, before any training
@@ -320,6 +320,7 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "run" / "results.json").read_text())
     assert out["sample_seed"] == 30 and out["sampler"]["guidance_scale"] == 7.5 and len(out["prompts"]) == 6
+    assert out["sampler"]["scheduler"] == "pipeline"  # each model's own (SD1.5: PNDM, which needs >= 4 steps)
     assert {r["method"] for r in out["rows"]} == {"reference", "base", "lora", "trilora"}
     # every NFID divides by the reference model's FID, not the training base's
     ref_fid = next(r["fid"] for r in out["rows"] if r["method"] == "reference")

@@ -99,3 +99,41 @@ def rebuild_cli(argv: Optional[Sequence[str]], prog: str, description: str,
     except (ConfigError, ValueError) as err:
         print(f"lorabench: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def render_card(card: Mapping) -> str:
+    """A protocol card (``experiments/<paper>/protocol.yaml``) as the Markdown table beside it."""
+    def cell(v) -> str:
+        text = "null" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+        return text
+
+    lines = [f"# Protocol card: {card['paper']}", "",
+             "Generated from `protocol.yaml` (`python -m lorabench.protocols.report --card protocol.yaml`); "
+             "`tests/test_cards.py` composes " + ", ".join(f"`experiment={e}`" for e in card["experiments"])
+             + " and fails when a carded key differs.", "",
+             "| setting | value | config key | source | note |", "|---|---|---|---|---|"]
+    for line in card["settings"]:
+        key = line.get("key")
+        where = f"`{key}`" + (f" (`.{line['field']}` of each)" if line.get("field") else "") if key else "-"
+        if line.get("experiments"):
+            where += " in " + ", ".join(line["experiments"])
+        lines.append(f"| {cell(line['setting'])} | {cell(line.get('value')) if key else '-'} | {where} | "
+                     f"{cell(line['source'])} | {cell(line.get('note', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m lorabench.protocols.report --card experiments/*/protocol.yaml``: render the cards."""
+    import yaml  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.report",
+                                     description="Render protocol cards (protocol.yaml -> protocol.md).")
+    parser.add_argument("--card", nargs="+", type=Path, required=True)
+    for path in parser.parse_args(argv).card:
+        write_text(path.with_suffix(".md"), render_card(yaml.safe_load(path.read_text())))
+        print(f"wrote {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

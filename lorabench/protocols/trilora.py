@@ -337,9 +337,11 @@ def render_table(out: dict) -> str:
     note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
             f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID "
             f"against all {out['n_references']} dataset images. NFID = FID / FID("
-            f"{out.get('reference_model') or 'the base model'}, same prompts, seeds, references and features); the "
-            "base and reference models are deterministic here (one row each). Paper: Feng et al. 2024, Table 1 "
-            "(SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
+            + (f"reference model {out['reference_model']}, same prompts, seeds, references and features); the base "
+               "and reference models are deterministic here (one row each)." if out.get("reference_model") else
+               "base model, same prompts, seeds, references and features); the base model is deterministic here "
+               "(one row).")
+            + " Paper: Feng et al. 2024, Table 1 (SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
     return "\n".join(lines) + "\n\n" + note
 
 
