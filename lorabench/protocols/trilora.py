@@ -136,16 +136,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = cfg.protocol
     adapters, seeds, table_epoch, checkpoints, overtrain = resolve_plan(cfg)
-    # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
-    # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
-    # first, so a model that does not load stops the run before any work.
-    ref_cfg = p.get("reference_model")
-    ref_model = None if ref_cfg is None else load_reference(ref_cfg)
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     device = eval_device(cfg)
     with quiet_cells():
         prompts, references = dataset_eval_set(cfg, p.get("max_eval_prompts"))
     scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
+    # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
+    # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
+    # here, after the data's checks, so a model that does not load stops the run before any sampling.
+    ref_cfg = p.get("reference_model")
+    ref_model = None if ref_cfg is None else load_reference(ref_cfg)
     latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
     n_grid = min(int(p.get("grid_images", 16)), len(prompts))
     resolved = OmegaConf.to_container(cfg, resolve=True)
