@@ -184,6 +184,11 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     # without the ArcFace file: one line naming the key and what to download, before any training
     assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.scorer.identity",
                           "give the ArcFace ONNX file")
+    # a detector file that is not ONNX: one line naming the key, nothing left behind
+    (tmp_path / "det.txt").write_text("not a model")
+    assert_one_line_error(run_cli(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface),
+                                                             "FACE_DETECTOR_ONNX": str(tmp_path / "det.txt")}),
+                          tmp_path, "eval.scorer.face_detector", "det.txt is not an ONNX model")
     proc = run_cli(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results] = list((tmp_path / "outputs").glob("orthogonal_adaptation_chilloutmix/*/results.json"))
@@ -196,7 +201,7 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     [edlora_cfg] = list((tmp_path / "outputs").rglob("edlora-person1-seed0-*/csv/hparams.yaml"))
     ed = OmegaConf.load(edlora_cfg)
     assert ed.optim.lr == 1e-4 and ed.optim.text_encoder_lr == 1e-5 and ed.data.batch_size == 2
-    assert ed.adapter.alpha == 1.0 and ed.module.noise_offset == 0.01
+    assert ed.adapter.alpha == 4 and ed.adapter.init == "kaiming" and ed.module.noise_offset == 0.01
     # tokens side by side: P+ alone changes nothing on merge (the group's other tokens are not in the prompts)
     assert all(r["delta_identity_alignment"] == 0 for r in res["rows"] if r["method"] == "pplus")
     assert all(0.0 <= r["merged_identity_alignment"] <= 1.0 for r in res["rows"])
