@@ -12,7 +12,9 @@
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
 #     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
-#     one batched pass, and one pass with module.cuda_graph), lora_step_compile (torch.compile rows: more
+#     one batched pass, and one pass with module.cuda_graph), full_scale (each full-scale table's training
+#     and sampling step, time and peak memory, at the real SD1.5 / SDXL sizes with random weights, multiplied
+#     out to GPU hours per table), lora_step_compile (torch.compile rows: more
 #     than 3 minutes of compiling on an H200, so only when named)
 #   together (started at once, then waited for; their wall times share the GPU and the CPU):
 #     world_table2 (the world Table 2, cold cache, trainer=gpu, every cell batched, each step a CUDA graph
@@ -110,6 +112,11 @@ step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --s
     --dtype $dtype --steps $steps
 step world_cells 240 "$py" bench/bench_batched.py --mode cells --device $dev "${cells[@]}" \
     --ways "one pass,one pass graph"
+if [ $dry = 1 ]; then  # each full-scale table's stages at the real SD1.5 / SDXL sizes (issue 30's budget)
+    step full_scale 120 "$py" bench/bench_full_scale.py --scaled-down --steps 1 --warmup 0
+else
+    step full_scale 240 "$py" bench/bench_full_scale.py --device cuda --steps 6 --warmup 2
+fi
 if [ $dry = 0 ] && [ "$only" != "  " ]; then  # minutes of compiling: only when named
     step lora_step_compile 300 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype \
         --steps 10 --compile --only base,lora,base-compiled,lora-compiled

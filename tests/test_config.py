@@ -112,3 +112,22 @@ def test_an_experiment_that_extends_another_drops_adapters_set_to_null(tmp_path)
     preflight(cfg)
     adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
     assert list(adapters) == ["lora", "trilora"] and seeds == [0, 1, 2]
+
+
+def test_full_size_architectures_have_the_published_parameter_counts():
+    """bench/bench_full_scale.py times SD1.5 and SDXL at their real sizes with random weights: the
+    builder's FULL_SIZE specs give the released models' parameter counts exactly (built on the meta
+    device: no memory, no time)."""
+    import torch
+
+    from lorabench.models import build_scaled_down
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    with torch.device("meta"):
+        sd15 = build_scaled_down("sd15", resolution=512, text_max_length=77, full_size=True)
+        sdxl = build_scaled_down("sdxl", resolution=1024, text_max_length=77, full_size=True)
+    assert (count(sd15.unet), count(sd15.text_encoder), count(sd15.vae)) == (859_520_964, 123_060_480, 83_653_863)
+    assert (count(sdxl.unet), count(sdxl.text_encoder), count(sdxl.text_encoder_2)) == \
+        (2_567_463_684, 123_060_480, 694_659_840)

@@ -168,6 +168,12 @@ def build_tiny_components(
                            resolution=resolution).freeze()
 
 
+def _text(hidden: int, layers: int = 2, heads: int | None = None, intermediate: int | None = None,
+          projection: int | None = None) -> dict:
+    return dict(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 8),
+                intermediate=intermediate or 2 * hidden, projection=projection or hidden)
+
+
 # The published architectures, scaled down: the same block types, block counts, layers per block,
 # attention layout (linear projections, per-block transformer depth, added time conditioning) and
 # encoder pairing as SD1.5 and SDXL's diffusers configs; only widths (and SDXL's deepest transformer
@@ -178,14 +184,26 @@ SCALED_DOWN = {
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                   block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=8,  # SD1.5: 320..1280
                   norm_num_groups=32, use_linear_projection=False),
-        text=(32,), vae_blocks=4),  # CLIP ViT-L/14's text tower (768), one encoder; VAE: 4 blocks, 8x down
+        text=(_text(32),), vae=(32,) * 4, vocab=None),  # CLIP ViT-L/14's text tower (768); VAE: 4 blocks, 8x down
     "sdxl": dict(
         unet=dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                   block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
                   attention_head_dim=(2, 4, 4), norm_num_groups=32, use_linear_projection=True,  # SDXL: (5, 10, 20)
                   addition_embed_type="text_time", addition_time_embed_dim=8),
-        text=(16, 32), vae_blocks=4),  # CLIP ViT-L (768) + OpenCLIP bigG (1280, projected), concatenated
+        text=(_text(16), _text(32)), vae=(32,) * 4, vocab=None),  # CLIP ViT-L (768) + OpenCLIP bigG (1280)
+}
+# The published architectures at their real sizes (the diffusers configs of stable-diffusion-v1-5 and
+# stable-diffusion-xl-base-1.0: UNet, text encoders, VAE), with random weights: what bench/bench_full_scale.py
+# times on a GPU (SD1.5: 860M UNet parameters and a 123M text encoder; SDXL: 2.6B, 123M and 695M).
+FULL_SIZE = {
+    "sd15": dict(
+        unet=dict(SCALED_DOWN["sd15"]["unet"], block_out_channels=(320, 640, 1280, 1280)),
+        text=(_text(768, 12, 12, 3072),), vae=(128, 256, 512, 512), vocab=49408),
+    "sdxl": dict(
+        unet=dict(SCALED_DOWN["sdxl"]["unet"], block_out_channels=(320, 640, 1280),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), addition_time_embed_dim=256),
+        text=(_text(768, 12, 12, 3072), _text(1280, 32, 20, 5120, 1280)), vae=(128, 256, 512, 512), vocab=49408),
 }
 
 
@@ -196,44 +214,49 @@ PIPELINE_DEFAULTS = {"sd15": {"scheduler": "PNDMScheduler"},
 
 
 def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: Iterable[str] = (),
-                      text_max_length: int = 16) -> ModelComponents:
-    """A randomly initialised ``arch`` (``sd15`` | ``sdxl``) model with tiny widths, latent space (an
-    ``AutoencoderKL`` with the real 4 blocks, so 8x down-sampling: ``resolution`` must be a multiple of
-    8 x the UNet's down-sampling)."""
-    if arch not in SCALED_DOWN:
-        raise ValueError(f"arch must be one of {sorted(SCALED_DOWN)}, got {arch!r}")
-    spec = SCALED_DOWN[arch]
-    factor = 2 ** (spec["vae_blocks"] - 1) * 2 ** (len(spec["unet"]["down_block_types"]) - 1)
+                      text_max_length: int = 16, full_size: bool = False) -> ModelComponents:
+    """A randomly initialised ``arch`` (``sd15`` | ``sdxl``) model with tiny widths (``full_size``: the
+    real widths, :data:`FULL_SIZE`), latent space (an ``AutoencoderKL`` with the real 4 blocks, so 8x
+    down-sampling: ``resolution`` must be a multiple of 8 x the UNet's down-sampling)."""
+    specs = FULL_SIZE if full_size else SCALED_DOWN
+    if arch not in specs:
+        raise ValueError(f"arch must be one of {sorted(specs)}, got {arch!r}")
+    spec = specs[arch]
+    n_vae = len(spec["vae"])
+    factor = 2 ** (n_vae - 1) * 2 ** (len(spec["unet"]["down_block_types"]) - 1)
     if resolution % factor:
         raise ValueError(f"resolution must be a multiple of {factor} for {arch}, got {resolution}")
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * spec["vae_blocks"],
-                        down_block_types=("DownEncoderBlock2D",) * spec["vae_blocks"],
-                        up_block_types=("UpDecoderBlock2D",) * spec["vae_blocks"], layers_per_block=2,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=spec["vae"],
+                        down_block_types=("DownEncoderBlock2D",) * n_vae,
+                        up_block_types=("UpDecoderBlock2D",) * n_vae, layers_per_block=2,
                         norm_num_groups=32, sample_size=resolution)
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer(tok_dir, words=words, max_length=text_max_length)
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     vocab = tokenizer.get_vocab()
 
-    def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_attention_heads=max(1, hidden // 8), num_hidden_layers=2,
-                              max_position_embeddings=text_max_length, projection_dim=hidden,
+    def text_config(t: dict) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=max(spec["vocab"] or 0, len(vocab)), hidden_size=t["hidden"],
+                              intermediate_size=t["intermediate"], num_attention_heads=t["heads"],
+                              num_hidden_layers=t["layers"], max_position_embeddings=text_max_length,
+                              projection_dim=t["projection"],
                               bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
 
-    hidden = spec["text"]
+    texts = spec["text"]
     extra = {}
-    text_encoder, text_encoder_2 = CLIPTextModel(text_config(hidden[0])), None
-    if len(hidden) == 2:
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden[1]))
-        extra["projection_class_embeddings_input_dim"] = 6 * spec["unet"]["addition_time_embed_dim"] + hidden[1]
-    unet = UNet2DConditionModel(sample_size=resolution // 2 ** (spec["vae_blocks"] - 1), in_channels=4, out_channels=4,
-                                cross_attention_dim=sum(hidden), **spec["unet"], **extra)
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config(texts[0])), None
+    if len(texts) == 2:
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(texts[1]))
+        extra["projection_class_embeddings_input_dim"] = 6 * spec["unet"]["addition_time_embed_dim"] + \
+            texts[1]["projection"]
+    unet = UNet2DConditionModel(sample_size=resolution // 2 ** (n_vae - 1), in_channels=4, out_channels=4,
+                                cross_attention_dim=sum(t["hidden"] for t in texts), **spec["unet"], **extra)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1,
                               timestep_spacing="leading")
     return ModelComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer if text_encoder_2 else None,
-                           noise_scheduler=scheduler, name=f"{arch}-scaled-down", model_id=f"random:{arch}:seed{seed}",
+                           noise_scheduler=scheduler, name=f"{arch}-{'full-size' if full_size else 'scaled-down'}",
+                           model_id=f"random:{arch}:seed{seed}",
                            resolution=resolution, pipeline_defaults=PIPELINE_DEFAULTS[arch]).freeze()
