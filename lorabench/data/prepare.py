@@ -40,7 +40,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from PIL import Image
+
+from lorabench.data.imagefolder import scan_folder
 from lorabench.errors import ConfigError
+from lorabench.utils.io import atomic_dir
 
 # preprocess/generate_object_dataset.py of luk-st/continual-lora (the 10-task version)
 REFERENCE_SEED = 42
@@ -195,15 +199,11 @@ def prepare_continual_styles(src: Path, out: Path) -> dict:
 
 
 def prepare_pokemon(src: Path, out: Path) -> dict:
-    from lorabench.data.imagefolder import scan_folder  # noqa: PLC0415 - pyarrow only when a parquet is given
-
     if not src.exists():
         raise ConfigError("--src", f"{src} does not exist; give the Pokemon captions parquet file or imagefolder")
     items = scan_folder(src, instance_prompt=None, field="--src")
 
     def write(tmp: Path) -> dict:
-        from PIL import Image  # noqa: PLC0415
-
         lines = []
         for i, (image, text) in enumerate(items):
             name = f"{i:04d}.png"
@@ -241,8 +241,6 @@ def prepare_faces(src: Path, out: Path) -> dict:
 
 
 def _atomic(out: Path, write: Callable[[Path], dict]) -> dict:
-    from lorabench.utils.io import atomic_dir  # noqa: PLC0415
-
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; give a new folder")
     with atomic_dir(out) as tmp:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+import yaml
 from omegaconf import DictConfig
 
 from lorabench.errors import ConfigError
@@ -124,8 +125,6 @@ def render_card(card: Mapping) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m lorabench.protocols.report --card experiments/*/protocol.yaml``: render the cards."""
-    import yaml  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(prog="python -m lorabench.protocols.report",
                                      description="Render protocol cards (protocol.yaml -> protocol.md).")
     parser.add_argument("--card", nargs="+", type=Path, required=True)
