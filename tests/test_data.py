@@ -67,3 +67,52 @@ def test_write_toy_dataset_is_deterministic(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes()
     rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
     assert rows[0] == {"file_name": "0000.png", "text": "a red square"}
+
+
+def test_sdxl_size_conditioning_follows_diffusers_sdxl_scripts(tmp_path):
+    """data.size_conditioning: each example carries (original h, w, crop top, left, res, res), the crop's
+    corner in the resized image (mirrored with a flip), after the EXIF orientation is applied, as
+    diffusers' SDXL DreamBooth script computes add_time_ids; the batch stacks them."""
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "wide.png")
+    x, size = load_image(tmp_path / "wide.png", 16, center_crop=True, with_size=True)
+    # 40 x 30 -> shorter side 16: 21 x 16, centre crop at left (21 - 16) // 2 = 2
+    assert x.shape == (3, 16, 16) and size.tolist() == [30, 40, 0, 2, 16, 16]
+    flipped = None
+    for seed in range(20):  # a seed whose draw flips: the corner is then mirrored, 21 - 16 - 2 = 3
+        _, s = load_image(tmp_path / "wide.png", 16, center_crop=True, random_flip=True,
+                          generator=torch.Generator().manual_seed(seed), with_size=True)
+        if s[3] != 2:
+            flipped = s
+            break
+    assert flipped is not None and flipped.tolist() == [30, 40, 0, 3, 16, 16]
+    # a photo stored sideways with EXIF orientation 6 is turned upright first: 30 wide x 40 high
+    img = Image.new("RGB", (40, 30))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "sideways.jpg", exif=exif)
+    assert load_image(tmp_path / "sideways.jpg", 16, with_size=True)[1].tolist()[:2] == [40, 30]
+    dm = ImageFolderDataModule(str(tmp_path), resolution=16, batch_size=2, instance_prompt="a photo of sks",
+                               size_conditioning=True, seed=0)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["time_ids"].shape == (2, 6) and sorted(batch["time_ids"][:, 0].tolist()) == [30, 40]
+    plain = ImageFolderDataModule(str(tmp_path), resolution=16, batch_size=2, instance_prompt="a photo of sks")
+    plain.setup()
+    assert "time_ids" not in next(iter(plain.train_dataloader()))
+
+
+def test_sdxl_time_ids_reach_the_unet():
+    """A batch's own time_ids replace the square default in SDXL's added conditioning, and change the
+    UNet's output; without them the default (res, res, 0, 0, res, res) is used, as when sampling."""
+    from lorabench.models import build_scaled_down, denoise, encode_prompts
+
+    comps = build_scaled_down("sdxl", resolution=32, words=["sks"])
+    own = torch.tensor([[30, 40, 0, 2, 32, 32]])
+    a = encode_prompts(comps, ["a photo of sks"], "cpu", own)
+    b = encode_prompts(comps, ["a photo of sks"], "cpu")
+    assert a["added_cond_kwargs"]["time_ids"].tolist() == own.float().tolist()
+    assert b["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
+    x, t = torch.randn(1, 4, 4, 4), torch.tensor([500])
+    with torch.no_grad():
+        out_a, out_b = (denoise(comps.unet, x, t, c, torch.float32) for c in (a, b))
+    assert not torch.allclose(out_a, out_b)

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from lorabench.errors import ConfigError
@@ -120,11 +120,14 @@ def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_c
 
 
 def load_image(path: ImageSource, resolution: int, center_crop: bool = True, random_flip: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """RGB image (a file or its bytes) -> float tensor (3, res, res) in [-1, 1]: resize shorter side,
-    crop, maybe flip."""
+               generator: Optional[torch.Generator] = None, with_size: bool = False):
+    """RGB image (a file or its bytes, turned upright by its EXIF orientation, as diffusers' training
+    scripts do) -> float tensor (3, res, res) in [-1, 1]: resize shorter side, crop, maybe flip. With
+    ``with_size``, also SDXL's size conditioning of the example: ``(original height, original width, crop
+    top, crop left, res, res)``, the crop corner in the resized (and, if flipped, mirrored) image, as
+    diffusers' SDXL scripts compute ``add_time_ids``."""
     with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
-        im = im.convert("RGB")
+        im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = im.size
         s = resolution / min(w, h)
         nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
@@ -139,20 +142,27 @@ def load_image(path: ImageSource, resolution: int, center_crop: bool = True, ran
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if random_flip and bool(torch.rand((), generator=generator) < 0.5):
         x = x.flip(-1)
+        left = nw - resolution - left  # the crop's corner in the mirrored image
+    if with_size:
+        return x, torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.long)
     return x
 
 
 class ImageCaptionDataset(Dataset):
     def __init__(self, items: list[tuple[ImageSource, str]], resolution: int, center_crop: bool = True,
-                 random_flip: bool = False, repeats: int = 1):
+                 random_flip: bool = False, repeats: int = 1, size_conditioning: bool = False):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
+        self.size_conditioning = size_conditioning
 
     def __len__(self) -> int:
         return len(self.items) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
         path, prompt = self.items[i % len(self.items)]
+        if self.size_conditioning:
+            x, size = load_image(path, self.resolution, self.center_crop, self.random_flip, with_size=True)
+            return {"pixel_values": x, "prompt": prompt, "index": i, "time_ids": size}
         return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip),
                 "prompt": prompt, "index": i}
 
@@ -178,14 +188,20 @@ def collate(examples: list[dict]) -> dict:
         out = collate(inst + cls)
         out["num_prior"] = len(cls)
         return out
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "prompts": [e["prompt"] for e in examples], "num_prior": 0,
-            "index": torch.tensor([e.get("index", -1) for e in examples])}
+    out = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+           "prompts": [e["prompt"] for e in examples], "num_prior": 0,
+           "index": torch.tensor([e.get("index", -1) for e in examples])}
+    if all("time_ids" in e for e in examples):  # SDXL's per-example size conditioning (data.size_conditioning)
+        out["time_ids"] = torch.stack([e["time_ids"] for e in examples])
+    return out
 
 
 class ImageFolderDataModule(L.LightningDataModule):
     """Training images (and a fixed validation subset) from an imagefolder or a parquet file.
 
+    ``size_conditioning`` (SDXL): each example carries its own size conditioning (original size, crop
+    corner; :func:`load_image`), which the module passes as the UNet's ``time_ids`` instead of the
+    square default, as diffusers' SDXL training scripts do.
     ``max_train_samples`` keeps a random subset (seeded by ``sample_seed``) for training, as diffusers'
     text-to-image script does; ``all_items`` keeps the whole set (a style protocol's evaluation prompts
     and FID references). ``val_samples`` > 0 adds a validation loader over the first images, with no
@@ -197,8 +213,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                  caption_column: str = "text", image_column: Optional[str] = None,
                  max_train_samples: Optional[int] = None,
                  sample_seed: int = 0, repeats: int = 1, class_data_dir: Optional[str] = None,
-                 class_prompt: Optional[str] = None, val_samples: int = 0, seed: int = 0, name: str = "imagefolder"):
+                 class_prompt: Optional[str] = None, val_samples: int = 0, seed: int = 0, name: str = "imagefolder",
+                 size_conditioning: bool = False):
         super().__init__()
+        self.size_conditioning = bool(size_conditioning)
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
         self.path, self.resolution, self.batch_size, self.num_workers = path, int(resolution), batch_size, num_workers
@@ -241,7 +259,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _dataset(self, items, train: bool) -> ImageCaptionDataset:
         return ImageCaptionDataset(items, self.resolution, center_crop=self.center_crop or not train,
-                                   random_flip=self.random_flip and train, repeats=self.repeats if train else 1)
+                                   random_flip=self.random_flip and train, repeats=self.repeats if train else 1,
+                                   size_conditioning=self.size_conditioning)
 
     def train_dataset(self) -> Dataset:
         ds = self._dataset(self.items, True)

@@ -94,12 +94,14 @@ def rewrite_prompt(prompt: str, rewrites: dict[str, str]) -> str:
     return prompt
 
 
-def tokenize_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+def tokenize_prompts(components: ModelComponents, prompts: list[str], device,
+                     time_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """What :func:`encode_tokens` encodes, as tensors of fixed shapes on ``device`` (so a captured training
     step can take them as inputs, :mod:`lorabench.training.cuda_graph`): ``ids`` (and ``ids_2``, SDXL's
     second tokenizer), each padded to the tokenizer's length and repeated once per text group (P+), and,
-    for SDXL, the size/crop ``time_ids``. Words bound to new tokens (``components.prompt_rewrites``) are
-    replaced by them first."""
+    for SDXL, the size/crop ``time_ids`` (``time_ids``: each prompt's own (N, 6), e.g. a training batch's
+    original sizes and crops; else the square ``(res, res, 0, 0, res, res)`` a pipeline samples with).
+    Words bound to new tokens (``components.prompt_rewrites``) are replaced by them first."""
     if components.prompt_rewrites:
         prompts = [rewrite_prompt(p, components.prompt_rewrites) for p in prompts]
     groups = components.text_groups
@@ -113,7 +115,12 @@ def tokenize_prompts(components: ModelComponents, prompts: list[str], device) ->
     if components.is_sdxl:
         res = components.resolution
         out["ids_2"] = ids(components.tokenizer_2)
-        out["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], device=device).repeat(len(prompts), 1)
+        if time_ids is not None:
+            if tuple(time_ids.shape) != (len(prompts), 6):
+                raise ValueError(f"time_ids: expected ({len(prompts)}, 6), got {tuple(time_ids.shape)}")
+            out["time_ids"] = time_ids.to(device)
+        else:
+            out["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], device=device).repeat(len(prompts), 1)
     return out
 
 
@@ -141,11 +148,12 @@ def encode_tokens(components: ModelComponents, tokens: dict[str, torch.Tensor]) 
     return out
 
 
-def encode_prompts(components: ModelComponents, prompts: list[str], device) -> dict[str, torch.Tensor]:
+def encode_prompts(components: ModelComponents, prompts: list[str], device,
+                   time_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """UNet conditioning for ``prompts`` (:func:`tokenize_prompts`, then :func:`encode_tokens`):
     ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``; with layer-wise tokens (P+) also
     ``layer_states``, one per cross-attention layer."""
-    return encode_tokens(components, tokenize_prompts(components, prompts, device))
+    return encode_tokens(components, tokenize_prompts(components, prompts, device, time_ids))
 
 
 def denoise(unet: nn.Module, sample: torch.Tensor, timesteps, cond: dict, dtype: torch.dtype) -> torch.Tensor:

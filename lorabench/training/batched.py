@@ -193,25 +193,28 @@ class BatchedFineTuner(DiffusionFineTuner):
     def training_step(self, batch: list, batch_idx):
         if self.cuda_graph:
             return self.captured_training_step(batch)
-        counts, n_priors, prompts, latents, noise, timesteps = self.draw_members(batch)
+        counts, n_priors, prompts, time_ids, latents, noise, timesteps = self.draw_members(batch)
         with self.route(counts):
-            per_example = self.diffusion_loss({"prompts": prompts}, noise, timesteps, latents, reduce=False)
+            per_example = self.diffusion_loss({"prompts": prompts, "time_ids": time_ids}, noise, timesteps, latents,
+                                              reduce=False)
         losses = self.member_losses_of(per_example, counts, n_priors)
         self._pending_losses.append(losses.detach())
         loss = losses.sum()
         self.log("train/loss", loss / len(counts), on_step=True, prog_bar=True, batch_size=sum(counts))
         return loss
 
-    def draw_members(self, batch: list) -> tuple[list[int], list[int], list[str], torch.Tensor, torch.Tensor,
-                                                 torch.Tensor]:
+    def draw_members(self, batch: list) -> tuple[list[int], list[int], list[str], Optional[torch.Tensor],
+                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every member's draws from its own noise stream (:meth:`draw`), joined member by member:
-        ``(counts, n_priors, prompts, latents, noise, timesteps)``, each member's prompts naming its own tokens."""
+        ``(counts, n_priors, prompts, time_ids, latents, noise, timesteps)``, each member's prompts naming its
+        own tokens; ``time_ids``: SDXL's per-example size conditioning when the data carries it, else None."""
         parts = [self.draw(b, self.member_generator(k)) for k, b in enumerate(batch)]
         counts = [part[1].shape[0] for part in parts]
         n_priors = [int(b.get("num_prior", 0)) for b in batch]
         prompts = [p for k, (b, *_) in enumerate(parts) for p in self.member_prompts(k, b["prompts"])]
+        time_ids = torch.cat([b["time_ids"] for b in batch]) if all("time_ids" in b for b in batch) else None
         latents, noise, timesteps = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
-        return counts, n_priors, prompts, latents, noise, timesteps
+        return counts, n_priors, prompts, time_ids, latents, noise, timesteps
 
     def member_losses_of(self, per_example: torch.Tensor, counts: list[int], n_priors: list[int]) -> torch.Tensor:
         """Each member's loss, (K,): its own examples' mean, prior examples weighted as in its run."""
@@ -231,8 +234,8 @@ class BatchedFineTuner(DiffusionFineTuner):
     def captured_training_step(self, batch: list):
         """:meth:`training_step` under ``module.cuda_graph``: each member's draws and prompts as there, the
         forward-to-clipping part through a :class:`~lorabench.training.cuda_graph.CapturedStep`."""
-        counts, n_priors, prompts, latents, noise, timesteps = self.draw_members(batch)
-        inputs = self.step_inputs(latents, noise, timesteps, prompts)
+        counts, n_priors, prompts, time_ids, latents, noise, timesteps = self.draw_members(batch)
+        inputs = self.step_inputs(latents, noise, timesteps, prompts, time_ids)
         step = self.run_captured((tuple(counts), tuple(n_priors)),
                                  partial(self.captured_member_loss, counts, n_priors), inputs,
                                  lambda: self.clip_members(*self.graph_clip))

@@ -210,14 +210,16 @@ class DiffusionFineTuner(L.LightningModule):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
-    def conditioning(self, prompts: list[str]) -> dict:
+    def conditioning(self, prompts: list[str], time_ids: Optional[torch.Tensor] = None) -> dict:
         ctx = torch.enable_grad() if (self.text_grad and self.training) else torch.no_grad()
         with ctx:
-            return encode_prompts(self.components, prompts, self.device)
+            return encode_prompts(self.components, prompts, self.device, time_ids)
 
     def diffusion_loss(self, batch: Mapping[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
                        latents: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        return self.noise_loss(self.conditioning(batch["prompts"]), noise, timesteps, latents, reduce)
+        """The loss of ``batch`` (its ``prompts`` and, with ``data.size_conditioning``, SDXL ``time_ids``)."""
+        cond = self.conditioning(batch["prompts"], batch.get("time_ids"))
+        return self.noise_loss(cond, noise, timesteps, latents, reduce)
 
     def noise_loss(self, cond: dict, noise: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor,
                    reduce: bool = True) -> torch.Tensor:
@@ -286,9 +288,9 @@ class DiffusionFineTuner(L.LightningModule):
 
     # -- module.cuda_graph: the step as a CapturedStep (forward, loss, backward, clipping), then the optimiser --
     def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                    prompts: list[str]) -> dict[str, torch.Tensor]:
+                    prompts: list[str], time_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """A step's tensors, the captured step's inputs: the draws and the prompts' tokens (``tok_*``)."""
-        tokens = tokenize_prompts(self.components, prompts, self.device)
+        tokens = tokenize_prompts(self.components, prompts, self.device, time_ids)
         return {"latents": latents, "noise": noise, "timesteps": timesteps,
                 **{f"tok_{k}": v for k, v in tokens.items()}}
 
@@ -333,7 +335,7 @@ class DiffusionFineTuner(L.LightningModule):
         step, the forward-to-clipping part through a :class:`CapturedStep`."""
         batch, latents, noise, timesteps = self.draw(batch, self._generator())
         n_prior = int(batch.get("num_prior", 0))
-        inputs = self.step_inputs(latents, noise, timesteps, batch["prompts"])
+        inputs = self.step_inputs(latents, noise, timesteps, batch["prompts"], batch.get("time_ids"))
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # this step's, before the schedule moves it
         step = self.run_captured((n_prior,), partial(self.captured_loss, n_prior), inputs,
                                  lambda: self.clip_grads(self.graph_params(), *self.graph_clip))
