@@ -204,6 +204,11 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
         return []
     t_start = time.perf_counter()
     check_cuda_graph(cfgs[0].get("module") or {}, cfgs[0].trainer)
+    if (cfgs[0].get("module") or {}).get("gradient_checkpointing"):
+        # the recomputed forward runs in backward, after the step's routing of samples to members has ended
+        raise ConfigError("module.gradient_checkpointing", "batched cells cannot recompute activations (the "
+                          "members' routing ends before backward); set it false or train one cell at a time "
+                          "(protocol.batch_cells=1)")
     run_dirs = [Path(d) for d in run_dirs]
     cfg0 = cfgs[0]
     # the data first (checked before anything heavy; it draws nothing from the global RNG): members whose
