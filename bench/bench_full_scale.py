@@ -111,11 +111,9 @@ def measure(table: Table, device: torch.device, dtype: torch.dtype, steps: int, 
     rank = min(table.rank, 4) if scaled_down else table.rank
     adapters = inject_adapters(comps, {"name": "lora", "rank": rank, "target_modules": UNET_TARGETS,
                                        "text_encoder_targets": list(table.te_targets)})
-    params = adapters.trainable_parameters()  # created beside the layers, on the device
-    for p in params:
-        p.data = p.data.to(device)
-    for p in params:
-        p.data = p.data.float()  # adapters train in float32 under autocast, as lorabench trains them
+    params = adapters.trainable_parameters()
+    for p in params:  # adapters train in float32 under autocast, as lorabench trains them
+        p.data = p.data.to(device, torch.float32)
     if table.checkpointing:
         comps.unet.enable_gradient_checkpointing()
     opt, opt_name = optimiser(table.optimiser, params)

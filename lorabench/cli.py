@@ -24,16 +24,14 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.utils.console import VERBOSE_ENV
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -64,33 +62,6 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             option = option.strip()
             if option and option != "null" and option not in groups[key]:
                 raise choice_error(key, option, groups[key])
-
-
-def find_config_error(exc: BaseException) -> Optional[ConfigError]:
-    """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers; or,
-    for an error raised inside a third-party constructor that Hydra instantiated (a Lightning or
-    diffusers class rejecting an option), a ConfigError naming the config key Hydra reports."""
-    seen, chain = set(), []
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ConfigError):
-            return exc
-        seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    wrapper = next((e for e in chain if isinstance(e, InstantiationException)), None)
-    inner = chain[-1]
-    if wrapper is None or inner is wrapper or raised_in_lorabench(inner):
-        return None  # our own bug: keep the traceback
-    key = re.search(r"full_key: (\S+)", str(wrapper))
-    return ConfigError(key.group(1) if key else "config", f"{type(inner).__name__}: {' '.join(str(inner).split())}")
-
-
-def raised_in_lorabench(exc: BaseException) -> bool:
-    """Whether the innermost frame of ``exc``'s traceback is lorabench's own code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and PACKAGE_DIR in Path(tb.tb_frame.f_code.co_filename).resolve().parents
 
 
 def remove_run_dir(run_dir: Path, root: Path) -> None:

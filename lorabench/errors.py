@@ -8,6 +8,14 @@ about to fill, so nothing half-written is left in ``outputs/``.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Optional
+
+from hydra.errors import InstantiationException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 class ConfigError(ValueError):
     """Bad user input. The message names the field or file and what is valid."""
@@ -32,3 +40,30 @@ def check_int(value, field: str, minimum: int | None = None, allow_none: bool = 
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ConfigError(field, f"must be an integer{bound}{' or null' if allow_none else ''}, got {value!r}")
     return value
+
+
+def find_config_error(exc: BaseException) -> Optional[ConfigError]:
+    """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers; or,
+    for an error raised inside a third-party constructor that Hydra instantiated (a Lightning or
+    diffusers class rejecting an option), a ConfigError naming the config key Hydra reports."""
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConfigError):
+            return exc
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    wrapper = next((e for e in chain if isinstance(e, InstantiationException)), None)
+    inner = chain[-1]
+    if wrapper is None or inner is wrapper or raised_in_lorabench(inner):
+        return None  # our own bug: keep the traceback
+    key = re.search(r"full_key: (\S+)", str(wrapper))
+    return ConfigError(key.group(1) if key else "config", f"{type(inner).__name__}: {' '.join(str(inner).split())}")
+
+
+def raised_in_lorabench(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is lorabench's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and PACKAGE_DIR in Path(tb.tb_frame.f_code.co_filename).resolve().parents

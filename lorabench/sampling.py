@@ -137,10 +137,9 @@ class Sampler:
         dtype = next(comps.unet.parameters()).dtype
         guided = self.guidance_scale != 1.0
         cond = encode_prompts(comps, prompts, dev)
-        if guided:
-            uncond = encode_prompts(comps, [self.negative_prompt] * len(prompts), dev)
-            if self.zero_negative:  # diffusers' SDXL pipeline: zeros, pooled embedding included
-                uncond = _zeros_like(uncond)
+        if guided:  # zero_negative: diffusers' SDXL pipeline's zeros (pooled embedding included), nothing encoded
+            uncond = _zeros_like(cond) if self.zero_negative else \
+                encode_prompts(comps, [self.negative_prompt] * len(prompts), dev)
             cond = _cat_conditions(uncond, cond)
         sched = self.scheduler
         sched.set_timesteps(self.num_inference_steps, device=dev)

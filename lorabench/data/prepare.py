@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from lorabench.data.imagefolder import scan_folder
+from lorabench.data.imagefolder import IMAGE_EXTENSIONS, scan_folder
 from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_dir
 
@@ -69,7 +69,6 @@ DREAMBOOTH_CLASSES = {
 N_TASKS = 10
 IMAGES_PER_TRAIN_STYLE = 5
 N_FACES = 12
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # -- the reference's choices ----------------------------------------------------------------------------
@@ -262,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n = len(result.get("tasks", result)) if "tasks" in result else result.get("images", len(result))
-    print(f"{args.dataset}: wrote {args.out} ({n} {'tasks' if 'tasks' in result else 'entries'})")
+    what = f"{len(result['tasks'])} tasks" if "tasks" in result else \
+        f"{result['images']} images" if "images" in result else f"{len(result)} identities"
+    print(f"{args.dataset}: wrote {args.out} ({what})")
     return 0
 
 

@@ -252,13 +252,17 @@ class ArcFaceEmbedder:
             out[i], found[i] = align_face(frame, landmarks[0], self.size[0]), True
         return out, found
 
+    def blob(self, images: torch.Tensor):
+        """The network's input (N, 3, S, S) float32 array, and which frames had a face."""
+        faces, found = self.crops(images.cpu())
+        return ((faces - self.mean) / self.std).numpy().astype("float32"), found
+
     def preprocess(self, images: torch.Tensor):
-        return ((self.crops(images)[0] - self.mean) / self.std).numpy().astype("float32")
+        return self.blob(images)[0]
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        faces, found = self.crops(images.cpu())
-        blob = ((faces - self.mean) / self.std).numpy().astype("float32")
+        blob, found = self.blob(images)
         out = F.normalize(torch.from_numpy(self.session.run(None, {self.input_name: blob})[0]).float().flatten(1),
                           dim=-1)
         return out * found[:, None].float()  # no face: a zero embedding (cosine 0 with everything)

@@ -40,7 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.data import load_image
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError, check_int, find_config_error
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import cell_config, check_batch_cells, plan_passes, protocol_inputs
@@ -122,10 +122,7 @@ def load_reference(ref_cfg: DictConfig):
         with quiet_cells():
             return instantiate(ref_cfg, _convert_="all")
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loader's error: one line naming the field
-        cause = exc
-        while cause.__cause__ is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        raise ConfigError("protocol.reference_model", f"could not load it ({cause})") from exc
+        raise ConfigError("protocol.reference_model", f"could not load it ({find_config_error(exc) or exc})") from exc
 
 
 # -- the run -----------------------------------------------------------------------------------------
