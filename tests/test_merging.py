@@ -21,6 +21,7 @@ from lorabench.merging import (
     load_stats,
     merge,
     merged_into,
+    merged_pairs,
     output_error,
     save_merged_adapter,
     save_stats,
@@ -134,8 +135,8 @@ def test_svd_truncation_reports_dropped_energy_and_saves_at_rank(tmp_path):
     expected = float((s[4:] ** 2).sum() / (s ** 2).sum())
     assert res.info["dropped_energy"]["l"] == pytest.approx(expected, rel=1e-6)
     assert res.deltas["l"].up.shape == (32, 4)
-    dropped = save_merged_adapter({"l": exact}, tmp_path / "m.safetensors", rank=None)
-    assert dropped["l"] < 1e-10  # rank 12 = exact
+    pairs, dropped = merged_pairs({"l": exact}, rank=None)
+    assert dropped["l"] < 1e-10 and pairs["l"][0].shape == (32, 12)  # rank 12 = exact
 
 
 def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, load_tiny):
@@ -151,11 +152,12 @@ def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, l
         ups.append(updates_from_adapters(ad, f"c{i}"))
         ad.remove()
     res = merge(ups, {"name": "sum", "lam": 0.6})
-    save_merged_adapter(res.deltas, tmp_path / "merged.safetensors")
-    loaded = load_adapter(comps, tmp_path / "merged.safetensors")
-    for name, d in loaded.delta_weights().items():
-        assert torch.allclose(d, res.deltas[name].to_dense(), atol=1e-6)
-    loaded.remove()
+    save_merged_adapter(comps, res.deltas, tmp_path)
+    for file in ("adapter.safetensors", "pytorch_lora_weights.safetensors", "kohya_lora.safetensors"):
+        loaded = load_adapter(comps, tmp_path / file)
+        for name, d in loaded.delta_weights().items():
+            assert torch.allclose(d, res.deltas[name].to_dense(), atol=1e-6), file
+        loaded.remove()
     # and the UNet folder: the merged weights, loadable by diffusers
     from diffusers import UNet2DConditionModel
 
@@ -371,7 +373,7 @@ def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_pat
     proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge.lam=0.5"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/merged_lora.safetensors"))
+    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/adapter.safetensors"))
     comps = load_components(str(tiny_model_dir), name="tiny", resolution=16)
     merged = load_adapter(comps, out).delta_weights()
     da, db = ad_a.delta_weights(), ad_b.delta_weights()
@@ -408,3 +410,76 @@ def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(
     assert (run_dir / "unet" / "config.json").is_file() and len(list(run_dir.glob("stats-*.safetensors"))) == 2
     res = json.loads((run_dir / "results.json").read_text())  # on the captured inputs too
     assert all(e["output_median"]["mean"] > 0 for e in res["update_size"].values())
+
+
+def _two_updates(comps, rank=8):
+    from lorabench.adapters import inject_adapters
+    from lorabench.merging import updates_from_adapters
+
+    ups = []
+    for i in range(2):
+        torch.manual_seed(i)
+        ad = inject_adapters(comps, {"name": "lora", "rank": rank})
+        for layer in ad.layers.values():
+            torch.nn.init.normal_(layer.lora_up, std=0.1)
+        ups.append(updates_from_adapters(ad, f"c{i}"))
+        ad.remove()
+    return ups
+
+
+@pytest.mark.parametrize("config", [{"name": "sum", "lam": 0.6}, {"name": "task_arithmetic", "lam": 1.0},
+                                    {"name": "svd", "lam": 0.6, "rank": 4}, {"name": "ties", "density": 0.2},
+                                    {"name": "dare", "drop": 0.5}, {"name": "gradient_fusion"}])
+def test_every_merge_output_loads_back_in_every_layout_at_a_rank_the_layers_allow(tmp_path, load_tiny, config):
+    """Why: a TIES merge of two adapters wrote rank-59 factors on 32-wide layers (one padded rank per file,
+    larger than the dense update) and lorabench's own loader refused the file; and the merge came only in
+    diffusers' layout. Now each layer keeps its own rank (<= min(out, in)), in lorabench, diffusers and kohya
+    layouts, and each file loads back as the merge."""
+    from lorabench.adapters import load_adapter
+    from lorabench.merging import model_weights
+
+    comps = load_tiny()
+    ups = _two_updates(comps)
+    stats = None
+    if config["name"] == "gradient_fusion":
+        stats = [{k: torch.eye(d.shape[1]) + 0.1 for k, d in ((k, u.delta(k)) for k in u.layers)} for u in ups]
+    res = merge(ups, config, stats=stats)
+    paths, _ = save_merged_adapter(comps, res.deltas, tmp_path)
+    assert [p.name for p in paths] == ["adapter.safetensors", "pytorch_lora_weights.safetensors",
+                                       "kohya_lora.safetensors"]
+    shapes = {k: tuple(w.reshape(w.shape[0], -1).shape) for k, w in model_weights(comps, list(res.deltas)).items()}
+    assert min(min(s) for s in shapes.values()) == 32 and max(max(s) for s in shapes.values()) > 32
+    for path in paths:
+        loaded = load_adapter(comps, path)  # raised "adapter.rank: 59 exceeds min(in, out) = 32" for TIES
+        try:
+            for name, layer in loaded.layers.items():
+                assert layer.rank <= min(shapes[name])
+                d = loaded.delta_weights()[name]
+                assert torch.allclose(d, res.deltas[name].to_dense(), atol=1e-5), (path.name, name)
+        finally:
+            loaded.remove()
+
+
+def test_merge_weights_scale_each_input_before_the_method(tmp_path, tiny_model_dir):
+    """Why: protocol.weights=[0.7,0.3] was a six-line Hydra error, and its suggested +protocol.weights ran and
+    ignored the weights. Now each input's update is scaled by its weight: sum at lam 1 gives 0.7 dA + 0.3 dB."""
+    from lorabench.adapters import load_adapter
+    from lorabench.models import load_components
+    from test_cli import assert_one_line_error, run_cli
+
+    a, _, ad_a = _adapter_files(tiny_model_dir, tmp_path, 0)
+    _, b, ad_b = _adapter_files(tiny_model_dir, tmp_path, 1)
+    base = ["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+            "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge.lam=1.0"]
+    proc = run_cli([*base, "protocol.weights=[0.7,0.3]"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/kohya_lora.safetensors"))
+    comps = load_components(str(tiny_model_dir), name="tiny", resolution=16)
+    merged = load_adapter(comps, out).delta_weights()
+    da, db = ad_a.delta_weights(), ad_b.delta_weights()
+    for k, d in merged.items():
+        assert torch.allclose(d, 0.7 * da[k] + 0.3 * db[k], atol=1e-6)
+    assert json.loads((out.parent / "results.json").read_text())["weights"] == [0.7, 0.3]
+    (tmp_path / "bad").mkdir()
+    proc = run_cli([*base, "protocol.weights=[0.7]"], tmp_path / "bad")
+    assert_one_line_error(proc, tmp_path / "bad", "protocol.weights", "2 numbers")

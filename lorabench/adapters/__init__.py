@@ -10,17 +10,23 @@ from lorabench.adapters import custom_diffusion, lora, ortho, trilora  # noqa: F
 from lorabench.adapters.base import ADAPTERS, AdapterLayer, AdapterOptions, get_adapter_class, register_adapter
 from lorabench.adapters.injection import DEFAULT_UNET_TARGETS, Adapters, base_fingerprint, inject_adapters
 from lorabench.adapters.io import (
+    ADAPTER_FILE,
+    EXPORT_FILES,
     export_diffusers,
     export_kohya,
     import_lora,
     load_adapter,
+    lora_from_pairs,
     lora_pairs,
     read_safetensors,
     save_adapter,
+    write_adapter_files,
 )
 
 __all__ = [
     "ADAPTERS",
+    "ADAPTER_FILE",
+    "EXPORT_FILES",
     "AdapterLayer",
     "AdapterOptions",
     "Adapters",
@@ -32,8 +38,10 @@ __all__ = [
     "import_lora",
     "inject_adapters",
     "load_adapter",
+    "lora_from_pairs",
     "lora_pairs",
     "read_safetensors",
     "register_adapter",
     "save_adapter",
+    "write_adapter_files",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from typing import Iterator, Mapping, Optional, Sequence
@@ -14,7 +15,7 @@ from lorabench.errors import ConfigError
 
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Keys of the adapter config that are about placement, not the adapter's own options.
-PLACEMENT_KEYS = ("name", "target_modules", "text_encoder_targets")
+PLACEMENT_KEYS = ("name", "target_modules", "text_encoder_targets", "rank_pattern")
 
 
 def matches(name: str, targets: Sequence[str]) -> bool:
@@ -69,8 +70,10 @@ class Adapters:
         """Wrap every target layer of every root (``{"unet": unet, "text_encoder": te}``).
 
         ``config``: ``name`` (registered adapter), ``target_modules`` (UNet targets),
-        ``text_encoder_targets`` (optional; text encoders are left alone when empty), and the
-        adapter's own options (rank, alpha, ...).
+        ``text_encoder_targets`` (optional; text encoders are left alone when empty), the
+        adapter's own options (rank, alpha, ...) and ``rank_pattern`` (optional, PEFT's name:
+        ``{layer: rank}`` for layers whose rank differs from ``rank``, e.g. a merge's factors; each keeps
+        the adapter's scale ``alpha / rank``).
         """
         config = dict(config)
         adapter_cls = get_adapter_class(config.get("name"))
@@ -78,6 +81,7 @@ class Adapters:
         te_targets = list(config.get("text_encoder_targets") or [])
         options = {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
         opts = parse_options(adapter_cls, options)
+        pattern = dict(config.get("rank_pattern") or {})
         layers: dict[str, AdapterLayer] = {}
         used_roots = {}
         for prefix, root in roots.items():
@@ -90,12 +94,21 @@ class Adapters:
             if any(isinstance(m, AdapterLayer) for m in root.modules()):
                 raise ConfigError("adapter", f"{prefix} already carries adapters; remove or merge them first")
             for n in names:
-                layer = adapter_cls(root.get_submodule(n), f"{prefix}.{n}", opts)
+                own = opts
+                if f"{prefix}.{n}" in pattern:  # the same scale at its own rank
+                    r = pattern[f"{prefix}.{n}"]
+                    own = dataclasses.replace(opts, rank=r, alpha=None if opts.alpha is None
+                                              else float(opts.alpha) * r / opts.rank)
+                    own.validate()
+                layer = adapter_cls(root.get_submodule(n), f"{prefix}.{n}", own)
                 layers[f"{prefix}.{n}"] = layer
             field = "adapter.target_modules" if prefix == "unet" else "adapter.text_encoder_targets"
             if not names:
                 raise ConfigError(field, f"no layer of {prefix} matches {tgt}; e.g. to_q, to_k, to_v, to_out.0 "
                                   "(UNet) or q_proj, k_proj, v_proj, out_proj (CLIP text encoder)")
+        unknown = sorted(set(pattern) - set(layers))
+        if unknown:
+            raise ConfigError("adapter.rank_pattern", f"names no targeted layer: {unknown[:3]}")
         # Replace only after every layer was built, so a bad config leaves the model untouched.
         for full, layer in layers.items():
             prefix, _, path = full.partition(".")
@@ -103,7 +116,7 @@ class Adapters:
             ref = layer.base.weight
             layer.to(device=ref.device)
         record = {"name": adapter_cls.adapter_type, "target_modules": targets["unet"],
-                  "text_encoder_targets": te_targets, **options}
+                  "text_encoder_targets": te_targets, **options, **({"rank_pattern": pattern} if pattern else {})}
         return cls(adapter_cls.adapter_type, record, layers, used_roots)
 
     def remove(self) -> None:

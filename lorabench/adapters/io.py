@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
@@ -195,6 +196,25 @@ def export_kohya(adapters: Adapters, path) -> Path:
     return _write(tensors, path, metadata)
 
 
+# The files a trained (or merged) adapter is written as: lorabench's own, and the exports by layout name.
+ADAPTER_FILE = "adapter.safetensors"
+EXPORT_FILES = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
+                "kohya": ("kohya_lora.safetensors", export_kohya)}
+
+
+def write_adapter_files(adapters: Adapters, folder, exports=("diffusers", "kohya"), *, base_model: str = "",
+                        extra: Mapping | None = None, export_files: Mapping | None = None) -> list[Path]:
+    """``adapter.safetensors`` (lorabench's layout) and each export of ``exports`` (:data:`EXPORT_FILES`, or
+    ``export_files``) into ``folder``, each written atomically; returns the paths."""
+    table = export_files or EXPORT_FILES
+    folder = Path(folder)
+    paths = [save_adapter(adapters, folder / ADAPTER_FILE, base_model=base_model, extra=extra)]
+    for e in exports:
+        filename, fn = table[e]
+        paths.append(fn(adapters, folder / filename))
+    return paths
+
+
 # -- importing diffusers / kohya LoRA files -----------------------------------------------------------
 def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str):
     """``{layer: {"down", "up", "alpha"?}}`` from diffusers (PEFT or legacy) or kohya keys."""
@@ -239,13 +259,23 @@ def import_lora(components, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     for layer, p in parts.items():
         if "down" not in p or "up" not in p:
             raise ConfigError(source, f"layer {layer!r} lacks its {'up' if 'down' in p else 'down'} tensor")
-    ranks = {p["down"].shape[0] for p in parts.values()}
-    if len(ranks) != 1:
-        raise ConfigError(source, f"layers have different ranks {sorted(ranks)}; lorabench needs one rank per file")
-    rank = ranks.pop()
+    pairs = {}
+    for layer, p in parts.items():
+        down, up = p["down"].float(), p["up"].float()
+        scale = float(p["alpha"]) / down.shape[0] if "alpha" in p else 1.0
+        pairs[layer] = (up.reshape(up.shape[0], -1) * scale, down.reshape(down.shape[0], -1))
+    return lora_from_pairs(components, pairs, source)
+
+
+def lora_from_pairs(components, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                    source: str = "adapter") -> Adapters:
+    """Inject a LoRA holding ``pairs`` (``{layer: (up, down)}``, 2-D, dW = up @ down, scale 1) into a model:
+    the layers' own ranks (the most common one as ``rank``, the others in ``rank_pattern``)."""
+    ranks = Counter(down.shape[0] for _, down in pairs.values())
+    rank = max(ranks, key=lambda r: (ranks[r], r))
     roots = components.adaptable_modules()
     by_prefix: dict[str, list[str]] = {}
-    for layer in parts:
+    for layer in pairs:
         prefix, _, path = layer.partition(".")
         if prefix not in roots:
             raise ConfigError(source, f"layer {layer!r}: unknown model part {prefix!r}; valid: {', '.join(roots)}")
@@ -254,21 +284,21 @@ def import_lora(components, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     config = {"name": "lora", "rank": rank, "alpha": float(rank),
               "target_modules": [f"re:{re.escape(p)}" for p in by_prefix.get("unet", [])],
               "text_encoder_targets": [f"re:{re.escape(p)}" for p in te_paths]}
+    pattern = {layer: down.shape[0] for layer, (_, down) in pairs.items() if down.shape[0] != rank}
+    if pattern:
+        config["rank_pattern"] = pattern
     use_roots = {k: v for k, v in roots.items() if k in by_prefix}
     try:
         adapters = Adapters.inject(use_roots, config)
     except ConfigError as exc:
         raise ConfigError(source, f"does not fit the model: {exc}") from exc
     state = {}
-    for layer, p in parts.items():
-        target = adapters.layers.get(layer)
-        if target is None:
+    for layer, (up, down) in pairs.items():
+        if layer not in adapters.layers:
             adapters.remove()
             raise ConfigError(source, f"layer {layer!r} not found in the model")
-        down, up = p["down"].float(), p["up"].float()
-        scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
-        state[f"{layer}.lora_down"] = down.reshape(down.shape[0], -1)
-        state[f"{layer}.lora_up"] = up.reshape(up.shape[0], -1) * scale
+        state[f"{layer}.lora_down"] = down
+        state[f"{layer}.lora_up"] = up
     try:
         adapters.load_state_dict(state, source=source)
     except Exception:

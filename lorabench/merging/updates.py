@@ -19,11 +19,10 @@ from types import MappingProxyType
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from lorabench.adapters import load_adapter, lora_pairs, read_safetensors
+from lorabench.adapters import load_adapter, lora_from_pairs, lora_pairs, read_safetensors, write_adapter_files
 from lorabench.errors import ConfigError
-from lorabench.utils.io import atomic_dir, atomic_path
+from lorabench.utils.io import atomic_dir
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,29 +275,32 @@ def model_weights(components, layer_names: Sequence[str]) -> dict[str, torch.Ten
     return out
 
 
-def save_merged_adapter(deltas: Mapping[str, LayerDelta], path, rank: Optional[int] = None,
-                        metadata: Optional[Mapping[str, str]] = None) -> dict[str, float]:
-    """Write the merge as a diffusers-format LoRA file (``lora_A`` = down, ``lora_B`` = up, scale 1),
-    each layer at ``rank`` (``None``: exact). Returns ``{layer: share of energy dropped}``."""
-    tensors, dropped = {}, {}
-    ranks = set()
+def merged_pairs(deltas: Mapping[str, LayerDelta], rank: Optional[int] = None
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """Each layer's merge as factors ``(up, down)`` at ``rank`` (``None``: exact), never above the layer's
+    ``min(out, in)`` (a dense merge, e.g. TIES, is exact there); and ``{layer: share of energy dropped}``."""
+    pairs, dropped = {}, {}
     for layer, d in deltas.items():
         up, down, lost = d.low_rank(rank)
-        ranks.add(up.shape[1])
-        tensors[f"{layer}.lora_A.weight"] = down.cpu().contiguous()
-        tensors[f"{layer}.lora_B.weight"] = up.cpu().contiguous()
+        pairs[layer] = (up.cpu().contiguous(), down.cpu().contiguous())
         dropped[layer] = lost
-    if len(ranks) > 1:  # one rank per file (what diffusers and kohya loaders expect): pad with zeros
-        r = max(ranks)
-        for layer in deltas:
-            a, b = tensors[f"{layer}.lora_A.weight"], tensors[f"{layer}.lora_B.weight"]
-            if a.shape[0] < r:
-                tensors[f"{layer}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
-                tensors[f"{layer}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], 1)
-    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return dropped
+    return pairs, dropped
+
+
+def save_merged_adapter(components, deltas: Mapping[str, LayerDelta], folder, rank: Optional[int] = None,
+                        exports: Sequence[str] = ("diffusers", "kohya"), base_model: str = "",
+                        metadata: Optional[Mapping[str, str]] = None) -> tuple[list[Path], dict[str, float]]:
+    """Write the merge as a LoRA into ``folder``: ``adapter.safetensors`` (lorabench's layout) and the
+    ``exports`` (diffusers: ``pytorch_lora_weights.safetensors``, kohya: ``kohya_lora.safetensors``), each
+    layer at its own rank (:func:`merged_pairs`), so lorabench, diffusers and kohya loaders read them all.
+    Returns the paths and ``{layer: share of energy dropped}``."""
+    pairs, dropped = merged_pairs(deltas, rank)
+    adapters = lora_from_pairs(components, pairs, "merge")
+    try:
+        paths = write_adapter_files(adapters, folder, exports, base_model=base_model, extra=metadata)
+    finally:
+        adapters.remove()
+    return paths, dropped
 
 
 def save_merged_unet(components, deltas: Mapping[str, LayerDelta], folder) -> Path:

@@ -2,10 +2,17 @@
 merged diffusers UNet folder, with any registered method.
 
     lorabench experiment=merge_adapters model=sd15 protocol.inputs=[a.safetensors,b.safetensors]
+    lorabench experiment=merge_adapters protocol.inputs=[a.safetensors,b.safetensors] protocol.weights=[0.7,0.3]
     lorabench experiment=merge_adapters merge=ties protocol.save_as=unet protocol.inputs=[...]
     lorabench experiment=merge_adapters merge=gradient_fusion protocol.inputs=[...] \
         protocol.prompts=["a photo of sks dog","a photo of zwz cat"]      # captures statistics first
     lorabench experiment=merge_adapters merge=gradient_fusion protocol.inputs=[...] protocol.stats=[a.st,b.st]
+
+``protocol.weights`` (one number per input) scales each input's update before the method merges them
+(as mergekit's per-model ``weight``); the method's own ``lam`` still applies. The merged adapter is
+written in lorabench's layout (``adapter.safetensors``) and the layouts of ``protocol.exports``
+(diffusers: ``pytorch_lora_weights.safetensors``, kohya: ``kohya_lora.safetensors``), each layer at
+its own rank, never above what the layer allows (``min(out, in)``), so every loader reads them.
 
 Gradient fusion reads one statistics file per input (``protocol.stats``), or captures them on the
 spot from one prompt per input (``protocol.prompts``) and writes them into the run folder.
@@ -14,13 +21,14 @@ spot from one prompt per input (``protocol.prompts``) and writes them into the r
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.adapters import load_adapter
+from lorabench.adapters import EXPORT_FILES, load_adapter
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
@@ -68,6 +76,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("protocol.stats", f"{method.name} needs one statistics file (protocol.stats) or one prompt "
                           f"(protocol.prompts) per input: {len(inputs)}")
     rank = check_int(p.get("rank"), "protocol.rank", minimum=1, allow_none=True)
+    weights = check_weights(p.get("weights"), len(inputs))
+    exports = list(p.get("exports") or [])
+    for e in exports:
+        if e not in EXPORT_FILES:
+            raise choice_error("protocol.exports", e, EXPORT_FILES)
     cap = dict(OmegaConf.to_container(p.get("capture") or {}, resolve=True))
     n_capture = check_int(cap.pop("images_per_prompt", 4), "protocol.capture.images_per_prompt", minimum=1)
 
@@ -76,6 +89,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
              for f in inputs]
     names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
     updates = [read_update(components, f, name) for f, name in zip(inputs, names)]
+    if weights is not None:
+        updates = [replace(u, layers={k: (up * w, down) for k, (up, down) in u.layers.items()})
+                   for u, w in zip(updates, weights)]
     stats = None
     if method.needs_stats:
         stats = []
@@ -93,25 +109,40 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             finally:
                 ad.remove()
     result = merge(updates, merge_cfg, stats=stats)
-    weights = model_weights(components, list(updates[0].layers))
+    base_weights = model_weights(components, list(updates[0].layers))
     size_log = sizes.SizeLog()  # each input against the base it sits on (on its inputs where captured)
     for i, u in enumerate(updates):
-        per_layer = update_size(u, weights, stats[i] if stats else None)
+        per_layer = update_size(u, base_weights, stats[i] if stats else None)
         size_log.add(u.name, {"layers": per_layer, **size_summary(per_layer)})
     info = {k: v for k, v in result.info.items() if not isinstance(v, dict)}
     if save_as == "adapter":
-        out_path = run_dir / "merged_lora.safetensors"
-        dropped = save_merged_adapter(result.deltas, out_path, rank=rank,
-                                      metadata={"merge": str(merge_cfg), "inputs": str(inputs)})
+        paths, dropped = save_merged_adapter(components, result.deltas, run_dir, rank=rank, exports=exports,
+                                             base_model=components.model_id,
+                                             metadata={"merge": merge_cfg, "inputs": inputs, "weights": weights})
+        out_path = paths[0]
         info["dropped_energy_mean"] = sum(dropped.values()) / max(1, len(dropped))
         info["dropped_energy_max"] = max(dropped.values(), default=0.0)
     else:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
-    out = {"protocol": "merge_adapters", "inputs": inputs, "merge": merge_cfg, "merge_s": result.merge_s,
-           "output": str(out_path), "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
+    out = {"protocol": "merge_adapters", "inputs": inputs, "weights": weights, "merge": merge_cfg,
+           "merge_s": result.merge_s, "output": str(out_path),
+           "files": [str(x) for x in (paths if save_as == "adapter" else [out_path])],
+           "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
            "total_s": time.perf_counter() - t0}
     write_json(run_dir / "results.json", out)
     extra = "".join(f"\n  {k}: {v:.4g}" for k, v in info.items() if isinstance(v, float))
     out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
-                    f"({len(result.deltas)} layers)\n  wrote {out_path}{extra}")
+                    f"({len(result.deltas)} layers){' weights ' + str(weights) if weights else ''}\n"
+                    + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n"))
     return out
+
+
+def check_weights(weights, n: int) -> list[float] | None:
+    """``protocol.weights``: null (each input as it is) or one number per input."""
+    if weights is None:
+        return None
+    if isinstance(weights, (int, float)) or not hasattr(weights, "__len__") or isinstance(weights, str) \
+            or len(weights) != n or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise ConfigError("protocol.weights", f"must be null or a list of {n} numbers (one per input), got "
+                          f"{OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights!r}")
+    return [float(w) for w in weights]

@@ -11,15 +11,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lorabench.adapters import export_diffusers, export_kohya, save_adapter
+from lorabench.adapters import ADAPTER_FILE, EXPORT_FILES, write_adapter_files
 from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_custom_diffusion
 from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import save_grid
 
-EXPORTS = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
-           "kohya": ("kohya_lora.safetensors", export_kohya),
-           "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
+EXPORTS = {**EXPORT_FILES, "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
 
 class SaveArtifacts(L.Callback):
@@ -39,7 +37,7 @@ class SaveArtifacts(L.Callback):
         also when rank zero wrote them in a spawned worker)."""
         if full:
             return ["model"]
-        return ["adapter.safetensors", *(EXPORTS[e][0] for e in self.exports)]
+        return [ADAPTER_FILE, *(EXPORTS[e][0] for e in self.exports)]
 
     def expected(self, module) -> list[str]:
         """:meth:`expected_files` for a module: adapter files, ``embeddings.safetensors`` with new tokens."""
@@ -61,11 +59,8 @@ class SaveArtifacts(L.Callback):
             if tokens is None:
                 save_components(components, self.dirpath / "model")
             return
-        save_adapter(adapters, self.dirpath / "adapter.safetensors", base_model=self.base_model,
-                     extra={"global_step": global_step})
-        for e in self.exports:
-            filename, fn = EXPORTS[e]
-            fn(adapters, self.dirpath / filename)
+        write_adapter_files(adapters, self.dirpath, self.exports, base_model=self.base_model,
+                            extra={"global_step": global_step}, export_files=EXPORTS)
 
 
 class LossHistory(L.Callback):
