@@ -19,17 +19,24 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
+from lorabench.checks import check_callbacks, check_optim, check_override_types, check_validation
 from lorabench.errors import ConfigError, choice_error, find_config_error
-from lorabench.utils.console import VERBOSE_ENV
+from lorabench.utils.console import VERBOSE_ENV, quiet_cells
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -64,14 +71,105 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
                 raise choice_error(key, option, groups[key])
 
 
-def remove_run_dir(run_dir: Path, root: Path) -> None:
-    """Delete a failed run's folder and any parents it leaves empty, up to ``root``."""
-    run_dir, root = run_dir.resolve(), root.resolve()
-    if root not in run_dir.parents or (run_dir / "state").is_dir():  # a resumable run's state stays
+def _split_overrides(args: list[str], groups: dict[str, list[str]]):
+    """The command line's overrides as ``(compose, typed)``: ``compose``, the override strings to compose
+    with (a sweep by its first value, Hydra's own keys left out), and ``typed``, ``(key, values)`` of every
+    plain value override (all of a sweep's values) for :func:`lorabench.checks.check_override_types`."""
+    parsed = OverridesParser.create().parse_overrides(args)
+    groups_first, values, typed = [], [], []
+    for ov in parsed:
+        key = ov.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if ov.is_sweep_override():
+            line = f"{ov.get_key_element()}={next(iter(ov.sweep_string_iterator()))}"
+            vals = list(ov.sweep_iterator()) if isinstance(ov.value(), ChoiceSweep) else []
+        else:
+            line, vals = ov.input_line, ([] if ov.is_delete() else [ov.value()])
+        (groups_first if key.split("@")[0] in groups else values).append(line)
+        if key.split("@")[0] not in groups and not ov.is_add() and not ov.is_delete():
+            typed.append((key, [v for v in vals if not (isinstance(v, str) and v.startswith("${"))]))
+    return groups_first, values, typed
+
+
+def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """What can be checked from the config alone, before Hydra makes a run folder and before torch is
+    imported: the config the command asks for is composed with Hydra's compose API, each numeric override
+    is checked against its field's type, keys that do not exist are named, and the optimiser and callbacks
+    options are checked (:mod:`lorabench.checks`). Flags other than ``-m`` (``--help``, ``--cfg``, ...) are
+    Hydra's own; their commands are left to it."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    groups = config_groups(conf_dir)
+    try:
+        group_args, value_args, typed = _split_overrides([a for a in args if not a.startswith("-")], groups)
+    except OverrideParseException:
+        return  # Hydra reports a malformed override itself
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        try:
+            base = compose("train", overrides=group_args)
+            check_override_types(base, typed)
+            cfg = compose("train", overrides=group_args + value_args)
+        except (ConfigCompositionException, OmegaConfBaseException) as exc:
+            raise composition_error(exc) from exc
+    check_callbacks(cfg.get("callbacks"))
+    try:
+        check_validation(OmegaConf.select(cfg, "eval.validation"))
+    except OmegaConfBaseException:
+        pass  # an interpolation only a run can resolve: the run checks it
+    if cfg.get("optim") is not None:
+        try:
+            optim = OmegaConf.to_container(cfg.optim, resolve=True)
+        except OmegaConfBaseException:
+            return  # an interpolation only a run can resolve: the run checks it
+        check_optim(optim)
+
+
+def composition_error(exc: Exception) -> ConfigError:
+    """Hydra's composition error (several lines) as one: the key it names and what to do."""
+    text = f"{exc}\n{exc.__cause__ or ''}"
+    key = re.search(r"full_key: (\S+)", text) or re.search(r"override '([^']+)'", text)
+    if ("not in struct" in text or "append to your config" in text) and key:
+        return ConfigError(key.group(1), "not a field of this config (see it with --cfg job); check the spelling, "
+                           f"or add a new key with +{key.group(1)}=...")
+    first = " ".join(text.split("\n")[0].split())
+    return ConfigError(key.group(1) if key else "config", first)
+
+
+# When this process started: what a failed run may remove is what it wrote since (see remove_run_dir).
+STARTED = time.time()
+
+
+def _written_since(path: Path, since: float) -> bool:
+    """Whether ``path`` (a file, or a folder and everything in it) was written at or after ``since``."""
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return all(p.lstat().st_mtime >= since for p in paths if not p.is_dir())
+
+
+def remove_run_dir(run_dir: Path, root: Path, sweep_dir: Optional[Path] = None, since: float = STARTED) -> None:
+    """Delete what a run that failed on bad input wrote: its folder, wherever it is (under ``root``, the
+    ``paths.output_root``; or a ``hydra.run.dir`` / ``hydra.sweep.dir`` elsewhere), and the folders it leaves
+    empty up to ``root``. Only files written since ``since`` (this process's start) go: a folder that held
+    something before keeps it (Hydra's ``.hydra/`` and log of this run are removed from it). A resumable
+    run's folder (``state/``, or a Lightning ``checkpoints/last.ckpt``) stays. In a sweep, the sweep folder
+    goes too when this job was all it held (its ``multirun.yaml`` aside)."""
+    run_dir, root = run_dir.resolve(), root.resolve()
+    if (run_dir / "state").is_dir() or (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return
+    if run_dir.is_dir() and _written_since(run_dir, since - 1.0):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif run_dir.is_dir():  # the user's folder: only this run's Hydra files go
+        for p in [run_dir / ".hydra", *run_dir.glob("*.log")]:
+            if p.exists() and _written_since(p, since - 1.0):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    if sweep_dir is not None:
+        sweep_dir = sweep_dir.resolve()
+        left = list(sweep_dir.iterdir()) if sweep_dir.is_dir() else []
+        if [p.name for p in left] == ["multirun.yaml"] and _written_since(sweep_dir, since - 1.0):
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        run_dir = sweep_dir
     parent = run_dir.parent
-    while parent != root and root in parent.parents and not any(parent.iterdir()):
+    while parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
     if root.is_dir() and not any(root.iterdir()):
@@ -122,9 +220,7 @@ def preflight(cfg: DictConfig) -> None:
     # heavy (torch, diffusers): the CLI's start-up (override checks, --help) does not pay for them
     from lorabench.adapters.tokens import check_tokens_config, for_concept  # noqa: PLC0415
     from lorabench.protocols.cells import check_batch_cells  # noqa: PLC0415
-    from lorabench.run import check_callbacks  # noqa: PLC0415
     from lorabench.sampling import check_counts  # noqa: PLC0415
-    from lorabench.training import check_optim  # noqa: PLC0415
     from lorabench.training.module import check_cuda_graph  # noqa: PLC0415
 
     check_callbacks(cfg.get("callbacks"))
@@ -151,10 +247,15 @@ def preflight(cfg: DictConfig) -> None:
         check_cuda_graph(OmegaConf.to_container(cfg.module, resolve=True),
                          OmegaConf.to_container(cfg.trainer, resolve=True))
     ev = cfg.get("eval")
-    if ev is not None:
+    if ev is not None and ev.get("sampler") is not None:
         check_counts({k: OmegaConf.select(ev, f"sampler.{k}") for k in ("num_inference_steps", "batch_size")},
                      "eval.sampler")
         check_counts({"images_per_prompt": ev.get("images_per_prompt")}, "eval")
+
+
+def sweep_dir(hc) -> Optional[Path]:
+    """The sweep's folder in a multirun (None in a single run)."""
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
 def fail(err: ConfigError) -> None:
@@ -178,13 +279,14 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     try:
         gpus = gpu_list() if hc.mode == RunMode.MULTIRUN else []
     except ConfigError as err:  # a malformed $LORABENCH_GPUS
-        remove_run_dir(run_dir, Path(cfg.paths.output_root))
+        remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep_dir(hc))
         fail(err)
     with claim_gpu(gpus) as gpu:
-        return _run_job(cfg, run_dir, name, protocol, gpu)
+        return _run_job(cfg, run_dir, name, protocol, gpu, sweep_dir(hc))
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str]) -> Optional[float]:
+def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str],
+             sweep: Optional[Path]) -> Optional[float]:
     # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
     import torch  # noqa: PLC0415
 
@@ -196,18 +298,20 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
         if torch.cuda.is_available():
             torch.cuda.set_device(int(gpu))
     try:
-        preflight(cfg)
+        with quiet_cells():
+            preflight(cfg)
         if protocol:
             results = get_method(protocol._target_)(cfg, run_dir)
             summary, objective = "\n" + results["table"], None
         else:
-            results, _ = train(cfg, run_dir, config_name=str(name))
+            with quiet_cells():
+                results, _ = train(cfg, run_dir, config_name=str(name))
             summary, objective = format_summary(results), results["metrics"].get("val_loss_after")
     except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
         err = find_config_error(exc)
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        remove_run_dir(run_dir, Path(cfg.paths.output_root))
+        remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
     print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
@@ -227,6 +331,7 @@ def main() -> None:
         sys.argv = [a for a in sys.argv if a not in verbose_flags]
     try:
         check_group_overrides(sys.argv[1:])
+        precheck(sys.argv[1:])
     except ConfigError as err:
         fail(err)
     _hydra_entry()

@@ -18,9 +18,18 @@ import lorabench
 from lorabench.adapters import inject_adapters, read_safetensors
 from lorabench.adapters.stacked import StackedAdapters, take_out
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
+from lorabench.checks import check_callbacks, check_validation
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
-from lorabench.training import DiffusionFineTuner, LossHistory, SaveArtifacts
+from lorabench.training import (
+    AdapterEMA,
+    DiffusionFineTuner,
+    LossHistory,
+    SaveArtifacts,
+    ShuffleState,
+    StepProgressBar,
+    ValidationSamples,
+)
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
 from lorabench.training.module import check_cuda_graph
 from lorabench.utils.io import write_json
@@ -44,14 +53,6 @@ def hand_over_clipping(module: DiffusionFineTuner, trainer_cfg: Mapping) -> dict
         return {}
     module.graph_clip = (trainer_cfg.get("gradient_clip_val"), trainer_cfg.get("gradient_clip_algorithm"))
     return {"gradient_clip_val": None, "gradient_clip_algorithm": None}
-
-
-def check_callbacks(callbacks: Optional[Mapping]) -> None:
-    """Every entry of the ``callbacks`` group must be null or a config with a ``_target_``."""
-    for name, spec in (callbacks or {}).items():
-        if spec is not None and (not hasattr(spec, "get") or not spec.get("_target_")):
-            raise ConfigError(f"callbacks.{name}", "needs a _target_ (a Lightning callback class) and its arguments, "
-                              "e.g. callbacks=lr_monitor, or null to drop it")
 
 
 def build_callbacks(callbacks: Optional[Mapping]) -> list[L.Callback]:
@@ -98,12 +99,22 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
     history = LossHistory()
+    validation = check_validation(OmegaConf.select(cfg, "eval.validation"))
+    samples = ValidationSamples(folder=run_dir / "samples", **validation) if validation else None
+    user = [*callbacks, *build_callbacks(cfg.get("callbacks")), *([samples] if samples else [])]
+    bar = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) and \
+        not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in user) else []
+    ema = [AdapterEMA(module.ema_decay)] if module.ema_decay is not None else []  # before the files are written
+    # callbacks=checkpoints alone turns checkpointing on (Lightning refuses a ModelCheckpoint otherwise)
+    checkpointing = {"enable_checkpointing": True} if any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
+                                                           for c in user) else {}
     trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(run_dir), _convert_="all",
-                          callbacks=[saver, history, *callbacks, *build_callbacks(cfg.get("callbacks"))],
+                          callbacks=[*ema, saver, history, ShuffleState(), *user, *bar], **checkpointing,
                           **hand_over_clipping(module, cfg.trainer))
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
+    resume = resume_checkpoint(cfg.get("resume"), run_dir)
     if "spawn" in str(cfg.trainer.get("strategy", "")):
         # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
         # the second spawn of a run (validate, then fit) with "unable to resize file"
@@ -118,7 +129,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         if has_val:
             validate()
         t_fit = time.perf_counter()
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=resume)
         fit_s = time.perf_counter() - t_fit
         fitted = dict(trainer.callback_metrics)  # read before validate() resets them
         if has_val:
@@ -139,9 +150,28 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
          **({"cuda_graph": dict(module.graph_stats)} if module.cuda_graph else {})},
         saver.expected(module) if steps else [],
         str(trainer.strategy.root_device) if steps else "cpu")  # the module is on the CPU after fit
+    if samples is not None:
+        results["samples"] = [str(p.relative_to(run_dir)) for p in samples.written]
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
     return results, module
+
+
+def resume_checkpoint(resume, run_dir: Path) -> Optional[str]:
+    """The Lightning checkpoint a run continues from: ``resume`` (a run folder, whose
+    ``checkpoints/last.ckpt`` it takes, or a ``.ckpt`` file); with ``resume`` null, the run's own folder's
+    ``checkpoints/last.ckpt`` when there is one (a rerun of the same command into a fixed
+    ``hydra.run.dir``), else None (a fresh start)."""
+    if resume is None:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(str(resume))
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError("resume", f"{str(path)!r} does not exist; give a run folder with checkpoints/last.ckpt "
+                          "(written with callbacks=checkpoints) or a .ckpt file")
+    return str(path)
 
 
 def run_results(cfg: DictConfig, config_name: str, components, adapters, tokens, trainable: int, steps: int,
@@ -156,6 +186,8 @@ def run_results(cfg: DictConfig, config_name: str, components, adapters, tokens,
         "model_id": components.model_id,
         "adapter": adapters.adapter_type if adapters else ("none" if tokens else "full"),
         "adapter_config": adapters.config if adapters else None,
+        "data": {k: v for k, v in (OmegaConf.to_container(cfg.data, resolve=True) or {}).items()
+                 if k in ("name", "path", "folder", "concept", "instance_prompt")} if cfg.get("data") else None,
         "embeddings_config": tokens.config if tokens else None,
         "metrics": {
             "trainable_params": trainable,
@@ -204,6 +236,10 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
         return []
     t_start = time.perf_counter()
     check_cuda_graph(cfgs[0].get("module") or {}, cfgs[0].trainer)
+    for key in ("snr_gamma", "ema_decay"):
+        if (cfgs[0].get("module") or {}).get(key) is not None:
+            raise ConfigError(f"module.{key}", "is for single runs; batched cells train without it (set it null or "
+                              "train one cell at a time: protocol.batch_cells=1)")
     if (cfgs[0].get("module") or {}).get("gradient_checkpointing"):
         # the recomputed forward runs in backward, after the step's routing of samples to members has ended
         raise ConfigError("module.gradient_checkpointing", "batched cells cannot recompute activations (the "

@@ -109,19 +109,25 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
         cell.paths.output_dir = str(cell_dir)
         cell.logger = {"wandb": None}
         cell.protocol = None
+        cell.resume = None  # a cell resumes from its own folder's checkpoint, never from the protocol's resume
+        if cell.get("eval") is not None:
+            cell.eval.validation = None  # a cell is scored by its protocol, not sampled while it trains
     return cell
 
 
 def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
     """A hash of the config groups ``keys`` (resolved) and ``extra``, leaving out the trainer's display
-    options and ``module.cuda_graph``: what decides a result, not where it is written, how it is shown or
-    how its steps are launched (a captured step computes what an eager one does)."""
+    options, ``module.cuda_graph`` and ``eval.validation``: what decides a result, not where it is written,
+    how it is shown or how its steps are launched (a captured step computes what an eager one does)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
             for k in keys if k in cfg}
     keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
                        if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
-    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute
-        keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
+    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute;
+        # an option that is off (null, e.g. snr_gamma, ema_decay) hashes as an absent one: caches stay valid
+        keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph" and v is not None}
+    if isinstance(keep.get("eval"), dict):  # a training run's samples (eval.validation) score nothing
+        keep["eval"] = {k: v for k, v in keep["eval"].items() if k != "validation"}
     keep.update(extra or {})
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:length]
 

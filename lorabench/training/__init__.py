@@ -1,6 +1,15 @@
 """Training: the Lightning module that fine-tunes a diffusers UNet with adapters, and its callbacks."""
 
-from lorabench.training.callbacks import CheckpointEvaluation, LossHistory, SaveArtifacts
+from lorabench.training.callbacks import (
+    AdapterEMA,
+    CheckpointEvaluation,
+    LossHistory,
+    SaveArtifacts,
+    ShuffleState,
+    StepProgressBar,
+    ValidationSamples,
+)
 from lorabench.training.module import DiffusionFineTuner, check_optim
 
-__all__ = ["CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "SaveArtifacts", "check_optim"]
+__all__ = ["AdapterEMA", "CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "SaveArtifacts",
+           "ShuffleState", "StepProgressBar", "ValidationSamples", "check_optim"]

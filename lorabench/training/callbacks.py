@@ -1,21 +1,26 @@
 """The callbacks every training run has: :class:`SaveArtifacts` (the adapter files), :class:`LossHistory`
-(the losses results.json reports), and :class:`CheckpointEvaluation` (scores at chosen epochs). A user's
-own callbacks come from the ``callbacks`` config group."""
+(the losses results.json reports), :class:`StepProgressBar`; and those a config asks for:
+:class:`ValidationSamples` (``eval.validation``: images while training), :class:`AdapterEMA`
+(``module.ema_decay``), :class:`CheckpointEvaluation` (scores at chosen epochs). A user's own callbacks
+come from the ``callbacks`` config group."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, convert_inf
 from lightning.pytorch.utilities import rank_zero_only
 
 from lorabench.adapters import ADAPTER_FILE, EXPORT_FILES, write_adapter_files
 from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_custom_diffusion
 from lorabench.errors import choice_error
 from lorabench.models import save_components
-from lorabench.sampling import save_grid
+from lorabench.sampling import sample_prompts, save_grid
 
 EXPORTS = {**EXPORT_FILES, "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
@@ -63,6 +68,115 @@ class SaveArtifacts(L.Callback):
                             extra={"global_step": global_step}, export_files=EXPORTS)
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimiser steps (``train: 12/30``, with the loss). Lightning's own counts the
+    batches of each epoch, and reads ``Epoch 29/-2`` when ``max_steps`` alone bounds a run of one-batch
+    epochs. The fixed-noise validation before and after fitting (a second or two) has no bar."""
+
+    @property
+    def train_description(self) -> str:
+        return "train"
+
+    @staticmethod
+    def total_steps(trainer) -> int | float:
+        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else \
+            convert_inf(trainer.estimated_stepping_batches)
+
+    def init_train_tqdm(self) -> Tqdm:
+        # as Lightning's, over the run's steps; a resumed run starts where it stopped
+        return Tqdm(desc=self.train_description, total=self.total_steps(self.trainer), initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar for the whole run, not one per epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step
+        if self._should_update(n, self.train_progress_bar.total):
+            _update_n(self.train_progress_bar, n)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
+class AdapterEMA(L.Callback):
+    """An exponential moving average of the trained parameters (adapter factors, new tokens' rows; the
+    optimiser's parameters): after each optimiser step ``ema <- decay * ema + (1 - decay) * param``
+    (diffusers' ``EMAModel`` with a fixed decay, no warm-up), started from the initial values. When training
+    ends the averages replace the weights, so the saved files, the after-fit validation loss and the last
+    samples use them. Comes first among the callbacks (lorabench.run), before those that write files."""
+
+    def __init__(self, decay: float):
+        self.decay = float(decay)
+        self.shadow: list[torch.Tensor] = []
+        self._step = -1
+
+    def _params(self, trainer) -> list[torch.Tensor]:
+        return [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        params = self._params(trainer)
+        if len(self.shadow) != len(params):  # not restored from a checkpoint
+            self.shadow = [p.detach().clone() for p in params]
+        self.shadow = [s.to(p.device) for s, p in zip(self.shadow, params)]
+        self._step = trainer.global_step
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._step:  # an optimiser step happened (not only an accumulated batch)
+            self._step = trainer.global_step
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self._params(trainer)], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module) -> None:
+        for p, s in zip(self._params(trainer), self.shadow):
+            p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = list(state["shadow"])
+
+
+class ShuffleState(L.Callback):
+    """The training loader's shuffling generator in checkpoints, so a resumed run draws the orders of the
+    run that was not interrupted (a plain ``DataLoader``'s shuffling is not part of Lightning's state). At a
+    checkpoint taken at an epoch's end the generator stands where the next epoch's loader starts; a resumed
+    fit made its first loader from the fresh generator, so the state is put back as training starts, with
+    the one draw a new loader makes (its workers' base seed). A checkpoint taken mid-epoch restarts that
+    epoch's order (as Lightning does)."""
+
+    def __init__(self):
+        self._pending: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _generator(trainer) -> Optional[torch.Generator]:
+        return getattr(trainer.train_dataloader, "generator", None)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        gen = self._generator(trainer)
+        if gen is not None:
+            checkpoint["lorabench_shuffle_state"] = gen.get_state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("lorabench_shuffle_state")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        gen = self._generator(trainer)
+        if self._pending is not None and gen is not None:
+            gen.set_state(self._pending)
+            torch.empty((), dtype=torch.int64).random_(generator=gen)  # the new loader's base-seed draw
+        self._pending = None
+
+
 class LossHistory(L.Callback):
     """Per-step training losses and the step count, handed back through ``trainer.callback_metrics``:
     under a spawning strategy (ddp_spawn) the fit runs in worker processes and ``callback_metrics`` (with
@@ -70,6 +184,12 @@ class LossHistory(L.Callback):
 
     def __init__(self):
         self.losses: list[torch.Tensor] = []
+
+    def state_dict(self) -> dict:  # a resumed run reports the losses of its first part too
+        return {"losses": torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = list(state["losses"].unbind(0))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -79,6 +199,49 @@ class LossHistory(L.Callback):
         trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
         trainer.callback_metrics["run/train_losses"] = \
             torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
+
+
+class ValidationSamples(L.Callback):
+    """Images from fixed prompts and seeds while training (diffusers' ``validation_prompt``, kohya's
+    ``--sample_prompts``): every ``every_n_steps`` optimiser steps (``None``: only at the end) and at the end
+    of training, rank zero samples each prompt from each seed's initial latents (the same latents every
+    time, so grids compare across steps) and writes ``<folder>/step<NNNNNN>.png``, one row per prompt and
+    one column per seed, labelled; loggers that take images (W&B) get it too. Sampling uses its own
+    generators and puts the model back in training mode: a run with samples trains the same adapter as
+    one without."""
+
+    def __init__(self, prompts: Sequence[str], seeds: Sequence[int], sampler: dict, folder: str | Path,
+                 every_n_steps: int | None = None):
+        self.prompts, self.seeds, self.sampler = list(prompts), list(seeds), dict(sampler)
+        self.folder, self.every = Path(folder), every_n_steps
+        self.written: list[Path] = []
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step != self._last:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last:
+            self.sample(trainer, pl_module)
+
+    def sample(self, trainer, pl_module) -> None:
+        step = self._last = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            images = sample_prompts(pl_module.components, {"progress": False, **self.sampler}, self.prompts,
+                                    self.seeds, pl_module.device).cpu()
+        pl_module.train()
+        n = len(self.seeds)
+        path = self.folder / f"step{step:06d}.png"
+        save_grid(path, [images[i * n:(i + 1) * n] for i in range(len(self.prompts))], labels=self.prompts,
+                  title=f"step {step}; columns: seeds {self.seeds}")
+        self.written.append(path)
+        for lg in trainer.loggers:
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="validation/samples", images=[str(path)], step=step, caption=[f"step {step}"])
 
 
 class CheckpointEvaluation(L.Callback):

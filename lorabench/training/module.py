@@ -9,49 +9,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import compute_snr
 
 from lorabench.adapters import Adapters, inject_adapters
 from lorabench.adapters.tokens import ConceptTokens, inject_tokens
+from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema
 from lorabench.errors import ConfigError, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts, encode_tokens, tokenize_prompts
 from lorabench.training.cuda_graph import CapturedStep
 from lorabench.utils.seeding import generator
-
-OPTIMIZERS = ("adamw", "adamw8bit")
-DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embedding_lr": None, "weight_decay": 1e-2,
-                 "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
-
-
-def check_optim(optim: Mapping) -> None:
-    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work;
-    keys not given take DEFAULT_OPTIM's values."""
-    optim = {**DEFAULT_OPTIM, **dict(optim)}
-
-    def bad(key, what):
-        return ConfigError(f"optim.{key}", f"{what}, got {optim.get(key)!r}")
-
-    def number(key):
-        v = optim.get(key)
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    if optim.get("name", "adamw") not in OPTIMIZERS:
-        raise choice_error("optim.name", optim.get("name"), OPTIMIZERS)
-    if not (number("lr") or 0) > 0:
-        raise bad("lr", "must be a number > 0")
-    for key in ("text_encoder_lr", "embedding_lr"):
-        if optim.get(key) is not None and not (number(key) or 0) > 0:
-            raise bad(key, "must be null (same as lr) or a number > 0")
-    if number("weight_decay") is None or optim["weight_decay"] < 0:
-        raise bad("weight_decay", "must be a number >= 0")
-    if number("eps") is None or optim["eps"] <= 0:
-        raise bad("eps", "must be a number > 0")
-    betas = optim.get("betas")
-    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        raise bad("betas", "must be two numbers in [0, 1)")
-    if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
-        raise bad("warmup_steps", "must be an integer >= 0")
-
 
 # A run captures at most this many step graphs (one per batch shape, e.g. the last, shorter batch of an
 # epoch); steps of any further shape run eagerly.
@@ -75,6 +41,9 @@ def check_cuda_graph(module: Mapping, trainer: Mapping) -> None:
         raise ConfigError("module.cuda_graph", "captures one device's step; train on one device (trainer.devices=1)")
     if (trainer.get("accumulate_grad_batches") or 1) != 1:
         raise ConfigError("module.cuda_graph", "replays a whole step; trainer.accumulate_grad_batches must be 1")
+    if module.get("snr_gamma") is not None:
+        raise ConfigError("module.cuda_graph", "captures the unweighted loss; min-SNR weighting (module.snr_gamma) "
+                          "runs without it")
 
 
 def unique_mean(losses: torch.Tensor, index: torch.Tensor) -> float:
@@ -110,6 +79,11 @@ class DiffusionFineTuner(L.LightningModule):
         compile: ``torch.compile`` the UNet (adapters included) in place: its first steps compile (minutes
             at SD size), then elementwise work is fused and kernel launches drop; the loss matches eager
             mode to float tolerance (tests/test_gpu.py).
+        snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023, as diffusers' training scripts): each
+            example's training loss times ``min(SNR(t), gamma) / SNR(t)`` (``/ (SNR(t) + 1)`` under
+            v-prediction); ``None``: off. The fixed-noise validation loss stays unweighted.
+        ema_decay: keep an exponential moving average of the trained parameters and save it
+            (:class:`~lorabench.training.callbacks.AdapterEMA`); ``None``: off.
         cuda_graph: on CUDA, capture each step's forward, loss, backward and gradient clipping as one CUDA
             graph (:class:`~lorabench.training.cuda_graph.CapturedStep`) and replay it: no kernel launches
             from Python (an SD1.5 LoRA step on an H200: 0.29x the eager step's time). The optimiser steps
@@ -120,7 +94,7 @@ class DiffusionFineTuner(L.LightningModule):
                  prior_loss_weight: float = 1.0, noise_offset: float = 0.0, seed: int = 0, val_timesteps: int = 8,
                  train_text_encoder: bool = False, caption_dropout: float = 0.0, gradient_checkpointing: bool = False,
                  compile: bool = False, cuda_graph: bool = False, embeddings: Optional[Mapping] = None,
-                 injected=None):
+                 snr_gamma: Optional[float] = None, ema_decay: Optional[float] = None, injected=None):
         super().__init__()
         self.components = components
         self.unet = components.unet
@@ -134,6 +108,9 @@ class DiffusionFineTuner(L.LightningModule):
             self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
+        check_snr_ema(snr_gamma, ema_decay)
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        self.ema_decay = ema_decay  # applied by lorabench.training.callbacks.AdapterEMA (lorabench.run adds it)
         self.caption_dropout = caption_dropout
         if self.adapters is None and self.tokens is None:
             self.unet.requires_grad_(True)
@@ -237,6 +214,13 @@ class DiffusionFineTuner(L.LightningModule):
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss.mean() if reduce else loss
 
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """min-SNR-gamma weights of ``timesteps`` (diffusers' ``compute_snr``): ``min(SNR, gamma) / SNR``
+        for epsilon prediction, ``min(SNR, gamma) / (SNR + 1)`` for v-prediction."""
+        snr = compute_snr(self.noise_scheduler, timesteps).float()
+        weights = snr.clamp(max=self.snr_gamma)
+        return weights / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+
     def trainable_parameters(self, prefix: str) -> list[torch.nn.Parameter]:
         """Trainable parameters of ``unet`` or the text encoders, adapters or full weights; ``embeddings``:
         the new tokens' rows."""
@@ -277,6 +261,8 @@ class DiffusionFineTuner(L.LightningModule):
             return self.captured_training_step(batch)
         batch, latents, noise, timesteps = self.draw(batch, self._generator())
         per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
+        if self.snr_gamma is not None:
+            per_example = per_example * self.snr_weights(timesteps)
         n_prior = int(batch.get("num_prior", 0))
         loss, prior = self.reduce_loss(per_example, n_prior)
         if prior is not None:
@@ -478,6 +464,7 @@ class DiffusionFineTuner(L.LightningModule):
     # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.adapters is None and self.tokens is None:
+            checkpoint["lorabench_noise_state"] = self._generator().get_state()
             return
         rows = {id(p) for p in self.trainable_parameters("embeddings")}
         keys = {n for n, p in self.named_parameters() if id(p) in rows}
@@ -487,3 +474,9 @@ class DiffusionFineTuner(L.LightningModule):
         checkpoint["lorabench_adapter"] = self.adapters.config if self.adapters is not None else None
         if self.tokens is not None:
             checkpoint["lorabench_embeddings"] = self.tokens.config
+        # the noise and timestep stream where it stands: a resumed run draws what the uninterrupted one would
+        checkpoint["lorabench_noise_state"] = self._generator().get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "lorabench_noise_state" in checkpoint:
+            self._generator().set_state(checkpoint["lorabench_noise_state"])

@@ -1,0 +1,115 @@
+"""Config checks that need no model, no data and no torch: the CLI runs them on the composed config
+before the heavy imports, so a bad value is one line within a second (``lorabench.cli.precheck``); the
+run repeats the ones its objects need (a protocol or a test may call them without the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.errors import ConfigError, choice_error
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embedding_lr": None, "weight_decay": 1e-2,
+                 "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
+
+
+def check_optim(optim: Mapping) -> None:
+    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work;
+    keys not given take DEFAULT_OPTIM's values."""
+    optim = {**DEFAULT_OPTIM, **dict(optim)}
+
+    def bad(key, what):
+        return ConfigError(f"optim.{key}", f"{what}, got {optim.get(key)!r}")
+
+    def number(key):
+        v = optim.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    if optim.get("name", "adamw") not in OPTIMIZERS:
+        raise choice_error("optim.name", optim.get("name"), OPTIMIZERS)
+    if not (number("lr") or 0) > 0:
+        raise bad("lr", "must be a number > 0")
+    for key in ("text_encoder_lr", "embedding_lr"):
+        if optim.get(key) is not None and not (number(key) or 0) > 0:
+            raise bad(key, "must be null (same as lr) or a number > 0")
+    if number("weight_decay") is None or optim["weight_decay"] < 0:
+        raise bad("weight_decay", "must be a number >= 0")
+    if number("eps") is None or optim["eps"] <= 0:
+        raise bad("eps", "must be a number > 0")
+    betas = optim.get("betas")
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise bad("betas", "must be two numbers in [0, 1)")
+    if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
+        raise bad("warmup_steps", "must be an integer >= 0")
+
+
+
+def check_callbacks(callbacks: Optional[Mapping]) -> None:
+    """Every entry of the ``callbacks`` group must be null or a config with a ``_target_``."""
+    for name, spec in (callbacks or {}).items():
+        if spec is not None and (not hasattr(spec, "get") or not spec.get("_target_")):
+            raise ConfigError(f"callbacks.{name}", "needs a _target_ (a Lightning callback class) and its arguments, "
+                              "e.g. callbacks=lr_monitor, or null to drop it")
+
+
+
+
+def _kind(value) -> Optional[str]:
+    """``"integer"`` or ``"number"`` for a numeric config value (booleans are not numbers), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "integer"
+    return "number" if isinstance(value, float) else None
+
+
+def check_override_types(base: DictConfig, overrides: Iterable[tuple[str, list[Any]]]) -> None:
+    """Each ``(key, values)`` given on the command line against the type of ``key``'s value in ``base`` (the
+    config composed without them): a numeric field takes a number (an integer field an integer) or null. The
+    error names the field and the expected type (``trainer.max_steps: expected an integer, got 'ten'``)."""
+    for key, values in overrides:
+        default = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+        want = _kind(default)
+        if want is None:
+            continue
+        for v in values:
+            got = _kind(v)
+            if v is None or got == want or (want == "number" and got == "integer"):
+                continue
+            hint = " (a whole number)" if want == "integer" and got == "number" else ""
+            raise ConfigError(key, f"expected an {want}{hint}, got {v!r}" if want == "integer"
+                              else f"expected a {want}, got {v!r}")
+
+
+def check_validation(validation: Optional[Mapping], field: str = "eval.validation") -> Optional[dict]:
+    """``eval.validation`` as a dict of the sample callback's arguments, or None when it asks for no samples:
+    prompts a list of strings, seeds a non-empty list of integers, every_n_steps null or an integer >= 1."""
+    if not validation:
+        return None
+    v = OmegaConf.to_container(validation, resolve=True) if OmegaConf.is_config(validation) else dict(validation)
+    prompts = v.get("prompts") or []
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{field}.prompts", f"must be a list of prompts (strings), got {prompts!r}")
+    if not prompts:
+        return None
+    seeds = v.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(_kind(s) == "integer" for s in seeds):
+        raise ConfigError(f"{field}.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    every = v.get("every_n_steps")
+    if every is not None and (_kind(every) != "integer" or every < 1):
+        raise ConfigError(f"{field}.every_n_steps", f"must be null (at the end only) or an integer >= 1, got {every!r}")
+    return {"prompts": list(prompts), "seeds": list(seeds), "every_n_steps": every,
+            "sampler": dict(v.get("sampler") or {})}
+
+
+def check_snr_ema(snr_gamma, ema_decay) -> None:
+    """``module.snr_gamma`` (null or a number > 0) and ``module.ema_decay`` (null or a number in (0, 1))."""
+    if snr_gamma is not None and not (_kind(snr_gamma) and snr_gamma > 0):
+        raise ConfigError("module.snr_gamma", f"must be null (off) or a number > 0 (5.0 in the paper), "
+                          f"got {snr_gamma!r}")
+    if ema_decay is not None and not (_kind(ema_decay) and 0 < ema_decay < 1):
+        raise ConfigError("module.ema_decay", f"must be null (off) or a number in (0, 1), e.g. 0.999, "
+                          f"got {ema_decay!r}")
