@@ -4,6 +4,8 @@
     lorabench experiment=sd15_dreambooth_lora data.path=my_dog/
     lorabench --multirun adapter=lora,ortho,trilora seed=0,1,2
     lorabench -v                                # everything the libraries print (quiet by default)
+    lorabench sample protocol.adapters=[run/adapter.safetensors] protocol.prompts=["a photo of sks dog"]
+    lorabench summarize outputs/multirun/<task>/<time>   # a sweep's table (also printed when it ends)
 
 Bad input prints one line (``lorabench: error: <field>: <what is valid>``) and exits
 with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. A run that fails on
@@ -36,6 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lorabench.checks import check_callbacks, check_optim, check_override_types, check_validation
 from lorabench.errors import ConfigError, choice_error, find_config_error
+from lorabench.sweeps import job_dir_name
+from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, quiet_cells
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
@@ -228,7 +232,7 @@ def preflight(cfg: DictConfig) -> None:
         check_tokens_config(for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
                                         OmegaConf.select(cfg, "data.concept")))
     adapters = OmegaConf.select(cfg, "protocol.adapters") or {}
-    for key, entry in adapters.items():
+    for key, entry in (adapters.items() if OmegaConf.is_dict(adapters) else ()):  # the sample job's is a list
         if entry is None:  # dropped from an extended experiment (protocols.cells.protocol_inputs)
             continue
         if entry.get("embeddings") is not None:  # a null token: each concept's own
@@ -313,16 +317,39 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
             raise
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
-    print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
+    if sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
+        print(f"lorabench {name} job {run_dir.name}: {one_line(results)}; results in {run_dir / 'results.json'}")
+    else:
+        print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
+
+
+def one_line(results: dict) -> str:
+    """A job's result in a few words: a training run's losses, or the protocol it ran."""
+    m = results.get("metrics")
+    if m is None:
+        return f"{results.get('protocol', 'protocol')} done"
+    f = (lambda x: "-" if x is None else f"{x:.4f}")  # noqa: E731 - a formatter
+    return (f"{m.get('steps')} steps, train loss {f(m.get('train_loss_first'))} -> {f(m.get('train_loss_last'))}, "
+            f"val loss {f(m.get('val_loss_before'))} -> {f(m.get('val_loss_after'))}")
 
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("lorabench_gpu_count"):
         OmegaConf.register_new_resolver("lorabench_gpu_count", gpu_count)
+    if not OmegaConf.has_resolver("lb.job_dir"):
+        OmegaConf.register_new_resolver("lb.job_dir", job_dir_name)
+
+
+SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None}
 
 
 def main() -> None:
+    # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        if sys.argv[1] == "summarize":
+            sys.exit(summarize_main(sys.argv[2:]))
+        sys.argv = [sys.argv[0], SUBCOMMANDS[sys.argv[1]], *sys.argv[2:]]
     _register_resolvers()
     # -v / --verbose: the full console output of every library (see lorabench.utils.console).
     verbose_flags = {"-v", "--verbose"}

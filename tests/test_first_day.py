@@ -199,3 +199,59 @@ def test_results_json_records_the_data_it_trained_on(tiny_model_dir, toy_images,
     """Why: results.json of a custom run did not record its data path."""
     results, _ = _train(["data=imagefolder", f"data.path={toy_images}"], tiny_model_dir, tmp_path, steps=1)
     assert results["data"]["path"] == str(toy_images) and results["data"]["name"] == "imagefolder"
+
+
+# -- sweeps and sampling ----------------------------------------------------------------------------------------------
+def test_a_sweep_names_job_folders_by_their_values_prints_a_line_each_and_a_summary(tmp_path):
+    """Why: sweep job folders were 0/, 1/, every job printed its whole console, and nothing summarised a sweep."""
+    proc = run_cli(["-m", *FAST, "exports=[]", "adapter=lora,trilora", "seed=0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [sweep] = list((tmp_path / "outputs" / "multirun" / "quickstart").iterdir())
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_adapter=lora", "1_adapter=trilora"]
+    jobs = [ln for ln in proc.stdout.splitlines() if ln.startswith("lorabench quickstart job ")]
+    assert len(jobs) == 2 and all("val loss" in ln for ln in jobs)
+    assert "config                    " not in proc.stdout  # no per-job table
+    summary = (sweep / "summary.md").read_text()
+    assert "| 0_adapter=lora | adapter=lora | done | lora |" in summary and (sweep / "summary.csv").is_file()
+    assert summary.split("\n", 2)[2].strip() in proc.stdout  # printed at the sweep's end
+    again = run_cli(["summarize", str(sweep)], tmp_path)
+    assert again.returncode == 0 and "1_adapter=trilora" in again.stdout
+    bad = run_cli(["summarize", str(tmp_path / "nope")], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("lorabench: error: sweep_dir:")
+
+
+def test_job_dir_names_keep_only_swept_values():
+    from lorabench.sweeps import job_dir_name
+
+    argv = ["-m", "experiment=quickstart", "adapter=lora,trilora", "seed=0,1", "data.path=/a/b"]
+    assert job_dir_name(3, ["experiment=quickstart", "adapter=trilora", "seed=1", "data.path=/a/b"], argv) == \
+        "3_adapter=trilora,seed=1"
+    assert job_dir_name(0, ["x=1"], ["-m", "x=1"]) == "0"
+
+
+def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, tmp_path):
+    """Why: there was no command to sample from a trained adapter. `lorabench sample` loads lorabench, diffusers
+    or kohya files, scales each by its weight, and writes a labelled grid and each image; the weighted sum
+    samples what the merged adapter does."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    _train(["exports=[kohya]"], tiny_model_dir, tmp_path / "run")
+    model = ["model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny", "model.resolution=16",
+             "protocol.sampler.num_inference_steps=4", "protocol.seeds=[0,1]", "protocol.prompts=[a red circle]"]
+    outs = {}
+    for name, files, weights in (("two", f"[{tmp_path}/run/adapter.safetensors,{tmp_path}/run/kohya_lora.safetensors]",
+                                  "[0.5,0.5]"),
+                                 ("one", f"[{tmp_path}/run/adapter.safetensors]", "null"),
+                                 ("base", "[]", "null")):
+        proc = run_cli(["sample", *model, f"protocol.adapters={files}", f"protocol.weights={weights}",
+                        f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["images"] == ["images/prompt0_seed0.png", "images/prompt0_seed1.png"]
+        assert (tmp_path / name / "samples.png").is_file()
+        outs[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
+    assert np.abs(outs["two"] - outs["one"]).max() <= 1  # 0.5 a + 0.5 a = a (uint8 rounding)
+    assert np.abs(outs["one"] - outs["base"]).max() > 0

@@ -1,0 +1,137 @@
+"""Sweeps as people read them: job folders named after the values they sweep, and one table of every job.
+
+    lorabench -m adapter=lora,trilora seed=0,1       # jobs in outputs/multirun/<task>/<time>/0_adapter=lora,seed=0/ ...
+    lorabench summarize outputs/multirun/quickstart/2026-12-04_10-00-00   # the table again, any time
+
+At the end of a multirun, :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/train.yaml)
+prints the table and writes ``summary.md`` and ``summary.csv`` into the sweep folder. Nothing here imports
+torch: summarising is reading JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lorabench.utils.io import atomic_path
+
+
+@lru_cache(maxsize=1)
+def _swept_keys(argv: tuple[str, ...]) -> frozenset[str]:
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except OverrideParseException:
+        return frozenset()
+    return frozenset(o.key_or_group for o in parsed if o.is_sweep_override())
+
+
+def job_dir_name(num, task: Sequence[str], argv: Optional[Sequence[str]] = None) -> str:
+    """A sweep job's folder: its number and the values it sweeps (``3_adapter=trilora,seed=1``), from the
+    command line's sweep overrides; its number alone where they are not known (a launcher whose workers do
+    not see the command line). Characters other than letters, digits and ``.,=+-_`` become ``-``."""
+    swept = _swept_keys(tuple(sys.argv[1:] if argv is None else argv))
+    parts = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept]
+    name = f"{num}_{','.join(parts)}" if parts else str(num)
+    return re.sub(r"[^\w.,=+-]", "-", name)[:120]
+
+
+def _overrides(job: Path) -> list[str]:
+    f = job / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(f)] if f.is_file() else []
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
+    """One job of a sweep: its folder, the values it swept, and what its results.json reports (a training
+    run: steps, losses, time; a protocol: its name and table); ``failed`` where there is no results.json."""
+    overrides = [o for o in _overrides(job) if o.split("=", 1)[0].lstrip("+~") in swept] or _overrides(job)
+    row = {"job": job.name, "overrides": " ".join(overrides)}
+    results = job / "results.json"
+    if not results.is_file():
+        return {**row, "status": "failed (no results.json)"}
+    r = json.loads(results.read_text())
+    if "metrics" in r:
+        m, t = r["metrics"], r.get("timings", {})
+        return {**row, "status": "done", "adapter": _fmt(r.get("adapter")), "steps": _fmt(m.get("steps")),
+                "train loss last": _fmt(m.get("train_loss_last")), "val loss after": _fmt(m.get("val_loss_after")),
+                "total s": _fmt(t.get("total_s"))}
+    table = next((str(p.relative_to(job)) for p in (job / "table.md",) if p.is_file()), "-")
+    return {**row, "status": "done", "protocol": _fmt(r.get("protocol")), "table": table}
+
+
+def summarize(sweep_dir: str | Path, write: bool = True) -> str:
+    """The table of every job of the sweep in ``sweep_dir`` (markdown); with ``write``, also written as
+    ``summary.md`` and ``summary.csv`` there (atomically)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{str(sweep_dir)!r} is not a folder; give a multirun folder")
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
+                  key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30,
+                                 p.name))
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no sweep jobs here (folders with .hydra/); give a multirun folder")
+    swept = set()
+    multirun = sweep_dir / "multirun.yaml"
+    if multirun.is_file():
+        task = OmegaConf.select(OmegaConf.load(multirun), "hydra.overrides.task") or []
+        swept = set(_swept_keys(tuple(str(t) for t in task)))
+    rows = [job_row(j, sorted(swept)) for j in jobs]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    text = "\n".join(lines)
+    if write:
+        with atomic_path(sweep_dir / "summary.md") as tmp:
+            tmp.write_text(f"# Sweep {sweep_dir}\n\n{text}\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_path(sweep_dir / "summary.csv") as tmp:
+            tmp.write_text(buf.getvalue())
+    return text
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, print the sweep's table and write summary.md / summary.csv."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():  # every job failed on bad input and removed it
+            return
+        try:
+            text = summarize(sweep_dir)
+        except FileNotFoundError:
+            return
+        print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}\n{text}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``lorabench summarize <sweep dir>``."""
+    parser = argparse.ArgumentParser(prog="lorabench summarize", description="The table of a sweep's jobs "
+                                     "(also written as summary.md and summary.csv in the sweep folder).")
+    parser.add_argument("sweep_dir", help="a multirun folder, e.g. outputs/multirun/quickstart/<date>_<time>")
+    args = parser.parse_args(argv)
+    try:
+        print(summarize(args.sweep_dir))
+    except FileNotFoundError as exc:
+        print(f"lorabench: error: sweep_dir: {exc}", file=sys.stderr)
+        return 2
+    return 0
