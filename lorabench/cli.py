@@ -6,6 +6,7 @@
     lorabench -v                                # everything the libraries print (quiet by default)
     lorabench sample protocol.adapters=[run/adapter.safetensors] protocol.prompts=["a photo of sks dog"]
     lorabench summarize outputs/multirun/<task>/<time>   # a sweep's table (also printed when it ends)
+    lorabench tiny-model tiny-sd                # a tiny random SD1.5-shaped model folder (a diffusers pipeline)
 
 Bad input prints one line (``lorabench: error: <field>: <what is valid>``) and exits
 with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. A run that fails on
@@ -341,7 +342,7 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("lb.job_dir", job_dir_name)
 
 
-SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None}
+SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None}
 
 
 def main() -> None:
@@ -349,6 +350,11 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         if sys.argv[1] == "summarize":
             sys.exit(summarize_main(sys.argv[2:]))
+        if sys.argv[1] == "tiny-model":
+            from lorabench.models.tiny import main as tiny_main  # noqa: PLC0415 - heavy: torch, diffusers
+
+            tiny_main(sys.argv[2:])
+            return
         sys.argv = [sys.argv[0], SUBCOMMANDS[sys.argv[1]], *sys.argv[2:]]
     _register_resolvers()
     # -v / --verbose: the full console output of every library (see lorabench.utils.console).

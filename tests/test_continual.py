@@ -43,6 +43,18 @@ def test_formulas_on_a_hand_computed_matrix():
     assert backward_transfer(m) == pytest.approx(((0.4 - 0.5) + (0.5 - 0.6)) / 2)
 
 
+def test_the_printed_score_matrix_labels_rows_as_evaluated_tasks_and_columns_as_after_task():
+    """Why: the continual score matrix was not printed and its orientation documented nowhere."""
+    from lorabench.continual.metrics import matrix_table
+
+    m = torch.tensor([[0.9, 0.7, 0.5], [float("nan"), 0.8, 0.6], [float("nan"), float("nan"), 0.95]])
+    lines = matrix_table(m, ["sks", "zwz", "vlx"], "DINO").splitlines()
+    assert lines[0] == "| DINO (row: evaluated task, column: after task) | after 1 | after 2 | after 3 |"
+    assert lines[2] == "| task 1: sks | 0.900 | 0.700 | 0.500 |"
+    assert lines[3] == "| task 2: zwz |  | 0.800 | 0.600 |"
+    assert lines[4] == "| task 3: vlx |  |  | 0.950 |"
+
+
 def test_textbook_forgetting_leaves_the_final_column_out_of_the_max():
     m = torch.tensor([[0.3, 0.6], [NAN, 0.7]])  # task 0 improved: no forgetting by the reference's max
     assert forgetting(m, "reference") == pytest.approx(0.0)
@@ -241,6 +253,9 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     cmd, env = _cli(SHORT, ref_dir)
     done = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the console's final score matrices, rows and columns labelled (issue 31)
+    assert "(row: evaluated task, column: after task) | after 1 | after 2 |" in done.stdout, done.stdout[-3000:]
+    assert "| task 1: " in done.stdout and "| task 2: " in done.stdout
     run = Path("outputs/continual/world_objects/ortho_init/order0-seed0/results.json")  # fixed by the config
     ref = ref_dir / run
     ref = json.loads(ref.read_text())

@@ -147,6 +147,21 @@ class ContinualScores(Metric):
         return {f"{name}/{k}": v for name, m in self._matrices().items() for k, v in summary(m).items()}
 
 
+def matrix_table(m: torch.Tensor, tasks: Sequence[str], name: str = "") -> str:
+    """A score matrix as a markdown table with labelled rows and columns: row ``j`` is the evaluated task
+    (``task j: <name>``), column ``i`` the state after training task ``i``; ``M[j, i]`` is task ``j``'s score
+    after task ``i`` (blank above the diagonal: task ``j`` not trained yet). The last column is the final
+    model; Average Score is its mean, and a row falling from its diagonal entry is forgetting."""
+    t = m.shape[0]
+    head = [f"{name} (row: evaluated task, column: after task)" if name else "evaluated task \\ after task",
+            *[f"after {i + 1}" for i in range(t)]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in range(t):
+        cells = ["" if i < j or torch.isnan(m[j, i]) else f"{float(m[j, i]):.3f}" for i in range(t)]
+        lines.append("| " + " | ".join([f"task {j + 1}: {tasks[j]}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def heatmap(matrices: dict[str, torch.Tensor], tasks: Sequence[str], title: str = ""):
     """A matplotlib figure: one heatmap of M[j, i] per metric (rows: evaluated task, columns: after task)."""
     fig, axes = figure(len(matrices), figsize=(4.2 * len(matrices), 3.8))

@@ -5,10 +5,18 @@ The tests and the smoke run (experiment=quickstart) use these: a diffusers
 written to the standard ``vocab.json`` / ``merges.txt`` files, optionally a tiny
 ``AutoencoderKL``. Saved with :func:`save_components` they load back through the
 same :func:`load_components` users call for SD1.5.
+
+    lorabench tiny-model tiny-sd           # a tiny SD1.5-shaped model folder, with a VAE
+    lorabench tiny-model tiny-px --pixel   # pixel space, as model=tiny builds (no VAE)
+
+The saved folder with a VAE is a diffusers pipeline (``StableDiffusionPipeline.from_pretrained``, 16 x 16
+images) and lorabench's model (``model=sd15 model.pretrained=tiny-sd model.name=tiny model.resolution=16``).
+A pixel-space folder is lorabench's only: a diffusers pipeline needs a VAE.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -18,7 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lorabench.models.components import ModelComponents
+from lorabench.models.components import ModelComponents, save_components
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -260,3 +268,22 @@ def build_scaled_down(arch: str, *, seed: int = 0, resolution: int = 64, words: 
                            noise_scheduler=scheduler, name=f"{arch}-{'full-size' if full_size else 'scaled-down'}",
                            model_id=f"random:{arch}:seed{seed}",
                            resolution=resolution, pipeline_defaults=PIPELINE_DEFAULTS[arch]).freeze()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``lorabench tiny-model <folder>``: save a tiny random model in diffusers' folder layout."""
+    parser = argparse.ArgumentParser(prog="lorabench tiny-model", description="Save a tiny random "
+                                     "text-to-image model (SD1.5's classes) as a diffusers folder.")
+    parser.add_argument("folder", help="where to write it (must not exist)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pixel", action="store_true", help="pixel space, no VAE (not a diffusers pipeline)")
+    parser.add_argument("--words", nargs="*", default=["sks", "photo", "dog"],
+                        help="words the tokenizer keeps whole (others are split into characters)")
+    args = parser.parse_args(argv)
+    if Path(args.folder).exists():
+        parser.error(f"folder: {args.folder!r} exists; give a new folder")
+    comps = build_tiny_components(seed=args.seed, with_vae=not args.pixel, words=args.words)
+    save_components(comps, args.folder)
+    kind = "pixel space, lorabench only" if args.pixel else "with a VAE: also a diffusers StableDiffusionPipeline"
+    print(f"wrote {args.folder} ({kind}); train on it with: lorabench model=sd15 model.pretrained={args.folder} "
+          "model.name=tiny model.resolution=16")

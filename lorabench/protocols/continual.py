@@ -42,7 +42,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
-from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, summary
+from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, matrix_table, summary
 from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
 from lorabench.data.prepare import read_manifest
 from lorabench.errors import ConfigError, check_int, choice_error
@@ -333,8 +333,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     progress.close()
 
     out = results_dict(cfg, kind, tasks, method, r.metric, base, r.records, seed, time.perf_counter() - t_start)
-    out["table"] = run_table(out)
     mats = r.metric.matrices()  # a collective under DDP: every rank calls it
+    out["table"] = run_table(out) + "".join(f"\n\n{matrix_table(m, [t.name for t in tasks], LABELS.get(n, n))}"
+                                            for n, m in mats.items())
     if not rank_zero():
         return out
     save_figure(heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, seed {seed}"),
