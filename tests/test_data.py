@@ -116,3 +116,43 @@ def test_sdxl_time_ids_reach_the_unet():
     with torch.no_grad():
         out_a, out_b = (denoise(comps.unet, x, t, c, torch.float32) for c in (a, b))
     assert not torch.allclose(out_a, out_b)
+
+
+def test_aspect_ratio_buckets_batch_one_shape_and_condition_sdxl_on_it(tmp_path):
+    """Why (issue 31): peers' SDXL trainers have aspect-ratio buckets (kohya), lorabench only square crops.
+    data.buckets: kohya's buckets (area <= res^2, sides multiples of `step`), each image in the bucket nearest
+    its aspect ratio, resized to cover it and cropped; a batch holds one bucket; SDXL's size conditioning
+    names the bucket as the target size; each image once per epoch; and a tiny SDXL trains on it."""
+    import lightning as L
+
+    from lorabench.data.imagefolder import make_buckets, nearest_bucket
+    from lorabench.models import build_tiny_components
+    from lorabench.training import DiffusionFineTuner
+
+    buckets = make_buckets(32, step=8, min_size=16, max_size=64)
+    # by hand: width 16 -> height min(64, 1024 // 16 // 8 * 8) = 64; 24 -> 40; 32 -> 32; 40 -> 24; 48, 56, 64 -> 16
+    assert buckets == sorted({(64, 16), (16, 64), (40, 24), (24, 40), (32, 32), (24, 40), (16, 48), (48, 16),
+                              (16, 56), (56, 16)})
+    # 40 x 30 (w/h 1.33): |log(1.67 / 1.33)| = 0.22 for 24 x 40 beats |log(1 / 1.33)| = 0.29 for the square
+    assert nearest_bucket((40, 30), buckets) == (24, 40) and nearest_bucket((30, 40), buckets) == (40, 24)
+    assert nearest_bucket((33, 32), buckets) == (32, 32)
+    for i, (w, h) in enumerate([(40, 30), (40, 30), (30, 40), (30, 40), (30, 40), (32, 32)]):
+        Image.new("RGB", (w, h), (40 * i, 10, 10)).save(tmp_path / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path), resolution=32, batch_size=2, instance_prompt="a photo of sks",
+                               size_conditioning=True, buckets={"step": 8, "min_size": 16, "max_size": 64}, seed=0)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert len(loader) == 4  # buckets of 2, 3 and 1 images in batches of 2: 1 + 2 + 1
+    seen = []
+    for batch in loader:
+        h, w = batch["pixel_values"].shape[-2:]
+        assert batch["time_ids"][:, 4:].tolist() == [[h, w]] * len(batch["prompts"])
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(6))
+    with pytest.raises(ConfigError, match="data.buckets.stride: not a bucket option"):
+        ImageFolderDataModule(str(tmp_path), resolution=32, buckets={"stride": 8})
+    comps = build_tiny_components(sdxl=True, resolution=32)
+    module = DiffusionFineTuner(comps, {"name": "lora", "rank": 2}, {"lr": 1e-3})
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, train_dataloaders=loader)
+    assert all(torch.isfinite(p).all() for p in module.adapters.trainable_parameters())

@@ -298,3 +298,21 @@ def test_the_usage_walkthrough_runs_as_written(tmp_path):
     assert (dog / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "sks_dog.png").is_file()
     assert json.loads((tmp_path / "outputs" / "merged" / "results.json").read_text())["weights"] == [0.7, 0.3]
     assert (tmp_path / "outputs" / "merged_samples" / "samples.png").is_file()
+
+
+def test_the_quickstart_console_is_a_step_bar_and_the_summary_with_no_warning(tmp_path):
+    """Why: the quickstart printed a Lightning tip, four Lightning warnings (LeafSpec, no val_dataloader,
+    log_every_n_steps, modules in eval mode) and a bar reading `Epoch 29/-2`. Now: one bar over the 30 steps
+    and the summary (11 lines; 21 before), and -v still shows the libraries' lines."""
+    proc = run_cli(["experiment=quickstart"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # tqdm redraws its bar with carriage returns; a line is what is left after the last one
+    lines = [ln.rsplit("\r", 1)[-1] for ln in (proc.stdout + proc.stderr).split("\n")]
+    lines = [ln for ln in lines if ln.strip()]
+    assert len(lines) <= 12, "\n".join(lines)
+    for noise in ("Warning", "warn", "Tip", "LeafSpec", "val_dataloader", "logging interval", "eval mode",
+                  "GPU available", "Epoch", "-2", ".py:"):
+        assert not any(noise in ln for ln in lines), (noise, lines)
+    assert any(ln.startswith("train: 100%") and "30/30" in ln for ln in lines), lines
+    loud = run_cli(["-v", "experiment=quickstart", "trainer.max_steps=2"], tmp_path)
+    assert loud.returncode == 0 and "GPU available" in loud.stdout + loud.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -23,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lorabench.errors import ConfigError
 
@@ -119,51 +120,112 @@ def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_c
     return items
 
 
+def image_size(path: ImageSource) -> tuple[int, int]:
+    """``(width, height)`` of an image as it is shown (after its EXIF orientation)."""
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(path: ImageSource, resolution: int, center_crop: bool = True, random_flip: bool = False,
-               generator: Optional[torch.Generator] = None, with_size: bool = False):
+               generator: Optional[torch.Generator] = None, with_size: bool = False,
+               target: Optional[tuple[int, int]] = None):
     """RGB image (a file or its bytes, turned upright by its EXIF orientation, as diffusers' training
-    scripts do) -> float tensor (3, res, res) in [-1, 1]: resize shorter side, crop, maybe flip. With
-    ``with_size``, also SDXL's size conditioning of the example: ``(original height, original width, crop
-    top, crop left, res, res)``, the crop corner in the resized (and, if flipped, mirrored) image, as
-    diffusers' SDXL scripts compute ``add_time_ids``."""
+    scripts do) -> float tensor (3, res, res) in [-1, 1]: resize shorter side, crop, maybe flip. ``target``
+    ``(height, width)``: that size instead of the square (an aspect-ratio bucket): resized to cover it, then
+    cropped. With ``with_size``, also SDXL's size conditioning of the example: ``(original height, original
+    width, crop top, crop left, target height, target width)``, the crop corner in the resized (and, if
+    flipped, mirrored) image, as diffusers' SDXL scripts compute ``add_time_ids``."""
+    th, tw = target or (resolution, resolution)
     with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = im.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+        s = max(tw / w, th / h)
+        nw, nh = max(tw, round(w * s)), max(th, round(h * s))
         im = im.resize((nw, nh), Image.BICUBIC)
         if center_crop:
-            left, top = (nw - resolution) // 2, (nh - resolution) // 2
+            left, top = (nw - tw) // 2, (nh - th) // 2
         else:
-            left = int(torch.randint(0, nw - resolution + 1, (1,), generator=generator))
-            top = int(torch.randint(0, nh - resolution + 1, (1,), generator=generator))
-        im = im.crop((left, top, left + resolution, top + resolution))
+            left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
+            top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
+        im = im.crop((left, top, left + tw, top + th))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if random_flip and bool(torch.rand((), generator=generator) < 0.5):
         x = x.flip(-1)
-        left = nw - resolution - left  # the crop's corner in the mirrored image
+        left = nw - tw - left  # the crop's corner in the mirrored image
     if with_size:
-        return x, torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.long)
+        return x, torch.tensor([h, w, top, left, th, tw], dtype=torch.long)
     return x
 
 
+def make_buckets(resolution: int, step: int = 64, min_size: int = 256, max_size: int = 2048) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as kohya's scripts make them: ``(height, width)`` pairs, multiples of ``step``
+    within ``[min_size, max_size]``, of area at most ``resolution ** 2`` (each width with the largest height
+    that fits, and its transpose), the square among them."""
+    area = resolution * resolution
+    out = {(resolution // step * step,) * 2}
+    for w in range(min_size, max_size + 1, step):
+        h = min(max_size, area // w // step * step)
+        if h >= min_size:
+            out |= {(h, w), (w, h)}
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket (height, width) whose aspect ratio is nearest the image's ``(width, height)`` (in log
+    ratio; the larger bucket on a tie)."""
+    w, h = size
+    return min(buckets, key=lambda b: (abs(math.log((b[1] / b[0]) / (w / h))), -b[0] * b[1]))
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of one aspect-ratio bucket each: every epoch, each bucket's examples in a seeded random order,
+    cut into batches of ``batch_size`` (the last of a bucket may be smaller), and the batches shuffled."""
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            self.by_bucket.setdefault(b, []).append(i)
+        self.batch_size, self.generator = batch_size, torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return sum(-(-len(ix) // self.batch_size) for ix in self.by_bucket.values())
+
+    def __iter__(self):
+        batches = []
+        for ix in self.by_bucket.values():
+            order = [ix[k] for k in torch.randperm(len(ix), generator=self.generator).tolist()]
+            batches += [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        for k in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[k]
+
+
 class ImageCaptionDataset(Dataset):
+    """``targets``: each item's (height, width) (its aspect-ratio bucket); None: the square resolution."""
+
     def __init__(self, items: list[tuple[ImageSource, str]], resolution: int, center_crop: bool = True,
-                 random_flip: bool = False, repeats: int = 1, size_conditioning: bool = False):
+                 random_flip: bool = False, repeats: int = 1, size_conditioning: bool = False,
+                 targets: Optional[list[tuple[int, int]]] = None):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
-        self.size_conditioning = size_conditioning
+        self.size_conditioning, self.targets = size_conditioning, targets
 
     def __len__(self) -> int:
         return len(self.items) * self.repeats
 
+    def target(self, i: int) -> Optional[tuple[int, int]]:
+        return self.targets[i % len(self.items)] if self.targets else None
+
     def __getitem__(self, i: int) -> dict:
         path, prompt = self.items[i % len(self.items)]
+        target = self.target(i)
         if self.size_conditioning:
-            x, size = load_image(path, self.resolution, self.center_crop, self.random_flip, with_size=True)
+            x, size = load_image(path, self.resolution, self.center_crop, self.random_flip, with_size=True,
+                                 target=target)
             return {"pixel_values": x, "prompt": prompt, "index": i, "time_ids": size}
-        return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip),
+        return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip, target=target),
                 "prompt": prompt, "index": i}
 
 
@@ -196,6 +258,30 @@ def collate(examples: list[dict]) -> dict:
     return out
 
 
+BUCKET_DEFAULTS = {"step": 64, "min_size": 256, "max_size": 2048}
+
+
+def check_buckets(buckets, resolution: int, class_data_dir) -> Optional[dict]:
+    """``data.buckets``: null (square crops) or ``{step, min_size, max_size}`` (kohya's bucket options; missing
+    keys take :data:`BUCKET_DEFAULTS`)."""
+    if not buckets:
+        return None
+    opts = {**BUCKET_DEFAULTS, **dict(buckets)}
+    bad = sorted(set(opts) - set(BUCKET_DEFAULTS))
+    if bad:
+        raise ConfigError(f"data.buckets.{bad[0]}", f"not a bucket option; valid: {', '.join(BUCKET_DEFAULTS)}")
+    for key, v in opts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"data.buckets.{key}", f"must be an integer >= 1, got {v!r}")
+    if not opts["min_size"] <= resolution <= opts["max_size"]:
+        raise ConfigError("data.buckets", f"min_size {opts['min_size']} <= model resolution {resolution} <= max_size "
+                          f"{opts['max_size']} must hold")
+    if class_data_dir is not None:
+        raise ConfigError("data.buckets", "prior preservation (data.class_data_dir) pairs each image with a class "
+                          "image in one batch; train it with square crops (data.buckets=null)")
+    return opts
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """Training images (and a fixed validation subset) from an imagefolder or a parquet file.
 
@@ -214,9 +300,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                  max_train_samples: Optional[int] = None,
                  sample_seed: int = 0, repeats: int = 1, class_data_dir: Optional[str] = None,
                  class_prompt: Optional[str] = None, val_samples: int = 0, seed: int = 0, name: str = "imagefolder",
-                 size_conditioning: bool = False):
+                 size_conditioning: bool = False, buckets: Optional[dict] = None):
         super().__init__()
         self.size_conditioning = bool(size_conditioning)
+        self.buckets = check_buckets(buckets, int(resolution), class_data_dir)
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
         self.path, self.resolution, self.batch_size, self.num_workers = path, int(resolution), batch_size, num_workers
@@ -258,9 +345,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.prepare()
 
     def _dataset(self, items, train: bool) -> ImageCaptionDataset:
+        targets = None
+        if train and self.buckets:  # validation keeps the square crops: a fixed-noise loss comparable across runs
+            sizes = make_buckets(self.resolution, **self.buckets)
+            targets = [nearest_bucket(image_size(path), sizes) for path, _ in items]
         return ImageCaptionDataset(items, self.resolution, center_crop=self.center_crop or not train,
                                    random_flip=self.random_flip and train, repeats=self.repeats if train else 1,
-                                   size_conditioning=self.size_conditioning)
+                                   size_conditioning=self.size_conditioning, targets=targets)
 
     def train_dataset(self) -> Dataset:
         ds = self._dataset(self.items, True)
@@ -269,7 +360,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         return ds
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+        ds = self.train_dataset()
+        if self.buckets:
+            targets = [ds.target(i) for i in range(len(ds))]
+            return DataLoader(ds, batch_sampler=BucketBatchSampler(targets, self.batch_size, self.seed),
+                              collate_fn=collate, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
                           num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
                           drop_last=False, persistent_workers=self.num_workers > 0)
 

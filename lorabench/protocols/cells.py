@@ -115,6 +115,10 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
     return cell
 
 
+# Options added after results were cached, off when null: a null one hashes as if the key were not there.
+OFF_WHEN_NULL = {"module": ("snr_gamma", "ema_decay"), "data": ("buckets",)}
+
+
 def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
     """A hash of the config groups ``keys`` (resolved) and ``extra``, leaving out the trainer's display
     options, ``module.cuda_graph`` and ``eval.validation``: what decides a result, not where it is written,
@@ -123,11 +127,15 @@ def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: M
             for k in keys if k in cfg}
     keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
                        if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
-    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute;
-        # an option that is off (null, e.g. snr_gamma, ema_decay) hashes as an absent one: caches stay valid
-        keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph" and v is not None}
+    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute
+        keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
+    for group, names in OFF_WHEN_NULL.items():  # options added later hash as absent while off: caches stay valid
+        if isinstance(keep.get(group), dict):
+            keep[group] = {k: v for k, v in keep[group].items() if not (k in names and v is None)}
     if isinstance(keep.get("eval"), dict):  # a training run's samples (eval.validation) score nothing
         keep["eval"] = {k: v for k, v in keep["eval"].items() if k != "validation"}
+        if not keep["eval"]:  # no eval group: as before eval.validation existed
+            del keep["eval"]
     keep.update(extra or {})
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
