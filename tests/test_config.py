@@ -37,11 +37,13 @@ def test_experiment_composes_and_targets_resolve(experiment, tmp_path):
         for method in (cfg.protocol.get("methods") or {}).values():
             assert method.adapter in cfg.protocol.adapters
             assert method.merge.name in importlib.import_module("lorabench.merging").MERGES
-        if cfg.get("eval"):
+        if cfg.get("eval") and cfg.eval.get("scorer") is not None:
             sets = cfg.eval.get("concepts") or cfg.eval.get("styles")  # a style sequence scores styles only
             assert callable(get_method(cfg.eval.scorer._target_)) and callable(get_method(sets._target_))
-        else:  # the merge job: a top-level merge config
+        elif cfg.protocol._target_.endswith("merge_adapters.run"):  # the merge job: a top-level merge config
             assert cfg.merge.name in importlib.import_module("lorabench.merging").MERGES
+        else:  # the sample job: adapter files and prompts, nothing scored
+            assert cfg.protocol._target_.endswith("sample.run") and "prompts" in cfg.protocol
     elif cfg.get("adapter") is None:  # full training (world_pretrain): the whole UNet trains
         assert experiment == "world_pretrain" and cfg.module.train_text_encoder
     else:

@@ -25,7 +25,7 @@ main()
 @pytest.mark.parametrize("arg,fragment", [
     ("trainer.max_steps=ten", "trainer.max_steps: expected an integer, got 'ten'"),
     ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
-    ("adapter.rank=2.5", "adapter.rank: expected an integer (a whole number), got 2.5"),
+    ("adapter.rank=four", "adapter.rank: expected an integer, got 'four'"),
     ("optim.lr=-1", "optim.lr: must be a number > 0, got -1"),
     ("protocol.weightz=[0.7,0.3]", "protocol.weightz: not a field of this config"),
 ])
@@ -306,13 +306,30 @@ def test_the_quickstart_console_is_a_step_bar_and_the_summary_with_no_warning(tm
     and the summary (11 lines; 21 before), and -v still shows the libraries' lines."""
     proc = run_cli(["experiment=quickstart"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # tqdm redraws its bar with carriage returns; a line is what is left after the last one
-    lines = [ln.rsplit("\r", 1)[-1] for ln in (proc.stdout + proc.stderr).split("\n")]
-    lines = [ln for ln in lines if ln.strip()]
+    # tqdm redraws its bar with carriage returns (text mode turns them into newlines): its redraws are one line
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    bar = [ln for ln in lines if ln.startswith("train:")]
+    lines = [ln for ln in lines if not ln.startswith("train:")] + bar[-1:]
     assert len(lines) <= 12, "\n".join(lines)
     for noise in ("Warning", "warn", "Tip", "LeafSpec", "val_dataloader", "logging interval", "eval mode",
                   "GPU available", "Epoch", "-2", ".py:"):
         assert not any(noise in ln for ln in lines), (noise, lines)
-    assert any(ln.startswith("train: 100%") and "30/30" in ln for ln in lines), lines
+    assert bar[-1].startswith("train: 100%") and "30/30" in bar[-1], bar[-1]
     loud = run_cli(["-v", "experiment=quickstart", "trainer.max_steps=2"], tmp_path)
     assert loud.returncode == 0 and "GPU available" in loud.stdout + loud.stderr
+
+
+def test_validation_samples_go_to_loggers_that_take_images(load_tiny, tmp_path):
+    """The grid is logged to W&B (any logger with log_image) under validation/samples at its step."""
+    from types import SimpleNamespace
+
+    from lorabench.training import DiffusionFineTuner, ValidationSamples
+
+    calls = []
+    fake = SimpleNamespace(log_image=lambda **kw: calls.append(kw))
+    module = DiffusionFineTuner(load_tiny(), {"name": "lora", "rank": 2})
+    cb = ValidationSamples(["a red circle"], [0], {"num_inference_steps": 2}, tmp_path / "samples")
+    cb.sample(SimpleNamespace(global_step=3, is_global_zero=True, loggers=[fake]), module)
+    assert (tmp_path / "samples" / "step000003.png").is_file() and module.training
+    assert calls == [{"key": "validation/samples", "images": [str(tmp_path / "samples" / "step000003.png")],
+                      "step": 3, "caption": ["step 3"]}]

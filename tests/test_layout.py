@@ -16,7 +16,7 @@ PACKAGE = ROOT / "lorabench"
 # lower one; a layer is the first part of the module path under lorabench (lorabench.adapters.io ->
 # "adapters"; the package root is "").
 LAYERS = [
-    ("", "errors", "utils"),          # errors, io, seeding, registries, plots, console
+    ("", "errors", "utils", "checks"),  # errors, config checks without torch, io, seeding, registries, plots, console
     ("data", "models"),               # image folders; loading and saving diffusers models
     ("adapters",),                    # LoRA, OrthA, TriLoRA: one file each, their injection and files
     ("sampling", "evaluation"),       # drawing images; scoring them
@@ -26,7 +26,7 @@ LAYERS = [
     ("training", "loggers"),          # the Lightning module, its callbacks, the loggers
     ("run",),                         # the train task
     ("protocols",),                   # what experiments do: one file per paper, and what they share
-    ("cli", "__main__"),              # the command line
+    ("cli", "__main__", "sweeps"),    # the command line, and sweeps' folders and summaries
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Packages whose public functions and classes each need a docstring.

@@ -118,8 +118,9 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     # a merge option out of range is found before any cell trains, not when the merge runs
     (["protocol.methods.lora_ties.merge.density=2"],
      ["protocol.methods.lora_ties.merge.density: must be a number in (0, 1], got 2"]),
-    (["protocol.methods.lora_dare.merge.seed=x"], ["protocol.methods.lora_dare.merge.seed: must be an integer"]),
-    (["protocol.group_size=two"], ["protocol.group_size: must be an integer >= 2, got 'two'"]),
+    (["protocol.methods.lora_dare.merge.seed=x"],
+     ["protocol.methods.lora_dare.merge.seed: expected an integer, got 'x'"]),
+    (["protocol.group_size=two"], ["protocol.group_size: expected an integer, got 'two'"]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
     # merged side by side, two concepts need two tokens and two words
     (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],

@@ -67,4 +67,4 @@ def test_joblib_multirun_one_results_folder_per_job(tmp_path):
     proc = run_cli(["--multirun", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "seed=0,1",
                     f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0", "1"]
+    assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
