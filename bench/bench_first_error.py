@@ -1,6 +1,6 @@
 """Time from a bad command to its one-line error: caught by the early checks (before Hydra makes a run
-folder and before torch is imported: ``lorabench.cli.precheck``) against caught after the imports (a data
-path that does not exist, found when the data module is built), measured side by side in one run.
+folder and before torch is imported: ``lorabench.cli.precheck``) against caught after the imports (a rank
+the model's layers cannot hold, found when the adapter is injected), measured side by side in one run.
 
     python bench/bench_first_error.py --repeats 5
 
@@ -20,8 +20,8 @@ import time
 CASES = {
     "early: trainer.max_steps=ten (precheck)": ["experiment=quickstart", "trainer.max_steps=ten"],
     "early: optim.lr=-1 (precheck)": ["experiment=quickstart", "optim.lr=-1"],
-    "late: data.path missing (after imports)": ["experiment=quickstart", "data=imagefolder",
-                                                "data.path=/no/such/folder"],
+    "early: data.path missing (precheck)": ["experiment=quickstart", "data=imagefolder", "data.path=/no/such/folder"],
+    "late: adapter.rank=64 (after imports, needs the model)": ["experiment=quickstart", "adapter.rank=64"],
 }
 
 
@@ -45,7 +45,7 @@ def main() -> None:
             for name, case in CASES.items():
                 t, lines[name] = time_case(case, cwd)
                 times[name].append(t)
-    late = statistics.median(times["late: data.path missing (after imports)"])
+    late = statistics.median(times["late: adapter.rank=64 (after imports, needs the model)"])
     print(f"| case | median s ({args.repeats} runs) | x late | error line |\n|---|---|---|---|")
     for name in CASES:
         m = statistics.median(times[name])

@@ -4,6 +4,9 @@ run repeats the ones its objects need (a protocol or a test may call them withou
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -115,3 +118,35 @@ def check_snr_ema(snr_gamma, ema_decay) -> None:
     if ema_decay is not None and not (_kind(ema_decay) and 0 < ema_decay < 1):
         raise ConfigError("module.ema_decay", f"must be null (off) or a number in (0, 1), e.g. 0.999, "
                           f"got {ema_decay!r}")
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def check_model_source(pretrained: str) -> None:
+    """``model.pretrained``: a diffusers model folder (with ``unet/``) or a hub id ``owner/name``."""
+    if not pretrained:
+        raise ConfigError("model.pretrained", "empty; give a hub id (owner/name) or a local folder")
+    if os.path.exists(pretrained):
+        if not os.path.isdir(pretrained):
+            raise ConfigError("model.pretrained", f"{pretrained!r} is a file; expected a diffusers model folder")
+        if not (Path(pretrained) / "unet").is_dir():
+            raise ConfigError("model.pretrained",
+                              f"folder {pretrained!r} has no unet/ subfolder; expected a diffusers model folder")
+        return
+    if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
+        raise ConfigError("model.pretrained",
+                          f"{pretrained!r} is neither an existing folder nor a hub id of the form owner/name")
+
+
+def check_data_path(path, field: str = "data.path") -> Path:
+    """An image folder or a ``.parquet`` file that exists."""
+    if not path:
+        raise ConfigError(field, "not set; give a folder of images (e.g. data.path=/path/to/images)")
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise ConfigError(field, f"parquet file {str(path)!r} does not exist")
+    elif not path.is_dir():
+        raise ConfigError(field, f"image folder {str(path)!r} does not exist (give a folder or a .parquet file)")
+    return path

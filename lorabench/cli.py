@@ -37,7 +37,14 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from lorabench.checks import check_callbacks, check_optim, check_override_types, check_validation
+from lorabench.checks import (
+    check_callbacks,
+    check_data_path,
+    check_model_source,
+    check_optim,
+    check_override_types,
+    check_validation,
+)
 from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
@@ -120,6 +127,11 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     check_callbacks(cfg.get("callbacks"))
     try:
         check_validation(OmegaConf.select(cfg, "eval.validation"))
+        if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):
+            check_model_source(OmegaConf.select(cfg, "model.pretrained"))
+        images = str(OmegaConf.select(cfg, "data._target_")).endswith("ImageFolderDataModule")
+        if images and cfg.get("protocol") is None:  # a protocol may give each cell its own data.path
+            check_data_path(OmegaConf.select(cfg, "data.path"))
     except OmegaConfBaseException:
         pass  # an interpolation only a run can resolve: the run checks it
     if cfg.get("optim") is not None:

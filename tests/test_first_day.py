@@ -28,12 +28,14 @@ main()
     ("adapter.rank=four", "adapter.rank: expected an integer, got 'four'"),
     ("optim.lr=-1", "optim.lr: must be a number > 0, got -1"),
     ("protocol.weightz=[0.7,0.3]", "protocol.weightz: not a field of this config"),
+    ("data=imagefolder data.path=/no/such/folder", "data.path: image folder '/no/such/folder' does not exist"),
+    ("model=sd15 model.pretrained=/no/such/model", "model.pretrained: '/no/such/model' is neither an existing folder"),
 ])
 def test_a_bad_value_is_one_line_naming_field_and_type_before_any_heavy_import(tmp_path, arg, fragment):
     """Why: trainer.max_steps=ten answered "trainer: '<' not supported between instances of 'str' and 'int'",
     and every check that failed before work still took 6-8 s of imports. Now the composed config is checked
     before torch, diffusers or Lightning is imported."""
-    proc = subprocess.run([sys.executable, "-c", FIRST_ERROR, "experiment=quickstart", arg], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", FIRST_ERROR, "experiment=quickstart", *arg.split()], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, tmp_path, fragment)
     assert "heavy imports: []" in proc.stderr, proc.stderr[-500:]

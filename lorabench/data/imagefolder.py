@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lorabench.checks import check_data_path
 from lorabench.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -79,17 +80,11 @@ def scan_parquet(path, *, instance_prompt: Optional[str], field: str, caption_co
 def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_column: str = "text",
                 image_column: Optional[str] = None) -> list[tuple[ImageSource, str]]:
     """``[(image, prompt)]`` of a folder (or a parquet file), with every image checked to be readable."""
-    if not folder:
-        raise ConfigError(field, "not set; give a folder of images (e.g. data.path=/path/to/images)")
-    folder = Path(folder)
+    folder = check_data_path(folder, field)
     if folder.suffix == ".parquet":
-        if not folder.is_file():
-            raise ConfigError(field, f"parquet file {str(folder)!r} does not exist")
         return scan_parquet(folder, instance_prompt=instance_prompt, field=field, caption_column=caption_column,
                             image_column=image_column or "image")
     image_column = image_column or "file_name"
-    if not folder.is_dir():
-        raise ConfigError(field, f"image folder {str(folder)!r} does not exist (give a folder or a .parquet file)")
     meta = folder / "metadata.jsonl"
     items: list[tuple[Path, str]] = []
     if meta.is_file():

@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from lorabench.checks import check_model_source
 from lorabench.errors import ConfigError, choice_error
 from lorabench.utils.io import atomic_dir
 
@@ -30,7 +31,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 ATTENTION = ("sdpa", "classic", "xformers")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
@@ -166,21 +166,6 @@ def denoise(unet: nn.Module, sample: torch.Tensor, timesteps, cond: dict, dtype:
                 added_cond_kwargs=cond.get("added_cond_kwargs"), **extra).sample
 
 
-def _check_source(pretrained: str) -> None:
-    if not pretrained:
-        raise ConfigError("model.pretrained", "empty; give a hub id (owner/name) or a local folder")
-    if os.path.exists(pretrained):
-        if not os.path.isdir(pretrained):
-            raise ConfigError("model.pretrained", f"{pretrained!r} is a file; expected a diffusers model folder")
-        if not (Path(pretrained) / "unet").is_dir():
-            raise ConfigError("model.pretrained",
-                              f"folder {pretrained!r} has no unet/ subfolder; expected a diffusers model folder")
-        return
-    if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
-        raise ConfigError("model.pretrained",
-                          f"{pretrained!r} is neither an existing folder nor a hub id of the form owner/name")
-
-
 def _read_model_index(pretrained: str, revision: Optional[str]) -> dict:
     local = Path(pretrained) / "model_index.json"
     if local.is_file():
@@ -237,7 +222,7 @@ def load_components(
         resolution: training and sampling resolution in pixels.
         attention: the UNet's attention kernel, see :func:`set_attention`; ``None`` keeps diffusers' choice.
     """
-    _check_source(pretrained)
+    check_model_source(pretrained)
     torch_dtype = resolve_dtype(dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise choice_error("model.prediction_type", prediction_type, PREDICTION_TYPES)
