@@ -5,6 +5,7 @@ W&B runs offline unless ``WANDB_MODE`` says otherwise (``wandb sync`` uploads la
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from pathlib import Path
@@ -54,3 +55,43 @@ def finish_wandb() -> None:
         # finish() always clears wandb.run; only the setup knows whether another run still logs (teardown would end it)
         if wandb.setup().most_recent_active_run is None:
             wandb.teardown()
+
+
+def set_aside_csv(run_dir: str | os.PathLike) -> Optional[Path]:
+    """Before a resumed run builds its loggers (Lightning's CSV logger deletes an existing metrics.csv):
+    move the first part's ``csv/metrics.csv`` aside; :func:`join_csv` puts the two parts together."""
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return None
+    aside = path.with_name("metrics.before_resume.csv")
+    path.replace(aside)
+    return aside
+
+
+def join_csv(run_dir: str | os.PathLike, aside: Optional[Path], resumed_step: int) -> None:
+    """One ``csv/metrics.csv`` for a run resumed at ``resumed_step``: the first part's rows before it, then
+    the resumed part's rows from it on (the first part's later rows were trained again; the resumed part's
+    earlier ones are its validation before fitting, the first part's again), under the union of columns."""
+    if aside is None or not aside.is_file():
+        return
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    parts = []
+    for file in (aside, path):
+        if file.is_file():
+            with open(file, newline="") as f:
+                parts.append(list(csv.DictReader(f)))
+        else:
+            parts.append([])
+
+    def step(row) -> int:
+        return int(row.get("step") or 0)
+
+    rows = [r for r in parts[0] if step(r) < resumed_step] + [r for r in parts[1] if step(r) >= resumed_step]
+    keys = sorted({k for r in rows for k in r})
+    tmp = path.with_name(".metrics.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    aside.unlink()

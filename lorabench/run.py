@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from lorabench.adapters.stacked import StackedAdapters, take_out
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
 from lorabench.checks import check_callbacks, check_validation
 from lorabench.errors import ConfigError
-from lorabench.loggers import build_loggers, finish_wandb
+from lorabench.loggers import build_loggers, finish_wandb, join_csv, set_aside_csv
 from lorabench.training import (
     AdapterEMA,
     DiffusionFineTuner,
@@ -95,6 +96,12 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     t_loaded = time.perf_counter()
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    resume = resume_checkpoint(cfg.get("resume"), run_dir)
+    # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
+    first_process = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    earlier_csv = set_aside_csv(run_dir) if resume and first_process else None
+    # where the resumed part starts (an adapter-only checkpoint: a few MB, read again by Lightning)
+    resumed_step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"]) if resume else 0
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
@@ -114,7 +121,6 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
-    resume = resume_checkpoint(cfg.get("resume"), run_dir)
     if "spawn" in str(cfg.trainer.get("strategy", "")):
         # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
         # the second spawn of a run (validate, then fit) with "unable to resize file"
@@ -153,6 +159,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     if samples is not None:
         results["samples"] = [str(p.relative_to(run_dir)) for p in samples.written]
     if trainer.is_global_zero:
+        join_csv(run_dir, earlier_csv, resumed_step)
         write_json(run_dir / "results.json", results)
     return results, module
 

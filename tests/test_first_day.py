@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_ru
     same folder) continues from checkpoints/last.ckpt: weights, optimiser, schedule, step, noise stream,
     the loader's shuffling and the loss history, and ends with the adapter of the run that was not stopped."""
     opts = ["callbacks=checkpoints", "callbacks.checkpoints.every_n_train_steps=2", "data.batch_size=4",
-            "optim.lr_scheduler=cosine", "optim.lr=3e-3"]
+            "optim.lr_scheduler=cosine", "optim.lr=3e-3", "trainer.log_every_n_steps=1"]
     whole, _ = _train(opts, tiny_model_dir, tmp_path / "whole", steps=6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(opts, tiny_model_dir, tmp_path / "stopped", steps=6, callbacks=[_Crash(at=5)])
@@ -131,6 +132,14 @@ def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_ru
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "stopped")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert resumed["metrics"]["train_loss_last"] == pytest.approx(whole["metrics"]["train_loss_last"], abs=1e-6)
+    # one metrics.csv: the first part's steps before the checkpoint, then the resumed part's (Lightning's CSV
+    # logger alone would have deleted the first part)
+    def losses(run):
+        with open(tmp_path / run / "csv" / "metrics.csv", newline="") as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    assert sorted(losses("stopped")) == sorted(losses("whole")) == list(range(6))
+    assert all(abs(losses("stopped")[k] - v) < 1e-5 for k, v in losses("whole").items())
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):

@@ -28,6 +28,8 @@ EXPECTED_PER_CELL = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",          # Lightning's pytree shim on new torch
     r"The '(train|val)_dataloader' does not have many workers",   # tiny in-memory sets need none
+    r"Experiment logs directory .* exists and is not empty",      # a resumed run: lorabench.loggers.join_csv
+    r"Checkpoint directory .* exists and is not empty",           # a resumed run keeps its checkpoints
 )
 
 
