@@ -156,8 +156,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
          **({"cuda_graph": dict(module.graph_stats)} if module.cuda_graph else {})},
         saver.expected(module) if steps else [],
         str(trainer.strategy.root_device) if steps else "cpu")  # the module is on the CPU after fit
-    if samples is not None:
-        results["samples"] = [str(p.relative_to(run_dir)) for p in samples.written]
+    if samples is not None:  # from the folder: under ddp_spawn the callback that wrote them ran in a worker
+        results["samples"] = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "samples").glob("step*.png"))
     if trainer.is_global_zero:
         join_csv(run_dir, earlier_csv, resumed_step)
         write_json(run_dir / "results.json", results)

@@ -23,6 +23,7 @@ def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
     ddp = json.loads((run_dir / "results.json").read_text())
     assert ddp["metrics"]["steps"] == 4
     assert set(ddp["artifacts"]) <= {p.name for p in run_dir.iterdir()}
+    assert ddp["samples"] == ["samples/step000004.png"]  # the quickstart's eval.validation, drawn by rank zero
 
     # Evaluation before training: the same weights, so the 2-rank metric equals the 1-rank one.
     single = tmp_path / "single"
