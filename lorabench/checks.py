@@ -150,3 +150,14 @@ def check_data_path(path, field: str = "data.path") -> Path:
     elif not path.is_dir():
         raise ConfigError(field, f"image folder {str(path)!r} does not exist (give a folder or a .parquet file)")
     return path
+
+
+def check_weights(weights, n: int) -> list[float] | None:
+    """``protocol.weights`` (the merge and sample jobs): null (each input as it is) or one number per input."""
+    if weights is None:
+        return None
+    if isinstance(weights, (int, float)) or not hasattr(weights, "__len__") or isinstance(weights, str) \
+            or len(weights) != n or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise ConfigError("protocol.weights", f"must be null or a list of {n} numbers (one per input), got "
+                          f"{OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights!r}")
+    return [float(w) for w in weights]

@@ -307,7 +307,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
     # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
     import torch  # noqa: PLC0415
 
-    from lorabench.run import format_summary, train  # noqa: PLC0415
+    from lorabench.run import format_one_line, format_summary, train  # noqa: PLC0415
 
     if gpu is not None:  # this job's own GPU, for training (trainer.devices) and sampling ("cuda")
         with open_dict(cfg):
@@ -331,20 +331,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
     if sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
-        print(f"lorabench {name} job {run_dir.name}: {one_line(results)}; results in {run_dir / 'results.json'}")
+        print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; results in {run_dir / 'results.json'}")
     else:
         print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
 
-
-def one_line(results: dict) -> str:
-    """A job's result in a few words: a training run's losses, or the protocol it ran."""
-    m = results.get("metrics")
-    if m is None:
-        return f"{results.get('protocol', 'protocol')} done"
-    f = (lambda x: "-" if x is None else f"{x:.4f}")  # noqa: E731 - a formatter
-    return (f"{m.get('steps')} steps, train loss {f(m.get('train_loss_first'))} -> {f(m.get('train_loss_last'))}, "
-            f"val loss {f(m.get('val_loss_before'))} -> {f(m.get('val_loss_after'))}")
 
 
 def _register_resolvers() -> None:

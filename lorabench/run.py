@@ -100,8 +100,6 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     first_process = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     earlier_csv = set_aside_csv(run_dir) if resume and first_process else None
-    # where the resumed part starts (an adapter-only checkpoint: a few MB, read again by Lightning)
-    resumed_step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"]) if resume else 0
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
@@ -159,7 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     if samples is not None:  # from the folder: under ddp_spawn the callback that wrote them ran in a worker
         results["samples"] = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "samples").glob("step*.png"))
     if trainer.is_global_zero:
-        join_csv(run_dir, earlier_csv, resumed_step)
+        join_csv(run_dir, earlier_csv, int(fitted.get("run/start_step", 0)))
         write_json(run_dir / "results.json", results)
     return results, module
 
@@ -357,11 +355,23 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     return out
 
 
+def _fmt(x, fmt="{:.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def format_one_line(results: dict[str, Any]) -> str:
+    """A sweep job's result in a few words: a training run's steps and losses, or the protocol it ran."""
+    m = results.get("metrics")
+    if m is None:
+        return f"{results.get('protocol', 'protocol')} done"
+    return (f"{m.get('steps')} steps, train loss {_fmt(m.get('train_loss_first'))} -> "
+            f"{_fmt(m.get('train_loss_last'))}, val loss {_fmt(m.get('val_loss_before'))} -> "
+            f"{_fmt(m.get('val_loss_after'))}")
+
+
 def format_summary(results: dict[str, Any]) -> str:
     m, t = results["metrics"], results["timings"]
-
-    def f(x, fmt="{:.4f}"):
-        return "-" if x is None else fmt.format(x)
+    f = _fmt
 
     rows = [("config", results["config_name"]), ("model", results["model"]),
             ("adapter", f"{results['adapter']} (rank {results['adapter_config'].get('rank')})"

@@ -25,7 +25,7 @@ from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.utils.io import atomic_path
+from lorabench.utils.io import write_text
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +72,7 @@ def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
         return {**row, "status": "done", "adapter": _fmt(r.get("adapter")), "steps": _fmt(m.get("steps")),
                 "train loss last": _fmt(m.get("train_loss_last")), "val loss after": _fmt(m.get("val_loss_after")),
                 "total s": _fmt(t.get("total_s"))}
-    table = next((str(p.relative_to(job)) for p in (job / "table.md",) if p.is_file()), "-")
+    table = "table.md" if (job / "table.md").is_file() else "-"
     return {**row, "status": "done", "protocol": _fmt(r.get("protocol")), "table": table}
 
 
@@ -98,14 +98,12 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     text = "\n".join(lines)
     if write:
-        with atomic_path(sweep_dir / "summary.md") as tmp:
-            tmp.write_text(f"# Sweep {sweep_dir}\n\n{text}\n")
+        write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir}\n\n{text}\n")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)
-        with atomic_path(sweep_dir / "summary.csv") as tmp:
-            tmp.write_text(buf.getvalue())
+        write_text(sweep_dir / "summary.csv", buf.getvalue())
     return text
 
 

@@ -140,17 +140,11 @@ def test_svd_truncation_reports_dropped_energy_and_saves_at_rank(tmp_path):
 
 
 def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, load_tiny):
-    from lorabench.adapters import inject_adapters, load_adapter
-    from lorabench.merging import model_weights, updates_from_adapters
+    from lorabench.adapters import load_adapter
+    from lorabench.merging import model_weights
 
     comps = load_tiny()
-    ups = []
-    for i in range(2):
-        ad = inject_adapters(comps, {"name": "lora", "rank": 2})
-        for layer in ad.layers.values():
-            torch.nn.init.normal_(layer.lora_up, std=0.1)
-        ups.append(updates_from_adapters(ad, f"c{i}"))
-        ad.remove()
+    ups = _two_updates(comps, rank=2)
     res = merge(ups, {"name": "sum", "lam": 0.6})
     save_merged_adapter(comps, res.deltas, tmp_path)
     for file in ("adapter.safetensors", "pytorch_lora_weights.safetensors", "kohya_lora.safetensors"):
@@ -363,20 +357,26 @@ def _adapter_files(model_dir, tmp_path, seed=0):
     return native, kohya, ad
 
 
-def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_path, tiny_model_dir):
+def _merge_job(model_dir, tmp_path, args, layout="adapter.safetensors"):
+    """The merge job on a native and a kohya input: ``(merged deltas, input a's, input b's, its file, cli args)``,
+    the merged file read back in ``layout`` by lorabench's loader."""
     from lorabench.adapters import load_adapter
     from lorabench.models import load_components
     from test_cli import run_cli
 
-    a, _, ad_a = _adapter_files(tiny_model_dir, tmp_path, 0)
-    _, b, ad_b = _adapter_files(tiny_model_dir, tmp_path, 1)
-    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
-                    "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge.lam=0.5"], tmp_path)
+    a, _, ad_a = _adapter_files(model_dir, tmp_path, 0)
+    _, b, ad_b = _adapter_files(model_dir, tmp_path, 1)
+    base = ["experiment=merge_adapters", "model=sd15", f"model.pretrained={model_dir}", "model.name=tiny",
+            "model.resolution=16", f"protocol.inputs=[{a},{b}]"]
+    proc = run_cli([*base, *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/adapter.safetensors"))
-    comps = load_components(str(tiny_model_dir), name="tiny", resolution=16)
-    merged = load_adapter(comps, out).delta_weights()
-    da, db = ad_a.delta_weights(), ad_b.delta_weights()
+    [out] = list((tmp_path / "outputs" / "merge_adapters").glob(f"*/{layout}"))
+    comps = load_components(str(model_dir), name="tiny", resolution=16)
+    return load_adapter(comps, out).delta_weights(), ad_a.delta_weights(), ad_b.delta_weights(), out, base
+
+
+def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_path, tiny_model_dir):
+    merged, da, db, out, _ = _merge_job(tiny_model_dir, tmp_path, ["merge.lam=0.5"])
     for k, d in merged.items():
         assert torch.allclose(d, 0.5 * (da[k] + db[k]), atol=1e-6)
     res = json.loads((out.parent / "results.json").read_text())  # each input's update size on its base
@@ -463,23 +463,13 @@ def test_every_merge_output_loads_back_in_every_layout_at_a_rank_the_layers_allo
 def test_merge_weights_scale_each_input_before_the_method(tmp_path, tiny_model_dir):
     """Why: protocol.weights=[0.7,0.3] was a six-line Hydra error, and its suggested +protocol.weights ran and
     ignored the weights. Now each input's update is scaled by its weight: sum at lam 1 gives 0.7 dA + 0.3 dB."""
-    from lorabench.adapters import load_adapter
-    from lorabench.models import load_components
     from test_cli import assert_one_line_error, run_cli
 
-    a, _, ad_a = _adapter_files(tiny_model_dir, tmp_path, 0)
-    _, b, ad_b = _adapter_files(tiny_model_dir, tmp_path, 1)
-    base = ["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
-            "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge.lam=1.0"]
-    proc = run_cli([*base, "protocol.weights=[0.7,0.3]"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    [out] = list((tmp_path / "outputs" / "merge_adapters").glob("*/kohya_lora.safetensors"))
-    comps = load_components(str(tiny_model_dir), name="tiny", resolution=16)
-    merged = load_adapter(comps, out).delta_weights()
-    da, db = ad_a.delta_weights(), ad_b.delta_weights()
+    merged, da, db, out, base = _merge_job(tiny_model_dir, tmp_path, ["merge.lam=1.0", "protocol.weights=[0.7,0.3]"],
+                                           "kohya_lora.safetensors")
     for k, d in merged.items():
         assert torch.allclose(d, 0.7 * da[k] + 0.3 * db[k], atol=1e-6)
     assert json.loads((out.parent / "results.json").read_text())["weights"] == [0.7, 0.3]
     (tmp_path / "bad").mkdir()
-    proc = run_cli([*base, "protocol.weights=[0.7]"], tmp_path / "bad")
+    proc = run_cli([*base, "merge.lam=1.0", "protocol.weights=[0.7]"], tmp_path / "bad")
     assert_one_line_error(proc, tmp_path / "bad", "protocol.weights", "2 numbers")

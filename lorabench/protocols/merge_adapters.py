@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import EXPORT_FILES, load_adapter
+from lorabench.checks import check_weights
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
@@ -136,13 +137,3 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n"))
     return out
 
-
-def check_weights(weights, n: int) -> list[float] | None:
-    """``protocol.weights``: null (each input as it is) or one number per input."""
-    if weights is None:
-        return None
-    if isinstance(weights, (int, float)) or not hasattr(weights, "__len__") or isinstance(weights, str) \
-            or len(weights) != n or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise ConfigError("protocol.weights", f"must be null or a list of {n} numbers (one per input), got "
-                          f"{OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights!r}")
-    return [float(w) for w in weights]

@@ -23,10 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from lorabench.checks import check_validation
+from lorabench.checks import check_validation, check_weights
 from lorabench.errors import ConfigError
 from lorabench.merging import LayerDelta, merged_into, model_weights, read_update
-from lorabench.protocols.merge_adapters import check_weights
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
 from lorabench.utils.io import atomic_path, write_json
 

@@ -184,6 +184,10 @@ class LossHistory(L.Callback):
 
     def __init__(self):
         self.losses: list[torch.Tensor] = []
+        self.start_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step  # > 0 in a run resumed from a checkpoint
 
     def state_dict(self) -> dict:  # a resumed run reports the losses of its first part too
         return {"losses": torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)}
@@ -197,6 +201,7 @@ class LossHistory(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
+        trainer.callback_metrics["run/start_step"] = torch.tensor(float(self.start_step))
         trainer.callback_metrics["run/train_losses"] = \
             torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
 
@@ -214,7 +219,6 @@ class ValidationSamples(L.Callback):
                  every_n_steps: int | None = None):
         self.prompts, self.seeds, self.sampler = list(prompts), list(seeds), dict(sampler)
         self.folder, self.every = Path(folder), every_n_steps
-        self.written: list[Path] = []
         self._last = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -238,7 +242,6 @@ class ValidationSamples(L.Callback):
         path = self.folder / f"step{step:06d}.png"
         save_grid(path, [images[i * n:(i + 1) * n] for i in range(len(self.prompts))], labels=self.prompts,
                   title=f"step {step}; columns: seeds {self.seeds}")
-        self.written.append(path)
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):
                 lg.log_image(key="validation/samples", images=[str(path)], step=step, caption=[f"step {step}"])
