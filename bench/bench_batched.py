@@ -4,7 +4,7 @@
 trains the same ``--cells`` world cells of ``--adapter`` (LoRA by default; ``all``: ``--cells`` of each of
 the world Table 2's seven adapter types, its cell stage at ``--cells 12``; the Orthogonal Adaptation world
 recipe, ``--steps`` steps, batch 8) into fresh caches through the protocols' own code path
-(``pretrain_cells``), three ways (``--ways`` picks beside separate):
+(``lorabench.protocols.cells.run_cells``), three ways (``--ways`` picks beside separate):
 
   separate : ``--workers`` one-thread processes, each training cells one by one (today's world default);
   batched  : ``--workers`` one-thread processes, each training its share of the cells in one pass (auto);
@@ -49,7 +49,7 @@ CONCEPTS = ["sks", "twt", "vlx", "xod"]
 def cells_mode(args) -> None:
     from hydra import compose, initialize_config_dir
 
-    from lorabench.protocols.cells import pretrain_cells
+    from lorabench.protocols.cells import cached, run_cells
 
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     tmp = Path(tempfile.mkdtemp())
@@ -84,9 +84,9 @@ def cells_mode(args) -> None:
             cache = tmp / name.replace(" ", "_")
             torch.set_num_threads(os.cpu_count() or 2)
             t = time.perf_counter()
-            done = pretrain_cells(way_cfg, cells, cache, workers, batch)
+            done = run_cells([cached(way_cfg, a, d, s, cache, n) for a, d, s, n in cells], batch, workers, cache)
             wall = time.perf_counter() - t
-            assert len(done) == len(cells), (name, len(done))
+            assert not any(d.reused for d in done), name
             rates[name] = len(cells) / wall * 60
             print(f"  {name:>9}: {workers} process(es), batch_cells={batch}: {wall:6.1f} s, "
                   f"{rates[name]:.2f} cells/min", flush=True)

@@ -30,8 +30,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from lorabench.continual.tasks import score_tasks
-    from lorabench.protocols.continual import build_scorer, resolve_sequence
+    from lorabench.continual.tasks import build_scorer, resolve_sequence, score_tasks
     from lorabench.utils.seeding import derive_seed_list
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

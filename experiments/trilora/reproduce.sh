@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 lorabench experiment=trilora/world
-python -m lorabench.protocols.trilora outputs/trilora/world/vango --out experiments/trilora
+python -m lorabench.protocols rebuild trilora outputs/trilora/world/vango --out experiments/trilora

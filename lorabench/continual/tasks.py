@@ -1,18 +1,29 @@
 """The tasks of a continual sequence and how each is scored after every task: :class:`Task` (its data
-and evaluation set), :func:`order` (the reference code's shuffle), :class:`TaskScorer` (per-image
-scores against the task's references) and :func:`score_tasks` (sample and score the seen tasks, a
-rank's share of them under DDP)."""
+and evaluation set), :func:`resolve_sequence` (the ``sequence`` config group as tasks, every check before
+any training), :func:`order` (the reference code's shuffle), :class:`TaskScorer` (per-image scores
+against the task's references; :func:`build_scorer` from ``cfg.eval``) and :func:`score_tasks` (sample
+and score the seen tasks, a rank's share of them under DDP)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from lorabench.data.prepare import read_manifest
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.evaluation.scores import embed_batched
 from lorabench.sampling import Sampler, eval_mode
+
+KINDS = ("objects", "styles")
+# kind -> (eval set key, {metric: (scorer key, embedder attribute)})
+SUITES = {"objects": ("concepts", {"clip_i": ("scorer", "text_image"), "dino": ("scorer", "identity")}),
+          "styles": ("styles", {"csd": ("style_scorer", "style"), "dino": ("scorer", "identity")})}
 
 
 @dataclass
@@ -82,3 +93,79 @@ def score_tasks(components, sampler_cfg: dict, tasks: Sequence[Task], seeds: Seq
         for m, v in scorer(imgs, t).items():
             scores[m].append((t.index, index, v))
     return scores, by_task
+
+
+# -- the sequence config: its tasks and their scorer ---------------------------------------------------------
+def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
+    """``(kind, tasks)`` in training order, each with its evaluation prompts and references; every
+    check of the sequence happens here, before any training."""
+    seq = cfg.get("sequence")
+    if not seq:
+        raise ConfigError("sequence", "no sequence; add one, e.g. sequence=world_objects")
+    kind = str(seq.get("kind"))
+    if kind not in KINDS:
+        raise choice_error("sequence.kind", kind, KINDS)
+    entries = OmegaConf.to_container(seq.tasks, resolve=True) if seq.get("tasks") else []
+    if seq.get("manifest"):
+        if entries:
+            raise ConfigError("sequence.tasks", "give the tasks or sequence.manifest, not both")
+        entries = manifest_tasks(seq.manifest, kind)
+    data_key = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
+    items = []
+    for i, e in enumerate(entries):
+        e = {"name": e} if isinstance(e, str) else dict(e)
+        if not e.get("name"):
+            raise ConfigError(f"sequence.tasks[{i}]", "needs a name (the task's token or style word)")
+        items.append((str(e["name"]), {data_key: str(e["name"]), **dict(e.get("data") or {})}))
+    names = [n for n, _ in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError("sequence.tasks", f"token {dup[0]!r} is listed twice; every task needs its own token")
+    length = check_int(seq.get("length") or len(items), "sequence.length", minimum=1)
+    if len(items) < length:
+        raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
+                          f"give at least {length} tasks or lower sequence.length")
+    items = order(items[:length], check_int(seq.get("order_seed"), "sequence.order_seed", allow_none=True))
+    sets_key, _ = SUITES[kind]
+    if cfg.get("eval") is None or sets_key not in cfg.eval:
+        raise ConfigError(f"eval.{sets_key}", f"a {kind} sequence needs eval.{sets_key}; use e.g. eval=world")
+    eval_sets = instantiate(cfg.eval[sets_key])
+    tasks = []
+    for i, (name, data) in enumerate(items):
+        path = data.get("path")
+        if path is not None and not Path(str(path)).exists():
+            raise ConfigError(f"sequence.tasks.{name}.data.path", f"{path} does not exist; each task needs its images")
+        try:
+            es = eval_sets(name)
+            refs = eval_sets.references(name) if kind == "styles" else es.references
+        except ConfigError as err:
+            raise ConfigError(f"sequence.tasks.{name}", f"no data or evaluation set for this task ({err})") from err
+        tasks.append(Task(i, name, data, list(es.prompts), refs))
+    return kind, tasks
+
+
+def manifest_tasks(path, kind: str) -> list[dict]:
+    """The sequence's tasks from a prepared style dataset (the reference's config.json order): each
+    trains on its five images with "{style} image of {train object}", the reference's prompt."""
+    if kind != "styles":
+        raise ConfigError("sequence.manifest", "only style sequences read a manifest; list object tasks in "
+                          "sequence.tasks")
+    root, tasks = read_manifest(path)
+    out = []
+    for i, t in enumerate(tasks):
+        if not all(k in t for k in ("name", "style", "train_object", "train_path")):
+            raise ConfigError("sequence.manifest", f"{path}: task {i} lacks name, style, train_object or train_path")
+        out.append({"name": t["name"], "data": {"path": str(root / t["train_path"]),
+                                                 "instance_prompt": f"{t['style']} image of {t['train_object']}"}})
+    return out
+
+
+def build_scorer(cfg: DictConfig, kind: str) -> TaskScorer:
+    """The task scorer of a ``kind`` sequence: its metrics' embedders, from ``cfg.eval``."""
+    _, metrics = SUITES[kind]
+    scorers = {}
+    for key in {k for k, _ in metrics.values()}:
+        if key not in cfg.eval:
+            raise ConfigError(f"eval.{key}", f"a {kind} sequence scores with eval.{key}; use e.g. eval=world")
+        scorers[key] = instantiate(cfg.eval[key])
+    return TaskScorer({m: getattr(scorers[k], attr) for m, (k, attr) in metrics.items()})

@@ -1,12 +1,12 @@
-"""Cells: what every protocol trains. A cell is one adapter trained on one dataset with one seed;
-a protocol is a loop over cells, then sampling and scoring.
+"""Cells: what every protocol trains, and the one runner that trains them. A cell (:class:`Cell`) is one
+adapter trained on one dataset with one seed; a protocol is a loop over cells, then sampling and scoring.
 
 - :func:`protocol_inputs`: the protocol's adapters, items and seeds, checked before any work;
 - :func:`cell_config`: a cell's plain training config (the protocol's, with its adapter and data set);
-- :func:`cell_key`, :func:`cached_cell`, :func:`trained_cell`: a cache of trained cells keyed by what
-  decides the result, shared by runs and sweep jobs;
-- :func:`pretrain_cells`: the uncached cells trained first, several at a time in spawned processes;
-- :func:`train_cells`: train and score every (adapter, item, seed) cell;
+- :func:`cell_key` (on :func:`config_hash`, the one hash of what decides a result): the cell cache's key;
+  :func:`cached` places a cell in the cache shared by runs and sweep jobs;
+- :func:`run_cells`: the one runner. It knows workers, threads, ``batch_cells``, and (in :func:`train_pass`,
+  the only place) the choice between one run and a batched pass;
 - :func:`compare_with_base`: the single-concept and single-style loop (the base model, then every cell).
 """
 
@@ -19,10 +19,11 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -117,59 +118,99 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
 
 # Options added after results were cached, off when null: a null one hashes as if the key were not there.
 OFF_WHEN_NULL = {"module": ("snr_gamma", "ema_decay"), "data": ("buckets",)}
+# Trainer options that change how a run is shown, not what it computes.
+DISPLAY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 
-def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
-    """A hash of the config groups ``keys`` (resolved) and ``extra``, leaving out the trainer's display
-    options, ``module.cuda_graph`` and ``eval.validation``: what decides a result, not where it is written,
-    how it is shown or how its steps are launched (a captured step computes what an eager one does)."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+def decisive(cfg: Mapping, keys: Sequence[str]) -> dict:
+    """The config groups ``keys`` of ``cfg`` (resolved) as they decide a result: without the trainer's
+    display options, ``module.cuda_graph`` (how steps are launched: a captured step computes what an eager
+    one does), ``eval.validation`` (a training run's samples score nothing) and the options of
+    :data:`OFF_WHEN_NULL` while null (added after results were cached: caches stay valid)."""
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else copy.deepcopy(cfg[k])
             for k in keys if k in cfg}
-    keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items()
-                       if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
-    if isinstance(keep.get("module"), dict):  # how steps are launched (CUDA graphs), not what they compute
+    if "trainer" in keys:
+        keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items() if k not in DISPLAY}
+    if isinstance(keep.get("module"), dict):
         keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
-    for group, names in OFF_WHEN_NULL.items():  # options added later hash as absent while off: caches stay valid
+    for group, names in OFF_WHEN_NULL.items():
         if isinstance(keep.get(group), dict):
             keep[group] = {k: v for k, v in keep[group].items() if not (k in names and v is None)}
-    if isinstance(keep.get("eval"), dict):  # a training run's samples (eval.validation) score nothing
+    if isinstance(keep.get("eval"), dict):
         keep["eval"] = {k: v for k, v in keep["eval"].items() if k != "validation"}
         if not keep["eval"]:  # no eval group: as before eval.validation existed
             del keep["eval"]
-    keep.update(extra or {})
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return keep
 
 
-def cell_key(cell: DictConfig) -> str:
-    """A hash of everything that decides what a cell trains (model, adapter, data, optimiser, trainer,
-    module, seed), not where it is written or logged: equal keys train equal adapters."""
-    return config_hash(cell, ("model", "adapter", "embeddings", "data", "optim", "trainer", "module", "seed",
-                              "init_adapter"))
+def digest(obj, length: int = 12) -> str:
+    """The one hash of lorabench's keys: sha256 of ``obj`` as sorted JSON, its first ``length`` hex digits."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def cached_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
-                name: str) -> tuple[Path, bool]:
-    """``(cell_dir, finished)``: where the cell trains (``cache_root/<name>-<key>/``) and whether a
-    finished one is there (its results.json, the last thing training writes, and its adapter or tokens)."""
+def config_hash(cfg: DictConfig, keys: Sequence[str], length: int = 12, extra: Mapping | None = None) -> str:
+    """A hash of what in the config groups ``keys`` decides a result (:func:`decisive`), and ``extra``."""
+    return digest({**decisive(cfg, keys), **(extra or {})}, length)
+
+
+# What decides what a cell trains (not where it is written or logged): equal keys train equal adapters.
+CELL_KEYS = ("model", "adapter", "embeddings", "data", "optim", "trainer", "module", "seed", "init_adapter")
+
+
+def cell_key(cell: DictConfig | Mapping) -> str:
+    """The cell cache's key: a hash of the cell's :data:`CELL_KEYS`."""
+    return config_hash(cell, CELL_KEYS)
+
+
+@dataclass
+class Cell:
+    """One adapter (or set of new tokens) trained on one dataset with one seed, into ``folder``.
+
+    ``config`` is the cell's plain training config (:func:`cell_config`); ``reuse``: a finished folder
+    (results.json, the last file training writes, and the adapter or tokens) is taken as it is (the
+    cell cache). ``callbacks`` join the cell's trainer (in a batched pass: called with the cell alone
+    in the model); ``prepare`` and ``components`` are :func:`lorabench.run.train`'s (a continual task:
+    the running model and the method's initialisation), and make the cell train alone."""
+
+    config: DictConfig
+    folder: Path
+    name: str
+    reuse: bool = False
+    callbacks: list = field(default_factory=list)
+    prepare: Optional[Callable] = None
+    components: Any = None
+
+    @property
+    def files(self) -> list[str]:
+        """The files a trained cell holds besides results.json."""
+        return (["adapter.safetensors"] if self.config.get("adapter") else []) + \
+            (["embeddings.safetensors"] if self.config.get("embeddings") else [])
+
+    def finished(self) -> bool:
+        """Whether ``folder`` holds this cell trained (and may be reused)."""
+        return self.reuse and (self.folder / "results.json").is_file() and \
+            all((self.folder / f).is_file() for f in self.files)
+
+    def resolved(self) -> dict:
+        """The config as a plain dict (what batching and worker processes see)."""
+        return OmegaConf.to_container(self.config, resolve=True)
+
+
+def cached(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path, name: str) -> Cell:
+    """The cell of ``(adapter_cfg, data, seed)`` in the cache ``cache_root/<name>-<key>/`` (:func:`cell_key`):
+    protocols and sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
     probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
-    cell_dir = Path(cache_root) / f"{name}-{cell_key(probe)}"
-    files = (["adapter.safetensors"] if probe.get("adapter") else []) + \
-        (["embeddings.safetensors"] if probe.get("embeddings") else [])
-    return cell_dir, (cell_dir / "results.json").is_file() and all((cell_dir / f).is_file() for f in files)
+    folder = Path(cache_root) / f"{name}-{cell_key(probe)}"
+    return Cell(cell_config(cfg, adapter_cfg, data, seed, folder), folder, name, reuse=True)
 
 
-def trained_cell(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path,
-                 name: str) -> tuple[Path, dict, bool]:
-    """Train one cell into ``cache_root/<name>-<key>/`` unless a finished one is there already.
+@dataclass
+class Trained:
+    """A cell after :func:`run_cells`: its training results and whether they were reused from its folder."""
 
-    Returns ``(cell_dir, training results, reused)``. An interrupted cell is trained again. Protocols and
-    sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
-    cell_dir, finished = cached_cell(cfg, adapter_cfg, data, seed, cache_root, name)
-    if finished:
-        return cell_dir, json.loads((cell_dir / "results.json").read_text()), True
-    results, module = train(cell_config(cfg, adapter_cfg, data, seed, cell_dir), cell_dir, config_name=name)
-    del module
-    return cell_dir, results, False
+    cell: Cell
+    results: dict
+    reused: bool
 
 
 @contextmanager
@@ -246,12 +287,12 @@ def batch_key(cell: Mapping) -> Optional[str]:
         return None
     shared = {
         "model": cell.get("model"), "optim": optim, "module": module, "init": cell.get("init_adapter") is None,
-        "trainer": {k: v for k, v in trainer.items() if k not in ("enable_progress_bar", "enable_model_summary")},
+        "trainer": {k: v for k, v in trainer.items() if k not in DISPLAY},
         "adapter": {k: v for k, v in (adapter or {}).items() if k not in MEMBER_ADAPTER_KEYS},
         "embeddings": {k: v for k, v in (embeddings or {}).items() if k not in ("token", "bind")},
         "data": {k: v for k, v in (cell.get("data") or {}).items() if k not in MEMBER_DATA_KEYS},
     }
-    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digest(shared)
 
 
 def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
@@ -263,21 +304,22 @@ def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
     return value
 
 
-def plan_batches(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
-                 capacity: Optional[Callable[[list], int]] = None, max_cells: Optional[int] = None) -> list[list]:
-    """``jobs`` ``(resolved cell config, cell folder, name)`` grouped into the passes that train them: cells
-    of one :func:`batch_key` in batches of ``batch_cells``; ``auto``: a group's cells shared evenly over
-    the ``workers``, at most ``max_cells`` a pass (:data:`AUTO_MAX_CELLS` on the CPU,
-    :data:`GPU_AUTO_MAX_CELLS` on a GPU) and at most ``capacity(group)`` (what fits the device,
-    :func:`gpu_capacity`); the others alone. The order of ``jobs`` is kept within a batch."""
+def plan_batches(cells: Sequence[Cell], batch_cells: int | str, workers: int,
+                 capacity: Optional[Callable[[list], int]] = None, max_cells: Optional[int] = None) -> list[list[Cell]]:
+    """``cells`` grouped into the passes that train them: cells of one :func:`batch_key` in batches of
+    ``batch_cells``; ``auto``: a group's cells shared evenly over the ``workers``, at most ``max_cells`` a
+    pass (:data:`AUTO_MAX_CELLS` on the CPU, :data:`GPU_AUTO_MAX_CELLS` on a GPU) and at most
+    ``capacity(group)`` (what fits the device, :func:`gpu_capacity`); the others alone (also a cell with
+    its own model or ``prepare`` hook). The order of ``cells`` is kept within a batch."""
     groups: dict[str, list] = {}
     out: list[list] = []
-    for job in jobs:
-        key = batch_key(job[0]) if batch_cells != 1 else None
+    for cell in cells:
+        alone = batch_cells == 1 or cell.prepare is not None or cell.components is not None
+        key = None if alone else batch_key(cell.resolved())
         if key is None:
-            out.append([job])
+            out.append([cell])
         else:
-            groups.setdefault(key, []).append(job)
+            groups.setdefault(key, []).append(cell)
     for members in groups.values():
         size = batch_cells
         if batch_cells == "auto":
@@ -304,25 +346,25 @@ def capacity_from(peak_one: int, peak_two: int, free: int, share: float = GPU_ME
     return max(1, 1 + int((share * free - peak_one) // per_cell))
 
 
-def gpu_capacity(group: Sequence[tuple[dict, str, str]], scratch: Path) -> int:
+def gpu_capacity(group: Sequence[Cell], scratch: Path) -> int:
     """The cells of ``group`` that fit in one pass on this process's GPU: one training step of the first
     cell alone and of the first two batched, their peak memory measured (:func:`lorabench.run.train_batched`),
     extrapolated (:func:`capacity_from`) to the free memory. Probe cells train in ``scratch``, removed after."""
     peaks = []
     try:
         for k in (1, 2):
-            jobs = []
-            for i, (resolved, _, name) in enumerate(group[:k]):
-                cell = copy.deepcopy(resolved)
-                cell["trainer"] = {**cell["trainer"], "max_steps": 1}
-                cell["data"] = {**cell["data"], "val_samples": 0}
-                cell["exports"] = []
-                cell["paths"] = {**cell.get("paths", {}), "output_dir": str(scratch / f"k{k}-{i}")}
-                if "folder" in cell["data"]:
-                    cell["data"]["folder"] = str(scratch / f"k{k}-{i}" / "world_data")
-                jobs.append((cell, str(scratch / f"k{k}-{i}"), f"probe-{name}"))
+            probes = []
+            for i, cell in enumerate(group[:k]):
+                probe, folder = cell.resolved(), scratch / f"k{k}-{i}"
+                probe["trainer"] = {**probe["trainer"], "max_steps": 1}
+                probe["data"] = {**probe["data"], "val_samples": 0}
+                probe["exports"] = []
+                probe["paths"] = {**probe.get("paths", {}), "output_dir": str(folder)}
+                if "folder" in probe["data"]:
+                    probe["data"]["folder"] = str(folder / "world_data")
+                probes.append(Cell(OmegaConf.create(probe), folder, f"probe-{cell.name}"))
             torch.cuda.empty_cache()
-            res = train_batched([OmegaConf.create(j[0]) for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs])
+            res = train_pass(probes)
             peaks.append(int(res[0]["timings"]["batched"]["peak_memory_bytes"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -331,80 +373,91 @@ def gpu_capacity(group: Sequence[tuple[dict, str, str]], scratch: Path) -> int:
     return capacity_from(peaks[0], peaks[1], free)
 
 
-def plan_passes(jobs: Sequence[tuple[dict, str, str]], batch_cells: int | str, workers: int,
-                scratch: Path) -> list[list]:
+def plan_passes(cells: Sequence[Cell], batch_cells: int | str, workers: int, scratch: Path) -> list[list[Cell]]:
     """:func:`plan_batches`, with ``auto`` bounded by the GPU's memory when the cells train on one."""
     capacity, max_cells = None, AUTO_MAX_CELLS
-    if batch_cells == "auto" and jobs:
-        accel = str((jobs[0][0].get("trainer") or {}).get("accelerator", "cpu"))
+    if batch_cells == "auto" and cells:
+        accel = str((cells[0].config.get("trainer") or {}).get("accelerator", "cpu"))
         if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
             capacity = lambda group: gpu_capacity(group, scratch)  # noqa: E731
             max_cells = GPU_AUTO_MAX_CELLS
-    return plan_batches(jobs, batch_cells, workers, capacity, max_cells)
+    return plan_batches(cells, batch_cells, workers, capacity, max_cells)
 
 
-def train_pass(batch: Sequence[tuple[dict, str, str]]) -> list[dict]:
-    """Train one pass of :func:`plan_batches`: a cell alone, or several batched; their results."""
+def train_pass(batch: Sequence[Cell]) -> list[dict]:
+    """Train one pass of :func:`plan_batches`: a cell alone (:func:`lorabench.run.train`) or several in one
+    batched pass (:func:`lorabench.run.train_batched`); their results. The only place that chooses."""
     if len(batch) == 1:
-        resolved, cell_dir, name = batch[0]
-        return [train(OmegaConf.create(resolved), Path(cell_dir), config_name=name)[0]]
-    return train_batched([OmegaConf.create(r) for r, _, _ in batch], [d for _, d, _ in batch],
-                         [n for _, _, n in batch])
+        (c,) = batch
+        return [train(c.config, c.folder, config_name=c.name, components=c.components, prepare=c.prepare,
+                      callbacks=c.callbacks)[0]]
+    return train_batched([c.config for c in batch], [c.folder for c in batch], [c.name for c in batch],
+                         member_callbacks=[c.callbacks for c in batch])
 
 
-def _train_in_worker(batch: list[tuple[dict, str, str]], threads: int) -> list[str]:
+def _train_in_worker(batch: list[tuple[dict, str, str]], threads: int) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     with quiet_cells():
-        train_pass(batch)
-    return [name for _, _, name in batch]
+        return train_pass([Cell(OmegaConf.create(r), Path(d), n) for r, d, n in batch])
 
 
-def pretrain_cells(cfg: DictConfig, cells: Sequence[tuple[DictConfig, Mapping, int, str]], cache_root: Path,
-                   workers: int, batch_cells: int | str = 1) -> set[str]:
-    """Train the unfinished ``(adapter_cfg, data, seed, name)`` cells into the cache, ``workers`` at a
-    time in spawned processes with ``cores // workers`` threads each (never more threads than cores:
-    oversubscribed OpenMP runs several times slower), and ``batch_cells`` cells a pass where they can
-    train together (:func:`batch_key`, :func:`lorabench.run.train_batched`: the same adapters as alone).
-    On 2 cores, two 1-thread processes train 1.4x the steps per second of one 2-thread process
-    (docs/benchmarks.md). Returns the names trained here; the protocol then finds them finished, as
-    :func:`trained_cell` does any cached cell. With ``workers <= 1`` and no batching nothing trains here
-    (the protocol trains each cell when it reaches it)."""
+def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 1, scratch: Optional[Path] = None,
+              on_done: Optional[Callable[[Trained], None]] = None, progress: bool = False) -> list[Trained]:
+    """Train ``cells`` (those not finished in their folders), and return each one's :class:`Trained`, in order.
+
+    ``batch_cells`` cells a pass where they can train together (:func:`batch_key`,
+    :func:`lorabench.run.train_batched`: the same adapters as alone); ``workers`` spawned processes at once,
+    each with ``cores // workers`` threads (never more threads than cores: oversubscribed OpenMP runs
+    several times slower; on 2 cores two 1-thread processes train 1.4x the steps per second of one
+    2-thread process, docs/benchmarks.md). Cells with callbacks, a model or a hook train in this process.
+    ``on_done`` sees each cell as it finishes (a reused one first); ``progress``: a bar (``training in 2
+    processes, 6 cells in 2 batched passes``) and a line per cell, when more than one cell trains."""
+    for c in cells:
+        c.folder = Path(c.folder)
+    trained: dict[int, Trained] = {}
     pending = []
-    for adapter_cfg, data, seed, name in cells:
-        cell_dir, finished = cached_cell(cfg, adapter_cfg, data, seed, cache_root, name)
-        if not finished:
-            resolved = OmegaConf.to_container(cell_config(cfg, adapter_cfg, data, seed, cell_dir), resolve=True)
-            pending.append((resolved, str(cell_dir), name))
-    passes = plan_passes(pending, batch_cells, workers, Path(cache_root) / ".probe")
-    if workers <= 1 and all(len(p) == 1 for p in passes) or len(pending) < 2:
-        return set()
-    done: set[str] = set()
-    how = f"{workers} processes" if workers > 1 else "this process"
+    for i, c in enumerate(cells):
+        if c.finished():
+            trained[i] = Trained(c, json.loads((c.folder / "results.json").read_text()), True)
+            if on_done is not None:
+                on_done(trained[i])
+        else:
+            pending.append(c)
+    index = {id(c): i for i, c in enumerate(cells)}
+    passes = plan_passes(pending, batch_cells, workers, Path(scratch or cells[0].folder.parent) / ".probe") \
+        if pending else []
+    local = workers <= 1 or len(passes) < 2 or any(c.callbacks or c.prepare or c.components for c in pending)
     batched = sum(len(p) for p in passes if len(p) > 1)
-    desc = f"training in {how}" + (f", {batched} cells in {sum(len(p) > 1 for p in passes)} batched passes"
-                                   if batched else "")
-    progress = CellProgress(len(pending), desc=desc)
+    desc = f"training in {'this process' if local else f'{workers} processes'}" + (
+        f", {batched} cells in {sum(len(p) > 1 for p in passes)} batched passes" if batched else "")
+    bar = CellProgress(len(pending), desc=desc) if progress and len(pending) > 1 else None
+
+    def finish(batch: Sequence[Cell], results: Sequence[dict]) -> None:
+        for c, res in zip(batch, results):
+            trained[index[id(c)]] = Trained(c, res, False)
+            if on_done is not None:
+                on_done(trained[index[id(c)]])
+            if bar is not None:
+                bar.done(f"{c.name:>24}: trained" + (f" ({len(batch)} at once)" if len(batch) > 1 else ""))
+
     try:
-        if workers <= 1:
+        if local:
             for batch in passes:
-                for name in _train_in_worker(batch, 0):
-                    done.add(name)
-                    progress.done(f"{name:>24}: trained" + (f" ({len(batch)} at once)" if len(batch) > 1 else ""))
-            return done
-        threads = max(1, (os.cpu_count() or 2) // workers)
-        with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
-            # the largest passes first, so the last ones to finish are short
-            futures = [pool.submit(_train_in_worker, batch, threads)
-                       for batch in sorted(passes, key=len, reverse=True)]
-            for fut in as_completed(futures):
-                names = fut.result()
-                for name in names:
-                    done.add(name)
-                    progress.done(f"{name:>24}: trained" + (f" ({len(names)} at once)" if len(names) > 1 else ""))
+                with quiet_cells():
+                    finish(batch, train_pass(batch))
+        else:
+            threads = max(1, (os.cpu_count() or 2) // workers)
+            with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
+                # the largest passes first, so the last ones to finish are short
+                futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],
+                                       threads): batch for batch in sorted(passes, key=len, reverse=True)}
+                for fut in as_completed(futures):
+                    finish(futures[fut], fut.result())
     finally:
-        progress.close()
-    return done
+        if bar is not None:
+            bar.close()
+    return [trained[i] for i in range(len(cells))]
 
 
 def cell_line(template: str, row: dict) -> str:
@@ -413,72 +466,43 @@ def cell_line(template: str, row: dict) -> str:
     return template.format(**row) + (f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else "")
 
 
-def train_cells(cfg: DictConfig, run_dir: Path, adapters: Mapping[str, DictConfig], items: Sequence[str],
-                seeds: Sequence[int], data_key: str, evaluate: Evaluate, progress: CellProgress,
-                line: str, grids: dict[str, list[torch.Tensor]], measure: Optional[Measure] = None) -> list[dict]:
-    """Train every (adapter, item, seed) cell and score it.
-
-    ``data_key``: the data field each item sets (``concept``, ``style``). ``evaluate(components, item,
-    seed, method)`` returns the cell's scores and images (the first seed's go to ``grids[item]``);
-    ``measure(module, item, seed, method)``, if given, the cell's update size (its ``size_*`` fields join
-    the row); ``line`` is the template of the line printed when it is done (:func:`cell_line`). Each cell
-    trains in ``run_dir/cells/<adapter>-<item>-seed<seed>`` and is dropped after scoring.
-
-    With ``protocol.batch_cells`` above 1 (or ``auto``) the cells that can train together
-    (:func:`batch_key`) train first, that many a pass (:func:`lorabench.run.train_batched`), and are
-    then loaded back one by one and scored as a cell trained alone is."""
-    cells = [(name, acfg, item, seed, run_dir / "cells" / f"{name}-{item}-seed{seed}")
-             for name, acfg in adapters.items() for item in items for seed in seeds]
-    batch_cells = check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1))
-    jobs = [(OmegaConf.to_container(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), resolve=True),
-             str(cell_dir), f"{name}/{item}") for name, acfg, item, seed, cell_dir in cells] if batch_cells != 1 else []
-    pretrained: dict[str, dict] = {}
-    for batch in plan_passes(jobs, batch_cells, 1, run_dir / "cells" / ".probe"):
-        if len(batch) > 1:
-            pretrained.update({d: res for (_, d, _), res in zip(batch, train_pass(batch))})
-    base = instantiate(cfg.model, _convert_="all") if pretrained else None
-    rows = []
-    for name, acfg, item, seed, cell_dir in cells:
-        if str(cell_dir) in pretrained:
-            results = pretrained[str(cell_dir)]
-            with loaded_cell(base, cell_dir) as (ad, _):
-                scores, images = evaluate(base, item, seed, name)
-                module = SimpleNamespace(components=base, adapters=ad)
-                sizes = row_fields(measure(module, item, seed, name)) if measure is not None else {}
-        else:
-            results, module = train(cell_config(cfg, acfg, {data_key: item}, seed, cell_dir), cell_dir,
-                                    config_name=f"{name}/{item}")
-            scores, images = evaluate(module.components, item, seed, name)
-            sizes = row_fields(measure(module, item, seed, name)) if measure is not None else {}
-        if seed == seeds[0]:
-            grids[item].append(images)
-        rows.append({"method": name, data_key: item, "seed": seed, **scores, **sizes,
-                     "steps": results["metrics"]["steps"], "train_s": results["timings"]["fit_s"],
-                     "s_per_step": results["timings"]["s_per_step"]})
-        progress.done(cell_line(line, rows[-1]))
-        del module
-    return rows
-
-
-def compare_with_base(cfg: DictConfig, run_dir: Path, name: str, data_key: str, items: Sequence[str],
-                      seeds: Sequence[int], adapters: Mapping[str, DictConfig], evaluate: Evaluate, line: str,
-                      grids: dict[str, list[torch.Tensor]], measure: Optional[Measure] = None) -> list[dict]:
-    """The base model scored on every (item, seed), then every trained cell (:func:`train_cells`): the
-    rows of a single-item protocol, ``method`` "base" first. ``evaluate(components, item, seed, method)``
-    samples and scores; the first seed's images of every method go to ``grids[item]``; ``line`` is the
-    template of a finished cell's line (:func:`cell_line`); ``measure``: as in :func:`train_cells`."""
+def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Sequence[int],
+                      adapters: Mapping[str, DictConfig], evaluate: Evaluate, line: str,
+                      measure: Optional[Measure] = None) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
+    """The rows of a single-item protocol, ``method`` "base" first, and each item's sample-grid images:
+    the base model scored on every (item, seed), then every (adapter, item, seed) cell, trained
+    (:func:`run_cells`, ``protocol.batch_cells`` at a time) into ``<run>/cells/<adapter>-<item>-seed<seed>``,
+    loaded into the base model and scored. ``session``: the run (:class:`lorabench.protocols.report.Session`);
+    ``evaluate(components, item, seed, method)`` samples and scores (the first seed's images of every method
+    go to the item's grid); ``measure(module, item, seed, method)``, if given, the cell's update size (its
+    ``size_*`` fields join the row, the session's size log keeps it); ``line`` is the template of a
+    finished cell's line (:func:`cell_line`)."""
+    cfg, cells_dir = session.cfg, session.run_dir / "cells"
     rows: list[dict] = []
-    progress = CellProgress(len(items) * len(seeds) * (1 + len(adapters)), desc=name)
+    grids: dict[str, list[torch.Tensor]] = {item: [] for item in items}
+    session.count(len(items) * len(seeds) * (1 + len(adapters)))
+    keys = [(a, item, seed) for a in adapters for item in items for seed in seeds]
+    cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
+                  cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}") for a, item, seed in keys]
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
+
+        def score(method: str, item: str, seed: int, extra: Mapping) -> None:
+            scores, images = evaluate(base, item, seed, method)
+            if seed == seeds[0]:
+                grids[item].append(images)
+            rows.append({"method": method, data_key: item, "seed": seed, **scores, **extra})
+            session.done(cell_line(line, rows[-1]))
+
         for item in items:
             for seed in seeds:
-                scores, images = evaluate(base, item, seed, "base")
-                rows.append({"method": "base", data_key: item, "seed": seed, **scores})
-                if seed == seeds[0]:
-                    grids[item].append(images)
-                progress.done(cell_line(line, rows[-1]))
-        del base
-        rows += train_cells(cfg, run_dir, adapters, items, seeds, data_key, evaluate, progress, line, grids, measure)
-    progress.close()
-    return rows
+                score("base", item, seed, {})
+        trained = run_cells(cells, check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1)))
+        for (a, item, seed), t in zip(keys, trained):
+            with loaded_cell(base, t.cell.folder) as (ad, _):
+                measured = measure(SimpleNamespace(components=base, adapters=ad), item, seed, a) if measure else {}
+                session.size_log.add(a, measured)
+                score(a, item, seed, {**row_fields(measured), "steps": t.results["metrics"]["steps"],
+                                      "train_s": t.results["timings"]["fit_s"],
+                                      "s_per_step": t.results["timings"]["s_per_step"]})
+    return rows, grids

@@ -4,7 +4,7 @@ a sequence of tasks, every seen task scored after every task.
     lorabench experiment=continual/world_objects protocol.method.name=magmax
     lorabench --multirun experiment=continual/world_objects protocol.method.name=naive,merge_init,ortho_init,magmax \\
         sequence.order_seed=0,5,10 seed=0
-    python -m lorabench.protocols.continual outputs/continual --out experiments/continual   # the tables
+    python -m lorabench.protocols rebuild continual outputs/continual --out experiments/continual   # the tables
 
 One run = one method, one task order (``sequence.order_seed``) and one training seed (``seed``):
 
@@ -26,14 +26,12 @@ The run folder is fixed by the config (``hydra.run.dir``), so "the same command"
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,26 +41,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, matrix_table, summary
-from lorabench.continual.tasks import Task, TaskScorer, order, score_tasks
-from lorabench.data.prepare import read_manifest
-from lorabench.errors import ConfigError, check_int, choice_error
+from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
+from lorabench.errors import ConfigError, check_int
 from lorabench.loggers import build_loggers
 from lorabench.merging.updates import fold, model_weights
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import cell_config, config_hash
-from lorabench.protocols.report import mean_std, rebuild_cli, write_protocol_outputs
+from lorabench.protocols.base import Column, Paper, Rebuilt, csv_text, markdown, pm
+from lorabench.protocols.cells import Cell, cell_config, config_hash, run_cells
+from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.protocols.resume import SequenceState
-from lorabench.run import train
 from lorabench.sampling import eval_device
-from lorabench.utils.console import CellProgress, quiet_cells
-from lorabench.utils.io import write_json, write_text
+from lorabench.utils.console import quiet_cells
+from lorabench.utils.io import write_json
 from lorabench.utils.plots import figure, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 
-KINDS = ("objects", "styles")
-# kind -> (eval set key, {metric: (scorer key, embedder attribute)})
-SUITES = {"objects": ("concepts", {"clip_i": ("scorer", "text_image"), "dino": ("scorer", "identity")}),
-          "styles": ("styles", {"csd": ("style_scorer", "style"), "dino": ("scorer", "identity")})}
 LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "csd": "CSD"}
 # The poster's tables (papers/continual_personalization_poster.txt): (S metric 1, S metric 2, F 1, F 2)
 # as (mean, std); the base model has no forgetting.
@@ -81,83 +74,6 @@ PUBLISHED = {
 METHOD_LABELS = {"base": "Base model (reference)", "naive": "Naive continual fine-tuning",
                  "merge_init": "Merge & Initialization", "ortho_init": "Merge & Orthogonal Initialization",
                  "magmax": "Magnitude-based merging (MagMax-light)", "ortha": "Orthogonal Adaptation in sequence"}
-
-
-# -- the sequence ----------------------------------------------------------------------------------------
-def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
-    """``(kind, tasks)`` in training order, each with its evaluation prompts and references; every
-    check of the sequence happens here, before any training."""
-    seq = cfg.get("sequence")
-    if not seq:
-        raise ConfigError("sequence", "no sequence; add one, e.g. sequence=world_objects")
-    kind = str(seq.get("kind"))
-    if kind not in KINDS:
-        raise choice_error("sequence.kind", kind, KINDS)
-    entries = OmegaConf.to_container(seq.tasks, resolve=True) if seq.get("tasks") else []
-    if seq.get("manifest"):
-        if entries:
-            raise ConfigError("sequence.tasks", "give the tasks or sequence.manifest, not both")
-        entries = manifest_tasks(seq.manifest, kind)
-    data_key = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
-    items = []
-    for i, e in enumerate(entries):
-        e = {"name": e} if isinstance(e, str) else dict(e)
-        if not e.get("name"):
-            raise ConfigError(f"sequence.tasks[{i}]", "needs a name (the task's token or style word)")
-        items.append((str(e["name"]), {data_key: str(e["name"]), **dict(e.get("data") or {})}))
-    names = [n for n, _ in items]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError("sequence.tasks", f"token {dup[0]!r} is listed twice; every task needs its own token")
-    length = check_int(seq.get("length") or len(items), "sequence.length", minimum=1)
-    if len(items) < length:
-        raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
-                          f"give at least {length} tasks or lower sequence.length")
-    items = order(items[:length], check_int(seq.get("order_seed"), "sequence.order_seed", allow_none=True))
-    sets_key, _ = SUITES[kind]
-    if cfg.get("eval") is None or sets_key not in cfg.eval:
-        raise ConfigError(f"eval.{sets_key}", f"a {kind} sequence needs eval.{sets_key}; use e.g. eval=world")
-    eval_sets = instantiate(cfg.eval[sets_key])
-    tasks = []
-    for i, (name, data) in enumerate(items):
-        path = data.get("path")
-        if path is not None and not Path(str(path)).exists():
-            raise ConfigError(f"sequence.tasks.{name}.data.path", f"{path} does not exist; each task needs its images")
-        try:
-            es = eval_sets(name)
-            refs = eval_sets.references(name) if kind == "styles" else es.references
-        except ConfigError as err:
-            raise ConfigError(f"sequence.tasks.{name}", f"no data or evaluation set for this task ({err})") from err
-        tasks.append(Task(i, name, data, list(es.prompts), refs))
-    return kind, tasks
-
-
-def manifest_tasks(path, kind: str) -> list[dict]:
-    """The sequence's tasks from a prepared style dataset (the reference's config.json order): each
-    trains on its five images with "{style} image of {train object}", the reference's prompt."""
-    if kind != "styles":
-        raise ConfigError("sequence.manifest", "only style sequences read a manifest; list object tasks in "
-                          "sequence.tasks")
-    root, tasks = read_manifest(path)
-    out = []
-    for i, t in enumerate(tasks):
-        if not all(k in t for k in ("name", "style", "train_object", "train_path")):
-            raise ConfigError("sequence.manifest", f"{path}: task {i} lacks name, style, train_object or train_path")
-        out.append({"name": t["name"], "data": {"path": str(root / t["train_path"]),
-                                                 "instance_prompt": f"{t['style']} image of {t['train_object']}"}})
-    return out
-
-
-# -- scoring ----------------------------------------------------------------------------------------------
-def build_scorer(cfg: DictConfig, kind: str) -> TaskScorer:
-    """The task scorer of a ``kind`` sequence: its metrics' embedders, from ``cfg.eval``."""
-    _, metrics = SUITES[kind]
-    scorers = {}
-    for key in {k for k, _ in metrics.values()}:
-        if key not in cfg.eval:
-            raise ConfigError(f"eval.{key}", f"a {kind} sequence scores with eval.{key}; use e.g. eval=world")
-        scorers[key] = instantiate(cfg.eval[key])
-    return TaskScorer({m: getattr(scorers[k], attr) for m, (k, attr) in metrics.items()})
 
 
 # -- resume -----------------------------------------------------------------------------------------------
@@ -250,7 +166,7 @@ class Run:
         write_json(base_file, base)
         return base
 
-    def resume(self, state: SequenceState, progress: CellProgress) -> int:
+    def resume(self, state: SequenceState, progress: Session) -> int:
         """Replay the completed tasks' score rows into the metric and load the method's state after the
         last of them; returns how many tasks are done."""
         done = state.completed()
@@ -274,16 +190,23 @@ class Run:
         tcfg = cell_config(self.cfg, OmegaConf.create(adapter_cfg), task.data,
                            derive_seed("continual-task", seed, t) % (2 ** 31), task_dir)
         callback.task = t
-        results, module = train(tcfg, task_dir, config_name=f"{self.method.name}/{task.name}",
-                                components=self.components, prepare=self.prepare(t), callbacks=[callback])
-        module.adapters.remove()
+        modules: list = []  # the trained module, whose adapter comes out of the running model before the next task
+
+        def prepare(module) -> None:
+            modules.append(module)
+            self.prepare(t)(module)
+
+        [done] = run_cells([Cell(tcfg, task_dir, f"{self.method.name}/{task.name}", callbacks=[callback],
+                                 prepare=prepare, components=self.components)])
+        results = done.results
+        modules[0].adapters.remove()
         self.reset_weights({})
         # fit_s includes the callback's evaluation at the end of the fit
         record = self.records[t]
         record.update(train_s=results["timings"]["fit_s"] - record["eval_s"], steps=results["metrics"]["steps"])
         if rank_zero():
             state.save_task(t, self.method.state_dict(), record)
-        del module
+        modules.clear()
         m = self.metric.matrices()
         return (f"task {t + 1} ({task.name}): " + ", ".join(
             f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in m)
@@ -292,9 +215,8 @@ class Run:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the sequence ``cfg`` describes (resuming from ``run_dir/state`` when it holds one)."""
-    run_dir = Path(run_dir)
-    t_start = time.perf_counter()
-    p = cfg.protocol
+    session = Session(cfg, Path(run_dir), "continual")
+    run_dir, p = session.run_dir, cfg.protocol
     if cfg.get("adapter"):
         raise ConfigError("adapter", "this protocol trains protocol.adapter, not adapter; override that instead "
                           "(e.g. protocol.adapter.rank=8)")
@@ -319,38 +241,33 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
                             resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
-    progress = CellProgress(len(tasks) + 1, desc=f"continual {method.name}")
+    session.count(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
         r.components = instantiate(cfg.model, _convert_="all")
         base = r.base_scores(state)
-        progress.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
-        for t in range(r.resume(state, progress), len(tasks)):
-            progress.done(r.train_task(t, adapter_cfgs[t], callback, state))
+        session.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
+        for t in range(r.resume(state, session), len(tasks)):
+            session.done(r.train_task(t, adapter_cfgs[t], callback, state))
         if not r.last_images:  # a finished run started again: show the final model's samples
             r.reset_weights(method.eval_deltas())
             _, r.last_images = score_tasks(r.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
             r.reset_weights({})
-    progress.close()
 
-    out = results_dict(cfg, kind, tasks, method, r.metric, base, r.records, seed, time.perf_counter() - t_start)
+    out = results_dict(session, kind, tasks, method, r.metric, base, r.records)
     mats = r.metric.matrices()  # a collective under DDP: every rank calls it
-    out["table"] = run_table(out) + "".join(f"\n\n{matrix_table(m, [t.name for t in tasks], LABELS.get(n, n))}"
-                                            for n, m in mats.items())
+    table = run_table(out) + "".join(f"\n\n{matrix_table(m, [t.name for t in tasks], LABELS.get(n, n))}"
+                                     for n, m in mats.items())
     if not rank_zero():
-        return out
+        session.progress.close()
+        return {**out, "table": table}
     save_figure(heatmap(mats, [t.name for t in tasks], title=f"{method.name}, order {out['order_seed']}, seed {seed}"),
                 run_dir / "score_matrix.png")
-    images = {"score_matrix_final": run_dir / "score_matrix.png"}
-    if sizes.size_plot(run_dir / "update_size.png", out["update_size"], f"{method.name}: each task's update size"):
-        images["update_size"] = run_dir / "update_size.png"
-    shown = [t for t in tasks if t.index in r.last_images]
-    panels = [r.last_images[t.index][:2 * n_img] for t in shown]
-    write_protocol_outputs(cfg, run_dir, "continual", {k: v for k, v in out.items() if k != "table"}, out["table"],
-                           panels, loggers=loggers, step=len(tasks), images=images,
-                           labels=[f"task {t.index + 1}: {t.name}" for t in shown],
-                           grid_title=f"{method.name}, order {out['order_seed']}, seed {seed}, after the last task; "
-                           f"each row: the task's first 2 prompts x {n_img} samples")
-    return out
+    session.grid = [(f"task {t.index + 1}: {t.name}", r.last_images[t.index][:2 * n_img])
+                    for t in tasks if t.index in r.last_images]
+    return session.finish(out, table, f"{method.name}: each task's update size",
+                          f"{method.name}, order {out['order_seed']}, seed {seed}, after the last task; each row: the "
+                          f"task's first 2 prompts x {n_img} samples", loggers=loggers, step=len(tasks),
+                          images={"score_matrix_final": run_dir / "score_matrix.png"})
 
 
 def rank_zero() -> bool:
@@ -364,72 +281,47 @@ def average(m: torch.Tensor) -> float:
     return summary(m)["average_score"]
 
 
-def results_dict(cfg, kind, tasks, method, metric, base, records, seed, total_s) -> dict:
+def results_dict(session: Session, kind: str, tasks: Sequence[Task], method: ContinualMethod,
+                 metric: ContinualScores, base: Mapping, records: Mapping) -> dict:
     """The run's results.json content."""
-    mats = metric.matrices()
-    t_n = len(tasks)
+    cfg, mats, t_n = session.cfg, metric.matrices(), len(tasks)
     curves = {n: {q: [summary(m[:t + 1, :t + 1])[q] for t in range(m.shape[0])] for q in summary(m)}
               for n, m in mats.items()}
     final = {n: summary(m) for n, m in mats.items()}
-    method_name = method.name
-    size_log = sizes.SizeLog()
     for t in range(t_n):
-        size_log.add(method_name, records[t].get("update_size") or {})
-    return {
-        "protocol": "continual", "kind": kind, "method": method_name,
-        "method_config": OmegaConf.to_container(cfg.protocol.method, resolve=True),
-        "adapter": OmegaConf.to_container(cfg.protocol.adapter, resolve=True),
-        "order_seed": cfg.sequence.get("order_seed"), "seed": seed, "seeds": [seed],
-        "tasks": [t.name for t in tasks], "metrics": list(mats), "num_tasks": t_n,
-        "matrices": {n: [[None if math.isnan(x) else x for x in row] for row in m.tolist()] for n, m in mats.items()},
-        "final": final, "curves": curves,
-        "base": {n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
-        "sign_conflict": [records[t].get("sign_conflict") for t in range(t_n)],
-        "update_size": size_log.results(),
-        "update_size_per_task": [sizes.row_fields(records[t].get("update_size") or {}) for t in range(t_n)],
-        "timings": {"train_s": [records[t].get("train_s") for t in range(t_n)],
-                    "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": total_s},
-        "summary": {method_name: {f"{n}/{q}": mean_std([v]) for n, s in final.items() for q, v in s.items()
-                                  if not math.isnan(v)}},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+        session.size_log.add(method.name, records[t].get("update_size") or {})
+    return session.results(
+        kind=kind, method=method.name, method_config=OmegaConf.to_container(cfg.protocol.method, resolve=True),
+        adapter=OmegaConf.to_container(cfg.protocol.adapter, resolve=True), order_seed=cfg.sequence.get("order_seed"),
+        seed=int(cfg.seed), seeds=[int(cfg.seed)], tasks=[t.name for t in tasks], metrics=list(mats), num_tasks=t_n,
+        matrices={n: [[None if math.isnan(x) else x for x in row] for row in m.tolist()] for n, m in mats.items()},
+        final=final, curves=curves,
+        base={n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
+        sign_conflict=[records[t].get("sign_conflict") for t in range(t_n)],
+        update_size_per_task=[sizes.row_fields(records[t].get("update_size") or {}) for t in range(t_n)],
+        timings={"train_s": [records[t].get("train_s") for t in range(t_n)],
+                 "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": time.perf_counter() - session.t0},
+        summary={method.name: {f"{n}/{q}": mean_std([v]) for n, s in final.items() for q, v in s.items()
+                               if not math.isnan(v)}})
 
 
 def run_table(out: dict) -> str:
     """The run's own table: the base model and the method, Average Score, Forgetting and BWT per metric."""
-    names = out["metrics"]
-    head = ["model", *[f"S {LABELS.get(n, n)}" for n in names], *[f"F {LABELS.get(n, n)}" for n in names],
-            *[f"F textbook {LABELS.get(n, n)}" for n in names], *[f"BWT {LABELS.get(n, n)}" for n in names]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = ["base model", *[f"{out['base'][n]['average_score']:.3f}" for n in names]] + ["-"] * (3 * len(names))
-    lines.append("| " + " | ".join(base) + " |")
-    f = out["final"]
-    row = [out["method"], *[f"{f[n][q]:.3f}" for q in ("average_score", "forgetting_ref", "forgetting",
-                                                         "backward_transfer") for n in names]]
-    lines.append("| " + " | ".join(row) + " |")
+    names, f = out["metrics"], out["final"]
+    head = ["model", *(f"{q} {LABELS.get(n, n)}" for q in ("S", "F", "F textbook", "BWT") for n in names)]
+    base = ["base model", *(f"{out['base'][n]['average_score']:.3f}" for n in names), *["-"] * (3 * len(names))]
+    row = [out["method"], *(f"{f[n][q]:.3f}" for q in ("average_score", "forgetting_ref", "forgetting",
+                                                       "backward_transfer") for n in names)]
     note = (f"{out['kind']}, {out['num_tasks']} tasks in order {', '.join(out['tasks'])} (order seed "
             f"{out['order_seed']}, training seed {out['seed']}). S: Average Score after the last task; F: Average "
             "Forgetting as the reference code computes it (divided by T); F textbook: divided by T - 1, last task "
             "left out; BWT: backward transfer.")
-    return "\n".join(lines) + "\n\n" + note
+    return markdown(head, [base, row]) + "\n\n" + note
 
 
 # -- tables, verdicts and the sign-conflict plot, rebuilt from results.json files -----------------------------
 PAPER_METHODS = ("naive", "merge_init", "ortho_init", "magmax")
 MIN_RUNS = 3
-
-
-def collect(paths: Sequence[str | Path]) -> list[dict]:
-    """Every continual results.json under ``paths`` (files or folders, searched recursively)."""
-    found = []
-    for p in map(Path, paths):
-        files = [p] if p.is_file() else sorted(p.rglob("results.json"))
-        for f in files:
-            data = json.loads(f.read_text())
-            if data.get("protocol") == "continual":
-                data["_path"] = str(f)
-                found.append(data)
-    return found
 
 
 def aggregate(results: Sequence[dict]) -> dict:
@@ -453,10 +345,6 @@ def aggregate(results: Sequence[dict]) -> dict:
     return out
 
 
-def _fmt(v: Optional[dict]) -> str:
-    return "-" if not v else f"{v['mean']:.3f} +- {v['std']:.3f}"
-
-
 def _pub(v) -> str:
     if v is None:
         return "-"
@@ -468,35 +356,28 @@ def render_table(kind: str, agg: dict) -> tuple[str, list[list]]:
     """Markdown (measured, then the published side table) and CSV rows for one kind."""
     names, methods = agg["metrics"], agg["methods"]
     lab = [LABELS.get(n, n) for n in names]
-    head = ["method", "runs", *[f"S {x}" for x in lab], *[f"F {x}" for x in lab], *[f"F textbook {x}" for x in lab],
-            *[f"BWT {x}" for x in lab], "run s"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    quantities = ("S", "F", "F_textbook", "BWT")
+
+    def measured(method: str, q: str, n: str) -> str:
+        return "-" if method == "base" and q != "S" else pm(methods[method][q][n])
+
+    columns = [Column("method", lambda m: METHOD_LABELS.get(m, m)),
+               Column("runs", lambda m: str(len(methods[m]["runs"]))),
+               *(Column(f"{q.replace('_', ' ')} {x}", lambda m, q=q, n=n: measured(m, q, n))
+                 for q in quantities for n, x in zip(names, lab)),
+               Column("run s", lambda m: "-" if m == "base" else f"{methods[m]['total_s']['mean']:.0f}")]
     csv_rows = [["kind", "method", "quantity", "metric", "mean", "std", "n"]]
-    for method, a in methods.items():
-        label = METHOD_LABELS.get(method, method)
-        if method == "base":
-            cells = [label, str(len(a["runs"])), *[_fmt(a["S"][n]) for n in names], *["-"] * (3 * len(names)), "-"]
-        else:
-            cells = [label, str(len(a["runs"])),
-                     *[_fmt(a[q][n]) for q in ("S", "F", "F_textbook", "BWT") for n in names],
-                     f"{a['total_s']['mean']:.0f}"]
-        md.append("| " + " | ".join(cells) + " |")
-        for q in ("S", "F", "F_textbook", "BWT"):
-            for n in names:
-                v = a.get(q, {}).get(n)
-                if v:
-                    csv_rows.append([kind, method, q, n, v["mean"], v["std"], v["n"]])
-    pub = PUBLISHED.get(kind, {})
-    md += ["", f"Published ({'objects' if kind == 'objects' else 'styles'} table of the poster; SDXL, rank 64, "
-           "8 runs: order seeds {0, 5, 10, 42} x training seeds {0, 5}):", "",
-           "| method | " + " | ".join([*[f"S {x}" for x in lab], *[f"F {x}" for x in lab]]) + " |",
-           "|" + "---|" * (1 + 2 * len(names))]
-    for method, vals in pub.items():
-        md.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(_pub(v) for v in vals) + " |")
-    note = ("S: Average Score after the last task; F: Average Forgetting as the reference code computes it "
-            "(divided by T, the paper's numbers); F textbook: divided by T - 1, last task left out; BWT: backward "
-            "transfer. Mean +- population std over runs (order seed x training seed).")
-    return "\n".join(md) + "\n\n" + note, csv_rows
+    csv_rows += [[kind, method, q, n, v["mean"], v["std"], v["n"]] for method, a in methods.items() for q in quantities
+                 for n in names if (v := a.get(q, {}).get(n))]
+    published = [[METHOD_LABELS.get(m, m), *map(_pub, vals)] for m, vals in PUBLISHED.get(kind, {}).items()]
+    md = [markdown(columns, list(methods)), "",
+          f"Published ({'objects' if kind == 'objects' else 'styles'} table of the poster; SDXL, rank 64, 8 runs: "
+          "order seeds {0, 5, 10, 42} x training seeds {0, 5}):", "",
+          markdown(["method", *(f"{q} {x}" for q in ("S", "F") for x in lab)], published), "",
+          "S: Average Score after the last task; F: Average Forgetting as the reference code computes it (divided by "
+          "T, the paper's numbers); F textbook: divided by T - 1, last task left out; BWT: backward transfer. Mean +- "
+          "population std over runs (order seed x training seed)."]
+    return "\n".join(md), csv_rows
 
 
 def verdicts(agg: dict) -> list[dict]:
@@ -523,8 +404,8 @@ def verdicts(agg: dict) -> list[dict]:
             return m[x]["S"][n]["mean"]
 
         def numbers(methods):
-            return "; ".join(f"{x}: " + ", ".join(f"S {LABELS.get(n, n)} {_fmt(m[x]['S'][n])}, F {LABELS.get(n, n)} "
-                                                  f"{_fmt(m[x]['F'][n])}" for n in names) for x in methods if x in m)
+            return "; ".join(f"{x}: " + ", ".join(f"S {LABELS.get(n, n)} {pm(m[x]['S'][n])}, F {LABELS.get(n, n)} "
+                                                  f"{pm(m[x]['F'][n])}" for n in names) for x in methods if x in m)
 
         claims = [
             ("naive forgets more than merge_init", ("naive", "merge_init"),
@@ -565,41 +446,21 @@ def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def rebuild(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Tables (markdown + CSV per kind), verdicts and the sign-conflict plot from results.json files."""
-    results = collect(paths)
-    if not results:
-        raise ConfigError("paths", f"no continual results.json under {', '.join(map(str, paths))}")
-    out_dir = Path(out_dir)
+def rebuild(results: list[dict]) -> Rebuilt:
+    """Tables (markdown + CSV per kind), verdicts.json and the sign-conflict plot from results.json contents."""
     agg = aggregate(results)
-    written = {}
+    files: dict = {}
     for kind, a in agg.items():
         md, rows = render_table(kind, a)
-        write_text(out_dir / f"table_{kind}.md", md + "\n")
-        buf = io.StringIO()
-        csv.writer(buf).writerows(rows)
-        write_text(out_dir / f"table_{kind}.csv", buf.getvalue())
-        written[kind] = md
-    v = verdicts(agg)
-    write_json(out_dir / "verdicts.json", v)
-    sign_conflict_plot(results, out_dir / "sign_conflicts.png")
-    return {"tables": written, "verdicts": v, "aggregate": agg, "runs": [r["_path"] for r in results]}
+        files[f"table_{kind}.md"], files[f"table_{kind}.csv"] = md + "\n", csv_text(rows)
+    files["verdicts.json"] = v = verdicts(agg)
+    files["sign_conflicts.png"] = lambda path: sign_conflict_plot(results, path)
+    tables = "".join(f"\n## {kind}\n\n{files[f'table_{kind}.md'][:-1]}\n" for kind in agg)
+    return Rebuilt(files, tables + "\n" + "\n".join(f"- {x['kind']}: {x['claim']}: **{x['verdict']}** ({x['numbers']})"
+                                                   for x in v))
 
 
-def report(paths: Sequence[str | Path], out_dir: str | Path) -> str:
-    """:func:`rebuild`, and its tables and verdicts as text for the console."""
-    out = rebuild(paths, out_dir)
-    tables = "".join(f"\n## {kind}\n\n{md}\n" for kind, md in out["tables"].items())
-    return tables + "\n" + "\n".join(f"- {v['kind']}: {v['claim']}: **{v['verdict']}** ({v['numbers']})"
-                                      for v in out["verdicts"])
+PAPER = Paper("continual", "continual", rebuild, "folder for table_<kind>.md/.csv, verdicts.json, sign_conflicts.png")
 
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m lorabench.protocols.continual RUNS... --out DIR``: rebuild the tables and verdicts."""
-    rebuild_cli(argv, "python -m lorabench.protocols.continual",
-                "Rebuild the continual tables and verdicts from run folders (searched recursively).", report,
-                "folder for table_<kind>.md/.csv, verdicts.json, sign_conflicts.png")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command before `python -m lorabench.protocols rebuild continual`
+    rebuild_cli(PAPER.name)

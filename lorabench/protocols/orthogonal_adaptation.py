@@ -4,7 +4,7 @@ inside its merged model.
 
     lorabench experiment=orthogonal_adaptation/world                    # the world Table 2, 3 seeds
     lorabench experiment=orthogonal_adaptation/world protocol.only=[dblora_fedavg,ortha_disjoint]
-    python -m lorabench.protocols.orthogonal_adaptation outputs/.../run1 outputs/.../run2   # rebuild the table
+    python -m lorabench.protocols rebuild orthogonal_adaptation outputs/.../run1 outputs/.../run2   # rebuild the table
 
 Stages, per seed:
 1. **Single** (:func:`single_stage`). Every (adapter type, concept) is trained once (cached under
@@ -32,9 +32,6 @@ names runs have always had.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 import statistics
 import time
@@ -47,7 +44,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters.tokens import load_tokens
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
@@ -66,19 +63,24 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import (
-    check_cell_tokens,
-    loaded_cell,
-    pretrain_cells,
-    protocol_inputs,
-    trained_cell,
+from lorabench.protocols.base import (
+    Column,
+    Paper,
+    Rebuilt,
+    Settings,
+    csv_text,
+    markdown,
+    pm,
+    read_settings,
+    setting,
+    verdict,
 )
-from lorabench.protocols.report import format_verdicts, mean_std, rebuild_cli, write_protocol_outputs
+from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
+from lorabench.protocols.report import Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
 from lorabench.sampling import check_counts, sample_prompts
-from lorabench.utils.console import CellProgress, quiet_cells
-from lorabench.utils.io import write_text
-from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.console import quiet_cells
+from lorabench.utils.plots import figure, layer_lines, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 
 PROTOCOL = "modular"  # the protocol's name in results.json and its W&B keys
@@ -99,7 +101,6 @@ PUBLISHED = [
     ("Mix-of-Show (gradient fusion)", "~15 min", ".625 -> .631", ".745 -> .729", ".728 -> .717"),
     ("Orthogonal Adaptation", "<1 s", ".624 -> .644", ".748 -> .741", ".740 -> .745"),
 ]
-NOT_IMPLEMENTED: tuple[str, ...] = ()  # published rows without a lorabench method (listed in the table)
 UNCHANGED_FLOOR = 0.02  # P+'s "unchanged by merging": |merged - single| within max(2 x seed std, this)
 BETTER_RETENTION = 0.1  # "holds identity better": merged/single identity alignment higher by at least this
 
@@ -175,23 +176,10 @@ def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size:
 
 
 # -- summaries and the table -------------------------------------------------------------------------
-def seed_means(rows: Sequence[dict], method: str, key: str) -> list[float]:
-    """One value per seed: the mean of ``key`` over that seed's rows of ``method``."""
-    out = []
-    for seed in dict.fromkeys(r["seed"] for r in rows if r["method"] == method):
-        xs = [r[key] for r in rows if r["method"] == method and r["seed"] == seed and r.get(key) is not None]
-        if xs:
-            out.append(statistics.fmean(xs))
-    return out
-
-
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{method: {key: {mean, std, n}}}``, std over seeds (population)."""
-    keys = ["merge_s"] + [f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")] + list(CROSSTALK)
-    out = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        out[method] = {k: v for k in keys if (v := mean_std(seed_means(rows, method, k)))}
-    return out
+    """``{method: {key: {mean, std, n}}}`` of each seed's mean over concepts, std over seeds (population)."""
+    keys = ["merge_s", *(f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")), *CROSSTALK]
+    return summarise_rows(list(rows), keys, per_seed=True)
 
 
 def _fmt_time(s: float) -> str:
@@ -200,50 +188,36 @@ def _fmt_time(s: float) -> str:
 
 def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
     """(markdown, csv) of Table 2 from protocol rows: one line per method, single -> merged (delta)."""
-    summary = summarise(rows)
+    s = summarise(rows)
     seeds = sorted({r["seed"] for r in rows})
     concepts = sorted({r["concept"] for r in rows})
-    head = ["method", "merge time"] + [SCORE_LABELS[s] + " single -> merged (delta)" for s in SCORES] + \
-           ["weight crosstalk", "interference", "interference in own subspace", "output error"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["method", "merge_s_mean", "merge_s_std"] +
-               [f"{k}_{s}_{x}" for s in SCORES for k in ("single", "merged", "delta") for x in ("mean", "std")] +
-               [f"{c}_{x}" for c in CROSSTALK for x in ("mean", "std")] + ["n_seeds"])
-    for method, s in summary.items():
-        cells = [labels.get(method, method), _fmt_time(s["merge_s"]["mean"]) if "merge_s" in s else "-"]
-        for m in SCORES:
-            a, b, d = s.get(f"single_{m}"), s.get(f"merged_{m}"), s.get(f"delta_{m}")
-            ok = a and b and d
-            cells.append(f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if ok else "-")
-        for c in ("weight_crosstalk", "interference", "subspace_interference", "output_error"):
-            cells.append(f"{s[c]['mean']:.3f} +- {s[c]['std']:.3f}" if c in s else "-")
-        md.append("| " + " | ".join(cells) + " |")
-        w.writerow([method] + [s.get("merge_s", {}).get(x, "") for x in ("mean", "std")] +
-                   [s.get(f"{k}_{m}", {}).get(x, "") for m in SCORES for k in ("single", "merged", "delta")
-                    for x in ("mean", "std")] + [s.get(c, {}).get(x, "") for c in CROSSTALK for x in ("mean", "std")] +
-                   [s.get("merge_s", {}).get("n", "")])
-    for name in NOT_IMPLEMENTED:
-        md.append("| " + " | ".join([name, "not yet implemented"] + ["-"] * (len(head) - 2)) + " |")
-    md.append("")
-    md.append(f"Mean over {len(concepts)} concepts per seed, then mean (delta: +- std) over {len(seeds)} seed(s) "
-              f"{seeds}. Crosstalk (lorabench.merging.crosstalk): weight = ||dW_i dW_j^T|| / (||dW_i|| ||dW_j||); "
-              "interference = ||dW_j X_i|| / ||dW_i X_i||, in own subspace: on P_i X_i (X_i projected on the rows of "
-              "down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the merged update D; layer means over the "
-              "group's pairs.")
-    md += ["", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
-           "| method | merge time | text align. | image align. | identity align. |", "|---|---|---|---|---|"]
-    md += ["| " + " | ".join(r) + " |" for r in PUBLISHED]
-    return "\n".join(md), buf.getvalue()
+
+    def change(score: str) -> Column:
+        def cell(m):
+            a, b, d = (s[m].get(f"{k}_{score}") for k in ("single", "merged", "delta"))
+            return f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if a and b and d else "-"
+        return Column(SCORE_LABELS[score] + " single -> merged (delta)", cell)
+
+    columns = [Column("method", lambda m: labels.get(m, m)),
+               Column("merge time", lambda m: _fmt_time(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-"),
+               *map(change, SCORES), *(Column(label, lambda m, c=c: pm(s[m].get(c))) for c, label in (
+                   ("weight_crosstalk", "weight crosstalk"), ("interference", "interference"),
+                   ("subspace_interference", "interference in own subspace"), ("output_error", "output error")))]
+    md = [markdown(columns, list(s)), "",
+          f"Mean over {len(concepts)} concepts per seed, then mean (delta: +- std) over {len(seeds)} seed(s) "
+          f"{seeds}. Crosstalk (lorabench.merging.crosstalk): weight = ||dW_i dW_j^T|| / (||dW_i|| ||dW_j||); "
+          "interference = ||dW_j X_i|| / ||dW_i X_i||, in own subspace: on P_i X_i (X_i projected on the rows of "
+          "down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the merged update D; layer means over the "
+          "group's pairs.", "", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
+          markdown(["method", "merge time", "text align.", "image align.", "identity align."], PUBLISHED)]
+    keys = ["merge_s", *(f"{k}_{m}" for m in SCORES for k in ("single", "merged", "delta")), *CROSSTALK]
+    table = [["method", *(f"{k}_{x}" for k in keys for x in ("mean", "std")), "n_seeds"]]
+    table += [[m, *(s[m].get(k, {}).get(x, "") for k in keys for x in ("mean", "std")),
+               s[m].get("merge_s", {}).get("n", "")] for m in s]
+    return "\n".join(md), csv_text(table)
 
 
 MIN_SINGLE_IDENTITY = 0.2  # below this the single models never learned the identity: nothing can collapse
-
-
-def _verdict(claim: str, ok: bool, detail: str, inconclusive: str = "") -> dict[str, Any]:
-    verdict = "inconclusive" if inconclusive else ("reproduced" if ok else "not reproduced")
-    return {"claim": claim, "verdict": verdict, "detail": detail + (f"; {inconclusive}" if inconclusive else "")}
 
 
 def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -264,9 +238,6 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
     def ident(m):
         return s[m]["single_identity_alignment"], s[m]["merged_identity_alignment"]
 
-    def pm(v):
-        return f"{v['mean']:.3f} +- {v['std']:.3f}"
-
     def weak(*singles):
         low = [x for x in singles if x["mean"] < MIN_SINGLE_IDENTITY]
         return (f"single-concept identity alignment below {MIN_SINGLE_IDENTITY}: the adapters never learned "
@@ -276,14 +247,14 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
     if lf in s and oa in s:
         (ls, lm), (os_, om) = ident(lf), ident(oa)
         ok = lm["mean"] <= 0.5 * ls["mean"] and om["mean"] >= 0.8 * os_["mean"]
-        out.append(_verdict("DB-LoRA FedAvg identity collapses on merge, while OrthA's holds", ok,
+        out.append(verdict("DB-LoRA FedAvg identity collapses on merge, while OrthA's holds", ok,
                             f"identity align. {lf}: {pm(ls)} -> {pm(lm)}; {oa}: {pm(os_)} -> {pm(om)} "
                             "(collapse: merged <= 0.5x single; hold: merged >= 0.8x single)", weak(ls, os_)))
     if gf in s and lf in s:
         gs, gm = ident(gf)
         t_gf, t_lf = s[gf]["merge_s"], s[lf]["merge_s"]
         ok = gm["mean"] >= 0.8 * gs["mean"] and t_gf["mean"] >= 10 * t_lf["mean"]
-        out.append(_verdict("gradient fusion holds identity but costs far more merge time", ok,
+        out.append(verdict("gradient fusion holds identity but costs far more merge time", ok,
                             f"identity align. {gf}: {pm(gs)} -> {pm(gm)}; merge time {_fmt_time(t_gf['mean'])} "
                             f"vs {_fmt_time(t_lf['mean'])} ({t_gf['mean'] / max(t_lf['mean'], 1e-12):.0f}x; "
                             "hold: >= 0.8x single; far more: >= 10x)", weak(gs)))
@@ -296,13 +267,13 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
                 tol = max(2 * single["std"], UNCHANGED_FLOOR)
                 ok = ok and abs(d["mean"]) <= tol
                 parts.append(f"{SCORE_LABELS[score]} change {d['mean']:+.3f} (within +-{tol:.3f})")
-        out.append(_verdict("P+ is unchanged by merging (embeddings do not interact)", ok, "; ".join(parts)))
+        out.append(verdict("P+ is unchanged by merging (embeddings do not interact)", ok, "; ".join(parts)))
     if oa in s and ab in s:
         (ps, pm_), (as_, am) = ident(oa), ident(ab)
         keep = {m: mm["mean"] / ss["mean"] if ss["mean"] > 0 else float("nan")
                 for m, (ss, mm) in ((oa, (ps, pm_)), (ab, (as_, am)))}
         inter = "; ".join(f"interference {m} {pm(s[m]['interference'])}" for m in (oa, ab) if "interference" in s[m])
-        out.append(_verdict("OrthA with layer-wise embeddings holds identity better than OrthA without them",
+        out.append(verdict("OrthA with layer-wise embeddings holds identity better than OrthA without them",
                             keep[oa] - keep[ab] >= BETTER_RETENTION,
                             f"identity align. {oa}: {pm(ps)} -> {pm(pm_)} (kept {keep[oa]:.2f}); {ab}: {pm(as_)} -> "
                             f"{pm(am)} (kept {keep[ab]:.2f}); better: kept at least {BETTER_RETENTION} more; {inter}",
@@ -313,26 +284,15 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
                         ("subspace_interference", "interference on the inputs concept i's update reads")):
             a, b = s[oa].get(c), s[lf].get(c)
             if a and b:
-                out.append(_verdict(f"OrthA's crosstalk is far below LoRA's ({what})", a["mean"] <= 0.5 * b["mean"],
+                out.append(verdict(f"OrthA's crosstalk is far below LoRA's ({what})", a["mean"] <= 0.5 * b["mean"],
                                     f"{c} {oa} {pm(a)} vs {lf} {pm(b)} (far below: at most 0.5x)"))
     return out
 
 
 def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
     """Per-layer interference and weight crosstalk, one line per method (mean over groups and seeds)."""
-    fig, axes = figure(2, figsize=(12, 3.6))
-    for ax, key, title in zip(axes[0], ("interference", "weight_crosstalk"),
-                              ("interference ||dW_j X_i|| / ||dW_i X_i||",
-                               "weight crosstalk ||dW_i dW_j^T|| (normalised)")):
-        for method, per_layer in layers.items():
-            names = list(per_layer)
-            ax.plot(range(len(names)), [per_layer[n].get(key, float("nan")) for n in names], marker="o", ms=3,
-                    label=method)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("adapted layer (model order)")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    save_figure(fig, path)
+    layer_lines(path, layers, [("interference", "interference ||dW_j X_i|| / ||dW_i X_i||"),
+                               ("weight_crosstalk", "weight crosstalk ||dW_i dW_j^T|| (normalised)")])
 
 
 def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]], labels: Mapping[str, str]) -> None:
@@ -353,10 +313,24 @@ def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float
 
 
 # -- the protocol ------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class OrthASettings(Settings):
+    """The ``protocol:`` block of Table 2 (besides ``adapters``, ``methods``, ``only``, ``slots``,
+    ``concept_data`` and ``roles``, checked by :func:`make_plan`)."""
+
+    concepts: list[str] = setting([], doc="the concepts (the world's tokens, or names of protocol.concept_data)")
+    group_size: int = setting(3, minimum=2, doc="concepts merged together: each one and group_size - 1 others")
+    same_class: bool = setting(True, doc="draw a concept's group from its own class first (faces with faces)")
+    capture: dict = setting({}, doc="input statistics: images_per_prompt (4) x num_inference_steps (10)")
+    cache_dir: Optional[str] = setting(None, doc="the cell cache shared by runs and sweep jobs (default: run/cells)")
+    reg_prompts: list[str] = setting([], doc="custom_diffusion's regularisation prompts (default: the eval texts)")
+
+
 @dataclass
 class Plan:
     """What :func:`run` settles from the config before any work; every stage reads it."""
 
+    settings: OrthASettings
     concepts: list[str]
     seeds: list[int]
     methods: dict[str, dict]
@@ -381,15 +355,15 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     p = cfg.protocol
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
     methods = select_methods(p, adapters)
-    group_size = check_int(p.get("group_size", 3), "protocol.group_size", minimum=2)
+    settings = read_settings(OrthASettings, p)
+    group_size = settings.group_size
     if group_size > len(concepts):
         raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
                           f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
     used = list(dict.fromkeys(m["adapter"] for m in methods.values()))
     ev = eval_setup(cfg, concepts, "concepts", "scorer")
-    cap = OmegaConf.to_container(p.get("capture") or {}, resolve=True)
+    cap = settings.capture or {}
     check_counts({k: cap.get(k) for k in ("images_per_prompt", "num_inference_steps")}, "protocol.capture")
-    check_int(p.get("train_workers", 1), "protocol.train_workers", minimum=1)
     # What each concept's training data sets: the world names it (data.concept); the real path gives
     # each concept its folder and instance prompt (protocol.concept_data.<name>: {path, instance_prompt}).
     concept_data = {c: dict(OmegaConf.to_container(p.concept_data[c], resolve=True))
@@ -402,21 +376,17 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
                               f"features, and adapter {m['adapter']!r} trains no new tokens; give it embeddings "
                               "(e.g. /embeddings@protocol.adapters.<name>.embeddings: textual_inversion)")
     # the regularisation prompts: every concept's evaluation prompts without their tokens
-    reg_prompts = list(p.get("reg_prompts") or []) or list(dict.fromkeys(t for c in concepts for t in ev.sets[c].texts))
+    reg_prompts = settings.reg_prompts or list(dict.fromkeys(t for c in concepts for t in ev.sets[c].texts))
     return Plan(
-        concepts=concepts, seeds=seeds, methods=methods, used=used,
+        settings=settings, concepts=concepts, seeds=seeds, methods=methods, used=used,
         cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
-        concept_data=concept_data, group_size=group_size, same_class=bool(p.get("same_class", True)), ev=ev,
+        concept_data=concept_data, group_size=group_size, same_class=settings.same_class, ev=ev,
         classes={c: ev.eval_sets.concept_class(c) if hasattr(ev.eval_sets, "concept_class") else "" for c in concepts},
         refs={c: ev.scorer.embed_references(ev.sets[c].references) for c in concepts},
         capture_sampler={**ev.sampler, "num_inference_steps": int(cap.get("num_inference_steps", 10))},
-        n_cap=int(cap.get("images_per_prompt", 4)), cache_root=Path(str(p.get("cache_dir") or run_dir / "cells")),
+        n_cap=int(cap.get("images_per_prompt", 4)), cache_root=Path(settings.cache_dir or run_dir / "cells"),
         labels={k: m.get("label", k) for k, m in methods.items()}, features_for=features_for,
         reg_prompts=reg_prompts)
-
-
-# the sample grid's rows per concept: (label, images)
-Panels = dict[str, list[tuple[str, torch.Tensor]]]
 
 
 @dataclass
@@ -431,18 +401,16 @@ class SeedSingles:
     features: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # custom_diffusion's target rows
 
 
-def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int], fresh: set[str],
-                 progress: CellProgress, panels: Panels, size_log: sizes.SizeLog) -> SeedSingles:
-    """Train (or reuse) every (adapter type, concept) cell of ``seed``, score it alone, capture its
-    input statistics (cached beside the cell) and measure its update size on them (``size_log``)."""
+def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[int],
+                 trained: Mapping[str, Trained]) -> SeedSingles:
+    """Score every trained (adapter type, concept) cell of ``seed`` alone, capture its input statistics
+    (cached beside the cell) and measure its update size on them (the session's size log)."""
     ev, out = plan.ev, SeedSingles({}, {}, {}, [])
     n_steps = plan.capture_sampler["num_inference_steps"]
     for a in plan.used:
         for c in plan.concepts:
-            name = f"{a}-{c}-seed{seed}"
-            cell_dir, res, reused = trained_cell(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed,
-                                                 plan.cache_root, name)
-            reused = reused and name not in fresh
+            t = trained[f"{a}-{c}-seed{seed}"]
+            cell_dir, res, reused = t.cell.folder, t.results, t.reused
             with loaded_cell(base, cell_dir) as (ad, tokens):
                 grams: dict = {}
                 stats_file = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
@@ -456,7 +424,7 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
                                {"concept": c, "adapter": a, "seed": seed})
                 # (new tokens alone, P+: no layers, nothing to capture, merge or measure)
                 measured = sizes.measure(base, ad, grams=grams) if ad is not None else {}
-                size_log.add(a, measured)
+                session.size_log.add(a, measured)
                 imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
@@ -470,14 +438,14 @@ def single_stage(plan: Plan, cfg: DictConfig, base, seed: int, latents: list[int
                              "train_s": res["timings"]["fit_s"],
                              "steps": res["metrics"]["steps"], "reused": reused})
             if seed == plan.seeds[0] and a == plan.used[0]:
-                panels[c].append((f"{c}: {a} alone", imgs))
-            progress.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
+                session.grid.append((f"{c}: {a} alone", imgs))
+            session.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
                           (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
     return out
 
 
-def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedSingles, progress: CellProgress,
-                 panels: Panels, layer_acc: dict) -> list[dict]:
+def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[int], singles: SeedSingles,
+                 layer_acc: dict) -> list[dict]:
     """Merge each concept's group with every method, score the concept in the merged model, and measure
     the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
     ev, rows = plan.ev, []
@@ -526,8 +494,8 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
                 row["dropped_energy"] = result.info["dropped_energy_mean"]
             rows.append(row)
             if seed == plan.seeds[0]:
-                panels[c].append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
-            progress.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
+                session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
+            session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
                           f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(merge_s)}")
     return rows
 
@@ -535,117 +503,79 @@ def merged_stage(plan: Plan, base, seed: int, latents: list[int], singles: SeedS
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, table2.csv,
     samples.png, crosstalk.png and merge_bars.png, and logs them to the configured loggers."""
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
-    plan = make_plan(cfg, run_dir)
-    concepts, seeds, used = plan.concepts, plan.seeds, plan.used
+    session = Session(cfg, Path(run_dir), PROTOCOL)
+    plan = make_plan(cfg, session.run_dir)
+    concepts, seeds, used, ev = plan.concepts, plan.seeds, plan.used, plan.ev
     # Cells not cached yet train first, protocol.train_workers processes at a time, protocol.batch_cells
-    # cells a pass where they can (1 and 1: each where the loop needs it).
-    fresh = pretrain_cells(cfg, [(plan.cell_cfgs[a][c], plan.concept_data[c], seed, f"{a}-{c}-seed{seed}")
-                                 for seed in seeds for a in used for c in concepts], plan.cache_root,
-                           int(cfg.protocol.get("train_workers", 1)), cfg.protocol.get("batch_cells", 1))
+    # cells a pass where they can.
+    names = [f"{a}-{c}-seed{seed}" for seed in seeds for a in used for c in concepts]
+    cells = [cached(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed, plan.cache_root, f"{a}-{c}-seed{seed}")
+             for seed in seeds for a in used for c in concepts]
+    trained = dict(zip(names, run_cells(cells, plan.settings.batch_cells, plan.settings.train_workers,
+                                        plan.cache_root, progress=True)))
     t_cells = time.perf_counter()
-    progress = CellProgress(len(seeds) * len(concepts) * (len(used) + len(plan.methods)), desc=PROTOCOL)
+    session.count(len(seeds) * len(concepts) * (len(used) + len(plan.methods)))
+    session.grid = [(f"{c}: references", ev.sets[c].references) for c in concepts]
     rows: list[dict] = []
     singles: list[dict] = []
     layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    panels: Panels = {c: [(f"{c}: references", plan.ev.sets[c].references)] for c in concepts}
-    size_log = sizes.SizeLog()
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         for seed in seeds:
-            latents = concept_seeds(seed, plan.ev.images_per_prompt)
-            seed_singles = single_stage(plan, cfg, base, seed, latents, fresh, progress, panels, size_log)
+            latents = concept_seeds(seed, ev.images_per_prompt)
+            seed_singles = single_stage(plan, session, base, seed, latents, trained)
             singles += seed_singles.rows
-            rows += merged_stage(plan, base, seed, latents, seed_singles, progress, panels, layer_acc)
+            rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_acc)
         del base
-    progress.close()
-    out = results(cfg, plan, rows, singles, layer_acc, time.perf_counter() - t0)
-    out["update_size"] = size_log.results()
+    order = {c: i for i, c in enumerate(concepts)}  # the grid's rows concept by concept
+    session.grid.sort(key=lambda row: order[row[0].partition(": ")[0]])
+    roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)
+    out = session.results(
+        concepts=concepts, seeds=seeds, group_size=plan.group_size,
+        methods={k: {**m, "label": plan.labels[k]} for k, m in plan.methods.items()}, labels=plan.labels, roles=roles,
+        prompts={c: ev.sets[c].prompts for c in concepts}, images_per_prompt=ev.images_per_prompt, sampler=ev.sampler,
+        capture={"images_per_prompt": plan.n_cap, "num_inference_steps": plan.capture_sampler["num_inference_steps"]},
+        rows=rows, single_rows=singles, summary=summarise(rows), verdicts=verdicts(rows, roles),
+        crosstalk_layers={m: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
+                          for m, per in layer_acc.items()},
+        # where the time went: the cells trained up front (run_cells), then scoring, capture and merging
+        timings={"pretrain_cells_s": t_cells - session.t0, "score_and_merge_s": time.perf_counter() - t_cells,
+                 "pretrained_cells": sum(not t.reused for t in trained.values())})
     # ArcFace with a face detector: how many frames (samples and references) had no face (scored as not
     # the identity: a zero embedding); absent for identity models that score whole frames
-    faces = getattr(plan.ev.scorer.identity, "face_counts", None)
-    if faces is not None and getattr(plan.ev.scorer.identity, "detector", None) is not None:
+    faces = getattr(ev.scorer.identity, "face_counts", None)
+    if faces is not None and getattr(ev.scorer.identity, "detector", None) is not None:
         out["faces"] = {**faces, "rule": "the best-scoring detection is the face; a frame without one gets a zero "
                         "embedding: cosine 0 with every reference, never the identity"}
-    # where the time went: the cells trained up front (pretrain_cells), then scoring, capture and merging
-    out["timings"] = {"pretrain_cells_s": t_cells - t0, "score_and_merge_s": time.perf_counter() - t_cells,
-                      "pretrained_cells": len(fresh)}
-    rows_of_grid = [row for c in concepts for row in panels[c]]
-    c0 = concepts[0]
-    title = (f"seed {seeds[0]}; each row: {len(plan.ev.sets[c0].prompts)} prompts x {plan.ev.images_per_prompt} "
-             f"samples, prompt by prompt ({c0}'s: {' | '.join(plan.ev.sets[c0].prompts)})")
-    out["table"] = write_outputs(cfg, run_dir, out, [img for _, img in rows_of_grid],
-                                 [label for label, _ in rows_of_grid], title)
-    return out
-
-
-def results(cfg: DictConfig, plan: Plan, rows: list[dict], singles: list[dict], layer_acc: Mapping,
-            total_s: float) -> dict[str, Any]:
-    """The run's results.json content."""
-    crosstalk_layers = {mth: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
-                        for mth, per in layer_acc.items()}
-    roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)
-    ev = plan.ev
-    return {"protocol": PROTOCOL, "concepts": plan.concepts, "seeds": plan.seeds, "group_size": plan.group_size,
-            "methods": {k: {**m, "label": plan.labels[k]} for k, m in plan.methods.items()}, "labels": plan.labels,
-            "roles": roles, "prompts": {c: ev.sets[c].prompts for c in plan.concepts},
-            "images_per_prompt": ev.images_per_prompt, "sampler": ev.sampler,
-            "capture": {"images_per_prompt": plan.n_cap,
-                        "num_inference_steps": plan.capture_sampler["num_inference_steps"]},
-            "rows": rows, "single_rows": singles, "summary": summarise(rows), "crosstalk_layers": crosstalk_layers,
-            "verdicts": verdicts(rows, roles), "total_s": total_s, "config": OmegaConf.to_container(cfg, resolve=True)}
-
-
-def write_outputs(cfg: DictConfig, run_dir: Path, out: dict, panels: list[torch.Tensor],
-                  labels: Optional[Sequence[str]] = None, grid_title: str = "") -> str:
-    """The table (with verdicts), its CSV, the plots and the shared protocol outputs; returns the table."""
-    table, table_csv = table2(out["rows"], out["labels"])
-    table = table + "\n\n" + format_verdicts(out["verdicts"])
-    crosstalk_plot(run_dir / "crosstalk.png", out["crosstalk_layers"])
-    merge_bars(run_dir / "merge_bars.png", out["summary"], out["labels"])
-    images = {"merge_bars": run_dir / "merge_bars.png", "crosstalk": run_dir / "crosstalk.png"}
-    if sizes.size_plot(run_dir / "update_size.png", out.get("update_size") or {},
-                       "update size per layer, mean over each adapter type's cells"):
-        images["update_size"] = run_dir / "update_size.png"
-    per_layer = [[mth, layer, *[v.get(k) for k in CROSSTALK]] for mth, per in out["crosstalk_layers"].items()
+    table, table_csv = table2(rows, plan.labels)
+    crosstalk_plot(session.run_dir / "crosstalk.png", out["crosstalk_layers"])
+    merge_bars(session.run_dir / "merge_bars.png", out["summary"], plan.labels)
+    per_layer = [[m, layer, *[v.get(k) for k in CROSSTALK]] for m, per in out["crosstalk_layers"].items()
                  for layer, v in per.items()]
-    tables = {"crosstalk": (["method", "layer", *CROSSTALK], per_layer)}
-    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, panels, tables=tables, job_type="merge", images=images,
-                           labels=labels, grid_title=grid_title)
-    write_text(run_dir / "table2.csv", table_csv)
-    return table
+    c0 = concepts[0]
+    return session.finish(
+        out, table + "\n\n" + format_verdicts(out["verdicts"]),
+        "update size per layer, mean over each adapter type's cells",
+        f"seed {seeds[0]}; each row: {len(ev.sets[c0].prompts)} prompts x {ev.images_per_prompt} samples, prompt by "
+        f"prompt ({c0}'s: {' | '.join(ev.sets[c0].prompts)})", files={"table2.csv": table_csv}, job_type="merge",
+        tables={"crosstalk": (["method", "layer", *CROSSTALK], per_layer)},
+        images={k: session.run_dir / f"{k}.png" for k in ("merge_bars", "crosstalk")})
 
 
-def rebuild(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] = None) -> str:
-    """Table 2 from the results.json of one or more runs of this protocol (e.g. the jobs of a sweep);
-    writes table2.md and table2.csv into ``out_dir`` when given."""
+def rebuild(results: list[dict]) -> Rebuilt:
+    """Table 2 (table2.md with the verdicts, table2.csv) from the results of one or more runs of this
+    protocol (e.g. the jobs of a sweep over methods and seeds)."""
     rows, labels, roles = [], {}, {}
-    for d in run_dirs:
-        f = Path(d) / "results.json"
-        if not f.is_file():
-            raise ConfigError(str(d), "has no results.json (is it a finished orthogonal_adaptation run folder?)")
-        res = json.loads(f.read_text())
-        if res.get("protocol") != PROTOCOL:
-            raise ConfigError(str(f), f"is a {res.get('protocol')!r} run, not an orthogonal_adaptation "
-                              f"({PROTOCOL}) one")
+    for res in results:
         rows += res["rows"]
         labels.update(res.get("labels", {}))
         roles.update(res.get("roles", {}))
     md, table_csv = table2(rows, labels)
     md += "\n\n" + format_verdicts(verdicts(rows, roles))
-    if out_dir is not None:
-        write_text(Path(out_dir) / "table2.md", md + "\n")
-        write_text(Path(out_dir) / "table2.csv", table_csv)
-    return md
+    return Rebuilt({"table2.md": md + "\n", "table2.csv": table_csv}, md)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m lorabench.protocols.orthogonal_adaptation RUN... [--out DIR]``: rebuild Table 2."""
-    rebuild_cli(argv, "python -m lorabench.protocols.orthogonal_adaptation",
-                "Rebuild Table 2 from Orthogonal Adaptation run folders (no re-running).", rebuild,
-                "write table2.md and table2.csv here", out_required=False)
+PAPER = Paper("orthogonal_adaptation", PROTOCOL, rebuild, "write table2.md and table2.csv here", out_required=False)
 
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command before `python -m lorabench.protocols rebuild orthogonal_adaptation`
+    rebuild_cli(PAPER.name)

@@ -7,45 +7,42 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
+from lorabench.protocols import base, sizes
+from lorabench.protocols.base import Column, markdown, mean_std, pm
 from lorabench.sampling import save_grid
+from lorabench.utils.console import CellProgress
 from lorabench.utils.io import write_json, write_text
 
 
-def mean_std(xs: Sequence[float]) -> dict[str, float]:
-    """``{mean, std, n}`` with the population std; empty for no values."""
-    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)} if xs else {}
-
-
-def summarise_rows(rows: list[dict], metrics: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{method: {metric: {mean, std, n}}}`` over all rows of each method; population std."""
+def summarise_rows(rows: list[dict], metrics: Sequence[str], per_seed: bool = False) -> dict[str, dict[str, dict]]:
+    """``{method: {metric: {mean, std, n}}}`` over the rows of each method (population std); with
+    ``per_seed``, over each seed's mean (a seed's rows are its concepts: the spread is the seeds')."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
-        out[method] = {m: v for m in metrics if (v := mean_std([r[m] for r in sel if r.get(m) is not None]))}
+        groups = [[r for r in sel if r["seed"] == s] for s in dict.fromkeys(r["seed"] for r in sel)] if per_seed \
+            else [[r] for r in sel]
+        out[method] = {m: v for m in metrics if (v := mean_std([statistics.fmean(xs) for g in groups if (
+            xs := [r[m] for r in g if r.get(m) is not None])]))}
     return out
 
 
 def markdown_table(summary: dict, metrics: Sequence[str], labels: Mapping[str, str], note: str = "") -> str:
     """A markdown table of ``summary`` (rows: methods; cells: mean +- std), then ``note``."""
-    head = ["method"] + [labels.get(m, m) for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, s in summary.items():
-        cells = [method]
-        for m in metrics:
-            v = s.get(m)
-            fmt = "{:.1f}" if m.endswith("_s") else "{:.3f}"
-            cells.append("-" if v is None else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+    columns = [Column("method", str)] + [Column(labels.get(m, m), lambda method, m=m: pm(
+        summary[method].get(m), "{:.1f}" if m.endswith("_s") else "{:.3f}")) for m in metrics]
+    return markdown(columns, list(summary)) + (f"\n\n{note}" if note else "")
 
 
 def format_verdicts(items: Sequence[Mapping]) -> str:
@@ -57,14 +54,17 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
                            panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None,
                            loggers: Sequence | None = None, step: int = 0,
                            images: Mapping[str, Path] | None = None, job_type: str = "eval",
-                           labels: Sequence[str] | None = None, grid_title: str = "") -> None:
-    """results.json, table.md, samples.png (rows named by ``labels``, columns by ``grid_title``), and the
+                           labels: Sequence[str] | None = None, grid_title: str = "",
+                           files: Mapping[str, Any] | None = None) -> None:
+    """results.json, table.md, the protocol's other ``files`` (:func:`lorabench.protocols.base.write_files`),
+    samples.png (rows named by ``labels``, columns by ``grid_title``), and the
     summary means to every configured logger (built here as a ``job_type`` W&B run, or the run's own
     ``loggers`` if it logged along the way, at ``step``), then the W&B run ends; ``tables``
     (``{key: (columns, rows)}``) and ``images`` (``{key: png}``, plus the sample grid as
     ``<name>/samples``) go to loggers that take them (W&B)."""
     write_json(run_dir / "results.json", out)
     write_text(run_dir / "table.md", table + "\n")
+    base.write_files(files or {}, run_dir)
     save_grid(run_dir / "samples.png", panels, labels, grid_title)
     if loggers is None:
         loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
@@ -86,17 +86,63 @@ def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict,
         finish_wandb()
 
 
-def rebuild_cli(argv: Optional[Sequence[str]], prog: str, description: str,
-                rebuild: Callable[[list[str], Optional[str]], str], out_help: str, out_required: bool = True) -> None:
-    """The ``python -m lorabench.protocols.<paper> RUNS... --out DIR`` command every paper's protocol has:
-    ``rebuild(paths, out)`` writes the tables and returns what to print. Bad input (a folder without
-    results, runs that do not belong in one table) is one line and exit status 2."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+@dataclass
+class Session:
+    """One protocol run as its stages see it: the config and folder, the clock, the progress bar
+    (:meth:`count`, :meth:`done`), the sample grid's rows (``grid``: ``(label, images)``) and the adapters'
+    update sizes (``size_log``). :meth:`results` starts results.json's content; :meth:`finish` writes what
+    every protocol writes (:func:`write_protocol_outputs`, update_size.png)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    protocol: str  # the protocol's name in results.json and its W&B keys
+    t0: float = field(default_factory=time.perf_counter)
+    grid: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    size_log: sizes.SizeLog = field(default_factory=sizes.SizeLog)
+    progress: Optional[CellProgress] = None
+
+    def count(self, total: int, desc: str = "") -> None:
+        """A progress bar of ``total`` cells (named ``desc``, else the protocol)."""
+        self.progress = CellProgress(total, desc=desc or self.protocol)
+
+    def done(self, line: str) -> None:
+        """One cell done: its line on the console."""
+        self.progress.done(line)
+
+    def results(self, **fields: Any) -> dict[str, Any]:
+        """results.json's content: the protocol's name, ``fields``, update sizes, total time, the config."""
+        return {"protocol": self.protocol, **fields, "update_size": self.size_log.results(),
+                "total_s": time.perf_counter() - self.t0, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def finish(self, out: dict, table: str, size_title: str, grid_title: str = "", **outputs: Any) -> dict[str, Any]:
+        """Close the progress bar, plot ``out["update_size"]`` (titled ``size_title``) and write the outputs
+        (``outputs``: :func:`write_protocol_outputs`' ``files``, ``images``, ``tables``, ``loggers``, ``step``,
+        ``job_type``); ``out["table"]`` is ``table``."""
+        if self.progress is not None:
+            self.progress.close()
+        images = dict(outputs.pop("images", None) or {})
+        if sizes.size_plot(self.run_dir / "update_size.png", out.get("update_size") or {}, size_title):
+            images["update_size"] = self.run_dir / "update_size.png"
+        write_protocol_outputs(self.cfg, self.run_dir, self.protocol, out, table, [img for _, img in self.grid],
+                               images=images, labels=[label for label, _ in self.grid], grid_title=grid_title,
+                               **outputs)
+        out["table"] = table
+        return out
+
+
+def rebuild_cli(paper: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
+    """The rebuild command of a paper (:func:`lorabench.protocols.base.rebuild`): ``RUNS... [--out DIR]``
+    prints the tables and writes them into DIR. Bad input (a folder without results, runs that do not
+    belong in one table) is one line and exit status 2."""
+    p = base.paper(paper)
+    parser = argparse.ArgumentParser(prog=prog or f"python -m lorabench.protocols rebuild {paper}",
+                                     description=f"Rebuild {paper}'s tables from its runs' results.json files "
+                                     "(folders searched recursively); nothing re-runs.")
     parser.add_argument("paths", nargs="+", help="run folders or results.json files")
-    parser.add_argument("--out", required=out_required, help=out_help)
+    parser.add_argument("--out", required=p.out_required, help=p.outputs)
     args = parser.parse_args(argv)
     try:
-        print(rebuild(list(args.paths), args.out))
+        print(base.rebuild(paper, list(args.paths), args.out).console)
     except (ConfigError, ValueError) as err:
         print(f"lorabench: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -404,13 +404,16 @@ def build(experiments: str | Path) -> dict[str, dict]:
         "no = not reproduced, ? = inconclusive) then the quantity q and its 95% bootstrap interval; "
         "'not run': the regime's runs are not committed yet; '-': the claim is judged in another regime only.",
         "All cells: " + ", ".join(f"{k} {v}" for k, v in total.items()) + ".", *parts])
-    readme = (root / "README.md").read_text()
-    if START in readme and END in readme:
-        readme = readme[:readme.index(START)] + START + "\n" + board + "\n" + readme[readme.index(END):]
-    else:
-        readme = readme.rstrip("\n") + "\n\n" + START + "\n" + board + "\n" + END + "\n"
-    write_text(root / "README.md", readme)
+    write_text(root / "README.md", place_board((root / "README.md").read_text(), board))
     return ledgers
+
+
+def place_board(readme: str, board: str) -> str:
+    """``readme`` with ``board`` between its scoreboard markers (replacing what was there), or appended with
+    the markers when it has none: placing the same board twice gives the same text."""
+    if START in readme and END in readme:
+        return readme[:readme.index(START)] + START + "\n" + board + "\n" + readme[readme.index(END):]
+    return readme.rstrip("\n") + "\n\n" + START + "\n" + board + "\n" + END + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

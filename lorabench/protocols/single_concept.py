@@ -15,17 +15,15 @@ Every prompt of a replicate reuses the same ``images_per_prompt`` latents.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lorabench.evaluation.scores import score_samples
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import compare_with_base, protocol_inputs
-from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
+from lorabench.protocols.report import Session, markdown_table, summarise_rows
 from lorabench.protocols.scoring import concept_seeds, eval_setup
 from lorabench.sampling import sample_prompts
 
@@ -59,8 +57,7 @@ def format_table(summary: dict, n_concepts: int, n_seeds: int) -> str:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md and samples.png."""
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
+    session = Session(cfg, Path(run_dir), "single_concept")
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, zwz")
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
     refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
@@ -69,28 +66,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         imgs = sample_prompts(components, sampler_cfg, sets[c].prompts, concept_seeds(seed, n_img), device)
         return score_samples(scorer, imgs, sets[c], n_img, refs[c]), imgs
 
-    size_log = sizes.SizeLog()
-
     def measure(module, c, seed, method):
-        measured = sizes.measure(module.components, module.adapters, sets[c].prompts, sampler_cfg, device, seed=seed)
-        size_log.add(method, measured)
-        return measured
+        return sizes.measure(module.components, module.adapters, sets[c].prompts, sampler_cfg, device, seed=seed)
 
-    grids: dict[str, list[torch.Tensor]] = {c: [sets[c].references] for c in concepts}
-    rows = compare_with_base(cfg, run_dir, "single_concept", "concept", concepts, seeds, adapters, evaluate,
-                             CELL_LINE, grids, measure)
+    rows, grids = compare_with_base(session, "concept", concepts, seeds, adapters, evaluate, CELL_LINE, measure)
+    session.grid = [(f"{c}: {what}", img) for c in concepts
+                    for what, img in zip(("references", "base", *adapters), [sets[c].references, *grids[c]])]
     summary = summarise(rows)
-    by_concept = {c: summarise([r for r in rows if r["concept"] == c]) for c in concepts}
-    table = format_table(summary, len(concepts), len(seeds))
-    out = {"protocol": "single_concept", "concepts": concepts, "seeds": seeds, "methods": ["base", *adapters],
-           "prompts": {c: sets[c].prompts for c in concepts}, "images_per_prompt": n_img, "sampler": sampler_cfg,
-           "rows": rows, "summary": summary, "summary_by_concept": by_concept, "update_size": size_log.results(),
-           "total_s": time.perf_counter() - t0, "config": OmegaConf.to_container(cfg, resolve=True)}
-    size_png = size_log.plot(run_dir / "update_size.png", "single_concept: update size per layer")
-    labels = [f"{c}: {what}" for c in concepts for what in ("references", "base", *adapters)]
-    write_protocol_outputs(cfg, run_dir, "single_concept", out, table, [img for c in concepts for img in grids[c]],
-                           images={"update_size": size_png} if size_png else None, labels=labels,
-                           grid_title=f"seed {seeds[0]}; each row: {len(sets[concepts[0]].prompts)} prompts x {n_img} "
-                           f"samples ({concepts[0]}'s: {' | '.join(sets[concepts[0]].prompts)})")
-    out["table"] = table
-    return out
+    out = session.results(concepts=concepts, seeds=seeds, methods=["base", *adapters],
+                          prompts={c: sets[c].prompts for c in concepts}, images_per_prompt=n_img, sampler=sampler_cfg,
+                          rows=rows, summary=summary,
+                          summary_by_concept={c: summarise([r for r in rows if r["concept"] == c]) for c in concepts})
+    return session.finish(out, format_table(summary, len(concepts), len(seeds)),
+                          "single_concept: update size per layer",
+                          f"seed {seeds[0]}; each row: {len(sets[concepts[0]].prompts)} prompts x {n_img} samples "
+                          f"({concepts[0]}'s: {' | '.join(sets[concepts[0]].prompts)})")

@@ -12,15 +12,14 @@ One replicate = one (method, style, seed); the seed drives training and the init
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import compare_with_base, protocol_inputs
-from lorabench.protocols.report import markdown_table, summarise_rows, write_protocol_outputs
+from lorabench.protocols.report import Session, markdown_table, summarise_rows
 from lorabench.protocols.scoring import eval_setup
 from lorabench.sampling import sample_prompts
 from lorabench.utils.seeding import derive_seed_list
@@ -32,8 +31,7 @@ CELL_LINE = "{method:>8} {style} seed {seed}: style top-1 {style_top1:.2f}, sim.
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md and samples.png."""
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
+    session = Session(cfg, Path(run_dir), "single_style")
     adapters, styles, seeds = protocol_inputs(cfg, "styles", "vango, monex")
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, styles, "styles", "style_scorer")
 
@@ -43,16 +41,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                               device)
         return scorer(imgs, s), imgs
 
-    size_log = sizes.SizeLog()
-
     def measure(module, s, seed, method):
-        measured = sizes.measure(module.components, module.adapters, sets[s].prompts, sampler_cfg, device, seed=seed)
-        size_log.add(method, measured)
-        return measured
+        return sizes.measure(module.components, module.adapters, sets[s].prompts, sampler_cfg, device, seed=seed)
 
-    grids = {s: [] for s in styles}
-    rows = compare_with_base(cfg, run_dir, "single_style", "style", styles, seeds, adapters, evaluate, CELL_LINE, grids,
-                             measure)
+    rows, grids = compare_with_base(session, "style", styles, seeds, adapters, evaluate, CELL_LINE, measure)
+    session.grid = [(f"{s}: {what}", img) for s in styles
+                    for what, img in zip(("base (no style word)", *adapters), grids[s])]
     summary = summarise_rows(rows, METRICS + sizes.SIZE_FIELDS)
     note = (f"mean +- std over {len(styles)} style(s) x {len(seeds)} seed(s), {len(sets[styles[0]].prompts)} new "
             f"objects x {n_img} samples each. style top-1: share of samples whose nearest style (style evaluator, "
@@ -60,17 +54,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "model is asked the same prompts without the style word.")
     table = markdown_table(summary, METRICS + ("size_weight_median",), {**LABELS, "size_weight_median": "dW/W0"},
                            note + " dW/W0: ||dW|| / ||W0||, median over adapted layers.")
-    out = {"protocol": "single_style", "styles": styles, "seeds": seeds, "methods": ["base", *adapters],
-           "prompts": {s: sets[s].prompts for s in styles}, "base_prompts": {s: sets[s].base_prompts for s in styles},
-           "images_per_prompt": n_img, "sampler": sampler_cfg, "rows": rows, "summary": summary,
-           "summary_by_style": {s: summarise_rows([r for r in rows if r["style"] == s], METRICS) for s in styles},
-           "update_size": size_log.results(), "total_s": time.perf_counter() - t0,
-           "config": OmegaConf.to_container(cfg, resolve=True)}
-    size_png = size_log.plot(run_dir / "update_size.png", "single_style: update size per layer")
-    labels = [f"{s}: {what}" for s in styles for what in ("base (no style word)", *adapters)]
-    write_protocol_outputs(cfg, run_dir, "single_style", out, table, [img for s in styles for img in grids[s]],
-                           images={"update_size": size_png} if size_png else None, labels=labels,
-                           grid_title=f"seed {seeds[0]}; each row: {len(sets[styles[0]].prompts)} new objects x "
-                           f"{n_img} samples")
-    out["table"] = table
-    return out
+    out = session.results(styles=styles, seeds=seeds, methods=["base", *adapters],
+                          prompts={s: sets[s].prompts for s in styles},
+                          base_prompts={s: sets[s].base_prompts for s in styles}, images_per_prompt=n_img,
+                          sampler=sampler_cfg, rows=rows, summary=summary,
+                          summary_by_style={s: summarise_rows([r for r in rows if r["style"] == s], METRICS)
+                                            for s in styles})
+    return session.finish(out, table, "single_style: update size per layer",
+                          f"seed {seeds[0]}; each row: {len(sets[styles[0]].prompts)} new objects x {n_img} samples")

@@ -10,7 +10,7 @@ or in a continual sequence the model the task started from.
 The numbers place a run on one axis with others: a world run at lr 3e-3 and an SDXL run at lr 1e-5
 differ in how large their updates are against the weights, and that is what the papers' regimes differ
 in. Every protocol's results.json carries ``update_size`` (:meth:`SizeLog.results`), its rows carry
-``size_*`` fields, and its run folder ``update_size.png`` (:meth:`SizeLog.plot`).
+``size_*`` fields, and its run folder ``update_size.png`` (:func:`size_plot`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from lorabench.merging import capture_stats, size_summary, update_size, updates_from_adapters
-from lorabench.protocols.report import mean_std
-from lorabench.utils.plots import figure, save_figure
+from lorabench.protocols.base import mean_std
+from lorabench.utils.plots import layer_lines
 from lorabench.utils.seeding import derive_seed_list
 
 CAPTURE_IMAGES = 2
@@ -86,30 +86,13 @@ class SizeLog:
             out[group] = entry
         return out
 
-    def plot(self, path: Path, title: str = "") -> Optional[Path]:
-        """Per layer (model order), each group's mean ratio: weight and output panels, log scale."""
-        return size_plot(path, self.results(), title)
-
 
 def size_plot(path: Path, results: Mapping[str, Mapping], title: str = "") -> Optional[Path]:
-    """The figure of :meth:`SizeLog.results` (also from a results.json's ``update_size``)."""
+    """The figure of :meth:`SizeLog.results` (also from a results.json's ``update_size``): per layer (model
+    order), each group's mean ratio, weight and output panels, log scale; None when there is nothing."""
     if not results:
         return None
-    fig, axes = figure(2, figsize=(12, 3.6))
-    for ax, key, label in zip(axes[0], ("weight", "output"),
-                              ("||dW|| / ||W0|| per layer", "||dW X|| / ||W0 X|| per layer (captured inputs)")):
-        for group, entry in results.items():
-            names = list(entry["layers"])
-            values = [entry["layers"][n].get(key, float("nan")) for n in names]
-            if any(v == v for v in values):
-                ax.plot(range(len(names)), values, marker="o", ms=3, label=f"{group} ({entry['adapters']})")
-        ax.set_yscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("adapted layer (model order)")
-        ax.grid(alpha=0.3, which="both")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
+    layer_lines(path, {f"{g} ({e['adapters']})": e["layers"] for g, e in results.items()},
+                [("weight", "||dW|| / ||W0|| per layer"),
+                 ("output", "||dW X|| / ||W0 X|| per layer (captured inputs)")], log=True, title=title)
     return Path(path)

@@ -18,7 +18,7 @@ The table reads every adapter at ``table_epoch``. With a constant learning rate 
 ``overtrain`` is set) a run read at epoch e equals a run stopped at e, so the long runs serve both.
 
     lorabench experiment=trilora/world                     # 4 adapters x 3 seeds, table + curves
-    python -m lorabench.protocols.trilora outputs/trilora/world/vango --out experiments/trilora
+    python -m lorabench.protocols rebuild trilora outputs/trilora/world/vango --out experiments/trilora
 
 One replicate = one (adapter, seed); the seed drives the training subset, data order and noise.
 Results record the protocol as ``style_finetune`` and log under ``style_finetune/...`` in W&B, the
@@ -27,11 +27,8 @@ names runs have always had.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import statistics
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -40,16 +37,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.data import load_image
-from lorabench.errors import ConfigError, check_int, find_config_error
+from lorabench.errors import ConfigError, find_config_error
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import cell_config, check_batch_cells, plan_passes, protocol_inputs
-from lorabench.protocols.report import mean_std, rebuild_cli, summarise_rows, write_protocol_outputs
-from lorabench.run import train, train_batched
+from lorabench.protocols.base import Column, Paper, Rebuilt, Settings, csv_text, markdown, pm, read_settings, setting
+from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
+from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
-from lorabench.utils.console import CellProgress, quiet_cells
-from lorabench.utils.io import write_json, write_text
+from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import figure, save_figure
 from lorabench.utils.seeding import derive_seed_list
 
@@ -68,32 +64,41 @@ CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def resolve_plan(cfg: DictConfig) -> tuple[dict, list[int], int, list[int], list[str]]:
-    """``(adapters, seeds, table_epoch, checkpoints, overtrain)``, checked before any work."""
-    adapters, _, seeds = protocol_inputs(cfg, "adapters", "lora")
-    p = cfg.protocol
-    table_epoch = check_int(p.get("table_epoch"), "protocol.table_epoch", minimum=1)
-    check_int(p.get("sample_seed"), "protocol.sample_seed")
-    check_int(p.get("grid_images", 16), "protocol.grid_images", minimum=1)
-    check_int(p.get("max_eval_prompts"), "protocol.max_eval_prompts", minimum=2, allow_none=True)
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in (p.get("checkpoints") or [])):
-        raise ConfigError("protocol.checkpoints", f"must be a list of epochs (integers), got {list(p.checkpoints)}")
-    checkpoints = sorted({int(e) for e in (p.get("checkpoints") or [table_epoch])} | {table_epoch})
-    if checkpoints[0] < 1:
-        raise ConfigError("protocol.checkpoints", f"epochs must be >= 1, got {checkpoints}")
-    overtrain = list(p.get("overtrain") or [])
-    unknown = [a for a in overtrain if a not in adapters]
+@dataclass(kw_only=True)
+class TriLoRASettings(Settings):
+    """The ``protocol:`` block of Table 1 (besides ``adapters``)."""
+
+    table_epoch: int = setting(minimum=1, doc="the epoch every adapter is read at for the table")
+    sample_seed: int = setting(doc="the seed the evaluation samples' seeds derive from (the paper's 30)")
+    checkpoints: Any = setting([], doc="epochs scored along the way (the over-training curves)")
+    overtrain: list[str] = setting([], doc="adapters trained on to the last checkpoint")
+    grid_images: int = setting(16, minimum=1, doc="samples per row of samples.png")
+    max_eval_prompts: Optional[int] = setting(None, minimum=2, doc="score the first N captions only")
+    reference_model: Any = setting(None, doc="NFID's denominator model (null: the training base)")
+
+
+def resolve_plan(cfg: DictConfig) -> tuple[dict, TriLoRASettings]:
+    """``(adapters, settings)``, checked before any work; ``settings.checkpoints`` sorted, with table_epoch."""
+    adapters, _, _ = protocol_inputs(cfg, "adapters", "lora")
+    st = read_settings(TriLoRASettings, cfg.protocol)
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in st.checkpoints or []):
+        raise ConfigError("protocol.checkpoints", f"must be a list of epochs (integers), got {st.checkpoints}")
+    st.checkpoints = sorted({int(e) for e in (st.checkpoints or [st.table_epoch])} | {st.table_epoch})
+    if st.checkpoints[0] < 1:
+        raise ConfigError("protocol.checkpoints", f"epochs must be >= 1, got {st.checkpoints}")
+    unknown = [a for a in st.overtrain if a not in adapters]
     if unknown:
         raise ConfigError("protocol.overtrain", f"{unknown} are not in protocol.adapters ({', '.join(adapters)})")
-    if overtrain and checkpoints[-1] == table_epoch:
-        raise ConfigError("protocol.checkpoints", f"over-training needs a checkpoint after table_epoch={table_epoch}")
+    if st.overtrain and st.checkpoints[-1] == st.table_epoch:
+        raise ConfigError("protocol.checkpoints",
+                          f"over-training needs a checkpoint after table_epoch={st.table_epoch}")
     schedule = cfg.optim.get("lr_scheduler", "constant")
-    if overtrain and schedule not in CONSTANT_SCHEDULES:
+    if st.overtrain and schedule not in CONSTANT_SCHEDULES:
         raise ConfigError("optim.lr_scheduler", f"{schedule!r}: the over-training runs are read at table_epoch, which "
                           f"equals a shorter run only with {' or '.join(CONSTANT_SCHEDULES)}; drop protocol.overtrain")
     if int(cfg.eval.get("images_per_prompt", 1)) != 1:
         raise ConfigError("eval.images_per_prompt", "this protocol draws one image per dataset caption; set it to 1")
-    return adapters, seeds, table_epoch, checkpoints, overtrain
+    return adapters, st
 
 
 def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int = 64):
@@ -129,25 +134,23 @@ def load_reference(ref_cfg: DictConfig):
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, samples.png,
     curves.csv and curves.png, and logs the curves and tables to the configured loggers."""
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
-    p = cfg.protocol
-    adapters, seeds, table_epoch, checkpoints, overtrain = resolve_plan(cfg)
+    session = Session(cfg, Path(run_dir), PROTOCOL)
+    adapters, st = resolve_plan(cfg)
+    seeds, table_epoch, checkpoints, overtrain = st.seeds, st.table_epoch, st.checkpoints, st.overtrain
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     device = eval_device(cfg)
     with quiet_cells():
-        prompts, references = dataset_eval_set(cfg, p.get("max_eval_prompts"))
+        prompts, references = dataset_eval_set(cfg, st.max_eval_prompts)
     scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
     # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
     # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
     # here, after the data's checks, so a model that does not load stops the run before any sampling.
-    ref_cfg = p.get("reference_model")
+    ref_cfg = st.reference_model
     ref_model = None if ref_cfg is None else load_reference(ref_cfg)
-    latent_seeds = derive_seed_list("style-finetune-samples", int(p.sample_seed), len(prompts))
-    n_grid = min(int(p.get("grid_images", 16)), len(prompts))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{PROTOCOL}-seed{seeds[0]}",
-                            resolved_config=resolved, job_type="eval")
+    latent_seeds = derive_seed_list("style-finetune-samples", st.sample_seed, len(prompts))
+    n_grid = min(st.grid_images, len(prompts))
+    loggers = build_loggers(cfg.get("logger"), session.run_dir, run_name=f"{PROTOCOL}-seed{seeds[0]}",
+                            resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
 
     def evaluate(components, base_fid=None):
         images = sample_each(components, sampler_cfg, prompts, latent_seeds, device)
@@ -155,18 +158,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         scores["nfid"] = scores["fid"] / (base_fid if base_fid is not None else scores["fid"])
         return scores, images[:n_grid]
 
-    size_log = sizes.SizeLog()
-
     def measurer(name: str, seed: int):
         def measure(module) -> dict[str, float]:
             measured = sizes.measure(module.components, module.adapters, prompts, sampler_cfg, device, seed=seed)
             if module.current_epoch + 1 == table_epoch:  # the table's adapter (the callback runs at epoch end)
-                size_log.add(name, measured)
+                session.size_log.add(name, measured)
             return sizes.row_fields(measured)
         return measure
 
-    n_cells = len(adapters) * len(seeds)
-    progress = CellProgress(1 + n_cells, desc=PROTOCOL)
+    session.count(1 + len(adapters) * len(seeds))
     rows = []
     with quiet_cells():
         if ref_model is not None:
@@ -178,68 +178,57 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         del base_model
     base_fid = ref_scores["fid"] if ref_cfg is not None else base_scores["fid"]  # every row's NFID denominator
     rows.append({"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores})
-    progress.done(f"    base: FID {base_scores['fid']:.3f}, KID {base_scores['kid']:.4f}, CLIP "
+    session.done(f"    base: FID {base_scores['fid']:.3f}, KID {base_scores['kid']:.4f}, CLIP "
                   f"{base_scores['clip_score']:.2f}" + (f"; reference model FID {base_fid:.3f}" if ref_cfg else ""))
-    panels, labels = [base_images[:n_grid]], ["base model"]
-    batch_cells = check_batch_cells(p.get("batch_cells", 1))
-    for name, acfg in adapters.items():
-        final = checkpoints[-1] if name in overtrain else table_epoch
-        epochs = [e for e in checkpoints if e <= final]
-        cells = {}
-        for seed in seeds:
-            cell_dir = run_dir / "cells" / f"{name}-seed{seed}"
-            cell = cell_config(cfg, acfg, {}, seed, cell_dir)
-            with open_dict(cell):
-                cell.trainer.max_epochs, cell.trainer.max_steps = final, -1
-            cells[seed] = (cell, cell_dir)
-        # the seeds of one method train one by one, or protocol.batch_cells at a time in one pass
-        jobs = [(OmegaConf.to_container(c, resolve=True), str(d), f"{name}/seed{seed}")
-                for seed, (c, d) in cells.items()]
-        seed_of = {str(d): seed for seed, (_, d) in cells.items()}
-        passes = plan_passes(jobs, batch_cells, 1, run_dir / "cells" / ".probe") if batch_cells != 1 else \
-            [[job] for job in jobs]
-        for batch in passes:
-            batch_seeds = [seed_of[d] for _, d, _ in batch]
-            callbacks = {seed: CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
-                                                    prefix=f"curves/{name}/seed{seed}",
-                                                    grid_dir=str(cells[seed][1] / "samples"),
-                                                    measure=measurer(name, seed)) for seed in batch_seeds}
-            with quiet_cells():
-                if len(batch) == 1:
-                    (seed,) = batch_seeds
-                    results = [train(cells[seed][0], cells[seed][1], config_name=f"{name}/seed{seed}",
-                                     callbacks=[callbacks[seed]])[0]]
-                else:
-                    results = train_batched([cells[s][0] for s in batch_seeds], [cells[s][1] for s in batch_seeds],
-                                            [f"{name}/seed{s}" for s in batch_seeds],
-                                            member_callbacks=[[callbacks[s]] for s in batch_seeds])
-            for seed, res in zip(batch_seeds, results):
-                callback = callbacks[seed]
-                for point in callback.history:
-                    rows.append({"method": name, "seed": seed, **point, "train_s": res["timings"]["fit_s"],
-                                 "steps": res["metrics"]["steps"]})
-                at = next(r for r in callback.history if r["epoch"] == table_epoch)
-                progress.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
-                              f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID "
-                              f"{callback.history[-1]['nfid']:.3f} at epoch {callback.history[-1]['epoch']} "
-                              f"({res['timings']['fit_s']:.0f} s)")
-                if seed == seeds[0]:
-                    panels.append(callback.images[table_epoch])
-                    labels.append(f"{name}, epoch {table_epoch}")
-    progress.close()
+    session.grid = [("base model", base_images[:n_grid])]
 
-    out = {"protocol": PROTOCOL, "dataset": str(cfg.data.get("name")), "seeds": seeds,
-           "methods": [*(["reference"] if ref_cfg is not None else []), "base", *adapters],
-           "reference_model": None if ref_cfg is None else str(ref_cfg.get("name") or ref_cfg.get("pretrained")),
-           "adapters": {k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()},
-           "table_epoch": table_epoch, "checkpoints": checkpoints, "overtrain": overtrain,
-           "prompts": prompts, "n_references": scorer.n_references, "sample_seed": int(p.sample_seed),
-           "sampler": sampler_cfg, "rows": rows, "update_size": size_log.results(), "total_s": time.perf_counter() - t0,
-           "config": resolved}
+    def checkpoint_eval(name: str, seed: int, folder: Path) -> CheckpointEvaluation:
+        epochs = [e for e in checkpoints if e <= (checkpoints[-1] if name in overtrain else table_epoch)]
+        return CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
+                                    prefix=f"curves/{name}/seed{seed}", grid_dir=str(folder / "samples"),
+                                    measure=measurer(name, seed))
+
+    cells = []  # one per (adapter, seed); the seeds of one adapter train together with protocol.batch_cells > 1
+    for name, acfg in adapters.items():
+        for seed in seeds:
+            folder = session.run_dir / "cells" / f"{name}-seed{seed}"
+            cell = cell_config(cfg, acfg, {}, seed, folder)
+            with open_dict(cell):
+                cell.trainer.max_epochs = checkpoints[-1] if name in overtrain else table_epoch
+                cell.trainer.max_steps = -1
+            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[checkpoint_eval(name, seed, folder)]))
+    which = {id(c): key for c, key in zip(cells, [(n, s) for n in adapters for s in seeds])}
+
+    def done(t) -> None:
+        name, seed = which[id(t.cell)]
+        history, res = t.cell.callbacks[0].history, t.results
+        at = next(r for r in history if r["epoch"] == table_epoch)
+        session.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
+                      f"{at['clip_score']:.2f} at epoch {table_epoch}; last NFID {history[-1]['nfid']:.3f} at epoch "
+                      f"{history[-1]['epoch']} ({res['timings']['fit_s']:.0f} s)")
+
+    for t in run_cells(cells, st.batch_cells, scratch=session.run_dir / "cells", on_done=done):
+        (name, seed), callback = which[id(t.cell)], t.cell.callbacks[0]
+        rows += [{"method": name, "seed": seed, **point, "train_s": t.results["timings"]["fit_s"],
+                  "steps": t.results["metrics"]["steps"]} for point in callback.history]
+        if seed == seeds[0]:
+            session.grid.append((f"{name}, epoch {table_epoch}", callback.images[table_epoch]))
+
+    out = session.results(
+        dataset=str(cfg.data.get("name")), seeds=seeds,
+        methods=[*(["reference"] if ref_cfg is not None else []), "base", *adapters],
+        reference_model=None if ref_cfg is None else str(ref_cfg.get("name") or ref_cfg.get("pretrained")),
+        adapters={k: OmegaConf.to_container(v, resolve=True) for k, v in adapters.items()}, table_epoch=table_epoch,
+        checkpoints=checkpoints, overtrain=overtrain, prompts=prompts, n_references=scorer.n_references,
+        sample_seed=st.sample_seed, sampler=sampler_cfg, rows=rows)
     out.update(summaries(out))
-    out["table"] = finish(cfg, run_dir, out, loggers, panels, labels,
-                          f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions")
-    return out
+    extra = files(out)
+    extra.pop("curves.png")(session.run_dir / "curves.png")
+    data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
+    return session.finish(out, render_table(out), f"update size per layer at epoch {table_epoch}, mean over seeds",
+                          f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions",
+                          files=extra, images={"curves": session.run_dir / "curves.png"}, loggers=loggers,
+                          step=table_epoch, tables={"table1": (["method", *METRICS], data)})
 
 
 # -- summaries, tables, curves and verdicts ------------------------------------------------------------
@@ -318,18 +307,13 @@ def verdicts(out: dict, lora: str = "lora", trilora: str = "trilora") -> dict[st
 
 def render_table(out: dict) -> str:
     """Table 1: the world's NFID / FID / KID / CLIP score (mean +- std over seeds) beside the paper's."""
-    head = ["method", "NFID", "FID", "KID", "CLIP score", "paper Pokemon NFID", "paper Pokemon CLIP",
-            "paper GAC NFID", "paper GAC CLIP"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, s in out["summary"].items():
-        cells = [f"{method} ({describe(out, method)})" if method not in FIXED_ROWS else
-                 {"base": "base model", "reference": f"reference model ({out.get('reference_model')})"}[method]]
-        for m, fmt in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}")):
-            v = s.get(m)
-            cells.append("-" if v is None else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}")
-        pub = published(out, method)
-        cells += [f"{pub[k]:g}" if k in pub else "-" for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")]
-        lines.append("| " + " | ".join(cells) + " |")
+    s = out["summary"]
+    names = {"base": "base model", "reference": f"reference model ({out.get('reference_model')})"}
+    columns = [Column("method", lambda m: names[m] if m in FIXED_ROWS else f"{m} ({describe(out, m)})"),
+               *(Column(LABELS[k], lambda m, k=k, f=f: pm(s[m].get(k), f))
+                 for k, f in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}"))),
+               *(Column(f"paper {d} {x}", lambda m, k=f"{d.lower()}_{x.lower()}": _paper(out, m, k))
+                 for d in ("Pokemon", "GAC") for x in ("NFID", "CLIP"))]
     n = len(out["seeds"])
     note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
             f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID "
@@ -339,7 +323,12 @@ def render_table(out: dict) -> str:
                "base model, same prompts, seeds, references and features); the base model is deterministic here "
                "(one row).")
             + " Paper: Feng et al. 2024, Table 1 (SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
-    return "\n".join(lines) + "\n\n" + note
+    return markdown(columns, list(s)) + "\n\n" + note
+
+
+def _paper(out: dict, method: str, key: str) -> str:
+    pub = published(out, method)
+    return f"{pub[key]:g}" if key in pub else "-"
 
 
 def published(out: dict, method: str) -> dict:
@@ -359,30 +348,24 @@ def describe(out: dict, method: str) -> str:
     return text
 
 
-def _csv_text(rows: Sequence[Sequence]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
+PAPER_KEYS = ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")
 
 
-def write_curves_csv(path: Path, out: dict) -> None:
+def curves_csv(out: dict) -> str:
     """Every checkpoint's scores, one row per (method, seed, epoch)."""
     cols = ["method", "seed", "epoch", "step", *CURVE_METRICS, "kid_std"]
-    write_text(path, _csv_text([cols, *[[r.get(c) for c in cols] for r in out["rows"]]]))
+    return csv_text([cols, *[[r.get(c) for c in cols] for r in out["rows"]]])
 
 
-def write_table_csv(path: Path, out: dict) -> None:
+def table_csv(out: dict) -> str:
     """Table 1 as CSV, the paper's numbers beside the measured ones."""
-    cols = ["method", "adapter", "n_seeds"] + [f"{m}_{k}" for m in ("nfid", "fid", "kid", "clip_score")
-                                              for k in ("mean", "std")] \
-        + ["paper_pokemon_nfid", "paper_pokemon_clip", "paper_gac_nfid", "paper_gac_clip"]
-    rows = [cols]
-    for method, s in out["summary"].items():
-        pub = published(out, method)
-        rows.append([method, describe(out, method) if method not in FIXED_ROWS else method, s["nfid"]["n"]]
-                    + [s[m][k] for m in ("nfid", "fid", "kid", "clip_score") for k in ("mean", "std")]
-                    + [pub.get(k) for k in ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")])
-    write_text(path, _csv_text(rows))
+    scores = ("nfid", "fid", "kid", "clip_score")
+    rows = [["method", "adapter", "n_seeds", *(f"{m}_{k}" for m in scores for k in ("mean", "std")),
+             *(f"paper_{k}" for k in PAPER_KEYS)]]
+    rows += [[m, describe(out, m) if m not in FIXED_ROWS else m, s["nfid"]["n"],
+              *(s[x][k] for x in scores for k in ("mean", "std")), *map(published(out, m).get, PAPER_KEYS)]
+             for m, s in out["summary"].items()]
+    return csv_text(rows)
 
 
 def plot_curves(path: Path, out: dict) -> None:
@@ -408,46 +391,26 @@ def plot_curves(path: Path, out: dict) -> None:
     save_figure(fig, path)
 
 
-def finish(cfg: DictConfig, run_dir: Path, out: dict, loggers, panels: Sequence[torch.Tensor],
-           labels: Optional[Sequence[str]] = None, grid_title: str = "") -> str:
-    """This protocol's own files (table.csv, curves.csv / curves.png, verdicts.json) and the curves plot
-    to the loggers, then every protocol's outputs (results.json, table.md, samples.png, the summary and
-    Table 1 to the loggers, the W&B run ended); returns the table."""
-    table = render_table(out)
-    write_extras(run_dir, out)
-    columns = ["method", *METRICS]
-    data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
-    images = {"curves": run_dir / "curves.png"}
-    if sizes.size_plot(run_dir / "update_size.png", out.get("update_size") or {},
-                       f"update size per layer at epoch {out['table_epoch']}, mean over seeds"):
-        images["update_size"] = run_dir / "update_size.png"
-    write_protocol_outputs(cfg, run_dir, PROTOCOL, out, table, list(panels),
-                           tables={"table1": (columns, data)}, loggers=loggers, step=out["table_epoch"], images=images,
-                           labels=labels, grid_title=grid_title)
-    return table
-
-
-def write_extras(out_dir: Path, out: dict) -> None:
-    """What every protocol's outputs do not cover: table.csv, curves.csv, curves.png and verdicts.json."""
-    write_table_csv(out_dir / "table.csv", out)
-    write_curves_csv(out_dir / "curves.csv", out)
-    write_json(out_dir / "verdicts.json", out["verdicts"])
-    plot_curves(out_dir / "curves.png", out)
+def files(out: dict) -> dict:
+    """What every protocol's outputs do not cover: table.csv, curves.csv, verdicts.json and curves.png."""
+    return {"table.csv": table_csv(out), "curves.csv": curves_csv(out), "verdicts.json": out["verdicts"],
+            "curves.png": lambda path: plot_curves(path, out)}
 
 
 SAME_ACROSS_RUNS = ("dataset", "prompts", "sample_seed", "sampler", "table_epoch", "n_references")
 
 
-def collect(run_dirs: Sequence[str | Path]) -> dict:
-    """One results dict from the results.json of several runs of one setup (e.g. a multirun with one
-    seed per job): rows joined, the base model's row kept once (it must agree across runs)."""
-    outs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
-    out = dict(outs[0])
+def collect(outs: Sequence[dict]) -> dict:
+    """One results dict from the results of several runs of one setup (e.g. a multirun with one seed per
+    job): rows joined, the base model's row kept once (it must agree across runs)."""
+    out = {k: v for k, v in outs[0].items() if k != "_path"}
     rows, seen = [], {}
-    for d, o in zip(run_dirs, outs):
+    for o in outs:
+        d = o.get("_path", "a run")
         for key in SAME_ACROSS_RUNS:
             if o.get(key) != out.get(key):
-                raise ValueError(f"{d}: {key} differs from {run_dirs[0]}; these runs are not one table")
+                raise ValueError(f"{d}: {key} differs from {outs[0].get('_path', 'the first run')}; these runs are not "
+                                 "one table")
         for r in o["rows"]:
             k = (r["method"], r["seed"], r["epoch"])
             if k in seen:
@@ -465,37 +428,20 @@ def collect(run_dirs: Sequence[str | Path]) -> dict:
     out["adapters"] = {k: v for o in outs for k, v in o["adapters"].items()}
     out["overtrain"] = sorted({m for o in outs for m in o["overtrain"]})
     out["checkpoints"] = sorted({e for o in outs for e in o["checkpoints"]})
-    out["runs"] = [str(d) for d in run_dirs]
+    out["runs"] = [str(Path(o["_path"]).parent) if "_path" in o else "" for o in outs]
     out.update(summaries(out))
     return out
 
 
-def rebuild(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Table, CSVs, verdicts and curves plot rebuilt from runs' results.json (no model needed)."""
-    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    for d in run_dirs:
-        if not (Path(d) / "results.json").is_file():
-            raise ConfigError("run_dirs", f"{str(d)!r} holds no results.json")
-    out = collect(run_dirs)
-    out_dir = Path(out_dir)
-    write_extras(out_dir, out)
-    write_json(out_dir / "results.json", out)
-    write_text(out_dir / "table.md", render_table(out) + "\n")
-    return out
+def rebuild(results: list[dict]) -> Rebuilt:
+    """Table, CSVs, verdicts, curves plot and the joined results.json from runs' results (no model needed)."""
+    out = collect(results)
+    table = render_table(out)
+    return Rebuilt({**files(out), "results.json": out, "table.md": table + "\n"},
+                   table + "\n" + "\n".join(f"- {v['claim']}: {v['verdict']}" for v in out["verdicts"].values()))
 
 
-def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
-    """:func:`rebuild`, and the table and verdicts as text for the console."""
-    out = rebuild(run_dirs, out_dir)
-    return render_table(out) + "\n" + "\n".join(f"- {v['claim']}: {v['verdict']}" for v in out["verdicts"].values())
+PAPER = Paper("trilora", PROTOCOL, rebuild, "where to write table.md, table.csv, curves.*, verdicts.json")
 
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m lorabench.protocols.trilora RUN... --out DIR``: rebuild Table 1, its CSVs, verdicts and curves."""
-    rebuild_cli(argv, "python -m lorabench.protocols.trilora",
-                "Rebuild Table 1, its CSVs, verdicts and the curves plot from run folders (e.g. the jobs of a "
-                "multirun over seeds).", report, "where to write table.md, table.csv, curves.*, verdicts.json")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command before `python -m lorabench.protocols rebuild trilora`
+    rebuild_cli(PAPER.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -29,3 +30,25 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def layer_lines(path: str | os.PathLike, series: Mapping[str, Mapping[str, Mapping[str, float]]],
+                panels: Sequence[tuple[str, str]], log: bool = False, title: str = "") -> None:
+    """Per-layer values, one line per series (``{label: {layer: {key: value}}}``, layers in model order),
+    one panel per ``(key, panel title)``; a series without any value of a panel's key is left out of it."""
+    fig, axes = figure(len(panels), figsize=(6 * len(panels), 3.6))
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, layers in series.items():
+            values = [layers[n].get(key, float("nan")) for n in layers]
+            if any(v == v for v in values):
+                ax.plot(range(len(values)), values, marker="o", ms=3, label=name)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("adapted layer (model order)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

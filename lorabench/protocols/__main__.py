@@ -1,0 +1,29 @@
+"""``python -m lorabench.protocols rebuild <paper> RUNS... [--out DIR]``: any paper's tables, CSVs, verdicts
+and plots rebuilt from finished runs' results.json files, without re-running them (the papers:
+:data:`lorabench.protocols.base.PAPERS`). ``python -m lorabench.protocols.<paper> RUNS...`` still works
+and does the same."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from lorabench.protocols.base import PAPERS
+from lorabench.protocols.report import rebuild_cli
+
+USAGE = f"usage: python -m lorabench.protocols rebuild {{{','.join(PAPERS)}}} RUNS... [--out DIR]"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Dispatch ``rebuild <paper> ...`` to the paper's rebuild command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "rebuild" or argv[1] not in PAPERS:
+        print(USAGE, file=sys.stderr)
+        if len(argv) >= 2 and argv[0] == "rebuild":
+            print(f"lorabench: error: paper: unknown paper {argv[1]!r}; valid: {', '.join(PAPERS)}", file=sys.stderr)
+        sys.exit(2)
+    rebuild_cli(argv[1], argv[2:])
+
+
+if __name__ == "__main__":
+    main()
