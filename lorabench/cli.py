@@ -67,6 +67,29 @@ def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     return groups
 
 
+NO_ADAPTER = "none"  # conf/adapter/none.yaml: training without an adapter (new tokens alone, or the whole model)
+
+
+def no_adapter_overrides(args: list[str]) -> list[str]:
+    """``adapter=null`` and ``~adapter`` as ``adapter=none``: Hydra cannot set a config group to null from the
+    command line, and deleting the group would leave what an experiment sets under ``adapter:``."""
+    out = []
+    for arg in args:
+        if arg == "~adapter":
+            arg = f"adapter={NO_ADAPTER}"
+        elif arg.startswith("adapter=") and "(" not in arg:
+            arg = "adapter=" + ",".join(NO_ADAPTER if v.strip() == "null" else v for v in arg[8:].split(","))
+        out.append(arg)
+    return out
+
+
+def drop_adapter(cfg: DictConfig, choice: Optional[str]) -> None:
+    """With ``adapter=none`` chosen, ``cfg.adapter`` is null, whatever an experiment set under it."""
+    if choice == NO_ADAPTER:
+        with open_dict(cfg):
+            cfg.adapter = None
+
+
 def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Reject ``group=option`` overrides naming an option that does not exist, in one line."""
     groups = config_groups(conf_dir)
@@ -119,9 +142,14 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         return  # Hydra reports a malformed override itself
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         try:
-            base = compose("train", overrides=group_args)
+            base = compose("train", overrides=group_args, return_hydra_config=True)
+            choice = base.hydra.runtime.choices.get("adapter")
+            with open_dict(base):
+                del base["hydra"]
+            drop_adapter(base, choice)
             check_override_types(base, typed)
             cfg = compose("train", overrides=group_args + value_args)
+            drop_adapter(cfg, choice)
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
     check_callbacks(cfg.get("callbacks"))
@@ -290,6 +318,7 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     hc = HydraConfig.get()
+    drop_adapter(cfg, hc.runtime.choices.get("adapter"))
     run_dir = Path(hc.runtime.output_dir)
     name = hc.runtime.choices.get("experiment") or "train"
     protocol = cfg.get("protocol")
@@ -365,6 +394,7 @@ def main() -> None:
     if verbose_flags & set(sys.argv[1:]):
         os.environ[VERBOSE_ENV] = "1"
         sys.argv = [a for a in sys.argv if a not in verbose_flags]
+    sys.argv = [sys.argv[0], *no_adapter_overrides(sys.argv[1:])]
     try:
         check_group_overrides(sys.argv[1:])
         precheck(sys.argv[1:])

@@ -212,11 +212,21 @@ class StackedLayer(nn.Module):
 
     @torch.no_grad()
     def write_back(self, k: int, layer: AdapterLayer) -> None:
-        """Copy adapter ``k``'s trained tensors into ``layer`` (its own, unstacked layer)."""
+        """Copy adapter ``k``'s trained tensors into ``layer`` (its own, unstacked layer), in the stack's dtype:
+        the members were taken out before Lightning cast the model (``trainer.precision=64-true``), and a
+        member's files hold what a run of its own would, float64 there."""
         for n in self.param_names:
-            layer.get_parameter(n).copy_(getattr(self, n)[k])
+            src, p = getattr(self, n)[k], layer.get_parameter(n)
+            if p.dtype != src.dtype:
+                p.data = p.data.to(src.dtype)
+            p.copy_(src)
         for n in self.buffer_names:
-            layer.get_buffer(n).copy_(getattr(self, n)[k])
+            src = getattr(self, n)[k]
+            owner, _, leaf = n.rpartition(".")
+            module = layer.get_submodule(owner) if owner else layer
+            if module._buffers[leaf].dtype != src.dtype:
+                module._buffers[leaf] = module._buffers[leaf].to(src.dtype)
+            module._buffers[leaf].copy_(src)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, in={self.in_features}, out={self.out_features}, scale={self.scale:g}"
