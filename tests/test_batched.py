@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose, tiny_overrides
+from helpers import SMALL, compose, run_here, tiny_overrides
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 TOL = 1e-5
 
@@ -124,9 +126,8 @@ def test_member_loaders_walk_each_members_epochs_under_its_own_rng():
 
 
 def test_batch_key_groups_cells_that_differ_only_in_concept_and_seed(tmp_path):
-    from omegaconf import OmegaConf
 
-    from lorabench.protocols.cells import batch_key, cell_config, plan_batches
+    from lorabench.protocols.cells import Cell, batch_key, cell_config, plan_batches
 
     cfg = compose(["experiment=orthogonal_adaptation/world"], tmp_path)
     ad = cfg.protocol.adapters
@@ -151,8 +152,8 @@ def test_batch_key_groups_cells_that_differ_only_in_concept_and_seed(tmp_path):
         assert alone is None
     specs = [(ad.lora, "sks", 0), (ad.lora, "twt", 0), (ad.lora, "vlx", 1), (ad.custom_diffusion, "sks", 0),
              (ad.ortha_random, "sks", 0)]
-    jobs = [(OmegaConf.to_container(cell_config(cfg, a, {"concept": c}, s, tmp_path / "x"), resolve=True), f"d{i}",
-             f"n{i}") for i, (a, c, s) in enumerate(specs)]
+    jobs = [Cell(cell_config(cfg, a, {"concept": c}, s, tmp_path / f"d{i}"), tmp_path / f"d{i}", f"n{i}")
+            for i, (a, c, s) in enumerate(specs)]
     assert sorted(len(p) for p in plan_batches(jobs, 2, 1)) == [1, 1, 1, 2]
     assert sorted(len(p) for p in plan_batches(jobs, "auto", 1)) == [1, 1, 3]
     assert sorted(len(p) for p in plan_batches(jobs, "auto", 2)) == [1, 1, 1, 2]
@@ -211,6 +212,7 @@ def _adapter_diffs(sep, bat) -> list[torch.Tensor]:
             ta, ma = read_safetensors(a / f)
             tb, mb = read_safetensors(b / f)
             assert ta.keys() == tb.keys()
+            assert {k: v.dtype for k, v in ta.items()} == {k: v.dtype for k, v in tb.items()}, f  # 64-true: float64
             assert {k: v for k, v in ma.items() if k != "extra"} == {k: v for k, v in mb.items() if k != "extra"}
             member += [(ta[k] - tb[k]).abs().flatten() for k in ta]
         diffs.append(torch.cat(member))
@@ -449,7 +451,6 @@ def test_protocol_batch_cells_gives_the_table_of_separate_cells(tmp_path):
     """The world Table 2 shrunk (LoRA and OrthA on two concepts): cells trained with protocol.batch_cells=auto
     give the same single and merged scores as cells trained one by one, and the same cache entries."""
     from lorabench.protocols.orthogonal_adaptation import run
-    from test_orthogonal_adaptation import SMALL
 
     args = [*SMALL, "trainer.max_steps=6", "protocol.only=[dblora_fedavg,ortha_disjoint]"]
     one = run(compose([*args, f"protocol.cache_dir={tmp_path / 'c1'}"], tmp_path / "a"), tmp_path / "a")
@@ -465,13 +466,12 @@ def test_protocol_batch_cells_gives_the_table_of_separate_cells(tmp_path):
 
 
 def test_bad_batch_cells_is_one_line_before_training(tmp_path):
+    from helpers import assert_one_line_error
     from lorabench.errors import ConfigError
     from lorabench.protocols.cells import check_batch_cells
-    from test_cli import assert_one_line_error, run_cli
-    from test_orthogonal_adaptation import SMALL
 
     want = "protocol.batch_cells: must be an integer >= 1 (1: every cell alone) or auto"
-    r = run_cli([*SMALL, "protocol.batch_cells=fast"], tmp_path)
+    r = run_here([*SMALL, "protocol.batch_cells=fast"], tmp_path)
     assert_one_line_error(r, tmp_path, want)
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ConfigError, match=re.escape(want.split(": ", 1)[1])):
@@ -493,13 +493,10 @@ def test_auto_capacity_extrapolates_a_pass_to_the_free_memory():
 def test_auto_batch_fits_the_gpu_and_trains_like_separate_runs(tmp_path):
     """On CUDA, ``auto`` measures a pass of one and of two cells and keeps a pass within the free memory;
     the batched cells equal separate ones (bf16 autocast: to a looser tolerance than fp32)."""
-    from omegaconf import OmegaConf
-
-    from lorabench.protocols.cells import gpu_capacity
+    from lorabench.protocols.cells import Cell, gpu_capacity
 
     cells = _world_cells(tmp_path, "lora", [("sks", 0), ("twt", 0), ("vlx", 1)], steps=10, extra=["trainer=gpu"])
-    jobs = [(OmegaConf.to_container(c, resolve=True), str(tmp_path / f"j{i}"), f"j{i}") for i, c in enumerate(cells)]
-    cap = gpu_capacity(jobs, tmp_path / "probe")
+    cap = gpu_capacity([Cell(c, tmp_path / f"j{i}", f"j{i}") for i, c in enumerate(cells)], tmp_path / "probe")
     assert cap >= 3 and not (tmp_path / "probe").exists()
     sep, bat, results = _train_both(cells, tmp_path)
     assert results[0]["timings"]["batched"]["peak_memory_bytes"] > 0

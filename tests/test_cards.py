@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import compose
+from helpers import compose
 from lorabench.protocols.report import render_card
 
 ROOT = Path(__file__).resolve().parents[1]

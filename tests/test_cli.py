@@ -3,37 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-FAST = ["experiment=quickstart", "trainer.max_steps=2", "trainer.enable_progress_bar=false"]
+from helpers import FAST, assert_one_line_error, run_cli, run_here
 
-
-def run_cli(args, cwd: Path, env_extra=None):
-    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.pop("LORABENCH_OUTPUTS", None)  # runs go to cwd/outputs, where the tests look (the GPU runner sets it)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def assert_one_line_error(proc, cwd: Path, *fragments: str):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("lorabench: error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for f in fragments:
-        assert f in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr
-    outputs = cwd / "outputs"
-    leftovers = [p for p in outputs.rglob("*")] if outputs.exists() else []
-    assert not leftovers, f"half-written run left behind: {leftovers[:5]}"
-    return errors[0]
-
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 # The single-concept table (experiment=world_concepts) shrunk: one concept, two adapters, 2 steps, 1 image per prompt.
 MAIN_FAST = ["experiment=world_concepts", "protocol.concepts=[zwz]", "~protocol.adapters.ortho", "trainer.max_steps=2",
@@ -41,7 +16,7 @@ MAIN_FAST = ["experiment=world_concepts", "protocol.concepts=[zwz]", "~protocol.
 
 
 def test_single_concept_experiment_prints_its_table(tmp_path):
-    proc = run_cli(MAIN_FAST, tmp_path)
+    proc = run_here(MAIN_FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results_file] = list((tmp_path / "outputs" / "world_concepts").glob("*/results.json"))
     results = json.loads(results_file.read_text())
@@ -58,16 +33,17 @@ def test_single_concept_experiment_prints_its_table(tmp_path):
 
 
 def test_main_job_unknown_concept_is_one_line(tmp_path):
+    # through the installed command's own process, as users meet it (the others run in-process: run_here)
     assert_one_line_error(run_cli(["protocol.concepts=[nope,sks,twt]"], tmp_path), tmp_path,
                           "world.concept: unknown value 'nope'", "sks")
 
 
 def test_main_job_rejects_a_top_level_adapter(tmp_path):
-    assert_one_line_error(run_cli(["adapter=lora", *MAIN_FAST], tmp_path), tmp_path, "adapter:", "protocol.adapters")
+    assert_one_line_error(run_here(["adapter=lora", *MAIN_FAST], tmp_path), tmp_path, "adapter:", "protocol.adapters")
 
 
 def test_quickstart_writes_results(tmp_path):
-    proc = run_cli(FAST, tmp_path)
+    proc = run_here(FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results_file] = list((tmp_path / "outputs").rglob("results.json"))
     results = json.loads(results_file.read_text())
@@ -79,7 +55,7 @@ def test_quickstart_writes_results(tmp_path):
 
 def test_a_callback_from_the_config_group_joins_the_trainer(tmp_path):
     """callbacks=lr_monitor: Lightning's LearningRateMonitor logs the learning rate at every step."""
-    proc = run_cli([*FAST, "callbacks=lr_monitor", "exports=[]", "trainer.log_every_n_steps=1"], tmp_path)
+    proc = run_here([*FAST, "callbacks=lr_monitor", "exports=[]", "trainer.log_every_n_steps=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [metrics] = list((tmp_path / "outputs").rglob("csv/metrics.csv"))
     header = metrics.read_text().splitlines()[0].split(",")
@@ -87,19 +63,19 @@ def test_a_callback_from_the_config_group_joins_the_trainer(tmp_path):
 
 
 def test_multirun_one_results_per_job(tmp_path):
-    proc = run_cli(["--multirun", "adapter=lora,trilora", *FAST, "exports=[]"], tmp_path)
+    proc = run_here(["--multirun", "adapter=lora,trilora", *FAST, "exports=[]"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((tmp_path / "outputs" / "multirun").rglob("results.json"))
     assert [json.loads(p.read_text())["adapter"] for p in results] == ["lora", "trilora"]
 
 
 @pytest.mark.parametrize("override,fragments", [
-    ("adapter=dora", ["adapter: unknown value 'dora'", "valid: custom_diffusion, lora, ortho, trilora"]),
+    ("adapter=dora", ["adapter: unknown value 'dora'", "valid: custom_diffusion, lora, none, ortho, trilora"]),
     ("model=sd99", ["model: unknown value 'sd99'", "sd15", "sdxl"]),
     ("data=laion", ["data: unknown value 'laion'", "imagefolder"]),
 ])
 def test_unknown_group_option(tmp_path, override, fragments):
-    assert_one_line_error(run_cli([override], tmp_path), tmp_path, *fragments)
+    assert_one_line_error(run_here([override], tmp_path), tmp_path, *fragments)
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -128,7 +104,7 @@ def test_unknown_group_option(tmp_path, override, fragments):
      ["protocol.adapters.ti.embeddings.num_vectors: must be an integer >= 1"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
-    assert_one_line_error(run_cli([*args, *FAST], tmp_path), tmp_path, *fragments)
+    assert_one_line_error(run_here([*args, *FAST], tmp_path), tmp_path, *fragments)
 
 
 def test_empty_and_corrupt_image_folders(tmp_path):
@@ -136,14 +112,14 @@ def test_empty_and_corrupt_image_folders(tmp_path):
     empty.mkdir()
     work = tmp_path / "work"
     work.mkdir()
-    line = assert_one_line_error(run_cli(["data=imagefolder", f"data.path={empty}", "data.instance_prompt=x",
+    line = assert_one_line_error(run_here(["data=imagefolder", f"data.path={empty}", "data.instance_prompt=x",
                                           *FAST], work), work, "holds no images")
     assert str(empty) in line
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (bad / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "x"}\n')
-    assert_one_line_error(run_cli(["data=imagefolder", f"data.path={bad}", *FAST], work), work,
+    assert_one_line_error(run_here(["data=imagefolder", f"data.path={bad}", *FAST], work), work,
                           "data.path: image", "0.png", "is not a readable image")
 
 
@@ -155,7 +131,7 @@ def test_adapter_file_that_does_not_fit(tmp_path):
     path = save_adapter(inject_adapters(other, {"name": "lora", "rank": 4}), tmp_path / "other.safetensors")
     work = tmp_path / "work"
     work.mkdir()
-    line = assert_one_line_error(run_cli([f"init_adapter={path}", *FAST], work), work, "init_adapter",
+    line = assert_one_line_error(run_here([f"init_adapter={path}", *FAST], work), work, "init_adapter",
                                  "other.safetensors", "has shape", "needs")
     assert "(4, 16)" in line and "(4, 32)" in line
 
@@ -165,8 +141,15 @@ def test_full_error_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
-def test_main_job_is_the_compact_table2(tmp_path):
-    """`lorabench` with no arguments: LoRA FedAvg, OrthA and closed-form fusion, single -> merged."""
+MAIN_TABLE2_FAST = ["protocol.concepts=[sks,twt]", "protocol.group_size=2", "trainer.max_steps=2",
+                    "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2",
+                    "protocol.capture.images_per_prompt=1", "protocol.capture.num_inference_steps=2"]
+
+
+def test_main_job_is_the_compact_table2_and_its_console_is_short(tmp_path):
+    """`lorabench` with no arguments: LoRA FedAvg, OrthA and closed-form fusion, single -> merged. Two concepts
+    and two adapter types: whatever a cell prints once per cell would show up four times. The console is
+    the progress bar, one line per finished cell, and the table (stdout)."""
     proc = run_cli(MAIN_TABLE2_FAST, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results_file] = list((tmp_path / "outputs" / "orthogonal_adaptation_compact").glob("*/results.json"))
@@ -176,18 +159,6 @@ def test_main_job_is_the_compact_table2(tmp_path):
     for label in ("| DB-LoRA (FedAvg) |", "| OrthA, disjoint slots (sum) |", "| LoRA gradient fusion (closed form) |",
                   "single -> merged", "Published"):
         assert label in proc.stdout
-
-
-MAIN_TABLE2_FAST = ["protocol.concepts=[sks,twt]", "protocol.group_size=2", "trainer.max_steps=2",
-                    "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2",
-                    "protocol.capture.images_per_prompt=1", "protocol.capture.num_inference_steps=2"]
-
-
-def test_main_job_console_is_short_and_no_warning_repeats(tmp_path):
-    """Two concepts and two adapter types: whatever a cell prints once per cell would show up four times.
-    The console is the progress bar, one line per finished cell, and the table (stdout)."""
-    proc = run_cli(MAIN_TABLE2_FAST, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     # tqdm redraws its bar with carriage returns; a line is what is left after the last one.
     lines = [ln.rsplit("\r", 1)[-1] for ln in (proc.stdout + proc.stderr).split("\n")]
     lines = [ln for ln in lines if ln.strip()]
@@ -206,12 +177,7 @@ def test_main_job_console_is_short_and_no_warning_repeats(tmp_path):
     assert sum("->" in ln for ln in cells) == 6
 
 
-def test_verbose_flag_is_accepted(tmp_path):
-    proc = run_cli(["-v", *FAST], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_lightning_log_lines_appear_once(tmp_path):
+def test_verbose_flag_is_accepted_and_lightning_log_lines_appear_once(tmp_path):
     proc = run_cli(["-v", *FAST], tmp_path)  # -v: the libraries' own lines, each once
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr

@@ -7,7 +7,7 @@ import importlib
 import pytest
 from hydra.utils import get_method
 
-from conftest import CONF, compose
+from helpers import CONF, compose
 from lorabench.cli import check_group_overrides, config_groups
 from lorabench.errors import ConfigError
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DEVICES, write_tiny_csd, write_unlearncanvas_tree
-from tests.test_cli import assert_one_line_error, run_cli
 
+from helpers import DEVICES, SHORT, assert_one_line_error, run_here, write_tiny_csd, write_unlearncanvas_tree
 from lorabench.continual import (
     ContinualScores,
     average_score,
@@ -29,6 +28,8 @@ from lorabench.continual import (
     sign_conflict_ratio,
 )
 from lorabench.errors import ConfigError
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 NAN = math.nan
 
@@ -235,10 +236,6 @@ def test_unknown_method_and_option_are_config_errors():
     assert build_method({"name": "merge:ties", "merge_options": {"density": 0.5}}).name == "merge:ties"
 
 
-# -- the protocol: resume and bad input -----------------------------------------------------------------------
-SHORT = ["experiment=continual/world_objects", "sequence.length=3", "trainer.max_steps=12",
-         "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=3", "eval.concepts.n_references=2",
-         "eval.concepts.contexts=[[left,black]]", "protocol.method.name=ortho_init"]
 
 
 def _cli(args, cwd):
@@ -295,12 +292,12 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
      ("protocol.method.merge_options.density: must be a number in (0, 1], got 0",)),
 ])
 def test_bad_sequences_fail_in_one_line_before_training(tmp_path, override, fragments):
-    proc = run_cli(["experiment=continual/world_objects", *override], tmp_path)
+    proc = run_here(["experiment=continual/world_objects", *override], tmp_path)
     assert_one_line_error(proc, tmp_path, *fragments)
 
 
 def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
-    proc = run_cli(["experiment=continual/world_objects", "sequence.length=1",
+    proc = run_here(["experiment=continual/world_objects", "sequence.length=1",
                     "sequence.tasks=[{name: sks, data: {path: /nonexistent/dog}}]"], tmp_path)
     assert_one_line_error(proc, tmp_path, "sequence.tasks.sks.data.path", "/nonexistent/dog does not exist")
 
@@ -332,9 +329,9 @@ def test_full_scale_objects_config_dry_run_on_a_scaled_down_sdxl(tmp_path, scale
     args = sdxl_dry_run_args("continual/sdxl_objects", scaled_down_models["sdxl"], *tiny_metric_models, trainer)
     env = {"DREAMBOOTH_DATA": str(data)}
     # the 4th subject (the bear plushie) has no folder: caught before any training, nothing left behind
-    assert_one_line_error(run_cli([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
+    assert_one_line_error(run_here([*args, "sequence.length=4"], tmp_path, env_extra=env), tmp_path,
                           "sequence.tasks.uwu.data.path", "bear_plushie does not exist")
-    proc = run_cli([*args, "sequence.length=3"], tmp_path, env_extra=env)
+    proc = run_here([*args, "sequence.length=3"], tmp_path, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [res] = list((tmp_path / "outputs").glob("continual/sdxl_objects/magmax/order0-seed0/results.json"))
     out = json.loads(res.read_text())
@@ -358,9 +355,9 @@ def test_full_scale_styles_config_dry_run_with_csd(tmp_path, scaled_down_models,
     args = [*sdxl_dry_run_args("continual/sdxl_styles", scaled_down_models["sdxl"], *tiny_metric_models, trainer),
             "sequence.length=2", f"eval.style_scorer.device={'cuda' if trainer == 'gpu' else 'cpu'}"]
     env = {"CONTINUAL_STYLES_DATA": str(tmp_path / "styles"), "CSD_CHECKPOINT": str(tmp_path / "missing.pth")}
-    assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.style_scorer.csd",
+    assert_one_line_error(run_here(args, tmp_path, env_extra=env), tmp_path, "eval.style_scorer.csd",
                           "give the CSD checkpoint")
-    proc = run_cli(args, tmp_path, env_extra={**env, "CSD_CHECKPOINT": str(tmp_path / "csd.pth")})
+    proc = run_here(args, tmp_path, env_extra={**env, "CSD_CHECKPOINT": str(tmp_path / "csd.pth")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [res] = list((tmp_path / "outputs").glob("continual/sdxl_styles/magmax/order0-seed0/results.json"))
     out = json.loads(res.read_text())
@@ -389,7 +386,7 @@ def test_csd_loads_the_authors_checkpoint_format(tmp_path):
 
 
 def test_cross_paper_rows_compose_and_orthA_takes_a_fresh_slot_per_task(tmp_path):
-    from conftest import compose
+    from helpers import compose
 
     c = compose(["experiment=continual/world_objects", "adapter@protocol.adapter=trilora",
                  "protocol.method.name=merge_init"], tmp_path)
@@ -413,7 +410,8 @@ def _fake_run(method, order_seed, s, f, base=0.3):
 
 
 def test_tables_and_verdicts_rebuild_from_results_files(tmp_path):
-    from lorabench.protocols.continual import main, rebuild
+    from lorabench.protocols.__main__ import main
+    from lorabench.protocols.base import rebuild
 
     # (S, F) per method: naive forgets more than merge_init; magmax forgets least and scores lower;
     # ortho_init is no better than naive.
@@ -423,8 +421,8 @@ def test_tables_and_verdicts_rebuild_from_results_files(tmp_path):
             d = tmp_path / "runs" / method / f"order{order_seed}-seed0"
             d.mkdir(parents=True)
             (d / "results.json").write_text(json.dumps(_fake_run(method, order_seed, s + 0.01 * k, f + 0.001 * k)))
-    out = rebuild([tmp_path / "runs"], tmp_path / "tables")
-    assert [v["verdict"] for v in out["verdicts"]] == ["reproduced"] * 3
+    out = rebuild("continual", [tmp_path / "runs"], tmp_path / "tables")
+    assert [v["verdict"] for v in out.files["verdicts.json"]] == ["reproduced"] * 3
     md = (tmp_path / "tables" / "table_objects.md").read_text()
     assert "| Merge & Initialization | 3 | 0.610 +- 0.008 |" in md and "Published" in md and "0.457 +- 0.011" in md
     assert (tmp_path / "tables" / "sign_conflicts.png").is_file()
@@ -432,10 +430,10 @@ def test_tables_and_verdicts_rebuild_from_results_files(tmp_path):
     # two runs of a method are too few for a verdict
     for d in (tmp_path / "runs" / "magmax").glob("order10-*"):
         (d / "results.json").unlink()
-    out = rebuild([tmp_path / "runs"], tmp_path / "tables2")
-    assert out["verdicts"][1]["verdict"].startswith("inconclusive (fewer than 3 runs of magmax")
+    out = rebuild("continual", [tmp_path / "runs"], tmp_path / "tables2")
+    assert out.files["verdicts.json"][1]["verdict"].startswith("inconclusive (fewer than 3 runs of magmax")
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "nothing"), "--out", str(tmp_path / "t3")])
+        main(["rebuild", "continual", str(tmp_path / "nothing"), "--out", str(tmp_path / "t3")])
     assert exit_info.value.code == 2
 
 
@@ -443,7 +441,7 @@ def test_callback_logs_curves_heatmap_and_matrix_to_wandb_every_task(tmp_path, m
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    from conftest import compose
+    from helpers import compose
     from lorabench.protocols.continual import run
 
     calls = {"metrics": [], "image": [], "table": []}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_weights, two_steps
+from helpers import model_weights, two_steps
 from lorabench.adapters import inject_adapters
 from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_custom_diffusion
 from lorabench.adapters.tokens import inject_tokens

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from conftest import compose
+from helpers import compose, run_cli
 from lorabench.run import train
-from test_cli import run_cli
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 # 3 validation images on 2 ranks: DistributedSampler pads one duplicate, which must not count.
 RUN = ["experiment=quickstart", "trainer.max_steps=4", "data.val_samples=3", "trainer.enable_progress_bar=false"]

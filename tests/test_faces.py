@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.conftest import write_tiny_scrfd
 
+from helpers import scrfd_outputs, write_tiny_scrfd
 from lorabench.errors import ConfigError
 from lorabench.evaluation.faces import ARCFACE_TEMPLATE, FaceDetector, align_face, similarity_transform, warp_affine
 
@@ -66,24 +66,6 @@ def test_align_face_puts_the_landmarks_on_the_template():
     assert float(shifted[:, :, :4].abs().max()) < 1e-3   # source x < 0 (fp32 grid rounding at the edge)
 
 
-def scrfd_outputs(size=32):
-    """Raw outputs for a 32 px input: one face on stride 8 (anchor 2 of the cell at x = 1, y = 1), a
-    weaker overlapping one (suppressed by NMS), one below the threshold, and one on stride 16."""
-    outs = []
-    for stride in (8, 16, 32):
-        n = (size // stride) ** 2 * 2
-        outs.append(np.full((n, 1), 0.1))
-    boxes = [np.zeros(((size // s) ** 2 * 2, 4)) for s in (8, 16, 32)]
-    kps = [np.zeros(((size // s) ** 2 * 2, 10)) for s in (8, 16, 32)]
-    i = (1 * 4 + 1) * 2 + 1                        # stride 8, cell (x=1, y=1), second anchor: centre (8, 8)
-    outs[0][i], boxes[0][i] = 0.9, [0.5, 0.5, 1.0, 1.0]
-    kps[0][i] = [0.25, 0.0, 0.75, 0.0, 0.5, 0.5, 0.25, 0.75, 0.75, 0.75]
-    j = (1 * 4 + 2) * 2                            # stride 8, cell (x=2, y=1): overlaps the first face
-    outs[0][j], boxes[0][j] = 0.8, [1.4, 0.5, 0.1, 1.0]
-    outs[0][0] = 0.49                              # below the 0.5 threshold
-    k = (1 * 2 + 1) * 2                            # stride 16, cell (x=1, y=1): centre (16, 16)
-    outs[1][k], boxes[1][k] = 0.7, [0.25, 0.25, 0.5, 0.5]
-    return [*outs, *boxes, *kps]
 
 
 def test_scrfd_pre_and_post_processing(tmp_path):

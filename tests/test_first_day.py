@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import lightning as L
 import pytest
 import torch
 
-from test_cli import FAST, assert_one_line_error, run_cli
+from helpers import FAST, assert_one_line_error, run_cli, run_here
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 FIRST_ERROR = """
 import atexit, sys
@@ -71,7 +74,7 @@ def test_a_failed_run_leaves_nothing_wherever_its_folder_is(tmp_path):
 
 # -- training: samples while training, resume, EMA, min-SNR ---------------------------------------------------------
 def _train(overrides, model_dir, run_dir, steps=4, callbacks=()):
-    from conftest import compose, tiny_overrides
+    from helpers import compose, tiny_overrides
     from lorabench.run import train
 
     cfg = compose([*tiny_overrides(model_dir, steps=steps), "exports=[]", "eval.validation.prompts=[]", *overrides],
@@ -143,7 +146,7 @@ def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_ru
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
-    proc = run_cli([*FAST, f"resume={tmp_path / 'nowhere'}"], tmp_path)
+    proc = run_here([*FAST, f"resume={tmp_path / 'nowhere'}"], tmp_path)
     assert_one_line_error(proc, tmp_path, "resume:", "does not exist")
 
 
@@ -257,8 +260,9 @@ def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, 
                                   "[0.5,0.5]"),
                                  ("one", f"[{tmp_path}/run/adapter.safetensors]", "null"),
                                  ("base", "[]", "null")):
-        proc = run_cli(["sample", *model, f"protocol.adapters={files}", f"protocol.weights={weights}",
-                        f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        run = run_cli if name == "two" else run_here  # the command's own process once, then in this one
+        proc = run(["sample", *model, f"protocol.adapters={files}", f"protocol.weights={weights}",
+                    f"hydra.run.dir={tmp_path / name}"], tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert res["images"] == ["images/prompt0_seed0.png", "images/prompt0_seed1.png"]
@@ -344,3 +348,19 @@ def test_validation_samples_go_to_loggers_that_take_images(load_tiny, tmp_path):
     assert (tmp_path / "samples" / "step000003.png").is_file() and module.training
     assert calls == [{"key": "validation/samples", "images": [str(tmp_path / "samples" / "step000003.png")],
                       "step": 3, "caption": ["step 3"]}]
+
+
+@pytest.mark.parametrize("off", ["adapter=null", "~adapter", "adapter=none"])
+def test_tokens_train_alone_from_the_command_line(tmp_path, off):
+    """conf/train.yaml says adapter=null trains new tokens alone: Hydra refuses null for a config group and
+    ~adapter would leave quickstart's adapter.rank behind, so both mean adapter=none (conf/adapter/none.yaml),
+    which drops whatever an experiment set under adapter:."""
+    args = [*FAST, off, "embeddings=textual_inversion", "embeddings.token='<x>'", "embeddings.bind=red", "exports=[]"]
+    proc = (run_cli if off == "adapter=null" else run_here)(args, tmp_path)  # the reported one as users run it
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results] = list((tmp_path / "outputs").rglob("results.json"))
+    assert (results.parent / "embeddings.safetensors").is_file()
+    assert not (results.parent / "adapter.safetensors").exists()
+    res = json.loads(results.read_text())
+    assert res["adapter"] == "none" and res["adapter_config"] is None  # tokens alone, not full training
+    assert res["embeddings_config"]["token"] == "<x>"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import get_method
 
-from conftest import compose
+from helpers import compose
 
 pytestmark = pytest.mark.gpu
 

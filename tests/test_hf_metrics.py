@@ -82,7 +82,7 @@ def test_arcface_onnx_follows_insightface_preprocessing(tmp_path, tiny_arcface, 
     itself gives the same features as the plain one fed the normalised input."""
     import numpy as np
 
-    from conftest import write_tiny_arcface
+    from helpers import write_tiny_arcface
     from lorabench.evaluation.hf import ArcFaceEmbedder, concept_scorer
 
     arc = ArcFaceEmbedder(str(tiny_arcface))

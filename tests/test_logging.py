@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose, tiny_overrides
+from helpers import compose, tiny_overrides
 from lorabench.run import train
 
 
+@pytest.mark.integration
 def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     import lorabench.run as run_module

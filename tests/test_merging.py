@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers import assert_one_line_error, run_here
 from lorabench.errors import ConfigError
 from lorabench.merging import (
     AdapterUpdate,
@@ -78,6 +79,7 @@ def test_closed_form_objective_is_at_or_below_lbfgs():
         assert float(d.grad.abs().max()) < 1e-8 * float(closed)
 
 
+@pytest.mark.integration
 def test_lbfgs_reaches_the_closed_form_and_the_process_pool_solves_the_same_layers():
     """On well-conditioned statistics LBFGS converges to the minimiser (so its hand-written gradient is
     the objective's); with merge.workers = 2 the layers' solves run in spawned processes and agree."""
@@ -362,19 +364,19 @@ def _merge_job(model_dir, tmp_path, args, layout="adapter.safetensors"):
     the merged file read back in ``layout`` by lorabench's loader."""
     from lorabench.adapters import load_adapter
     from lorabench.models import load_components
-    from test_cli import run_cli
 
     a, _, ad_a = _adapter_files(model_dir, tmp_path, 0)
     _, b, ad_b = _adapter_files(model_dir, tmp_path, 1)
     base = ["experiment=merge_adapters", "model=sd15", f"model.pretrained={model_dir}", "model.name=tiny",
             "model.resolution=16", f"protocol.inputs=[{a},{b}]"]
-    proc = run_cli([*base, *args], tmp_path)
+    proc = run_here([*base, *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [out] = list((tmp_path / "outputs" / "merge_adapters").glob(f"*/{layout}"))
     comps = load_components(str(model_dir), name="tiny", resolution=16)
     return load_adapter(comps, out).delta_weights(), ad_a.delta_weights(), ad_b.delta_weights(), out, base
 
 
+@pytest.mark.integration
 def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_path, tiny_model_dir):
     merged, da, db, out, _ = _merge_job(tiny_model_dir, tmp_path, ["merge.lam=0.5"])
     for k, d in merged.items():
@@ -385,23 +387,22 @@ def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_pat
 
 def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_dir):
     from lorabench.models import build_tiny_components, save_components
-    from test_cli import assert_one_line_error, run_cli
 
     other = tmp_path / "other-model"
     save_components(build_tiny_components(seed=7, words=["sks", "photo", "dog"]), other)
     a, _, _ = _adapter_files(tiny_model_dir, tmp_path / "x", 0)
     b, _, _ = _adapter_files(other, tmp_path / "y", 1)
-    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+    proc = run_here(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]"], tmp_path)
     assert_one_line_error(proc, tmp_path, "merge.inputs", "trained on another base model")
 
 
+@pytest.mark.integration
 def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(tmp_path, tiny_model_dir):
-    from test_cli import run_cli
 
     a, _, _ = _adapter_files(tiny_model_dir, tmp_path, 0)
     _, b, _ = _adapter_files(tiny_model_dir, tmp_path, 1)
-    proc = run_cli(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
+    proc = run_here(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge=gradient_fusion",
                     "protocol.prompts=[a sks dog,a photo dog]", "protocol.save_as=unet",
                     "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1"], tmp_path)
@@ -460,10 +461,10 @@ def test_every_merge_output_loads_back_in_every_layout_at_a_rank_the_layers_allo
             loaded.remove()
 
 
+@pytest.mark.integration
 def test_merge_weights_scale_each_input_before_the_method(tmp_path, tiny_model_dir):
     """Why: protocol.weights=[0.7,0.3] was a six-line Hydra error, and its suggested +protocol.weights ran and
     ignored the weights. Now each input's update is scaled by its weight: sum at lam 1 gives 0.7 dA + 0.3 dB."""
-    from test_cli import assert_one_line_error, run_cli
 
     merged, da, db, out, base = _merge_job(tiny_model_dir, tmp_path, ["merge.lam=1.0", "protocol.weights=[0.7,0.3]"],
                                            "kohya_lora.safetensors")
@@ -471,5 +472,5 @@ def test_merge_weights_scale_each_input_before_the_method(tmp_path, tiny_model_d
         assert torch.allclose(d, 0.7 * da[k] + 0.3 * db[k], atol=1e-6)
     assert json.loads((out.parent / "results.json").read_text())["weights"] == [0.7, 0.3]
     (tmp_path / "bad").mkdir()
-    proc = run_cli([*base, "merge.lam=1.0", "protocol.weights=[0.7]"], tmp_path / "bad")
+    proc = run_here([*base, "merge.lam=1.0", "protocol.weights=[0.7]"], tmp_path / "bad")
     assert_one_line_error(proc, tmp_path / "bad", "protocol.weights", "2 numbers")

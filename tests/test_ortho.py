@@ -46,6 +46,7 @@ def test_down_is_frozen_up_is_trained():
     assert [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad] == ["ortho_up"]
 
 
+@pytest.mark.integration
 def test_same_rows_in_a_new_process():
     code = ("import torch; from lorabench.adapters.ortho import orthogonal_basis, select_rows;"
             "r = select_rows(7, 320, 20, 'dog'); b = orthogonal_basis(7, 320)[r];"

@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DEVICES, compose, write_tiny_scrfd
-from test_cli import assert_one_line_error, run_cli
-from test_faces import scrfd_outputs
+from helpers import DEVICES, SMALL, assert_one_line_error, compose, run_here, scrfd_outputs, write_tiny_scrfd
 
-# The world Table 2 shrunk: two circle identities, groups of 2, a few steps, one image per prompt.
-SMALL = ["experiment=orthogonal_adaptation/world", "protocol.concepts=[sks,twt]", "protocol.group_size=2",
-         "protocol.seeds=[0]", "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2",
-         "eval.concepts.n_references=2", "protocol.capture.images_per_prompt=1",
-         "protocol.capture.num_inference_steps=2", "protocol.train_workers=1"]
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +93,10 @@ def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
 
 
 def test_table_rebuilds_from_results_files(world_run, tmp_path):
-    from lorabench.protocols.orthogonal_adaptation import main
+    from lorabench.protocols.__main__ import main
 
     _, out = world_run
-    main([str(out / "run"), "--out", str(tmp_path)])
+    main(["rebuild", "orthogonal_adaptation", str(out / "run"), "--out", str(tmp_path)])
     md = (tmp_path / "table2.md").read_text()
     assert "DB-LoRA (FedAvg)" in md and "OrthA, disjoint slots (sum)" in md and "crosstalk" in md
     lines = (tmp_path / "table2.csv").read_text().splitlines()
@@ -131,7 +125,7 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
      ["protocol.adapters.pplus.embeddings.num_vectors: must be an integer >= 1"]),
 ])
 def test_bad_protocol_input_is_one_line_before_training(tmp_path, args, fragments):
-    assert_one_line_error(run_cli([*SMALL, *args], tmp_path), tmp_path, *fragments)
+    assert_one_line_error(run_here([*SMALL, *args], tmp_path), tmp_path, *fragments)
 
 
 def test_full_scale_config_composes_as_the_paper_says(tmp_path):
@@ -183,14 +177,14 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     env = {"ORTHA_DATA": str(data), "ARCFACE_ONNX": str(tmp_path / "missing.onnx"),
            "FACE_DETECTOR_ONNX": str(write_tiny_scrfd(tmp_path / "det.onnx", 32, outs))}
     # without the ArcFace file: one line naming the key and what to download, before any training
-    assert_one_line_error(run_cli(args, tmp_path, env_extra=env), tmp_path, "eval.scorer.identity",
+    assert_one_line_error(run_here(args, tmp_path, env_extra=env), tmp_path, "eval.scorer.identity",
                           "give the ArcFace ONNX file")
     # a detector file that is not ONNX: one line naming the key, nothing left behind
     (tmp_path / "det.txt").write_text("not a model")
-    assert_one_line_error(run_cli(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface),
+    assert_one_line_error(run_here(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface),
                                                              "FACE_DETECTOR_ONNX": str(tmp_path / "det.txt")}),
                           tmp_path, "eval.scorer.face_detector", "det.txt is not an ONNX model")
-    proc = run_cli(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface)})
+    proc = run_here(args, tmp_path, env_extra={**env, "ARCFACE_ONNX": str(tiny_arcface)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [results] = list((tmp_path / "outputs").glob("orthogonal_adaptation_chilloutmix/*/results.json"))
     res = json.loads(results.read_text())
@@ -218,16 +212,16 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
 
 
 def test_sweep_over_methods_shares_trained_cells_and_rebuilds_one_table(tmp_path):
-    from lorabench.protocols.orthogonal_adaptation import rebuild
+    from lorabench.protocols.base import rebuild
 
-    proc = run_cli(["--multirun", *SMALL, "trainer.max_steps=2", "protocol.only=dblora_fedavg,lora_fusion_closed_form"],
-                   tmp_path)
+    only = "protocol.only=dblora_fedavg,lora_fusion_closed_form"
+    proc = run_here(["--multirun", *SMALL, "trainer.max_steps=2", only], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multirun").rglob("results.json"))
     assert len(jobs) == 2
     second = json.loads((jobs[1] / "results.json").read_text())
     assert all(s["reused"] for s in second["single_rows"])  # the LoRA cells of job 0, not trained again
-    md = rebuild(jobs)
+    md = rebuild("orthogonal_adaptation", jobs).console
     assert "DB-LoRA (FedAvg)" in md and "LoRA gradient fusion (closed form)" in md
 
 

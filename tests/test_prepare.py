@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.conftest import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, compose, tiny_jpeg, write_unlearncanvas_tree
 
+from helpers import UNLEARNCANVAS_OBJECTS, UNLEARNCANVAS_STYLES, compose, tiny_jpeg, write_unlearncanvas_tree
 from lorabench.continual.tasks import order
 from lorabench.data.prepare import DREAMBOOTH_CLASSES, continual_styles, main
 
@@ -80,8 +80,8 @@ def test_prepare_continual_styles_follows_the_reference_and_the_sequence_reads_i
         assert sorted(p.name for p in (tmp_path / "out" / t["train_path"]).iterdir()) == r["train"]
         assert sorted(p.name for p in (tmp_path / "out" / t["metric_path"]).iterdir()) == r["metric"]
     # the sequence and its evaluation set read the manifest: the reference's prompts, the metric folders
+    from lorabench.continual.tasks import manifest_tasks
     from lorabench.evaluation.eval_sets import FolderStyleEval
-    from lorabench.protocols.continual import manifest_tasks
 
     tasks = manifest_tasks(tmp_path / "out" / "config.json", "styles")
     assert tasks[0]["data"]["instance_prompt"] == f"{ref[0]['style']} image of {ref[0]['train_object']}"
@@ -109,6 +109,7 @@ def test_prepare_continual_objects_copies_the_reference_subjects(tmp_path):
         sorted(t["path"] for t in manifest["tasks"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset,breaks,fragment", [
     ("continual-objects", "pink_sunglasses", "pink_sunglasses is missing or holds no images"),
     ("continual-styles", "Seed_Images", "has no Seed_Images folder"),

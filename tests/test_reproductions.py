@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose
+from helpers import compose
 
 pytestmark = pytest.mark.slow
 

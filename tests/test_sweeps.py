@@ -8,14 +8,16 @@ import time
 
 import pytest
 
+from helpers import FAST, run_cli
 from lorabench.errors import ConfigError
-from test_cli import FAST, run_cli
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 
 def compose_launcher(launcher: str, overrides=()):
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
+    from helpers import CONF
     from lorabench.cli import _register_resolvers
 
     _register_resolvers()

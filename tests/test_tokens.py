@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_weights, two_steps
+from helpers import model_weights, two_steps
 from lorabench.adapters.tokens import inject_tokens, load_tokens
 from lorabench.errors import ConfigError
 from lorabench.models import encode_prompts, load_components

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose, tiny_overrides
+from helpers import assert_one_line_error, compose, run_here, tiny_overrides
 from lorabench.errors import ConfigError
 from lorabench.run import train
-from test_cli import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 ADAPTER = {"name": "lora", "rank": 2, "text_encoder_targets": ["q_proj", "v_proj"]}
 
@@ -96,5 +97,5 @@ def test_fp16_config_on_a_machine_without_cuda_is_one_line(tmp_path):
         pytest.skip("checks the no-CUDA error, which a machine with a GPU cannot raise")
     cfg = compose(["trainer=gpu_fp16"], tmp_path)
     assert cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "gpu"
-    assert_one_line_error(run_cli(["experiment=quickstart", "trainer=gpu_fp16"], tmp_path), tmp_path,
+    assert_one_line_error(run_here(["experiment=quickstart", "trainer=gpu_fp16"], tmp_path), tmp_path,
                           "trainer.accelerator", "no CUDA device; use trainer=cpu")

@@ -8,8 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import compose, tiny_overrides
+from helpers import compose, run_here, tiny_overrides
 from lorabench.run import train
+
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 
 @pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
@@ -189,10 +191,10 @@ def test_cuda_graph_option_trains_the_same_adapter(schedule, tiny_model_dir, tmp
 
 
 def test_cuda_graph_conflicts_are_one_line_errors(tmp_path):
-    from test_cli import assert_one_line_error, run_cli
+    from helpers import assert_one_line_error
 
     base = ["experiment=quickstart", "trainer.max_steps=1", "module.cuda_graph=true"]
     for extra, want in ((["module.gradient_checkpointing=true"], "cannot run with module.gradient_checkpointing"),
                         (["trainer.precision=16-mixed"], "cannot run under fp16 mixed precision"),
                         (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches must be 1")):
-        assert_one_line_error(run_cli([*base, *extra], tmp_path), tmp_path, "module.cuda_graph", want)
+        assert_one_line_error(run_here([*base, *extra], tmp_path), tmp_path, "module.cuda_graph", want)

@@ -11,14 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DEVICES
+from helpers import DEVICES, WORLD_ARGS, assert_one_line_error, run_cli, run_here
 from lorabench.data import ImageFolderDataModule
 from lorabench.errors import ConfigError
-from test_cli import assert_one_line_error, run_cli
 
-WORLD_ARGS = ["experiment=trilora/world", "data.n=12", "data.max_train_samples=6", "data.batch_size=3",
-              "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
-              "~protocol.adapters.trilora_svd_u", "eval.sampler.num_inference_steps=2", "protocol.grid_images=4"]
+pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +204,7 @@ def test_max_train_samples_larger_than_the_set_warns_and_keeps_all(toy_images):
 
 # -- training with checkpoint evaluation -----------------------------------------------------------------
 def test_checkpoint_evaluation_does_not_change_training(tmp_path):
-    from conftest import compose
+    from helpers import compose
     from lorabench.adapters import read_safetensors
     from lorabench.run import train
     from lorabench.training.callbacks import CheckpointEvaluation
@@ -238,9 +235,9 @@ def test_world_protocol_end_to_end(tmp_path):
     """Two adapters that over-train and one that does not, one seed, 2-step sampling: the base model's
     NFID is exactly 1 and the table shows it; curves, grids, plots and verdicts are written; the
     renderer rebuilds the same table from results.json."""
-    from lorabench.protocols.trilora import main
+    from lorabench.protocols.__main__ import main
 
-    proc = run_cli([*WORLD_ARGS, f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"], tmp_path)
+    proc = run_here([*WORLD_ARGS, f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     out = json.loads((run / "results.json").read_text())
@@ -264,25 +261,25 @@ def test_world_protocol_end_to_end(tmp_path):
     assert (run / "cells" / "lora-seed0" / "samples" / "epoch0002.png").is_file()
     logged = (run / "csv").rglob("metrics.csv")
     assert any("curves/lora/seed0/nfid" in p.read_text() for p in logged)
-    main([str(run), "--out", str(tmp_path / "rebuilt")])
+    main(["rebuild", "trilora", str(run), "--out", str(tmp_path / "rebuilt")])
     assert (tmp_path / "rebuilt" / "table.md").read_text() == table
 
 
 def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
     write_parquet(tmp_path / "p.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "caption": "x"}])
-    assert_one_line_error(run_cli(["experiment=trilora/pokemon", f"data.path={tmp_path / 'p.parquet'}", "trainer=cpu"],
+    assert_one_line_error(run_here(["experiment=trilora/pokemon", f"data.path={tmp_path / 'p.parquet'}", "trainer=cpu"],
                                   tmp_path), tmp_path, "data.path:", "has no column 'text'")
     write_parquet(tmp_path / "ok.parquet", [{"image": {"bytes": png((1, 2, 3)), "path": None}, "text": "x"}] * 2)
-    assert_one_line_error(run_cli(["experiment=trilora/pokemon", f"data.path={tmp_path / 'ok.parquet'}", "trainer=cpu"],
-                                  tmp_path), tmp_path, "eval.fidelity.feature_extractor_weights_path:",
-                          "weights-inception")
-    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.overtrain=[lora,dora]"], tmp_path), tmp_path,
+    ok = tmp_path / "ok.parquet"
+    assert_one_line_error(run_here(["experiment=trilora/pokemon", f"data.path={ok}", "trainer=cpu"], tmp_path),
+                          tmp_path, "eval.fidelity.feature_extractor_weights_path:", "weights-inception")
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.overtrain=[lora,dora]"], tmp_path), tmp_path,
                           "protocol.overtrain:", "dora")
-    assert_one_line_error(run_cli([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
+    assert_one_line_error(run_here([*WORLD_ARGS, "optim.lr_scheduler=cosine"], tmp_path), tmp_path,
                           "optim.lr_scheduler:", "constant")
-    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.table_epoch=0"], tmp_path), tmp_path,
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.table_epoch=0"], tmp_path), tmp_path,
                           "protocol.table_epoch: must be an integer >= 1, got 0")
-    assert_one_line_error(run_cli([*WORLD_ARGS, "protocol.checkpoints=[1,two]"], tmp_path), tmp_path,
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.checkpoints=[1,two]"], tmp_path), tmp_path,
                           "protocol.checkpoints: must be a list of epochs")
 
 
@@ -314,9 +311,9 @@ def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scale
             "eval.sampler.progress=false",
             f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
     # a reference model that does not load: one line naming the field, before any training
-    assert_one_line_error(run_cli([*args, f"protocol.reference_model.pretrained={tmp_path / 'nope'}"], tmp_path),
+    assert_one_line_error(run_here([*args, f"protocol.reference_model.pretrained={tmp_path / 'nope'}"], tmp_path),
                           tmp_path, "protocol.reference_model: could not load it", "nope")
-    proc = run_cli(args, tmp_path)
+    proc = run_here(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "run" / "results.json").read_text())
     assert out["sample_seed"] == 30 and out["sampler"]["guidance_scale"] == 7.5 and len(out["prompts"]) == 6
@@ -338,7 +335,7 @@ def test_curves_grids_and_table_go_to_wandb(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    from conftest import compose
+    from helpers import compose
     from lorabench.protocols.trilora import run
 
     calls = {"metrics": [], "image": [], "table": []}
@@ -367,7 +364,7 @@ def test_epochs_with_a_warmup_schedule_and_random_crops(tmp_path):
     random crops when center_crop is off."""
     import csv
 
-    from conftest import compose
+    from helpers import compose
     from lorabench.data import load_image
     from lorabench.run import train
 
@@ -399,7 +396,8 @@ def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
         for e, n in zip((1, 4), nfids):
             rows.append({"method": m, "seed": seed, "epoch": e, "step": e, "fid": n * base_fid, "nfid": n,
                          "kid": 0.1, "kid_std": 0.0, "clip_score": 30.0 + (m == "lora") * 0.5, "train_s": 1.0})
-    out = {"dataset": "x", "prompts": ["a"], "sample_seed": 30, "sampler": {}, "table_epoch": 1, "n_references": 2,
+    out = {"protocol": "style_finetune", "dataset": "x", "prompts": ["a"], "sample_seed": 30, "sampler": {},
+           "table_epoch": 1, "n_references": 2,
            "seeds": [seed], "methods": ["base", "lora", "trilora"], "checkpoints": [1, 4], "rows": rows,
            "overtrain": ["lora", "trilora"],
            "adapters": {"lora": {"name": "lora", "rank": 4},
@@ -411,7 +409,12 @@ def synthetic_run(tmp_path, name, seed, lora, trilora, base_fid=10.0):
 
 
 def test_table_from_several_runs_and_the_verdict_rules(tmp_path):
-    from lorabench.protocols.trilora import collect, verdicts
+    from lorabench.protocols import base
+    from lorabench.protocols.trilora import PAPER, verdicts
+    from lorabench.protocols.trilora import collect as join
+
+    def collect(dirs):
+        return join(base.collect(PAPER, dirs))
 
     a = synthetic_run(tmp_path, "a", 0, lora=(0.9, 1.3), trilora=(0.8, 0.85))
     b = synthetic_run(tmp_path, "b", 1, lora=(0.95, 1.1), trilora=(0.97, 1.0))

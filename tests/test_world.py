@@ -92,7 +92,7 @@ def test_world_dataset_reads_back_through_the_real_loader(tmp_path):
 
 
 def test_world_data_name_follows_concept_or_style(tmp_path):
-    from conftest import compose
+    from helpers import compose
 
     assert compose(["data=world", "data.concept=zwz"], tmp_path).data.name == "zwz"
     styled = compose(["data=world", "data.kind=style", "data.concept=null", "data.style=vango"], tmp_path)

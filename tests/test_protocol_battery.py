@@ -1,0 +1,89 @@
+"""One battery over every registered paper protocol (lorabench.protocols.base.PAPERS), fed by a table of
+cases, in place of a copy per paper: the committed tables rebuild from the committed results.json files to
+the same bytes (through the shared command and the old per-paper one), results files follow the schema,
+and bad input to the rebuild command is one line. Each paper's own test module keeps what is that
+paper's (its cells, scoring, claims, cache reuse or resume)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorabench.protocols import base
+from lorabench.protocols.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments"
+# paper -> (the committed runs its page's tables come from, the text files rebuilt from them, byte for byte)
+CASES = {
+    "orthogonal_adaptation": (["orthogonal_adaptation/runs/world"], ["table2.md", "table2.csv"]),
+    "continual": (["continual/runs/world_objects", "continual/runs/world_styles"],
+                  ["table_objects.md", "table_objects.csv", "table_styles.md", "table_styles.csv", "verdicts.json"]),
+    "trilora": (["trilora/runs/world_vango"], ["table.md", "table.csv", "curves.csv", "verdicts.json", "results.json"]),
+}
+
+
+def test_every_paper_has_a_case():
+    assert set(CASES) == set(base.PAPERS)
+
+
+@pytest.mark.parametrize("paper", list(CASES))
+def test_committed_tables_rebuild_to_the_same_bytes(paper, tmp_path, capsys, monkeypatch):
+    runs, files = CASES[paper]
+    monkeypatch.chdir(REPO)  # as the READMEs' commands run (a joined results.json records the paths given)
+    main(["rebuild", paper, *[f"experiments/{r}" for r in runs], "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (EXP / paper / name).read_bytes(), name
+    assert printed.strip()
+    for png in tmp_path.glob("*.png"):  # plots are written, not compared (matplotlib versions differ)
+        assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("paper", list(CASES))
+def test_results_files_follow_the_schema(paper):
+    p = base.paper(paper)
+    results = base.collect(p, [EXP / r for r in CASES[paper][0]])
+    assert results and all(r["protocol"] == p.protocol for r in results)
+    for r in results:
+        assert {"seeds", "summary", "config"} <= set(r), r["_path"]
+        assert json.loads(Path(r["_path"]).read_text())["protocol"] == p.protocol
+
+
+@pytest.mark.parametrize("paper", list(CASES))
+def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    other = next(o for o in CASES if o != paper)
+    wrong = EXP / CASES[other][0][0]
+    wrong = wrong / "results.json" if (wrong / "results.json").is_file() else next(wrong.rglob("results.json"))
+    for args, fragment in (([str(tmp_path / "empty")], "holds no results.json"),
+                           ([str(wrong)], "run, not a")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["rebuild", paper, *args, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorabench: error:")]
+        assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_paper_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rebuild", "dreambooth", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "paper: unknown paper 'dreambooth'; valid: orthogonal_adaptation, continual, trilora" in err
+
+
+@pytest.mark.integration
+def test_the_per_paper_command_is_an_alias(tmp_path):
+    """``python -m lorabench.protocols.<paper>`` (the command before the shared one) writes the same files."""
+    runs, files = CASES["trilora"]
+    proc = subprocess.run([sys.executable, "-m", "lorabench.protocols.trilora", *[f"experiments/{r}" for r in runs],
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (EXP / "trilora" / name).read_bytes(), name
