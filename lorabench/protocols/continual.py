@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,11 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
 from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, matrix_table, summary
 from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
 from lorabench.merging.updates import fold, model_weights
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Column, Paper, Rebuilt, csv_text, markdown, pm
+from lorabench.protocols.base import Column, Paper, Rebuilt, csv_text, markdown, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, config_hash, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.protocols.resume import SequenceState
@@ -74,6 +74,15 @@ PUBLISHED = {
 METHOD_LABELS = {"base": "Base model (reference)", "naive": "Naive continual fine-tuning",
                  "merge_init": "Merge & Initialization", "ortho_init": "Merge & Orthogonal Initialization",
                  "magmax": "Magnitude-based merging (MagMax-light)", "ortha": "Orthogonal Adaptation in sequence"}
+
+
+@dataclass(kw_only=True)
+class ContinualSettings:
+    """The ``protocol:`` block of a continual run (its tasks are the ``sequence`` group)."""
+
+    adapter: Optional[dict] = setting(None, doc="the adapter each task trains (/adapter@protocol.adapter: lora)")
+    method: dict = setting({}, doc="name: naive | merge_init | ortho_init | magmax | ortha | merge:<name>, options")
+    eval_seed: int = setting(0, doc="the seed the evaluation samples' initial latents derive from")
 
 
 # -- resume -----------------------------------------------------------------------------------------------
@@ -216,24 +225,24 @@ class Run:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the sequence ``cfg`` describes (resuming from ``run_dir/state`` when it holds one)."""
     session = Session(cfg, Path(run_dir), "continual")
-    run_dir, p = session.run_dir, cfg.protocol
+    run_dir = session.run_dir
     if cfg.get("adapter"):
         raise ConfigError("adapter", "this protocol trains protocol.adapter, not adapter; override that instead "
                           "(e.g. protocol.adapter.rank=8)")
-    if not p.get("adapter"):
+    st = read_settings(ContinualSettings, cfg.protocol)
+    if not st.adapter:
         raise ConfigError("protocol.adapter", "no adapter; add e.g. /adapter@protocol.adapter: lora")
-    method = build_method(OmegaConf.to_container(p.method, resolve=True) if p.get("method") else {})
+    method = build_method(st.method or {})
     kind, tasks = resolve_sequence(cfg)
     n_img = int(cfg.eval.images_per_prompt)
-    adapter_cfgs = [method.adapter_config(OmegaConf.to_container(p.adapter, resolve=True), t, len(tasks))
-                    for t in range(len(tasks))]
+    adapter_cfgs = [method.adapter_config(st.adapter, t, len(tasks)) for t in range(len(tasks))]
     state = SequenceState(run_dir / "state", fingerprint(cfg), [t.name for t in tasks])
     seed = int(cfg.seed)
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     # the same n_img initial latents for every prompt: per-seed latents, or (eval.sampler.latent_seed, the
     # reference code's way) rows 0..n_img-1 of one batch drawn from that seed
     eval_seeds = list(range(n_img)) if sampler_cfg.get("latent_seed") is not None else \
-        derive_seed_list("continual-eval", check_int(p.get("eval_seed", 0), "protocol.eval_seed"), n_img)
+        derive_seed_list("continual-eval", st.eval_seed, n_img)
     r = Run(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind), sampler_cfg, eval_seeds,
             ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 

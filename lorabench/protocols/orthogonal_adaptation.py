@@ -337,8 +337,6 @@ class Plan:
     used: list[str]                          # adapter types some method merges
     cell_cfgs: dict[str, dict[str, Any]]     # {adapter: {concept: its adapter config}}
     concept_data: dict[str, dict]            # {concept: the data fields its cells set}
-    group_size: int
-    same_class: bool
     ev: EvalSetup
     classes: dict[str, str]
     refs: dict[str, dict]                    # {concept: reference embeddings}
@@ -380,7 +378,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     return Plan(
         settings=settings, concepts=concepts, seeds=seeds, methods=methods, used=used,
         cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
-        concept_data=concept_data, group_size=group_size, same_class=settings.same_class, ev=ev,
+        concept_data=concept_data, ev=ev,
         classes={c: ev.eval_sets.concept_class(c) if hasattr(ev.eval_sets, "concept_class") else "" for c in concepts},
         refs={c: ev.scorer.embed_references(ev.sets[c].references) for c in concepts},
         capture_sampler={**ev.sampler, "num_inference_steps": int(cap.get("num_inference_steps", 10))},
@@ -449,7 +447,7 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
     """Merge each concept's group with every method, score the concept in the merged model, and measure
     the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
     ev, rows = plan.ev, []
-    groups = draw_groups(plan.concepts, plan.classes, plan.group_size, seed, plan.same_class)
+    groups = draw_groups(plan.concepts, plan.classes, plan.settings.group_size, seed, plan.settings.same_class)
     reg = text_gram(base, plan.reg_prompts, ev.device) if plan.features_for else None
     group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}  # the same for every method on these adapters
     for name, m in plan.methods.items():
@@ -531,7 +529,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     session.grid.sort(key=lambda row: order[row[0].partition(": ")[0]])
     roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)
     out = session.results(
-        concepts=concepts, seeds=seeds, group_size=plan.group_size,
+        concepts=concepts, seeds=seeds, group_size=plan.settings.group_size,
         methods={k: {**m, "label": plan.labels[k]} for k, m in plan.methods.items()}, labels=plan.labels, roles=roles,
         prompts={c: ev.sets[c].prompts for c in concepts}, images_per_prompt=ev.images_per_prompt, sampler=ev.sampler,
         capture={"images_per_prompt": plan.n_cap, "num_inference_steps": plan.capture_sampler["num_inference_steps"]},
