@@ -133,3 +133,21 @@ def test_full_size_architectures_have_the_published_parameter_counts():
     assert (count(sd15.unet), count(sd15.text_encoder), count(sd15.vae)) == (859_520_964, 123_060_480, 83_653_863)
     assert (count(sdxl.unet), count(sdxl.text_encoder), count(sdxl.text_encoder_2)) == \
         (2_567_463_684, 123_060_480, 694_659_840)
+
+
+def test_code_defaults_are_the_config_defaults():
+    """Two defaults the Python API needs without Hydra are written in code (the optimiser's, checks.DEFAULT_OPTIM;
+    the module's, DiffusionFineTuner's keyword defaults) and in the configs a run composes (conf/optim/adamw.yaml,
+    conf/train.yaml's module: block): they must not drift apart."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from lorabench.checks import DEFAULT_OPTIM
+    from lorabench.training import DiffusionFineTuner
+
+    optim = OmegaConf.to_container(OmegaConf.load(CONF / "optim" / "adamw.yaml"))
+    assert {**optim, "betas": tuple(optim["betas"])} == DEFAULT_OPTIM
+    module = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"))["module"]
+    params = inspect.signature(DiffusionFineTuner.__init__).parameters
+    assert {k: params[k].default for k in module} == module
