@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lorabench.utils.plots import figure
+from lorabench.utils.tables import markdown
 
 STATES = ("rows_metric", "rows_task", "rows_after", "rows_index", "rows_value")
 
@@ -155,11 +156,9 @@ def matrix_table(m: torch.Tensor, tasks: Sequence[str], name: str = "") -> str:
     t = m.shape[0]
     head = [f"{name} (row: evaluated task, column: after task)" if name else "evaluated task \\ after task",
             *[f"after {i + 1}" for i in range(t)]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for j in range(t):
-        cells = ["" if i < j or torch.isnan(m[j, i]) else f"{float(m[j, i]):.3f}" for i in range(t)]
-        lines.append("| " + " | ".join([f"task {j + 1}: {tasks[j]}", *cells]) + " |")
-    return "\n".join(lines)
+    rows = [[f"task {j + 1}: {tasks[j]}", *["" if i < j or torch.isnan(m[j, i]) else f"{float(m[j, i]):.3f}"
+                                            for i in range(t)]] for j in range(t)]
+    return markdown(head, rows)
 
 
 def heatmap(matrices: dict[str, torch.Tensor], tasks: Sequence[str], title: str = ""):

@@ -6,8 +6,8 @@ A paper's protocol file (``lorabench/protocols/<paper>.py``) declares:
   once, before any work, with one line naming ``protocol.<field>`` (:func:`read_settings`);
 - ``run(cfg, run_dir)``: its cells (:mod:`lorabench.protocols.cells` trains them) and how it scores
   them into rows;
-- its tables as column specs (:class:`Column`, rendered by :func:`markdown` and :func:`csv_text`), its
-  published numbers and its claims (:func:`verdict`);
+- its tables as column specs (:class:`lorabench.utils.tables.Column`, rendered by ``markdown`` and
+  ``csv_text`` there; :func:`pm` for mean +- std), its published numbers and its claims (:func:`verdict`);
 - ``PAPER = Paper(...)``: its name, the name its results.json files carry, and ``rebuild(results)``:
   the files its tables are made of, from finished runs' results.json contents alone.
 
@@ -19,10 +19,8 @@ command for every paper (``python -m lorabench.protocols rebuild <paper> RUNS...
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib
-import io
 import json
 import statistics
 import typing
@@ -105,33 +103,7 @@ def _checked(value: Any, hint: Any, name: str, minimum: Optional[int]) -> Any:
     return value
 
 
-# -- tables --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Column:
-    """One column of a table: its header and how one row (whatever the table iterates over) prints in it."""
-
-    label: str
-    cell: Callable[[Any], str]
-
-
-def markdown(columns: Sequence[Column | str], rows: Sequence[Any]) -> str:
-    """A markdown table: a header from ``columns`` (a :class:`Column` or a header string), then one line per
-    row: each :class:`Column`'s ``cell(row)``, or, for header strings, the row itself (a sequence of cells)."""
-    head = [c.label if isinstance(c, Column) else c for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [c.cell(row) for c in columns] if all(isinstance(c, Column) for c in columns) else list(row)
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
-
-
-def csv_text(rows: Sequence[Sequence]) -> str:
-    """Rows (the header first) as CSV text."""
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
-
-
+# -- summaries ---------------------------------------------------------------------------------------------
 def mean_std(xs: Sequence[float]) -> dict[str, float]:
     """``{mean, std, n}`` with the population std; empty for no values."""
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)} if xs else {}

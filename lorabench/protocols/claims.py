@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.tables import markdown
 
 Unit = Mapping[str, Any]
 Replicates = Sequence[Sequence[Unit]]
@@ -189,13 +190,9 @@ def render_ledger(ledger: Mapping, title: str, link: str = "") -> str:
     """The paper's scoreboard: claims x regimes, each cell the verdict, the quantity and its interval."""
     regimes = [r["label"] for r in ledger["regimes"]]
     head = ["id", "claim (quantity q)", "paper", "rule", *regimes]
-    lines = [f"### {title}" + (f" ([claims.json]({link}))" if link else ""), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in ledger["claims"]:
-        cells = [c["id"], f"{c['claim']} (q = {c['quantity']})", c["paper"], c["rule"],
-                 *[_cell(c["regimes"].get(r, {})) for r in regimes]]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    rows = [[c["id"], f"{c['claim']} (q = {c['quantity']})", c["paper"], c["rule"],
+             *[_cell(c["regimes"].get(r, {})) for r in regimes]] for c in ledger["claims"]]
+    lines = [f"### {title}" + (f" ([claims.json]({link}))" if link else ""), "", markdown(head, rows), ""]
     sizes = []
     for r in ledger["regimes"]:
         counts = ledger["counts"][r["label"]]

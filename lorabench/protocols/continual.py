@@ -46,7 +46,7 @@ from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
 from lorabench.merging.updates import fold, model_weights
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Column, Paper, Rebuilt, csv_text, markdown, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, config_hash, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.protocols.resume import SequenceState
@@ -55,6 +55,7 @@ from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import write_json
 from lorabench.utils.plots import figure, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
+from lorabench.utils.tables import Column, csv_text, markdown
 
 LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "csd": "CSD"}
 # The poster's tables (papers/continual_personalization_poster.txt): (S metric 1, S metric 2, F 1, F 2)

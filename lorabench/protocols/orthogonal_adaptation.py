@@ -63,18 +63,7 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.base import (
-    Column,
-    Paper,
-    Rebuilt,
-    Settings,
-    csv_text,
-    markdown,
-    pm,
-    read_settings,
-    setting,
-    verdict,
-)
+from lorabench.protocols.base import Paper, Rebuilt, Settings, pm, read_settings, setting, verdict
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
@@ -82,6 +71,7 @@ from lorabench.sampling import check_counts, sample_prompts
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import figure, layer_lines, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
+from lorabench.utils.tables import Column, csv_text, markdown
 
 PROTOCOL = "modular"  # the protocol's name in results.json and its W&B keys
 # Table 2's columns: text alignment (CLIP-T, the concept in context prompts), image alignment (CLIP-I)

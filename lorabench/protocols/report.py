@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
 from lorabench.protocols import base, sizes
-from lorabench.protocols.base import Column, markdown, mean_std, pm
+from lorabench.protocols.base import mean_std, pm
 from lorabench.sampling import save_grid
 from lorabench.utils.console import CellProgress
 from lorabench.utils.io import write_json, write_text
+from lorabench.utils.tables import Column, markdown
 
 
 def summarise_rows(rows: list[dict], metrics: Sequence[str], per_seed: bool = False) -> dict[str, dict[str, dict]]:

@@ -40,7 +40,7 @@ from lorabench.data import load_image
 from lorabench.errors import ConfigError, find_config_error
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Column, Paper, Rebuilt, Settings, csv_text, markdown, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, Settings, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
@@ -48,6 +48,7 @@ from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import figure, save_figure
 from lorabench.utils.seeding import derive_seed_list
+from lorabench.utils.tables import Column, csv_text, markdown
 
 PROTOCOL = "style_finetune"  # the protocol's name in results.json and its W&B keys
 FIXED_ROWS = ("reference", "base")  # rows without training: NFID's reference model, the training base

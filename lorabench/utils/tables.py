@@ -1,0 +1,35 @@
+"""Markdown and CSV tables from column specs: what every table lorabench prints or writes is made of (the
+papers' tables, the claims ledger, the continual score matrix)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table: its header and how one row (whatever the table iterates over) prints in it."""
+
+    label: str
+    cell: Callable[[Any], str]
+
+
+def markdown(columns: Sequence[Column | str], rows: Sequence[Any]) -> str:
+    """A markdown table: a header from ``columns`` (a :class:`Column` or a header string), then one line per
+    row: each :class:`Column`'s ``cell(row)``, or, for header strings, the row itself (a sequence of cells)."""
+    head = [c.label if isinstance(c, Column) else c for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [c.cell(row) for c in columns] if all(isinstance(c, Column) for c in columns) else list(row)
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(rows: Sequence[Sequence]) -> str:
+    """Rows (the header first) as CSV text."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
