@@ -215,18 +215,13 @@ class StackedLayer(nn.Module):
         """Copy adapter ``k``'s trained tensors into ``layer`` (its own, unstacked layer), in the stack's dtype:
         the members were taken out before Lightning cast the model (``trainer.precision=64-true``), and a
         member's files hold what a run of its own would, float64 there."""
-        for n in self.param_names:
-            src, p = getattr(self, n)[k], layer.get_parameter(n)
-            if p.dtype != src.dtype:
-                p.data = p.data.to(src.dtype)
-            p.copy_(src)
-        for n in self.buffer_names:
+        own = [*((n, layer.get_parameter(n)) for n in self.param_names),
+               *((n, layer.get_buffer(n)) for n in self.buffer_names)]
+        for n, t in own:
             src = getattr(self, n)[k]
-            owner, _, leaf = n.rpartition(".")
-            module = layer.get_submodule(owner) if owner else layer
-            if module._buffers[leaf].dtype != src.dtype:
-                module._buffers[leaf] = module._buffers[leaf].to(src.dtype)
-            module._buffers[leaf].copy_(src)
+            if t.dtype != src.dtype:
+                t.data = t.data.to(src.dtype)
+            t.copy_(src)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, in={self.in_features}, out={self.out_features}, scale={self.scale:g}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from lorabench.protocols.base import PAPERS
+from lorabench.errors import ConfigError
+from lorabench.protocols.base import PAPERS, paper
 from lorabench.protocols.report import rebuild_cli
 
 USAGE = f"usage: python -m lorabench.protocols rebuild {{{','.join(PAPERS)}}} RUNS... [--out DIR]"
@@ -17,10 +18,13 @@ USAGE = f"usage: python -m lorabench.protocols rebuild {{{','.join(PAPERS)}}} RU
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Dispatch ``rebuild <paper> ...`` to the paper's rebuild command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] != "rebuild" or argv[1] not in PAPERS:
+    if len(argv) < 2 or argv[0] != "rebuild":
         print(USAGE, file=sys.stderr)
-        if len(argv) >= 2 and argv[0] == "rebuild":
-            print(f"lorabench: error: paper: unknown paper {argv[1]!r}; valid: {', '.join(PAPERS)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        paper(argv[1])
+    except ConfigError as err:  # an unknown paper: the usage, and one line listing the papers
+        print(f"{USAGE}\nlorabench: error: {err}", file=sys.stderr)
         sys.exit(2)
     rebuild_cli(argv[1], argv[2:])
 

@@ -199,9 +199,11 @@ class Cell:
 def cached(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path, name: str) -> Cell:
     """The cell of ``(adapter_cfg, data, seed)`` in the cache ``cache_root/<name>-<key>/`` (:func:`cell_key`):
     protocols and sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
-    probe = cell_config(cfg, adapter_cfg, data, seed, Path("."))
-    folder = Path(cache_root) / f"{name}-{cell_key(probe)}"
-    return Cell(cell_config(cfg, adapter_cfg, data, seed, folder), folder, name, reuse=True)
+    cell = cell_config(cfg, adapter_cfg, data, seed, Path("."))  # the key leaves the folder out
+    folder = Path(cache_root) / f"{name}-{cell_key(cell)}"
+    with open_dict(cell):
+        cell.paths.output_dir = str(folder)
+    return Cell(cell, folder, name, reuse=True)
 
 
 @dataclass
@@ -413,8 +415,6 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
     2-thread process, docs/benchmarks.md). Cells with callbacks, a model or a hook train in this process.
     ``on_done`` sees each cell as it finishes (a reused one first); ``progress``: a bar (``training in 2
     processes, 6 cells in 2 batched passes``) and a line per cell, when more than one cell trains."""
-    for c in cells:
-        c.folder = Path(c.folder)
     trained: dict[int, Trained] = {}
     pending = []
     for i, c in enumerate(cells):
@@ -445,7 +445,8 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
         if local:
             for batch in passes:
                 with quiet_cells():
-                    finish(batch, train_pass(batch))
+                    results = train_pass(batch)
+                finish(batch, results)
         else:
             threads = max(1, (os.cpu_count() or 2) // workers)
             with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:

@@ -131,12 +131,12 @@ class Session:
         return out
 
 
-def rebuild_cli(paper: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
+def rebuild_cli(paper: str, argv: Optional[Sequence[str]] = None) -> None:
     """The rebuild command of a paper (:func:`lorabench.protocols.base.rebuild`): ``RUNS... [--out DIR]``
     prints the tables and writes them into DIR. Bad input (a folder without results, runs that do not
     belong in one table) is one line and exit status 2."""
     p = base.paper(paper)
-    parser = argparse.ArgumentParser(prog=prog or f"python -m lorabench.protocols rebuild {paper}",
+    parser = argparse.ArgumentParser(prog=f"python -m lorabench.protocols rebuild {paper}",
                                      description=f"Rebuild {paper}'s tables from its runs' results.json files "
                                      "(folders searched recursively); nothing re-runs.")
     parser.add_argument("paths", nargs="+", help="run folders or results.json files")

@@ -223,12 +223,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         checkpoints=checkpoints, overtrain=overtrain, prompts=prompts, n_references=scorer.n_references,
         sample_seed=st.sample_seed, sampler=sampler_cfg, rows=rows)
     out.update(summaries(out))
-    extra = files(out)
-    extra.pop("curves.png")(session.run_dir / "curves.png")
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
     return session.finish(out, render_table(out), f"update size per layer at epoch {table_epoch}, mean over seeds",
                           f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions",
-                          files=extra, images={"curves": session.run_dir / "curves.png"}, loggers=loggers,
+                          files=files(out), images={"curves": session.run_dir / "curves.png"}, loggers=loggers,
                           step=table_epoch, tables={"table1": (["method", *METRICS], data)})
 
 
