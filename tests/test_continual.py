@@ -256,6 +256,11 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     run = Path("outputs/continual/world_objects/ortho_init/order0-seed0/results.json")  # fixed by the config
     ref = ref_dir / run
     ref = json.loads(ref.read_text())
+    # a finished run started again shows the final model's samples: the same image (it once crashed on W0)
+    samples = (ref_dir / run).with_name("samples.png").read_bytes()
+    rerun = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (ref_dir / run).with_name("samples.png").read_bytes() == samples
 
     cmd, env = _cli(SHORT, kill_dir)
     proc = subprocess.Popen(cmd, cwd=kill_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -47,7 +47,7 @@ import torch
 from lorabench.adapters import lora_pairs
 from lorabench.errors import ConfigError, choice_error
 from lorabench.merging.methods import MERGES, check_merge, merge
-from lorabench.merging.updates import AdapterUpdate, LayerDelta
+from lorabench.merging.updates import AdapterUpdate, LayerDelta, fold, model_weights
 from lorabench.utils.registry import Registry
 
 CONTINUAL: Registry[type["ContinualMethod"]] = Registry("continual method", "protocol.method.name")
@@ -136,6 +136,29 @@ class ContinualMethod:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+class RunningModel:
+    """The model a sequence trains and scores: its adapted layers' weights are ``W0 + deltas``, always
+    written from an exact copy of W0 (taken the first time, from weights still at W0), so nothing drifts
+    over tasks."""
+
+    def __init__(self, components):
+        self.components, self.w0 = components, {}
+
+    def set(self, weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta]) -> None:
+        """``weights`` (a model's adapted layers) = W0 + ``deltas``."""
+        with torch.no_grad():
+            if not self.w0:
+                self.w0 = {k: w.detach().cpu().clone() for k, w in weights.items()}
+            for k, w in weights.items():
+                w.copy_(self.w0[k].to(w.device, w.dtype).view_as(w))
+            fold({k: weights[k].data for k in deltas}, deltas)
+
+    def reset(self, deltas: Mapping[str, LayerDelta]) -> None:
+        """The model without adapters: its adapted layers (before any task trained here: those of ``deltas``,
+        e.g. a finished run started again) = W0 + ``deltas``."""
+        self.set(model_weights(self.components, list(self.w0 or deltas)), deltas)
 
 
 def _split(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ in index order, so one process and N ranks give identical numbers.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -146,6 +146,17 @@ class ContinualScores(Metric):
 
     def compute(self) -> dict[str, float]:
         return {f"{name}/{k}": v for name, m in self._matrices().items() for k, v in summary(m).items()}
+
+    def replay(self, after: int, rows: Mapping[str, list]) -> None:
+        """Put back the scores recorded after task ``after`` (:func:`rows_json`'s form), e.g. on resume."""
+        for m, parts in rows.items():
+            for j, idx, vals in parts:
+                self.update(m, j, after, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
+
+
+def rows_json(scores: Mapping[str, list]) -> dict[str, list]:
+    """Score rows ``{metric: [(task, indices, values)]}`` as JSON: ``{metric: [[task, [indices], [values]]]}``."""
+    return {m: [[int(j), idx.tolist(), vals.tolist()] for j, idx, vals in parts] for m, parts in scores.items()}
 
 
 def matrix_table(m: torch.Tensor, tasks: Sequence[str], name: str = "") -> str:

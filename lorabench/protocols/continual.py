@@ -39,17 +39,24 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.continual.methods import ContinualMethod, build_method, sign_conflict_ratio
-from lorabench.continual.metrics import ContinualEvaluation, ContinualScores, heatmap, matrix_table, summary
+from lorabench.continual.methods import ContinualMethod, RunningModel, build_method, sign_conflict_ratio
+from lorabench.continual.metrics import (
+    ContinualEvaluation,
+    ContinualScores,
+    average_score,
+    heatmap,
+    matrix_table,
+    rows_json,
+    summary,
+)
 from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
-from lorabench.merging.updates import fold, model_weights
 from lorabench.protocols import sizes
 from lorabench.protocols.base import Paper, Rebuilt, pm, read_settings, setting
-from lorabench.protocols.cells import Cell, cell_config, config_hash, run_cells
+from lorabench.protocols.cells import Cell, cell_config, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
-from lorabench.protocols.resume import SequenceState
+from lorabench.protocols.resume import SequenceState, fingerprint
 from lorabench.sampling import eval_device
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import write_json
@@ -86,24 +93,10 @@ class ContinualSettings:
     eval_seed: int = setting(0, doc="the seed the evaluation samples' initial latents derive from")
 
 
-# -- resume -----------------------------------------------------------------------------------------------
-def fingerprint(cfg: DictConfig) -> str:
-    """A hash of everything that decides a run's results (not where it is written or logged)."""
-    protocol = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in cfg.protocol.items() if k != "_target_"}
-    return config_hash(cfg, ("model", "data", "optim", "module", "seed", "sequence", "eval", "trainer"), length=16,
-                       extra={"protocol": protocol})
-
-
-def rows_of(scores: Mapping[str, list]) -> dict[str, list]:
-    """Score rows in JSON form: ``{metric: [[task, [indices], [values]]]}``."""
-    return {m: [[int(j), idx.tolist(), vals.tolist()] for j, idx, vals in parts] for m, parts in scores.items()}
-
-
 # -- the run ----------------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """One sequence run: the method's model is ``W0 + deltas`` on the adapted layers of ``components``."""
+    """One sequence run: the method's model (``model``: W0 + the method's deltas on the adapted layers)."""
 
     cfg: DictConfig
     run_dir: Path
@@ -115,31 +108,16 @@ class Run:
     seeds: list[int]
     metric: ContinualScores
     device: torch.device
-    components: Any = None
-    w0: dict = field(default_factory=dict)
+    model: Any = None  # a RunningModel, once the components are loaded
     records: dict = field(default_factory=dict)
     last_images: dict = field(default_factory=dict)
 
-    def set_weights(self, weights: Mapping[str, torch.Tensor], deltas: Mapping) -> None:
-        """Base weights = W0 + deltas (the exact W0 copy first, so nothing drifts over tasks)."""
-        with torch.no_grad():
-            for k, w in weights.items():
-                w.copy_(self.w0[k].to(w.device, w.dtype).view_as(w))
-            fold({k: weights[k].data for k in deltas}, deltas)
-
-    def reset_weights(self, deltas: Mapping) -> None:
-        """The adapted layers of the model (no adapters injected) = W0 + deltas."""
-        self.set_weights(model_weights(self.components, list(self.w0)), deltas)
-
     def prepare(self, t: int):
         """The hook :func:`lorabench.run.train` calls after injecting task ``t``'s adapter: the method's
-        training model and its initialisation of the adapter (W0 is copied the first time)."""
+        training model and its initialisation of the adapter."""
 
         def hook(module) -> None:
-            weights = module.adapters.base_weights()
-            if not self.w0:
-                self.w0 = {k: w.detach().cpu().clone() for k, w in weights.items()}
-            self.set_weights(weights, self.method.train_deltas())
+            self.model.set(module.adapters.base_weights(), self.method.train_deltas())
             self.method.start(module.adapters, t)
 
         return hook
@@ -149,18 +127,18 @@ class Run:
         t0 = time.perf_counter()
         adapters = module.adapters
         task = self.tasks[t]  # the task's update against the weights it trained on, on its own inputs
-        measured = sizes.measure(self.components, adapters, [task.train_prompt or task.prompts[0]],
+        measured = sizes.measure(self.model.components, adapters, [task.train_prompt or task.prompts[0]],
                                  {k: v for k, v in self.sampler_cfg.items() if k != "latent_seed"},
                                  module.device, seed=t)
         before = self.method.eval_deltas()
         task_vector = self.method.finish(adapters, t)
         for layer in adapters.layers.values():
             layer.multiplier = 0.0  # the adapter is folded into the method's state now
-        self.set_weights(adapters.base_weights(), self.method.eval_deltas())
-        scores, images = score_tasks(self.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds, self.scorer,
-                                     rank, world_size, module.device)
+        self.model.set(adapters.base_weights(), self.method.eval_deltas())
+        scores, images = score_tasks(self.model.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds,
+                                     self.scorer, rank, world_size, module.device)
         self.last_images = images
-        self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_of(scores),
+        self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_json(scores),
                            "sign_conflict": sign_conflict_ratio(task_vector, before), "update_size": measured,
                            "eval_s": time.perf_counter() - t0}
         return scores
@@ -170,7 +148,7 @@ class Run:
         base_file = state.folder / "base.json"
         if base_file.is_file():
             return json.loads(base_file.read_text())
-        scores, _ = score_tasks(self.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer,
+        scores, _ = score_tasks(self.model.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer,
                                 device=self.device)
         base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
         write_json(base_file, base)
@@ -183,9 +161,7 @@ class Run:
         for t in range(done):
             rec = state.read_record(t)
             self.records[t] = {k: v for k, v in rec.items() if k != "rng"}
-            for m, parts in rec["rows"].items():
-                for j, idx, vals in parts:
-                    self.metric.update(m, j, t, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
+            self.metric.replay(t, rec["rows"])
             progress.done(f"task {t + 1} ({rec['name']}): resumed from {state.task_dir(t)}")
         if done:
             _, method_state = state.load_task(done - 1)
@@ -207,10 +183,10 @@ class Run:
             self.prepare(t)(module)
 
         [done] = run_cells([Cell(tcfg, task_dir, f"{self.method.name}/{task.name}", callbacks=[callback],
-                                 prepare=prepare, components=self.components)])
+                                 prepare=prepare, components=self.model.components)])
         results = done.results
         modules[0].adapters.remove()
-        self.reset_weights({})
+        self.model.reset({})
         # fit_s includes the callback's evaluation at the end of the fit
         record = self.records[t]
         record.update(train_s=results["timings"]["fit_s"] - record["eval_s"], steps=results["metrics"]["steps"])
@@ -219,7 +195,7 @@ class Run:
         modules.clear()
         m = self.metric.matrices()
         return (f"task {t + 1} ({task.name}): " + ", ".join(
-            f"{LABELS.get(n, n)} S {average(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in m)
+            f"{LABELS.get(n, n)} S {average_score(m[n]):.3f} F {summary(m[n])['forgetting_ref']:.3f}" for n in m)
             + f" ({results['metrics']['steps']} steps, {record['train_s']:.0f} s train, {record['eval_s']:.0f} s eval)")
 
 
@@ -237,7 +213,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     kind, tasks = resolve_sequence(cfg)
     n_img = int(cfg.eval.images_per_prompt)
     adapter_cfgs = [method.adapter_config(st.adapter, t, len(tasks)) for t in range(len(tasks))]
-    state = SequenceState(run_dir / "state", fingerprint(cfg), [t.name for t in tasks])
+    keys = ("model", "data", "optim", "module", "seed", "sequence", "eval", "trainer")
+    state = SequenceState(run_dir / "state", fingerprint(cfg, keys), [t.name for t in tasks])
     seed = int(cfg.seed)
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     # the same n_img initial latents for every prompt: per-seed latents, or (eval.sampler.latent_seed, the
@@ -253,15 +230,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
     session.count(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
-        r.components = instantiate(cfg.model, _convert_="all")
+        r.model = RunningModel(instantiate(cfg.model, _convert_="all"))
         base = r.base_scores(state)
         session.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
         for t in range(r.resume(state, session), len(tasks)):
             session.done(r.train_task(t, adapter_cfgs[t], callback, state))
         if not r.last_images:  # a finished run started again: show the final model's samples
-            r.reset_weights(method.eval_deltas())
-            _, r.last_images = score_tasks(r.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
-            r.reset_weights({})
+            r.model.reset(method.eval_deltas())
+            _, r.last_images = score_tasks(r.model.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
+            r.model.reset({})
 
     out = results_dict(session, kind, tasks, method, r.metric, base, r.records)
     mats = r.metric.matrices()  # a collective under DDP: every rank calls it
@@ -284,11 +261,6 @@ def rank_zero() -> bool:
     """Under DDP (every rank runs the protocol; training and evaluation are sharded by Lightning and the
     callback) only rank zero writes state and outputs."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def average(m: torch.Tensor) -> float:
-    """The Average Score of a score matrix."""
-    return summary(m)["average_score"]
 
 
 def results_dict(session: Session, kind: str, tasks: Sequence[Task], method: ContinualMethod,

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from lorabench.errors import ConfigError
+from lorabench.protocols.cells import config_hash
 from lorabench.utils.io import atomic_dir, write_json
 from lorabench.utils.seeding import rng_state, set_rng_state
 
@@ -65,3 +67,11 @@ class SequenceState:
     def read_record(self, t: int) -> dict:
         """Step ``t``'s record, the RNG state left as it is."""
         return json.loads((self.task_dir(t) / "record.json").read_text())
+
+
+def fingerprint(cfg: DictConfig, keys: Sequence[str]) -> str:
+    """What decides a resumed run's results: the config groups ``keys`` (:func:`~lorabench.protocols.cells.config_hash`)
+    and the ``protocol`` block, not where the run is written or logged."""
+    protocol = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.protocol.items() if k != "_target_"}
+    return config_hash(cfg, keys, length=16, extra={"protocol": protocol})
