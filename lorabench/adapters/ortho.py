@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +71,30 @@ def select_rows(seed: int, width: int, rank: int, concept_key: str, row_mode: st
         perm = torch.randperm(width, generator=g)
         return perm[slot * rank:(slot + 1) * rank].sort().values
     raise choice_error("adapter.row_mode", row_mode, ROW_MODES)
+
+
+def concept_options(adapter: Mapping, concepts: Sequence[str], slots: Optional[Mapping] = None,
+                    key: str = "ortho") -> dict[str, dict]:
+    """What each concept's adapter config gains when concepts train apart to be merged: an OrthA adapter
+    draws its rows by ``concept_key`` (the concept), and in disjoint mode takes a slot (``slots``, default
+    the concept's index) of ``num_slots``; two concepts on one slot would share rows: an error naming
+    ``protocol.slots``. Other adapters gain nothing."""
+    if adapter.get("name") != "ortho":
+        return {c: {} for c in concepts}
+    if adapter.get("row_mode") != "disjoint":
+        return {c: {"concept_key": c} for c in concepts}
+    slots = dict(slots) if slots else {c: i for i, c in enumerate(concepts)}
+    missing = [c for c in concepts if c not in slots]
+    if missing:
+        raise ConfigError("protocol.slots", f"no slot for concept {missing[0]!r}")
+    seen: dict[int, str] = {}
+    for c in concepts:
+        if slots[c] in seen:
+            raise ConfigError("protocol.slots", f"concepts {seen[slots[c]]!r} and {c!r} share slot {slots[c]}: "
+                              f"OrthA adapter {key!r} is in disjoint mode, each concept needs its own rows")
+        seen[slots[c]] = c
+    num = int(adapter.get("num_slots") or max(len(concepts), max(slots.values()) + 1))
+    return {c: {"concept_key": c, "slot": int(slots[c]), "num_slots": num} for c in concepts}
 
 
 @dataclasses.dataclass

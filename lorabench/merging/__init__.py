@@ -12,6 +12,7 @@ job (adapter files in, a merged file or UNet out) is :mod:`lorabench.protocols.m
 
 from lorabench.merging.capture import (
     InputStats,
+    cached_stats,
     capture_stats,
     load_stats,
     save_stats,
@@ -19,6 +20,7 @@ from lorabench.merging.capture import (
     token_features,
 )
 from lorabench.merging.crosstalk import (
+    concept_crosstalk,
     group_crosstalk,
     layer_means,
     output_error,
@@ -59,9 +61,11 @@ __all__ = [
     "LayerDelta",
     "MERGES",
     "MergeResult",
+    "cached_stats",
     "capture_stats",
     "check_compatible",
     "check_merge",
+    "concept_crosstalk",
     "fold",
     "fuse_closed_form",
     "fuse_lbfgs",

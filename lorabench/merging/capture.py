@@ -81,6 +81,17 @@ def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[
     return hooks.grams(), dict(hooks.rows)
 
 
+def cached_stats(path, components, adapters, prompts: Sequence[str], seeds: Sequence[int], sampler_cfg: Mapping,
+                 device: torch.device = torch.device("cpu"), extra: Optional[Mapping] = None) -> dict:
+    """:func:`capture_stats`'s grams, kept in ``path``: read back (checked against the adapters' model and
+    layers) when the file is there, else captured and saved with ``prompts`` and ``extra``."""
+    if Path(path).is_file():
+        return load_stats(path, adapters)
+    grams, rows = capture_stats(components, adapters, prompts, seeds, sampler_cfg, device)
+    save_stats(path, grams, rows, adapters.base_fingerprint(), prompts, extra)
+    return grams
+
+
 @torch.no_grad()
 def text_states(components, prompts: Sequence[str], device=torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor,
                                                                                           torch.Tensor]:

@@ -121,6 +121,14 @@ def group_crosstalk(updates: Sequence[AdapterUpdate], grams: Sequence[Mapping[st
     return {layer: {k: v / n for k, v in row.items()} for layer, row in sums.items()} if n else {}
 
 
+def concept_crosstalk(group: Mapping[str, Mapping[str, float]], own: AdapterUpdate, merged: Mapping[str, LayerDelta],
+                      grams: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per layer, a group's crosstalk (:func:`group_crosstalk`) with one member's output errors in the
+    merged model (:func:`output_error`: on its inputs, and on its own subspace of them)."""
+    err, sub = output_error(own, merged, grams), output_error(own, merged, grams, subspace=True)
+    return {k: {**v, "output_error": err[k], "subspace_output_error": sub[k]} for k, v in group.items()}
+
+
 def layer_means(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The mean of each measure over layers."""
     keys = sorted({k for row in per_layer.values() for k in row})

@@ -33,7 +33,6 @@ names runs have always had.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,23 +40,22 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from lorabench.adapters.ortho import concept_options
 from lorabench.adapters.tokens import load_tokens
 from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
-    capture_stats,
+    cached_stats,
     check_merge,
+    concept_crosstalk,
     group_crosstalk,
     layer_means,
-    load_stats,
     merge,
     merged_into,
     model_weights,
-    output_error,
-    save_stats,
     text_gram,
     token_features,
     updates_from_adapters,
@@ -65,11 +63,11 @@ from lorabench.merging import (
 from lorabench.protocols import sizes
 from lorabench.protocols.base import Paper, Rebuilt, Settings, pm, read_settings, setting, verdict
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
-from lorabench.protocols.report import Session, format_verdicts, rebuild_cli, summarise_rows
+from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
 from lorabench.sampling import check_counts, sample_prompts
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.plots import figure, layer_lines, save_figure
+from lorabench.utils.plots import layer_lines, paired_bars
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
 
@@ -121,31 +119,10 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
 
 def assign_slots(adapter_cfg: DictConfig, concepts: Sequence[str], slots: Optional[Mapping],
                  key: str) -> dict[str, DictConfig]:
-    """Per-concept adapter configs. OrthA in disjoint mode gets a slot per concept (``protocol.slots``
-    or the concept's index) and ``num_slots``; two concepts on one slot would share rows: an error."""
-    out = {}
-    disjoint = adapter_cfg.get("name") == "ortho" and adapter_cfg.get("row_mode") == "disjoint"
-    if disjoint:
-        slots = dict(slots) if slots else {c: i for i, c in enumerate(concepts)}
-        missing = [c for c in concepts if c not in slots]
-        if missing:
-            raise ConfigError("protocol.slots", f"no slot for concept {missing[0]!r}")
-        seen: dict[int, str] = {}
-        for c in concepts:
-            if slots[c] in seen:
-                raise ConfigError("protocol.slots", f"concepts {seen[slots[c]]!r} and {c!r} share slot {slots[c]}: "
-                                  f"OrthA adapter {key!r} is in disjoint mode, each concept needs its own rows")
-            seen[slots[c]] = c
-        num = int(adapter_cfg.get("num_slots") or max(len(concepts), max(slots.values()) + 1))
-    for c in concepts:
-        acfg = OmegaConf.create(OmegaConf.to_container(adapter_cfg, resolve=False))
-        with open_dict(acfg):
-            if acfg.get("name") == "ortho":
-                acfg.concept_key = c
-            if disjoint:
-                acfg.slot, acfg.num_slots = int(slots[c]), num
-        out[c] = acfg
-    return out
+    """Per-concept adapter configs: OrthA's rows per concept (:func:`lorabench.adapters.ortho.concept_options`)."""
+    options = concept_options(adapter_cfg, concepts, slots, key)
+    return {c: OmegaConf.create({**OmegaConf.to_container(adapter_cfg, resolve=False), **options[c]})
+            for c in concepts}
 
 
 def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size: int, seed: int,
@@ -285,23 +262,6 @@ def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, fl
                                ("weight_crosstalk", "weight crosstalk ||dW_i dW_j^T|| (normalised)")])
 
 
-def merge_bars(path: Path, summary: Mapping[str, Mapping[str, Mapping[str, float]]], labels: Mapping[str, str]) -> None:
-    """Table 2 as bars: per score, each method's single (light) and merged (dark) mean +- std."""
-    methods = list(summary)
-    fig, axes = figure(len(SCORES), figsize=(4.2 * len(SCORES), 3.6), sharey=True)
-    for ax, score in zip(axes[0], SCORES):
-        for i, m in enumerate(methods):
-            for j, (kind, alpha) in enumerate((("single", 0.45), ("merged", 1.0))):
-                v = summary[m].get(f"{kind}_{score}", {})
-                ax.bar(i + (j - 0.5) * 0.38, v.get("mean", float("nan")), 0.38, yerr=v.get("std", 0.0),
-                       color=f"C{i}", alpha=alpha, capsize=2, label=kind if i == 0 else None)
-        ax.set_xticks(range(len(methods)), [labels.get(m, m) for m in methods], rotation=30, ha="right", fontsize=7)
-        ax.set_title(SCORE_LABELS[score] + ": single -> merged", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    save_figure(fig, path)
-
-
 # -- the protocol ------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class OrthASettings(Settings):
@@ -400,17 +360,12 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             t = trained[f"{a}-{c}-seed{seed}"]
             cell_dir, res, reused = t.cell.folder, t.results, t.reused
             with loaded_cell(base, cell_dir) as (ad, tokens):
-                grams: dict = {}
-                stats_file = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
-                if ad is not None and stats_file.is_file():
-                    grams = load_stats(stats_file, ad)
-                elif ad is not None:  # concept i's own model, its tokens included, reads its inputs X_i
-                    grams, n_rows = capture_stats(base, ad, ev.sets[c].prompts[:1],
-                                                  derive_seed_list("modular-capture", seed, plan.n_cap),
-                                                  plan.capture_sampler, ev.device)
-                    save_stats(stats_file, grams, n_rows, ad.base_fingerprint(), ev.sets[c].prompts[:1],
-                               {"concept": c, "adapter": a, "seed": seed})
-                # (new tokens alone, P+: no layers, nothing to capture, merge or measure)
+                # concept i's own model, its tokens included, reads its inputs X_i (kept beside the cell); new
+                # tokens alone (P+): no layers, nothing to capture, merge or measure
+                grams = {} if ad is None else cached_stats(
+                    cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors", base, ad, ev.sets[c].prompts[:1],
+                    derive_seed_list("modular-capture", seed, plan.n_cap), plan.capture_sampler, ev.device,
+                    {"concept": c, "adapter": a, "seed": seed})
                 measured = sizes.measure(base, ad, grams=grams) if ad is not None else {}
                 session.size_log.add(a, measured)
                 imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
@@ -433,9 +388,9 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
 
 
 def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[int], singles: SeedSingles,
-                 layer_acc: dict) -> list[dict]:
+                 layer_log: LayerMeans) -> list[dict]:
     """Merge each concept's group with every method, score the concept in the merged model, and measure
-    the group's crosstalk (per-layer values accumulate in ``layer_acc[method][layer][measure]``)."""
+    the group's crosstalk (per-layer values gather in ``layer_log`` by method)."""
     ev, rows = plan.ev, []
     groups = draw_groups(plan.concepts, plan.classes, plan.settings.group_size, seed, plan.settings.same_class)
     reg = text_gram(base, plan.reg_prompts, ev.device) if plan.features_for else None
@@ -464,14 +419,8 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
             if (a, group) not in group_ct:
                 group_ct[a, group] = group_crosstalk(ups, grams)
-            per_layer = {k: dict(v) for k, v in group_ct[a, group].items()}
-            err = output_error(singles.updates[a, c], result.deltas, singles.stats[a, c])
-            err_sub = output_error(singles.updates[a, c], result.deltas, singles.stats[a, c], subspace=True)
-            for layer, row in per_layer.items():
-                row["output_error"], row["subspace_output_error"] = err[layer], err_sub[layer]
-                acc = layer_acc.setdefault(name, {}).setdefault(layer, {})
-                for k, v in row.items():
-                    acc.setdefault(k, []).append(v)
+            per_layer = concept_crosstalk(group_ct[a, group], singles.updates[a, c], result.deltas, singles.stats[a, c])
+            layer_log.add(name, per_layer)
             row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": list(group),
                    "merge_s": merge_s, **layer_means(per_layer)}
             single = singles.scores[a, c]
@@ -505,14 +454,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     session.grid = [(f"{c}: references", ev.sets[c].references) for c in concepts]
     rows: list[dict] = []
     singles: list[dict] = []
-    layer_acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    layer_log = LayerMeans()
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         for seed in seeds:
             latents = concept_seeds(seed, ev.images_per_prompt)
             seed_singles = single_stage(plan, session, base, seed, latents, trained)
             singles += seed_singles.rows
-            rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_acc)
+            rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_log)
         del base
     order = {c: i for i, c in enumerate(concepts)}  # the grid's rows concept by concept
     session.grid.sort(key=lambda row: order[row[0].partition(": ")[0]])
@@ -523,8 +472,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         prompts={c: ev.sets[c].prompts for c in concepts}, images_per_prompt=ev.images_per_prompt, sampler=ev.sampler,
         capture={"images_per_prompt": plan.n_cap, "num_inference_steps": plan.capture_sampler["num_inference_steps"]},
         rows=rows, single_rows=singles, summary=summarise(rows), verdicts=verdicts(rows, roles),
-        crosstalk_layers={m: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
-                          for m, per in layer_acc.items()},
+        crosstalk_layers=layer_log.means(),
         # where the time went: the cells trained up front (run_cells), then scoring, capture and merging
         timings={"pretrain_cells_s": t_cells - session.t0, "score_and_merge_s": time.perf_counter() - t_cells,
                  "pretrained_cells": sum(not t.reused for t in trained.values())})
@@ -536,7 +484,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                         "embedding: cosine 0 with every reference, never the identity"}
     table, table_csv = table2(rows, plan.labels)
     crosstalk_plot(session.run_dir / "crosstalk.png", out["crosstalk_layers"])
-    merge_bars(session.run_dir / "merge_bars.png", out["summary"], plan.labels)
+    paired_bars(session.run_dir / "merge_bars.png", out["summary"],
+                [(k, SCORE_LABELS[k] + ": single -> merged") for k in SCORES], ("single", "merged"), plan.labels)
     per_layer = [[m, layer, *[v.get(k) for k in CROSSTALK]] for m, per in out["crosstalk_layers"].items()
                  for layer, v in per.items()]
     c0 = concepts[0]

@@ -39,6 +39,26 @@ def summarise_rows(rows: list[dict], metrics: Sequence[str], per_seed: bool = Fa
     return out
 
 
+class LayerMeans:
+    """Per-layer measures gathered by group (a method, an adapter type) over many adapters or merges;
+    :meth:`means` gives ``{group: {layer: {measure: mean}}}``."""
+
+    def __init__(self):
+        self.values: dict[str, dict[str, dict[str, list[float]]]] = {}
+
+    def add(self, group: str, per_layer: Mapping[str, Mapping[str, float]]) -> None:
+        """Record one ``{layer: {measure: value}}`` under ``group``."""
+        for layer, row in per_layer.items():
+            acc = self.values.setdefault(group, {}).setdefault(layer, {})
+            for k, v in row.items():
+                acc.setdefault(k, []).append(v)
+
+    def means(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Each group's per-layer means, layers in the order they were first recorded."""
+        return {g: {layer: {k: statistics.fmean(v) for k, v in acc.items()} for layer, acc in per.items()}
+                for g, per in self.values.items()}
+
+
 def markdown_table(summary: dict, metrics: Sequence[str], labels: Mapping[str, str], note: str = "") -> str:
     """A markdown table of ``summary`` (rows: methods; cells: mean +- std), then ``note``."""
     columns = [Column("method", str)] + [Column(labels.get(m, m), lambda method, m=m: pm(

@@ -52,3 +52,23 @@ def layer_lines(path: str | os.PathLike, series: Mapping[str, Mapping[str, Mappi
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+def paired_bars(path: str | os.PathLike, summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+                panels: Sequence[tuple[str, str]], kinds: Sequence[str], labels: Mapping[str, str]) -> None:
+    """Bars of ``{series: {"<kind>_<key>": {mean, std}}}``: one panel per ``(key, panel title)``, per series
+    (a colour, named by ``labels``) one bar per kind side by side, lighter to darker, with +- std."""
+    names, width = list(summary), 0.76 / len(kinds)
+    fig, axes = figure(len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            for j, kind in enumerate(kinds):
+                v = summary[name].get(f"{kind}_{key}", {})
+                ax.bar(i + (j - (len(kinds) - 1) / 2) * width, v.get("mean", float("nan")), width,
+                       yerr=v.get("std", 0.0), color=f"C{i}", alpha=0.45 + 0.55 * j / max(len(kinds) - 1, 1),
+                       capsize=2, label=kind if i == 0 else None)
+        ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    save_figure(fig, path)
