@@ -339,6 +339,20 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         self.prepare()
 
+    def eval_set(self, max_items: Optional[int] = None, batch_size: int = 64):
+        """The whole set (its first ``max_items``) as a style protocol scores against it: every caption,
+        and a function yielding the images at the model's resolution in [0, 1], center-cropped, batch by
+        batch (833 images at 512 px need not sit in memory at once)."""
+        items = self.prepare().all_items[:max_items] if max_items else self.prepare().all_items
+
+        def references():
+            for i in range(0, len(items), batch_size):
+                batch = torch.stack([load_image(src, self.resolution, center_crop=True)
+                                     for src, _ in items[i:i + batch_size]])
+                yield (batch + 1) / 2
+
+        return [text for _, text in items], references
+
     def _dataset(self, items, train: bool) -> ImageCaptionDataset:
         targets = None
         if train and self.buckets:  # validation keeps the square crops: a fixed-noise loss comparable across runs

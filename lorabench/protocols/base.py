@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError, check_int, find_config_error
+from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import write_json, write_text
 
 # Every paper's protocol, by the name its command and experiments/<paper>/ folder use.
@@ -101,6 +103,16 @@ def _checked(value: Any, hint: Any, name: str, minimum: Optional[int]) -> Any:
             return [check_int(v, f"{name}[{i}]", minimum=minimum) for i, v in enumerate(value)]
         return [str(v) for v in value] if item is str else list(value)
     return value
+
+
+def load_field(node: Any, name: str) -> Any:
+    """``node`` instantiated (a model a protocol needs beside the one it trains, console quiet), or one
+    line naming the field ``name`` with the loader's reason."""
+    try:
+        with quiet_cells():
+            return instantiate(node, _convert_="all")
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps the loader's error: one line naming the field
+        raise ConfigError(name, f"could not load it ({find_config_error(exc) or exc})") from exc
 
 
 # -- summaries ---------------------------------------------------------------------------------------------

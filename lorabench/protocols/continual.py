@@ -60,7 +60,7 @@ from lorabench.protocols.resume import SequenceState, fingerprint
 from lorabench.sampling import eval_device
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import write_json
-from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.plots import band, figure, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
 
@@ -418,9 +418,7 @@ def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
             runs = [r["sign_conflict"] for r in results if r["kind"] == kind and r["method"] == method]
             arr = np.array([[np.nan if v is None else v for v in run] for run in runs], dtype=float)[:, 1:]
             x = np.arange(2, arr.shape[1] + 2)  # task 1 has nothing handed on to conflict with
-            mean, std = np.nanmean(arr, 0), np.nanstd(arr, 0)
-            ax.plot(x, mean, marker="o", label=method)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            band(ax, x, np.nanmean(arr, 0), np.nanstd(arr, 0), method, alpha=0.2)
         ax.set_xlabel("task")
         ax.set_ylabel("||opposed|| / ||task change||")
         ax.set_title(f"sign conflicts ({kind})")

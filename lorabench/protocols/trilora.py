@@ -32,21 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lorabench.data import load_image
-from lorabench.errors import ConfigError, find_config_error
+from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, Settings, load_field, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.plots import figure, save_figure
+from lorabench.utils.plots import band, figure, save_figure
 from lorabench.utils.seeding import derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
 
@@ -102,33 +100,16 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, TriLoRASettings]:
     return adapters, st
 
 
-def dataset_eval_set(cfg: DictConfig, max_prompts: int | None, batch_size: int = 64):
-    """Every caption of the dataset (the paper's evaluation prompts), and the FID reference set: every
-    image at the model's resolution in [0, 1], center-cropped, as batches loaded on demand (833 images
-    at 512 px do not need to sit in memory at once). Uses the data config with no training subset."""
+def dataset_eval_set(cfg: DictConfig, max_prompts: int | None):
+    """Every caption of the dataset (the paper's evaluation prompts) and its FID reference set, every image
+    (:meth:`~lorabench.data.imagefolder.ImageFolderDataModule.eval_set`): the data config without its
+    training subset."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("max_train_samples", None)
-    dm = instantiate(data_cfg, _convert_="all").prepare()
-    items = dm.all_items[:max_prompts] if max_prompts else dm.all_items
-    if len(items) < 2:
-        raise ConfigError("data", f"the dataset has {len(items)} image(s); FID needs at least 2")
-
-    def references():
-        for i in range(0, len(items), batch_size):
-            batch = torch.stack([load_image(src, dm.resolution, center_crop=True)
-                                 for src, _ in items[i:i + batch_size]])
-            yield (batch + 1) / 2
-
-    return [text for _, text in items], references
-
-
-def load_reference(ref_cfg: DictConfig):
-    """NFID's reference model, or a one-line error naming ``protocol.reference_model``."""
-    try:
-        with quiet_cells():
-            return instantiate(ref_cfg, _convert_="all")
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps the loader's error: one line naming the field
-        raise ConfigError("protocol.reference_model", f"could not load it ({find_config_error(exc) or exc})") from exc
+    prompts, references = instantiate(data_cfg, _convert_="all").eval_set(max_prompts)
+    if len(prompts) < 2:
+        raise ConfigError("data", f"the dataset has {len(prompts)} image(s); FID needs at least 2")
+    return prompts, references
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -147,7 +128,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
     # here, after the data's checks, so a model that does not load stops the run before any sampling.
     ref_cfg = st.reference_model
-    ref_model = None if ref_cfg is None else load_reference(ref_cfg)
+    ref_model = None if ref_cfg is None else load_field(ref_cfg, "protocol.reference_model")
     latent_seeds = derive_seed_list("style-finetune-samples", st.sample_seed, len(prompts))
     n_grid = min(st.grid_images, len(prompts))
     loggers = build_loggers(cfg.get("logger"), session.run_dir, run_name=f"{PROTOCOL}-seed{seeds[0]}",
@@ -374,11 +355,8 @@ def plot_curves(path: Path, out: dict) -> None:
     for ax, metric in zip(axes[0], ("fid", "nfid", "clip_score")):
         for method, by in out["curves"].items():
             epochs = sorted(by)
-            mean = [by[e][metric]["mean"] for e in epochs]
-            std = [by[e][metric]["std"] for e in epochs]
-            line, = ax.plot(epochs, mean, marker="o", label=f"{method} ({describe(out, method)})")
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.15)
+            band(ax, epochs, [by[e][metric]["mean"] for e in epochs], [by[e][metric]["std"] for e in epochs],
+                 f"{method} ({describe(out, method)})")
         ax.axhline(base[metric], color="gray", ls="--", label="base model")
         ax.axvline(out["table_epoch"], color="black", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)

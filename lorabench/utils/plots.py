@@ -32,6 +32,14 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
         fig.savefig(tmp, format="png", dpi=dpi)
 
 
+def band(ax, x: Sequence[float], mean: Sequence[float], std: Sequence[float], label: str, alpha: float = 0.15):
+    """A line of means (markers at the points) in a shaded mean +- std band of its colour; returns the line."""
+    mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+    line, = ax.plot(x, mean, marker="o", label=label)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=alpha)
+    return line
+
+
 def layer_lines(path: str | os.PathLike, series: Mapping[str, Mapping[str, Mapping[str, float]]],
                 panels: Sequence[tuple[str, str]], log: bool = False, title: str = "") -> None:
     """Per-layer values, one line per series (``{label: {layer: {key: value}}}``, layers in model order),
