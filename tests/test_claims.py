@@ -51,6 +51,36 @@ def test_the_three_way_verdict(low, high, rule, threshold, verdict):
     assert judge(low, high, rule, threshold) == verdict
 
 
+@pytest.mark.parametrize("low,high,rule,threshold,verdict", [
+    (-0.01, 0.01, ">", 0.0, "no effect"),         # inside +-0.02 around the no-effect value: smaller than anything
+    (0.005, 0.015, ">", 0.0, "no effect"),        # that matters, though on the paper's side
+    (-0.015, -0.005, ">", 0.0, "no effect"),      # and not "not reproduced" either
+    (-0.01, 0.03, ">", 0.0, "inconclusive"),      # reaches past the margin: still undecided
+    (0.01, 0.05, ">", 0.0, "reproduced"), (-0.05, -0.01, ">", 0.0, "not reproduced"),
+    (0.97, 1.01, "<", 1.0, "no effect"),          # NFID about 1: the method does not change FID
+    (0.0, 0.0, "abs<=", 0.02, "reproduced"),      # an equivalence claim is judged as before
+])
+def test_the_no_effect_verdict_needs_the_interval_inside_the_smallest_effect_of_interest(low, high, rule, threshold,
+                                                                                          verdict):
+    sesoi = 0.02 if threshold == 0.0 or rule == "abs<=" else 0.05
+    assert judge(low, high, rule, threshold, sesoi) == verdict
+    assert judge(low, high, rule, threshold) != "no effect"  # without one, the three-way verdict as in round one
+
+
+def test_a_ledger_counts_no_effect_only_when_its_claims_carry_a_smallest_effect():
+    data = [[{"m": {"x": 0.001 * ((i + r) % 3 - 1)}} for i in range(6)] for r in range(4)]
+    regime = Regime("A", data, ["a.json"], {"m": 1.0}, {}, "learning", 0.0)
+    plain = Claim("X", "m moves x", "x(m)", "+0.1", ">", 0.0, lambda u: mean_of(u, "m", "x"), ("m",))
+    with_margin = Claim("X", "m moves x", "x(m)", "+0.1", ">", 0.0, lambda u: mean_of(u, "m", "x"), ("m",),
+                        sesoi=0.05)
+    before, after = judge_claims("toy", [plain], [regime]), judge_claims("toy", [with_margin], [regime])
+    assert before["counts"]["A"] == {"reproduced": 0, "not reproduced": 0, "inconclusive": 1, "not run": 0}
+    assert after["counts"]["A"] == {"reproduced": 0, "not reproduced": 0, "inconclusive": 0, "no effect": 1,
+                                    "not run": 0}
+    assert after["claims"][0]["sesoi"] == 0.05 and "sesoi" not in before["claims"][0]
+    assert "**none**" in render_ledger(after, "Toy")
+
+
 def test_judge_claims_gates_reports_not_run_and_renders():
     claim = Claim("X1", "m keeps more than n", "x(m) - x(n)", "+1", ">", 0.0,
                   lambda u: mean_of(u, "m", "x") - mean_of(u, "n", "x"), ("m", "n"))
@@ -124,3 +154,33 @@ def test_a_run_in_the_wrong_regime_is_one_line(experiments_copy, tmp_path):
     (bad / "results.json").write_text(res)  # Table 2's 3e-3 run filed under 1e-3
     with pytest.raises(ConfigError, match=r"regime/lr1e-3.*optim.lr=0.003.*'lr 1e-3'"):
         build(root)
+
+
+def test_power_targets_read_the_papers_numbers_or_the_stated_margins():
+    from lorabench.protocols.power import MARGINS, paper_value, target_half_width, to_decide
+
+    def claim(cid, paper, rule, threshold):
+        return Claim(cid, "c", "q", paper, rule, threshold, lambda u: 0.0)
+
+    assert paper_value(claim("C1 DINO", "+0.088 / styles +0.051", ">", 0.0), "styles, lr 3e-3") == 0.051
+    assert paper_value(claim("C1 DINO", "+0.088 / styles +0.051", ">", 0.0), "objects, lr 3e-3") == 0.088
+    assert paper_value(claim("T4", "-0.7% (0%)", "abs<=", 0.03), "lr 3e-3") == pytest.approx(-0.007)
+    assert target_half_width(claim("O1", "0.14", "<", 0.5), "x") == pytest.approx(0.18)   # |0.14 - 0.5| / 2
+    assert target_half_width(claim("T4", "-0.7% (0%)", "abs<=", 0.03), "x") == pytest.approx(0.0115)
+    assert target_half_width(claim("O9", "(figure)", "<", 0.5), "x") == MARGINS["O9"]
+    assert target_half_width(claim("Z", "-", ">", 0.0), "x") is None
+    c = claim("X", "+0.1", ">", 0.0)
+    # half-width 0.1 from 4 replicates around 0.05: 4 x (0.1 / 0.05)^2 = 16 exclude 0 (the no-effect route
+    # needs the point inside m = 0.05: closed); around 0.01: 400 to exclude 0, 4 x (0.1 / 0.04)^2 = 25 for no effect
+    assert to_decide({"verdict": "inconclusive", "point": 0.05}, c, 0.1, 4, 0.05) == 16
+    assert to_decide({"verdict": "inconclusive", "point": 0.01}, c, 0.1, 4, 0.05) == 25
+    assert to_decide({"verdict": "reproduced", "point": 0.5}, c, 0.1, 4, 0.05) is None
+
+
+@pytest.mark.integration
+def test_the_power_analysis_rebuilds_from_the_committed_runs_to_the_same_text(experiments_copy):
+    from lorabench.protocols.power import main as power
+
+    power([str(experiments_copy)])
+    for name in ("power_round1.md", "power_round1.json"):
+        assert (experiments_copy / name).read_text() == (ROOT / "experiments" / name).read_text(), name

@@ -9,7 +9,9 @@ every method a claim compares (paired differences).
 - :func:`bootstrap`: the hierarchical percentile interval (replicates with replacement, then units
   within each drawn replicate), ``n`` resamples from ``numpy.random.default_rng(seed)``;
 - :func:`judge`: *reproduced* when the interval lies on the paper's side of the criterion, *not
-  reproduced* when it lies on the other side, *inconclusive* when it straddles it;
+  reproduced* when it lies on the other side, *inconclusive* when it straddles it; for a claim with a
+  smallest effect of interest ``m`` (round two on), *no effect* when the interval lies inside
+  ``[c - m, c + m]`` around the criterion ``c`` (the no-effect value of the claims that carry one);
 - :func:`judge_claims`: every claim of a paper in every regime, with the gate ("nothing learned"), the
   single-task learning and the update size beside each verdict: the paper's ``claims.json``;
 - :func:`render_ledger` and :func:`ledger_plot`: its scoreboard table and figure.
@@ -35,6 +37,7 @@ Unit = Mapping[str, Any]
 Replicates = Sequence[Sequence[Unit]]
 RULES = (">", "<", "abs<=")
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+NO_EFFECT = "no effect"  # the fourth verdict, only for claims with a smallest effect of interest
 N_BOOTSTRAP = 2000
 BOOTSTRAP_SEED = 0
 
@@ -44,7 +47,9 @@ class Claim:
     """One directional claim: ``statistic(units)`` against ``threshold`` by ``rule`` (``>``, ``<``, or
     ``abs<=`` for "about equal"). ``methods``: the methods it reads; ``gated``: judged only where those
     methods learned (the paper's gate, see its preregistration); ``regimes``: the only regimes it is
-    judged in (empty: all). ``statistic`` returns None when a unit set lacks what it needs."""
+    judged in (empty: all); ``sesoi``: the smallest effect of interest, for claims whose criterion is the
+    no-effect value (None: no equivalence verdict). ``statistic`` returns None when a unit set lacks what it
+    needs."""
 
     id: str
     text: str
@@ -56,6 +61,7 @@ class Claim:
     methods: tuple[str, ...] = ()
     gated: bool = True
     regimes: tuple[str, ...] = ()
+    sesoi: Optional[float] = None
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -114,8 +120,11 @@ def bootstrap(replicates: Replicates, statistic: Callable[[Sequence[Unit]], Opti
     return float(point), float(low), float(high)
 
 
-def judge(low: float, high: float, rule: str, threshold: float) -> str:
-    """The three-way verdict of an interval against ``rule threshold`` (module docstring)."""
+def judge(low: float, high: float, rule: str, threshold: float, sesoi: Optional[float] = None) -> str:
+    """The verdict of an interval against ``rule threshold`` (module docstring): *no effect* first when
+    ``sesoi`` is given and the interval lies inside ``threshold +- sesoi``, whatever its side."""
+    if sesoi is not None and rule != "abs<=" and threshold - sesoi <= low and high <= threshold + sesoi:
+        return NO_EFFECT
     if rule == ">":
         return "reproduced" if low > threshold else "not reproduced" if high < threshold else "inconclusive"
     if rule == "<":
@@ -137,6 +146,8 @@ def judge_claims(paper: str, claims: Sequence[Claim], regimes: Sequence[Regime],
     for claim in claims:
         entry = {"id": claim.id, "claim": claim.text, "quantity": claim.quantity, "paper": claim.paper,
                  "rule": claim.criterion, "methods": list(claim.methods), "gated": claim.gated, "regimes": {}}
+        if claim.sesoi is not None:
+            entry["sesoi"] = claim.sesoi
         for r in regimes:
             entry["regimes"][r.label] = _judge_in(claim, r, n, seed)
         out["claims"].append(entry)
@@ -155,19 +166,21 @@ def _judge_in(claim: Claim, r: Regime, n: int, seed: int) -> dict[str, Any]:
     if res is None:
         return {"verdict": "not run", "detail": "the runs lack a method it reads", **beside}
     point, low, high = res
-    entry = {"point": point, "low": low, "high": high, "verdict": judge(low, high, claim.rule, claim.threshold),
-             **beside}
+    entry = {"point": point, "low": low, "high": high,
+             "verdict": judge(low, high, claim.rule, claim.threshold, claim.sesoi), **beside}
     weak = [m for m in claim.methods if claim.gated and m in r.learning and not r.learning[m] > r.gate_floor]
     if weak:
         entry["verdict"] = "inconclusive"
         entry["detail"] = (f"nothing learned: {r.learning_label} of {', '.join(weak)} not above {r.gate_floor:g}; "
-                           f"the interval alone says {judge(low, high, claim.rule, claim.threshold)}")
+                           f"the interval alone says {judge(low, high, claim.rule, claim.threshold, claim.sesoi)}")
     return entry
 
 
 def count_verdicts(ledger: Mapping, regime: str) -> dict[str, int]:
-    """How many claims are reproduced, not reproduced, inconclusive or not run in ``regime``."""
-    counts = {v: 0 for v in (*VERDICTS, "not run")}
+    """How many claims are reproduced, not reproduced, inconclusive or not run in ``regime`` (and of no
+    effect, in a ledger whose claims carry a smallest effect of interest)."""
+    equivalence = any("sesoi" in c for c in ledger["claims"])
+    counts = {v: 0 for v in (*VERDICTS, *([NO_EFFECT] if equivalence else []), "not run")}
     for c in ledger["claims"]:
         v = c["regimes"].get(regime, {}).get("verdict", "not run")
         if v in counts:
@@ -175,7 +188,7 @@ def count_verdicts(ledger: Mapping, regime: str) -> dict[str, int]:
     return counts
 
 
-SYMBOLS = {"reproduced": "yes", "not reproduced": "no", "inconclusive": "?", "not run": "not run",
+SYMBOLS = {"reproduced": "yes", "not reproduced": "no", "inconclusive": "?", NO_EFFECT: "none", "not run": "not run",
            "not in this regime": "-"}
 
 
@@ -222,7 +235,8 @@ def ledger_plot(ledger: Mapping, path: Path, title: str) -> Optional[Path]:
         by_size = all(x > 0 for _, x, _ in points)  # else (a regime without sizes): one column per regime
         for label, x, e in points:
             x = x if by_size else order.index(label)
-            colour = {"reproduced": "tab:green", "not reproduced": "tab:red"}.get(e["verdict"], "tab:gray")
+            colour = {"reproduced": "tab:green", "not reproduced": "tab:red", NO_EFFECT: "tab:blue"}.get(
+                e["verdict"], "tab:gray")
             ax.errorbar([x], [e["point"]], yerr=[[e["point"] - e["low"]], [e["high"] - e["point"]]], fmt="o",
                         color=colour, capsize=3)
             ax.annotate(label, (x, e["point"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
