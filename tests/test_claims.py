@@ -77,7 +77,7 @@ def test_a_ledger_counts_no_effect_only_when_its_claims_carry_a_smallest_effect(
     assert before["counts"]["A"] == {"reproduced": 0, "not reproduced": 0, "inconclusive": 1, "not run": 0}
     assert after["counts"]["A"] == {"reproduced": 0, "not reproduced": 0, "inconclusive": 0, "no effect": 1,
                                     "not run": 0}
-    assert after["claims"][0]["sesoi"] == 0.05 and "sesoi" not in before["claims"][0]
+    assert after["claims"][0]["regimes"]["A"]["sesoi"] == 0.05 and "sesoi" not in before["claims"][0]["regimes"]["A"]
     assert "**none**" in render_ledger(after, "Toy")
 
 
@@ -157,7 +157,8 @@ def test_a_run_in_the_wrong_regime_is_one_line(experiments_copy, tmp_path):
 
 
 def test_power_targets_read_the_papers_numbers_or_the_stated_margins():
-    from lorabench.protocols.power import MARGINS, paper_value, target_half_width, to_decide
+    from lorabench.protocols.claims import to_decide
+    from lorabench.protocols.power import MARGINS, paper_value, target_half_width
 
     def claim(cid, paper, rule, threshold):
         return Claim(cid, "c", "q", paper, rule, threshold, lambda u: 0.0)
@@ -172,9 +173,9 @@ def test_power_targets_read_the_papers_numbers_or_the_stated_margins():
     c = claim("X", "+0.1", ">", 0.0)
     # half-width 0.1 from 4 replicates around 0.05: 4 x (0.1 / 0.05)^2 = 16 exclude 0 (the no-effect route
     # needs the point inside m = 0.05: closed); around 0.01: 400 to exclude 0, 4 x (0.1 / 0.04)^2 = 25 for no effect
-    assert to_decide({"verdict": "inconclusive", "point": 0.05}, c, 0.1, 4, 0.05) == 16
-    assert to_decide({"verdict": "inconclusive", "point": 0.01}, c, 0.1, 4, 0.05) == 25
-    assert to_decide({"verdict": "reproduced", "point": 0.5}, c, 0.1, 4, 0.05) is None
+    assert to_decide({"verdict": "inconclusive", "point": 0.05, "low": -0.05, "high": 0.15}, c, 4, 0.05) == 16
+    assert to_decide({"verdict": "inconclusive", "point": 0.01, "low": -0.09, "high": 0.11}, c, 4, 0.05) == 25
+    assert to_decide({"verdict": "reproduced", "point": 0.5, "low": 0.4, "high": 0.6}, c, 4, 0.05) is None
 
 
 @pytest.mark.integration
@@ -184,3 +185,54 @@ def test_the_power_analysis_rebuilds_from_the_committed_runs_to_the_same_text(ex
     power([str(experiments_copy)])
     for name in ("power_round1.md", "power_round1.json"):
         assert (experiments_copy / name).read_text() == (ROOT / "experiments" / name).read_text(), name
+
+
+def _relabel(src: Path, dst: Path, **fields) -> None:
+    """A committed results.json copied to ``dst`` with some fields changed (a stand-in for a new run)."""
+    res = json.loads(src.read_text())
+    res.update(fields)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "results.json").write_text(json.dumps(res))
+
+
+@pytest.mark.integration
+def test_round_two_pools_behind_its_checks_and_keeps_round_one(experiments_copy, tmp_path):
+    from lorabench.protocols.scoreboard import END2, START2, build
+
+    root = tmp_path / "experiments"
+    shutil.copytree(experiments_copy, root)
+    cl, tl = root / "continual" / "runs", root / "trilora" / "runs"
+    for m in ("naive", "merge_init", "ortho_init", "magmax"):  # one more styles replicate: order 42
+        _relabel(cl / "world_styles" / m / "order0-seed0" / "results.json",
+                 cl / "round2" / "styles_lr3e-3" / m / "order42-seed0", order_seed=42)
+    check = cl / "world_styles" / "naive" / "order0-seed0" / "results.json"
+    _relabel(check, cl / "round2" / "check" / "naive" / "order0-seed0")  # the check reproduces round one
+    vango = json.loads((tl / "world_vango" / "results.json").read_text())
+    rows = [{**r, "seed": None if r["seed"] is None else r["seed"] + 3} for r in vango["rows"]]
+    _relabel(tl / "world_vango" / "results.json", tl / "round2" / "vango_lr3e-3", rows=rows, seeds=[3, 4, 5])
+    first = build(root)
+    claims = {p: json.loads((root / p / "claims.json").read_text()) for p in first}
+    assert all(claims[p] == json.loads((experiments_copy / p / "claims.json").read_text()) for p in first)
+    second = {p: json.loads((root / p / "claims_2.json").read_text()) for p in first}
+    reps = {p: {r["label"]: r["replicates"] for r in second[p]["regimes"]} for p in second}
+    assert reps["continual"]["styles, lr 3e-3"] == 4 and reps["continual"]["objects, lr 3e-3"] == 3
+    assert reps["trilora"]["lr 3e-3"] == 6 and "pooled with round one" in second["continual"]["notes"][0]
+    readme = (root / "README.md").read_text()
+    assert readme.count(START2) == 1 and "Round two: reproduced" in readme and "claims_2.json" in readme
+    # round one's text (everything before the round-two board) is kept as it was
+    assert readme.startswith((experiments_copy / "README.md").read_text().split(START2)[0].rstrip())
+    assert readme.count(END2) == 1
+
+    # a check job that does not reproduce round one: the new styles runs are judged alone
+    bad = json.loads(check.read_text())
+    bad["matrices"]["csd"][0][0] += 1e-3
+    (cl / "round2" / "check" / "naive" / "order0-seed0" / "results.json").write_text(json.dumps(bad))
+    # a TriLoRA run whose base model differs does not join: judged alone, with a note
+    base = next(r for r in rows if r["method"] == "base")
+    base["fid"] += 1.0
+    _relabel(tl / "world_vango" / "results.json", tl / "round2" / "vango_lr3e-3", rows=rows, seeds=[3, 4, 5])
+    build(root)
+    second = {p: json.loads((root / p / "claims_2.json").read_text()) for p in first}
+    reps = {p: {r["label"]: r["replicates"] for r in second[p]["regimes"]} for p in second}
+    assert reps["continual"]["styles, lr 3e-3"] == 1 and "new runs judged alone" in second["continual"]["notes"][0]
+    assert reps["trilora"]["lr 3e-3"] == 3 and "not pooled" in second["trilora"]["notes"][0]

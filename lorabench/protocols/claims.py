@@ -48,8 +48,8 @@ class Claim:
     ``abs<=`` for "about equal"). ``methods``: the methods it reads; ``gated``: judged only where those
     methods learned (the paper's gate, see its preregistration); ``regimes``: the only regimes it is
     judged in (empty: all); ``sesoi``: the smallest effect of interest, for claims whose criterion is the
-    no-effect value (None: no equivalence verdict). ``statistic`` returns None when a unit set lacks what it
-    needs."""
+    no-effect value, one number or one per regime label (None, or a regime it does not name: no
+    equivalence verdict). ``statistic`` returns None when a unit set lacks what it needs."""
 
     id: str
     text: str
@@ -61,7 +61,7 @@ class Claim:
     methods: tuple[str, ...] = ()
     gated: bool = True
     regimes: tuple[str, ...] = ()
-    sesoi: Optional[float] = None
+    sesoi: Optional[float | Mapping[str, float]] = None
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -146,8 +146,6 @@ def judge_claims(paper: str, claims: Sequence[Claim], regimes: Sequence[Regime],
     for claim in claims:
         entry = {"id": claim.id, "claim": claim.text, "quantity": claim.quantity, "paper": claim.paper,
                  "rule": claim.criterion, "methods": list(claim.methods), "gated": claim.gated, "regimes": {}}
-        if claim.sesoi is not None:
-            entry["sesoi"] = claim.sesoi
         for r in regimes:
             entry["regimes"][r.label] = _judge_in(claim, r, n, seed)
         out["claims"].append(entry)
@@ -166,20 +164,40 @@ def _judge_in(claim: Claim, r: Regime, n: int, seed: int) -> dict[str, Any]:
     if res is None:
         return {"verdict": "not run", "detail": "the runs lack a method it reads", **beside}
     point, low, high = res
-    entry = {"point": point, "low": low, "high": high,
-             "verdict": judge(low, high, claim.rule, claim.threshold, claim.sesoi), **beside}
+    m = claim.sesoi.get(r.label) if isinstance(claim.sesoi, Mapping) else claim.sesoi
+    entry = {"point": point, "low": low, "high": high, "verdict": judge(low, high, claim.rule, claim.threshold, m),
+             **({"sesoi": m} if m is not None else {}), **beside}
     weak = [m for m in claim.methods if claim.gated and m in r.learning and not r.learning[m] > r.gate_floor]
     if weak:
         entry["verdict"] = "inconclusive"
         entry["detail"] = (f"nothing learned: {r.learning_label} of {', '.join(weak)} not above {r.gate_floor:g}; "
-                           f"the interval alone says {judge(low, high, claim.rule, claim.threshold, claim.sesoi)}")
+                           f"the interval alone says {judge(low, high, claim.rule, claim.threshold, m)}")
     return entry
+
+
+def to_decide(entry: Mapping[str, Any], claim: Claim, replicates: int, sesoi: Optional[float] = None
+              ) -> Optional[int]:
+    """The replicates at which an interval of ``entry``'s spread, centred on its point, would decide an
+    inconclusive cell: exclude the criterion ``c`` (``R * (h / |q - c|)^2``, ``h`` the half-width) or, with
+    a smallest effect of interest ``m``, lie inside ``c +- m`` (``R * (h / (m - |q - c|))^2``), whichever
+    is fewer; None for a decided cell, a gated one ("nothing learned") or one no number of replicates
+    decides. It takes the point as the truth: a planning figure."""
+    h = (entry.get("high", 0.0) - entry.get("low", 0.0)) / 2
+    if entry.get("verdict") != "inconclusive" or "nothing learned" in entry.get("detail", "") or h <= 0:
+        return None
+    gap = abs(entry["point"] - claim.threshold)
+    if claim.rule == "abs<=":
+        gap = claim.threshold - abs(entry["point"])
+    options = [replicates * (h / gap) ** 2] if gap > 0 else []
+    if sesoi is not None and gap < sesoi:
+        options.append(replicates * (h / (sesoi - gap)) ** 2)
+    return max(replicates + 1, math.ceil(min(options))) if options else None
 
 
 def count_verdicts(ledger: Mapping, regime: str) -> dict[str, int]:
     """How many claims are reproduced, not reproduced, inconclusive or not run in ``regime`` (and of no
     effect, in a ledger whose claims carry a smallest effect of interest)."""
-    equivalence = any("sesoi" in c for c in ledger["claims"])
+    equivalence = any("sesoi" in e for c in ledger["claims"] for e in c["regimes"].values())
     counts = {v: 0 for v in (*VERDICTS, *([NO_EFFECT] if equivalence else []), "not run")}
     for c in ledger["claims"]:
         v = c["regimes"].get(regime, {}).get("verdict", "not run")
@@ -196,7 +214,8 @@ def _cell(entry: Mapping) -> str:
     v = entry.get("verdict", "not run")
     if "point" not in entry:
         return SYMBOLS.get(v, v)
-    return f"**{SYMBOLS.get(v, v)}** {entry['point']:.3g} [{entry['low']:.3g}, {entry['high']:.3g}]"
+    need = f" (R {entry['replicates_to_decide']})" if entry.get("replicates_to_decide") else ""
+    return f"**{SYMBOLS.get(v, v)}** {entry['point']:.3g} [{entry['low']:.3g}, {entry['high']:.3g}]{need}"
 
 
 def render_ledger(ledger: Mapping, title: str, link: str = "") -> str:
@@ -205,7 +224,7 @@ def render_ledger(ledger: Mapping, title: str, link: str = "") -> str:
     head = ["id", "claim (quantity q)", "paper", "rule", *regimes]
     rows = [[c["id"], f"{c['claim']} (q = {c['quantity']})", c["paper"], c["rule"],
              *[_cell(c["regimes"].get(r, {})) for r in regimes]] for c in ledger["claims"]]
-    lines = [f"### {title}" + (f" ([claims.json]({link}))" if link else ""), "", markdown(head, rows), ""]
+    lines = [f"### {title}" + (f" ([{Path(link).name}]({link}))" if link else ""), "", markdown(head, rows), ""]
     sizes = []
     for r in ledger["regimes"]:
         counts = ledger["counts"][r["label"]]

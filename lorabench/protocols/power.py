@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lorabench.protocols.claims import Claim, Regime
+from lorabench.protocols.claims import Claim, Regime, to_decide
 from lorabench.protocols.scoreboard import PAPERS
 from lorabench.utils.io import write_json, write_text
 from lorabench.utils.tables import markdown
@@ -83,20 +83,6 @@ def target_half_width(claim: Claim, regime: str) -> Optional[float]:
         return None
     width = (claim.threshold - abs(p)) if claim.rule == "abs<=" else abs(p - claim.threshold)
     return width / 2 if width > 0 else None
-
-
-def to_decide(entry: Mapping[str, Any], claim: Claim, h1: float, n_rep: int, sesoi: Optional[float]
-              ) -> Optional[int]:
-    """``R_decide`` of an inconclusive cell (module docstring); None for a decided one."""
-    if entry["verdict"] != "inconclusive" or "nothing learned" in entry.get("detail", "") or h1 <= 0:
-        return None
-    gap = abs(entry["point"] - claim.threshold)
-    if claim.rule == "abs<=":
-        gap = claim.threshold - abs(entry["point"])
-    options = [n_rep * (h1 / gap) ** 2] if gap > 0 else []
-    if sesoi is not None and gap < sesoi:
-        options.append(n_rep * (h1 / (sesoi - gap)) ** 2)
-    return max(n_rep + 1, math.ceil(min(options))) if options else None
 
 
 def _sd(values: Sequence[float]) -> Optional[float]:
@@ -168,7 +154,7 @@ def analyse(experiments: str | Path) -> list[dict[str, Any]]:
                 row = {"paper": paper, "id": claim.id, "regime": label, "verdict": entry["verdict"],
                        "point": entry["point"], "h1": h1, "replicates": n_rep, "target": target,
                        "paper_value": paper_value(claim, label), "replicates_needed": need, "sesoi": sesoi,
-                       "replicates_to_decide": to_decide(entry, claim, h1, n_rep, sesoi),
+                       "replicates_to_decide": to_decide(entry, claim, n_rep, sesoi),
                        **components(claim, regime, rng)}
                 if samples:
                     sd = sampling_sd(claim, regime, samples, rng)

@@ -12,17 +12,21 @@ in the folder yet shows "not run". Each regime's learning rate is checked agains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from lorabench.errors import ConfigError
+from lorabench.protocols import trilora
 from lorabench.protocols.claims import (
+    NO_EFFECT,
     Claim,
     Regime,
     difference,
@@ -31,6 +35,7 @@ from lorabench.protocols.claims import (
     mean_of,
     ratio,
     render_ledger,
+    to_decide,
 )
 from lorabench.utils.io import write_json, write_text
 
@@ -118,12 +123,14 @@ def oa_claims() -> list[Claim]:
     ]
 
 
-def oa_regimes(folder: Path) -> list[Regime]:
+def oa_regimes(folder: Path, extra: Mapping[str, Sequence[str]] = MappingProxyType({}),
+               notes: Optional[list[str]] = None) -> list[Regime]:
     """Per lr regime: units = (seed, concept), each ``{method: merged row}``; replicates = seeds; learning =
-    the single identity alignment; update sizes from the single cells' rows."""
+    the single identity alignment; update sizes from the single cells' rows. ``extra``: more folders per
+    regime label (round two's)."""
     out = []
     for label, (lr, dirs) in OA_REGIMES.items():
-        results = [r for d in dirs if (folder / d).is_dir() for r in _load(folder / d)]
+        results = [r for d in (*dirs, *extra.get(label, ())) if (folder / d).is_dir() for r in _load(folder / d)]
         _check_lr(results, lr, label)
         units: dict[tuple, dict[str, dict]] = {}
         learning: dict[str, list[float]] = {}
@@ -219,16 +226,28 @@ def _cl_units(res: dict) -> list[dict[str, float]]:
     return units
 
 
-def cl_regimes(folder: Path) -> list[Regime]:
+def cl_regimes(folder: Path, extra: Mapping[str, Sequence[str]] = MappingProxyType({}),
+               notes: Optional[list[str]] = None) -> list[Regime]:
     """Per regime: replicates = runs (order x seed) holding every method, units = task positions
-    (:func:`_cl_units`, plus the base model's score); learning = M[j, j] - base, mean over tasks."""
+    (:func:`_cl_units`, plus the base model's score); learning = M[j, j] - base, mean over tasks. ``extra``:
+    more folders per regime label (round two's); a run (method, order, seed) found twice is an error.
+    With ``notes`` (round two), extra folders are pooled only when the check job reproduced round one
+    (:func:`cl_check`), else judged alone."""
+    pooled = True
+    if notes is not None and extra:
+        pooled, line = cl_check(folder)
+        notes.append(f"continual: {line}; " + ("pooled with round one" if pooled else "new runs judged alone"))
     out = []
     for label, (lr, dirs) in CL_REGIMES.items():
+        dirs = (*(dirs if pooled or label not in extra else ()), *extra.get(label, ()))
         results = [r for d in dirs if (folder / d).is_dir() for r in _load(folder / d)
                    if r.get("method") in CL_METHODS]
         _check_lr(results, lr, label)
         runs: dict[tuple, dict[str, dict]] = {}
         for res in results:
+            if res["method"] in runs.get((res["order_seed"], res["seed"]), {}):
+                raise ConfigError(res["_path"], f"{res['method']} order {res['order_seed']} seed {res['seed']} is "
+                                  f"in two runs of regime {label!r}")
             runs.setdefault((res["order_seed"], res["seed"]), {})[res["method"]] = res
         replicates, learning, size_values = [], {}, {}
         for key in sorted(runs):
@@ -248,6 +267,26 @@ def cl_regimes(folder: Path) -> list[Regime]:
                           {m: statistics.fmean(v) for m, v in learning.items()}, _size_stats(size_values),
                           "single-task learning M[j, j] - base (mean over metrics)", 0.0))
     return out
+
+
+CL_CHECK = ("runs/round2/check/naive/order0-seed0", "runs/world_styles/naive/order0-seed0")
+CHECK_TOLERANCE = 1e-6
+
+
+def cl_check(folder: Path) -> tuple[bool, str]:
+    """Round two's check job: a round-one run again (:data:`CL_CHECK`); ``(reproduced, the line saying so)``:
+    every score of its matrices within :data:`CHECK_TOLERANCE` of the committed run's."""
+    new, old = (folder / d / "results.json" for d in CL_CHECK)
+    if not new.is_file():
+        return False, f"the check job ({CL_CHECK[0]}) has not run"
+    a, b = (json.loads(f.read_text())["matrices"] for f in (new, old))
+    diffs = [abs(x - y) for n in b for ra, rb in zip(a.get(n, []), b[n]) for x, y in zip(ra, rb)
+             if x is not None and y is not None]
+    same_shape = a.keys() == b.keys() and all(
+        [x is None for x in ra] == [y is None for y in rb] for n in b for ra, rb in zip(a[n], b[n]))
+    worst = max(diffs, default=0.0)
+    line = f"check job: largest score difference {worst:.2g} against {CL_CHECK[1]}"
+    return same_shape and worst <= CHECK_TOLERANCE, line
 
 
 # -- TriLoRA ---------------------------------------------------------------------------------------------
@@ -326,22 +365,40 @@ def _tl_regime(label: str, parts: Sequence[tuple[dict, Mapping[str, str]]], sour
     return Regime(label, replicates, sources, learning, sizes, "1 - NFID(lora) at the table epoch", 0.0)
 
 
-def _tl_run(folder: Path, d: str, lr: float, label: str) -> Optional[dict]:
-    results = _load(folder / d) if (folder / d).is_dir() else []
-    results = [r for r in results if r.get("protocol") == "style_finetune"]
-    _check_lr(results, lr, label)
-    if len(results) > 1:
-        raise ConfigError(str(folder / d), f"holds {len(results)} TriLoRA runs; regime {label!r} reads one")
-    return results[0] if results else None
+def _tl_run(folder: Path, d: str, lr: float, label: str, extra: Sequence[str] = (),
+            notes: Optional[list[str]] = None) -> Optional[dict]:
+    """The TriLoRA run of folder ``d`` (one per folder), joined with those of the ``extra`` folders by the
+    protocol's own join (the same setup, the same base model: :func:`lorabench.protocols.trilora.collect`).
+    Runs that do not join: an error, or with ``notes`` (round two) the last run alone and a note."""
+    found = []
+    for name in (d, *extra):
+        results = [r for r in (_load(folder / name) if (folder / name).is_dir() else [])
+                   if r.get("protocol") == "style_finetune"]
+        _check_lr(results, lr, label)
+        if len(results) > 1:
+            raise ConfigError(str(folder / name), f"holds {len(results)} TriLoRA runs; regime {label!r} reads one")
+        found += results
+    if len(found) < 2:
+        return found[0] if found else None
+    try:
+        joined = trilora.collect(found)
+    except ValueError as err:  # round two's rule: runs that do not join are judged alone
+        if notes is None:
+            raise ConfigError(found[-1]["_path"], f"cannot join regime {label!r}'s runs: {err}") from err
+        notes.append(f"TriLoRA {label}: not pooled ({err}); judged on {found[-1]['_path']} alone")
+        return found[-1]
+    return {**joined, "_path": found[0]["_path"], "_paths": [r["_path"] for r in found]}
 
 
-def tl_regimes(folder: Path) -> list[Regime]:
-    """The lr regimes on the reported style (replicates = seeds, one unit each) and the matched one."""
+def tl_regimes(folder: Path, extra: Mapping[str, Sequence[str]] = MappingProxyType({}),
+               notes: Optional[list[str]] = None) -> list[Regime]:
+    """The lr regimes on the reported style (replicates = seeds, one unit each) and the matched one;
+    ``extra``: more folders per regime label (round two's), joined with the regime's run."""
     out, runs = [], {}
     for label, (lr, (d,)) in TL_REGIMES.items():
-        res = runs[lr] = _tl_run(folder, d, lr, label)
+        res = runs[lr] = _tl_run(folder, d, lr, label, extra.get(label, ()), notes)
         regime = _tl_regime(label, [(res, {"lora": "lora", "trilora": "trilora"})] if res else [],
-                            [res["_path"]] if res else [])
+                            res.get("_paths", [res["_path"]]) if res else [])
         out.append(regime)
     out.append(tl_matched(folder, runs))
     return out
@@ -366,7 +423,8 @@ def tl_matched(folder: Path, runs: Mapping[float, Optional[dict]]) -> Regime:
     parts = [(runs[chosen[m]], {m: m}) for m in ("lora", "trilora") if runs.get(chosen[m])]
     if len(parts) < 2:
         return Regime("matched", [], sources)
-    regime = _tl_regime("matched", parts, sources + [runs[chosen[m]]["_path"] for m in ("lora", "trilora")])
+    chosen_paths = [p for m in ("lora", "trilora") for p in runs[chosen[m]].get("_paths", [runs[chosen[m]]["_path"]])]
+    regime = _tl_regime("matched", parts, sources + chosen_paths)
     regime.learning_label += f"; chosen lr: lora {chosen['lora']:g}, trilora {chosen['trilora']:g}"
     return regime
 
@@ -379,25 +437,45 @@ PAPERS = {
 }
 
 
+# Round two (issue 34; each paper's preregistration_2.md): the folders its runs add to each regime.
+ROUND2 = {
+    "orthogonal_adaptation": {},
+    "continual": {"objects, lr 3e-4": ("runs/round2/objects_lr3e-4",),
+                  "styles, lr 3e-3": ("runs/round2/styles_lr3e-3",)},
+    "trilora": {"lr 3e-4": ("runs/round2/vango_lr3e-4",), "lr 1e-3": ("runs/round2/vango_lr1e-3",),
+                "lr 3e-3": ("runs/round2/vango_lr3e-3",)},
+}
+START2 = "<!-- scoreboard round 2: start (python -m lorabench.protocols.scoreboard experiments) -->"
+END2 = "<!-- scoreboard round 2: end -->"
+COUNTED = ("reproduced", "not reproduced", "inconclusive", "not run")
+
+
+def _judge(root: Path, paper: str, claims: Sequence[Claim], regimes: Sequence[Regime]) -> dict:
+    ledger = judge_claims(paper, claims, regimes)
+    ledger["regimes"] = [{**r, "sources": [os.path.relpath(s, root) for s in r["sources"]]} for r in ledger["regimes"]]
+    return ledger
+
+
+def _total(ledgers: Mapping[str, Mapping], verdicts: Sequence[str]) -> dict[str, int]:
+    return {v: sum(led["counts"][r].get(v, 0) for led in ledgers.values() for r in led["counts"]) for v in verdicts}
+
+
 def build(experiments: str | Path) -> dict[str, dict]:
     """Judge every paper's claims from ``experiments/<paper>/runs`` and write ``claims.json`` and
-    ``claims.png`` per paper and the scoreboard into ``experiments/README.md``; returns the ledgers."""
+    ``claims.png`` per paper and the scoreboard into ``experiments/README.md``; then round two
+    (:func:`build_round2`) when the power analysis it was planned from is there. Returns round one's ledgers."""
     root = Path(experiments)
     if not (root / "README.md").is_file():
         raise ConfigError(str(root), "is not the experiments folder (it has no README.md)")
     ledgers, parts = {}, []
     for paper, (title, claims, regimes) in PAPERS.items():
         folder = root / paper
-        ledger = judge_claims(paper, claims(), regimes(folder))
-        ledger["regimes"] = [{**r, "sources": [os.path.relpath(s, root) for s in r["sources"]]}
-                             for r in ledger["regimes"]]
+        ledger = ledgers[paper] = _judge(root, paper, claims(), regimes(folder))
         write_json(folder / "claims.json", ledger)
         plot = ledger_plot(ledger, folder / "claims.png", title)
         parts.append(render_ledger(ledger, title, f"{paper}/claims.json")
                      + (f"\n\n![{paper} claims against update size]({paper}/claims.png)" if plot else ""))
-        ledgers[paper] = ledger
-    total = {v: sum(led["counts"][r][v] for led in ledgers.values() for r in led["counts"])
-             for v in ("reproduced", "not reproduced", "inconclusive", "not run")}
+    total = _total(ledgers, COUNTED)
     board = "\n\n".join([
         "## Scoreboard: every claim, per regime",
         "Rules, grids and gates: each paper's `preregistration.md`. Cells: **verdict** (yes = reproduced, "
@@ -405,15 +483,71 @@ def build(experiments: str | Path) -> dict[str, dict]:
         "'not run': the regime's runs are not committed yet; '-': the claim is judged in another regime only.",
         "All cells: " + ", ".join(f"{k} {v}" for k, v in total.items()) + ".", *parts])
     write_text(root / "README.md", place_board((root / "README.md").read_text(), board))
+    if (root / "power_round1.json").is_file():
+        build_round2(root, ledgers)
     return ledgers
 
 
-def place_board(readme: str, board: str) -> str:
-    """``readme`` with ``board`` between its scoreboard markers (replacing what was there), or appended with
-    the markers when it has none: placing the same board twice gives the same text."""
-    if START in readme and END in readme:
-        return readme[:readme.index(START)] + START + "\n" + board + "\n" + readme[readme.index(END):]
-    return readme.rstrip("\n") + "\n\n" + START + "\n" + board + "\n" + END + "\n"
+def round2_claims(paper: str, claims: Sequence[Claim], power: Sequence[Mapping]) -> list[Claim]:
+    """The claims with round two's smallest effects of interest: the ``sesoi`` of the power analysis per
+    (claim, regime), which each preregistration_2.md makes binding."""
+    margins = {(r["id"], r["regime"]): r["sesoi"] for r in power if r["paper"] == paper and r["sesoi"] is not None}
+    return [dataclasses.replace(c, sesoi={reg: m for (i, reg), m in margins.items() if i == c.id} or None)
+            for c in claims]
+
+
+def build_round2(root: Path, first: Mapping[str, Mapping]) -> dict[str, dict]:
+    """Round two: each regime's round-one runs pooled with :data:`ROUND2`'s (behind each paper's check),
+    judged with the no-effect verdict; ``claims_2.json`` and ``claims_2.png`` per paper, and the round-two
+    board in ``experiments/README.md`` beside round one's (``first``), which stays as it is. Every cell
+    still inconclusive carries the replicates it would need (:func:`~lorabench.protocols.claims.to_decide`)."""
+    power = json.loads((root / "power_round1.json").read_text())
+    ledgers, parts, notes, run_s = {}, [], [], 0.0
+    for paper, (title, claims, regimes) in PAPERS.items():
+        folder, extra, before = root / paper, ROUND2[paper], len(notes)
+        judged = round2_claims(paper, claims(), power)
+        ledger = ledgers[paper] = _judge(root, paper, judged, regimes(folder, extra, notes))
+        replicates = {r["label"]: r["replicates"] for r in ledger["regimes"]}
+        for entry, claim in zip(ledger["claims"], judged):
+            for label, e in entry["regimes"].items():
+                need = to_decide(e, claim, replicates[label], e.get("sesoi")) if "point" in e else None
+                if need:
+                    e["replicates_to_decide"] = need
+        ledger["notes"] = notes[before:]
+        runs = _load(folder / "runs" / "round2") if (folder / "runs" / "round2").is_dir() else []
+        ledger["round2_runs"] = [os.path.relpath(r["_path"], root) for r in runs]
+        ledger["round2_run_s"] = sum(float(r.get("total_s") or r.get("timings", {}).get("total_s") or 0) for r in runs)
+        run_s += ledger["round2_run_s"]
+        write_json(folder / "claims_2.json", ledger)
+        plot = ledger_plot(ledger, folder / "claims_2.png", title + ", round two")
+        parts.append(render_ledger(ledger, title + ", round two", f"{paper}/claims_2.json")
+                     + "".join(f"\n- {n}" for n in ledger["notes"])
+                     + (f"\n\n![{paper} round two]({paper}/claims_2.png)" if plot else ""))
+    n_runs = sum(len(v["round2_runs"]) for v in ledgers.values())
+    one, two = _total(first, COUNTED), _total(ledgers, ("reproduced", "not reproduced", "inconclusive", NO_EFFECT,
+                                                         "not run"))
+    board = "\n\n".join([
+        "## Round two: more replicates and the no-effect verdict (issue 34)",
+        "Planned from round one's power analysis ([power_round1.md](power_round1.md)) and fixed before its runs "
+        "by each paper's `preregistration_2.md`. Each regime pools round one's runs with round two's (behind a "
+        "check that the code reproduces round one); a claim whose criterion is the no-effect value reads **none** "
+        "(no effect) when its interval lies inside its smallest effect of interest. A cell still inconclusive "
+        "shows `(R n)`: the replicates at which an interval of its spread, centred on its point, would decide it.",
+        "All cells, round one: " + ", ".join(f"{k} {v}" for k, v in one.items()) + ". Round two: "
+        + ", ".join(f"{k} {v}" for k, v in two.items())
+        + f". Round two's runs: {n_runs}, {run_s / 3600:.2f} h of run time summed over runs "
+        "(continual runs went two at a time, one thread each).",
+        *parts])
+    write_text(root / "README.md", place_board((root / "README.md").read_text(), board, START2, END2))
+    return ledgers
+
+
+def place_board(readme: str, board: str, start: str = START, end: str = END) -> str:
+    """``readme`` with ``board`` between the markers ``start`` and ``end`` (replacing what was there), or
+    appended with the markers when it has none: placing the same board twice gives the same text."""
+    if start in readme and end in readme:
+        return readme[:readme.index(start)] + start + "\n" + board + "\n" + readme[readme.index(end):]
+    return readme.rstrip("\n") + "\n\n" + start + "\n" + board + "\n" + end + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
