@@ -30,6 +30,8 @@ from lorabench.errors import ConfigError
 from lorabench.evaluation.hf import CLIPEmbedder, load_pretrained, tensor_features
 from lorabench.evaluation.scores import TextImageEmbedder, embed_batched
 
+KID_SEED = 0  # the seed of KID's subset draws
+
 
 class FeatureExtractor(nn.Module):
     """A FID feature extractor from any ``fn(images in [0, 1]) -> (N, d)``, as torchmetrics takes it
@@ -169,7 +171,9 @@ class FidelityScorer:
             self.kid.update(chunk, real=False)
             self.clip_score.update(chunk, list(texts[i:i + self.batch_size]))
         self.kid.subset_size = min(self.kid_subset_size, len(images), self.n_references)
-        kid_mean, kid_std = self.kid.compute()
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: the same images, the
+            torch.manual_seed(KID_SEED)          # same KID, and the caller's random stream left as it was
+            kid_mean, kid_std = self.kid.compute()
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
                 "clip_score": float(self.clip_score.compute())}
 
