@@ -513,7 +513,7 @@ def build_round2(root: Path, first: Mapping[str, Mapping]) -> dict[str, dict]:
                 need = to_decide(e, claim, replicates[label], e.get("sesoi")) if "point" in e else None
                 if need:
                     e["replicates_to_decide"] = need
-        ledger["notes"] = notes[before:]
+        ledger["notes"] = [n.replace(str(root) + os.sep, "") for n in notes[before:]]  # paths as in the sources
         runs = _load(folder / "runs" / "round2") if (folder / "runs" / "round2").is_dir() else []
         ledger["round2_runs"] = [os.path.relpath(r["_path"], root) for r in runs]
         ledger["round2_run_s"] = sum(float(r.get("total_s") or r.get("timings", {}).get("total_s") or 0) for r in runs)
