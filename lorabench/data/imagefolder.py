@@ -343,7 +343,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         """The whole set (its first ``max_items``) as a style protocol scores against it: every caption,
         and a function yielding the images at the model's resolution in [0, 1], center-cropped, batch by
         batch (833 images at 512 px need not sit in memory at once)."""
-        items = self.prepare().all_items[:max_items] if max_items else self.prepare().all_items
+        items = self.prepare().all_items
+        items = items[:max_items] if max_items else items
 
         def references():
             for i in range(0, len(items), batch_size):
