@@ -91,28 +91,47 @@ def _pooled(replicates: Replicates) -> list[Unit]:
     return [u for rep in replicates for u in rep]
 
 
+class Resample(list):
+    """One bootstrap resample: its units, and a memo of what statistics read from them (:func:`mean_of`), so
+    that the claims of a regime, judged on the same resamples, compute each method's mean once."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, units: Sequence[Unit] = ()):
+        super().__init__(units)
+        self.memo: dict[tuple, Optional[float]] = {}
+
+
+def resamples(replicates: Replicates, n: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list[Resample]:
+    """``n`` hierarchical resamples of ``replicates`` from ``numpy.random.default_rng(seed)``: the
+    replicates with replacement, then each drawn replicate's units with replacement (empty replicates
+    left out). Every claim of a regime is judged on the same draws (the same seed)."""
+    reps = [list(r) for r in replicates if len(r)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n if reps else 0):
+        units = Resample()
+        for i in rng.integers(0, len(reps), len(reps)):
+            rep = reps[i]
+            units += [rep[j] for j in rng.integers(0, len(rep), len(rep))]
+        out.append(units)
+    return out
+
+
 def bootstrap(replicates: Replicates, statistic: Callable[[Sequence[Unit]], Optional[float]],
-              n: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED, level: float = 0.95
-              ) -> Optional[tuple[float, float, float]]:
+              n: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED, level: float = 0.95,
+              draws: Optional[Sequence[Resample]] = None) -> Optional[tuple[float, float, float]]:
     """``(point, low, high)``: the statistic on all units, and the ``level`` percentile interval of its
-    hierarchical bootstrap (replicates with replacement, then each drawn replicate's units with
-    replacement). None when the statistic is undefined on the data."""
+    hierarchical bootstrap (:func:`resamples`, or the ``draws`` given: the regime's, drawn once). None
+    when the statistic is undefined on the data."""
     reps = [list(r) for r in replicates if len(r)]
     if not reps:
         return None
     point = statistic(_pooled(reps))
     if point is None:
         return None
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        units = []
-        for i in rng.integers(0, len(reps), len(reps)):
-            rep = reps[i]
-            units += [rep[j] for j in rng.integers(0, len(rep), len(rep))]
-        v = statistic(units)
-        if v is not None and not math.isnan(v):
-            values.append(v)
+    values = [v for units in (resamples(reps, n, seed) if draws is None else draws)
+              if (v := statistic(units)) is not None and not math.isnan(v)]
     if not values:
         return None
     alpha = (1 - level) / 2
@@ -143,24 +162,25 @@ def judge_claims(paper: str, claims: Sequence[Claim], regimes: Sequence[Regime],
                         "units": sum(len(x) for x in r.replicates), "learning": r.learning,
                         "learning_label": r.learning_label, "update_size": r.sizes} for r in regimes],
            "claims": []}
+    draws = {r.label: resamples(r.replicates, n, seed) for r in regimes}  # shared by the regime's claims
     for claim in claims:
         entry = {"id": claim.id, "claim": claim.text, "quantity": claim.quantity, "paper": claim.paper,
                  "rule": claim.criterion, "methods": list(claim.methods), "gated": claim.gated, "regimes": {}}
         for r in regimes:
-            entry["regimes"][r.label] = _judge_in(claim, r, n, seed)
+            entry["regimes"][r.label] = _judge_in(claim, r, draws[r.label])
         out["claims"].append(entry)
     out["counts"] = {r.label: count_verdicts(out, r.label) for r in regimes}
     return out
 
 
-def _judge_in(claim: Claim, r: Regime, n: int, seed: int) -> dict[str, Any]:
+def _judge_in(claim: Claim, r: Regime, draws: Sequence[Resample]) -> dict[str, Any]:
     beside = {"learning": {m: r.learning[m] for m in claim.methods if m in r.learning},
               "update_size": {m: r.sizes[m] for m in claim.methods if m in r.sizes}}
     if claim.regimes and r.label not in claim.regimes:
         return {"verdict": "not in this regime", **beside}
     if not r.replicates:
         return {"verdict": "not run", **beside}
-    res = bootstrap(r.replicates, claim.statistic, n, seed)
+    res = bootstrap(r.replicates, claim.statistic, draws=draws)
     if res is None:
         return {"verdict": "not run", "detail": "the runs lack a method it reads", **beside}
     point, low, high = res
@@ -278,9 +298,16 @@ def ledger_plot(ledger: Mapping, path: Path, title: str) -> Optional[Path]:
 
 
 def mean_of(units: Sequence[Unit], method: str, key: str) -> Optional[float]:
-    """The mean of ``unit[method][key]`` over the units that have it (None if none do)."""
+    """The mean of ``unit[method][key]`` over the units that have it (None if none do); read once per
+    :class:`Resample`."""
+    memo = getattr(units, "memo", None)
+    if memo is not None and (method, key) in memo:
+        return memo[method, key]
     values = [u[method][key] for u in units if method in u and u[method].get(key) is not None]
-    return float(np.mean(values)) if values else None
+    mean = float(np.mean(values)) if values else None
+    if memo is not None:
+        memo[method, key] = mean
+    return mean
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:

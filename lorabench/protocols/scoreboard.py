@@ -532,7 +532,9 @@ def build_round2(root: Path, first: Mapping[str, Mapping]) -> dict[str, dict]:
         "by each paper's `preregistration_2.md`. Each regime pools round one's runs with round two's (behind a "
         "check that the code reproduces round one); a claim whose criterion is the no-effect value reads **none** "
         "(no effect) when its interval lies inside its smallest effect of interest. A cell still inconclusive "
-        "shows `(R n)`: the replicates at which an interval of its spread, centred on its point, would decide it.",
+        "shows `(R n)`: the replicates at which an interval of its spread, centred on its point, would decide it; "
+        "one without it is gated (a method it reads learned nothing: replicates cannot decide it) or no number "
+        "of replicates decides it.",
         "All cells, round one: " + ", ".join(f"{k} {v}" for k, v in one.items()) + ". Round two: "
         + ", ".join(f"{k} {v}" for k, v in two.items())
         + f". Round two's runs: {n_runs}, {run_s / 3600:.2f} h of run time summed over runs "
