@@ -182,3 +182,4 @@ def test_verbose_flag_is_accepted_and_lightning_log_lines_appear_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]
+    assert "GPU available" in out  # the lines the quiet console hides (test_first_day.py's quickstart test)

@@ -238,17 +238,13 @@ def test_unknown_method_and_option_are_config_errors():
 
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "WANDB_MODE": "offline", "LORABENCH_OUTPUTS": str(cwd / "outputs")}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return [sys.executable, "-m", "lorabench", *args], env
-
-
 def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
+    """The reference run, a finished run started again and the resumed run go through the command's entry point
+    in this process (:func:`run_here`); the run to kill is the command's own process, with this process's
+    thread count (the reductions, hence the bits, depend on it)."""
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
-    cmd, env = _cli(SHORT, ref_dir)
-    done = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True, timeout=300)
+    done = run_here(SHORT, ref_dir, env_extra={"LORABENCH_OUTPUTS": str(ref_dir / "outputs")})
     assert done.returncode == 0, done.stderr[-3000:]
     # the console's final score matrices, rows and columns labelled (issue 31)
     assert "(row: evaluated task, column: after task) | after 1 | after 2 |" in done.stdout, done.stdout[-3000:]
@@ -258,12 +254,16 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     ref = json.loads(ref.read_text())
     # a finished run started again shows the final model's samples: the same image (it once crashed on W0)
     samples = (ref_dir / run).with_name("samples.png").read_bytes()
-    rerun = subprocess.run(cmd, cwd=ref_dir, env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_here(SHORT, ref_dir, env_extra={"LORABENCH_OUTPUTS": str(ref_dir / "outputs")})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (ref_dir / run).with_name("samples.png").read_bytes() == samples
 
-    cmd, env = _cli(SHORT, kill_dir)
-    proc = subprocess.Popen(cmd, cwd=kill_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "WANDB_MODE": "offline", "LORABENCH_OUTPUTS": str(kill_dir / "outputs"),
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *SHORT], cwd=kill_dir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     run_dirs = []
     while time.time() < deadline and proc.poll() is None:  # kill once task 2 (index 1) is training
@@ -278,7 +278,7 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     state = run_dirs[0]
     assert (state / "task_000" / "record.json").is_file() and not (state / "task_001").exists()
 
-    again = subprocess.run(cmd, cwd=kill_dir, env=env, capture_output=True, text=True, timeout=300)
+    again = run_here(SHORT, kill_dir, env_extra={"LORABENCH_OUTPUTS": str(kill_dir / "outputs")})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stdout + again.stderr
     res = json.loads((kill_dir / run).read_text())
