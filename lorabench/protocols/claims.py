@@ -17,8 +17,8 @@ every method a claim compares (paired differences).
 - :func:`render_ledger` and :func:`ledger_plot`: its scoreboard table and figure.
 
 The rules are fixed in each paper's ``experiments/<paper>/preregistration.md`` before the runs they
-judge; the papers' claim lists live beside their protocols, and
-:mod:`lorabench.protocols.scoreboard` builds the three ledgers from the committed runs.
+judge; :mod:`lorabench.protocols.scoreboard` holds the papers' claim lists (each paper's protocol file keeps
+the run-level verdicts under its own table) and builds the three ledgers from the committed runs.
 """
 
 from __future__ import annotations
