@@ -33,6 +33,21 @@ def test_bootstrap_interval_is_seeded_contains_the_mean_and_narrows_with_more_un
     assert high2 - low2 < high - low
 
 
+def test_a_regimes_shared_resamples_give_each_claim_the_interval_it_draws_alone():
+    """judge_claims draws a regime's resamples once for all its claims, and each method's mean is read once per
+    resample: the same intervals as every claim drawing its own from the same seed."""
+    from lorabench.protocols.claims import resamples
+
+    rng = np.random.default_rng(3)
+    data = [[{"a": {"x": v}, "b": {"x": v * 2 + w}} for v, w in rng.normal(0, 1, (int(n), 2))] for n in (3, 5, 4)]
+    draws = resamples(data)
+    stats = [lambda u: mean_of(u, "a", "x"), lambda u: mean_of(u, "b", "x") - mean_of(u, "a", "x"),
+             lambda u: mean_of([x for x in u if x["a"]["x"] > 0], "b", "x")]  # a plain list: no memo
+    for stat in stats:
+        assert bootstrap(data, stat, draws=draws) == bootstrap(data, stat)
+    assert all(set(d.memo) == {("a", "x"), ("b", "x")} for d in draws)
+
+
 def test_a_paired_difference_of_identical_methods_has_a_zero_interval():
     """Units hold every method, so one resample draws the same units for both sides of a difference."""
     rng = np.random.default_rng(2)
