@@ -174,13 +174,19 @@ def write_unlearncanvas_tree(root: Path, styles=UNLEARNCANVAS_STYLES, objects=UN
 FAST = ["experiment=quickstart", "trainer.max_steps=2", "trainer.enable_progress_bar=false"]
 
 
-def run_cli(args, cwd: Path, env_extra=None):
-    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+def cli_env(env_extra=None) -> dict[str, str]:
+    """The environment a test starts the ``lorabench`` command in: W&B offline, Hydra's short errors, runs under
+    cwd/outputs where the tests look (the GPU runner sets LORABENCH_OUTPUTS), then ``env_extra``."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
-    env.pop("LORABENCH_OUTPUTS", None)  # runs go to cwd/outputs, where the tests look (the GPU runner sets it)
+    env.pop("LORABENCH_OUTPUTS", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return env
+
+
+def run_cli(args, cwd: Path, env_extra=None):
+    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=cli_env(env_extra),
+                          capture_output=True, text=True, timeout=300)
 
 
 def run_here(args, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICES, SHORT, assert_one_line_error, run_here, write_tiny_csd, write_unlearncanvas_tree
+from helpers import DEVICES, SHORT, assert_one_line_error, cli_env, run_here, write_tiny_csd, write_unlearncanvas_tree
 from lorabench.continual import (
     ContinualScores,
     average_score,
@@ -244,7 +244,7 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     thread count (the reductions, hence the bits, depend on it)."""
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
-    done = run_here(SHORT, ref_dir, env_extra={"LORABENCH_OUTPUTS": str(ref_dir / "outputs")})
+    done = run_here(SHORT, ref_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     # the console's final score matrices, rows and columns labelled (issue 31)
     assert "(row: evaluated task, column: after task) | after 1 | after 2 |" in done.stdout, done.stdout[-3000:]
@@ -254,15 +254,13 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     ref = json.loads(ref.read_text())
     # a finished run started again shows the final model's samples: the same image (it once crashed on W0)
     samples = (ref_dir / run).with_name("samples.png").read_bytes()
-    rerun = run_here(SHORT, ref_dir, env_extra={"LORABENCH_OUTPUTS": str(ref_dir / "outputs")})
+    rerun = run_here(SHORT, ref_dir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (ref_dir / run).with_name("samples.png").read_bytes() == samples
 
     threads = str(torch.get_num_threads())
-    env = {**os.environ, "WANDB_MODE": "offline", "LORABENCH_OUTPUTS": str(kill_dir / "outputs"),
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *SHORT], cwd=kill_dir, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *SHORT], cwd=kill_dir,
+                            env=cli_env({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     run_dirs = []
@@ -278,7 +276,7 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     state = run_dirs[0]
     assert (state / "task_000" / "record.json").is_file() and not (state / "task_001").exists()
 
-    again = run_here(SHORT, kill_dir, env_extra={"LORABENCH_OUTPUTS": str(kill_dir / "outputs")})
+    again = run_here(SHORT, kill_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stdout + again.stderr
     res = json.loads((kill_dir / run).read_text())
