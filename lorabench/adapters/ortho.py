@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Mapping, Optional, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lorabench.adapters.base import AdapterLayer, AdapterOptions, register_adapter
@@ -95,6 +96,13 @@ def concept_options(adapter: Mapping, concepts: Sequence[str], slots: Optional[M
         seen[slots[c]] = c
     num = int(adapter.get("num_slots") or max(len(concepts), max(slots.values()) + 1))
     return {c: {"concept_key": c, "slot": int(slots[c]), "num_slots": num} for c in concepts}
+
+
+def concept_configs(adapter: DictConfig, concepts: Sequence[str], slots: Optional[Mapping] = None,
+                    key: str = "ortho") -> dict[str, DictConfig]:
+    """Each concept's adapter config: ``adapter`` with the concept's :func:`concept_options` (OrthA's rows)."""
+    options = concept_options(adapter, concepts, slots, key)
+    return {c: OmegaConf.create({**OmegaConf.to_container(adapter, resolve=False), **options[c]}) for c in concepts}
 
 
 @dataclasses.dataclass

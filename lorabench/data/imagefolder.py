@@ -18,11 +18,12 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -385,3 +386,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             return []
         ds = self._dataset(self.items[: self.val_samples], False)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+
+
+def caption_eval_set(data: Mapping, max_items: Optional[int] = None):
+    """Every caption of the dataset the config ``data`` describes (its first ``max_items``) and a function
+    yielding its images (:meth:`ImageFolderDataModule.eval_set`), the training subset
+    (``max_train_samples``) left out: what a style protocol scores against, FID's reference set. Fewer than
+    two images is one line naming ``data``."""
+    prompts, references = instantiate({k: v for k, v in data.items() if k != "max_train_samples"},
+                                      _convert_="all").eval_set(max_items)
+    if len(prompts) < 2:
+        raise ConfigError("data", f"the dataset has {len(prompts)} image(s); FID needs at least 2")
+    return prompts, references

@@ -235,6 +235,14 @@ class ArcFaceEmbedder:
         self.detector = FaceDetector(detector) if detector else None
         self.face_counts = {"frames": 0, "no_face": 0}
 
+    def face_report(self) -> Optional[dict]:
+        """With a detector: how many frames (samples and references) had no face, and the rule they were scored
+        by (results.json's ``faces``); None without one (whole frames are scored)."""
+        if self.detector is None:
+            return None
+        return {**self.face_counts, "rule": "the best-scoring detection is the face; a frame without one gets a zero "
+                "embedding: cosine 0 with every reference, never the identity"}
+
     def crops(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's input faces in 0-255 units, (N, 3, S, S), and which frames had a face."""
         x = unit_range(images).clamp(0, 1) * 255.0

@@ -191,6 +191,31 @@ def collect(p: Paper, paths: Sequence[str | Path]) -> list[dict]:
     return found
 
 
+def join_rows(outs: Sequence[Mapping], same: Sequence[str], key: Callable[[dict], tuple],
+              repeated: Callable[[dict, dict], Optional[str]] = lambda row, first: "") -> list[dict]:
+    """The rows of several runs of one setup (e.g. the jobs of a multirun) as one list, for one table. Every
+    field of ``same`` must agree across runs; a row whose ``key`` an earlier run's row has is an error
+    (``describe``d by its key), unless ``repeated(row, first)`` says it is a row every run repeats: None, kept
+    once; a message, the error. Errors are ``ValueError``s naming the run (its ``_path``)."""
+    rows, seen = [], {}
+    for o in outs:
+        where = o.get("_path", "a run")
+        for field_name in same:
+            if o.get(field_name) != outs[0].get(field_name):
+                raise ValueError(f"{where}: {field_name} differs from {outs[0].get('_path', 'the first run')}; these "
+                                 "runs are not one table")
+        for row in o["rows"]:
+            k = key(row)
+            if k in seen:
+                error = repeated(row, seen[k])
+                if error is None:
+                    continue
+                raise ValueError(f"{where}: {error or ' '.join(map(str, k)) + ' appears in two runs'}")
+            seen[k] = row
+            rows.append(row)
+    return rows
+
+
 def write_files(files: Mapping[str, Any], out_dir: str | Path) -> None:
     """Write ``files`` into ``out_dir``: name -> text, JSON content (a ``.json`` name) or a function that writes
     the file at the path it is given (a plot); each through a temporary file and a rename."""

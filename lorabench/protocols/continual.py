@@ -26,7 +26,6 @@ The run folder is fixed by the config (``hydra.run.dir``), so "the same command"
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +45,7 @@ from lorabench.continual.metrics import (
     heatmap,
     matrix_table,
     rows_json,
+    sequence_results,
     summary,
 )
 from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
@@ -56,10 +55,9 @@ from lorabench.protocols import sizes
 from lorabench.protocols.base import Paper, Rebuilt, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
-from lorabench.protocols.resume import SequenceState, fingerprint
+from lorabench.protocols.resume import SequenceState, fingerprint, rank_zero
 from lorabench.sampling import eval_device
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.io import write_json
 from lorabench.utils.plots import band, figure, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
@@ -145,26 +143,24 @@ class Run:
 
     def base_scores(self, state: SequenceState) -> dict[str, list[float]]:
         """The base model's mean score per task and metric (the tables' reference row), kept in the state."""
-        base_file = state.folder / "base.json"
-        if base_file.is_file():
-            return json.loads(base_file.read_text())
-        scores, _ = score_tasks(self.model.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer,
-                                device=self.device)
-        base = {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
-        write_json(base_file, base)
-        return base
+        def score() -> dict[str, list[float]]:
+            scores, _ = score_tasks(self.model.components, self.sampler_cfg, self.tasks, self.seeds, self.scorer,
+                                    device=self.device)
+            return {m: [float(v.mean()) for _, _, v in parts] for m, parts in scores.items()}
+
+        return state.cached("base.json", score)
 
     def resume(self, state: SequenceState, progress: Session) -> int:
         """Replay the completed tasks' score rows into the metric and load the method's state after the
         last of them; returns how many tasks are done."""
-        done = state.completed()
-        for t in range(done):
-            rec = state.read_record(t)
-            self.records[t] = {k: v for k, v in rec.items() if k != "rng"}
-            self.metric.replay(t, rec["rows"])
-            progress.done(f"task {t + 1} ({rec['name']}): resumed from {state.task_dir(t)}")
+
+        def replay(t: int, record: dict) -> None:
+            self.records[t] = record
+            self.metric.replay(t, record["rows"])
+            progress.done(f"task {t + 1} ({record['name']}): resumed from {state.task_dir(t)}")
+
+        done, method_state = state.replay(replay)
         if done:
-            _, method_state = state.load_task(done - 1)
             self.method.load_state_dict(method_state)
         return done
 
@@ -190,8 +186,7 @@ class Run:
         # fit_s includes the callback's evaluation at the end of the fit
         record = self.records[t]
         record.update(train_s=results["timings"]["fit_s"] - record["eval_s"], steps=results["metrics"]["steps"])
-        if rank_zero():
-            state.save_task(t, self.method.state_dict(), record)
+        state.save_task(t, self.method.state_dict(), record)
         modules.clear()
         m = self.metric.matrices()
         return (f"task {t + 1} ({task.name}): " + ", ".join(
@@ -257,33 +252,24 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           images={"score_matrix_final": run_dir / "score_matrix.png"})
 
 
-def rank_zero() -> bool:
-    """Under DDP (every rank runs the protocol; training and evaluation are sharded by Lightning and the
-    callback) only rank zero writes state and outputs."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def results_dict(session: Session, kind: str, tasks: Sequence[Task], method: ContinualMethod,
                  metric: ContinualScores, base: Mapping, records: Mapping) -> dict:
     """The run's results.json content."""
     cfg, mats, t_n = session.cfg, metric.matrices(), len(tasks)
-    curves = {n: {q: [summary(m[:t + 1, :t + 1])[q] for t in range(m.shape[0])] for q in summary(m)}
-              for n, m in mats.items()}
-    final = {n: summary(m) for n, m in mats.items()}
+    fields = sequence_results(mats)
     for t in range(t_n):
         session.size_log.add(method.name, records[t].get("update_size") or {})
     return session.results(
         kind=kind, method=method.name, method_config=OmegaConf.to_container(cfg.protocol.method, resolve=True),
         adapter=OmegaConf.to_container(cfg.protocol.adapter, resolve=True), order_seed=cfg.sequence.get("order_seed"),
         seed=int(cfg.seed), seeds=[int(cfg.seed)], tasks=[t.name for t in tasks], metrics=list(mats), num_tasks=t_n,
-        matrices={n: [[None if math.isnan(x) else x for x in row] for row in m.tolist()] for n, m in mats.items()},
-        final=final, curves=curves,
+        **fields,
         base={n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
         sign_conflict=[records[t].get("sign_conflict") for t in range(t_n)],
         update_size_per_task=[sizes.row_fields(records[t].get("update_size") or {}) for t in range(t_n)],
         timings={"train_s": [records[t].get("train_s") for t in range(t_n)],
                  "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": time.perf_counter() - session.t0},
-        summary={method.name: {f"{n}/{q}": mean_std([v]) for n, s in final.items() for q, v in s.items()
+        summary={method.name: {f"{n}/{q}": mean_std([v]) for n, s in fields["final"].items() for q, v in s.items()
                                if not math.isnan(v)}})
 
 

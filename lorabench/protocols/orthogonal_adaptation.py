@@ -42,7 +42,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.adapters.ortho import concept_options
+from lorabench.adapters.ortho import concept_configs
 from lorabench.adapters.tokens import load_tokens
 from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
@@ -61,7 +61,7 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, pm, read_settings, setting, verdict
+from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, pm, read_settings, setting, verdict
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
@@ -69,7 +69,7 @@ from lorabench.sampling import check_counts, sample_prompts
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import layer_lines, paired_bars
 from lorabench.utils.seeding import derive_seed, derive_seed_list
-from lorabench.utils.tables import Column, csv_text, markdown
+from lorabench.utils.tables import Column, csv_text, duration, markdown
 
 PROTOCOL = "modular"  # the protocol's name in results.json and its W&B keys
 # Table 2's columns: text alignment (CLIP-T, the concept in context prompts), image alignment (CLIP-I)
@@ -117,14 +117,6 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
     return methods
 
 
-def assign_slots(adapter_cfg: DictConfig, concepts: Sequence[str], slots: Optional[Mapping],
-                 key: str) -> dict[str, DictConfig]:
-    """Per-concept adapter configs: OrthA's rows per concept (:func:`lorabench.adapters.ortho.concept_options`)."""
-    options = concept_options(adapter_cfg, concepts, slots, key)
-    return {c: OmegaConf.create({**OmegaConf.to_container(adapter_cfg, resolve=False), **options[c]})
-            for c in concepts}
-
-
 def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size: int, seed: int,
                 same_class: bool = True) -> dict[str, list[str]]:
     """``{concept: its group}``: the concept and ``group_size - 1`` others drawn with ``seed``, those of
@@ -149,10 +141,6 @@ def summarise(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     return summarise_rows(list(rows), keys, per_seed=True)
 
 
-def _fmt_time(s: float) -> str:
-    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.1f} s"
-
-
 def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
     """(markdown, csv) of Table 2 from protocol rows: one line per method, single -> merged (delta)."""
     s = summarise(rows)
@@ -166,7 +154,7 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
         return Column(SCORE_LABELS[score] + " single -> merged (delta)", cell)
 
     columns = [Column("method", lambda m: labels.get(m, m)),
-               Column("merge time", lambda m: _fmt_time(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-"),
+               Column("merge time", lambda m: duration(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-"),
                *map(change, SCORES), *(Column(label, lambda m, c=c: pm(s[m].get(c))) for c, label in (
                    ("weight_crosstalk", "weight crosstalk"), ("interference", "interference"),
                    ("subspace_interference", "interference in own subspace"), ("output_error", "output error")))]
@@ -222,8 +210,8 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
         t_gf, t_lf = s[gf]["merge_s"], s[lf]["merge_s"]
         ok = gm["mean"] >= 0.8 * gs["mean"] and t_gf["mean"] >= 10 * t_lf["mean"]
         out.append(verdict("gradient fusion holds identity but costs far more merge time", ok,
-                            f"identity align. {gf}: {pm(gs)} -> {pm(gm)}; merge time {_fmt_time(t_gf['mean'])} "
-                            f"vs {_fmt_time(t_lf['mean'])} ({t_gf['mean'] / max(t_lf['mean'], 1e-12):.0f}x; "
+                            f"identity align. {gf}: {pm(gs)} -> {pm(gm)}; merge time {duration(t_gf['mean'])} "
+                            f"vs {duration(t_lf['mean'])} ({t_gf['mean'] / max(t_lf['mean'], 1e-12):.0f}x; "
                             "hold: >= 0.8x single; far more: >= 10x)", weak(gs)))
     pp, ab = roles.get("pplus"), roles.get("ortha_no_embeddings")
     if pp in s:
@@ -254,12 +242,6 @@ def verdicts(rows: Sequence[dict], roles: Mapping[str, str]) -> list[dict[str, A
                 out.append(verdict(f"OrthA's crosstalk is far below LoRA's ({what})", a["mean"] <= 0.5 * b["mean"],
                                     f"{c} {oa} {pm(a)} vs {lf} {pm(b)} (far below: at most 0.5x)"))
     return out
-
-
-def crosstalk_plot(path: Path, layers: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
-    """Per-layer interference and weight crosstalk, one line per method (mean over groups and seeds)."""
-    layer_lines(path, layers, [("interference", "interference ||dW_j X_i|| / ||dW_i X_i||"),
-                               ("weight_crosstalk", "weight crosstalk ||dW_i dW_j^T|| (normalised)")])
 
 
 # -- the protocol ------------------------------------------------------------------------------------
@@ -327,7 +309,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     reg_prompts = settings.reg_prompts or list(dict.fromkeys(t for c in concepts for t in ev.sets[c].texts))
     return Plan(
         settings=settings, concepts=concepts, seeds=seeds, methods=methods, used=used,
-        cell_cfgs={a: assign_slots(adapters[a], concepts, p.get("slots"), a) for a in used},
+        cell_cfgs={a: concept_configs(adapters[a], concepts, p.get("slots"), a) for a in used},
         concept_data=concept_data, ev=ev,
         classes={c: ev.eval_sets.concept_class(c) if hasattr(ev.eval_sets, "concept_class") else "" for c in concepts},
         refs={c: ev.scorer.embed_references(ev.sets[c].references) for c in concepts},
@@ -433,7 +415,7 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             if seed == plan.seeds[0]:
                 session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
             session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
-                          f" -> {row['merged_identity_alignment']:.2f}, merge {_fmt_time(merge_s)}")
+                          f" -> {row['merged_identity_alignment']:.2f}, merge {duration(merge_s)}")
     return rows
 
 
@@ -476,14 +458,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         # where the time went: the cells trained up front (run_cells), then scoring, capture and merging
         timings={"pretrain_cells_s": t_cells - session.t0, "score_and_merge_s": time.perf_counter() - t_cells,
                  "pretrained_cells": sum(not t.reused for t in trained.values())})
-    # ArcFace with a face detector: how many frames (samples and references) had no face (scored as not
-    # the identity: a zero embedding); absent for identity models that score whole frames
-    faces = getattr(ev.scorer.identity, "face_counts", None)
-    if faces is not None and getattr(ev.scorer.identity, "detector", None) is not None:
-        out["faces"] = {**faces, "rule": "the best-scoring detection is the face; a frame without one gets a zero "
-                        "embedding: cosine 0 with every reference, never the identity"}
+    faces = getattr(ev.scorer.identity, "face_report", lambda: None)()  # ArcFace with a face detector
+    if faces is not None:
+        out["faces"] = faces
     table, table_csv = table2(rows, plan.labels)
-    crosstalk_plot(session.run_dir / "crosstalk.png", out["crosstalk_layers"])
+    layer_lines(session.run_dir / "crosstalk.png", out["crosstalk_layers"], [
+        ("interference", "interference ||dW_j X_i|| / ||dW_i X_i||"),
+        ("weight_crosstalk", "weight crosstalk ||dW_i dW_j^T|| (normalised)")])
     paired_bars(session.run_dir / "merge_bars.png", out["summary"],
                 [(k, SCORE_LABELS[k] + ": single -> merged") for k in SCORES], ("single", "merged"), plan.labels)
     per_layer = [[m, layer, *[v.get(k) for k in CROSSTALK]] for m, per in out["crosstalk_layers"].items()
@@ -501,11 +482,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def rebuild(results: list[dict]) -> Rebuilt:
     """Table 2 (table2.md with the verdicts, table2.csv) from the results of one or more runs of this
     protocol (e.g. the jobs of a sweep over methods and seeds)."""
-    rows, labels, roles = [], {}, {}
-    for res in results:
-        rows += res["rows"]
-        labels.update(res.get("labels", {}))
-        roles.update(res.get("roles", {}))
+    rows = join_rows(results, (), lambda r: (r["method"], r["concept"], r["seed"]))
+    labels = {k: v for res in results for k, v in res.get("labels", {}).items()}
+    roles = {k: v for res in results for k, v in res.get("roles", {}).items()}
     md, table_csv = table2(rows, labels)
     md += "\n\n" + format_verdicts(verdicts(rows, roles))
     return Rebuilt({"table2.md": md + "\n", "table2.csv": table_csv}, md)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -49,8 +50,28 @@ class SequenceState:
             n += 1
         return n
 
+    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The JSON file ``name`` of the state if a run before this one wrote it, else ``compute()``, written there
+        (what every step is compared with: a continual sequence's base-model scores)."""
+        path = self.folder / name
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        write_json(path, value)
+        return value
+
+    def replay(self, on_step: Callable[[int, dict], None]) -> tuple[int, Optional[dict[str, torch.Tensor]]]:
+        """Each completed step's record (without its RNG state) to ``on_step(t, record)`` in order, then the
+        global RNG state after the last of them set: ``(steps done, the last step's tensors or None)``."""
+        done = self.completed()
+        for t in range(done):
+            on_step(t, {k: v for k, v in self.read_record(t).items() if k != "rng"})
+        return done, self.load_task(done - 1)[1] if done else None
+
     def save_task(self, t: int, method_state: Mapping[str, torch.Tensor], record: dict) -> None:
-        """Step ``t``'s tensors, record and the RNG state, atomically."""
+        """Step ``t``'s tensors, record and the RNG state, atomically (on rank zero only: :func:`rank_zero`)."""
+        if not rank_zero():
+            return
         meta, tensors = rng_state()
         with atomic_dir(self.task_dir(t)) as tmp:
             save_file({k: v.contiguous() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
@@ -67,6 +88,12 @@ class SequenceState:
     def read_record(self, t: int) -> dict:
         """Step ``t``'s record, the RNG state left as it is."""
         return json.loads((self.task_dir(t) / "record.json").read_text())
+
+
+def rank_zero() -> bool:
+    """Under DDP (every rank runs the protocol; training and evaluation are sharded by Lightning and the
+    callback) only rank zero writes state and outputs."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def fingerprint(cfg: DictConfig, keys: Sequence[str]) -> str:

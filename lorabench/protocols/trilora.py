@@ -35,10 +35,11 @@ from typing import Any, Optional, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lorabench.data.imagefolder import caption_eval_set
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, load_field, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, load_field, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
@@ -100,18 +101,6 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, TriLoRASettings]:
     return adapters, st
 
 
-def dataset_eval_set(cfg: DictConfig, max_prompts: int | None):
-    """Every caption of the dataset (the paper's evaluation prompts) and its FID reference set, every image
-    (:meth:`~lorabench.data.imagefolder.ImageFolderDataModule.eval_set`): the data config without its
-    training subset."""
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("max_train_samples", None)
-    prompts, references = instantiate(data_cfg, _convert_="all").eval_set(max_prompts)
-    if len(prompts) < 2:
-        raise ConfigError("data", f"the dataset has {len(prompts)} image(s); FID needs at least 2")
-    return prompts, references
-
-
 # -- the run -----------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the protocol ``cfg.protocol`` describes; writes results.json, table.md, samples.png,
@@ -122,7 +111,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     sampler_cfg = OmegaConf.to_container(cfg.eval.sampler, resolve=True)
     device = eval_device(cfg)
     with quiet_cells():
-        prompts, references = dataset_eval_set(cfg, st.max_eval_prompts)
+        prompts, references = caption_eval_set(OmegaConf.to_container(cfg.data, resolve=True), st.max_eval_prompts)
     scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
     # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
     # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
@@ -381,24 +370,14 @@ def collect(outs: Sequence[dict]) -> dict:
     """One results dict from the results of several runs of one setup (e.g. a multirun with one seed per
     job): rows joined, the base model's row kept once (it must agree across runs)."""
     out = {k: v for k, v in outs[0].items() if k != "_path"}
-    rows, seen = [], {}
-    for o in outs:
-        d = o.get("_path", "a run")
-        for key in SAME_ACROSS_RUNS:
-            if o.get(key) != out.get(key):
-                raise ValueError(f"{d}: {key} differs from {outs[0].get('_path', 'the first run')}; these runs are not "
-                                 "one table")
-        for r in o["rows"]:
-            k = (r["method"], r["seed"], r["epoch"])
-            if k in seen:
-                if r["method"] in FIXED_ROWS:
-                    if r["fid"] == seen[k]["fid"]:
-                        continue
-                    raise ValueError(f"{d}: the base model's FID differs from another run's; these runs are not "
-                                     "one table")
-                raise ValueError(f"{d}: {r['method']} seed {r['seed']} epoch {r['epoch']} appears in two runs")
-            seen[k] = r
-            rows.append(r)
+
+    def repeated(row: dict, first: dict) -> Optional[str]:  # the fixed rows are every run's: the same in each
+        if row["method"] not in FIXED_ROWS:
+            return f"{row['method']} seed {row['seed']} epoch {row['epoch']} appears in two runs"
+        return None if row["fid"] == first["fid"] else "the base model's FID differs from another run's; these " \
+            "runs are not one table"
+
+    rows = join_rows(outs, SAME_ACROSS_RUNS, lambda r: (r["method"], r["seed"], r["epoch"]), repeated)
     out["rows"] = rows
     out["seeds"] = sorted({r["seed"] for r in rows if r["seed"] is not None})
     out["methods"] = list(dict.fromkeys(m for o in outs for m in o["methods"]))

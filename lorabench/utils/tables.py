@@ -33,3 +33,8 @@ def csv_text(rows: Sequence[Sequence]) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue()
+
+
+def duration(seconds: float) -> str:
+    """A duration for a table cell: milliseconds below a second (``0.4 ms``), else seconds (``12.3 s``)."""
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.1f} s"
