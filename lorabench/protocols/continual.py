@@ -58,7 +58,7 @@ from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.protocols.resume import SequenceState, fingerprint, rank_zero
 from lorabench.sampling import eval_device
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.plots import band, figure, save_figure
+from lorabench.utils.plots import band_panels, save_figure
 from lorabench.utils.seeding import derive_seed, derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
 
@@ -397,19 +397,15 @@ def verdicts(agg: dict) -> list[dict]:
 def sign_conflict_plot(results: Sequence[dict], path: Path) -> None:
     """The paper's Fig. 2: the norm of the parameters of task t's change that oppose the sign of what
     was handed on, over the norm of the change, per task and method (mean +- std over runs)."""
-    kinds = list(dict.fromkeys(r["kind"] for r in results))
-    fig, axes = figure(len(kinds), figsize=(5.5 * len(kinds), 3.8))
-    for ax, kind in zip(axes[0], kinds):
+    panels = {}
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        panels[f"sign conflicts ({kind})"] = series = {}
         for method in dict.fromkeys(r["method"] for r in results if r["kind"] == kind):
             runs = [r["sign_conflict"] for r in results if r["kind"] == kind and r["method"] == method]
             arr = np.array([[np.nan if v is None else v for v in run] for run in runs], dtype=float)[:, 1:]
-            x = np.arange(2, arr.shape[1] + 2)  # task 1 has nothing handed on to conflict with
-            band(ax, x, np.nanmean(arr, 0), np.nanstd(arr, 0), method, alpha=0.2)
-        ax.set_xlabel("task")
-        ax.set_ylabel("||opposed|| / ||task change||")
-        ax.set_title(f"sign conflicts ({kind})")
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
+            # task 1 has nothing handed on to conflict with
+            series[method] = (np.arange(2, arr.shape[1] + 2), np.nanmean(arr, 0), np.nanstd(arr, 0))
+    band_panels(path, panels, "task", "||opposed|| / ||task change||", alpha=0.2)
 
 
 def rebuild(results: list[dict]) -> Rebuilt:

@@ -45,7 +45,7 @@ from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.plots import band, figure, save_figure
+from lorabench.utils.plots import band_panels
 from lorabench.utils.seeding import derive_seed_list
 from lorabench.utils.tables import Column, csv_text, markdown
 
@@ -340,21 +340,20 @@ def table_csv(out: dict) -> str:
 def plot_curves(path: Path, out: dict) -> None:
     """FID, NFID and CLIP score against epoch (mean +- std over seeds), the base model as a line."""
     base = next(r for r in out["rows"] if r["method"] == "base")
-    fig, axes = figure(3, figsize=(13, 3.8))
-    for ax, metric in zip(axes[0], ("fid", "nfid", "clip_score")):
-        for method, by in out["curves"].items():
-            epochs = sorted(by)
-            band(ax, epochs, [by[e][metric]["mean"] for e in epochs], [by[e][metric]["std"] for e in epochs],
-                 f"{method} ({describe(out, method)})")
-        ax.axhline(base[metric], color="gray", ls="--", label="base model")
+    metrics = ("fid", "nfid", "clip_score")
+    panels = {LABELS[k] + (" (lower is better)" if k != "clip_score" else " (higher is better)"): {
+        f"{m} ({describe(out, m)})": (list(by), [v[k]["mean"] for v in by.values()], [v[k]["std"] for v in by.values()])
+        for m, by in out["curves"].items()} for k in metrics}
+
+    def decorate(ax, i: int) -> bool:
+        ax.axhline(base[metrics[i]], color="gray", ls="--", label="base model")
         ax.axvline(out["table_epoch"], color="black", ls=":", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("epoch")
-        ax.set_title(LABELS[metric] + (" (lower is better)" if metric != "clip_score" else " (higher is better)"))
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Over-training study on {out['dataset']}: mean +- std over {len(out['seeds'])} seeds; "
-                 f"dotted line: the table's epoch {out['table_epoch']}", fontsize=9)
-    save_figure(fig, path)
+        return i == 0  # one legend
+
+    band_panels(path, panels, "epoch", title=f"Over-training study on {out['dataset']}: mean +- std over "
+                f"{len(out['seeds'])} seeds; dotted line: the table's epoch {out['table_epoch']}", width=13 / 3,
+                legend_size=7, decorate=decorate)
 
 
 def files(out: dict) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -38,6 +38,27 @@ def band(ax, x: Sequence[float], mean: Sequence[float], std: Sequence[float], la
     line, = ax.plot(x, mean, marker="o", label=label)
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=alpha)
     return line
+
+
+def band_panels(path: str | os.PathLike, panels: Mapping[str, Mapping[str, tuple]], xlabel: str, ylabel: str = "",
+                title: str = "", alpha: float = 0.15, width: float = 5.5, legend_size: int = 8,
+                decorate: Callable | None = None) -> None:
+    """One panel per ``{panel title: {series label: (x, mean, std)}}``, each series a :func:`band`; every
+    panel has a legend unless ``decorate(ax, i)`` (called per panel after its bands: reference lines, axis
+    scales) returns False."""
+    fig, axes = figure(len(panels), figsize=(width * len(panels), 3.8))
+    for i, (ax, (name, series)) in enumerate(zip(axes[0], panels.items())):
+        for label, (x, mean, std) in series.items():
+            band(ax, x, mean, std, label, alpha=alpha)
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        if (decorate(ax, i) if decorate else None) is not False:
+            ax.legend(fontsize=legend_size)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
 
 
 def layer_lines(path: str | os.PathLike, series: Mapping[str, Mapping[str, Mapping[str, float]]],
