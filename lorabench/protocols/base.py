@@ -105,6 +105,18 @@ def _checked(value: Any, hint: Any, name: str, minimum: Optional[int]) -> Any:
     return value
 
 
+def pick(items: Mapping, only: Any, field_name: str, what: str) -> dict:
+    """``items`` restricted to the names ``only`` gives (a name or a list, in its order; empty: every item), or
+    one line naming ``field_name`` for a name ``items`` lacks (e.g. ``protocol.only``: a sweep's subset of methods)."""
+    if not only:
+        return dict(items)
+    only = [only] if isinstance(only, str) else list(only)
+    for name in only:
+        if name not in items:
+            raise ConfigError(field_name, f"unknown {what} {name!r}; valid: {', '.join(items)}")
+    return {k: items[k] for k in only}
+
+
 def load_field(node: Any, name: str) -> Any:
     """``node`` instantiated (a model a protocol needs beside the one it trains, console quiet), or one
     line naming the field ``name`` with the loader's reason."""
@@ -133,6 +145,12 @@ def verdict(claim: str, ok: bool, detail: str, inconclusive: str = "", **numbers
     word = "inconclusive" if inconclusive else ("reproduced" if ok else "not reproduced")
     return {"claim": claim, "verdict": word, "detail": detail + (f"; {inconclusive}" if inconclusive else ""),
             **numbers}
+
+
+def seedwise(in_the_mean: bool, in_every_seed: bool) -> str:
+    """A claim's verdict from seeds: ``reproduced`` when it holds in the seed mean and in every seed, ``mixed``
+    in the mean only, ``not reproduced`` otherwise."""
+    return "reproduced" if in_the_mean and in_every_seed else "mixed" if in_the_mean else "not reproduced"
 
 
 # -- rebuilding a paper's tables from finished runs -----------------------------------------------------------

@@ -170,7 +170,8 @@ class Cell:
     (results.json, the last file training writes, and the adapter or tokens) is taken as it is (the
     cell cache). ``callbacks`` join the cell's trainer (in a batched pass: called with the cell alone
     in the model); ``prepare`` and ``components`` are :func:`lorabench.run.train`'s (a continual task:
-    the running model and the method's initialisation), and make the cell train alone."""
+    the running model and the method's initialisation), and make the cell train alone. ``key``: what the
+    protocol knows the cell by (e.g. its ``(adapter, seed)``), handed back with its results."""
 
     config: DictConfig
     folder: Path
@@ -179,6 +180,7 @@ class Cell:
     callbacks: list = field(default_factory=list)
     prepare: Optional[Callable] = None
     components: Any = None
+    key: Any = None
 
     @property
     def files(self) -> list[str]:

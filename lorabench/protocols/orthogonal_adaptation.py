@@ -61,7 +61,7 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, pm, read_settings, setting, verdict
+from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, pick, pm, read_settings, setting, verdict
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
@@ -79,6 +79,8 @@ SCORE_LABELS = {"context_text_alignment": "text align.", "image_alignment": "ima
                 "identity_alignment": "identity align."}
 CROSSTALK = ("weight_crosstalk", "subspace_overlap", "interference", "subspace_interference", "output_error",
              "subspace_output_error")
+# what the table summarises per method (each seed's mean over concepts, then over seeds), in table2.csv's order
+SUMMARY_KEYS = ("merge_s", *(f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")), *CROSSTALK)
 
 # Orthogonal Adaptation, Table 2 (12 faces, each merged with 2 others): single -> merged.
 PUBLISHED = [
@@ -99,13 +101,7 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
     methods = {k: OmegaConf.to_container(v, resolve=True) for k, v in (p.get("methods") or {}).items()}
     if not methods:
         raise ConfigError("protocol.methods", "no merge methods; add e.g. /merge@protocol.methods.fedavg.merge: sum")
-    only = p.get("only")
-    if only:
-        only = [only] if isinstance(only, str) else list(only)
-        for name in only:
-            if name not in methods:
-                raise ConfigError("protocol.only", f"unknown method {name!r}; valid: {', '.join(methods)}")
-        methods = {k: methods[k] for k in only}
+    methods = pick(methods, p.get("only"), "protocol.only", "method")
     for name, m in methods.items():
         if m.get("adapter") not in adapters:
             raise ConfigError(f"protocol.methods.{name}.adapter",
@@ -137,8 +133,7 @@ def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size:
 # -- summaries and the table -------------------------------------------------------------------------
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {key: {mean, std, n}}}`` of each seed's mean over concepts, std over seeds (population)."""
-    keys = ["merge_s", *(f"{w}_{s}" for s in SCORES for w in ("single", "merged", "delta")), *CROSSTALK]
-    return summarise_rows(list(rows), keys, per_seed=True)
+    return summarise_rows(list(rows), SUMMARY_KEYS, per_seed=True)
 
 
 def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
@@ -165,9 +160,8 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
           "down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the merged update D; layer means over the "
           "group's pairs.", "", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
           markdown(["method", "merge time", "text align.", "image align.", "identity align."], PUBLISHED)]
-    keys = ["merge_s", *(f"{k}_{m}" for m in SCORES for k in ("single", "merged", "delta")), *CROSSTALK]
-    table = [["method", *(f"{k}_{x}" for k in keys for x in ("mean", "std")), "n_seeds"]]
-    table += [[m, *(s[m].get(k, {}).get(x, "") for k in keys for x in ("mean", "std")),
+    table = [["method", *(f"{k}_{x}" for k in SUMMARY_KEYS for x in ("mean", "std")), "n_seeds"]]
+    table += [[m, *(s[m].get(k, {}).get(x, "") for k in SUMMARY_KEYS for x in ("mean", "std")),
                s[m].get("merge_s", {}).get("n", "")] for m in s]
     return "\n".join(md), csv_text(table)
 

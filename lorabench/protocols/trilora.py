@@ -39,9 +39,9 @@ from lorabench.data.imagefolder import caption_eval_set
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, load_field, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, load_field, read_settings, seedwise, setting
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
-from lorabench.protocols.report import Session, mean_std, rebuild_cli, summarise_rows
+from lorabench.protocols.report import Session, mean_std, pm, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
@@ -167,11 +167,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             with open_dict(cell):
                 cell.trainer.max_epochs = checkpoints[-1] if name in overtrain else table_epoch
                 cell.trainer.max_steps = -1
-            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[checkpoint_eval(name, seed, folder)]))
-    which = {id(c): key for c, key in zip(cells, [(n, s) for n in adapters for s in seeds])}
+            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[checkpoint_eval(name, seed, folder)],
+                              key=(name, seed)))
 
     def done(t) -> None:
-        name, seed = which[id(t.cell)]
+        name, seed = t.cell.key
         history, res = t.cell.callbacks[0].history, t.results
         at = next(r for r in history if r["epoch"] == table_epoch)
         session.done(f"{name:>8} seed {seed}: NFID {at['nfid']:.3f} (FID {at['fid']:.3f}), CLIP "
@@ -179,7 +179,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                       f"{history[-1]['epoch']} ({res['timings']['fit_s']:.0f} s)")
 
     for t in run_cells(cells, st.batch_cells, scratch=session.run_dir / "cells", on_done=done):
-        (name, seed), callback = which[id(t.cell)], t.cell.callbacks[0]
+        (name, seed), callback = t.cell.key, t.cell.callbacks[0]
         rows += [{"method": name, "seed": seed, **point, "train_s": t.results["timings"]["fit_s"],
                   "steps": t.results["metrics"]["steps"]} for point in callback.history]
         if seed == seeds[0]:
@@ -237,9 +237,7 @@ def verdicts(out: dict, lora: str = "lora", trilora: str = "trilora") -> dict[st
     seeds = sorted(set(a) & set(b))
     ma, mb = statistics.fmean(a[s] for s in seeds), statistics.fmean(b[s] for s in seeds)
     holds = [a[s] < b[s] < 1 for s in seeds]
-    verdict = ("reproduced" if ma < mb < 1 and all(holds) else
-               "mixed" if ma < mb < 1 else "not reproduced")
-    res["nfid_order"] = {"claim": "TriLoRA NFID < LoRA NFID < 1", "verdict": verdict,
+    res["nfid_order"] = {"claim": "TriLoRA NFID < LoRA NFID < 1", "verdict": seedwise(ma < mb < 1, all(holds)),
                          "rule": "reproduced: the seed means and every seed satisfy it; mixed: the means only",
                          "trilora_nfid": ma, "lora_nfid": mb, "seeds_holding": sum(holds), "seeds": len(seeds)}
     # 2. CLIP score about equal.
@@ -258,14 +256,8 @@ def verdicts(out: dict, lora: str = "lora", trilora: str = "trilora") -> dict[st
 
         ra, rb = rise(trilora), rise(lora)
         mra, mrb = statistics.fmean(ra.values()), statistics.fmean(rb.values())
-        if mrb <= 0:
-            verdict = "not observed (LoRA does not over-train here)"
-        elif mra < mrb and all(ra[s] < rb[s] for s in seeds):
-            verdict = "reproduced"
-        elif mra < mrb:
-            verdict = "mixed"
-        else:
-            verdict = "not reproduced"
+        verdict = "not observed (LoRA does not over-train here)" if mrb <= 0 else \
+            seedwise(mra < mrb, all(ra[s] < rb[s] for s in seeds))
         res["overtraining"] = {
             "claim": "TriLoRA resists over-training (its NFID rises less than LoRA's when trained long)",
             "verdict": verdict, "rule": f"NFID rise from epoch {te} to {last}; reproduced: LoRA rises, TriLoRA "
