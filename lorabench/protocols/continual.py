@@ -110,16 +110,6 @@ class Run:
     records: dict = field(default_factory=dict)
     last_images: dict = field(default_factory=dict)
 
-    def prepare(self, t: int):
-        """The hook :func:`lorabench.run.train` calls after injecting task ``t``'s adapter: the method's
-        training model and its initialisation of the adapter."""
-
-        def hook(module) -> None:
-            self.model.set(module.adapters.base_weights(), self.method.train_deltas())
-            self.method.start(module.adapters, t)
-
-        return hook
-
     def evaluate(self, module, t: int, rank: int, world_size: int) -> dict[str, list]:
         """The callback's ``evaluate``: fold task t in, then score tasks 0..t on the method's model."""
         t0 = time.perf_counter()
@@ -174,9 +164,10 @@ class Run:
         callback.task = t
         modules: list = []  # the trained module, whose adapter comes out of the running model before the next task
 
-        def prepare(module) -> None:
+        def prepare(module) -> None:  # after task t's adapter is injected: the method's model and initialisation
             modules.append(module)
-            self.prepare(t)(module)
+            self.model.set(module.adapters.base_weights(), self.method.train_deltas())
+            self.method.start(module.adapters, t)
 
         [done] = run_cells([Cell(tcfg, task_dir, f"{self.method.name}/{task.name}", callbacks=[callback],
                                  prepare=prepare, components=self.model.components)])

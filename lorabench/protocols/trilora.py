@@ -153,22 +153,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                   f"{base_scores['clip_score']:.2f}" + (f"; reference model FID {base_fid:.3f}" if ref_cfg else ""))
     session.grid = [("base model", base_images[:n_grid])]
 
-    def checkpoint_eval(name: str, seed: int, folder: Path) -> CheckpointEvaluation:
-        epochs = [e for e in checkpoints if e <= (checkpoints[-1] if name in overtrain else table_epoch)]
-        return CheckpointEvaluation(epochs, lambda comp: evaluate(comp, base_fid), loggers,
-                                    prefix=f"curves/{name}/seed{seed}", grid_dir=str(folder / "samples"),
-                                    measure=measurer(name, seed))
-
     cells = []  # one per (adapter, seed); the seeds of one adapter train together with protocol.batch_cells > 1
     for name, acfg in adapters.items():
+        last = checkpoints[-1] if name in overtrain else table_epoch
         for seed in seeds:
             folder = session.run_dir / "cells" / f"{name}-seed{seed}"
             cell = cell_config(cfg, acfg, {}, seed, folder)
             with open_dict(cell):
-                cell.trainer.max_epochs = checkpoints[-1] if name in overtrain else table_epoch
-                cell.trainer.max_steps = -1
-            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[checkpoint_eval(name, seed, folder)],
-                              key=(name, seed)))
+                cell.trainer.max_epochs, cell.trainer.max_steps = last, -1
+            scored = CheckpointEvaluation([e for e in checkpoints if e <= last], lambda comp: evaluate(comp, base_fid),
+                                          loggers, prefix=f"curves/{name}/seed{seed}", grid_dir=str(folder / "samples"),
+                                          measure=measurer(name, seed))
+            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[scored], key=(name, seed)))
 
     def done(t) -> None:
         name, seed = t.cell.key
