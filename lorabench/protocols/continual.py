@@ -50,7 +50,6 @@ from lorabench.continual.metrics import (
 )
 from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
 from lorabench.errors import ConfigError
-from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
 from lorabench.protocols.base import Paper, Rebuilt, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, run_cells
@@ -211,8 +210,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 
     state.start()
-    loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"continual-{method.name}-seed{seed}",
-                            resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
+    loggers = session.open_loggers(f"continual-{method.name}-seed{seed}")
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
     session.count(len(tasks) + 1, desc=f"continual {method.name}")
     with quiet_cells():
@@ -239,7 +237,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     for t in tasks if t.index in r.last_images]
     return session.finish(out, table, f"{method.name}: each task's update size",
                           f"{method.name}, order {out['order_seed']}, seed {seed}, after the last task; each row: the "
-                          f"task's first 2 prompts x {n_img} samples", loggers=loggers, step=len(tasks),
+                          f"task's first 2 prompts x {n_img} samples", step=len(tasks),
                           images={"score_matrix_final": run_dir / "score_matrix.png"})
 
 

@@ -121,6 +121,15 @@ class Session:
     grid: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     size_log: sizes.SizeLog = field(default_factory=sizes.SizeLog)
     progress: Optional[CellProgress] = None
+    loggers: Optional[list] = None
+
+    def open_loggers(self, run_name: str) -> list:
+        """The configured loggers, opened now (as a ``job_type="eval"`` W&B run named ``run_name``) for a protocol
+        that logs along the way (curves, per-task scores); :meth:`finish` logs the summary to them and ends
+        the W&B run. A protocol that does not call this gets them at :meth:`finish`."""
+        self.loggers = build_loggers(self.cfg.get("logger"), self.run_dir, run_name=run_name, job_type="eval",
+                                     resolved_config=OmegaConf.to_container(self.cfg, resolve=True))
+        return self.loggers
 
     def count(self, total: int, desc: str = "") -> None:
         """A progress bar of ``total`` cells (named ``desc``, else the protocol)."""
@@ -144,6 +153,7 @@ class Session:
         images = dict(outputs.pop("images", None) or {})
         if sizes.size_plot(self.run_dir / "update_size.png", out.get("update_size") or {}, size_title):
             images["update_size"] = self.run_dir / "update_size.png"
+        outputs.setdefault("loggers", self.loggers)
         write_protocol_outputs(self.cfg, self.run_dir, self.protocol, out, table, [img for _, img in self.grid],
                                images=images, labels=[label for label, _ in self.grid], grid_title=grid_title,
                                **outputs)

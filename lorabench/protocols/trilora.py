@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.data.imagefolder import caption_eval_set
 from lorabench.errors import ConfigError
-from lorabench.loggers import build_loggers
 from lorabench.protocols import sizes
 from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, load_field, read_settings, seedwise, setting
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
@@ -120,8 +119,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     ref_model = None if ref_cfg is None else load_field(ref_cfg, "protocol.reference_model")
     latent_seeds = derive_seed_list("style-finetune-samples", st.sample_seed, len(prompts))
     n_grid = min(st.grid_images, len(prompts))
-    loggers = build_loggers(cfg.get("logger"), session.run_dir, run_name=f"{PROTOCOL}-seed{seeds[0]}",
-                            resolved_config=OmegaConf.to_container(cfg, resolve=True), job_type="eval")
+    loggers = session.open_loggers(f"{PROTOCOL}-seed{seeds[0]}")
 
     def evaluate(components, base_fid=None):
         images = sample_each(components, sampler_cfg, prompts, latent_seeds, device)
@@ -192,7 +190,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
     return session.finish(out, render_table(out), f"update size per layer at epoch {table_epoch}, mean over seeds",
                           f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions",
-                          files=files(out), images={"curves": session.run_dir / "curves.png"}, loggers=loggers,
+                          files=files(out), images={"curves": session.run_dir / "curves.png"},
                           step=table_epoch, tables={"table1": (["method", *METRICS], data)})
 
 
