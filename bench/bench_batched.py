@@ -59,7 +59,7 @@ def cells_mode(args) -> None:
                      *(["trainer=gpu"] if args.device == "cuda" else [])]
         cfg = compose("train", overrides)
         graph_cfg = compose("train", [*overrides, "module.cuda_graph=true"])
-    from lorabench.protocols.orthogonal_adaptation import assign_slots
+    from lorabench.adapters.ortho import concept_configs
 
     names = list(cfg.protocol.adapters) if args.adapter == "all" else [args.adapter]
     for name in names:
@@ -68,7 +68,7 @@ def cells_mode(args) -> None:
                              f"({', '.join(cfg.protocol.adapters)}) or all")
     cells = []
     for name in names:  # each type's cells as the protocol builds them
-        acfgs = assign_slots(cfg.protocol.adapters[name], CONCEPTS, None, name)
+        acfgs = concept_configs(cfg.protocol.adapters[name], CONCEPTS, None, name)
         for i in range(args.cells):
             c, seed = CONCEPTS[i % len(CONCEPTS)], i // len(CONCEPTS)
             cells.append((acfgs[c], {"concept": c}, seed, f"{name}-{c}-seed{seed}"))

@@ -70,6 +70,22 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("paper", ["orthogonal_adaptation", "trilora"])
+def test_a_row_two_runs_hold_is_one_line(paper, tmp_path, capsys):
+    """Joining runs (base.join_rows) refuses a row that two runs hold (here one run copied into two folders),
+    which would count twice in the table's means."""
+    found = base.collect(base.paper(paper), [EXP / CASES[paper][0][0]])
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+        (tmp_path / copy / "results.json").write_text(Path(found[0]["_path"]).read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rebuild", paper, str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorabench: error:")]
+    assert len(err) == 1 and str(tmp_path / "b") in err[0] and "appears in two runs" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_paper_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["rebuild", "dreambooth", "x"])
