@@ -71,48 +71,12 @@ def format_verdicts(items: Sequence[Mapping]) -> str:
     return "\n".join(f"- **{v['verdict']}**: {v['claim']}. {v['detail']}" for v in items)
 
 
-def write_protocol_outputs(cfg: DictConfig, run_dir: Path, name: str, out: dict, table: str,
-                           panels: list[torch.Tensor], tables: Mapping[str, tuple] | None = None,
-                           loggers: Sequence | None = None, step: int = 0,
-                           images: Mapping[str, Path] | None = None, job_type: str = "eval",
-                           labels: Sequence[str] | None = None, grid_title: str = "",
-                           files: Mapping[str, Any] | None = None) -> None:
-    """results.json, table.md, the protocol's other ``files`` (:func:`lorabench.protocols.base.write_files`),
-    samples.png (rows named by ``labels``, columns by ``grid_title``), and the
-    summary means to every configured logger (built here as a ``job_type`` W&B run, or the run's own
-    ``loggers`` if it logged along the way, at ``step``), then the W&B run ends; ``tables``
-    (``{key: (columns, rows)}``) and ``images`` (``{key: png}``, plus the sample grid as
-    ``<name>/samples``) go to loggers that take them (W&B)."""
-    write_json(run_dir / "results.json", out)
-    write_text(run_dir / "table.md", table + "\n")
-    base.write_files(files or {}, run_dir)
-    save_grid(run_dir / "samples.png", panels, labels, grid_title)
-    if loggers is None:
-        loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}",
-                                resolved_config=out["config"], job_type=job_type)
-    try:
-        flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
-        flat.update({f"{name}/update_size/{g}/{k}": v["mean"] for g, e in (out.get("update_size") or {}).items()
-                     for k, v in e.items() if isinstance(v, dict) and "mean" in v})
-        for lg in loggers:
-            lg.log_metrics(flat, step=step)
-            if hasattr(lg, "log_table"):
-                for key, (columns, data) in (tables or {}).items():
-                    lg.log_table(key=f"{name}/{key}", columns=list(columns), data=[list(r) for r in data])
-            if hasattr(lg, "log_image"):
-                for key, path in {"samples": run_dir / "samples.png", **(images or {})}.items():
-                    lg.log_image(key=f"{name}/{key}", images=[str(path)])
-            lg.save()
-    finally:
-        finish_wandb()
-
-
 @dataclass
 class Session:
     """One protocol run as its stages see it: the config and folder, the clock, the progress bar
     (:meth:`count`, :meth:`done`), the sample grid's rows (``grid``: ``(label, images)``) and the adapters'
-    update sizes (``size_log``). :meth:`results` starts results.json's content; :meth:`finish` writes what
-    every protocol writes (:func:`write_protocol_outputs`, update_size.png)."""
+    update sizes (``size_log``), the loggers (:meth:`open_loggers`). :meth:`results` starts results.json's
+    content; :meth:`finish` writes what every protocol writes and logs it."""
 
     cfg: DictConfig
     run_dir: Path
@@ -144,19 +108,44 @@ class Session:
         return {"protocol": self.protocol, **fields, "update_size": self.size_log.results(),
                 "total_s": time.perf_counter() - self.t0, "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
-    def finish(self, out: dict, table: str, size_title: str, grid_title: str = "", **outputs: Any) -> dict[str, Any]:
-        """Close the progress bar, plot ``out["update_size"]`` (titled ``size_title``) and write the outputs
-        (``outputs``: :func:`write_protocol_outputs`' ``files``, ``images``, ``tables``, ``loggers``, ``step``,
-        ``job_type``); ``out["table"]`` is ``table``."""
+    def finish(self, out: dict, table: str, size_title: str, grid_title: str = "", *,
+               files: Optional[Mapping[str, Any]] = None, images: Optional[Mapping[str, Path]] = None,
+               tables: Optional[Mapping[str, tuple]] = None, step: int = 0, job_type: str = "eval") -> dict[str, Any]:
+        """Close the progress bar and write results.json (``out``), table.md (``table``), the protocol's other
+        ``files`` (:func:`lorabench.protocols.base.write_files`), samples.png (the ``grid``'s rows, columns
+        titled ``grid_title``) and update_size.png (titled ``size_title``); then log the summary means and
+        update sizes at ``step`` to the loggers (:meth:`open_loggers`'s, else opened now as a ``job_type`` W&B
+        run), with ``tables`` (``{key: (columns, rows)}``) and ``images`` (``{key: png}``, the sample grid and
+        update_size.png added) where a logger takes them (W&B), and end the W&B run. ``out["table"]`` is
+        ``table``."""
         if self.progress is not None:
             self.progress.close()
-        images = dict(outputs.pop("images", None) or {})
-        if sizes.size_plot(self.run_dir / "update_size.png", out.get("update_size") or {}, size_title):
-            images["update_size"] = self.run_dir / "update_size.png"
-        outputs.setdefault("loggers", self.loggers)
-        write_protocol_outputs(self.cfg, self.run_dir, self.protocol, out, table, [img for _, img in self.grid],
-                               images=images, labels=[label for label, _ in self.grid], grid_title=grid_title,
-                               **outputs)
+        run_dir, name = self.run_dir, self.protocol
+        images = {"samples": run_dir / "samples.png", **(images or {})}
+        if sizes.size_plot(run_dir / "update_size.png", out.get("update_size") or {}, size_title):
+            images["update_size"] = run_dir / "update_size.png"
+        write_json(run_dir / "results.json", out)
+        write_text(run_dir / "table.md", table + "\n")
+        base.write_files(files or {}, run_dir)
+        save_grid(run_dir / "samples.png", [img for _, img in self.grid], [label for label, _ in self.grid], grid_title)
+        loggers = self.loggers if self.loggers is not None else build_loggers(
+            self.cfg.get("logger"), run_dir, run_name=f"{name}-seed{out['seeds'][0]}", resolved_config=out["config"],
+            job_type=job_type)
+        try:
+            flat = {f"{name}/{m}/{k}": v["mean"] for m, s in out["summary"].items() for k, v in s.items()}
+            flat.update({f"{name}/update_size/{g}/{k}": v["mean"] for g, e in (out.get("update_size") or {}).items()
+                         for k, v in e.items() if isinstance(v, dict) and "mean" in v})
+            for lg in loggers:
+                lg.log_metrics(flat, step=step)
+                if hasattr(lg, "log_table"):
+                    for key, (columns, data) in (tables or {}).items():
+                        lg.log_table(key=f"{name}/{key}", columns=list(columns), data=[list(r) for r in data])
+                if hasattr(lg, "log_image"):
+                    for key, path in images.items():
+                        lg.log_image(key=f"{name}/{key}", images=[str(path)])
+                lg.save()
+        finally:
+            finish_wandb()
         out["table"] = table
         return out
 
