@@ -153,6 +153,25 @@ class Run:
             self.method.load_state_dict(method_state)
         return done
 
+    def results(self, session: Session, base: Mapping) -> dict:
+        """The run's results.json content (``base``: the base model's scores per task)."""
+        cfg, mats, name = session.cfg, self.metric.matrices(), self.method.name
+        fields, recs = sequence_results(mats), [self.records[t] for t in range(len(self.tasks))]
+        for rec in recs:
+            session.size_log.add(name, rec.get("update_size") or {})
+        return session.results(
+            kind=self.kind, method=name, method_config=OmegaConf.to_container(cfg.protocol.method, resolve=True),
+            adapter=OmegaConf.to_container(cfg.protocol.adapter, resolve=True),
+            order_seed=cfg.sequence.get("order_seed"), seed=int(cfg.seed), seeds=[int(cfg.seed)],
+            tasks=[t.name for t in self.tasks], metrics=list(mats), num_tasks=len(self.tasks), **fields,
+            base={n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
+            sign_conflict=[rec.get("sign_conflict") for rec in recs],
+            update_size_per_task=[sizes.row_fields(rec.get("update_size") or {}) for rec in recs],
+            timings={"train_s": [rec.get("train_s") for rec in recs], "eval_s": [rec.get("eval_s") for rec in recs],
+                     "total_s": time.perf_counter() - session.t0},
+            summary={name: {f"{n}/{q}": mean_std([v]) for n, s in fields["final"].items() for q, v in s.items()
+                            if not math.isnan(v)}})
+
     def train_task(self, t: int, adapter_cfg: dict, callback: ContinualEvaluation, state: SequenceState) -> str:
         """Train task ``t`` (the callback scores every seen task at the end of the fit), save its state;
         returns the task's line for the console."""
@@ -224,7 +243,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             _, r.last_images = score_tasks(r.model.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
             r.model.reset({})
 
-    out = results_dict(session, kind, tasks, method, r.metric, base, r.records)
+    out = r.results(session, base)
     mats = r.metric.matrices()  # a collective under DDP: every rank calls it
     table = run_table(out) + "".join(f"\n\n{matrix_table(m, [t.name for t in tasks], LABELS.get(n, n))}"
                                      for n, m in mats.items())
@@ -239,27 +258,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           f"{method.name}, order {out['order_seed']}, seed {seed}, after the last task; each row: the "
                           f"task's first 2 prompts x {n_img} samples", step=len(tasks),
                           images={"score_matrix_final": run_dir / "score_matrix.png"})
-
-
-def results_dict(session: Session, kind: str, tasks: Sequence[Task], method: ContinualMethod,
-                 metric: ContinualScores, base: Mapping, records: Mapping) -> dict:
-    """The run's results.json content."""
-    cfg, mats, t_n = session.cfg, metric.matrices(), len(tasks)
-    fields = sequence_results(mats)
-    for t in range(t_n):
-        session.size_log.add(method.name, records[t].get("update_size") or {})
-    return session.results(
-        kind=kind, method=method.name, method_config=OmegaConf.to_container(cfg.protocol.method, resolve=True),
-        adapter=OmegaConf.to_container(cfg.protocol.adapter, resolve=True), order_seed=cfg.sequence.get("order_seed"),
-        seed=int(cfg.seed), seeds=[int(cfg.seed)], tasks=[t.name for t in tasks], metrics=list(mats), num_tasks=t_n,
-        **fields,
-        base={n: {"per_task": v, "average_score": float(np.mean(v))} for n, v in base.items()},
-        sign_conflict=[records[t].get("sign_conflict") for t in range(t_n)],
-        update_size_per_task=[sizes.row_fields(records[t].get("update_size") or {}) for t in range(t_n)],
-        timings={"train_s": [records[t].get("train_s") for t in range(t_n)],
-                 "eval_s": [records[t].get("eval_s") for t in range(t_n)], "total_s": time.perf_counter() - session.t0},
-        summary={method.name: {f"{n}/{q}": mean_std([v]) for n, s in fields["final"].items() for q, v in s.items()
-                               if not math.isnan(v)}})
 
 
 def run_table(out: dict) -> str:
