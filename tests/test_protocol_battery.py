@@ -70,10 +70,10 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("paper", ["orthogonal_adaptation", "trilora"])
+@pytest.mark.parametrize("paper", list(CASES))
 def test_a_row_two_runs_hold_is_one_line(paper, tmp_path, capsys):
     """Joining runs (base.join_rows) refuses a row that two runs hold (here one run copied into two folders),
-    which would count twice in the table's means."""
+    which would count twice in the table's means (continual: the same method, order and seed twice)."""
     found = base.collect(base.paper(paper), [EXP / CASES[paper][0][0]])
     for copy in ("a", "b"):
         (tmp_path / copy).mkdir()

@@ -51,7 +51,7 @@ from lorabench.continual.metrics import (
 from lorabench.continual.tasks import SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
 from lorabench.errors import ConfigError
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, pm, read_settings, setting
+from lorabench.protocols.base import Paper, Rebuilt, join_rows, pm, read_settings, setting
 from lorabench.protocols.cells import Cell, cell_config, run_cells
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.protocols.resume import SequenceState, fingerprint, rank_zero
@@ -281,7 +281,10 @@ MIN_RUNS = 3
 
 def aggregate(results: Sequence[dict]) -> dict:
     """``{kind: {method: {"S"|"F"|"F_textbook"|"BWT": {metric: {mean, std, n}}, "runs": [...]}}}`` with the
-    population std over runs (order seed x training seed); the base model's row under ``"base"``."""
+    population std over runs (order seed x training seed); the base model's row under ``"base"``. A run
+    (kind, method, order seed, training seed) given twice is an error, not a second replicate."""
+    join_rows([{**r, "rows": [r]} for r in results], (), lambda r: (r["kind"], r["method"], r["order_seed"], r["seed"]),
+              lambda r, _: f"{r['method']} order {r['order_seed']} seed {r['seed']} ({r['kind']}) appears in two runs")
     out: dict = {}
     for kind in dict.fromkeys(r["kind"] for r in results):
         rows = [r for r in results if r["kind"] == kind]
