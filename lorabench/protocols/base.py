@@ -210,11 +210,11 @@ def collect(p: Paper, paths: Sequence[str | Path]) -> list[dict]:
 
 
 def join_rows(outs: Sequence[Mapping], same: Sequence[str], key: Callable[[dict], tuple],
-              repeated: Callable[[dict, dict], Optional[str]] = lambda row, first: "") -> list[dict]:
+              repeated: Optional[Callable[[dict, dict], Optional[str]]] = None) -> list[dict]:
     """The rows of several runs of one setup (e.g. the jobs of a multirun) as one list, for one table. Every
-    field of ``same`` must agree across runs; a row whose ``key`` an earlier run's row has is an error
-    (``describe``d by its key), unless ``repeated(row, first)`` says it is a row every run repeats: None, kept
-    once; a message, the error. Errors are ``ValueError``s naming the run (its ``_path``)."""
+    field of ``same`` must agree across runs. A row whose ``key`` an earlier run's row has is an error
+    (``<key> appears in two runs``), unless ``repeated(row, first)`` is given: None keeps the first only (a
+    row every run repeats), a message is the error. Errors are ``ValueError``s naming the run (its ``_path``)."""
     rows, seen = [], {}
     for o in outs:
         where = o.get("_path", "a run")
@@ -225,10 +225,10 @@ def join_rows(outs: Sequence[Mapping], same: Sequence[str], key: Callable[[dict]
         for row in o["rows"]:
             k = key(row)
             if k in seen:
-                error = repeated(row, seen[k])
+                error = repeated(row, seen[k]) if repeated else " ".join(map(str, k)) + " appears in two runs"
                 if error is None:
                     continue
-                raise ValueError(f"{where}: {error or ' '.join(map(str, k)) + ' appears in two runs'}")
+                raise ValueError(f"{where}: {error}")
             seen[k] = row
             rows.append(row)
     return rows

@@ -155,7 +155,7 @@ class Run:
 
     def results(self, session: Session, base: Mapping) -> dict:
         """The run's results.json content (``base``: the base model's scores per task)."""
-        cfg, mats, name = session.cfg, self.metric.matrices(), self.method.name
+        cfg, mats, name = self.cfg, self.metric.matrices(), self.method.name
         fields, recs = sequence_results(mats), [self.records[t] for t in range(len(self.tasks))]
         for rec in recs:
             session.size_log.add(name, rec.get("update_size") or {})
@@ -283,6 +283,7 @@ def aggregate(results: Sequence[dict]) -> dict:
     """``{kind: {method: {"S"|"F"|"F_textbook"|"BWT": {metric: {mean, std, n}}, "runs": [...]}}}`` with the
     population std over runs (order seed x training seed); the base model's row under ``"base"``. A run
     (kind, method, order seed, training seed) given twice is an error, not a second replicate."""
+    # each run is one row of the join: a run given twice is a row two runs hold
     join_rows([{**r, "rows": [r]} for r in results], (), lambda r: (r["kind"], r["method"], r["order_seed"], r["seed"]),
               lambda r, _: f"{r['method']} order {r['order_seed']} seed {r['seed']} ({r['kind']}) appears in two runs")
     out: dict = {}
