@@ -2,7 +2,7 @@
 grow linearly with the number of seen tasks, and each task's references should be embedded once.
 
 The world object sequence (conf/experiment/continual/world_objects.yaml) with the base model: after
-"task" t, score tasks 0..t exactly as the protocol does (lorabench.protocols.continual.score_tasks),
+"task" t, score tasks 0..t exactly as the protocol does (lorabench.continual.tasks.score_tasks),
 timing each evaluation and counting reference embeddings. Prints seconds per evaluation, seconds per
 seen task (flat if linear), a least-squares line and its R^2, and the reference-embedding count.
 

@@ -24,6 +24,7 @@ KINDS = ("objects", "styles")
 # kind -> (eval set key, {metric: (scorer key, embedder attribute)})
 SUITES = {"objects": ("concepts", {"clip_i": ("scorer", "text_image"), "dino": ("scorer", "identity")}),
           "styles": ("styles", {"csd": ("style_scorer", "style"), "dino": ("scorer", "identity")})}
+LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "csd": "CSD"}  # the metrics' names in tables and plots
 
 
 @dataclass

@@ -10,6 +10,7 @@ the sample job :mod:`~lorabench.protocols.sample` and the merge job :mod:`~lorab
 What they share: :mod:`~lorabench.protocols.base` (the contract: settings, table columns, verdicts, the
 registry of papers and their rebuild command, ``python -m lorabench.protocols rebuild <paper> RUNS...``),
 :mod:`~lorabench.protocols.cells` (cells and the one runner that trains them), :mod:`~lorabench.protocols.scoring`
-(the eval setup), :mod:`~lorabench.protocols.report` (a run's session and outputs) and
-:mod:`~lorabench.protocols.resume` (resumable sequences). docs/adding_a_paper.md walks through one paper.
+(the eval setup), :mod:`~lorabench.protocols.report` (a run's session and outputs),
+:mod:`~lorabench.protocols.sequence` (a continual task sequence run) and :mod:`~lorabench.protocols.resume`
+(resumable sequences). docs/adding_a_paper.md walks through one paper.
 """

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lorabench.continual.tasks import LABELS
 from lorabench.errors import ConfigError
 from lorabench.protocols import trilora
 from lorabench.protocols.claims import (
@@ -171,7 +172,6 @@ CL_PAPER = {
     "C5": ("+0.005", "+0.055", "+0.040", "+0.036"),
     "C6 naive": ("+0.084", "+0.098", "+0.257", "+0.103"), "C6 merge_init": ("+0.089", "+0.153", "+0.297", "+0.139"),
     "C6 ortho_init": ("+0.087", "+0.099", "+0.261", "+0.106"), "C6 magmax": ("+0.057", "+0.104", "+0.201", "+0.094")}
-METRIC_LABELS = {"clip_i": "CLIP-I", "dino": "DINO", "csd": "CSD"}
 OBJECTS = tuple(r for r in CL_REGIMES if r.startswith("objects"))
 STYLES = tuple(r for r in CL_REGIMES if r.startswith("styles"))
 
@@ -180,7 +180,7 @@ def cl_claims() -> list[Claim]:
     """The continual claims C1-C6 per metric (CLIP-I: objects, CSD: styles, DINO: both)."""
     out = []
     for metric in ("clip_i", "dino", "csd"):
-        lab = METRIC_LABELS[metric]
+        lab = LABELS[metric]
         regimes = {"clip_i": OBJECTS, "dino": (), "csd": STYLES}[metric]
         pick = {"clip_i": lambda v: v[0], "dino": lambda v: f"{v[1]} / styles {v[3]}", "csd": lambda v: v[2]}[metric]
         paper = {k: pick(v) for k, v in CL_PAPER.items()}
