@@ -95,6 +95,24 @@ def test_summary_is_mean_and_population_std_over_replicates():
     assert "| base | 0.200 +- 0.100 |" in table and "| lora | 0.600 +- 0.000 |" in table and "12.0 +- 0.0" in table
 
 
+def test_one_column_spec_makes_the_markdown_and_the_csv():
+    """A column prints rounded in markdown and as raw values in the CSV (several CSV columns, or none); a
+    column without a label is in the CSV only."""
+    from lorabench.protocols.base import mean_std_csv, pm
+    from lorabench.utils.tables import Column, csv_of, markdown
+
+    s = {"lora": {"fid": {"mean": 27.49365, "std": 2.5, "n": 3}}, "base": {}}
+    columns = [Column("method", str, (("method", str),)),
+               Column("FID", lambda m: pm(s[m].get("fid"), "{:.2f}"), mean_std_csv(s, ["fid"])),
+               Column("note", lambda m: "markdown only"),
+               Column(None, csv=(("n", lambda m: s[m].get("fid", {}).get("n")),))]
+    assert markdown(columns, ["lora", "base"]).splitlines() == [
+        "| method | FID | note |", "|---|---|---|", "| lora | 27.49 +- 2.50 | markdown only |",
+        "| base | - | markdown only |"]
+    assert csv_of(columns, ["lora", "base"]).splitlines() == [
+        "method,fid_mean,fid_std,n", "lora,27.49365,2.5,3", "base,,,"]
+
+
 def test_sample_seeds_are_shared_across_prompts_and_differ_by_replicate():
     from lorabench.protocols.scoring import concept_seeds
 

@@ -7,7 +7,8 @@ A paper's protocol file (``lorabench/protocols/<paper>.py``) declares:
 - ``run(cfg, run_dir)``: its cells (:mod:`lorabench.protocols.cells` trains them) and how it scores
   them into rows;
 - its tables as column specs (:class:`lorabench.utils.tables.Column`, rendered by ``markdown`` and
-  ``csv_text`` there; :func:`pm` for mean +- std), its published numbers and its claims (:func:`verdict`);
+  ``csv_of`` there; :func:`pm` and :func:`mean_std_csv` for mean +- std), its published numbers and its
+  claims (:func:`verdict`);
 - ``PAPER = Paper(...)``: its name, the name its results.json files carry, and ``rebuild(results)``:
   the files its tables are made of, from finished runs' results.json contents alone.
 
@@ -136,6 +137,13 @@ def mean_std(xs: Sequence[float]) -> dict[str, float]:
 def pm(v: Optional[Mapping], fmt: str = "{:.3f}") -> str:
     """``mean +- std`` of a :func:`mean_std` summary, ``-`` when there is none."""
     return "-" if not v else f"{fmt.format(v['mean'])} +- {fmt.format(v['std'])}"
+
+
+def mean_std_csv(summary: Mapping[Any, Mapping], keys: Sequence[str]) -> tuple[tuple[str, Callable], ...]:
+    """The CSV part of a table column (:class:`lorabench.utils.tables.Column`) over :func:`mean_std` summaries
+    ``summary[row][key]``: ``<key>_mean`` and ``<key>_std`` per key, empty where a row has none."""
+    return tuple((f"{k}_{x}", lambda row, k=k, x=x: summary[row].get(k, {}).get(x, "")) for k in keys
+                 for x in ("mean", "std"))
 
 
 # -- claims --------------------------------------------------------------------------------------------------

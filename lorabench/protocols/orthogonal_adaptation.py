@@ -61,7 +61,18 @@ from lorabench.merging import (
     updates_from_adapters,
 )
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, pick, pm, read_settings, setting, verdict
+from lorabench.protocols.base import (
+    Paper,
+    Rebuilt,
+    Settings,
+    join_rows,
+    mean_std_csv,
+    pick,
+    pm,
+    read_settings,
+    setting,
+    verdict,
+)
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
@@ -69,7 +80,7 @@ from lorabench.sampling import check_counts, sample_prompts
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import layer_lines, paired_bars
 from lorabench.utils.seeding import derive_seed, derive_seed_list
-from lorabench.utils.tables import Column, csv_text, duration, markdown
+from lorabench.utils.tables import Column, csv_of, duration, markdown
 
 PROTOCOL = "modular"  # the protocol's name in results.json and its W&B keys
 # Table 2's columns: text alignment (CLIP-T, the concept in context prompts), image alignment (CLIP-I)
@@ -146,13 +157,18 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
         def cell(m):
             a, b, d = (s[m].get(f"{k}_{score}") for k in ("single", "merged", "delta"))
             return f"{a['mean']:.3f} -> {b['mean']:.3f} ({d['mean']:+.3f} +- {d['std']:.3f})" if a and b and d else "-"
-        return Column(SCORE_LABELS[score] + " single -> merged (delta)", cell)
+        return Column(SCORE_LABELS[score] + " single -> merged (delta)", cell,
+                      mean_std_csv(s, [f"{k}_{score}" for k in ("single", "merged", "delta")]))
 
-    columns = [Column("method", lambda m: labels.get(m, m)),
-               Column("merge time", lambda m: duration(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-"),
+    # table2.csv: every summary key's mean and std (SUMMARY_KEYS' order), the markdown only some crosstalk
+    columns = [Column("method", lambda m: labels.get(m, m), (("method", str),)),
+               Column("merge time", lambda m: duration(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-",
+                      mean_std_csv(s, ["merge_s"])),
                *map(change, SCORES), *(Column(label, lambda m, c=c: pm(s[m].get(c))) for c, label in (
                    ("weight_crosstalk", "weight crosstalk"), ("interference", "interference"),
-                   ("subspace_interference", "interference in own subspace"), ("output_error", "output error")))]
+                   ("subspace_interference", "interference in own subspace"), ("output_error", "output error"))),
+               Column(None, csv=(*mean_std_csv(s, CROSSTALK),
+                                 ("n_seeds", lambda m: s[m].get("merge_s", {}).get("n", ""))))]
     md = [markdown(columns, list(s)), "",
           f"Mean over {len(concepts)} concepts per seed, then mean (delta: +- std) over {len(seeds)} seed(s) "
           f"{seeds}. Crosstalk (lorabench.merging.crosstalk): weight = ||dW_i dW_j^T|| / (||dW_i|| ||dW_j||); "
@@ -160,10 +176,7 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
           "down_i); output error = ||(D - dW_i) X_i|| / ||dW_i X_i|| of the merged update D; layer means over the "
           "group's pairs.", "", "Published (Po et al. 2024, Table 2; 12 faces, ArcFace identity):", "",
           markdown(["method", "merge time", "text align.", "image align.", "identity align."], PUBLISHED)]
-    table = [["method", *(f"{k}_{x}" for k in SUMMARY_KEYS for x in ("mean", "std")), "n_seeds"]]
-    table += [[m, *(s[m].get(k, {}).get(x, "") for k in SUMMARY_KEYS for x in ("mean", "std")),
-               s[m].get("merge_s", {}).get("n", "")] for m in s]
-    return "\n".join(md), csv_text(table)
+    return "\n".join(md), csv_of(columns, list(s))
 
 
 MIN_SINGLE_IDENTITY = 0.2  # below this the single models never learned the identity: nothing can collapse

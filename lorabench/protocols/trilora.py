@@ -38,7 +38,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.data.imagefolder import caption_eval_set
 from lorabench.errors import ConfigError
 from lorabench.protocols import sizes
-from lorabench.protocols.base import Paper, Rebuilt, Settings, join_rows, load_field, read_settings, seedwise, setting
+from lorabench.protocols.base import (
+    Paper,
+    Rebuilt,
+    Settings,
+    join_rows,
+    load_field,
+    mean_std_csv,
+    read_settings,
+    seedwise,
+    setting,
+)
 from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, mean_std, pm, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
@@ -46,7 +56,7 @@ from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import band_panels
 from lorabench.utils.seeding import derive_seed_list
-from lorabench.utils.tables import Column, csv_text, markdown
+from lorabench.utils.tables import Column, csv_of, csv_text, markdown
 
 PROTOCOL = "style_finetune"  # the protocol's name in results.json and its W&B keys
 FIXED_ROWS = ("reference", "base")  # rows without training: NFID's reference model, the training base
@@ -57,6 +67,8 @@ CURVE_METRICS = ("fid", "nfid", "kid", "clip_score")
 PUBLISHED = {"base": {"gac_nfid": 1.0, "gac_clip": 32.2, "pokemon_nfid": 1.0, "pokemon_clip": 29.2},
              "lora": {"gac_nfid": 0.923, "gac_clip": 32.5, "pokemon_nfid": 0.867, "pokemon_clip": 30.3},
              "trilora": {"gac_nfid": 0.833, "gac_clip": 32.5, "pokemon_nfid": 0.796, "pokemon_clip": 30.1}}
+PAPER_COLUMNS = {"Pokemon NFID": "pokemon_nfid", "Pokemon CLIP": "pokemon_clip", "GAC NFID": "gac_nfid",
+                 "GAC CLIP": "gac_clip"}
 # "CLIP about equal": within this share of LoRA's CLIP score (the paper's gaps: 0 and 0.2 of ~30 points).
 CLIP_TOLERANCE = 0.03
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
@@ -260,15 +272,22 @@ def verdicts(out: dict, lora: str = "lora", trilora: str = "trilora") -> dict[st
     return res
 
 
-def render_table(out: dict) -> str:
-    """Table 1: the world's NFID / FID / KID / CLIP score (mean +- std over seeds) beside the paper's."""
+def columns(out: dict) -> list[Column]:
+    """Table 1's columns (markdown and table.csv): the world's NFID / FID / KID / CLIP score (mean +- std over
+    seeds) beside the paper's."""
     s = out["summary"]
     names = {"base": "base model", "reference": f"reference model ({out.get('reference_model')})"}
-    columns = [Column("method", lambda m: names[m] if m in FIXED_ROWS else f"{m} ({describe(out, m)})"),
-               *(Column(LABELS[k], lambda m, k=k, f=f: pm(s[m].get(k), f))
-                 for k, f in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}"))),
-               *(Column(f"paper {d} {x}", lambda m, k=f"{d.lower()}_{x.lower()}": _paper(out, m, k))
-                 for d in ("Pokemon", "GAC") for x in ("NFID", "CLIP"))]
+    return [Column("method", lambda m: names[m] if m in FIXED_ROWS else f"{m} ({describe(out, m)})",
+                   (("method", str), ("adapter", lambda m: describe(out, m) if m not in FIXED_ROWS else m),
+                    ("n_seeds", lambda m: s[m]["nfid"]["n"]))),
+            *(Column(LABELS[k], lambda m, k=k, f=f: pm(s[m].get(k), f), mean_std_csv(s, [k]))
+              for k, f in (("nfid", "{:.3f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"), ("clip_score", "{:.2f}"))),
+            *(Column(f"paper {label}", lambda m, k=k: _paper(out, m, k),
+                     ((f"paper_{k}", lambda m, k=k: published(out, m).get(k)),)) for label, k in PAPER_COLUMNS.items())]
+
+
+def render_table(out: dict) -> str:
+    """Table 1 in markdown, with its note."""
     n = len(out["seeds"])
     note = (f"Mean +- std (population) over {n} training seed(s) at epoch {out['table_epoch']}; one image per caption "
             f"of the dataset ({len(out['prompts'])} prompts, seeds derived from {out['sample_seed']}), FID and KID "
@@ -278,7 +297,7 @@ def render_table(out: dict) -> str:
                "base model, same prompts, seeds, references and features); the base model is deterministic here "
                "(one row).")
             + " Paper: Feng et al. 2024, Table 1 (SD v1.5 / AnyLoRA, Inception FID, CLIP ViT-L/14).")
-    return markdown(columns, list(s)) + "\n\n" + note
+    return markdown(columns(out), list(out["summary"])) + "\n\n" + note
 
 
 def _paper(out: dict, method: str, key: str) -> str:
@@ -303,24 +322,10 @@ def describe(out: dict, method: str) -> str:
     return text
 
 
-PAPER_KEYS = ("pokemon_nfid", "pokemon_clip", "gac_nfid", "gac_clip")
-
-
 def curves_csv(out: dict) -> str:
     """Every checkpoint's scores, one row per (method, seed, epoch)."""
     cols = ["method", "seed", "epoch", "step", *CURVE_METRICS, "kid_std"]
     return csv_text([cols, *[[r.get(c) for c in cols] for r in out["rows"]]])
-
-
-def table_csv(out: dict) -> str:
-    """Table 1 as CSV, the paper's numbers beside the measured ones."""
-    scores = ("nfid", "fid", "kid", "clip_score")
-    rows = [["method", "adapter", "n_seeds", *(f"{m}_{k}" for m in scores for k in ("mean", "std")),
-             *(f"paper_{k}" for k in PAPER_KEYS)]]
-    rows += [[m, describe(out, m) if m not in FIXED_ROWS else m, s["nfid"]["n"],
-              *(s[x][k] for x in scores for k in ("mean", "std")), *map(published(out, m).get, PAPER_KEYS)]
-             for m, s in out["summary"].items()]
-    return csv_text(rows)
 
 
 def plot_curves(path: Path, out: dict) -> None:
@@ -344,8 +349,8 @@ def plot_curves(path: Path, out: dict) -> None:
 
 def files(out: dict) -> dict:
     """What every protocol's outputs do not cover: table.csv, curves.csv, verdicts.json and curves.png."""
-    return {"table.csv": table_csv(out), "curves.csv": curves_csv(out), "verdicts.json": out["verdicts"],
-            "curves.png": lambda path: plot_curves(path, out)}
+    return {"table.csv": csv_of(columns(out), list(out["summary"])), "curves.csv": curves_csv(out),
+            "verdicts.json": out["verdicts"], "curves.png": lambda path: plot_curves(path, out)}
 
 
 SAME_ACROSS_RUNS = ("dataset", "prompts", "sample_seed", "sampler", "table_epoch", "n_references")
