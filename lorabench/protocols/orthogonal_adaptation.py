@@ -160,7 +160,8 @@ def table2(rows: Sequence[dict], labels: Mapping[str, str]) -> tuple[str, str]:
         return Column(SCORE_LABELS[score] + " single -> merged (delta)", cell,
                       mean_std_csv(s, [f"{k}_{score}" for k in ("single", "merged", "delta")]))
 
-    # table2.csv: every summary key's mean and std (SUMMARY_KEYS' order), the markdown only some crosstalk
+    # table2.csv holds every summary key's mean and std, in SUMMARY_KEYS' order; the markdown shows four of the six
+    # crosstalk measures
     columns = [Column("method", lambda m: labels.get(m, m), (("method", str),)),
                Column("merge time", lambda m: duration(s[m]["merge_s"]["mean"]) if "merge_s" in s[m] else "-",
                       mean_std_csv(s, ["merge_s"])),
