@@ -81,11 +81,11 @@ def summary(m: torch.Tensor) -> dict[str, float]:
 def sequence_results(matrices: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """What a run's results.json keeps of its (T, T) matrices: ``matrices`` (not-yet-scored entries as null),
     ``final`` (:func:`summary` after the last task) and ``curves`` (each quantity after every task)."""
+    after = {n: [summary(m[:t + 1, :t + 1]) for t in range(m.shape[0])] for n, m in matrices.items()}
     return {"matrices": {n: [[None if math.isnan(x) else x for x in row] for row in m.tolist()]
                          for n, m in matrices.items()},
             "final": {n: summary(m) for n, m in matrices.items()},
-            "curves": {n: {q: [summary(m[:t + 1, :t + 1])[q] for t in range(m.shape[0])] for q in summary(m)}
-                       for n, m in matrices.items()}}
+            "curves": {n: {q: [s[q] for s in after[n]] for q in summary(m)} for n, m in matrices.items()}}
 
 
 class ContinualScores(Metric):

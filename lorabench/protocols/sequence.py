@@ -122,9 +122,10 @@ class SequenceRun:
             self.method.load_state_dict(method_state)
         return done
 
-    def results(self, session: Session, base: Mapping) -> dict:
-        """The run's results.json content (``base``: the base model's scores per task)."""
-        cfg, mats, name = self.cfg, self.metric.matrices(), self.method.name
+    def results(self, session: Session, base: Mapping, mats: Mapping[str, torch.Tensor]) -> dict:
+        """The run's results.json content (``base``: the base model's scores per task; ``mats``: the metric's
+        final matrices)."""
+        cfg, name = self.cfg, self.method.name
         fields, recs = sequence_results(mats), [self.records[t] for t in range(len(self.tasks))]
         for rec in recs:
             session.size_log.add(name, rec.get("update_size") or {})
@@ -206,8 +207,8 @@ def run(session: Session, method: ContinualMethod, adapter: dict, eval_seed: int
             _, r.last_images = score_tasks(r.model.components, r.sampler_cfg, tasks, r.seeds, r.scorer, device=r.device)
             r.model.reset({})
 
-    out = r.results(session, base)
     mats = r.metric.matrices()  # a collective under DDP: every rank calls it
+    out = r.results(session, base, mats)
     table = run_table(out) + "".join(f"\n\n{matrix_table(m, [t.name for t in tasks], LABELS.get(n, n))}"
                                      for n, m in mats.items())
     if not rank_zero():
