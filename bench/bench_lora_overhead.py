@@ -19,8 +19,14 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
 Read ``lora / base`` (goal on a GPU: <= 1.10; ``lora-graph / base-graph`` where launches are gone) and the
 peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
 
+With ``--count``, one more step of each eager variant counts the operators it dispatches (each about one
+kernel on a GPU), and what LoRA adds per adapted layer. On a CPU ``--count`` puts the ``lora`` row (its
+count and its time) on the CUDA path (``fused_forward``), so ``--size sd15-shape`` (SD1.5's 128 adapted
+layers at toy widths) predicts the GPU's count in seconds.
+
     python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile] [--graph]
     python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
+    python bench/bench_lora_overhead.py --size sd15-shape --steps 0 --warmup 1 --count --only base,lora,lora-ref
 """
 
 from __future__ import annotations
@@ -48,11 +54,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd base and LoRA variants")
     ap.add_argument("--graph", action="store_true", help="add base and LoRA steps captured as CUDA graphs (CUDA)")
     ap.add_argument("--only", default="", help="comma list of variants to time (default: all asked for)")
+    ap.add_argument("--count", action="store_true", help="count the operators one eager step of each dispatches")
     args = ap.parse_args()
     if args.graph and args.device != "cuda":
         raise SystemExit("--graph needs --device cuda (CUDA graphs)")
 
     from lorabench.adapters import Adapters
+    from lorabench.utils.launches import count_ops
 
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -67,9 +75,13 @@ def main() -> None:
         names = [n for n in names if n in asked]
     unets = {name: copy.deepcopy(base).to(dev, dtype) for name in names}
     params = {name: [] for name in names}
+    n_layers = 0
     for name in [n for n in names if n.startswith("lora")]:
         ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
-        params[name] = ad.trainable_parameters()  # float32 master weights, as in training
+        params[name], n_layers = ad.trainable_parameters(), len(ad)  # float32 master weights, as in training
+        if name == "lora" and args.count and dev.type != "cuda":  # count the CUDA path on this device
+            for layer in ad.layers.values():
+                layer.forward = types.MethodType(lambda self, x: self.fused_forward(x), layer)
         if name == "lora-ref":
             for layer in ad.layers.values():
                 layer.forward = types.MethodType(
@@ -91,7 +103,7 @@ def main() -> None:
         if name.endswith("-graph"):
             return graphed_step(unets[name], params[name], x, t, e, target, dtype)
         unet, ps = unets[name], params[name]
-        opt = torch.optim.AdamW(ps, lr=1e-4) if ps else None
+        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True) if ps else None  # as training on CUDA, on any device
 
         def step():
             inp = x.detach().requires_grad_(not ps)  # the base model's backward reaches the input
@@ -137,11 +149,19 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
             if cuda:
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
-    med = {k: statistics.median(v) for k, v in times.items()}
+    ops = {}
+    if args.count:  # one more step each after the warm ones (the optimiser's state exists by then)
+        ops = {name: count_ops(fn) for name, fn in steps.items() if not name.endswith(("-graph", "-compiled"))}
+    med = {k: statistics.median(v) for k, v in times.items() if v}
     n_params = sum(p.numel() for p in base.parameters())
     print(f"UNet {args.size} ({n_params / 1e6:.0f}M params), {s['res'] * (8 if in_ch == 4 else 1)} px, batch "
           f"{args.batch}, LoRA rank {args.rank}, {args.device} {args.dtype}, {args.steps} interleaved steps each, "
           f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
+    for k, n in ops.items():
+        extra = f"   {(n - ops['base']) / n_layers:5.2f} a layer over base" if k != "base" and n_layers else ""
+        print(f"  {k:<10} {n:6d} operators a step" + (" (the CUDA path)" if k == "lora" and not cuda else "") + extra)
+    if not med:
+        return
     for k, v in med.items():
         q = statistics.quantiles(times[k], n=4)
         mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""

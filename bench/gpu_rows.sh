@@ -8,7 +8,7 @@
 # OUT_DIR/summary.txt gets one line per step (exit status, seconds). Naming steps runs only those, in the
 # order below. Two phases:
 #   alone (one at a time, nothing else on the GPU, so the ratios they print are clean):
-#     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs), train_step (lorabench / PEFT,
+#     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs, operators a step), train_step (lorabench / PEFT,
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
 #     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
@@ -98,7 +98,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 fi
 
 # -- phase 1: alone -------------------------------------------------------------------------------------
-step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype \
+step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype --count \
     --steps $steps $graph
 step train_step 150 "$py" bench/bench_train_step.py --device $dev --size $size --batch 4 --dtype $dtype \
     --steps $steps $graph

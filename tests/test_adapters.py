@@ -157,8 +157,8 @@ def test_lora_inits():
 @pytest.mark.parametrize("name", ADAPTER_NAMES)
 def test_fused_forward_equals_the_reference_arithmetic(name):
     """The path CUDA takes (AdapterLayer.fused_forward), run here on the CPU: the same output and the same
-    gradients as ``base(x) + adapter_forward(x)`` to float32 rounding, with a scale != 1 and an input
-    that does or does not require grad."""
+    gradients (the factors' and the input's) as ``base(x) + adapter_forward(x)`` to float32 rounding, with a
+    scale != 1 and an input that does or does not require grad; under bf16 autocast, to bf16 rounding."""
     torch.manual_seed(0)
     model = Toy()
     ad = inject(model, name, target_modules=["to_q"], alpha=2.0)  # (custom_diffusion: no alpha)
@@ -166,21 +166,59 @@ def test_fused_forward_equals_the_reference_arithmetic(name):
     with torch.no_grad():
         for p in layer.parameters(recurse=False):
             p.normal_()
-    for needs_grad in (True, False):
-        x = torch.randn(2, 3, 12, requires_grad=needs_grad)
-        g = torch.randn(2, 3, 10)
-        outs, grads = [], []
-        for fused in (False, True):
-            for p in layer.parameters():
-                p.grad = None
-            base = layer.base(x)
-            out = layer.fused_forward(x, base) if fused else base + layer.adapter_forward(x)
-            out.backward(g)
-            outs.append(out.detach())
-            grads.append([p.grad.clone() for p in layer.parameters(recurse=False) if p.grad is not None])
-        assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-        assert len(grads[0]) == len(grads[1]) > 0
-        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-5) for a, b in zip(*grads))
+    for autocast, tol in ((False, 1e-5), (True, 3e-2)):
+        for needs_grad in (True, False):
+            x = torch.randn(2, 3, 12, requires_grad=needs_grad)
+            g = torch.randn(2, 3, 10)
+            outs, grads = [], []
+            for fused in (False, True):
+                for t in [*layer.parameters(), x]:
+                    t.grad = None
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = layer.fused_forward(x) if fused else layer.base(x) + layer.adapter_forward(x)
+                out.float().backward(g)
+                outs.append(out.detach().float())
+                grads.append([t.grad.clone() for t in [*layer.parameters(recurse=False), x] if t.grad is not None])
+            scale = outs[0].abs().max() if autocast else 1.0
+            assert outs[0].dtype == outs[1].dtype
+            assert torch.allclose(outs[0], outs[1], atol=tol * scale, rtol=tol)
+            assert len(grads[0]) == len(grads[1]) == sum(p.requires_grad for p in layer.parameters()) + needs_grad
+            assert all(torch.allclose(a, b, atol=10 * tol * a.abs().max(), rtol=tol) for a, b in zip(*grads))
+
+
+def test_fused_forward_adds_ten_kernels_to_the_frozen_layer():
+    """What the fused LoRA layer costs over its frozen Linear in one forward and backward, counted as the
+    operators it dispatches (each a kernel on a GPU, views aside): ten, under bf16 autocast with float32
+    factors and an input that needs its gradient, as :class:`LowRankLinear` says."""
+    from lorabench.utils.launches import count_ops
+
+    def kernels(fn):
+        x = torch.randn(2, 3, 12, dtype=torch.bfloat16, requires_grad=True)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fn(x)
+            out.backward(torch.ones_like(out))
+        return count_ops(step)
+
+    torch.manual_seed(0)
+    model = Toy().to(torch.bfloat16)
+    layer = inject(model, "lora", target_modules=["to_q"]).layers["unet.to_q"]
+    assert layer.lora_up.dtype == torch.float32
+    assert kernels(layer.fused_forward) - kernels(layer.base) == 10
+
+
+def test_a_trained_base_layer_takes_autograds_path():
+    """fused_forward gives the frozen weight no gradient; a base weight that trains gets autograd's."""
+    torch.manual_seed(0)
+    layer = inject(Toy(), "lora", target_modules=["to_q"]).layers["unet.to_q"]
+    layer.base.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 12)
+    layer.fused_forward(x).sum().backward()
+    ref = layer.base.weight.grad.clone()
+    layer.base.weight.grad = None
+    (layer.base(x) + layer.adapter_forward(x)).sum().backward()
+    assert ref.abs().sum() > 0 and torch.allclose(ref, layer.base.weight.grad)
 
 
 def test_the_cpu_keeps_the_reference_path():

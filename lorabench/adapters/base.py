@@ -72,6 +72,47 @@ def layer_shape(base: nn.Module, name: str) -> tuple[int, int]:
                       f"layer {name!r} is a {type(base).__name__}; adapters support Linear and 1x1 Conv2d")
 
 
+class LowRankLinear(torch.autograd.Function):
+    """``x W^T + b + s (x D^T) U^T`` for a frozen Linear ``(W, b)`` and factors ``(U, D)``, computed in
+    ``dtype`` with a hand-written backward: ten operators (kernels, on a GPU) a layer over the frozen layer's
+    own in a training step, nine where the input needs no gradient (casting D and U, ``x D^T``, the
+    ``addmm_`` of the update into the output; ``g U``, the input gradient's ``addmm_``, and the two factor
+    gradients, each a GEMM and one scale-and-cast into the factor's dtype). Autograd's graph of the same
+    arithmetic dispatched 14.3 a layer in SD1.5's UNet (the input gradients summed apart, the clone and
+    copies of an in-place update on a view; ``bench/bench_lora_overhead.py --count``). Gradients flow to
+    ``x``, ``U`` and ``D`` only: the frozen weight and bias get none (the caller checks they are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, up, down, scale: float, dtype: torch.dtype):
+        """The layer's output in ``dtype``; saves the input, the cast weight and factors and ``x D^T``."""
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w, u, d = weight.to(dtype), up.to(dtype), down.to(dtype)
+            out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+            h = x2 @ d.t()
+            out.addmm_(h, u.t(), alpha=scale)
+        ctx.save_for_backward(x2, w, u, d, h)
+        ctx.scale, ctx.x_dtype, ctx.up_dtype, ctx.down_dtype = scale, x.dtype, up.dtype, down.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Gradients for ``x`` (in its dtype), ``U`` and ``D`` (in theirs), only those asked for."""
+        x2, w, u, d, h = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+        need_x, _, _, need_up, need_down = ctx.needs_input_grad[:5]
+        gx = gup = gdown = None
+        gu = g @ u if need_x or need_down else None
+        if need_x:
+            gx = (g @ w).addmm_(gu, d, alpha=s).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+        if need_down:
+            gdown = torch.mul(gu.t() @ x2, s, out=torch.empty(d.shape, dtype=ctx.down_dtype, device=d.device))
+        if need_up:
+            gup = torch.mul(g.t() @ h, s, out=torch.empty(u.shape, dtype=ctx.up_dtype, device=u.device))
+        return gx, None, None, gup, gdown, None, None
+
+
 class AdapterLayer(nn.Module):
     """One adapted layer. Subclasses implement :meth:`factors` and create parameters in ``__init__``."""
 
@@ -126,26 +167,28 @@ class AdapterLayer(nn.Module):
         return self._project(h, up) * (self.scale * self.multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged or self.multiplier == 0.0:
-            return out
+            return self.base(x)
         if x.is_cuda and not self.is_conv and isinstance(self.dropout, nn.Identity):
-            return self.fused_forward(x, out)
+            return self.fused_forward(x)
+        out = self.base(x)
         return out + self.adapter_forward(x).to(out.dtype)
 
-    def fused_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out + dW x`` with few kernels, the path CUDA takes (Linear layers, no dropout): the adapter
-        runs in the activations' dtype (under bf16 autocast the input is never copied to float32; the
-        float32 factors are cast, a few KB), the scale multiplies the rank-r tensor, not the output,
-        and the up-projection adds itself to the base output inside one GEMM (``addmm_``). The CPU
-        keeps :meth:`adapter_forward`'s reference arithmetic, so CPU results stay bit for bit."""
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + dW x`` with few kernels, the path CUDA takes (Linear layers, no dropout): the frozen
+        layer and the adapter run in one autograd function (:class:`LowRankLinear`) in the activations'
+        dtype (under bf16 autocast the input is never copied to float32; the float32 factors are cast, a few
+        KB), the up-projection adds itself to the base output inside one GEMM, the scale rides on the GEMMs'
+        alpha, and the backward adds the adapter's input gradient into the base's in place. The CPU keeps
+        :meth:`adapter_forward`'s reference arithmetic, so CPU results stay bit for bit."""
+        w, b = self.base.weight, self.base.bias
+        if w.requires_grad or (b is not None and b.requires_grad):  # a trained base: autograd's own path
+            out = self.base(x)
+            return out + self.adapter_forward(x).to(out.dtype)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         up, down = self.factors()
-        h = F.linear(x.to(out.dtype), down.to(out.dtype))
-        s = self.scale * self.multiplier
-        if s != 1.0:
-            h = h * s
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.to(out.dtype).t())
-        return out
+        return LowRankLinear.apply(x, w, b, up, down, self.scale * self.multiplier, dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -68,8 +68,9 @@ class CustomDiffusionLayer(AdapterLayer):
         """``dW x`` with the dense update (no identity factor)."""
         return self._project(self.dropout(x.to(self.delta.dtype)), self.delta) * self.multiplier
 
-    def fused_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The CUDA path: ``out + dW x`` in the activations' dtype."""
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: ``base(x) + dW x`` in the activations' dtype."""
+        out = self.base(x)
         return out + F.linear(x.to(out.dtype), self.delta.to(out.dtype)) * self.multiplier
 
 
