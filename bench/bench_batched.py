@@ -19,14 +19,18 @@ and prints cells per minute and the ratio to ``separate``.
 ``--mode step`` (the GPU question) times training steps of ``--concepts`` LoRA adapters on one UNet of
 ``--size`` (bench_train_step's sizes; ``sd15-like`` is SD1.5's UNet at 512 px), each concept at batch
 ``--batch``: one after another (one adapter, a step each) against all stacked in one model (one step
-for all), as concept-steps per second, steps interleaved so machine noise hits both alike.
+for all), as concept-steps per second, steps interleaved so machine noise hits both alike. As lorabench
+trains: the frozen UNet in ``--dtype``, the adapters' float32 masters, autocast to ``--dtype``, fused AdamW.
+``--count`` also counts the operators a step of each dispatches (on a CPU it puts both on the CUDA paths,
+``fused_forward`` and ``batched_forward``, for the count and the times).
 
     python bench/bench_batched.py --mode cells --cells 8 --steps 60
     python bench/bench_batched.py --mode cells --adapter all --cells 12 --steps 200 --ways batched
     python bench/bench_batched.py --mode step --device cuda --size sd15-like --concepts 4 --batch 1 --dtype bfloat16
 
 Step mode first checks that stacking changes nothing but rounding: ``--check-steps`` steps of every member
-stacked against each member alone from the same initial values and inputs.
+stacked against each member alone from the same initial values and inputs, beside the floor that says
+what rounding is (each member alone in float32 against itself in ``--dtype``).
 """
 
 from __future__ import annotations
@@ -101,10 +105,13 @@ def step_mode(args) -> None:
     from bench_train_step import TARGETS, build_unet
     from lorabench.adapters import Adapters
     from lorabench.adapters.stacked import StackedAdapters, take_out
+    from lorabench.utils.launches import count_ops
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    single_unet, s, in_ch = build_unet(args.size)
+    base_unet, s, in_ch = build_unet(args.size)
+    # as lorabench trains: the frozen UNet in --dtype, the adapters' float32 masters, autocast to --dtype
+    single_unet = copy.deepcopy(base_unet).to(dev, dtype)
     stacked_unet = copy.deepcopy(single_unet)
     k, b = args.concepts, args.batch
     cfg = {"name": "lora", "rank": args.rank, "target_modules": TARGETS}
@@ -116,24 +123,27 @@ def step_mode(args) -> None:
         members.append(Adapters.inject({"unet": stacked_unet}, cfg))
         take_out(members[-1])
     stacked = StackedAdapters(members)
-    single_unet.to(dev, dtype)
-    stacked_unet.to(dev, dtype)
+    if args.count and dev.type != "cuda":  # count (and time) the CUDA paths on this device
+        for layer in single.layers.values():
+            layer.forward = layer.fused_forward
+        for layer in stacked.layers.values():
+            layer.forward = layer.batched_forward
 
     def make_step(unet, params, n, route):
-        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as training on CUDA, on any device
 
         def step():
             x = torch.randn(n, in_ch, s["res"], s["res"], device=dev, dtype=dtype)
             ctx = torch.randn(n, s["text_len"], s["cross_attention_dim"], device=dev, dtype=dtype)
-            with route():
-                loss = unet(x, torch.randint(0, 1000, (n,), device=dev), ctx).sample.float().square().mean()
-            loss.backward()
+            with route(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = unet(x, torch.randint(0, 1000, (n,), device=dev), ctx).sample
+            out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
     if args.check_steps:
-        check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype)
+        check_equal(args, base_unet, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype)
     one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext)
     many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k))
 
@@ -154,8 +164,14 @@ def step_mode(args) -> None:
     for _ in range(args.steps):  # interleaved, so machine noise hits both alike
         t_one.append(timed(one))
         t_many.append(timed(many))
+    print(f"{args.size} UNet, {k} LoRA adapters (rank {args.rank}) at batch {b} each, {args.device} {args.dtype}, "
+          "float32 adapters")
+    if args.count:
+        paths = " (the CUDA paths)" if dev.type != "cuda" else ""
+        print(f"  operators a step{paths}: one concept {count_ops(one)}, {k} stacked {count_ops(many)}")
+    if not args.steps:
+        return
     a, m = statistics.median(t_one), statistics.median(t_many)
-    print(f"{args.size} UNet, {k} LoRA adapters (rank {args.rank}) at batch {b} each, {args.device} {args.dtype}")
     print(f"  one after another: {a * 1000:.1f} ms a step of 1 concept, {1 / a:.2f} concept-steps/s")
     print(f"  stacked          : {m * 1000:.1f} ms a step of {k} concepts, {k / m:.2f} concept-steps/s")
     if dev.type == "cuda":
@@ -163,10 +179,14 @@ def step_mode(args) -> None:
     print(f"  ratio: {(k / m) / (1 / a):.2f}x the concept-steps per second")
 
 
-def check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype) -> None:
+def check_equal(args, base_unet, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype) -> None:
     """Train ``--check-steps`` steps of every member stacked, and of each member alone from the same initial
     values and inputs (its own AdamW), and print how far each member's update is from its separate run's
-    (relative Frobenius norm over its layers, and the largest element-wise difference)."""
+    (relative Frobenius norm over its layers, and the largest element-wise difference). Beside it, the floor
+    that says what "to ``--dtype`` rounding" means: each separate run again with the UNet in float32 and no
+    autocast, against the same run in ``--dtype``."""
+    from lorabench.adapters import Adapters
+
     k, b, n_steps = args.concepts, args.batch, args.check_steps
     g = torch.Generator().manual_seed(0)
     data = [[(torch.randn(b, in_ch, s["res"], s["res"], generator=g), torch.randint(0, 1000, (b,), generator=g),
@@ -174,14 +194,13 @@ def check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev,
             for _ in range(k)]
     init = {full: {n: getattr(layer, n).detach().clone() for n in layer.param_names}
             for full, layer in stacked.layers.items()}
-    fused = {"fused": True} if dev.type == "cuda" else {}
 
-    def loss_of(unet, x, t, c):
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = unet(x.to(dev, dtype), t.to(dev), c.to(dev, dtype)).sample
+    def loss_of(unet, x, t, c, dt=dtype):
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            out = unet(x.to(dev, dt), t.to(dev), c.to(dev, dt)).sample
         return out.float().square().mean(dim=(1, 2, 3))
 
-    opt = torch.optim.AdamW(stacked.trainable_parameters(), lr=1e-3, **fused)
+    opt = torch.optim.AdamW(stacked.trainable_parameters(), lr=1e-3, fused=True)
     for i in range(n_steps):
         x, t, c = (torch.cat([data[m][i][j] for m in range(k)]) for j in range(3))
         with stacked.router.route([b] * k):
@@ -189,28 +208,42 @@ def check_equal(args, single, stacked, single_unet, stacked_unet, s, in_ch, dev,
         torch.stack([chunk.mean() for chunk in per.split(b)]).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    worst_rel, worst_abs = 0.0, 0.0
-    for m in range(k):
+    runs = [(single, single_unet, dtype)]
+    if dtype != torch.float32:
+        ref_unet = copy.deepcopy(base_unet).to(dev)
+        runs.append((Adapters.inject({"unet": ref_unet}, single.config), ref_unet, torch.float32))
+
+    def separate(m, adapters, unet, dt):  # member m's update, trained alone
         with torch.no_grad():
-            for full, layer in single.layers.items():
+            for full, layer in adapters.layers.items():
                 for n in stacked.layers[full].param_names:
                     layer.get_parameter(n).copy_(init[full][n][m])
-        opt = torch.optim.AdamW(single.trainable_parameters(), lr=1e-3, **fused)
+        opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-3, fused=True)
         for i in range(n_steps):
-            loss_of(single_unet, *data[m][i]).mean().backward()
+            loss_of(unet, *data[m][i], dt=dt).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        num = den = 0.0
-        for full, layer in single.layers.items():
-            for n in stacked.layers[full].param_names:
-                sep = layer.get_parameter(n).detach().float() - init[full][n][m].float()
-                bat = getattr(stacked.layers[full], n)[m].detach().float() - init[full][n][m].float()
-                num += float((sep - bat).norm()) ** 2
-                den += float(sep.norm()) ** 2
-                worst_abs = max(worst_abs, float((sep - bat).abs().max()))
-        worst_rel = max(worst_rel, (num / max(den, 1e-30)) ** 0.5)
+        return {(full, n): layer.get_parameter(n).detach().float() - init[full][n][m].float()
+                for full, layer in adapters.layers.items() for n in stacked.layers[full].param_names}
+
+    def apart(a, b):  # relative Frobenius difference over every tensor, and the largest element's
+        num = sum(float((a[key] - b[key]).norm()) ** 2 for key in a)
+        den = sum(float(a[key].norm()) ** 2 for key in a)
+        return (num / max(den, 1e-30)) ** 0.5, max(float((a[key] - b[key]).abs().max()) for key in a)
+
+    worst, floor = [0.0, 0.0], [0.0, 0.0]
+    for m in range(k):
+        sep = separate(m, *runs[0])
+        bat = {(full, n): getattr(stacked.layers[full], n)[m].detach().float() - init[full][n][m].float()
+               for full, n in sep}
+        worst = [max(w, v) for w, v in zip(worst, apart(sep, bat))]
+        if len(runs) > 1:
+            floor = [max(w, v) for w, v in zip(floor, apart(separate(m, *runs[1]), sep))]
     print(f"  equality after {n_steps} steps (lr 1e-3): each member's update against its separate run's: "
-          f"largest relative difference {worst_rel:.2e} (Frobenius), largest element {worst_abs:.2e}")
+          f"largest relative difference {worst[0]:.2e} (Frobenius), largest element {worst[1]:.2e}")
+    if len(runs) > 1:
+        print(f"  the {args.dtype} floor: each separate run against itself in float32: largest relative difference "
+              f"{floor[0]:.2e}, largest element {floor[1]:.2e}")
 
 
 def main() -> None:
@@ -231,6 +264,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--count", action="store_true",
+                    help="step mode: count the operators a step of each dispatches (on a CPU, of the CUDA paths)")
     ap.add_argument("--check-steps", type=int, default=3,
                     help="step mode: first train this many steps stacked and separately and print how far apart")
     args = ap.parse_args()

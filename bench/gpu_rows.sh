@@ -108,7 +108,7 @@ else
     step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype
 fi
 step merge_overhead 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --overhead
-step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --size $size --concepts 4 --batch 1 \
+step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --size $size --concepts 4 --batch 1 --count \
     --dtype $dtype --steps $steps
 step world_cells 240 "$py" bench/bench_batched.py --mode cells --device $dev "${cells[@]}" \
     --ways "one pass,one pass graph"

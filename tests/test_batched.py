@@ -79,6 +79,60 @@ def test_stacked_layer_routes_each_sample_through_its_own_adapter(adapter, conv,
         stacked(x)
 
 
+@pytest.mark.parametrize("adapter", ["lora", "trilora", "custom_diffusion"])
+def test_batched_forward_under_bf16_autocast_computes_in_bf16(adapter):
+    """Under bf16 autocast the accelerator's arithmetic runs in bf16 (the input is not copied to float32)
+    and agrees with the members' own (float32 adapters, autocast) to bf16 rounding, a scale != 1 included;
+    the float32 masters get float32 gradients."""
+    from lorabench.adapters import get_adapter_class
+    from lorabench.adapters.base import parse_options
+    from lorabench.adapters.stacked import Router, StackedLayer
+
+    base = nn.Linear(12, 10).to(torch.bfloat16)
+    cls = get_adapter_class(adapter)
+    opts = {} if adapter == "custom_diffusion" else {"rank": 3, "alpha": 6.0}
+    layers = []
+    for i in range(3):
+        torch.manual_seed(i)
+        layer = cls(base, "unet.x", parse_options(cls, opts))
+        with torch.no_grad():
+            for p in layer.parameters(recurse=False):
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        layers.append(layer)
+    router = Router(3)
+    stacked = StackedLayer(layers, router)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float32Copies(TorchDispatchMode):  # operators whose output is a float32 tensor the input's size
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and out.dtype == torch.float32 and out.numel() >= x.numel():
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    x = torch.randn(6, 5, 12, dtype=torch.bfloat16)
+    outs = {}
+    for path in ("member_forward", "batched_forward"):
+        with router.route(counts=[2, 2, 2]), torch.autocast("cpu", dtype=torch.bfloat16), Float32Copies() as seen:
+            y = getattr(stacked, path)(x)
+        y.float().square().sum().backward()
+        outs[path] = (y.detach().float(), {n: getattr(stacked, n).grad for n in stacked.param_names})
+        for n in stacked.param_names:
+            getattr(stacked, n).grad = None
+    assert seen.names == [] and y.dtype == torch.bfloat16  # the batched path's forward made no float32 copy
+    (ym, gm), (yb, gb) = outs.values()
+    torch.testing.assert_close(yb, ym, atol=3e-2 * float(ym.abs().max()), rtol=3e-2)
+    for n, g in gb.items():
+        if g is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, gm[n], atol=5e-2 * float(gm[n].abs().max()), rtol=5e-2)
+
+
 def test_member_loaders_walk_each_members_epochs_under_its_own_rng():
     """Two members' loaders in one CombinedLoader: over three epochs each member sees its own shuffled
     order and its own random draws while loading items, as in its own run walked by Lightning: with a

@@ -163,28 +163,34 @@ class StackedLayer(nn.Module):
 
     def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The accelerator's arithmetic: every adapter at once in two batched products (equal to
-        :meth:`member_forward` up to rounding)."""
+        :meth:`member_forward` up to rounding), in the activations' dtype as :meth:`AdapterLayer.fused_forward`
+        computes: the factors are cast to it (under bf16 autocast the input is never copied to float32 and
+        back), and the scale multiplies the rank-r tensor, not the output (not at all when it is 1)."""
         out = self.base(x)
         # each adapter's chain of matrices, applied right to left: (down, up), or the dense dW alone
         chain = [getattr(self, self.dense)] if self.dense else list(reversed(self.stacked_factors()))
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else chain[0].dtype
         n = x.shape[0]
         if self.is_conv:  # (B, C, H, W) -> (B, HW, C)
             xs = x.flatten(2).transpose(1, 2)
         else:
             xs = x.reshape(n, -1, x.shape[-1])
-        y = xs.to(chain[0].dtype)
+        y = xs.to(dtype)
         counts = self.router.counts
         if counts is not None and len(set(c for c in counts if c)) == 1 and sum(counts) == n:
             # every adapter in use has the same number of samples, adapter by adapter: one reshape, no gather
             used = [k for k, c in enumerate(counts) if c]
             y = y.reshape(len(used), -1, y.shape[-1])
-            for m in chain:
-                y = torch.bmm(y, (m[used] if len(used) < self.k else m).transpose(1, 2))
+            mats = [m[used] if len(used) < self.k else m for m in chain]
         else:
             idx = self.router.sample_index(n, x.device)
-            for m in chain:
-                y = torch.bmm(y, m[idx].transpose(1, 2))
-        y = y.reshape(n, -1, self.out_features) * self.scale
+            mats = [m[idx] for m in chain]
+        for i, m in enumerate(mats):
+            y = torch.bmm(y, m.to(dtype).transpose(1, 2))
+            if i == 0 and self.scale != 1.0:  # on the rank-r tensor (the dense dW's output, alone)
+                y = y * self.scale
+        y = y.reshape(n, -1, self.out_features)
         y = y.transpose(1, 2).reshape(out.shape) if self.is_conv else y.reshape(out.shape)
         return out + y.to(out.dtype)
 
