@@ -160,6 +160,10 @@ def main() -> None:
     scale = max(float(r.abs().max()) for r in results["per_layer"].values())
     t_ours, _ = timed(ours, device, args.repeats)
     t_per_layer, _ = timed(per_layer, device, args.repeats)
+    # where the grouped merge's time goes: the sum alone, and the fold's batched products alone
+    stacks = list({id(d.stack): d.stack for d in merge(updates, {"name": "sum", "lam": 1.0}).deltas.values()}.values())
+    t_sum, _ = timed(lambda: merge(updates, {"name": "sum", "lam": 1.0}), device, max(args.repeats, 10))
+    t_bmm, _ = timed(lambda: [torch.bmm(st.ups, st.downs) for st in stacks], device, max(args.repeats, 10))
 
     # PEFT on the same UNet and the same factors
     from peft import LoraConfig
@@ -203,6 +207,10 @@ def main() -> None:
     print(f"compute of the fold: {flops / 1e9:.0f} GFLOP = {flops / t_ours / 1e9:.0f} GFLOP/s achieved; arithmetic "
           f"intensity {flops / (2 * nbytes):.0f} FLOP/byte (above the machine's FLOP/byte balance the floor is "
           "out of reach)")
+    print(f"  of which: the sum alone {t_sum * 1e3:.3f} ms; the fold's {len(stacks)} batched products alone "
+          f"{t_bmm * 1e3:.3f} ms ({flops / t_bmm / 1e9:.0f} GFLOP/s; shapes "
+          f"{', '.join('x'.join(map(str, (st.ups.shape[0], st.ups.shape[1], st.downs.shape[2]))) for st in stacks)}"
+          f", inner {stacks[0].ups.shape[2]})")
 
 
 if __name__ == "__main__":

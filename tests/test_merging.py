@@ -268,7 +268,8 @@ def test_weighted_sum_concatenates_every_layer_as_before():
 
 def test_stacked_sum_folds_like_the_per_layer_path():
     """Updates of one layout sum stack by stack; the fold applies whole stacks in one batched matmul and
-    equals add_to_ layer by layer to 1e-6 (fp32), also for a part of a stack; updates of different
+    equals add_to_ layer by layer to 1e-6 (fp32), also for a part of a stack and for whole stacks given in
+    another order than their layers'; updates of different
     layouts (ranks differ per layer) take the shape-group path and give the same sums."""
     ups = random_updates(3, shapes=(("a", 24, 16), ("b", 12, 20), ("c", 24, 16), ("d", 12, 20)))
     assert [s.layers for s in ups[0].stacks] == [("a", "c"), ("b", "d")]
@@ -277,8 +278,9 @@ def test_stacked_sum_folds_like_the_per_layer_path():
     assert res["a"].stack is res["c"].stack and res["a"].stack is not res["b"].stack
     g = torch.Generator().manual_seed(1)
     weights = {k: torch.randn(*d.shape, generator=g) for k, d in res.items()}
-    for part in (res, {k: res[k] for k in ("a", "b", "d")}):
-        assert_fold_is_per_layer(weights, part, alpha=0.5)
+    assert res["c"].up.data_ptr() == res["c"].stack.ups[1].data_ptr()  # a view of its slice, made when read
+    for part in (res, {k: res[k] for k in ("a", "b", "d")}, {k: res[k] for k in ("d", "c", "b", "a")}):
+        assert_fold_is_per_layer(weights, part, alpha=0.5)  # whole, a part, and whole stacks in another order
     g = torch.Generator().manual_seed(2)
     other = AdapterUpdate("r", {k: (torch.randn(o, 2 + j, generator=g), torch.randn(2 + j, i, generator=g))
                                 for j, (k, (o, i)) in enumerate(ups[0].shapes().items())})

@@ -188,8 +188,8 @@ def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, Laye
             ups = torch.cat([u.stacks[g].ups for u in updates], dim=2)
             merged = FactorStack(stack.layers, ups * float(lam) if lam != 1 else ups,  # (x * 1.0 is x)
                                  torch.cat([u.stacks[g].downs for u in updates], dim=1))
-            for layer, up, down in zip(stack.layers, merged.ups.unbind(0), merged.downs.unbind(0)):
-                out[layer] = LayerDelta(up=up, down=down, stack=merged)
+            for i, layer in enumerate(stack.layers):
+                out[layer] = LayerDelta(stack=merged, index=i)
         return {layer: out[layer] for layer in _layers(updates)}  # the model's layer order
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for layer in _layers(updates):

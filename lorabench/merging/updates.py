@@ -46,16 +46,38 @@ def stack_factors(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tup
                              torch.stack([pairs[k][1] for k in layers])) for layers in groups.values())
 
 
-@dataclass
 class LayerDelta:
     """One layer's merged update: ``up @ down`` or ``dense`` (shape (out, in), float32). A low-rank
-    delta made by a stacked sum also names its ``stack`` (its pair is a view of one slice of it), so
-    :func:`fold` can apply the whole stack at once."""
+    delta made by a stacked sum holds its ``stack`` and its slice ``index`` there instead of a pair: ``up``
+    and ``down`` are made (views) when first read, and :func:`fold` applies the whole stack at once
+    without them."""
 
-    up: Optional[torch.Tensor] = None
-    down: Optional[torch.Tensor] = None
-    dense: Optional[torch.Tensor] = None
-    stack: Optional[FactorStack] = field(default=None, repr=False)
+    __slots__ = ("_up", "_down", "dense", "stack", "index")
+
+    def __init__(self, up: Optional[torch.Tensor] = None, down: Optional[torch.Tensor] = None,
+                 dense: Optional[torch.Tensor] = None, stack: Optional[FactorStack] = None,
+                 index: Optional[int] = None):
+        if (stack is None) != (index is None):
+            raise ValueError("a stacked delta needs both its stack and its index")
+        self._up, self._down, self.dense, self.stack, self.index = up, down, dense, stack, index
+
+    @property
+    def up(self) -> Optional[torch.Tensor]:
+        """The (out, r) factor (None for a dense delta)."""
+        if self._up is None and self.stack is not None:
+            self._up = self.stack.ups[self.index]
+        return self._up
+
+    @property
+    def down(self) -> Optional[torch.Tensor]:
+        """The (r, in) factor (None for a dense delta)."""
+        if self._down is None and self.stack is not None:
+            self._down = self.stack.downs[self.index]
+        return self._down
+
+    def __repr__(self) -> str:
+        kind = "dense" if self.dense is not None else f"rank {self.up.shape[1]}"
+        return f"LayerDelta({kind}, shape={self.shape})"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -227,8 +249,8 @@ def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], 
         w0 = items[0][0]
         if (len(items) == len(stack.layers) and all(w.device == w0.device and w.dtype == w0.dtype for w, _ in items)
                 and tuple(w0.shape) == (stack.ups.shape[1], stack.downs.shape[2])):
-            prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype))
-            torch._foreach_add_([w for w, _ in items], list(prod.unbind(0)), alpha=alpha)
+            prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype)).unbind(0)
+            torch._foreach_add_([w for w, _ in items], [prod[d.index] for _, d in items], alpha=alpha)
         else:  # part of a stack, or weights of mixed dtypes: the general path
             for w, d in items:
                 groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
