@@ -104,6 +104,7 @@ def cells_mode(args) -> None:
 def step_mode(args) -> None:
     from bench_train_step import TARGETS, build_unet
     from lorabench.adapters import Adapters
+    from lorabench.adapters.base import factors_cast_once
     from lorabench.adapters.stacked import StackedAdapters, take_out
     from lorabench.utils.launches import count_ops
 
@@ -129,13 +130,17 @@ def step_mode(args) -> None:
         for layer in stacked.layers.values():
             layer.forward = layer.batched_forward
 
-    def make_step(unet, params, n, route):
+    # a separate run's step as training runs it on CUDA: every layer's factors cast in one go
+    single_layers = list(single.layers.values()) if dev.type == "cuda" or args.count else []
+
+    def make_step(unet, params, n, route, layers=()):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as training on CUDA, on any device
 
         def step():
             x = torch.randn(n, in_ch, s["res"], s["res"], device=dev, dtype=dtype)
             ctx = torch.randn(n, s["text_len"], s["cross_attention_dim"], device=dev, dtype=dtype)
-            with route(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            with route(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), \
+                    factors_cast_once(layers, dev.type):
                 out = unet(x, torch.randint(0, 1000, (n,), device=dev), ctx).sample
             out.float().square().mean().backward()
             opt.step()
@@ -144,7 +149,7 @@ def step_mode(args) -> None:
 
     if args.check_steps:
         check_equal(args, base_unet, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype)
-    one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext)
+    one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext, single_layers)
     many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k))
 
     def timed(step):

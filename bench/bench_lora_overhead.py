@@ -6,7 +6,8 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
 
 - ``base``: the frozen UNet, forward + MSE + backward to the input latents (no weight gradients): the
   floor any adapter step pays;
-- ``lora``: lorabench LoRA (rank ``--rank``) on to_q/k/v/out, forward + backward + AdamW;
+- ``lora``: lorabench LoRA (rank ``--rank``) on to_q/k/v/out, forward + backward + AdamW, as training steps
+  on CUDA (the factors of every layer cast in one go, ``factors_cast_once``);
 - ``lora+ckpt``: the same with gradient checkpointing (``module.gradient_checkpointing=true``);
 - ``lora-ref``: the same LoRA with every layer forced onto the reference arithmetic the CPU uses
   (``base(x) + adapter_forward(x)``) instead of the fused CUDA path, to show what the fused path saves;
@@ -60,6 +61,7 @@ def main() -> None:
         raise SystemExit("--graph needs --device cuda (CUDA graphs)")
 
     from lorabench.adapters import Adapters
+    from lorabench.adapters.base import factors_cast_once
     from lorabench.utils.launches import count_ops
 
     torch.manual_seed(0)
@@ -75,10 +77,14 @@ def main() -> None:
         names = [n for n in names if n in asked]
     unets = {name: copy.deepcopy(base).to(dev, dtype) for name in names}
     params = {name: [] for name in names}
+    # the rows whose step casts every layer's factors in one go, as training does on CUDA (not compiled)
+    once = {"lora", "lora+ckpt", "lora-graph"} if dev.type == "cuda" else ({"lora"} if args.count else set())
+    layers = {name: [] for name in names}
     n_layers = 0
     for name in [n for n in names if n.startswith("lora")]:
         ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
         params[name], n_layers = ad.trainable_parameters(), len(ad)  # float32 master weights, as in training
+        layers[name] = list(ad.layers.values()) if name in once else []
         if name == "lora" and args.count and dev.type != "cuda":  # count the CUDA path on this device
             for layer in ad.layers.values():
                 layer.forward = types.MethodType(lambda self, x: self.fused_forward(x), layer)
@@ -101,13 +107,14 @@ def main() -> None:
 
     def make_step(name):
         if name.endswith("-graph"):
-            return graphed_step(unets[name], params[name], x, t, e, target, dtype)
+            return graphed_step(unets[name], params[name], x, t, e, target, dtype, layers[name])
         unet, ps = unets[name], params[name]
         opt = torch.optim.AdamW(ps, lr=1e-4, fused=True) if ps else None  # as training on CUDA, on any device
 
         def step():
             inp = x.detach().requires_grad_(not ps)  # the base model's backward reaches the input
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), \
+                    factors_cast_once(layers[name], dev.type):
                 out = unet(inp, t, e).sample
             torch.nn.functional.mse_loss(out.float(), target.float()).backward()
             if opt is not None:

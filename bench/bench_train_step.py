@@ -54,16 +54,18 @@ def build_unet(size: str):
     return unet.requires_grad_(False), s, in_ch
 
 
-def graphed_step(unet, params, x, t, e, target, dtype):
+def graphed_step(unet, params, x, t, e, target, dtype, layers=()):
     """A training step of ``unet`` (MSE of its output against ``target``, backward, fused capturable AdamW on
     ``params``; with no ``params``, the backward reaches ``x``) captured as a CUDA graph; called, it replays
-    on ``x``."""
+    on ``x``. The factors of the lorabench adapter ``layers`` are cast in one go, as training does."""
+    from lorabench.adapters.base import factors_cast_once
     from lorabench.training.cuda_graph import CapturedStep
 
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True) if params else None
 
     def loss_fn(x, t, e, target):
-        return torch.nn.functional.mse_loss(unet(x, t, e).sample.float(), target.float())
+        with factors_cast_once(layers):
+            return torch.nn.functional.mse_loss(unet(x, t, e).sample.float(), target.float())
 
     inputs = {"x": x.detach().requires_grad_(not params), "t": t, "e": e, "target": target}
     captured = CapturedStep(loss_fn, inputs, opt, autocast_dtype=dtype if dtype != torch.float32 else None)
@@ -87,6 +89,7 @@ def main() -> None:
     from peft import LoraConfig
 
     from lorabench.adapters import Adapters
+    from lorabench.adapters.base import factors_cast_once
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -109,25 +112,27 @@ def main() -> None:
     e = torch.randn(args.batch, s["text_len"], s["cross_attention_dim"], generator=g).to(dev, dtype)
     target = torch.randn(x.shape, generator=g).to(dev, dtype)
 
-    def make_step(unet, params):
+    def make_step(unet, params, layers=()):
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), factors_cast_once(layers):
                 out = unet(x, t, e).sample
             loss = torch.nn.functional.mse_loss(out.float(), target.float())
             loss.backward()
             opt.step()
         return step
 
-    steps = {"lorabench": make_step(ours_unet, ours_params), "peft": make_step(peft_unet, peft_params)}
+    # lorabench's step as its training runs it: on CUDA every layer's factors cast in one go
+    steps = {"lorabench": make_step(ours_unet, ours_params, ours.layers.values()),
+             "peft": make_step(peft_unet, peft_params)}
     if args.graph:  # own copies of the UNets: a captured graph holds its model's tensors
         ours_g, peft_g = copy.deepcopy(ours_unet), copy.deepcopy(peft_unet)
         for name, unet in (("lorabench-graph", ours_g), ("peft-graph", peft_g)):
             try:
                 steps[name] = graphed_step(unet, [p for p in unet.parameters() if p.requires_grad],
-                                           x, t, e, target, dtype)
+                                           x, t, e, target, dtype, list(unet.modules()))
             except Exception as exc:  # a capture that fails leaves the eager rows standing
                 print(f"  {name}: could not be captured: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -206,6 +208,55 @@ def test_fused_forward_adds_ten_kernels_to_the_frozen_layer():
     layer = inject(model, "lora", target_modules=["to_q"]).layers["unet.to_q"]
     assert layer.lora_up.dtype == torch.float32
     assert kernels(layer.fused_forward) - kernels(layer.base) == 10
+
+
+@pytest.mark.parametrize("name,alpha", [("lora", None), ("lora", 8.0), ("ortho", None), ("trilora", 8.0)])
+def test_factors_cast_once_trains_as_each_layer_casting_its_own(name, alpha):
+    """Under bf16 autocast, factors_cast_once casts every fused layer's factors in one go: the same outputs
+    and the same float32 gradients bit for bit as each layer casting its own (scale 1 or 2), frozen factors
+    (OrthA's down) cast apart without a graph, a cast each way per factor saved against the block's four or
+    six operators, and nothing left behind after the block, an error included; outside autocast it does
+    nothing."""
+    from lorabench.adapters.base import factors_cast_once
+    from lorabench.utils.launches import count_ops
+
+    n = 6
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(n))).to(torch.bfloat16)
+    cfg = {"name": name, "rank": 4, "target_modules": ["re:[0-9]+"], **({"alpha": alpha} if alpha else {})}
+    if name == "ortho":
+        cfg["concept_key"] = "c0"
+    ad = Adapters.inject({"unet": model}, cfg)
+    randomize(ad)
+    for layer in ad.layers.values():
+        layer.forward = layer.fused_forward  # the CUDA path, here on the CPU
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+
+    def step(once):
+        for t in [*ad.parameters(), x]:
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with factors_cast_once(ad.layers.values(), "cpu") if once else contextlib.nullcontext():
+                out = model(x)
+        out.float().square().sum().backward()
+        return out, [t.grad for t in [*ad.parameters(), x] if t.grad is not None]
+
+    (y0, g0), (y1, g1) = step(False), step(True)
+    assert torch.equal(y0, y1) and len(g0) == len(g1) == len(ad.trainable_parameters()) + 1
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(g0, g1))
+    # per layer: the two casts forward and one per trained factor backward; the block: one concatenation and
+    # one cast for the trained factors each way, and for frozen ones (OrthA's down) forward
+    trained = sum(t.requires_grad for t in next(iter(ad.layers.values())).factors())
+    saved = n * (2 + trained) - (4 + 2 * (trained < 2))
+    assert count_ops(lambda: step(False)) - count_ops(lambda: step(True)) == saved
+    assert all(layer.cast_factors is None for layer in ad.layers.values())
+    with pytest.raises(RuntimeError, match="boom"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with factors_cast_once(ad.layers.values(), "cpu"):
+            assert all(layer.cast_factors is not None for layer in ad.layers.values())
+            raise RuntimeError("boom")
+    assert all(layer.cast_factors is None for layer in ad.layers.values())
+    with factors_cast_once(ad.layers.values(), "cpu"):  # no autocast: nothing to cast
+        assert all(layer.cast_factors is None for layer in ad.layers.values())
 
 
 def test_a_trained_base_layer_takes_autograds_path():

@@ -168,26 +168,23 @@ def test_compiled_unet_trains_like_eager_mode(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=0.02), losses
 
 
-def test_captured_step_trains_like_eager_steps():
-    """CapturedStep (one CUDA graph per step: forward, backward, clipping, fused capturable AdamW) gives the
-    eager steps' losses and weights: its warm-up leaves the parameters and optimiser state as they were."""
+def _lora_unets(n: int, dev: torch.device):
+    """``n`` identical small UNets (float32) with LoRA on their attention projections, their adapters, and
+    five batches of inputs for them."""
     from diffusers import UNet2DConditionModel
 
     from lorabench.adapters import Adapters
-    from lorabench.training.cuda_graph import CapturedStep
 
-    dev = torch.device("cuda")
-    unets, params = [], []
-    for _ in range(2):
+    unets, adapters = [], []
+    for _ in range(n):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                     layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
                                     norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).requires_grad_(False).to(dev)
-        ad = Adapters.inject({"unet": unet}, {"name": "lora", "rank": 4,
-                                              "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+        adapters.append(Adapters.inject({"unet": unet}, {"name": "lora", "rank": 4,
+                                                         "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
         unets.append(unet)
-        params.append(ad.trainable_parameters())
     cfg = unets[0].config
     g = torch.Generator().manual_seed(1)
     batches = [{"x": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dev),
@@ -195,6 +192,17 @@ def test_captured_step_trains_like_eager_steps():
                 "e": torch.randn(4, 8, cfg.cross_attention_dim, generator=g).to(dev),
                 "target": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dev)}
                for _ in range(5)]
+    return unets, adapters, batches
+
+
+def test_captured_step_trains_like_eager_steps():
+    """CapturedStep (one CUDA graph per step: forward, backward, clipping, fused capturable AdamW) gives the
+    eager steps' losses and weights: its warm-up leaves the parameters and optimiser state as they were."""
+    from lorabench.training.cuda_graph import CapturedStep
+
+    dev = torch.device("cuda")
+    unets, adapters, batches = _lora_unets(2, dev)
+    params = [ad.trainable_parameters() for ad in adapters]
 
     def loss_fn(unet):
         return lambda x, t, e, target: torch.nn.functional.mse_loss(unet(x, t, e).sample, target)
@@ -217,6 +225,60 @@ def test_captured_step_trains_like_eager_steps():
     # atomic (run-to-run varying) kernels. Measured on an H200 (2026-12-04): largest difference 5.1e-5.
     for a, b in zip(params[0], params[1]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-4)
+
+
+def test_factors_cast_once_trains_like_each_layers_own_casts_on_cuda():
+    """Under bf16 autocast on CUDA, a step whose adapter factors are cast in one go (factors_cast_once, as
+    DiffusionFineTuner.training_step does) gives each layer's own casts' loss exactly and their gradients to the
+    backward's rounding, dispatches at least three operators a layer fewer, and, captured as a CUDA graph,
+    casts the current masters at every replay."""
+    from lorabench.adapters.base import factors_cast_once
+    from lorabench.training.cuda_graph import CapturedStep
+    from lorabench.utils.launches import count_ops
+
+    dev = torch.device("cuda")
+    unets, adapters, batches = _lora_unets(3, dev)
+    for ad in adapters:  # the same non-zero updates in all three
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in ad.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+    def loss_fn(unet, layers):
+        def fn(x, t, e, target):
+            with torch.autocast("cuda", dtype=torch.bfloat16), factors_cast_once(layers):
+                out = unet(x, t, e).sample
+            return torch.nn.functional.mse_loss(out.float(), target)
+        return fn
+
+    def grads_of(i, once):
+        for p in adapters[i].trainable_parameters():
+            p.grad = None
+        loss = loss_fn(unets[i], adapters[i].layers.values() if once else [])(**batches[0])
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in adapters[i].trainable_parameters()]
+
+    (l0, g0), (l1, g1) = grads_of(0, False), grads_of(1, True)
+    assert l0 == l1
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-5)
+    n_layers = len(adapters[0])
+    fewer = count_ops(lambda: grads_of(0, False)) - count_ops(lambda: grads_of(1, True))
+    assert fewer >= 3 * n_layers, (fewer, n_layers)
+    # captured as a CUDA graph: a replay's loss is that of the masters as they are now, not as captured
+    fn = loss_fn(unets[2], adapters[2].layers.values())
+    step = CapturedStep(fn, batches[0], torch.optim.AdamW(adapters[2].trainable_parameters(), lr=1e-2, fused=True,
+                                                          capturable=True))
+    assert step.graphed
+    probe = batches[4]
+    with torch.no_grad():
+        before = float(fn(**probe))
+    for b in batches[:4]:
+        step(**b)
+    with torch.no_grad():
+        now = float(fn(**probe))
+    assert abs(now - before) > 1e-3 * abs(before)  # four steps moved the loss: stale casts would show
+    assert float(step(**probe)) == pytest.approx(now, rel=1e-4)
 
 
 def test_cuda_graph_option_trains_like_eager_steps_on_cuda(tmp_path):

@@ -15,12 +15,14 @@ inference) that is 1 unless a merge protocol sets it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorabench.adapters.fused import LowRankLinear, cast_together
 from lorabench.errors import ConfigError
 from lorabench.utils.registry import Registry
 
@@ -72,47 +74,6 @@ def layer_shape(base: nn.Module, name: str) -> tuple[int, int]:
                       f"layer {name!r} is a {type(base).__name__}; adapters support Linear and 1x1 Conv2d")
 
 
-class LowRankLinear(torch.autograd.Function):
-    """``x W^T + b + s (x D^T) U^T`` for a frozen Linear ``(W, b)`` and factors ``(U, D)``, computed in
-    ``dtype`` with a hand-written backward: ten operators (kernels, on a GPU) a layer over the frozen layer's
-    own in a training step, nine where the input needs no gradient (casting D and U, ``x D^T``, the
-    ``addmm_`` of the update into the output; ``g U``, the input gradient's ``addmm_``, and the two factor
-    gradients, each a GEMM and one scale-and-cast into the factor's dtype). Autograd's graph of the same
-    arithmetic dispatched 14.3 a layer in SD1.5's UNet (the input gradients summed apart, the clone and
-    copies of an in-place update on a view; ``bench/bench_lora_overhead.py --count``). Gradients flow to
-    ``x``, ``U`` and ``D`` only: the frozen weight and bias get none (the caller checks they are frozen)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, up, down, scale: float, dtype: torch.dtype):
-        """The layer's output in ``dtype``; saves the input, the cast weight and factors and ``x D^T``."""
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            w, u, d = weight.to(dtype), up.to(dtype), down.to(dtype)
-            out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-            h = x2 @ d.t()
-            out.addmm_(h, u.t(), alpha=scale)
-        ctx.save_for_backward(x2, w, u, d, h)
-        ctx.scale, ctx.x_dtype, ctx.up_dtype, ctx.down_dtype = scale, x.dtype, up.dtype, down.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        """Gradients for ``x`` (in its dtype), ``U`` and ``D`` (in theirs), only those asked for."""
-        x2, w, u, d, h = ctx.saved_tensors
-        s = ctx.scale
-        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
-        need_x, _, _, need_up, need_down = ctx.needs_input_grad[:5]
-        gx = gup = gdown = None
-        gu = g @ u if need_x or need_down else None
-        if need_x:
-            gx = (g @ w).addmm_(gu, d, alpha=s).view(*grad.shape[:-1], w.shape[1]).to(ctx.x_dtype)
-        if need_down:
-            gdown = torch.mul(gu.t() @ x2, s, out=torch.empty(d.shape, dtype=ctx.down_dtype, device=d.device))
-        if need_up:
-            gup = torch.mul(g.t() @ h, s, out=torch.empty(u.shape, dtype=ctx.up_dtype, device=u.device))
-        return gx, None, None, gup, gdown, None, None
-
-
 class AdapterLayer(nn.Module):
     """One adapted layer. Subclasses implement :meth:`factors` and create parameters in ``__init__``."""
 
@@ -139,6 +100,7 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.is_conv = isinstance(base, nn.Conv2d)
         self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        self.cast_factors: Optional[tuple] = None  # (dtype, up, down), set by factors_cast_once for its block
 
     # -- what a subclass provides ------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +131,14 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0.0:
             return self.base(x)
-        if x.is_cuda and not self.is_conv and isinstance(self.dropout, nn.Identity):
+        if x.is_cuda and self.fusable():
             return self.fused_forward(x)
         out = self.base(x)
         return out + self.adapter_forward(x).to(out.dtype)
+
+    def fusable(self) -> bool:
+        """Whether :meth:`fused_forward` can compute this layer: a Linear without dropout."""
+        return not self.is_conv and isinstance(self.dropout, nn.Identity)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + dW x`` with few kernels, the path CUDA takes (Linear layers, no dropout): the frozen
@@ -187,7 +153,8 @@ class AdapterLayer(nn.Module):
             return out + self.adapter_forward(x).to(out.dtype)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        up, down = self.factors()
+        cast = self.cast_factors
+        up, down = cast[1:] if cast is not None and cast[0] == dtype else self.factors()
         return LowRankLinear.apply(x, w, b, up, down, self.scale * self.multiplier, dtype)
 
     @torch.no_grad()
@@ -211,6 +178,33 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"type={self.adapter_type}, rank={self.rank}, scale={self.scale:g}, "
                 f"in={self.in_features}, out={self.out_features}, merged={self.merged}")
+
+
+@contextmanager
+def factors_cast_once(modules: Iterable[nn.Module], device_type: str = "cuda") -> Iterator[None]:
+    """For the ``with`` block (a training step's forward and loss, under ``device_type``'s autocast): the
+    factors of every adapter layer among ``modules`` that :meth:`AdapterLayer.fused_forward` computes (a
+    Linear without dropout, on ``device_type``, with its own ``fused_forward``, not merged) cast to
+    autocast's dtype in one go (:func:`~lorabench.adapters.fused.cast_together`), not layer by layer: on
+    SD1.5's 128 layers, four operators a layer fewer in a training step. Outside autocast it does nothing
+    (the factors are used as they are). Gradients reach the factors through the cast as before; a layer
+    run again after the block (a checkpointed block's recomputation) casts its own."""
+    layers = []
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        layers = [m for m in modules if isinstance(m, AdapterLayer) and m.fusable() and not m.merged
+                  and m.multiplier != 0.0 and type(m).fused_forward is AdapterLayer.fused_forward
+                  and m.base.weight.device.type == device_type]
+    try:
+        if layers:
+            pairs = [m.factors() for m in layers]
+            cast = cast_together([t for pair in pairs for t in pair], dtype)
+            for i, m in enumerate(layers):
+                m.cast_factors = (dtype, cast[2 * i], cast[2 * i + 1])
+        yield
+    finally:
+        for m in layers:
+            m.cast_factors = None
 
 
 def parse_options(cls: type[AdapterLayer], cfg: dict) -> AdapterOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Mapping, Optional
 
@@ -12,6 +13,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import compute_snr
 
 from lorabench.adapters import Adapters, inject_adapters
+from lorabench.adapters.base import factors_cast_once
 from lorabench.adapters.tokens import ConceptTokens, inject_tokens
 from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema
 from lorabench.errors import ConfigError, choice_error
@@ -132,6 +134,7 @@ class DiffusionFineTuner(L.LightningModule):
             if self.train_text_encoder:
                 for te in components.text_encoders().values():
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compiled = bool(compile)
         if compile:
             self.unet.compile()  # nn.Module.compile: in place, so parameter names and adapter layers stay
         self.strict_loading = False  # checkpoints hold adapter weights only
@@ -191,6 +194,14 @@ class DiffusionFineTuner(L.LightningModule):
         ctx = torch.enable_grad() if (self.text_grad and self.training) else torch.no_grad()
         with ctx:
             return encode_prompts(self.components, prompts, self.device, time_ids)
+
+    def factor_casts(self) -> AbstractContextManager:
+        """For a training step's forward and loss: on CUDA under autocast, every fused adapter layer's
+        factors cast in one go (:func:`~lorabench.adapters.base.factors_cast_once`), not layer by layer.
+        Nothing on the CPU, without adapters, or with a compiled UNet (its graph would guard on the casts)."""
+        if self.adapters is None or self.compiled:
+            return nullcontext()
+        return factors_cast_once(self.adapters.layers.values())
 
     def diffusion_loss(self, batch: Mapping[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
                        latents: torch.Tensor, reduce: bool = True) -> torch.Tensor:
@@ -260,7 +271,8 @@ class DiffusionFineTuner(L.LightningModule):
         if self.cuda_graph:
             return self.captured_training_step(batch)
         batch, latents, noise, timesteps = self.draw(batch, self._generator())
-        per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
+        with self.factor_casts():
+            per_example = self.diffusion_loss(batch, noise, timesteps, latents, reduce=False)
         if self.snr_gamma is not None:
             per_example = per_example * self.snr_weights(timesteps)
         n_prior = int(batch.get("num_prior", 0))
@@ -289,8 +301,10 @@ class DiffusionFineTuner(L.LightningModule):
 
     def captured_loss(self, n_prior: int, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured step's loss from tensors alone, and (loss, prior loss or the loss) to report."""
-        cond = self.encode_step_tokens(inputs)
-        per_example = self.noise_loss(cond, inputs["noise"], inputs["timesteps"], inputs["latents"], reduce=False)
+        with self.factor_casts():
+            cond = self.encode_step_tokens(inputs)
+            per_example = self.noise_loss(cond, inputs["noise"], inputs["timesteps"], inputs["latents"],
+                                          reduce=False)
         loss, prior = self.reduce_loss(per_example, n_prior)
         return loss, torch.stack([loss.detach(), (prior if prior is not None else loss).detach()])
 
