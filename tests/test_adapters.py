@@ -259,6 +259,33 @@ def test_factors_cast_once_trains_as_each_layer_casting_its_own(name, alpha):
         assert all(layer.cast_factors is None for layer in ad.layers.values())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_factors_cast_once_under_gradient_checkpointing(reentrant):
+    """A checkpointed block recomputes its forward after factors_cast_once's block has ended (its layers cast
+    their own factors then): the gradients are those of a run without checkpointing, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lorabench.adapters.base import factors_cast_once
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(4))).to(torch.bfloat16)
+    ad = Adapters.inject({"unet": model}, {"name": "lora", "rank": 4, "target_modules": ["re:[0-9]+"]})
+    randomize(ad)
+    for layer in ad.layers.values():
+        layer.forward = layer.fused_forward
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):
+        for p in ad.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), factors_cast_once(ad.layers.values(), "cpu"):
+            h = checkpoint(model[:2], x, use_reentrant=reentrant) if ckpt else model[:2](x)
+            out = model[2:](h)
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in ad.trainable_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_a_trained_base_layer_takes_autograds_path():
     """fused_forward gives the frozen weight no gradient; a base weight that trains gets autograd's."""
     torch.manual_seed(0)
