@@ -130,8 +130,9 @@ def step_mode(args) -> None:
         for layer in stacked.layers.values():
             layer.forward = layer.batched_forward
 
-    # a separate run's step as training runs it on CUDA: every layer's factors cast in one go
+    # both steps as training runs them on CUDA: every (stacked) layer's factors cast in one go
     single_layers = list(single.layers.values()) if dev.type == "cuda" or args.count else []
+    stacked_layers = list(stacked.layers.values()) if dev.type == "cuda" or args.count else []
 
     def make_step(unet, params, n, route, layers=()):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as training on CUDA, on any device
@@ -150,7 +151,8 @@ def step_mode(args) -> None:
     if args.check_steps:
         check_equal(args, base_unet, single, stacked, single_unet, stacked_unet, s, in_ch, dev, dtype)
     one = make_step(single_unet, single.trainable_parameters(), b, contextlib.nullcontext, single_layers)
-    many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k))
+    many = make_step(stacked_unet, stacked.trainable_parameters(), k * b, lambda: stacked.router.route([b] * k),
+                     stacked_layers)
 
     def timed(step):
         if dev.type == "cuda":

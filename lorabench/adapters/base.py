@@ -140,6 +140,15 @@ class AdapterLayer(nn.Module):
         """Whether :meth:`fused_forward` can compute this layer: a Linear without dropout."""
         return not self.is_conv and isinstance(self.dropout, nn.Identity)
 
+    def castable_factors(self, device_type: str) -> Optional[tuple[torch.Tensor, ...]]:
+        """``(up, down)`` for :func:`factors_cast_once` to cast, when this layer runs :meth:`fused_forward`
+        (this class's own) on ``device_type``; None otherwise."""
+        if (self.fusable() and not self.merged and self.multiplier != 0.0
+                and type(self).fused_forward is AdapterLayer.fused_forward
+                and self.base.weight.device.type == device_type):
+            return self.factors()
+        return None
+
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + dW x`` with few kernels, the path CUDA takes (Linear layers, no dropout): the frozen
         layer and the adapter run in one autograd function (:class:`LowRankLinear`) in the activations'
@@ -183,27 +192,28 @@ class AdapterLayer(nn.Module):
 @contextmanager
 def factors_cast_once(modules: Iterable[nn.Module], device_type: str = "cuda") -> Iterator[None]:
     """For the ``with`` block (a training step's forward and loss, under ``device_type``'s autocast): the
-    factors of every adapter layer among ``modules`` that :meth:`AdapterLayer.fused_forward` computes (a
-    Linear without dropout, on ``device_type``, with its own ``fused_forward``, not merged) cast to
+    factors of every module among ``modules`` that has some to cast (``castable_factors``: an adapter layer
+    on the fused path, :meth:`AdapterLayer.castable_factors`; K stacked ones on the batched path) cast to
     autocast's dtype in one go (:func:`~lorabench.adapters.fused.cast_together`), not layer by layer: on
     SD1.5's 128 layers, four operators a layer fewer in a training step. Outside autocast it does nothing
     (the factors are used as they are). Gradients reach the factors through the cast as before; a layer
     run again after the block (a checkpointed block's recomputation) casts its own."""
-    layers = []
+    entries = []
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        layers = [m for m in modules if isinstance(m, AdapterLayer) and m.fusable() and not m.merged
-                  and m.multiplier != 0.0 and type(m).fused_forward is AdapterLayer.fused_forward
-                  and m.base.weight.device.type == device_type]
+        for m in modules:
+            castable = getattr(m, "castable_factors", None)
+            tensors = castable(device_type) if castable is not None else None
+            if tensors:
+                entries.append((m, tensors))
     try:
-        if layers:
-            pairs = [m.factors() for m in layers]
-            cast = cast_together([t for pair in pairs for t in pair], dtype)
-            for i, m in enumerate(layers):
-                m.cast_factors = (dtype, cast[2 * i], cast[2 * i + 1])
+        if entries:
+            cast = iter(cast_together([t for _, tensors in entries for t in tensors], dtype))
+            for m, tensors in entries:
+                m.cast_factors = (dtype, *(next(cast) for _ in tensors))
         yield
     finally:
-        for m in layers:
+        for m, _ in entries:
             m.cast_factors = None
 
 

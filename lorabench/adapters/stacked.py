@@ -133,6 +133,7 @@ class StackedLayer(nn.Module):
         # adapters whose forward is the base class's (LoRA, OrthA) run it here on stacked factors
         self.plain = type(first).adapter_forward is AdapterLayer.adapter_forward and not self.dense
         self.in_features, self.out_features = first.in_features, first.out_features
+        self.cast_factors: Optional[tuple] = None  # (dtype, *chain), set by factors_cast_once for its block
         # in a list, not a submodule: the template's own tensors stay out of the model's
         self._template_list = [_Factors(first), _AdapterOutput(first)]
         self.param_names = [n for n, _ in first.named_parameters(recurse=False)]
@@ -161,16 +162,28 @@ class StackedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.batched_forward(x) if x.is_cuda else self.member_forward(x)
 
+    def chain(self) -> list[torch.Tensor]:
+        """Each adapter's chain of matrices, stacked, applied right to left: ``[down, up]``, or the dense dW
+        alone."""
+        return [getattr(self, self.dense)] if self.dense else list(reversed(self.stacked_factors()))
+
+    def castable_factors(self, device_type: str) -> Optional[tuple[torch.Tensor, ...]]:
+        """:meth:`chain` for :func:`~lorabench.adapters.base.factors_cast_once` to cast, for
+        :meth:`batched_forward` (what CUDA runs) on ``device_type``; None for layers elsewhere."""
+        return tuple(self.chain()) if self.base.weight.device.type == device_type else None
+
     def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The accelerator's arithmetic: every adapter at once in two batched products (equal to
         :meth:`member_forward` up to rounding), in the activations' dtype as :meth:`AdapterLayer.fused_forward`
         computes: the factors are cast to it (under bf16 autocast the input is never copied to float32 and
         back), and the scale multiplies the rank-r tensor, not the output (not at all when it is 1)."""
         out = self.base(x)
-        # each adapter's chain of matrices, applied right to left: (down, up), or the dense dW alone
-        chain = [getattr(self, self.dense)] if self.dense else list(reversed(self.stacked_factors()))
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else chain[0].dtype
+        dev, cast = x.device.type, self.cast_factors
+        if cast is not None and torch.is_autocast_enabled(dev) and cast[0] == torch.get_autocast_dtype(dev):
+            dtype, chain = cast[0], list(cast[1:])  # cast by factors_cast_once
+        else:
+            chain = self.chain()
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else chain[0].dtype
         n = x.shape[0]
         if self.is_conv:  # (B, C, H, W) -> (B, HW, C)
             xs = x.flatten(2).transpose(1, 2)

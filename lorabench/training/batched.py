@@ -194,7 +194,7 @@ class BatchedFineTuner(DiffusionFineTuner):
         if self.cuda_graph:
             return self.captured_training_step(batch)
         counts, n_priors, prompts, time_ids, latents, noise, timesteps = self.draw_members(batch)
-        with self.route(counts):
+        with self.route(counts), self.factor_casts():
             per_example = self.diffusion_loss({"prompts": prompts, "time_ids": time_ids}, noise, timesteps, latents,
                                               reduce=False)
         losses = self.member_losses_of(per_example, counts, n_priors)
@@ -224,7 +224,7 @@ class BatchedFineTuner(DiffusionFineTuner):
                              **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured step's loss from tensors alone (the sum of the members' losses) and the members'
         losses, as :meth:`training_step` computes them."""
-        with self.route(counts):
+        with self.route(counts), self.factor_casts():
             cond = self.encode_step_tokens(inputs)
             per_example = self.noise_loss(cond, inputs["noise"], inputs["timesteps"], inputs["latents"],
                                           reduce=False)

@@ -196,8 +196,8 @@ class DiffusionFineTuner(L.LightningModule):
             return encode_prompts(self.components, prompts, self.device, time_ids)
 
     def factor_casts(self) -> AbstractContextManager:
-        """For a training step's forward and loss: on CUDA under autocast, every fused adapter layer's
-        factors cast in one go (:func:`~lorabench.adapters.base.factors_cast_once`), not layer by layer.
+        """For a training step's forward and loss: on CUDA under autocast, every fused (or stacked) adapter
+        layer's factors cast in one go (:func:`~lorabench.adapters.base.factors_cast_once`), not layer by layer.
         Nothing on the CPU, without adapters, or with a compiled UNet (its graph would guard on the casts)."""
         if self.adapters is None or self.compiled:
             return nullcontext()
