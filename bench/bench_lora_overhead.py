@@ -8,22 +8,25 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
   floor any adapter step pays;
 - ``lora``: lorabench LoRA (rank ``--rank``) on to_q/k/v/out, forward + backward + AdamW, as training steps
   on CUDA (the factors of every layer cast in one go, ``factors_cast_once``);
+- ``lora-layercast`` (CUDA, or a CPU with ``--count``): the same with each layer casting its own factors
+  (the step before ``factors_cast_once``), to measure what casting them together saves;
 - ``lora+ckpt``: the same with gradient checkpointing (``module.gradient_checkpointing=true``);
 - ``lora-ref``: the same LoRA with every layer forced onto the reference arithmetic the CPU uses
   (``base(x) + adapter_forward(x)``) instead of the fused CUDA path, to show what the fused path saves;
 - with ``--compile``, ``base-compiled`` and ``lora-compiled``: both UNets through ``torch.compile``
   (``module.compile=true``); their first warm-up steps compile;
-- with ``--graph`` (CUDA), ``base-graph`` and ``lora-graph``: the same two steps captured whole as CUDA
-  graphs (:class:`lorabench.training.cuda_graph.CapturedStep`: forward, loss, backward and the fused,
-  capturable AdamW in one replay), which takes the CPU's kernel launches out of the step.
+- with ``--graph`` (CUDA), ``base-graph``, ``lora-graph`` and ``lora-graph-layercast``: those steps
+  captured whole as CUDA graphs (:class:`lorabench.training.cuda_graph.CapturedStep`: forward, loss,
+  backward and the fused, capturable AdamW in one replay), which takes the CPU's kernel launches out of
+  the step.
 
 Read ``lora / base`` (goal on a GPU: <= 1.10; ``lora-graph / base-graph`` where launches are gone) and the
 peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
 
 With ``--count``, one more step of each eager variant counts the operators it dispatches (each about one
-kernel on a GPU), and what LoRA adds per adapted layer. On a CPU ``--count`` puts the ``lora`` row (its
-count and its time) on the CUDA path (``fused_forward``), so ``--size sd15-shape`` (SD1.5's 128 adapted
-layers at toy widths) predicts the GPU's count in seconds.
+kernel on a GPU), and what LoRA adds per adapted layer. On a CPU ``--count`` puts the ``lora`` and
+``lora-layercast`` rows (their counts and times) on the CUDA path (``fused_forward``), so ``--size
+sd15-shape`` (SD1.5's 128 adapted layers at toy widths) predicts the GPU's count in seconds.
 
     python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile] [--graph]
     python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
@@ -67,8 +70,10 @@ def main() -> None:
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     base, s, in_ch = build_unet(args.size)
-    names = ["base", "lora", "lora+ckpt", "lora-ref"] + (["base-compiled", "lora-compiled"] if args.compile else []) \
-        + (["base-graph", "lora-graph"] if args.graph else [])
+    layercast = ["lora-layercast"] if args.device == "cuda" or args.count else []
+    names = ["base", "lora", *layercast, "lora+ckpt", "lora-ref"] \
+        + (["base-compiled", "lora-compiled"] if args.compile else []) \
+        + (["base-graph", "lora-graph", "lora-graph-layercast"] if args.graph else [])
     if args.only:
         asked = [n.strip() for n in args.only.split(",") if n.strip()]
         bad = [n for n in asked if n not in names]
@@ -85,7 +90,7 @@ def main() -> None:
         ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
         params[name], n_layers = ad.trainable_parameters(), len(ad)  # float32 master weights, as in training
         layers[name] = list(ad.layers.values()) if name in once else []
-        if name == "lora" and args.count and dev.type != "cuda":  # count the CUDA path on this device
+        if name in ("lora", "lora-layercast") and args.count and dev.type != "cuda":  # the CUDA path here
             for layer in ad.layers.values():
                 layer.forward = types.MethodType(lambda self, x: self.fused_forward(x), layer)
         if name == "lora-ref":
@@ -166,13 +171,14 @@ def main() -> None:
           f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
     for k, n in ops.items():
         extra = f"   {(n - ops['base']) / n_layers:5.2f} a layer over base" if k != "base" and n_layers else ""
-        print(f"  {k:<10} {n:6d} operators a step" + (" (the CUDA path)" if k == "lora" and not cuda else "") + extra)
+        path = " (the CUDA path)" if k in ("lora", "lora-layercast") and not cuda else ""
+        print(f"  {k:<14} {n:6d} operators a step{path}{extra}")
     if not med:
         return
     for k, v in med.items():
         q = statistics.quantiles(times[k], n=4)
         mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""
-        print(f"  {k:<10} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
+        print(f"  {k:<20} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
     print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.10)")
     if "lora-ref" in med:
         print(f"  ratio lora-ref / base = {med['lora-ref'] / med['base']:.3f}   "
@@ -183,6 +189,10 @@ def main() -> None:
     if "lora-graph" in med and "base-graph" in med:
         print(f"  ratio lora-graph / base-graph = {med['lora-graph'] / med['base-graph']:.3f}   (goal <= 1.10);  "
               f"lora-graph / lora (eager) = {med['lora-graph'] / med['lora']:.3f}")
+    for a, b in (("lora-layercast", "lora"), ("lora-graph-layercast", "lora-graph")):
+        if a in med and b in med:
+            print(f"  ratio {a} / {b} = {med[a] / med[b]:.3f}   (each layer casting its own factors, against all "
+                  "cast together)")
     if "lora+ckpt" in med:
         print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
         if peak:

@@ -31,9 +31,10 @@ SIZES = {
     # SD1.5's UNet architecture (860M parameters), 64x64 latents (512 px); for GPUs.
     "sd15-like": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                       res=64, text_len=77, layers_per_block=2, in_channels=4),
-    # SD1.5's blocks and layers (128 adapted attention projections) at toy widths: the same operators as
-    # sd15-like in a step, for counting them on a CPU (--count).
-    "sd15-shape": dict(block_out_channels=(32, 32, 32, 32), cross_attention_dim=32, attention_head_dim=8,
+    # SD1.5's blocks and layers (128 adapted attention projections) at toy widths, each of SD1.5's widths
+    # its own (320, 640, 1280 and the text's 768 -> 16, 32, 64 and 24): the same operators as sd15-like in a
+    # step, for counting them on a CPU (--count).
+    "sd15-shape": dict(block_out_channels=(16, 32, 64, 64), cross_attention_dim=24, attention_head_dim=8,
                        res=16, text_len=16, layers_per_block=2, in_channels=4),
 }
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

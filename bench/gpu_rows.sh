@@ -8,7 +8,9 @@
 # OUT_DIR/summary.txt gets one line per step (exit status, seconds). Naming steps runs only those, in the
 # order below. Two phases:
 #   alone (one at a time, nothing else on the GPU, so the ratios they print are clean):
-#     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs, operators a step), train_step (lorabench / PEFT,
+#     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs, operators a step, each layer
+#     casting its factors or all cast together), layer_host (an eager step's host time per LoRA layer:
+#     reference, fused, fused with the casts together), train_step (lorabench / PEFT,
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
 #     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
@@ -23,8 +25,8 @@
 #     name pytest_gpu to run every shard)
 # LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. On a 15-minute lease everything but
 # lora_step_compile fits one call (about 4.5 min alone, then 5 together):
-#   LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh /tmp/g device lora_step train_step \
-#       merge merge_overhead batched_sd15 world_cells world_table2 pytest_gpu
+#   LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh /tmp/g device lora_step layer_host \
+#       train_step merge merge_overhead batched_sd15 world_cells full_scale world_table2 pytest_gpu
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
 # skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
@@ -100,6 +102,7 @@ fi
 # -- phase 1: alone -------------------------------------------------------------------------------------
 step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype --count \
     --steps $steps $graph
+step layer_host 60 "$py" bench/bench_layer_host.py --device $dev
 step train_step 150 "$py" bench/bench_train_step.py --device $dev --size $size --batch 4 --dtype $dtype \
     --steps $steps $graph
 if [ $dry = 1 ]; then

@@ -140,7 +140,7 @@ def test_batched_forward_with_factors_cast_once(adapter):
     and the same gradients to float32 rounding as casting each layer's own, and dispatches at least two
     operators fewer per trained stacked tensor of each layer (its casts, and the copy of a transposed
     gradient into the parameter's layout), the block's few operators included."""
-    from lorabench.adapters.base import factors_cast_once
+    from lorabench.adapters.base import cast_factors_of, factors_cast_once
     from lorabench.adapters.stacked import Router, StackedLayer
     from lorabench.utils.launches import count_ops
 
@@ -169,7 +169,7 @@ def test_batched_forward_with_factors_cast_once(adapter):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     trained = sum(t.requires_grad for t in stacked[0].chain())
     assert count_ops(lambda: step(False)) - count_ops(lambda: step(True)) >= 2 * trained * len(stacked)
-    assert all(layer.cast_factors is None for layer in stacked)
+    assert all(cast_factors_of(layer) is None for layer in stacked)
 
 
 def test_member_loaders_walk_each_members_epochs_under_its_own_rng():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import torch
@@ -100,7 +101,6 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.is_conv = isinstance(base, nn.Conv2d)
         self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
-        self.cast_factors: Optional[tuple] = None  # (dtype, up, down), set by factors_cast_once for its block
 
     # -- what a subclass provides ------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,7 @@ class AdapterLayer(nn.Module):
             return out + self.adapter_forward(x).to(out.dtype)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cast = self.cast_factors
+        cast = cast_factors_of(self)
         up, down = cast[1:] if cast is not None and cast[0] == dtype else self.factors()
         return LowRankLinear.apply(x, w, b, up, down, self.scale * self.multiplier, dtype)
 
@@ -189,32 +189,42 @@ class AdapterLayer(nn.Module):
                 f"in={self.in_features}, out={self.out_features}, merged={self.merged}")
 
 
+# {id(module): (dtype, *cast factors)} while a factors_cast_once block runs (in this context)
+_CASTS: ContextVar[Optional[dict[int, tuple]]] = ContextVar("lorabench_cast_factors", default=None)
+
+
+def cast_factors_of(module: nn.Module) -> Optional[tuple]:
+    """``(dtype, *factors)`` that :func:`factors_cast_once` cast for ``module`` in the running block, or None."""
+    casts = _CASTS.get()
+    return casts.get(id(module)) if casts else None
+
+
 @contextmanager
 def factors_cast_once(modules: Iterable[nn.Module], device_type: str = "cuda") -> Iterator[None]:
     """For the ``with`` block (a training step's forward and loss, under ``device_type``'s autocast): the
     factors of every module among ``modules`` that has some to cast (``castable_factors``: an adapter layer
     on the fused path, :meth:`AdapterLayer.castable_factors`; K stacked ones on the batched path) cast to
-    autocast's dtype in one go (:func:`~lorabench.adapters.fused.cast_together`), not layer by layer: on
-    SD1.5's 128 layers, four operators a layer fewer in a training step. Outside autocast it does nothing
-    (the factors are used as they are). Gradients reach the factors through the cast as before; a layer
-    run again after the block (a checkpointed block's recomputation) casts its own."""
-    entries = []
+    autocast's dtype together (:func:`~lorabench.adapters.fused.cast_together`: two kernels a shape each
+    way), not layer by layer (two kernels a factor each way). Outside autocast it does nothing (the factors
+    are used as they are). Gradients reach the factors through the cast as before; a layer run again after
+    the block (a checkpointed block's recomputation) casts its own."""
+    casts: dict[int, tuple] = {}
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
+        entries = []
         for m in modules:
             castable = getattr(m, "castable_factors", None)
             tensors = castable(device_type) if castable is not None else None
             if tensors:
                 entries.append((m, tensors))
-    try:
         if entries:
             cast = iter(cast_together([t for _, tensors in entries for t in tensors], dtype))
-            for m, tensors in entries:
-                m.cast_factors = (dtype, *(next(cast) for _ in tensors))
+            casts = {id(m): (dtype, *(next(cast) for _ in tensors)) for m, tensors in entries}
+    token = _CASTS.set(casts or None)
+    try:
         yield
     finally:
-        for m, _ in entries:
-            m.cast_factors = None
+        _CASTS.reset(token)
 
 
 def parse_options(cls: type[AdapterLayer], cfg: dict) -> AdapterOptions:

@@ -38,12 +38,12 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, up, down, scale: float, dtype: torch.dtype):
         """The layer's output in ``dtype``; saves the input, the cast weight and factors and ``x D^T``."""
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            w, u, d = weight.to(dtype), up.to(dtype), down.to(dtype)
-            out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-            h = x2 @ d.t()
-            out.addmm_(h, u.t(), alpha=scale)
+        # every operand is in ``dtype`` (autocast's, when it is on), so autocast casts nothing here
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w, u, d = weight.to(dtype), up.to(dtype), down.to(dtype)
+        out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        h = x2 @ d.t()
+        out.addmm_(h, u.t(), alpha=scale)
         ctx.save_for_backward(x2, w, u, d, h)
         ctx.scale, ctx.x_dtype, ctx.up_dtype, ctx.down_dtype = scale, x.dtype, up.dtype, down.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -66,30 +66,45 @@ class LowRankLinear(torch.autograd.Function):
         return gx, None, None, gup, gdown, None, None
 
 
+def _by_shape(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The indices of ``tensors``, grouped by shape (first appearance order)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[t.shape].append(i)
+    return list(groups.values())
+
+
+def _cast_stacked(tensors: Sequence[torch.Tensor], groups: list[list[int]], dtype: torch.dtype) -> list:
+    """``tensors`` in ``dtype``: each group of one shape stacked and cast (two kernels), then unbound."""
+    out: list = [None] * len(tensors)
+    for index in groups:
+        for i, c in zip(index, torch.stack([tensors[i] for i in index]).to(dtype).unbind(0)):
+            out[i] = c
+    return out
+
+
 class CastTensors(torch.autograd.Function):
-    """Tensors of one dtype cast to ``dtype`` together: one concatenation and one cast forward, one
-    concatenation and one cast back in the backward (the outputs are views of one buffer, and so are the
-    gradients), where casting each alone costs a kernel each way per tensor."""
+    """Tensors of one dtype cast to ``dtype`` together: those of one shape stacked and cast in two kernels
+    forward, their gradients likewise back (the outputs and the gradients are slices of one stack per
+    shape: a few Python calls a shape, not a few a tensor), where casting each alone costs a kernel each way
+    per tensor."""
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *tensors):
-        """The tensors in ``dtype``, views of one buffer."""
-        ctx.shapes, ctx.dtype = [t.shape for t in tensors], tensors[0].dtype
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
-        return tuple(p.view(shape) for p, shape in zip(flat.split([t.numel() for t in tensors]), ctx.shapes))
+        """The tensors in ``dtype``."""
+        ctx.groups, ctx.dtype = _by_shape(tensors), tensors[0].dtype
+        return tuple(_cast_stacked(tensors, ctx.groups, dtype))
 
     @staticmethod
     def backward(ctx, *grads):
         """The gradients in the tensors' own dtype (an output left unused gets zeros)."""
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.dtype)
-        parts = flat.split([g.numel() for g in grads])
-        return (None, *(p.view(shape) for p, shape in zip(parts, ctx.shapes)))
+        return (None, *_cast_stacked(grads, ctx.groups, ctx.dtype))
 
 
 def cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[t.to(dtype) for t in tensors]`` with a few kernels instead of one per tensor (more per device and
-    source dtype): those that need gradients through one :class:`CastTensors`, the others in one
-    concatenation and cast without a graph. Tensors already in ``dtype`` come back as they are."""
+    """``[t.to(dtype) for t in tensors]`` with a few kernels instead of one per tensor (two per shape, device
+    and source dtype): those that need gradients through one :class:`CastTensors`, the others without a
+    graph. Tensors already in ``dtype`` come back as they are."""
     out: list = list(tensors)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
@@ -101,8 +116,7 @@ def cast_together(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[t
             cast = CastTensors.apply(dtype, *group)
         else:
             with torch.no_grad():
-                flat = torch.cat([t.reshape(-1) for t in group]).to(dtype)
-                cast = [p.view(t.shape) for p, t in zip(flat.split([t.numel() for t in group]), group)]
+                cast = _cast_stacked(group, _by_shape(group), dtype)
         for i, c in zip(index, cast):
             out[i] = c
     return out

@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from lorabench.adapters.base import AdapterLayer
+from lorabench.adapters.base import AdapterLayer, cast_factors_of
 from lorabench.adapters.injection import Adapters, _set_module
 from lorabench.errors import ConfigError
 
@@ -133,7 +133,6 @@ class StackedLayer(nn.Module):
         # adapters whose forward is the base class's (LoRA, OrthA) run it here on stacked factors
         self.plain = type(first).adapter_forward is AdapterLayer.adapter_forward and not self.dense
         self.in_features, self.out_features = first.in_features, first.out_features
-        self.cast_factors: Optional[tuple] = None  # (dtype, *chain), set by factors_cast_once for its block
         # in a list, not a submodule: the template's own tensors stay out of the model's
         self._template_list = [_Factors(first), _AdapterOutput(first)]
         self.param_names = [n for n, _ in first.named_parameters(recurse=False)]
@@ -178,7 +177,7 @@ class StackedLayer(nn.Module):
         computes: the factors are cast to it (under bf16 autocast the input is never copied to float32 and
         back), and the scale multiplies the rank-r tensor, not the output (not at all when it is 1)."""
         out = self.base(x)
-        dev, cast = x.device.type, self.cast_factors
+        dev, cast = x.device.type, cast_factors_of(self)
         if cast is not None and torch.is_autocast_enabled(dev) and cast[0] == torch.get_autocast_dtype(dev):
             dtype, chain = cast[0], list(cast[1:])  # cast by factors_cast_once
         else:
