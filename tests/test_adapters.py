@@ -286,6 +286,23 @@ def test_factors_cast_once_under_gradient_checkpointing(reentrant):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_the_fused_path_compiles_into_one_graph():
+    """torch.compile traces the fused layers (LowRankLinear, the cast lookup) without a graph break: a
+    compiled UNet (module.compile) stays one graph per forward, not one per adapted layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(3)))
+    ad = Adapters.inject({"unet": model}, {"name": "lora", "rank": 4, "target_modules": ["re:[0-9]+"]})
+    for layer in ad.layers.values():
+        layer.forward = layer.fused_forward
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float().sum()
+
+    explained = torch._dynamo.explain(loss)(torch.randn(2, 16))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_a_trained_base_layer_takes_autograds_path():
     """fused_forward gives the frozen weight no gradient; a base weight that trains gets autograd's."""
     torch.manual_seed(0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 import torch
@@ -189,14 +188,15 @@ class AdapterLayer(nn.Module):
                 f"in={self.in_features}, out={self.out_features}, merged={self.merged}")
 
 
-# {id(module): (dtype, *cast factors)} while a factors_cast_once block runs (in this context)
-_CASTS: ContextVar[Optional[dict[int, tuple]]] = ContextVar("lorabench_cast_factors", default=None)
+# {id(module): (dtype, *cast factors)} while a factors_cast_once block runs, else None. A module global, not a
+# ContextVar: torch.compile traces a global that is None (no block runs in a compiled UNet's step) but breaks
+# its graph at every ContextVar.get. One training step runs at a time in a process.
+_CASTS: Optional[dict[int, tuple]] = None
 
 
 def cast_factors_of(module: nn.Module) -> Optional[tuple]:
     """``(dtype, *factors)`` that :func:`factors_cast_once` cast for ``module`` in the running block, or None."""
-    casts = _CASTS.get()
-    return casts.get(id(module)) if casts else None
+    return _CASTS.get(id(module)) if _CASTS else None
 
 
 @contextmanager
@@ -220,11 +220,12 @@ def factors_cast_once(modules: Iterable[nn.Module], device_type: str = "cuda") -
         if entries:
             cast = iter(cast_together([t for _, tensors in entries for t in tensors], dtype))
             casts = {id(m): (dtype, *(next(cast) for _ in tensors)) for m, tensors in entries}
-    token = _CASTS.set(casts or None)
+    global _CASTS
+    outer, _CASTS = _CASTS, casts or None
     try:
         yield
     finally:
-        _CASTS.reset(token)
+        _CASTS = outer
 
 
 def parse_options(cls: type[AdapterLayer], cfg: dict) -> AdapterOptions:
