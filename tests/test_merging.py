@@ -82,19 +82,24 @@ def test_closed_form_objective_is_at_or_below_lbfgs():
 @pytest.mark.integration
 def test_lbfgs_reaches_the_closed_form_and_the_process_pool_solves_the_same_layers():
     """On well-conditioned statistics LBFGS converges to the minimiser (so its hand-written gradient is
-    the objective's); with merge.workers = 2 the layers' solves run in spawned processes and agree."""
+    the objective's); with merge.workers = 2 the layers' solves run in spawned processes and agree, as with
+    ``auto`` (one a core); a worker count that is not a positive integer or auto is a one-line error."""
     ups = random_updates(3)
     grams = random_grams(ups)
     closed = merge(ups, {"name": "gradient_fusion"}, stats=grams)
     serial = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs"}, stats=grams)
     pooled = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": 2}, stats=grams)
+    auto = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": "auto"}, stats=grams)
     for layer in ups[0].layers:
         ref = closed.deltas[layer].dense
-        for res in (serial, pooled):
+        for res in (serial, pooled, auto):
             assert float((res.deltas[layer].dense - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         assert serial.info["lbfgs_iterations"][layer] < 500  # converged, not cut
     with pytest.raises(ConfigError, match=r"merge\.workers"):
         merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": 0}, stats=grams)
+    with pytest.raises(ConfigError, match=r"merge\.workers: must be a positive integer or auto"):
+        merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": "all"}, stats=grams)
+
 
 
 def test_gradient_fusion_of_one_concept_returns_it_where_its_inputs_reach():

@@ -125,8 +125,13 @@ OPTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "max_iter": lambda v, f: check_int(v, f, minimum=1),
     "tolerance": lambda v, f: _number(v, f, 0.0, math.inf, True, True),
     "dtype": lambda v, f: _one_of(v, f, DTYPES),
-    "workers": lambda v, f: check_int(v, f, minimum=1),
+    "workers": lambda v, f: _workers(v, f),
 }
+
+
+def _workers(value, field: str) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(field, f"must be a positive integer or auto (one process a core), got {value!r}")
 
 
 def _one_of(value, field: str, valid) -> None:
@@ -356,12 +361,14 @@ def _close_pools() -> None:
 
 @register_merge("gradient_fusion", needs_stats=True)
 def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 1e-4, max_iter: int = 500,
-                    tolerance: float = 1e-10, dtype: str = "float64", workers: int = 1, info=None):
+                    tolerance: float = 1e-10, dtype: str = "float64", workers: int | str = 1, info=None):
     """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring).
 
-    ``workers`` > 1: the layers' independent LBFGS solves run in that many spawned processes. Each layer's
-    solve is the same function either way; LBFGS is bound by its own per-iteration Python work at the
-    world's layer sizes, so on 2 cores two processes take about half the time (docs/benchmarks.md).
+    ``workers`` > 1: the layers' independent LBFGS solves run in that many spawned processes, one thread
+    each where there are as many cores; ``auto``: one per core (2 on a 2-core machine, 16 on a 16-core GPU
+    host, each solve on one thread either way). Each layer's solve is the same function either way; LBFGS is
+    bound by its own per-iteration Python work at the world's layer sizes, so on 2 cores two processes take
+    about half the time (docs/benchmarks.md).
     LBFGS solves on the CPU wherever the factors are (its result is moved back to them): its iterations
     are Python, scalar reads and tiny products, which a GPU runs slower than a CPU (an H200 took 139 s for
     the world ED-LoRA's merge, one CPU process about 34 s). The closed form runs on the factors' device."""
@@ -376,6 +383,8 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
         problems[layer] = deltas, grams, ridge_value(grams, ridge)
     cpu = {layer: ([x.cpu() for x in deltas], [g.cpu() for g in grams])
            for layer, (deltas, grams, _) in problems.items()} if solver == "lbfgs" else {}
+    if workers == "auto":
+        workers = os.cpu_count() or 1
     pooled = solver == "lbfgs" and workers > 1 and len(problems) > 1
     if pooled:
         pool = solver_pool(workers)
