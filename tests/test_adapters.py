@@ -188,6 +188,20 @@ def test_fused_forward_equals_the_reference_arithmetic(name):
             assert all(torch.allclose(a, b, atol=10 * tol * a.abs().max(), rtol=tol) for a, b in zip(*grads))
 
 
+def test_fused_forward_without_a_bias():
+    """A Linear without bias (SDXL's and SD's attention projections): the fused path equals the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10, bias=False))
+    layer = Adapters.inject({"unet": model}, {"name": "lora", "rank": 3, "target_modules": ["0"]}).layers["unet.0"]
+    with torch.no_grad():
+        layer.lora_up.normal_()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    fused, ref = layer.fused_forward(x), layer.base(x) + layer.adapter_forward(x)
+    torch.testing.assert_close(fused, ref)
+    (gf,), (gr,) = torch.autograd.grad(fused.sum(), [x]), torch.autograd.grad(ref.sum(), [x])
+    torch.testing.assert_close(gf, gr)
+
+
 def test_fused_forward_adds_ten_kernels_to_the_frozen_layer():
     """What the fused LoRA layer costs over its frozen Linear in one forward and backward, counted as the
     operators it dispatches (each a kernel on a GPU, views aside): ten, under bf16 autocast with float32
