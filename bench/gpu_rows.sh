@@ -23,10 +23,14 @@
 #     unless WORLD_GRAPH=false: goal 5 minutes),
 #     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
 #     name pytest_gpu to run every shard)
-# LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. On a 15-minute lease everything but
-# lora_step_compile fits one call (about 4.5 min alone, then 5 together):
-#   LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh /tmp/g device lora_step layer_host \
-#       train_step merge merge_overhead batched_sd15 world_cells full_scale world_table2 pytest_gpu
+# LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. DEADLINE (s, from the script's start)
+# makes it end in time: each step's limit is cut to what is left (a step with under 20 s left is skipped and
+# says so), so summary.txt is written before the caller's own timeout. Write OUT_DIR under the device's $OUT,
+# so what ran comes back even if the call is cut. A 15-minute lease (machine start included, 10 minutes a
+# call) holds two calls:
+#   DEADLINE=560 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g1 device lora_step layer_host train_step merge \
+#       merge_overhead batched_sd15 world_cells full_scale           # about 4-6 min, alone
+#   DEADLINE=560 LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g2 world_table2 pytest_gpu
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
 # skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
@@ -45,6 +49,7 @@ export LORABENCH_OUTPUTS=${LORABENCH_OUTPUTS:-$out/outputs}
 export PYTHONUNBUFFERED=1
 SHARDS=${SHARDS:-4}
 LIMIT_TOGETHER=${LIMIT_TOGETHER:-300}
+DEADLINE=${DEADLINE:-0}
 
 if [ $dry = 1 ]; then
     dev=cpu; size=tiny; dtype=float32; graph=""; steps=2; trainer=trainer=cpu
@@ -62,10 +67,27 @@ stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; don
 
 wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }
 
+capped() {  # capped LIMIT: LIMIT cut to what DEADLINE leaves (5 s kept for the summary); 0: no time left
+    local limit=$1 left
+    if [ "$DEADLINE" -gt 0 ]; then
+        left=$((DEADLINE - SECONDS - 5))
+        if [ "$left" -lt 20 ]; then echo 0; return; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
+    echo "$limit"
+}
+
+skipped() {  # skipped NAME: the step did not start, for want of time
+    echo "   $1: skipped, DEADLINE=${DEADLINE} s reached"
+    echo "$1 skipped=deadline" >> "$out/summary.txt"
+}
+
 step() {  # step NAME LIMIT CMD...: in the foreground
-    local name=$1 limit=$2
+    local name=$1 limit
+    limit=$(capped "$2")
     shift 2
     wanted "$name" || return 0
+    if [ "$limit" = 0 ]; then skipped "$name"; return 0; fi
     local start=$SECONDS
     echo "== $name (at most ${limit} s, $(date -u +%H:%M:%S)): $*"
     timeout --kill-after=15 "$limit" "$@" 2>&1 | stamp > "$out/$name.log"
@@ -76,9 +98,11 @@ step() {  # step NAME LIMIT CMD...: in the foreground
 
 pids=()
 bg() {  # bg NAME LIMIT CMD...: started in the background; `join` waits for every one
-    local name=$1 limit=$2
+    local name=$1 limit
+    limit=$(capped "$2")
     shift 2
     wanted "$name" || wanted "${name%_[0-9]*}" || return 0
+    if [ "$limit" = 0 ]; then skipped "$name"; return 0; fi
     echo "== $name (at most ${limit} s, together, $(date -u +%H:%M:%S)): $*"
     (
         start=$SECONDS
