@@ -5,8 +5,9 @@
 #   (offline GPU image: bash .gpu/run.sh bash bench/gpu_rows.sh OUT_DIR)
 #
 # Each step runs under its own timeout and writes OUT_DIR/<step>.log, so one hang cannot eat the rest;
-# OUT_DIR/summary.txt gets one line per step (exit status, seconds). Naming steps runs only those, in the
-# order below. Two phases:
+# OUT_DIR/summary.txt gets one line per step (exit status, seconds), and OUT_DIR/report.md issue 33's figures
+# against their goals (bench/gpu_report.py; give it both calls' folders for one report). Naming steps runs only
+# those, in the order below. Two phases:
 #   alone (one at a time, nothing else on the GPU, so the ratios they print are clean):
 #     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs, operators a step, each layer
 #     casting its factors or all cast together), layer_host (an eager step's host time per LoRA layer:
@@ -187,3 +188,6 @@ PY
 fi
 echo "== done $(date -u +%H:%M:%S)"
 cat "$out/summary.txt"
+# the figures against their goals (for both calls' folders at once: python bench/gpu_report.py g1 g2)
+"$py" bench/gpu_report.py "$out" > "$out/report.md" 2>&1
+echo "== $out/report.md"

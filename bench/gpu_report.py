@@ -1,0 +1,142 @@
+"""Issue 33's figures against their goals, read from the logs of ``bench/gpu_rows.sh``: one markdown report.
+
+    python bench/gpu_report.py OUT_DIR [OUT_DIR ...]      # e.g. the two calls' folders, g1 and g2
+
+Each figure is read from the line its benchmark prints (``ratio lora / base = 1.674``, ...); a figure whose log
+or line is missing reads "not in the logs", never a guess. Below the figures: every step's exit status and
+seconds (``summary.txt``), and every ``pytest -m gpu`` outcome (``-rA``'s PASSED / FAILED / ERROR / SKIPPED
+lines). The report goes to standard output; commit it beside the logs, under ``bench/results/<date>-<gpu>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Optional
+
+# (figure, log, pattern whose first group is the value, unit, goal as text, test of the value against the goal)
+FIGURES = [
+    ("LoRA step / frozen base, SD1.5 size, bf16, batch 4, eager", "lora_step", r"ratio lora / base = ([\d.]+)",
+     "", "<= 1.10", lambda v: v <= 1.10),
+    ("the same, each step one CUDA graph", "lora_step", r"ratio lora-graph / base-graph = ([\d.]+)",
+     "", "<= 1.10", lambda v: v <= 1.10),
+    ("eager step with each layer casting its own factors / all cast together", "lora_step",
+     r"ratio lora-layercast / lora = ([\d.]+)", "", "(> 1: casting together pays)", None),
+    ("the same, captured", "lora_step", r"ratio lora-graph-layercast / lora-graph = ([\d.]+)",
+     "", "(> 1: casting together pays)", None),
+    ("LoRA operators a step over the base's, a layer (CUDA)", "lora_step",
+     r"lora\s+\d+ operators a step(?: \(the CUDA path\))?\s+([\d.]+) a layer over base", "",
+     "(5.80 counted on the CPU)", None),
+    ("an eager step's host time a LoRA layer: fused / reference", "layer_host",
+     r"fused\s+[\d.]+ us a layer\s+\(([\d.]+)x the reference\)", "", "(< 1)", None),
+    ("the same with the casts together / reference", "layer_host",
+     r"fused, cast once\s+[\d.]+ us a layer\s+\(([\d.]+)x the reference\)", "", "(< 1)", None),
+    ("lorabench / PEFT, eager", "train_step", r"ratio lorabench / peft = ([\d.]+)", "", "<= 0.75",
+     lambda v: v <= 0.75),
+    ("lorabench captured / PEFT eager", "train_step", r"ratio lorabench-graph / peft = ([\d.]+)", "", "<= 0.75",
+     lambda v: v <= 0.75),
+    ("merge 10 rank-64 adapters into SD1.5's 128 layers, bf16, stacked path", "merge",
+     r"lorabench sum \+ grouped fold:\s+([\d.]+) ms", " ms", "< 1 ms", lambda v: v < 1.0),
+    ("of which the fold's batched products alone", "merge", r"batched products alone ([\d.]+) ms", " ms", "", None),
+    ("the merge's host work (tiny shapes)", "merge_overhead", r"stacked sum \+ stacked fold\s+([\d.]+) ms", " ms",
+     "", None),
+    ("K = 4 SD1.5 LoRAs stacked at batch 1 / one after another, concept-steps per second", "batched_sd15",
+     r"ratio: ([\d.]+)x", "x", ">= 2.5x", lambda v: v >= 2.5),
+    ("stacked members' updates against their separate runs (relative, Frobenius)", "batched_sd15",
+     r"largest relative difference ([\d.e+-]+) \(Frobenius\)", "", "<= the bf16 floor below", None),
+    ("the bf16 floor: a separate run in bf16 against itself in float32", "batched_sd15",
+     r"float32: largest relative difference ([\d.e+-]+)", "", "", None),
+]
+
+
+def read_logs(folders: list[Path]) -> dict[str, str]:
+    """``{step: log text}`` from every folder (a later folder's log of the same step wins)."""
+    logs = {}
+    for folder in folders:
+        for f in sorted(folder.glob("*.log")):
+            logs[f.stem] = f.read_text(errors="replace")
+    return logs
+
+
+def figure(logs: dict[str, str], log: str, pattern: str) -> Optional[float]:
+    """The last value ``pattern`` finds in ``log``, or None."""
+    found = re.findall(pattern, logs.get(log, ""))
+    return float(found[-1]) if found else None
+
+
+def summary(folders: list[Path]) -> list[tuple[str, str, str]]:
+    """``(step, exit status or 'skipped', seconds)`` of every step in the folders' ``summary.txt``."""
+    rows = []
+    for folder in folders:
+        path = folder / "summary.txt"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            name, *fields = line.split()
+            kv = dict(f.split("=", 1) for f in fields if "=" in f)
+            status = kv["exit"] if "exit" in kv else ("skipped" if "skipped" in kv else "?")
+            rows.append((name, status, kv.get("seconds", "-")))
+    return rows
+
+
+def outcomes(logs: dict[str, str]) -> list[tuple[str, str]]:
+    """``(test id, PASSED / FAILED / ERROR / SKIPPED)`` from the pytest shards' ``-rA`` summaries."""
+    seen = {}
+    for name, text in logs.items():
+        if name.startswith("pytest_gpu"):
+            for outcome, test in re.findall(r"\b(PASSED|FAILED|ERROR|SKIPPED)\s+(\S+::\S+|\[\d+\] \S+)", text):
+                seen[test] = outcome
+    return sorted(seen.items())
+
+
+def report(folders: list[Path]) -> str:
+    """The markdown report of ``folders``."""
+    logs = read_logs(folders)
+    device = ""
+    for folder in folders:
+        if (folder / "device.txt").exists():
+            device = " ".join(line.strip() for line in (folder / "device.txt").read_text().splitlines()
+                              if line.startswith(("torch ", "device ")))
+    dry = device.endswith("device cpu")
+    lines = [f"Device: {device or 'no device.txt'}" + (" (a CPU dry run: these figures say nothing about a GPU)"
+                                                       if dry else ""),
+             "", "| figure | measured | goal | |", "|---|---|---|---|"]
+    floor = figure(logs, *FIGURES[-1][1:3])  # the bf16 floor the stacked members' difference is read against
+    for name, log, pattern, unit, goal, test in FIGURES:
+        value = figure(logs, log, pattern)
+        if value is None:
+            lines.append(f"| {name} | not in the logs | {goal} | |")
+            continue
+        verdict = "" if test is None else ("**met**" if test(value) else "not met")
+        if goal == "<= the bf16 floor below" and floor is not None:
+            verdict = "**met**" if value <= floor else "not met"
+        lines.append(f"| {name} | {value:g}{unit} | {goal} | {verdict} |")
+    steps = summary(folders)
+    world = next((s for s in steps if s[0] == "world_table2"), None)
+    if world is None:
+        lines.append("| world Table 2 on the GPU, batched cells | not in the logs | <= 300 s | |")
+    else:
+        ok = world[1] == "0"
+        verdict = ("**met**" if float(world[2]) <= 300 else "not met") if ok else f"did not finish (exit {world[1]})"
+        lines.append(f"| world Table 2 on the GPU, batched cells (wall time beside the gpu tests) | {world[2]} s | "
+                     f"<= 300 s | {verdict} |")
+    lines += ["", "| step | exit | seconds |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in steps)]
+    tests = outcomes(logs)
+    counts = {k: sum(1 for _, o in tests if o == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    lines += ["", f"`pytest -m gpu`: {len(tests)} outcomes: " + ", ".join(f"{n} {k.lower()}" for k, n in counts.items()
+                                                                      if n), "",
+              "| test | outcome |", "|---|---|", *(f"| {t} | {o.lower()} |" for t, o in tests)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="gpu_rows.sh output folders")
+    args = ap.parse_args()
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        raise SystemExit(f"gpu_report: no such folder: {missing[0]} (give gpu_rows.sh's OUT_DIR)")
+    print(report(args.folders), end="")
+
+
+if __name__ == "__main__":
+    main()

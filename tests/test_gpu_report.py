@@ -1,0 +1,44 @@
+"""bench/gpu_report.py: the GPU run's logs read back into issue 33's figures against their goals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_report_reads_the_committed_h200_logs():
+    """bench/gpu_report.py turns gpu_rows.sh's logs into issue 33's figures against their goals: on the
+    committed H200 run of 2026-12-04 it reads the figures docs/benchmarks.md gives for it, says "not in the
+    logs" for the rows that run did not have, and lists every gpu test's outcome."""
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", "bench/results/2026-12-04-h200"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "| LoRA step / frozen base, SD1.5 size, bf16, batch 4, eager | 1.674 | <= 1.10 | not met |" in out
+    assert "| the same, each step one CUDA graph | 1.209 | <= 1.10 | not met |" in out
+    assert "| lorabench captured / PEFT eager | 0.309 | <= 0.75 | **met** |" in out
+    assert "| 2.37 ms | < 1 ms | not met |" in out and "| 3.13x | >= 2.5x | **met** |" in out
+    assert "| the bf16 floor: a separate run in bf16 against itself in float32 | not in the logs |" in out
+    assert "did not finish (exit 1)" in out
+    assert "`pytest -m gpu`: 27 outcomes: 20 passed, 7 failed" in out
+    missing = subprocess.run([sys.executable, "bench/gpu_report.py", "no/such/folder"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no such folder: no/such/folder" in missing.stderr
+
+
+def test_gpu_report_reads_the_floor_and_skipped_steps(tmp_path):
+    """The stacked members' difference is judged against the bf16 floor printed beside it, and a step that
+    DEADLINE skipped is listed as skipped."""
+    (tmp_path / "batched_sd15.log").write_text(
+        "12:00:00   equality after 3 steps (lr 1e-3): each member's update against its separate run's: largest "
+        "relative difference 3.01e-02 (Frobenius), largest element 1.62e-03\n"
+        "12:00:00   the bfloat16 floor: each separate run against itself in float32: largest relative difference "
+        "1.19e-01, largest element 3.48e-03\n12:00:01   ratio: 2.22x the concept-steps per second\n")
+    (tmp_path / "summary.txt").write_text("batched_sd15 exit=0 seconds=38\nfull_scale skipped=deadline\n")
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "| 0.0301 | <= the bf16 floor below | **met** |" in out
+    assert "| 0.119 |  |  |" in out and "| 2.22x | >= 2.5x | not met |" in out
+    assert "| full_scale | skipped | - |" in out
+    assert "| world Table 2 on the GPU, batched cells | not in the logs" in out
