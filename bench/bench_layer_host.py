@@ -49,8 +49,7 @@ def main() -> None:
         model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(args.layers))).to(dev, torch.bfloat16)
         ad = Adapters.inject({"unet": model}, {"name": "lora", "rank": 4, "target_modules": ["re:[0-9]+"]})
         for layer in ad.layers.values():
-            layer.forward = layer.fused_forward if name != "reference" else (
-                lambda m: lambda x: (lambda out: out + m.adapter_forward(x).to(out.dtype))(m.base(x)))(layer)
+            layer.forward = layer.fused_forward if name != "reference" else layer.reference_forward
         models[name], layers[name] = model, list(ad.layers.values())
     x = torch.randn(2, 16, device=dev, dtype=torch.bfloat16, requires_grad=True)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -39,7 +39,6 @@ import argparse
 import copy
 import statistics
 import time
-import types
 
 import torch
 
@@ -92,11 +91,10 @@ def main() -> None:
         layers[name] = list(ad.layers.values()) if name in once else []
         if name in ("lora", "lora-layercast") and args.count and dev.type != "cuda":  # the CUDA path here
             for layer in ad.layers.values():
-                layer.forward = types.MethodType(lambda self, x: self.fused_forward(x), layer)
+                layer.forward = layer.fused_forward
         if name == "lora-ref":
             for layer in ad.layers.values():
-                layer.forward = types.MethodType(
-                    lambda self, x: (lambda out: out + self.adapter_forward(x).to(out.dtype))(self.base(x)), layer)
+                layer.forward = layer.reference_forward
     if "lora+ckpt" in unets:
         unets["lora+ckpt"].enable_gradient_checkpointing()
     for name in [n for n in names if n.endswith("-compiled")]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorabench.adapters.fused import LowRankLinear, cast_together
+from lorabench.adapters.fused import LowRankLinear, cast_together, compute_dtype
 from lorabench.errors import ConfigError
 from lorabench.utils.registry import Registry
 
@@ -132,6 +132,10 @@ class AdapterLayer(nn.Module):
             return self.base(x)
         if x.is_cuda and self.fusable():
             return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + adapter_forward(x)``: the reference arithmetic, the CPU's path."""
         out = self.base(x)
         return out + self.adapter_forward(x).to(out.dtype)
 
@@ -157,10 +161,8 @@ class AdapterLayer(nn.Module):
         :meth:`adapter_forward`'s reference arithmetic, so CPU results stay bit for bit."""
         w, b = self.base.weight, self.base.bias
         if w.requires_grad or (b is not None and b.requires_grad):  # a trained base: autograd's own path
-            out = self.base(x)
-            return out + self.adapter_forward(x).to(out.dtype)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return self.reference_forward(x)
+        dtype = compute_dtype(x.device.type, x.dtype)
         cast = cast_factors_of(self)
         up, down = cast[1:] if cast is not None and cast[0] == dtype else self.factors()
         return LowRankLinear.apply(x, w, b, up, down, self.scale * self.multiplier, dtype)
@@ -209,8 +211,8 @@ def factors_cast_once(modules: Iterable[nn.Module], device_type: str = "cuda") -
     are used as they are). Gradients reach the factors through the cast as before; a layer run again after
     the block (a checkpointed block's recomputation) casts its own."""
     casts: dict[int, tuple] = {}
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = compute_dtype(device_type, None)
+    if dtype is not None:
         entries = []
         for m in modules:
             castable = getattr(m, "castable_factors", None)

@@ -12,9 +12,14 @@ two agree, and counts the operators (:func:`lorabench.utils.launches.count_ops`)
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+
+def compute_dtype(device_type: str, default: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype an op computes in on ``device_type``: autocast's when it is on there, else ``default``."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorabench.adapters.base import AdapterLayer, cast_factors_of
+from lorabench.adapters.fused import compute_dtype
 from lorabench.adapters.injection import Adapters, _set_module
 from lorabench.errors import ConfigError
 
@@ -177,12 +178,12 @@ class StackedLayer(nn.Module):
         computes: the factors are cast to it (under bf16 autocast the input is never copied to float32 and
         back), and the scale multiplies the rank-r tensor, not the output (not at all when it is 1)."""
         out = self.base(x)
-        dev, cast = x.device.type, cast_factors_of(self)
-        if cast is not None and torch.is_autocast_enabled(dev) and cast[0] == torch.get_autocast_dtype(dev):
+        cast, autocast = cast_factors_of(self), compute_dtype(x.device.type, None)
+        if cast is not None and cast[0] == autocast:
             dtype, chain = cast[0], list(cast[1:])  # cast by factors_cast_once
         else:
             chain = self.chain()
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else chain[0].dtype
+            dtype = autocast or chain[0].dtype
         n = x.shape[0]
         if self.is_conv:  # (B, C, H, W) -> (B, HW, C)
             xs = x.flatten(2).transpose(1, 2)
