@@ -15,13 +15,14 @@
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
 #     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
-#     one batched pass, and one pass with module.cuda_graph), full_scale (each full-scale table's training
-#     and sampling step, time and peak memory, at the real SD1.5 / SDXL sizes with random weights, multiplied
-#     out to GPU hours per table), lora_step_compile (torch.compile rows: more
+#     one batched pass, and one pass with module.cuda_graph), eval_batch (28 world settings sampled one by
+#     one against in one pass: time and operators a setting, the images' difference), full_scale (each
+#     full-scale table's training and sampling step, time and peak memory, at the real SD1.5 / SDXL sizes with
+#     random weights, multiplied out to GPU hours per table), lora_step_compile (torch.compile rows: more
 #     than 3 minutes of compiling on an H200, so only when named)
 #   together (started at once, then waited for; their wall times share the GPU and the CPU):
-#     world_table2 (the world Table 2, cold cache, trainer=gpu, every cell batched, each step a CUDA graph
-#     unless WORLD_GRAPH=false: goal 5 minutes),
+#     world_table2 (the world Table 2, cold cache, trainer=gpu, cells and samples batched (batch_cells and
+#     eval_batch auto), each step a CUDA graph unless WORLD_GRAPH=false: goal 5 minutes),
 #     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
 #     name pytest_gpu to run every shard)
 # LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. DEADLINE (s, from the script's start)
@@ -30,7 +31,7 @@
 # so what ran comes back even if the call is cut. A 15-minute lease (machine start included, 10 minutes a
 # call) holds two calls:
 #   DEADLINE=560 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g1 device lora_step layer_host train_step merge \
-#       merge_overhead batched_sd15 world_cells full_scale           # about 4-6 min, alone
+#       merge_overhead batched_sd15 world_cells eval_batch full_scale     # about 4-6 min, alone
 #   DEADLINE=560 LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g2 world_table2 pytest_gpu
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
@@ -57,10 +58,10 @@ if [ $dry = 1 ]; then
     world_small=(protocol.concepts=[sks,twt] protocol.group_size=2 protocol.seeds=[0] trainer.max_steps=3
                  eval.images_per_prompt=1 eval.sampler.num_inference_steps=2 eval.concepts.n_references=2
                  protocol.capture.images_per_prompt=1 protocol.capture.num_inference_steps=2)
-    collect=--collect-only; cells=(--cells 2 --steps 3)
+    collect=--collect-only; cells=(--cells 2 --steps 3); evals=(--settings 3 --steps 2 --repeats 1)
 else
     dev=cuda; size=sd15-like; dtype=bfloat16; graph=--graph; steps=15; trainer=trainer=gpu
-    world_small=(); collect=""; cells=(--cells 4 --steps 100)
+    world_small=(); collect=""; cells=(--cells 4 --steps 100); evals=(--settings 28 --repeats 2)
 fi
 graph_opt=(); [ "${WORLD_GRAPH:-true}" = true ] && graph_opt=(module.cuda_graph=true)
 
@@ -140,6 +141,7 @@ step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --s
     --dtype $dtype --steps $steps
 step world_cells 240 "$py" bench/bench_batched.py --mode cells --device $dev "${cells[@]}" \
     --ways "one pass,one pass graph"
+step eval_batch 90 "$py" bench/bench_eval_batch.py --device $dev "${evals[@]}" --count
 if [ $dry = 1 ]; then  # each full-scale table's stages at the real SD1.5 / SDXL sizes (issue 30's budget)
     step full_scale 120 "$py" bench/bench_full_scale.py --scaled-down --steps 1 --warmup 0
 else
@@ -152,8 +154,8 @@ fi
 
 # -- phase 2: together ----------------------------------------------------------------------------------
 bg world_table2 "$LIMIT_TOGETHER" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
-    protocol.batch_cells=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" "${world_small[@]}" \
-    "${graph_opt[@]}"
+    protocol.batch_cells=auto protocol.eval_batch=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" \
+    "${world_small[@]}" "${graph_opt[@]}"
 if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
     mapfile -t ids < <("$py" -m pytest -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null | grep '::')
     echo "   pytest -m gpu: ${#ids[@]} tests in $SHARDS shards"

@@ -70,7 +70,7 @@ def _kind(value) -> Optional[str]:
 
 
 # Numeric fields that also take a word; their own checks (after the imports) say which words.
-WORD_VALUES = {"protocol.batch_cells": ("auto",), "trainer.devices": ("auto",)}
+WORD_VALUES = {"protocol.batch_cells": ("auto",), "protocol.eval_batch": ("auto",), "trainer.devices": ("auto",)}
 
 
 def check_override_types(base: DictConfig, overrides: Iterable[tuple[str, list[Any]]]) -> None:

@@ -265,6 +265,7 @@ def preflight(cfg: DictConfig) -> None:
     # heavy (torch, diffusers): the CLI's start-up (override checks, --help) does not pay for them
     from lorabench.adapters.tokens import check_tokens_config, for_concept  # noqa: PLC0415
     from lorabench.protocols.cells import check_batch_cells  # noqa: PLC0415
+    from lorabench.protocols.scoring import check_eval_batch  # noqa: PLC0415
     from lorabench.sampling import check_counts  # noqa: PLC0415
     from lorabench.training.module import check_cuda_graph  # noqa: PLC0415
 
@@ -285,6 +286,8 @@ def preflight(cfg: DictConfig) -> None:
                               "custom_diffusion) and no embeddings (embeddings: {name: textual_inversion, ...})")
     if OmegaConf.select(cfg, "protocol.batch_cells") is not None:
         check_batch_cells(OmegaConf.select(cfg, "protocol.batch_cells"))
+    if OmegaConf.select(cfg, "protocol.eval_batch") is not None:
+        check_eval_batch(OmegaConf.select(cfg, "protocol.eval_batch"))
     if cfg.get("optim") is not None:
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
     check_trainer(cfg.get("trainer"))

@@ -7,19 +7,24 @@ same 8 seeds. Works for pixel-space models (no VAE) and latent models, SD and SD
 - :class:`Sampler`: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1];
 - :func:`sample_prompts` (every prompt from every seed) and :func:`sample_each` (prompt i from seed i):
   the model in eval mode on a device first;
+- :meth:`Sampler.sample_settings`: several settings (each its prompts, seeds and weights on some Linear
+  layers, :func:`setting_weights`) in one UNet batch, as each alone to float rounding;
 - :func:`image_grid` and :func:`save_grid`: images as one PNG.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from lorabench.adapters.tokens import layer_routing
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.io import atomic_path
@@ -108,6 +113,12 @@ class Sampler:
             return batch[idx].cpu()
         return torch.stack([torch.randn(shape, generator=generator("sample-latents", int(s))) for s in seeds])
 
+    def _parts_to_device(self) -> None:
+        comps = self.components
+        for part in (comps.text_encoder, comps.text_encoder_2, comps.vae):  # they follow the UNet's device
+            if part is not None:
+                part.to(self.device)
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Optional[Sequence[int]] = None,
                  latents: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -118,42 +129,89 @@ class Sampler:
             raise ConfigError("sampler.seeds", f"{len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         if latents is None:
             latents = self.initial_latents(seeds)
-        comps = self.components
-        for part in (comps.text_encoder, comps.text_encoder_2, comps.vae):  # they follow the UNet's device
-            if part is not None:
-                part.to(self.device)
+        self._parts_to_device()
         out = []
         batches = range(0, len(prompts), self.batch_size)
         bar = tqdm(total=len(batches) * self.num_inference_steps, desc="sampling", unit="step",
                    disable=not self.progress, leave=False)
         for start in batches:
-            out.append(self._sample_batch(prompts[start:start + self.batch_size],
-                                          latents[start:start + self.batch_size], bar))
+            cond = self.conditions(prompts[start:start + self.batch_size])
+            out.append(self.decode(self._denoise(latents[start:start + self.batch_size], cond, 1, bar)).cpu())
         bar.close()
         return torch.cat(out) if out else torch.empty(0, 3, *self.latent_shape()[1:])
 
-    def _sample_batch(self, prompts: list[str], x: torch.Tensor, bar) -> torch.Tensor:
+    @torch.no_grad()
+    def conditions(self, prompts: Sequence[str]) -> dict:
+        """What the UNet is conditioned on for ``prompts``: their text states, after the unconditional half's
+        when guided, encoded under the model's current state (its loaded tokens and text-encoder weights)."""
+        self._parts_to_device()
+        cond = encode_prompts(self.components, list(prompts), self.device)
+        if self.guidance_scale == 1.0:
+            return cond
+        # zero_negative: diffusers' SDXL pipeline's zeros (pooled embedding included), nothing encoded
+        uncond = _zeros_like(cond) if self.zero_negative else \
+            encode_prompts(self.components, [self.negative_prompt] * len(prompts), self.device)
+        return cat_conditions([uncond, cond])
+
+    @torch.no_grad()
+    def sample_settings(self, conds: Sequence[dict], latents: Sequence[torch.Tensor],
+                        weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[torch.Tensor]:
+        """Several settings in one pass: setting ``s`` is ``conds[s]`` (from :meth:`conditions`) and its initial
+        latents ``latents[s]`` (every setting as many), its UNet Linear layers at the paths of ``weights`` taking
+        ``weights[path][s]`` (:func:`setting_weights`). Each setting's images, as :meth:`__call__` draws them
+        one setting at a time, to float rounding (the UNet runs on a batch of every setting's rows)."""
+        n = len(latents[0]) if latents else 0
+        bar = tqdm(total=self.num_inference_steps, desc=f"sampling {len(conds)} settings", unit="step",
+                   disable=not self.progress, leave=False)
+        with self._settings_pass(conds, latents, weights) as (x, cond):
+            x = self._denoise(x, cond, len(conds), bar)
+        bar.close()
+        return list(self.decode(x).cpu().split(n))
+
+    @torch.no_grad()
+    def probe(self, conds: Sequence[dict], latents: Sequence[torch.Tensor],
+              weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """The first UNet call of :meth:`sample_settings`'s pass alone, e.g. to measure its peak memory."""
+        with self._settings_pass(conds, latents, weights) as (x, cond):
+            self._denoise(x, cond, len(conds), None, steps=1)
+
+    @contextlib.contextmanager
+    def _settings_pass(self, conds: Sequence[dict], latents: Sequence[torch.Tensor],
+                       weights: Optional[Mapping[str, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, dict]]:
+        if not conds or len(conds) != len(latents):
+            raise ValueError(f"{len(conds)} conditions for {len(latents)} latent batches")
+        if any(len(x) != len(latents[0]) for x in latents):
+            raise ValueError(f"settings sampled together need as many images each, got {[len(x) for x in latents]}")
+        self._parts_to_device()
+        cond = cat_conditions(conds)
+        routing = layer_routing(self.components.unet) if "layer_states" in cond else contextlib.nullcontext()
+        with routing, setting_weights(self.components.unet, weights or {}, len(conds)):
+            yield torch.cat(list(latents)), cond
+
+    def _denoise(self, x: torch.Tensor, cond: dict, settings: int, bar, steps: Optional[int] = None) -> torch.Tensor:
+        """The sampling loop from initial latents ``x`` ((settings * n, ...), setting-major) under ``cond`` (per
+        setting: its unconditional rows, then its conditional rows, when guided); ``steps``: stop after so many."""
         comps, dev = self.components, self.device
         dtype = next(comps.unet.parameters()).dtype
         guided = self.guidance_scale != 1.0
-        cond = encode_prompts(comps, prompts, dev)
-        if guided:  # zero_negative: diffusers' SDXL pipeline's zeros (pooled embedding included), nothing encoded
-            uncond = _zeros_like(cond) if self.zero_negative else \
-                encode_prompts(comps, [self.negative_prompt] * len(prompts), dev)
-            cond = _cat_conditions(uncond, cond)
         sched = self.scheduler
         sched.set_timesteps(self.num_inference_steps, device=dev)
         x = x.to(dev, torch.float32) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = torch.cat([x, x]) if guided else x
+        for t in sched.timesteps[:steps]:
+            if guided:  # per setting, its rows twice: [x_s, x_s] (one setting: torch.cat([x, x]))
+                inp = x.view(settings, 1, -1, *x.shape[1:]).expand(-1, 2, -1, *x.shape[1:]).reshape(-1, *x.shape[1:])
+            else:
+                inp = x
             inp = sched.scale_model_input(inp, t)
             pred = denoise(comps.unet, inp, t, cond, dtype).float()
             if guided:
-                p_uncond, p_cond = pred.chunk(2)
-                pred = p_uncond + self.guidance_scale * (p_cond - p_uncond)
+                pairs = pred.view(settings, 2, -1, *pred.shape[1:])
+                p_uncond, p_cond = pairs[:, 0], pairs[:, 1]
+                pred = (p_uncond + self.guidance_scale * (p_cond - p_uncond)).reshape(-1, *pred.shape[1:])
             x = sched.step(pred, t, x).prev_sample
-            bar.update(1)
-        return self.decode(x).cpu()
+            if bar is not None:
+                bar.update(1)
+        return x
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
@@ -174,14 +232,60 @@ def _zeros_like(cond: dict) -> dict:
     return out
 
 
-def _cat_conditions(uncond: dict, cond: dict) -> dict:
-    out = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
-    if "layer_states" in cond:
-        out["layer_states"] = tuple(torch.cat([u, c]) for u, c in zip(uncond["layer_states"], cond["layer_states"]))
-    if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v])
-                                    for k, v in cond["added_cond_kwargs"].items()}
+def cat_conditions(conds: Sequence[dict]) -> dict:
+    """Several batches' conditions as one, in the order given. Layer-wise text states (P+) are kept when any
+    batch has them; a batch without takes its ``encoder_hidden_states`` for every layer (what the attention
+    layers read without them)."""
+    out = {"encoder_hidden_states": torch.cat([c["encoder_hidden_states"] for c in conds])}
+    layered = [c["layer_states"] for c in conds if "layer_states" in c]
+    if layered:
+        n = len(layered[0])
+        if any(len(s) != n for s in layered):
+            raise ValueError(f"layer-wise text states of different lengths: {sorted({len(s) for s in layered})}")
+        per = [c.get("layer_states") or (c["encoder_hidden_states"],) * n for c in conds]
+        out["layer_states"] = tuple(torch.cat(states) for states in zip(*per))
+    if "added_cond_kwargs" in conds[0]:
+        out["added_cond_kwargs"] = {k: torch.cat([c["added_cond_kwargs"][k] for c in conds])
+                                    for k in conds[0]["added_cond_kwargs"]}
     return out
+
+
+def _per_setting_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    settings = weight.shape[0]
+    if x.shape[0] % settings:
+        raise ValueError(f"a batch of {x.shape[0]} rows is not {settings} settings of equal size")
+    xs = x.reshape(settings, -1, x.shape[-1])
+    wt = weight.transpose(1, 2)
+    y = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.to(xs.dtype), xs, wt)
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def per_setting_ready(module: torch.nn.Module) -> bool:
+    """Whether :func:`setting_weights` can give ``module`` a weight per setting (a plain ``nn.Linear``)."""
+    return type(module) is torch.nn.Linear
+
+
+@contextlib.contextmanager
+def setting_weights(unet: torch.nn.Module, weights: Mapping[str, torch.Tensor], settings: int) -> Iterator[None]:
+    """For the ``with`` block, the ``nn.Linear`` at each path of ``weights`` computes its input's rows as
+    ``settings`` equal, contiguous parts (the leading dimension, setting-major), part ``s`` with
+    ``weights[path][s]`` ((settings, out, in), the layer's bias shared): several models that differ in a few
+    layers' weights, in one batch. The modules' own forward is restored after."""
+    patched = []
+    try:
+        for path, w in weights.items():
+            module = unet.get_submodule(path)
+            if not per_setting_ready(module):
+                raise ValueError(f"{path}: a weight per setting needs an nn.Linear, not {type(module).__name__}")
+            if tuple(w.shape) != (settings, *module.weight.shape):
+                raise ValueError(f"{path}: weights {tuple(w.shape)} for {settings} settings of "
+                                 f"{tuple(module.weight.shape)}")
+            module.forward = functools.partial(_per_setting_linear, w, module.bias)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -302,3 +302,22 @@ def test_cuda_graph_option_trains_like_eager_steps_on_cuda(tmp_path):
     num = sum(float((d1[k] - d0[k]).norm() ** 2) for k in d0) ** 0.5
     den = sum(float(v.norm() ** 2) for v in d0.values()) ** 0.5
     assert num / den < 0.10, f"update differs by {num / den:.3f}"
+
+
+def test_batched_evaluation_on_cuda_sizes_its_passes_by_memory_and_equals_settings_alone(tmp_path):
+    """The world Table 2's evaluation with protocol.eval_batch=auto on CUDA: the settings go in passes the
+    memory probe sizes (more than one setting each), and every row equals eval_batch=1's (each setting alone on
+    the same GPU) to float rounding."""
+    from lorabench.protocols.orthogonal_adaptation import run
+
+    args = ["experiment=orthogonal_adaptation/world", *OA_SMALL, "trainer=gpu", "protocol.train_workers=1",
+            f"protocol.cache_dir={tmp_path / 'cache'}",
+            "protocol.only=[pplus,edlora_fedavg,custom_diffusion,ortha_paper,dblora_fedavg]"]
+    alone = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    together = run(compose([*args, "protocol.eval_batch=auto"], tmp_path / "b"), tmp_path / "b")
+    assert together["timings"]["alone"] == 0 and max(together["timings"]["passes"]) > 1
+    for key in ("single_rows", "rows"):
+        for a, b in zip(alone[key], together[key], strict=True):
+            for k, v in a.items():
+                if isinstance(v, float) and not k.endswith("_s"):
+                    assert b[k] == pytest.approx(v, abs=1e-4), (a.get("method", a.get("adapter")), k)

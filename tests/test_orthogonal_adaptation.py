@@ -256,3 +256,26 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
     history = next(offline.glob("run-*.wandb")).read_bytes()  # protobuf records: keys are stored as plain text
     assert b"modular/update_size/ortha_disjoint/weight_median" in history
     assert (tmp_path / "wb" / "merge_bars.png").is_file()
+
+
+def test_batched_evaluation_gives_the_table_of_settings_sampled_alone(tmp_path):
+    """protocol.eval_batch=8: every adapter type's cells (tokens alone, tokens + UNet and text-encoder LoRA,
+    Custom Diffusion's whole K/V and modifier token) and their merges sampled eight settings a pass give the rows
+    of eval_batch=1 (each alone, as before) to float rounding, in the same order with the same fields."""
+    from lorabench.protocols.orthogonal_adaptation import run
+
+    args = [*SMALL, "trainer.max_steps=3", f"protocol.cache_dir={tmp_path / 'cache'}",
+            "protocol.only=[pplus,edlora_fedavg,custom_diffusion,ortha_paper,dblora_fedavg]"]
+    alone = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    together = run(compose([*args, "protocol.eval_batch=8"], tmp_path / "b"), tmp_path / "b")
+    for key in ("single_rows", "rows"):
+        assert len(alone[key]) == len(together[key]) == 10  # 5 adapter types or methods x 2 concepts
+        for a, b in zip(alone[key], together[key]):
+            assert list(a) == list(b)
+            for k, v in a.items():
+                if isinstance(v, float) and not k.endswith("_s"):
+                    assert b[k] == pytest.approx(v, abs=1e-5), (a.get("method", a.get("adapter")), k)
+    assert len({r["merged_image_alignment"] for r in alone["rows"]}) > 1  # the settings differ
+    # 10 cells in passes of 8 and 2, then 10 merges likewise; alone, 20 settings one by one
+    assert together["timings"]["passes"] == [8, 2, 8, 2] and together["timings"]["alone"] == 0
+    assert alone["timings"]["passes"] == [] and alone["timings"]["alone"] == 20

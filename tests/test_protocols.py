@@ -164,3 +164,77 @@ def test_style_scorer_retrieves_renders_of_the_right_style(styles):
     assert own["style_similarity"] > other["style_similarity"] + 0.3 and other["style_top1"] == 0.0
     with pytest.raises(ValueError, match="not in the gallery"):
         scorer(fresh["vango"], "nope")
+
+
+# -- many settings sampled in one pass (protocols/scoring.py::EvalBatch) ------------------------------------------
+def _trained_lora(model, seed: int, text_encoder: bool = False):
+    """A LoRA injected in ``model`` with random (non-zero) up factors, as if trained."""
+    from lorabench.adapters import inject_adapters
+
+    adapters = inject_adapters(model, {"name": "lora", "rank": 2,
+                                       "text_encoder_targets": ["q_proj", "v_proj"] if text_encoder else []})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return adapters
+
+
+def test_eval_batch_equals_settings_sampled_alone(load_tiny):
+    """Settings taken with injected adapters (UNet and text encoder) and with merged deltas: one at a time
+    (size 1) exactly as the sampler draws them, and several in a pass equal to that to float rounding."""
+    from lorabench.merging import LayerDelta, merged_into, model_weights, updates_from_adapters
+    from lorabench.protocols.scoring import EvalBatch
+    from lorabench.sampling import sample_prompts
+
+    model = load_tiny()
+    sampler = {"scheduler": "dpm", "num_inference_steps": 3, "progress": False}
+    prompts, seeds, cpu = ["a photo of sks dog", "a dog"], [0, 1], torch.device("cpu")
+    updates = []
+    for i in range(2):
+        adapters = _trained_lora(model, i, text_encoder=True)
+        updates.append(updates_from_adapters(adapters, f"c{i}"))
+        adapters.remove()
+    deltas = [{k: LayerDelta(up=u, down=d) for k, (u, d) in up.layers.items()} for up in updates]
+    expected = []
+    for d in deltas:
+        with merged_into(model_weights(model, list(d)), d):
+            expected.append(sample_prompts(model, sampler, prompts, seeds, cpu))
+    runs = {}
+    for size in (1, 3):
+        evals = EvalBatch(model, sampler, cpu, size)
+        for i in range(2):  # as a protocol scores a cell: its adapter injected, its UNet update handed over
+            adapters = _trained_lora(model, i, text_encoder=True)
+            evals.add(("cell", i), prompts, seeds, deltas[i], injected=True)
+            adapters.remove()
+            evals.add(("merge", i), prompts, seeds, deltas[i])  # a merge: every layer's delta, nothing injected
+            if evals.full:  # a pass's worth waits (never with size 1: sampled as added)
+                evals.sample()
+        assert not evals.pending and evals.passes == ([] if size == 1 else [3, 1])
+        with pytest.raises(ValueError, match="added twice"):
+            evals.add(("merge", 0), prompts, seeds)
+        runs[size] = evals.images()
+    for i in range(2):
+        assert torch.equal(runs[1]["merge", i], expected[i])
+        torch.testing.assert_close(runs[1]["cell", i], expected[i], atol=1e-5, rtol=0)  # adapter vs folded weights
+        for key in (("cell", i), ("merge", i)):
+            torch.testing.assert_close(runs[3][key], runs[1][key], atol=1e-5, rtol=0)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    assert (expected[0] - sample_prompts(model, sampler, prompts, seeds, cpu)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("value", [0, -2, "wide", 1.5, True])
+def test_eval_batch_is_checked(value):
+    from lorabench.protocols.scoring import check_eval_batch
+
+    with pytest.raises(ConfigError, match="protocol.eval_batch: must be an integer >= 1 .* or auto"):
+        check_eval_batch(value)
+    assert check_eval_batch("auto") == "auto" and check_eval_batch(4) == 4
+
+
+def test_eval_batch_auto_is_one_setting_a_pass_on_a_cpu(load_tiny):
+    from lorabench.protocols.scoring import EvalBatch
+
+    assert EvalBatch(load_tiny(), {}, torch.device("cpu"), "auto").size == 1

@@ -67,3 +67,74 @@ def test_sample_grid_names_its_rows_and_columns(tmp_path):
         == list(plain.convert("RGB").getdata())
     with pytest.raises(ValueError, match="1 labels for 2 rows"):
         save_grid(tmp_path / "bad.png", panels, ["one"])
+
+
+# -- several settings in one pass ------------------------------------------------------------------------------
+def _attention_paths(unet, suffixes=("attn1.to_q", "attn2.to_k", "attn2.to_v")):
+    return [n for n, m in unet.named_modules() if n.endswith(suffixes)]
+
+
+def test_settings_in_one_pass_equal_each_alone(load_tiny):
+    """Three settings (own prompts, seeds and weights on some Linear layers) in one UNet batch equal each one
+    sampled alone with its weights in the model; each module's own forward is back after the pass."""
+    model = load_tiny()
+    unet = model.unet
+    paths = _attention_paths(unet)
+    gen = torch.Generator().manual_seed(0)
+    deltas = [{p: 0.05 * torch.randn(unet.get_submodule(p).weight.shape, generator=gen) for p in paths}
+              for _ in range(3)]
+    prompts = [["a photo of sks dog", "a dog"], ["a photo"] * 2, ["", "a dog on the beach"]]
+    seeds = [[0, 1], [0, 1], [2, 3]]
+    s = Sampler(model, "dpm", num_inference_steps=3, progress=False)
+    alone = []
+    for d, ps, ss in zip(deltas, prompts, seeds):
+        saved = {p: unet.get_submodule(p).weight.detach().clone() for p in d}
+        with torch.no_grad():
+            for p in d:
+                unet.get_submodule(p).weight += d[p]
+        alone.append(s(ps, ss))
+        with torch.no_grad():
+            for p in d:
+                unet.get_submodule(p).weight.copy_(saved[p])
+    weights = {p: torch.stack([unet.get_submodule(p).weight.detach() + d[p] for d in deltas]) for p in paths}
+    together = s.sample_settings([s.conditions(ps) for ps in prompts], [s.initial_latents(ss) for ss in seeds],
+                                 weights)
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3  # the settings differ, so the test could fail
+    assert all("forward" not in vars(unet.get_submodule(p)) for p in paths)
+    # one setting with no weights: the sampler's own images, bit for bit
+    assert torch.equal(s.sample_settings([s.conditions(prompts[0])], [s.initial_latents(seeds[0])])[0],
+                       s(prompts[0], seeds[0]))
+
+
+def test_per_setting_weights_check_their_layers(load_tiny):
+    from lorabench.sampling import setting_weights
+
+    unet = load_tiny().unet
+    [path] = _attention_paths(unet, ("attn1.to_q",))[:1]
+    w = unet.get_submodule(path).weight
+    with pytest.raises(ValueError, match="weights .* for 3 settings"):
+        with setting_weights(unet, {path: torch.stack([w, w])}, 3):
+            pass
+    conv = next(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match="needs an nn.Linear, not Conv2d"):
+        with setting_weights(unet, {path: torch.stack([w, w]), conv: torch.zeros(2, 1)}, 2):
+            pass
+    assert "forward" not in vars(unet.get_submodule(path))  # put back after a failed setup too
+    with setting_weights(unet, {path: torch.stack([w, w])}, 2):
+        with pytest.raises(ValueError, match="5 rows is not 2 settings"):
+            unet.get_submodule(path)(torch.zeros(5, 3, w.shape[1]))
+
+
+def test_layer_wise_states_mix_with_plain_ones():
+    """A batch of settings where only some have P+'s layer-wise states: the others read their one state in
+    every layer."""
+    from lorabench.sampling import cat_conditions
+
+    a = {"encoder_hidden_states": torch.ones(2, 4, 3), "layer_states": (torch.ones(2, 4, 3), 2 * torch.ones(2, 4, 3))}
+    b = {"encoder_hidden_states": 5 * torch.ones(1, 4, 3)}
+    out = cat_conditions([a, b])
+    assert out["encoder_hidden_states"].shape == (3, 4, 3) and len(out["layer_states"]) == 2
+    assert torch.equal(out["layer_states"][1][:2], 2 * torch.ones(2, 4, 3))
+    assert torch.equal(out["layer_states"][1][2:], 5 * torch.ones(1, 4, 3))

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -124,6 +125,20 @@ def _route(unet: nn.Module) -> None:
 def _unroute(unet: nn.Module) -> None:
     unet.set_attn_processor({k: p.inner if isinstance(p, LayerRouting) else p
                              for k, p in unet.attn_processors.items()})
+
+
+@contextmanager
+def layer_routing(unet: nn.Module) -> Iterator[None]:
+    """For the ``with`` block, the UNet's cross-attention layers read their own text states (:class:`LayerRouting`),
+    as while P+ tokens are loaded; a UNet already routed is left as it is."""
+    if any(isinstance(p, LayerRouting) for p in unet.attn_processors.values()):
+        yield
+        return
+    _route(unet)
+    try:
+        yield
+    finally:
+        _unroute(unet)
 
 
 def _token_embedding(text_encoder: nn.Module) -> nn.Module:

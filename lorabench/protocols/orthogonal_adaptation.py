@@ -48,14 +48,13 @@ from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
+    LayerDelta,
     cached_stats,
     check_merge,
     concept_crosstalk,
     group_crosstalk,
     layer_means,
     merge,
-    merged_into,
-    model_weights,
     text_gram,
     token_features,
     updates_from_adapters,
@@ -75,8 +74,8 @@ from lorabench.protocols.base import (
 )
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
-from lorabench.protocols.scoring import EvalSetup, concept_seeds, eval_setup
-from lorabench.sampling import check_counts, sample_prompts
+from lorabench.protocols.scoring import EvalBatch, EvalSetup, check_eval_batch, concept_seeds, eval_setup
+from lorabench.sampling import check_counts
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import layer_lines, paired_bars
 from lorabench.utils.seeding import derive_seed, derive_seed_list
@@ -264,6 +263,8 @@ class OrthASettings(Settings):
     capture: dict = setting({}, doc="input statistics: images_per_prompt (4) x num_inference_steps (10)")
     cache_dir: Optional[str] = setting(None, doc="the cell cache shared by runs and sweep jobs (default: run/cells)")
     reg_prompts: list[str] = setting([], doc="custom_diffusion's regularisation prompts (default: the eval texts)")
+    eval_batch: Any = setting(1, doc="settings (a cell alone, a merge) sampled in one pass: 1 (each alone, as before) "
+                                     "or auto (what a GPU's memory holds; 1 on a CPU)")
 
 
 @dataclass
@@ -294,6 +295,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
     methods = select_methods(p, adapters)
     settings = read_settings(OrthASettings, p)
+    check_eval_batch(settings.eval_batch)
     group_size = settings.group_size
     if group_size > len(concepts):
         raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
@@ -340,15 +342,16 @@ class SeedSingles:
 
 
 def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[int],
-                 trained: Mapping[str, Trained]) -> SeedSingles:
+                 trained: Mapping[str, Trained], evals: EvalBatch) -> SeedSingles:
     """Score every trained (adapter type, concept) cell of ``seed`` alone, capture its input statistics
-    (cached beside the cell) and measure its update size on them (the session's size log)."""
+    (cached beside the cell) and measure its update size on them (the session's size log). The cells'
+    samples are drawn by ``evals``, ``protocol.eval_batch`` settings a pass."""
     ev, out = plan.ev, SeedSingles({}, {}, {}, [])
     n_steps = plan.capture_sampler["num_inference_steps"]
+    measured: dict[tuple[str, str], dict] = {}
     for a in plan.used:
         for c in plan.concepts:
-            t = trained[f"{a}-{c}-seed{seed}"]
-            cell_dir, res, reused = t.cell.folder, t.results, t.reused
+            cell_dir = trained[f"{a}-{c}-seed{seed}"].cell.folder
             with loaded_cell(base, cell_dir) as (ad, tokens):
                 # concept i's own model, its tokens included, reads its inputs X_i (kept beside the cell); new
                 # tokens alone (P+): no layers, nothing to capture, merge or measure
@@ -356,20 +359,30 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                     cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors", base, ad, ev.sets[c].prompts[:1],
                     derive_seed_list("modular-capture", seed, plan.n_cap), plan.capture_sampler, ev.device,
                     {"concept": c, "adapter": a, "seed": seed})
-                measured = sizes.measure(base, ad, grams=grams) if ad is not None else {}
-                session.size_log.add(a, measured)
-                imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+                measured[a, c] = sizes.measure(base, ad, grams=grams) if ad is not None else {}
+                session.size_log.add(a, measured[a, c])
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
+                # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
+                # here, its UNet update folded into a weight of its own when the batch samples
+                evals.add(("single", a, c), ev.sets[c].prompts, latents, injected=True,
+                          deltas={k: LayerDelta(up=u, down=d) for k, (u, d) in out.updates[a, c].layers.items()})
                 if tokens is not None:
                     out.tokens[a, c] = cell_dir / "embeddings.safetensors"
                     if a in plan.features_for:  # the text states at the concept's tokens in its training prompt
                         out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
             out.stats[a, c] = grams
+            if evals.full:  # the cell is out of the model again
+                evals.sample()
+    images = evals.images()
+    for a in plan.used:
+        for c in plan.concepts:
+            t = trained[f"{a}-{c}-seed{seed}"]
+            res, reused, imgs = t.results, t.reused, images["single", a, c]
             score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
-            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score, **sizes.row_fields(measured),
-                             "train_s": res["timings"]["fit_s"],
-                             "steps": res["metrics"]["steps"], "reused": reused})
+            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score,
+                             **sizes.row_fields(measured[a, c]),
+                             "train_s": res["timings"]["fit_s"], "steps": res["metrics"]["steps"], "reused": reused})
             if seed == plan.seeds[0] and a == plan.used[0]:
                 session.grid.append((f"{c}: {a} alone", imgs))
             session.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
@@ -378,10 +391,11 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
 
 
 def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[int], singles: SeedSingles,
-                 layer_log: LayerMeans) -> list[dict]:
+                 layer_log: LayerMeans, evals: EvalBatch) -> list[dict]:
     """Merge each concept's group with every method, score the concept in the merged model, and measure
-    the group's crosstalk (per-layer values gather in ``layer_log`` by method)."""
-    ev, rows = plan.ev, []
+    the group's crosstalk (per-layer values gather in ``layer_log`` by method). The merged models' samples
+    are drawn by ``evals``, ``protocol.eval_batch`` settings a pass."""
+    ev, rows, dropped = plan.ev, [], []
     groups = draw_groups(plan.concepts, plan.classes, plan.settings.group_size, seed, plan.settings.same_class)
     reg = text_gram(base, plan.reg_prompts, ev.device) if plan.features_for else None
     group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}  # the same for every method on these adapters
@@ -401,29 +415,35 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             tokens = [load_tokens(base, singles.tokens[a, g]) for g in group if (a, g) in singles.tokens]
             merge_s = result.merge_s + (time.perf_counter() - t_tokens)  # the group's tokens, side by side
             try:
-                with merged_into(model_weights(base, list(result.deltas)), result.deltas):
-                    imgs = sample_prompts(base, ev.sampler, ev.sets[c].prompts, latents, ev.device)
+                evals.add(("merged", name, c), ev.sets[c].prompts, latents, result.deltas)
             finally:
                 for t in reversed(tokens):
                     t.remove()
-            merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+            if evals.full:
+                evals.sample()
             if (a, group) not in group_ct:
                 group_ct[a, group] = group_crosstalk(ups, grams)
             per_layer = concept_crosstalk(group_ct[a, group], singles.updates[a, c], result.deltas, singles.stats[a, c])
             layer_log.add(name, per_layer)
             row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": list(group),
                    "merge_s": merge_s, **layer_means(per_layer)}
-            single = singles.scores[a, c]
-            for k in SCORES + ("identity_similarity",):
-                row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
-                row[f"delta_{k}"] = merged[k] - single[k]
-            if "dropped_energy_mean" in result.info:
-                row["dropped_energy"] = result.info["dropped_energy_mean"]
             rows.append(row)
-            if seed == plan.seeds[0]:
-                session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
-            session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
-                          f" -> {row['merged_identity_alignment']:.2f}, merge {duration(merge_s)}")
+            dropped.append({"dropped_energy": result.info["dropped_energy_mean"]}
+                           if "dropped_energy_mean" in result.info else {})
+    images = evals.images()
+    for row, extra in zip(rows, dropped):  # the scores, once every merged model is sampled
+        name, a, c, group = row["method"], row["adapter"], row["concept"], row["group"]
+        imgs = images["merged", name, c]
+        merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+        single = singles.scores[a, c]
+        for k in SCORES + ("identity_similarity",):
+            row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
+            row[f"delta_{k}"] = merged[k] - single[k]
+        row.update(extra)
+        if seed == plan.seeds[0]:
+            session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
+        session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
+                      f" -> {row['merged_identity_alignment']:.2f}, merge {duration(row['merge_s'])}")
     return rows
 
 
@@ -447,12 +467,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     layer_log = LayerMeans()
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
+        evals = EvalBatch(base, ev.sampler, ev.device, plan.settings.eval_batch)
         for seed in seeds:
             latents = concept_seeds(seed, ev.images_per_prompt)
-            seed_singles = single_stage(plan, session, base, seed, latents, trained)
+            seed_singles = single_stage(plan, session, base, seed, latents, trained, evals)
             singles += seed_singles.rows
-            rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_log)
-        del base
+            rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_log, evals)
+        eval_log = evals.log()
+        del base, evals
     order = {c: i for i, c in enumerate(concepts)}  # the grid's rows concept by concept
     session.grid.sort(key=lambda row: order[row[0].partition(": ")[0]])
     roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)
@@ -465,7 +487,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         crosstalk_layers=layer_log.means(),
         # where the time went: the cells trained up front (run_cells), then scoring, capture and merging
         timings={"pretrain_cells_s": t_cells - session.t0, "score_and_merge_s": time.perf_counter() - t_cells,
-                 "pretrained_cells": sum(not t.reused for t in trained.values())})
+                 "pretrained_cells": sum(not t.reused for t in trained.values()),
+                 "eval_batch": plan.settings.eval_batch, **eval_log})
     faces = getattr(ev.scorer.identity, "face_report", lambda: None)()  # ArcFace with a face detector
     if faces is not None:
         out["faces"] = faces

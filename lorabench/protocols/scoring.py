@@ -1,15 +1,22 @@
 """What a protocol scores with: the eval sets, scorer, sampler and device from ``cfg.eval``, built
-before any training, and the initial-latent seeds every concept protocol shares."""
+before any training, the initial-latent seeds every concept protocol shares, and :class:`EvalBatch`, which
+samples many settings (a trained cell, a merge) in one pass."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import time
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.sampling import eval_device
+from lorabench.adapters.base import AdapterLayer
+from lorabench.errors import ConfigError
+from lorabench.merging import LayerDelta, fold, merged_into, model_weights
+from lorabench.protocols.cells import capacity_from
+from lorabench.sampling import Sampler, eval_device, eval_mode, per_setting_ready, sample_prompts
 from lorabench.utils.seeding import derive_seed_list
 
 
@@ -38,3 +45,146 @@ def concept_seeds(seed: int, n: int) -> list[int]:
     """The initial-latent seeds of replicate ``seed`` in the concept protocols (single concept and
     Orthogonal Adaptation): the same for every prompt, every method, alone and merged."""
     return derive_seed_list("single-concept-samples", seed, n)
+
+
+# ``eval_batch: auto`` on a GPU: at most this many settings a pass, and what the memory holds (a probe of one
+# UNet call at one and two settings, extrapolated). On a CPU ``auto`` is 1: there a pass of 28 settings was no
+# faster than the same settings one after another, 0.87x to 1.00x (docs/benchmarks.md, "Evaluation in batches").
+GPU_AUTO_MAX_SETTINGS = 64
+
+
+def check_eval_batch(value: Any, field: str = "protocol.eval_batch") -> int | str:
+    """``protocol.eval_batch``: a positive integer (1: every setting sampled alone, bit for bit as before) or
+    ``auto``."""
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(field, f"must be an integer >= 1 (1: every setting sampled alone) or auto, got {value!r}")
+    return value
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    cond: dict
+    latents: torch.Tensor
+    deltas: dict[str, LayerDelta]  # the UNet's part, keyed ``unet.<path>``
+
+
+class EvalBatch:
+    """Sample many settings of one model, each its own prompts and seeds and its own weight updates.
+
+    ``add(key, prompts, seeds, deltas)`` takes a setting while the model is in its state (tokens loaded,
+    adapters injected), ``deltas`` (``{layer: LayerDelta}``, ``unet.<path>`` / ``text_encoder.<path>``) merged
+    into its weights; :meth:`images` returns every setting's images, prompt-major (as
+    :func:`lorabench.sampling.sample_prompts`). With ``size`` 1 each setting is sampled in ``add``, exactly as
+    before. With more, ``add`` encodes the prompts there (text-side deltas merged) and keeps the UNet's part of
+    ``deltas``; :meth:`sample` (when :attr:`full`) and :meth:`images` then sample ``size`` settings a pass
+    (:meth:`Sampler.sample_settings`), each updated Linear holding one weight per setting, equal to the
+    one-by-one images to float rounding. Call them with no adapter injected in the UNet: a setting's UNet
+    update must be in its ``deltas``. A setting whose UNet update is not on plain Linear layers is sampled
+    alone in ``add``.
+    """
+
+    def __init__(self, components, sampler_cfg: Mapping, device: torch.device, size: int | str = 1):
+        self.components, self.sampler_cfg, self.device = components, dict(sampler_cfg), device
+        self.size = 1 if size == "auto" and device.type != "cuda" else check_eval_batch(size)
+        self.sampler: Optional[Sampler] = None
+        self.pending: list[_Pending] = []
+        self.done: dict[Hashable, torch.Tensor] = {}
+        self.passes: list[int] = []  # settings per batched pass
+        self.alone = 0  # settings sampled alone
+        self.sample_s = 0.0  # time spent sampling
+        self._auto: dict[int, int] = {}  # auto: settings a pass, by images a setting
+
+    def add(self, key: Hashable, prompts: Sequence[str], seeds: Sequence[int],
+            deltas: Optional[Mapping[str, LayerDelta]] = None, injected: bool = False) -> None:
+        """Take the setting ``key``: every prompt from every seed, with ``deltas`` merged into the weights, or,
+        ``injected``, computed by adapters injected in the model now (``deltas`` then need hold only the UNet's
+        part: what a batch folds into the setting's own weights)."""
+        if key in self.done or any(p.key == key for p in self.pending):
+            raise ValueError(f"setting {key!r} added twice")
+        deltas = dict(deltas or {})
+        unet = {k: d for k, d in deltas.items() if k.startswith("unet.")}
+        text = {} if injected else {k: d for k, d in deltas.items() if k not in unet}
+        if self.size == 1 or not all(per_setting_ready(self._base_layer(k)) for k in unet):
+            merge = {} if injected else deltas
+            t0 = time.perf_counter()
+            with merged_into(model_weights(self.components, list(merge)), merge):
+                self.done[key] = sample_prompts(self.components, self.sampler_cfg, prompts, seeds, self.device)
+            self.sample_s += time.perf_counter() - t0
+            self.alone += 1
+            return
+        eval_mode(self.components, self.device)
+        if self.sampler is None:
+            self.sampler = Sampler(self.components, **self.sampler_cfg)
+        with merged_into(model_weights(self.components, list(text)), text):
+            cond = self.sampler.conditions([p for p in prompts for _ in seeds])
+        latents = self.sampler.initial_latents([s for _ in prompts for s in seeds])
+        self.pending.append(_Pending(key, cond, latents, unet))
+
+    def _base_layer(self, name: str) -> torch.nn.Module:
+        """The model's own module at ``unet.<path>`` (an injected adapter's base layer)."""
+        module = self.components.adaptable_modules()["unet"].get_submodule(name.partition(".")[2])
+        return module.base if isinstance(module, AdapterLayer) else module
+
+    @property
+    def full(self) -> bool:
+        """Whether a pass's worth of settings waits (``size``; ``auto``: :data:`GPU_AUTO_MAX_SETTINGS`): the
+        caller calls :meth:`sample` then, where no adapter is injected, so that few settings wait at once."""
+        return len(self.pending) >= (GPU_AUTO_MAX_SETTINGS if self.size == "auto" else self.size)
+
+    def sample(self) -> None:
+        """Sample the waiting settings, ``size`` a pass (``auto``: what the GPU's memory holds)."""
+        t0 = time.perf_counter()
+        groups: dict[int, list[_Pending]] = {}
+        for p in self.pending:  # settings sampled together draw as many images each
+            groups.setdefault(len(p.latents), []).append(p)
+        self.pending = []
+        for n, group in groups.items():
+            if self.size == "auto" and n not in self._auto and len(group) > 1:
+                self._auto[n] = self._auto_size(group)
+            size = self._auto.get(n, 1) if self.size == "auto" else self.size
+            for start in range(0, len(group), size):
+                part = group[start:start + size]
+                imgs = self.sampler.sample_settings([p.cond for p in part], [p.latents for p in part],
+                                                    self._weights(part))
+                self.done.update({p.key: x for p, x in zip(part, imgs)})
+                self.passes.append(len(part))
+        self.sample_s += time.perf_counter() - t0
+
+    def images(self) -> dict[Hashable, torch.Tensor]:
+        """The images of every setting taken since the last call, by key (the waiting ones sampled now); the
+        batch keeps none of them."""
+        self.sample()
+        done, self.done = self.done, {}
+        return done
+
+    def log(self) -> dict[str, Any]:
+        """What the sampling cost: ``sampling_s``, settings sampled ``alone``, and ``passes`` (settings each)."""
+        return {"sampling_s": self.sample_s, "alone": self.alone, "passes": list(self.passes)}
+
+    def _weights(self, part: Sequence[_Pending]) -> dict[str, torch.Tensor]:
+        """``{path: (settings, out, in)}``: each updated layer's base weight once per setting, each setting's
+        update folded into its own (as :func:`lorabench.merging.merged_into` folds it)."""
+        layers = sorted({k for p in part for k in p.deltas})
+        base = model_weights(self.components, layers)
+        stacks = {k: base[k].detach().unsqueeze(0).repeat(len(part), *([1] * base[k].dim())) for k in layers}
+        with torch.no_grad():
+            for i, p in enumerate(part):
+                fold({k: stacks[k][i] for k in p.deltas}, p.deltas)
+        return {k[5:]: w for k, w in stacks.items()}
+
+    def _auto_size(self, group: Sequence[_Pending]) -> int:
+        """Settings a pass on the GPU: one UNet call's peak memory at one and at two settings, extrapolated to
+        the free memory (:func:`lorabench.protocols.cells.capacity_from`), at most :data:`GPU_AUTO_MAX_SETTINGS`."""
+        peaks = []
+        for k in (1, 2):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            part = group[:k]
+            self.sampler.probe([p.cond for p in part], [p.latents for p in part], self._weights(part))
+            peaks.append(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(GPU_AUTO_MAX_SETTINGS, capacity_from(peaks[0], peaks[1], free))
