@@ -167,7 +167,10 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
             *(["protocol.adapters.edlora.recipe.trainer.precision=32"] if trainer == "cpu" else []),
             "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
             f"eval.scorer.clip={clip_dir}", "eval.sampler.num_inference_steps=2", "eval.sampler.progress=false",
-            "eval.images_per_prompt=1"]
+            "eval.images_per_prompt=1",
+            # on the CPU the samples go three settings a pass: the batched path on SD1.5's architecture (P+'s
+            # routed layers, text-encoder LoRA, Custom Diffusion's K/V); trainer=gpu keeps the config's 1
+            *(["protocol.eval_batch=3"] if trainer == "cpu" else [])]
     # a detector that finds one face in every frame (landmarks at the template's layout, scaled)
     outs = scrfd_outputs()
     for s in range(3):
@@ -190,6 +193,9 @@ def test_full_scale_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_m
     res = json.loads(results.read_text())
     assert {r["method"] for r in res["rows"]} == {"dblora_fedavg", "ortha", "lora_fusion_closed_form", "pplus",
                                                   "custom_diffusion", "edlora_fedavg"}
+    # 5 adapter types x 3 concepts, then 6 methods x 3 concepts, three settings a pass on the CPU
+    assert res["timings"]["passes"] == ([3] * 11 if trainer == "cpu" else []) and res["timings"]["alone"] == \
+        (0 if trainer == "cpu" else 33)
     # identity on detected faces: every frame had one here, and the rule is written down
     assert res["faces"]["frames"] > 0 and res["faces"]["no_face"] == 0 and "zero embedding" in res["faces"]["rule"]
     # ED-LoRA trained on Mix-of-Show's recipe (batch 2, linear decay), not OrthA's
