@@ -238,3 +238,24 @@ def test_eval_batch_auto_is_one_setting_a_pass_on_a_cpu(load_tiny):
     from lorabench.protocols.scoring import EvalBatch
 
     assert EvalBatch(load_tiny(), {}, torch.device("cpu"), "auto").size == 1
+
+
+def test_eval_batch_auto_extrapolates_a_probe_above_what_is_held(load_tiny, monkeypatch):
+    """``auto``'s pass width on a GPU, with CUDA's memory counters faked: the probe's peaks at one and two
+    settings, less the memory already held (the model, which the free memory excludes), extrapolated to 85%
+    of the free memory: 1 + (850 - 100) // 50 = 16 settings; at most 64."""
+    from lorabench.protocols.scoring import EvalBatch
+
+    model = load_tiny()
+    evals = EvalBatch(model, {"scheduler": "dpm", "num_inference_steps": 2, "progress": False},
+                      torch.device("cpu"), 4)
+    for i in range(3):
+        evals.add(i, ["a dog"], [i])
+    peaks = iter([1100, 1150])
+    for name, fn in {"empty_cache": lambda *a: None, "memory_allocated": lambda *a: 1000,
+                     "reset_peak_memory_stats": lambda *a: None, "max_memory_allocated": lambda *a: next(peaks),
+                     "mem_get_info": lambda *a: (1000, 4000)}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    assert evals._auto_size(evals.pending) == 16
+    peaks = iter([1100, 1101])  # a setting costs 1 more byte: the cap
+    assert evals._auto_size(evals.pending) == 64

@@ -83,7 +83,8 @@ class EvalBatch:
     (:meth:`Sampler.sample_settings`), each updated Linear holding one weight per setting, equal to the
     one-by-one images to float rounding. Call them with no adapter injected in the UNet: a setting's UNet
     update must be in its ``deltas``. A setting whose UNet update is not on plain Linear layers is sampled
-    alone in ``add``.
+    alone in ``add``. A batched setting's images go through the UNet in one call (``sampler.batch_size`` splits
+    only a setting sampled alone).
     """
 
     def __init__(self, components, sampler_cfg: Mapping, device: torch.device, size: int | str = 1):
@@ -178,13 +179,14 @@ class EvalBatch:
     def _auto_size(self, group: Sequence[_Pending]) -> int:
         """Settings a pass on the GPU: one UNet call's peak memory at one and at two settings, extrapolated to
         the free memory (:func:`lorabench.protocols.cells.capacity_from`), at most :data:`GPU_AUTO_MAX_SETTINGS`."""
-        peaks = []
+        peaks = []  # above what is already held (the model, the waiting settings), which the free memory excludes
         for k in (1, 2):
             torch.cuda.empty_cache()
+            held = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             part = group[:k]
             self.sampler.probe([p.cond for p in part], [p.latents for p in part], self._weights(part))
-            peaks.append(torch.cuda.max_memory_allocated(self.device))
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - held)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         return min(GPU_AUTO_MAX_SETTINGS, capacity_from(peaks[0], peaks[1], free))
