@@ -28,11 +28,14 @@
 # LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. DEADLINE (s, from the script's start)
 # makes it end in time: each step's limit is cut to what is left (a step with under 20 s left is skipped and
 # says so), so summary.txt is written before the caller's own timeout. Write OUT_DIR under the device's $OUT,
-# so what ran comes back even if the call is cut. A 15-minute lease (machine start included, 10 minutes a
-# call) holds two calls:
-#   DEADLINE=560 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g1 device lora_step layer_host train_step merge \
-#       merge_overhead batched_sd15 world_cells eval_batch full_scale     # about 4-6 min, alone
-#   DEADLINE=560 LIMIT_TOGETHER=300 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g2 world_table2 pytest_gpu
+# so what ran comes back even if the call is cut. A lent GPU gives 900 s of device time in all, the machine's
+# start (a minute or two) and every call included, at most 600 s a call. So two calls, the acceptance's figures
+# first (on 2026-12-04's H200: lora_step 60 s, train_step 36, merge 33, batched_sd15 38; the gpu tests 293 s
+# in 5 shards side by side), each call's timeout_s a little above its DEADLINE:
+#   DEADLINE=300 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g1 device lora_step train_step merge batched_sd15 \
+#       eval_batch
+#   DEADLINE=420 LIMIT_TOGETHER=400 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g2 world_table2 pytest_gpu
+# and the rest (layer_host, merge_overhead, world_cells, full_scale, lora_step_compile) at the next lent GPU.
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
 # skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
