@@ -5,12 +5,16 @@
 Each figure is read from the line its benchmark prints (``ratio lora / base = 1.674``, ...); a figure whose log
 or line is missing reads "not in the logs", never a guess. Below the figures: every step's exit status and
 seconds (``summary.txt``), and every ``pytest -m gpu`` outcome (``-rA``'s PASSED / FAILED / ERROR / SKIPPED
-lines). The report goes to standard output; commit it beside the logs, under ``bench/results/<date>-<gpu>/``.
+lines), and the world Table 2 the GPU made (``world_table2/table2.csv``) against the committed CPU table, row by
+row: the largest difference of a mean and the columns that differ at three decimals, beside the rounding
+docs/benchmarks.md documents for batched cells. The report goes to standard output; commit it beside the logs,
+under ``bench/results/<date>-<gpu>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 from pathlib import Path
 from typing import Optional
@@ -92,6 +96,32 @@ def outcomes(logs: dict[str, str]) -> list[tuple[str, str]]:
     return sorted(seen.items())
 
 
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "experiments/orthogonal_adaptation/runs"
+CPU_TABLE = RUNS / "world/table2.csv"  # separate cells, the CPU
+# batched cells on the CPU, against the same: the rounding docs/benchmarks.md documents ("Batched cells")
+CPU_BATCHED = RUNS / "world_batched/table2.csv"
+
+
+def table_against(path: Path, reference: Path) -> list[tuple[str, float, int, int]]:
+    """``(method, largest |difference| of a score's mean, columns differing at three decimals, columns)`` for
+    every method of ``path``'s Table 2 CSV that ``reference`` has (merge times and stds left out)."""
+    def rows(p: Path) -> dict[str, dict[str, str]]:
+        with open(p, newline="") as f:
+            return {r["method"]: r for r in csv.DictReader(f)}
+
+    ours, ref = rows(path), rows(reference)
+    out = []
+    for method, row in ours.items():
+        if method not in ref:
+            continue
+        cols = [k for k in row if k.endswith("_mean") and not k.startswith("merge_s") and row[k] and ref[method].get(k)]
+        diffs = [abs(float(row[k]) - float(ref[method][k])) for k in cols]
+        off = sum(round(float(row[k]), 3) != round(float(ref[method][k]), 3) for k in cols)
+        out.append((method, max(diffs, default=0.0), off, len(cols)))
+    return out
+
+
 def report(folders: list[Path]) -> str:
     """The markdown report of ``folders``."""
     logs = read_logs(folders)
@@ -124,6 +154,16 @@ def report(folders: list[Path]) -> str:
         verdict = ("**met**" if float(world[2]) <= 300 else "not met") if ok else f"did not finish (exit {world[1]})"
         lines.append(f"| world Table 2 on the GPU, batched cells (wall time beside the gpu tests) | {world[2]} s | "
                      f"<= 300 s | {verdict} |")
+    tables = [f / "world_table2" / "table2.csv" for f in folders if (f / "world_table2" / "table2.csv").exists()]
+    if tables and CPU_TABLE.exists():
+        cpu = {m: (d, n) for m, d, n, _ in table_against(CPU_BATCHED, CPU_TABLE)} if CPU_BATCHED.exists() else {}
+        lines += ["", f"World Table 2 on the GPU against the committed CPU table ({CPU_TABLE.relative_to(ROOT)}), "
+                      f"beside what batched cells moved on the CPU ({CPU_BATCHED.relative_to(ROOT)}):", "",
+                  "| method | GPU: largest difference of a mean | GPU: columns off at 3 decimals | CPU batched: "
+                  "largest difference | CPU batched: columns off |", "|---|---|---|---|---|"]
+        for m, d, n, c in table_against(tables[0], CPU_TABLE):
+            ref = cpu.get(m)
+            lines.append(f"| {m} | {d:.1e} | {n} of {c} | " + (f"{ref[0]:.1e} | {ref[1]} |" if ref else "- | - |"))
     lines += ["", "| step | exit | seconds |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in steps)]
     tests = outcomes(logs)
     counts = {k: sum(1 for _, o in tests if o == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}

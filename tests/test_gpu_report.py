@@ -42,3 +42,23 @@ def test_gpu_report_reads_the_floor_and_skipped_steps(tmp_path):
     assert "| 0.119 |  |  |" in out and "| 2.22x | >= 2.5x | not met |" in out
     assert "| full_scale | skipped | - |" in out
     assert "| world Table 2 on the GPU, batched cells | not in the logs" in out
+
+
+def test_gpu_report_reads_the_gpu_table_against_the_cpu_one(tmp_path):
+    """The world Table 2 a GPU run made, row by row against the committed CPU table, beside what batched cells
+    moved on the CPU: here the CPU's own table with one score moved by 0.01 in one row."""
+    import csv
+
+    rows = list(csv.DictReader(open(ROOT / "experiments/orthogonal_adaptation/runs/world/table2.csv", newline="")))
+    rows[0]["merged_image_alignment_mean"] = str(float(rows[0]["merged_image_alignment_mean"]) + 0.01)
+    (tmp_path / "world_table2").mkdir()
+    with open(tmp_path / "world_table2" / "table2.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    first, other = rows[0]["method"], rows[1]["method"]
+    assert f"| {first} | 1.0e-02 | 1 of " in out  # the moved score, and only it
+    assert f"| {other} | 0.0e+00 | 0 of 15 |" in out
+    assert "| lora_fusion_lbfgs | 0.0e+00 | 0 of 15 | 2.1e-02 | 7 |" in out  # what batched cells moved on the CPU
