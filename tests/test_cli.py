@@ -183,3 +183,31 @@ def test_verbose_flag_is_accepted_and_lightning_log_lines_appear_once(tmp_path):
     out = proc.stdout + proc.stderr
     assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]
     assert "GPU available" in out  # the lines the quiet console hides (test_first_day.py's quickstart test)
+
+
+@pytest.mark.parametrize("paper, args", [
+    ("single_concept", ["experiment=world_concepts", "protocol.concepts=[zwz,sks]", "~protocol.adapters.ortho",
+                        "trainer.max_steps=2", "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2",
+                        "eval.concepts.n_references=2"]),
+    ("single_style", ["experiment=world_style", "protocol.styles=[vango,monex]", "protocol.seeds=[0]",
+                      "trainer.max_steps=2", "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2"]),
+])
+def test_single_item_protocols_sample_in_batches_as_each_alone(tmp_path, paper, args):
+    """protocol.eval_batch=4 in the single-concept and single-style tables: the base model's settings and every
+    cell's (LoRA, TriLoRA) sampled four a pass give the rows of eval_batch=1 to float rounding, in order."""
+    import importlib
+
+    from helpers import compose
+
+    run = importlib.import_module(f"lorabench.protocols.{paper}").run
+    alone = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    together = run(compose([*args, "protocol.eval_batch=4"], tmp_path / "b"), tmp_path / "b")
+    assert [(r["method"], r.get("concept", r.get("style"))) for r in together["rows"]] == \
+        [(r["method"], r.get("concept", r.get("style"))) for r in alone["rows"]]
+    for a, b in zip(alone["rows"], together["rows"]):
+        for k, v in a.items():
+            if isinstance(v, float) and not k.endswith("_s") and k != "s_per_step":
+                assert b[k] == pytest.approx(v, abs=1e-5), (a["method"], k)
+    n = len(alone["rows"])
+    assert alone["timings"]["alone"] == n and together["timings"]["alone"] == 0
+    assert together["timings"]["passes"] == [4] * (n // 4) + ([n % 4] if n % 4 else [])

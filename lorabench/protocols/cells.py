@@ -7,7 +7,10 @@ adapter trained on one dataset with one seed; a protocol is a loop over cells, t
   :func:`cached` places a cell in the cache shared by runs and sweep jobs;
 - :func:`run_cells`: the one runner. It knows workers, threads, ``batch_cells``, and (in :func:`train_pass`,
   the only place) the choice between one run and a batched pass;
-- :func:`compare_with_base`: the single-concept and single-style loop (the base model, then every cell).
+- :func:`loaded_cell`: a trained cell's adapter and tokens in the model for a ``with`` block.
+
+The single-concept and single-style loop (the base model, then every cell, sampled and scored) is
+:func:`lorabench.protocols.scoring.compare_with_base`.
 """
 
 from __future__ import annotations
@@ -22,24 +25,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.errors import ConfigError, check_int
-from lorabench.protocols.sizes import row_fields
 from lorabench.run import train, train_batched
 from lorabench.utils.console import CellProgress, quiet_cells
-
-# evaluate(components, item, seed, method) -> (scores, images)
-Evaluate = Callable[..., tuple[dict, torch.Tensor]]
-# measure(module, item, seed, method) -> the trained adapter's update size (lorabench.protocols.sizes.measure)
-Measure = Callable[..., dict]
 
 
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
@@ -461,51 +456,3 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
         if bar is not None:
             bar.close()
     return [trained[i] for i in range(len(cells))]
-
-
-def cell_line(template: str, row: dict) -> str:
-    """The line a finished cell prints: ``template`` filled from the row, then `` (400 steps, 55 s)`` for a
-    trained cell (nothing for the base model's)."""
-    return template.format(**row) + (f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else "")
-
-
-def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Sequence[int],
-                      adapters: Mapping[str, DictConfig], evaluate: Evaluate, line: str,
-                      measure: Optional[Measure] = None) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
-    """The rows of a single-item protocol, ``method`` "base" first, and each item's sample-grid images:
-    the base model scored on every (item, seed), then every (adapter, item, seed) cell, trained
-    (:func:`run_cells`, ``protocol.batch_cells`` at a time) into ``<run>/cells/<adapter>-<item>-seed<seed>``,
-    loaded into the base model and scored. ``session``: the run (:class:`lorabench.protocols.report.Session`);
-    ``evaluate(components, item, seed, method)`` samples and scores (the first seed's images of every method
-    go to the item's grid); ``measure(module, item, seed, method)``, if given, the cell's update size (its
-    ``size_*`` fields join the row, the session's size log keeps it); ``line`` is the template of a
-    finished cell's line (:func:`cell_line`)."""
-    cfg, cells_dir = session.cfg, session.run_dir / "cells"
-    rows: list[dict] = []
-    grids: dict[str, list[torch.Tensor]] = {item: [] for item in items}
-    session.count(len(items) * len(seeds) * (1 + len(adapters)))
-    keys = [(a, item, seed) for a in adapters for item in items for seed in seeds]
-    cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
-                  cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}") for a, item, seed in keys]
-    with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
-
-        def score(method: str, item: str, seed: int, extra: Mapping) -> None:
-            scores, images = evaluate(base, item, seed, method)
-            if seed == seeds[0]:
-                grids[item].append(images)
-            rows.append({"method": method, data_key: item, "seed": seed, **scores, **extra})
-            session.done(cell_line(line, rows[-1]))
-
-        for item in items:
-            for seed in seeds:
-                score("base", item, seed, {})
-        trained = run_cells(cells, check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1)))
-        for (a, item, seed), t in zip(keys, trained):
-            with loaded_cell(base, t.cell.folder) as (ad, _):
-                measured = measure(SimpleNamespace(components=base, adapters=ad), item, seed, a) if measure else {}
-                session.size_log.add(a, measured)
-                score(a, item, seed, {**row_fields(measured), "steps": t.results["metrics"]["steps"],
-                                      "train_s": t.results["timings"]["fit_s"],
-                                      "s_per_step": t.results["timings"]["s_per_step"]})
-    return rows, grids

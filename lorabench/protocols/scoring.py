@@ -1,12 +1,14 @@
 """What a protocol scores with: the eval sets, scorer, sampler and device from ``cfg.eval``, built
-before any training, the initial-latent seeds every concept protocol shares, and :class:`EvalBatch`, which
-samples many settings (a trained cell, a merge) in one pass."""
+before any training, the initial-latent seeds every concept protocol shares, :class:`EvalBatch`, which
+samples many settings (a trained cell, a merge) in one pass, and :func:`compare_with_base`, the single-item
+protocols' rows (the base model, then every trained cell)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, NamedTuple, Optional, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -14,9 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters.base import AdapterLayer
 from lorabench.errors import ConfigError
-from lorabench.merging import LayerDelta, fold, merged_into, model_weights
-from lorabench.protocols.cells import capacity_from
+from lorabench.merging import LayerDelta, fold, merged_into, model_weights, updates_from_adapters
+from lorabench.protocols.cells import Cell, capacity_from, cell_config, check_batch_cells, loaded_cell, run_cells
+from lorabench.protocols.sizes import row_fields
 from lorabench.sampling import Sampler, eval_device, eval_mode, per_setting_ready, sample_prompts
+from lorabench.utils.console import quiet_cells
 from lorabench.utils.seeding import derive_seed_list
 
 
@@ -190,3 +194,94 @@ class EvalBatch:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         return min(GPU_AUTO_MAX_SETTINGS, capacity_from(peaks[0], peaks[1], free))
+
+
+def unet_deltas(adapters) -> dict[str, LayerDelta]:
+    """The UNet's part of injected ``adapters`` as deltas (what :meth:`EvalBatch.add` folds into a setting's own
+    weights when the setting is sampled in a batch); none for no adapters (tokens alone)."""
+    if adapters is None:
+        return {}
+    update = updates_from_adapters(adapters, "cell")
+    return {k: LayerDelta(up=u, down=d) for k, (u, d) in update.layers.items() if k.startswith("unet.")}
+
+
+@dataclass
+class Evaluation:
+    """How a single-item protocol evaluates a (method, item, seed): ``prompts(item, seed, method)`` gives the
+    prompts and the initial-latent seeds it samples (every prompt from every seed), ``score(images, item, seed,
+    method)`` its scores; sampled with ``sampler`` on ``device``, ``batch`` settings a pass (:class:`EvalBatch`)."""
+
+    prompts: Callable[[str, int, str], tuple[Sequence[str], Sequence[int]]]
+    score: Callable[[torch.Tensor, str, int, str], dict]
+    sampler: Mapping
+    device: torch.device
+    batch: int | str = 1
+
+
+# measure(module, item, seed, method) -> the trained adapter's update size (lorabench.protocols.sizes.measure)
+Measure = Callable[..., dict]
+
+
+def cell_line(template: str, row: dict) -> str:
+    """The line a finished cell prints: ``template`` filled from the row, then `` (400 steps, 55 s)`` for a
+    trained cell (nothing for the base model's)."""
+    return template.format(**row) + (f" ({row['steps']} steps, {row['train_s']:.0f} s)" if "train_s" in row else "")
+
+
+def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Sequence[int],
+                      adapters: Mapping[str, Any], evaluation: Evaluation, line: str,
+                      measure: Optional[Measure] = None) -> tuple[list[dict], dict[str, list[torch.Tensor]], dict]:
+    """The rows of a single-item protocol, ``method`` "base" first, each item's sample-grid images, and what the
+    sampling cost (:meth:`EvalBatch.log`):
+    the base model on every (item, seed), then every (adapter, item, seed) cell, trained (:func:`run_cells`,
+    ``protocol.batch_cells`` at a time) into ``<run>/cells/<adapter>-<item>-seed<seed>``, loaded into the base
+    model, sampled (``evaluation.batch`` settings a pass) and scored. ``session``: the run
+    (:class:`lorabench.protocols.report.Session`); the first seed's images of every method go to the item's
+    grid; ``measure(module, item, seed, method)``, if given, the cell's update size (its ``size_*`` fields join
+    the row, the session's size log keeps it); ``line`` is the template of a finished cell's line
+    (:func:`cell_line`)."""
+    cfg, cells_dir = session.cfg, session.run_dir / "cells"
+    rows: list[dict] = []
+    grids: dict[str, list[torch.Tensor]] = {item: [] for item in items}
+    session.count(len(items) * len(seeds) * (1 + len(adapters)))
+    keys = [(a, item, seed) for a in adapters for item in items for seed in seeds]
+    cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
+                  cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}") for a, item, seed in keys]
+    order = [("base", item, seed) for item in items for seed in seeds] + keys  # the rows' order
+    extra: dict[tuple, dict] = {}  # what each trained cell's row adds
+
+    def drain() -> None:  # score the next settings whose images are drawn, in the rows' order
+        while len(rows) < len(order) and order[len(rows)] in evals.done:
+            method, item, seed = key = order[len(rows)]
+            imgs = evals.done.pop(key)
+            if seed == seeds[0]:
+                grids[item].append(imgs)
+            rows.append({"method": method, data_key: item, "seed": seed,
+                         **evaluation.score(imgs, item, seed, method), **extra.get(key, {})})
+            session.done(cell_line(line, rows[-1]))
+
+    with quiet_cells():
+        base = instantiate(cfg.model, _convert_="all")
+        evals = EvalBatch(base, evaluation.sampler, evaluation.device, evaluation.batch)
+        for item in items:
+            for seed in seeds:
+                evals.add(("base", item, seed), *evaluation.prompts(item, seed, "base"))
+                drain()
+        trained = run_cells(cells, check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1)))
+        for (a, item, seed), t in zip(keys, trained):
+            extra[a, item, seed] = {"steps": t.results["metrics"]["steps"], "train_s": t.results["timings"]["fit_s"],
+                                    "s_per_step": t.results["timings"]["s_per_step"]}
+            with loaded_cell(base, t.cell.folder) as (ad, _):
+                measured = measure(SimpleNamespace(components=base, adapters=ad), item, seed, a) if measure else {}
+                session.size_log.add(a, measured)
+                extra[a, item, seed] = {**row_fields(measured), **extra[a, item, seed]}
+                # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
+                # here, its UNet update folded into a weight of its own when the batch samples
+                evals.add((a, item, seed), *evaluation.prompts(item, seed, a),
+                          unet_deltas(ad) if evals.size != 1 else None, injected=True)
+            if evals.full:  # the cell is out of the model again
+                evals.sample()
+            drain()
+        evals.sample()
+        drain()
+    return rows, grids, evals.log()

@@ -22,10 +22,9 @@ from omegaconf import DictConfig
 
 from lorabench.evaluation.scores import score_samples
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import compare_with_base, protocol_inputs
+from lorabench.protocols.cells import protocol_inputs
 from lorabench.protocols.report import Session, markdown_table, summarise_rows
-from lorabench.protocols.scoring import concept_seeds, eval_setup
-from lorabench.sampling import sample_prompts
+from lorabench.protocols.scoring import Evaluation, check_eval_batch, compare_with_base, concept_seeds, eval_setup
 
 # Scores on the concept prompt itself ("a sks circle": does the model draw the identity?) and on the
 # context prompts ("a sks circle at left on black": does it still follow the rest of the prompt?).
@@ -62,20 +61,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, concepts, "concepts", "scorer")
     refs = {c: scorer.embed_references(sets[c].references) for c in concepts}
 
-    def evaluate(components, c, seed, method):
-        imgs = sample_prompts(components, sampler_cfg, sets[c].prompts, concept_seeds(seed, n_img), device)
-        return score_samples(scorer, imgs, sets[c], n_img, refs[c]), imgs
+    evaluation = Evaluation(
+        prompts=lambda c, seed, method: (sets[c].prompts, concept_seeds(seed, n_img)),
+        score=lambda imgs, c, seed, method: score_samples(scorer, imgs, sets[c], n_img, refs[c]),
+        sampler=sampler_cfg, device=device, batch=check_eval_batch(cfg.protocol.get("eval_batch", 1)))
 
     def measure(module, c, seed, method):
         return sizes.measure(module.components, module.adapters, sets[c].prompts, sampler_cfg, device, seed=seed)
 
-    rows, grids = compare_with_base(session, "concept", concepts, seeds, adapters, evaluate, CELL_LINE, measure)
+    rows, grids, sampling = compare_with_base(session, "concept", concepts, seeds, adapters, evaluation, CELL_LINE,
+                                              measure)
     session.grid = [(f"{c}: {what}", img) for c in concepts
                     for what, img in zip(("references", "base", *adapters), [sets[c].references, *grids[c]])]
     summary = summarise(rows)
     out = session.results(concepts=concepts, seeds=seeds, methods=["base", *adapters],
                           prompts={c: sets[c].prompts for c in concepts}, images_per_prompt=n_img, sampler=sampler_cfg,
-                          rows=rows, summary=summary,
+                          rows=rows, summary=summary, timings={"eval_batch": evaluation.batch, **sampling},
                           summary_by_concept={c: summarise([r for r in rows if r["concept"] == c]) for c in concepts})
     return session.finish(out, format_table(summary, len(concepts), len(seeds)),
                           "single_concept: update size per layer",

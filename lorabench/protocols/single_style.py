@@ -18,10 +18,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lorabench.protocols import sizes
-from lorabench.protocols.cells import compare_with_base, protocol_inputs
+from lorabench.protocols.cells import protocol_inputs
 from lorabench.protocols.report import Session, markdown_table, summarise_rows
-from lorabench.protocols.scoring import eval_setup
-from lorabench.sampling import sample_prompts
+from lorabench.protocols.scoring import Evaluation, check_eval_batch, compare_with_base, eval_setup
 from lorabench.utils.seeding import derive_seed_list
 
 METRICS = ("style_top1", "style_similarity", "train_s")
@@ -35,16 +34,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     adapters, styles, seeds = protocol_inputs(cfg, "styles", "vango, monex")
     _, sets, scorer, sampler_cfg, n_img, device = eval_setup(cfg, styles, "styles", "style_scorer")
 
-    def evaluate(components, s, seed, method):
-        prompts = sets[s].base_prompts if method == "base" else sets[s].prompts
-        imgs = sample_prompts(components, sampler_cfg, prompts, derive_seed_list("single-style-samples", seed, n_img),
-                              device)
-        return scorer(imgs, s), imgs
+    evaluation = Evaluation(  # the base model gets the prompts without the style word
+        prompts=lambda s, seed, method: (sets[s].base_prompts if method == "base" else sets[s].prompts,
+                                         derive_seed_list("single-style-samples", seed, n_img)),
+        score=lambda imgs, s, seed, method: scorer(imgs, s),
+        sampler=sampler_cfg, device=device, batch=check_eval_batch(cfg.protocol.get("eval_batch", 1)))
 
     def measure(module, s, seed, method):
         return sizes.measure(module.components, module.adapters, sets[s].prompts, sampler_cfg, device, seed=seed)
 
-    rows, grids = compare_with_base(session, "style", styles, seeds, adapters, evaluate, CELL_LINE, measure)
+    rows, grids, sampling = compare_with_base(session, "style", styles, seeds, adapters, evaluation, CELL_LINE, measure)
     session.grid = [(f"{s}: {what}", img) for s in styles
                     for what, img in zip(("base (no style word)", *adapters), grids[s])]
     summary = summarise_rows(rows, METRICS + sizes.SIZE_FIELDS)
@@ -58,6 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           prompts={s: sets[s].prompts for s in styles},
                           base_prompts={s: sets[s].base_prompts for s in styles}, images_per_prompt=n_img,
                           sampler=sampler_cfg, rows=rows, summary=summary,
+                          timings={"eval_batch": evaluation.batch, **sampling},
                           summary_by_style={s: summarise_rows([r for r in rows if r["style"] == s], METRICS)
                                             for s in styles})
     return session.finish(out, table, "single_style: update size per layer",
