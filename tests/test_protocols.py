@@ -259,3 +259,23 @@ def test_eval_batch_auto_extrapolates_a_probe_above_what_is_held(load_tiny, monk
     assert evals._auto_size(evals.pending) == 16
     peaks = iter([1100, 1101])  # a setting costs 1 more byte: the cap
     assert evals._auto_size(evals.pending) == 64
+
+
+def test_eval_batch_hands_images_over_in_the_order_settings_came(load_tiny):
+    """A setting sampled alone in ``add`` (its update is on a convolution, which a batch cannot give a weight per
+    setting) waits for the batched one added before it: ``then`` runs in the order the settings were added."""
+    from lorabench.merging import LayerDelta
+    from lorabench.protocols.scoring import EvalBatch
+
+    model = load_tiny()
+    conv = next(n for n, m in model.unet.named_modules() if isinstance(m, torch.nn.Conv2d))
+    w = model.unet.get_submodule(conv).weight
+    delta = {f"unet.{conv}": LayerDelta(dense=0.01 * torch.ones(w.shape[0], w[0].numel()))}
+    evals = EvalBatch(model, {"scheduler": "dpm", "num_inference_steps": 2, "progress": False},
+                      torch.device("cpu"), 3)
+    seen = []
+    for i, d in enumerate([None, delta, None]):
+        evals.add(i, ["a dog"], [i], d, then=lambda imgs, i=i: seen.append((i, imgs.shape[0])))
+    assert seen == [] and evals.alone == 1  # setting 1 is drawn, and waits for setting 0
+    evals.sample()
+    assert seen == [(0, 1), (1, 1), (2, 1)] and evals.passes == [2] and evals.images() == {}

@@ -32,6 +32,7 @@ names runs have always had.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -349,6 +350,18 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
     ev, out = plan.ev, SeedSingles({}, {}, {}, [])
     n_steps = plan.capture_sampler["num_inference_steps"]
     measured: dict[tuple[str, str], dict] = {}
+
+    def score(a: str, c: str, imgs: torch.Tensor) -> None:  # the cell's row, once its images are drawn
+        t = trained[f"{a}-{c}-seed{seed}"]
+        res, reused = t.results, t.reused
+        s = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+        out.rows.append({"adapter": a, "concept": c, "seed": seed, **s, **sizes.row_fields(measured[a, c]),
+                         "train_s": res["timings"]["fit_s"], "steps": res["metrics"]["steps"], "reused": reused})
+        if seed == plan.seeds[0] and a == plan.used[0]:
+            session.grid.append((f"{c}: {a} alone", imgs))
+        session.done(f"{a:>15} {c} seed {seed}: single identity align. {s['identity_alignment']:.2f}" +
+                     (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
+
     for a in plan.used:
         for c in plan.concepts:
             cell_dir = trained[f"{a}-{c}-seed{seed}"].cell.folder
@@ -359,34 +372,23 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                     cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors", base, ad, ev.sets[c].prompts[:1],
                     derive_seed_list("modular-capture", seed, plan.n_cap), plan.capture_sampler, ev.device,
                     {"concept": c, "adapter": a, "seed": seed})
+                out.stats[a, c] = grams
                 measured[a, c] = sizes.measure(base, ad, grams=grams) if ad is not None else {}
                 session.size_log.add(a, measured[a, c])
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
-                # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
-                # here, its UNet update folded into a weight of its own when the batch samples
-                evals.add(("single", a, c), ev.sets[c].prompts, latents, injected=True,
-                          deltas={k: LayerDelta(up=u, down=d) for k, (u, d) in out.updates[a, c].layers.items()})
                 if tokens is not None:
                     out.tokens[a, c] = cell_dir / "embeddings.safetensors"
                     if a in plan.features_for:  # the text states at the concept's tokens in its training prompt
                         out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
-            out.stats[a, c] = grams
+                # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
+                # here, its UNet update folded into a weight of its own when the batch samples
+                evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, injected=True,
+                          deltas={k: LayerDelta(up=u, down=d) for k, (u, d) in out.updates[a, c].layers.items()},
+                          then=functools.partial(score, a, c))
             if evals.full:  # the cell is out of the model again
                 evals.sample()
-    images = evals.images()
-    for a in plan.used:
-        for c in plan.concepts:
-            t = trained[f"{a}-{c}-seed{seed}"]
-            res, reused, imgs = t.results, t.reused, images["single", a, c]
-            score = out.scores[a, c] = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
-            out.rows.append({"adapter": a, "concept": c, "seed": seed, **score,
-                             **sizes.row_fields(measured[a, c]),
-                             "train_s": res["timings"]["fit_s"], "steps": res["metrics"]["steps"], "reused": reused})
-            if seed == plan.seeds[0] and a == plan.used[0]:
-                session.grid.append((f"{c}: {a} alone", imgs))
-            session.done(f"{a:>15} {c} seed {seed}: single identity align. {score['identity_alignment']:.2f}" +
-                          (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
+    evals.sample()
     return out
 
 
@@ -395,10 +397,24 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
     """Merge each concept's group with every method, score the concept in the merged model, and measure
     the group's crosstalk (per-layer values gather in ``layer_log`` by method). The merged models' samples
     are drawn by ``evals``, ``protocol.eval_batch`` settings a pass."""
-    ev, rows, dropped = plan.ev, [], []
+    ev, rows = plan.ev, []
     groups = draw_groups(plan.concepts, plan.classes, plan.settings.group_size, seed, plan.settings.same_class)
     reg = text_gram(base, plan.reg_prompts, ev.device) if plan.features_for else None
     group_ct: dict[tuple[str, tuple[str, ...]], dict] = {}  # the same for every method on these adapters
+
+    def score(row: dict, extra: dict, imgs: torch.Tensor) -> None:  # the row's scores, once its images are drawn
+        name, a, c, group = row["method"], row["adapter"], row["concept"], row["group"]
+        merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
+        single = singles.scores[a, c]
+        for k in SCORES + ("identity_similarity",):
+            row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
+            row[f"delta_{k}"] = merged[k] - single[k]
+        row.update(extra)
+        if seed == plan.seeds[0]:
+            session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
+        session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
+                     f" -> {row['merged_identity_alignment']:.2f}, merge {duration(row['merge_s'])}")
+
     for name, m in plan.methods.items():
         a = m["adapter"]
         merged_groups: dict[tuple[str, ...], Any] = {}  # a group drawn twice is merged once
@@ -414,13 +430,6 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             t_tokens = time.perf_counter()
             tokens = [load_tokens(base, singles.tokens[a, g]) for g in group if (a, g) in singles.tokens]
             merge_s = result.merge_s + (time.perf_counter() - t_tokens)  # the group's tokens, side by side
-            try:
-                evals.add(("merged", name, c), ev.sets[c].prompts, latents, result.deltas)
-            finally:
-                for t in reversed(tokens):
-                    t.remove()
-            if evals.full:
-                evals.sample()
             if (a, group) not in group_ct:
                 group_ct[a, group] = group_crosstalk(ups, grams)
             per_layer = concept_crosstalk(group_ct[a, group], singles.updates[a, c], result.deltas, singles.stats[a, c])
@@ -428,22 +437,17 @@ def merged_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
             row = {"method": name, "adapter": a, "concept": c, "seed": seed, "group": list(group),
                    "merge_s": merge_s, **layer_means(per_layer)}
             rows.append(row)
-            dropped.append({"dropped_energy": result.info["dropped_energy_mean"]}
-                           if "dropped_energy_mean" in result.info else {})
-    images = evals.images()
-    for row, extra in zip(rows, dropped):  # the scores, once every merged model is sampled
-        name, a, c, group = row["method"], row["adapter"], row["concept"], row["group"]
-        imgs = images["merged", name, c]
-        merged = score_samples(ev.scorer, imgs, ev.sets[c], ev.images_per_prompt, plan.refs[c])
-        single = singles.scores[a, c]
-        for k in SCORES + ("identity_similarity",):
-            row[f"single_{k}"], row[f"merged_{k}"] = single[k], merged[k]
-            row[f"delta_{k}"] = merged[k] - single[k]
-        row.update(extra)
-        if seed == plan.seeds[0]:
-            session.grid.append((f"{c}: {name}, merged with {'+'.join(g for g in group if g != c)}", imgs))
-        session.done(f"{name:>15} {c} seed {seed}: identity align. {row['single_identity_alignment']:.2f}"
-                      f" -> {row['merged_identity_alignment']:.2f}, merge {duration(row['merge_s'])}")
+            extra = {"dropped_energy": result.info["dropped_energy_mean"]} if "dropped_energy_mean" in result.info \
+                else {}
+            try:
+                evals.add(("merged", seed, name, c), ev.sets[c].prompts, latents, result.deltas,
+                          then=functools.partial(score, row, extra))
+            finally:
+                for t in reversed(tokens):
+                    t.remove()
+            if evals.full:
+                evals.sample()
+    evals.sample()
     return rows
 
 

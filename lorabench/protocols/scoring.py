@@ -5,6 +5,7 @@ protocols' rows (the base model, then every trained cell)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -101,14 +102,19 @@ class EvalBatch:
         self.alone = 0  # settings sampled alone
         self.sample_s = 0.0  # time spent sampling
         self._auto: dict[int, int] = {}  # auto: settings a pass, by images a setting
+        self._queue: list[tuple[Hashable, Optional[Callable[[torch.Tensor], None]]]] = []  # not yet handed over
 
     def add(self, key: Hashable, prompts: Sequence[str], seeds: Sequence[int],
-            deltas: Optional[Mapping[str, LayerDelta]] = None, injected: bool = False) -> None:
+            deltas: Optional[Mapping[str, LayerDelta]] = None, injected: bool = False,
+            then: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Take the setting ``key``: every prompt from every seed, with ``deltas`` merged into the weights, or,
         ``injected``, computed by adapters injected in the model now (``deltas`` then need hold only the UNet's
-        part: what a batch folds into the setting's own weights)."""
-        if key in self.done or any(p.key == key for p in self.pending):
+        part: what a batch folds into the setting's own weights). ``then(images)``, if given, is called once the
+        images are drawn, the settings' calls in the order they were added (alone: here); else :meth:`images`
+        returns them."""
+        if key in self.done or any(p.key == key for p in self.pending) or any(k == key for k, _ in self._queue):
             raise ValueError(f"setting {key!r} added twice")
+        self._queue.append((key, then))
         deltas = dict(deltas or {})
         unet = {k: d for k, d in deltas.items() if k.startswith("unet.")}
         text = {} if injected else {k: d for k, d in deltas.items() if k not in unet}
@@ -119,6 +125,7 @@ class EvalBatch:
                 self.done[key] = sample_prompts(self.components, self.sampler_cfg, prompts, seeds, self.device)
             self.sample_s += time.perf_counter() - t0
             self.alone += 1
+            self._deliver()
             return
         eval_mode(self.components, self.device)
         if self.sampler is None:
@@ -157,6 +164,14 @@ class EvalBatch:
                 self.done.update({p.key: x for p, x in zip(part, imgs)})
                 self.passes.append(len(part))
         self.sample_s += time.perf_counter() - t0
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the drawn settings' images to their ``then``, in the order the settings were added."""
+        while self._queue and self._queue[0][0] in self.done:
+            key, then = self._queue.pop(0)
+            if then is not None:
+                then(self.done.pop(key))
 
     def images(self) -> dict[Hashable, torch.Tensor]:
         """The images of every setting taken since the last call, by key (the waiting ones sampled now); the
@@ -247,41 +262,37 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
     keys = [(a, item, seed) for a in adapters for item in items for seed in seeds]
     cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
                   cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}") for a, item, seed in keys]
-    order = [("base", item, seed) for item in items for seed in seeds] + keys  # the rows' order
     extra: dict[tuple, dict] = {}  # what each trained cell's row adds
 
-    def drain() -> None:  # score the next settings whose images are drawn, in the rows' order
-        while len(rows) < len(order) and order[len(rows)] in evals.done:
-            method, item, seed = key = order[len(rows)]
-            imgs = evals.done.pop(key)
-            if seed == seeds[0]:
-                grids[item].append(imgs)
-            rows.append({"method": method, data_key: item, "seed": seed,
-                         **evaluation.score(imgs, item, seed, method), **extra.get(key, {})})
-            session.done(cell_line(line, rows[-1]))
+    def score(key: tuple, imgs: torch.Tensor) -> None:  # a setting's row, once its images are drawn
+        method, item, seed = key
+        if seed == seeds[0]:
+            grids[item].append(imgs)
+        rows.append({"method": method, data_key: item, "seed": seed, **evaluation.score(imgs, item, seed, method),
+                     **extra.get(key, {})})
+        session.done(cell_line(line, rows[-1]))
 
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         evals = EvalBatch(base, evaluation.sampler, evaluation.device, evaluation.batch)
         for item in items:
             for seed in seeds:
-                evals.add(("base", item, seed), *evaluation.prompts(item, seed, "base"))
-                drain()
+                key = ("base", item, seed)
+                evals.add(key, *evaluation.prompts(item, seed, "base"), then=functools.partial(score, key))
         trained = run_cells(cells, check_batch_cells((cfg.get("protocol") or {}).get("batch_cells", 1)))
-        for (a, item, seed), t in zip(keys, trained):
-            extra[a, item, seed] = {"steps": t.results["metrics"]["steps"], "train_s": t.results["timings"]["fit_s"],
-                                    "s_per_step": t.results["timings"]["s_per_step"]}
+        for key, t in zip(keys, trained):
+            a, item, seed = key
             with loaded_cell(base, t.cell.folder) as (ad, _):
                 measured = measure(SimpleNamespace(components=base, adapters=ad), item, seed, a) if measure else {}
                 session.size_log.add(a, measured)
-                extra[a, item, seed] = {**row_fields(measured), **extra[a, item, seed]}
+                timings = t.results["timings"]
+                extra[key] = {**row_fields(measured), "steps": t.results["metrics"]["steps"],
+                              "train_s": timings["fit_s"], "s_per_step": timings["s_per_step"]}
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                evals.add((a, item, seed), *evaluation.prompts(item, seed, a),
-                          unet_deltas(ad) if evals.size != 1 else None, injected=True)
+                evals.add(key, *evaluation.prompts(item, seed, a), unet_deltas(ad) if evals.size != 1 else None,
+                          injected=True, then=functools.partial(score, key))
             if evals.full:  # the cell is out of the model again
                 evals.sample()
-            drain()
         evals.sample()
-        drain()
     return rows, grids, evals.log()
