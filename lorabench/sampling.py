@@ -129,7 +129,6 @@ class Sampler:
             raise ConfigError("sampler.seeds", f"{len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         if latents is None:
             latents = self.initial_latents(seeds)
-        self._parts_to_device()
         out = []
         batches = range(0, len(prompts), self.batch_size)
         bar = tqdm(total=len(batches) * self.num_inference_steps, desc="sampling", unit="step",
@@ -143,7 +142,8 @@ class Sampler:
     @torch.no_grad()
     def conditions(self, prompts: Sequence[str]) -> dict:
         """What the UNet is conditioned on for ``prompts``: their text states, after the unconditional half's
-        when guided, encoded under the model's current state (its loaded tokens and text-encoder weights)."""
+        when guided, encoded under the model's current state (its loaded tokens and text-encoder weights). The
+        text encoders and the VAE are moved to the UNet's device first."""
         self._parts_to_device()
         cond = encode_prompts(self.components, list(prompts), self.device)
         if self.guidance_scale == 1.0:

@@ -150,6 +150,12 @@ class AdapterUpdate:
         up, down = self.layers[layer]
         return up @ down
 
+    def deltas(self, weight: float = 1.0) -> dict[str, "LayerDelta"]:
+        """The update as ``{layer: LayerDelta}`` (its pairs, ``up`` times ``weight``): what
+        :func:`merged_into` adds to a model's weights."""
+        return {k: LayerDelta(up=up * weight if weight != 1.0 else up, down=down)
+                for k, (up, down) in self.layers.items()}
+
     def shapes(self) -> Mapping[str, tuple[int, int]]:
         """``{layer: (out, in)}`` (read-only)."""
         return self._shapes

@@ -294,13 +294,19 @@ def batch_key(cell: Mapping) -> Optional[str]:
     return digest(shared)
 
 
-def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
-    """``protocol.batch_cells``: a positive integer (1: every cell alone) or ``auto``."""
+def check_count_or_auto(value, field: str, one: str) -> int | str:
+    """A pass's width (``batch_cells``, ``eval_batch``): a positive integer (1: ``one``) or ``auto``; else one
+    line naming ``field``."""
     if value == "auto":
         return value
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(field, f"must be an integer >= 1 (1: every cell alone) or auto, got {value!r}")
+        raise ConfigError(field, f"must be an integer >= 1 (1: {one}) or auto, got {value!r}")
     return value
+
+
+def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:
+    """``protocol.batch_cells``: a positive integer (1: every cell alone) or ``auto``."""
+    return check_count_or_auto(value, field, "every cell alone")
 
 
 def plan_batches(cells: Sequence[Cell], batch_cells: int | str, workers: int,

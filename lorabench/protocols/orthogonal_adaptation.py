@@ -49,7 +49,6 @@ from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
-    LayerDelta,
     cached_stats,
     check_merge,
     concept_crosstalk,
@@ -383,9 +382,8 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                         out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, injected=True,
-                          deltas={k: LayerDelta(up=u, down=d) for k, (u, d) in out.updates[a, c].layers.items()},
-                          then=functools.partial(score, a, c))
+                evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, out.updates[a, c].deltas(),
+                          injected=True, then=functools.partial(score, a, c))
             if evals.full:  # the cell is out of the model again
                 evals.sample()
     evals.sample()

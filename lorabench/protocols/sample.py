@@ -25,7 +25,7 @@ from PIL import Image
 
 from lorabench.checks import check_validation, check_weights
 from lorabench.errors import ConfigError
-from lorabench.merging import LayerDelta, merged_into, model_weights, read_update
+from lorabench.merging import merged_into, model_weights, read_update
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
 from lorabench.utils.io import atomic_path, write_json
 
@@ -49,7 +49,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     device = eval_device(cfg)
     with contextlib.ExitStack() as stack:
         for u, w in zip(updates, weights):
-            deltas = {k: LayerDelta(up=up * w, down=down) for k, (up, down) in u.layers.items()}
+            deltas = u.deltas(w)
             stack.enter_context(merged_into(model_weights(components, list(deltas)), deltas))
         images = sample_prompts(components, spec["sampler"], spec["prompts"], spec["seeds"], device).cpu()
     n = len(spec["seeds"])

@@ -16,9 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters.base import AdapterLayer
-from lorabench.errors import ConfigError
 from lorabench.merging import LayerDelta, fold, merged_into, model_weights, updates_from_adapters
-from lorabench.protocols.cells import Cell, capacity_from, cell_config, check_batch_cells, loaded_cell, run_cells
+from lorabench.protocols.cells import (
+    Cell,
+    capacity_from,
+    cell_config,
+    check_batch_cells,
+    check_count_or_auto,
+    loaded_cell,
+    run_cells,
+)
 from lorabench.protocols.sizes import row_fields
 from lorabench.sampling import Sampler, eval_device, eval_mode, per_setting_ready, sample_prompts
 from lorabench.utils.console import quiet_cells
@@ -61,11 +68,7 @@ GPU_AUTO_MAX_SETTINGS = 64
 def check_eval_batch(value: Any, field: str = "protocol.eval_batch") -> int | str:
     """``protocol.eval_batch``: a positive integer (1: every setting sampled alone, bit for bit as before) or
     ``auto``."""
-    if value == "auto":
-        return value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(field, f"must be an integer >= 1 (1: every setting sampled alone) or auto, got {value!r}")
-    return value
+    return check_count_or_auto(value, field, "every setting sampled alone")
 
 
 @dataclass
@@ -112,7 +115,7 @@ class EvalBatch:
         part: what a batch folds into the setting's own weights). ``then(images)``, if given, is called once the
         images are drawn, the settings' calls in the order they were added (alone: here); else :meth:`images`
         returns them."""
-        if key in self.done or any(p.key == key for p in self.pending) or any(k == key for k, _ in self._queue):
+        if key in self.done or any(k == key for k, _ in self._queue):  # the queue holds every waiting setting
             raise ValueError(f"setting {key!r} added twice")
         self._queue.append((key, then))
         deltas = dict(deltas or {})
@@ -211,15 +214,6 @@ class EvalBatch:
         return min(GPU_AUTO_MAX_SETTINGS, capacity_from(peaks[0], peaks[1], free))
 
 
-def unet_deltas(adapters) -> dict[str, LayerDelta]:
-    """The UNet's part of injected ``adapters`` as deltas (what :meth:`EvalBatch.add` folds into a setting's own
-    weights when the setting is sampled in a batch); none for no adapters (tokens alone)."""
-    if adapters is None:
-        return {}
-    update = updates_from_adapters(adapters, "cell")
-    return {k: LayerDelta(up=u, down=d) for k, (u, d) in update.layers.items() if k.startswith("unet.")}
-
-
 @dataclass
 class Evaluation:
     """How a single-item protocol evaluates a (method, item, seed): ``prompts(item, seed, method)`` gives the
@@ -290,8 +284,9 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                               "train_s": timings["fit_s"], "s_per_step": timings["s_per_step"]}
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                evals.add(key, *evaluation.prompts(item, seed, a), unet_deltas(ad) if evals.size != 1 else None,
-                          injected=True, then=functools.partial(score, key))
+                deltas = updates_from_adapters(ad, a).deltas() if ad is not None and evals.size != 1 else None
+                evals.add(key, *evaluation.prompts(item, seed, a), deltas, injected=True,
+                          then=functools.partial(score, key))
             if evals.full:  # the cell is out of the model again
                 evals.sample()
         evals.sample()
