@@ -7,16 +7,39 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import write_tiny_arcface
+# `pytest -n 2` (the README's command): one torch thread a worker, and for what it starts, so the two never share
+# a core; set before torch loads OpenMP, which reads them once. PASSIVE: a threads(2) test's idle thread sleeps
+# rather than spins beside the other worker (spinning made those tests 2-3x slower).
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+from helpers import write_tiny_arcface  # noqa: E402
 
 # Before anything imports huggingface_hub (it reads this once): the tests never touch the hub, and a
 # machine without network would otherwise wait on retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if XDIST_WORKER else min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _marked_threads(request):
+    """``@pytest.mark.threads(n)``: the test runs at ``n`` torch threads (its claim holds there), then back."""
+    mark = request.node.get_closest_marker("threads")
+    if mark is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(mark.args[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,11 @@ from helpers import SMALL, compose, run_here, tiny_overrides
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
+# The fp32 equalities of batched and separate training hold as measured at the CPU's 2 threads: at one (a
+# `pytest -n 2` worker's) MKL's kernels for the stacked bmm and the K separate mm round differently, and a few
+# AdamW steps carry that to 2e-5 .. 5e-5 on the world adapters (measured 2026-12-05). The fp64 tests hold at any.
+AT_TWO_THREADS = pytest.mark.threads(2)
+
 TOL = 1e-5
 
 
@@ -327,6 +332,7 @@ def _assert_same_adapters(sep, bat):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])
+@AT_TWO_THREADS
 def test_batched_world_cells_equal_separate_runs(adapter, tmp_path):
     """Three world cells (two concepts, two seeds, random flips on so each member's data RNG matters)
     trained one by one and in one batched pass: the same adapters to 1e-5 (on the CPU, bit for bit), the
@@ -340,6 +346,7 @@ def test_batched_world_cells_equal_separate_runs(adapter, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["pplus", "edlora", "ortha_paper", "custom_diffusion"])
+@AT_TWO_THREADS
 def test_batched_token_cells_equal_separate_runs(method, tmp_path):
     """The token methods of Table 2 (P+ tokens alone; ED-LoRA's LoRA on UNet and text encoder with P+
     tokens; the paper's OrthA with P+ tokens; Custom Diffusion's dense K/V update with a modifier token):
@@ -361,6 +368,7 @@ def test_batched_token_cells_equal_separate_runs(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "edlora", "custom_diffusion"])
+@AT_TWO_THREADS
 def test_cuda_graph_batched_cells_equal_separate_runs(method, tmp_path):
     """module.cuda_graph=true in a batched pass (each step through a CapturedStep, eager on the CPU; the
     members' losses and clipping inside it; tokens and text-encoder adapters included): every member equal
@@ -437,6 +445,7 @@ def _sd15_cells(tmp_path, scaled_down_models, toy_images, adapter: str, steps: i
     return cells
 
 
+@AT_TWO_THREADS
 def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_down_models, toy_images):
     """The SD1.5 architecture (latents from a VAE sampled with each member's noise stream, conv and linear
     projections, text-encoder layers adapted too): LoRA and OrthA members train as their separate runs.
