@@ -24,22 +24,18 @@ from helpers import write_tiny_arcface  # noqa: E402
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(1 if XDIST_WORKER else min(2, torch.get_num_threads()))
+torch.set_num_threads(min(2, torch.get_num_threads()))  # 1 in a worker: OMP_NUM_THREADS above
 
 
 @pytest.fixture(autouse=True)
 def _marked_threads(request):
     """``@pytest.mark.threads(n)``: the test runs at ``n`` torch threads (its claim holds there), then back."""
     mark = request.node.get_closest_marker("threads")
-    if mark is None:
-        yield
-        return
     before = torch.get_num_threads()
-    torch.set_num_threads(mark.args[0])
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    if mark is not None:
+        torch.set_num_threads(mark.args[0])
+    yield  # pytest resumes here whether the test passed or failed
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config, items):

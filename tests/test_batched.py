@@ -23,14 +23,13 @@ pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 # `pytest -n 2` worker's) MKL's kernels for the stacked bmm and the K separate mm round differently, and a few
 # AdamW steps carry that to 2e-5 .. 5e-5 on the world adapters (measured 2026-12-05). The fp64 tests hold at any.
 AT_TWO_THREADS = pytest.mark.threads(2)
+TOL = 1e-5
 
 
 @AT_TWO_THREADS
 def test_the_fp32_equalities_run_at_two_threads_in_any_worker():
     """Whatever the process's own count (one in a `pytest -n 2` worker), a marked test runs at 2 threads."""
     assert torch.get_num_threads() == 2
-
-TOL = 1e-5
 
 
 def _members(adapter: str, k: int, conv: bool = False):
