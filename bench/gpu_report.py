@@ -55,6 +55,10 @@ FIGURES = [
      r"K=\s*28: .*\(([\d.]+)x\)", "x", "(> 1: batching pays; 0.87-1.00x on 2 CPU cores)", None),
     ("the same, operators a setting in one pass", "eval_batch", r"K=\s*28: .*together (\d+)$", "",
      "(10,422 alone)", None),
+    ("world captures of input statistics, 28 cells: one by one / in one pass, time a cell", "capture_batch",
+     r"K=\s*28: .*\(([\d.]+)x\)", "x", "(> 1: batching pays)", None),
+    ("the same, operators a cell in one pass", "capture_batch", r"K=\s*28: .*together (\d+)$", "",
+     "(8,131 alone)", None),
 ]
 
 

@@ -16,7 +16,8 @@
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
 #     members' equality to separate runs), world_cells (4 world LoRA cells x 100 steps: separate processes,
 #     one batched pass, and one pass with module.cuda_graph), eval_batch (28 world settings sampled one by
-#     one against in one pass: time and operators a setting, the images' difference), full_scale (each
+#     one against in one pass: time and operators a setting, the images' difference), capture_batch (the same
+#     for 28 cells' captures of their input statistics, the grams' difference), full_scale (each
 #     full-scale table's training and sampling step, time and peak memory, at the real SD1.5 / SDXL sizes with
 #     random weights, multiplied out to GPU hours per table), lora_step_compile (torch.compile rows: more
 #     than 3 minutes of compiling on an H200, so only when named)
@@ -33,7 +34,7 @@
 # first (on 2026-12-04's H200: lora_step 60 s, train_step 36, merge 33, batched_sd15 38; the gpu tests 293 s
 # in 5 shards side by side), each call's timeout_s a little above its DEADLINE:
 #   DEADLINE=300 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g1 device lora_step train_step merge batched_sd15 \
-#       eval_batch
+#       eval_batch capture_batch
 #   DEADLINE=420 LIMIT_TOGETHER=400 SHARDS=5 bash .gpu/run.sh bash bench/gpu_rows.sh $OUT/g2 world_table2 pytest_gpu
 # and the rest (layer_host, merge_overhead, world_cells, full_scale, lora_step_compile) at the next lent GPU.
 #
@@ -145,6 +146,7 @@ step batched_sd15 150 "$py" bench/bench_batched.py --mode step --device $dev --s
 step world_cells 240 "$py" bench/bench_batched.py --mode cells --device $dev "${cells[@]}" \
     --ways "one pass,one pass graph"
 step eval_batch 90 "$py" bench/bench_eval_batch.py --device $dev "${evals[@]}" --count
+step capture_batch 60 "$py" bench/bench_eval_batch.py --device $dev "${evals[@]}" --count --capture
 if [ $dry = 1 ]; then  # each full-scale table's stages at the real SD1.5 / SDXL sizes (issue 30's budget)
     step full_scale 120 "$py" bench/bench_full_scale.py --scaled-down --steps 1 --warmup 0
 else

@@ -307,20 +307,34 @@ def test_cuda_graph_option_trains_like_eager_steps_on_cuda(tmp_path):
 def test_batched_evaluation_on_cuda_sizes_its_passes_by_memory_and_equals_settings_alone(tmp_path):
     """The world Table 2's evaluation with protocol.eval_batch=auto on CUDA: the settings go in passes the
     memory probe sizes (more than one setting each), and every row's scores equal eval_batch=1's (each setting
-    alone on the same GPU) to the GPU's rounding."""
+    alone on the same GPU) to the GPU's rounding; so do the cells' input statistics, captured in passes too (the
+    same cells, their statistics files removed)."""
+    from lorabench.adapters import read_safetensors
     from lorabench.protocols.orthogonal_adaptation import run
 
     args = ["experiment=orthogonal_adaptation/world", *OA_SMALL, "trainer=gpu", "protocol.train_workers=1",
-            f"protocol.cache_dir={tmp_path / 'cache'}",
             "protocol.only=[pplus,edlora_fedavg,custom_diffusion,ortha_paper,dblora_fedavg]"]
-    alone = run(compose(args, tmp_path / "a"), tmp_path / "a")
-    together = run(compose([*args, "protocol.eval_batch=auto"], tmp_path / "b"), tmp_path / "b")
+    alone = run(compose([*args, f"protocol.cache_dir={tmp_path / 'a-cells'}"], tmp_path / "a"), tmp_path / "a")
+    shutil.copytree(tmp_path / "a-cells", tmp_path / "b-cells")
+    captured = sorted(tmp_path.glob("a-cells/**/stats-*.safetensors"))
+    for f in captured:
+        (tmp_path / "b-cells" / f.relative_to(tmp_path / "a-cells")).unlink()
+    together = run(compose([*args, f"protocol.cache_dir={tmp_path / 'b-cells'}", "protocol.eval_batch=auto"],
+                           tmp_path / "b"), tmp_path / "b")
     assert together["timings"]["alone"] == 0 and max(together["timings"]["passes"]) > 1
+    assert together["timings"]["capture"]["alone"] == 0 and max(together["timings"]["capture"]["passes"]) > 1
     # The GPU's kernels (TF32 convolutions by default) round by batch size, so the continuous scores are compared
     # to 5e-3 (the world table's settings differ from one another by hundredths to tenths) and the thresholded
-    # identity shares not.
+    # identity shares not; the statistics to 5e-3 of each layer's largest entry.
     for key in ("single_rows", "rows"):
         for a, b in zip(alone[key], together[key], strict=True):
             for k, v in a.items():
                 if isinstance(v, float) and not k.endswith("_s") and "identity_alignment" not in k:
                     assert b[k] == pytest.approx(v, abs=5e-3), (a.get("method", a.get("adapter")), k)
+    assert captured
+    for f in captured:
+        grams, _ = read_safetensors(f)
+        again, _ = read_safetensors(tmp_path / "b-cells" / f.relative_to(tmp_path / "a-cells"))
+        assert sorted(grams) == sorted(again)
+        for k, g in grams.items():
+            assert (again[k] - g).abs().max() <= 5e-3 * g.abs().max(), (f.parent.name, k)

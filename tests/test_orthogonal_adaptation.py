@@ -267,13 +267,23 @@ def test_crosstalk_goes_to_wandb_as_a_table(world_run, tmp_path, monkeypatch):
 def test_batched_evaluation_gives_the_table_of_settings_sampled_alone(tmp_path):
     """protocol.eval_batch=8: every adapter type's cells (tokens alone, tokens + UNet and text-encoder LoRA,
     Custom Diffusion's whole K/V and modifier token) and their merges sampled eight settings a pass give the rows
-    of eval_batch=1 (each alone, as before) to float rounding, in the same order with the same fields."""
+    of eval_batch=1 (each alone, as before) to float rounding, in the same order with the same fields; the
+    cells' input statistics, captured in passes too (the same cells, their statistics files removed), equal
+    those captured one cell at a time."""
+    import shutil
+
+    from lorabench.adapters import read_safetensors
     from lorabench.protocols.orthogonal_adaptation import run
 
-    args = [*SMALL, "trainer.max_steps=3", f"protocol.cache_dir={tmp_path / 'cache'}",
-            "protocol.only=[pplus,edlora_fedavg,custom_diffusion,ortha_paper,dblora_fedavg]"]
-    alone = run(compose(args, tmp_path / "a"), tmp_path / "a")
-    together = run(compose([*args, "protocol.eval_batch=8"], tmp_path / "b"), tmp_path / "b")
+    only = "protocol.only=[pplus,edlora_fedavg,custom_diffusion,ortha_paper,dblora_fedavg]"
+    alone = run(compose([*SMALL, "trainer.max_steps=3", f"protocol.cache_dir={tmp_path / 'a-cells'}", only],
+                        tmp_path / "a"), tmp_path / "a")
+    shutil.copytree(tmp_path / "a-cells", tmp_path / "b-cells")
+    captured = sorted(tmp_path.glob("a-cells/**/stats-*.safetensors"))
+    for f in captured:
+        (tmp_path / "b-cells" / f.relative_to(tmp_path / "a-cells")).unlink()
+    together = run(compose([*SMALL, "trainer.max_steps=3", f"protocol.cache_dir={tmp_path / 'b-cells'}", only,
+                            "protocol.eval_batch=8"], tmp_path / "b"), tmp_path / "b")
     for key in ("single_rows", "rows"):
         assert len(alone[key]) == len(together[key]) == 10  # 5 adapter types or methods x 2 concepts
         for a, b in zip(alone[key], together[key]):
@@ -285,3 +295,15 @@ def test_batched_evaluation_gives_the_table_of_settings_sampled_alone(tmp_path):
     # 10 cells in passes of 8 and 2, then 10 merges likewise; alone, 20 settings one by one
     assert together["timings"]["passes"] == [8, 2, 8, 2] and together["timings"]["alone"] == 0
     assert alone["timings"]["passes"] == [] and alone["timings"]["alone"] == 20
+    # 8 captures (P+ has no layers): 6 waiting when the first 8 cells are sampled, then 2; alone one by one
+    assert together["timings"]["capture"]["passes"] == [6, 2] and alone["timings"]["capture"]["alone"] == 8
+    assert len(captured) == 8
+    text_side = 0  # ED-LoRA and the paper's OrthA adapt the text encoder: recorded when a pass encodes
+    for f in captured:
+        grams, meta = read_safetensors(f)
+        again, meta_again = read_safetensors(tmp_path / "b-cells" / f.relative_to(tmp_path / "a-cells"))
+        assert sorted(grams) == sorted(again) and json.loads(meta["rows"]) == json.loads(meta_again["rows"])
+        text_side += any(k.startswith("text_encoder.") for k in grams)
+        for k, g in grams.items():
+            assert (again[k] - g).abs().max() <= 1e-5 * g.abs().max(), (f.parent.name, k)
+    assert text_side == 4

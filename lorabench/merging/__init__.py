@@ -12,10 +12,10 @@ job (adapter files in, a merged file or UNet out) is :mod:`lorabench.protocols.m
 
 from lorabench.merging.capture import (
     InputStats,
-    cached_stats,
     capture_stats,
     load_stats,
     save_stats,
+    setting_grams,
     text_gram,
     token_features,
 )
@@ -61,7 +61,6 @@ __all__ = [
     "LayerDelta",
     "MERGES",
     "MergeResult",
-    "cached_stats",
     "capture_stats",
     "check_compatible",
     "check_merge",
@@ -85,6 +84,7 @@ __all__ = [
     "save_merged_adapter",
     "save_merged_unet",
     "save_stats",
+    "setting_grams",
     "size_summary",
     "text_gram",
     "token_features",

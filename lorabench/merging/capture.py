@@ -32,9 +32,15 @@ STATS_FORMAT = "lorabench-input-stats-1"
 
 
 class InputStats:
-    """Forward hooks on adapter layers that accumulate ``X^T X`` and the row count per layer."""
+    """Forward hooks on adapter layers that accumulate ``X^T X`` and the row count per layer.
+
+    A setting sampled in a batched pass (:class:`lorabench.protocols.scoring.EvalBatch`) runs its UNet layers
+    as plain Linear layers, one weight per setting: the pass records this setting's rows of each layer in
+    :attr:`names` through :meth:`record` (:func:`setting_grams`), the hooks record what ran with the adapter
+    injected (its text-encoder layers, when the pass's prompts were encoded)."""
 
     def __init__(self, adapters):
+        self.names = list(adapters.layers)
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self._handles = []
@@ -46,12 +52,15 @@ class InputStats:
             x = args[0].detach()
             x = x.movedim(1, -1) if is_conv else x  # (N, C, H, W) -> (N, H, W, C)
             x = x.reshape(-1, x.shape[-1]).double()
-            acc = self.sums.get(name)
-            gram = x.T @ x
-            self.sums[name] = gram if acc is None else acc + gram
-            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            self.record(name, x.T @ x, x.shape[0])
 
         return hook
+
+    def record(self, name: str, gram: torch.Tensor, rows: int) -> None:
+        """Add ``gram`` (``X^T X`` of ``rows`` input rows of layer ``name``, float64) to the layer's sums."""
+        acc = self.sums.get(name)
+        self.sums[name] = gram if acc is None else acc + gram
+        self.rows[name] = self.rows.get(name, 0) + rows
 
     def remove(self) -> None:
         """Take the hooks off the layers."""
@@ -62,6 +71,23 @@ class InputStats:
     def grams(self) -> dict[str, torch.Tensor]:
         """``{layer: G = X^T X / n}`` (float32, on the CPU)."""
         return {k: (v / self.rows[k]).float().cpu() for k, v in self.sums.items()}
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """``({layer: G}, {layer: rows})`` once every layer in :attr:`names` has run; an error naming the first
+        that never did."""
+        missing = sorted(set(self.names) - set(self.sums))
+        if missing:
+            raise RuntimeError(f"layer {missing[0]!r} never ran while sampling; cannot capture its inputs")
+        return self.grams(), dict(self.rows)
+
+
+def setting_grams(x: torch.Tensor, settings: int) -> tuple[torch.Tensor, int]:
+    """``(X_s^T X_s for each setting s, rows a setting)`` of a batched pass's input to a Linear layer: ``x``'s
+    leading dimension holds ``settings`` equal, contiguous parts (setting-major, as
+    :func:`lorabench.sampling.setting_weights` computes them); the grams (settings, in, in) in float64, in one
+    batched product."""
+    xs = x.detach().reshape(settings, -1, x.shape[-1]).double()
+    return torch.bmm(xs.transpose(1, 2), xs), xs.shape[1]
 
 
 def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[int], sampler_cfg: Mapping,
@@ -75,21 +101,7 @@ def capture_stats(components, adapters, prompts: Sequence[str], seeds: Sequence[
             sample_prompts(components, dict(sampler_cfg), prompts, seeds, device)
     finally:
         hooks.remove()
-    missing = sorted(set(adapters.layers) - set(hooks.sums))
-    if missing:
-        raise RuntimeError(f"layer {missing[0]!r} never ran while sampling; cannot capture its inputs")
-    return hooks.grams(), dict(hooks.rows)
-
-
-def cached_stats(path, components, adapters, prompts: Sequence[str], seeds: Sequence[int], sampler_cfg: Mapping,
-                 device: torch.device = torch.device("cpu"), extra: Optional[Mapping] = None) -> dict:
-    """:func:`capture_stats`'s grams, kept in ``path``: read back (checked against the adapters' model and
-    layers) when the file is there, else captured and saved with ``prompts`` and ``extra``."""
-    if Path(path).is_file():
-        return load_stats(path, adapters)
-    grams, rows = capture_stats(components, adapters, prompts, seeds, sampler_cfg, device)
-    save_stats(path, grams, rows, adapters.base_fingerprint(), prompts, extra)
-    return grams
+    return hooks.result()
 
 
 @torch.no_grad()

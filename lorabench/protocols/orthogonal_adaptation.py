@@ -12,7 +12,8 @@ Stages, per seed:
    never trains a concept twice), loaded into the base model, scored with the single-concept
    protocol's prompts, initial latents and scorer, and its layers' input statistics are captured
    (:mod:`lorabench.merging.capture`) from the concept's training prompt, for gradient fusion and the
-   crosstalk measures.
+   crosstalk measures (kept beside the cell). ``protocol.eval_batch`` settings are sampled a pass, and as
+   many captures (:class:`~lorabench.protocols.scoring.EvalBatch`).
 2. **Groups** (:func:`draw_groups`). Each concept is merged with ``group_size - 1`` others drawn with
    the seed, concepts of its own class first (the paper merges faces with faces). A group two
    concepts drew is merged once and its measured merge time recorded for both.
@@ -49,12 +50,14 @@ from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
-    cached_stats,
+    InputStats,
     check_merge,
     concept_crosstalk,
     group_crosstalk,
     layer_means,
+    load_stats,
     merge,
+    save_stats,
     text_gram,
     token_features,
     updates_from_adapters,
@@ -342,10 +345,10 @@ class SeedSingles:
 
 
 def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[int],
-                 trained: Mapping[str, Trained], evals: EvalBatch) -> SeedSingles:
+                 trained: Mapping[str, Trained], evals: EvalBatch, captures: EvalBatch) -> SeedSingles:
     """Score every trained (adapter type, concept) cell of ``seed`` alone, capture its input statistics
     (cached beside the cell) and measure its update size on them (the session's size log). The cells'
-    samples are drawn by ``evals``, ``protocol.eval_batch`` settings a pass."""
+    samples are drawn by ``evals``, their captures by ``captures``, ``protocol.eval_batch`` settings a pass."""
     ev, out = plan.ev, SeedSingles({}, {}, {}, [])
     n_steps = plan.capture_sampler["num_inference_steps"]
     measured: dict[tuple[str, str], dict] = {}
@@ -361,21 +364,44 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
         session.done(f"{a:>15} {c} seed {seed}: single identity align. {s['identity_alignment']:.2f}" +
                      (" (cached)" if reused else f" ({res['timings']['fit_s']:.0f} s)"))
 
+    def stats_ready(a: str, c: str, weights: Mapping[str, torch.Tensor], grams: dict) -> None:
+        out.stats[a, c] = grams
+        measured[a, c] = sizes.measure_update(out.updates[a, c], weights, grams)
+
+    def captured(a: str, c: str, path: Path, inputs: InputStats, weights: Mapping[str, torch.Tensor],
+                 fingerprint: str, imgs: torch.Tensor) -> None:  # a capture's statistics, kept beside its cell
+        grams, rows = inputs.result()
+        save_stats(path, grams, rows, fingerprint, ev.sets[c].prompts[:1], {"concept": c, "adapter": a, "seed": seed})
+        stats_ready(a, c, weights, grams)
+
+    def flush() -> None:  # captures first: a cell's row carries its update size on the captured inputs
+        captures.sample()
+        evals.sample()
+
     for a in plan.used:
         for c in plan.concepts:
             cell_dir = trained[f"{a}-{c}-seed{seed}"].cell.folder
             with loaded_cell(base, cell_dir) as (ad, tokens):
                 # concept i's own model, its tokens included, reads its inputs X_i (kept beside the cell); new
                 # tokens alone (P+): no layers, nothing to capture, merge or measure
-                grams = {} if ad is None else cached_stats(
-                    cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors", base, ad, ev.sets[c].prompts[:1],
-                    derive_seed_list("modular-capture", seed, plan.n_cap), plan.capture_sampler, ev.device,
-                    {"concept": c, "adapter": a, "seed": seed})
-                out.stats[a, c] = grams
-                measured[a, c] = sizes.measure(base, ad, grams=grams) if ad is not None else {}
-                session.size_log.add(a, measured[a, c])
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
+                if ad is None:
+                    out.stats[a, c], measured[a, c] = {}, {}
+                else:
+                    path = cell_dir / f"stats-{plan.n_cap}x{n_steps}.safetensors"
+                    if path.is_file():
+                        stats_ready(a, c, ad.base_weights(), load_stats(path, ad))
+                    else:  # alone: captured here; in a pass: its text encoder read here, its UNet in the pass
+                        inputs = InputStats(ad)
+                        try:
+                            captures.add(("capture", seed, a, c), ev.sets[c].prompts[:1],
+                                         derive_seed_list("modular-capture", seed, plan.n_cap),
+                                         out.updates[a, c].deltas(), injected=True, inputs=inputs,
+                                         then=functools.partial(captured, a, c, path, inputs, ad.base_weights(),
+                                                                ad.base_fingerprint()))
+                        finally:
+                            inputs.remove()
                 if tokens is not None:
                     out.tokens[a, c] = cell_dir / "embeddings.safetensors"
                     if a in plan.features_for:  # the text states at the concept's tokens in its training prompt
@@ -385,8 +411,11 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                 evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, out.updates[a, c].deltas(),
                           injected=True, then=functools.partial(score, a, c))
             if evals.full:  # the cell is out of the model again
-                evals.sample()
-    evals.sample()
+                flush()
+    flush()
+    for a in plan.used:  # the size log in the cells' order, however their captures were batched
+        for c in plan.concepts:
+            session.size_log.add(a, measured[a, c])
     return out
 
 
@@ -470,13 +499,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         evals = EvalBatch(base, ev.sampler, ev.device, plan.settings.eval_batch)
+        captures = EvalBatch(base, plan.capture_sampler, ev.device, plan.settings.eval_batch)
         for seed in seeds:
             latents = concept_seeds(seed, ev.images_per_prompt)
-            seed_singles = single_stage(plan, session, base, seed, latents, trained, evals)
+            seed_singles = single_stage(plan, session, base, seed, latents, trained, evals, captures)
             singles += seed_singles.rows
             rows += merged_stage(plan, session, base, seed, latents, seed_singles, layer_log, evals)
-        eval_log = evals.log()
-        del base, evals
+        eval_log = {**evals.log(), "capture": captures.log()}
+        del base, evals, captures
     order = {c: i for i, c in enumerate(concepts)}  # the grid's rows concept by concept
     session.grid.sort(key=lambda row: order[row[0].partition(": ")[0]])
     roles = OmegaConf.to_container(cfg.protocol.get("roles") or {}, resolve=True)

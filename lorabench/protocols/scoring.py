@@ -5,18 +5,27 @@ protocols' rows (the base model, then every trained cell)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters.base import AdapterLayer
-from lorabench.merging import LayerDelta, fold, merged_into, model_weights, updates_from_adapters
+from lorabench.merging import (
+    InputStats,
+    LayerDelta,
+    fold,
+    merged_into,
+    model_weights,
+    setting_grams,
+    updates_from_adapters,
+)
 from lorabench.protocols.cells import (
     Cell,
     capacity_from,
@@ -77,6 +86,7 @@ class _Pending:
     cond: dict
     latents: torch.Tensor
     deltas: dict[str, LayerDelta]  # the UNet's part, keyed ``unet.<path>``
+    inputs: Optional[InputStats] = None  # the setting's input statistics, its UNet layers recorded by the pass
 
 
 class EvalBatch:
@@ -92,7 +102,8 @@ class EvalBatch:
     one-by-one images to float rounding. Call them with no adapter injected in the UNet: a setting's UNet
     update must be in its ``deltas``. A setting whose UNet update is not on plain Linear layers is sampled
     alone in ``add``. A batched setting's images go through the UNet in one call (``sampler.batch_size`` splits
-    only a setting sampled alone).
+    only a setting sampled alone). A setting given ``inputs`` has its layers' input statistics recorded while it
+    is sampled (the capture of gradient fusion's ``X^T X``), alone or in a pass.
     """
 
     def __init__(self, components, sampler_cfg: Mapping, device: torch.device, size: int | str = 1):
@@ -109,12 +120,15 @@ class EvalBatch:
 
     def add(self, key: Hashable, prompts: Sequence[str], seeds: Sequence[int],
             deltas: Optional[Mapping[str, LayerDelta]] = None, injected: bool = False,
-            then: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+            then: Optional[Callable[[torch.Tensor], None]] = None, inputs: Optional[InputStats] = None) -> None:
         """Take the setting ``key``: every prompt from every seed, with ``deltas`` merged into the weights, or,
         ``injected``, computed by adapters injected in the model now (``deltas`` then need hold only the UNet's
         part: what a batch folds into the setting's own weights). ``then(images)``, if given, is called once the
         images are drawn, the settings' calls in the order they were added (alone: here); else :meth:`images`
-        returns them."""
+        returns them. ``inputs``: :class:`~lorabench.merging.InputStats` hooked on the injected adapter's layers
+        for the duration of ``add``, complete when ``then`` is called: sampled alone, the hooks record every layer
+        here; in a pass, they record the text-encoder layers when ``add`` encodes the prompts, and the pass
+        records the setting's rows of each of its UNet layers (:func:`~lorabench.merging.setting_grams`)."""
         if key in self.done or any(k == key for k, _ in self._queue):  # the queue holds every waiting setting
             raise ValueError(f"setting {key!r} added twice")
         self._queue.append((key, then))
@@ -136,7 +150,7 @@ class EvalBatch:
         with merged_into(model_weights(self.components, list(text)), text):
             cond = self.sampler.conditions([p for p in prompts for _ in seeds])
         latents = self.sampler.initial_latents([s for _ in prompts for s in seeds])
-        self.pending.append(_Pending(key, cond, latents, unet))
+        self.pending.append(_Pending(key, cond, latents, unet, inputs))
 
     def _base_layer(self, name: str) -> torch.nn.Module:
         """The model's own module at ``unet.<path>`` (an injected adapter's base layer)."""
@@ -162,8 +176,9 @@ class EvalBatch:
             size = self._auto.get(n, 1) if self.size == "auto" else self.size
             for start in range(0, len(group), size):
                 part = group[start:start + size]
-                imgs = self.sampler.sample_settings([p.cond for p in part], [p.latents for p in part],
-                                                    self._weights(part))
+                with self._recording(part):
+                    imgs = self.sampler.sample_settings([p.cond for p in part], [p.latents for p in part],
+                                                        self._weights(part))
                 self.done.update({p.key: x for p, x in zip(part, imgs)})
                 self.passes.append(len(part))
         self.sample_s += time.perf_counter() - t0
@@ -186,6 +201,37 @@ class EvalBatch:
     def log(self) -> dict[str, Any]:
         """What the sampling cost: ``sampling_s``, settings sampled ``alone``, and ``passes`` (settings each)."""
         return {"sampling_s": self.sample_s, "alone": self.alone, "passes": list(self.passes)}
+
+    @contextlib.contextmanager
+    def _recording(self, part: Sequence[_Pending]) -> Iterator[None]:
+        """For the ``with`` block (a pass of ``part``): a forward hook on each UNet layer some setting captures
+        the inputs of, which sums the pass's per-setting ``X^T X`` (one batched product a call); after the block,
+        each setting's sums go into its :class:`InputStats`."""
+        watched: dict[str, list[int]] = {}  # unet.<path> -> the settings that capture it
+        for i, p in enumerate(part):
+            for name in p.inputs.names if p.inputs is not None else ():
+                if name.startswith("unet."):
+                    watched.setdefault(name, []).append(i)
+        sums: dict[str, list] = {}  # name -> [(settings, in, in) float64, rows a setting]
+
+        def hook(name: str, module, args, output) -> None:
+            grams, rows = setting_grams(args[0], len(part))
+            acc = sums.get(name)
+            sums[name] = [grams, rows] if acc is None else [acc[0] + grams, acc[1] + rows]
+
+        unet = self.components.adaptable_modules()["unet"]
+        handles = [unet.get_submodule(name[5:]).register_forward_hook(functools.partial(hook, name))
+                   for name in watched]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        for name, settings in watched.items():
+            if name in sums:
+                grams, rows = sums[name]
+                for i in settings:
+                    part[i].inputs.record(name, grams[i], rows)
 
     def _weights(self, part: Sequence[_Pending]) -> dict[str, torch.Tensor]:
         """``{path: (settings, out, in)}``: each updated layer's base weight once per setting, each setting's

@@ -44,7 +44,14 @@ def measure(components, adapters, prompts: Sequence[str] = (), sampler: Optional
         grams, _ = capture_stats(components, adapters, list(prompts)[:1],
                                  derive_seed_list("update-size", seed, CAPTURE_IMAGES),
                                  {**dict(sampler), "num_inference_steps": CAPTURE_STEPS}, device)
-    per_layer = update_size(updates_from_adapters(adapters, "update"), adapters.base_weights(), grams)
+    return measure_update(updates_from_adapters(adapters, "update"), adapters.base_weights(), grams)
+
+
+def measure_update(update, base_weights: Mapping[str, torch.Tensor],
+                   grams: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+    """:func:`measure` of an :class:`~lorabench.merging.AdapterUpdate` on its layers' base weights (an
+    adapter's ``base_weights()``), e.g. once its input statistics arrive after the adapter left the model."""
+    per_layer = update_size(update, base_weights, grams)
     return {"layers": per_layer, **size_summary(per_layer)}
 
 
