@@ -39,7 +39,8 @@
 # and the rest (layer_host, merge_overhead, world_cells, full_scale, lora_step_compile) at the next lent GPU.
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
-# skipped, the world table at 3 steps for two concepts, pytest collecting the `gpu` tests only), to check
+# skipped, the world table at 3 steps for two concepts with cells, samplings and captures in passes of 2,
+# pytest collecting the `gpu` tests only), to check
 # the script before a GPU session spends minutes on it.
 set -u
 dry=0
@@ -63,9 +64,11 @@ if [ $dry = 1 ]; then
                  eval.images_per_prompt=1 eval.sampler.num_inference_steps=2 eval.concepts.n_references=2
                  protocol.capture.images_per_prompt=1 protocol.capture.num_inference_steps=2)
     collect=--collect-only; cells=(--cells 2 --steps 3); evals=(--settings 3 --steps 2 --repeats 1)
+    world_batch=(protocol.batch_cells=2 protocol.eval_batch=2)  # auto is 1 on a CPU: the batched paths, at 2
 else
     dev=cuda; size=sd15-like; dtype=bfloat16; graph=--graph; steps=15; trainer=trainer=gpu
     world_small=(); collect=""; cells=(--cells 4 --steps 100); evals=(--settings 28 --repeats 2)
+    world_batch=(protocol.batch_cells=auto protocol.eval_batch=auto)
 fi
 graph_opt=(); [ "${WORLD_GRAPH:-true}" = true ] && graph_opt=(module.cuda_graph=true)
 
@@ -159,7 +162,7 @@ fi
 
 # -- phase 2: together ----------------------------------------------------------------------------------
 bg world_table2 "$LIMIT_TOGETHER" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
-    protocol.batch_cells=auto protocol.eval_batch=auto protocol.train_workers=1 "hydra.run.dir=$out/world_table2" \
+    "${world_batch[@]}" protocol.train_workers=1 "hydra.run.dir=$out/world_table2" \
     "${world_small[@]}" "${graph_opt[@]}"
 if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
     mapfile -t ids < <("$py" -m pytest -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null | grep '::')
