@@ -261,6 +261,56 @@ def test_eval_batch_auto_extrapolates_a_probe_above_what_is_held(load_tiny, monk
     assert evals._auto_size(evals.pending) == 64
 
 
+def test_eval_batch_captures_input_statistics_alone_and_in_a_pass(load_tiny, monkeypatch):
+    """Settings given ``inputs`` (an InputStats on their injected adapter, UNet and text encoder): alone their
+    statistics are capture_stats' bit for bit; in a pass (the text encoder's recorded when ``add`` encodes, the
+    UNet's by the pass) equal to float rounding; ``auto``'s memory probe of a pass records nothing."""
+    from lorabench.merging import InputStats, LayerDelta, capture_stats, updates_from_adapters
+    from lorabench.protocols.scoring import EvalBatch
+
+    model = load_tiny()
+    sampler = {"scheduler": "dpm", "num_inference_steps": 2, "progress": False}
+    prompts, seeds, cpu = ["a photo of sks dog"], [0, 1], torch.device("cpu")
+    expected = []
+    for i in range(2):
+        adapters = _trained_lora(model, i, text_encoder=True)
+        expected.append(capture_stats(model, adapters, prompts, seeds, sampler))
+        adapters.remove()
+    assert any(k.startswith("text_encoder.") for k in expected[0][0])
+    for size in (1, 2):
+        evals, got, inputs = EvalBatch(model, sampler, cpu, size), {}, []
+        for i in range(2):
+            adapters = _trained_lora(model, i, text_encoder=True)
+            deltas = {k: LayerDelta(up=u, down=d) for k, (u, d) in updates_from_adapters(adapters, "c").layers.items()}
+            inputs.append(InputStats(adapters))
+            evals.add(i, prompts, seeds, deltas, injected=True, inputs=inputs[i],
+                      then=lambda imgs, i=i: got.__setitem__(i, inputs[i].result()))
+            inputs[i].remove()
+            adapters.remove()
+        if size == 2:
+            assert got == {} and len(evals.pending) == 2
+            peaks = iter([1100, 1150])
+            for name, fn in {"empty_cache": lambda *a: None, "memory_allocated": lambda *a: 1000,
+                             "reset_peak_memory_stats": lambda *a: None,
+                             "max_memory_allocated": lambda *a: next(peaks),
+                             "mem_get_info": lambda *a: (1000, 4000)}.items():
+                monkeypatch.setattr(torch.cuda, name, fn)
+            evals._auto_size(evals.pending)  # the probe runs the pass's hooks, and delivers nothing
+            assert all(not k.startswith("unet.") for stats in inputs for k in stats.sums)
+            evals.sample()
+            assert evals.passes == [2]
+        for i in range(2):
+            (grams, rows), (want, want_rows) = got[i], expected[i]
+            assert rows == want_rows and sorted(grams) == sorted(want)
+            for k, g in want.items():
+                if size == 1:
+                    assert torch.equal(grams[k], g), k
+                else:
+                    torch.testing.assert_close(grams[k], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
+    unet = [k for k in expected[0][0] if k.startswith("unet.")]  # the settings' adapters move their inputs apart
+    assert max(float((expected[0][0][k] - expected[1][0][k]).abs().max()) for k in unet) > 1e-4
+
+
 def test_eval_batch_hands_images_over_in_the_order_settings_came(load_tiny):
     """A setting sampled alone in ``add`` (its update is on a convolution, which a batch cannot give a weight per
     setting) waits for the batched one added before it: ``then`` runs in the order the settings were added."""

@@ -203,10 +203,11 @@ class EvalBatch:
         return {"sampling_s": self.sample_s, "alone": self.alone, "passes": list(self.passes)}
 
     @contextlib.contextmanager
-    def _recording(self, part: Sequence[_Pending]) -> Iterator[None]:
+    def _recording(self, part: Sequence[_Pending], deliver: bool = True) -> Iterator[None]:
         """For the ``with`` block (a pass of ``part``): a forward hook on each UNet layer some setting captures
         the inputs of, which sums the pass's per-setting ``X^T X`` (one batched product a call); after the block,
-        each setting's sums go into its :class:`InputStats`."""
+        each setting's sums go into its :class:`InputStats` (not when ``deliver`` is false: a memory probe, whose
+        peak counts the sums, which grow with the settings)."""
         watched: dict[str, list[int]] = {}  # unet.<path> -> the settings that capture it
         for i, p in enumerate(part):
             for name in p.inputs.names if p.inputs is not None else ():
@@ -227,7 +228,7 @@ class EvalBatch:
         finally:
             for h in handles:
                 h.remove()
-        for name, settings in watched.items():
+        for name, settings in watched.items() if deliver else ():
             if name in sums:
                 grams, rows = sums[name]
                 for i in settings:
@@ -245,15 +246,17 @@ class EvalBatch:
         return {k[5:]: w for k, w in stacks.items()}
 
     def _auto_size(self, group: Sequence[_Pending]) -> int:
-        """Settings a pass on the GPU: one UNet call's peak memory at one and at two settings, extrapolated to
-        the free memory (:func:`lorabench.protocols.cells.capacity_from`), at most :data:`GPU_AUTO_MAX_SETTINGS`."""
+        """Settings a pass on the GPU: one UNet call's peak memory at one and at two settings (with the sums of
+        the captures' ``X^T X``, float64 (in, in) a layer and setting), extrapolated to the free memory
+        (:func:`lorabench.protocols.cells.capacity_from`), at most :data:`GPU_AUTO_MAX_SETTINGS`."""
         peaks = []  # above what is already held (the model, the waiting settings), which the free memory excludes
         for k in (1, 2):
             torch.cuda.empty_cache()
             held = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             part = group[:k]
-            self.sampler.probe([p.cond for p in part], [p.latents for p in part], self._weights(part))
+            with self._recording(part, deliver=False):
+                self.sampler.probe([p.cond for p in part], [p.latents for p in part], self._weights(part))
             peaks.append(torch.cuda.max_memory_allocated(self.device) - held)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
