@@ -7,7 +7,8 @@ or line is missing reads "not in the logs", never a guess. Below the figures: ev
 seconds (``summary.txt``), and every ``pytest -m gpu`` outcome (``-rA``'s PASSED / FAILED / ERROR / SKIPPED
 lines), and the world Table 2 the GPU made (``world_table2/table2.csv``) against the committed CPU table, row by
 row: the largest difference of a mean and the columns that differ at three decimals, beside the rounding
-docs/benchmarks.md documents for batched cells. The report goes to standard output; commit it beside the logs,
+docs/benchmarks.md documents for batched cells, and where its time went (``world_table2/results.json``: the cells'
+training, the samplings, the captures, the rest). The report goes to standard output; commit it beside the logs,
 under ``bench/results/<date>-<gpu>/``.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -126,6 +128,27 @@ def table_against(path: Path, reference: Path) -> list[tuple[str, float, int, in
     return out
 
 
+def world_stages(path: Path) -> list[str]:
+    """Where the world Table 2's time went, from its results.json: the cells trained up front, then, in the main
+    process, the samplings and the captures (seconds, passes) and the rest (merges, scoring, plots)."""
+    t = json.loads(path.read_text()).get("timings", {})
+    cap = t.get("capture") or {}
+    sampling, capture = t.get("sampling_s", 0.0), cap.get("sampling_s", 0.0)
+
+    def passes(log: dict) -> str:
+        p = log.get("passes") or []
+        return (f"{len(p)} passes of {min(p)}-{max(p)} settings" if p else "no passes") + \
+            f", {log.get('alone', 0)} settings alone"
+
+    return ["", f"Where the world Table 2's time went ({path.parent.name}/results.json):", "",
+            "| stage | seconds | |", "|---|---|---|",
+            f"| training the cells ({t.get('pretrained_cells', '?')} trained, the rest cached) | "
+            f"{t.get('pretrain_cells_s', 0.0):.1f} | |",
+            f"| sampling the cells alone and the merged models | {sampling:.1f} | {passes(t)} |",
+            f"| capturing the cells' input statistics | {capture:.1f} | {passes(cap)} |",
+            f"| merging, scoring, crosstalk, plots | {t.get('score_and_merge_s', 0.0) - sampling - capture:.1f} | |"]
+
+
 def report(folders: list[Path]) -> str:
     """The markdown report of ``folders``."""
     logs = read_logs(folders)
@@ -168,6 +191,9 @@ def report(folders: list[Path]) -> str:
         for m, d, n, c in table_against(tables[0], CPU_TABLE):
             ref = cpu.get(m)
             lines.append(f"| {m} | {d:.1e} | {n} of {c} | " + (f"{ref[0]:.1e} | {ref[1]} |" if ref else "- | - |"))
+    results = [f / "world_table2" / "results.json" for f in folders if (f / "world_table2" / "results.json").exists()]
+    if results:
+        lines += world_stages(results[0])
     lines += ["", "| step | exit | seconds |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in steps)]
     tests = outcomes(logs)
     counts = {k: sum(1 for _, o in tests if o == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}

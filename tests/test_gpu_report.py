@@ -62,3 +62,21 @@ def test_gpu_report_reads_the_gpu_table_against_the_cpu_one(tmp_path):
     assert f"| {first} | 1.0e-02 | 1 of " in out  # the moved score, and only it
     assert f"| {other} | 0.0e+00 | 0 of 15 |" in out
     assert "| lora_fusion_lbfgs | 0.0e+00 | 0 of 15 | 2.1e-02 | 7 |" in out  # what batched cells moved on the CPU
+
+
+def test_gpu_report_says_where_the_world_tables_time_went(tmp_path):
+    """From the world run's results.json timings: the cells' training, the samplings and the captures with their
+    passes, and the rest of the main process (what is left of score_and_merge_s)."""
+    import json
+
+    (tmp_path / "world_table2").mkdir()
+    (tmp_path / "world_table2" / "results.json").write_text(json.dumps({"timings": {
+        "pretrain_cells_s": 120.5, "pretrained_cells": 84, "score_and_merge_s": 100.0, "sampling_s": 30.0,
+        "passes": [64, 64, 32], "alone": 0, "capture": {"sampling_s": 5.0, "passes": [28, 28, 28], "alone": 0}}}))
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "| training the cells (84 trained, the rest cached) | 120.5 | |" in out
+    assert ("| sampling the cells alone and the merged models | 30.0 | 3 passes of 32-64 settings, 0 settings alone |"
+            in out)
+    assert "| capturing the cells' input statistics | 5.0 | 3 passes of 28-28 settings, 0 settings alone |" in out
+    assert "| merging, scoring, crosstalk, plots | 65.0 | |" in out
