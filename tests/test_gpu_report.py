@@ -49,7 +49,8 @@ def test_gpu_report_reads_the_gpu_table_against_the_cpu_one(tmp_path):
     moved on the CPU: here the CPU's own table with one score moved by 0.01 in one row."""
     import csv
 
-    rows = list(csv.DictReader(open(ROOT / "experiments/orthogonal_adaptation/runs/world/table2.csv", newline="")))
+    with open(ROOT / "experiments/orthogonal_adaptation/runs/world/table2.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     rows[0]["merged_image_alignment_mean"] = str(float(rows[0]["merged_image_alignment_mean"]) + 0.01)
     (tmp_path / "world_table2").mkdir()
     with open(tmp_path / "world_table2" / "table2.csv", "w", newline="") as f:

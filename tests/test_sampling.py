@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,8 +64,8 @@ def test_sample_grid_names_its_rows_and_columns(tmp_path):
     assert labelled.width > plain.width + 50 and labelled.height > plain.height  # a label margin and a title line
     # the images are pasted unchanged at the bottom right
     w, h = plain.size
-    assert list(labelled.crop((labelled.width - w, labelled.height - h, labelled.width, labelled.height)).getdata()) \
-        == list(plain.convert("RGB").getdata())
+    corner = labelled.crop((labelled.width - w, labelled.height - h, labelled.width, labelled.height))
+    assert np.array_equal(np.asarray(corner.convert("RGB")), np.asarray(plain.convert("RGB")))
     with pytest.raises(ValueError, match="1 labels for 2 rows"):
         save_grid(tmp_path / "bad.png", panels, ["one"])
 
