@@ -194,7 +194,8 @@ def test_verbose_flag_is_accepted_and_lightning_log_lines_appear_once(tmp_path):
 ])
 def test_single_item_protocols_sample_in_batches_as_each_alone(tmp_path, paper, args):
     """protocol.eval_batch=4 in the single-concept and single-style tables: the base model's settings and every
-    cell's (LoRA, TriLoRA) sampled four a pass give the rows of eval_batch=1 to float rounding, in order."""
+    cell's (LoRA, TriLoRA) sampled four a pass, and the cells' update-size captures in passes too, give the rows
+    of eval_batch=1 to float rounding, in order (their size_* fields included)."""
     import importlib
 
     from helpers import compose
@@ -211,3 +212,8 @@ def test_single_item_protocols_sample_in_batches_as_each_alone(tmp_path, paper, 
     n = len(alone["rows"])
     assert alone["timings"]["alone"] == n and together["timings"]["alone"] == 0
     assert together["timings"]["passes"] == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    cells = sum(r["method"] != "base" for r in alone["rows"])
+    assert alone["timings"]["capture"] == {**alone["timings"]["capture"], "alone": cells, "passes": []}
+    captured = together["timings"]["capture"]
+    assert captured["alone"] == 0 and sum(captured["passes"]) == cells and max(captured["passes"]) > 1
+    assert all("size_weight_median" in r for r in together["rows"] if r["method"] != "base")

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable, Hashable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from lorabench.merging import (
     setting_grams,
     updates_from_adapters,
 )
+from lorabench.protocols import sizes
 from lorabench.protocols.cells import (
     Cell,
     capacity_from,
@@ -276,10 +276,6 @@ class Evaluation:
     batch: int | str = 1
 
 
-# measure(module, item, seed, method) -> the trained adapter's update size (lorabench.protocols.sizes.measure)
-Measure = Callable[..., dict]
-
-
 def cell_line(template: str, row: dict) -> str:
     """The line a finished cell prints: ``template`` filled from the row, then `` (400 steps, 55 s)`` for a
     trained cell (nothing for the base model's)."""
@@ -288,15 +284,17 @@ def cell_line(template: str, row: dict) -> str:
 
 def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Sequence[int],
                       adapters: Mapping[str, Any], evaluation: Evaluation, line: str,
-                      measure: Optional[Measure] = None) -> tuple[list[dict], dict[str, list[torch.Tensor]], dict]:
+                      size_prompts: Optional[Callable[[str], Sequence[str]]] = None,
+                      ) -> tuple[list[dict], dict[str, list[torch.Tensor]], dict]:
     """The rows of a single-item protocol, ``method`` "base" first, each item's sample-grid images, and what the
-    sampling cost (:meth:`EvalBatch.log`):
+    sampling cost (:meth:`EvalBatch.log`, the update sizes' captures under ``capture``):
     the base model on every (item, seed), then every (adapter, item, seed) cell, trained (:func:`run_cells`,
     ``protocol.batch_cells`` at a time) into ``<run>/cells/<adapter>-<item>-seed<seed>``, loaded into the base
     model, sampled (``evaluation.batch`` settings a pass) and scored. ``session``: the run
     (:class:`lorabench.protocols.report.Session`); the first seed's images of every method go to the item's
-    grid; ``measure(module, item, seed, method)``, if given, the cell's update size (its ``size_*`` fields join
-    the row, the session's size log keeps it); ``line`` is the template of a finished cell's line
+    grid; ``size_prompts(item)``, if given, the prompts whose first one each cell's update size is measured on
+    (:func:`lorabench.protocols.sizes.measure`'s capture, as many a pass as the samplings; its ``size_*`` fields
+    join the row, the session's size log keeps it); ``line`` is the template of a finished cell's line
     (:func:`cell_line`)."""
     cfg, cells_dir = session.cfg, session.run_dir / "cells"
     rows: list[dict] = []
@@ -315,9 +313,16 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                      **extra.get(key, {})})
         session.done(cell_line(line, rows[-1]))
 
+    def sized(key: tuple, update, weights: Mapping[str, torch.Tensor], inputs: InputStats, fields: dict,
+              imgs: torch.Tensor) -> None:  # a cell's update size, once its inputs are captured
+        measured = sizes.measure_update(update, weights, inputs.result()[0])
+        session.size_log.add(key[0], measured)
+        extra[key] = {**row_fields(measured), **fields}
+
     with quiet_cells():
         base = instantiate(cfg.model, _convert_="all")
         evals = EvalBatch(base, evaluation.sampler, evaluation.device, evaluation.batch)
+        captures = EvalBatch(base, sizes.capture_sampler(evaluation.sampler), evaluation.device, evaluation.batch)
         for item in items:
             for seed in seeds:
                 key = ("base", item, seed)
@@ -326,17 +331,28 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
         for key, t in zip(keys, trained):
             a, item, seed = key
             with loaded_cell(base, t.cell.folder) as (ad, _):
-                measured = measure(SimpleNamespace(components=base, adapters=ad), item, seed, a) if measure else {}
-                session.size_log.add(a, measured)
                 timings = t.results["timings"]
-                extra[key] = {**row_fields(measured), "steps": t.results["metrics"]["steps"],
-                              "train_s": timings["fit_s"], "s_per_step": timings["s_per_step"]}
+                fields = {"steps": t.results["metrics"]["steps"], "train_s": timings["fit_s"],
+                          "s_per_step": timings["s_per_step"]}
+                update = updates_from_adapters(ad, a) if ad is not None else None
+                if update is not None and size_prompts is not None:  # measured once its inputs are captured
+                    inputs = InputStats(ad)
+                    try:
+                        captures.add(key, list(size_prompts(item))[:1], sizes.capture_seeds(seed), update.deltas(),
+                                     injected=True, inputs=inputs,
+                                     then=functools.partial(sized, key, update, ad.base_weights(), inputs, fields))
+                    finally:
+                        inputs.remove()
+                else:
+                    extra[key] = fields
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                deltas = updates_from_adapters(ad, a).deltas() if ad is not None and evals.size != 1 else None
+                deltas = update.deltas() if update is not None and evals.size != 1 else None
                 evals.add(key, *evaluation.prompts(item, seed, a), deltas, injected=True,
                           then=functools.partial(score, key))
-            if evals.full:  # the cell is out of the model again
+            if evals.full:  # the cell is out of the model again; its row needs its update size first
+                captures.sample()
                 evals.sample()
+        captures.sample()
         evals.sample()
-    return rows, grids, evals.log()
+    return rows, grids, {**evals.log(), "capture": captures.log()}

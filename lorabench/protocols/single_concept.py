@@ -66,11 +66,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         score=lambda imgs, c, seed, method: score_samples(scorer, imgs, sets[c], n_img, refs[c]),
         sampler=sampler_cfg, device=device, batch=check_eval_batch(cfg.protocol.get("eval_batch", 1)))
 
-    def measure(module, c, seed, method):
-        return sizes.measure(module.components, module.adapters, sets[c].prompts, sampler_cfg, device, seed=seed)
-
     rows, grids, sampling = compare_with_base(session, "concept", concepts, seeds, adapters, evaluation, CELL_LINE,
-                                              measure)
+                                              lambda c: sets[c].prompts)
     session.grid = [(f"{c}: {what}", img) for c in concepts
                     for what, img in zip(("references", "base", *adapters), [sets[c].references, *grids[c]])]
     summary = summarise(rows)

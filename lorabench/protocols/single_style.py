@@ -40,10 +40,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         score=lambda imgs, s, seed, method: scorer(imgs, s),
         sampler=sampler_cfg, device=device, batch=check_eval_batch(cfg.protocol.get("eval_batch", 1)))
 
-    def measure(module, s, seed, method):
-        return sizes.measure(module.components, module.adapters, sets[s].prompts, sampler_cfg, device, seed=seed)
-
-    rows, grids, sampling = compare_with_base(session, "style", styles, seeds, adapters, evaluation, CELL_LINE, measure)
+    rows, grids, sampling = compare_with_base(session, "style", styles, seeds, adapters, evaluation, CELL_LINE,
+                                              lambda s: sets[s].prompts)
     session.grid = [(f"{s}: {what}", img) for s in styles
                     for what, img in zip(("base (no style word)", *adapters), grids[s])]
     summary = summarise_rows(rows, METRICS + sizes.SIZE_FIELDS)

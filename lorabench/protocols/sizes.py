@@ -41,10 +41,19 @@ def measure(components, adapters, prompts: Sequence[str] = (), sampler: Optional
     if adapters is None or not adapters.layers:
         return {}
     if grams is None and prompts and sampler is not None:
-        grams, _ = capture_stats(components, adapters, list(prompts)[:1],
-                                 derive_seed_list("update-size", seed, CAPTURE_IMAGES),
-                                 {**dict(sampler), "num_inference_steps": CAPTURE_STEPS}, device)
+        grams, _ = capture_stats(components, adapters, list(prompts)[:1], capture_seeds(seed),
+                                 capture_sampler(sampler), device)
     return measure_update(updates_from_adapters(adapters, "update"), adapters.base_weights(), grams)
+
+
+def capture_seeds(seed: int) -> list[int]:
+    """The ``CAPTURE_IMAGES`` initial-latent seeds an update size is measured from, for replicate ``seed``."""
+    return derive_seed_list("update-size", seed, CAPTURE_IMAGES)
+
+
+def capture_sampler(sampler: Mapping) -> dict:
+    """``sampler`` (the evaluation's) cut to the ``CAPTURE_STEPS`` steps an update size is measured over."""
+    return {**dict(sampler), "num_inference_steps": CAPTURE_STEPS}
 
 
 def measure_update(update, base_weights: Mapping[str, torch.Tensor],
