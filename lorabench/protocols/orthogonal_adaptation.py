@@ -386,6 +386,7 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                 # tokens alone (P+): no layers, nothing to capture, merge or measure
                 out.updates[a, c] = (updates_from_adapters(ad, c, base_model=base.model_id) if ad is not None
                                      else AdapterUpdate(c, {}))
+                deltas = out.updates[a, c].deltas()  # the cell's UNet update, for a pass's own weights
                 if ad is None:
                     out.stats[a, c], measured[a, c] = {}, {}
                 else:
@@ -397,7 +398,7 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                         try:
                             captures.add(("capture", seed, a, c), ev.sets[c].prompts[:1],
                                          derive_seed_list("modular-capture", seed, plan.n_cap),
-                                         out.updates[a, c].deltas(), injected=True, inputs=inputs,
+                                         deltas, injected=True, inputs=inputs,
                                          then=functools.partial(captured, a, c, path, inputs, ad.base_weights(),
                                                                 ad.base_fingerprint()))
                         finally:
@@ -408,7 +409,7 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                         out.features[a, c] = token_features(base, ev.sets[c].prompts[:1], tokens.names, ev.device)
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, out.updates[a, c].deltas(),
+                evals.add(("single", seed, a, c), ev.sets[c].prompts, latents, deltas,
                           injected=True, then=functools.partial(score, a, c))
             if evals.full:  # the cell is out of the model again
                 flush()

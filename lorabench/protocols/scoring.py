@@ -228,7 +228,9 @@ class EvalBatch:
         finally:
             for h in handles:
                 h.remove()
-        for name, settings in watched.items() if deliver else ():
+        if not deliver:
+            return
+        for name, settings in watched.items():
             if name in sums:
                 grams, rows = sums[name]
                 for i in settings:
@@ -335,10 +337,11 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                 fields = {"steps": t.results["metrics"]["steps"], "train_s": timings["fit_s"],
                           "s_per_step": timings["s_per_step"]}
                 update = updates_from_adapters(ad, a) if ad is not None else None
+                deltas = update.deltas() if update is not None else None  # for a pass's own weights
                 if update is not None and size_prompts is not None:  # measured once its inputs are captured
                     inputs = InputStats(ad)
                     try:
-                        captures.add(key, list(size_prompts(item))[:1], sizes.capture_seeds(seed), update.deltas(),
+                        captures.add(key, list(size_prompts(item))[:1], sizes.capture_seeds(seed), deltas,
                                      injected=True, inputs=inputs,
                                      then=functools.partial(sized, key, update, ad.base_weights(), inputs, fields))
                     finally:
@@ -347,7 +350,6 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                     extra[key] = fields
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
                 # here, its UNet update folded into a weight of its own when the batch samples
-                deltas = update.deltas() if update is not None and evals.size != 1 else None
                 evals.add(key, *evaluation.prompts(item, seed, a), deltas, injected=True,
                           then=functools.partial(score, key))
             if evals.full:  # the cell is out of the model again; its row needs its update size first
