@@ -28,9 +28,16 @@ kernel on a GPU), and what LoRA adds per adapted layer. On a CPU ``--count`` put
 ``lora-layercast`` rows (their counts and times) on the CUDA path (``fused_forward``), so ``--size
 sd15-shape`` (SD1.5's 128 adapted layers at toy widths) predicts the GPU's count in seconds.
 
+With ``--kernels``, one more eager step of ``base`` and of ``lora`` under ``torch.profiler``: the time the
+device spent in each step's operators (self time: CUDA kernels on a GPU, the operators' own CPU time on a CPU)
+and their ratio, the floor a captured step's ``lora-graph / base-graph`` approaches once launches are gone;
+then what LoRA adds, by operator and input shapes (the rank shows which are the adapter's), largest first. On
+the 2026-12-04 H200 the captured ratio was 1.209 against the goal 1.10: this says which kernels hold the rest.
+
     python bench/bench_lora_overhead.py --device cuda --size sd15-like --batch 4 --dtype bfloat16 [--compile] [--graph]
     python bench/bench_lora_overhead.py --size tiny --steps 5      # a CPU smoke run of the script
     python bench/bench_lora_overhead.py --size sd15-shape --steps 0 --warmup 1 --count --only base,lora,lora-ref
+    python bench/bench_lora_overhead.py --device cuda --size sd15-like --dtype bfloat16 --kernels --graph
 """
 
 from __future__ import annotations
@@ -43,6 +50,53 @@ import time
 import torch
 
 from bench_train_step import SIZES, TARGETS, build_unet, graphed_step
+
+
+def device_times(step, cuda: bool, reps: int = 3) -> dict[tuple[str, str], tuple[float, float]]:
+    """``reps`` calls of ``step`` under ``torch.profiler``: ``{(operator, input shapes): (calls, self time in us)}``
+    a step, the time the device's kernels took on CUDA, the operators' own CPU time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(reps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            out[e.key, str(e.input_shapes)] = (e.count / reps, us / reps)
+    return out
+
+
+def print_kernels(kernels: dict, cuda: bool, top: int) -> None:
+    """The profiled steps' totals, their ratio, and what LoRA adds: the operators (and shapes) it calls more often
+    than the base, largest time first, and the time the operators both call equally often moved."""
+    what = "kernel time" if cuda else "operator CPU time"
+    total = {k: sum(us for _, us in v.values()) for k, v in kernels.items()}
+    print(f"  {what} a step (torch.profiler over 3 eager steps, self time):")
+    for k, us in total.items():
+        print(f"    {k:<6} {us / 1000:8.2f} ms")
+    floor = "   (the floor of lora-graph / base-graph)" if cuda else ""
+    print(f"  ratio {what} lora / base = {total['lora'] / total['base']:.3f}{floor}")
+    base, lora = kernels["base"], kernels["lora"]
+    added, moved = [], 0.0
+    for key in set(base) | set(lora):
+        (n1, t1), (n0, t0) = lora.get(key, (0, 0.0)), base.get(key, (0, 0.0))
+        if n1 > n0:
+            added.append((t1 - t0, n1 - n0, *key))
+        else:
+            moved += t1 - t0
+    added.sort(reverse=True)
+    print(f"  operators LoRA calls more often than the base: {sum(a[0] for a in added) / 1000:+.2f} ms a step "
+          f"({len(added)} operator-shapes; {top} largest):")
+    for d, n, op, shapes in added[:top]:
+        print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} calls  {op}  {shapes[:120]}")
+    print(f"  the operators both call as often: {moved / 1000:+.2f} ms a step")
 
 
 def main() -> None:
@@ -58,6 +112,9 @@ def main() -> None:
     ap.add_argument("--graph", action="store_true", help="add base and LoRA steps captured as CUDA graphs (CUDA)")
     ap.add_argument("--only", default="", help="comma list of variants to time (default: all asked for)")
     ap.add_argument("--count", action="store_true", help="count the operators one eager step of each dispatches")
+    ap.add_argument("--kernels", action="store_true",
+                    help="profile one eager step of base and lora: device time by operator and shapes")
+    ap.add_argument("--top", type=int, default=12, help="with --kernels, how many of LoRA's extra operators to list")
     args = ap.parse_args()
     if args.graph and args.device != "cuda":
         raise SystemExit("--graph needs --device cuda (CUDA graphs)")
@@ -162,6 +219,12 @@ def main() -> None:
     ops = {}
     if args.count:  # one more step each after the warm ones (the optimiser's state exists by then)
         ops = {name: count_ops(fn) for name, fn in steps.items() if not name.endswith(("-graph", "-compiled"))}
+    kernels = {}
+    if args.kernels:  # a profiler that cannot run here (no CUPTI, say) leaves the timed rows standing
+        try:
+            kernels = {name: device_times(steps[name], cuda) for name in ("base", "lora")}
+        except Exception as exc:
+            print(f"  --kernels: the profiler failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     med = {k: statistics.median(v) for k, v in times.items() if v}
     n_params = sum(p.numel() for p in base.parameters())
     print(f"UNet {args.size} ({n_params / 1e6:.0f}M params), {s['res'] * (8 if in_ch == 4 else 1)} px, batch "
@@ -171,6 +234,8 @@ def main() -> None:
         extra = f"   {(n - ops['base']) / n_layers:5.2f} a layer over base" if k != "base" and n_layers else ""
         path = " (the CUDA path)" if k in ("lora", "lora-layercast") and not cuda else ""
         print(f"  {k:<14} {n:6d} operators a step{path}{extra}")
+    if kernels and not med:
+        print_kernels(kernels, cuda, args.top)
     if not med:
         return
     for k, v in med.items():
@@ -195,6 +260,8 @@ def main() -> None:
         print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
         if peak:
             print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")
+    if kernels:  # last, after the timed rows
+        print_kernels(kernels, cuda, args.top)
 
 
 if __name__ == "__main__":

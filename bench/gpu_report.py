@@ -27,6 +27,8 @@ FIGURES = [
      "", "<= 1.10", lambda v: v <= 1.10),
     ("the same, each step one CUDA graph", "lora_step", r"ratio lora-graph / base-graph = ([\d.]+)",
      "", "<= 1.10", lambda v: v <= 1.10),
+    ("kernel time a step, LoRA / base (3 eager steps profiled): the captured ratio's floor", "lora_step",
+     r"ratio kernel time lora / base = ([\d.]+)", "", "(<= 1.10 leaves the captured goal reachable)", None),
     ("eager step with each layer casting its own factors / all cast together", "lora_step",
      r"ratio lora-layercast / lora = ([\d.]+)", "", "(> 1: casting together pays)", None),
     ("the same, captured", "lora_step", r"ratio lora-graph-layercast / lora-graph = ([\d.]+)",
@@ -149,6 +151,18 @@ def world_stages(path: Path) -> list[str]:
             f"| merging, scoring, crosstalk, plots | {t.get('score_and_merge_s', 0.0) - sampling - capture:.1f} | |"]
 
 
+def added_kernels(log: str) -> list[str]:
+    """The kernels LoRA's step adds over the base's, as ``bench_lora_overhead.py --kernels`` listed them (on a
+    GPU: where the captured step's time over the base goes), or nothing when the log has no such list."""
+    block = re.search(r"(operators LoRA calls more often than the base:.*?\n)(.*?the operators both call as "
+                      r"often:[^\n]*)", log, re.S)
+    if not block or "kernel time" not in log:
+        return []
+    body = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in (block[1] + block[2]).splitlines()]
+    return ["", "Where the LoRA step's kernel time over the base's goes (`lora_step.log`):", "", "```",
+            *(line.strip() for line in body), "```"]
+
+
 def report(folders: list[Path]) -> str:
     """The markdown report of ``folders``."""
     logs = read_logs(folders)
@@ -194,6 +208,7 @@ def report(folders: list[Path]) -> str:
     results = [f / "world_table2" / "results.json" for f in folders if (f / "world_table2" / "results.json").exists()]
     if results:
         lines += world_stages(results[0])
+    lines += added_kernels(logs.get("lora_step", ""))
     lines += ["", "| step | exit | seconds |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in steps)]
     tests = outcomes(logs)
     counts = {k: sum(1 for _, o in tests if o == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}

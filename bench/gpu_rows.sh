@@ -10,7 +10,7 @@
 # those, in the order below. Two phases:
 #   alone (one at a time, nothing else on the GPU, so the ratios they print are clean):
 #     device, lora_step (LoRA step / frozen base, eager and as CUDA graphs, operators a step, each layer
-#     casting its factors or all cast together), layer_host (an eager step's host time per LoRA layer:
+#     casting its factors or all cast together, the kernels LoRA adds and their time), layer_host (an eager step's host time per LoRA layer:
 #     reference, fused, fused with the casts together), train_step (lorabench / PEFT,
 #     eager and as CUDA graphs), merge (10 rank-64 adapters, stacked path), merge_overhead (the host's work
 #     per merge), batched_sd15 (K = 4 SD1.5 LoRAs stacked at batch 1 against one after another, with the
@@ -134,7 +134,7 @@ fi
 
 # -- phase 1: alone -------------------------------------------------------------------------------------
 step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size --batch 4 --dtype $dtype --count \
-    --steps $steps $graph
+    --kernels --steps $steps $graph
 step layer_host 60 "$py" bench/bench_layer_host.py --device $dev
 step train_step 150 "$py" bench/bench_train_step.py --device $dev --size $size --batch 4 --dtype $dtype \
     --steps $steps $graph

@@ -81,3 +81,26 @@ def test_gpu_report_says_where_the_world_tables_time_went(tmp_path):
             in out)
     assert "| capturing the cells' input statistics | 5.0 | 3 passes of 28-28 settings, 0 settings alone |" in out
     assert "| merging, scoring, crosstalk, plots | 65.0 | |" in out
+
+
+def test_gpu_report_lists_the_kernels_lora_adds(tmp_path):
+    """``bench_lora_overhead.py --kernels`` on a GPU: the report reads the kernel-time ratio as a figure and
+    copies the list of the kernels LoRA adds (timestamps dropped); a CPU profile (operator CPU time) is not a
+    GPU figure and is left out."""
+    lines = ["  kernel time a step (torch.profiler over 3 eager steps, self time):", "    base        41.20 ms",
+             "    lora        47.90 ms",
+             "  ratio kernel time lora / base = 1.163   (the floor of lora-graph / base-graph)",
+             "  operators LoRA calls more often than the base: +6.10 ms a step (9 operator-shapes; 12 largest):",
+             "      +2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]",
+             "  the operators both call as often: +0.60 ms a step"]
+    (tmp_path / "lora_step.log").write_text("".join(f"12:00:0{i} {line}\n" for i, line in enumerate(lines)))
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "| kernel time a step, LoRA / base (3 eager steps profiled): the captured ratio's floor | 1.163 |" in out
+    assert "```\noperators LoRA calls more often than the base: +6.10 ms a step" in out
+    assert "+2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]\nthe operators both call as often" in out
+    cpu = [line.replace("kernel time", "operator CPU time") for line in lines]
+    (tmp_path / "lora_step.log").write_text("".join(f"12:00:0{i} {line}\n" for i, line in enumerate(cpu)))
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "captured ratio's floor | not in the logs |" in out and "operators LoRA calls" not in out
