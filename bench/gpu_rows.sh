@@ -26,7 +26,7 @@
 #     eval_batch auto), each step a CUDA graph unless WORLD_GRAPH=false: goal 5 minutes),
 #     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
 #     name pytest_gpu to run every shard)
-# LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards. DEADLINE (s, from the script's start)
+# LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards, SHARD_THREADS each one's CPU threads (2). DEADLINE (s, from the script's start)
 # makes it end in time: each step's limit is cut to what is left (a step with under 20 s left is skipped and
 # says so), so summary.txt is written before the caller's own timeout. Write OUT_DIR under the device's $OUT,
 # so what ran comes back even if the call is cut. A lent GPU gives 900 s of device time in all, the machine's
@@ -55,6 +55,10 @@ py=${PYTHON:-python3}
 export LORABENCH_OUTPUTS=${LORABENCH_OUTPUTS:-$out/outputs}
 export PYTHONUNBUFFERED=1
 SHARDS=${SHARDS:-4}
+# CPU threads of each pytest shard and of the lorabench runs its tests start (OpenMP reads the variable once):
+# the shards share the host's cores with the world Table 2 (its scoring, its LBFGS solver processes), and
+# OpenMP threads beyond the cores made a step 6x slower on 2 cores. 5 shards x 2 leave 6 of a 16-core host.
+SHARD_THREADS=${SHARD_THREADS:-2}
 LIMIT_TOGETHER=${LIMIT_TOGETHER:-300}
 DEADLINE=${DEADLINE:-0}
 
@@ -171,8 +175,9 @@ if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
         shard=()
         for ((i = s; i < ${#ids[@]}; i += SHARDS)); do shard+=("${ids[$i]}"); done
         [ ${#shard[@]} -gt 0 ] || continue
-        bg "pytest_gpu_$((s + 1))" "$LIMIT_TOGETHER" "$py" -m pytest -m gpu -q -rA -p no:cacheprovider \
-            --durations=0 $collect "${shard[@]}"
+        bg "pytest_gpu_$((s + 1))" "$LIMIT_TOGETHER" env OMP_NUM_THREADS="$SHARD_THREADS" \
+            MKL_NUM_THREADS="$SHARD_THREADS" OMP_WAIT_POLICY=PASSIVE "$py" -m pytest -m gpu -q -rA \
+            -p no:cacheprovider --durations=0 $collect "${shard[@]}"
     done
 fi
 join
