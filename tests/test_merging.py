@@ -12,6 +12,7 @@ from lorabench.errors import ConfigError
 from lorabench.merging import (
     AdapterUpdate,
     LayerDelta,
+    StackedDeltas,
     check_compatible,
     check_merge,
     fold,
@@ -273,8 +274,9 @@ def test_weighted_sum_concatenates_every_layer_as_before():
 
 def test_stacked_sum_folds_like_the_per_layer_path():
     """Updates of one layout sum stack by stack; the fold applies whole stacks in one batched matmul and
-    equals add_to_ layer by layer to 1e-6 (fp32), also for a part of a stack and for whole stacks given in
-    another order than their layers'; updates of different
+    equals add_to_ layer by layer to 1e-6 (fp32), also for a part of a stack, for whole stacks given in
+    another order than their layers', for 1x1 convs' weights and for weights of two dtypes in one stack; updates
+    of different
     layouts (ranks differ per layer) take the shape-group path and give the same sums."""
     ups = random_updates(3, shapes=(("a", 24, 16), ("b", 12, 20), ("c", 24, 16), ("d", 12, 20)))
     assert [s.layers for s in ups[0].stacks] == [("a", "c"), ("b", "d")]
@@ -286,6 +288,13 @@ def test_stacked_sum_folds_like_the_per_layer_path():
     assert res["c"].up.data_ptr() == res["c"].stack.ups[1].data_ptr()  # a view of its slice, made when read
     for part in (res, {k: res[k] for k in ("a", "b", "d")}, {k: res[k] for k in ("d", "c", "b", "a")}):
         assert_fold_is_per_layer(weights, part, alpha=0.5)  # whole, a part, and whole stacks in another order
+    # the sum's mapping itself: read-only, and folded stack by stack without visiting its layers; 1x1 convs'
+    # 4-D weights through 2-D views; a stack whose weights differ in dtype takes the general path
+    assert isinstance(res, StackedDeltas) and len(res) == 4 and list(res) == ["a", "b", "c", "d"]
+    with pytest.raises(TypeError):
+        res["a"] = res["b"]
+    assert_fold_is_per_layer({k: w.reshape(*w.shape, 1, 1) for k, w in weights.items()}, res, alpha=0.5)
+    assert_fold_is_per_layer(dict(weights, c=weights["c"].double()), res, alpha=0.5)
     g = torch.Generator().manual_seed(2)
     other = AdapterUpdate("r", {k: (torch.randn(o, 2 + j, generator=g), torch.randn(2 + j, i, generator=g))
                                 for j, (k, (o, i)) in enumerate(ups[0].shapes().items())})

@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from lorabench.errors import ConfigError, check_int, choice_error
-from lorabench.merging.updates import AdapterUpdate, FactorStack, LayerDelta, check_compatible
+from lorabench.merging.updates import AdapterUpdate, FactorStack, LayerDelta, StackedDeltas, check_compatible
 from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
 
@@ -100,7 +100,7 @@ def get_merge(name: str) -> MergeMethod:
 @dataclasses.dataclass
 class MergeResult:
     """What :func:`merge` returns: the merged update per layer, the merge's own time, method details."""
-    deltas: dict[str, LayerDelta]
+    deltas: Mapping[str, LayerDelta]  # read-only: a dict, or a stacked sum's StackedDeltas
     merge_s: float
     info: dict = dataclasses.field(default_factory=dict)
 
@@ -180,22 +180,20 @@ def _layers(updates: Sequence[AdapterUpdate]) -> list[str]:
 
 
 # -- sums ------------------------------------------------------------------------------------------
-def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> dict[str, LayerDelta]:
+def weighted_sum(updates: Sequence[AdapterUpdate], lam: float) -> Mapping[str, LayerDelta]:
     """``lam * sum_i up_i @ down_i`` as one low-rank pair per layer: the factors concatenated. When the
     updates share one layout (the same model's layers, stacked alike) their stacks are concatenated
-    whole, two kernels per stack; each layer's pair is a view of its slice and names the stack, so
-    :func:`fold` applies it in one batched matmul. Otherwise layers of one shape are concatenated
-    together."""
+    whole, two kernels per stack, into a :class:`StackedDeltas` (each layer's pair a view of its slice,
+    made when read), which :func:`fold` applies stack by stack in one batched matmul each. Otherwise layers
+    of one shape are concatenated together."""
     layout = updates[0].layout()
     if all(u.layout() == layout for u in updates[1:]):
-        out = {}
+        stacks = []
         for g, stack in enumerate(updates[0].stacks):
             ups = torch.cat([u.stacks[g].ups for u in updates], dim=2)
-            merged = FactorStack(stack.layers, ups * float(lam) if lam != 1 else ups,  # (x * 1.0 is x)
-                                 torch.cat([u.stacks[g].downs for u in updates], dim=1))
-            for i, layer in enumerate(stack.layers):
-                out[layer] = LayerDelta(stack=merged, index=i)
-        return {layer: out[layer] for layer in _layers(updates)}  # the model's layer order
+            stacks.append(FactorStack(stack.layers, ups * float(lam) if lam != 1 else ups,  # (x * 1.0 is x)
+                                      torch.cat([u.stacks[g].downs for u in updates], dim=1)))
+        return StackedDeltas(stacks, _layers(updates))  # the model's layer order
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for layer in _layers(updates):
         up, down = updates[0].layers[layer]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping as MappingABC
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,34 @@ class LayerDelta:
         dropped = float((s[rank:] ** 2).sum()) / total if total > 0 else 0.0
         up = (u[:, :rank] * s[:rank]).float()
         return up, vh[:rank].float().contiguous(), dropped
+
+
+class StackedDeltas(MappingABC):
+    """``{layer: LayerDelta}`` of a stacked sum, read-only: the merged :class:`FactorStack` s and the layers'
+    order. Each layer's :class:`LayerDelta` (its stack and index) is made when first read; :func:`fold` applies
+    the stacks whole, without visiting the layers one by one (the host's work per merge is what bounds a
+    merge on a GPU, docs/benchmarks.md)."""
+
+    def __init__(self, stacks: Sequence[FactorStack], order: Sequence[str]):
+        self.stacks = tuple(stacks)
+        self._where = {layer: (s, i) for s in self.stacks for i, layer in enumerate(s.layers)}
+        self._order = tuple(order)
+        if len(self._order) != len(self._where) or self._where.keys() != set(self._order):
+            raise ValueError("the order must name every stacked layer once")
+        self._made: dict[str, LayerDelta] = {}
+
+    def __getitem__(self, layer: str) -> "LayerDelta":
+        d = self._made.get(layer)
+        if d is None:
+            stack, index = self._where[layer]
+            d = self._made[layer] = LayerDelta(stack=stack, index=index)
+        return d
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 @dataclass
@@ -231,11 +260,30 @@ def check_disjoint_rows(updates: Sequence[AdapterUpdate], field_name: str) -> No
 
 
 @torch.no_grad()
+def _fold_stack(weights: list[torch.Tensor], stack: FactorStack, alpha: float) -> bool:
+    """``weights[i] += alpha * ups[i] @ downs[i]`` for a whole stack (``weights`` in its layers' order, 2-D views
+    of 1x1 convs taken here): one batched matmul and one multi-tensor add. False, and nothing done, where the
+    weights differ in device or dtype or do not have the stack's shape."""
+    w0 = weights[0]
+    shape = (stack.ups.shape[1], stack.downs.shape[2])
+    ws = [w if w.dim() == 2 else w.view(w.shape[0], -1) for w in weights]
+    if not all(w.device == w0.device and w.dtype == w0.dtype and w.shape == shape for w in ws):
+        return False
+    prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype)).unbind(0)
+    torch._foreach_add_(ws, list(prod), alpha=alpha)
+    return True
+
+
 def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], alpha: float = 1.0) -> None:
     """``weights[k] += alpha * deltas[k]`` for every layer, in place, in each weight's dtype, with few
     kernels: the low-rank deltas of one (shape, rank, device, dtype) in one batched matmul and one
     multi-tensor add, the dense deltas in one multi-tensor add. Each layer's result equals
     :meth:`LayerDelta.add_to_`'s to float tolerance (one more rounding of the product)."""
+    if isinstance(deltas, StackedDeltas):  # whole stacks: no layer by layer grouping
+        rest = [s for s in deltas.stacks if not _fold_stack([weights[k] for k in s.layers], s, alpha)]
+        if not rest:
+            return
+        deltas = {k: deltas[k] for s in rest for k in s.layers}
     groups: dict[tuple, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
     stacked: dict[int, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
     dense_w, dense_d = [], []
@@ -252,12 +300,12 @@ def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], 
             groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
     for items in stacked.values():  # whole stacks as they are: no gathering
         stack = items[0][1].stack
-        w0 = items[0][0]
-        if (len(items) == len(stack.layers) and all(w.device == w0.device and w.dtype == w0.dtype for w, _ in items)
-                and tuple(w0.shape) == (stack.ups.shape[1], stack.downs.shape[2])):
-            prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype)).unbind(0)
-            torch._foreach_add_([w for w, _ in items], [prod[d.index] for _, d in items], alpha=alpha)
-        else:  # part of a stack, or weights of mixed dtypes: the general path
+        if len(items) == len(stack.layers):
+            ws: list = [None] * len(items)
+            for w, d in items:
+                ws[d.index] = w
+        if len(items) != len(stack.layers) or not _fold_stack(ws, stack, alpha):
+            # part of a stack, or weights of mixed dtypes: the general path
             for w, d in items:
                 groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
     for (_, _, device, dtype), items in groups.items():
