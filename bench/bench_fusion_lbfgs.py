@@ -13,7 +13,13 @@ iterations LBFGS used, and how far the two settings' results are from the closed
 objective (LBFGS stops at 500 iterations, before convergence in the ill-conditioned directions, so
 its result depends on rounding; both settings land on the same objective to that precision).
 
+``--schedule 2 16 64``: instead, each layer's solve timed alone in one one-thread process, and the makespan of
+those solves spread over that many processes (longest first onto the least loaded, as the pool's queue does):
+whether the layers are even enough that one process a core finishes a merge in about ``total / workers``, or
+whether a slow layer bounds it (then a batched solver would pay on a many-core GPU host).
+
     python bench/bench_fusion_lbfgs.py
+    python bench/bench_fusion_lbfgs.py --schedule 2 16 64
 """
 
 from __future__ import annotations
@@ -47,11 +53,44 @@ def world_like(n_concepts: int = 3, seed: int = 0):
     return updates, stats
 
 
+def schedule(workers: list[int]) -> None:
+    """Each layer's LBFGS solve timed alone (one thread), then its makespan over ``workers`` processes."""
+    import time
+
+    from lorabench.merging.methods import fuse_lbfgs
+
+    torch.set_num_threads(1)
+    updates, stats = world_like()
+    solves = []
+    for layer in stats[0]:
+        deltas = [u.delta(layer).double() for u in updates]
+        grams = [s[layer].double() for s in stats]
+        rho = ridge_value(grams, 1e-4)
+        t0 = time.perf_counter()
+        _, iters = fuse_lbfgs(deltas, grams, rho, 500, 1e-10)
+        solves.append((time.perf_counter() - t0, iters))
+    times = sorted((t for t, _ in solves), reverse=True)
+    total = sum(times)
+    print(f"{len(times)} layers, 3 concepts, one thread: {total:.2f} s of solving; a layer's solve median "
+          f"{statistics.median(times):.3f} s, longest {times[0]:.3f} s; iterations {min(i for _, i in solves)}-"
+          f"{max(i for _, i in solves)} (of 500)")
+    for w in workers:
+        loads = [0.0] * w
+        for t in times:  # longest first onto the least loaded process
+            loads[loads.index(min(loads))] += t
+        print(f"workers={w}: makespan {max(loads):.2f} s, against {total / w:.2f} s for a perfect split "
+              f"({max(loads) / (total / w):.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--schedule", type=int, nargs="*", metavar="WORKERS",
+                    help="time each layer's solve alone, and print the makespan over these process counts")
     args = ap.parse_args()
+    if args.schedule:
+        return schedule(args.schedule)
     torch.set_num_threads(2)
     updates, stats = world_like()
     config = {"name": "gradient_fusion", "solver": "lbfgs"}
