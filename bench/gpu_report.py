@@ -198,8 +198,11 @@ def report(folders: list[Path]) -> str:
     tables = [f / "world_table2" / "table2.csv" for f in folders if (f / "world_table2" / "table2.csv").exists()]
     if tables and CPU_TABLE.exists():
         cpu = {m: (d, n) for m, d, n, _ in table_against(CPU_BATCHED, CPU_TABLE)} if CPU_BATCHED.exists() else {}
-        lines += ["", f"World Table 2 on the GPU against the committed CPU table ({CPU_TABLE.relative_to(ROOT)}), "
-                      f"beside what batched cells moved on the CPU ({CPU_BATCHED.relative_to(ROOT)}):", "",
+        config = tables[0].parent / "results.json"
+        trainer = json.loads(config.read_text()).get("config", {}).get("trainer", {}) if config.exists() else {}
+        run = f" ({trainer.get('accelerator', '?')}, precision {trainer.get('precision', '?')})" if trainer else ""
+        lines += ["", f"World Table 2 on the GPU{run} against the committed CPU table ({CPU_TABLE.relative_to(ROOT)}, "
+                      f"float32), beside what batched cells moved on the CPU ({CPU_BATCHED.relative_to(ROOT)}):", "",
                   "| method | GPU: largest difference of a mean | GPU: columns off at 3 decimals | CPU batched: "
                   "largest difference | CPU batched: columns off |", "|---|---|---|---|---|"]
         for m, d, n, c in table_against(tables[0], CPU_TABLE):

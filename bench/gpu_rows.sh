@@ -23,7 +23,10 @@
 #     than 3 minutes of compiling on an H200, so only when named)
 #   together (started at once, then waited for; their wall times share the GPU and the CPU):
 #     world_table2 (the world Table 2, cold cache, trainer=gpu, cells and samples batched (batch_cells and
-#     eval_batch auto), each step a CUDA graph unless WORLD_GRAPH=false: goal 5 minutes),
+#     eval_batch auto), each step a CUDA graph unless WORLD_GRAPH=false: goal 5 minutes; in float32 with
+#     TF32 off (NVIDIA_TF32_OVERRIDE=0) unless WORLD_PRECISION names another, e.g. bf16-mixed, trainer=gpu's
+#     default: its table is compared with the CPU's float32 table to the rounding batched cells give, which
+#     bf16's own rounding would swamp; the world model is launch-bound, so float32 costs it little time),
 #     pytest_gpu_1 .. pytest_gpu_$SHARDS (`pytest -m gpu` split round-robin into shards, every outcome listed;
 #     name pytest_gpu to run every shard)
 # LIMIT_TOGETHER (s) bounds phase 2; SHARDS sets the pytest shards, SHARD_THREADS each one's CPU threads (2). DEADLINE (s, from the script's start)
@@ -72,8 +75,9 @@ if [ $dry = 1 ]; then
 else
     dev=cuda; size=sd15-like; dtype=bfloat16; graph=--graph; steps=15; trainer=trainer=gpu
     world_small=(); collect=""; cells=(--cells 4 --steps 100); evals=(--settings 28 --repeats 2)
-    world_batch=(protocol.batch_cells=auto protocol.eval_batch=auto)
+    world_batch=(protocol.batch_cells=auto protocol.eval_batch=auto trainer.precision=${WORLD_PRECISION:-32-true})
 fi
+world_env=(); [ "${WORLD_PRECISION:-32-true}" = 32-true ] && world_env=(NVIDIA_TF32_OVERRIDE=0)
 graph_opt=(); [ "${WORLD_GRAPH:-true}" = true ] && graph_opt=(module.cuda_graph=true)
 
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }  # each log line's time
@@ -165,7 +169,7 @@ if [ $dry = 0 ] && [ "$only" != "  " ]; then  # minutes of compiling: only when 
 fi
 
 # -- phase 2: together ----------------------------------------------------------------------------------
-bg world_table2 "$LIMIT_TOGETHER" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
+bg world_table2 "$LIMIT_TOGETHER" env "${world_env[@]}" "$py" -m lorabench experiment=orthogonal_adaptation/world $trainer \
     "${world_batch[@]}" protocol.train_workers=1 "hydra.run.dir=$out/world_table2" \
     "${world_small[@]}" "${graph_opt[@]}"
 if [[ "$only" == "  " || "$only" == *" pytest_gpu"* ]]; then
