@@ -99,6 +99,19 @@ def print_kernels(kernels: dict, cuda: bool, top: int) -> None:
     print(f"  the operators both call as often: {moved / 1000:+.2f} ms a step")
 
 
+def profile_kernels(args, steps: dict, cuda: bool) -> None:
+    """With ``--kernels``: profile ``base`` and ``lora`` and print what LoRA adds; a profiler that cannot run
+    here (no CUPTI, say) says so in a line."""
+    if not args.kernels:
+        return
+    try:
+        kernels = {name: device_times(steps[name], cuda) for name in ("base", "lora")}
+    except Exception as exc:
+        print(f"  --kernels: the profiler failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return
+    print_kernels(kernels, cuda, args.top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="sd15-like")
@@ -219,12 +232,6 @@ def main() -> None:
     ops = {}
     if args.count:  # one more step each after the warm ones (the optimiser's state exists by then)
         ops = {name: count_ops(fn) for name, fn in steps.items() if not name.endswith(("-graph", "-compiled"))}
-    kernels = {}
-    if args.kernels:  # a profiler that cannot run here (no CUPTI, say) leaves the timed rows standing
-        try:
-            kernels = {name: device_times(steps[name], cuda) for name in ("base", "lora")}
-        except Exception as exc:
-            print(f"  --kernels: the profiler failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     med = {k: statistics.median(v) for k, v in times.items() if v}
     n_params = sum(p.numel() for p in base.parameters())
     print(f"UNet {args.size} ({n_params / 1e6:.0f}M params), {s['res'] * (8 if in_ch == 4 else 1)} px, batch "
@@ -234,9 +241,8 @@ def main() -> None:
         extra = f"   {(n - ops['base']) / n_layers:5.2f} a layer over base" if k != "base" and n_layers else ""
         path = " (the CUDA path)" if k in ("lora", "lora-layercast") and not cuda else ""
         print(f"  {k:<14} {n:6d} operators a step{path}{extra}")
-    if kernels and not med:
-        print_kernels(kernels, cuda, args.top)
     if not med:
+        profile_kernels(args, steps, cuda)
         return
     for k, v in med.items():
         q = statistics.quantiles(times[k], n=4)
@@ -260,8 +266,7 @@ def main() -> None:
         print(f"  ratio lora+ckpt / lora = {med['lora+ckpt'] / med['lora']:.3f}")
         if peak:
             print(f"  peak memory lora+ckpt / lora = {peak['lora+ckpt'] / peak['lora']:.3f}")
-    if kernels:  # last, after the timed rows
-        print_kernels(kernels, cuda, args.top)
+    profile_kernels(args, steps, cuda)  # last: the timed rows are printed whatever the profiler does
 
 
 if __name__ == "__main__":
