@@ -295,6 +295,10 @@ def test_stacked_sum_folds_like_the_per_layer_path():
         res["a"] = res["b"]
     assert_fold_is_per_layer({k: w.reshape(*w.shape, 1, 1) for k, w in weights.items()}, res, alpha=0.5)
     assert_fold_is_per_layer(dict(weights, c=weights["c"].double()), res, alpha=0.5)
+    params = {k: torch.nn.Parameter(w.clone()) for k, w in weights.items()}  # a model's own weights, as they are
+    for part in (res, {k: res[k] for k in ("a", "b", "d")}):
+        fold(params, part)  # in place without a graph, whichever path
+    assert not any(p.grad_fn for p in params.values())
     g = torch.Generator().manual_seed(2)
     other = AdapterUpdate("r", {k: (torch.randn(o, 2 + j, generator=g), torch.randn(2 + j, i, generator=g))
                                 for j, (k, (o, i)) in enumerate(ups[0].shapes().items())})

@@ -259,11 +259,10 @@ def check_disjoint_rows(updates: Sequence[AdapterUpdate], field_name: str) -> No
                                       "give each concept its own adapter.slot")
 
 
-@torch.no_grad()
 def _fold_stack(weights: list[torch.Tensor], stack: FactorStack, alpha: float) -> bool:
     """``weights[i] += alpha * ups[i] @ downs[i]`` for a whole stack (``weights`` in its layers' order, 2-D views
-    of 1x1 convs taken here): one batched matmul and one multi-tensor add. False, and nothing done, where the
-    weights differ in device or dtype or do not have the stack's shape."""
+    of 1x1 convs taken here; :func:`fold` calls it under no_grad): one batched matmul and one multi-tensor add.
+    False, and nothing done, where the weights differ in device or dtype or do not have the stack's shape."""
     w0 = weights[0]
     shape = (stack.ups.shape[1], stack.downs.shape[2])
     ws = [w if w.dim() == 2 else w.view(w.shape[0], -1) for w in weights]
@@ -274,6 +273,7 @@ def _fold_stack(weights: list[torch.Tensor], stack: FactorStack, alpha: float) -
     return True
 
 
+@torch.no_grad()
 def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], alpha: float = 1.0) -> None:
     """``weights[k] += alpha * deltas[k]`` for every layer, in place, in each weight's dtype, with few
     kernels: the low-rank deltas of one (shape, rank, device, dtype) in one batched matmul and one
