@@ -33,7 +33,7 @@ import time
 import torch
 
 from lorabench.adapters import inject_adapters
-from lorabench.merging import InputStats, LayerDelta
+from lorabench.merging import LayerDelta
 from lorabench.protocols.scoring import EvalBatch
 from lorabench.sampling import eval_mode
 from lorabench.utils.launches import count_ops
@@ -75,12 +75,9 @@ def capture_way(model, sampler: dict, device, size: int, deltas, seeds) -> dict:
             for name, layer in ad.layers.items():
                 layer.lora_up.copy_(d[name].up)
                 layer.lora_down.copy_(d[name].down)
-        inputs = InputStats(ad)
         try:
-            evals.add(i, PROMPTS[:1], seeds, d, injected=True, inputs=inputs,
-                      then=lambda imgs, i=i, inputs=inputs: stats.__setitem__(i, inputs.result()[0]))
+            evals.capture(i, ad, PROMPTS[:1], seeds, d, then=lambda result, i=i: stats.__setitem__(i, result[0]))
         finally:
-            inputs.remove()
             ad.remove()
         if evals.full:
             evals.sample()

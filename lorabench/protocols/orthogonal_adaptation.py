@@ -50,7 +50,6 @@ from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
-    InputStats,
     check_merge,
     concept_crosstalk,
     group_crosstalk,
@@ -368,9 +367,9 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
         out.stats[a, c] = grams
         measured[a, c] = sizes.measure_update(out.updates[a, c], weights, grams)
 
-    def captured(a: str, c: str, path: Path, inputs: InputStats, weights: Mapping[str, torch.Tensor],
-                 fingerprint: str, imgs: torch.Tensor) -> None:  # a capture's statistics, kept beside its cell
-        grams, rows = inputs.result()
+    def captured(a: str, c: str, path: Path, weights: Mapping[str, torch.Tensor], fingerprint: str,
+                 stats: tuple[dict, dict]) -> None:  # a capture's statistics, kept beside its cell
+        grams, rows = stats
         save_stats(path, grams, rows, fingerprint, ev.sets[c].prompts[:1], {"concept": c, "adapter": a, "seed": seed})
         stats_ready(a, c, weights, grams)
 
@@ -394,15 +393,10 @@ def single_stage(plan: Plan, session: Session, base, seed: int, latents: list[in
                     if path.is_file():
                         stats_ready(a, c, ad.base_weights(), load_stats(path, ad))
                     else:  # alone: captured here; in a pass: its text encoder read here, its UNet in the pass
-                        inputs = InputStats(ad)
-                        try:
-                            captures.add(("capture", seed, a, c), ev.sets[c].prompts[:1],
-                                         derive_seed_list("modular-capture", seed, plan.n_cap),
-                                         deltas, injected=True, inputs=inputs,
-                                         then=functools.partial(captured, a, c, path, inputs, ad.base_weights(),
-                                                                ad.base_fingerprint()))
-                        finally:
-                            inputs.remove()
+                        captures.capture(("capture", seed, a, c), ad, ev.sets[c].prompts[:1],
+                                         derive_seed_list("modular-capture", seed, plan.n_cap), deltas,
+                                         functools.partial(captured, a, c, path, ad.base_weights(),
+                                                           ad.base_fingerprint()))
                 if tokens is not None:
                     out.tokens[a, c] = cell_dir / "embeddings.safetensors"
                     if a in plan.features_for:  # the text states at the concept's tokens in its training prompt

@@ -152,6 +152,18 @@ class EvalBatch:
         latents = self.sampler.initial_latents([s for _ in prompts for s in seeds])
         self.pending.append(_Pending(key, cond, latents, unet, inputs))
 
+    def capture(self, key: Hashable, adapters, prompts: Sequence[str], seeds: Sequence[int],
+                deltas: Mapping[str, LayerDelta], then: Callable[[tuple[dict, dict]], None]) -> None:
+        """Capture the input statistics of ``adapters`` (injected now; ``deltas`` their UNet update): :meth:`add`
+        with an :class:`~lorabench.merging.InputStats` on their layers for its duration, and ``then((grams, rows))``
+        (:meth:`InputStats.result`) once the setting is sampled, alone or in a pass."""
+        inputs = InputStats(adapters)
+        try:
+            self.add(key, prompts, seeds, deltas, injected=True, inputs=inputs,
+                     then=lambda imgs: then(inputs.result()))
+        finally:
+            inputs.remove()
+
     def _base_layer(self, name: str) -> torch.nn.Module:
         """The model's own module at ``unet.<path>`` (an injected adapter's base layer)."""
         module = self.components.adaptable_modules()["unet"].get_submodule(name.partition(".")[2])
@@ -315,9 +327,9 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                      **extra.get(key, {})})
         session.done(cell_line(line, rows[-1]))
 
-    def sized(key: tuple, update, weights: Mapping[str, torch.Tensor], inputs: InputStats, fields: dict,
-              imgs: torch.Tensor) -> None:  # a cell's update size, once its inputs are captured
-        measured = sizes.measure_update(update, weights, inputs.result()[0])
+    def sized(key: tuple, update, weights: Mapping[str, torch.Tensor], fields: dict,
+              stats: tuple[dict, dict]) -> None:  # a cell's update size, once its inputs are captured
+        measured = sizes.measure_update(update, weights, stats[0])
         session.size_log.add(key[0], measured)
         extra[key] = {**row_fields(measured), **fields}
 
@@ -339,13 +351,8 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
                 update = updates_from_adapters(ad, a) if ad is not None else None
                 deltas = update.deltas() if update is not None else None  # for a pass's own weights
                 if update is not None and size_prompts is not None:  # measured once its inputs are captured
-                    inputs = InputStats(ad)
-                    try:
-                        captures.add(key, list(size_prompts(item))[:1], sizes.capture_seeds(seed), deltas,
-                                     injected=True, inputs=inputs,
-                                     then=functools.partial(sized, key, update, ad.base_weights(), inputs, fields))
-                    finally:
-                        inputs.remove()
+                    captures.capture(key, ad, list(size_prompts(item))[:1], sizes.capture_seeds(seed), deltas,
+                                     functools.partial(sized, key, update, ad.base_weights(), fields))
                 else:
                     extra[key] = fields
                 # alone: sampled here through the injected adapter; in a batch: its tokens and text encoder read
