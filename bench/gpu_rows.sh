@@ -61,6 +61,7 @@ SHARDS=${SHARDS:-4}
 # CPU threads of each pytest shard and of the lorabench runs its tests start (OpenMP reads the variable once):
 # the shards share the host's cores with the world Table 2 (its scoring, its LBFGS solver processes), and
 # OpenMP threads beyond the cores made a step 6x slower on 2 cores. 5 shards x 2 leave 6 of a 16-core host.
+# (Their runs' merge.workers=auto reads the same variable: SHARD_THREADS LBFGS solver processes a run, not 16.)
 SHARD_THREADS=${SHARD_THREADS:-2}
 LIMIT_TOGETHER=${LIMIT_TOGETHER:-300}
 DEADLINE=${DEADLINE:-0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -84,7 +85,8 @@ def test_closed_form_objective_is_at_or_below_lbfgs():
 def test_lbfgs_reaches_the_closed_form_and_the_process_pool_solves_the_same_layers():
     """On well-conditioned statistics LBFGS converges to the minimiser (so its hand-written gradient is
     the objective's); with merge.workers = 2 the layers' solves run in spawned processes and agree, as with
-    ``auto`` (one a core); a worker count that is not a positive integer or auto is a one-line error."""
+    ``auto`` (one per CPU the job is given); a worker count that is not a positive integer or auto is a one-line
+    error."""
     ups = random_updates(3)
     grams = random_grams(ups)
     closed = merge(ups, {"name": "gradient_fusion"}, stats=grams)
@@ -100,6 +102,37 @@ def test_lbfgs_reaches_the_closed_form_and_the_process_pool_solves_the_same_laye
         merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": 0}, stats=grams)
     with pytest.raises(ConfigError, match=r"merge\.workers: must be a positive integer or auto"):
         merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": "all"}, stats=grams)
+
+
+def test_auto_workers_are_the_cpus_the_job_is_given(monkeypatch):
+    """``merge.workers: auto`` spawns one solver process per CPU the job is given: ``$OMP_NUM_THREADS`` where
+    set (a `gpu` test shard beside the world table is given 2 of a 16-core host), else the CPUs it may run on;
+    a budget of one solves in the process itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorabench.merging import methods
+    from lorabench.utils.cpus import cpu_budget
+
+    asked = []
+
+    def pool(workers):  # threads, not spawned processes: what is checked is how many were asked for
+        asked.append(workers)
+        return ThreadPoolExecutor(max_workers=2)
+
+    monkeypatch.setattr(methods, "solver_pool", pool)
+    ups = random_updates(2)
+    grams = random_grams(ups)
+    serial = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs"}, stats=grams)
+    for env, budget in (("3", 3), ("5,2", 5), ("1", 1)):
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+        assert cpu_budget() == budget
+        auto = merge(ups, {"name": "gradient_fusion", "solver": "lbfgs", "workers": "auto"}, stats=grams)
+        for layer in ups[0].layers:
+            assert torch.equal(auto.deltas[layer].dense, serial.deltas[layer].dense)
+    assert asked == [3, 5]  # and none for a budget of one
+    for env in ("", "0", "two"):  # unset or not a positive integer: the CPUs the process may run on
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+        assert cpu_budget() == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
 

@@ -45,7 +45,6 @@ import atexit
 import dataclasses
 import inspect
 import math
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -56,6 +55,7 @@ import torch
 
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging.updates import AdapterUpdate, FactorStack, LayerDelta, StackedDeltas, check_compatible
+from lorabench.utils.cpus import cpu_budget
 from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
 
@@ -344,7 +344,7 @@ def solver_pool(workers: int) -> ProcessPoolExecutor:
     """``workers`` spawned one-thread-per-core processes, kept for the life of the process (a protocol
     merges dozens of groups; spawning each time would cost more than a small merge)."""
     if workers not in _POOLS:
-        threads = max(1, (os.cpu_count() or 2) // workers)
+        threads = max(1, cpu_budget() // workers)
         _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                               initializer=_pool_init, initargs=(threads,))
     return _POOLS[workers]
@@ -363,10 +363,11 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
     """Mix-of-Show's gradient fusion on captured statistics, by the closed form or LBFGS (module docstring).
 
     ``workers`` > 1: the layers' independent LBFGS solves run in that many spawned processes, one thread
-    each where there are as many cores; ``auto``: one per core (2 on a 2-core machine, 16 on a 16-core GPU
-    host, each solve on one thread either way). Each layer's solve is the same function either way; LBFGS is
-    bound by its own per-iteration Python work at the world's layer sizes, so on 2 cores two processes take
-    about half the time (docs/benchmarks.md).
+    each where there are as many cores; ``auto``: one per CPU the job is given
+    (:func:`~lorabench.utils.cpus.cpu_budget`: ``$OMP_NUM_THREADS`` where set, else the CPUs it may run on:
+    2 on a 2-core machine, 16 on a 16-core GPU host; each solve on one thread either way). Each layer's solve
+    is the same function either way; LBFGS is bound by its own per-iteration Python work at the world's layer
+    sizes, so on 2 cores two processes take about half the time (docs/benchmarks.md).
     LBFGS solves on the CPU wherever the factors are (its result is moved back to them): its iterations
     are Python, scalar reads and tiny products, which a GPU runs slower than a CPU (an H200 took 139 s for
     the world ED-LoRA's merge, one CPU process about 34 s). The closed form runs on the factors' device."""
@@ -382,7 +383,7 @@ def gradient_fusion(updates, stats, solver: str = "closed_form", ridge: float = 
     cpu = {layer: ([x.cpu() for x in deltas], [g.cpu() for g in grams])
            for layer, (deltas, grams, _) in problems.items()} if solver == "lbfgs" else {}
     if workers == "auto":
-        workers = os.cpu_count() or 1
+        workers = cpu_budget()
     pooled = solver == "lbfgs" and workers > 1 and len(problems) > 1
     if pooled:
         pool = solver_pool(workers)

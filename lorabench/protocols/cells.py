@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_co
 from lorabench.errors import ConfigError, check_int
 from lorabench.run import train, train_batched
 from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.utils.cpus import cpu_budget
 
 
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
@@ -451,7 +451,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                     results = train_pass(batch)
                 finish(batch, results)
         else:
-            threads = max(1, (os.cpu_count() or 2) // workers)
+            threads = max(1, cpu_budget() // workers)
             with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
                 # the largest passes first, so the last ones to finish are short
                 futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],
