@@ -263,12 +263,16 @@ def _fold_stack(weights: list[torch.Tensor], stack: FactorStack, alpha: float) -
     """``weights[i] += alpha * ups[i] @ downs[i]`` for a whole stack (``weights`` in its layers' order, 2-D views
     of 1x1 convs taken here; :func:`fold` calls it under no_grad): one batched matmul and one multi-tensor add.
     False, and nothing done, where the weights differ in device or dtype or do not have the stack's shape."""
-    w0 = weights[0]
+    device, dtype = weights[0].device, weights[0].dtype
     shape = (stack.ups.shape[1], stack.downs.shape[2])
-    ws = [w if w.dim() == 2 else w.view(w.shape[0], -1) for w in weights]
-    if not all(w.device == w0.device and w.dtype == w0.dtype and w.shape == shape for w in ws):
-        return False
-    prod = torch.bmm(stack.ups.to(w0.device, w0.dtype), stack.downs.to(w0.device, w0.dtype)).unbind(0)
+    ws = []
+    for w in weights:  # one pass, device and dtype read once: this check is a tenth of a merge's host work
+        if w.dim() != 2:
+            w = w.view(w.shape[0], -1)
+        if w.shape != shape or w.dtype != dtype or w.device != device:
+            return False
+        ws.append(w)
+    prod = torch.bmm(stack.ups.to(device, dtype), stack.downs.to(device, dtype)).unbind(0)
     torch._foreach_add_(ws, list(prod), alpha=alpha)
     return True
 
