@@ -18,7 +18,10 @@ Three steps on identical UNets (SD1.5's architecture at full size with ``--size 
 - with ``--graph`` (CUDA), ``base-graph``, ``lora-graph`` and ``lora-graph-layercast``: those steps
   captured whole as CUDA graphs (:class:`lorabench.training.cuda_graph.CapturedStep`: forward, loss,
   backward and the fused, capturable AdamW in one replay), which takes the CPU's kernel launches out of
-  the step.
+  the step; and, where ``--rank`` is not a multiple of 8, ``lora-graph-r8`` (the rank rounded up to one,
+  e.g. 8 for 4): a bf16 rank-4 factor's rows are 8 bytes, under the 16-byte alignment cuBLAS's tensor-core
+  GEMMs want, so the adapter's GEMMs may run on slower kernels; rank 4 padded with zeros to 8 would launch
+  exactly rank 8's kernels, so ``lora-graph-r8 / lora-graph`` <= 1 says that padding the rank pays.
 
 Read ``lora / base`` (goal on a GPU: <= 1.10; ``lora-graph / base-graph`` where launches are gone) and the
 peak memory of ``lora`` against ``lora+ckpt`` (CUDA only).
@@ -112,6 +115,12 @@ def profile_kernels(args, steps: dict, cuda: bool) -> None:
     print_kernels(kernels, cuda, args.top)
 
 
+def captured(name: str) -> bool:
+    """Whether row ``name`` is a step captured as a CUDA graph: ``base-graph``, ``lora-graph`` and its variants
+    (``lora-graph-layercast``, ``lora-graph-r8``)."""
+    return name.endswith("-graph") or "-graph-" in name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="sd15-like")
@@ -143,6 +152,9 @@ def main() -> None:
     names = ["base", "lora", *layercast, "lora+ckpt", "lora-ref"] \
         + (["base-compiled", "lora-compiled"] if args.compile else []) \
         + (["base-graph", "lora-graph", "lora-graph-layercast"] if args.graph else [])
+    padded = -(-args.rank // 8) * 8  # the rank rounded up to a multiple of 8 (16-byte rows in bf16)
+    if args.graph and padded != args.rank:
+        names.append(f"lora-graph-r{padded}")
     if args.only:
         asked = [n.strip() for n in args.only.split(",") if n.strip()]
         bad = [n for n in asked if n not in names]
@@ -152,11 +164,13 @@ def main() -> None:
     unets = {name: copy.deepcopy(base).to(dev, dtype) for name in names}
     params = {name: [] for name in names}
     # the rows whose step casts every layer's factors in one go, as training does on CUDA (not compiled)
-    once = {"lora", "lora+ckpt", "lora-graph"} if dev.type == "cuda" else ({"lora"} if args.count else set())
+    once = {"lora", "lora+ckpt", "lora-graph", f"lora-graph-r{padded}"} if dev.type == "cuda" else \
+        ({"lora"} if args.count else set())
     layers = {name: [] for name in names}
     n_layers = 0
     for name in [n for n in names if n.startswith("lora")]:
-        ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": args.rank, "target_modules": TARGETS})
+        rank = padded if name == f"lora-graph-r{padded}" else args.rank
+        ad = Adapters.inject({"unet": unets[name]}, {"name": "lora", "rank": rank, "target_modules": TARGETS})
         params[name], n_layers = ad.trainable_parameters(), len(ad)  # float32 master weights, as in training
         layers[name] = list(ad.layers.values()) if name in once else []
         if name in ("lora", "lora-layercast") and args.count and dev.type != "cuda":  # the CUDA path here
@@ -179,7 +193,7 @@ def main() -> None:
     target = torch.randn(x.shape, generator=g).to(dev, dtype)
 
     def make_step(name):
-        if name.endswith("-graph"):
+        if captured(name):
             return graphed_step(unets[name], params[name], x, t, e, target, dtype, layers[name])
         unet, ps = unets[name], params[name]
         opt = torch.optim.AdamW(ps, lr=1e-4, fused=True) if ps else None  # as training on CUDA, on any device
@@ -200,7 +214,7 @@ def main() -> None:
         try:
             steps[name] = make_step(name)
         except Exception as exc:  # a capture or compile that fails leaves the other rows standing
-            if not name.endswith(("-graph", "-compiled")):
+            if not (captured(name) or name.endswith("-compiled")):
                 raise
             print(f"  {name}: could not be set up: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     cuda = dev.type == "cuda"
@@ -219,7 +233,7 @@ def main() -> None:
             try:
                 steps[name]()
             except Exception as exc:  # e.g. a compile that fails at its first step: drop that row only
-                if not name.endswith(("-graph", "-compiled")):
+                if not (captured(name) or name.endswith("-compiled")):
                     raise
                 print(f"  {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                 del steps[name], times[name]
@@ -231,7 +245,7 @@ def main() -> None:
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     ops = {}
     if args.count:  # one more step each after the warm ones (the optimiser's state exists by then)
-        ops = {name: count_ops(fn) for name, fn in steps.items() if not name.endswith(("-graph", "-compiled"))}
+        ops = {name: count_ops(fn) for name, fn in steps.items() if not (captured(name) or name.endswith("-compiled"))}
     med = {k: statistics.median(v) for k, v in times.items() if v}
     n_params = sum(p.numel() for p in base.parameters())
     print(f"UNet {args.size} ({n_params / 1e6:.0f}M params), {s['res'] * (8 if in_ch == 4 else 1)} px, batch "
@@ -258,6 +272,9 @@ def main() -> None:
     if "lora-graph" in med and "base-graph" in med:
         print(f"  ratio lora-graph / base-graph = {med['lora-graph'] / med['base-graph']:.3f}   (goal <= 1.10);  "
               f"lora-graph / lora (eager) = {med['lora-graph'] / med['lora']:.3f}")
+    if f"lora-graph-r{padded}" in med and "lora-graph" in med:
+        print(f"  ratio lora-graph-r{padded} / lora-graph = {med[f'lora-graph-r{padded}'] / med['lora-graph']:.3f}   "
+              f"(rank {padded} against {args.rank}, captured: <= 1 says padding the rank to {padded} pays)")
     for a, b in (("lora-layercast", "lora"), ("lora-graph-layercast", "lora-graph")):
         if a in med and b in med:
             print(f"  ratio {a} / {b} = {med[a] / med[b]:.3f}   (each layer casting its own factors, against all "

@@ -33,6 +33,8 @@ FIGURES = [
      r"ratio lora-layercast / lora = ([\d.]+)", "", "(> 1: casting together pays)", None),
     ("the same, captured", "lora_step", r"ratio lora-graph-layercast / lora-graph = ([\d.]+)",
      "", "(> 1: casting together pays)", None),
+    ("captured step at rank 8 / at rank 4 (rank 4 zero-padded to 8 launches rank 8's kernels)", "lora_step",
+     r"ratio lora-graph-r8 / lora-graph = ([\d.]+)", "", "(<= 1: padding the rank to 8 pays)", None),
     ("LoRA operators a step over the base's, a layer (CUDA)", "lora_step",
      r"lora\s+\d+ operators a step(?: \(the CUDA path\))?\s+([\d.]+) a layer over base", "",
      "(5.80 counted on the CPU)", None),

@@ -90,6 +90,8 @@ def test_gpu_report_lists_the_kernels_lora_adds(tmp_path):
     lines = ["  kernel time a step (torch.profiler over 3 eager steps, self time):", "    base        41.20 ms",
              "    lora        47.90 ms",
              "  ratio kernel time lora / base = 1.163   (the floor of lora-graph / base-graph)",
+             "  ratio lora-graph-r8 / lora-graph = 0.912   (rank 8 against 4, captured: <= 1 says padding the rank "
+             "to 8 pays)",
              "  operators LoRA calls more often than the base: +6.10 ms a step (9 operator-shapes; 12 largest):",
              "      +2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]",
              "  the operators both call as often: +0.60 ms a step"]
@@ -97,6 +99,7 @@ def test_gpu_report_lists_the_kernels_lora_adds(tmp_path):
     out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert "| kernel time a step, LoRA / base (3 eager steps profiled): the captured ratio's floor | 1.163 |" in out
+    assert "(rank 4 zero-padded to 8 launches rank 8's kernels) | 0.912 | (<= 1: padding the rank to 8 pays) |" in out
     assert "```\noperators LoRA calls more often than the base: +6.10 ms a step" in out
     assert "+2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]\nthe operators both call as often" in out
     cpu = [line.replace("kernel time", "operator CPU time") for line in lines]
@@ -104,3 +107,13 @@ def test_gpu_report_lists_the_kernels_lora_adds(tmp_path):
     out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert "captured ratio's floor | not in the logs |" in out and "operators LoRA calls" not in out
+
+
+def test_the_bench_captures_every_graph_row():
+    """Every ``-graph`` row of bench_lora_overhead.py is a captured step, its variants too (``lora-graph-layercast``
+    was timed eagerly while its name said captured, which would have read as casting together paying 3x)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_lora_overhead import captured
+
+    assert all(captured(n) for n in ("base-graph", "lora-graph", "lora-graph-layercast", "lora-graph-r8"))
+    assert not any(captured(n) for n in ("base", "lora", "lora-layercast", "lora+ckpt", "lora-ref", "lora-compiled"))
