@@ -55,9 +55,12 @@ import torch
 from bench_train_step import SIZES, TARGETS, build_unet, graphed_step
 
 
-def device_times(step, cuda: bool, reps: int = 3) -> dict[tuple[str, str], tuple[float, float]]:
-    """``reps`` calls of ``step`` under ``torch.profiler``: ``{(operator, input shapes): (calls, self time in us)}``
-    a step, the time the device's kernels took on CUDA, the operators' own CPU time elsewhere."""
+def device_times(step, cuda: bool, reps: int = 3) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
+    """``reps`` calls of ``step`` under ``torch.profiler``, per step: ``{"ops": {(operator, input shapes): (calls,
+    self time in us)}, "kernels": {(kernel, ""): (launches, time in us)}}``. On CUDA an operator's self time is the
+    time of the kernels it launched, and each kernel is also an event of its own (the profiler lists both), so the
+    step's kernel time is the kernels' sum, not the operators'; elsewhere the operators' own CPU time, no kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -68,25 +71,19 @@ def device_times(step, cuda: bool, reps: int = 3) -> dict[tuple[str, str], tuple
             step()
         if cuda:
             torch.cuda.synchronize()
-    out = {}
+    out: dict[str, dict] = {"ops": {}, "kernels": {}}
     for e in prof.key_averages(group_by_input_shape=True):
+        on_device = e.device_type != DeviceType.CPU
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if us > 0:
-            out[e.key, str(e.input_shapes)] = (e.count / reps, us / reps)
+        if us > 0 and (cuda or not on_device):
+            out["kernels" if on_device else "ops"][e.key, "" if on_device else str(e.input_shapes)] = \
+                (e.count / reps, us / reps)
     return out
 
 
-def print_kernels(kernels: dict, cuda: bool, top: int) -> None:
-    """The profiled steps' totals, their ratio, and what LoRA adds: the operators (and shapes) it calls more often
-    than the base, largest time first, and the time the operators both call equally often moved."""
-    what = "kernel time" if cuda else "operator CPU time"
-    total = {k: sum(us for _, us in v.values()) for k, v in kernels.items()}
-    print(f"  {what} a step (torch.profiler over 3 eager steps, self time):")
-    for k, us in total.items():
-        print(f"    {k:<6} {us / 1000:8.2f} ms")
-    floor = "   (the floor of lora-graph / base-graph)" if cuda else ""
-    print(f"  ratio {what} lora / base = {total['lora'] / total['base']:.3f}{floor}")
-    base, lora = kernels["base"], kernels["lora"]
+def _added(lora: dict, base: dict) -> tuple[list, float]:
+    """What ``lora`` calls more often than ``base`` ((extra time, extra calls, name, shapes), largest first) and the
+    time the entries both call as often moved."""
     added, moved = [], 0.0
     for key in set(base) | set(lora):
         (n1, t1), (n0, t0) = lora.get(key, (0, 0.0)), base.get(key, (0, 0.0))
@@ -94,12 +91,33 @@ def print_kernels(kernels: dict, cuda: bool, top: int) -> None:
             added.append((t1 - t0, n1 - n0, *key))
         else:
             moved += t1 - t0
-    added.sort(reverse=True)
+    return sorted(added, reverse=True), moved
+
+
+def print_kernels(profiled: dict, cuda: bool, top: int) -> None:
+    """The profiled steps' totals, their ratio, and what LoRA adds: the operators (and shapes) it calls more often
+    than the base, largest time first, and the time the operators both call equally often moved; on CUDA the same
+    by kernel name (which GEMM kernels the adapter's rank-r products got)."""
+    what = "kernel time" if cuda else "operator CPU time"
+    total = {k: sum(us for _, us in v["kernels" if cuda else "ops"].values()) for k, v in profiled.items()}
+    print(f"  {what} a step (torch.profiler over 3 eager steps, self time):")
+    for k, us in total.items():
+        print(f"    {k:<6} {us / 1000:8.2f} ms")
+    floor = "   (the floor of lora-graph / base-graph)" if cuda else ""
+    print(f"  ratio {what} lora / base = {total['lora'] / total['base']:.3f}{floor}")
+    added, moved = _added(profiled["lora"]["ops"], profiled["base"]["ops"])
     print(f"  operators LoRA calls more often than the base: {sum(a[0] for a in added) / 1000:+.2f} ms a step "
           f"({len(added)} operator-shapes; {top} largest):")
     for d, n, op, shapes in added[:top]:
         print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} calls  {op}  {shapes[:120]}")
     print(f"  the operators both call as often: {moved / 1000:+.2f} ms a step")
+    if cuda:
+        added, moved = _added(profiled["lora"]["kernels"], profiled["base"]["kernels"])
+        print(f"  kernels LoRA launches more often than the base: {sum(a[0] for a in added) / 1000:+.2f} ms a step "
+              f"({len(added)} kernels; {top} largest):")
+        for d, n, name, _ in added[:top]:
+            print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} launches  {name[:140]}")
+        print(f"  the kernels both launch as often: {moved / 1000:+.2f} ms a step")
 
 
 def profile_kernels(args, steps: dict, cuda: bool) -> None:
@@ -108,11 +126,11 @@ def profile_kernels(args, steps: dict, cuda: bool) -> None:
     if not args.kernels:
         return
     try:
-        kernels = {name: device_times(steps[name], cuda) for name in ("base", "lora")}
+        profiled = {name: device_times(steps[name], cuda) for name in ("base", "lora")}
     except Exception as exc:
         print(f"  --kernels: the profiler failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return
-    print_kernels(kernels, cuda, args.top)
+    print_kernels(profiled, cuda, args.top)
 
 
 def captured(name: str) -> bool:

@@ -156,11 +156,12 @@ def world_stages(path: Path) -> list[str]:
 def added_kernels(log: str) -> list[str]:
     """The kernels LoRA's step adds over the base's, as ``bench_lora_overhead.py --kernels`` listed them (on a
     GPU: where the captured step's time over the base goes), or nothing when the log has no such list."""
-    block = re.search(r"(operators LoRA calls more often than the base:.*?\n)(.*?the operators both call as "
-                      r"often:[^\n]*)", log, re.S)
+    block = re.search(r"operators LoRA calls more often than the base:.*?the operators both call as often:[^\n]*"
+                      r"(?:\n.*?kernels LoRA launches more often than the base:.*?the kernels both launch as "
+                      r"often:[^\n]*)?", log, re.S)
     if not block or "kernel time" not in log:
         return []
-    body = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in (block[1] + block[2]).splitlines()]
+    body = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in block[0].splitlines()]
     return ["", "Where the LoRA step's kernel time over the base's goes (`lora_step.log`):", "", "```",
             *(line.strip() for line in body), "```"]
 

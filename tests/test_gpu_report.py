@@ -117,3 +117,32 @@ def test_the_bench_captures_every_graph_row():
 
     assert all(captured(n) for n in ("base-graph", "lora-graph", "lora-graph-layercast", "lora-graph-r8"))
     assert not any(captured(n) for n in ("base", "lora", "lora-layercast", "lora+ckpt", "lora-ref", "lora-compiled"))
+
+
+def test_kernel_time_counts_each_kernel_once(tmp_path, capsys):
+    """On CUDA the profiler lists each kernel twice, as its own event and inside the operator that launched it: the
+    step's kernel time is the kernels' sum (here 40 and 46 ms, 1.150), not the operators' plus the kernels' (which
+    would read 80 and 92 ms). What LoRA adds is listed by operator and shapes, then by kernel name, and the report
+    copies both lists."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_lora_overhead import print_kernels
+
+    def profile(extra_us: float, extra_calls: int) -> dict:
+        ops = {("aten::convolution", "[[4, 320, 64, 64]]"): (20, 30000.0), ("aten::mm", "[[16384, 320], [320, 320]]"):
+               (64, 10000.0)}
+        kernels = {("sm90_xmma_fprop_bf16", ""): (20, 30000.0), ("sm90_xmma_gemm_bf16", ""): (64, 10000.0)}
+        if extra_calls:
+            ops["aten::mm", "[[16384, 320], [320, 4]]"] = (extra_calls, extra_us)
+            kernels["gemvx_kernel_bf16", ""] = (extra_calls, extra_us)
+        return {"ops": ops, "kernels": kernels}
+
+    print_kernels({"base": profile(0, 0), "lora": profile(6000.0, 128)}, cuda=True, top=5)
+    log = capsys.readouterr().out
+    assert "base      40.00 ms" in log and "lora      46.00 ms" in log and "kernel time lora / base = 1.150" in log
+    (tmp_path / "lora_step.log").write_text(log)
+    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "the captured ratio's floor | 1.15 |" in out
+    assert "+6.000 ms    +128 calls  aten::mm  [[16384, 320], [320, 4]]" in out
+    assert "kernels LoRA launches more often than the base: +6.00 ms a step (1 kernels; 5 largest):" in out
+    assert "+6.000 ms    +128 launches  gemvx_kernel_bf16\nthe kernels both launch as often: +0.00 ms" in out
