@@ -105,19 +105,17 @@ def print_kernels(profiled: dict, cuda: bool, top: int) -> None:
         print(f"    {k:<6} {us / 1000:8.2f} ms")
     floor = "   (the floor of lora-graph / base-graph)" if cuda else ""
     print(f"  ratio {what} lora / base = {total['lora'] / total['base']:.3f}{floor}")
-    added, moved = _added(profiled["lora"]["ops"], profiled["base"]["ops"])
-    print(f"  operators LoRA calls more often than the base: {sum(a[0] for a in added) / 1000:+.2f} ms a step "
-          f"({len(added)} operator-shapes; {top} largest):")
-    for d, n, op, shapes in added[:top]:
-        print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} calls  {op}  {shapes[:120]}")
-    print(f"  the operators both call as often: {moved / 1000:+.2f} ms a step")
+    lists = [("ops", "operators LoRA calls more often than the base", "operator-shapes", "calls",
+              "the operators both call as often")]
     if cuda:
-        added, moved = _added(profiled["lora"]["kernels"], profiled["base"]["kernels"])
-        print(f"  kernels LoRA launches more often than the base: {sum(a[0] for a in added) / 1000:+.2f} ms a step "
-              f"({len(added)} kernels; {top} largest):")
-        for d, n, name, _ in added[:top]:
-            print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} launches  {name[:140]}")
-        print(f"  the kernels both launch as often: {moved / 1000:+.2f} ms a step")
+        lists.append(("kernels", "kernels LoRA launches more often than the base", "kernels", "launches",
+                      "the kernels both launch as often"))
+    for key, title, what_n, calls, same in lists:
+        added, moved = _added(profiled["lora"][key], profiled["base"][key])
+        print(f"  {title}: {sum(a[0] for a in added) / 1000:+.2f} ms a step ({len(added)} {what_n}; {top} largest):")
+        for d, n, name, shapes in added[:top]:
+            print(f"    {d / 1000:+8.3f} ms  {n:+6.0f} {calls}  {name[:140]}" + (f"  {shapes[:120]}" if shapes else ""))
+        print(f"  {same}: {moved / 1000:+.2f} ms a step")
 
 
 def profile_kernels(args, steps: dict, cuda: bool) -> None:

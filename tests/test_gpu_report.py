@@ -9,12 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def report(folder) -> str:
+    """bench/gpu_report.py's report of ``folder``."""
+    return subprocess.run([sys.executable, "bench/gpu_report.py", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+
+
 def test_gpu_report_reads_the_committed_h200_logs():
     """bench/gpu_report.py turns gpu_rows.sh's logs into issue 33's figures against their goals: on the
     committed H200 run of 2026-12-04 it reads the figures docs/benchmarks.md gives for it, says "not in the
     logs" for the rows that run did not have, and lists every gpu test's outcome."""
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", "bench/results/2026-12-04-h200"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = report("bench/results/2026-12-04-h200")
     assert "| LoRA step / frozen base, SD1.5 size, bf16, batch 4, eager | 1.674 | <= 1.10 | not met |" in out
     assert "| the same, each step one CUDA graph | 1.209 | <= 1.10 | not met |" in out
     assert "| lorabench captured / PEFT eager | 0.309 | <= 0.75 | **met** |" in out
@@ -36,8 +41,7 @@ def test_gpu_report_reads_the_floor_and_skipped_steps(tmp_path):
         "12:00:00   the bfloat16 floor: each separate run against itself in float32: largest relative difference "
         "1.19e-01, largest element 3.48e-03\n12:00:01   ratio: 2.22x the concept-steps per second\n")
     (tmp_path / "summary.txt").write_text("batched_sd15 exit=0 seconds=38\nfull_scale skipped=deadline\n")
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     assert "| 0.0301 | <= the bf16 floor below | **met** |" in out
     assert "| 0.119 |  |  |" in out and "| 2.22x | >= 2.5x | not met |" in out
     assert "| full_scale | skipped | - |" in out
@@ -57,8 +61,7 @@ def test_gpu_report_reads_the_gpu_table_against_the_cpu_one(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     first, other = rows[0]["method"], rows[1]["method"]
     assert f"| {first} | 1.0e-02 | 1 of " in out  # the moved score, and only it
     assert f"| {other} | 0.0e+00 | 0 of 15 |" in out
@@ -74,8 +77,7 @@ def test_gpu_report_says_where_the_world_tables_time_went(tmp_path):
     (tmp_path / "world_table2" / "results.json").write_text(json.dumps({"timings": {
         "pretrain_cells_s": 120.5, "pretrained_cells": 84, "score_and_merge_s": 100.0, "sampling_s": 30.0,
         "passes": [64, 64, 32], "alone": 0, "capture": {"sampling_s": 5.0, "passes": [28, 28, 28], "alone": 0}}}))
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     assert "| training the cells (84 trained, the rest cached) | 120.5 | |" in out
     assert ("| sampling the cells alone and the merged models | 30.0 | 3 passes of 32-64 settings, 0 settings alone |"
             in out)
@@ -96,16 +98,14 @@ def test_gpu_report_lists_the_kernels_lora_adds(tmp_path):
              "      +2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]",
              "  the operators both call as often: +0.60 ms a step"]
     (tmp_path / "lora_step.log").write_text("".join(f"12:00:0{i} {line}\n" for i, line in enumerate(lines)))
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     assert "| kernel time a step, LoRA / base (3 eager steps profiled): the captured ratio's floor | 1.163 |" in out
     assert "(rank 4 zero-padded to 8 launches rank 8's kernels) | 0.912 | (<= 1: padding the rank to 8 pays) |" in out
     assert "```\noperators LoRA calls more often than the base: +6.10 ms a step" in out
     assert "+2.500 ms    +64 calls  aten::mm  [[16384, 320], [320, 4]]\nthe operators both call as often" in out
     cpu = [line.replace("kernel time", "operator CPU time") for line in lines]
     (tmp_path / "lora_step.log").write_text("".join(f"12:00:0{i} {line}\n" for i, line in enumerate(cpu)))
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     assert "captured ratio's floor | not in the logs |" in out and "operators LoRA calls" not in out
 
 
@@ -140,8 +140,7 @@ def test_kernel_time_counts_each_kernel_once(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "base      40.00 ms" in log and "lora      46.00 ms" in log and "kernel time lora / base = 1.150" in log
     (tmp_path / "lora_step.log").write_text(log)
-    out = subprocess.run([sys.executable, "bench/gpu_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = report(tmp_path)
     assert "the captured ratio's floor | 1.15 |" in out
     assert "+6.000 ms    +128 calls  aten::mm  [[16384, 320], [320, 4]]" in out
     assert "kernels LoRA launches more often than the base: +6.00 ms a step (1 kernels; 5 largest):" in out
