@@ -275,7 +275,7 @@ def main() -> None:
         profile_kernels(args, steps, cuda)
         return
     for k, v in med.items():
-        q = statistics.quantiles(times[k], n=4)
+        q = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [v, v, v]  # one step: no spread
         mem = f"   peak {peak[k] / 2**30:6.2f} GiB" if k in peak else ""
         print(f"  {k:<20} median {v * 1000:8.1f} ms/step   (IQR {q[0] * 1000:.1f}-{q[2] * 1000:.1f}){mem}")
     print(f"  ratio lora / base = {med['lora'] / med['base']:.3f}   (goal <= 1.10)")
