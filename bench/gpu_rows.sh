@@ -147,8 +147,8 @@ step lora_step 180 "$py" bench/bench_lora_overhead.py --device $dev --size $size
 step layer_host 60 "$py" bench/bench_layer_host.py --device $dev
 step train_step 150 "$py" bench/bench_train_step.py --device $dev --size $size --batch 4 --dtype $dtype \
     --steps $steps $graph
-if [ $dry = 1 ]; then
-    step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --overhead --repeats 3
+if [ $dry = 1 ]; then  # the GPU's code path (the fold at full layout, PEFT beside it) at a toy size
+    step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype --size tiny --repeats 2
 else
     step merge 60 "$py" bench/bench_merge.py --device $dev --dtype $dtype
 fi
