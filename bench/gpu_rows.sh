@@ -42,7 +42,7 @@
 # and the rest (layer_host, merge_overhead, world_cells, full_scale, lora_step_compile) at the next lent GPU.
 #
 # --dry runs every step's setup on the CPU at toy sizes (benchmarks at --size tiny, the graph variants
-# skipped, the world table at 3 steps for two concepts with cells, samplings and captures in passes of 2,
+# built and run eagerly, CapturedStep's CPU fallback, the world table at 3 steps for two concepts with cells, samplings and captures in passes of 2,
 # pytest collecting the `gpu` tests only), to check
 # the script before a GPU session spends minutes on it.
 set -u
@@ -67,7 +67,7 @@ LIMIT_TOGETHER=${LIMIT_TOGETHER:-300}
 DEADLINE=${DEADLINE:-0}
 
 if [ $dry = 1 ]; then
-    dev=cpu; size=tiny; dtype=float32; graph=""; steps=2; trainer=trainer=cpu
+    dev=cpu; size=tiny; dtype=float32; graph=--graph; steps=2; trainer=trainer=cpu
     world_small=(protocol.concepts=[sks,twt] protocol.group_size=2 protocol.seeds=[0] trainer.max_steps=3
                  eval.images_per_prompt=1 eval.sampler.num_inference_steps=2 eval.concepts.n_references=2
                  protocol.capture.images_per_prompt=1 protocol.capture.num_inference_steps=2)
