@@ -283,14 +283,13 @@ def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], 
     kernels: the low-rank deltas of one (shape, rank, device, dtype) in one batched matmul and one
     multi-tensor add, the dense deltas in one multi-tensor add. Each layer's result equals
     :meth:`LayerDelta.add_to_`'s to float tolerance (one more rounding of the product)."""
-    if isinstance(deltas, StackedDeltas):  # whole stacks: no layer by layer grouping
-        rest = [s for s in deltas.stacks if not _fold_stack([weights[k] for k in s.layers], s, alpha)]
-        if not rest:
-            return
-        deltas = {k: deltas[k] for s in rest for k in s.layers}
     groups: dict[tuple, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
     stacked: dict[int, list[tuple[torch.Tensor, LayerDelta]]] = defaultdict(list)
+    whole: list[tuple[FactorStack, list[torch.Tensor]]] = []  # stacks given whole, weights in the stack's order
     dense_w, dense_d = [], []
+    if isinstance(deltas, StackedDeltas):  # whole stacks: no layer by layer grouping
+        whole = [(st, [weights[k] for k in st.layers]) for st in deltas.stacks]
+        deltas = {}
     for k, d in deltas.items():
         w = weights[k]
         if w.dim() != 2:
@@ -302,15 +301,18 @@ def fold(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, LayerDelta], 
             stacked[id(d.stack)].append((w, d))
         else:
             groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
-    for items in stacked.values():  # whole stacks as they are: no gathering
+    for items in stacked.values():
         stack = items[0][1].stack
-        if len(items) == len(stack.layers):
-            ws: list = [None] * len(items)
+        if len(items) == len(stack.layers):  # the whole stack: its weights in its order
+            whole.append((stack, [w for w, _ in sorted(items, key=lambda item: item[1].index)]))
+        else:  # part of a stack: the general path
             for w, d in items:
-                ws[d.index] = w
-        if len(items) != len(stack.layers) or not _fold_stack(ws, stack, alpha):
-            # part of a stack, or weights of mixed dtypes: the general path
-            for w, d in items:
+                groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
+    for stack, ws in whole:
+        if not _fold_stack(ws, stack, alpha):  # weights of mixed dtypes or devices: the general path
+            for i, w in enumerate(ws):
+                w = w if w.dim() == 2 else w.view(w.shape[0], -1)
+                d = LayerDelta(stack=stack, index=i)
                 groups[tuple(w.shape), d.up.shape[1], w.device, w.dtype].append((w, d))
     for (_, _, device, dtype), items in groups.items():
         if len(items) == 1:
