@@ -11,11 +11,45 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from lorabench.errors import ConfigError
 
 WANDB_MODES = ("offline", "online", "disabled")
+
+
+class _HeaderReadingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but the columns it writes under are the file's header and its own keys
+    together, read from the file before each save. Lightning's writer knows only the keys it logged itself,
+    which under ddp_spawn is wrong: each ``validate`` and ``fit`` runs in new worker processes that receive
+    the writer as the main process pickled it (no keys), while the file holds the earlier worker's rows. The
+    fit's first save then rewrote the file under its own keys, and a row with ``val/loss`` failed with
+    "dict contains fields not in fieldnames" (a ``trainer=ddp_cpu`` run crashed on its 5th step)."""
+
+    def _record_new_keys(self) -> set[str]:
+        header: list[str] = []
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+        self.metrics_keys[:] = sorted(set(self.metrics_keys).union(header, *self.metrics))
+        # save() rewrites the file under these columns where its header lacks one (headers here are sorted)
+        return set(self.metrics_keys) - set(header)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` writing through :class:`_HeaderReadingWriter`: one ``csv/metrics.csv`` a
+    run, whichever processes wrote its rows."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        """The writer, made on first use as Lightning's is (rank zero only)."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HeaderReadingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
@@ -25,7 +59,7 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
     the config sets one."""
     cfg = dict(cfg or {})
     run_dir = Path(run_dir)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     wb = cfg.get("wandb")
     if wb:
         wb = dict(wb)

@@ -119,7 +119,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
-    if "spawn" in str(cfg.trainer.get("strategy", "")):
+    spawn = "spawn" in str(cfg.trainer.get("strategy", ""))
+    if spawn:
         # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
         # the second spawn of a run (validate, then fit) with "unable to resize file"
         torch.multiprocessing.set_sharing_strategy("file_system")
@@ -136,6 +137,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=resume)
         fit_s = time.perf_counter() - t_fit
         fitted = dict(trainer.callback_metrics)  # read before validate() resets them
+        if spawn and "run/steps" in fitted:
+            follow_the_workers(trainer, fitted)
         if has_val:
             validate()
     finally:
@@ -160,6 +163,15 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         join_csv(run_dir, earlier_csv, int(fitted.get("run/start_step", 0)))
         write_json(run_dir / "results.json", results)
     return results, module
+
+
+def follow_the_workers(trainer: L.Trainer, fitted: dict) -> None:
+    """Under ddp_spawn the fit's loops advance in the worker processes; Lightning sends back the weights and
+    ``callback_metrics`` but not the loops' progress, so the main process's trainer would log the validation
+    after fitting at step 0, epoch 0. Set the two counters its loggers read (private to Lightning: the step
+    of a logged row, the epoch column) to where the workers ended, as in one process."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = int(fitted["run/steps"])
+    trainer.fit_loop.epoch_progress.current.completed = int(fitted.get("run/epoch", 0))
 
 
 def resume_checkpoint(resume, run_dir: Path) -> Optional[str]:

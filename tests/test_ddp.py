@@ -3,6 +3,7 @@ with its evaluation, synced metrics equal to one process's, files and W&B writte
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -12,8 +13,9 @@ from lorabench.run import train
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
-# 3 validation images on 2 ranks: DistributedSampler pads one duplicate, which must not count.
-RUN = ["experiment=quickstart", "trainer.max_steps=4", "data.val_samples=3", "trainer.enable_progress_bar=false"]
+# 3 validation images on 2 ranks: DistributedSampler pads one duplicate, which must not count. 5 steps: the
+# CPU trainer logs a training row at the 5th (each validate and the fit run in new worker processes).
+RUN = ["experiment=quickstart", "trainer.max_steps=5", "data.val_samples=3", "trainer.enable_progress_bar=false"]
 
 
 def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
@@ -22,9 +24,9 @@ def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
     proc = run_cli([*RUN, "trainer=ddp_cpu", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads((run_dir / "results.json").read_text())
-    assert ddp["metrics"]["steps"] == 4
+    assert ddp["metrics"]["steps"] == 5
     assert set(ddp["artifacts"]) <= {p.name for p in run_dir.iterdir()}
-    assert ddp["samples"] == ["samples/step000004.png"]  # the quickstart's eval.validation, drawn by rank zero
+    assert ddp["samples"] == ["samples/step000005.png"]  # the quickstart's eval.validation, drawn by rank zero
 
     # Evaluation before training: the same weights, so the 2-rank metric equals the 1-rank one.
     single = tmp_path / "single"
@@ -40,4 +42,11 @@ def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
     # One output folder, written by rank zero only: one W&B run, one CSV log, no per-rank folders.
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     assert [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("metrics.csv")] == ["csv/metrics.csv"]
+    # ... holding the rows of all three spawns at the steps one process logs them: validation before (step 0),
+    # the training row, validation after at the last step (the workers' writer used to lose the first
+    # spawn's columns and crash, and the main process logged the last validation at step 0)
+    def rows(folder):
+        with open(folder / "csv" / "metrics.csv", newline="") as f:
+            return [(r["epoch"], r["step"], bool(r["train/loss"]), bool(r["val/loss"])) for r in csv.DictReader(f)]
+    assert rows(run_dir) == rows(single) == [("0", "0", False, True), ("4", "4", True, False), ("5", "5", False, True)]
     assert not list(tmp_path.glob("outputs"))  # nothing written outside the run folder

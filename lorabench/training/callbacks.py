@@ -202,6 +202,7 @@ class LossHistory(L.Callback):
     def on_train_end(self, trainer, pl_module):
         trainer.callback_metrics["run/steps"] = torch.tensor(float(trainer.global_step))
         trainer.callback_metrics["run/start_step"] = torch.tensor(float(self.start_step))
+        trainer.callback_metrics["run/epoch"] = torch.tensor(float(trainer.current_epoch))
         trainer.callback_metrics["run/train_losses"] = \
             torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
 
