@@ -26,6 +26,7 @@ from lorabench.training import (
     AdapterEMA,
     DiffusionFineTuner,
     LossHistory,
+    QuietSpawnedWorkers,
     SaveArtifacts,
     ShuffleState,
     StepProgressBar,
@@ -110,16 +111,17 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     bar = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) and \
         not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in user) else []
     ema = [AdapterEMA(module.ema_decay)] if module.ema_decay is not None else []  # before the files are written
+    spawn = "spawn" in str(cfg.trainer.get("strategy", ""))
+    quiet = [QuietSpawnedWorkers()] if spawn else []  # first: unpickled first in each worker
     # callbacks=checkpoints alone turns checkpointing on (Lightning refuses a ModelCheckpoint otherwise)
     checkpointing = {"enable_checkpointing": True} if any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
                                                            for c in user) else {}
     trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(run_dir), _convert_="all",
-                          callbacks=[*ema, saver, history, ShuffleState(), *user, *bar], **checkpointing,
+                          callbacks=[*quiet, *ema, saver, history, ShuffleState(), *user, *bar], **checkpointing,
                           **hand_over_clipping(module, cfg.trainer))
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
     has_val = bool(getattr(datamodule, "val_samples", 0))
-    spawn = "spawn" in str(cfg.trainer.get("strategy", ""))
     if spawn:
         # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
         # the second spawn of a run (validate, then fit) with "unable to resize file"

@@ -23,6 +23,11 @@ def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
     run_dir = tmp_path / "ddp"
     proc = run_cli([*RUN, "trainer=ddp_cpu", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The spawned workers' console is the main process's: no Lightning banner or expected warning from
+    # any of the six workers (two a spawn; W&B's own "wandb:" lines aside), as in one process
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not ln.startswith("wandb:")]
+    for noise in ("Initializing distributed", "distributed_backend", "processes registered", ".py:", "Warning"):
+        assert not any(noise in ln for ln in lines), (noise, lines)
     ddp = json.loads((run_dir / "results.json").read_text())
     assert ddp["metrics"]["steps"] == 5
     assert set(ddp["artifacts"]) <= {p.name for p in run_dir.iterdir()}

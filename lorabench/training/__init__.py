@@ -4,6 +4,7 @@ from lorabench.training.callbacks import (
     AdapterEMA,
     CheckpointEvaluation,
     LossHistory,
+    QuietSpawnedWorkers,
     SaveArtifacts,
     ShuffleState,
     StepProgressBar,
@@ -11,5 +12,5 @@ from lorabench.training.callbacks import (
 )
 from lorabench.training.module import DiffusionFineTuner, check_optim
 
-__all__ = ["AdapterEMA", "CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "SaveArtifacts",
-           "ShuffleState", "StepProgressBar", "ValidationSamples", "check_optim"]
+__all__ = ["AdapterEMA", "CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "QuietSpawnedWorkers",
+           "SaveArtifacts", "ShuffleState", "StepProgressBar", "ValidationSamples", "check_optim"]

@@ -6,6 +6,7 @@ come from the ``callbacks`` config group."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +22,7 @@ from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_cu
 from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import sample_prompts, save_grid
+from lorabench.utils.console import quiet_worker
 
 EXPORTS = {**EXPORT_FILES, "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
@@ -175,6 +177,23 @@ class ShuffleState(L.Callback):
             gen.set_state(self._pending)
             torch.empty((), dtype=torch.int64).random_(generator=gen)  # the new loader's base-seed draw
         self._pending = None
+
+
+class QuietSpawnedWorkers(L.Callback):
+    """The main process's quiet console (:func:`lorabench.utils.console.quiet_cells`) in the workers of a
+    spawning strategy (ddp_spawn), which start as new interpreters. Lightning pickles the trainer, its
+    callbacks with it, into each worker; unpickling this one there, before the worker sets up its process
+    group and logs its banners, silences the same expected warnings. In the main process (a copy made by
+    ``copy.deepcopy`` included) it does nothing."""
+
+    def __reduce__(self):  # unpickled by a call (pickle skips __setstate__ for an object with no attributes)
+        return _unpickled_quiet, (os.getpid(),)
+
+
+def _unpickled_quiet(pickled_in: int) -> QuietSpawnedWorkers:
+    if os.getpid() != pickled_in:  # another process: a spawned worker
+        quiet_worker()
+    return QuietSpawnedWorkers()
 
 
 class LossHistory(L.Callback):

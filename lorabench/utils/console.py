@@ -30,7 +30,15 @@ EXPECTED_PER_CELL = (
     r"The '(train|val)_dataloader' does not have many workers",   # tiny in-memory sets need none
     r"Experiment logs directory .* exists and is not empty",      # a resumed run: lorabench.loggers.join_csv
     r"Checkpoint directory .* exists and is not empty",           # a resumed run keeps its checkpoints
+    # DDP (trainer=ddp | ddp_cpu): the validation loss is gathered over ranks and its padded duplicates
+    # dropped in the module (training.module, unique_mean), which these two do not know
+    r"Using `DistributedSampler` with the dataloaders. During `trainer.validate\(\)`",
+    r"It is recommended to use `self.log\('val/loss', ..., sync_dist=True\)`",
+    r"torch.distributed.nn.functional.all_gather is deprecated",  # inside Lightning's all_gather
 )
+
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 
 def verbose() -> bool:
@@ -43,7 +51,7 @@ def quiet_cells() -> Iterator[None]:
     if verbose():
         yield
         return
-    loggers = {name: logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")}
+    loggers = {name: logging.getLogger(name) for name in LIGHTNING_LOGGERS}
     levels = {name: lg.level for name, lg in loggers.items()}
     # heavy: the CLI imports this module at start-up, before it knows whether anything will run
     from diffusers.utils import logging as dlogging  # noqa: PLC0415
@@ -51,14 +59,7 @@ def quiet_cells() -> Iterator[None]:
 
     bars = (tlogging.is_progress_bar_enabled(), dlogging.is_progress_bar_enabled())
     with warnings.catch_warnings():
-        # Python's defaults stay (library DeprecationWarnings hidden); what does show, shows once.
-        warnings.filterwarnings("once", category=UserWarning)
-        for pattern in EXPECTED_PER_CELL:
-            warnings.filterwarnings("ignore", message=pattern)
-        for lg in loggers.values():
-            lg.setLevel(logging.WARNING)
-        tlogging.disable_progress_bar()
-        dlogging.disable_progress_bar()
+        _silence_expected()
         try:
             yield
         finally:
@@ -68,6 +69,31 @@ def quiet_cells() -> Iterator[None]:
                 tlogging.enable_progress_bar()
             if bars[1]:
                 dlogging.enable_progress_bar()
+
+
+def quiet_worker() -> None:
+    """:func:`quiet_cells`' silencing for the rest of this process, for a process that ends with its work:
+    the workers a spawning strategy (ddp_spawn) starts for each ``validate`` and ``fit``, which inherit
+    neither the main process's warning filters nor its logging levels. Nothing under ``lorabench -v``."""
+    if not verbose():
+        _silence_expected()
+
+
+def _silence_expected() -> None:
+    """Warning filters, Lightning's logging level and the hub libraries' progress bars, as the module
+    docstring says; the caller restores them (:func:`quiet_cells`) or ends (:func:`quiet_worker`)."""
+    # heavy, as in quiet_cells
+    from diffusers.utils import logging as dlogging  # noqa: PLC0415
+    from transformers.utils import logging as tlogging  # noqa: PLC0415
+
+    # Python's defaults stay (library DeprecationWarnings hidden); what does show, shows once.
+    warnings.filterwarnings("once", category=UserWarning)
+    for pattern in EXPECTED_PER_CELL:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    tlogging.disable_progress_bar()
+    dlogging.disable_progress_bar()
 
 
 class CellProgress:
