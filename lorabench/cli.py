@@ -48,7 +48,7 @@ from lorabench.checks import (
 from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
-from lorabench.utils.console import VERBOSE_ENV, quiet_cells
+from lorabench.utils.console import VERBOSE_ENV, first_process, quiet_cells
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -209,16 +209,22 @@ def remove_run_dir(run_dir: Path, root: Path, sweep_dir: Optional[Path] = None, 
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
     if sweep_dir is not None:
         sweep_dir = sweep_dir.resolve()
+        _remove_empty_parents(run_dir, sweep_dir)  # a job folder named by several values: method/seed=0
         left = list(sweep_dir.iterdir()) if sweep_dir.is_dir() else []
         if [p.name for p in left] == ["multirun.yaml"] and _written_since(sweep_dir, since - 1.0):
             shutil.rmtree(sweep_dir, ignore_errors=True)
         run_dir = sweep_dir
-    parent = run_dir.parent
-    while parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
+    _remove_empty_parents(run_dir, root)
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
+
+
+def _remove_empty_parents(path: Path, top: Path) -> None:
+    """The empty folders above ``path``, up to (not including) ``top``."""
+    parent = path.parent
+    while parent != top and top in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def check_trainer(trainer_cfg, field: str = "trainer") -> None:
@@ -362,9 +368,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
             raise
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
-    if sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
+    # the console is rank zero's (a rank Lightning's ddp started by running this command again prints nothing)
+    if sweep is not None and first_process():  # a sweep: one line per job (the table of all comes at its end)
         print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; results in {run_dir / 'results.json'}")
-    else:
+    elif first_process():
         print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
 

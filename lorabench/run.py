@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from lorabench.training import (
 )
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
 from lorabench.training.module import check_cuda_graph
+from lorabench.utils.console import first_process
 from lorabench.utils.io import write_json
 
 
@@ -99,8 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = resume_checkpoint(cfg.get("resume"), run_dir)
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
-    first_process = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    earlier_csv = set_aside_csv(run_dir) if resume and first_process else None
+    earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
     saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from helpers import compose, run_cli
+from helpers import assert_one_line_error, compose, run_cli, run_here
 from lorabench.run import train
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
@@ -55,3 +55,58 @@ def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
             return [(r["epoch"], r["step"], bool(r["train/loss"]), bool(r["val/loss"])) for r in csv.DictReader(f)]
     assert rows(run_dir) == rows(single) == [("0", "0", False, True), ("4", "4", True, False), ("5", "5", False, True)]
     assert not list(tmp_path.glob("outputs"))  # nothing written outside the run folder
+
+
+def test_continual_sequence_on_two_ranks_logs_average_score_and_forgetting_once(tmp_path):
+    """trainer.strategy=ddp: Lightning starts rank 1 by running the command again and both ranks run the
+    sequence, evaluation sharded over them and the metric synced; rank zero alone prints, writes and logs
+    the per-task Average Score and Forgetting to W&B and the CSV (its final row equal to results.json's)."""
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "seq"
+    proc = run_cli(["experiment=continual/world_objects", "sequence.length=2", "trainer.max_steps=4",
+                    "eval.images_per_prompt=1", "eval.sampler.num_inference_steps=2", "eval.concepts.n_references=2",
+                    "trainer=ddp_cpu", "trainer.strategy=ddp", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results in") == 1 and proc.stdout.count("| naive |") == 1, proc.stdout
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["num_tasks"] == 2 and res["tasks"] == ["sks", "zwz"]
+    assert [p.name for p in sorted((run_dir / "tasks").iterdir())] == ["00-sks", "01-zwz"]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("continual/task")]
+    assert [r["continual/task"] for r in rows] == ["1", "2"]
+    for name in ("clip_i", "dino"):
+        assert float(rows[-1][f"continual/{name}/average_score"]) == pytest.approx(
+            res["final"][name]["average_score"], rel=1e-6)
+        assert float(rows[-1][f"continual/{name}/forgetting_ref"]) == pytest.approx(
+            res["final"][name]["forgetting_ref"], rel=1e-6)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    # the continual method and metric live in the task's callback: ddp_spawn's workers end with each fit
+    # (this ran and failed with KeyError: 0 after the first task)
+    (["experiment=continual/world_objects", "trainer=ddp_cpu"],
+     ["trainer.strategy: ddp_spawn: its processes end with each fit", "use trainer.strategy=ddp"]),
+    # TriLoRA scores on rank zero between epochs (this hung under ddp, and failed to pickle under ddp_spawn)
+    (["experiment=trilora/world", "trainer=ddp_cpu"], ["trainer.devices: 2: the trilora protocol trains in its own",
+                                                       "hydra/launcher=local_gpus"]),
+    (["experiment=trilora/world", "trainer=ddp_cpu", "trainer.devices=1"],
+     ["trainer.strategy: ddp_spawn: the trilora"]),
+    # Lightning's ddp starts each rank by running the command again: the whole sweep, in every rank
+    (["-m", "experiment=continual/world_objects", "trainer=ddp_cpu", "trainer.strategy=ddp", "seed=0,1"],
+     ["trainer.strategy: ddp under --multirun"]),
+])
+def test_protocols_refuse_process_layouts_they_cannot_run(tmp_path, args, fragments):
+    """Before any work, one line, no folder left (a sweep's nested job folder, method/seed, included)."""
+    assert_one_line_error(run_here(args, tmp_path), tmp_path, *fragments)
+
+
+def test_process_count_of_a_trainer_config():
+    from lorabench.protocols.cells import trainer_processes
+
+    assert trainer_processes({"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2}) == 2
+    assert trainer_processes({"strategy": "ddp", "accelerator": "cpu", "devices": [0, 1, 2], "num_nodes": 2}) == 6
+    assert trainer_processes({"strategy": "ddp", "accelerator": "cpu", "devices": "0,1"}) == 2
+    assert trainer_processes({"strategy": "auto", "accelerator": "cpu", "devices": 4}) == 4  # Lightning's ddp
+    assert trainer_processes({"strategy": "auto", "accelerator": "cpu", "devices": "auto"}) == 1
+    assert trainer_processes({"strategy": "single_device", "accelerator": "cpu", "devices": 1}) == 1

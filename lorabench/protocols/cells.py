@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import Adapters, load_adapter
@@ -302,6 +304,52 @@ def check_count_or_auto(value, field: str, one: str) -> int | str:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(field, f"must be an integer >= 1 (1: {one}) or auto, got {value!r}")
     return value
+
+
+def trainer_processes(trainer: Mapping) -> int:
+    """How many training processes a Trainer config starts: ``devices`` (a count, -1 for all, a list or
+    ``"0,1"``; ``auto``: every GPU, one CPU) on its accelerator, times ``num_nodes``; 1 with a single-device
+    strategy (``auto`` with several devices is Lightning's ddp)."""
+    if "single" in str(trainer.get("strategy") or "auto"):
+        return 1
+    devices, gpu = trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+    available = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    if isinstance(devices, str):
+        devices = devices.strip()
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else \
+            int(devices) if devices.lstrip("-").isdigit() else available
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        count = len(devices)
+    else:
+        count = available if int(devices) == -1 else int(devices)
+    return count * int(trainer.get("num_nodes") or 1)
+
+
+def check_processes(cfg: DictConfig, protocol: str, mode: str) -> None:
+    """A one-line error, before any work, where ``cfg.trainer`` starts several processes (trainer=ddp,
+    ddp_cpu) in a way the protocol cannot use. ``mode``: ``"ranks"``, the protocol keeps state in its callbacks
+    across fits, so every rank must run the whole protocol (strategy=ddp, not under ``--multirun``);
+    ``"one"``, it trains in one process only. (A protocol whose cells come back whole from Lightning's
+    spawned workers, as the Orthogonal Adaptation one's do, needs no check.)"""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
+    n, spawn = trainer_processes(trainer), "spawn" in str(trainer.get("strategy"))
+    if n <= 1 and not spawn:  # a spawning strategy trains in new processes even on one device
+        return
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if mode == "one":
+        raise ConfigError("trainer.devices" if n > 1 else "trainer.strategy",
+                          f"{trainer.get('devices') if n > 1 else trainer.get('strategy')}: the {protocol} protocol "
+                          "trains in its own process on one device (its checkpoint evaluation runs there between "
+                          "epochs); use trainer=gpu, and for several GPUs one job per GPU: "
+                          "lorabench -m hydra/launcher=local_gpus ... trainer=gpu protocol.seeds=[0],[1],[2]")
+    if mode == "ranks" and spawn:
+        raise ConfigError("trainer.strategy", f"{trainer.get('strategy')}: its processes end with each fit, and "
+                          f"the {protocol} protocol keeps its state (the method's, the metric's) across fits in "
+                          "them; use trainer.strategy=ddp (each rank started once runs the whole protocol)")
+    if mode == "ranks" and multirun:
+        raise ConfigError("trainer.strategy", "ddp under --multirun: Lightning starts each rank by running this "
+                          "command again, which would run the whole sweep in every rank; run one job per GPU "
+                          "(hydra/launcher=local_gpus, trainer=gpu) or this job alone")
 
 
 def check_batch_cells(value, field: str = "protocol.batch_cells") -> int | str:

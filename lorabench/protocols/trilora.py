@@ -49,7 +49,7 @@ from lorabench.protocols.base import (
     seedwise,
     setting,
 )
-from lorabench.protocols.cells import Cell, cell_config, protocol_inputs, run_cells
+from lorabench.protocols.cells import Cell, cell_config, check_processes, protocol_inputs, run_cells
 from lorabench.protocols.report import Session, mean_std, pm, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
@@ -109,6 +109,7 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, TriLoRASettings]:
                           f"equals a shorter run only with {' or '.join(CONSTANT_SCHEDULES)}; drop protocol.overtrain")
     if int(cfg.eval.get("images_per_prompt", 1)) != 1:
         raise ConfigError("eval.images_per_prompt", "this protocol draws one image per dataset caption; set it to 1")
+    check_processes(cfg, "trilora", "one")  # rank zero scores between epochs, with metrics that sync over ranks
     return adapters, st
 
 

@@ -96,14 +96,25 @@ def _silence_expected() -> None:
     dlogging.disable_progress_bar()
 
 
+def first_process() -> bool:
+    """Whether this is the first process of a job: not one of the ranks Lightning's ddp starts by running
+    the command again (``LOCAL_RANK`` / ``NODE_RANK`` set to a non-zero rank), which run the protocol too
+    but leave the console and the files to rank zero."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 class CellProgress:
-    """One bar over a protocol's cells; ``done(line)`` prints a finished cell's line above it."""
+    """One bar over a protocol's cells; ``done(line)`` prints a finished cell's line above it (in the
+    first process only)."""
 
     def __init__(self, total: int, desc: str):
-        self.bar: Optional[tqdm] = tqdm(total=total, desc=desc, unit="cell", dynamic_ncols=True, leave=False)
+        self.shown = first_process()
+        self.bar: Optional[tqdm] = tqdm(total=total, desc=desc, unit="cell", dynamic_ncols=True, leave=False,
+                                        disable=not self.shown)
 
     def done(self, line: str) -> None:
-        tqdm.write(line)
+        if self.shown:
+            tqdm.write(line)
         self.bar.update(1)
 
     def close(self) -> None:
