@@ -44,3 +44,28 @@ def test_wandb_mode_env_overrides(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "sideways")
     with pytest.raises(ConfigError, match="WANDB_MODE: unknown mode 'sideways'"):
         build_loggers({"wandb": {"project": "p"}}, ".", "r", {})
+
+
+def test_csv_writers_of_separate_processes_share_one_file(tmp_path):
+    """Under ddp_spawn each validate and the fit log through a copy of the writer pickled before any row (no
+    keys): the fit's writer, adding its own columns, keeps the first validation's rows and columns (Lightning's
+    failed with "dict contains fields not in fieldnames: 'val/loss'"), and a later copy appends under them."""
+    import csv
+    import pickle
+
+    from lorabench.loggers import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    blank = pickle.dumps(logger.experiment)  # as the main process hands it to each spawn
+    validate, fit, again = (pickle.loads(blank) for _ in range(3))
+    validate.log_metrics({"val/loss": 1.5, "epoch": 0}, step=0)
+    validate.save()
+    fit.log_metrics({"train/loss": 1.2, "epoch": 4}, step=4)
+    fit.save()
+    again.log_metrics({"val/loss": 1.1, "epoch": 5}, step=5)
+    again.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "step", "train/loss", "val/loss"]
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "", "1.5"), ("4", "1.2", ""), ("5", "", "1.1")]
