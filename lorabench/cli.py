@@ -368,10 +368,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
             raise
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
-    # the console is rank zero's (a rank Lightning's ddp started by running this command again prints nothing)
-    if sweep is not None and first_process():  # a sweep: one line per job (the table of all comes at its end)
+    if not first_process():  # a rank Lightning's ddp started by running this command again: rank zero prints
+        return objective
+    if sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
         print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; results in {run_dir / 'results.json'}")
-    elif first_process():
+    else:
         print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
 

@@ -110,7 +110,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     bar = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) and \
         not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in user) else []
     ema = [AdapterEMA(module.ema_decay)] if module.ema_decay is not None else []  # before the files are written
-    spawn = "spawn" in str(cfg.trainer.get("strategy", ""))
+    spawn = spawning(cfg.trainer)
     quiet = [QuietSpawnedWorkers()] if spawn else []  # first: unpickled first in each worker
     # callbacks=checkpoints alone turns checkpointing on (Lightning refuses a ModelCheckpoint otherwise)
     checkpointing = {"enable_checkpointing": True} if any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
@@ -164,6 +164,11 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         join_csv(run_dir, earlier_csv, int(fitted.get("run/start_step", 0)))
         write_json(run_dir / "results.json", results)
     return results, module
+
+
+def spawning(trainer_cfg: Mapping) -> bool:
+    """Whether a Trainer config's strategy starts new worker processes for each fit and validate (ddp_spawn)."""
+    return "spawn" in str(trainer_cfg.get("strategy") or "")
 
 
 def follow_the_workers(trainer: L.Trainer, fitted: dict) -> None:

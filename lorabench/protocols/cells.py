@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.errors import ConfigError, check_int
-from lorabench.run import train, train_batched
+from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, quiet_cells
 from lorabench.utils.cpus import cpu_budget
 
@@ -312,16 +312,17 @@ def trainer_processes(trainer: Mapping) -> int:
     strategy (``auto`` with several devices is Lightning's ddp)."""
     if "single" in str(trainer.get("strategy") or "auto"):
         return 1
-    devices, gpu = trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+    gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
     available = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    if isinstance(devices, str):
-        devices = devices.strip()
-        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else \
-            int(devices) if devices.lstrip("-").isdigit() else available
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)):
         count = len(devices)
-    else:
+    elif str(devices).strip().lstrip("-").isdigit():
         count = available if int(devices) == -1 else int(devices)
+    else:  # auto
+        count = available
     return count * int(trainer.get("num_nodes") or 1)
 
 
@@ -332,7 +333,7 @@ def check_processes(cfg: DictConfig, protocol: str, mode: str) -> None:
     ``"one"``, it trains in one process only. (A protocol whose cells come back whole from Lightning's
     spawned workers, as the Orthogonal Adaptation one's do, needs no check.)"""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
-    n, spawn = trainer_processes(trainer), "spawn" in str(trainer.get("strategy"))
+    n, spawn = trainer_processes(trainer), spawning(trainer)
     if n <= 1 and not spawn:  # a spawning strategy trains in new processes even on one device
         return
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
