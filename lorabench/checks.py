@@ -49,6 +49,26 @@ def check_optim(optim: Mapping) -> None:
         raise bad("warmup_steps", "must be an integer >= 0")
 
 
+def check_protocol_groups(cfg: Mapping) -> None:
+    """A protocol takes its adapters from its own block: a top-level ``adapter`` or ``embeddings`` group
+    beside it would be trained by no cell (or silently ignored), so either is a one-line error naming
+    where this protocol's adapters are set: ``protocol.adapter`` (one per task), ``protocol.adapters.<name>``
+    (one per compared method) or the adapter files it reads (``protocol.adapters`` / ``protocol.inputs``)."""
+    protocol = cfg.get("protocol")
+    if not protocol or not protocol.get("_target_"):  # no protocol runs (a block without one is checked by parts)
+        return
+    adapters = protocol.get("adapters")
+    if "adapter" in protocol:
+        what, advice = "trains protocol.adapter", "override that instead (e.g. protocol.adapter.rank=8)"
+    elif hasattr(adapters, "items"):
+        what, advice = "trains protocol.adapters.<name>", "override those instead (e.g. protocol.adapters.lora.rank=8)"
+    else:
+        files = "protocol.inputs" if "inputs" in protocol else "protocol.adapters"
+        what, advice = f"reads adapter files ({files}=[a.safetensors,...])", "leave the group out"
+    for key in ("adapter", "embeddings"):
+        if cfg.get(key):
+            raise ConfigError(key, f"this protocol {what}, not {key}; {advice}")
+
 
 def check_callbacks(callbacks: Optional[Mapping]) -> None:
     """Every entry of the ``callbacks`` group must be null or a config with a ``_target_``."""

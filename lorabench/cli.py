@@ -43,6 +43,7 @@ from lorabench.checks import (
     check_model_source,
     check_optim,
     check_override_types,
+    check_protocol_groups,
     check_validation,
 )
 from lorabench.errors import ConfigError, choice_error, find_config_error
@@ -153,6 +154,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
     check_callbacks(cfg.get("callbacks"))
+    check_protocol_groups(cfg)
     try:
         check_validation(OmegaConf.select(cfg, "eval.validation"))
         if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):
@@ -388,6 +390,17 @@ def _register_resolvers() -> None:
 SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None}
 
 
+def check_command(args: list[str]) -> list[str]:
+    """A command's arguments (after ``lorabench``, a subcommand made its experiment, ``-v`` taken out) as
+    Hydra gets them, ``adapter=null`` as ``adapter=none``, once every check that needs no model, no data
+    and no torch has passed: each group's option exists (:func:`check_group_overrides`), then
+    :func:`precheck`. Raises the first :class:`ConfigError`."""
+    args = no_adapter_overrides(args)
+    check_group_overrides(args)
+    precheck(args)
+    return args
+
+
 def main() -> None:
     # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
@@ -405,10 +418,8 @@ def main() -> None:
     if verbose_flags & set(sys.argv[1:]):
         os.environ[VERBOSE_ENV] = "1"
         sys.argv = [a for a in sys.argv if a not in verbose_flags]
-    sys.argv = [sys.argv[0], *no_adapter_overrides(sys.argv[1:])]
     try:
-        check_group_overrides(sys.argv[1:])
-        precheck(sys.argv[1:])
+        sys.argv = [sys.argv[0], *check_command(sys.argv[1:])]
     except ConfigError as err:
         fail(err)
     _hydra_entry()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,39 @@ def test_a_callback_from_the_config_group_joins_the_trainer(tmp_path):
     [metrics] = list((tmp_path / "outputs").rglob("csv/metrics.csv"))
     header = metrics.read_text().splitlines()[0].split(",")
     assert any(col.startswith("lr-AdamW") for col in header), header
+
+
+def documented_callback_line() -> list[str]:
+    """docs/usage.md's "any Lightning callback from the command line" command, its continuation joined and split
+    as a shell would (the one quoted argument unquoted)."""
+    import shlex
+
+    text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    start = text.index("lorabench experiment=quickstart +callbacks.")
+    line = text[start:text.index("# any Lightning callback from the command line", start)].replace("\\\n", " ")
+    return shlex.split(line)[1:]
+
+
+def test_the_documented_command_line_callback_joins_the_trainer(tmp_path):
+    """The docs' example of a callback given on the command line runs as written (its first example,
+    StochasticWeightAveraging, failed in on_fit_start: a float swa_epoch_start needs max_epochs). Timer with a
+    zero budget then stops the run before its first step (it checks at fit start): the callback is in the trainer,
+    not only in the config, and a run it stops still writes its results."""
+    args = documented_callback_line()
+    assert args[0] == "experiment=quickstart" and any(a.startswith("+callbacks.") for a in args), args
+    as_written, zero = tmp_path / "as_written", tmp_path / "zero"
+    as_written.mkdir(), zero.mkdir()
+    proc = run_here([*args, *FAST, "exports=[]"], as_written)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results] = [json.loads(p.read_text()) for p in as_written.rglob("results.json")]
+    assert results["metrics"]["steps"] == 2
+    budget = re.compile(r"^\+callbacks\.timer\.duration=.*")
+    zero_budget = [budget.sub("+callbacks.timer.duration={seconds:0}", a) for a in args]
+    assert zero_budget != args, args
+    stopped = run_here([*zero_budget, *FAST, "exports=[]"], zero)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    [results] = [json.loads(p.read_text()) for p in zero.rglob("results.json")]
+    assert results["metrics"]["steps"] == 0
 
 
 def test_multirun_one_results_per_job(tmp_path):

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
+from lorabench.checks import check_protocol_groups
 from lorabench.errors import ConfigError, check_int
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, quiet_cells
@@ -44,10 +45,7 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     adapter set to null (``protocol.adapters.<name>: null``) is dropped: how an experiment that extends
     another leaves out some of its adapters."""
     p = cfg.protocol
-    for key in ("adapter", "embeddings"):
-        if cfg.get(key):
-            raise ConfigError(key, f"this protocol trains protocol.adapters.<name>, not {key}; override "
-                              "those instead (e.g. protocol.adapters.lora.rank=8)")
+    check_protocol_groups(cfg)
     adapters = {k: v for k, v in (p.get("adapters") or {}).items() if v is not None}
     if not adapters:
         raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")

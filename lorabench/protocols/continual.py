@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
+from lorabench.checks import check_protocol_groups
 from lorabench.continual.methods import build_method
 from lorabench.continual.tasks import LABELS
 from lorabench.errors import ConfigError
@@ -67,10 +68,8 @@ class ContinualSettings:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run the sequence ``cfg`` describes (resuming from ``run_dir/state`` when it holds one): the shared
     sequence run (:func:`lorabench.protocols.sequence.run`) with the method and adapter of ``protocol``."""
+    check_protocol_groups(cfg)
     session = Session(cfg, Path(run_dir), "continual")
-    if cfg.get("adapter"):
-        raise ConfigError("adapter", "this protocol trains protocol.adapter, not adapter; override that instead "
-                          "(e.g. protocol.adapter.rank=8)")
     st = read_settings(ContinualSettings, cfg.protocol)
     if not st.adapter:
         raise ConfigError("protocol.adapter", "no adapter; add e.g. /adapter@protocol.adapter: lora")
