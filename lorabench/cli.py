@@ -2,7 +2,7 @@
 
     lorabench                                   # the main job (conf/train.yaml defaults)
     lorabench experiment=sd15_dreambooth_lora data.path=my_dog/
-    lorabench --multirun adapter=lora,ortho,trilora seed=0,1,2
+    lorabench --multirun experiment=quickstart adapter=lora,ortho,trilora seed=0,1,2
     lorabench -v                                # everything the libraries print (quiet by default)
     lorabench sample protocol.adapters=[run/adapter.safetensors] protocol.prompts=["a photo of sks dog"]
     lorabench summarize outputs/multirun/<task>/<time>   # a sweep's table (also printed when it ends)
