@@ -139,8 +139,8 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     groups = config_groups(conf_dir)
     try:
         group_args, value_args, typed = _split_overrides([a for a in args if not a.startswith("-")], groups)
-    except OverrideParseException:
-        return  # Hydra reports a malformed override itself
+    except OverrideParseException as exc:
+        raise override_error(exc) from exc
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         try:
             base = compose("train", overrides=group_args, return_hydra_config=True)
@@ -170,6 +170,17 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
         check_optim(optim)
+
+
+def override_error(exc: OverrideParseException) -> ConfigError:
+    """An override Hydra's grammar rejects (its message: three lines and a link) as one line naming the key and
+    the usual cause: a value with characters the grammar reserves, which needs quotes that reach Hydra."""
+    line = exc.override or ""
+    key = line.split("=", 1)[0].lstrip("+~") or "override"
+    reason = " ".join(str(exc).split("\n")[0].split())
+    why = "" if reason.startswith("LexerNoViableAltException") else f" ({reason})"
+    return ConfigError(key, f"{line!r} is not a valid override{why}; quote a value holding characters such as "
+                       f"< > = , [ ] {{ }} ( ) inside the shell's quotes, e.g. \"{key}='<value>'\"")
 
 
 def composition_error(exc: Exception) -> ConfigError:

@@ -137,6 +137,10 @@ def test_unknown_group_option(tmp_path, override, fragments):
      ["embeddings.token: 'a' is already in text_encoder's vocabulary"]),
     (["+protocol.adapters.ti.embeddings={token: '<x>', num_vectors: 0}"],
      ["protocol.adapters.ti.embeddings.num_vectors: must be an integer >= 1"]),
+    # the shell ate the quotes Hydra's grammar needs (a config comment showed this very command): one line, not
+    # Hydra's three and a link
+    (["embeddings=textual_inversion", "embeddings.token=<x>"],
+     ["embeddings.token: 'embeddings.token=<x>' is not a valid override", "\"embeddings.token='<value>'\""]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_here([*args, *FAST], tmp_path), tmp_path, *fragments)
