@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from hydra.errors import InstantiationException
 
@@ -67,3 +67,13 @@ def raised_in_lorabench(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and PACKAGE_DIR in Path(tb.tb_frame.f_code.co_filename).resolve().parents
+
+
+def raised_by(exc: BaseException, objects: Mapping[str, object]) -> Optional[str]:
+    """The name in ``objects`` of the object whose method raised ``exc`` (the innermost frame of its traceback
+    whose ``self`` is one of them), or None: which configured callback refused its options."""
+    by_id, found, tb = {id(obj): name for name, obj in objects.items()}, None, exc.__traceback__
+    while tb is not None:
+        found = by_id.get(id(tb.tb_frame.f_locals.get("self")), found)
+        tb = tb.tb_next
+    return found

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import transformers
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import lorabench
@@ -19,7 +20,7 @@ from lorabench.adapters import inject_adapters, read_safetensors
 from lorabench.adapters.stacked import StackedAdapters, take_out
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
 from lorabench.checks import check_callbacks, check_validation
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, raised_by
 from lorabench.loggers import build_loggers, finish_wandb, join_csv, set_aside_csv
 from lorabench.training import (
     AdapterEMA,
@@ -57,10 +58,10 @@ def hand_over_clipping(module: DiffusionFineTuner, trainer_cfg: Mapping) -> dict
     return {"gradient_clip_val": None, "gradient_clip_algorithm": None}
 
 
-def build_callbacks(callbacks: Optional[Mapping]) -> list[L.Callback]:
-    """The user's Lightning callbacks from the ``callbacks`` config group (null entries dropped)."""
+def build_callbacks(callbacks: Optional[Mapping]) -> dict[str, L.Callback]:
+    """The user's Lightning callbacks from the ``callbacks`` config group, by name (null entries dropped)."""
     check_callbacks(callbacks)
-    return [instantiate(spec, _convert_="all") for spec in (callbacks or {}).values() if spec is not None]
+    return {name: instantiate(spec, _convert_="all") for name, spec in (callbacks or {}).items() if spec is not None}
 
 
 def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", components=None,
@@ -106,7 +107,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     history = LossHistory()
     validation = check_validation(OmegaConf.select(cfg, "eval.validation"))
     samples = ValidationSamples(folder=run_dir / "samples", **validation) if validation else None
-    user = [*callbacks, *build_callbacks(cfg.get("callbacks")), *([samples] if samples else [])]
+    configured = build_callbacks(cfg.get("callbacks"))
+    user = [*callbacks, *configured.values(), *([samples] if samples else [])]
     bar = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) and \
         not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in user) else []
     ema = [AdapterEMA(module.ema_decay)] if module.ema_decay is not None else []  # before the files are written
@@ -142,6 +144,11 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             follow_the_workers(trainer, fitted)
         if has_val:
             validate()
+    except MisconfigurationException as exc:  # a configured callback refusing its options when the fit starts
+        name = raised_by(exc, configured)
+        if name is None:
+            raise
+        raise ConfigError(f"callbacks.{name}", " ".join(str(exc).split())) from exc
     finally:
         if (cfg.get("logger") or {}).get("wandb"):
             finish_wandb()  # this run's own W&B run (a protocol's run stays open)

@@ -132,6 +132,10 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["eval=world", "eval.sampler.num_inference_steps=0"],
      ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
     (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
+    # a callback refusing its options only when the fit starts (Lightning's MisconfigurationException, a
+    # traceback before): one line naming it, the run folder removed
+    (["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=1e-4"],
+     ["callbacks.swa: SWA with `swa_epoch_start` as a float is not supported when `max_epochs=-1`"]),
     # new tokens: a word the tokenizer knows is not a new token; options are checked before any work
     (["embeddings=textual_inversion", "embeddings.token=a"],
      ["embeddings.token: 'a' is already in text_encoder's vocabulary"]),

@@ -266,3 +266,25 @@ def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, m
     with pytest.raises(ConfigError) as err:
         check_command(args)
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_raised_by_names_the_configured_object_whose_method_raised():
+    """What turns a callback's refusal at fit start into ``callbacks.<name>: ...``: the innermost frame whose
+    ``self`` is a configured object names it, through calls into other objects; an error from elsewhere is None."""
+    from lorabench.errors import raised_by
+
+    class Hook:
+        def on_fit_start(self, helper):
+            helper.check()
+
+    class Helper:
+        def check(self):
+            raise RuntimeError("bad option")
+
+    swa, timer, helper = Hook(), Hook(), Helper()
+    with pytest.raises(RuntimeError) as info:
+        timer.on_fit_start(helper)
+    assert raised_by(info.value, {"swa": swa, "timer": timer}) == "timer"
+    with pytest.raises(RuntimeError) as info:
+        helper.check()
+    assert raised_by(info.value, {"swa": swa, "timer": timer}) is None
