@@ -156,3 +156,24 @@ def test_aspect_ratio_buckets_batch_one_shape_and_condition_sdxl_on_it(tmp_path)
     L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, train_dataloaders=loader)
     assert all(torch.isfinite(p).all() for p in module.adapters.trainable_parameters())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"val_samples": -1}, "data.val_samples: must be an integer >= 0, got -1"),  # items[:-1]: all but one, silently
+    ({"repeats": 0}, "data.repeats: must be an integer >= 1, got 0"),
+])
+def test_counts_that_make_no_sense_are_one_line(toy_images, kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        ImageFolderDataModule(path=str(toy_images), resolution=16, **kwargs)
+
+
+def test_a_resolution_the_vae_cannot_encode_whole_is_refused():
+    """A latent model's resolution must divide by the VAE's down-sampling (diffusers' pipelines refuse other
+    sizes; training cropped them silently: 17 px trained and sampled at 16). Pixel-space models take any."""
+    from lorabench.models import build_tiny_components
+
+    with pytest.raises(ConfigError, match=r"model.resolution: must be a multiple of 2 \(the VAE's down-sampling\), "
+                                          "got 17"):
+        build_tiny_components(with_vae=True, resolution=17)
+    assert build_tiny_components(with_vae=True, resolution=16).resolution == 16
+    assert build_tiny_components(resolution=17).resolution == 17

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lorabench.checks import check_data_path
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, check_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ImageSource = Union[Path, bytes]  # a file, or the encoded bytes of one (a parquet row)
@@ -310,7 +310,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                               f"must be >= 1 or null (the whole set), got {max_train_samples}")
         self.max_train_samples, self.sample_seed, self.repeats = max_train_samples, sample_seed, repeats
         self.class_data_dir, self.class_prompt = class_data_dir, class_prompt
-        self.val_samples, self.seed, self.name = val_samples, seed, name
+        self.val_samples = check_int(val_samples, "data.val_samples", minimum=0)  # the first images; 0: none
+        check_int(repeats, "data.repeats", minimum=1)
+        self.seed, self.name = seed, name
         self.items: list[tuple[ImageSource, str]] = []
         self.all_items: list[tuple[ImageSource, str]] = []
 

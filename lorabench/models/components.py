@@ -61,6 +61,13 @@ class ModelComponents:
     # scheduler class it ships ("scheduler") and SDXL's "force_zeros_for_empty_prompt"
     pipeline_defaults: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        vae = getattr(self.vae, "config", None)
+        factor = 2 ** (len(vae.block_out_channels) - 1) if vae is not None else 1
+        if int(self.resolution) % factor:  # diffusers' pipelines refuse such sizes, and training would crop them
+            raise ConfigError("model.resolution", f"must be a multiple of {factor} (the VAE's down-sampling), "
+                              f"got {self.resolution}")
+
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
