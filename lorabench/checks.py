@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embedding_lr": None, "weight_decay": 1e-2,
@@ -47,6 +47,28 @@ def check_optim(optim: Mapping) -> None:
         raise bad("betas", "must be two numbers in [0, 1)")
     if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
         raise bad("warmup_steps", "must be an integer >= 0")
+
+
+# the sampling schedulers by name (lorabench.sampling builds them), and "pipeline": the model's own
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
+              "euler": "EulerDiscreteScheduler"}
+
+
+def check_counts(options: Mapping, field: str) -> None:
+    """Each ``options[key]`` that is set must be an integer >= 1 (a one-line ``<field>.<key>`` error)."""
+    for key, v in options.items():
+        if v is not None:
+            check_int(v, f"{field}.{key}", minimum=1)
+
+
+def check_sampler(sampler: Optional[Mapping], field: str) -> None:
+    """A sampler's options, named where the config sets them (``<field>.scheduler``, ...): a scheduler
+    lorabench builds, and step and batch counts >= 1."""
+    sampler = sampler or {}
+    name = sampler.get("scheduler")
+    if name is not None and name not in (*SCHEDULERS, "pipeline"):
+        raise choice_error(f"{field}.scheduler", name, (*SCHEDULERS, "pipeline"))
+    check_counts({k: sampler.get(k) for k in ("num_inference_steps", "batch_size")}, field)
 
 
 def check_protocol_groups(cfg: Mapping) -> None:
@@ -96,10 +118,16 @@ WORD_VALUES = {"protocol.batch_cells": ("auto",), "protocol.eval_batch": ("auto"
 def check_override_types(base: DictConfig, overrides: Iterable[tuple[str, list[Any]]]) -> None:
     """Each ``(key, values)`` given on the command line against the type of ``key``'s value in ``base`` (the
     config composed without them): a numeric field does not take a word (``trainer.max_steps: expected an
-    integer, got 'ten'``), except the words of :data:`WORD_VALUES`. Numbers of the other kind (a float for an
+    integer, got 'ten'``), except the words of :data:`WORD_VALUES`, and a switch takes true or false (or null):
+    ``data.center_crop=maybe`` cropped, being a non-empty word. Numbers of the other kind (a float for an
     integer field) are left to the field's own check, since some take both (``trainer.limit_train_batches``)."""
     for key, values in overrides:
         default = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(default, bool):  # a switch: a word or number would be taken as its truth value
+            wrong = [v for v in values if v is not None and not isinstance(v, bool)]
+            if wrong:
+                raise ConfigError(key, f"expected true or false, got {wrong[0]!r}")
+            continue
         want = _kind(default)
         if want is None or key in WORD_VALUES:
             continue
@@ -123,6 +151,7 @@ def check_validation(validation: Optional[Mapping], field: str = "eval.validatio
     seeds = v.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(_kind(s) == "integer" for s in seeds):
         raise ConfigError(f"{field}.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    check_sampler(v.get("sampler"), f"{field}.sampler")
     every = v.get("every_n_steps")
     if every is not None and (_kind(every) != "integer" or every < 1):
         raise ConfigError(f"{field}.every_n_steps", f"must be null (at the end only) or an integer >= 1, got {every!r}")

@@ -39,11 +39,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lorabench.checks import (
     check_callbacks,
+    check_counts,
     check_data_path,
     check_model_source,
     check_optim,
     check_override_types,
     check_protocol_groups,
+    check_sampler,
     check_validation,
 )
 from lorabench.errors import ConfigError, choice_error, find_config_error
@@ -157,6 +159,9 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     check_protocol_groups(cfg)
     try:
         check_validation(OmegaConf.select(cfg, "eval.validation"))
+        if OmegaConf.select(cfg, "eval.sampler") is not None:
+            check_sampler(OmegaConf.to_container(cfg.eval.sampler, resolve=True), "eval.sampler")
+            check_counts({"images_per_prompt": OmegaConf.select(cfg, "eval.images_per_prompt")}, "eval")
         if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):
             check_model_source(OmegaConf.select(cfg, "model.pretrained"))
         images = str(OmegaConf.select(cfg, "data._target_")).endswith("ImageFolderDataModule")
@@ -285,7 +290,6 @@ def preflight(cfg: DictConfig) -> None:
     from lorabench.adapters.tokens import check_tokens_config, for_concept  # noqa: PLC0415
     from lorabench.protocols.cells import check_batch_cells  # noqa: PLC0415
     from lorabench.protocols.scoring import check_eval_batch  # noqa: PLC0415
-    from lorabench.sampling import check_counts  # noqa: PLC0415
     from lorabench.training.module import check_cuda_graph  # noqa: PLC0415
 
     check_callbacks(cfg.get("callbacks"))
@@ -313,11 +317,6 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.get("module") is not None and cfg.get("trainer") is not None:
         check_cuda_graph(OmegaConf.to_container(cfg.module, resolve=True),
                          OmegaConf.to_container(cfg.trainer, resolve=True))
-    ev = cfg.get("eval")
-    if ev is not None and ev.get("sampler") is not None:
-        check_counts({k: OmegaConf.select(ev, f"sampler.{k}") for k in ("num_inference_steps", "batch_size")},
-                     "eval.sampler")
-        check_counts({"images_per_prompt": ev.get("images_per_prompt")}, "eval")
 
 
 def sweep_dir(hc) -> Optional[Path]:

@@ -25,14 +25,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from lorabench.adapters.tokens import layer_routing
+from lorabench.checks import SCHEDULERS, check_counts
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
 
 MAX_LATENT_BATCH = 4096  # latent_seed: the largest batch of initial latents drawn at once
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
-              "euler": "EulerDiscreteScheduler"}
 
 
 def make_scheduler(components: ModelComponents, name: str):
@@ -48,13 +47,6 @@ def make_scheduler(components: ModelComponents, name: str):
     if name not in SCHEDULERS:
         raise choice_error("sampler.scheduler", name, (*SCHEDULERS, "pipeline"))
     return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
-
-
-def check_counts(options: dict, field: str) -> None:
-    """Each ``options[key]`` that is set must be an integer >= 1 (a one-line ``<field>.<key>`` error)."""
-    for key, v in options.items():
-        if v is not None:
-            check_int(v, f"{field}.{key}", minimum=1)
 
 
 class Sampler:

@@ -131,6 +131,10 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
     (["eval=world", "eval.sampler.num_inference_steps=0"],
      ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
+    # named where the config sets them (they read "sampler.scheduler" before), and a switch given a word
+    (["eval.validation.sampler.scheduler=foo"],
+     ["eval.validation.sampler.scheduler: unknown value 'foo'; valid: ddim, ddpm, dpm, euler, pipeline"]),
+    (["data.center_crop=maybe"], ["data.center_crop: expected true or false, got 'maybe'"]),
     (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
     # a callback refusing its options only when the fit starts (Lightning's MisconfigurationException, a
     # traceback before): one line naming it, the run folder removed

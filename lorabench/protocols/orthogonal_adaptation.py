@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters.ortho import concept_configs
 from lorabench.adapters.tokens import load_tokens
+from lorabench.checks import check_counts
 from lorabench.errors import ConfigError
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
@@ -77,7 +78,6 @@ from lorabench.protocols.base import (
 from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalBatch, EvalSetup, check_eval_batch, concept_seeds, eval_setup
-from lorabench.sampling import check_counts
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import layer_lines, paired_bars
 from lorabench.utils.seeding import derive_seed, derive_seed_list
