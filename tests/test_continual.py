@@ -289,6 +289,7 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     (["sequence.tasks=[sks,zwz,sks]", "sequence.length=3"], ("sequence.tasks", "'sks' is listed twice")),
     (["sequence.tasks=[sks,nope]", "sequence.length=2"], ("sequence.tasks.nope", "no data")),
     (["sequence.length=12"], ("sequence.length", "asks for 12 tasks", "lists 10")),
+    (["sequence.length=0"], ("sequence.length: must be an integer >= 1, got 0",)),  # it ran all ten before
     (["protocol.method.name=magmix"], ("protocol.method.name", "unknown value 'magmix'", "merge_init")),
     (["sequence.order_seed=abc"], ("sequence.order_seed: expected an integer, got 'abc'",)),
     (["protocol.method.name=merge:ties", "+protocol.method.merge_options.density=0"],

@@ -11,6 +11,7 @@ from lorabench.errors import ConfigError
 from lorabench.world import make_world
 from lorabench.world.datasets import caption_items, concept_items, pretrain_items, style_items, write_imagefolder
 from lorabench.world.spec import RARE_TOKENS, STYLE_WORDS
+from lorabench.world.tasks import WorldConceptEval, WorldStyleEval
 
 
 def test_same_seed_gives_byte_identical_datasets(tmp_path):
@@ -182,3 +183,14 @@ def test_world_model_schedule_reaches_pure_noise_and_sampling_starts_there():
         dpm = make_scheduler(comps, "dpm")
         dpm.set_timesteps(25)
         assert int(dpm.timesteps[0]) == 999
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: WorldConceptEval(n_references=0), "eval.concepts.n_references: must be an integer >= 1, got 0"),
+    (lambda: WorldStyleEval(n_references=-2), "eval.styles.n_references: must be an integer >= 1, got -2"),
+    (lambda: WorldStyleEval(n_objects=0), "eval.styles.n_objects: must be an integer >= 1, got 0"),
+])
+def test_evaluation_set_sizes_below_one_are_one_line(build, message):
+    """n_references=0 failed inside numpy (np.stack of no images), a traceback where a line names the key."""
+    with pytest.raises(ConfigError, match=message):
+        build()

@@ -122,7 +122,7 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError("sequence.tasks", f"token {dup[0]!r} is listed twice; every task needs its own token")
-    length = check_int(seq.get("length") or len(items), "sequence.length", minimum=1)
+    length = len(items) if seq.get("length") is None else check_int(seq.get("length"), "sequence.length", minimum=1)
     if len(items) < length:
         raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
                           f"give at least {length} tasks or lower sequence.length")

@@ -19,7 +19,7 @@ import torch
 
 from lorabench.data.imagefolder import load_image, scan_folder
 from lorabench.data.prepare import read_manifest
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 
 
 def without_token(prompts: Sequence[str], token: str) -> list[str]:
@@ -66,7 +66,8 @@ class FolderConceptEval:
                 if not c.get(key):
                     raise ConfigError(f"eval.concepts.concepts.{name}.{key}", "missing; each concept needs path, "
                                       "token and cls")
-        self.resolution, self.n_references = int(resolution), n_references
+        self.resolution = int(resolution)
+        self.n_references = check_int(n_references, "eval.concepts.n_references", minimum=1, allow_none=True)
         self.prompt, self.templates = prompt, list(templates)
         if not prompt and not self.templates:
             raise ConfigError("eval.concepts.templates", "no prompt and no templates; give at least one")
@@ -113,7 +114,8 @@ class FolderStyleEval:
         for name, st in self.styles.items():
             if not st.get("path"):
                 raise ConfigError(f"eval.styles.styles.{name}.path", "missing; each style needs its reference folder")
-        self.resolution, self.n_references = int(resolution), n_references
+        self.resolution = int(resolution)
+        self.n_references = check_int(n_references, "eval.styles.n_references", minimum=1, allow_none=True)
         self.prompt, self.objects = prompt, list(objects)
 
     def _get(self, style: str) -> dict:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lorabench.errors import choice_error
+from lorabench.errors import check_int, choice_error
 from lorabench.evaluation.eval_sets import ConceptEvalSet, StyleEvalSet, without_token
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.datasets import concept_items, random_scene, style_object
@@ -37,8 +37,8 @@ class WorldConceptEval:
                 raise choice_error("eval.concepts.contexts", position, POSITIONS)
             if background not in BACKGROUNDS:
                 raise choice_error("eval.concepts.contexts", background, BACKGROUNDS)
-        self.n_references, self.reference_seed = n_references, reference_seed
-        self.contexts = [tuple(c) for c in contexts]
+        self.n_references = check_int(n_references, "eval.concepts.n_references", minimum=1)
+        self.reference_seed, self.contexts = reference_seed, [tuple(c) for c in contexts]
 
     def concept_class(self, concept: str) -> str:
         """The object class of a concept (merge groups prefer concepts of one class)."""
@@ -64,7 +64,9 @@ class WorldStyleEval:
     def __init__(self, world_seed: int = 0, resolution: int = 16, n_objects: int = 4, n_references: int = 8,
                  reference_seed: int = 1000):
         self.world = make_world(world_seed, resolution)
-        self.n_objects, self.n_references, self.reference_seed = n_objects, n_references, reference_seed
+        self.n_objects = check_int(n_objects, "eval.styles.n_objects", minimum=1)
+        self.n_references = check_int(n_references, "eval.styles.n_references", minimum=1)
+        self.reference_seed = reference_seed
 
     def __call__(self, style: str) -> StyleEvalSet:
         s = self.world.style(style)
