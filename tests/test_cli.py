@@ -264,3 +264,15 @@ def test_single_item_protocols_sample_in_batches_as_each_alone(tmp_path, paper, 
     captured = together["timings"]["capture"]
     assert captured["alone"] == 0 and sum(captured["passes"]) == cells and max(captured["passes"]) > 1
     assert all("size_weight_median" in r for r in together["rows"] if r["method"] != "base")
+
+
+def test_help_says_what_to_run_under_the_commands_name(tmp_path):
+    """`lorabench --help` read "cli is powered by Hydra." over the groups: now the command's name, what to run
+    first, the groups (every experiment) and how bad input reads."""
+    proc = run_here(["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("lorabench: train, merge and continually stack adapters"), proc.stdout[:300]
+    assert "lorabench experiment=quickstart" in proc.stdout and "powered by Hydra" not in proc.stdout
+    assert "experiment/trilora: gac, pokemon, regime, world" in proc.stdout
+    assert "Bad input is one line naming the key" in proc.stdout
+    assert not list(tmp_path.iterdir())  # no run folder
