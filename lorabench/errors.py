@@ -21,8 +21,13 @@ class ConfigError(ValueError):
     """Bad user input. The message names the field or file and what is valid."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):
+        # rebuilt from both arguments: a protocol's cell that raises one in a worker process sends it back pickled
+        # (the default rebuilds from the joined message alone, fails, and the pool reads as broken)
+        return type(self), (self.field, self.message)
 
 
 def choice_error(field: str, value, valid) -> ConfigError:

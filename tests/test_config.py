@@ -288,3 +288,12 @@ def test_raised_by_names_the_configured_object_whose_method_raised():
     with pytest.raises(RuntimeError) as info:
         helper.check()
     assert raised_by(info.value, {"swa": swa, "timer": timer}) is None
+
+
+def test_a_config_error_survives_pickling():
+    """Protocol cells train in spawned processes, which send an exception back pickled: a ConfigError rebuilt
+    from its joined message alone failed, and the pool read as broken."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("callbacks.swa", "needs an integer")))
+    assert (type(err), err.field, str(err)) == (ConfigError, "callbacks.swa", "callbacks.swa: needs an integer")

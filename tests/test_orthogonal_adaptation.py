@@ -94,6 +94,18 @@ def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
                                                                         for r in first["rows"]]
 
 
+def test_bad_input_met_in_a_cell_worker_is_one_line_and_leaves_no_cell_folder(tmp_path):
+    """A cell training in a worker process that meets bad input (here a callback refusing its options when the fit
+    starts) raised a ConfigError that could not be unpickled (rebuilt from one argument of two): the pool read as
+    broken and the run ended in a BrokenProcessPool traceback, with the run folder and the cache's half-written
+    cells left behind. Now one line, and nothing under outputs/, cache included."""
+    args = [*SMALL, "trainer.max_steps=2", "protocol.only=[dblora_fedavg,ortha_disjoint]", "protocol.train_workers=2",
+            "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging",
+            "+callbacks.swa.swa_lrs=1e-4"]
+    assert_one_line_error(run_here(args, tmp_path), tmp_path,
+                          "callbacks.swa: SWA with `swa_epoch_start` as a float is not supported")
+
+
 def test_table_rebuilds_from_results_files(world_run, tmp_path):
     from lorabench.protocols.__main__ import main
 

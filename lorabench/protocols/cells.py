@@ -474,6 +474,9 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                 on_done(trained[i])
         else:
             pending.append(c)
+    # what bad input removes again: the cells' new folders, and the folders made to hold them (a cache's)
+    fresh = [c for c in pending if not c.folder.exists()]
+    made = sorted({p for c in fresh for p in c.folder.parents if not p.exists()}, key=lambda p: len(p.parts))
     index = {id(c): i for i, c in enumerate(cells)}
     passes = plan_passes(pending, batch_cells, workers, Path(scratch or cells[0].folder.parent) / ".probe") \
         if pending else []
@@ -505,6 +508,14 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                                        threads): batch for batch in sorted(passes, key=len, reverse=True)}
                 for fut in as_completed(futures):
                     finish(futures[fut], fut.result())
+    except ConfigError:  # bad input stops every cell alike: none leaves a half-written folder (in a shared cache too)
+        for c in fresh:
+            if not c.finished():
+                shutil.rmtree(c.folder, ignore_errors=True)
+        for folder in reversed(made):  # deepest first; only what holds nothing but the size probe's scratch
+            if folder.is_dir() and {q.name for q in folder.iterdir()} <= {".probe"}:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
