@@ -62,8 +62,8 @@ class ModelComponents:
     pipeline_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        vae = getattr(self.vae, "config", None)
-        factor = 2 ** (len(vae.block_out_channels) - 1) if vae is not None else 1
+        blocks = getattr(getattr(self.vae, "config", None), "block_out_channels", None)  # AutoencoderKL's
+        factor = 2 ** (len(blocks) - 1) if blocks else 1
         if int(self.resolution) % factor:  # diffusers' pipelines refuse such sizes, and training would crop them
             raise ConfigError("model.resolution", f"must be a multiple of {factor} (the VAE's down-sampling), "
                               f"got {self.resolution}")
