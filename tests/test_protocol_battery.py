@@ -60,8 +60,12 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
     other = next(o for o in CASES if o != paper)
     wrong = EXP / CASES[other][0][0]
     wrong = wrong / "results.json" if (wrong / "results.json").is_file() else next(wrong.rglob("results.json"))
+    plain = tmp_path / "plain"  # a training run's folder: its results.json names no protocol
+    plain.mkdir()
+    (plain / "results.json").write_text(json.dumps({"config_name": "quickstart", "metrics": {}}))
     for args, fragment in (([str(tmp_path / "empty")], "holds no results.json"),
-                           ([str(wrong)], "run, not a")):
+                           ([str(wrong)], f"run, not one of {paper}'s"),
+                           ([str(plain)], f"is a training run (no protocol), not one of {paper}'s")):
         with pytest.raises(SystemExit) as exit_info:
             main(["rebuild", paper, *args, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2

@@ -209,7 +209,8 @@ def collect(p: Paper, paths: Sequence[str | Path]) -> list[dict]:
             data = json.loads(f.read_text())
             if data.get("protocol") != p.protocol:
                 if f.parent == path or f == path:
-                    raise ConfigError(str(f), f"is a {data.get('protocol')!r} run, not a {p.name} ({p.protocol}) one")
+                    what = f"a {data['protocol']!r} run" if data.get("protocol") else "a training run (no protocol)"
+                    raise ConfigError(str(f), f"is {what}, not one of {p.name}'s (protocol {p.protocol!r})")
                 continue  # a nested file of another protocol (a cell's training results): not a run of this table
             found.append({**data, "_path": str(f)})
     if not found:
