@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from lorabench.adapters.tokens import layer_routing
-from lorabench.checks import SCHEDULERS, check_counts
-from lorabench.errors import ConfigError, check_int, choice_error
+from lorabench.checks import SCHEDULERS, check_sampler
+from lorabench.errors import ConfigError, check_int
 from lorabench.models import ModelComponents, denoise, encode_prompts
 from lorabench.utils.io import atomic_path
 from lorabench.utils.seeding import generator
@@ -44,8 +44,7 @@ def make_scheduler(components: ModelComponents, name: str):
             raise ConfigError("sampler.scheduler", f"'pipeline' needs the model's model_index.json to name a diffusers "
                               f"scheduler (got {cls!r}); choose one of {', '.join(SCHEDULERS)}")
         return getattr(diffusers, cls).from_config(components.noise_scheduler.config)
-    if name not in SCHEDULERS:
-        raise choice_error("sampler.scheduler", name, (*SCHEDULERS, "pipeline"))
+    check_sampler({"scheduler": name}, "sampler")
     return getattr(diffusers, SCHEDULERS[name]).from_config(components.noise_scheduler.config)
 
 
@@ -70,7 +69,8 @@ class Sampler:
     def __init__(self, components: ModelComponents, scheduler: str = "ddim", num_inference_steps: int = 20,
                  guidance_scale: float = 3.0, batch_size: int = 64, progress: bool = True,
                  negative_prompt: str = "", zero_negative: Optional[bool] = None, latent_seed: Optional[int] = None):
-        check_counts({"num_inference_steps": num_inference_steps, "batch_size": batch_size}, "sampler")
+        check_sampler({"scheduler": scheduler, "num_inference_steps": num_inference_steps, "batch_size": batch_size},
+                      "sampler")
         if latent_seed is not None:
             check_int(latent_seed, "sampler.latent_seed", minimum=0)
         if zero_negative is None:

@@ -512,9 +512,9 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
         for c in fresh:
             if not c.finished():
                 shutil.rmtree(c.folder, ignore_errors=True)
-        for folder in reversed(made):  # deepest first; only what holds nothing but the size probe's scratch
-            if folder.is_dir() and {q.name for q in folder.iterdir()} <= {".probe"}:
-                shutil.rmtree(folder, ignore_errors=True)
+        for folder in reversed(made):  # deepest first, where nothing else was written
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     finally:
         if bar is not None:
