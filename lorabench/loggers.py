@@ -52,6 +52,17 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+class RunWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always hands ``wandb.init``: recent wandb (0.31)
+    prints "The anonymous setting has no effect" for any value of that deprecated setting, None included,
+    on every W&B run's console."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
                   resolved_config: Mapping[str, Any], job_type: str = "train") -> list[Logger]:
     """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``. W&B runs are grouped by
@@ -67,7 +78,7 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
         wb.pop("mode", None)
         if mode not in WANDB_MODES:
             raise ConfigError("WANDB_MODE", f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
-        loggers.append(WandbLogger(
+        loggers.append(RunWandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
             group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type,
             tags=list(wb.pop("tags", None) or []), save_dir=str(run_dir), mode=mode, **wb))

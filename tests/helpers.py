@@ -6,6 +6,7 @@ each other; conftest.py holds the fixtures."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,14 @@ def cli_env(env_extra=None) -> dict[str, str]:
 def run_cli(args, cwd: Path, env_extra=None):
     return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, env=cli_env(env_extra),
                           capture_output=True, text=True, timeout=300)
+
+
+def crashed(proc: subprocess.CompletedProcess, tail: int = 2000) -> str:
+    """What a failed command's assertion shows: each exception line of its stderr, then the stderr's last ``tail``
+    characters. A multi-process run (Lightning's ddp starts rank 1 by running the command again) prints rank
+    zero's traceback last; the rank that failed first says why above it, beyond the tail."""
+    raised = [ln for ln in proc.stderr.splitlines() if re.match(r"\s*([\w.]+(Error|Exception|Interrupt)\b|Killed)", ln)]
+    return "\n".join(["exception lines:", *raised, "stderr tail:", proc.stderr[-tail:]])
 
 
 def run_here(args, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:

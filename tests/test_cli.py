@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, assert_one_line_error, run_cli, run_here
+from helpers import FAST, assert_one_line_error, crashed, run_cli, run_here
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
 
@@ -19,7 +19,7 @@ MAIN_FAST = ["experiment=world_concepts", "protocol.concepts=[zwz]", "~protocol.
 
 def test_single_concept_experiment_prints_its_table(tmp_path):
     proc = run_here(MAIN_FAST, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     [results_file] = list((tmp_path / "outputs" / "world_concepts").glob("*/results.json"))
     results = json.loads(results_file.read_text())
     assert results["protocol"] == "single_concept" and results["methods"] == ["base", "lora", "trilora"]
@@ -46,7 +46,7 @@ def test_main_job_rejects_a_top_level_adapter(tmp_path):
 
 def test_quickstart_writes_results(tmp_path):
     proc = run_here(FAST, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     [results_file] = list((tmp_path / "outputs").rglob("results.json"))
     results = json.loads(results_file.read_text())
     assert results["config_name"] == "quickstart" and results["seed"] == 0
@@ -58,7 +58,7 @@ def test_quickstart_writes_results(tmp_path):
 def test_a_callback_from_the_config_group_joins_the_trainer(tmp_path):
     """callbacks=lr_monitor: Lightning's LearningRateMonitor logs the learning rate at every step."""
     proc = run_here([*FAST, "callbacks=lr_monitor", "exports=[]", "trainer.log_every_n_steps=1"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     [metrics] = list((tmp_path / "outputs").rglob("csv/metrics.csv"))
     header = metrics.read_text().splitlines()[0].split(",")
     assert any(col.startswith("lr-AdamW") for col in header), header
@@ -85,21 +85,21 @@ def test_the_documented_command_line_callback_joins_the_trainer(tmp_path):
     as_written, zero = tmp_path / "as_written", tmp_path / "zero"
     as_written.mkdir(), zero.mkdir()
     proc = run_here([*args, *FAST, "exports=[]"], as_written)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     [results] = [json.loads(p.read_text()) for p in as_written.rglob("results.json")]
     assert results["metrics"]["steps"] == 2
     budget = re.compile(r"^\+callbacks\.timer\.duration=.*")
     zero_budget = [budget.sub("+callbacks.timer.duration={seconds:0}", a) for a in args]
     assert zero_budget != args, args
     stopped = run_here([*zero_budget, *FAST, "exports=[]"], zero)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert stopped.returncode == 0, crashed(stopped)
     [results] = [json.loads(p.read_text()) for p in zero.rglob("results.json")]
     assert results["metrics"]["steps"] == 0
 
 
 def test_multirun_one_results_per_job(tmp_path):
     proc = run_here(["--multirun", "adapter=lora,trilora", *FAST, "exports=[]"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     results = sorted((tmp_path / "outputs" / "multirun").rglob("results.json"))
     assert [json.loads(p.read_text())["adapter"] for p in results] == ["lora", "trilora"]
 
@@ -198,7 +198,7 @@ def test_main_job_is_the_compact_table2_and_its_console_is_short(tmp_path):
     and two adapter types: whatever a cell prints once per cell would show up four times. The console is
     the progress bar, one line per finished cell, and the table (stdout)."""
     proc = run_cli(MAIN_TABLE2_FAST, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     [results_file] = list((tmp_path / "outputs" / "orthogonal_adaptation_compact").glob("*/results.json"))
     results = json.loads(results_file.read_text())
     assert results["protocol"] == "modular"
@@ -226,7 +226,7 @@ def test_main_job_is_the_compact_table2_and_its_console_is_short(tmp_path):
 
 def test_verbose_flag_is_accepted_and_lightning_log_lines_appear_once(tmp_path):
     proc = run_cli(["-v", *FAST], tmp_path)  # -v: the libraries' own lines, each once
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, crashed(proc)
     out = proc.stdout + proc.stderr
     assert out.count("`Trainer.fit` stopped") == 1, out[-3000:]
     assert "GPU available" in out  # the lines the quiet console hides (test_first_day.py's quickstart test)
@@ -270,7 +270,7 @@ def test_help_says_what_to_run_under_the_commands_name(tmp_path):
     """`lorabench --help` read "cli is powered by Hydra." over the groups: now the command's name, what to run
     first, the groups (every experiment) and how bad input reads."""
     proc = run_here(["--help"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, crashed(proc)
     assert proc.stdout.startswith("lorabench: train, merge and continually stack adapters"), proc.stdout[:300]
     assert "lorabench experiment=quickstart" in proc.stdout and "powered by Hydra" not in proc.stdout
     assert "experiment/trilora: gac, pokemon, regime, world" in proc.stdout

@@ -9,7 +9,7 @@ from lorabench.run import train
 
 
 @pytest.mark.integration
-def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatch, capfd):
     wandb = pytest.importorskip("wandb")
     import lorabench.run as run_module
 
@@ -35,6 +35,8 @@ def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatc
     assert config["model"]["pretrained"] == str(tiny_model_dir)  # interpolations resolved
     assert config["data"]["resolution"] == 16
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    # no warning about a setting nobody set (Lightning hands wandb.init anonymous=None, which wandb 0.31 warns of)
+    assert "anonymous" not in capfd.readouterr().err
 
 
 def test_wandb_mode_env_overrides(monkeypatch):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_here
+from helpers import assert_one_line_error, crashed, run_here
 from lorabench.errors import ConfigError
 from lorabench.merging import (
     AdapterUpdate,
@@ -423,7 +423,7 @@ def _merge_job(model_dir, tmp_path, args, layout="adapter.safetensors"):
     base = ["experiment=merge_adapters", "model=sd15", f"model.pretrained={model_dir}", "model.name=tiny",
             "model.resolution=16", f"protocol.inputs=[{a},{b}]"]
     proc = run_here([*base, *args], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, crashed(proc)
     [out] = list((tmp_path / "outputs" / "merge_adapters").glob(f"*/{layout}"))
     comps = load_components(str(model_dir), name="tiny", resolution=16)
     return load_adapter(comps, out).delta_weights(), ad_a.delta_weights(), ad_b.delta_weights(), out, base
@@ -459,7 +459,7 @@ def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]", "merge=gradient_fusion",
                     "protocol.prompts=[a sks dog,a photo dog]", "protocol.save_as=unet",
                     "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, crashed(proc)
     [run_dir] = list((tmp_path / "outputs" / "merge_adapters").glob("*"))
     assert (run_dir / "unet" / "config.json").is_file() and len(list(run_dir.glob("stats-*.safetensors"))) == 2
     res = json.loads((run_dir / "results.json").read_text())  # on the captured inputs too

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import crashed
 from lorabench.protocols import base
 from lorabench.protocols.__main__ import main
 
@@ -104,6 +105,6 @@ def test_the_per_paper_command_is_an_alias(tmp_path):
     runs, files = CASES["trilora"]
     proc = subprocess.run([sys.executable, "-m", "lorabench.protocols.trilora", *[f"experiments/{r}" for r in runs],
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, crashed(proc)
     for name in files:
         assert (tmp_path / name).read_bytes() == (EXP / "trilora" / name).read_bytes(), name

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import FAST, run_cli
+from helpers import FAST, crashed, run_cli
 from lorabench.errors import ConfigError
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
@@ -68,5 +68,5 @@ def test_joblib_multirun_one_results_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["--multirun", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "seed=0,1",
                     f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, crashed(proc)
     assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
