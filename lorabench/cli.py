@@ -15,6 +15,7 @@ bad input removes its output folder, so ``outputs/`` holds no half-written runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -51,7 +52,7 @@ from lorabench.checks import (
 from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
-from lorabench.utils.console import VERBOSE_ENV, first_process, quiet_cells
+from lorabench.utils.console import VERBOSE_ENV, first_process, quiet_cells, record_console
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -357,36 +358,48 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
     # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
     import torch  # noqa: PLC0415
 
-    from lorabench.run import format_one_line, format_summary, train  # noqa: PLC0415
+    from lorabench.run import format_one_line  # noqa: PLC0415
 
     if gpu is not None:  # this job's own GPU, for training (trainer.devices) and sampling ("cuda")
         with open_dict(cfg):
             cfg.trainer.devices = [int(gpu)]
         if torch.cuda.is_available():
             torch.cuda.set_device(int(gpu))
-    try:
-        with quiet_cells():
-            preflight(cfg)
-        if protocol:
-            results = get_method(protocol._target_)(cfg, run_dir)
-            summary, objective = "\n" + results["table"], None
+    # the run folder keeps its console; a rank Lightning's ddp started by running this command again
+    # prints nothing: rank zero does
+    first = first_process()
+    with record_console(run_dir / "cli.log") if first else contextlib.nullcontext():
+        try:
+            summary, objective, results = _work(cfg, run_dir, name, protocol)
+        except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
+            err = find_config_error(exc)
+            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
         else:
-            with quiet_cells():
-                results, _ = train(cfg, run_dir, config_name=str(name))
-            summary, objective = format_summary(results), results["metrics"].get("val_loss_after")
-    except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
-        err = find_config_error(exc)
-        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+            err = None
+            if first and sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
+                print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; "
+                      f"results in {run_dir / 'results.json'}")
+            elif first:
+                print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
+    if err is not None:
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
-    if not first_process():  # a rank Lightning's ddp started by running this command again: rank zero prints
-        return objective
-    if sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
-        print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; results in {run_dir / 'results.json'}")
-    else:
-        print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     return objective
+
+
+def _work(cfg: DictConfig, run_dir: Path, name: str, protocol) -> tuple[str, Optional[float], dict]:
+    """The job itself, checks first: ``(summary printed at its end, Hydra's sweep objective, results)``."""
+    from lorabench.run import format_summary, train  # noqa: PLC0415 - heavy, as in _run_job
+
+    with quiet_cells():
+        preflight(cfg)
+    if protocol:
+        results = get_method(protocol._target_)(cfg, run_dir)
+        return "\n" + results["table"], None, results
+    with quiet_cells():
+        results, _ = train(cfg, run_dir, config_name=str(name))
+    return format_summary(results), results["metrics"].get("val_loss_after"), results
 
 
 

@@ -68,6 +68,9 @@ def test_continual_sequence_on_two_ranks_logs_average_score_and_forgetting_once(
                     "trainer=ddp_cpu", "trainer.strategy=ddp", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, crashed(proc)
     assert proc.stdout.count("results in") == 1 and proc.stdout.count("| naive |") == 1, proc.stdout
+    # rank zero's console in the run folder (rank 1's Hydra job, train_ddp_process_1, writes no log of its own)
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["cli.log"]
+    assert (run_dir / "cli.log").read_text().count("| naive |") == 1
     res = json.loads((run_dir / "results.json").read_text())
     assert res["num_tasks"] == 2 and res["tasks"] == ["sks", "zwz"]
     assert [p.name for p in sorted((run_dir / "tasks").iterdir())] == ["00-sks", "01-zwz"]

@@ -225,6 +225,9 @@ def test_a_sweep_names_job_folders_by_their_values_prints_a_line_each_and_a_summ
     jobs = [ln for ln in proc.stdout.splitlines() if ln.startswith("lorabench quickstart job ")]
     assert len(jobs) == 2 and all("val loss" in ln for ln in jobs)
     assert "config                    " not in proc.stdout  # no per-job table
+    for job in sweep.iterdir():  # each job's folder keeps its own console: its line
+        if job.is_dir():
+            assert (job / "cli.log").read_text().splitlines() == [ln for ln in jobs if f"job {job.name}:" in ln]
     summary = (sweep / "summary.md").read_text()
     assert "| 0_adapter=lora | adapter=lora | done | lora |" in summary and (sweep / "summary.csv").is_file()
     assert summary.split("\n", 2)[2].strip() in proc.stdout  # printed at the sweep's end
@@ -339,6 +342,10 @@ def test_the_quickstart_console_is_a_step_bar_and_the_summary_with_no_warning(tm
                   "GPU available", "Epoch", "/-2", ".py:"):  # "/-2": the old bar's "29/-2", not a date
         assert not any(noise in ln for ln in lines), (noise, lines)
     assert bar[-1].startswith("train: 100%") and "30/30" in bar[-1], bar[-1]
+    # ... and the run folder keeps it: cli.log is the console, the bar as it ended (Hydra's own log was empty)
+    [log] = (tmp_path / "outputs" / "quickstart").glob("*/cli.log")
+    summary = [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("train:")]
+    assert [ln for ln in log.read_text().splitlines() if ln] == [bar[-1].rstrip(), *summary]
     # -v still shows the libraries' lines: test_cli.py's test_verbose_flag_is_accepted_and_lightning_log_lines_...
 
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
+import traceback
 import warnings
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import IO, Iterator, Optional, TextIO
 
 from tqdm.auto import tqdm
 
@@ -119,3 +123,79 @@ class CellProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control sequences (tqdm moves its cursor with them)
+
+
+class _Log:
+    """The run folder's ``cli.log``: the complete lines of each stream, a progress bar as the state it was
+    left in (what follows its last carriage return), opened on the first line and flushed on each."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.pending = Path(path), None, {}
+
+    def feed(self, stream: str, text: str) -> None:
+        *lines, self.pending[stream] = (self.pending.get(stream, "") + text).split("\n")
+        for line in lines:
+            self.write(line)
+
+    def write(self, line: str) -> None:
+        line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1]).rstrip()
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        for stream in list(self.pending):
+            if self.pending[stream].rsplit("\r", 1)[-1].strip():  # a bar left on the screen as it ended
+                self.write(self.pending[stream])
+        self.pending.clear()
+        if self.file is not None:
+            self.file.close()
+
+
+class _Tee:
+    """A text stream that writes to the console stream it stands for and to the log."""
+
+    def __init__(self, stream: TextIO, log: _Log, name: str):
+        self.stream, self.log, self.name = stream, log, name
+
+    def write(self, text: str) -> int:
+        self.log.feed(self.name, text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, attr: str):  # isatty, fileno, encoding, ...: the console stream's
+        return getattr(self.stream, attr)
+
+
+@contextlib.contextmanager
+def record_console(path: Path) -> Iterator[None]:
+    """Keep what a job shows on the console, stdout and stderr, in ``path`` as it shows it (its lines, its
+    logging records as formatted, warnings, each progress bar's last state), and the traceback of an
+    exception that ends the job: a run folder's ``cli.log``. Nothing is written until a line is (a job
+    stopped by bad input leaves no file); processes started by the job write to the console only."""
+    log = _Log(path)
+    saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
+    tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler) and any(h.stream is s for s in saved.values())]
+    streams = [h.stream for h in handlers]
+    sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
+    for h in handlers:
+        h.setStream(tees["stdout" if h.stream is saved["stdout"] else "stderr"])
+    try:
+        yield
+    except BaseException as exc:  # the job's end, as the console shows it after this (Hydra prints it)
+        if not isinstance(exc, SystemExit):
+            log.feed("stderr", "".join(traceback.format_exception(exc)))
+        raise
+    finally:
+        sys.stdout, sys.stderr = saved["stdout"], saved["stderr"]
+        for h, stream in zip(handlers, streams):
+            h.setStream(stream)
+        log.close()

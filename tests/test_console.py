@@ -1,0 +1,49 @@
+"""A run folder's cli.log is its console (lorabench.utils.console.record_console): lines, logging records,
+progress bars as they were left, and the traceback of an exception that ends the job."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from lorabench.utils.console import record_console
+
+
+def test_the_record_keeps_what_the_console_shows_and_gives_the_streams_back(tmp_path):
+    path = tmp_path / "cli.log"
+    out, err = sys.stdout, sys.stderr
+    handler = logging.StreamHandler(out)  # as Hydra's console handler: bound to stdout before the job starts
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    root, log = logging.getLogger(), logging.getLogger("lorabench.test_console")
+    root.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with record_console(path):
+            sys.stderr.write("\r")
+            assert not path.exists()  # opened on the first line: bad input, which prints none, leaves no file
+            print("first line")
+            for i in range(1, 4):  # a progress bar redrawn in place; its last state is what the log keeps
+                sys.stderr.write(f"\rtrain: {i}/3")
+            sys.stderr.write("\n")
+            log.info("a record")
+            print("a table", "row", sep="\n")
+            sys.stderr.write("\x1b[A\rcells: 2/2   ")  # a bar left on the screen as the job ends, moved up
+    finally:
+        root.removeHandler(handler)
+    assert sys.stdout is out and sys.stderr is err and handler.stream is out
+    assert path.read_text().splitlines() == ["first line", "train: 3/3", "[INFO] a record", "a table", "row",
+                                             "cells: 2/2"]
+
+
+def test_a_crash_leaves_its_traceback_and_an_exit_nothing(tmp_path):
+    with pytest.raises(ValueError, match="boom"), record_console(tmp_path / "crash.log"):
+        print("working")
+        raise ValueError("boom")
+    text = (tmp_path / "crash.log").read_text()
+    assert text.startswith("working\nTraceback (most recent call last):") and text.endswith("ValueError: boom\n")
+
+    with pytest.raises(SystemExit), record_console(tmp_path / "exit.log"):
+        sys.exit(2)  # bad input: its one line is printed after the record ends, and the folder removed
+    assert not (tmp_path / "exit.log").exists()
