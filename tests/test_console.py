@@ -35,6 +35,10 @@ def test_the_record_keeps_what_the_console_shows_and_gives_the_streams_back(tmp_
     assert sys.stdout is out and sys.stderr is err and handler.stream is out
     assert path.read_text().splitlines() == ["first line", "train: 3/3", "[INFO] a record", "a table", "row",
                                              "cells: 2/2"]
+    with record_console(path):  # the same folder again (a resumed run): after a line that says so
+        print("resumed")
+    first, blank, again, last = path.read_text().splitlines()[5:]
+    assert first == "cells: 2/2" and not blank and again.startswith("--- the same folder again, ") and last == "resumed"
 
 
 def test_a_crash_leaves_its_traceback_and_an_exit_nothing(tmp_path):

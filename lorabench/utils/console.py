@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -130,7 +131,8 @@ _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control sequences (
 
 class _Log:
     """The run folder's ``cli.log``: the complete lines of each stream, a progress bar as the state it was
-    left in (what follows its last carriage return), opened on the first line and flushed on each."""
+    left in (what follows its last carriage return), opened on the first line and flushed on each; a run in
+    a folder whose log has lines (a resumed run) starts with a line saying so and giving its command."""
 
     def __init__(self, path: Path):
         self.path, self.file, self.pending = Path(path), None, {}
@@ -143,7 +145,11 @@ class _Log:
     def write(self, line: str) -> None:
         line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1]).rstrip()
         if self.file is None:
+            again = self.path.is_file() and self.path.stat().st_size > 0  # a resumed run: after the first part's
             self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            if again:
+                self.file.write(f"\n--- the same folder again, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                                f"{' '.join(['lorabench', *sys.argv[1:]])}\n")
         self.file.write(line + "\n")
         self.file.flush()
 
