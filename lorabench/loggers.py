@@ -14,10 +14,12 @@ from typing import Any, Mapping, Optional
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning_utilities.core.imports import RequirementCache
 
 from lorabench.errors import ConfigError
 
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_SERVICE_DEFAULT = RequirementCache("wandb>=0.21")  # the service process needs no wandb.require
 
 
 class _HeaderReadingWriter(ExperimentWriter):
@@ -61,6 +63,21 @@ class RunWandbLogger(WandbLogger):
         super().__init__(**kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Lightning's pickling for spawned workers (ddp_spawn pickles the logger for each validate and fit),
+        without its ``wandb.require("service")``: the default since wandb 0.21, where the call only prints
+        "is a no-op" once a worker, six times a DDP quickstart."""
+        import wandb  # noqa: PLC0415 - as Lightning's: only a W&B run pickles this logger
+
+        if not WANDB_SERVICE_DEFAULT:
+            return super().__getstate__()
+        require = wandb.require
+        wandb.require = lambda feature: None if feature == "service" else require(feature)
+        try:
+            return super().__getstate__()
+        finally:
+            wandb.require = require
 
 
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
