@@ -214,7 +214,7 @@ def remove_run_dir(run_dir: Path, root: Path, sweep_dir: Optional[Path] = None, 
     """Delete what a run that failed on bad input wrote: its folder, wherever it is (under ``root``, the
     ``paths.output_root``; or a ``hydra.run.dir`` / ``hydra.sweep.dir`` elsewhere), and the folders it leaves
     empty up to ``root``. Only files written since ``since`` (this process's start) go: a folder that held
-    something before keeps it (Hydra's ``.hydra/`` and log of this run are removed from it). A resumable
+    something before keeps it (this run's ``.hydra/`` and ``cli.log`` are removed from it). A resumable
     run's folder (``state/``, or a Lightning ``checkpoints/last.ckpt``) stays. In a sweep, the sweep folder
     goes too when this job was all it held (its ``multirun.yaml`` aside)."""
     run_dir, root = run_dir.resolve(), root.resolve()
