@@ -15,7 +15,6 @@ bad input removes its output folder, so ``outputs/`` holds no half-written runs.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -52,7 +51,7 @@ from lorabench.checks import (
 from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
-from lorabench.utils.console import VERBOSE_ENV, first_process, quiet_cells, record_console
+from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
 from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -366,9 +365,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
         if torch.cuda.is_available():
             torch.cuda.set_device(int(gpu))
     # the run folder keeps its console; a rank Lightning's ddp started by running this command again
-    # prints nothing: rank zero does
+    # prints nothing (rank zero does) but keeps what goes wrong in its own log
     first = first_process()
-    with record_console(run_dir / "cli.log") if first else contextlib.nullcontext():
+    with record_console(run_dir / console_log_name()):
         try:
             summary, objective, results = _work(cfg, run_dir, name, protocol)
         except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line

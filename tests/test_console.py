@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lorabench.utils.console import record_console
+from lorabench.utils.console import console_log_name, record_console
 
 
 def test_the_record_keeps_what_the_console_shows_and_gives_the_streams_back(tmp_path):
@@ -51,3 +51,16 @@ def test_a_crash_leaves_its_traceback_and_an_exit_nothing(tmp_path):
     with pytest.raises(SystemExit), record_console(tmp_path / "exit.log"):
         sys.exit(2)  # bad input: its one line is printed after the record ends, and the folder removed
     assert not (tmp_path / "exit.log").exists()
+
+
+@pytest.mark.parametrize(("env", "name"), [({}, "cli.log"), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, "cli.log"),
+                                           ({"LOCAL_RANK": "1"}, "cli.rank1.log"),
+                                           ({"LOCAL_RANK": "3", "NODE_RANK": "2"}, "cli.node2.rank3.log")])
+def test_each_process_of_a_ddp_job_keeps_its_own_log(monkeypatch, env, name):
+    """Rank zero's is the console's cli.log; a rank Lightning's ddp starts by running the command again keeps
+    what it prints (nothing, unless it crashes) beside it, under its rank."""
+    for key in ("LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert console_log_name() == name

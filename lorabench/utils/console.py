@@ -108,6 +108,17 @@ def first_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
+def console_log_name() -> str:
+    """The file in the run folder that keeps this process's console (:func:`record_console`): ``cli.log`` for
+    the first process; for a rank Lightning's ddp started by running the command again, which prints nothing
+    unless something goes wrong (a crash's traceback, a warning), ``cli.rank<LOCAL_RANK>.log`` (on node
+    N > 0: ``cli.node<N>.rank<LOCAL_RANK>.log``)."""
+    if first_process():
+        return "cli.log"
+    node, rank = os.environ.get("NODE_RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    return f"cli.rank{rank}.log" if node == "0" else f"cli.node{node}.rank{rank}.log"
+
+
 class CellProgress:
     """One bar over a protocol's cells; ``done(line)`` prints a finished cell's line above it (in the
     first process only)."""
