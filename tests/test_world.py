@@ -92,6 +92,49 @@ def test_world_dataset_reads_back_through_the_real_loader(tmp_path):
     assert meta["concept"] == "sks" and meta["world_seed"] == 0
 
 
+def test_ranks_building_one_dataset_at_once_all_read_it(tmp_path):
+    """Why: under trainer.strategy=ddp every rank builds a cell's world dataset in the same folder at once; each
+    replaced the folder under the others, which then met a missing image (read as bad input: exit 2, the run
+    folder removed) or a refused rename: before the change, two threads building and reading it 30 times each
+    failed 13 times in 60. Now a folder holding the same files is left as it is; only another content is
+    replaced."""
+    import threading
+
+    from lorabench.world.build import world_datamodule
+
+    folder, errors = tmp_path / "task" / "world_data", []
+
+    def rank() -> None:
+        for _ in range(20):
+            try:
+                dm = world_datamodule("concept", str(folder), concept="sks", n=8, batch_size=8).prepare()
+                assert len(list(dm.train_dataloader())) == 1
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert not [p for p in folder.parent.iterdir() if p != folder]  # no temporary folder left behind
+
+
+def test_a_folder_holding_the_files_is_kept_and_another_content_replaced(tmp_path):
+    from lorabench.utils.io import holds, write_folder
+
+    files = {"a.txt": b"a", "b.bin": bytes(range(5))}
+    folder = write_folder(tmp_path / "d", files)
+    inode = folder.stat().st_ino
+    assert holds(folder, files) and write_folder(folder, dict(files)).stat().st_ino == inode  # left as it is
+    (folder / "stale.txt").write_bytes(b"x")
+    assert not holds(folder, files)
+    write_folder(folder, files)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt", "b.bin"] and holds(folder, files)
+    assert not holds(tmp_path / "missing", files) and not holds(folder / "a.txt", files)
+
+
 def test_world_data_name_follows_concept_or_style(tmp_path):
     from helpers import compose
 

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 
 def _umask() -> int:
@@ -53,6 +53,44 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def holds(folder: str | os.PathLike, files: Mapping[str, bytes]) -> bool:
+    """Whether ``folder`` holds exactly ``files``: the same names, nothing else, the same bytes."""
+    folder = Path(folder)
+    try:
+        return {p.name for p in folder.iterdir()} == set(files) and \
+            all((folder / name).read_bytes() == data for name, data in files.items())
+    except (FileNotFoundError, NotADirectoryError):  # not there (or removed while read): it does not hold them
+        return False
+
+
+def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes]) -> Path:
+    """Make ``folder`` hold exactly ``files`` (name -> bytes), atomically: written to a temporary folder, renamed
+    into place. A folder that already holds them is left as it is, also when another process writes the same
+    files at the same time: under ``trainer.strategy=ddp`` every rank builds a cell's dataset in the same folder
+    at once, and replacing it under a rank reading it failed that rank (a missing image, read as bad input).
+    A folder with other content is replaced (one process at a time, as :func:`atomic_dir`)."""
+    folder = Path(folder)
+    if holds(folder, files):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            os.replace(tmp, folder)  # refused where a folder with files is in the way
+        except OSError:
+            if holds(folder, files):  # the same files, renamed into place by another process meanwhile
+                return folder
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from lorabench.errors import ConfigError, choice_error
-from lorabench.utils.io import atomic_dir
+from lorabench.utils.io import write_folder
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.render import render
 from lorabench.world.spec import (
@@ -185,16 +185,15 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def write_imagefolder(folder, items: Iterable[Item], extra: Optional[dict] = None) -> Path:
-    """Write ``items`` as ``00000.png`` ... plus ``metadata.jsonl`` (and ``world.json`` if ``extra``),
-    into a temporary folder renamed into place at the end."""
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        rows = []
-        for i, (img, text) in enumerate(items):
-            name = f"{i:05d}.png"
-            (tmp / name).write_bytes(png_bytes(img))
-            rows.append(json.dumps({"file_name": name, "text": text}))
-        (tmp / "metadata.jsonl").write_text("".join(r + "\n" for r in rows))
-        if extra is not None:
-            (tmp / "world.json").write_text(json.dumps(extra, indent=1, sort_keys=True) + "\n")
-    return folder
+    """Write ``items`` as ``00000.png`` ... plus ``metadata.jsonl`` (and ``world.json`` if ``extra``) into
+    ``folder`` with :func:`~lorabench.utils.io.write_folder`: atomically, and a folder that already holds
+    exactly these files (another ddp rank's, an earlier run's) is left as it is."""
+    files, rows = {}, []
+    for i, (img, text) in enumerate(items):
+        name = f"{i:05d}.png"
+        files[name] = png_bytes(img)
+        rows.append(json.dumps({"file_name": name, "text": text}))
+    files["metadata.jsonl"] = "".join(r + "\n" for r in rows).encode()
+    if extra is not None:
+        files["world.json"] = (json.dumps(extra, indent=1, sort_keys=True) + "\n").encode()
+    return write_folder(folder, files)
