@@ -64,3 +64,11 @@ def test_each_process_of_a_ddp_job_keeps_its_own_log(monkeypatch, env, name):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert console_log_name() == name
+
+
+def test_a_log_that_cannot_be_written_leaves_the_run_on_the_console(tmp_path, capsys):
+    """A full disk or a removed folder stops the log, with one warning; the job and its console go on."""
+    with pytest.warns(UserWarning, match="stopped keeping the console"), record_console(tmp_path / "gone" / "cli.log"):
+        print("one")
+        print("two")
+    assert capsys.readouterr().out == "one\ntwo\n" and not (tmp_path / "gone").exists()

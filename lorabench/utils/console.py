@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -146,12 +147,19 @@ class _Log:
     a folder whose log has lines (a resumed run) starts with a line saying so and giving its command."""
 
     def __init__(self, path: Path):
-        self.path, self.file, self.pending = Path(path), None, {}
+        self.path, self.file, self.pending, self.lock, self.broken = Path(path), None, {}, threading.RLock(), False
 
     def feed(self, stream: str, text: str) -> None:
-        *lines, self.pending[stream] = (self.pending.get(stream, "") + text).split("\n")
-        for line in lines:
-            self.write(line)
+        with self.lock:  # libraries print from their own threads too (W&B, tqdm's monitor)
+            if self.broken:
+                return
+            *lines, self.pending[stream] = (self.pending.get(stream, "") + text).split("\n")
+            try:
+                for line in lines:
+                    self.write(line)
+            except OSError as exc:  # a full disk, a removed folder: the run goes on, on the console alone
+                self.broken = True
+                warnings.warn(f"{self.path} stopped keeping the console: {exc}", stacklevel=2)
 
     def write(self, line: str) -> None:
         line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1]).rstrip()
@@ -165,12 +173,15 @@ class _Log:
         self.file.flush()
 
     def close(self) -> None:
-        for stream in list(self.pending):
-            if self.pending[stream].rsplit("\r", 1)[-1].strip():  # a bar left on the screen as it ended
-                self.write(self.pending[stream])
-        self.pending.clear()
-        if self.file is not None:
-            self.file.close()
+        with self.lock:
+            for stream, rest in self.pending.items():
+                if rest.rsplit("\r", 1)[-1].strip() and not self.broken:  # a bar left on the screen as it ended
+                    with contextlib.suppress(OSError):
+                        self.write(rest)
+            self.pending.clear()
+            if self.file is not None:
+                with contextlib.suppress(OSError):
+                    self.file.close()
 
 
 class _Tee:
