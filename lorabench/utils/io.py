@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 
 def _umask() -> int:
@@ -38,18 +38,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (an existing
-    folder there is removed first). On failure the temporary folder is removed."""
+def atomic_dir(path: str | os.PathLike, keep: Optional[Callable[[Path], bool]] = None) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it is renamed to ``path``, replacing a folder
+    there, unless ``keep(path)`` says to keep that one (then the new one is dropped). On failure the
+    temporary folder is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)  # refused where a folder with files (or a file) is in the way
+        except OSError:
+            if keep is not None and keep(path):
+                return
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -66,30 +71,15 @@ def holds(folder: str | os.PathLike, files: Mapping[str, bytes]) -> bool:
 
 
 def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes]) -> Path:
-    """Make ``folder`` hold exactly ``files`` (name -> bytes), atomically: written to a temporary folder, renamed
-    into place. A folder that already holds them is left as it is, also when another process writes the same
-    files at the same time: under ``trainer.strategy=ddp`` every rank builds a cell's dataset in the same folder
-    at once, and replacing it under a rank reading it failed that rank (a missing image, read as bad input).
-    A folder with other content is replaced (one process at a time, as :func:`atomic_dir`)."""
+    """Make ``folder`` hold exactly ``files`` (name -> bytes) with :func:`atomic_dir`. A folder that already holds
+    them is left as it is, also when another process writes the same files at the same time: under
+    ``trainer.strategy=ddp`` every rank builds a cell's dataset in the same folder at once, and replacing it under
+    a rank reading it failed that rank (a missing image, read as bad input). Other content is replaced."""
     folder = Path(folder)
-    if holds(folder, files):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        os.chmod(tmp, 0o777 & ~_umask())
-        try:
-            os.replace(tmp, folder)  # refused where a folder with files is in the way
-        except OSError:
-            if holds(folder, files):  # the same files, renamed into place by another process meanwhile
-                return folder
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    if not holds(folder, files):
+        with atomic_dir(folder, keep=lambda p: holds(p, files)) as tmp:  # keep: the same files, placed meanwhile
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
     return folder
 
 
