@@ -34,7 +34,7 @@ from lorabench.training import (
 )
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
 from lorabench.training.module import check_cuda_graph
-from lorabench.utils.console import first_process
+from lorabench.utils.console import first_process, share_console
 from lorabench.utils.io import write_json
 
 
@@ -127,6 +127,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         # spawned workers receive the module by pickling; the default file-descriptor sharing fails on
         # the second spawn of a run (validate, then fit) with "unable to resize file"
         torch.multiprocessing.set_sharing_strategy("file_system")
+        share_console()  # the workers add their console (rank zero's bar, warnings) to the run's cli.log
     val_losses = []
 
     def validate():  # the metric is synced over ranks in the module and returned via callback_metrics

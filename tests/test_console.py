@@ -4,11 +4,19 @@ progress bars as they were left, and the traceback of an exception that ends the
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from multiprocessing import get_context
 
 import pytest
 
-from lorabench.utils.console import console_log_name, record_console
+from lorabench.utils.console import (
+    CONSOLE_LOG_ENV,
+    console_log_name,
+    record_console,
+    record_worker_console,
+    share_console,
+)
 
 
 def test_the_record_keeps_what_the_console_shows_and_gives_the_streams_back(tmp_path):
@@ -72,3 +80,68 @@ def test_a_log_that_cannot_be_written_leaves_the_run_on_the_console(tmp_path, ca
         print("one")
         print("two")
     assert capsys.readouterr().out == "one\ntwo\n" and not (tmp_path / "gone").exists()
+
+
+def _worker(n: int) -> None:
+    """A worker process a job starts (a cell worker, a ddp_spawn rank): a library's console handler bound to
+    stderr before the record (as Lightning's, made when it is imported), a line, a record, a bar left as it
+    ended; joining twice adds nothing twice."""
+    library = logging.getLogger("lorabench.test_console.library")
+    library.addHandler(logging.StreamHandler())
+    library.propagate = False
+    record_worker_console()
+    record_worker_console()
+    print(f"worker {n} line")
+    library.warning("worker %d record", n)
+    for i in range(1, 4):
+        sys.stderr.write(f"\rworker {n} bar {i}/3")
+
+
+def test_the_workers_a_job_starts_add_their_console_to_its_log(tmp_path, capfd):
+    """Cell workers and ddp_spawn ranks print to the job's console (their stdout and stderr are its); their
+    lines go to its cli.log too, after a resumed run's line, and the worker's own console still shows them."""
+    path = tmp_path / "cli.log"
+    path.write_text("the first part\n")
+    assert CONSOLE_LOG_ENV not in os.environ
+    with record_console(path):
+        share_console()  # before the workers: a resumed run's line comes first
+        for n in (1, 2):  # one after the other: their lines in a known order
+            worker = get_context("spawn").Process(target=_worker, args=(n,))
+            worker.start()
+            worker.join()
+            assert worker.exitcode == 0
+        print("the job's line")
+    assert CONSOLE_LOG_ENV not in os.environ  # as it was: later processes join no log
+    first, blank, again, *lines = path.read_text().splitlines()
+    assert first == "the first part" and not blank and again.startswith("--- the same folder again, ")
+    assert lines == ["worker 1 line", "worker 1 record", "worker 1 bar 3/3",
+                     "worker 2 line", "worker 2 record", "worker 2 bar 3/3", "the job's line"]
+    shown = capfd.readouterr()
+    assert "worker 2 line" in shown.out and "worker 2 record" in shown.err and "worker 2 bar 3/3" in shown.err
+
+    try:
+        _worker(3)  # outside a recorded job: the console alone
+    finally:
+        logging.getLogger("lorabench.test_console.library").handlers.clear()
+    assert "worker 3 line" in capfd.readouterr().out and len(path.read_text().splitlines()) == 10
+
+
+def test_streams_held_past_the_job_write_to_the_console_alone(tmp_path, capsys):
+    """A handler a library makes during the job binds the stream it meets, the record's (transformers makes
+    its own on first use); a progress bar keeps its file. After the job the handler is pointed back at the
+    console, and a write through a kept stream goes to the console alone, not to a closed log (a sweep's next
+    job used to meet 'I/O operation on closed file')."""
+    library = logging.getLogger("lorabench.test_console.made_during_the_job")
+    library.propagate = False
+    try:
+        with record_console(tmp_path / "cli.log"):
+            library.addHandler(logging.StreamHandler())  # bound to sys.stderr, the record's stream now
+            kept = sys.stdout
+            library.warning("during")
+        library.warning("after")
+        kept.write("late line\n")
+    finally:
+        library.handlers.clear()
+    assert (tmp_path / "cli.log").read_text() == "during\n"
+    shown = capsys.readouterr()
+    assert shown.err == "during\nafter\n" and shown.out == "late line\n"

@@ -21,9 +21,17 @@ RUN = ["experiment=quickstart", "trainer.max_steps=5", "data.val_samples=3", "tr
 def test_two_process_fine_tune_syncs_metrics_and_writes_once(tmp_path):
     pytest.importorskip("wandb")
     run_dir = tmp_path / "ddp"
-    proc = run_cli([*RUN, "trainer=ddp_cpu", "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path,
+    proc = run_cli([*RUN, "trainer=ddp_cpu", "logger=wandb", f"hydra.run.dir={run_dir}",
+                    "trainer.enable_progress_bar=true"], tmp_path,
                    {"WANDB_SILENT": "false"})  # W&B's console as users see it (the suite's conftest silences it)
     assert proc.returncode == 0, crashed(proc)
+    # The run folder's cli.log is that console, rank zero's step bar included (drawn in a spawned worker), as
+    # it ended: tqdm redraws with carriage returns, which text mode reads as line ends
+    shown = [ln.rstrip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    bar = [ln for ln in shown if ln.startswith("train:")]
+    assert bar[-1].startswith("train: 100%") and "5/5" in bar[-1], bar[-1]
+    kept = [ln for ln in (run_dir / "cli.log").read_text().splitlines() if ln]
+    assert sorted(kept) == sorted([ln for ln in shown if not ln.startswith("train:")] + bar[-1:]), (kept, shown)
     # The spawned workers' console is the main process's: no Lightning banner or expected warning from
     # any of the six workers (two a spawn; W&B's own "wandb:" lines aside), as in one process
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not ln.startswith("wandb:")]

@@ -77,14 +77,23 @@ def test_cached_cells_are_not_trained_again(world_run, tmp_path):
     assert all(s["reused"] for s in res["single_rows"])
 
 
-def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path):
+def test_cells_train_in_parallel_processes_then_the_loop_uses_them(tmp_path, monkeypatch, capfd):
     """protocol.train_workers=2: the uncached cells train first in two spawned one-thread processes; the
-    protocol then scores those cells (marked trained in this run, not cached), and a second run reuses them."""
+    protocol then scores those cells (marked trained in this run, not cached), and a second run reuses them.
+    What the workers print (here Lightning's banners, which `lorabench -v` shows) is in the job's cli.log too."""
     from lorabench.protocols.orthogonal_adaptation import run
+    from lorabench.utils.console import VERBOSE_ENV, record_console
 
     args = [*SMALL, "trainer.max_steps=3", "protocol.only=[dblora_fedavg,ortha_disjoint]", "protocol.train_workers=2",
             f"protocol.cache_dir={tmp_path / 'cache'}"]
-    first = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with record_console(tmp_path / "cli.log"):
+        first = run(compose(args, tmp_path / "a"), tmp_path / "a")
+    monkeypatch.delenv(VERBOSE_ENV)
+    shown = capfd.readouterr()
+    banners = [ln for ln in (shown.out + shown.err).splitlines() if ln.startswith("GPU available")]
+    assert len(banners) >= 4  # one a cell, at least, from the two workers
+    assert [ln for ln in (tmp_path / "cli.log").read_text().splitlines() if ln.startswith("GPU available")] == banners
     assert len(first["single_rows"]) == 4 and not any(s["reused"] for s in first["single_rows"])
     assert all(s["steps"] == 3 for s in first["single_rows"])
     assert len(list((tmp_path / "cache").glob("*/adapter.safetensors"))) == 4

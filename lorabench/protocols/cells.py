@@ -36,7 +36,7 @@ from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_co
 from lorabench.checks import check_protocol_groups
 from lorabench.errors import ConfigError, check_int
 from lorabench.run import spawning, train, train_batched
-from lorabench.utils.console import CellProgress, quiet_cells
+from lorabench.utils.console import CellProgress, quiet_cells, record_worker_console, share_console
 from lorabench.utils.cpus import cpu_budget
 
 
@@ -448,6 +448,7 @@ def train_pass(batch: Sequence[Cell]) -> list[dict]:
 
 
 def _train_in_worker(batch: list[tuple[dict, str, str]], threads: int) -> list[dict]:
+    record_worker_console()  # what this worker prints is the job's console: its cli.log keeps it too
     if threads:
         torch.set_num_threads(threads)
     with quiet_cells():
@@ -502,6 +503,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                 finish(batch, results)
         else:
             threads = max(1, cpu_budget() // workers)
+            share_console()  # the workers add what they print to the job's cli.log
             with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
                 # the largest passes first, so the last ones to finish are short
                 futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],

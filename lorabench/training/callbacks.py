@@ -22,7 +22,7 @@ from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_cu
 from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import sample_prompts, save_grid
-from lorabench.utils.console import quiet_worker
+from lorabench.utils.console import quiet_worker, record_worker_console
 
 EXPORTS = {**EXPORT_FILES, "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
@@ -183,8 +183,9 @@ class QuietSpawnedWorkers(L.Callback):
     """The main process's quiet console (:func:`lorabench.utils.console.quiet_cells`) in the workers of a
     spawning strategy (ddp_spawn), which start as new interpreters. Lightning pickles the trainer, its
     callbacks with it, into each worker; unpickling this one there, before the worker sets up its process
-    group and logs its banners, silences the same expected warnings. In the main process (a copy made by
-    ``copy.deepcopy`` included) it does nothing."""
+    group and logs its banners, silences the same expected warnings and joins the worker to the job's
+    console log (:func:`lorabench.utils.console.record_worker_console`: rank zero's progress bar is in
+    cli.log too). In the main process (a copy made by ``copy.deepcopy`` included) it does nothing."""
 
     def __reduce__(self):  # unpickled by a call (pickle skips __setstate__ for an object with no attributes)
         return _unpickled_quiet, (os.getpid(),)
@@ -192,6 +193,7 @@ class QuietSpawnedWorkers(L.Callback):
 
 def _unpickled_quiet(pickled_in: int) -> QuietSpawnedWorkers:
     if os.getpid() != pickled_in:  # another process: a spawned worker
+        record_worker_console()  # its bars, banners and warnings are the job's console: its cli.log too
         quiet_worker()
     return QuietSpawnedWorkers()
 

@@ -11,6 +11,7 @@ are silenced here. Every other warning still shows, once per message. ``lorabenc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -21,11 +22,13 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import IO, Iterator, Optional, TextIO
+from typing import IO, Callable, Iterator, Optional, TextIO
 
 from tqdm.auto import tqdm
 
 VERBOSE_ENV = "LORABENCH_VERBOSE"
+# The log a job keeps its console in (record_console), for the worker processes it starts (record_worker_console)
+CONSOLE_LOG_ENV = "LORABENCH_CONSOLE_LOG"
 
 # Warnings every protocol cell raises by design; matched against the start of the message.
 EXPECTED_PER_CELL = (
@@ -143,33 +146,44 @@ _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control sequences (
 
 class _Log:
     """The run folder's ``cli.log``: the complete lines of each stream, a progress bar as the state it was
-    left in (what follows its last carriage return), opened on the first line and flushed on each; a run in
-    a folder whose log has lines (a resumed run) starts with a line saying so and giving its command."""
+    left in (what follows its last carriage return), opened on the first line and flushed on each, one write
+    a line (the job's worker processes append theirs to the same file). A job in a folder whose log has lines
+    when it starts (a resumed run; not a worker joining its job's log) starts with a line saying so and
+    giving its command."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, joined: bool = False):
         self.path, self.file, self.pending, self.lock, self.broken = Path(path), None, {}, threading.RLock(), False
+        self.again = not joined and self.path.is_file() and self.path.stat().st_size > 0
 
     def feed(self, stream: str, text: str) -> None:
         with self.lock:  # libraries print from their own threads too (W&B, tqdm's monitor)
             if self.broken:
                 return
             *lines, self.pending[stream] = (self.pending.get(stream, "") + text).split("\n")
-            try:
-                for line in lines:
-                    self.write(line)
-            except OSError as exc:  # a full disk, a removed folder: the run goes on, on the console alone
-                self.broken = True
-                warnings.warn(f"{self.path} stopped keeping the console: {exc}", stacklevel=2)
+            self.guarded(lambda: [self.write(line) for line in lines])
+
+    def guarded(self, work: Callable[[], object]) -> None:
+        """``work``; an OSError (a full disk, a removed folder) ends the log and the run goes on, on the
+        console alone."""
+        try:
+            work()
+        except OSError as exc:
+            self.broken = True
+            warnings.warn(f"{self.path} stopped keeping the console: {exc}", stacklevel=3)
+
+    def open(self) -> None:
+        with self.lock:
+            if self.file is None and not self.broken:
+                self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+                if self.again:  # a resumed run: after the first part's lines
+                    self.file.write(f"\n--- the same folder again, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                                    f"{' '.join(['lorabench', *sys.argv[1:]])}\n")
+                    self.file.flush()
 
     def write(self, line: str) -> None:
         line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1]).rstrip()
-        if self.file is None:
-            again = self.path.is_file() and self.path.stat().st_size > 0  # a resumed run: after the first part's
-            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            if again:
-                self.file.write(f"\n--- the same folder again, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                                f"{' '.join(['lorabench', *sys.argv[1:]])}\n")
-        self.file.write(line + "\n")
+        self.open()
+        self.file.write(line + "\n")  # one write, appended whole: the workers' lines come between, not inside
         self.file.flush()
 
     def close(self) -> None:
@@ -179,6 +193,7 @@ class _Log:
                     with contextlib.suppress(OSError):
                         self.write(rest)
             self.pending.clear()
+            self.broken = True  # a stream still held after the job (a bar's, a handler's): the console alone
             if self.file is not None:
                 with contextlib.suppress(OSError):
                     self.file.close()
@@ -201,21 +216,24 @@ class _Tee:
         return getattr(self.stream, attr)
 
 
+_RECORDING: list[_Log] = []  # the logs of the jobs recording in this process, innermost last
+
+
 @contextlib.contextmanager
 def record_console(path: Path) -> Iterator[None]:
     """Keep what a job shows on the console, stdout and stderr, in ``path`` as it shows it (its lines, its
     logging records as formatted, warnings, each progress bar's last state), and the traceback of an
     exception that ends the job: a run folder's ``cli.log``. Nothing is written until a line is (a job
-    stopped by bad input leaves no file); processes started by the job write to the console only."""
+    stopped by bad input leaves no file). The worker processes the job starts (its cells', a ddp_spawn
+    fit's) add what they show to the same file (:func:`record_worker_console`)."""
     log = _Log(path)
     saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
     tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler) and any(h.stream is s for s in saved.values())]
-    streams = [h.stream for h in handlers]
+    _point_handlers(saved, tees)
+    env = os.environ.get(CONSOLE_LOG_ENV)
+    os.environ[CONSOLE_LOG_ENV] = str(Path(path).absolute())  # inherited by the processes the job starts
+    _RECORDING.append(log)
     sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
-    for h in handlers:
-        h.setStream(tees["stdout" if h.stream is saved["stdout"] else "stderr"])
     try:
         yield
     except BaseException as exc:  # the job's end, as the console shows it after this (Hydra prints it)
@@ -224,6 +242,47 @@ def record_console(path: Path) -> Iterator[None]:
         raise
     finally:
         sys.stdout, sys.stderr = saved["stdout"], saved["stderr"]
-        for h, stream in zip(handlers, streams):
-            h.setStream(stream)
+        # the handlers it moved, and those made during the job (a library's, bound to the stream it met)
+        _point_handlers(tees, saved)
+        _RECORDING.remove(log)
+        if env is None:
+            os.environ.pop(CONSOLE_LOG_ENV, None)
+        else:
+            os.environ[CONSOLE_LOG_ENV] = env
         log.close()
+
+
+def share_console() -> None:
+    """Before a job starts worker processes that add to its log (:func:`record_worker_console`): open the
+    log, so that a resumed run's line comes before the workers' lines. Nothing outside a recorded job."""
+    if _RECORDING:
+        log = _RECORDING[-1]
+        log.guarded(log.open)
+
+
+def record_worker_console() -> None:
+    """In a worker process a job started (a protocol's cell worker, a ddp_spawn rank), for the rest of the
+    process: what it shows on the console (its stdout and stderr, which are the job's console) goes to the
+    job's log too (:func:`record_console`), a line at a time. Nothing outside a recorded job, nothing twice."""
+    path = os.environ.get(CONSOLE_LOG_ENV)
+    if not path or isinstance(sys.stdout, _Tee):
+        return
+    log = _Log(Path(path), joined=True)
+    saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
+    tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
+    _point_handlers(saved, tees)
+    sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
+    atexit.register(log.close)  # a bar's last state; the complete lines are written as they come
+
+
+def _point_handlers(old: dict[str, IO], new: dict[str, IO]) -> None:
+    """Point the console handlers of every logger (Hydra's on the root, those libraries add to their own,
+    such as Lightning's in a spawned worker or transformers') that write to one of ``old``'s streams at
+    ``new``'s stream of the same name."""
+    loggers = [logging.getLogger(), *(lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                     if isinstance(lg, logging.Logger))]
+    for h in {id(h): h for lg in loggers for h in lg.handlers}.values():
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            for name, stream in old.items():
+                if h.stream is stream:
+                    h.setStream(new[name])
