@@ -129,8 +129,10 @@ def test_the_workers_a_job_starts_add_their_console_to_its_log(tmp_path, capfd):
 def test_streams_held_past_the_job_write_to_the_console_alone(tmp_path, capsys):
     """A handler a library makes during the job binds the stream it meets, the record's (transformers makes
     its own on first use); a progress bar keeps its file. After the job the handler is pointed back at the
-    console, and a write through a kept stream goes to the console alone, not to a closed log (a sweep's next
-    job used to meet 'I/O operation on closed file')."""
+    console, and a write through a kept stream goes to the console alone, not to a closed log (before 708ff16
+    the handler printed '--- Logging error ---' with 'I/O operation on closed file' and the kept stream's write
+    raised it: transformers, first imported in a sweep's first job, would have sent its later jobs' warnings
+    through the first job's closed log)."""
     library = logging.getLogger("lorabench.test_console.made_during_the_job")
     library.propagate = False
     try:
