@@ -250,9 +250,18 @@ def test_batch_key_groups_cells_that_differ_only_in_concept_and_seed(tmp_path):
     assert key(ad.pplus, "sks") == key(ad.pplus, "twt", 1) not in (None, lora)  # tokens' names differ only
     assert key(ad.edlora) not in (None, lora, key(ad.pplus))
     assert key(ad.custom_diffusion) not in (None, lora)  # a dense update and a modifier token
-    for alone in (key(ad.lora, **{"adapter.dropout": 0.1}),
-                  key(ad.lora, **{"optim.name": "adamw8bit"}), key(ad.lora, **{"trainer.devices": 2})):
+    for alone in (key(ad.lora, **{"adapter.dropout": 0.1}), key(ad.lora, **{"optim.name": "adamw8bit"}),
+                  key(ad.lora, **{"trainer.devices": 2}), key(ad.lora, **{"trainer.devices": "0,1"})):
         assert alone is None
+    # The GPU a local_gpus sweep's job trains on (the CLI sets trainer.devices=[k]) is one device, as
+    # devices=1 is: its cells batch and share the cache with every other job's (before, a job on GPU 1 or
+    # later trained every cell alone, and none of them found another GPU's cells in the cache)
+    from lorabench.protocols.cells import cell_key
+
+    assert key(ad.lora, **{"trainer.devices": [1]}) == key(ad.lora, **{"trainer.devices": [0]}) == lora
+    one, gpu3 = (cell_config(cfg, ad.lora, {"concept": "sks"}, 0, tmp_path / "c") for _ in range(2))
+    gpu3.trainer.devices = [3]
+    assert cell_key(gpu3) == cell_key(one) and one.trainer.devices == 1
     specs = [(ad.lora, "sks", 0), (ad.lora, "twt", 0), (ad.lora, "vlx", 1), (ad.custom_diffusion, "sks", 0),
              (ad.ortha_random, "sks", 0)]
     jobs = [Cell(cell_config(cfg, a, {"concept": c}, s, tmp_path / f"d{i}"), tmp_path / f"d{i}", f"n{i}")

@@ -119,13 +119,20 @@ DISPLAY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 def decisive(cfg: Mapping, keys: Sequence[str]) -> dict:
     """The config groups ``keys`` of ``cfg`` (resolved) as they decide a result: without the trainer's
-    display options, ``module.cuda_graph`` (how steps are launched: a captured step computes what an eager
-    one does), ``eval.validation`` (a training run's samples score nothing) and the options of
-    :data:`OFF_WHEN_NULL` while null (added after results were cached: caches stay valid)."""
+    display options, its devices as their number (the GPU a ``local_gpus`` sweep's job trains on,
+    ``devices: [3]``, is one device as ``devices: 1`` is), ``module.cuda_graph`` (how steps are launched: a
+    captured step computes what an eager one does), ``eval.validation`` (a training run's samples score
+    nothing) and the options of :data:`OFF_WHEN_NULL` while null (added after results were cached: caches
+    stay valid)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else copy.deepcopy(cfg[k])
             for k in keys if k in cfg}
     if "trainer" in keys:
         keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items() if k not in DISPLAY}
+        devices = keep["trainer"].get("devices")
+        if isinstance(devices, str) and "," in devices:  # "0,1": device indices
+            devices = [d for d in devices.split(",") if d.strip()]
+        if isinstance(devices, (list, tuple)):
+            keep["trainer"]["devices"] = len(devices)
     if isinstance(keep.get("module"), dict):
         keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
     for group, names in OFF_WHEN_NULL.items():
@@ -281,12 +288,11 @@ def batch_key(cell: Mapping) -> Optional[str]:
         return None
     if any(v is not None for v in (cell.get("callbacks") or {}).values()):
         return None
-    devices = trainer.get("devices", 1)
-    if devices not in (1, "1", [0]) or "ddp" in str(trainer.get("strategy", "")):
+    if trainer_processes(trainer) > 1 or "ddp" in str(trainer.get("strategy", "")):
         return None
     shared = {
         "model": cell.get("model"), "optim": optim, "module": module, "init": cell.get("init_adapter") is None,
-        "trainer": {k: v for k, v in trainer.items() if k not in DISPLAY},
+        "trainer": decisive({"trainer": trainer}, ["trainer"])["trainer"],
         "adapter": {k: v for k, v in (adapter or {}).items() if k not in MEMBER_ADAPTER_KEYS},
         "embeddings": {k: v for k, v in (embeddings or {}).items() if k not in ("token", "bind")},
         "data": {k: v for k, v in (cell.get("data") or {}).items() if k not in MEMBER_DATA_KEYS},
