@@ -52,7 +52,7 @@ from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
-from lorabench.utils.gpus import claim_gpu, gpu_count, gpu_list
+from lorabench.utils.gpus import check_claimable, claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
 
@@ -345,6 +345,7 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     protocol = cfg.get("protocol")
     try:
         gpus = gpu_list() if hc.mode == RunMode.MULTIRUN else []
+        check_claimable(gpus, OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else None)
     except ConfigError as err:  # a malformed $LORABENCH_GPUS
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep_dir(hc))
         fail(err)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import FAST, crashed, run_cli
+from helpers import FAST, assert_one_line_error, crashed, run_cli
 from lorabench.errors import ConfigError
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
@@ -70,3 +70,26 @@ def test_joblib_multirun_one_results_folder_per_job(tmp_path):
                     f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, crashed(proc)
     assert sorted(p.parent.name for p in sweep.glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
+
+
+def test_listed_gpus_a_job_cannot_train_on_are_one_line_naming_the_variable(tmp_path, monkeypatch):
+    """$LORABENCH_GPUS with a CPU trainer handed the job trainer.devices=[0] and stopped on
+    'trainer.devices: `devices` selected with `CPUAccelerator` should be an int > 0', a field the user never
+    set; an index CUDA_VISIBLE_DEVICES hid would have failed in torch.cuda.set_device with a traceback."""
+    import torch
+
+    from lorabench.utils.gpus import check_claimable
+
+    proc = run_cli(["-m", *FAST, "seed=0", f"hydra.sweep.dir={tmp_path / 'outputs' / 'sweep'}"], tmp_path,
+                   {"LORABENCH_GPUS": "0"})
+    assert_one_line_error(proc, tmp_path, "LORABENCH_GPUS: 0 is set", "trainer.accelerator is 'cpu'", "trainer=gpu")
+
+    check_claimable([], {"accelerator": "cpu"})  # nothing listed: nothing to check
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="LORABENCH_GPUS: 0,1 is set, but this machine shows no CUDA device"):
+        check_claimable(["0", "1"], {"accelerator": "auto"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_claimable(["0", "1"], {"accelerator": "gpu"})
+    with pytest.raises(ConfigError, match=r"LORABENCH_GPUS: GPU 3 is not one of the 2 CUDA device\(s\) this process "
+                                          r"sees \(indices 0 to 1"):
+        check_claimable(["1", "3"], {"accelerator": "cuda"})

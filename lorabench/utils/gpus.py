@@ -34,6 +34,29 @@ def gpu_count() -> int:
     return len(ids)
 
 
+def check_claimable(ids: list[str], trainer: Optional[dict]) -> None:
+    """One line naming ``$LORABENCH_GPUS`` where its GPUs cannot be what a job trains on: a job whose
+    trainer is not on a CUDA GPU (a CPU job was handed ``trainer.devices=[k]`` and failed on that field,
+    which the user never set), no CUDA device here, or an index this process does not see
+    (``CUDA_VISIBLE_DEVICES`` renumbers the visible GPUs from 0)."""
+    if not ids:
+        return
+    accel = str((trainer or {}).get("accelerator", "auto"))
+    if accel not in ("gpu", "cuda", "auto"):
+        raise ConfigError(ENV, f"{','.join(ids)} is set, but trainer.accelerator is {accel!r}, not a CUDA GPU: "
+                          "unset it, or train on the GPUs with trainer=gpu")
+    import torch  # noqa: PLC0415 - heavy: only a sweep with GPUs listed pays for it, in its jobs
+
+    have = torch.cuda.device_count()
+    if not have:
+        raise ConfigError(ENV, f"{','.join(ids)} is set, but this machine shows no CUDA device; unset it, or run "
+                          "where the GPUs are")
+    unseen = [i for i in ids if int(i) >= have]
+    if unseen:
+        raise ConfigError(ENV, f"GPU {unseen[0]} is not one of the {have} CUDA device(s) this process sees "
+                          f"(indices 0 to {have - 1}; CUDA_VISIBLE_DEVICES numbers the visible GPUs from 0)")
+
+
 def try_claim(ids: list[str], lock_dir: Path):
     """(gpu, open lock file) for the first free GPU of ``ids``, or ``None`` when all are held."""
     for gpu in ids:
