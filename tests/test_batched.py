@@ -622,3 +622,42 @@ def test_auto_batch_fits_the_gpu_and_trains_like_separate_runs(tmp_path):
         tb, _ = read_safetensors(b / "adapter.safetensors")
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], atol=2e-3, rtol=0.05)
+
+
+def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path):
+    """The jobs of a parallel sweep (local_gpus) start together with the same cached cells missing, and each
+    trained all of them. Here another job holds the claims of two of three cells: this one trains the third,
+    waits, reuses the cell the other finished (not trained again) and trains the one it let go unfinished."""
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from lorabench.protocols.cells import Cell, CellClaims, run_cells, train_pass
+
+    cache = tmp_path / "cache"
+    cells = []
+    for i, cfg in enumerate(_world_cells(tmp_path, "lora", [("sks", 0), ("twt", 0), ("vlx", 0)], steps=2)):
+        cfg.paths.output_dir = str(cache / f"cell{i}")
+        cells.append(Cell(cfg, cache / f"cell{i}", f"cell{i}", reuse=True))
+    own, finished_there, dropped_there = cells
+    (cache / ".claims").mkdir(parents=True)
+    theirs = [FileLock(CellClaims.lock_file(c)) for c in (finished_there, dropped_there)]
+    for lock in theirs:
+        lock.acquire()  # the other job is training these two
+    out = {}
+    job = threading.Thread(target=lambda: out.update(trained=run_cells(cells)))
+    job.start()
+    deadline = time.time() + 300
+    while not own.finished() and job.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # past its own cell's bookkeeping: waiting for the other job's
+    assert job.is_alive() and own.finished() and not finished_there.folder.exists()
+    train_pass([finished_there])  # the other job finishes one cell, and stops before the other
+    written = (finished_there.folder / "results.json").stat().st_mtime_ns
+    for lock in theirs:
+        lock.release()
+    job.join(300)
+    assert [t.reused for t in out["trained"]] == [False, True, False]
+    assert (finished_there.folder / "results.json").stat().st_mtime_ns == written  # not trained again
+    assert all(c.finished() for c in cells) and out["trained"][2].results["metrics"]["steps"] == 2

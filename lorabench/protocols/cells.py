@@ -18,15 +18,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -461,6 +463,55 @@ def _train_in_worker(batch: list[tuple[dict, str, str]], threads: int) -> list[d
         return train_pass([Cell(OmegaConf.create(r), Path(d), n) for r, d, n in batch])
 
 
+class CellClaims:
+    """Which of the processes sharing a cell cache trains a cell: the jobs of a parallel sweep
+    (``hydra/launcher=local_gpus``) start together with the same cells missing, and each trained all of
+    them. Now a process trains a cached cell while it holds the cell's lock file (``<cache>/.claims/<cell
+    folder>.lock``, :mod:`filelock`; the files stay, as removing a lock file others may hold is unsafe).
+    It claims a pass's cells as it comes to the pass (with ``workers`` > 1, every pass's before the pool
+    starts), so jobs that start together share the cells out; the cells whose locks another holds, it
+    leaves to that one and waits for after its own (:func:`run_cells`), and a cell the other process stopped
+    without finishing, it trains. Cells outside a
+    cache, and those of a trainer with several processes (whose ranks must train every cell together), take
+    no lock."""
+
+    def __init__(self):
+        self.held: dict[int, FileLock] = {}
+
+    @staticmethod
+    def applies(cell: Cell) -> bool:
+        trainer = cell.config.get("trainer") or {}
+        return cell.reuse and trainer_processes(trainer) == 1 and not spawning(trainer)
+
+    @staticmethod
+    def lock_file(cell: Cell) -> Path:
+        return cell.folder.parent / ".claims" / f"{cell.folder.name}.lock"
+
+    def claim(self, cell: Cell, wait: bool = False) -> bool:
+        """Whether this process may train ``cell`` now: its lock taken (at once, or once free with ``wait``),
+        or none needed."""
+        if not self.applies(cell):
+            return True
+        self.lock_file(cell).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_file(cell), thread_local=False)
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            return False
+        self.held[id(cell)] = lock
+        return True
+
+    def release(self, cell: Cell) -> None:
+        lock = self.held.pop(id(cell), None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for lock in self.held.values():
+            lock.release()
+        self.held.clear()
+
+
 def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 1, scratch: Optional[Path] = None,
               on_done: Optional[Callable[[Trained], None]] = None, progress: bool = False) -> list[Trained]:
     """Train ``cells`` (those not finished in their folders), and return each one's :class:`Trained`, in order.
@@ -471,60 +522,103 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
     several times slower; on 2 cores two 1-thread processes train 1.4x the steps per second of one
     2-thread process, docs/benchmarks.md). Cells with callbacks, a model or a hook train in this process.
     ``on_done`` sees each cell as it finishes (a reused one first); ``progress``: a bar (``training in 2
-    processes, 6 cells in 2 batched passes``) and a line per cell, when more than one cell trains."""
+    processes, 6 cells in 2 batched passes``) and a line per cell, when more than one cell trains.
+
+    A cell of a shared cache that another process is training (a parallel sweep job; :class:`CellClaims`)
+    is waited for after this process's own cells, and reused once finished (trained here if it was not)."""
     trained: dict[int, Trained] = {}
+
+    def reuse(i: int, c: Cell) -> None:
+        trained[i] = Trained(c, json.loads((c.folder / "results.json").read_text()), True)
+        if on_done is not None:
+            on_done(trained[i])
+
     pending = []
     for i, c in enumerate(cells):
         if c.finished():
-            trained[i] = Trained(c, json.loads((c.folder / "results.json").read_text()), True)
-            if on_done is not None:
-                on_done(trained[i])
+            reuse(i, c)
         else:
             pending.append(c)
     # what bad input removes again: the cells' new folders, and the folders made to hold them (a cache's)
     fresh = [c for c in pending if not c.folder.exists()]
     made = sorted({p for c in fresh for p in c.folder.parents if not p.exists()}, key=lambda p: len(p.parts))
     index = {id(c): i for i, c in enumerate(cells)}
-    passes = plan_passes(pending, batch_cells, workers, Path(scratch or cells[0].folder.parent) / ".probe") \
-        if pending else []
+    # the memory probe's scratch is this process's own: the jobs of a local_gpus sweep share one cell cache,
+    # and each removes its probe folder when done
+    probe = Path(scratch or cells[0].folder.parent) / f".probe-{os.getpid()}"
+    passes = plan_passes(pending, batch_cells, workers, probe) if pending else []
     local = workers <= 1 or len(passes) < 2 or any(c.callbacks or c.prepare or c.components for c in pending)
     batched = sum(len(p) for p in passes if len(p) > 1)
     desc = f"training in {'this process' if local else f'{workers} processes'}" + (
         f", {batched} cells in {sum(len(p) > 1 for p in passes)} batched passes" if batched else "")
     bar = CellProgress(len(pending), desc=desc) if progress and len(pending) > 1 else None
+    claims, theirs = CellClaims(), []  # theirs: cells another process was training when this one came to them
 
-    def finish(batch: Sequence[Cell], results: Sequence[dict]) -> None:
+    def finish(batch: Sequence[Cell], results: Sequence[dict], by_another: bool = False) -> None:
         for c, res in zip(batch, results):
-            trained[index[id(c)]] = Trained(c, res, False)
+            trained[index[id(c)]] = Trained(c, res, by_another)
+            claims.release(c)
             if on_done is not None:
                 on_done(trained[index[id(c)]])
             if bar is not None:
-                bar.done(f"{c.name:>24}: trained" + (f" ({len(batch)} at once)" if len(batch) > 1 else ""))
+                bar.done(f"{c.name:>24}: " + ("trained by another job" if by_another else "trained")
+                         + (f" ({len(batch)} at once)" if len(batch) > 1 else ""))
+
+    def finished_there(c: Cell) -> None:
+        finish([c], [json.loads((c.folder / "results.json").read_text())], by_another=True)
+
+    def take(batch: Sequence[Cell]) -> list[Cell]:
+        """The cells of ``batch`` this process trains now: those it claims; one another process holds waits
+        in ``theirs``, one finished meanwhile is reused."""
+        mine = []
+        for c in batch:
+            if not claims.claim(c):
+                theirs.append(c)
+            elif c.finished():  # by another process, since this one looked
+                finished_there(c)
+            else:
+                mine.append(c)
+        return mine
 
     try:
-        if local:
+        if local:  # pass by pass: jobs that start together share the cells out as they go
             for batch in passes:
-                with quiet_cells():
-                    results = train_pass(batch)
-                finish(batch, results)
-        else:
+                if batch := take(batch):
+                    with quiet_cells():
+                        results = train_pass(batch)
+                    finish(batch, results)
+        elif mine := [b for b in map(take, passes) if b]:
             threads = max(1, cpu_budget() // workers)
             share_console()  # the workers add what they print to the job's cli.log
-            with ProcessPoolExecutor(max_workers=min(workers, len(passes)), mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, len(mine)), mp_context=get_context("spawn")) as pool:
                 # the largest passes first, so the last ones to finish are short
                 futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],
-                                       threads): batch for batch in sorted(passes, key=len, reverse=True)}
+                                       threads): batch for batch in sorted(mine, key=len, reverse=True)}
                 for fut in as_completed(futures):
                     finish(futures[fut], fut.result())
+        for c in theirs:  # after this process's own cells: the other job's, once it lets them go
+            claims.claim(c, wait=True)
+            if c.finished():
+                finished_there(c)
+            else:  # that job stopped before it finished the cell
+                with quiet_cells():
+                    finish([c], train_pass([c]))
     except ConfigError:  # bad input stops every cell alike: none leaves a half-written folder (in a shared cache too)
+        claims.release_all()
         for c in fresh:
             if not c.finished():
                 shutil.rmtree(c.folder, ignore_errors=True)
+                with suppress(FileNotFoundError):
+                    CellClaims.lock_file(c).unlink()
+        for claims_dir in {CellClaims.lock_file(c).parent for c in fresh}:
+            with suppress(OSError):  # left where it holds other cells' locks
+                claims_dir.rmdir()
         for folder in reversed(made):  # deepest first, where nothing else was written
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
     finally:
+        claims.release_all()
         if bar is not None:
             bar.close()
     return [trained[i] for i in range(len(cells))]

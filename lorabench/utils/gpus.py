@@ -1,16 +1,17 @@
 """One GPU per job for sweeps on one machine (``hydra/launcher=local_gpus``): each job claims a free GPU
-of ``$LORABENCH_GPUS`` with an exclusive lock file held for the job's life, so parallel jobs never share a
-device, however the launcher orders them."""
+of ``$LORABENCH_GPUS`` with an exclusive lock file (:mod:`filelock`) held for the job's life, so parallel
+jobs never share a device, however the launcher orders them."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
+
+from filelock import FileLock, Timeout
 
 from lorabench.errors import ConfigError
 
@@ -57,15 +58,15 @@ def check_claimable(ids: list[str], trainer: Optional[dict]) -> None:
                           f"(indices 0 to {have - 1}; CUDA_VISIBLE_DEVICES numbers the visible GPUs from 0)")
 
 
-def try_claim(ids: list[str], lock_dir: Path):
-    """(gpu, open lock file) for the first free GPU of ``ids``, or ``None`` when all are held."""
+def try_claim(ids: list[str], lock_dir: Path) -> Optional[tuple[str, FileLock]]:
+    """(gpu, its held lock) for the first free GPU of ``ids``, or ``None`` when all are held."""
     for gpu in ids:
-        fh = open(lock_dir / f"lorabench-gpu{gpu}.lock", "a+")
+        lock = FileLock(lock_dir / f"lorabench-gpu{gpu}.lock", thread_local=False)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return gpu, fh
-        except BlockingIOError:
-            fh.close()
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        return gpu, lock
     return None
 
 
@@ -79,9 +80,8 @@ def claim_gpu(ids: list[str], lock_dir: Optional[str] = None, poll_s: float = 5.
     lock_dir = Path(lock_dir or tempfile.gettempdir())
     while (claimed := try_claim(ids, lock_dir)) is None:
         time.sleep(poll_s)
-    gpu, fh = claimed
+    gpu, lock = claimed
     try:
         yield gpu
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        lock.release()
