@@ -123,3 +123,7 @@ def test_process_count_of_a_trainer_config():
     assert trainer_processes({"strategy": "auto", "accelerator": "cpu", "devices": 4}) == 4  # Lightning's ddp
     assert trainer_processes({"strategy": "auto", "accelerator": "cpu", "devices": "auto"}) == 1
     assert trainer_processes({"strategy": "single_device", "accelerator": "cpu", "devices": 1}) == 1
+    # a config node as a protocol's cell holds it: its list of devices was read as "auto" (1 here, every GPU there)
+    from omegaconf import OmegaConf
+
+    assert trainer_processes(OmegaConf.create({"strategy": "ddp", "accelerator": "cpu", "devices": [0, 1]})) == 2

@@ -316,6 +316,8 @@ def trainer_processes(trainer: Mapping) -> int:
     """How many training processes a Trainer config starts: ``devices`` (a count, -1 for all, a list or
     ``"0,1"``; ``auto``: every GPU, one CPU) on its accelerator, times ``num_nodes``; 1 with a single-device
     strategy (``auto`` with several devices is Lightning's ddp)."""
+    if OmegaConf.is_config(trainer):  # a ListConfig of devices is no list: [0, 1] read as "auto"
+        trainer = OmegaConf.to_container(trainer, resolve=True)
     if "single" in str(trainer.get("strategy") or "auto"):
         return 1
     gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
@@ -467,11 +469,11 @@ class CellClaims:
     """Which of the processes sharing a cell cache trains a cell: the jobs of a parallel sweep
     (``hydra/launcher=local_gpus``) start together with the same cells missing, and each trained all of
     them. Now a process trains a cached cell while it holds the cell's lock file (``<cache>/.claims/<cell
-    folder>.lock``, :mod:`filelock`; the files stay, as removing a lock file others may hold is unsafe).
-    It claims a pass's cells as it comes to the pass (with ``workers`` > 1, every pass's before the pool
-    starts), so jobs that start together share the cells out; the cells whose locks another holds, it
-    leaves to that one and waits for after its own (:func:`run_cells`), and a cell the other process stopped
-    without finishing, it trains. Cells outside a
+    folder>.lock``, :mod:`filelock`; the files stay, as removing a lock file another process may be waiting
+    on is unsafe, but for bad input, which stops every job alike). It claims a pass's cells as it comes to
+    the pass (with ``workers`` > 1, every pass's before the pool starts), so jobs that start together share
+    the cells out; the cells whose locks another holds, it leaves to that one and waits for after its own
+    (:func:`run_cells`), and a cell the other process stopped without finishing, it trains. Cells outside a
     cache, and those of a trainer with several processes (whose ranks must train every cell together), take
     no lock."""
 
