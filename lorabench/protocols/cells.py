@@ -482,11 +482,13 @@ class CellClaims:
 
     @staticmethod
     def applies(cell: Cell) -> bool:
+        """Whether ``cell`` takes a lock: a cached cell trained by a one-process trainer."""
         trainer = cell.config.get("trainer") or {}
         return cell.reuse and trainer_processes(trainer) == 1 and not spawning(trainer)
 
     @staticmethod
     def lock_file(cell: Cell) -> Path:
+        """The lock file of ``cell``: ``<cache>/.claims/<its folder's name>.lock``."""
         return cell.folder.parent / ".claims" / f"{cell.folder.name}.lock"
 
     def claim(self, cell: Cell, wait: bool = False) -> bool:
@@ -504,11 +506,13 @@ class CellClaims:
         return True
 
     def release(self, cell: Cell) -> None:
+        """Let ``cell`` go (trained, reused, or not this process's after all); nothing if it holds none."""
         lock = self.held.pop(id(cell), None)
         if lock is not None:
             lock.release()
 
     def release_all(self) -> None:
+        """Let every held cell go (the run ends, or stops on an error)."""
         for lock in self.held.values():
             lock.release()
         self.held.clear()
