@@ -603,6 +603,24 @@ def test_auto_capacity_extrapolates_a_pass_to_the_free_memory():
     assert capacity_from(3 * gib, 4 * gib, 20 * gib) == 15
     assert capacity_from(3 * gib, 4 * gib, 2 * gib) == 1  # never below one
     assert capacity_from(3 * gib, 3 * gib, 20 * gib) > 10**9  # cells that cost nothing measurable
+    # two worker processes training passes on one GPU at once: each plans on half (each holds its own model)
+    assert capacity_from(3 * gib, 4 * gib, 20 * gib, 0.85 / 2) == 6
+
+
+def test_auto_passes_on_a_gpu_share_its_memory_among_the_worker_processes(tmp_path, monkeypatch):
+    """protocol.train_workers=2 with trainer=gpu and batch_cells=auto: two processes train passes on one GPU at
+    once, and each pass was sized to 85% of the free memory (together 170%). The capacity is now asked for
+    one of the processes' share. (The measurement itself needs CUDA: test_auto_batch_fits_the_gpu...)"""
+    from lorabench.protocols import cells as cells_module
+    from lorabench.protocols.cells import Cell, plan_passes
+
+    asked = []
+    monkeypatch.setattr(cells_module, "gpu_capacity", lambda group, scratch, processes=1: asked.append(processes) or 2)
+    configs = _world_cells(tmp_path, "lora", [(c, 0) for c in ("sks", "twt", "vlx", "zwz")], steps=2,
+                           extra=["trainer=gpu"])
+    cells = [Cell(c, tmp_path / f"c{i}", f"c{i}") for i, c in enumerate(configs)]
+    assert [len(p) for p in plan_passes(cells, "auto", 2, tmp_path / "probe")] == [2, 2] and asked == [2]
+    assert [len(p) for p in plan_passes(cells, "auto", 1, tmp_path / "probe")] == [2, 2] and asked == [2, 1]
 
 
 @pytest.mark.gpu

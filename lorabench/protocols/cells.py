@@ -408,10 +408,12 @@ def capacity_from(peak_one: int, peak_two: int, free: int, share: float = GPU_ME
     return max(1, 1 + int((share * free - peak_one) // per_cell))
 
 
-def gpu_capacity(group: Sequence[Cell], scratch: Path) -> int:
+def gpu_capacity(group: Sequence[Cell], scratch: Path, processes: int = 1) -> int:
     """The cells of ``group`` that fit in one pass on this process's GPU: one training step of the first
     cell alone and of the first two batched, their peak memory measured (:func:`lorabench.run.train_batched`),
-    extrapolated (:func:`capacity_from`) to the free memory. Probe cells train in ``scratch``, removed after."""
+    extrapolated (:func:`capacity_from`) to the free memory, of which each of the ``processes`` that train
+    passes on this GPU at once (``protocol.train_workers``) plans on its share. Probe cells train in
+    ``scratch``, removed after."""
     peaks = []
     try:
         for k in (1, 2):
@@ -432,7 +434,7 @@ def gpu_capacity(group: Sequence[Cell], scratch: Path) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
-    return capacity_from(peaks[0], peaks[1], free)
+    return capacity_from(peaks[0], peaks[1], free, GPU_MEMORY_SHARE / max(1, processes))
 
 
 def plan_passes(cells: Sequence[Cell], batch_cells: int | str, workers: int, scratch: Path) -> list[list[Cell]]:
@@ -441,7 +443,8 @@ def plan_passes(cells: Sequence[Cell], batch_cells: int | str, workers: int, scr
     if batch_cells == "auto" and cells:
         accel = str((cells[0].config.get("trainer") or {}).get("accelerator", "cpu"))
         if accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available()):
-            capacity = lambda group: gpu_capacity(group, scratch)  # noqa: E731
+            # passes in `workers` processes at once share the GPU: each plans on its part of the memory
+            capacity = lambda group: gpu_capacity(group, scratch, processes=workers)  # noqa: E731
             max_cells = GPU_AUTO_MAX_CELLS
     return plan_batches(cells, batch_cells, workers, capacity, max_cells)
 
