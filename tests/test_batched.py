@@ -642,7 +642,7 @@ def test_auto_batch_fits_the_gpu_and_trains_like_separate_runs(tmp_path):
             torch.testing.assert_close(ta[k], tb[k], atol=2e-3, rtol=0.05)
 
 
-def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path):
+def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path, capsys):
     """The jobs of a parallel sweep (local_gpus) start together with the same cached cells missing, and each
     trained all of them. Here another job holds the claims of two of three cells: this one trains the third,
     waits, reuses the cell the other finished (not trained again) and trains the one it let go unfinished."""
@@ -664,7 +664,7 @@ def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path):
     for lock in theirs:
         lock.acquire()  # the other job is training these two
     out = {}
-    job = threading.Thread(target=lambda: out.update(trained=run_cells(cells)))
+    job = threading.Thread(target=lambda: out.update(trained=run_cells(cells, progress=True)))
     job.start()
     deadline = time.time() + 300
     while not own.finished() and job.is_alive() and time.time() < deadline:
@@ -679,3 +679,6 @@ def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path):
     assert [t.reused for t in out["trained"]] == [False, True, False]
     assert (finished_there.folder / "results.json").stat().st_mtime_ns == written  # not trained again
     assert all(c.finished() for c in cells) and out["trained"][2].results["metrics"]["steps"] == 2
+    shown = capsys.readouterr().out  # the wait says so; each cell's line says who trained it
+    assert f"waiting for 2 cell(s) another job is training (its claims: {cache / '.claims'})" in shown
+    assert "cell1: trained by another job" in shown and "cell2: trained\n" in shown

@@ -38,7 +38,7 @@ from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_co
 from lorabench.checks import check_protocol_groups
 from lorabench.errors import ConfigError, check_int
 from lorabench.run import spawning, train, train_batched
-from lorabench.utils.console import CellProgress, quiet_cells, record_worker_console, share_console
+from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
 from lorabench.utils.cpus import cpu_budget
 
 
@@ -605,6 +605,9 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                                        threads): batch for batch in sorted(mine, key=len, reverse=True)}
                 for fut in as_completed(futures):
                     finish(futures[fut], fut.result())
+        if theirs and progress:  # a wait that could look like a hang
+            note(f"waiting for {len(theirs)} cell(s) another job is training "
+                 f"(its claims: {CellClaims.lock_file(theirs[0]).parent})")
         for c in theirs:  # after this process's own cells: the other job's, once it lets them go
             claims.claim(c, wait=True)
             if c.finished():

@@ -123,6 +123,12 @@ def console_log_name() -> str:
     return f"cli.rank{rank}.log" if node == "0" else f"cli.node{node}.rank{rank}.log"
 
 
+def note(line: str) -> None:
+    """A line above any progress bar, in the first process only."""
+    if first_process():
+        tqdm.write(line)
+
+
 class CellProgress:
     """One bar over a protocol's cells; ``done(line)`` prints a finished cell's line above it (in the
     first process only)."""
@@ -133,8 +139,7 @@ class CellProgress:
                                         disable=not self.shown)
 
     def done(self, line: str) -> None:
-        if self.shown:
-            tqdm.write(line)
+        note(line)
         self.bar.update(1)
 
     def close(self) -> None:
