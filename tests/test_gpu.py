@@ -48,6 +48,10 @@ WORLD = {
     "orthogonal_adaptation/world:batched+graph": ["experiment=orthogonal_adaptation/world", *OA_SMALL,
                                                   "protocol.train_workers=1", "protocol.batch_cells=auto",
                                                   "module.cuda_graph=true"],
+    # two worker processes training batched passes on one GPU at once, each pass sized to its share of the
+    # free memory (gpu_capacity's processes), the cells claimed in the cache as they train
+    "orthogonal_adaptation/world:batched+workers": ["experiment=orthogonal_adaptation/world", *OA_SMALL,
+                                                    "protocol.train_workers=2", "protocol.batch_cells=auto"],
     # textual inversion and P+ tokens alone, beside a LoRA, one cell at a time
     "world_textual_inversion": ["experiment=world_textual_inversion", "protocol.concepts=[sks]",
                                 "trainer.max_steps=3", *EVAL_SMALL, "eval.concepts.n_references=2"],
