@@ -119,6 +119,14 @@ OFF_WHEN_NULL = {"module": ("snr_gamma", "ema_decay"), "data": ("buckets",)}
 DISPLAY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 
+def device_indices(devices):
+    """A Trainer's ``devices`` as a list where it names device indices (a list, ``"0,1"``); else as it is (a
+    count, ``-1``, ``auto``)."""
+    if isinstance(devices, str) and "," in devices:
+        return [d for d in devices.split(",") if d.strip()]
+    return list(devices) if isinstance(devices, (list, tuple)) else devices
+
+
 def decisive(cfg: Mapping, keys: Sequence[str]) -> dict:
     """The config groups ``keys`` of ``cfg`` (resolved) as they decide a result: without the trainer's
     display options, its devices as their number (the GPU a ``local_gpus`` sweep's job trains on,
@@ -130,10 +138,8 @@ def decisive(cfg: Mapping, keys: Sequence[str]) -> dict:
             for k in keys if k in cfg}
     if "trainer" in keys:
         keep["trainer"] = {k: v for k, v in (keep.get("trainer") or {}).items() if k not in DISPLAY}
-        devices = keep["trainer"].get("devices")
-        if isinstance(devices, str) and "," in devices:  # "0,1": device indices
-            devices = [d for d in devices.split(",") if d.strip()]
-        if isinstance(devices, (list, tuple)):
+        devices = device_indices(keep["trainer"].get("devices"))
+        if isinstance(devices, list):
             keep["trainer"]["devices"] = len(devices)
     if isinstance(keep.get("module"), dict):
         keep["module"] = {k: v for k, v in keep["module"].items() if k != "cuda_graph"}
@@ -322,10 +328,8 @@ def trainer_processes(trainer: Mapping) -> int:
         return 1
     gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
     available = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    devices = trainer.get("devices", "auto")
-    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
-        devices = [d for d in devices.split(",") if d.strip()]
-    if isinstance(devices, (list, tuple)):
+    devices = device_indices(trainer.get("devices", "auto"))
+    if isinstance(devices, list):
         count = len(devices)
     elif str(devices).strip().lstrip("-").isdigit():
         count = available if int(devices) == -1 else int(devices)

@@ -232,13 +232,10 @@ def record_console(path: Path) -> Iterator[None]:
     stopped by bad input leaves no file). The worker processes the job starts (its cells', a ddp_spawn
     fit's) add what they show to the same file (:func:`record_worker_console`)."""
     log = _Log(path)
-    saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
-    tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
-    _point_handlers(saved, tees)
+    saved, tees = _tee_console(log)
     env = os.environ.get(CONSOLE_LOG_ENV)
     os.environ[CONSOLE_LOG_ENV] = str(Path(path).absolute())  # inherited by the processes the job starts
     _RECORDING.append(log)
-    sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
     try:
         yield
     except BaseException as exc:  # the job's end, as the console shows it after this (Hydra prints it)
@@ -273,11 +270,18 @@ def record_worker_console() -> None:
     if not path or isinstance(sys.stdout, _Tee):
         return
     log = _Log(Path(path), joined=True)
+    _tee_console(log)
+    atexit.register(log.close)  # a bar's last state; the complete lines are written as they come
+
+
+def _tee_console(log: _Log) -> tuple[dict[str, IO], dict[str, _Tee]]:
+    """Send stdout, stderr and the console handlers that write to them through tees into ``log``; the
+    streams they were, and the tees."""
     saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
     tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
     _point_handlers(saved, tees)
     sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
-    atexit.register(log.close)  # a bar's last state; the complete lines are written as they come
+    return saved, tees
 
 
 def _point_handlers(old: dict[str, IO], new: dict[str, IO]) -> None:
