@@ -3,6 +3,8 @@ progress bars as they were left, and the traceback of an exception that ends the
 
 from __future__ import annotations
 
+import atexit
+import io
 import logging
 import os
 import sys
@@ -11,7 +13,9 @@ from multiprocessing import get_context
 import pytest
 
 from lorabench.utils.console import (
+    CLEAR_LINE,
     CONSOLE_LOG_ENV,
+    CellProgress,
     console_log_name,
     record_console,
     record_worker_console,
@@ -124,6 +128,44 @@ def test_the_workers_a_job_starts_add_their_console_to_its_log(tmp_path, capfd):
     finally:
         logging.getLogger("lorabench.test_console.library").handlers.clear()
     assert "worker 3 line" in capfd.readouterr().out and len(path.read_text().splitlines()) == 10
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_workers_lines_clear_the_jobs_bar_on_a_terminal(tmp_path, monkeypatch):
+    """On a terminal a protocol's cell bar ends in no newline, and a cell worker's line came after it on its
+    line: each line of a worker's terminal stream now starts by clearing the line (the job redraws its bar), while
+    a stream that is no terminal and the job's cli.log get the lines as before."""
+    terminal, pipe, closers = _Terminal(), io.StringIO(), []
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", pipe)
+    monkeypatch.setattr(atexit, "register", closers.append)  # the worker's log closes when the test says
+    monkeypatch.setenv(CONSOLE_LOG_ENV, str(tmp_path / "cli.log"))
+    record_worker_console()
+    print("first")
+    sys.stdout.write("part")
+    sys.stdout.write("ial\n\nlast\n")
+    sys.stderr.write("a warning\n")
+    closers[0]()
+    assert terminal.getvalue() == "".join(CLEAR_LINE + ln + "\n" for ln in ["first", "partial", "", "last"])
+    assert pipe.getvalue() == "a warning\n"
+    assert (tmp_path / "cli.log").read_text().splitlines() == ["first", "partial", "", "last", "a warning"]
+
+
+def test_the_cell_bar_redraws_on_a_terminal_alone(monkeypatch):
+    """While cell workers train, the job redraws its bar each second (:meth:`CellProgress.tick`): on a terminal,
+    where its clock runs and a worker's line cleared it; written to a file, each redraw would be one more line."""
+    for stream, redraws in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = CellProgress(3, desc="training")
+        before = stream.getvalue()
+        bar.tick()
+        assert (stream.getvalue() != before) == redraws
+        assert "training:   0%" in stream.getvalue()
+        bar.close()
 
 
 def test_streams_held_past_the_job_write_to_the_console_alone(tmp_path, capsys):

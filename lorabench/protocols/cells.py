@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -607,8 +607,14 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                 # the largest passes first, so the last ones to finish are short
                 futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],
                                        threads): batch for batch in sorted(mine, key=len, reverse=True)}
-                for fut in as_completed(futures):
-                    finish(futures[fut], fut.result())
+                running = list(futures)
+                while running:  # on a terminal the bar is redrawn each second (its clock; a worker's line clears it)
+                    done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in [f for f in running if f in done]:
+                        finish(futures[fut], fut.result())
+                    running = [f for f in running if f not in done]
+                    if bar is not None:
+                        bar.tick()
         if theirs and progress:  # a wait that could look like a hang
             note(f"waiting for {len(theirs)} cell(s) another job is training "
                  f"(its claims: {CellClaims.lock_file(theirs[0]).parent})")

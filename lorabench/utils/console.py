@@ -142,6 +142,12 @@ class CellProgress:
         note(line)
         self.bar.update(1)
 
+    def tick(self) -> None:
+        """Redraw the bar, its clock with it, on a terminal (where a worker process's line cleared it); in a
+        file, a redraw would be one more line."""
+        if self.shown and _is_terminal(self.bar.fp):
+            self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -204,15 +210,29 @@ class _Log:
                     self.file.close()
 
 
-class _Tee:
-    """A text stream that writes to the console stream it stands for and to the log."""
+# What a worker's line starts with on a terminal: back to the line's start and clear it (the job's progress bar,
+# which another process drew there and ended with no newline)
+CLEAR_LINE = "\r\x1b[K"
 
-    def __init__(self, stream: TextIO, log: _Log, name: str):
-        self.stream, self.log, self.name = stream, log, name
+
+class _Tee:
+    """A text stream that writes to the console stream it stands for and to the log. ``clear_lines``: each
+    line starts by clearing the console's line (:data:`CLEAR_LINE`), for a worker process on a terminal."""
+
+    def __init__(self, stream: TextIO, log: _Log, name: str, clear_lines: bool = False):
+        self.stream, self.log, self.name, self.clear_lines, self.line_start = stream, log, name, clear_lines, True
 
     def write(self, text: str) -> int:
         self.log.feed(self.name, text)
-        return self.stream.write(text)
+        if not (self.clear_lines and text):
+            return self.stream.write(text)
+        parts = text.split("\n")  # each part starts a line (the first if the last write ended one) ...
+        last = len(parts) - 1  # ... but the empty part after a last newline: the next write's
+        shown = "\n".join(CLEAR_LINE + part if (i or self.line_start) and (part or i < last) else part
+                          for i, part in enumerate(parts))
+        self.line_start = text.endswith("\n")
+        self.stream.write(shown)
+        return len(text)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -270,18 +290,28 @@ def record_worker_console() -> None:
     if not path or isinstance(sys.stdout, _Tee):
         return
     log = _Log(Path(path), joined=True)
-    _tee_console(log)
+    # on a terminal the job's cell bar may be on the line this worker comes to (it is redrawn, not followed)
+    _tee_console(log, clear_lines=True)
     atexit.register(log.close)  # a bar's last state; the complete lines are written as they come
 
 
-def _tee_console(log: _Log) -> tuple[dict[str, IO], dict[str, _Tee]]:
+def _tee_console(log: _Log, clear_lines: bool = False) -> tuple[dict[str, IO], dict[str, _Tee]]:
     """Send stdout, stderr and the console handlers that write to them through tees into ``log``; the
-    streams they were, and the tees."""
+    streams they were, and the tees. ``clear_lines``: a stream that is a terminal starts each line by
+    clearing the console's line."""
     saved: dict[str, IO] = {"stdout": sys.stdout, "stderr": sys.stderr}
-    tees = {name: _Tee(stream, log, name) for name, stream in saved.items()}
+    tees = {name: _Tee(stream, log, name, clear_lines and _is_terminal(stream)) for name, stream in saved.items()}
     _point_handlers(saved, tees)
     sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
     return saved, tees
+
+
+def _is_terminal(stream: IO) -> bool:
+    """Whether ``stream`` is a terminal (a closed or odd stream: not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _point_handlers(old: dict[str, IO], new: dict[str, IO]) -> None:
