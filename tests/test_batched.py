@@ -682,3 +682,36 @@ def test_jobs_sharing_a_cell_cache_train_each_cell_once(tmp_path, capsys):
     shown = capsys.readouterr().out  # the wait says so; each cell's line says who trained it
     assert f"waiting for 2 cell(s) another job is training (its claims: {cache / '.claims'})" in shown
     assert "cell1: trained by another job" in shown and "cell2: trained\n" in shown
+
+
+def test_a_cell_another_job_holds_is_waited_for_with_the_bar_ticking(tmp_path):
+    """The wait for a cell another job is training (minutes on a GPU) calls its ``while_waiting`` (the cell bar's
+    clock, :meth:`CellProgress.tick`) every ``poll_s`` until the claim is free, then holds it."""
+    import threading
+    import time
+
+    from filelock import FileLock
+    from omegaconf import OmegaConf
+
+    from lorabench.protocols.cells import Cell, CellClaims
+
+    cell = Cell(OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1}}), tmp_path / "cache" / "c", "c",
+                reuse=True)
+    CellClaims.lock_file(cell).parent.mkdir(parents=True)
+    theirs = FileLock(CellClaims.lock_file(cell))
+    theirs.acquire()
+    ticks, got, claims = [], [], CellClaims()
+
+    def wait() -> None:
+        got.append(claims.claim(cell, wait=True, while_waiting=lambda: ticks.append(time.monotonic()), poll_s=0.05))
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    assert not got and len(ticks) >= 3  # still waiting, and ticking
+    theirs.release()
+    waiter.join(5)
+    other = CellClaims()
+    assert got == [True] and not other.claim(cell)  # this one holds it now
+    claims.release_all()
+    assert other.claim(cell)
+    other.release_all()

@@ -498,17 +498,23 @@ class CellClaims:
         """The lock file of ``cell``: ``<cache>/.claims/<its folder's name>.lock``."""
         return cell.folder.parent / ".claims" / f"{cell.folder.name}.lock"
 
-    def claim(self, cell: Cell, wait: bool = False) -> bool:
-        """Whether this process may train ``cell`` now: its lock taken (at once, or once free with ``wait``),
-        or none needed."""
+    def claim(self, cell: Cell, wait: bool = False, while_waiting: Optional[Callable[[], None]] = None,
+              poll_s: float = 1.0) -> bool:
+        """Whether this process may train ``cell`` now: its lock taken (at once, or once free with ``wait``,
+        calling ``while_waiting`` every ``poll_s`` seconds until then: the bar's clock), or none needed."""
         if not self.applies(cell):
             return True
         self.lock_file(cell).parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.lock_file(cell), thread_local=False)
-        try:
-            lock.acquire(timeout=-1 if wait else 0)
-        except Timeout:
-            return False
+        while True:
+            try:
+                lock.acquire(timeout=poll_s if wait else 0)
+                break
+            except Timeout:
+                if not wait:
+                    return False
+                if while_waiting is not None:
+                    while_waiting()
         self.held[id(cell)] = lock
         return True
 
@@ -619,7 +625,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
             note(f"waiting for {len(theirs)} cell(s) another job is training "
                  f"(its claims: {CellClaims.lock_file(theirs[0]).parent})")
         for c in theirs:  # after this process's own cells: the other job's, once it lets them go
-            claims.claim(c, wait=True)
+            claims.claim(c, wait=True, while_waiting=None if bar is None else bar.tick)
             if c.finished():
                 finished_there(c)
             else:  # that job stopped before it finished the cell
