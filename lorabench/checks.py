@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -199,6 +200,29 @@ def check_data_path(path, field: str = "data.path") -> Path:
     elif not path.is_dir():
         raise ConfigError(field, f"image folder {str(path)!r} does not exist (give a folder or a .parquet file)")
     return path
+
+
+def check_writable(path, field: str, hint: str = "") -> Path:
+    """A folder a job writes in (``paths.output_root``, a cell cache): a folder, or one that can be made, where
+    this user can write. Tried by writing a scratch file in the folder, or in the nearest folder above it that
+    exists (a folder it made itself another job could be using); nothing is left behind. ``hint``: where else
+    the value may come from (an environment variable)."""
+    folder = Path(os.path.expanduser(str(path)))
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    also = f" ({hint})" if hint else ""
+    if not there.is_dir():
+        raise ConfigError(field, f"{str(there)!r} is a file, not a folder: give a folder to write in{also}")
+    try:
+        handle, scratch = tempfile.mkstemp(dir=there, prefix=".lorabench-write-check-")
+        os.close(handle)
+        os.unlink(scratch)
+    except OSError as exc:
+        what = "" if there == folder else f"cannot make {str(folder)!r}: "
+        raise ConfigError(field, f"{what}cannot write in {str(there)!r} ({exc.strerror}): give a folder this user "
+                                 f"can write in{also}") from None
+    return folder
 
 
 def check_weights(weights, n: int) -> list[float] | None:

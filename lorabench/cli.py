@@ -47,6 +47,7 @@ from lorabench.checks import (
     check_protocol_groups,
     check_sampler,
     check_validation,
+    check_writable,
 )
 from lorabench.errors import ConfigError, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
@@ -167,6 +168,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         images = str(OmegaConf.select(cfg, "data._target_")).endswith("ImageFolderDataModule")
         if images and cfg.get("protocol") is None:  # a protocol may give each cell its own data.path
             check_data_path(OmegaConf.select(cfg, "data.path"))
+        check_folders(cfg, args)
     except OmegaConfBaseException:
         pass  # an interpolation only a run can resolve: the run checks it
     if cfg.get("optim") is not None:
@@ -175,6 +177,20 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
         check_optim(optim)
+
+
+def check_folders(cfg: DictConfig, overrides: list[str]) -> None:
+    """The folders the job will write in, before Hydra makes its run folder there (Hydra's own failure is a
+    traceback naming no field): ``paths.output_root``, a ``hydra.run.dir`` or ``hydra.sweep.dir`` given as
+    a plain path, and the cell cache ``protocol.cache_dir``."""
+    check_writable(OmegaConf.select(cfg, "paths.output_root"), "paths.output_root",
+                   hint="$LORABENCH_OUTPUTS sets it")
+    for arg in overrides:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value and "," not in value:
+            check_writable(value, key)
+    if OmegaConf.select(cfg, "protocol.cache_dir"):
+        check_writable(OmegaConf.select(cfg, "protocol.cache_dir"), "protocol.cache_dir")
 
 
 def override_error(exc: OverrideParseException) -> ConfigError:

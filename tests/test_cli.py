@@ -170,6 +170,33 @@ def test_empty_and_corrupt_image_folders(tmp_path):
                           "data.path: image", "0.png", "is not a readable image")
 
 
+def test_folders_the_job_cannot_write_in_are_one_line_before_any_run_folder(tmp_path, monkeypatch):
+    """Where Hydra makes the run folder (``paths.output_root``, ``$LORABENCH_OUTPUTS``, ``hydra.run.dir``) or the
+    protocol keeps its cells (``protocol.cache_dir``) cannot be written: Hydra's traceback naming no field, or the
+    protocol's after its run folder was made and left behind. One line naming the field now, and nothing made."""
+    import tempfile
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_one_line_error(run_here([f"protocol.cache_dir={a_file / 'cells'}"], work), work,
+                          f"protocol.cache_dir: '{a_file}' is a file, not a folder")
+    assert_one_line_error(run_here([f"hydra.run.dir={a_file / 'run'}", *FAST], work), work, "hydra.run.dir: ")
+    assert_one_line_error(run_here(FAST, work, {"LORABENCH_OUTPUTS": str(a_file)}), work,
+                          f"paths.output_root: '{a_file}' is a file", "$LORABENCH_OUTPUTS sets it")
+
+    def refused(dir=None, prefix=None):  # a read-only or foreign folder: root, as CI runs, may write anywhere
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    line = assert_one_line_error(run_here([f"paths.output_root={tmp_path / 'ro' / 'out'}", *FAST], work), work,
+                                 f"paths.output_root: cannot make '{tmp_path / 'ro' / 'out'}': cannot write in "
+                                 f"'{tmp_path}' (Permission denied)")
+    assert "give a folder this user can write in" in line
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "work"]  # no folder made, no scratch file
+
+
 def test_adapter_file_that_does_not_fit(tmp_path):
     from lorabench.adapters import inject_adapters, save_adapter
     from lorabench.models import build_tiny_components
