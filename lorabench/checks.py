@@ -120,10 +120,19 @@ def check_override_types(base: DictConfig, overrides: Iterable[tuple[str, list[A
     """Each ``(key, values)`` given on the command line against the type of ``key``'s value in ``base`` (the
     config composed without them): a numeric field does not take a word (``trainer.max_steps: expected an
     integer, got 'ten'``), except the words of :data:`WORD_VALUES`, and a switch takes true or false (or null):
-    ``data.center_crop=maybe`` cropped, being a non-empty word. Numbers of the other kind (a float for an
-    integer field) are left to the field's own check, since some take both (``trainer.limit_train_batches``)."""
+    ``data.center_crop=maybe`` cropped, being a non-empty word; a group of options does not take one value
+    (``protocol.method=magmax`` for ``protocol.method.name=magmax``: before, a traceback). Numbers of the
+    other kind (a float for an integer field) are left to the field's own check, since some take both
+    (``trainer.limit_train_batches``)."""
     for key, values in overrides:
         default = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(default, DictConfig) and len(default):  # a group of options: a word would replace them all
+            wrong = [v for v in values if isinstance(v, (str, int, float))]
+            if wrong:
+                first = next(iter(default))
+                raise ConfigError(key, f"holds options ({', '.join(map(str, default))}), not one value: set one "
+                                       f"of them, e.g. {key}.{first}={wrong[0]}")
+            continue
         if isinstance(default, bool):  # a switch: a word or number would be taken as its truth value
             wrong = [v for v in values if v is not None and not isinstance(v, bool)]
             if wrong:

@@ -300,6 +300,9 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     (["sequence.length=12"], ("sequence.length", "asks for 12 tasks", "lists 10")),
     (["sequence.length=0"], ("sequence.length: must be an integer >= 1, got 0",)),  # it ran all ten before
     (["protocol.method.name=magmix"], ("protocol.method.name", "unknown value 'magmix'", "merge_init")),
+    # the method given where its options go: Hydra's traceback from the run folder's name before
+    (["protocol.method=magmax"], ("protocol.method: holds options (name), not one value: set one of them, "
+                                  "e.g. protocol.method.name=magmax",)),
     (["sequence.order_seed=abc"], ("sequence.order_seed: expected an integer, got 'abc'",)),
     (["protocol.method.name=merge:ties", "+protocol.method.merge_options.density=0"],
      ("protocol.method.merge_options.density: must be a number in (0, 1], got 0",)),
