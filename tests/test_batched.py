@@ -706,7 +706,9 @@ def test_a_cell_another_job_holds_is_waited_for_with_the_bar_ticking(tmp_path):
         got.append(claims.claim(cell, wait=True, while_waiting=lambda: ticks.append(time.monotonic()), poll_s=0.05))
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30  # a loaded machine may run the waiting thread late: ticks, not time
+    while len(ticks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not got and len(ticks) >= 3  # still waiting, and ticking
     theirs.release()
     waiter.join(5)
