@@ -197,6 +197,21 @@ def test_folders_the_job_cannot_write_in_are_one_line_before_any_run_folder(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "work"]  # no folder made, no scratch file
 
 
+def test_tiny_model_into_a_folder_it_cannot_make_is_one_line(tmp_path, capsys):
+    """``lorabench tiny-model DIR`` where DIR cannot be made: a FileNotFoundError traceback from the save, before."""
+    from lorabench.models.tiny import main as tiny_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        tiny_main([str(a_file / "model")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"lorabench tiny-model: error: folder: '{a_file}' is a file, not a folder: give a folder to "
+                       "write in")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_adapter_file_that_does_not_fit(tmp_path):
     from lorabench.adapters import inject_adapters, save_adapter
     from lorabench.models import build_tiny_components

@@ -26,6 +26,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lorabench.checks import check_writable
+from lorabench.errors import ConfigError
 from lorabench.models.components import ModelComponents, save_components
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -282,6 +284,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if Path(args.folder).exists():
         parser.error(f"folder: {args.folder!r} exists; give a new folder")
+    try:
+        check_writable(args.folder, "folder")
+    except ConfigError as err:
+        parser.error(str(err))
     comps = build_tiny_components(seed=args.seed, with_vae=not args.pixel, words=args.words)
     save_components(comps, args.folder)
     kind = "pixel space, lorabench only" if args.pixel else "with a VAE: also a diffusers StableDiffusionPipeline"
