@@ -64,11 +64,16 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
     plain = tmp_path / "plain"  # a training run's folder: its results.json names no protocol
     plain.mkdir()
     (plain / "results.json").write_text(json.dumps({"config_name": "quickstart", "metrics": {}}))
-    for args, fragment in (([str(tmp_path / "empty")], "holds no results.json"),
-                           ([str(wrong)], f"run, not one of {paper}'s"),
-                           ([str(plain)], f"is a training run (no protocol), not one of {paper}'s")):
+    a_file = tmp_path / "a_file"  # an --out it cannot make: a traceback after the work, before
+    a_file.write_text("x")
+    for args, fragment, out in (([str(tmp_path / "empty")], "holds no results.json", tmp_path / "out"),
+                                ([str(wrong)], f"run, not one of {paper}'s", tmp_path / "out"),
+                                ([str(plain)], f"is a training run (no protocol), not one of {paper}'s",
+                                 tmp_path / "out"),
+                                ([str(EXP / r) for r in CASES[paper][0]], f"--out: '{a_file}' is a file, not a folder",
+                                 a_file / "out")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["rebuild", paper, *args, "--out", str(tmp_path / "out")])
+            main(["rebuild", paper, *args, "--out", str(out)])
         assert exit_info.value.code == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorabench: error:")]
         assert len(err) == 1 and fragment in err[0], err

@@ -16,6 +16,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from lorabench.checks import check_writable
 from lorabench.errors import ConfigError
 from lorabench.loggers import build_loggers, finish_wandb
 from lorabench.protocols import base, sizes
@@ -162,6 +163,8 @@ def rebuild_cli(paper: str, argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", required=p.out_required, help=p.outputs)
     args = parser.parse_args(argv)
     try:
+        if args.out:  # before any reading: a folder it cannot write in was a traceback after the work
+            check_writable(args.out, "--out")
         print(base.rebuild(paper, list(args.paths), args.out).console)
     except (ConfigError, ValueError) as err:
         print(f"lorabench: error: {err}", file=sys.stderr)
