@@ -433,9 +433,12 @@ def check_command(args: list[str]) -> list[str]:
     """A command's arguments (after ``lorabench``, a subcommand made its experiment, ``-v`` taken out) as
     Hydra gets them, ``adapter=null`` as ``adapter=none``, once every check that needs no model, no data
     and no torch has passed: each group's option exists (:func:`check_group_overrides`), then
-    :func:`precheck`. Raises the first :class:`ConfigError`."""
+    :func:`precheck`; a ``local_gpus`` sweep's ``$LORABENCH_GPUS`` is set and well formed. Raises the first
+    :class:`ConfigError`."""
     args = no_adapter_overrides(args)
     check_group_overrides(args)
+    if {"-m", "--multirun"} & set(args) and "hydra/launcher=local_gpus" in args:
+        gpu_count()  # its GPUs listed (Hydra reads the count when it starts the launcher: a traceback from there)
     precheck(args)
     return args
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import FAST, assert_one_line_error, crashed, run_cli
+from helpers import FAST, assert_one_line_error, crashed, run_cli, run_here
 from lorabench.errors import ConfigError
 
 pytestmark = pytest.mark.integration  # end to end: out of the fast tier
@@ -61,6 +61,18 @@ def test_jobs_claim_distinct_gpus_and_wait_when_all_are_held(tmp_path):
         order.append("release")
     t.join(5)
     assert order == ["release", "third"] and got[0] in {"0", "1"}
+
+
+@pytest.mark.parametrize("gpus, fragment", [
+    ("", "LORABENCH_GPUS: not set; hydra/launcher=local_gpus runs one job per GPU"),
+    ("cuda:0", "LORABENCH_GPUS: must be comma-separated GPU indices such as 0,1,2,3; got 'cuda:0'"),
+])
+def test_a_local_gpus_sweep_without_its_gpus_listed_is_one_line(tmp_path, gpus, fragment):
+    """Hydra reads local_gpus' job count from $LORABENCH_GPUS when it starts the launcher: a missing or malformed
+    list was a traceback of some hundred lines from there."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = run_here(["-m", "hydra/launcher=local_gpus", *FAST, "seed=0,1"], tmp_path, {"LORABENCH_GPUS": gpus})
+    assert_one_line_error(proc, tmp_path, fragment)
 
 
 def test_joblib_multirun_one_results_folder_per_job(tmp_path):
