@@ -35,9 +35,12 @@ def test_single_concept_experiment_prints_its_table(tmp_path):
 
 
 def test_main_job_unknown_concept_is_one_line(tmp_path):
+    """Named as the user set it, before any cell trains (it read ``world.concept``, when a cell built its data)."""
     # through the installed command's own process, as users meet it (the others run in-process: run_here)
     assert_one_line_error(run_cli(["protocol.concepts=[nope,sks,twt]"], tmp_path), tmp_path,
-                          "world.concept: unknown value 'nope'", "sks")
+                          "protocol.concepts: unknown value 'nope'", "sks")
+    assert_one_line_error(run_here(["experiment=world_style", "protocol.styles=[vango,nope]"], tmp_path), tmp_path,
+                          "protocol.styles: unknown value 'nope'; valid: dalio, escha")
 
 
 def test_main_job_rejects_a_top_level_adapter(tmp_path):

@@ -36,10 +36,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.checks import check_protocol_groups
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
 from lorabench.utils.cpus import cpu_budget
+from lorabench.world.spec import make_world
 
 
 def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict, list[str], list[int]]:
@@ -60,7 +61,23 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     if not seeds:
         raise ConfigError("protocol.seeds", "empty; give at least one seed")
     check_batch_cells(p.get("batch_cells", 1))
+    check_world_items(cfg, items_key, items)
     return adapters, items, seeds
+
+
+def check_world_items(cfg: DictConfig, items_key: str, items: Sequence[str]) -> None:
+    """On the mini world's data, each of ``protocol.concepts`` / ``protocol.styles`` is one of its experiment
+    identities / styles (or a name of ``protocol.concept_data``), named under the field the user set: the
+    world's own check names ``world.concept`` and ran when the first cell built its data."""
+    data = cfg.get("data") or {}
+    if items_key not in ("concepts", "styles") or not str(data.get("_target_", "")).endswith(".world_datamodule"):
+        return
+    world = make_world(int(data.get("world_seed", 0)), int(data.get("resolution", 16)))
+    known = [x.name for x in (world.experiment_identities if items_key == "concepts" else world.experiment_styles)]
+    own = set((cfg.protocol.get("concept_data") or {}).keys())
+    for name in items:
+        if name not in known and name not in own:
+            raise choice_error(f"protocol.{items_key}", name, known)
 
 
 # what an adapter entry's ``recipe`` may override: the training groups of its cells
