@@ -244,8 +244,9 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
     (conf/embeddings/textual_inversion.yaml), where another lost to the shell the quotes Hydra needs around
     ``'<x>'``; the command-line callback example composed but failed in Lightning (test_cli.py runs that one)."""
     args = shlex.split(line, comments=True)
-    while not args[0].endswith("lorabench"):  # VAR=value before the command
-        args.pop(0)
+    while not args[0].endswith("lorabench"):  # VAR=value before the command: its environment, as the shell sets it
+        name, _, value = args.pop(0).partition("=")
+        monkeypatch.setenv(name, value)
     args = [a for a in args[1:] if a not in ("-v", "--verbose")]
     if args and SUBCOMMANDS.get(args[0]):
         args = [SUBCOMMANDS[args[0]], *args[1:]]
