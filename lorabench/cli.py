@@ -189,8 +189,8 @@ def check_folders(cfg: DictConfig, overrides: list[str]) -> None:
         key, _, value = arg.lstrip("+").partition("=")
         if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value and "," not in value:
             check_writable(value, key)
-    if OmegaConf.select(cfg, "protocol.cache_dir"):
-        check_writable(OmegaConf.select(cfg, "protocol.cache_dir"), "protocol.cache_dir")
+    if cache := OmegaConf.select(cfg, "protocol.cache_dir"):
+        check_writable(cache, "protocol.cache_dir")
 
 
 def override_error(exc: OverrideParseException) -> ConfigError:

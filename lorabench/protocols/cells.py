@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.checks import check_protocol_groups
-from lorabench.errors import ConfigError, check_int, choice_error
+from lorabench.errors import ConfigError, check_int
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
 from lorabench.utils.cpus import cpu_budget
@@ -67,17 +67,17 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 def check_world_items(cfg: DictConfig, items_key: str, items: Sequence[str]) -> None:
     """On the mini world's data, each of ``protocol.concepts`` / ``protocol.styles`` is one of its experiment
-    identities / styles (or a name of ``protocol.concept_data``), named under the field the user set: the
-    world's own check names ``world.concept`` and ran when the first cell built its data."""
+    identities / styles (or a name of ``protocol.concept_data``): the world's own lookup, before any cell, naming
+    the field the user set (alone it names ``world.concept``, when the first cell builds its data)."""
     data = cfg.get("data") or {}
     if items_key not in ("concepts", "styles") or not str(data.get("_target_", "")).endswith(".world_datamodule"):
         return
     world = make_world(int(data.get("world_seed", 0)), int(data.get("resolution", 16)))
-    known = [x.name for x in (world.experiment_identities if items_key == "concepts" else world.experiment_styles)]
-    own = set((cfg.protocol.get("concept_data") or {}).keys())
+    lookup = world.identity if items_key == "concepts" else world.style
+    own = cfg.protocol.get("concept_data") or {}
     for name in items:
-        if name not in known and name not in own:
-            raise choice_error(f"protocol.{items_key}", name, known)
+        if name not in own:
+            lookup(name, field=f"protocol.{items_key}")
 
 
 # what an adapter entry's ``recipe`` may override: the training groups of its cells

@@ -86,17 +86,19 @@ class World:
     experiment_styles: list[Style] = field(default_factory=list)
     evaluator_styles: list[Style] = field(default_factory=list)
 
-    def identity(self, name: str) -> Identity:
+    def identity(self, name: str, field: str = "world.concept") -> Identity:
+        """The experiment identity ``name``; else a one-line error naming ``field`` (the setting it came from)."""
         for i in self.experiment_identities:
             if i.name == name:
                 return i
-        raise choice_error("world.concept", name, [i.name for i in self.experiment_identities])
+        raise choice_error(field, name, [i.name for i in self.experiment_identities])
 
-    def style(self, name: str) -> Style:
+    def style(self, name: str, field: str = "world.style") -> Style:
+        """The experiment style ``name``; else a one-line error naming ``field`` (the setting it came from)."""
         for s in self.experiment_styles:
             if s.name == name:
                 return s
-        raise choice_error("world.style", name, [s.name for s in self.experiment_styles])
+        raise choice_error(field, name, [s.name for s in self.experiment_styles])
 
     def vocabulary(self) -> list[str]:
         words = set()
