@@ -234,12 +234,17 @@ def check_writable(path, field: str, hint: str = "") -> Path:
     return folder
 
 
-def check_weights(weights, n: int) -> list[float] | None:
-    """``protocol.weights`` (the merge and sample jobs): null (each input as it is) or one number per input."""
+def check_weights(weights, n: int, files: str = "protocol.inputs") -> list[float] | None:
+    """``protocol.weights`` (the merge and sample jobs): null (each of the ``n`` files of the field ``files`` as
+    it is) or one number per file."""
     if weights is None:
         return None
     if isinstance(weights, (int, float)) or not hasattr(weights, "__len__") or isinstance(weights, str) \
             or len(weights) != n or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise ConfigError("protocol.weights", f"must be null or a list of {n} numbers (one per input), got "
-                          f"{OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights!r}")
+        given = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
+        if n == 0:
+            raise ConfigError("protocol.weights", f"scales the files of {files}, which lists none: give those "
+                                                  f"files, or leave the weights null (got {given!r})")
+        raise ConfigError("protocol.weights", f"must be null or a list of {n} numbers, one per file of {files}, "
+                                              f"got {given!r}")
     return [float(w) for w in weights]

@@ -49,7 +49,7 @@ from lorabench.checks import (
     check_validation,
     check_writable,
 )
-from lorabench.errors import ConfigError, choice_error, find_config_error
+from lorabench.errors import ConfigError, check_seed, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
@@ -159,6 +159,9 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     check_callbacks(cfg.get("callbacks"))
     check_protocol_groups(cfg)
     try:
+        # every value of a seed sweep (seed=0,1,2), else the composed one (a range sweep's first)
+        for seed in next((vals for key, vals in typed if key == "seed" and vals), None) or [cfg.get("seed")]:
+            check_seed(seed, "seed")
         check_validation(OmegaConf.select(cfg, "eval.validation"))
         if OmegaConf.select(cfg, "eval.sampler") is not None:
             check_sampler(OmegaConf.to_container(cfg.eval.sampler, resolve=True), "eval.sampler")

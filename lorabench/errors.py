@@ -47,6 +47,19 @@ def check_int(value, field: str, minimum: int | None = None, allow_none: bool = 
     return value
 
 
+# The seeds a run accepts: Lightning's ``seed_everything`` seeds numpy, whose seeds are unsigned 32-bit integers
+# (outside them it raises, deep inside a run or a protocol's cell).
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(value, field: str) -> int:
+    """``value`` as a seed (an integer in :data:`SEED_RANGE`), or a ConfigError naming ``field``."""
+    low, high = SEED_RANGE
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(field, f"must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
 def find_config_error(exc: BaseException) -> Optional[ConfigError]:
     """The ConfigError behind ``exc``, looking through Hydra's InstantiationException wrappers; or,
     for an error raised inside a third-party constructor that Hydra instantiated (a Lightning or

@@ -298,3 +298,22 @@ def test_a_config_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(ConfigError("callbacks.swa", "needs an integer")))
     assert (type(err), err.field, str(err)) == (ConfigError, "callbacks.swa", "callbacks.swa: needs an integer")
+
+
+def test_seeds_and_weights_are_checked_with_the_field_they_pair_with():
+    """Why: seed=-1 or seed=null reached Lightning's seed_everything and ended in a traceback (numpy's seeds are
+    unsigned 32-bit); weights given for a sample job without adapters said "a list of 0 numbers (one per input)",
+    naming neither the adapters' field nor what to do."""
+    from lorabench.checks import check_weights
+    from lorabench.errors import check_seed
+
+    assert check_seed(0, "seed") == 0 and check_seed(2**32 - 1, "seed") == 2**32 - 1
+    for bad in (-1, 2**32, 1.5, None, True, "0"):
+        with pytest.raises(ConfigError, match=r"^seed: must be an integer from 0 to 4294967295"):
+            check_seed(bad, "seed")
+    assert check_weights([1, 0.5], 2) == [1.0, 0.5] and check_weights(None, 3) is None
+    with pytest.raises(ConfigError, match=r"^protocol.weights: must be null or a list of 2 numbers, one per file of "
+                                          r"protocol.inputs, got \[0.7\]"):
+        check_weights([0.7], 2)
+    with pytest.raises(ConfigError, match=r"^protocol.weights: scales the files of protocol.adapters, which lists"):
+        check_weights([1, 2], 0, "protocol.adapters")

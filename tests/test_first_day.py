@@ -31,6 +31,9 @@ main()
     ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
     ("adapter.rank=four", "adapter.rank: expected an integer, got 'four'"),
     ("optim.lr=-1", "optim.lr: must be a number > 0, got -1"),
+    # seed_everything raised deep inside the run (numpy's seeds are unsigned 32-bit); 1.5 reached the data module
+    ("seed=-1", "seed: must be an integer from 0 to 4294967295, got -1"),
+    ("seed=1.5", "seed: must be an integer from 0 to 4294967295, got 1.5"),
     ("protocol.weightz=[0.7,0.3]", "protocol.weightz: not a field of this config"),
     ("data=imagefolder data.path=/no/such/folder", "data.path: image folder '/no/such/folder' does not exist"),
     ("model=sd15 model.pretrained=/no/such/model", "model.pretrained: '/no/such/model' is neither an existing folder"),
@@ -48,6 +51,8 @@ def test_a_bad_value_is_one_line_naming_field_and_type_before_any_heavy_import(t
 def test_a_sweep_value_of_the_wrong_type_fails_before_any_job(tmp_path):
     proc = run_cli(["-m", *FAST, "optim.lr=1e-3,fast"], tmp_path)
     assert_one_line_error(proc, tmp_path, "optim.lr: expected a number, got 'fast'")
+    proc = run_cli(["-m", *FAST, "seed=0,1,-2"], tmp_path)  # each of a sweep's seeds, not its first alone
+    assert_one_line_error(proc, tmp_path, "seed: must be an integer from 0 to 4294967295, got -2")
 
 
 def test_a_failed_run_leaves_nothing_wherever_its_folder_is(tmp_path):

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lorabench.adapters import Adapters, load_adapter
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.checks import check_protocol_groups
-from lorabench.errors import ConfigError, check_int
+from lorabench.errors import ConfigError, check_seed
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
 from lorabench.utils.cpus import cpu_budget
@@ -53,7 +53,7 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     if not adapters:
         raise ConfigError("protocol.adapters", "no adapters to compare; add e.g. /adapter@protocol.adapters.lora: lora")
     items = list(p.get(items_key) or [])
-    seeds = [check_int(s, f"protocol.seeds[{i}]") for i, s in enumerate(p.get("seeds") or [])]
+    seeds = [check_seed(s, f"protocol.seeds[{i}]") for i, s in enumerate(p.get("seeds") or [])]
     if not items:
         raise ConfigError(f"protocol.{items_key}", f"empty; give at least one name (e.g. [{example}])")
     if len(set(items)) < len(items):

@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     for f in files:
         if not Path(f).is_file():
             raise ConfigError("protocol.adapters", f"adapter file {f!r} does not exist")
-    weights = check_weights(p.get("weights"), len(files)) or [1.0] * len(files)
+    weights = check_weights(p.get("weights"), len(files), "protocol.adapters") or [1.0] * len(files)
     opts = OmegaConf.to_container(p, resolve=True)
     spec = check_validation({k: opts.get(k) for k in ("prompts", "seeds", "sampler")}, "protocol")
     if spec is None:
