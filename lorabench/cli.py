@@ -200,6 +200,9 @@ def override_error(exc: OverrideParseException) -> ConfigError:
     """An override Hydra's grammar rejects (its message: three lines and a link) as one line naming the key and
     the usual cause: a value with characters the grammar reserves, which needs quotes that reach Hydra."""
     line = exc.override or ""
+    if re.fullmatch(r"[\w.-]+", line):  # a word alone: a command that does not exist, or a key without its value
+        return ConfigError(line, f"neither a command of lorabench ({', '.join(SUBCOMMANDS)}) nor an override "
+                                 "(key=value); lorabench --help lists both")
     key = line.split("=", 1)[0].lstrip("+~") or "override"
     reason = " ".join(str(exc).split("\n")[0].split())
     why = "" if reason.startswith("LexerNoViableAltException") else f" ({reason})"
