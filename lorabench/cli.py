@@ -432,7 +432,7 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("lb.job_dir", job_dir_name)
 
 
-SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None}
+SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None, "rebuild": None}
 
 
 def check_command(args: list[str]) -> list[str]:
@@ -450,10 +450,16 @@ def check_command(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table
+    # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table;
+    # lorabench rebuild <paper> RUNS...: a paper's tables from finished runs
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         if sys.argv[1] == "summarize":
             sys.exit(summarize_main(sys.argv[2:]))
+        if sys.argv[1] == "rebuild":  # lorabench rebuild <paper> RUNS... = python -m lorabench.protocols rebuild ...
+            from lorabench.protocols.__main__ import main as rebuild_main  # noqa: PLC0415 - heavy: torch
+
+            rebuild_main(sys.argv[1:])
+            return
         if sys.argv[1] == "tiny-model":
             from lorabench.models.tiny import main as tiny_main  # noqa: PLC0415 - heavy: torch, diffusers
 

@@ -153,7 +153,7 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["embeddings=textual_inversion", "embeddings.token=<x>"],
      ["embeddings.token: 'embeddings.token=<x>' is not a valid override", "\"embeddings.token='<value>'\""]),
     # a word alone (a command that does not exist, a key without its value) was called an override to quote
-    (["rebuild"], ["rebuild: neither a command of lorabench (sample, summarize, tiny-model) nor an override"]),
+    (["train"], ["train: neither a command of lorabench (sample, summarize, tiny-model, rebuild) nor an override"]),
     (["seed"], ["seed: neither a command of lorabench"]),
 ])
 def test_bad_config_values(tmp_path, args, fragments):

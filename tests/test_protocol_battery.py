@@ -104,6 +104,25 @@ def test_unknown_paper_is_one_line(capsys):
     assert "paper: unknown paper 'dreambooth'; valid: orthogonal_adaptation, continual, trilora" in err
 
 
+def test_lorabench_rebuild_is_the_rebuild_command(tmp_path, capsys, monkeypatch):
+    """Why: ``lorabench rebuild`` (what a user of ``lorabench sample`` and ``lorabench summarize`` types) was
+    read as a Hydra override. It is the shared rebuild command: the same tables, the same one-line errors."""
+    from lorabench import cli
+
+    runs, files = CASES["trilora"]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lorabench", "rebuild", "trilora", *[f"experiments/{r}" for r in runs],
+                                      "--out", str(tmp_path)])
+    cli.main()
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (EXP / "trilora" / name).read_bytes(), name
+    monkeypatch.setattr(sys, "argv", ["lorabench", "rebuild", "dreambooth", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert "usage: lorabench rebuild {orthogonal_adaptation,continual,trilora}" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_the_per_paper_command_is_an_alias(tmp_path):
     """``python -m lorabench.protocols.<paper>`` (the command before the shared one) writes the same files."""

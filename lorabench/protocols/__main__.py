@@ -1,5 +1,5 @@
-"""``python -m lorabench.protocols rebuild <paper> RUNS... [--out DIR]``: any paper's tables, CSVs, verdicts
-and plots rebuilt from finished runs' results.json files, without re-running them (the papers:
+"""``lorabench rebuild <paper> RUNS... [--out DIR]``, or ``python -m lorabench.protocols rebuild ...``: any paper's
+tables, CSVs, verdicts and plots rebuilt from finished runs' results.json files, without re-running them (the papers:
 :data:`lorabench.protocols.base.PAPERS`). ``python -m lorabench.protocols.<paper> RUNS...`` still works
 and does the same."""
 
@@ -12,7 +12,8 @@ from lorabench.errors import ConfigError
 from lorabench.protocols.base import PAPERS, paper
 from lorabench.protocols.report import rebuild_cli
 
-USAGE = f"usage: python -m lorabench.protocols rebuild {{{','.join(PAPERS)}}} RUNS... [--out DIR]"
+USAGE = (f"usage: lorabench rebuild {{{','.join(PAPERS)}}} RUNS... [--out DIR]"
+         "  (or python -m lorabench.protocols rebuild ...)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
