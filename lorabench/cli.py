@@ -154,6 +154,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             check_override_types(base, typed)
             cfg = compose("train", overrides=group_args + value_args)
             drop_adapter(cfg, choice)
+            check_protocol_data(cfg, group_args)
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
     check_callbacks(cfg.get("callbacks"))
@@ -180,6 +181,25 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
         check_optim(optim)
+
+
+def check_protocol_data(cfg: DictConfig, group_args: list[str]) -> None:
+    """A protocol builds each cell's data from the ``data`` group its experiment chose (the mini world's protocols
+    from ``data=world``, by concept or style name): a ``data=`` group on the command line that replaces it ended
+    in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. Called
+    inside :func:`precheck`'s Hydra context; one more composition, only when both are given."""
+    if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
+        return
+    data_args = [a for a in group_args if a.split("=", 1)[0].lstrip("+~").split("@", 1)[0] == "data"]
+    if not data_args:
+        return
+    given = compose("train", overrides=group_args, return_hydra_config=True).hydra.runtime.choices.get("data")
+    own = compose("train", overrides=[a for a in group_args if a not in data_args],
+                  return_hydra_config=True).hydra.runtime.choices.get("data")
+    if given != own:
+        raise ConfigError("data", f"this protocol's experiment trains its cells on data={own}; data={given} would "
+                                  "replace it: leave the group out (its fields can still be set, data.<key>=...); one "
+                                  "run on your own images: experiment=sd15_dreambooth_lora data.path=<folder>")
 
 
 def check_folders(cfg: DictConfig, overrides: list[str]) -> None:

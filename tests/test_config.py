@@ -270,6 +270,24 @@ def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, m
     assert str(err.value).startswith(message), str(err.value)
 
 
+@pytest.mark.parametrize("args,message", [
+    ([], "data: this protocol's experiment trains its cells on data=world; data=imagefolder would replace it"),
+    (["experiment=trilora/world"], "data: this protocol's experiment trains its cells on data=world; data=imagefolder"),
+    (["experiment=continual/sdxl_objects"], "data: this protocol's experiment trains its cells on data=dreambooth; "
+                                            "data=imagefolder"),
+])
+def test_a_protocol_refuses_a_data_group_that_replaces_its_own(args, message):
+    """Why: ``lorabench data=imagefolder data.path=...`` (the main job with one's own images) ended in a traceback
+    (``Interpolation key 'data.world_seed' not found``) after the run folder was made, nine times in a row for
+    nine variations; trilora/world said ``config: TypeError: ... unexpected keyword argument 'kind'``. A
+    protocol's data group is its experiment's; its fields stay open, and a run without a protocol takes any."""
+    with pytest.raises(ConfigError) as err:
+        check_command([*args, "data=imagefolder", "data.path=/tmp"])
+    assert str(err.value).startswith(message), str(err.value)
+    check_command(["experiment=world_concepts", "data=world", "data.n=4"])  # its own group again: fine
+    check_command(["experiment=quickstart", "data=imagefolder", "data.path=/tmp"])  # no protocol: any group
+
+
 def test_raised_by_names_the_configured_object_whose_method_raised():
     """What turns a callback's refusal at fit start into ``callbacks.<name>: ...``: the innermost frame whose
     ``self`` is a configured object names it, through calls into other objects; an error from elsewhere is None."""
