@@ -154,7 +154,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             check_override_types(base, typed)
             cfg = compose("train", overrides=group_args + value_args)
             drop_adapter(cfg, choice)
-            check_protocol_data(cfg, group_args)
+            check_protocol_group_choices(cfg, group_args)
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
     check_callbacks(cfg.get("callbacks"))
@@ -183,23 +183,38 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         check_optim(optim)
 
 
-def check_protocol_data(cfg: DictConfig, group_args: list[str]) -> None:
+def check_protocol_group_choices(cfg: DictConfig, group_args: list[str]) -> None:
     """A protocol builds each cell's data from the ``data`` group its experiment chose (the mini world's protocols
     from ``data=world``, by concept or style name): a ``data=`` group on the command line that replaces it ended
-    in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. Called
-    inside :func:`precheck`'s Hydra context; one more composition, only when both are given."""
+    in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. And a
+    ``merge`` or ``sequence`` group the experiment did not choose is read by nothing (the main job's merges are
+    ``protocol.methods.<name>.merge``): ``lorabench merge=ties`` ran the main job as if it were not there. Called
+    inside :func:`precheck`'s Hydra context; one more composition, only when a protocol and such a group meet."""
     if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
         return
-    data_args = [a for a in group_args if a.split("=", 1)[0].lstrip("+~").split("@", 1)[0] == "data"]
-    if not data_args:
+    given_args = {}
+    for a in group_args:
+        group = a.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if group in ("data", "merge", "sequence"):
+            given_args.setdefault(group, []).append(a)
+    if not given_args:
         return
-    given = compose("train", overrides=group_args, return_hydra_config=True).hydra.runtime.choices.get("data")
-    own = compose("train", overrides=[a for a in group_args if a not in data_args],
-                  return_hydra_config=True).hydra.runtime.choices.get("data")
-    if given != own:
-        raise ConfigError("data", f"this protocol's experiment trains its cells on data={own}; data={given} would "
-                                  "replace it: leave the group out (its fields can still be set, data.<key>=...); one "
-                                  "run on your own images: experiment=sd15_dreambooth_lora data.path=<folder>")
+    given = compose("train", overrides=group_args, return_hydra_config=True).hydra.runtime.choices
+    own = compose("train", overrides=[a for a in group_args if not any(a in v for v in given_args.values())],
+                  return_hydra_config=True).hydra.runtime.choices
+    for group in given_args:
+        mine, theirs = own.get(group), given.get(group)
+        if group == "data" and theirs != mine:
+            raise ConfigError("data", f"this protocol's experiment trains its cells on data={mine}; data={theirs} "
+                                      "would replace it: leave the group out (its fields can still be set, "
+                                      "data.<key>=...); one run on your own images: experiment=sd15_dreambooth_lora "
+                                      "data.path=<folder>")
+        if group != "data" and mine is None and theirs is not None:
+            own_way = ("protocol.methods.<name>.merge.name" if "methods" in cfg.protocol
+                       else f"protocol.method.name=merge:{theirs}" if "method" in cfg.protocol else "")
+            raise ConfigError(group, f"this protocol reads no top-level {group} group, so {group}={theirs} would "
+                                     "change nothing: set the protocol's own options instead (lorabench --cfg job "
+                                     f"shows them{f', e.g. {own_way}' if group == 'merge' and own_way else ''})")
 
 
 def check_folders(cfg: DictConfig, overrides: list[str]) -> None:

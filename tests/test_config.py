@@ -288,6 +288,26 @@ def test_a_protocol_refuses_a_data_group_that_replaces_its_own(args, message):
     check_command(["experiment=quickstart", "data=imagefolder", "data.path=/tmp"])  # no protocol: any group
 
 
+@pytest.mark.parametrize("args,message", [
+    (["merge=ties"], "merge: this protocol reads no top-level merge group, so merge=ties would change nothing: "
+                     "set the protocol's own options instead (lorabench --cfg job shows them, e.g. "
+                     "protocol.methods.<name>.merge.name)"),
+    (["experiment=continual/world_objects", "merge=ties"], "merge: this protocol reads no top-level merge group, "
+                                                           "so merge=ties would change nothing: set the protocol's "
+                                                           "own options instead (lorabench --cfg job shows them, "
+                                                           "e.g. protocol.method.name=merge:ties)"),
+    (["sequence=world_objects"], "sequence: this protocol reads no top-level sequence group"),
+])
+def test_a_protocol_refuses_a_group_it_does_not_read(args, message):
+    """Why: ``lorabench merge=ties`` ran the main job, 3 minutes, as if the group were not there (its merges are
+    protocol.methods.<name>.merge); so did a sequence beside it. A group the protocol reads stays open."""
+    with pytest.raises(ConfigError) as err:
+        check_command(args)
+    assert str(err.value) == message or str(err.value).startswith(message), str(err.value)
+    check_command(["experiment=merge_adapters", "merge=ties"])  # the merge job reads it
+    check_command(["experiment=continual/world_objects", "sequence=world_objects"])  # its own group again
+
+
 def test_raised_by_names_the_configured_object_whose_method_raised():
     """What turns a callback's refusal at fit start into ``callbacks.<name>: ...``: the innermost frame whose
     ``self`` is a configured object names it, through calls into other objects; an error from elsewhere is None."""

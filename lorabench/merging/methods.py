@@ -48,14 +48,13 @@ import math
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging.updates import AdapterUpdate, FactorStack, LayerDelta, StackedDeltas, check_compatible
-from lorabench.utils.cpus import cpu_budget
+from lorabench.utils.cpus import cpu_budget, spawn_pool
 from lorabench.utils.registry import Registry
 from lorabench.utils.seeding import generator
 
@@ -345,8 +344,7 @@ def solver_pool(workers: int) -> ProcessPoolExecutor:
     merges dozens of groups; spawning each time would cost more than a small merge)."""
     if workers not in _POOLS:
         threads = max(1, cpu_budget() // workers)
-        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                              initializer=_pool_init, initargs=(threads,))
+        _POOLS[workers] = spawn_pool(workers, _pool_init, (threads,))
     return _POOLS[workers]
 
 

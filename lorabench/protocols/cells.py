@@ -20,10 +20,9 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -39,7 +38,7 @@ from lorabench.checks import check_protocol_groups
 from lorabench.errors import ConfigError, check_seed
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
-from lorabench.utils.cpus import cpu_budget
+from lorabench.utils.cpus import cpu_budget, spawn_pool
 from lorabench.world.spec import make_world
 
 
@@ -626,7 +625,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
         elif mine := [b for b in map(take, passes) if b]:
             threads = max(1, cpu_budget() // workers)
             share_console()  # the workers add what they print to the job's cli.log
-            with ProcessPoolExecutor(max_workers=min(workers, len(mine)), mp_context=get_context("spawn")) as pool:
+            with spawn_pool(min(workers, len(mine))) as pool:
                 # the largest passes first, so the last ones to finish are short
                 futures = {pool.submit(_train_in_worker, [(c.resolved(), str(c.folder), c.name) for c in batch],
                                        threads): batch for batch in sorted(mine, key=len, reverse=True)}
