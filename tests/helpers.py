@@ -280,3 +280,41 @@ SHORT = ["experiment=continual/world_objects", "sequence.length=3", "trainer.max
 WORLD_ARGS = ["experiment=trilora/world", "data.n=12", "data.max_train_samples=6", "data.batch_size=3",
               "protocol.seeds=[0]", "protocol.table_epoch=1", "protocol.checkpoints=[1,2]",
               "~protocol.adapters.trilora_svd_u", "eval.sampler.num_inference_steps=2", "protocol.grid_images=4"]
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (exited, reaped or not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def child_outlives_parent(tmp_path: Path, parent_script: str, wait_s: float = 10.0) -> bool:
+    """Runs ``parent_script`` (Python that starts a child process, prints its pid on a line of its own, then
+    waits), SIGKILLs it once the child is up, and says whether the child still runs ``wait_s`` seconds later
+    (read from /proc: skips where there is none)."""
+    import signal
+    import time
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("reads process states from /proc")
+    script = tmp_path / "parent.py"
+    script.write_text(parent_script)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert not _gone(child), "the child ended on its own"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + wait_s
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = not _gone(child)
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        return alive
+    finally:
+        parent.kill()

@@ -127,3 +127,33 @@ def test_process_count_of_a_trainer_config():
     from omegaconf import OmegaConf
 
     assert trainer_processes(OmegaConf.create({"strategy": "ddp", "accelerator": "cpu", "devices": [0, 1]})) == 2
+
+
+SPAWN_PARENT = """
+import pickle, time
+from multiprocessing import get_context
+
+from lorabench.training.callbacks import QuietSpawnedWorkers
+
+
+def rank(trainer_callbacks):  # what Lightning's ddp_spawn does: the callbacks unpickled in a new interpreter
+    pickle.loads(trainer_callbacks)
+    time.sleep(120)  # a rank waiting on the others
+
+
+if __name__ == "__main__":
+    child = get_context("spawn").Process(target=rank, args=(pickle.dumps(QuietSpawnedWorkers()),))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(5)  # the child's imports
+    time.sleep(120)
+"""
+
+
+def test_a_spawned_rank_ends_with_the_job_that_spawned_it(tmp_path):
+    """Why: `timeout` (SIGTERM) ended a trainer=ddp_cpu job's main process and left its two ddp_spawn ranks
+    waiting on each other, orphaned, holding the console's pipe (a shell pipeline on it never returned). The
+    callback every spawned rank unpickles first now makes it end with its parent."""
+    from helpers import child_outlives_parent
+
+    assert child_outlives_parent(tmp_path, SPAWN_PARENT, wait_s=20) is False

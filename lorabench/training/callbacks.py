@@ -23,6 +23,7 @@ from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import sample_prompts, save_grid
 from lorabench.utils.console import quiet_worker, record_worker_console
+from lorabench.utils.cpus import end_with_parent
 
 EXPORTS = {**EXPORT_FILES, "custom_diffusion": (CUSTOM_DIFFUSION_FILE, export_custom_diffusion)}
 
@@ -185,7 +186,10 @@ class QuietSpawnedWorkers(L.Callback):
     callbacks with it, into each worker; unpickling this one there, before the worker sets up its process
     group and logs its banners, silences the same expected warnings and joins the worker to the job's
     console log (:func:`lorabench.utils.console.record_worker_console`: rank zero's progress bar is in
-    cli.log too). In the main process (a copy made by ``copy.deepcopy`` included) it does nothing."""
+    cli.log too), and makes the worker end with the process that spawned it
+    (:func:`lorabench.utils.cpus.end_with_parent`: a job stopped by kill or timeout left its ranks waiting on
+    each other, orphaned, holding the console's pipe). In the main process (a copy made by ``copy.deepcopy``
+    included) it does nothing."""
 
     def __reduce__(self):  # unpickled by a call (pickle skips __setstate__ for an object with no attributes)
         return _unpickled_quiet, (os.getpid(),)
@@ -193,6 +197,7 @@ class QuietSpawnedWorkers(L.Callback):
 
 def _unpickled_quiet(pickled_in: int) -> QuietSpawnedWorkers:
     if os.getpid() != pickled_in:  # another process: a spawned worker
+        end_with_parent(pickled_in)  # the process that pickled this spawned it (it may be gone already)
         record_worker_console()  # its bars, banners and warnings are the job's console: its cli.log too
         quiet_worker()
     return QuietSpawnedWorkers()

@@ -35,17 +35,19 @@ def _exit_when_orphaned(parent: int, poll_s: float) -> None:
             os._exit(1)
 
 
-def end_with_parent(poll_s: float = 1.0) -> None:
-    """End this process within ``poll_s`` seconds of its parent's end (a daemon thread watching the parent's
-    pid). A protocol's cell workers and solver processes, when the job was stopped by SIGTERM or SIGKILL
-    (``kill``, ``timeout``, a scheduler) rather than Ctrl-C (which reaches them too), trained on, orphaned, to
-    the end of their cell: minutes on the CPU, hours of a GPU at full scale."""
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), poll_s), daemon=True,
-                     name="lorabench-end-with-parent").start()
+def end_with_parent(parent: Optional[int] = None, poll_s: float = 1.0) -> None:
+    """End this process within ``poll_s`` seconds of its parent's end (a daemon thread watching that this
+    process's parent is still ``parent``: the pid of the process that started it, given where it may have
+    ended before this call, else the parent now). A protocol's cell workers and solver processes, when the job
+    was stopped by SIGTERM or SIGKILL (``kill``, ``timeout``, a scheduler) rather than Ctrl-C (which reaches
+    them too), trained on, orphaned, to the end of their cell: minutes on the CPU, hours of a GPU at full
+    scale; ddp_spawn's ranks waited on each other for good."""
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid() if parent is None else parent, poll_s),
+                     daemon=True, name="lorabench-end-with-parent").start()
 
 
-def _start_worker(initializer: Optional[Callable], initargs: tuple) -> None:
-    end_with_parent()
+def _start_worker(parent: int, initializer: Optional[Callable], initargs: tuple) -> None:
+    end_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
 
@@ -54,4 +56,4 @@ def spawn_pool(workers: int, initializer: Optional[Callable] = None, initargs: t
     """``workers`` spawned processes (a clean interpreter each: no forked torch or CUDA state) that end with
     this one (:func:`end_with_parent`), each running ``initializer(*initargs)`` first."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                               initargs=(initializer, initargs))
+                               initargs=(os.getpid(), initializer, initargs))
