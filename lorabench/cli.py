@@ -53,6 +53,7 @@ from lorabench.errors import ConfigError, check_seed, choice_error, find_config_
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
+from lorabench.utils.cpus import end_with_parent
 from lorabench.utils.gpus import check_claimable, claim_gpu, gpu_count, gpu_list
 
 CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().parent.parent / "conf")
@@ -485,6 +486,8 @@ def check_command(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if not first_process():  # a rank Lightning's ddp started by running this command again: ends with rank zero
+        end_with_parent()  # (a rank zero stopped by SIGKILL left the others waiting on it for good)
     # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table;
     # lorabench rebuild <paper> RUNS...: a paper's tables from finished runs
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:

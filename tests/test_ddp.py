@@ -157,3 +157,27 @@ def test_a_spawned_rank_ends_with_the_job_that_spawned_it(tmp_path):
     from helpers import child_outlives_parent
 
     assert child_outlives_parent(tmp_path, SPAWN_PARENT, wait_s=20) is False
+
+
+
+RANK_PARENT = """
+import os, subprocess, sys, time
+
+# a rank as Lightning's ddp starts it: the same command again with LOCAL_RANK set; here its run waits
+RANK = ("import sys, time; import lorabench.cli as cli; cli._hydra_entry = lambda: time.sleep(120); "
+        "sys.argv = ['lorabench', 'experiment=quickstart']; cli.main()")
+if __name__ == "__main__":
+    child = subprocess.Popen([sys.executable, "-c", RANK], env={**os.environ, "LOCAL_RANK": "1"})
+    time.sleep(3)  # its imports and checks: it waits in its run
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_rank_ddp_started_ends_with_rank_zero(tmp_path):
+    """Why: the ranks Lightning's ddp starts by running the command again wait on rank zero in every
+    collective; a rank zero stopped by SIGKILL left them waiting for good. The command's entry point makes such
+    a rank (LOCAL_RANK set, not 0) end with the process that started it."""
+    from helpers import child_outlives_parent
+
+    assert child_outlives_parent(tmp_path, RANK_PARENT, wait_s=15) is False
