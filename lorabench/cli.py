@@ -189,14 +189,16 @@ def check_protocol_group_choices(cfg: DictConfig, group_args: list[str]) -> None
     from ``data=world``, by concept or style name): a ``data=`` group on the command line that replaces it ended
     in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. And a
     ``merge`` or ``sequence`` group the experiment did not choose is read by nothing (the main job's merges are
-    ``protocol.methods.<name>.merge``): ``lorabench merge=ties`` ran the main job as if it were not there. Called
-    inside :func:`precheck`'s Hydra context; one more composition, only when a protocol and such a group meet."""
+    ``protocol.methods.<name>.merge``): ``lorabench merge=ties`` ran the main job as if it were not there. The
+    mini world's protocols score with the world's evaluators (``eval=world``); another ``eval`` group in its place
+    said ``eval.concepts.concepts: unknown value 'sks'; valid: none yet``. Called inside :func:`precheck`'s Hydra
+    context; one more composition, only when a protocol and such a group meet."""
     if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
         return
     given_args = {}
     for a in group_args:
         group = a.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
-        if group in ("data", "merge", "sequence"):
+        if group in ("data", "merge", "sequence", "eval"):
             given_args.setdefault(group, []).append(a)
     if not given_args:
         return
@@ -210,7 +212,11 @@ def check_protocol_group_choices(cfg: DictConfig, group_args: list[str]) -> None
                                       "would replace it: leave the group out (its fields can still be set, "
                                       "data.<key>=...); one run on your own images: experiment=sd15_dreambooth_lora "
                                       "data.path=<folder>")
-        if group != "data" and mine is None and theirs is not None:
+        if group == "eval" and mine == "world" and theirs != mine:
+            raise ConfigError("eval", f"this protocol scores the mini world with its own evaluators (eval=world); "
+                                      f"eval={theirs} would replace them: leave the group out (its fields can still "
+                                      "be set, eval.<key>=...)")
+        if group in ("merge", "sequence") and mine is None and theirs is not None:
             own_way = ("protocol.methods.<name>.merge.name" if "methods" in cfg.protocol
                        else f"protocol.method.name=merge:{theirs}" if "method" in cfg.protocol else "")
             raise ConfigError(group, f"this protocol reads no top-level {group} group, so {group}={theirs} would "

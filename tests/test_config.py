@@ -297,15 +297,19 @@ def test_a_protocol_refuses_a_data_group_that_replaces_its_own(args, message):
                                                            "own options instead (lorabench --cfg job shows them, "
                                                            "e.g. protocol.method.name=merge:ties)"),
     (["sequence=world_objects"], "sequence: this protocol reads no top-level sequence group"),
+    (["eval=folders"], "eval: this protocol scores the mini world with its own evaluators (eval=world); eval=folders "
+                       "would replace them"),
 ])
 def test_a_protocol_refuses_a_group_it_does_not_read(args, message):
     """Why: ``lorabench merge=ties`` ran the main job, 3 minutes, as if the group were not there (its merges are
-    protocol.methods.<name>.merge); so did a sequence beside it. A group the protocol reads stays open."""
+    protocol.methods.<name>.merge); so did a sequence beside it; ``eval=folders`` in place of the world's own
+    scoring said ``eval.concepts.concepts: unknown value 'sks'``. A group the protocol reads stays open."""
     with pytest.raises(ConfigError) as err:
         check_command(args)
     assert str(err.value) == message or str(err.value).startswith(message), str(err.value)
     check_command(["experiment=merge_adapters", "merge=ties"])  # the merge job reads it
     check_command(["experiment=continual/world_objects", "sequence=world_objects"])  # its own group again
+    check_command(["experiment=orthogonal_adaptation/chilloutmix", "eval=folders"])  # real concepts: any scoring
 
 
 def test_raised_by_names_the_configured_object_whose_method_raised():
