@@ -61,12 +61,15 @@ CONF_DIR = Path(os.environ.get("LORABENCH_CONF") or Path(__file__).resolve().par
 
 def config_groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     """``{group: [options]}`` for every group in train.yaml's defaults list and every group folder
-    (options may be nested: ``a/b``). A group with no folder yet has no options."""
+    (options may be nested: ``a/b``). A group with no folder yet has no options. Hydra's own groups
+    (``hydra/launcher``, ``hydra/job_logging``) are not here: their options are Hydra's and its plugins' too, and
+    :func:`precheck` composes them (``hydra/job_logging=disabled`` was refused as "valid: none yet")."""
     groups: dict[str, list[str]] = {}
     for entry in OmegaConf.load(conf_dir / "train.yaml").get("defaults", []):
         if isinstance(entry, dict) or OmegaConf.is_dict(entry):
             for key in entry:
-                groups.setdefault(str(key).split()[-1], [])
+                if not str(key).split()[-1].startswith("hydra/"):
+                    groups.setdefault(str(key).split()[-1], [])
     for d in sorted(p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
         groups[d.name] = sorted(str(f.relative_to(d).with_suffix("")) for f in d.rglob("*.yaml"))
     return groups
@@ -107,7 +110,7 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             continue
         for option in value.split(","):
             option = option.strip()
-            if option and option != "null" and option not in groups[key]:
+            if option != "null" and option not in groups[key]:  # "" too: experiment= named no option
                 raise choice_error(key, option, groups[key])
 
 
@@ -145,9 +148,17 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         group_args, value_args, typed = _split_overrides([a for a in args if not a.startswith("-")], groups)
     except OverrideParseException as exc:
         raise override_error(exc) from exc
+    # Hydra's own groups (hydra/launcher=...): Hydra reads them after the checks, in a traceback where an option
+    # does not exist; composed here with the hydra config (a sweep's are left to Hydra)
+    hydra_groups = [a for a in args if not a.startswith("-") and "=" in a
+                    and a.split("=", 1)[0].lstrip("+~").startswith("hydra/")]
+    for a in hydra_groups:
+        if "," in a:
+            raise ConfigError(a.split("=", 1)[0].lstrip("+~"), f"takes one option, got {a.split('=', 1)[1]!r}: Hydra "
+                              "cannot sweep its own groups; run one sweep per option")
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         try:
-            base = compose("train", overrides=group_args, return_hydra_config=True)
+            base = compose("train", overrides=group_args + hydra_groups, return_hydra_config=True)
             choice = base.hydra.runtime.choices.get("adapter")
             with open_dict(base):
                 del base["hydra"]
@@ -255,6 +266,9 @@ def override_error(exc: OverrideParseException) -> ConfigError:
 def composition_error(exc: Exception) -> ConfigError:
     """Hydra's composition error (several lines) as one: the key it names and what to do."""
     text = f"{exc}\n{exc.__cause__ or ''}"
+    missing = re.search(r"Could not find '(.+)/([^'/]*)'\n\nAvailable options in '\1':\n((?:\t.*\n?)+)", text)
+    if missing:  # a group option that does not exist (a Hydra group such as hydra/launcher): Hydra lists them
+        return choice_error(missing.group(1), missing.group(2), missing.group(3).split())
     key = re.search(r"full_key: (\S+)", text) or re.search(r"override '([^']+)'", text)
     if ("not in struct" in text or "append to your config" in text) and key:
         return ConfigError(key.group(1), "not a field of this config (see it with --cfg job); check the spelling, "

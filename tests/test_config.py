@@ -106,6 +106,20 @@ def test_group_override_check():
     with pytest.raises(ConfigError, match="sequence: unknown value 'naive'; valid: dreambooth_objects, "
                        "unlearncanvas_styles, world_objects, world_styles"):
         check_group_overrides(["sequence=naive"])  # methods are protocol.method.name, not a sequence
+    with pytest.raises(ConfigError, match="experiment: unknown value ''; valid: continual/regime_objects"):
+        check_group_overrides(["experiment="])  # was "config: In 'train': Could not find 'experiment/'"
+
+
+def test_hydras_own_groups_take_hydras_options():
+    """Why: ``hydra/job_logging=disabled`` (a Hydra option) was refused as "valid: none yet", and
+    ``hydra/launcher=nonexist`` ended in Hydra's traceback after the checks. Hydra's groups are composed with the
+    hydra config before any work: its options (and its plugins') are valid, another is one line listing them."""
+    check_command(["hydra/job_logging=disabled", "experiment=quickstart"])
+    check_command(["-m", "hydra/launcher=basic", "experiment=quickstart"])
+    with pytest.raises(ConfigError, match=r"^hydra/launcher: unknown value 'nonexist'; valid: basic, .*local_gpus"):
+        check_command(["-m", "hydra/launcher=nonexist"])
+    with pytest.raises(ConfigError, match=r"^hydra/launcher: takes one option, got 'joblib,basic'"):
+        check_command(["-m", "hydra/launcher=joblib,basic"])
 
 
 def test_an_experiment_that_extends_another_drops_adapters_set_to_null(tmp_path):
