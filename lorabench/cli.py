@@ -495,8 +495,10 @@ def check_command(args: list[str]) -> list[str]:
     """A command's arguments (after ``lorabench``, a subcommand made its experiment, ``-v`` taken out) as
     Hydra gets them, ``adapter=null`` as ``adapter=none``, once every check that needs no model, no data
     and no torch has passed: each group's option exists (:func:`check_group_overrides`), then
-    :func:`precheck`; a ``local_gpus`` sweep's ``$LORABENCH_GPUS`` is set and well formed. Raises the first
-    :class:`ConfigError`."""
+    :func:`precheck`; a ``local_gpus`` sweep's ``$LORABENCH_GPUS`` is set and well formed; ``-m`` first
+    (``lorabench experiment=quickstart -m seed=0,1`` was Hydra's "unrecognized arguments: seed=0,1": its parser
+    takes the overrides as one run of words). Raises the first :class:`ConfigError`."""
+    args = [a for a in args if a in ("-m", "--multirun")] + [a for a in args if a not in ("-m", "--multirun")]
     args = no_adapter_overrides(args)
     check_group_overrides(args)
     if {"-m", "--multirun"} & set(args) and "hydra/launcher=local_gpus" in args:

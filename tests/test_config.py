@@ -110,6 +110,13 @@ def test_group_override_check():
         check_group_overrides(["experiment="])  # was "config: In 'train': Could not find 'experiment/'"
 
 
+def test_multirun_flag_anywhere_on_the_line():
+    """Why: ``lorabench experiment=quickstart -m seed=0,1`` was Hydra's "unrecognized arguments: seed=0,1" (its
+    parser takes the overrides as one run of words). The flag goes first, as Hydra needs it."""
+    assert check_command(["experiment=quickstart", "-m", "seed=0,1"]) == ["-m", "experiment=quickstart", "seed=0,1"]
+    assert check_command(["seed=0,1", "--multirun"]) == ["--multirun", "seed=0,1"]
+
+
 def test_hydras_own_groups_take_hydras_options():
     """Why: ``hydra/job_logging=disabled`` (a Hydra option) was refused as "valid: none yet", and
     ``hydra/launcher=nonexist`` ended in Hydra's traceback after the checks. Hydra's groups are composed with the
