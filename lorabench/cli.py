@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -98,14 +98,21 @@ def drop_adapter(cfg: DictConfig, choice: Optional[str]) -> None:
             cfg.adapter = None
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def override_group(arg: str) -> str:
+    """The key or group an override sets, without Hydra's ``+`` / ``~`` and ``@package``: ``+a/b@c=x`` -> ``a/b``."""
+    return arg.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
 def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Reject ``group=option`` overrides naming an option that does not exist, in one line."""
     groups = config_groups(conf_dir)
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~").split("@", 1)[0]
+        key, value = override_group(arg), arg.split("=", 1)[1]
         if key not in groups or "(" in value:  # not a group, or a sweep function like choice(...)
             continue
         for option in value.split(","):
@@ -141,7 +148,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     is checked against its field's type, keys that do not exist are named, and the optimiser and callbacks
     options are checked (:mod:`lorabench.checks`). Flags other than ``-m`` (``--help``, ``--cfg``, ...) are
     Hydra's own; their commands are left to it."""
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in args):
         return
     groups = config_groups(conf_dir)
     try:
@@ -149,24 +156,24 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     except OverrideParseException as exc:
         raise override_error(exc) from exc
     # Hydra's own groups (hydra/launcher=...): Hydra reads them after the checks, in a traceback where an option
-    # does not exist; composed here with the hydra config (a sweep's are left to Hydra)
-    hydra_groups = [a for a in args if not a.startswith("-") and "=" in a
-                    and a.split("=", 1)[0].lstrip("+~").startswith("hydra/")]
+    # does not exist; composed here with the hydra config (one option each: Hydra sweeps none of them)
+    hydra_groups = [a for a in args if not a.startswith("-") and "=" in a and override_group(a).startswith("hydra/")]
     for a in hydra_groups:
         if "," in a:
-            raise ConfigError(a.split("=", 1)[0].lstrip("+~"), f"takes one option, got {a.split('=', 1)[1]!r}: Hydra "
-                              "cannot sweep its own groups; run one sweep per option")
+            raise ConfigError(override_group(a), f"takes one option, got {a.split('=', 1)[1]!r}: Hydra cannot sweep "
+                              "its own groups; run one sweep per option")
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         try:
             base = compose("train", overrides=group_args + hydra_groups, return_hydra_config=True)
-            choice = base.hydra.runtime.choices.get("adapter")
+            choices = dict(base.hydra.runtime.choices)
+            choice = choices.get("adapter")
             with open_dict(base):
                 del base["hydra"]
             drop_adapter(base, choice)
             check_override_types(base, typed)
             cfg = compose("train", overrides=group_args + value_args)
             drop_adapter(cfg, choice)
-            check_protocol_group_choices(cfg, group_args)
+            check_protocol_group_choices(cfg, group_args, choices)
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
     check_callbacks(cfg.get("callbacks"))
@@ -195,28 +202,24 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         check_optim(optim)
 
 
-def check_protocol_group_choices(cfg: DictConfig, group_args: list[str]) -> None:
+def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: Mapping[str, Optional[str]]) -> None:
     """A protocol builds each cell's data from the ``data`` group its experiment chose (the mini world's protocols
     from ``data=world``, by concept or style name): a ``data=`` group on the command line that replaces it ended
     in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. And a
     ``merge`` or ``sequence`` group the experiment did not choose is read by nothing (the main job's merges are
     ``protocol.methods.<name>.merge``): ``lorabench merge=ties`` ran the main job as if it were not there. The
     mini world's protocols score with the world's evaluators (``eval=world``); another ``eval`` group in its place
-    said ``eval.concepts.concepts: unknown value 'sks'; valid: none yet``. Called inside :func:`precheck`'s Hydra
-    context; one more composition, only when a protocol and such a group meet."""
+    said ``eval.concepts.concepts: unknown value 'sks'; valid: none yet``. ``given``: the command's group choices
+    (precheck's composition). Called inside :func:`precheck`'s Hydra context; one more composition (the experiment's
+    own choices), only when a protocol and such a group meet."""
     if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
         return
-    given_args = {}
-    for a in group_args:
-        group = a.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
-        if group in ("data", "merge", "sequence", "eval"):
-            given_args.setdefault(group, []).append(a)
-    if not given_args:
+    asked = [a for a in group_args if override_group(a) in ("data", "merge", "sequence", "eval")]
+    if not asked:
         return
-    given = compose("train", overrides=group_args, return_hydra_config=True).hydra.runtime.choices
-    own = compose("train", overrides=[a for a in group_args if not any(a in v for v in given_args.values())],
+    own = compose("train", overrides=[a for a in group_args if a not in asked],
                   return_hydra_config=True).hydra.runtime.choices
-    for group in given_args:
+    for group in dict.fromkeys(map(override_group, asked)):
         mine, theirs = own.get(group), given.get(group)
         if group == "data" and theirs != mine:
             raise ConfigError("data", f"this protocol's experiment trains its cells on data={mine}; data={theirs} "
@@ -498,10 +501,10 @@ def check_command(args: list[str]) -> list[str]:
     :func:`precheck`; a ``local_gpus`` sweep's ``$LORABENCH_GPUS`` is set and well formed; ``-m`` first
     (``lorabench experiment=quickstart -m seed=0,1`` was Hydra's "unrecognized arguments: seed=0,1": its parser
     takes the overrides as one run of words). Raises the first :class:`ConfigError`."""
-    args = [a for a in args if a in ("-m", "--multirun")] + [a for a in args if a not in ("-m", "--multirun")]
+    args = [a for a in args if a in MULTIRUN_FLAGS] + [a for a in args if a not in MULTIRUN_FLAGS]
     args = no_adapter_overrides(args)
     check_group_overrides(args)
-    if {"-m", "--multirun"} & set(args) and "hydra/launcher=local_gpus" in args:
+    if set(MULTIRUN_FLAGS) & set(args) and "hydra/launcher=local_gpus" in args:
         gpu_count()  # its GPUs listed (Hydra reads the count when it starts the launcher: a traceback from there)
     precheck(args)
     return args

@@ -299,7 +299,7 @@ def child_outlives_parent(tmp_path: Path, parent_script: str, wait_s: float = 10
     import time
 
     if not os.path.isdir("/proc/self"):
-        pytest.skip("reads process states from /proc")
+        pytest.skip("needs /proc (Linux) to see whether a process has ended")
     script = tmp_path / "parent.py"
     script.write_text(parent_script)
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
