@@ -33,6 +33,28 @@ def test_bad_metadata_line(tmp_path):
         scan_folder(tmp_path, instance_prompt=None, field="data.path")
 
 
+@pytest.mark.parametrize("lines, message", [
+    # a file name that is not a string crashed on the path join, a traceback that left a run folder
+    (['{"file_name": 5, "text": "x"}'], r"line 2: 'file_name' must name an image file in .*, got 5"),
+    (['{"file_name": "", "text": "x"}'], r"line 2: 'file_name' must name an image file in .*, got ''"),
+    (['{"file_name": "sub", "text": "x"}'], r"image '.*sub' listed in metadata.jsonl is a folder, not an image"),
+])
+def test_metadata_names_that_are_no_image_file_are_one_line(tmp_path, lines, message):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "metadata.jsonl").write_text("\n".join(['{"file_name": "a.png", "text": "ok"}', *lines]) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        scan_folder(tmp_path, instance_prompt=None, field="data.path")
+
+
+def test_an_empty_metadata_file_says_it_lists_no_images(tmp_path):
+    """Images beside an empty metadata.jsonl: the file is what lists nothing (the folder holds images)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match=r"data.path: .*metadata.jsonl lists no images: one JSON object a line"):
+        scan_folder(tmp_path, instance_prompt="x", field="data.path")
+
+
 def test_resize_crop_flip(tmp_path):
     img = torch.zeros(12, 20, 3, dtype=torch.uint8)
     img[:, :10] = 255  # left half white

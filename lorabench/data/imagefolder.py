@@ -98,6 +98,9 @@ def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_c
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ConfigError(field, f"{meta}: line {i} is not a JSON object with {image_column!r} "
                                   f"({type(exc).__name__})") from exc
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(field, f"{meta}: line {i}: {image_column!r} must name an image file in "
+                                  f"{str(folder)!r}, got {name!r}")
             if instance_prompt is None and not isinstance(text, str):
                 raise ConfigError(field, f"{meta}: line {i} has no {caption_column!r} caption; add one or set "
                                   "data.instance_prompt")
@@ -107,11 +110,15 @@ def scan_folder(folder, *, instance_prompt: Optional[str], field: str, caption_c
             raise ConfigError(field.rsplit(".", 1)[0] + ".instance_prompt",
                               f"folder {str(folder)!r} has no metadata.jsonl captions; set an instance prompt")
         items = [(p, instance_prompt) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not items and meta.is_file():
+        raise ConfigError(field, f"{meta} lists no images: one JSON object a line, e.g. "
+                          f'{{"{image_column}": "0001.png", "{caption_column}": "a caption"}}')
     if not items:
         raise ConfigError(field, f"image folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     for path, _ in items:
         if not path.is_file():
-            raise ConfigError(field, f"image {str(path)!r} listed in metadata.jsonl does not exist")
+            what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+            raise ConfigError(field, f"image {str(path)!r} listed in metadata.jsonl {what}")
         _check_decodes(path, field, f"image {str(path)!r}")
     return items
 
