@@ -4,6 +4,7 @@ run repeats the ones its objects need (a protocol or a test may call them withou
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -209,6 +210,35 @@ def check_data_path(path, field: str = "data.path") -> Path:
     elif not path.is_dir():
         raise ConfigError(field, f"image folder {str(path)!r} does not exist (give a folder or a .parquet file)")
     return path
+
+
+ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lorabench.adapters.io writes it)
+
+
+def adapter_file(path, field: str) -> Path:
+    """An adapter file (lorabench, diffusers or kohya ``.safetensors``) or a run folder, which stands for its
+    ``adapter.safetensors``: the file, checked to exist and to start with a safetensors header (read here without
+    torch, so a wrong file is one line naming ``field`` before a model loads)."""
+    given = str(path)
+    p = Path(os.path.expanduser(given))
+    if p.is_dir():
+        if not (p / ADAPTER_FILE).is_file():
+            raise ConfigError(field, f"{given!r} is a folder without {ADAPTER_FILE}: give an adapter file (lorabench, "
+                                     "diffusers or kohya .safetensors) or a run folder that holds one")
+        p = p / ADAPTER_FILE
+    elif not p.is_file():
+        raise ConfigError(field, f"adapter file {given!r} does not exist")
+    try:
+        with open(p, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")  # the format: 8 bytes of header length, then a JSON header
+            if not 2 <= size <= p.stat().st_size - 8:
+                raise ValueError(size)
+            if not isinstance(json.loads(f.read(size)), dict):
+                raise ValueError("header")
+    except (OSError, ValueError) as exc:  # a JSON or UTF-8 decoding error is a ValueError
+        raise ConfigError(field, f"{str(p)!r} is not a safetensors file ({type(exc).__name__} reading its header): "
+                                 "give an adapter file (lorabench, diffusers or kohya .safetensors)") from None
+    return p
 
 
 def check_writable(path, field: str, hint: str = "") -> Path:

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lorabench.checks import (
+    adapter_file,
     check_callbacks,
     check_counts,
     check_data_path,
@@ -192,6 +193,8 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         if images and cfg.get("protocol") is None:  # a protocol may give each cell its own data.path
             check_data_path(OmegaConf.select(cfg, "data.path"))
         check_folders(cfg, args)
+        if cfg.get("init_adapter"):
+            adapter_file(cfg.init_adapter, "init_adapter")
     except OmegaConfBaseException:
         pass  # an interpolation only a run can resolve: the run checks it
     if cfg.get("optim") is not None:

@@ -16,10 +16,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import lorabench
-from lorabench.adapters import inject_adapters, read_safetensors
+from lorabench.adapters import inject_adapters, load_init_adapter
 from lorabench.adapters.stacked import StackedAdapters, take_out
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
-from lorabench.checks import check_callbacks, check_validation
+from lorabench.checks import adapter_file, check_callbacks, check_validation
 from lorabench.errors import ConfigError, raised_by
 from lorabench.loggers import build_loggers, finish_wandb, join_csv, set_aside_csv
 from lorabench.training import (
@@ -91,8 +91,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     if cfg.get("init_adapter"):
         if module.adapters is None:
             raise ConfigError("init_adapter", "needs an adapter (adapter is null: full training)")
-        tensors, _ = read_safetensors(cfg.init_adapter)
-        module.adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
+        load_init_adapter(module.adapters, adapter_file(cfg.init_adapter, "init_adapter"))
     if prepare is not None:
         prepare(module)
     t_loaded = time.perf_counter()
@@ -311,8 +310,7 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
         rewrites.append(made[1])
         own_tokens.append(made[2])
         if cfg.get("init_adapter"):
-            tensors, _ = read_safetensors(cfg.init_adapter)
-            adapters.load_state_dict(tensors, source=f"init_adapter {str(cfg.init_adapter)!r}")
+            load_init_adapter(adapters, adapter_file(cfg.init_adapter, "init_adapter"))
         if adapters is not None:
             take_out(adapters)
             members.append(adapters)

@@ -231,6 +231,55 @@ def test_adapter_file_that_does_not_fit(tmp_path):
     assert "(4, 16)" in line and "(4, 32)" in line
 
 
+def test_init_adapter_loads_text_encoder_layers_and_takes_a_run_folder(tmp_path):
+    """A file with text-encoder layers names them with the published ``text_model`` level, which transformers 5's
+    CLIPTextModel lacks: ``init_adapter`` said "no matching layer" for every such file (it copied the file's keys
+    as they were). A run folder stands for its adapter.safetensors."""
+    import torch
+
+    from lorabench.adapters import inject_adapters, load_init_adapter, save_adapter
+    from lorabench.checks import adapter_file
+    from lorabench.models import build_tiny_components
+
+    config = {"name": "lora", "rank": 4, "text_encoder_targets": ["q_proj", "v_proj"]}
+    trained = inject_adapters(build_tiny_components(), config)
+    with torch.no_grad():
+        for t in trained.parameters():
+            t.normal_()
+    assert any(k.startswith("text_encoder.") for k in trained.state_dict())
+    save_adapter(trained, tmp_path / "adapter.safetensors")
+    fresh = inject_adapters(build_tiny_components(), config)
+    load_init_adapter(fresh, adapter_file(tmp_path, "init_adapter"))
+    assert fresh.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
+@pytest.mark.parametrize("make, fragments", [
+    # each once went past the model's load: a folder or a wrong file said "does not exist" or "not a readable
+    # safetensors file" without naming init_adapter, a foreign layout and another adapter type "no matching layer"
+    ("folder", ["init_adapter: ", "is a folder without adapter.safetensors: give an adapter file"]),
+    ("text", ["init_adapter: ", "is not a safetensors file (ValueError reading its header)"]),
+    ("diffusers", ["init_adapter: ", "is not a lorabench adapter file (a diffusers or kohya export?)"]),
+    ("trilora", ["init_adapter: ", "holds a trilora adapter of rank 4, this run trains lora of rank 4: set "
+                 "adapter=trilora adapter.rank=4"]),
+])
+def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fragments):
+    from lorabench.adapters import export_diffusers, inject_adapters, save_adapter
+    from lorabench.models import build_tiny_components
+
+    path = tmp_path / "given"
+    if make == "folder":
+        path.mkdir()
+    elif make == "text":
+        path.write_text("a: 1\n")
+    else:
+        adapters = inject_adapters(build_tiny_components(), {"name": "lora" if make == "diffusers" else make, "rank": 4})
+        (export_diffusers if make == "diffusers" else save_adapter)(adapters, path)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_one_line_error(run_here([f"init_adapter={path}", *FAST], work), work, *fragments)
+
+
 def test_full_error_shows_traceback(tmp_path):
     proc = run_cli(["adapter.rank=64", *FAST], tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

@@ -266,7 +266,7 @@ def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, 
     outs = {}
     for name, files, weights in (("two", f"[{tmp_path}/run/adapter.safetensors,{tmp_path}/run/kohya_lora.safetensors]",
                                   "[0.5,0.5]"),
-                                 ("one", f"[{tmp_path}/run/adapter.safetensors]", "null"),
+                                 ("one", f"[{tmp_path}/run]", "null"),  # a run folder: its adapter.safetensors
                                  ("base", "[]", "null")):
         run = run_cli if name == "two" else run_here  # the command's own process once, then in this one
         proc = run(["sample", *model, f"protocol.adapters={files}", f"protocol.weights={weights}",
@@ -278,6 +278,21 @@ def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, 
         outs[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
     assert np.abs(outs["two"] - outs["one"]).max() <= 1  # 0.5 a + 0.5 a = a (uint8 rounding)
     assert np.abs(outs["one"] - outs["base"]).max() > 0
+
+
+@pytest.mark.parametrize("job", ["sample", "merge"])
+def test_an_adapter_input_that_is_no_adapter_file_is_one_line_naming_its_field(tmp_path, job):
+    """A folder without adapter.safetensors "did not exist"; a file that is no safetensors was named by its path
+    alone, without the field (``protocol.adapters`` of the sample job, ``protocol.inputs`` of the merge job)."""
+    (tmp_path / "notes.safetensors").write_text("not an adapter\n")
+    (tmp_path / "empty").mkdir()
+    args = {"sample": ["sample", "protocol.prompts=[a red circle]", "protocol.adapters"],
+            "merge": ["experiment=merge_adapters", "model=tiny", "protocol.inputs"]}[job]
+    field = args.pop()
+    for given, fragment in ((f"{tmp_path}/empty", "is a folder without adapter.safetensors"),
+                            (f"{tmp_path}/notes.safetensors", "is not a safetensors file")):
+        proc = run_here([*args, f"{field}=[{given},{given}]"], tmp_path)
+        assert_one_line_error(proc, tmp_path, f"{field}: '{given}", fragment)
 
 
 # -- the docs' walkthrough, run as written -----------------------------------------------------------------------

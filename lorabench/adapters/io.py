@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from lorabench.adapters.injection import Adapters
+from lorabench.checks import ADAPTER_FILE
 from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_path
 
@@ -125,6 +126,24 @@ def load_state_from_file(adapters: Adapters, tensors: Mapping[str, torch.Tensor]
     adapters.load_state_dict(mapped, source=source)
 
 
+def load_init_adapter(adapters: Adapters, path, field: str = "init_adapter") -> None:
+    """Copy the weights of a lorabench adapter file (``adapter.safetensors``, of the same adapter type, rank and
+    targets) into ``adapters``: a run's ``init_adapter``. Its layers are named as in the file (text-encoder layers
+    with the published ``text_model`` level), so a file loads under either transformers version."""
+    tensors, metadata = read_safetensors(path)
+    where = f"{field} {str(path)!r}"
+    if not metadata.get("lorabench_format"):
+        raise ConfigError(field, f"{str(path)!r} is not a lorabench adapter file (a diffusers or kohya export?): "
+                                 "start from lorabench's adapter.safetensors of the same adapter type, rank and "
+                                 "targets, or merge foreign files with experiment=merge_adapters")
+    theirs = metadata.get("adapter_type"), metadata.get("rank")
+    mine = adapters.adapter_type, str(adapters.config.get("rank"))
+    if theirs != mine:
+        raise ConfigError(field, f"{str(path)!r} holds a {theirs[0]} adapter of rank {theirs[1]}, this run trains "
+                                 f"{mine[0]} of rank {mine[1]}: set adapter={theirs[0]} adapter.rank={theirs[1]}")
+    load_state_from_file(adapters, tensors, where)
+
+
 def load_adapter(components, path) -> Adapters:
     """Inject the adapter stored in ``path`` (native, diffusers or kohya format) into a model."""
     tensors, metadata = read_safetensors(path)
@@ -196,8 +215,8 @@ def export_kohya(adapters: Adapters, path) -> Path:
     return _write(tensors, path, metadata)
 
 
-# The files a trained (or merged) adapter is written as: lorabench's own, and the exports by layout name.
-ADAPTER_FILE = "adapter.safetensors"
+# The files a trained (or merged) adapter is written as: lorabench's own (ADAPTER_FILE, named in the torch-free
+# checks that find it in a run folder), and the exports by layout name.
 EXPORT_FILES = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
                 "kohya": ("kohya_lora.safetensors", export_kohya)}
 

@@ -20,6 +20,7 @@ spot from one prompt per input (``protocol.prompts``) and writes them into the r
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import EXPORT_FILES, load_adapter
-from lorabench.checks import check_weights
+from lorabench.checks import adapter_file, check_weights
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
@@ -61,14 +62,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not merge_cfg:
         raise ConfigError("merge", "no merge method; pick one, e.g. merge=sum (valid: see conf/merge/)")
     method = check_merge(merge_cfg, "merge")
-    inputs = [str(x) for x in (p.get("inputs") or [])]
+    inputs = [str(adapter_file(x, "protocol.inputs")) for x in (p.get("inputs") or [])]
     if len(inputs) < 2:
         raise ConfigError("protocol.inputs", f"give at least two adapter files to merge, got {len(inputs)}")
-    if len(set(inputs)) < len(inputs):
+    if len({os.path.realpath(f) for f in inputs}) < len(inputs):
         raise ConfigError("protocol.inputs", f"lists a file twice: {inputs}")
-    for f in inputs:
-        if not Path(f).is_file():
-            raise ConfigError("protocol.inputs", f"adapter file {f!r} does not exist")
     save_as = str(p.get("save_as", "adapter"))
     if save_as not in SAVE_AS:
         raise choice_error("protocol.save_as", save_as, SAVE_AS)

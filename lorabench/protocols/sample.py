@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from lorabench.checks import check_validation, check_weights
+from lorabench.checks import adapter_file, check_validation, check_weights
 from lorabench.errors import ConfigError
 from lorabench.merging import merged_into, model_weights, read_update
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
@@ -35,10 +35,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     p = cfg.protocol
-    files = [str(f) for f in (p.get("adapters") or [])]
-    for f in files:
-        if not Path(f).is_file():
-            raise ConfigError("protocol.adapters", f"adapter file {f!r} does not exist")
+    files = [str(adapter_file(f, "protocol.adapters")) for f in (p.get("adapters") or [])]
     weights = check_weights(p.get("weights"), len(files), "protocol.adapters") or [1.0] * len(files)
     opts = OmegaConf.to_container(p, resolve=True)
     spec = check_validation({k: opts.get(k) for k in ("prompts", "seeds", "sampler")}, "protocol")
