@@ -28,7 +28,6 @@ from lorabench.training import (
     LossHistory,
     QuietSpawnedWorkers,
     SaveArtifacts,
-    ShuffleState,
     StepProgressBar,
     ValidationSamples,
 )
@@ -98,6 +97,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = resume_checkpoint(cfg.get("resume"), run_dir)
+    if resume:
+        check_resume(resume, module, own_folder=cfg.get("resume") is None)
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
@@ -117,7 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     checkpointing = {"enable_checkpointing": True} if any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
                                                            for c in user) else {}
     trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(run_dir), _convert_="all",
-                          callbacks=[*quiet, *ema, saver, history, ShuffleState(), *user, *bar], **checkpointing,
+                          callbacks=[*quiet, *ema, saver, history, *user, *bar], **checkpointing,
                           **hand_over_clipping(module, cfg.trainer))
     # Validation (the fixed-noise loss) runs before and after fitting only: on few-image datasets an
     # epoch is a step or two, and Lightning's per-epoch validation would cost as much as training.
@@ -202,6 +203,46 @@ def resume_checkpoint(resume, run_dir: Path) -> Optional[str]:
         raise ConfigError("resume", f"{str(path)!r} does not exist; give a run folder with checkpoints/last.ckpt "
                           "(written with callbacks=checkpoints) or a .ckpt file")
     return str(path)
+
+
+def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False) -> None:
+    """The checkpoint a run resumes from holds what this run trains: a file Lightning can read, the same adapter
+    (type, rank, layers) and new tokens, each tensor of this run's shape. Lightning's own load said
+    ``IndexError: pop from empty list`` for a file that is no checkpoint and raised torch's size mismatch, after the
+    run folder was made, for another rank; another adapter type or fewer target layers loaded nothing of it (the
+    module loads non-strictly: checkpoints hold the trained weights only) and failed on the optimiser's state.
+    Read memory-mapped: the tensors' shapes, not their data. ``own_folder``: the run's own folder's last.ckpt,
+    resumed because ``resume`` is null (the same command again)."""
+    where = (f"{path!r}, this run folder's own checkpoint (resume=null takes it)" if own_folder else repr(path))
+    fresh = "; or train afresh in another folder (hydra.run.dir)" if own_folder else ""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # Lightning's: Python objects too
+    except Exception as exc:  # a zip, pickle or I/O error, by the file's kind
+        raise ConfigError("resume", f"{where} is not a checkpoint torch can read ({type(exc).__name__}): give a run "
+                                    "folder with checkpoints/last.ckpt or a Lightning .ckpt file") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError("resume", f"{where} is not a Lightning checkpoint (it holds no state_dict)")
+
+    def trains(adapter, embeddings) -> str:
+        what = f"{adapter.get('name')} (rank {adapter.get('rank')})" if adapter else "no adapter"
+        return what + (f" with new tokens ({embeddings.get('name')})" if embeddings else "")
+
+    mine = (module.adapters.config if module.adapters is not None else None,
+            module.tokens.config if module.tokens is not None else None)
+    theirs = (ckpt.get("lorabench_adapter"), ckpt.get("lorabench_embeddings"))
+    kind = [((a or {}).get("name"), (a or {}).get("rank"), bool(e)) for a, e in (theirs, mine)]
+    if "lorabench_adapter" in ckpt and kind[0] != kind[1]:  # a full fine-tune's checkpoint has no such key
+        raise ConfigError("resume", f"{where} trained {trains(*theirs)}, this run trains {trains(*mine)}: resume "
+                                    f"with the adapter it was trained with{fresh}")
+    own = module.state_dict()
+    other = [k for k in ckpt["state_dict"] if k not in own]
+    if other:
+        raise ConfigError("resume", f"{where} holds weights this run has no layer for ({len(other)}, e.g. "
+                                    f"{other[0]!r}): resume with the targets it was trained with{fresh}")
+    for key, value in ckpt["state_dict"].items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ConfigError("resume", f"{where}: {key!r} is {tuple(value.shape)}, this run's is "
+                                        f"{tuple(own[key].shape)}: resume with the config it was trained with{fresh}")
 
 
 def run_results(cfg: DictConfig, config_name: str, components, adapters, tokens, trainable: int, steps: int,

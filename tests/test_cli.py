@@ -273,7 +273,8 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     elif make == "text":
         path.write_text("a: 1\n")
     else:
-        adapters = inject_adapters(build_tiny_components(), {"name": "lora" if make == "diffusers" else make, "rank": 4})
+        name = "lora" if make == "diffusers" else make
+        adapters = inject_adapters(build_tiny_components(), {"name": name, "rank": 4})
         (export_diffusers if make == "diffusers" else save_adapter)(adapters, path)
     work = tmp_path / "work"
     work.mkdir()

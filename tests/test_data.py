@@ -55,6 +55,44 @@ def test_an_empty_metadata_file_says_it_lists_no_images(tmp_path):
         scan_folder(tmp_path, instance_prompt="x", field="data.path")
 
 
+@pytest.mark.parametrize("kind", ["shuffle", "buckets"])
+def test_a_loader_resumed_from_its_state_hands_out_what_the_uninterrupted_one_would(kind):
+    """lorabench.data.loader: a checkpoint's loader state, taken mid-epoch or at an epoch's end, makes a new
+    loader (a resumed run's) hand out the rest of that epoch and then the same epochs as the loader that went
+    on; the aspect-ratio buckets' own generator is kept too (a resumed run drew fresh bucket orders)."""
+    from lorabench.data.imagefolder import BucketBatchSampler
+    from lorabench.data.loader import ResumableLoader
+
+    def make():
+        data = list(range(10))
+        if kind == "buckets":
+            return ResumableLoader(data, batch_sampler=BucketBatchSampler([(8, 8)] * 6 + [(8, 16)] * 4, 3, seed=0))
+        return ResumableLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def epoch(loader, n=None):
+        out = []
+        for batch in loader:
+            out.append(batch.tolist())
+            if len(out) == n:
+                break
+        return out
+
+    going = make()
+    assert epoch(going) != epoch(going)  # each epoch its own order
+    first = epoch(going, 2)  # stopped after 2 of the third epoch's 4 batches
+    resumed = make()
+    resumed.load_state_dict(going.state_dict())
+    reference = make()  # the run that was not stopped
+    epoch(reference), epoch(reference)
+    whole = epoch(reference)
+    assert whole[:2] == first
+    assert epoch(resumed) == whole[2:]
+    assert epoch(resumed) == epoch(reference)  # the next epoch, drawn on from where the resumed one stood
+    again = make()  # resumed from a checkpoint at an epoch's end
+    again.load_state_dict(resumed.state_dict())
+    assert epoch(again) == epoch(reference)
+
+
 def test_resize_crop_flip(tmp_path):
     img = torch.zeros(12, 20, 3, dtype=torch.uint8)
     img[:, :10] = 255  # left half white

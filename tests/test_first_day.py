@@ -125,17 +125,27 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path,
+                                                                                   batch_size):
     """Why: a single training run could not be resumed. With callbacks=checkpoints, the same command (into the
     same folder) continues from checkpoints/last.ckpt: weights, optimiser, schedule, step, noise stream,
-    the loader's shuffling and the loss history, and ends with the adapter of the run that was not stopped."""
-    opts = ["callbacks=checkpoints", "callbacks.checkpoints.every_n_train_steps=2", "data.batch_size=4",
+    the loader's shuffling and the loss history, and ends with the adapter of the run that was not stopped.
+    8 images in batches of 4 put the step-4 checkpoint at an epoch's end; in batches of 3 (3 a epoch) inside
+    the second epoch, after its first batch: the resumed run used to start that epoch again, with a fresh
+    order, under Lightning's warning that the loader is not resumable (lorabench.data.loader)."""
+    import warnings
+
+    opts = ["callbacks=checkpoints", "callbacks.checkpoints.every_n_train_steps=2", f"data.batch_size={batch_size}",
             "optim.lr_scheduler=cosine", "optim.lr=3e-3", "trainer.log_every_n_steps=1"]
     whole, _ = _train(opts, tiny_model_dir, tmp_path / "whole", steps=6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(opts, tiny_model_dir, tmp_path / "stopped", steps=6, callbacks=[_Crash(at=5)])
     assert (tmp_path / "stopped" / "checkpoints" / "last.ckpt").is_file()
-    resumed, _ = _train(opts, tiny_model_dir, tmp_path / "stopped", steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, _ = _train(opts, tiny_model_dir, tmp_path / "stopped", steps=6)
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     assert resumed["metrics"]["steps"] == 6 and len(resumed["metrics"]) == len(whole["metrics"])
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "stopped")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
@@ -153,6 +163,33 @@ def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_ru
 def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
     proc = run_here([*FAST, f"resume={tmp_path / 'nowhere'}"], tmp_path)
     assert_one_line_error(proc, tmp_path, "resume:", "does not exist")
+
+
+def test_a_checkpoint_that_does_not_hold_what_the_run_trains_is_one_line(tmp_path):
+    """Lightning's own load raised torch's size mismatch for another rank, ``IndexError: pop from empty list`` for
+    a file that is no checkpoint, and failed on the optimiser's state for another adapter type or fewer layers
+    (the module loads non-strictly), each a traceback after the run folder was made; the same command into its
+    own folder with another rank met its old last.ckpt the same way."""
+    done = tmp_path / "done"
+    proc = run_here([*FAST, "callbacks=checkpoints", f"hydra.run.dir={done}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    ckpt = f"'{done / 'checkpoints' / 'last.ckpt'}'"
+    for args, fragments in (
+        (["adapter.rank=8"], [f"resume: {ckpt} trained lora (rank 4), this run trains lora (rank 8): resume with"]),
+        (["adapter=trilora"], ["trained lora (rank 4), this run trains trilora (rank 4)"]),
+        (["adapter.target_modules=[to_q]"], ["holds weights this run has no layer for (", "resume with the targets"]),
+        ([f"resume={done / 'csv' / 'hparams.yaml'}"], ["hparams.yaml' is not a checkpoint torch can read"]),
+    ):
+        work = tmp_path / "work"
+        work.mkdir()
+        assert_one_line_error(run_here([*FAST, "callbacks=checkpoints", f"resume={done}", *args], work), work,
+                              *fragments)
+        work.rmdir()
+    kept = sorted(p.relative_to(done) for p in done.rglob("*"))
+    assert_one_line_error(run_here([*FAST, "callbacks=checkpoints", "adapter.rank=8", f"hydra.run.dir={done}"],
+                                   tmp_path), tmp_path, f"resume: {ckpt}, this run folder's own checkpoint "
+                          "(resume=null takes it) trained lora (rank 4)", "or train afresh in another folder")
+    assert sorted(p.relative_to(done) for p in done.rglob("*")) == kept
 
 
 class _Record(L.Callback):

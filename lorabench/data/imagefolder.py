@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lorabench.checks import check_data_path
+from lorabench.data.loader import ResumableLoader
 from lorabench.errors import ConfigError, check_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -383,12 +384,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         ds = self.train_dataset()
         if self.buckets:
             targets = [ds.target(i) for i in range(len(ds))]
-            return DataLoader(ds, batch_sampler=BucketBatchSampler(targets, self.batch_size, self.seed),
-                              collate_fn=collate, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                          drop_last=False, persistent_workers=self.num_workers > 0)
+            return ResumableLoader(ds, batch_sampler=BucketBatchSampler(targets, self.batch_size, self.seed),
+                                   collate_fn=collate, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
+        return ResumableLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+                               num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                               drop_last=False, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         if not self.val_samples:

@@ -6,11 +6,10 @@ from lorabench.training.callbacks import (
     LossHistory,
     QuietSpawnedWorkers,
     SaveArtifacts,
-    ShuffleState,
     StepProgressBar,
     ValidationSamples,
 )
 from lorabench.training.module import DiffusionFineTuner, check_optim
 
 __all__ = ["AdapterEMA", "CheckpointEvaluation", "DiffusionFineTuner", "LossHistory", "QuietSpawnedWorkers",
-           "SaveArtifacts", "ShuffleState", "StepProgressBar", "ValidationSamples", "check_optim"]
+           "SaveArtifacts", "StepProgressBar", "ValidationSamples", "check_optim"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -147,37 +147,6 @@ class AdapterEMA(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.shadow = list(state["shadow"])
-
-
-class ShuffleState(L.Callback):
-    """The training loader's shuffling generator in checkpoints, so a resumed run draws the orders of the
-    run that was not interrupted (a plain ``DataLoader``'s shuffling is not part of Lightning's state). At a
-    checkpoint taken at an epoch's end the generator stands where the next epoch's loader starts; a resumed
-    fit made its first loader from the fresh generator, so the state is put back as training starts, with
-    the one draw a new loader makes (its workers' base seed). A checkpoint taken mid-epoch restarts that
-    epoch's order (as Lightning does)."""
-
-    def __init__(self):
-        self._pending: Optional[torch.Tensor] = None
-
-    @staticmethod
-    def _generator(trainer) -> Optional[torch.Generator]:
-        return getattr(trainer.train_dataloader, "generator", None)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        gen = self._generator(trainer)
-        if gen is not None:
-            checkpoint["lorabench_shuffle_state"] = gen.get_state()
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._pending = checkpoint.get("lorabench_shuffle_state")
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        gen = self._generator(trainer)
-        if self._pending is not None and gen is not None:
-            gen.set_state(self._pending)
-            torch.empty((), dtype=torch.int64).random_(generator=gen)  # the new loader's base-seed draw
-        self._pending = None
 
 
 class QuietSpawnedWorkers(L.Callback):

@@ -39,6 +39,7 @@ EXPECTED_PER_CELL = (
     r"The '(train|val)_dataloader' does not have many workers",   # tiny in-memory sets need none
     r"Experiment logs directory .* exists and is not empty",      # a resumed run: lorabench.loggers.join_csv
     r"Checkpoint directory .* exists and is not empty",           # a resumed run keeps its checkpoints
+    r"The dirpath has changed from .* to .*, therefore",          # resume=<another run>: checkpoints go in this one
     # DDP (trainer=ddp | ddp_cpu): the validation loss is gathered over ranks and its padded duplicates
     # dropped in the module (training.module, unique_mean), which these two do not know
     r"Using `DistributedSampler` with the dataloaders. During `trainer.validate\(\)`",
