@@ -456,6 +456,25 @@ def test_merge_job_merges_native_and_kohya_files_into_a_loadable_adapter(tmp_pat
     assert len(res["update_size"]) == 2 and all(e["weight_median"]["mean"] > 0 for e in res["update_size"].values())
 
 
+def test_adapters_of_one_model_with_other_targets_are_not_called_of_another_model(tmp_path):
+    """The base-weight fingerprint hashes the layers an adapter adapts: one adapter with text-encoder layers too
+    was "trained on another base model" than one without, on the same model."""
+    from lorabench.adapters import inject_adapters, save_adapter
+    from lorabench.merging import check_compatible, read_update
+    from lorabench.models import build_tiny_components
+
+    files = []
+    for i, te in enumerate(([], ["q_proj"])):
+        comps = build_tiny_components()
+        files.append(save_adapter(inject_adapters(comps, {"name": "lora", "rank": 4, "text_encoder_targets": te}),
+                                  tmp_path / f"a{i}.safetensors"))
+    comps = build_tiny_components()
+    updates = [read_update(comps, f) for f in files]
+    with pytest.raises(ConfigError, match=r"protocol.inputs: 'a1' and 'a0' adapt different target modules \(layer "
+                                          r"'text_encoder\..*' is in one and not the other\)"):
+        check_compatible(updates, "protocol.inputs")
+
+
 def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_dir):
     from lorabench.models import build_tiny_components, save_components
 
@@ -465,7 +484,7 @@ def test_merge_job_refuses_adapters_of_another_base_model(tmp_path, tiny_model_d
     b, _, _ = _adapter_files(other, tmp_path / "y", 1)
     proc = run_here(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny",
                     "model.resolution=16", f"protocol.inputs=[{a},{b}]"], tmp_path)
-    assert_one_line_error(proc, tmp_path, "merge.inputs", "trained on another base model")
+    assert_one_line_error(proc, tmp_path, "protocol.inputs: ", "trained on another base model")
 
 
 @pytest.mark.integration

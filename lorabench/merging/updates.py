@@ -233,16 +233,18 @@ def check_compatible(updates: Sequence[AdapterUpdate], field_name: str = "merge.
         raise ConfigError(field_name, f"adapter {dup[0]!r} is listed twice; each concept merges once")
     first = updates[0]
     for u in updates[1:]:
-        if u.base_fingerprint and first.base_fingerprint and u.base_fingerprint != first.base_fingerprint:
-            raise ConfigError(field_name, f"{u.name!r} was trained on another base model than {first.name!r} "
-                              f"(base weights {u.base_fingerprint} vs {first.base_fingerprint}); merge adapters "
-                              "of one base model")
+        # the layers first: a fingerprint hashes the base weights of the layers an adapter adapts, so adapters of
+        # one model with other targets (text-encoder layers in one) were said to be of another base model
         if u.shapes() != first.shapes():
             extra = sorted(set(u.layers) ^ set(first.layers))
             what = (f"layer {extra[0]!r} is in one and not the other" if extra else
                     "the same layers have different shapes")
             raise ConfigError(field_name, f"{u.name!r} and {first.name!r} adapt different target modules ({what}); "
                               "merge adapters with the same targets")
+        if u.base_fingerprint and first.base_fingerprint and u.base_fingerprint != first.base_fingerprint:
+            raise ConfigError(field_name, f"{u.name!r} was trained on another base model than {first.name!r} "
+                              f"(base weights {u.base_fingerprint} vs {first.base_fingerprint}); merge adapters "
+                              "of one base model")
     check_disjoint_rows(updates, field_name)
 
 

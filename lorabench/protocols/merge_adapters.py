@@ -34,6 +34,7 @@ from lorabench.checks import adapter_file, check_weights
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
+    check_compatible,
     check_merge,
     load_stats,
     merge,
@@ -88,6 +89,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
              for f in inputs]
     names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
     updates = [read_update(components, f, name) for f, name in zip(inputs, names)]
+    check_compatible(updates, "protocol.inputs")  # here, naming the job's field, before any capture
     if weights is not None:
         updates = [replace(u, layers={k: (up * w, down) for k, (up, down) in u.layers.items()})
                    for u, w in zip(updates, weights)]
