@@ -162,6 +162,9 @@ def check_validation(validation: Optional[Mapping], field: str = "eval.validatio
     seeds = v.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(_kind(s) == "integer" for s in seeds):
         raise ConfigError(f"{field}.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # one grid column and one image file per seed: a repeated seed overwrote its own image
+        raise ConfigError(f"{field}.seeds", f"lists seed {twice[0]} twice; each seed is one grid column, got {seeds!r}")
     check_sampler(v.get("sampler"), f"{field}.sampler")
     every = v.get("every_n_steps")
     if every is not None and (_kind(every) != "integer" or every < 1):

@@ -35,6 +35,8 @@ main()
     ("seed=-1", "seed: must be an integer from 0 to 4294967295, got -1"),
     ("seed=1.5", "seed: must be an integer from 0 to 4294967295, got 1.5"),
     ("protocol.weightz=[0.7,0.3]", "protocol.weightz: not a field of this config"),
+    # one image file a seed: a repeated seed overwrote its own image and left the grid a column short of its files
+    ("eval.validation.prompts=[red] eval.validation.seeds=[0,0]", "eval.validation.seeds: lists seed 0 twice"),
     ("data=imagefolder data.path=/no/such/folder", "data.path: image folder '/no/such/folder' does not exist"),
     ("model=sd15 model.pretrained=/no/such/model", "model.pretrained: '/no/such/model' is neither an existing folder"),
 ])
