@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -98,7 +99,12 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = resume_checkpoint(cfg.get("resume"), run_dir)
     if resume:
-        check_resume(resume, module, own_folder=cfg.get("resume") is None)
+        own_folder = cfg.get("resume") is None
+        at = check_resume(resume, module, own_folder=own_folder)
+        done = nothing_left(resume, at, cfg.trainer.get("max_steps"), run_dir if own_folder else None)
+        if done is not None:  # the same command again after the run ended: what it recorded, untouched
+            print(f"lorabench: {run_dir} was trained to trainer.max_steps={at} already; nothing to do")
+            return done, module
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
@@ -205,14 +211,28 @@ def resume_checkpoint(resume, run_dir: Path) -> Optional[str]:
     return str(path)
 
 
-def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False) -> None:
+def nothing_left(path: str, at: int, max_steps, own_folder: Optional[Path]) -> Optional[dict[str, Any]]:
+    """A resumed run whose checkpoint is at step ``at`` and that trains to ``max_steps``: None when steps are left
+    (or the run counts epochs: ``max_steps`` -1); the results a finished run recorded in its ``own_folder`` when the
+    same command runs again there (it wrote results.json with no step, no train loss and no files, and cut its
+    metrics.csv to the validation rows); else a one-line error: a checkpoint past ``max_steps`` trains nothing."""
+    if max_steps is None or int(max_steps) < 0 or at < int(max_steps):
+        return None
+    recorded = own_folder / "results.json" if own_folder is not None else None
+    if recorded is not None and at == int(max_steps) and recorded.is_file():
+        return json.loads(recorded.read_text())
+    raise ConfigError("trainer.max_steps", f"{path!r} is at step {at}, so trainer.max_steps={max_steps} leaves nothing "
+                                           f"to train: raise it to train on (e.g. trainer.max_steps={at + 100})")
+
+
+def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False) -> int:
     """The checkpoint a run resumes from holds what this run trains: a file Lightning can read, the same adapter
     (type, rank, layers) and new tokens, each tensor of this run's shape. Lightning's own load said
     ``IndexError: pop from empty list`` for a file that is no checkpoint and raised torch's size mismatch, after the
     run folder was made, for another rank; another adapter type or fewer target layers loaded nothing of it (the
     module loads non-strictly: checkpoints hold the trained weights only) and failed on the optimiser's state.
     Read memory-mapped: the tensors' shapes, not their data. ``own_folder``: the run's own folder's last.ckpt,
-    resumed because ``resume`` is null (the same command again)."""
+    resumed because ``resume`` is null (the same command again). Returns the checkpoint's step."""
     where = (f"{path!r}, this run folder's own checkpoint (resume=null takes it)" if own_folder else repr(path))
     fresh = "; or train afresh in another folder (hydra.run.dir)" if own_folder else ""
     try:
@@ -243,6 +263,7 @@ def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False
         if tuple(value.shape) != tuple(own[key].shape):
             raise ConfigError("resume", f"{where}: {key!r} is {tuple(value.shape)}, this run's is "
                                         f"{tuple(own[key].shape)}: resume with the config it was trained with{fresh}")
+    return int(ckpt.get("global_step", 0))
 
 
 def run_results(cfg: DictConfig, config_name: str, components, adapters, tokens, trainable: int, steps: int,

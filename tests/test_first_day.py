@@ -194,6 +194,28 @@ def test_a_checkpoint_that_does_not_hold_what_the_run_trains_is_one_line(tmp_pat
     assert sorted(p.relative_to(done) for p in done.rglob("*")) == kept
 
 
+def test_the_same_command_again_after_the_run_ended_changes_nothing(tmp_path):
+    """The same command into a finished run's folder resumed its last.ckpt with no step left: it rewrote
+    results.json with 0 steps, no train loss and no files, and cut metrics.csv to the validation rows. Now it
+    says so and leaves the folder as it was; a checkpoint past trainer.max_steps is one line naming it."""
+    done = tmp_path / "done"
+    cmd = [*FAST, "callbacks=checkpoints", f"hydra.run.dir={done}"]
+    assert run_here(cmd, tmp_path).returncode == 0
+    files = {p: p.read_bytes() for p in [done / "results.json", done / "csv" / "metrics.csv"]}
+    proc = run_here(cmd, tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert f"lorabench: {done} was trained to trainer.max_steps=2 already; nothing to do" in proc.stdout
+    assert "steps                                   2" in proc.stdout  # the summary it recorded
+    assert all(p.read_bytes() == b for p, b in files.items())
+    assert_one_line_error(run_here([*cmd, "trainer.max_steps=1"], tmp_path), tmp_path,
+                          "trainer.max_steps: ", "last.ckpt' is at step 2, so trainer.max_steps=1 leaves nothing")
+    assert all(p.read_bytes() == b for p, b in files.items())
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_one_line_error(run_here([*FAST, f"resume={done}"], work), work,
+                          "trainer.max_steps: ", "is at step 2, so trainer.max_steps=2 leaves nothing to train")
+
+
 class _Record(L.Callback):
     """The trained parameters at the start and after every optimiser step."""
 
