@@ -207,9 +207,10 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: Mapping[str, Optional[str]]) -> None:
     """A protocol builds each cell's data from the ``data`` group its experiment chose (the mini world's protocols
-    from ``data=world``, by concept or style name): a ``data=`` group on the command line that replaces it ended
-    in a traceback (``Interpolation key 'data.world_seed' not found``) after the run folder was made. And a
-    ``merge`` or ``sequence`` group the experiment did not choose is read by nothing (the main job's merges are
+    from ``data=world``, by concept or style name, and with ``model=world``): a ``data=`` group on the command
+    line that replaces it ended in a traceback (``Interpolation key 'data.world_seed' not found``) after the run
+    folder was made, and a ``model=`` group in a world evaluator's "built for another world". And a ``merge`` or
+    ``sequence`` group the experiment did not choose is read by nothing (the main job's merges are
     ``protocol.methods.<name>.merge``): ``lorabench merge=ties`` ran the main job as if it were not there. The
     mini world's protocols score with the world's evaluators (``eval=world``); another ``eval`` group in its place
     said ``eval.concepts.concepts: unknown value 'sks'; valid: none yet``. ``given``: the command's group choices
@@ -217,7 +218,7 @@ def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: 
     own choices), only when a protocol and such a group meet."""
     if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
         return
-    asked = [a for a in group_args if override_group(a) in ("data", "merge", "sequence", "eval")]
+    asked = [a for a in group_args if override_group(a) in ("model", "data", "merge", "sequence", "eval")]
     if not asked:
         return
     own = compose("train", overrides=[a for a in group_args if a not in asked],
@@ -229,6 +230,10 @@ def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: 
                                       "would replace it: leave the group out (its fields can still be set, "
                                       "data.<key>=...); one run on your own images: experiment=sd15_dreambooth_lora "
                                       "data.path=<folder>")
+        if group == "model" and mine == "world" and theirs != mine:
+            raise ConfigError("model", f"this protocol trains and scores the mini world, whose evaluators know its own "
+                                       f"model (model=world); model={theirs} would replace it: leave the group out; a "
+                                       "paper's full-scale table is its own experiment (README.md, The papers)")
         if group == "eval" and mine == "world" and theirs != mine:
             raise ConfigError("eval", f"this protocol scores the mini world with its own evaluators (eval=world); "
                                       f"eval={theirs} would replace them: leave the group out (its fields can still "

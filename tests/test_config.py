@@ -320,6 +320,10 @@ def test_a_protocol_refuses_a_data_group_that_replaces_its_own(args, message):
     (["sequence=world_objects"], "sequence: this protocol reads no top-level sequence group"),
     (["eval=folders"], "eval: this protocol scores the mini world with its own evaluators (eval=world); eval=folders "
                        "would replace them"),
+    # the world's evaluators then said "world: evaluator 'identity' was built for another world"
+    (["model=sd15"], "model: this protocol trains and scores the mini world, whose evaluators know its own model "
+                     "(model=world); model=sd15 would replace it"),
+    (["experiment=trilora/world", "model=tiny"], "model: this protocol trains and scores the mini world"),
 ])
 def test_a_protocol_refuses_a_group_it_does_not_read(args, message):
     """Why: ``lorabench merge=ties`` ran the main job, 3 minutes, as if the group were not there (its merges are
@@ -331,6 +335,8 @@ def test_a_protocol_refuses_a_group_it_does_not_read(args, message):
     check_command(["experiment=merge_adapters", "merge=ties"])  # the merge job reads it
     check_command(["experiment=continual/world_objects", "sequence=world_objects"])  # its own group again
     check_command(["experiment=orthogonal_adaptation/chilloutmix", "eval=folders"])  # real concepts: any scoring
+    check_command(["model=world", "model.resolution=16"])  # the world's own model
+    check_command(["experiment=orthogonal_adaptation/chilloutmix", "model=sd15"])  # real concepts: any model
 
 
 def test_raised_by_names_the_configured_object_whose_method_raised():

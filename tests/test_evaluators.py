@@ -51,8 +51,11 @@ def test_round_trip_and_embeddings(trained):
 
 def test_mismatched_world_is_an_error(trained):
     _, folder, _ = trained
-    with pytest.raises(ConfigError, match="world: evaluator 'identity' was built for another world"):
+    with pytest.raises(ConfigError, match=r"data.world_seed: evaluator 'identity' was built for another world .* it "
+                                          r"has world_seed 0, resolution 16; asked: world_seed 1, resolution 16"):
         load_evaluator("identity", make_world(1), folder)
+    with pytest.raises(ConfigError, match=r"model.resolution: evaluator 'identity' was built for another world"):
+        load_evaluator("identity", make_world(0, resolution=32), folder)
     with pytest.raises(ConfigError, match="evaluator file .* is missing"):
         load_evaluator("identity", make_world(0), folder / "nowhere")
     with pytest.raises(ConfigError, match="eval.evaluator: unknown value 'fid'"):
@@ -90,7 +93,7 @@ def test_install_and_load_world_model(trained, tmp_path):
     assert (folder / "model" / "quality.json").is_file() and (folder / "model" / "world.json").is_file()
     model = load_world_model(folder=folder)
     assert model.unet.dtype == torch.float32 and model.resolution == 16
-    with pytest.raises(ConfigError, match="world: the shipped mini-world model was built for another world"):
+    with pytest.raises(ConfigError, match="model.world_seed: the shipped mini-world model was built for another"):
         load_world_model(world_seed=1, folder=folder)
     with pytest.raises(ConfigError, match="model.pretrained: the mini-world model .* is missing"):
         load_world_model(folder=tmp_path / "empty")

@@ -45,13 +45,17 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets"
 EVALUATORS = ("text_image", "identity", "style")
 
 
-def check_fingerprint(recorded: dict, world: World, what: str) -> None:
+def check_fingerprint(recorded: dict, world: World, what: str, seed_field: str = "data.world_seed") -> None:
+    """The world an asset was built for (``recorded``) is ``world``; else one line naming the setting that differs:
+    ``model.resolution``, the world seed's ``seed_field``, or ``world`` (the world's own make-up)."""
     expected = world.fingerprint()
     if recorded != expected:
         diff = [k for k in expected if recorded.get(k) != expected[k]]
-        raise ConfigError("world", f"{what} was built for another world (differs in {', '.join(diff)}: "
-                          f"world_seed {recorded.get('seed')}, resolution {recorded.get('resolution')}); "
-                          f"use world_seed={recorded.get('seed')} or rebuild it with python -m lorabench.world.assets")
+        field = ("model.resolution" if "resolution" in diff else seed_field if "seed" in diff else "world")
+        raise ConfigError(field, f"{what} was built for another world (differs in {', '.join(diff)}: it has "
+                          f"world_seed {recorded.get('seed')}, resolution {recorded.get('resolution')}; asked: "
+                          f"world_seed {world.seed}, resolution {world.resolution}); use its values or rebuild it "
+                          "with python -m lorabench.world.assets")
 
 
 # -- evaluators ----------------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def load_world_model(world_seed: int = 0, resolution: int = 16, dtype: str = "fl
                           "(lorabench experiment=world_pretrain) and install it "
                           "(python -m lorabench.world.assets model RUN_DIR)")
     check_fingerprint(json.loads((path / "world.json").read_text()), make_world(world_seed, resolution),
-                      "the shipped mini-world model")
+                      "the shipped mini-world model", seed_field="model.world_seed")
     return load_components(str(path), name=name, dtype=dtype, resolution=resolution)
 
 
