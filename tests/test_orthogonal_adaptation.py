@@ -142,6 +142,9 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
      ["protocol.methods.lora_dare.merge.seed: expected an integer, got 'x'"]),
     (["protocol.group_size=two"], ["protocol.group_size: expected an integer, got 'two'"]),
     (["protocol.seeds=[0,-1]"], ["protocol.seeds[1]: must be an integer from 0 to 4294967295, got -1"]),
+    # each ran: seeds [0, 0] pooled one seed's cells as two replicates; a role naming no method skipped its claims
+    (["protocol.seeds=[0,0]"], ["protocol.seeds: lists a seed twice: [0, 0]; each seed is one replicate"]),
+    (["protocol.roles.ortha=bogus"], ["protocol.roles.ortha: unknown value 'bogus'; valid: ", "ortha_disjoint"]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
     # merged side by side, two concepts need two tokens and two words
     (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],

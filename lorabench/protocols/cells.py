@@ -59,6 +59,8 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
         raise ConfigError(f"protocol.{items_key}", f"lists a name twice: {items}")
     if not seeds:
         raise ConfigError("protocol.seeds", "empty; give at least one seed")
+    if len(set(seeds)) < len(seeds):  # the same cells twice: replicates that are copies, intervals that shrink
+        raise ConfigError("protocol.seeds", f"lists a seed twice: {seeds}; each seed is one replicate")
     check_batch_cells(p.get("batch_cells", 1))
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds

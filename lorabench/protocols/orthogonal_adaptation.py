@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from lorabench.adapters.ortho import concept_configs
 from lorabench.adapters.tokens import load_tokens
 from lorabench.checks import check_counts
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, choice_error
 from lorabench.evaluation.scores import score_samples
 from lorabench.merging import (
     AdapterUpdate,
@@ -123,6 +123,20 @@ def select_methods(p: DictConfig, adapters: Mapping) -> dict[str, dict]:
                               "missing; e.g. /merge@protocol.methods.<name>.merge: sum")
         check_merge(m["merge"], f"protocol.methods.{name}.merge")
     return methods
+
+
+ROLES = ("lora_fedavg", "ortha", "gradient_fusion", "pplus", "ortha_no_embeddings")  # what verdicts() judges
+
+
+def check_roles(p: DictConfig) -> None:
+    """``protocol.roles``: each a role :func:`verdicts` knows, naming one of ``protocol.methods`` (a method that
+    ``protocol.only`` leaves out skips its claims; a name that is no method skipped them without a word)."""
+    names = list(p.get("methods") or {})
+    for role, method in (OmegaConf.to_container(p.get("roles") or {}, resolve=True)).items():
+        if role not in ROLES:
+            raise ConfigError(f"protocol.roles.{role}", f"not a role of the verdicts; valid: {', '.join(ROLES)}")
+        if method is not None and method not in names:
+            raise choice_error(f"protocol.roles.{role}", method, names)
 
 
 def draw_groups(concepts: Sequence[str], classes: Mapping[str, str], group_size: int, seed: int,
@@ -296,6 +310,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     p = cfg.protocol
     adapters, concepts, seeds = protocol_inputs(cfg, "concepts", "sks, twt, vlx")
     methods = select_methods(p, adapters)
+    check_roles(p)
     settings = read_settings(OrthASettings, p)
     check_eval_batch(settings.eval_batch)
     group_size = settings.group_size
