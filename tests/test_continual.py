@@ -306,6 +306,8 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     (["sequence.order_seed=abc"], ("sequence.order_seed: expected an integer, got 'abc'",)),
     (["protocol.method.name=merge:ties", "+protocol.method.merge_options.density=0"],
      ("protocol.method.merge_options.density: must be a number in (0, 1], got 0",)),
+    # found by the first task's cell, after the base model's evaluation, as adapter.rank
+    (["protocol.adapter.rank=0"], ("protocol.adapter.rank: must be a positive integer, got 0",)),
 ])
 def test_bad_sequences_fail_in_one_line_before_training(tmp_path, override, fragments):
     proc = run_here(["experiment=continual/world_objects", *override], tmp_path)

@@ -145,6 +145,11 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     # each ran: seeds [0, 0] pooled one seed's cells as two replicates; a role naming no method skipped its claims
     (["protocol.seeds=[0,0]"], ["protocol.seeds: lists a seed twice: [0, 0]; each seed is one replicate"]),
     (["protocol.roles.ortha=bogus"], ["protocol.roles.ortha: unknown value 'bogus'; valid: ", "ortha_disjoint"]),
+    # an adapter's own options, before the first cell (which named them adapter.<key>); a disjoint entry's slot
+    # is the protocol's to give
+    (["protocol.adapters.lora.rank=0"], ["protocol.adapters.lora.rank: must be a positive integer, got 0"]),
+    (["+protocol.adapters.ortha_disjoint.rnak=2"], ["protocol.adapters.ortha_disjoint.rnak: not an option of "
+                                                    "adapter 'ortho'; valid: "]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
     # merged side by side, two concepts need two tokens and two words
     (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],

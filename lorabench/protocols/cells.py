@@ -32,7 +32,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lorabench.adapters import Adapters, load_adapter
+from lorabench.adapters import Adapters, get_adapter_class, load_adapter
+from lorabench.adapters.base import parse_options
+from lorabench.adapters.injection import PLACEMENT_KEYS
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.checks import check_protocol_groups
 from lorabench.errors import ConfigError, check_seed
@@ -62,8 +64,35 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     if len(set(seeds)) < len(seeds):  # the same cells twice: replicates that are copies, intervals that shrink
         raise ConfigError("protocol.seeds", f"lists a seed twice: {seeds}; each seed is one replicate")
     check_batch_cells(p.get("batch_cells", 1))
+    for name, entry in adapters.items():
+        check_adapter_entry(entry, f"protocol.adapters.{name}")
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds
+
+
+# An adapter entry's keys that are not the adapter's own options: where it goes (injection), the new tokens and
+# the recipe trained beside it (cell_config), and the keys a protocol sets per concept (OrthA's disjoint slots)
+ENTRY_KEYS = (*PLACEMENT_KEYS, "embeddings", "recipe", "label")
+PER_CONCEPT = {"slot": 0, "num_slots": 1}
+
+
+def check_adapter_entry(entry: Optional[Mapping], field: str) -> None:
+    """A protocol's adapter entry (``protocol.adapters.<name>``, the continual ``protocol.adapter``) checked as its
+    adapter's own options are at injection, before any work: a cell found ``rank: 0`` or an unknown option after the
+    protocol's first cells (in a continual sequence, after the base model's evaluation), and named it
+    ``adapter.<key>``, a key the protocol's config does not have. An entry of new tokens alone has no options."""
+    if not entry or entry.get("name") is None:
+        return
+    entry = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else dict(entry)
+    options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    try:
+        cls = get_adapter_class(entry["name"])
+        if options.get("row_mode") == "disjoint":  # the protocol gives each concept its slot
+            options.update({k: v for k, v in PER_CONCEPT.items() if options.get(k) is None})
+        parse_options(cls, options)
+    except ConfigError as err:
+        key = err.field.partition(".")[2] if err.field.startswith("adapter.") else "name"
+        raise ConfigError(f"{field}.{key}", err.message) from None
 
 
 def check_world_items(cfg: DictConfig, items_key: str, items: Sequence[str]) -> None:

@@ -32,7 +32,7 @@ from lorabench.continual.tasks import LABELS
 from lorabench.errors import ConfigError
 from lorabench.protocols import sequence
 from lorabench.protocols.base import Paper, Rebuilt, join_rows, pm, read_settings, setting
-from lorabench.protocols.cells import check_processes
+from lorabench.protocols.cells import check_adapter_entry, check_processes
 from lorabench.protocols.report import Session, mean_std, rebuild_cli
 from lorabench.utils.plots import band_panels
 from lorabench.utils.tables import Column, csv_text, markdown
@@ -73,6 +73,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     st = read_settings(ContinualSettings, cfg.protocol)
     if not st.adapter:
         raise ConfigError("protocol.adapter", "no adapter; add e.g. /adapter@protocol.adapter: lora")
+    check_adapter_entry(st.adapter, "protocol.adapter")
     check_processes(cfg, "continual", "ranks")  # the method and the metric live in the task's callback
     return sequence.run(session, build_method(st.method or {}), st.adapter, st.eval_seed)
 
