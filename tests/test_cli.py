@@ -203,6 +203,19 @@ def test_folders_the_job_cannot_write_in_are_one_line_before_any_run_folder(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "work"]  # no folder made, no scratch file
 
 
+def test_the_command_tiny_model_prints_trains_on_its_model(tmp_path, capsys):
+    """It printed ``lorabench model=sd15 ...``, the main job, a mini-world protocol that cannot train on another
+    model (refused now; before, the world's evaluators said "built for another world")."""
+    from lorabench.models.tiny import main as tiny_main
+
+    tiny_main([str(tmp_path / "model")])
+    shown = capsys.readouterr().out.strip().split("train on it with: ", 1)[1]
+    assert shown.startswith("lorabench experiment=quickstart ")
+    proc = run_here([*shown.split()[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
 def test_tiny_model_into_a_folder_it_cannot_make_is_one_line(tmp_path, capsys):
     """``lorabench tiny-model DIR`` where DIR cannot be made: a FileNotFoundError traceback from the save, before."""
     from lorabench.models.tiny import main as tiny_main

@@ -291,5 +291,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     comps = build_tiny_components(seed=args.seed, with_vae=not args.pixel, words=args.words)
     save_components(comps, args.folder)
     kind = "pixel space, lorabench only" if args.pixel else "with a VAE: also a diffusers StableDiffusionPipeline"
-    print(f"wrote {args.folder} ({kind}); train on it with: lorabench model=sd15 model.pretrained={args.folder} "
-          "model.name=tiny model.resolution=16")
+    print(f"wrote {args.folder} ({kind}); train on it with: lorabench experiment=quickstart model=sd15 "
+          f"model.pretrained={args.folder} model.name=tiny model.resolution=16")
