@@ -177,6 +177,8 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             check_protocol_group_choices(cfg, group_args, choices)
         except (ConfigCompositionException, OmegaConfBaseException) as exc:
             raise composition_error(exc) from exc
+        except ValueError as exc:  # Hydra's own, for group=null where the group cannot be left out that way
+            raise null_group_error(exc, group_args, groups) from exc
     check_callbacks(cfg.get("callbacks"))
     check_protocol_groups(cfg)
     try:
@@ -203,6 +205,24 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
         check_optim(optim)
+
+
+def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:
+    """``logger=null`` (any group whose default is an option, not null): Hydra's composition raised
+    ``ValueError: Config group override must be a string or a list. Got NoneType``, a traceback naming no group.
+    The group: the ``=null`` override that fails when composed alone. Called inside precheck's Hydra context."""
+    if "Config group override must be" not in str(exc):
+        raise exc
+    for arg in group_args:
+        key = override_group(arg)
+        if arg.split("=", 1)[1] != "null" or key not in groups:
+            continue
+        try:
+            compose("train", overrides=[arg])
+        except ValueError:
+            return ConfigError(key, f"null is not an option here (leave the override out for the experiment's "
+                                    f"choice); valid: {', '.join(groups[key])}")
+    raise exc
 
 
 def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: Mapping[str, Optional[str]]) -> None:

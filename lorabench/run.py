@@ -109,7 +109,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
-    saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
+    saver = SaveArtifacts(str(run_dir), exports=cfg.get("exports") or [], base_model=components.model_id)
     history = LossHistory()
     validation = check_validation(OmegaConf.select(cfg, "eval.validation"))
     samples = ValidationSamples(folder=run_dir / "samples", **validation) if validation else None
@@ -412,7 +412,7 @@ def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], co
     out = []
     for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
         adapters = stacked.unstack(i) if stacked is not None else None
-        saver = SaveArtifacts(str(run_dir), exports=list(cfg.get("exports") or []), base_model=components.model_id)
+        saver = SaveArtifacts(str(run_dir), exports=cfg.get("exports") or [], base_model=components.model_id)
         if tokens[i] is not None:
             tokens[i].config = own_tokens[i]  # its file names the tokens as its run does
         saver.write(components, adapters, tokens[i], steps)

@@ -294,6 +294,21 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     assert_one_line_error(run_here([f"init_adapter={path}", *FAST], work), work, *fragments)
 
 
+@pytest.mark.parametrize("arg, fragment", [
+    ("module.val_timesteps=0", "module.val_timesteps: must be an integer >= 1, got 0"),  # an IndexError before
+    ("exports=bogus", "exports: unknown value 'bogus'; valid: "),  # "unknown value 'b'": the name's letters
+])
+def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
+    assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)
+
+
+def test_exports_takes_one_name_alone():
+    from lorabench.training import SaveArtifacts
+
+    assert SaveArtifacts("run", exports="kohya").exports == ["kohya"]
+    assert SaveArtifacts("run", exports=["kohya", "diffusers"]).exports == ["kohya", "diffusers"]
+
+
 def test_full_error_shows_traceback(tmp_path):
     proc = run_cli(["adapter.rank=64", *FAST], tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

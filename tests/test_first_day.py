@@ -37,6 +37,9 @@ main()
     ("protocol.weightz=[0.7,0.3]", "protocol.weightz: not a field of this config"),
     # one image file a seed: a repeated seed overwrote its own image and left the grid a column short of its files
     ("eval.validation.prompts=[red] eval.validation.seeds=[0,0]", "eval.validation.seeds: lists seed 0 twice"),
+    # Hydra's ValueError ("Config group override must be a string or a list. Got NoneType"), a traceback
+    ("logger=null", "logger: null is not an option here (leave the override out for the experiment's choice); "
+                    "valid: csv, wandb"),
     ("data=imagefolder data.path=/no/such/folder", "data.path: image folder '/no/such/folder' does not exist"),
     ("model=sd15 model.pretrained=/no/such/model", "model.pretrained: '/no/such/model' is neither an existing folder"),
 ])

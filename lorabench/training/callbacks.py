@@ -34,7 +34,8 @@ class SaveArtifacts(L.Callback):
     ``embeddings.safetensors`` (diffusers' textual-inversion format). In full training (no adapter,
     no tokens) write the whole model as a diffusers folder ``model/`` instead."""
 
-    def __init__(self, dirpath: str, exports: Sequence[str] = ("diffusers",), base_model: str = ""):
+    def __init__(self, dirpath: str, exports: Sequence[str] | str = ("diffusers",), base_model: str = ""):
+        exports = [exports] if isinstance(exports, str) else list(exports)  # exports=kohya: one name ("k" before)
         for e in exports:
             if e not in EXPORTS:
                 raise choice_error("exports", e, EXPORTS)

@@ -16,7 +16,7 @@ from lorabench.adapters import Adapters, inject_adapters
 from lorabench.adapters.base import factors_cast_once
 from lorabench.adapters.tokens import ConceptTokens, inject_tokens
 from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts, encode_tokens, tokenize_prompts
 from lorabench.training.cuda_graph import CapturedStep
 from lorabench.utils.seeding import generator
@@ -108,6 +108,7 @@ class DiffusionFineTuner(L.LightningModule):
         else:
             self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
             self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
+        check_int(val_timesteps, "module.val_timesteps", minimum=1)  # 0 ended in an IndexError in the tokenizer
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
         check_snr_ema(snr_gamma, ema_decay)
