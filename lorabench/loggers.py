@@ -89,18 +89,32 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
     run_dir = Path(run_dir)
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     wb = cfg.get("wandb")
+    mode_field = "WANDB_MODE" if os.environ.get("WANDB_MODE") else "logger.wandb.mode"  # where the mode was set
+    mode = None
     if wb:
         wb = dict(wb)
         mode = os.environ.get("WANDB_MODE") or wb.pop("mode", None) or "offline"
         wb.pop("mode", None)
         if mode not in WANDB_MODES:
-            raise ConfigError("WANDB_MODE", f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
+            raise ConfigError(mode_field, f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
         loggers.append(RunWandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
             group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type,
             tags=list(wb.pop("tags", None) or []), save_dir=str(run_dir), mode=mode, **wb))
     for lg in loggers:
-        lg.log_hyperparams(dict(resolved_config))
+        try:
+            lg.log_hyperparams(dict(resolved_config))  # W&B's run starts here
+        except Exception as exc:
+            if not isinstance(lg, WandbLogger) or type(exc).__module__.split(".")[0] != "wandb":
+                raise
+            # online without an API key (or without the network): wandb.init's UsageError, a traceback before
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            wandb = sys.modules["wandb"]
+            if wandb.setup().most_recent_active_run is None:
+                wandb.teardown()  # the service the failed start left running, as finish_wandb ends it
+            raise ConfigError(mode_field, f"W&B could not start the {mode} run ({said}); log offline "
+                                          "(logger.wandb.mode=offline, then wandb sync the run folder's wandb/) or "
+                                          "run wandb login first") from exc
     return loggers
 
 

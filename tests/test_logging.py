@@ -48,6 +48,23 @@ def test_wandb_mode_env_overrides(monkeypatch):
         build_loggers({"wandb": {"project": "p"}}, ".", "r", {})
 
 
+def test_an_online_wandb_run_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    """Online without an API key: wandb.init's UsageError was a traceback after the run folder was made; a mode
+    given in the config (not WANDB_MODE) was named WANDB_MODE."""
+    from lorabench.errors import ConfigError
+    from lorabench.loggers import build_loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # no stored login
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ConfigError, match="logger.wandb.mode: unknown mode 'sideways'"):
+        build_loggers({"wandb": {"project": "p", "mode": "sideways"}}, str(tmp_path), "r", {})
+    with pytest.raises(ConfigError, match=r"logger.wandb.mode: W&B could not start the online run \(.*\); log "
+                                          r"offline \(logger.wandb.mode=offline"):
+        build_loggers({"wandb": {"project": "p", "mode": "online"}}, str(tmp_path), "r", {})
+
+
 def test_csv_writers_of_separate_processes_share_one_file(tmp_path):
     """Under ddp_spawn each validate and the fit log through a copy of the writer pickled before any row (no
     keys): the fit's writer, adding its own columns, keeps the first validation's rows and columns (Lightning's
