@@ -297,6 +297,7 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
 @pytest.mark.parametrize("arg, fragment", [
     ("module.val_timesteps=0", "module.val_timesteps: must be an integer >= 1, got 0"),  # an IndexError before
     ("exports=bogus", "exports: unknown value 'bogus'; valid: "),  # "unknown value 'b'": the name's letters
+    ("module.prior_loss_weight=-1", "module.prior_loss_weight: must be a number >= 0, got -1"),  # it trained
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)

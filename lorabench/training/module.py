@@ -109,6 +109,8 @@ class DiffusionFineTuner(L.LightningModule):
             self.adapters: Optional[Adapters] = inject_adapters(components, dict(adapter)) if adapter else None
             self.tokens: Optional[ConceptTokens] = inject_tokens(components, dict(embeddings)) if embeddings else None
         check_int(val_timesteps, "module.val_timesteps", minimum=1)  # 0 ended in an IndexError in the tokenizer
+        if not prior_loss_weight >= 0:  # a negative weight pushed the class images' loss up: it trained as asked
+            raise ConfigError("module.prior_loss_weight", f"must be a number >= 0, got {prior_loss_weight!r}")
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError("module.caption_dropout", f"must be in [0, 1), got {caption_dropout!r}")
         check_snr_ema(snr_gamma, ema_decay)
