@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from lorabench.training import (
 )
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
 from lorabench.training.module import check_cuda_graph
-from lorabench.utils.console import first_process, share_console
+from lorabench.utils.console import first_process, note, share_console
 from lorabench.utils.io import write_json
 
 
@@ -101,9 +102,10 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     if resume:
         own_folder = cfg.get("resume") is None
         at = check_resume(resume, module, own_folder=own_folder)
-        done = nothing_left(resume, at, cfg.trainer.get("max_steps"), run_dir if own_folder else None)
+        done = None if at is None else nothing_left(resume, at, cfg.trainer.get("max_steps"),
+                                                    run_dir if own_folder else None)
         if done is not None:  # the same command again after the run ended: what it recorded, untouched
-            print(f"lorabench: {run_dir} was trained to trainer.max_steps={at} already; nothing to do")
+            note(f"lorabench: {run_dir} was trained to trainer.max_steps={at} already; nothing to do")
             return done, module
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
@@ -225,19 +227,22 @@ def nothing_left(path: str, at: int, max_steps, own_folder: Optional[Path]) -> O
                                            f"to train: raise it to train on (e.g. trainer.max_steps={at + 100})")
 
 
-def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False) -> int:
+def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False) -> Optional[int]:
     """The checkpoint a run resumes from holds what this run trains: a file Lightning can read, the same adapter
     (type, rank, layers) and new tokens, each tensor of this run's shape. Lightning's own load said
     ``IndexError: pop from empty list`` for a file that is no checkpoint and raised torch's size mismatch, after the
     run folder was made, for another rank; another adapter type or fewer target layers loaded nothing of it (the
     module loads non-strictly: checkpoints hold the trained weights only) and failed on the optimiser's state.
     Read memory-mapped: the tensors' shapes, not their data. ``own_folder``: the run's own folder's last.ckpt,
-    resumed because ``resume`` is null (the same command again). Returns the checkpoint's step."""
+    resumed because ``resume`` is null (the same command again). Returns the checkpoint's step; None for a file
+    holding Python objects beyond those, which is not unpickled here."""
     where = (f"{path!r}, this run folder's own checkpoint (resume=null takes it)" if own_folder else repr(path))
     fresh = "; or train afresh in another folder (hydra.run.dir)" if own_folder else ""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # Lightning's: Python objects too
-    except Exception as exc:  # a zip, pickle or I/O error, by the file's kind
+    try:  # tensors, numbers, strings and containers: what lorabench's Lightning checkpoints hold
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        return None  # other Python objects too (another tool's checkpoint): Lightning's own load judges it
+    except Exception as exc:  # a zip or I/O error: no checkpoint
         raise ConfigError("resume", f"{where} is not a checkpoint torch can read ({type(exc).__name__}): give a run "
                                     "folder with checkpoints/last.ckpt or a Lightning .ckpt file") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):

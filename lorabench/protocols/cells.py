@@ -72,7 +72,7 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
 
 # An adapter entry's keys that are not the adapter's own options: where it goes (injection), the new tokens and
 # the recipe trained beside it (cell_config), and the keys a protocol sets per concept (OrthA's disjoint slots)
-ENTRY_KEYS = (*PLACEMENT_KEYS, "embeddings", "recipe", "label")
+ENTRY_KEYS = (*PLACEMENT_KEYS, "embeddings", "recipe")
 PER_CONCEPT = {"slot": 0, "num_slots": 1}
 
 
