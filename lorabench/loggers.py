@@ -147,7 +147,9 @@ def set_aside_csv(run_dir: str | os.PathLike) -> Optional[Path]:
 def join_csv(run_dir: str | os.PathLike, aside: Optional[Path], resumed_step: int) -> None:
     """One ``csv/metrics.csv`` for a run resumed at ``resumed_step``: the first part's rows before it, then
     the resumed part's rows from it on (the first part's later rows were trained again; the resumed part's
-    earlier ones are its validation before fitting, the first part's again), under the union of columns."""
+    earlier ones are its validation before fitting, the first part's again), under the union of columns. The
+    first part's validation at ``resumed_step`` itself (a run that ended, resumed to more steps) scored the
+    checkpoint's weights, which the resumed part does not score again: it stays."""
     if aside is None or not aside.is_file():
         return
     path = Path(run_dir) / "csv" / "metrics.csv"
@@ -162,7 +164,11 @@ def join_csv(run_dir: str | os.PathLike, aside: Optional[Path], resumed_step: in
     def step(row) -> int:
         return int(row.get("step") or 0)
 
-    rows = [r for r in parts[0] if step(r) < resumed_step] + [r for r in parts[1] if step(r) >= resumed_step]
+    def kept(row) -> bool:  # trained before the checkpoint, or the checkpoint's own validation
+        return step(row) < resumed_step or step(row) == resumed_step and not any(
+            v for k, v in row.items() if k.startswith("train/"))
+
+    rows = [r for r in parts[0] if kept(r)] + [r for r in parts[1] if step(r) >= resumed_step]
     keys = sorted({k for r in rows for k in r})
     tmp = path.with_name(".metrics.csv.tmp")
     with open(tmp, "w", newline="") as f:

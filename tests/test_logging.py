@@ -88,3 +88,33 @@ def test_csv_writers_of_separate_processes_share_one_file(tmp_path):
     assert list(rows[0]) == ["epoch", "step", "train/loss", "val/loss"]
     assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
         ("0", "", "1.5"), ("4", "1.2", ""), ("5", "", "1.1")]
+
+
+def test_a_resumed_run_keeps_the_first_parts_rows_and_the_checkpoints_own_validation(tmp_path):
+    """One metrics.csv for a run resumed at step 4: the first part's rows before the step (its retrained ones
+    after it go), the resumed part's from it on (its validation before fitting at step 0 goes: the first part
+    has it). The first part's validation at step 4 itself scored the checkpoint (a run that ended, resumed to
+    more steps) and used to be dropped with the retrained rows; a training row at step 4 was retrained."""
+    import csv
+
+    from lorabench.loggers import join_csv, set_aside_csv
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+
+    def write(rows):
+        with open(folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train/loss", "val/loss"])
+            writer.writeheader()
+            writer.writerows({"epoch": 0, "step": s, "train/loss": t, "val/loss": v} for s, t, v in rows)
+
+    write([(0, "", 1.5), (1, 1.4, ""), (3, 1.3, ""), (4, 1.25, ""), (4, "", 1.2), (5, 1.1, "")])
+    aside = set_aside_csv(tmp_path)
+    assert aside is not None and not (folder / "metrics.csv").exists()
+    write([(0, "", 1.5), (4, 1.26, ""), (5, 1.15, ""), (6, "", 1.0)])
+    join_csv(tmp_path, aside, resumed_step=4)
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = [(int(r["step"]), r["train/loss"], r["val/loss"]) for r in csv.DictReader(f)]
+    assert rows == [(0, "", "1.5"), (1, "1.4", ""), (3, "1.3", ""), (4, "", "1.2"),
+                    (4, "1.26", ""), (5, "1.15", ""), (6, "", "1.0")]
+    assert not aside.exists()
