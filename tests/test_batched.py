@@ -310,9 +310,19 @@ def _train_both(cells, tmp_path):
     return sep, bat, results
 
 
-def _adapter_diffs(sep, bat) -> list[torch.Tensor]:
+LOSSES = ("train_loss_first", "train_loss_last", "val_loss_before", "val_loss_after")
+
+
+def _loss_gaps(a, b) -> list[float]:
+    """|difference| of each of :data:`LOSSES` between the runs in folders ``a`` and ``b`` (both recorded)."""
+    ra, rb = (json.loads((d / "results.json").read_text())["metrics"] for d in (a, b))
+    return [abs(ra[m] - rb[m]) for m in LOSSES]
+
+
+def _adapter_diffs(sep, bat, loss_rel: float | None = 1e-4) -> list[torch.Tensor]:
     """Check that the batched runs ``bat`` wrote what the separate runs ``sep`` did (files, metadata,
-    configs, step counts, losses to 1e-4); return each member's element-wise |difference| of its tensors."""
+    configs, step counts, losses to ``loss_rel``; None: recorded alike, their gaps checked by the caller);
+    return each member's element-wise |difference| of its tensors."""
     from lorabench.adapters import read_safetensors
 
     diffs = []
@@ -330,9 +340,10 @@ def _adapter_diffs(sep, bat) -> list[torch.Tensor]:
         diffs.append(torch.cat(member))
         ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
         assert ra["metrics"]["steps"] == rb["metrics"]["steps"]
-        for m in ("train_loss_first", "train_loss_last", "val_loss_before", "val_loss_after"):
+        for m in LOSSES:
             a_m, b_m = ra["metrics"][m], rb["metrics"][m]
-            assert (a_m is None) == (b_m is None) and (a_m is None or a_m == pytest.approx(b_m, rel=1e-4)), m
+            assert (a_m is None) == (b_m is None), m
+            assert a_m is None or loss_rel is None or a_m == pytest.approx(b_m, rel=loss_rel), m
         for k in ("adapter_config", "embeddings_config", "artifacts", "adapter"):
             assert ra[k] == rb[k], k
         assert ra["metrics"]["trainable_params"] == rb["metrics"]["trainable_params"]
@@ -470,7 +481,9 @@ def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_dow
     run at 1 and 2 threads: step-1 gradients ~2% apart, adapters after 4 steps ~1e-5 apart at the median),
     and AdamW's first steps (~ lr * sign(g)) pass that on. So the batched members are held to that floor,
     measured here: the same losses, step-1 gradients and trained adapters as their separate runs, no
-    further apart than a separate run is from itself at another thread count (x3). A routing, data,
+    further apart than a separate run is from itself at another thread count (x3; the losses were held to a
+    fixed 1e-4, relative, which the separate run at another thread count missed once the flips drew from
+    their own stream). A routing, data,
     noise or loss-normalisation error moves step-1 gradients by tens of percent."""
     from lorabench.run import train
     from lorabench.utils.console import quiet_cells
@@ -480,7 +493,7 @@ def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_dow
         cells = _sd15_cells(tmp_path, scaled_down_models, toy_images, adapter, steps)
         with _StepGrads() as grads:
             sep, bat, _ = _train_both(cells, tmp_path / adapter)
-        diffs = _adapter_diffs(sep, bat)
+        diffs = _adapter_diffs(sep, bat, loss_rel=None)
         floor_dir = tmp_path / adapter / "floor"
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if threads > 1 else 2)
@@ -490,13 +503,17 @@ def test_batched_scaled_down_sd15_cells_equal_separate_runs(tmp_path, scaled_dow
                 train(cells[0], floor_dir, config_name="c")
         finally:
             torch.set_num_threads(threads)
-        floor = _adapter_diffs([sep[0]], [floor_dir])[0]
+        floor = _adapter_diffs([sep[0]], [floor_dir], loss_rel=None)[0]
+        # the losses too: a separate run at another thread count moved val_loss_after by 1.2e-4 (relative 1.03e-4,
+        # OrthA, after 4 steps), the batched members by up to 1.05e-4 (2026-12-06)
+        floor_loss = max(_loss_gaps(sep[0], floor_dir))
         floor_grad = _rel(grads.steps[0], floor_grads.steps[0])
         assert len(grads.steps) == 3 * steps
         for k in range(2):
             own, batched = grads.steps[k * steps], [g[k] for g in grads.steps[2 * steps]]
             assert _rel(own, batched) <= 3 * floor_grad + 1e-6, (adapter, k, _rel(own, batched), floor_grad)
             assert float(diffs[k].median()) <= 3 * float(floor.median()) + 1e-7, (adapter, k)
+            assert max(_loss_gaps(sep[k], bat[k])) <= 3 * floor_loss + 1e-6, (adapter, k, _loss_gaps(sep[k], bat[k]))
 
 
 @pytest.mark.parametrize("adapter", ["lora", "ortho", "trilora"])

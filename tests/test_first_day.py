@@ -130,19 +130,27 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("batch_size", [4, 3])
+# random flips and crops (every full-scale config has one of them) and the adapters' dropout
+AUGMENTED = ["data.random_flip=true", "data.center_crop=false", "adapter.dropout=0.25"]
+
+
+@pytest.mark.parametrize("batch_size,extra", [(4, []), (3, []), (3, AUGMENTED)], ids=["epoch-end", "mid-epoch",
+                                                                                       "augmented"])
 def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path,
-                                                                                   batch_size):
+                                                                                   batch_size, extra):
     """Why: a single training run could not be resumed. With callbacks=checkpoints, the same command (into the
     same folder) continues from checkpoints/last.ckpt: weights, optimiser, schedule, step, noise stream,
     the loader's shuffling and the loss history, and ends with the adapter of the run that was not stopped.
     8 images in batches of 4 put the step-4 checkpoint at an epoch's end; in batches of 3 (3 a epoch) inside
     the second epoch, after its first batch: the resumed run used to start that epoch again, with a fresh
-    order, under Lightning's warning that the loader is not resumable (lorabench.data.loader)."""
+    order, under Lightning's warning that the loader is not resumable (lorabench.data.loader). Random flips
+    and crops, and dropout, drew from the global generator, which no checkpoint held: the resumed run flipped
+    other images and dropped other features (now the dataset's own generator, kept by the loader, and the
+    global state in the checkpoint)."""
     import warnings
 
     opts = ["callbacks=checkpoints", "callbacks.checkpoints.every_n_train_steps=2", f"data.batch_size={batch_size}",
-            "optim.lr_scheduler=cosine", "optim.lr=3e-3", "trainer.log_every_n_steps=1"]
+            "optim.lr_scheduler=cosine", "optim.lr=3e-3", "trainer.log_every_n_steps=1", *extra]
     whole, _ = _train(opts, tiny_model_dir, tmp_path / "whole", steps=6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(opts, tiny_model_dir, tmp_path / "stopped", steps=6, callbacks=[_Crash(at=5)])

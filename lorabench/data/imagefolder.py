@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lorabench.checks import check_data_path
 from lorabench.data.loader import ResumableLoader
 from lorabench.errors import ConfigError, check_int
+from lorabench.utils.seeding import generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ImageSource = Union[Path, bytes]  # a file, or the encoded bytes of one (a parquet row)
@@ -207,14 +208,28 @@ class BucketBatchSampler(Sampler):
 
 
 class ImageCaptionDataset(Dataset):
-    """``targets``: each item's (height, width) (its aspect-ratio bucket); None: the square resolution."""
+    """``targets``: each item's (height, width) (its aspect-ratio bucket); None: the square resolution.
+
+    Random crops and flips draw from the dataset's own generator (named by ``augment_key``; None: the global
+    one), which the training loader keeps in its checkpoints with its shuffling (:mod:`lorabench.data.loader`):
+    a run resumed mid-epoch crops and flips as the uninterrupted run did (from the global generator, which
+    Lightning does not keep, it did not). In a loader's worker process each worker draws from its own global
+    generator, which PyTorch seeds per worker, as before (one generator copied into every worker would draw
+    alike in each)."""
 
     def __init__(self, items: list[tuple[ImageSource, str]], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, repeats: int = 1, size_conditioning: bool = False,
-                 targets: Optional[list[tuple[int, int]]] = None):
+                 targets: Optional[list[tuple[int, int]]] = None, augment_key: Optional[str] = None):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
         self.size_conditioning, self.targets = size_conditioning, targets
+        random = random_flip or not center_crop
+        self.generator = generator("augment", augment_key) if random and augment_key is not None else None
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The generators the examples' augmentations draw from (kept by :class:`ResumableLoader`)."""
+        return [self.generator] if self.generator is not None else []
 
     def __len__(self) -> int:
         return len(self.items) * self.repeats
@@ -225,11 +240,13 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path, prompt = self.items[i % len(self.items)]
         target = self.target(i)
+        gen = self.generator if get_worker_info() is None else None
         if self.size_conditioning:
             x, size = load_image(path, self.resolution, self.center_crop, self.random_flip, with_size=True,
-                                 target=target)
+                                 target=target, generator=gen)
             return {"pixel_values": x, "prompt": prompt, "index": i, "time_ids": size}
-        return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip, target=target),
+        return {"pixel_values": load_image(path, self.resolution, self.center_crop, self.random_flip, target=target,
+                                           generator=gen),
                 "prompt": prompt, "index": i}
 
 
@@ -241,6 +258,11 @@ class PriorPreservationDataset(Dataset):
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.klass))
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The instance examples' augmentation generators, then the class examples'."""
+        return [*self.instance.generators, *self.klass.generators]
 
     def __getitem__(self, i: int) -> dict:
         return {"instance": self.instance[i % len(self.instance)], "class": self.klass[i % len(self.klass)]}
@@ -365,19 +387,20 @@ class ImageFolderDataModule(L.LightningDataModule):
 
         return [text for _, text in items], references
 
-    def _dataset(self, items, train: bool) -> ImageCaptionDataset:
+    def _dataset(self, items, train: bool, role: str = "instance") -> ImageCaptionDataset:
         targets = None
         if train and self.buckets:  # validation keeps the square crops: a fixed-noise loss comparable across runs
             sizes = make_buckets(self.resolution, **self.buckets)
             targets = [nearest_bucket(image_size(path), sizes) for path, _ in items]
         return ImageCaptionDataset(items, self.resolution, center_crop=self.center_crop or not train,
                                    random_flip=self.random_flip and train, repeats=self.repeats if train else 1,
-                                   size_conditioning=self.size_conditioning, targets=targets)
+                                   size_conditioning=self.size_conditioning, targets=targets,
+                                   augment_key=f"{role}:{self.seed}" if train else None)
 
     def train_dataset(self) -> Dataset:
         ds = self._dataset(self.items, True)
         if self.class_items:
-            ds = PriorPreservationDataset(ds, self._dataset(self.class_items, True))
+            ds = PriorPreservationDataset(ds, self._dataset(self.class_items, True, role="class"))
         return ds
 
     def train_dataloader(self) -> DataLoader:

@@ -16,7 +16,7 @@ so both end with the same adapter. With worker processes (``persistent_workers``
 fit), a resumed run still drops the batches already trained on, but its later orders differ: the uninterrupted
 run's iterator drew its workers' seed once, the resumed run's draws it again. A ``DistributedSampler``'s order
 comes from its seed and epoch, which Lightning restores; a sampler's own generator (the aspect-ratio buckets')
-is kept like the loader's.
+and the dataset's (random crops and flips, ``ImageCaptionDataset.generators``) are kept like the loader's.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ class ResumableLoader(DataLoader):
     _to_load: Optional[dict[str, Any]] = None
 
     def _generators(self) -> list[torch.Generator]:
-        """The generators this loader's order is drawn from: its own (the shuffling sampler's and the workers'
-        seed) and its batch sampler's (the aspect-ratio buckets'), each once."""
+        """The generators this loader's batches are drawn from: its own (the shuffling sampler's and the workers'
+        seed), its batch sampler's (the aspect-ratio buckets') and its dataset's (random crops and flips), each
+        once."""
         found = [getattr(self, "generator", None), getattr(self.sampler, "generator", None),
-                 getattr(self.batch_sampler, "generator", None)]
+                 getattr(self.batch_sampler, "generator", None), *getattr(self.dataset, "generators", ())]
         out: list[torch.Generator] = []
         for g in found:
             if isinstance(g, torch.Generator) and all(g is not h for h in out):

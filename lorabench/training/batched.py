@@ -48,8 +48,8 @@ from lorabench.utils.seeding import generator
 class MemberLoader:
     """Member ``k``'s loader, walked under the member's own copy of the global torch RNG state
     (``states[k]``, saved back after each call): creating an iterator (a loader without a generator draws
-    its workers' base seed from the global RNG) and each batch (a sampler without a generator, random
-    flips and crops in the dataset) draw what they would in the member's own run, whatever the other
+    its workers' base seed from the global RNG) and each batch (a sampler without a generator, a dataset's
+    random flips and crops in a worker process) draw what they would in the member's own run, whatever the other
     members draw in between. The loader itself is the member's own: same sampler, workers and collate."""
 
     def __init__(self, loader: DataLoader, states: list[torch.Tensor], k: int):

@@ -480,8 +480,12 @@ class DiffusionFineTuner(L.LightningModule):
 
     # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the noise and timestep stream where it stands: a resumed run draws what the uninterrupted one would;
+        # and the global stream, which the adapters' dropout draws from (Lightning keeps no RNG state)
+        checkpoint["lorabench_noise_state"] = self._generator().get_state()
+        checkpoint["lorabench_global_rng"] = {"cpu": torch.get_rng_state(), **(
+            {"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})}
         if self.adapters is None and self.tokens is None:
-            checkpoint["lorabench_noise_state"] = self._generator().get_state()
             return
         rows = {id(p) for p in self.trainable_parameters("embeddings")}
         keys = {n for n, p in self.named_parameters() if id(p) in rows}
@@ -491,9 +495,12 @@ class DiffusionFineTuner(L.LightningModule):
         checkpoint["lorabench_adapter"] = self.adapters.config if self.adapters is not None else None
         if self.tokens is not None:
             checkpoint["lorabench_embeddings"] = self.tokens.config
-        # the noise and timestep stream where it stands: a resumed run draws what the uninterrupted one would
-        checkpoint["lorabench_noise_state"] = self._generator().get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "lorabench_noise_state" in checkpoint:
             self._generator().set_state(checkpoint["lorabench_noise_state"])
+        states = checkpoint.get("lorabench_global_rng") or {}
+        if "cpu" in states:
+            torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"], torch.cuda.current_device())
