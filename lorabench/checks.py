@@ -102,8 +102,6 @@ def check_callbacks(callbacks: Optional[Mapping]) -> None:
                               "e.g. callbacks=lr_monitor, or null to drop it")
 
 
-
-
 def _kind(value) -> Optional[str]:
     """``"integer"`` or ``"number"`` for a numeric config value (booleans are not numbers), else None."""
     if isinstance(value, bool):

@@ -363,6 +363,10 @@ def check_trainer(trainer_cfg, field: str = "trainer") -> None:
         return
     opts = OmegaConf.to_container(trainer_cfg, resolve=True)
     accel, devices = str(opts.get("accelerator", "auto")), opts.get("devices", "auto")
+    if opts.get("max_steps", -1) == -1 and opts.get("max_epochs") == -1:  # Lightning would train until stopped
+        raise ConfigError(f"{field}.max_steps", "-1 (no step limit) with trainer.max_epochs=-1 (no epoch limit) trains "
+                          "without end; give a step budget (trainer.max_steps=N) or an epoch budget "
+                          "(trainer.max_epochs=N)")
     if accel in ("gpu", "cuda"):
         have = torch.cuda.device_count()
         if not have:
@@ -384,7 +388,9 @@ def check_trainer(trainer_cfg, field: str = "trainer") -> None:
         key = re.search(r"unexpected keyword argument '(\w+)'", message) or re.search(r"`(\w+)`", message)
         if key and "unexpected keyword" in message:
             raise ConfigError(f"{field}.{key.group(1)}", "not an option of lightning.pytorch.Trainer") from exc
-        named = [key.group(1)] if key and key.group(1) in opts else \
+        # the option the message names: quoted (`devices`), or given a value (`Trainer(devices=0)`), or any word
+        assigned = [k for k in opts if re.search(rf"\b{re.escape(k)}=", message)]
+        named = [key.group(1)] if key and key.group(1) in opts else assigned or \
             [k for k in opts if re.search(rf"\b{re.escape(k)}\b", message, re.IGNORECASE)]
         raise ConfigError(f"{field}.{named[0]}" if named else field, message) from exc
     finally:

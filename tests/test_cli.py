@@ -298,6 +298,9 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     ("module.val_timesteps=0", "module.val_timesteps: must be an integer >= 1, got 0"),  # an IndexError before
     ("exports=bogus", "exports: unknown value 'bogus'; valid: "),  # "unknown value 'b'": the name's letters
     ("module.prior_loss_weight=-1", "module.prior_loss_weight: must be a number >= 0, got -1"),  # it trained
+    # no step and no epoch limit: an OverflowError from the schedule after the run folder was made
+    ("trainer.max_steps=-1", "trainer.max_steps: -1 (no step limit) with trainer.max_epochs=-1 (no epoch limit)"),
+    ("trainer.devices=0", "trainer.devices: `Trainer(devices=0)`"),  # was named trainer.accelerator
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)
