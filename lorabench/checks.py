@@ -102,6 +102,19 @@ def check_callbacks(callbacks: Optional[Mapping]) -> None:
                               "e.g. callbacks=lr_monitor, or null to drop it")
 
 
+def check_trainer_limits(trainer: Mapping, field: str = "trainer") -> None:
+    """What Lightning's Trainer takes but trains wrongly with: ``gradient_clip_val`` below 0 (torch clips to a
+    negative norm by flipping every gradient: each step climbs the loss), and no step limit with no epoch limit
+    (``max_steps: -1`` with ``max_epochs: -1``: training without end, whose schedule raised OverflowError)."""
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (_kind(clip) is None or clip < 0):
+        raise ConfigError(f"{field}.gradient_clip_val",
+                          f"must be null or 0 (no clipping) or a number > 0, got {clip!r}")
+    if trainer.get("max_steps", -1) == -1 and trainer.get("max_epochs") == -1:
+        raise ConfigError(f"{field}.max_steps", "-1 (no step limit) with max_epochs=-1 (no epoch limit) trains without "
+                          f"end; give a step budget ({field}.max_steps=N) or an epoch budget ({field}.max_epochs=N)")
+
+
 def _kind(value) -> Optional[str]:
     """``"integer"`` or ``"number"`` for a numeric config value (booleans are not numbers), else None."""
     if isinstance(value, bool):

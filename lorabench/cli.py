@@ -47,6 +47,7 @@ from lorabench.checks import (
     check_override_types,
     check_protocol_groups,
     check_sampler,
+    check_trainer_limits,
     check_validation,
     check_writable,
 )
@@ -363,10 +364,7 @@ def check_trainer(trainer_cfg, field: str = "trainer") -> None:
         return
     opts = OmegaConf.to_container(trainer_cfg, resolve=True)
     accel, devices = str(opts.get("accelerator", "auto")), opts.get("devices", "auto")
-    if opts.get("max_steps", -1) == -1 and opts.get("max_epochs") == -1:  # Lightning would train until stopped
-        raise ConfigError(f"{field}.max_steps", "-1 (no step limit) with trainer.max_epochs=-1 (no epoch limit) trains "
-                          "without end; give a step budget (trainer.max_steps=N) or an epoch budget "
-                          "(trainer.max_epochs=N)")
+    check_trainer_limits(opts, field)
     if accel in ("gpu", "cuda"):
         have = torch.cuda.device_count()
         if not have:

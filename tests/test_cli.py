@@ -301,6 +301,8 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     # no step and no epoch limit: an OverflowError from the schedule after the run folder was made
     ("trainer.max_steps=-1", "trainer.max_steps: -1 (no step limit) with trainer.max_epochs=-1 (no epoch limit)"),
     ("trainer.devices=0", "trainer.devices: `Trainer(devices=0)`"),  # was named trainer.accelerator
+    # torch clipped to a negative norm by flipping every gradient: the run climbed its loss without a word
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: must be null or 0 (no clipping) or a number > 0"),
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)

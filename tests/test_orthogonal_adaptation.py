@@ -151,6 +151,9 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["+protocol.adapters.ortha_disjoint.rnak=2"], ["protocol.adapters.ortha_disjoint.rnak: not an option of "
                                                     "adapter 'ortho'; valid: "]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
+    # a baseline's own trainer: torch clipped to -1 by flipping every gradient (the cell climbed its loss)
+    (["+protocol.adapters.lora.recipe.trainer.gradient_clip_val=-1"],
+     ["protocol.adapters.lora.recipe.trainer.gradient_clip_val: must be null or 0 (no clipping) or a number > 0"]),
     # merged side by side, two concepts need two tokens and two words
     (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],
      ["protocol.adapters.pplus.embeddings.token: 'sks' and 'twt' both get '<x>'"]),
