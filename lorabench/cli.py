@@ -51,7 +51,7 @@ from lorabench.checks import (
     check_validation,
     check_writable,
 )
-from lorabench.errors import ConfigError, check_seed, choice_error, find_config_error
+from lorabench.errors import ConfigError, check_int, check_seed, choice_error, find_config_error
 from lorabench.sweeps import job_dir_name
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
@@ -190,6 +190,8 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         if OmegaConf.select(cfg, "eval.sampler") is not None:
             check_sampler(OmegaConf.to_container(cfg.eval.sampler, resolve=True), "eval.sampler")
             check_counts({"images_per_prompt": OmegaConf.select(cfg, "eval.images_per_prompt")}, "eval")
+        if OmegaConf.select(cfg, "model.resolution") is not None:  # 0 failed in the data, in PIL's words
+            check_int(OmegaConf.select(cfg, "model.resolution"), "model.resolution", minimum=8)
         if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):
             check_model_source(OmegaConf.select(cfg, "model.pretrained"))
         images = str(OmegaConf.select(cfg, "data._target_")).endswith("ImageFolderDataModule")

@@ -299,10 +299,13 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     ("exports=bogus", "exports: unknown value 'bogus'; valid: "),  # "unknown value 'b'": the name's letters
     ("module.prior_loss_weight=-1", "module.prior_loss_weight: must be a number >= 0, got -1"),  # it trained
     # no step and no epoch limit: an OverflowError from the schedule after the run folder was made
-    ("trainer.max_steps=-1", "trainer.max_steps: -1 (no step limit) with trainer.max_epochs=-1 (no epoch limit)"),
+    ("trainer.max_steps=-1", "trainer.max_steps: -1 (no step limit) with max_epochs=-1 (no epoch limit) trains"),
     ("trainer.devices=0", "trainer.devices: `Trainer(devices=0)`"),  # was named trainer.accelerator
     # torch clipped to a negative norm by flipping every gradient: the run climbed its loss without a word
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: must be null or 0 (no clipping) or a number > 0"),
+    # a scale of 0: the adapter added nothing and its gradients were 0, a run that trained nothing
+    ("adapter.alpha=0", "adapter.alpha: must be null (alpha = rank: scale 1) or a number > 0, got 0"),
+    ("model.resolution=0", "model.resolution: must be an integer >= 8, got 0"),  # PIL's AttributeError, in data
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)

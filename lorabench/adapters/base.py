@@ -57,6 +57,10 @@ class AdapterOptions:
             raise ConfigError("adapter.rank", f"must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("adapter.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        alpha = self.alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+            # 0: a scale of 0, so the adapter adds nothing and its gradients are 0 (a run that trained nothing)
+            raise ConfigError("adapter.alpha", f"must be null (alpha = rank: scale 1) or a number > 0, got {alpha!r}")
 
 
 def layer_shape(base: nn.Module, name: str) -> tuple[int, int]:
