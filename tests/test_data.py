@@ -93,6 +93,40 @@ def test_a_loader_resumed_from_its_state_hands_out_what_the_uninterrupted_one_wo
     assert epoch(again) == epoch(reference)
 
 
+def test_a_loader_keeps_its_datasets_augmentations_and_resumes_a_checkpoint_without_them(toy_images):
+    """The dataset's crops and flips (ImageCaptionDataset.generators) are kept with the loader's order: a loader
+    resumed mid-epoch hands out the uninterrupted one's images, flipped and cropped alike (from the global
+    generator they were not). A checkpoint written before the dataset kept its generator (the loader's own
+    state alone) still puts the order back."""
+    dm = ImageFolderDataModule(str(toy_images), resolution=12, batch_size=3, center_crop=False, random_flip=True,
+                               seed=3).prepare()
+
+    def epoch(loader, n=None):
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+        return out
+
+    whole = epoch(dm.train_dataloader())  # the run that was not stopped
+    going = dm.train_dataloader()
+    assert len(going.dataset.generators) == 1
+    epoch(going, 1)
+    state = going.state_dict()
+    assert len(state["generator_states"]) == 2 and state["batches"] == 1
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    torch.manual_seed(123)  # what the global generator holds does not matter
+    rest = epoch(resumed)
+    assert len(rest) == len(whole) - 1 >= 2
+    for a, b in zip(rest, whole[1:]):
+        assert a["index"].tolist() == b["index"].tolist() and torch.equal(a["pixel_values"], b["pixel_values"])
+    old = dm.train_dataloader()  # a state written when the dataset kept no generator: the loader's alone
+    old.load_state_dict({"generator_states": state["generator_states"][:1], "batches": 1})
+    assert [b["index"].tolist() for b in epoch(old)] == [b["index"].tolist() for b in whole[1:]]
+
+
 def test_resize_crop_flip(tmp_path):
     img = torch.zeros(12, 20, 3, dtype=torch.uint8)
     img[:, :10] = 255  # left half white

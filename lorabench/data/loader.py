@@ -61,7 +61,9 @@ class ResumableLoader(DataLoader):
         state, self._to_load = self._to_load, None
         generators = self._generators()
         skip = 0
-        if state is not None and len(state["generator_states"]) == len(generators):
+        # a checkpoint holds the states of the generators it had, in :meth:`_generators`' order: one written before
+        # the dataset kept its own (crops and flips from the global generator) holds the loader's and sampler's
+        if state is not None and len(state["generator_states"]) <= len(generators):
             for g, s in zip(generators, state["generator_states"]):
                 g.set_state(s)
             skip = int(state["batches"])
