@@ -127,6 +127,16 @@ def test_a_loader_keeps_its_datasets_augmentations_and_resumes_a_checkpoint_with
     assert [b["index"].tolist() for b in epoch(old)] == [b["index"].tolist() for b in whole[1:]]
 
 
+def test_a_16_bit_greyscale_image_loads_at_its_grey_not_white(tmp_path):
+    """PIL's RGB conversion of a 16-bit greyscale PNG clips each value to 255: a 61%-grey image trained as white."""
+    import numpy as np
+
+    Image.fromarray(np.full((10, 10), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((10, 10), 156, dtype=np.uint8)).save(tmp_path / "grey.png")
+    deep, grey = load_image(tmp_path / "deep.png", 8), load_image(tmp_path / "grey.png", 8)
+    assert torch.equal(deep, grey) and abs(float(deep.mean()) - (156 / 127.5 - 1)) < 1e-6
+
+
 def test_resize_crop_flip(tmp_path):
     img = torch.zeros(12, 20, 3, dtype=torch.uint8)
     img[:, :10] = 255  # left half white

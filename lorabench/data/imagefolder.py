@@ -133,6 +133,17 @@ def image_size(path: ImageSource) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+# 16-bit greyscale (PNG): PIL's RGB conversion clips each value to 255, so a mid-grey image came out white
+WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB, a 16-bit greyscale image scaled to 8 bits first (values / 256)."""
+    if im.mode in WIDE_GREY:
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 256.0, 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def load_image(path: ImageSource, resolution: int, center_crop: bool = True, random_flip: bool = False,
                generator: Optional[torch.Generator] = None, with_size: bool = False,
                target: Optional[tuple[int, int]] = None):
@@ -144,7 +155,7 @@ def load_image(path: ImageSource, resolution: int, center_crop: bool = True, ran
     flipped, mirrored) image, as diffusers' SDXL scripts compute ``add_time_ids``."""
     th, tw = target or (resolution, resolution)
     with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = to_rgb(ImageOps.exif_transpose(im))
         w, h = im.size
         s = max(tw / w, th / h)
         nw, nh = max(tw, round(w * s)), max(th, round(h * s))

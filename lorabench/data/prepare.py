@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from lorabench.data.imagefolder import IMAGE_EXTENSIONS, scan_folder
+from lorabench.data.imagefolder import IMAGE_EXTENSIONS, scan_folder, to_rgb
 from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_dir
 
@@ -207,7 +207,7 @@ def prepare_pokemon(src: Path, out: Path) -> dict:
         for i, (image, text) in enumerate(items):
             name = f"{i:04d}.png"
             with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-                im.convert("RGB").save(tmp / name)
+                to_rgb(im).save(tmp / name)
             lines.append(json.dumps({"file_name": name, "text": text}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         return {"images": len(items)}
