@@ -304,6 +304,16 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     (["protocol.method=magmax"], ("protocol.method: holds options (name), not one value: set one of them, "
                                   "e.g. protocol.method.name=magmax",)),
     (["sequence.order_seed=abc"], ("sequence.order_seed: expected an integer, got 'abc'",)),
+    # each ran all ten tasks: order -1 is Python's order 1 (random seeds an int by its absolute value)
+    (["sequence.order_seed=-1"], ("sequence.order_seed: must be an integer >= 0 or null, got -1",)),
+    (["protocol.eval_seed=-1"], ("protocol.eval_seed: must be an integer >= 0, got -1",)),
+    # a field the data group does not have: the first task's cell failed in Hydra's words, after the base model's
+    # evaluation
+    (["sequence.data_key=nope"], ("sequence.data_key: 'nope' is not a field of data; valid: name, kind, concept",)),
+    (["sequence.tasks=[{name: sks, data: {colour: red}}]", "sequence.length=1"],
+     ("sequence.tasks.sks.data.colour: not a field of data; valid: ",)),
+    (["protocol.method.name=ortha"], ("protocol.adapter.name: method 'ortha' trains Orthogonal Adaptation adapters; "
+                                      "got 'lora' (use adapter@protocol.adapter=ortho)",)),
     (["protocol.method.name=merge:ties", "+protocol.method.merge_options.density=0"],
      ("protocol.method.merge_options.density: must be a number in (0, 1], got 0",)),
     # found by the first task's cell, after the base model's evaluation, as adapter.rank

@@ -297,6 +297,8 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
     # an adapter's own option, checked before the first cell (it was adapter.sigma_init, from that cell)
     assert_one_line_error(run_here([*WORLD_ARGS, "protocol.adapters.trilora.sigma_init=svd"], tmp_path), tmp_path,
                           "protocol.adapters.trilora.sigma_init: unknown value 'svd'; valid: identity, svd_u, svd_w0")
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.sample_seed=-2"], tmp_path), tmp_path,
+                          "protocol.sample_seed: must be an integer >= 0, got -2")  # seeds are >= 0 everywhere
 
 
 @pytest.mark.parametrize("trainer", DEVICES)

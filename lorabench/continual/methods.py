@@ -214,8 +214,8 @@ class OrthASequence(MergeInit):
 
     def adapter_config(self, cfg, t, num_tasks):
         if cfg.get("name") != "ortho":
-            raise ConfigError("adapter.name", f"method 'ortha' trains Orthogonal Adaptation adapters; got "
-                              f"{cfg.get('name')!r} (use adapter=ortho)")
+            raise ConfigError("protocol.adapter.name", f"method 'ortha' trains Orthogonal Adaptation adapters; got "
+                              f"{cfg.get('name')!r} (use adapter@protocol.adapter=ortho)")
         return {**cfg, "row_mode": "disjoint", "slot": t, "num_slots": num_tasks, "concept_key": f"task{t}"}
 
 

@@ -112,11 +112,20 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
             raise ConfigError("sequence.tasks", "give the tasks or sequence.manifest, not both")
         entries = manifest_tasks(seq.manifest, kind)
     data_key = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
+    # the data fields a task sets: each task's cell would add one the data group does not take, and fail in its
+    # instantiation (a traceback after the base model's evaluation)
+    fields = [k for k in (cfg.get("data") or {}) if k != "_target_"]
+    if fields and data_key not in fields:
+        raise ConfigError("sequence.data_key", f"{data_key!r} is not a field of data; valid: {', '.join(fields)}")
     items = []
     for i, e in enumerate(entries):
         e = {"name": e} if isinstance(e, str) else dict(e)
         if not e.get("name"):
             raise ConfigError(f"sequence.tasks[{i}]", "needs a name (the task's token or style word)")
+        unknown = [k for k in (e.get("data") or {}) if fields and k not in fields]
+        if unknown:
+            raise ConfigError(f"sequence.tasks.{e['name']}.data.{unknown[0]}",
+                              f"not a field of data; valid: {', '.join(fields)}")
         items.append((str(e["name"]), {data_key: str(e["name"]), **dict(e.get("data") or {})}))
     names = [n for n, _ in items]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -126,7 +135,8 @@ def resolve_sequence(cfg: DictConfig) -> tuple[str, list[Task]]:
     if len(items) < length:
         raise ConfigError("sequence.length", f"asks for {length} tasks, the sequence lists {len(items)}; "
                           f"give at least {length} tasks or lower sequence.length")
-    items = order(items[:length], check_int(seq.get("order_seed"), "sequence.order_seed", allow_none=True))
+    # >= 0: Python's random seeds an int by its absolute value, so order -1 was order 1 under another name
+    items = order(items[:length], check_int(seq.get("order_seed"), "sequence.order_seed", minimum=0, allow_none=True))
     sets_key, _ = SUITES[kind]
     if cfg.get("eval") is None or sets_key not in cfg.eval:
         raise ConfigError(f"eval.{sets_key}", f"a {kind} sequence needs eval.{sets_key}; use e.g. eval=world")

@@ -62,7 +62,7 @@ class ContinualSettings:
 
     adapter: Optional[dict] = setting(None, doc="the adapter each task trains (/adapter@protocol.adapter: lora)")
     method: dict = setting({}, doc="name: naive | merge_init | ortho_init | magmax | ortha | merge:<name>, options")
-    eval_seed: int = setting(0, doc="the seed the evaluation samples' initial latents derive from")
+    eval_seed: int = setting(0, minimum=0, doc="the seed the evaluation samples' initial latents derive from")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

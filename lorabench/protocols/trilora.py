@@ -80,7 +80,7 @@ class TriLoRASettings(Settings):
     """The ``protocol:`` block of Table 1 (besides ``adapters``)."""
 
     table_epoch: int = setting(minimum=1, doc="the epoch every adapter is read at for the table")
-    sample_seed: int = setting(doc="the seed the evaluation samples' seeds derive from (the paper's 30)")
+    sample_seed: int = setting(minimum=0, doc="the seed the evaluation samples' seeds derive from (the paper's 30)")
     checkpoints: Any = setting([], doc="epochs scored along the way (the over-training curves)")
     overtrain: list[str] = setting([], doc="adapters trained on to the last checkpoint")
     grid_images: int = setting(16, minimum=1, doc="samples per row of samples.png")
