@@ -344,12 +344,22 @@ def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, 
         proc = run(["sample", *model, f"protocol.adapters={files}", f"protocol.weights={weights}",
                     f"hydra.run.dir={tmp_path / name}"], tmp_path)
         assert proc.returncode == 0, crashed(proc)
+        assert "Loading weights" not in proc.stdout + proc.stderr  # transformers' bar, once per text encoder
         res = json.loads((tmp_path / name / "results.json").read_text())
         assert res["images"] == ["images/prompt0_seed0.png", "images/prompt0_seed1.png"]
         assert (tmp_path / name / "samples.png").is_file()
         outs[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
     assert np.abs(outs["two"] - outs["one"]).max() <= 1  # 0.5 a + 0.5 a = a (uint8 rounding)
     assert np.abs(outs["one"] - outs["base"]).max() > 0
+
+
+def test_an_adapter_of_another_model_says_which_model_it_was_trained_on(tiny_model_dir, tmp_path):
+    """Sampled from another model, an adapter's layers do not match: the error said a tensor was missing, not
+    that the file was trained on another model (lorabench files record which)."""
+    _train([], tiny_model_dir, tmp_path / "run")
+    proc = run_here(["sample", "model=world", "protocol.prompts=[a red circle]", f"protocol.adapters=[{tmp_path}/run]"],
+                    tmp_path)
+    assert_one_line_error(proc, tmp_path, "adapter.safetensors': ", f"(trained on '{tiny_model_dir}', loaded into ")
 
 
 @pytest.mark.parametrize("job", ["sample", "merge"])

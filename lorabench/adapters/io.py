@@ -150,12 +150,19 @@ def load_adapter(components, path) -> Adapters:
     source = f"adapter file {str(path)!r}"
     if metadata.get("lorabench_format"):
         config = json.loads(metadata["config"])
+        trained_on = metadata.get("base_model", "")
+        # layers that do not match: most often a file of another model (its base_model says which)
+        elsewhere = f" (trained on {trained_on!r}, loaded into {components.model_id!r})" if trained_on and \
+            components.model_id and trained_on != components.model_id else ""
         try:
             adapters = Adapters.inject(components.adaptable_modules(), config)
         except ConfigError as exc:
-            raise ConfigError(source, f"does not fit the model: {exc}") from exc
+            raise ConfigError(source, f"does not fit the model{elsewhere}: {exc}") from exc
         try:
             load_state_from_file(adapters, tensors, source)
+        except ConfigError as exc:
+            adapters.remove()
+            raise ConfigError(exc.field, exc.message + elsewhere) from exc
         except Exception:
             adapters.remove()
             raise

@@ -48,6 +48,7 @@ from lorabench.merging import (
 )
 from lorabench.protocols import sizes
 from lorabench.sampling import eval_device
+from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import write_json
 from lorabench.utils.seeding import derive_seed_list
 
@@ -84,7 +85,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     cap = dict(OmegaConf.to_container(p.get("capture") or {}, resolve=True))
     n_capture = check_int(cap.pop("images_per_prompt", 4), "protocol.capture.images_per_prompt", minimum=1)
 
-    components = instantiate(cfg.model, _convert_="all")
+    with quiet_cells():  # the hub libraries' loading bars, as the other protocols load their model
+        components = instantiate(cfg.model, _convert_="all")
     names = [Path(f).stem if Path(f).stem not in ("adapter", "pytorch_lora_weights") else Path(f).parent.name
              for f in inputs]
     names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]

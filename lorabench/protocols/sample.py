@@ -27,6 +27,7 @@ from lorabench.checks import adapter_file, check_validation, check_weights
 from lorabench.errors import ConfigError
 from lorabench.merging import merged_into, model_weights, read_update
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
+from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import atomic_path, write_json
 
 
@@ -41,7 +42,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     spec = check_validation({k: opts.get(k) for k in ("prompts", "seeds", "sampler")}, "protocol")
     if spec is None:
         raise ConfigError("protocol.prompts", "give at least one prompt, e.g. protocol.prompts=['a photo of sks dog']")
-    components = instantiate(cfg.model, _convert_="all")
+    with quiet_cells():  # the hub libraries' loading bars, as the other protocols load their model
+        components = instantiate(cfg.model, _convert_="all")
     updates = [read_update(components, f) for f in files]
     device = eval_device(cfg)
     with contextlib.ExitStack() as stack:
