@@ -66,10 +66,14 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
     (plain / "results.json").write_text(json.dumps({"config_name": "quickstart", "metrics": {}}))
     a_file = tmp_path / "a_file"  # an --out it cannot make: a traceback after the work, before
     a_file.write_text("x")
+    broken = tmp_path / "broken"  # a results.json that is no JSON: json's own message, naming no file, before
+    broken.mkdir()
+    (broken / "results.json").write_text("{\"protocol\": ")
     for args, fragment, out in (([str(tmp_path / "empty")], "holds no results.json", tmp_path / "out"),
                                 ([str(wrong)], f"run, not one of {paper}'s", tmp_path / "out"),
                                 ([str(plain)], f"is a training run (no protocol), not one of {paper}'s",
                                  tmp_path / "out"),
+                                ([str(broken)], f"{broken / 'results.json'}: is not JSON (", tmp_path / "out"),
                                 ([str(EXP / r) for r in CASES[paper][0]], f"--out: '{a_file}' is a file, not a folder",
                                  a_file / "out")):
         with pytest.raises(SystemExit) as exit_info:

@@ -206,7 +206,13 @@ def collect(p: Paper, paths: Sequence[str | Path]) -> list[dict]:
         if not files:
             raise ConfigError(str(path), f"holds no results.json (is it a finished {p.name} run folder?)")
         for f in files:
-            data = json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a run writes it whole (a temp file renamed)
+                raise ConfigError(str(f), f"is not JSON ({exc}); a results.json edited by hand, or another file "
+                                  "of that name?") from exc
+            if not isinstance(data, dict):
+                raise ConfigError(str(f), f"holds a {type(data).__name__}, not a run's results (a JSON object)")
             if data.get("protocol") != p.protocol:
                 if f.parent == path or f == path:
                     what = f"a {data['protocol']!r} run" if data.get("protocol") else "a training run (no protocol)"
