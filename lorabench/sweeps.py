@@ -66,7 +66,12 @@ def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
     results = job / "results.json"
     if not results.is_file():
         return {**row, "status": "failed (no results.json)"}
-    r = json.loads(results.read_text())
+    try:  # one job's unreadable file is that job's row, not the end of the sweep's summary
+        r = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return {**row, "status": f"failed (results.json is not JSON: {exc})"}
+    if not isinstance(r, dict):
+        return {**row, "status": "failed (results.json holds no JSON object)"}
     if "metrics" in r:
         m, t = r["metrics"], r.get("timings", {})
         return {**row, "status": "done", "adapter": _fmt(r.get("adapter")), "steps": _fmt(m.get("steps")),

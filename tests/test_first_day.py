@@ -312,6 +312,13 @@ def test_a_sweep_names_job_folders_by_their_values_prints_a_line_each_and_a_summ
     assert again.returncode == 0 and "1_adapter=trilora" in again.stdout
     bad = run_cli(["summarize", str(tmp_path / "nope")], tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("lorabench: error: sweep_dir:")
+    # one job's results.json that is no JSON is that job's row (json's traceback ended the summary)
+    (sweep / "1_adapter=trilora" / "results.json").write_text("{")
+    from lorabench.sweeps import summarize
+
+    text = summarize(sweep, write=False)
+    assert "| 0_adapter=lora | adapter=lora | done | lora |" in text
+    assert "| 1_adapter=trilora | adapter=trilora | failed (results.json is not JSON: " in text
 
 
 def test_job_dir_names_keep_only_swept_values():
