@@ -127,6 +127,10 @@ class DiffusionFineTuner(L.LightningModule):
         self.seed, self.val_timesteps = seed, val_timesteps
         self.train_text_encoder = (train_text_encoder if self.adapters is None and self.tokens is None
                                    else any(k.startswith("text_encoder") for k in getattr(self.adapters, "layers", {})))
+        if train_text_encoder and not self.train_text_encoder:  # it was ignored: the text encoder stayed frozen
+            raise ConfigError("module.train_text_encoder", "trains the text encoder's weights in full training only "
+                              "(adapter=null, no embeddings); with an adapter, adapt the text encoder's layers: "
+                              "adapter.text_encoder_targets=[q_proj,k_proj,v_proj,out_proj]")
         # new tokens train through the (frozen, eval-mode) text encoders
         self.text_grad = self.train_text_encoder or self.tokens is not None
         self.gradient_checkpointing = bool(gradient_checkpointing)
