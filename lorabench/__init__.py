@@ -11,3 +11,9 @@ if not OmegaConf.has_resolver("lb.first"):
 # ${lb.mul:a,b}: a times b (e.g. a learning rate that keeps its ratio to another across a sweep).
 if not OmegaConf.has_resolver("lb.mul"):
     OmegaConf.register_new_resolver("lb.mul", lambda a, b: float(a) * float(b))
+
+# ${lb.device:${trainer.accelerator}}: the torch device of a trainer's accelerator (gpu -> cuda), without importing
+# torch: where the real path's scorers run, beside the samples they score.
+if not OmegaConf.has_resolver("lb.device"):
+    OmegaConf.register_new_resolver("lb.device", lambda accel: {"gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(
+        str(accel), "cpu"))

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import lorabench  # noqa: F401 - registers the lb.* resolvers the config tree's interpolations use
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The trainer a test that runs on either device takes: the CPU always, CUDA as a `gpu` test.

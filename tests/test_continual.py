@@ -425,7 +425,7 @@ def test_cross_paper_rows_compose_and_orthA_takes_a_fresh_slot_per_task(tmp_path
     slots = [method.adapter_config(dict(o.protocol.adapter), t, 10) for t in range(10)]
     assert [s["slot"] for s in slots] == list(range(10)) and {s["row_mode"] for s in slots} == {"disjoint"}
     assert {s["num_slots"] for s in slots} == {10}
-    with pytest.raises(ConfigError, match="adapter.name: .*use adapter=ortho"):
+    with pytest.raises(ConfigError, match=r"protocol\.adapter\.name: .*use adapter@protocol\.adapter=ortho"):
         method.adapter_config({"name": "lora", "rank": 4}, 0, 10)
 
 

@@ -176,6 +176,10 @@ def test_full_scale_config_composes_as_the_paper_says(tmp_path):
     assert p.adapters.edlora.embeddings.name == "pplus" and p.adapters.edlora.rank == 4
     assert cfg.optim.embedding_lr == 1e-3 and "embeddings" not in p.adapters.ortha_no_embeddings
     assert p.concept_data.person2.word == "zwz" and p.roles.gradient_fusion == "edlora_fusion_lbfgs"
+    # CLIP scores on the GPU the samples are drawn on (it was the CPU under trainer=gpu); on the CPU's trainer, the CPU
+    assert cfg.trainer.accelerator == "gpu" and cfg.eval.scorer.device == "cuda"
+    on_cpu = compose(["experiment=orthogonal_adaptation/chilloutmix", "trainer=cpu"], tmp_path)
+    assert on_cpu.eval.scorer.device == "cpu"
     assert p.methods.dblora_fedavg.merge.lam == 0.6 and p.methods.ortha.merge.name == "sum"
     assert list(p.adapters.ortha.text_encoder_targets) == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert set(cfg.eval.concepts.concepts) == set(p.concepts)
