@@ -102,6 +102,18 @@ def check_callbacks(callbacks: Optional[Mapping]) -> None:
                               "e.g. callbacks=lr_monitor, or null to drop it")
 
 
+# The data groups' counts and their least values: checked from the config, before any work (a protocol's cells
+# build their data only after the base model is scored: data.n=0 was found there, as an empty data.path)
+DATA_MINIMUMS = {"n": 1, "batch_size": 1, "val_samples": 0, "repeats": 1, "num_workers": 0, "max_train_samples": 1}
+
+
+def check_data_counts(data: Optional[Mapping]) -> None:
+    """Each count of :data:`DATA_MINIMUMS` the data group has: an integer at least its least value (or null)."""
+    for key, minimum in DATA_MINIMUMS.items():
+        if data is not None and data.get(key) is not None:
+            check_int(data.get(key), f"data.{key}", minimum=minimum)
+
+
 def check_trainer_limits(trainer: Mapping, field: str = "trainer") -> None:
     """What Lightning's Trainer takes but trains wrongly with: ``gradient_clip_val`` below 0 (torch clips to a
     negative norm by flipping every gradient: each step climbs the loss), and no step limit with no epoch limit

@@ -41,6 +41,7 @@ from lorabench.checks import (
     adapter_file,
     check_callbacks,
     check_counts,
+    check_data_counts,
     check_data_path,
     check_model_source,
     check_optim,
@@ -190,6 +191,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         if OmegaConf.select(cfg, "eval.sampler") is not None:
             check_sampler(OmegaConf.to_container(cfg.eval.sampler, resolve=True), "eval.sampler")
             check_counts({"images_per_prompt": OmegaConf.select(cfg, "eval.images_per_prompt")}, "eval")
+        check_data_counts(cfg.get("data"))
         if OmegaConf.select(cfg, "model.resolution") is not None:  # 0 failed in the data, in PIL's words
             check_int(OmegaConf.select(cfg, "model.resolution"), "model.resolution", minimum=8)
         if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):

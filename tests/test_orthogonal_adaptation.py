@@ -154,6 +154,10 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     # a baseline's own trainer: torch clipped to -1 by flipping every gradient (the cell climbed its loss)
     (["+protocol.adapters.lora.recipe.trainer.gradient_clip_val=-1"],
      ["protocol.adapters.lora.recipe.trainer.gradient_clip_val: must be null or 0 (no clipping) or a number > 0"]),
+    (["+protocol.adapters.lora.recipe.data.batch_size=0"],
+     ["protocol.adapters.lora.recipe.data.batch_size: must be an integer >= 1, got 0"]),
+    # found when the first cell built its data, after the base model was scored, as an empty data.path
+    (["data.n=0"], ["data.n: must be an integer >= 1, got 0"]),
     # merged side by side, two concepts need two tokens and two words
     (["protocol.only=[pplus]", "protocol.adapters.pplus.embeddings.token='<x>'"],
      ["protocol.adapters.pplus.embeddings.token: 'sks' and 'twt' both get '<x>'"]),

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from lorabench.data.imagefolder import ImageFolderDataModule
+from lorabench.errors import check_int
 from lorabench.utils.io import atomic_path
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -55,5 +56,6 @@ def write_toy_dataset(folder, n: int = 8, resolution: int = 16, seed: int = 0,
 
 def toy_datamodule(folder: str, n: int = 8, resolution: int = 16, seed: int = 0, **kwargs) -> ImageFolderDataModule:
     """Write the toy images into ``folder`` and return a datamodule reading them."""
+    check_int(n, "data.n", minimum=1)  # 0 wrote an empty metadata.jsonl that the loader then named as data.path
     write_toy_dataset(folder, n=n, resolution=resolution, seed=seed)
     return ImageFolderDataModule(path=str(folder), resolution=resolution, seed=seed, **kwargs)

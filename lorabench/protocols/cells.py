@@ -36,7 +36,7 @@ from lorabench.adapters import Adapters, get_adapter_class, load_adapter
 from lorabench.adapters.base import parse_options
 from lorabench.adapters.injection import PLACEMENT_KEYS
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
-from lorabench.checks import check_protocol_groups, check_trainer_limits
+from lorabench.checks import check_data_counts, check_protocol_groups, check_trainer_limits
 from lorabench.errors import ConfigError, check_seed
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
@@ -66,10 +66,15 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     check_batch_cells(p.get("batch_cells", 1))
     for name, entry in adapters.items():
         check_adapter_entry(entry, f"protocol.adapters.{name}")
-        recipe_trainer = OmegaConf.select(OmegaConf.create(dict(entry)), "recipe.trainer")
-        if recipe_trainer is not None:  # a baseline's own budget and clipping, over the protocol's trainer
-            check_trainer_limits({**dict(cfg.get("trainer") or {}), **dict(recipe_trainer)},
+        recipe = OmegaConf.select(OmegaConf.create(dict(entry)), "recipe") or {}
+        if recipe.get("trainer") is not None:  # a baseline's own budget and clipping, over the protocol's trainer
+            check_trainer_limits({**dict(cfg.get("trainer") or {}), **dict(recipe.trainer)},
                                  f"protocol.adapters.{name}.recipe.trainer")
+        if recipe.get("data") is not None:  # its batch size
+            try:
+                check_data_counts(recipe.data)
+            except ConfigError as err:
+                raise ConfigError(f"protocol.adapters.{name}.recipe.{err.field}", err.message) from None
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds
 
