@@ -73,9 +73,10 @@ def test_world_tokenizer_has_one_token_per_world_word():
 def test_unknown_concept_or_style_is_a_clear_error(tmp_path):
     from lorabench.world.build import world_datamodule
 
-    with pytest.raises(ConfigError, match="world.concept: unknown value 'rex'; valid: .*sks"):
+    # named by the data field the user set (it was world.concept / world.style, no key of the config)
+    with pytest.raises(ConfigError, match="data.concept: unknown value 'rex'; valid: .*sks"):
         world_datamodule("concept", str(tmp_path / "c"), concept="rex")
-    with pytest.raises(ConfigError, match="world.style: unknown value 'vangogh'; valid: .*vango"):
+    with pytest.raises(ConfigError, match="data.style: unknown value 'vangogh'; valid: .*vango"):
         world_datamodule("style", str(tmp_path / "s"), style="vangogh")
     with pytest.raises(ConfigError, match="data.kind: unknown value 'faces'"):
         world_datamodule("faces", str(tmp_path / "f"))

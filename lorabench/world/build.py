@@ -47,11 +47,12 @@ def world_datamodule(kind: str, folder: str, world_seed: int = 0, resolution: in
     if kind == "pretrain":
         items = pretrain_items(world, n, data_seed)
     elif kind == "concept":
-        items = concept_items(world, world.identity(concept), n, data_seed, caption_mode, exclude_contexts)
+        items = concept_items(world, world.identity(concept, field="data.concept"), n, data_seed, caption_mode,
+                              exclude_contexts)
     elif kind == "style":
-        items = style_items(world, world.style(style), n, data_seed)
+        items = style_items(world, world.style(style, field="data.style"), n, data_seed)
     elif kind == "captions":
-        items = caption_items(world, world.style(style), n, data_seed, caption_drop)
+        items = caption_items(world, world.style(style, field="data.style"), n, data_seed, caption_drop)
     else:
         raise choice_error("data.kind", kind, KINDS)
     write_imagefolder(Path(folder), items, extra={"world_seed": world_seed, "kind": kind, "n": n,
