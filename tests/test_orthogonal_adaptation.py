@@ -141,6 +141,7 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.methods.lora_dare.merge.seed=x"],
      ["protocol.methods.lora_dare.merge.seed: expected an integer, got 'x'"]),
     (["protocol.group_size=two"], ["protocol.group_size: expected an integer, got 'two'"]),
+    (["protocol.concepts=[sks]"], ["protocol.concepts: lists 1 concept; merging needs at least 2"]),  # "2 to 1"
     (["protocol.seeds=[0,-1]"], ["protocol.seeds[1]: must be an integer from 0 to 4294967295, got -1"]),
     # each ran: seeds [0, 0] pooled one seed's cells as two replicates; a role naming no method skipped its claims
     (["protocol.seeds=[0,0]"], ["protocol.seeds: lists a seed twice: [0, 0]; each seed is one replicate"]),

@@ -314,6 +314,9 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     settings = read_settings(OrthASettings, p)
     check_eval_batch(settings.eval_batch)
     group_size = settings.group_size
+    if len(concepts) < 2:  # no group fits ("valid: 2 to 1")
+        raise ConfigError("protocol.concepts", f"lists {len(concepts)} concept; merging needs at least 2 (a concept "
+                          "and k = group_size - 1 others), e.g. protocol.concepts=[sks,twt]")
     if group_size > len(concepts):
         raise ConfigError("protocol.group_size", f"{group_size} does not fit {len(concepts)} concepts; "
                           f"valid: 2 to {len(concepts)} (a concept and k = group_size - 1 others)")
