@@ -259,7 +259,11 @@ def load_components(
     except ConfigError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {explain_load_error(exc)}") from exc
+        why = explain_load_error(exc)
+        if variant and f".{variant}." in why:  # the folder has the weights, not this variant's files of them
+            raise ConfigError("model.variant", f"{variant!r}: {pretrained!r} has no {variant} weight files ({why}); "
+                              "set model.variant=null to load its plain ones") from exc
+        raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {why}") from exc
     if attention is not None:
         set_attention(unet, attention)
     return ModelComponents(
