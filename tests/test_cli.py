@@ -315,10 +315,13 @@ def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)
 
 
-def test_a_variant_the_model_folder_lacks_is_one_line_naming_model_variant(tmp_path, tiny_model_dir):
+def test_a_variant_or_vae_the_model_cannot_load_is_one_line_naming_its_field(tmp_path, tiny_model_dir):
     """It named model.pretrained, whose folder holds the weights, only not that variant's files of them."""
     args = [*FAST, "model=sd15", f"model.pretrained={tiny_model_dir}", "model.resolution=16", "model.variant=fp16"]
     assert_one_line_error(run_here(args, tmp_path), tmp_path, "model.variant: 'fp16': ", "set model.variant=null")
+    # a VAE that is not one was said to be model.pretrained's
+    args = [*args[:-1], f"model.vae={tmp_path}"]
+    assert_one_line_error(run_here(args, tmp_path), tmp_path, f"model.vae: could not load '{tmp_path}': ")
 
 
 def test_exports_takes_one_name_alone():

@@ -252,7 +252,12 @@ def load_components(
                 pretrained, subfolder="text_encoder_2", torch_dtype=torch_dtype, variant=variant, **kw)
         vae_model = None
         if vae is not None:
-            vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+            try:  # its own field: a wrong VAE path was said to be model.pretrained's
+                vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+            except (OSError, ValueError) as exc:
+                why = explain_load_error(exc).rstrip(".")
+                raise ConfigError("model.vae", f"could not load {vae!r}: {why}; give a diffusers AutoencoderKL "
+                                  "folder (with config.json) or hub id, or null for the model's own") from exc
         elif _present(index, "vae"):
             vae_model = AutoencoderKL.from_pretrained(
                 pretrained, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **kw)
