@@ -107,11 +107,12 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
         if done is not None:  # the same command again after the run ended: what it recorded, untouched
             note(f"lorabench: {run_dir} was trained to trainer.max_steps={at} already; nothing to do")
             return done, module
+    saver = SaveArtifacts(str(run_dir), exports=cfg.get("exports") or [], base_model=components.model_id)
+    saver.check(module.adapters)  # an export that cannot hold what trains: before the loggers and the fit
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
                             resolved_config=resolved)
-    saver = SaveArtifacts(str(run_dir), exports=cfg.get("exports") or [], base_model=components.model_id)
     history = LossHistory()
     validation = check_validation(OmegaConf.select(cfg, "eval.validation"))
     samples = ValidationSamples(folder=run_dir / "samples", **validation) if validation else None
@@ -249,7 +250,8 @@ def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False
         raise ConfigError("resume", f"{where} is not a Lightning checkpoint (it holds no state_dict)")
 
     def trains(adapter, embeddings) -> str:
-        what = f"{adapter.get('name')} (rank {adapter.get('rank')})" if adapter else "no adapter"
+        what = (f"{adapter.get('name')} (rank {adapter.get('rank')})" if adapter.get("rank") else
+                str(adapter.get("name"))) if adapter else "no adapter"
         return what + (f" with new tokens ({embeddings.get('name')})" if embeddings else "")
 
     mine = (module.adapters.config if module.adapters is not None else None,
@@ -465,8 +467,9 @@ def format_summary(results: dict[str, Any]) -> str:
     f = _fmt
 
     rows = [("config", results["config_name"]), ("model", results["model"]),
+            # Custom Diffusion has no rank (its weights train whole)
             ("adapter", f"{results['adapter']} (rank {results['adapter_config'].get('rank')})"
-                        if results["adapter_config"] else results["adapter"]),
+                        if (results["adapter_config"] or {}).get("rank") else results["adapter"]),
             ("trainable params", f"{m['trainable_params']:,}"), ("steps", str(m["steps"])),
             ("train loss first -> last", f"{f(m['train_loss_first'])} -> {f(m['train_loss_last'])}"),
             ("val loss (fixed noise) before -> after", f"{f(m['val_loss_before'])} -> {f(m['val_loss_after'])}"),

@@ -142,3 +142,15 @@ def test_target_features_run_from_the_modifier_token_through_eos(load_tiny):
     assert torch.allclose(gram, everything.T @ everything)
     with pytest.raises(ConfigError, match="does not name the tokens"):
         token_features(comps, ["a dog"], tokens.names)
+
+
+def test_the_quickstart_trains_custom_diffusion_from_the_command_line(tmp_path):
+    """`experiment=quickstart adapter=custom_diffusion` stopped on `adapter.rank: ... leave it unset`: the
+    experiment set a rank for every adapter (LoRA's default, 4, already); the summary names no rank for it."""
+    from helpers import FAST, crashed, run_here
+
+    proc = run_here([*FAST, "adapter=custom_diffusion", "exports=[custom_diffusion]",
+                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert (tmp_path / "run" / CUSTOM_DIFFUSION_FILE).is_file()
+    assert "custom_diffusion" in proc.stdout and "rank None" not in proc.stdout

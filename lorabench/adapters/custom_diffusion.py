@@ -74,24 +74,42 @@ class CustomDiffusionLayer(AdapterLayer):
         return out + F.linear(x.to(out.dtype), self.delta.to(out.dtype)) * self.multiplier
 
 
-def export_custom_diffusion(adapters, path) -> Path:
-    """Write diffusers' Custom Diffusion file (see the module docstring): ``unet.load_attn_procs(folder,
-    weight_name=CUSTOM_DIFFUSION_FILE)`` reads it. Every adapted cross-attention layer needs both its
-    ``to_k`` and ``to_v`` adapted (diffusers' processor trains the pair)."""
+def check_custom_diffusion_export(adapters) -> None:
+    """What a Custom Diffusion file can hold: the UNet's attention ``to_k`` and ``to_v`` weights, in pairs. Other
+    adapted layers (a LoRA's to_q and to_out.0, text-encoder layers) it would drop: a one-line error, checked
+    before training (it wrote the file without them)."""
     unet = adapters._roots.get("unet")
     if unet is None:
         raise ConfigError("exports", "a Custom Diffusion file holds UNet layers; these adapters have none")
+    others = sorted(n for n in adapters.layers if not n.startswith("unet.") or n.rsplit(".", 1)[-1] not in KV)
+    if others:
+        raise ConfigError("exports", f"a Custom Diffusion file holds the UNet's to_k and to_v weights only; these "
+                          f"adapters also adapt {others[0]!r} ({len(others)} such layers), which it would drop: "
+                          "export diffusers or kohya instead")
+    for key in unet.attn_processors:  # "<attention module>.processor"
+        attn = key[: -len(".processor")]
+        pair = [adapters.layers.get(f"unet.{attn}.{p}") for p in KV]
+        if any(pair) and not all(pair):
+            raise ConfigError("adapter.target_modules", f"{attn}: Custom Diffusion files hold to_k and to_v together; "
+                              "adapt both (e.g. [attn2.to_k, attn2.to_v])")
+
+
+KV = ("to_k", "to_v")
+
+
+def export_custom_diffusion(adapters, path) -> Path:
+    """Write diffusers' Custom Diffusion file (see the module docstring): ``unet.load_attn_procs(folder,
+    weight_name=CUSTOM_DIFFUSION_FILE)`` reads it (:func:`check_custom_diffusion_export` says what it holds)."""
+    check_custom_diffusion_export(adapters)
+    unet = adapters._roots["unet"]
     tensors = {}
     for key in unet.attn_processors:  # "<attention module>.processor"
         attn = key[: -len(".processor")]
-        pair = [adapters.layers.get(f"unet.{attn}.{p}") for p in ("to_k", "to_v")]
+        pair = [adapters.layers.get(f"unet.{attn}.{p}") for p in KV]
         if not any(pair):
             tensors[key] = torch.zeros(0)  # diffusers: this processor does not train
             continue
-        if not all(pair):
-            raise ConfigError("adapter.target_modules", f"{attn}: Custom Diffusion files hold to_k and to_v together; "
-                              "adapt both (e.g. [attn2.to_k, attn2.to_v])")
-        for p, layer in zip(("to_k", "to_v"), pair):
+        for p, layer in zip(KV, pair):
             w = layer.base.weight.detach().float() + layer.delta_weight().detach()
             tensors[f"{key}.{p}_custom_diffusion.weight"] = w.cpu().contiguous()
     with atomic_path(Path(path)) as tmp:

@@ -18,7 +18,11 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, 
 from lightning.pytorch.utilities import rank_zero_only
 
 from lorabench.adapters import ADAPTER_FILE, EXPORT_FILES, write_adapter_files
-from lorabench.adapters.custom_diffusion import CUSTOM_DIFFUSION_FILE, export_custom_diffusion
+from lorabench.adapters.custom_diffusion import (
+    CUSTOM_DIFFUSION_FILE,
+    check_custom_diffusion_export,
+    export_custom_diffusion,
+)
 from lorabench.errors import choice_error
 from lorabench.models import save_components
 from lorabench.sampling import sample_prompts, save_grid
@@ -40,6 +44,11 @@ class SaveArtifacts(L.Callback):
             if e not in EXPORTS:
                 raise choice_error("exports", e, EXPORTS)
         self.dirpath, self.exports, self.base_model = Path(dirpath), list(exports), base_model
+
+    def check(self, adapters) -> None:
+        """Before training: each export can hold ``adapters`` (a Custom Diffusion file: UNet to_k/to_v only)."""
+        if adapters is not None and "custom_diffusion" in self.exports:
+            check_custom_diffusion_export(adapters)
 
     def expected_files(self, full: bool = False) -> list[str]:
         """The files ``on_train_end`` writes, relative to ``dirpath`` (what the main process reports,
