@@ -309,6 +309,7 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     ("data.n=0", "data.n: must be an integer >= 1, got 0"),  # an empty metadata.jsonl, named as data.path
     # a LoRA's Custom Diffusion file held its to_k/to_v updates and dropped the rest, after training
     ("exports=[custom_diffusion]", "exports: a Custom Diffusion file holds the UNet's to_k and to_v weights only"),
+    ("adapter.target_modules=[]", "adapter.target_modules: empty; give the UNet layers to adapt, or null"),  # default
     # with an adapter of the UNet alone it was ignored: the text encoder stayed frozen
     ("module.train_text_encoder=true", "module.train_text_encoder: trains the text encoder's weights in full "
                                        "training only (adapter=null, no embeddings); with an adapter, adapt"),

@@ -77,6 +77,10 @@ class Adapters:
         """
         config = dict(config)
         adapter_cls = get_adapter_class(config.get("name"))
+        if config.get("target_modules") is not None and not list(config["target_modules"]):
+            # it took the default targets without a word (a text-encoder-only adapter is not what it trained)
+            raise ConfigError("adapter.target_modules", "empty; give the UNet layers to adapt, or null for the "
+                              f"default ({', '.join(DEFAULT_UNET_TARGETS)})")
         targets = {"unet": list(config.get("target_modules") or DEFAULT_UNET_TARGETS)}
         te_targets = list(config.get("text_encoder_targets") or [])
         options = {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
