@@ -310,6 +310,8 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     # a LoRA's Custom Diffusion file held its to_k/to_v updates and dropped the rest, after training
     ("exports=[custom_diffusion]", "exports: a Custom Diffusion file holds the UNet's to_k and to_v weights only"),
     ("adapter.target_modules=[]", "adapter.target_modules: empty; give the UNet layers to adapt, or null"),  # default
+    ("+adapter.rank_pattern=5", "adapter.rank_pattern: must map full layer names to ranks"),  # a TypeError traceback
+    ("+adapter.rank_pattern={to_q:2}", "names no targeted layer: ['to_q']; its keys are full layer names, e.g. 'unet."),
     # with an adapter of the UNet alone it was ignored: the text encoder stayed frozen
     ("module.train_text_encoder=true", "module.train_text_encoder: trains the text encoder's weights in full "
                                        "training only (adapter=null, no embeddings); with an adapter, adapt"),

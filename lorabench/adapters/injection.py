@@ -85,7 +85,12 @@ class Adapters:
         te_targets = list(config.get("text_encoder_targets") or [])
         options = {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
         opts = parse_options(adapter_cls, options)
-        pattern = dict(config.get("rank_pattern") or {})
+        pattern = config.get("rank_pattern") or {}
+        if not isinstance(pattern, Mapping) or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                       for r in pattern.values()):
+            raise ConfigError("adapter.rank_pattern", "must map full layer names to ranks, e.g. {unet.down_blocks.0."
+                              f"attentions.0.transformer_blocks.0.attn1.to_q: 8}}, got {pattern!r}")
+        pattern = dict(pattern)
         layers: dict[str, AdapterLayer] = {}
         used_roots = {}
         for prefix, root in roots.items():
@@ -103,7 +108,10 @@ class Adapters:
                     r = pattern[f"{prefix}.{n}"]
                     own = dataclasses.replace(opts, rank=r, alpha=None if opts.alpha is None
                                               else float(opts.alpha) * r / opts.rank)
-                    own.validate()
+                    try:
+                        own.validate()
+                    except ConfigError as err:  # its rank, named by the key that gave it (adapter.rank before)
+                        raise ConfigError(f"adapter.rank_pattern.{prefix}.{n}", err.message) from None
                 layer = adapter_cls(root.get_submodule(n), f"{prefix}.{n}", own)
                 layers[f"{prefix}.{n}"] = layer
             field = "adapter.target_modules" if prefix == "unet" else "adapter.text_encoder_targets"
@@ -112,7 +120,8 @@ class Adapters:
                                   "(UNet) or q_proj, k_proj, v_proj, out_proj (CLIP text encoder)")
         unknown = sorted(set(pattern) - set(layers))
         if unknown:
-            raise ConfigError("adapter.rank_pattern", f"names no targeted layer: {unknown[:3]}")
+            raise ConfigError("adapter.rank_pattern", f"names no targeted layer: {unknown[:3]}; its keys are full "
+                              f"layer names, e.g. {next(iter(layers), 'unet.<module path>')!r}")
         # Replace only after every layer was built, so a bad config leaves the model untouched.
         for full, layer in layers.items():
             prefix, _, path = full.partition(".")
