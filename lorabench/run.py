@@ -154,7 +154,9 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             follow_the_workers(trainer, fitted)
         if has_val:
             validate()
-    except MisconfigurationException as exc:  # a configured callback refusing its options when the fit starts
+    except (MisconfigurationException, RuntimeError) as exc:
+        # a configured callback refusing its options when the fit starts, or a metric it monitors that no step
+        # logs (EarlyStopping on val/loss: lorabench validates before and after fitting only)
         name = raised_by(exc, configured)
         if name is None:
             raise

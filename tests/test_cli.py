@@ -329,6 +329,15 @@ def test_a_variant_or_vae_the_model_cannot_load_is_one_line_naming_its_field(tmp
     assert_one_line_error(run_here(args, tmp_path), tmp_path, f"model.vae: could not load '{tmp_path}': ")
 
 
+def test_a_callback_monitoring_a_metric_no_step_logs_is_one_line(tmp_path):
+    """EarlyStopping on val/loss (lorabench validates before and after fitting only) raised its RuntimeError as a
+    traceback at the first epoch's end and left the run folder."""
+    args = [*FAST, "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+            "+callbacks.stop.monitor=val/loss"]
+    assert_one_line_error(run_here(args, tmp_path), tmp_path, "callbacks.stop: Early stopping conditioned on metric "
+                          "`val/loss` which is not available", "`train/loss`")
+
+
 def test_exports_takes_one_name_alone():
     from lorabench.training import SaveArtifacts
 
