@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -80,6 +81,13 @@ class RunWandbLogger(WandbLogger):
             wandb.require = require
 
 
+def _tags(tags) -> list[str]:
+    """``logger.wandb.tags``: a list, or one tag (``tags=ablation``: its letters were the tags)."""
+    if tags is None:
+        return []
+    return [str(tags)] if isinstance(tags, str) else [str(t) for t in tags]
+
+
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
                   resolved_config: Mapping[str, Any], job_type: str = "train") -> list[Logger]:
     """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``. W&B runs are grouped by
@@ -100,11 +108,15 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
         loggers.append(RunWandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
             group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type,
-            tags=list(wb.pop("tags", None) or []), save_dir=str(run_dir), mode=mode, **wb))
+            tags=_tags(wb.pop("tags", None)), save_dir=str(run_dir), mode=mode, **wb))
     for lg in loggers:
         try:
             lg.log_hyperparams(dict(resolved_config))  # W&B's run starts here
         except Exception as exc:
+            unknown = isinstance(exc, TypeError) and re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if isinstance(lg, WandbLogger) and unknown:  # a key under logger.wandb that wandb.init does not take
+                raise ConfigError(f"logger.wandb.{unknown.group(1)}", "not an option of wandb.init (project, name, "
+                                  "group, job_type, tags, mode, entity, notes, ...)") from exc
             if not isinstance(lg, WandbLogger) or type(exc).__module__.split(".")[0] != "wandb":
                 raise
             # online without an API key (or without the network): wandb.init's UsageError, a traceback before

@@ -65,6 +65,23 @@ def test_an_online_wandb_run_that_cannot_start_is_one_line(monkeypatch, tmp_path
         build_loggers({"wandb": {"project": "p", "mode": "online"}}, str(tmp_path), "r", {})
 
 
+def test_wandb_takes_one_tag_and_names_an_option_it_does_not_have(monkeypatch, tmp_path):
+    """``logger.wandb.tags=ablation`` tagged the run a, b, l, ...; an option wandb.init does not take was its
+    TypeError traceback, after the run folder was made."""
+    from lorabench.errors import ConfigError
+    from lorabench.loggers import build_loggers, finish_wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"logger.wandb.colour: not an option of wandb.init \(project, name"):
+        build_loggers({"wandb": {"project": "p", "mode": "offline", "colour": "red"}}, str(tmp_path / "a"), "r", {})
+    loggers = build_loggers({"wandb": {"project": "p", "mode": "offline", "tags": "ablation"}}, str(tmp_path / "b"),
+                            "r", {})
+    try:
+        assert loggers[1].experiment.tags == ("ablation",)
+    finally:
+        finish_wandb()
+
+
 def test_csv_writers_of_separate_processes_share_one_file(tmp_path):
     """Under ddp_spawn each validate and the fit log through a copy of the writer pickled before any row (no
     keys): the fit's writer, adding its own columns, keeps the first validation's rows and columns (Lightning's
