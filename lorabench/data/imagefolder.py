@@ -234,8 +234,8 @@ class ImageCaptionDataset(Dataset):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.repeats = center_crop, random_flip, repeats
         self.size_conditioning, self.targets = size_conditioning, targets
-        random = random_flip or not center_crop
-        self.generator = generator("augment", augment_key) if random and augment_key is not None else None
+        augments = random_flip or not center_crop
+        self.generator = generator("augment", augment_key) if augments and augment_key is not None else None
 
     @property
     def generators(self) -> list[torch.Generator]:
