@@ -107,11 +107,12 @@ def check_callbacks(callbacks: Optional[Mapping]) -> None:
 DATA_MINIMUMS = {"n": 1, "batch_size": 1, "val_samples": 0, "repeats": 1, "num_workers": 0, "max_train_samples": 1}
 
 
-def check_data_counts(data: Optional[Mapping]) -> None:
-    """Each count of :data:`DATA_MINIMUMS` the data group has: an integer at least its least value (or null)."""
+def check_data_counts(data: Optional[Mapping], field: str = "data") -> None:
+    """Each count of :data:`DATA_MINIMUMS` the data group (at ``field``) has: an integer at least its least value
+    (or null)."""
     for key, minimum in DATA_MINIMUMS.items():
         if data is not None and data.get(key) is not None:
-            check_int(data.get(key), f"data.{key}", minimum=minimum)
+            check_int(data.get(key), f"{field}.{key}", minimum=minimum)
 
 
 def check_trainer_limits(trainer: Mapping, field: str = "trainer") -> None:

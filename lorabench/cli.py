@@ -192,8 +192,9 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             check_sampler(OmegaConf.to_container(cfg.eval.sampler, resolve=True), "eval.sampler")
             check_counts({"images_per_prompt": OmegaConf.select(cfg, "eval.images_per_prompt")}, "eval")
         check_data_counts(cfg.get("data"))
-        if OmegaConf.select(cfg, "model.resolution") is not None:  # 0 failed in the data, in PIL's words
-            check_int(OmegaConf.select(cfg, "model.resolution"), "model.resolution", minimum=8)
+        resolution = OmegaConf.select(cfg, "model.resolution")
+        if resolution is not None:  # 0 failed in the data, in PIL's words
+            check_int(resolution, "model.resolution", minimum=8)
         if str(OmegaConf.select(cfg, "model._target_")).endswith("load_components"):
             check_model_source(OmegaConf.select(cfg, "model.pretrained"))
         images = str(OmegaConf.select(cfg, "data._target_")).endswith("ImageFolderDataModule")

@@ -74,6 +74,9 @@ class CustomDiffusionLayer(AdapterLayer):
         return out + F.linear(x.to(out.dtype), self.delta.to(out.dtype)) * self.multiplier
 
 
+KV = ("to_k", "to_v")  # the projections a Custom Diffusion file holds, per attention module
+
+
 def check_custom_diffusion_export(adapters) -> None:
     """What a Custom Diffusion file can hold: the UNet's attention ``to_k`` and ``to_v`` weights, in pairs. Other
     adapted layers (a LoRA's to_q and to_out.0, text-encoder layers) it would drop: a one-line error, checked
@@ -92,9 +95,6 @@ def check_custom_diffusion_export(adapters) -> None:
         if any(pair) and not all(pair):
             raise ConfigError("adapter.target_modules", f"{attn}: Custom Diffusion files hold to_k and to_v together; "
                               "adapt both (e.g. [attn2.to_k, attn2.to_v])")
-
-
-KV = ("to_k", "to_v")
 
 
 def export_custom_diffusion(adapters, path) -> Path:

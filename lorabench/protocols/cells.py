@@ -66,15 +66,11 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     check_batch_cells(p.get("batch_cells", 1))
     for name, entry in adapters.items():
         check_adapter_entry(entry, f"protocol.adapters.{name}")
-        recipe = OmegaConf.select(OmegaConf.create(dict(entry)), "recipe") or {}
+        recipe = entry.get("recipe") or {}
         if recipe.get("trainer") is not None:  # a baseline's own budget and clipping, over the protocol's trainer
-            check_trainer_limits({**dict(cfg.get("trainer") or {}), **dict(recipe.trainer)},
+            check_trainer_limits({**dict(cfg.get("trainer") or {}), **dict(recipe["trainer"])},
                                  f"protocol.adapters.{name}.recipe.trainer")
-        if recipe.get("data") is not None:  # its batch size
-            try:
-                check_data_counts(recipe.data)
-            except ConfigError as err:
-                raise ConfigError(f"protocol.adapters.{name}.recipe.{err.field}", err.message) from None
+        check_data_counts(recipe.get("data"), f"protocol.adapters.{name}.recipe.data")  # its batch size
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds
 

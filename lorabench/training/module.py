@@ -19,7 +19,7 @@ from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts, encode_tokens, tokenize_prompts
 from lorabench.training.cuda_graph import CapturedStep
-from lorabench.utils.seeding import generator
+from lorabench.utils.seeding import generator, rng_state, set_rng_state
 
 # A run captures at most this many step graphs (one per batch shape, e.g. the last, shorter batch of an
 # epoch); steps of any further shape run eagerly.
@@ -487,8 +487,8 @@ class DiffusionFineTuner(L.LightningModule):
         # the noise and timestep stream where it stands: a resumed run draws what the uninterrupted one would;
         # and the global stream, which the adapters' dropout draws from (Lightning keeps no RNG state)
         checkpoint["lorabench_noise_state"] = self._generator().get_state()
-        checkpoint["lorabench_global_rng"] = {"cpu": torch.get_rng_state(), **(
-            {"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})}
+        meta, tensors = rng_state(self.device if self.device.type == "cuda" else None)
+        checkpoint["lorabench_global_rng"] = {"meta": meta, **tensors}
         if self.adapters is None and self.tokens is None:
             return
         rows = {id(p) for p in self.trainable_parameters("embeddings")}
@@ -503,8 +503,6 @@ class DiffusionFineTuner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "lorabench_noise_state" in checkpoint:
             self._generator().set_state(checkpoint["lorabench_noise_state"])
-        states = checkpoint.get("lorabench_global_rng") or {}
-        if "cpu" in states:
-            torch.set_rng_state(states["cpu"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"], torch.cuda.current_device())
+        states = dict(checkpoint.get("lorabench_global_rng") or {})
+        if states:
+            set_rng_state(states.pop("meta"), states)

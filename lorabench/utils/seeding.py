@@ -26,19 +26,24 @@ def generator(*parts, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """The global RNG states: ``(JSON-able Python and NumPy states, {"torch": CPU state tensor})``."""
+def rng_state(cuda_device: torch.device | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The global RNG states: ``(JSON-able Python and NumPy states, {"torch": CPU state tensor})``, with
+    ``"cuda"``: ``cuda_device``'s state, when given."""
     version, state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if cuda_device is not None:
+        tensors["cuda"] = torch.cuda.get_rng_state(cuda_device)
     return ({"python": [version, list(state), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]},
-            {"torch": torch.get_rng_state()})
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}, tensors)
 
 
 def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (a CUDA state into the current CUDA device, where there is one)."""
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"], torch.cuda.current_device())
