@@ -20,20 +20,26 @@ DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embeddin
                  "betas": (0.9, 0.999), "eps": 1e-8, "lr_scheduler": "constant", "warmup_steps": 0}
 
 
-def check_optim(optim: Mapping) -> None:
-    """Optimiser options that make no sense, as one-line errors (``optim.<key>``) before any work;
-    keys not given take DEFAULT_OPTIM's values."""
+# diffusers' learning-rate schedules that its training scripts offer (diffusers.optimization.SchedulerType less
+# piecewise_constant, whose step rules no lorabench config passes: it failed inside the run with an AttributeError)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def check_optim(optim: Mapping, field: str = "optim", steps: Optional[int] = None) -> None:
+    """Optimiser options that make no sense, as one-line errors (``<field>.<key>``) before any work;
+    keys not given take DEFAULT_OPTIM's values. ``steps``: the run's optimiser steps where known
+    (``trainer.max_steps``), against which the warm-up is checked (:func:`check_warmup`)."""
     optim = {**DEFAULT_OPTIM, **dict(optim)}
 
     def bad(key, what):
-        return ConfigError(f"optim.{key}", f"{what}, got {optim.get(key)!r}")
+        return ConfigError(f"{field}.{key}", f"{what}, got {optim.get(key)!r}")
 
     def number(key):
         v = optim.get(key)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     if optim.get("name", "adamw") not in OPTIMIZERS:
-        raise choice_error("optim.name", optim.get("name"), OPTIMIZERS)
+        raise choice_error(f"{field}.name", optim.get("name"), OPTIMIZERS)
     if not (number("lr") or 0) > 0:
         raise bad("lr", "must be a number > 0")
     for key in ("text_encoder_lr", "embedding_lr"):
@@ -49,6 +55,23 @@ def check_optim(optim: Mapping) -> None:
         raise bad("betas", "must be two numbers in [0, 1)")
     if not isinstance(optim.get("warmup_steps"), int) or optim["warmup_steps"] < 0:
         raise bad("warmup_steps", "must be an integer >= 0")
+    if optim["lr_scheduler"] not in LR_SCHEDULES:
+        raise choice_error(f"{field}.lr_scheduler", optim["lr_scheduler"], LR_SCHEDULES)
+    if optim["warmup_steps"] and optim["lr_scheduler"] == "constant":  # diffusers' constant schedule drops it
+        raise ConfigError(f"{field}.warmup_steps", f"{optim['warmup_steps']} with lr_scheduler constant, which has no "
+                          f"warm-up (it would be ignored); use {field}.lr_scheduler=constant_with_warmup, or leave "
+                          "warmup_steps at 0")
+    check_warmup(optim, steps, field)
+
+
+def check_warmup(optim: Mapping, steps: Optional[int], field: str = "optim") -> None:
+    """A warm-up as long as the run (``warmup_steps >= steps``) ends training before the learning rate reaches
+    ``lr`` (and a decaying schedule never decays): a one-line ``<field>.warmup_steps`` error. ``steps`` of None
+    or below 1 (no step limit: the run counts them from its epochs, and checks again): nothing to check."""
+    warmup = optim.get("warmup_steps") or 0
+    if steps is not None and steps > 0 and warmup >= steps:
+        raise ConfigError(f"{field}.warmup_steps", f"{warmup} warm-up steps in a run of {steps} optimiser steps: the "
+                          f"learning rate would never reach {field}.lr; give fewer warm-up steps or more steps")
 
 
 # the sampling schedulers by name (lorabench.sampling builds them), and "pipeline": the model's own

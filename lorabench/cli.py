@@ -208,9 +208,10 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     if cfg.get("optim") is not None:
         try:
             optim = OmegaConf.to_container(cfg.optim, resolve=True)
+            steps = OmegaConf.select(cfg, "trainer.max_steps")
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
-        check_optim(optim)
+        check_optim(optim, steps=steps if isinstance(steps, int) else None)
 
 
 def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:
@@ -430,7 +431,8 @@ def preflight(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "protocol.eval_batch") is not None:
         check_eval_batch(OmegaConf.select(cfg, "protocol.eval_batch"))
     if cfg.get("optim") is not None:
-        check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
+        steps = OmegaConf.select(cfg, "trainer.max_steps")
+        check_optim(OmegaConf.to_container(cfg.optim, resolve=True), steps=steps if isinstance(steps, int) else None)
     check_trainer(cfg.get("trainer"))
     if cfg.get("module") is not None and cfg.get("trainer") is not None:
         check_cuda_graph(OmegaConf.to_container(cfg.module, resolve=True),

@@ -127,6 +127,14 @@ def test_unknown_group_option(tmp_path, override, fragments):
     # numbers that make no sense, and options Lightning rejects: one line, before any work
     (["optim.lr=-1e-4"], ["optim.lr: must be a number > 0, got -0.0001"]),
     (["optim.warmup_steps=-3"], ["optim.warmup_steps: must be an integer >= 0"]),
+    # each trained without a word (diffusers' constant schedule drops the warm-up; a warm-up as long as the run
+    # never reached optim.lr), or failed inside the run (piecewise_constant wants step rules no config passes)
+    (["optim.warmup_steps=3"], ["optim.warmup_steps: 3 with lr_scheduler constant, which has no warm-up",
+                                "optim.lr_scheduler=constant_with_warmup"]),
+    (["optim.lr_scheduler=linear", "optim.warmup_steps=2"],  # FAST's trainer.max_steps=2
+     ["optim.warmup_steps: 2 warm-up steps in a run of 2 optimiser steps: the learning rate would never reach"]),
+    (["optim.lr_scheduler=piecewise_constant"], ["optim.lr_scheduler: unknown value 'piecewise_constant'; valid: "
+                                                 "constant, constant_with_warmup, cosine, cosine_with_restarts"]),
     (["trainer.max_epochs=-5"], ["trainer.max_epochs: `max_epochs` must be a non-negative integer or -1"]),
     (["+trainer.max_stepz=10"], ["trainer.max_stepz: not an option of lightning.pytorch.Trainer"]),
     (["trainer.precision=17"], ["trainer.precision: Precision 17 is invalid. Allowed precision values"]),
@@ -318,6 +326,14 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)
+
+
+def test_a_warm_up_longer_than_a_run_of_epochs_is_one_line(tmp_path):
+    """A run of epochs knows its steps only when the fit starts (from the data): checked there, the run folder
+    removed; the warm-up ran to the end of training without a word."""
+    args = [*FAST, "trainer.max_steps=-1", "trainer.max_epochs=1", "optim.lr_scheduler=cosine",
+            "optim.warmup_steps=500"]
+    assert_one_line_error(run_here(args, tmp_path), tmp_path, "optim.warmup_steps: 500 warm-up steps in a run of ")
 
 
 def test_a_variant_or_vae_the_model_cannot_load_is_one_line_naming_its_field(tmp_path, tiny_model_dir):

@@ -155,6 +155,10 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     # a baseline's own trainer: torch clipped to -1 by flipping every gradient (the cell climbed its loss)
     (["+protocol.adapters.lora.recipe.trainer.gradient_clip_val=-1"],
      ["protocol.adapters.lora.recipe.trainer.gradient_clip_val: must be null or 0 (no clipping) or a number > 0"]),
+    # a baseline's own schedule: a warm-up as long as its budget (the learning rate never reached its lr)
+    (["+protocol.adapters.lora.recipe.trainer.max_steps=3", "+protocol.adapters.lora.recipe.optim.warmup_steps=3",
+      "+protocol.adapters.lora.recipe.optim.lr_scheduler=linear"],
+     ["protocol.adapters.lora.recipe.optim.warmup_steps: 3 warm-up steps in a run of 3 optimiser steps"]),
     (["+protocol.adapters.lora.recipe.data.batch_size=0"],
      ["protocol.adapters.lora.recipe.data.batch_size: must be an integer >= 1, got 0"]),
     # found when the first cell built its data, after the base model was scored, as an empty data.path

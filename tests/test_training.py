@@ -170,7 +170,8 @@ def test_cuda_graph_option_trains_the_same_adapter(schedule, tiny_model_dir, tmp
     for graph in (False, True):
         d = tmp_path / str(graph)
         cfg = compose([*tiny_overrides(tiny_model_dir, steps=6), "data.batch_size=4", "optim.lr=3e-3",
-                       f"optim.lr_scheduler={schedule}", "optim.warmup_steps=2", "trainer.gradient_clip_val=0.01",
+                       f"optim.lr_scheduler={schedule}", f"optim.warmup_steps={2 * (schedule != 'constant')}",
+                       "trainer.gradient_clip_val=0.01",
                        "trainer.log_every_n_steps=1", "exports=[]", "data.val_samples=0",
                        f"module.cuda_graph={str(graph).lower()}"], d)
         results, module = train(cfg, d, config_name="graph")
@@ -198,3 +199,17 @@ def test_cuda_graph_conflicts_are_one_line_errors(tmp_path):
                         (["trainer.precision=16-mixed"], "cannot run under fp16 mixed precision"),
                         (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches must be 1")):
         assert_one_line_error(run_here([*base, *extra], tmp_path), tmp_path, "module.cuda_graph", want)
+
+
+def test_the_offered_lr_schedules_are_diffusers_own():
+    """checks.LR_SCHEDULES is written out (the CLI checks it before importing diffusers): each must be a schedule
+    diffusers' get_scheduler builds from an lr, a warm-up and a step count alone."""
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    from lorabench.checks import LR_SCHEDULES
+
+    assert set(LR_SCHEDULES) < {s.value for s in SchedulerType}
+    for name in LR_SCHEDULES:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=10)
+        assert sched.get_last_lr()[0] == (1.0 if name == "constant" else 0.0), name

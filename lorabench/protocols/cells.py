@@ -36,7 +36,7 @@ from lorabench.adapters import Adapters, get_adapter_class, load_adapter
 from lorabench.adapters.base import parse_options
 from lorabench.adapters.injection import PLACEMENT_KEYS
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
-from lorabench.checks import check_data_counts, check_protocol_groups, check_trainer_limits
+from lorabench.checks import check_data_counts, check_optim, check_protocol_groups, check_trainer_limits
 from lorabench.errors import ConfigError, check_seed
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
@@ -67,9 +67,13 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
     for name, entry in adapters.items():
         check_adapter_entry(entry, f"protocol.adapters.{name}")
         recipe = entry.get("recipe") or {}
+        trainer = {**dict(cfg.get("trainer") or {}), **dict(recipe.get("trainer") or {})}
         if recipe.get("trainer") is not None:  # a baseline's own budget and clipping, over the protocol's trainer
-            check_trainer_limits({**dict(cfg.get("trainer") or {}), **dict(recipe["trainer"])},
-                                 f"protocol.adapters.{name}.recipe.trainer")
+            check_trainer_limits(trainer, f"protocol.adapters.{name}.recipe.trainer")
+        if recipe.get("optim") is not None:  # its own optimiser and schedule (a warm-up within its own budget)
+            steps = trainer.get("max_steps")
+            check_optim(OmegaConf.to_container(OmegaConf.merge(cfg.get("optim") or {}, recipe["optim"]), resolve=True),
+                        f"protocol.adapters.{name}.recipe.optim", steps if isinstance(steps, int) else None)
         check_data_counts(recipe.get("data"), f"protocol.adapters.{name}.recipe.data")  # its batch size
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds

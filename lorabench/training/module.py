@@ -9,13 +9,13 @@ from typing import Any, Mapping, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from lorabench.adapters import Adapters, inject_adapters
 from lorabench.adapters.base import factors_cast_once
 from lorabench.adapters.tokens import ConceptTokens, inject_tokens
-from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema
+from lorabench.checks import DEFAULT_OPTIM, check_optim, check_snr_ema, check_warmup
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.models import ModelComponents, denoise, encode_prompts, encode_tokens, tokenize_prompts
 from lorabench.training.cuda_graph import CapturedStep
@@ -436,11 +436,9 @@ class DiffusionFineTuner(L.LightningModule):
             scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
             fused = scaler is None and all(p.is_cuda for g in groups for p in g["params"])
             optimizer = torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
-        names = [s.value for s in SchedulerType]
-        if cfg["lr_scheduler"] not in names:
-            raise choice_error("optim.lr_scheduler", cfg["lr_scheduler"], names)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
             self.trainer.estimated_stepping_batches
+        check_warmup(cfg, int(total))  # a run of epochs: its steps are known only now
         scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["warmup_steps"],
                                   num_training_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
