@@ -74,6 +74,25 @@ def check_warmup(optim: Mapping, steps: Optional[int], field: str = "optim") -> 
                           f"learning rate would never reach {field}.lr; give fewer warm-up steps or more steps")
 
 
+def check_group_rates(cfg: Mapping) -> None:
+    """A run's ``optim.text_encoder_lr`` when it trains no text-encoder weights, or ``optim.embedding_lr`` when it
+    learns no new tokens: the rate applied to nothing, without a word. Not for a protocol, whose one optim serves
+    methods with and without them (e.g. Orthogonal Adaptation's token rate, unused by its plain LoRA)."""
+    protocol, optim = cfg.get("protocol"), cfg.get("optim") or {}
+    if protocol and protocol.get("_target_"):
+        return
+    adapter, embeddings, module = cfg.get("adapter"), cfg.get("embeddings"), cfg.get("module") or {}
+    if optim.get("text_encoder_lr") is not None:
+        trains = adapter.get("text_encoder_targets") if adapter else not embeddings and module.get("train_text_encoder")
+        if not trains:
+            raise ConfigError("optim.text_encoder_lr", "set, but this run trains no text-encoder weights; adapt them "
+                              "(adapter.text_encoder_targets=[q_proj,k_proj,v_proj,out_proj]) or, with no adapter, "
+                              "train them in full (module.train_text_encoder=true), or leave it null")
+    if optim.get("embedding_lr") is not None and not embeddings:
+        raise ConfigError("optim.embedding_lr", "set, but this run learns no new tokens (embeddings=textual_inversion "
+                          "or embeddings=pplus adds them); leave it null")
+
+
 # the sampling schedulers by name (lorabench.sampling builds them), and "pipeline": the model's own
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
               "euler": "EulerDiscreteScheduler"}

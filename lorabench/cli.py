@@ -43,6 +43,7 @@ from lorabench.checks import (
     check_counts,
     check_data_counts,
     check_data_path,
+    check_group_rates,
     check_model_source,
     check_optim,
     check_override_types,
@@ -433,6 +434,7 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.get("optim") is not None:
         steps = OmegaConf.select(cfg, "trainer.max_steps")
         check_optim(OmegaConf.to_container(cfg.optim, resolve=True), steps=steps if isinstance(steps, int) else None)
+        check_group_rates(cfg)
     check_trainer(cfg.get("trainer"))
     if cfg.get("module") is not None and cfg.get("trainer") is not None:
         check_cuda_graph(OmegaConf.to_container(cfg.module, resolve=True),

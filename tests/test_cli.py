@@ -320,12 +320,31 @@ def test_init_adapter_that_cannot_start_this_run_is_one_line(tmp_path, make, fra
     ("adapter.target_modules=[]", "adapter.target_modules: empty; give the UNet layers to adapt, or null"),  # default
     ("+adapter.rank_pattern=5", "adapter.rank_pattern: must map full layer names to ranks"),  # a TypeError traceback
     ("+adapter.rank_pattern={to_q:2}", "names no targeted layer: ['to_q']; its keys are full layer names, e.g. 'unet."),
+    # a rate for weights the run does not train: applied to nothing, without a word
+    ("optim.text_encoder_lr=1e-5", "optim.text_encoder_lr: set, but this run trains no text-encoder weights; adapt"),
+    ("optim.embedding_lr=1e-3", "optim.embedding_lr: set, but this run learns no new tokens"),
     # with an adapter of the UNet alone it was ignored: the text encoder stayed frozen
     ("module.train_text_encoder=true", "module.train_text_encoder: trains the text encoder's weights in full "
                                        "training only (adapter=null, no embeddings); with an adapter, adapt"),
 ])
 def test_a_run_option_out_of_range_is_one_line(tmp_path, arg, fragment):
     assert_one_line_error(run_here([*FAST, arg], tmp_path), tmp_path, fragment)
+
+
+def test_a_text_encoder_rate_trains_the_text_encoder_layers_at_it(tmp_path):
+    """optim.text_encoder_lr with text-encoder targets: those layers in their own optimiser group at that rate
+    (the check that refuses the rate for a UNet-only adapter lets it through)."""
+    from helpers import compose
+    from lorabench.run import train
+
+    cfg = compose([*FAST[:2], "adapter.text_encoder_targets=[q_proj]", "optim.text_encoder_lr=1e-5", "exports=[]"],
+                  tmp_path)
+    _, module = train(cfg, tmp_path)
+    groups = module.optimizers().optimizer.param_groups
+    assert [g["lr"] for g in groups] == [cfg.optim.lr, 1e-5]
+    te = {id(p) for p in module.adapters.trainable_parameters("text_encoder")}
+    assert te and {id(p) for p in groups[1]["params"]} == te
+    assert not te & {id(p) for p in groups[0]["params"]}
 
 
 def test_a_warm_up_longer_than_a_run_of_epochs_is_one_line(tmp_path):
