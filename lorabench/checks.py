@@ -70,8 +70,9 @@ def check_warmup(optim: Mapping, steps: Optional[int], field: str = "optim") -> 
     or below 1 (no step limit: the run counts them from its epochs, and checks again): nothing to check."""
     warmup = optim.get("warmup_steps") or 0
     if steps is not None and steps > 0 and warmup >= steps:
-        raise ConfigError(f"{field}.warmup_steps", f"{warmup} warm-up steps in a run of {steps} optimiser steps: the "
-                          f"learning rate would never reach {field}.lr; give fewer warm-up steps or more steps")
+        run = f"{steps} optimiser step{'s' * (steps > 1)}"
+        raise ConfigError(f"{field}.warmup_steps", f"{warmup} warm-up steps in a run of {run}: the learning rate "
+                          f"would never reach {field}.lr; give fewer warm-up steps or more steps")
 
 
 def check_group_rates(cfg: Mapping) -> None:

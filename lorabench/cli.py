@@ -10,7 +10,8 @@
 
 Bad input prints one line (``lorabench: error: <field>: <what is valid>``) and exits
 with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. A run that fails on
-bad input removes its output folder, so ``outputs/`` holds no half-written runs.
+bad input removes its output folder, so ``outputs/`` holds no half-written runs. In a sweep,
+a job that crashes or whose swept values are bad input fails alone (:mod:`lorabench.sweeps`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -54,7 +56,7 @@ from lorabench.checks import (
     check_writable,
 )
 from lorabench.errors import ConfigError, check_int, check_seed, choice_error, find_config_error
-from lorabench.sweeps import job_dir_name
+from lorabench.sweeps import EXIT_STATUS, job_dir_name, record_failure, set_by_sweep, swept_keys
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
 from lorabench.utils.cpus import end_with_parent
@@ -495,8 +497,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
             summary, objective, results = _work(cfg, run_dir, name, protocol)
         except Exception as exc:  # noqa: BLE001 - only ConfigErrors are turned into one line
             err = find_config_error(exc)
-            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or (err is None and sweep is None):
                 raise
+            if err is None:  # a sweep's job that crashed: its traceback here and in its cli.log, the sweep goes on
+                traceback.print_exc()
+                record_failure(run_dir, f"{type(exc).__name__}: {exc} (traceback in its cli.log)", bad_input=False)
+                return None
         else:
             err = None
             if first and sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
@@ -504,6 +510,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
                       f"results in {run_dir / 'results.json'}")
             elif first:
                 print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
+    if err is not None and sweep is not None and set_by_sweep(err.field, swept_keys(sweep)):
+        # this job's swept values are bad; the sweep's other jobs may not be: they go on
+        print(f"lorabench: error: job {run_dir.name}: {err}", file=sys.stderr)
+        remove_run_dir(run_dir, run_dir.parent)  # what it wrote; the sweep folder stays
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / ".hydra" / "overrides.yaml")
+        record_failure(run_dir, str(err), bad_input=True)
+        return None
     if err is not None:
         remove_run_dir(run_dir, Path(cfg.paths.output_root), sweep)
         fail(err)
@@ -581,6 +595,8 @@ def main() -> None:
     except ConfigError as err:
         fail(err)
     _hydra_entry()
+    if EXIT_STATUS["status"]:  # a sweep whose jobs did not all finish: their table is printed, their count too
+        sys.exit(EXIT_STATUS["status"])
 
 
 if __name__ == "__main__":

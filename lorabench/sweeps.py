@@ -6,6 +6,12 @@
 At the end of a multirun, :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/train.yaml)
 prints the table and writes ``summary.md`` and ``summary.csv`` into the sweep folder. Nothing here imports
 torch: summarising is reading JSON.
+
+One job's failure is that job's, not the sweep's: a job that crashes, or that fails on bad input in a field its
+swept values set (``optim.warmup_steps=500,0``: 500 is too long a warm-up), writes ``failed.json`` into its folder
+(the traceback stays in its ``cli.log``; bad input leaves nothing else) and the sweep goes on; the table shows it,
+and the command exits with status 1 (2 where every failure was bad input). Bad input that no swept value sets
+(``data.path``) would fail every job alike: it stops the sweep at once, as a single run stops.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import re
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
@@ -47,6 +53,35 @@ def job_dir_name(num, task: Sequence[str], argv: Optional[Sequence[str]] = None)
     return re.sub(r"[^\w.,=+-]", "-", name)[:120]
 
 
+def swept_keys(sweep_dir: Path) -> frozenset[str]:
+    """The keys and groups a sweep sweeps, from its ``multirun.yaml`` (empty where there is none)."""
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    if not multirun.is_file():
+        return frozenset()
+    task = OmegaConf.select(OmegaConf.load(multirun), "hydra.overrides.task") or []
+    return _swept_keys(tuple(str(t) for t in task))
+
+
+def set_by_sweep(field: str, swept: Iterable[str]) -> bool:
+    """Whether a swept key or group can set ``field``: the key itself, one above it (``adapter`` sets
+    ``adapter.rank``) or below it, a group's package (``adapter@protocol.adapter``), or ``experiment``
+    (which sets anything)."""
+    for key in swept:
+        key = key.split("@", 1)[1] if "@" in key else key.replace("/", ".")
+        if key == "experiment" or field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
+            return True
+    return False
+
+
+# a sweep job's failure, in its folder: {"error": one line, "bad_input": true | false}
+FAILED = "failed.json"
+
+
+def record_failure(job: Path, error: str, bad_input: bool) -> None:
+    """Write the failure of the sweep job in ``job`` (see the module's docstring)."""
+    write_text(job / FAILED, json.dumps({"error": " ".join(error.split()), "bad_input": bad_input}) + "\n")
+
+
 def _overrides(job: Path) -> list[str]:
     f = job / ".hydra" / "overrides.yaml"
     return [str(o) for o in OmegaConf.load(f)] if f.is_file() else []
@@ -63,7 +98,13 @@ def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
     run: steps, losses, time; a protocol: its name and table); ``failed`` where there is no results.json."""
     overrides = [o for o in _overrides(job) if o.split("=", 1)[0].lstrip("+~") in swept] or _overrides(job)
     row = {"job": job.name, "overrides": " ".join(overrides)}
-    results = job / "results.json"
+    results, failed = job / "results.json", job / FAILED
+    if not results.is_file() and failed.is_file():
+        try:
+            error = json.loads(failed.read_text())["error"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            error = f"{FAILED} unreadable"
+        return {**row, "status": f"failed: {error}".replace("|", "\\|")}
     if not results.is_file():
         return {**row, "status": "failed (no results.json)"}
     try:  # one job's unreadable file is that job's row, not the end of the sweep's summary
@@ -92,12 +133,7 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
                                  p.name))
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no sweep jobs here (folders with .hydra/); give a multirun folder")
-    swept = set()
-    multirun = sweep_dir / "multirun.yaml"
-    if multirun.is_file():
-        task = OmegaConf.select(OmegaConf.load(multirun), "hydra.overrides.task") or []
-        swept = set(_swept_keys(tuple(str(t) for t in task)))
-    rows = [job_row(j, sorted(swept)) for j in jobs]
+    rows = [job_row(j, sorted(swept_keys(sweep_dir))) for j in jobs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
@@ -112,10 +148,16 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
     return text
 
 
+# the exit status of the last sweep this process ran (SweepSummary sets it; the CLI exits with it)
+EXIT_STATUS = {"status": 0}
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, print the sweep's table and write summary.md / summary.csv."""
+    """Hydra callback: at the end of a multirun, print the sweep's table and write summary.md / summary.csv;
+    with failed jobs, count them and set :data:`EXIT_STATUS` (1, or 2 where every failure was bad input)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        EXIT_STATUS["status"] = 0
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():  # every job failed on bad input and removed it
             return
@@ -124,6 +166,20 @@ class SweepSummary(Callback):
         except FileNotFoundError:
             return
         print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}\n{text}")
+        jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+        failed = [p for p in jobs if not (p / "results.json").is_file()]
+        if failed:
+            bad_input = [p for p in failed if _bad_input(p)]
+            EXIT_STATUS["status"] = 2 if len(bad_input) == len(failed) else 1
+            names = ", ".join(sorted(p.name for p in failed))
+            print(f"lorabench sweep: {len(failed)} of {len(jobs)} jobs failed: {names}", file=sys.stderr)
+
+
+def _bad_input(job: Path) -> bool:
+    try:
+        return json.loads((job / FAILED).read_text()).get("bad_input") is True
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

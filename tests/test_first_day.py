@@ -293,6 +293,43 @@ def test_results_json_records_the_data_it_trained_on(tiny_model_dir, toy_images,
 
 
 # -- sweeps and sampling ----------------------------------------------------------------------------------------------
+def test_a_job_that_fails_on_its_swept_values_or_crashes_fails_alone(tmp_path):
+    """Why: bad input in one job's swept value (a warm-up longer than its run) ended the sweep at that job, before
+    the jobs after it; a job that crashed let the others run, then ended the sweep on its traceback with no table.
+    Now each fails alone: a line (bad input) or its traceback (kept in its cli.log), a failed.json in its folder,
+    its row in the table, the count at the end, and status 1 (2 where every failure was bad input)."""
+    (tmp_path / "crash_at.py").write_text(
+        "import lightning.pytorch as L\n\n\nclass CrashAtSeed1(L.Callback):\n"
+        "    def on_train_start(self, trainer, module):\n        if module.seed == 1:\n            1 / 0\n")
+    args = ["-m", *FAST, "exports=[]", "trainer.max_steps=-1", "trainer.max_epochs=1", "optim.lr_scheduler=cosine",
+            "+callbacks.crash._target_=crash_at.CrashAtSeed1"]
+    proc = run_cli([*args, "optim.warmup_steps=500,0", "seed=0,1"], tmp_path, {"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, crashed(proc)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lorabench: error:")]
+    assert [e.split(":")[2].strip() for e in errors] == ["job 0_optim.warmup_steps=500,seed=0",
+                                                          "job 1_optim.warmup_steps=500,seed=1"], errors
+    assert all("optim.warmup_steps: 500 warm-up steps in a run of 1 optimiser step:" in e for e in errors)
+    assert "ZeroDivisionError: division by zero" in proc.stderr
+    assert "lorabench sweep: 3 of 4 jobs failed: 0_optim.warmup_steps=500,seed=0, 1_" in proc.stderr
+    [sweep] = list((tmp_path / "outputs" / "multirun" / "quickstart").iterdir())
+    jobs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
+    assert sorted(p.name for p in jobs["0_optim.warmup_steps=500,seed=0"].iterdir()) == [".hydra", "failed.json"]
+    assert (jobs["2_optim.warmup_steps=0,seed=0"] / "results.json").is_file()
+    crash = jobs["3_optim.warmup_steps=0,seed=1"]
+    assert "ZeroDivisionError" in (crash / "cli.log").read_text() and not (crash / "results.json").exists()
+    summary = (sweep / "summary.md").read_text()
+    assert "| 0_optim.warmup_steps=500,seed=0 | optim.warmup_steps=500 seed=0 | failed: optim.warmup_steps: 500 " \
+           "warm-up steps" in summary
+    assert "| 2_optim.warmup_steps=0,seed=0 | optim.warmup_steps=0 seed=0 | done |" in summary
+    assert "| 3_optim.warmup_steps=0,seed=1 | optim.warmup_steps=0 seed=1 | failed: ZeroDivisionError: division by " \
+           "zero (traceback in its cli.log) |" in summary
+    assert summary.split("\n", 2)[2].strip() in run_cli(["summarize", str(sweep)], tmp_path).stdout
+    # every failure bad input: status 2, as a single run's; the job that ran is kept
+    proc = run_cli([*args[:-1], "optim.warmup_steps=500,0", "seed=0"], tmp_path)
+    assert proc.returncode == 2, crashed(proc)
+    assert "lorabench sweep: 1 of 2 jobs failed: 0_optim.warmup_steps=500" in proc.stderr
+
+
 def test_a_sweep_names_job_folders_by_their_values_prints_a_line_each_and_a_summary(tmp_path):
     """Why: sweep job folders were 0/, 1/, every job printed its whole console, and nothing summarised a sweep."""
     proc = run_cli(["-m", *FAST, "exports=[]", "adapter=lora,trilora", "seed=0"], tmp_path)

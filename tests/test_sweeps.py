@@ -105,3 +105,17 @@ def test_listed_gpus_a_job_cannot_train_on_are_one_line_naming_the_variable(tmp_
     with pytest.raises(ConfigError, match=r"LORABENCH_GPUS: GPU 3 is not one of the 2 CUDA device\(s\) this process "
                                           r"sees \(indices 0 to 1"):
         check_claimable(["1", "3"], {"accelerator": "cuda"})
+
+
+def test_which_swept_values_can_set_a_field():
+    """A job's bad input fails that job alone when a swept key or group sets its field (otherwise every job would
+    fail alike and the sweep stops): the key, a group above it, a key below it, a group's package, experiment."""
+    from lorabench.sweeps import set_by_sweep
+
+    assert set_by_sweep("optim.warmup_steps", ["optim.warmup_steps", "seed"])
+    assert set_by_sweep("adapter.rank", ["adapter"])  # adapter=lora,ortho
+    assert set_by_sweep("adapter", ["adapter.rank"])
+    assert set_by_sweep("protocol.adapter.rank", ["adapter@protocol.adapter"])
+    assert set_by_sweep("data.path", ["experiment"])
+    assert not set_by_sweep("data.path", ["seed", "adapter", "hydra/launcher"])
+    assert not set_by_sweep("optim.lr_scheduler", ["optim.lr"])  # a sibling, not the key
