@@ -246,8 +246,10 @@ def check_resume(path: str, module: DiffusionFineTuner, own_folder: bool = False
     except pickle.UnpicklingError:
         return None  # other Python objects too (another tool's checkpoint): Lightning's own load judges it
     except Exception as exc:  # a zip or I/O error: no checkpoint
-        raise ConfigError("resume", f"{where} is not a checkpoint torch can read ({type(exc).__name__}): give a run "
-                                    "folder with checkpoints/last.ckpt or a Lightning .ckpt file") from None
+        fix = ("delete it to train from the start" if own_folder else
+               "give a run folder with checkpoints/last.ckpt or a Lightning .ckpt file")
+        raise ConfigError("resume", f"{where} is not a checkpoint torch can read ({type(exc).__name__}): "
+                                    f"{fix}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ConfigError("resume", f"{where} is not a Lightning checkpoint (it holds no state_dict)")
 

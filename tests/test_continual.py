@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,32 @@ def test_unknown_method_and_option_are_config_errors():
     assert build_method({"name": "merge:ties", "merge_options": {"density": 0.5}}).name == "merge:ties"
 
 
+
+
+def test_a_cell_stopped_mid_training_resumes_from_its_own_checkpoint(tmp_path):
+    """With callbacks=checkpoints each cell keeps its checkpoints/last.ckpt; a run stopped inside task 2 (last.ckpt at
+    step 8 of 12, no results.json, no state for the task) started again resumes that cell from step 8, not from
+    its start (the step-4 checkpoint it would write again stays gone), and ends with the uninterrupted run's
+    matrices."""
+    args = [*SHORT, "sequence.length=2", "callbacks=checkpoints", "callbacks.checkpoints.every_n_train_steps=4"]
+    done = run_here(args, tmp_path)
+    assert done.returncode == 0, crashed(done)
+    run = tmp_path / "outputs/continual/world_objects/ortho_init/order0-seed0"
+    ref = json.loads((run / "results.json").read_text())
+    cell = run / "tasks" / "01-zwz"
+    ckpts = cell / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=11-step=12.ckpt", "epoch=3-step=4.ckpt",
+                                                       "epoch=7-step=8.ckpt", "last.ckpt"]
+    (ckpts / "epoch=7-step=8.ckpt").replace(ckpts / "last.ckpt")  # stopped after step 8's checkpoint
+    for p in (ckpts / "epoch=11-step=12.ckpt", ckpts / "epoch=3-step=4.ckpt", cell / "results.json",
+              cell / "adapter.safetensors", run / "results.json"):
+        p.unlink()
+    shutil.rmtree(run / "state" / "task_001")
+    again = run_here(args, tmp_path)
+    assert again.returncode == 0, crashed(again)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=11-step=12.ckpt", "last.ckpt"]
+    res = json.loads((run / "results.json").read_text())
+    assert res["matrices"] == ref["matrices"] and res["tasks"] == ref["tasks"]
 
 
 def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):

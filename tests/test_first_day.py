@@ -203,6 +203,10 @@ def test_a_checkpoint_that_does_not_hold_what_the_run_trains_is_one_line(tmp_pat
                                    tmp_path), tmp_path, f"resume: {ckpt}, this run folder's own checkpoint "
                           "(resume=null takes it) trained lora (rank 4)", "or train afresh in another folder")
     assert sorted(p.relative_to(done) for p in done.rglob("*")) == kept
+    (done / "checkpoints" / "last.ckpt").write_bytes(b"cut short")  # its own checkpoint, unreadable
+    assert_one_line_error(run_here([*FAST, "callbacks=checkpoints", f"hydra.run.dir={done}"], tmp_path), tmp_path,
+                          "(resume=null takes it) is not a checkpoint torch can read (", "): delete it to train "
+                          "from the start")
 
 
 def test_the_same_command_again_after_the_run_ended_changes_nothing(tmp_path):
