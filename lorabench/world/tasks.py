@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lorabench.errors import check_int, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.evaluation.eval_sets import ConceptEvalSet, StyleEvalSet, without_token
 from lorabench.utils.seeding import derive_seed
 from lorabench.world.datasets import concept_items, random_scene, style_object
@@ -32,7 +32,13 @@ class WorldConceptEval:
     def __init__(self, world_seed: int = 0, resolution: int = 16, n_references: int = 8,
                  reference_seed: int = 1000, contexts: Sequence[Sequence[str]] = DEFAULT_CONTEXTS):
         self.world = make_world(world_seed, resolution)
-        for position, background in contexts:
+        for k, context in enumerate(contexts):
+            pair = isinstance(context, Sequence) and not isinstance(context, str) and len(context) == 2
+            if not pair:  # an unpacking ValueError, a traceback, before
+                shown = list(context) if isinstance(context, Sequence) and not isinstance(context, str) else context
+                raise ConfigError(f"eval.concepts.contexts[{k}]", "must be a [position, background] pair such as "
+                                  f"[left, black], got {shown!r}")
+            position, background = context
             if position not in POSITIONS:
                 raise choice_error("eval.concepts.contexts", position, POSITIONS)
             if background not in BACKGROUNDS:
