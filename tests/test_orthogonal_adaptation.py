@@ -151,6 +151,10 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.adapters.lora.rank=0"], ["protocol.adapters.lora.rank: must be a positive integer, got 0"]),
     (["+protocol.adapters.ortha_disjoint.rnak=2"], ["protocol.adapters.ortha_disjoint.rnak: not an option of "
                                                     "adapter 'ortho'; valid: "]),
+    # a list for the map: a TypeError traceback; a slot below 0: adapter.slot, after other cells trained
+    (["protocol.only=[ortha_disjoint]", "protocol.slots=[0,1]"], ["protocol.slots: must map each concept to its slot"]),
+    (["protocol.only=[ortha_disjoint]", "protocol.slots={sks:0,twt:-1}"],
+     ["protocol.slots.twt: must be an integer >= 0, got -1"]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
     # a baseline's own trainer: torch clipped to -1 by flipping every gradient (the cell climbed its loss)
     (["+protocol.adapters.lora.recipe.trainer.gradient_clip_val=-1"],

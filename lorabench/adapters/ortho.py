@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lorabench.adapters.base import AdapterLayer, AdapterOptions, register_adapter
-from lorabench.errors import ConfigError, choice_error
+from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.utils.seeding import derive_seed
 
 ROW_MODES = ("random", "disjoint")
@@ -84,10 +84,15 @@ def concept_options(adapter: Mapping, concepts: Sequence[str], slots: Optional[M
         return {c: {} for c in concepts}
     if adapter.get("row_mode") != "disjoint":
         return {c: {"concept_key": c} for c in concepts}
+    if slots and not hasattr(slots, "items"):  # a list: dict() raised a TypeError, a traceback
+        raise ConfigError("protocol.slots", f"must map each concept to its slot (an integer >= 0), e.g. "
+                          f"{{{concepts[0]}: 0}}, or be null (each concept's index), got {slots!r}")
     slots = dict(slots) if slots else {c: i for i, c in enumerate(concepts)}
     missing = [c for c in concepts if c not in slots]
     if missing:
         raise ConfigError("protocol.slots", f"no slot for concept {missing[0]!r}")
+    for c in concepts:  # a slot of -1 failed as adapter.slot in the first cell, after the others trained
+        check_int(slots[c], f"protocol.slots.{c}", minimum=0)
     seen: dict[int, str] = {}
     for c in concepts:
         if slots[c] in seen:
