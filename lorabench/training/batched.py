@@ -6,7 +6,8 @@ own run would:
 
 - **data**: each member's own loader (its shuffling generator), one batch of each per step, walked
   through its epochs by Lightning as a run's own loader is (:func:`member_loaders`); each member's loader
-  draws from its own copy of the global torch RNG (random flips and crops, :class:`MemberLoader`);
+  draws from its own copy of the global torch RNG (a sampler without a generator, random flips and crops in
+  worker processes: :class:`MemberLoader`), its dataset's own augmentation generator in this process;
 - **noise**: each member's own noise stream (``generator("noise", seed)``), drawn in its run's order;
 - **loss**: each member's loss is its own batch's mean (prior examples weighted as in its run); the
   step minimises their sum, and a member's tensors get gradient from its own samples only;

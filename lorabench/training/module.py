@@ -70,7 +70,7 @@ class DiffusionFineTuner(L.LightningModule):
         train_text_encoder: with ``adapter=None``, train the (first) text encoder's weights too.
         caption_dropout: probability of replacing a training prompt by "" (classifier-free guidance).
         optim: ``name`` (adamw | adamw8bit), ``lr``, ``text_encoder_lr``, ``embedding_lr``, ``weight_decay``, ``betas``,
-            ``eps``, ``lr_scheduler`` (any diffusers schedule name), ``warmup_steps``.
+            ``eps``, ``lr_scheduler`` (a diffusers schedule of ``checks.LR_SCHEDULES``), ``warmup_steps``.
         prior_loss_weight: weight of the class-image loss when the batch carries prior examples.
         noise_offset: diffusers' noise offset (0 disables).
         seed: seeds the noise and timestep stream, separately for every DDP rank.
