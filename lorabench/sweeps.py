@@ -133,7 +133,8 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
                                  p.name))
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no sweep jobs here (folders with .hydra/); give a multirun folder")
-    rows = [job_row(j, sorted(swept_keys(sweep_dir))) for j in jobs]
+    swept = sorted(swept_keys(sweep_dir))
+    rows = [job_row(j, swept) for j in jobs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]

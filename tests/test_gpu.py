@@ -28,8 +28,8 @@ CONTINUAL_SMALL = ["sequence.length=2", "trainer.max_steps=3", *EVAL_SMALL, "eva
 # merging, tables), and every continual method.
 WORLD = {
     "quickstart": ["experiment=quickstart", "trainer.max_steps=3"],
-    "world_pretrain": ["experiment=world_pretrain", "trainer.max_steps=3", "data.n=64", "data.val_samples=8",
-                       "data.num_workers=0", "trainer.enable_checkpointing=false"],
+    "world_pretrain": ["experiment=world_pretrain", "trainer.max_steps=3", "optim.warmup_steps=1", "data.n=64",
+                       "data.val_samples=8", "data.num_workers=0", "trainer.enable_checkpointing=false"],
     "world_concepts": ["experiment=world_concepts", "protocol.concepts=[zwz]", "trainer.max_steps=3", *EVAL_SMALL,
                        "eval.concepts.n_references=2"],
     "world_personalize": ["experiment=world_personalize", "protocol.concepts=[sks]", "protocol.seeds=[0]",

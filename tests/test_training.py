@@ -134,9 +134,9 @@ def test_val_loss_ignores_batching_and_padded_duplicates(load_tiny, toy_images):
 
 def test_full_training_mode_pretrains_the_world_model(tmp_path):
     """adapter=null trains every UNet (and text-encoder) weight and saves the model folder."""
-    cfg = compose(["experiment=world_pretrain", "trainer.max_steps=3", "data.n=64", "data.val_samples=8",
-                   "data.num_workers=0", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"],
-                  tmp_path)
+    cfg = compose(["experiment=world_pretrain", "trainer.max_steps=3", "optim.warmup_steps=1", "data.n=64",
+                   "data.val_samples=8", "data.num_workers=0", "trainer.enable_checkpointing=false",
+                   "trainer.enable_progress_bar=false"], tmp_path)
     from lorabench.models import load_components
     from lorabench.world.build import build_world_model
 
