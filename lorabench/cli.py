@@ -482,6 +482,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
     # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
     import torch  # noqa: PLC0415
 
+    from lorabench.loggers import finish_wandb  # noqa: PLC0415
     from lorabench.run import format_one_line  # noqa: PLC0415
 
     if gpu is not None:  # this job's own GPU, for training (trainer.devices) and sampling ("cuda")
@@ -501,6 +502,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
                 raise
             if err is None:  # a sweep's job that crashed: its traceback here and in its cli.log, the sweep goes on
                 traceback.print_exc()
+                finish_wandb(exit_code=1)  # a protocol's W&B run: failed, not left open
                 record_failure(run_dir, f"{type(exc).__name__}: {exc} (traceback in its cli.log)", bad_input=False)
                 return None
         else:
@@ -513,6 +515,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
     if err is not None and sweep is not None and set_by_sweep(err.field, swept_keys(sweep)):
         # this job's swept values are bad; the sweep's other jobs may not be: they go on
         print(f"lorabench: error: job {run_dir.name}: {err}", file=sys.stderr)
+        finish_wandb(exit_code=2)
         remove_run_dir(run_dir, run_dir.parent)  # what it wrote; the sweep folder stays
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / ".hydra" / "overrides.yaml")

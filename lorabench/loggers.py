@@ -130,8 +130,9 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
     return loggers
 
 
-def finish_wandb() -> None:
-    """End the W&B run of this job (needed between jobs of a multirun) and wait until it is on disk.
+def finish_wandb(exit_code: int = 0) -> None:
+    """End the W&B run of this job (needed between jobs of a multirun) and wait until it is on disk;
+    ``exit_code`` other than 0 marks it failed (a sweep's job that failed, whose sweep goes on).
 
     ``wandb.finish()`` can return before W&B's service process has written the run's records: a CI run
     read an offline run's ``run-*.wandb`` file straight after it and found only the file header. So the
@@ -139,7 +140,7 @@ def finish_wandb() -> None:
     one), which also covers processes whose ``atexit`` hooks do not run (multiprocessing workers)."""
     wandb = sys.modules.get("wandb")  # no W&B run can be open if nothing imported wandb
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
         # finish() always clears wandb.run; only the setup knows whether another run still logs (teardown would end it)
         if wandb.setup().most_recent_active_run is None:
             wandb.teardown()

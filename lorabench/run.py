@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -162,8 +163,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
             raise
         raise ConfigError(f"callbacks.{name}", " ".join(str(exc).split())) from exc
     finally:
-        if (cfg.get("logger") or {}).get("wandb"):
-            finish_wandb()  # this run's own W&B run (a protocol's run stays open)
+        if (cfg.get("logger") or {}).get("wandb"):  # this run's own W&B run (a protocol's run stays open),
+            finish_wandb(exit_code=1 if sys.exc_info()[0] is not None else 0)  # failed when the run raised
 
     losses = [float(x) for x in fitted.get("run/train_losses", torch.zeros(0))]
     steps = int(fitted["run/steps"]) if "run/steps" in fitted else 0

@@ -17,11 +17,11 @@ def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatc
     seen = {}
     real_finish = run_module.finish_wandb
 
-    def snapshot_then_finish():
+    def snapshot_then_finish(exit_code=0):
         seen["config"] = dict(wandb.run.config)
         seen["mode"] = wandb.run.settings.mode
         seen["group"], seen["job_type"] = wandb.run.group, wandb.run.job_type
-        real_finish()
+        real_finish(exit_code)
 
     monkeypatch.setattr(run_module, "finish_wandb", snapshot_then_finish)
     cfg = compose([*tiny_overrides(tiny_model_dir, steps=2), "logger=wandb", "logger.wandb.group=unit",
@@ -37,6 +37,32 @@ def test_wandb_offline_logs_resolved_config(tiny_model_dir, tmp_path, monkeypatc
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     # no warning about a setting nobody set (Lightning hands wandb.init anonymous=None, which wandb 0.31 warns of)
     assert "anonymous" not in capfd.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_run_that_crashes_ends_its_wandb_run_as_failed(tiny_model_dir, tmp_path, monkeypatch):
+    """A crashed run's W&B run was finished as a success (exit code 0): a dashboard showed it finished. Now it
+    is marked failed, and closed (a sweep's next job starts its own)."""
+    wandb = pytest.importorskip("wandb")
+    import lightning as L
+
+    import lorabench.run as run_module
+
+    codes, real_finish = [], run_module.finish_wandb
+    monkeypatch.setattr(run_module, "finish_wandb",
+                        lambda exit_code=0: (codes.append(exit_code), real_finish(exit_code)))
+
+    class Crash(L.Callback):
+        def on_train_start(self, trainer, module):
+            raise ZeroDivisionError("a bug in a user's callback")
+
+    cfg = compose([*tiny_overrides(tiny_model_dir, steps=2), "logger=wandb", "exports=[]", "data.val_samples=0"],
+                  tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        train(cfg, tmp_path, callbacks=[Crash()])
+    assert codes == [1] and wandb.run is None
+    train(cfg, tmp_path / "ok")
+    assert codes == [1, 0]
 
 
 def test_wandb_mode_env_overrides(monkeypatch):
