@@ -34,6 +34,32 @@ def test_single_concept_experiment_prints_its_table(tmp_path):
     assert (results_file.parent / "update_size.png").is_file()
 
 
+def test_an_adapter_the_model_cannot_take_is_one_line_before_the_base_is_scored(tmp_path):
+    """Targets no layer matches (or a rank above a layer's width) failed in the first cell as adapter.target_modules,
+    after the base model was sampled and scored: now at the protocol's start, named where the config sets them."""
+    assert_one_line_error(run_here([*MAIN_FAST, "protocol.adapters.trilora.target_modules=[to_qq]"], tmp_path),
+                          tmp_path, "protocol.adapters.trilora.target_modules: no layer of unet matches ['to_qq']")
+
+
+def test_a_dry_injection_leaves_the_model_and_the_random_generators_as_they_were():
+    """check_injection injects and removes each adapter: the weights and the global generator stand as before
+    (a LoRA's initialisation draws from it)."""
+    import torch
+
+    from lorabench.models import build_tiny_components
+    from lorabench.protocols.cells import check_injection
+
+    comps = build_tiny_components()
+    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    check_injection(comps, [("protocol.adapters.a", {"name": "lora", "rank": 4}), ("protocol.adapters.b", None),
+                            ("protocol.adapters.c", {"name": "trilora", "rank": 2})])
+    assert torch.equal(torch.get_rng_state(), state)
+    after = comps.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_main_job_unknown_concept_is_one_line(tmp_path):
     """Named as the user set it, before any cell trains (it read ``world.concept``, when a cell built its data)."""
     # through the installed command's own process, as users meet it (the others run in-process: run_here)

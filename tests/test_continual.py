@@ -334,6 +334,8 @@ def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     # each ran all ten tasks: order -1 is Python's order 1 (random seeds an int by its absolute value)
     (["sequence.order_seed=-1"], ("sequence.order_seed: must be an integer >= 0 or null, got -1",)),
     (["protocol.eval_seed=-1"], ("protocol.eval_seed: must be an integer >= 0, got -1",)),
+    # a rank the model cannot take: adapter.rank, after the base model's scores (and their state) were written
+    (["protocol.adapter.rank=64"], ("protocol.adapter.rank: 64 exceeds min(in, out) = 32",)),
     # a context of one word: an unpacking ValueError inside Hydra's instantiation, the run folder left behind
     (["eval.concepts.contexts=[[left]]"], ("eval.concepts.contexts[0]: must be a [position, background] pair",)),
     # a field the data group does not have: the first task's cell failed in Hydra's words, after the base model's

@@ -155,6 +155,11 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.only=[ortha_disjoint]", "protocol.slots=[0,1]"], ["protocol.slots: must map each concept to its slot"]),
     (["protocol.only=[ortha_disjoint]", "protocol.slots={sks:0,twt:-1}"],
      ["protocol.slots.twt: must be an integer >= 0, got -1"]),
+    # raised at injection in the cell, as adapter.<key>: named where this config sets them
+    (["protocol.only=[dblora_fedavg]", "protocol.adapters.lora.rank=64"],
+     ["protocol.adapters.lora.rank: 64 exceeds min(in, out) = 32"]),
+    (["protocol.only=[ortha_disjoint]", "protocol.slots={sks:0,twt:9}"],
+     ["protocol.adapters.ortha_disjoint.num_slots: rank * num_slots = 4 * 10 = 40 exceeds input width 32"]),
     (["protocol.capture.num_inference_steps=0"], ["protocol.capture.num_inference_steps: must be an integer >= 1"]),
     # a baseline's own trainer: torch clipped to -1 by flipping every gradient (the cell climbed its loss)
     (["+protocol.adapters.lora.recipe.trainer.gradient_clip_val=-1"],

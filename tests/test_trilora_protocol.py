@@ -294,6 +294,9 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                           "protocol.table_epoch: must be an integer >= 1, got 0")
     assert_one_line_error(run_here([*WORLD_ARGS, "protocol.checkpoints=[1,two]"], tmp_path), tmp_path,
                           "protocol.checkpoints: must be a list of epochs")
+    # a rank the model's layers cannot take: adapter.rank, after the base model was scored and a cell trained
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.adapters.trilora.rank=64"], tmp_path), tmp_path,
+                          "protocol.adapters.trilora.rank: 64 exceeds min(in, out) = 32")
     # an adapter's own option, checked before the first cell (it was adapter.sigma_init, from that cell)
     assert_one_line_error(run_here([*WORLD_ARGS, "protocol.adapters.trilora.sigma_init=svd"], tmp_path), tmp_path,
                           "protocol.adapters.trilora.sigma_init: unknown value 'svd'; valid: identity, svd_u, svd_w0")

@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from filelock import FileLock, Timeout
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import Adapters, get_adapter_class, load_adapter
 from lorabench.adapters.base import parse_options
-from lorabench.adapters.injection import PLACEMENT_KEYS
+from lorabench.adapters.injection import PLACEMENT_KEYS, inject_adapters
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
 from lorabench.checks import check_data_counts, check_optim, check_protocol_groups, check_trainer_limits
 from lorabench.errors import ConfigError, check_seed
@@ -237,7 +237,8 @@ class Cell:
     cell cache). ``callbacks`` join the cell's trainer (in a batched pass: called with the cell alone
     in the model); ``prepare`` and ``components`` are :func:`lorabench.run.train`'s (a continual task:
     the running model and the method's initialisation), and make the cell train alone. ``key``: what the
-    protocol knows the cell by (e.g. its ``(adapter, seed)``), handed back with its results."""
+    protocol knows the cell by (e.g. its ``(adapter, seed)``), handed back with its results. ``source``: where
+    the protocol's config sets the cell's adapter (``protocol.adapters.lora``), which names its bad options."""
 
     config: DictConfig
     folder: Path
@@ -247,6 +248,7 @@ class Cell:
     prepare: Optional[Callable] = None
     components: Any = None
     key: Any = None
+    source: Optional[str] = None
 
     @property
     def files(self) -> list[str]:
@@ -264,14 +266,54 @@ class Cell:
         return OmegaConf.to_container(self.config, resolve=True)
 
 
-def cached(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path, name: str) -> Cell:
+def cached(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: int, cache_root: Path, name: str,
+           source: Optional[str] = None) -> Cell:
     """The cell of ``(adapter_cfg, data, seed)`` in the cache ``cache_root/<name>-<key>/`` (:func:`cell_key`):
     protocols and sweep jobs that share ``cache_root`` train each (adapter, concept, seed) once."""
     cell = cell_config(cfg, adapter_cfg, data, seed, Path("."))  # the key leaves the folder out
     folder = Path(cache_root) / f"{name}-{cell_key(cell)}"
     with open_dict(cell):
         cell.paths.output_dir = str(folder)
-    return Cell(cell, folder, name, reuse=True)
+    return Cell(cell, folder, name, reuse=True, source=source)
+
+
+@contextmanager
+def named_at(source: Optional[str]) -> Iterator[None]:
+    """A cell's bad adapter or token option, raised at injection as ``adapter.rank`` (the cell's own config, which
+    no user writes), named where the protocol's config sets it (``source``, :attr:`Cell.source`):
+    ``protocol.adapters.lora.rank``, ``protocol.adapters.pplus.embeddings.token``. None: left as it is."""
+    try:
+        yield
+    except ConfigError as err:
+        if source is None:
+            raise
+        for group in ("adapter", "embeddings"):
+            if err.field == group or err.field.startswith(f"{group}."):
+                where = source if group == "adapter" else f"{source}.embeddings"
+                raise ConfigError(where + err.field[len(group):], err.message) from err
+        raise
+
+
+def source_of(batch: Sequence[Cell]) -> Optional[str]:
+    """The one :attr:`Cell.source` of a pass's cells (None where they have none, or several)."""
+    sources = {c.source for c in batch}
+    return sources.pop() if len(sources) == 1 else None
+
+
+def check_injection(components, adapters: Iterable[tuple[Optional[str], Any]]) -> None:
+    """Each adapter config of ``adapters`` (``(source, config)``: where the protocol's config sets it, and the
+    cell's adapter config) injected into ``components`` and removed at once, each distinct one once, before the
+    protocol's work: a rank above a layer's width, or targets no layer matches, fail here, named at their source,
+    not after the base model was scored and other cells trained (minutes on a GPU). The random draws of the
+    adapters' initialisation are undone: the generators stand as they were."""
+    seen: list[dict] = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    for source, config in adapters:
+        config = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+        if config and config not in seen:
+            seen.append(config)
+            with named_at(source), torch.random.fork_rng(devices=devices):
+                inject_adapters(components, config).remove()
 
 
 @dataclass
@@ -659,7 +701,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
         if local:  # pass by pass: jobs that start together share the cells out as they go
             for batch in passes:
                 if batch := take(batch):
-                    with quiet_cells():
+                    with quiet_cells(), named_at(source_of(batch)):
                         results = train_pass(batch)
                     finish(batch, results)
         elif mine := [b for b in map(take, passes) if b]:
@@ -673,7 +715,9 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
                 while running:  # on a terminal the bar is redrawn each second (its clock; a worker's line clears it)
                     done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
                     for fut in [f for f in running if f in done]:
-                        finish(futures[fut], fut.result())
+                        with named_at(source_of(futures[fut])):
+                            results = fut.result()
+                        finish(futures[fut], results)
                     running = [f for f in running if f not in done]
                     if bar is not None:
                         bar.tick()
@@ -685,7 +729,7 @@ def run_cells(cells: Sequence[Cell], batch_cells: int | str = 1, workers: int = 
             if c.finished():
                 finished_there(c)
             else:  # that job stopped before it finished the cell
-                with quiet_cells():
+                with quiet_cells(), named_at(c.source):
                     finish([c], train_pass([c]))
     except ConfigError:  # bad input stops every cell alike: none leaves a half-written folder (in a shared cache too)
         claims.release_all()

@@ -499,7 +499,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     concepts, seeds, used, ev = plan.concepts, plan.seeds, plan.used, plan.ev
     # Cells not cached yet train first, protocol.train_workers processes at a time, protocol.batch_cells
     # cells a pass where they can.
-    cells = {name: cached(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed, plan.cache_root, name)
+    cells = {name: cached(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed, plan.cache_root, name,
+                          source=f"protocol.adapters.{a}")
              for seed in seeds for a in used for c in concepts if (name := f"{a}-{c}-seed{seed}")}
     trained = dict(zip(cells, run_cells(list(cells.values()), plan.settings.batch_cells,
                                         plan.settings.train_workers, plan.cache_root, progress=True)))

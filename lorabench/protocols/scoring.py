@@ -32,6 +32,7 @@ from lorabench.protocols.cells import (
     cell_config,
     check_batch_cells,
     check_count_or_auto,
+    check_injection,
     loaded_cell,
     run_cells,
 )
@@ -313,10 +314,14 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
     cfg, cells_dir = session.cfg, session.run_dir / "cells"
     rows: list[dict] = []
     grids: dict[str, list[torch.Tensor]] = {item: [] for item in items}
-    session.count(len(items) * len(seeds) * (1 + len(adapters)))
     keys = [(a, item, seed) for a in adapters for item in items for seed in seeds]
     cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
-                  cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}") for a, item, seed in keys]
+                  cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}", source=f"protocol.adapters.{a}")
+             for a, item, seed in keys]
+    with quiet_cells():  # before the progress bar and the base model's scores
+        base = instantiate(cfg.model, _convert_="all")
+        check_injection(base, [(c.source, c.config.adapter) for c in cells])
+    session.count(len(items) * len(seeds) * (1 + len(adapters)))
     extra: dict[tuple, dict] = {}  # what each trained cell's row adds
 
     def score(key: tuple, imgs: torch.Tensor) -> None:  # a setting's row, once its images are drawn
@@ -334,7 +339,6 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
         extra[key] = {**row_fields(measured), **fields}
 
     with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
         evals = EvalBatch(base, evaluation.sampler, evaluation.device, evaluation.batch)
         captures = EvalBatch(base, sizes.capture_sampler(evaluation.sampler), evaluation.device, evaluation.batch)
         for item in items:

@@ -47,7 +47,7 @@ from lorabench.continual.metrics import (
 from lorabench.continual.tasks import LABELS, SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
 from lorabench.protocols import sizes
 from lorabench.protocols.base import mean_std
-from lorabench.protocols.cells import Cell, cell_config, run_cells
+from lorabench.protocols.cells import Cell, cell_config, check_injection, run_cells
 from lorabench.protocols.report import Session
 from lorabench.protocols.resume import SequenceState, fingerprint, rank_zero
 from lorabench.sampling import eval_device
@@ -158,7 +158,7 @@ class SequenceRun:
             self.method.start(module.adapters, t)
 
         [done] = run_cells([Cell(tcfg, task_dir, f"{self.method.name}/{task.name}", callbacks=[callback],
-                                 prepare=prepare, components=self.model.components)])
+                                 prepare=prepare, components=self.model.components, source="protocol.adapter")])
         results = done.results
         modules[0].adapters.remove()
         self.model.reset({})
@@ -192,12 +192,14 @@ def run(session: Session, method: ContinualMethod, adapter: dict, eval_seed: int
     r = SequenceRun(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind), sampler_cfg, eval_seeds,
                     ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 
+    with quiet_cells():  # an adapter config the model cannot take: one line before the run's state and scores
+        r.model = RunningModel(instantiate(cfg.model, _convert_="all"))
+        check_injection(r.model.components, [("protocol.adapter", a) for a in adapter_cfgs])
     state.start()
     loggers = session.open_loggers(f"{session.protocol}-{method.name}-seed{seed}")
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
     session.count(len(tasks) + 1, desc=f"{session.protocol} {method.name}")
     with quiet_cells():
-        r.model = RunningModel(instantiate(cfg.model, _convert_="all"))
         base = r.base_scores(state)
         session.done("base model: " + ", ".join(f"{LABELS.get(m, m)} {np.mean(v):.3f}" for m, v in base.items()))
         for t in range(r.resume(state, session), len(tasks)):

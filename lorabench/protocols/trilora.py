@@ -49,7 +49,14 @@ from lorabench.protocols.base import (
     seedwise,
     setting,
 )
-from lorabench.protocols.cells import Cell, cell_config, check_processes, protocol_inputs, run_cells
+from lorabench.protocols.cells import (
+    Cell,
+    cell_config,
+    check_injection,
+    check_processes,
+    protocol_inputs,
+    run_cells,
+)
 from lorabench.protocols.report import Session, mean_std, pm, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
@@ -148,6 +155,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             return sizes.row_fields(measured)
         return measure
 
+    with quiet_cells():  # before the progress bar and any model's scores
+        base_model = instantiate(cfg.model, _convert_="all")
+        check_injection(base_model, [(f"protocol.adapters.{n}", cell_config(cfg, a, {}, seeds[0], Path(".")).adapter)
+                                     for n, a in adapters.items()])
     session.count(1 + len(adapters) * len(seeds))
     rows = []
     with quiet_cells():
@@ -155,7 +166,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             ref_scores, _ = evaluate(ref_model)
             rows.append({"method": "reference", "seed": None, "epoch": 0, "step": 0, **ref_scores})
             ref_model = None
-        base_model = instantiate(cfg.model, _convert_="all")
         base_scores, base_images = evaluate(base_model, ref_scores["fid"] if ref_cfg is not None else None)
         del base_model
     base_fid = ref_scores["fid"] if ref_cfg is not None else base_scores["fid"]  # every row's NFID denominator
@@ -175,7 +185,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             scored = CheckpointEvaluation([e for e in checkpoints if e <= last], lambda comp: evaluate(comp, base_fid),
                                           loggers, prefix=f"curves/{name}/seed{seed}", grid_dir=str(folder / "samples"),
                                           measure=measurer(name, seed))
-            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[scored], key=(name, seed)))
+            cells.append(Cell(cell, folder, f"{name}/seed{seed}", callbacks=[scored], key=(name, seed),
+                              source=f"protocol.adapters.{name}"))
 
     def done(t) -> None:
         name, seed = t.cell.key
