@@ -22,6 +22,7 @@ import io
 import json
 import re
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -154,8 +155,14 @@ EXIT_STATUS = {"status": 0}
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, print the sweep's table and write summary.md / summary.csv;
-    with failed jobs, count them and set :data:`EXIT_STATUS` (1, or 2 where every failure was bad input)."""
+    """Hydra callback: at the end of a multirun, print the sweep's table (every job in its folder, an earlier
+    sweep's into the same ``hydra.sweep.dir`` too) and write summary.md / summary.csv; with failed jobs of this
+    sweep, count them and set :data:`EXIT_STATUS` (1, or 2 where every failure was bad input)."""
+
+    started: float = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         EXIT_STATUS["status"] = 0
@@ -167,7 +174,8 @@ class SweepSummary(Callback):
         except FileNotFoundError:
             return
         print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}\n{text}")
-        jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+        jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
+                and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= self.started - 1.0]  # this sweep's
         failed = [p for p in jobs if not (p / "results.json").is_file()]
         if failed:
             bad_input = [p for p in failed if _bad_input(p)]

@@ -329,9 +329,14 @@ def test_a_job_that_fails_on_its_swept_values_or_crashes_fails_alone(tmp_path):
            "zero (traceback in its cli.log) |" in summary
     assert summary.split("\n", 2)[2].strip() in run_cli(["summarize", str(sweep)], tmp_path).stdout
     # every failure bad input: status 2, as a single run's; the job that ran is kept
-    proc = run_cli([*args[:-1], "optim.warmup_steps=500,0", "seed=0"], tmp_path)
+    again = [*args[:-1], f"hydra.sweep.dir={tmp_path / 'again'}"]
+    proc = run_cli([*again, "optim.warmup_steps=500,0", "seed=0"], tmp_path)
     assert proc.returncode == 2, crashed(proc)
     assert "lorabench sweep: 1 of 2 jobs failed: 0_optim.warmup_steps=500" in proc.stderr
+    # a later sweep into that folder is judged by its own jobs (the table still lists the earlier one's)
+    proc = run_cli([*again, "optim.warmup_steps=0"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert "jobs failed" not in proc.stderr and "| 0_optim.warmup_steps=500 |" in proc.stdout
 
 
 def test_a_sweep_names_job_folders_by_their_values_prints_a_line_each_and_a_summary(tmp_path):
