@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -379,6 +380,25 @@ def test_a_warm_up_longer_than_a_run_of_epochs_is_one_line(tmp_path):
     args = [*FAST, "trainer.max_steps=-1", "trainer.max_epochs=1", "optim.lr_scheduler=cosine",
             "optim.warmup_steps=500"]
     assert_one_line_error(run_here(args, tmp_path), tmp_path, "optim.warmup_steps: 500 warm-up steps in a run of ")
+
+
+def test_the_schedule_spans_the_steps_the_run_takes(tmp_path):
+    """max_steps=100 with max_epochs=1 (4 steps of the toy data): the cosine schedule spanned 100 steps, so the rate
+    barely fell in a run of 4; now it spans the 4 steps Lightning takes (also the warm-up's count)."""
+    import csv
+
+    from helpers import compose
+    from lorabench.run import train
+
+    cfg = compose([*FAST[:1], "trainer.max_steps=100", "trainer.max_epochs=1", "data.batch_size=2",
+                   "optim.lr_scheduler=cosine", "optim.lr=1e-3", "trainer.log_every_n_steps=1", "exports=[]",
+                   "data.val_samples=0"], tmp_path)
+    results, _ = train(cfg, tmp_path)
+    steps = results["metrics"]["steps"]
+    assert steps == 4
+    lrs = [float(r["train/lr"]) for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("train/lr")]
+    expected = [0.5e-3 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
+    assert lrs == pytest.approx(expected, rel=1e-6), lrs
 
 
 def test_a_variant_or_vae_the_model_cannot_load_is_one_line_naming_its_field(tmp_path, tiny_model_dir):

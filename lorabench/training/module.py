@@ -436,8 +436,9 @@ class DiffusionFineTuner(L.LightningModule):
             scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
             fused = scaler is None and all(p.is_cuda for g in groups for p in g["params"])
             optimizer = torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else \
-            self.trainer.estimated_stepping_batches
+        # the steps the run takes: max_steps, or its epochs' batches, the fewer where both are set (the schedule
+        # spanned max_steps when max_epochs ended the run first: a cosine run barely decayed)
+        total = self.trainer.estimated_stepping_batches
         check_warmup(cfg, int(total))  # a run of epochs: its steps are known only now
         scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["warmup_steps"],
                                   num_training_steps=int(total))
