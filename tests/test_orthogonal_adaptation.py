@@ -155,7 +155,8 @@ def test_table_rebuilds_from_results_files(world_run, tmp_path):
     (["protocol.only=[ortha_disjoint]", "protocol.slots=[0,1]"], ["protocol.slots: must map each concept to its slot"]),
     (["protocol.only=[ortha_disjoint]", "protocol.slots={sks:0,twt:-1}"],
      ["protocol.slots.twt: must be an integer >= 0, got -1"]),
-    # raised at injection in the cell, as adapter.<key>: named where this config sets them
+    # raised at injection in the cell, as adapter.<key> after other cells trained: named where this config sets them,
+    # before any cell (the base model takes each adapter once first)
     (["protocol.only=[dblora_fedavg]", "protocol.adapters.lora.rank=64"],
      ["protocol.adapters.lora.rank: 64 exceeds min(in, out) = 32"]),
     (["protocol.only=[ortha_disjoint]", "protocol.slots={sks:0,twt:9}"],

@@ -75,7 +75,15 @@ from lorabench.protocols.base import (
     setting,
     verdict,
 )
-from lorabench.protocols.cells import Trained, cached, check_cell_tokens, loaded_cell, protocol_inputs, run_cells
+from lorabench.protocols.cells import (
+    Trained,
+    cached,
+    check_cell_tokens,
+    check_injection,
+    loaded_cell,
+    protocol_inputs,
+    run_cells,
+)
 from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalBatch, EvalSetup, check_eval_batch, concept_seeds, eval_setup
 from lorabench.utils.console import quiet_cells
@@ -502,6 +510,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     cells = {name: cached(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed, plan.cache_root, name,
                           source=f"protocol.adapters.{a}")
              for seed in seeds for a in used for c in concepts if (name := f"{a}-{c}-seed{seed}")}
+    with quiet_cells():  # the base model first: an adapter it cannot take is one line before any cell trains
+        base = instantiate(cfg.model, _convert_="all")
+        check_injection(base, [(c.source, c.config.adapter) for c in cells.values()])
     trained = dict(zip(cells, run_cells(list(cells.values()), plan.settings.batch_cells,
                                         plan.settings.train_workers, plan.cache_root, progress=True)))
     t_cells = time.perf_counter()
@@ -511,7 +522,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     singles: list[dict] = []
     layer_log = LayerMeans()
     with quiet_cells():
-        base = instantiate(cfg.model, _convert_="all")
         evals = EvalBatch(base, ev.sampler, ev.device, plan.settings.eval_batch)
         captures = EvalBatch(base, plan.capture_sampler, ev.device, plan.settings.eval_batch)
         for seed in seeds:
