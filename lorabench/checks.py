@@ -25,10 +25,10 @@ DEFAULT_OPTIM = {"name": "adamw", "lr": 1e-4, "text_encoder_lr": None, "embeddin
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-def check_optim(optim: Mapping, field: str = "optim", steps: Optional[int] = None) -> None:
+def check_optim(optim: Mapping, field: str = "optim", steps: Any = None) -> None:
     """Optimiser options that make no sense, as one-line errors (``<field>.<key>``) before any work;
-    keys not given take DEFAULT_OPTIM's values. ``steps``: the run's optimiser steps where known
-    (``trainer.max_steps``), against which the warm-up is checked (:func:`check_warmup`)."""
+    keys not given take DEFAULT_OPTIM's values. ``steps``: the run's ``trainer.max_steps`` as configured, against
+    which the warm-up is checked (:func:`check_warmup`)."""
     optim = {**DEFAULT_OPTIM, **dict(optim)}
 
     def bad(key, what):
@@ -64,12 +64,13 @@ def check_optim(optim: Mapping, field: str = "optim", steps: Optional[int] = Non
     check_warmup(optim, steps, field)
 
 
-def check_warmup(optim: Mapping, steps: Optional[int], field: str = "optim") -> None:
+def check_warmup(optim: Mapping, steps: Any, field: str = "optim") -> None:
     """A warm-up as long as the run (``warmup_steps >= steps``) ends training before the learning rate reaches
-    ``lr`` (and a decaying schedule never decays): a one-line ``<field>.warmup_steps`` error. ``steps`` of None
-    or below 1 (no step limit: the run counts them from its epochs, and checks again): nothing to check."""
+    ``lr`` (and a decaying schedule never decays): a one-line ``<field>.warmup_steps`` error. ``steps`` that is no
+    integer of at least 1 (null, -1: no step limit, the run counts them from its epochs and checks again; an
+    interpolation): nothing to check."""
     warmup = optim.get("warmup_steps") or 0
-    if steps is not None and steps > 0 and warmup >= steps:
+    if isinstance(steps, int) and steps > 0 and warmup >= steps:
         run = f"{steps} optimiser step{'s' * (steps > 1)}"
         raise ConfigError(f"{field}.warmup_steps", f"{warmup} warm-up steps in a run of {run}: the learning rate "
                           f"would never reach {field}.lr; give fewer warm-up steps or more steps")

@@ -214,7 +214,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             steps = OmegaConf.select(cfg, "trainer.max_steps")
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
-        check_optim(optim, steps=steps if isinstance(steps, int) else None)
+        check_optim(optim, steps=steps)
 
 
 def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:
@@ -434,8 +434,7 @@ def preflight(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "protocol.eval_batch") is not None:
         check_eval_batch(OmegaConf.select(cfg, "protocol.eval_batch"))
     if cfg.get("optim") is not None:
-        steps = OmegaConf.select(cfg, "trainer.max_steps")
-        check_optim(OmegaConf.to_container(cfg.optim, resolve=True), steps=steps if isinstance(steps, int) else None)
+        check_optim(OmegaConf.to_container(cfg.optim, resolve=True), steps=OmegaConf.select(cfg, "trainer.max_steps"))
         check_group_rates(cfg)
     check_trainer(cfg.get("trainer"))
     if cfg.get("module") is not None and cfg.get("trainer") is not None:

@@ -30,6 +30,7 @@ import torch
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lorabench.adapters import Adapters, get_adapter_class, load_adapter
@@ -71,9 +72,8 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
         if recipe.get("trainer") is not None:  # a baseline's own budget and clipping, over the protocol's trainer
             check_trainer_limits(trainer, f"protocol.adapters.{name}.recipe.trainer")
         if recipe.get("optim") is not None:  # its own optimiser and schedule (a warm-up within its own budget)
-            steps = trainer.get("max_steps")
             check_optim(OmegaConf.to_container(OmegaConf.merge(cfg.get("optim") or {}, recipe["optim"]), resolve=True),
-                        f"protocol.adapters.{name}.recipe.optim", steps if isinstance(steps, int) else None)
+                        f"protocol.adapters.{name}.recipe.optim", trainer.get("max_steps"))
         check_data_counts(recipe.get("data"), f"protocol.adapters.{name}.recipe.data")  # its batch size
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds
@@ -298,6 +298,15 @@ def source_of(batch: Sequence[Cell]) -> Optional[str]:
     """The one :attr:`Cell.source` of a pass's cells (None where they have none, or several)."""
     sources = {c.source for c in batch}
     return sources.pop() if len(sources) == 1 else None
+
+
+def base_model(cfg: DictConfig, adapters: Iterable[tuple[Optional[str], Any]]):
+    """A protocol's base model (``cfg.model``'s components), loaded quietly, once each of ``adapters`` has been
+    injected into it and removed (:func:`check_injection`): its first step, before any scoring or cell."""
+    with quiet_cells():
+        components = instantiate(cfg.model, _convert_="all")
+        check_injection(components, adapters)
+    return components
 
 
 def check_injection(components, adapters: Iterable[tuple[Optional[str], Any]]) -> None:

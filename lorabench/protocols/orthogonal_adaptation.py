@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters.ortho import concept_configs
@@ -77,9 +76,9 @@ from lorabench.protocols.base import (
 )
 from lorabench.protocols.cells import (
     Trained,
+    base_model,
     cached,
     check_cell_tokens,
-    check_injection,
     loaded_cell,
     protocol_inputs,
     run_cells,
@@ -510,9 +509,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     cells = {name: cached(cfg, plan.cell_cfgs[a][c], plan.concept_data[c], seed, plan.cache_root, name,
                           source=f"protocol.adapters.{a}")
              for seed in seeds for a in used for c in concepts if (name := f"{a}-{c}-seed{seed}")}
-    with quiet_cells():  # the base model first: an adapter it cannot take is one line before any cell trains
-        base = instantiate(cfg.model, _convert_="all")
-        check_injection(base, [(c.source, c.config.adapter) for c in cells.values()])
+    base = base_model(cfg, [(c.source, c.config.adapter) for c in cells.values()])  # before any cell trains
     trained = dict(zip(cells, run_cells(list(cells.values()), plan.settings.batch_cells,
                                         plan.settings.train_workers, plan.cache_root, progress=True)))
     t_cells = time.perf_counter()

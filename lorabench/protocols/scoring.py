@@ -28,11 +28,11 @@ from lorabench.merging import (
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import (
     Cell,
+    base_model,
     capacity_from,
     cell_config,
     check_batch_cells,
     check_count_or_auto,
-    check_injection,
     loaded_cell,
     run_cells,
 )
@@ -318,9 +318,7 @@ def compare_with_base(session, data_key: str, items: Sequence[str], seeds: Seque
     cells = [Cell(cell_config(cfg, adapters[a], {data_key: item}, seed, cells_dir / f"{a}-{item}-seed{seed}"),
                   cells_dir / f"{a}-{item}-seed{seed}", f"{a}/{item}", source=f"protocol.adapters.{a}")
              for a, item, seed in keys]
-    with quiet_cells():  # before the progress bar and the base model's scores
-        base = instantiate(cfg.model, _convert_="all")
-        check_injection(base, [(c.source, c.config.adapter) for c in cells])
+    base = base_model(cfg, [(c.source, c.config.adapter) for c in cells])  # before the progress bar and scores
     session.count(len(items) * len(seeds) * (1 + len(adapters)))
     extra: dict[tuple, dict] = {}  # what each trained cell's row adds
 

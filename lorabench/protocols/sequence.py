@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.continual.methods import ContinualMethod, RunningModel, sign_conflict_ratio
@@ -47,7 +46,7 @@ from lorabench.continual.metrics import (
 from lorabench.continual.tasks import LABELS, SUITES, Task, TaskScorer, build_scorer, resolve_sequence, score_tasks
 from lorabench.protocols import sizes
 from lorabench.protocols.base import mean_std
-from lorabench.protocols.cells import Cell, cell_config, check_injection, run_cells
+from lorabench.protocols.cells import Cell, base_model, cell_config, run_cells
 from lorabench.protocols.report import Session
 from lorabench.protocols.resume import SequenceState, fingerprint, rank_zero
 from lorabench.sampling import eval_device
@@ -192,9 +191,8 @@ def run(session: Session, method: ContinualMethod, adapter: dict, eval_seed: int
     r = SequenceRun(cfg, run_dir, kind, tasks, method, build_scorer(cfg, kind), sampler_cfg, eval_seeds,
                     ContinualScores(list(SUITES[kind][1]), len(tasks)), eval_device(cfg))
 
-    with quiet_cells():  # an adapter config the model cannot take: one line before the run's state and scores
-        r.model = RunningModel(instantiate(cfg.model, _convert_="all"))
-        check_injection(r.model.components, [("protocol.adapter", a) for a in adapter_cfgs])
+    # an adapter config the model cannot take: one line before the run's state and scores
+    r.model = RunningModel(base_model(cfg, [("protocol.adapter", a) for a in adapter_cfgs]))
     state.start()
     loggers = session.open_loggers(f"{session.protocol}-{method.name}-seed{seed}")
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])

@@ -51,8 +51,8 @@ from lorabench.protocols.base import (
 )
 from lorabench.protocols.cells import (
     Cell,
+    base_model,
     cell_config,
-    check_injection,
     check_processes,
     protocol_inputs,
     run_cells,
@@ -155,10 +155,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             return sizes.row_fields(measured)
         return measure
 
-    with quiet_cells():  # before the progress bar and any model's scores
-        base_model = instantiate(cfg.model, _convert_="all")
-        check_injection(base_model, [(f"protocol.adapters.{n}", cell_config(cfg, a, {}, seeds[0], Path(".")).adapter)
-                                     for n, a in adapters.items()])
+    base = base_model(cfg, [(f"protocol.adapters.{n}", cell_config(cfg, a, {}, seeds[0], Path(".")).adapter)
+                            for n, a in adapters.items()])  # before the progress bar and any model's scores
     session.count(1 + len(adapters) * len(seeds))
     rows = []
     with quiet_cells():
@@ -166,8 +164,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             ref_scores, _ = evaluate(ref_model)
             rows.append({"method": "reference", "seed": None, "epoch": 0, "step": 0, **ref_scores})
             ref_model = None
-        base_scores, base_images = evaluate(base_model, ref_scores["fid"] if ref_cfg is not None else None)
-        del base_model
+        base_scores, base_images = evaluate(base, ref_scores["fid"] if ref_cfg is not None else None)
+        del base
     base_fid = ref_scores["fid"] if ref_cfg is not None else base_scores["fid"]  # every row's NFID denominator
     rows.append({"method": "base", "seed": None, "epoch": 0, "step": 0, **base_scores})
     session.done(f"    base: FID {base_scores['fid']:.3f}, KID {base_scores['kid']:.4f}, CLIP "
