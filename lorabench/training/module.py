@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Mapping, Optional
@@ -484,10 +485,16 @@ class DiffusionFineTuner(L.LightningModule):
     # -- checkpoints hold adapter weights only (or, in full training, the trained parts) -----------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the noise and timestep stream where it stands: a resumed run draws what the uninterrupted one would;
-        # and the global stream, which the adapters' dropout draws from (Lightning keeps no RNG state)
-        checkpoint["lorabench_noise_state"] = self._generator().get_state()
+        # and the global stream, which the adapters' dropout draws from (Lightning keeps no RNG state). Every
+        # rank calls this hook and rank zero alone writes the file: under DDP the file keeps each rank's streams
+        # (gathered), or a resumed run's ranks would all draw rank zero's noise for their different images.
         meta, tensors = rng_state(self.device if self.device.type == "cuda" else None)
-        checkpoint["lorabench_global_rng"] = {"meta": meta, **tensors}
+        own = {"noise": self._generator().get_state(), "global": {"meta": meta, **tensors}}
+        checkpoint["lorabench_noise_state"], checkpoint["lorabench_global_rng"] = own["noise"], own["global"]
+        if self.trainer.world_size > 1:
+            ranks: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, own)
+            checkpoint["lorabench_rank_rng"] = ranks
         if self.adapters is None and self.tokens is None:
             return
         rows = {id(p) for p in self.trainable_parameters("embeddings")}
@@ -500,8 +507,17 @@ class DiffusionFineTuner(L.LightningModule):
             checkpoint["lorabench_embeddings"] = self.tokens.config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "lorabench_noise_state" in checkpoint:
-            self._generator().set_state(checkpoint["lorabench_noise_state"])
-        states = dict(checkpoint.get("lorabench_global_rng") or {})
+        ranks = checkpoint.get("lorabench_rank_rng") or [{"noise": checkpoint.get("lorabench_noise_state"),
+                                                          "global": checkpoint.get("lorabench_global_rng")}]
+        world, rank = self.trainer.world_size, self.global_rank
+        if len(ranks) != world and rank == 0:
+            warnings.warn(f"resume: a checkpoint {len(ranks)} process(es) wrote, resumed on {world} (trainer.devices):"
+                          " the ranks shard the data otherwise, so this run does not train what the uninterrupted"
+                          " one would", stacklevel=1)
+        if rank >= len(ranks):  # a rank the checkpoint had not: its own stream from its start, not another's
+            return
+        if ranks[rank]["noise"] is not None:
+            self._generator().set_state(ranks[rank]["noise"])
+        states = dict(ranks[rank]["global"] or {})
         if states:
             set_rng_state(states.pop("meta"), states)
