@@ -304,6 +304,33 @@ def test_bad_input_fails_before_training_and_leaves_nothing(tmp_path):
                           "protocol.sample_seed: must be an integer >= 0, got -2")  # seeds are >= 0 everywhere
 
 
+
+def test_the_epochs_budget_bounds_the_warm_up_and_no_trainer_limit_applies(tmp_path):
+    """Why: TriLoRA's cells train protocol.table_epoch epochs (over-training: to the last checkpoint), yet a warm-up
+    was checked against trainer.max_steps (30, from trainer=cpu), which no cell uses: trilora/world's 25 epochs of 4
+    batches (100 steps) refused a 40-step warm-up, and a warm-up as long as a cell passed the check and failed in
+    that cell, after the base model was scored. trainer.max_steps=100 or max_epochs=7 changed nothing, silently."""
+    warm = ["optim.lr_scheduler=constant_with_warmup"]
+    # 6 training images in batches of 3: 2 steps an epoch; trilora_identity trains table_epoch=1 epoch: 2 steps
+    assert_one_line_error(run_here([*WORLD_ARGS, *warm, "optim.warmup_steps=2"], tmp_path), tmp_path,
+                          "optim.warmup_steps: 2 warm-up steps in a run of 2 optimiser steps")
+    # a recipe's data (batches of 6: 1 step an epoch) and its own optimiser, with the field that sets it
+    assert_one_line_error(run_here([*WORLD_ARGS, "protocol.overtrain=[]", "protocol.checkpoints=[1]",
+                                    "+protocol.adapters.lora.recipe.data.batch_size=6",
+                                    "+protocol.adapters.lora.recipe.optim.warmup_steps=1", *warm], tmp_path),
+                          tmp_path, "protocol.adapters.lora.recipe.optim.warmup_steps: 1 warm-up steps in a run of 1")
+    # 40 warm-up steps of 100 pass the check: the run goes on to its next one (the adapters' layers)
+    assert_one_line_error(run_here(["experiment=trilora/world", *warm, "optim.warmup_steps=40",
+                                    "protocol.adapters.trilora_identity.target_modules=[nowhere]"], tmp_path),
+                          tmp_path, "protocol.adapters.trilora_identity.target_modules: no layer of unet matches")
+    for override, field in (("trainer.max_steps=100", "trainer.max_steps: 100"),
+                            ("trainer.max_epochs=7", "trainer.max_epochs: 7"),
+                            ("+protocol.adapters.lora.recipe.trainer.max_steps=5",
+                             "protocol.adapters.lora.recipe.trainer.max_steps: 5")):
+        assert_one_line_error(run_here([*WORLD_ARGS, override], tmp_path), tmp_path, field,
+                              "trains each adapter protocol.table_epoch=1 epochs")
+
+
 @pytest.mark.parametrize("trainer", DEVICES)
 def test_full_scale_pokemon_config_dry_run_on_a_scaled_down_sd15(tmp_path, scaled_down_models, tiny_metric_models,
                                                                  trainer):

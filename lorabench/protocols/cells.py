@@ -37,7 +37,13 @@ from lorabench.adapters import Adapters, get_adapter_class, load_adapter
 from lorabench.adapters.base import parse_options
 from lorabench.adapters.injection import PLACEMENT_KEYS, inject_adapters
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, load_tokens
-from lorabench.checks import check_data_counts, check_optim, check_protocol_groups, check_trainer_limits
+from lorabench.checks import (
+    check_data_counts,
+    check_optim,
+    check_protocol_groups,
+    check_trainer_limits,
+    check_warmup,
+)
 from lorabench.errors import ConfigError, check_seed
 from lorabench.run import spawning, train, train_batched
 from lorabench.utils.console import CellProgress, note, quiet_cells, record_worker_console, share_console
@@ -77,6 +83,31 @@ def protocol_inputs(cfg: DictConfig, items_key: str, example: str) -> tuple[dict
         check_data_counts(recipe.get("data"), f"protocol.adapters.{name}.recipe.data")  # its batch size
     check_world_items(cfg, items_key, items)
     return adapters, items, seeds
+
+
+def check_epoch_warmups(cfg: DictConfig, adapters: Mapping[str, Any], epochs: Mapping[str, int]) -> None:
+    """A protocol whose cells train by epochs (``epochs[name]`` for adapter ``name``): each adapter's warm-up
+    (``optim``, or its recipe's) against its cells' optimiser steps, ``epochs`` times an epoch of its data (the
+    training loader's batches over ``trainer.accumulate_grad_batches``, rounded up as Lightning counts them), as
+    one line before any model is loaded or sampled (:func:`lorabench.checks.check_warmup`); ``trainer.max_steps``
+    is no bound on such cells. The data is read as the cells will (the run's own folder for the mini world's)."""
+    per_epoch: dict[str, int] = {}
+    for name, entry in adapters.items():
+        recipe = entry.get("recipe") or {}
+        data = OmegaConf.to_container(OmegaConf.merge(cfg.data, recipe.get("data") or {}), resolve=True)
+        trainer = {**dict(cfg.get("trainer") or {}), **dict(recipe.get("trainer") or {})}
+        field = f"protocol.adapters.{name}.recipe.optim" if recipe.get("optim") is not None else "optim"
+        optim = OmegaConf.to_container(OmegaConf.merge(cfg.get("optim") or {}, recipe.get("optim") or {}),
+                                       resolve=True)
+        if not optim.get("warmup_steps"):
+            continue
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key not in per_epoch:
+            datamodule = instantiate(data, _convert_="all")
+            datamodule.prepare()
+            per_epoch[key] = len(datamodule.train_dataloader())
+        accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+        check_warmup(optim, epochs[name] * -(-per_epoch[key] // accumulate), field)
 
 
 # An adapter entry's keys that are not the adapter's own options: where it goes (injection), the new tokens and

@@ -30,7 +30,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -53,6 +53,7 @@ from lorabench.protocols.cells import (
     Cell,
     base_model,
     cell_config,
+    check_epoch_warmups,
     check_processes,
     protocol_inputs,
     run_cells,
@@ -117,7 +118,21 @@ def resolve_plan(cfg: DictConfig) -> tuple[dict, TriLoRASettings]:
     if int(cfg.eval.get("images_per_prompt", 1)) != 1:
         raise ConfigError("eval.images_per_prompt", "this protocol draws one image per dataset caption; set it to 1")
     check_processes(cfg, "trilora", "one")  # rank zero scores between epochs, with metrics that sync over ranks
+    # each cell trains table_epoch epochs (over-training: to the last checkpoint), whatever the trainer's limits
+    for at, trainer in [("trainer", cfg.get("trainer") or {}),
+                        *((f"protocol.adapters.{n}.recipe.trainer", (a.get("recipe") or {}).get("trainer") or {})
+                          for n, a in adapters.items())]:
+        for key, free in (("max_steps", (-1, None)), ("max_epochs", (-1, None, st.table_epoch))):
+            if trainer.get(key) not in free:
+                raise ConfigError(f"{at}.{key}", f"{trainer.get(key)}: the trilora protocol trains each adapter "
+                                  f"protocol.table_epoch={st.table_epoch} epochs (those in protocol.overtrain to the "
+                                  f"last of protocol.checkpoints), whatever the trainer's limit; set those instead")
     return adapters, st
+
+
+def cell_epochs(adapters: Mapping[str, Any], st: TriLoRASettings) -> dict[str, int]:
+    """The epochs each adapter's cells train: ``table_epoch``, or the last checkpoint for those over-trained."""
+    return {name: st.checkpoints[-1] if name in st.overtrain else st.table_epoch for name in adapters}
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -131,6 +146,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     device = eval_device(cfg)
     with quiet_cells():
         prompts, references = caption_eval_set(OmegaConf.to_container(cfg.data, resolve=True), st.max_eval_prompts)
+        check_epoch_warmups(cfg, adapters, cell_epochs(adapters, st))  # the data is known now, no model is loaded
     scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
     # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
     # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
@@ -174,7 +190,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     cells = []  # one per (adapter, seed); the seeds of one adapter train together with protocol.batch_cells > 1
     for name, acfg in adapters.items():
-        last = checkpoints[-1] if name in overtrain else table_epoch
+        last = cell_epochs(adapters, st)[name]
         for seed in seeds:
             folder = session.run_dir / "cells" / f"{name}-seed{seed}"
             cell = cell_config(cfg, acfg, {}, seed, folder)
