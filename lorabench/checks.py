@@ -121,7 +121,8 @@ def check_protocol_groups(cfg: Mapping) -> None:
     """A protocol takes its adapters from its own block: a top-level ``adapter`` or ``embeddings`` group
     beside it would be trained by no cell (or silently ignored), so either is a one-line error naming
     where this protocol's adapters are set: ``protocol.adapter`` (one per task), ``protocol.adapters.<name>``
-    (one per compared method) or the adapter files it reads (``protocol.adapters`` / ``protocol.inputs``)."""
+    (one per compared method) or the adapter files it reads (``protocol.adapters`` / ``protocol.inputs``). So is
+    a single run's ``resume`` or ``eval.validation.prompts``, which no cell takes."""
     protocol = cfg.get("protocol")
     if not protocol or not protocol.get("_target_"):  # no protocol runs (a block without one is checked by parts)
         return
@@ -136,6 +137,14 @@ def check_protocol_groups(cfg: Mapping) -> None:
     for key in ("adapter", "embeddings"):
         if cfg.get(key):
             raise ConfigError(key, f"this protocol {what}, not {key}; {advice}")
+    # a single training run's options that no cell takes (cell_config sets both to null): they changed nothing
+    if cfg.get("resume") is not None:
+        raise ConfigError("resume", "continues a single training run from its checkpoint; a protocol's run has none: "
+                          "the same command again keeps its finished cells (a sequence: its finished tasks), and with "
+                          "callbacks=checkpoints a stopped cell resumes in its own folder")
+    if ((cfg.get("eval") or {}).get("validation") or {}).get("prompts"):
+        raise ConfigError("eval.validation.prompts", "samples while a single run trains; a protocol's cells are "
+                          "sampled and scored by the protocol (its table and samples.png); leave it empty")
 
 
 def check_callbacks(callbacks: Optional[Mapping]) -> None:

@@ -282,10 +282,15 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
     (["experiment=sample", "adapter=lora"], "adapter: this protocol reads adapter files (protocol.adapters=["),
     (["experiment=merge_adapters", "embeddings=textual_inversion"],
      "embeddings: this protocol reads adapter files (protocol.inputs=["),
+    # a single run's options, which no cell takes: a protocol ran on without them, silently
+    (["experiment=trilora/world", "resume=outputs/x"], "resume: continues a single training run from its checkpoint"),
+    (["experiment=continual/world_objects", "eval.validation.prompts=[a photo of sks]"],
+     "eval.validation.prompts: samples while a single run trains; a protocol's cells are sampled and scored by"),
 ])
 def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, message):
     """A protocol's adapters are its own (protocol.adapter / adapters / inputs): a top-level group beside it is
-    one line before Hydra starts. The merge and sample jobs ignored one silently before."""
+    one line before Hydra starts. The merge and sample jobs ignored one silently before. So are a single run's
+    resume and samples while training."""
     with pytest.raises(ConfigError) as err:
         check_command(args)
     assert str(err.value).startswith(message), str(err.value)
