@@ -186,6 +186,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise null_group_error(exc, group_args, groups) from exc
     check_callbacks(cfg.get("callbacks"))
     check_protocol_groups(cfg)
+    check_protocol_seed(cfg, dict(typed).get("seed"))
     try:
         # every value of a seed sweep (seed=0,1,2), else the composed one (a range sweep's first)
         for seed in next((vals for key, vals in typed if key == "seed" and vals), None) or [cfg.get("seed")]:
@@ -215,6 +216,18 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         except OmegaConfBaseException:
             return  # an interpolation only a run can resolve: the run checks it
         check_optim(optim, steps=steps)
+
+
+def check_protocol_seed(cfg: DictConfig, given: Optional[list]) -> None:
+    """A protocol with ``protocol.seeds`` trains (or draws) one replicate per seed and reads no top-level ``seed``:
+    ``seed=1``, or a sweep ``seed=0,1,2`` (three identical jobs), changed nothing. ``given``: the ``seed``
+    override's values (None: no override)."""
+    seeds = OmegaConf.select(cfg, "protocol.seeds")
+    if given is not None and seeds is not None and OmegaConf.select(cfg, "protocol._target_"):
+        instead = ",".join(f"[{v}]" for v in given) if given else "[...]"
+        raise ConfigError("seed", f"this protocol takes its seeds from protocol.seeds ({list(seeds)}) and reads no "
+                          f"seed; set protocol.seeds={instead} instead (each a job of its own under -m), or "
+                          "protocol.seeds=[0,1,2] for several in one job")
 
 
 def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:

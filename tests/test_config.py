@@ -114,7 +114,8 @@ def test_multirun_flag_anywhere_on_the_line():
     """Why: ``lorabench experiment=quickstart -m seed=0,1`` was Hydra's "unrecognized arguments: seed=0,1" (its
     parser takes the overrides as one run of words). The flag goes first, as Hydra needs it."""
     assert check_command(["experiment=quickstart", "-m", "seed=0,1"]) == ["-m", "experiment=quickstart", "seed=0,1"]
-    assert check_command(["seed=0,1", "--multirun"]) == ["--multirun", "seed=0,1"]
+    assert check_command(["seed=0,1", "--multirun", "experiment=quickstart"]) == \
+        ["--multirun", "seed=0,1", "experiment=quickstart"]
 
 
 def test_hydras_own_groups_take_hydras_options():
@@ -286,6 +287,11 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
     (["experiment=trilora/world", "resume=outputs/x"], "resume: continues a single training run from its checkpoint"),
     (["experiment=continual/world_objects", "eval.validation.prompts=[a photo of sks]"],
      "eval.validation.prompts: samples while a single run trains; a protocol's cells are sampled and scored by"),
+    # a protocol of protocol.seeds reads no seed: a sweep seed=0,1,2 ran three identical jobs (as the docs showed)
+    (["-m", "experiment=orthogonal_adaptation/chilloutmix", "seed=0,1,2"],
+     "seed: this protocol takes its seeds from protocol.seeds ([0, 1, 2]) and reads no seed; set "
+     "protocol.seeds=[0],[1],[2] instead"),
+    (["experiment=world_concepts", "seed=3"], "seed: this protocol takes its seeds from protocol.seeds ([0])"),
 ])
 def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, message):
     """A protocol's adapters are its own (protocol.adapter / adapters / inputs): a top-level group beside it is
@@ -294,6 +300,11 @@ def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, m
     with pytest.raises(ConfigError) as err:
         check_command(args)
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_protocol_that_reads_seed_takes_it():
+    """The continual sequence has no protocol.seeds: its seed (and a sweep of it) is its replicate."""
+    assert check_command(["-m", "experiment=continual/world_objects", "seed=0,1"])[-1] == "seed=0,1"
 
 
 @pytest.mark.parametrize("args,message", [
