@@ -509,7 +509,7 @@ class DiffusionFineTuner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         ranks = checkpoint.get("lorabench_rank_rng") or [{"noise": checkpoint.get("lorabench_noise_state"),
                                                           "global": checkpoint.get("lorabench_global_rng")}]
-        world, rank = self.trainer.world_size, self.global_rank
+        world, rank = (self.trainer.world_size if self._trainer is not None else 1), self.global_rank
         if len(ranks) != world and rank == 0:
             warnings.warn(f"resume: a checkpoint {len(ranks)} process(es) wrote, resumed on {world} (trainer.devices):"
                           " the ranks shard the data otherwise, so this run does not train what the uninterrupted"
