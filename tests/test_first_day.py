@@ -520,6 +520,18 @@ def test_validation_samples_go_to_loggers_that_take_images(load_tiny, tmp_path):
                       "step": 3, "caption": ["step 3"]}]
 
 
+def test_a_checkpoint_loads_into_a_module_outside_a_trainer(load_tiny):
+    """A module given a checkpoint by hand (no Trainer): its streams are restored, as one process's (it raised
+    Lightning's "not attached to a Trainer" once the hook read the process count)."""
+    from lorabench.training import DiffusionFineTuner
+
+    module = DiffusionFineTuner(load_tiny(), {"name": "lora", "rank": 2})
+    saved = {"lorabench_noise_state": module._generator().get_state()}
+    expected = torch.rand(3, generator=module._generator())
+    module.on_load_checkpoint(saved)
+    assert torch.equal(torch.rand(3, generator=module._generator()), expected)
+
+
 @pytest.mark.parametrize("off", ["adapter=null", "~adapter", "adapter=none"])
 def test_tokens_train_alone_from_the_command_line(tmp_path, off):
     """conf/train.yaml says adapter=null trains new tokens alone: Hydra refuses null for a config group and
