@@ -248,6 +248,15 @@ def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str
     raise exc
 
 
+# The protocol groups a single training run does not read, and where each is read
+SINGLE_RUN_READS_NO = {
+    "merge": "merge adapter files with experiment=merge_adapters protocol.inputs=[a.safetensors,b.safetensors]",
+    "sequence": "a continual sequence is its own experiment (e.g. experiment=continual/world_objects)",
+    "eval": "a training run samples with eval.validation.prompts; a protocol's experiment scores (e.g. "
+            "experiment=world_concepts)",
+}
+
+
 def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: Mapping[str, Optional[str]]) -> None:
     """A protocol builds each cell's data from the ``data`` group its experiment chose (the mini world's protocols
     from ``data=world``, by concept or style name, and with ``model=world``): a ``data=`` group on the command
@@ -258,8 +267,18 @@ def check_protocol_group_choices(cfg: DictConfig, group_args: list[str], given: 
     mini world's protocols score with the world's evaluators (``eval=world``); another ``eval`` group in its place
     said ``eval.concepts.concepts: unknown value 'sks'; valid: none yet``. ``given``: the command's group choices
     (precheck's composition). Called inside :func:`precheck`'s Hydra context; one more composition (the experiment's
-    own choices), only when a protocol and such a group meet."""
+    own choices), only when a protocol and such a group meet. A single training run reads none of the three
+    (``merge=ties`` and ``sequence=`` trained as if they were not there; ``eval=world`` ended in a traceback after
+    its run folder was made), nor a ``protocol`` block with no ``_target_`` (``+protocol.seeds=[1]``: a traceback)."""
     if not (cfg.get("protocol") and cfg.protocol.get("_target_")):
+        if cfg.get("protocol"):
+            raise ConfigError("protocol", "has no _target_: a protocol comes with its experiment (e.g. "
+                              "experiment=world_concepts, experiment=orthogonal_adaptation/world); this is a single "
+                              "training run, which has none")
+        for group in dict.fromkeys(override_group(a) for a in group_args):
+            if group in SINGLE_RUN_READS_NO and given.get(group) is not None:
+                raise ConfigError(group, f"a single training run reads no {group} group, so {group}={given[group]} "
+                                  f"would change nothing; {SINGLE_RUN_READS_NO[group]}")
         return
     asked = [a for a in group_args if override_group(a) in ("model", "data", "merge", "sequence", "eval")]
     if not asked:

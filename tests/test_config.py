@@ -292,6 +292,12 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
      "seed: this protocol takes its seeds from protocol.seeds ([0, 1, 2]) and reads no seed; set "
      "protocol.seeds=[0],[1],[2] instead"),
     (["experiment=world_concepts", "seed=3"], "seed: this protocol takes its seeds from protocol.seeds ([0])"),
+    # a single training run reads no protocol group: merge= and sequence= trained as if absent, eval=world and a
+    # protocol block with no _target_ ended in tracebacks after the run folder was made
+    (["experiment=quickstart", "merge=ties"], "merge: a single training run reads no merge group, so merge=ties would"),
+    (["experiment=quickstart", "sequence=world_objects"], "sequence: a single training run reads no sequence group"),
+    (["experiment=quickstart", "eval=world"], "eval: a single training run reads no eval group, so eval=world"),
+    (["experiment=quickstart", "+protocol.seeds=[1]"], "protocol: has no _target_: a protocol comes with its"),
 ])
 def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, message):
     """A protocol's adapters are its own (protocol.adapter / adapters / inputs): a top-level group beside it is
