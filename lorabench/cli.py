@@ -508,6 +508,14 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
         return _run_job(cfg, run_dir, name, protocol, gpu, sweep_dir(hc))
 
 
+def job_name(run_dir: Path, sweep: Path) -> str:
+    """A sweep job's name: its folder below the sweep's (``naive/order0-seed0`` where the experiment nests them)."""
+    try:
+        return run_dir.resolve().relative_to(sweep.resolve()).as_posix()
+    except ValueError:
+        return run_dir.name
+
+
 def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str],
              sweep: Optional[Path]) -> Optional[float]:
     # heavy (torch, diffusers, Lightning): the CLI's start-up (override checks, --help) does not pay for them
@@ -539,13 +547,13 @@ def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[
         else:
             err = None
             if first and sweep is not None:  # a sweep: one line per job (the table of all comes at its end)
-                print(f"lorabench {name} job {run_dir.name}: {format_one_line(results)}; "
+                print(f"lorabench {name} job {job_name(run_dir, sweep)}: {format_one_line(results)}; "
                       f"results in {run_dir / 'results.json'}")
             elif first:
                 print(f"\nlorabench {name}: results in {run_dir / 'results.json'}\n{summary}")
     if err is not None and sweep is not None and set_by_sweep(err.field, swept_keys(sweep)):
         # this job's swept values are bad; the sweep's other jobs may not be: they go on
-        print(f"lorabench: error: job {run_dir.name}: {err}", file=sys.stderr)
+        print(f"lorabench: error: job {job_name(run_dir, sweep)}: {err}", file=sys.stderr)
         finish_wandb(exit_code=2)
         remove_run_dir(run_dir, run_dir.parent)  # what it wrote; the sweep folder stays
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)

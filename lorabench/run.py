@@ -460,8 +460,8 @@ def _fmt(x, fmt="{:.4f}") -> str:
 def format_one_line(results: dict[str, Any]) -> str:
     """A sweep job's result in a few words: a training run's steps and losses, or the protocol it ran."""
     m = results.get("metrics")
-    if m is None:
-        return f"{results.get('protocol', 'protocol')} done"
+    if results.get("protocol") is not None or not isinstance(m, dict):  # a protocol's metrics are its own (a list)
+        return f"{results.get('protocol') or 'protocol'} done"
     return (f"{m.get('steps')} steps, train loss {_fmt(m.get('train_loss_first'))} -> "
             f"{_fmt(m.get('train_loss_last'))}, val loss {_fmt(m.get('val_loss_before'))} -> "
             f"{_fmt(m.get('val_loss_after'))}")

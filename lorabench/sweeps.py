@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -114,13 +115,39 @@ def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
         return {**row, "status": f"failed (results.json is not JSON: {exc})"}
     if not isinstance(r, dict):
         return {**row, "status": "failed (results.json holds no JSON object)"}
-    if "metrics" in r:
-        m, t = r["metrics"], r.get("timings", {})
+    if r.get("protocol") is None and isinstance(r.get("metrics"), dict):  # a protocol's metrics are its own
+        m, t = r["metrics"], r.get("timings") or {}
         return {**row, "status": "done", "adapter": _fmt(r.get("adapter")), "steps": _fmt(m.get("steps")),
                 "train loss last": _fmt(m.get("train_loss_last")), "val loss after": _fmt(m.get("val_loss_after")),
                 "total s": _fmt(t.get("total_s"))}
     table = "table.md" if (job / "table.md").is_file() else "-"
-    return {**row, "status": "done", "protocol": _fmt(r.get("protocol")), "table": table}
+    headline = r.get("headline") if isinstance(r.get("headline"), list) else []  # [label, value]: its table's gist
+    return {**row, "status": "done", "protocol": _fmt(r.get("protocol")), "table": table,
+            **{str(p[0]): _fmt(p[1]) for p in headline if isinstance(p, list) and len(p) == 2}}
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (folders with ``.hydra/``), in the order the sweep ran them: at its top
+    (``0_adapter=lora``) or deeper, where an experiment's ``hydra.sweep.subdir`` nests them (a continual sweep's
+    ``naive/order0-seed0``). A job's own folders are not searched."""
+    found = []
+    for folder, subdirs, _ in os.walk(sweep_dir):
+        if ".hydra" in subdirs and Path(folder) != sweep_dir:
+            found.append(Path(folder))
+            subdirs.clear()
+
+    def order(job: Path) -> tuple[int, str]:
+        name = job.relative_to(sweep_dir).as_posix()
+        head = name.split("_", 1)[0]
+        if head.isdigit():
+            return int(head), name
+        try:  # a nested job's number is in Hydra's record of it
+            num = OmegaConf.select(OmegaConf.load(job / ".hydra" / "hydra.yaml"), "hydra.job.num")
+        except Exception:  # noqa: BLE001 - an unreadable record: the job sorts last, by name
+            num = None
+        return (num if isinstance(num, int) else 1 << 30), name
+
+    return sorted(found, key=order)
 
 
 def summarize(sweep_dir: str | Path, write: bool = True) -> str:
@@ -129,13 +156,11 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{str(sweep_dir)!r} is not a folder; give a multirun folder")
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
-                  key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30,
-                                 p.name))
+    jobs = sweep_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no sweep jobs here (folders with .hydra/); give a multirun folder")
     swept = sorted(swept_keys(sweep_dir))
-    rows = [job_row(j, swept) for j in jobs]
+    rows = [{**job_row(j, swept), "job": j.relative_to(sweep_dir).as_posix()} for j in jobs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
@@ -174,13 +199,13 @@ class SweepSummary(Callback):
         except FileNotFoundError:
             return
         print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}\n{text}")
-        jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
+        jobs = [p for p in sweep_jobs(sweep_dir) if (p / ".hydra" / "overrides.yaml").is_file()
                 and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= self.started - 1.0]  # this sweep's
         failed = [p for p in jobs if not (p / "results.json").is_file()]
         if failed:
             bad_input = [p for p in failed if _bad_input(p)]
             EXIT_STATUS["status"] = 2 if len(bad_input) == len(failed) else 1
-            names = ", ".join(sorted(p.name for p in failed))
+            names = ", ".join(sorted(p.relative_to(sweep_dir).as_posix() for p in failed))
             print(f"lorabench sweep: {len(failed)} of {len(jobs)} jobs failed: {names}", file=sys.stderr)
 
 

@@ -274,6 +274,27 @@ def test_a_cell_stopped_mid_training_resumes_from_its_own_checkpoint(tmp_path):
     assert res["matrices"] == ref["matrices"] and res["tasks"] == ref["tasks"]
 
 
+def test_a_sweep_of_methods_prints_each_job_and_a_summary_of_their_scores(tmp_path):
+    """Why: the continual sweep the docs show (methods x orders) crashed after its first job (the job's line read
+    the sequence's metrics, a list, as a training run's dict), and its summary found no job: the experiment nests
+    them (hydra.sweep.subdir <method>/order<k>-seed<s>), where it looked at the top only. Now each job's line names
+    its folder, and the summary lists every job with the run table's S and F per metric."""
+    sweep = tmp_path / "sweep"
+    proc = run_here(["-m", *SHORT, "sequence.length=2", "trainer.max_steps=2", "protocol.method.name=naive,magmax",
+                     f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    for job in ("naive/order0-seed0", "magmax/order0-seed0"):
+        assert f"job {job}: continual done; results in {sweep / job / 'results.json'}" in proc.stdout
+    summary = (sweep / "summary.md").read_text()
+    assert "| job | overrides | status | protocol | table | S CLIP-I | S DINO | F CLIP-I | F DINO |" in summary
+    for job in ("naive/order0-seed0", "magmax/order0-seed0"):
+        final = json.loads((sweep / job / "results.json").read_text())["final"]
+        row = next(ln for ln in summary.splitlines() if ln.startswith(f"| {job} |"))
+        assert row.endswith(f"| {final['clip_i']['average_score']:.4g} | {final['dino']['average_score']:.4g} | "
+                            f"{final['clip_i']['forgetting_ref']:.4g} | {final['dino']['forgetting_ref']:.4g} |"), row
+    assert summary.index("| naive/") < summary.index("| magmax/")  # the order the sweep ran them
+
+
 def test_a_killed_sequence_resumes_and_ends_bit_for_bit_equal(tmp_path):
     """The reference run, a finished run started again and the resumed run go through the command's entry point
     in this process (:func:`run_here`); the run to kill is the command's own process, with this process's

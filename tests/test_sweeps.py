@@ -119,3 +119,31 @@ def test_which_swept_values_can_set_a_field():
     assert set_by_sweep("data.path", ["experiment"])
     assert not set_by_sweep("data.path", ["seed", "adapter", "hydra/launcher"])
     assert not set_by_sweep("optim.lr_scheduler", ["optim.lr"])  # a sibling, not the key
+
+
+def test_the_summary_of_a_protocol_sweep_lists_each_job_and_its_table(tmp_path):
+    """Why: a continual sequence's results.json holds its metrics as a list (one entry a task), which the summary
+    read as a training run's dict (AttributeError: 'list' object has no attribute 'get', no summary), and its
+    jobs are nested (<method>/order<k>-seed<s>), where the summary looked at the sweep's top folder only. Jobs are
+    found at any depth, in the order the sweep ran them (Hydra's job number), each with its headline numbers."""
+    import json
+
+    from lorabench.sweeps import summarize
+
+    for num, name, s_clip in ((1, "naive", 0.25), (0, "magmax", 0.5)):
+        job = tmp_path / "sweep" / name / "order0-seed0"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        (job / "results.json").write_text(json.dumps({"protocol": "continual", "metrics": ["clip_i"],
+                                                      "headline": [["S CLIP-I", s_clip], ["F CLIP-I", 0.125]]}))
+        (job / "table.md").write_text("| model |\n")
+        (job / "cells" / "a" / ".hydra").mkdir(parents=True)  # a job's own folders are not jobs
+    text = summarize(tmp_path / "sweep")
+    assert text.splitlines()[2:] == ["| magmax/order0-seed0 |  | done | continual | table.md | 0.5 | 0.125 |",
+                                     "| naive/order0-seed0 |  | done | continual | table.md | 0.25 | 0.125 |"], text
+    assert (tmp_path / "sweep" / "summary.md").is_file() and (tmp_path / "sweep" / "summary.csv").is_file()
+    # a training run's row: its steps and losses (timings null: "-")
+    job = tmp_path / "train" / "1_seed=1"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps({"metrics": {"steps": 30, "train_loss_last": 0.5}, "timings": None}))
+    assert "| 1_seed=1 |  | done | - | 30 | 0.5 | - | - |" in summarize(tmp_path / "train", write=False)

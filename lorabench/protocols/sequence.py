@@ -139,7 +139,11 @@ class SequenceRun:
             timings={"train_s": [rec.get("train_s") for rec in recs], "eval_s": [rec.get("eval_s") for rec in recs],
                      "total_s": time.perf_counter() - session.t0},
             summary={name: {f"{n}/{q}": mean_std([v]) for n, s in fields["final"].items() for q, v in s.items()
-                            if not math.isnan(v)}})
+                            if not math.isnan(v)}},
+            # the run table's S and F columns, a sweep's summary shows them per job (lorabench.sweeps)
+            headline=[[f"{q} {LABELS.get(n, n)}", s[key]] for q, key in (("S", "average_score"),
+                                                                          ("F", "forgetting_ref"))
+                      for n, s in fields["final"].items()])  # [label, value] pairs: JSON keeps their order
 
     def train_task(self, t: int, adapter_cfg: dict, callback: ContinualEvaluation, state: SequenceState) -> str:
         """Train task ``t`` (the callback scores every seen task at the end of the fit), save its state;
