@@ -45,6 +45,9 @@ def test_rows_pair_single_and_merged_scores_and_record_merge_time(world_run):
     for f in ("results.json", "table.md", "table2.csv", "samples.png", "crosstalk.png", "update_size.png"):
         assert (run_dir / f).is_file(), f
     assert "not yet implemented" not in res["table"] and "Published" in res["table"]  # every row has a method
+    # a sweep's summary row (lorabench.sweeps): each method's merged identity alignment, its summary's mean
+    assert res["headline"] == [[f"merged identity {m}", res["summary"][m]["merged_identity_alignment"]["mean"]]
+                               for m in ("dblora_fedavg", "ortha_disjoint", "lora_fusion_closed_form")]
     # update sizes on the statistics captured for the merges: per cell, and per adapter type and layer
     for s in res["single_rows"]:
         assert 0 < s["size_weight_median"] <= s["size_weight_max"]

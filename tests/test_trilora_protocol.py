@@ -265,6 +265,10 @@ def test_world_protocol_end_to_end(tmp_path):
         assert r["nfid"] == pytest.approx(r["fid"] / base[0]["fid"], rel=1e-12)
     assert len(out["prompts"]) == 12 and out["n_references"] == 12
     assert set(out["verdicts"]) == {"nfid_order", "clip_equal", "overtraining"}
+    # a sweep's summary row (lorabench.sweeps): each adapter's NFID, then CLIP score, at the table's epoch
+    assert out["headline"] == [[f"{label} {m}", out["summary"][m][k]["mean"]] for k, label in
+                               (("nfid", "NFID"), ("clip_score", "CLIP score"))
+                               for m in ("lora", "trilora", "trilora_identity")]
     # update size at every checkpoint (rows), and per method at the table's epoch (plot and results)
     assert all(r["size_weight_median"] > 0 and r["size_output_median"] > 0 for r in out["rows"][1:])
     assert set(out["update_size"]) == {"lora", "trilora", "trilora_identity"}
