@@ -167,8 +167,6 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer.precision=17"], ["trainer.precision: Precision 17 is invalid. Allowed precision values"]),
     (["trainer=gpu"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device; use trainer=cpu"]),
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
-    (["eval=world", "eval.sampler.num_inference_steps=0"],
-     ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
     # named where the config sets them (they read "sampler.scheduler" before), and a switch given a word
     (["eval.validation.sampler.scheduler=foo"],
      ["eval.validation.sampler.scheduler: unknown value 'foo'; valid: ddim, ddpm, dpm, euler, pipeline"]),
@@ -181,8 +179,6 @@ def test_unknown_group_option(tmp_path, override, fragments):
     # new tokens: a word the tokenizer knows is not a new token; options are checked before any work
     (["embeddings=textual_inversion", "embeddings.token=a"],
      ["embeddings.token: 'a' is already in text_encoder's vocabulary"]),
-    (["+protocol.adapters.ti.embeddings={token: '<x>', num_vectors: 0}"],
-     ["protocol.adapters.ti.embeddings.num_vectors: must be an integer >= 1"]),
     # the shell ate the quotes Hydra's grammar needs (a config comment showed this very command): one line, not
     # Hydra's three and a link
     (["embeddings=textual_inversion", "embeddings.token=<x>"],
@@ -193,6 +189,16 @@ def test_unknown_group_option(tmp_path, override, fragments):
 ])
 def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_here([*args, *FAST], tmp_path), tmp_path, *fragments)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    # a protocol's sampler and its adapters' new tokens (a single run refuses eval=world and a protocol block)
+    (["eval.sampler.num_inference_steps=0"], ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
+    (["+protocol.adapters.ti.embeddings={token: '<x>', num_vectors: 0}"],
+     ["protocol.adapters.ti.embeddings.num_vectors: must be an integer >= 1"]),
+])
+def test_bad_protocol_values(tmp_path, args, fragments):
+    assert_one_line_error(run_here(["experiment=world_concepts", *args], tmp_path), tmp_path, *fragments)
 
 
 def test_empty_and_corrupt_image_folders(tmp_path):
