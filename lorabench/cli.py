@@ -186,7 +186,7 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise null_group_error(exc, group_args, groups) from exc
     check_callbacks(cfg.get("callbacks"))
     check_protocol_groups(cfg)
-    check_protocol_seed(cfg, dict(typed).get("seed"))
+    check_protocol_overrides(cfg, dict(typed))
     try:
         # every value of a seed sweep (seed=0,1,2), else the composed one (a range sweep's first)
         for seed in next((vals for key, vals in typed if key == "seed" and vals), None) or [cfg.get("seed")]:
@@ -218,16 +218,29 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         check_optim(optim, steps=steps)
 
 
-def check_protocol_seed(cfg: DictConfig, given: Optional[list]) -> None:
-    """A protocol with ``protocol.seeds`` trains (or draws) one replicate per seed and reads no top-level ``seed``:
-    ``seed=1``, or a sweep ``seed=0,1,2`` (three identical jobs), changed nothing. ``given``: the ``seed``
-    override's values (None: no override)."""
-    seeds = OmegaConf.select(cfg, "protocol.seeds")
-    if given is not None and seeds is not None and OmegaConf.select(cfg, "protocol._target_"):
-        instead = ",".join(f"[{v}]" for v in given) if given else "[...]"
-        raise ConfigError("seed", f"this protocol takes its seeds from protocol.seeds ({list(seeds)}) and reads no "
+def check_protocol_overrides(cfg: DictConfig, given: Mapping[str, list]) -> None:
+    """Keys a protocol sets itself, given on the command line (``given``: each overridden key's values), which
+    changed nothing: ``seed`` where it takes its replicates from ``protocol.seeds`` (``seed=1`` did nothing, a
+    sweep ``seed=0,1,2`` ran three identical jobs), and ``data.concept`` / ``data.style``, which it sets per cell from
+    ``protocol.concepts`` / ``protocol.styles`` or per task from its sequence."""
+    p = cfg.get("protocol")
+    if not (p and p.get("_target_")):
+        return
+    if "seed" in given and p.get("seeds") is not None:
+        instead = ",".join(f"[{v}]" for v in given["seed"]) if given["seed"] else "[...]"
+        raise ConfigError("seed", f"this protocol takes its seeds from protocol.seeds ({list(p.seeds)}) and reads no "
                           f"seed; set protocol.seeds={instead} instead (each a job of its own under -m), or "
                           "protocol.seeds=[0,1,2] for several in one job")
+    for key, items in (("concept", "concepts"), ("style", "styles")):
+        if f"data.{key}" not in given:
+            continue
+        if p.get(items) is not None:
+            instead = ",".join(f"[{v}]" for v in given[f"data.{key}"]) or "[...]"
+            raise ConfigError(f"data.{key}", f"this protocol trains each of protocol.{items} ({list(p[items])}) and "
+                              f"sets data.{key} per cell; set protocol.{items}={instead} instead")
+        if cfg.get("sequence") is not None:
+            raise ConfigError(f"data.{key}", f"each task of the sequence sets its own data.{key} (sequence.tasks, "
+                              "the first sequence.length of them in the order sequence.order_seed draws); set those")
 
 
 def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:

@@ -292,6 +292,13 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
      "seed: this protocol takes its seeds from protocol.seeds ([0, 1, 2]) and reads no seed; set "
      "protocol.seeds=[0],[1],[2] instead"),
     (["experiment=world_concepts", "seed=3"], "seed: this protocol takes its seeds from protocol.seeds ([0])"),
+    # data keys a protocol sets per cell or per task: the override trained the experiment's own list, silently
+    (["experiment=world_concepts", "data.concept=zwz"],
+     "data.concept: this protocol trains each of protocol.concepts (['sks', 'zwz', 'sbu']) and sets data.concept per "
+     "cell; set protocol.concepts=[zwz] instead"),
+    (["-m", "experiment=world_style", "data.style=monex,kandi"], "data.style: this protocol trains each of "
+                                                                  "protocol.styles"),
+    (["experiment=continual/world_objects", "data.concept=zwz"], "data.concept: each task of the sequence sets its"),
     # a single training run reads no protocol group: merge= and sequence= trained as if absent, eval=world and a
     # protocol block with no _target_ ended in tracebacks after the run folder was made
     (["experiment=quickstart", "merge=ties"], "merge: a single training run reads no merge group, so merge=ties would"),
@@ -309,8 +316,10 @@ def test_a_protocol_refuses_the_top_level_adapter_groups_before_any_work(args, m
 
 
 def test_a_protocol_that_reads_seed_takes_it():
-    """The continual sequence has no protocol.seeds: its seed (and a sweep of it) is its replicate."""
+    """The continual sequence has no protocol.seeds: its seed (and a sweep of it) is its replicate. TriLoRA trains
+    on the style its data names (no protocol.styles)."""
     assert check_command(["-m", "experiment=continual/world_objects", "seed=0,1"])[-1] == "seed=0,1"
+    assert check_command(["experiment=trilora/world", "data.style=monex"])[-1] == "data.style=monex"
 
 
 @pytest.mark.parametrize("args,message", [
