@@ -221,8 +221,9 @@ def precheck(args: list[str], conf_dir: Path = CONF_DIR) -> None:
 def check_protocol_overrides(cfg: DictConfig, given: Mapping[str, list]) -> None:
     """Keys a protocol sets itself, given on the command line (``given``: each overridden key's values), which
     changed nothing: ``seed`` where it takes its replicates from ``protocol.seeds`` (``seed=1`` did nothing, a
-    sweep ``seed=0,1,2`` ran three identical jobs), and ``data.concept`` / ``data.style``, which it sets per cell from
-    ``protocol.concepts`` / ``protocol.styles`` or per task from its sequence."""
+    sweep ``seed=0,1,2`` ran three identical jobs), and the data keys it sets per cell or per task
+    (:func:`per_cell_data`: ``data.concept=zwz`` trained world_concepts' own three concepts; ``data.path`` trained
+    the full-scale tables on each concept's or task's own folder)."""
     p = cfg.get("protocol")
     if not (p and p.get("_target_")):
         return
@@ -231,16 +232,53 @@ def check_protocol_overrides(cfg: DictConfig, given: Mapping[str, list]) -> None
         raise ConfigError("seed", f"this protocol takes its seeds from protocol.seeds ({list(p.seeds)}) and reads no "
                           f"seed; set protocol.seeds={instead} instead (each a job of its own under -m), or "
                           "protocol.seeds=[0,1,2] for several in one job")
-    for key, items in (("concept", "concepts"), ("style", "styles")):
-        if f"data.{key}" not in given:
-            continue
-        if p.get(items) is not None:
-            instead = ",".join(f"[{v}]" for v in given[f"data.{key}"]) or "[...]"
-            raise ConfigError(f"data.{key}", f"this protocol trains each of protocol.{items} ({list(p[items])}) and "
-                              f"sets data.{key} per cell; set protocol.{items}={instead} instead")
-        if cfg.get("sequence") is not None:
-            raise ConfigError(f"data.{key}", f"each task of the sequence sets its own data.{key} (sequence.tasks, "
-                              "the first sequence.length of them in the order sequence.order_seed draws); set those")
+    for key, where in per_cell_data(cfg).items():
+        if f"data.{key}" in given:
+            items = f"protocol.{key}s"
+            if key in ("concept", "style") and p.get(f"{key}s") is not None:
+                instead = ",".join(f"[{v}]" for v in given[f"data.{key}"]) or "[...]"
+                raise ConfigError(f"data.{key}", f"this protocol trains each of {items} ({list(p[f'{key}s'])}) and "
+                                  f"sets data.{key} per cell; set {items}={instead} instead")
+            raise ConfigError(f"data.{key}", f"this protocol sets it for each {where}; set it there"
+                              + (folder_hint(cfg) if key == "path" else ""))
+
+
+def folder_hint(cfg: DictConfig) -> str:
+    """Where a full-scale table's per-concept or per-task folders come from, as its config spells their first path:
+    a top-level key (``${data_root}/person1``) and the environment variable behind it (``$ORTHA_DATA``)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    tasks = (raw.get("sequence") or {}).get("tasks") or []
+    entries = [*((raw.get("protocol") or {}).get("concept_data") or {}).values(),
+               *(t.get("data") or {} for t in tasks if isinstance(t, dict))]
+    path = next((str(e["path"]) for e in entries if isinstance(e, dict) and e.get("path")), "")
+    key = re.match(r"\$\{(\w+)\}", path)
+    env = re.search(r"\$\{oc\.env:(\w+)", str(raw.get(key[1], "")) if key else path)
+    hint = f"{key[1]}=<folder>" if key else ""
+    hint += (" or " if hint and env else "") + (f"${env[1]}" if env else "")
+    return f" (each under {hint})" if hint else ""
+
+
+def per_cell_data(cfg: DictConfig) -> dict[str, str]:
+    """The data keys a protocol sets per cell or per task, each with where it does: the concept or style of each of
+    ``protocol.concepts`` / ``protocol.styles`` and the fields of ``protocol.concept_data`` (a full-scale table's
+    folders and prompts), or each task's name field and data fields of a continual sequence."""
+    p, out = cfg.protocol, {}
+    if p.get("concepts") is not None:
+        out["concept"] = "concept (protocol.concepts)"
+        for entry in (p.get("concept_data") or {}).values():
+            out.update({k: f"concept (protocol.concept_data.<concept>.{k})" for k in (entry or {}) if k != "word"})
+    if p.get("styles") is not None:
+        out["style"] = "style (protocol.styles)"
+    seq = cfg.get("sequence")
+    if seq is not None:
+        kind = seq.get("kind")
+        name = str(seq.get("data_key") or ("concept" if kind == "objects" else "style"))
+        out[name] = (f"task (sequence.tasks, the first sequence.length of them in the order sequence.order_seed "
+                     f"draws: each sets data.{name} to its name)")
+        for task in seq.get("tasks") or []:  # a name, or {name, data: {...}}
+            data = task.get("data") if hasattr(task, "get") else None
+            out.update({k: f"task (sequence.tasks.<task>.data.{k})" for k in (data or {})})
+    return out
 
 
 def null_group_error(exc: ValueError, group_args: list[str], groups: Mapping[str, list[str]]) -> ConfigError:

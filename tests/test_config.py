@@ -298,7 +298,15 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
      "cell; set protocol.concepts=[zwz] instead"),
     (["-m", "experiment=world_style", "data.style=monex,kandi"], "data.style: this protocol trains each of "
                                                                   "protocol.styles"),
-    (["experiment=continual/world_objects", "data.concept=zwz"], "data.concept: each task of the sequence sets its"),
+    (["experiment=continual/world_objects", "data.concept=zwz"], "data.concept: this protocol sets it for each task "
+                                                                 "(sequence.tasks, the first sequence.length of them"),
+    # the full-scale tables read each concept's or task's own folder: a data.path beside them changed nothing
+    (["experiment=orthogonal_adaptation/chilloutmix", "data.path=/data/faces"],
+     "data.path: this protocol sets it for each concept (protocol.concept_data.<concept>.path); set it there (each "
+     "under data_root=<folder> or $ORTHA_DATA)"),
+    (["experiment=continual/sdxl_objects", "trainer=cpu", "data.path=/data/db"],
+     "data.path: this protocol sets it for each task (sequence.tasks.<task>.data.path); set it there (each under "
+     "$DREAMBOOTH_DATA)"),
     # a single training run reads no protocol group: merge= and sequence= trained as if absent, eval=world and a
     # protocol block with no _target_ ended in tracebacks after the run folder was made
     (["experiment=quickstart", "merge=ties"], "merge: a single training run reads no merge group, so merge=ties would"),
