@@ -164,6 +164,17 @@ class ContinualScores(Metric):
                 self.update(m, j, after, torch.tensor(idx), torch.tensor(vals, dtype=torch.float64))
 
 
+def gather_rows(rows: Mapping[str, list]) -> dict[str, list]:
+    """Every rank's score rows (:func:`rows_json`'s form), joined, when torch.distributed runs (a collective: every
+    rank calls it); else ``rows``. What rank zero records for a resumed run to replay: its own shard alone made a
+    two-rank sequence resumed after task 1 score task 1's column on half the images."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(rows)
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, dict(rows))
+    return {m: [part for shard in shards for part in shard.get(m, [])] for m in rows}
+
+
 def rows_json(scores: Mapping[str, list]) -> dict[str, list]:
     """Score rows ``{metric: [(task, indices, values)]}`` as JSON: ``{metric: [[task, [indices], [values]]]}``."""
     return {m: [[int(j), idx.tolist(), vals.tolist()] for j, idx, vals in parts] for m, parts in scores.items()}

@@ -37,6 +37,7 @@ from lorabench.continual.metrics import (
     ContinualEvaluation,
     ContinualScores,
     average_score,
+    gather_rows,
     heatmap,
     matrix_table,
     rows_json,
@@ -93,7 +94,7 @@ class SequenceRun:
         scores, images = score_tasks(self.model.components, self.sampler_cfg, self.tasks[:t + 1], self.seeds,
                                      self.scorer, rank, world_size, module.device)
         self.last_images = images
-        self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": rows_json(scores),
+        self.records[t] = {"task": t, "name": self.tasks[t].name, "rows": gather_rows(rows_json(scores)),
                            "sign_conflict": sign_conflict_ratio(task_vector, before), "update_size": measured,
                            "eval_s": time.perf_counter() - t0}
         return scores
