@@ -56,7 +56,7 @@ from lorabench.checks import (
     check_writable,
 )
 from lorabench.errors import ConfigError, check_int, check_seed, choice_error, find_config_error
-from lorabench.sweeps import EXIT_STATUS, job_dir_name, record_failure, set_by_sweep, swept_keys
+from lorabench.sweeps import EXIT_STATUS, job_dir_name, job_name, record_failure, set_by_sweep, swept_keys
 from lorabench.sweeps import main as summarize_main
 from lorabench.utils.console import VERBOSE_ENV, console_log_name, first_process, quiet_cells, record_console
 from lorabench.utils.cpus import end_with_parent
@@ -233,14 +233,15 @@ def check_protocol_overrides(cfg: DictConfig, given: Mapping[str, list]) -> None
                           f"seed; set protocol.seeds={instead} instead (each a job of its own under -m), or "
                           "protocol.seeds=[0,1,2] for several in one job")
     for key, where in per_cell_data(cfg).items():
-        if f"data.{key}" in given:
-            items = f"protocol.{key}s"
-            if key in ("concept", "style") and p.get(f"{key}s") is not None:
-                instead = ",".join(f"[{v}]" for v in given[f"data.{key}"]) or "[...]"
-                raise ConfigError(f"data.{key}", f"this protocol trains each of {items} ({list(p[f'{key}s'])}) and "
-                                  f"sets data.{key} per cell; set {items}={instead} instead")
-            raise ConfigError(f"data.{key}", f"this protocol sets it for each {where}; set it there"
-                              + (folder_hint(cfg) if key == "path" else ""))
+        if f"data.{key}" not in given:
+            continue
+        items = p.get(f"{key}s") if key in ("concept", "style") else None  # protocol.concepts / protocol.styles
+        if items is not None:
+            instead = ",".join(f"[{v}]" for v in given[f"data.{key}"]) or "[...]"
+            raise ConfigError(f"data.{key}", f"this protocol trains each of protocol.{key}s ({list(items)}) and "
+                              f"sets data.{key} per cell; set protocol.{key}s={instead} instead")
+        raise ConfigError(f"data.{key}", f"this protocol sets it for each {where}; set it there"
+                          + (folder_hint(cfg) if key == "path" else ""))
 
 
 def folder_hint(cfg: DictConfig) -> str:
@@ -557,14 +558,6 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
         fail(err)
     with claim_gpu(gpus) as gpu:
         return _run_job(cfg, run_dir, name, protocol, gpu, sweep_dir(hc))
-
-
-def job_name(run_dir: Path, sweep: Path) -> str:
-    """A sweep job's name: its folder below the sweep's (``naive/order0-seed0`` where the experiment nests them)."""
-    try:
-        return run_dir.resolve().relative_to(sweep.resolve()).as_posix()
-    except ValueError:
-        return run_dir.name
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, name: str, protocol, gpu: Optional[str],

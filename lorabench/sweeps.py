@@ -95,11 +95,20 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def job_row(job: Path, swept: Sequence[str]) -> dict[str, str]:
+def job_name(job: Path, sweep_dir: Path) -> str:
+    """A sweep job's name: its folder below the sweep's (``0_adapter=lora``; ``naive/order0-seed0`` where the
+    experiment nests its jobs)."""
+    try:
+        return job.resolve().relative_to(Path(sweep_dir).resolve()).as_posix()
+    except ValueError:
+        return job.name
+
+
+def job_row(job: Path, swept: Sequence[str], sweep_dir: Path) -> dict[str, str]:
     """One job of a sweep: its folder, the values it swept, and what its results.json reports (a training
     run: steps, losses, time; a protocol: its name and table); ``failed`` where there is no results.json."""
     overrides = [o for o in _overrides(job) if o.split("=", 1)[0].lstrip("+~") in swept] or _overrides(job)
-    row = {"job": job.name, "overrides": " ".join(overrides)}
+    row = {"job": job_name(job, sweep_dir), "overrides": " ".join(overrides)}
     results, failed = job / "results.json", job / FAILED
     if not results.is_file() and failed.is_file():
         try:
@@ -137,7 +146,7 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
             subdirs.clear()
 
     def order(job: Path) -> tuple[int, str]:
-        name = job.relative_to(sweep_dir).as_posix()
+        name = job_name(job, sweep_dir)
         head = name.split("_", 1)[0]
         if head.isdigit():
             return int(head), name
@@ -160,7 +169,7 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no sweep jobs here (folders with .hydra/); give a multirun folder")
     swept = sorted(swept_keys(sweep_dir))
-    rows = [{**job_row(j, swept), "job": j.relative_to(sweep_dir).as_posix()} for j in jobs]
+    rows = [job_row(j, swept, sweep_dir) for j in jobs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
@@ -205,7 +214,7 @@ class SweepSummary(Callback):
         if failed:
             bad_input = [p for p in failed if _bad_input(p)]
             EXIT_STATUS["status"] = 2 if len(bad_input) == len(failed) else 1
-            names = ", ".join(sorted(p.relative_to(sweep_dir).as_posix() for p in failed))
+            names = ", ".join(sorted(job_name(p, sweep_dir) for p in failed))
             print(f"lorabench sweep: {len(failed)} of {len(jobs)} jobs failed: {names}", file=sys.stderr)
 
 

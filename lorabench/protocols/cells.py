@@ -94,13 +94,13 @@ def check_epoch_warmups(cfg: DictConfig, adapters: Mapping[str, Any], epochs: Ma
     per_epoch: dict[str, int] = {}
     for name, entry in adapters.items():
         recipe = entry.get("recipe") or {}
-        data = OmegaConf.to_container(OmegaConf.merge(cfg.data, recipe.get("data") or {}), resolve=True)
-        trainer = {**dict(cfg.get("trainer") or {}), **dict(recipe.get("trainer") or {})}
-        field = f"protocol.adapters.{name}.recipe.optim" if recipe.get("optim") is not None else "optim"
         optim = OmegaConf.to_container(OmegaConf.merge(cfg.get("optim") or {}, recipe.get("optim") or {}),
                                        resolve=True)
         if not optim.get("warmup_steps"):
             continue
+        field = f"protocol.adapters.{name}.recipe.optim" if recipe.get("optim") is not None else "optim"
+        data = OmegaConf.to_container(OmegaConf.merge(cfg.data, recipe.get("data") or {}), resolve=True)
+        trainer = {**dict(cfg.get("trainer") or {}), **dict(recipe.get("trainer") or {})}
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in per_epoch:
             datamodule = instantiate(data, _convert_="all")

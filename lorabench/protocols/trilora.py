@@ -146,7 +146,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     device = eval_device(cfg)
     with quiet_cells():
         prompts, references = caption_eval_set(OmegaConf.to_container(cfg.data, resolve=True), st.max_eval_prompts)
-        check_epoch_warmups(cfg, adapters, cell_epochs(adapters, st))  # the data is known now, no model is loaded
+        epochs = cell_epochs(adapters, st)
+        check_epoch_warmups(cfg, adapters, epochs)  # the data is known now, no model is loaded
     scorer = instantiate(cfg.eval.fidelity).to(device).set_references(references())
     # NFID's denominator: the FID of protocol.reference_model (the paper: Stable Diffusion 1.5, whatever base
     # the adapters train on) on the same prompts, seeds, references and features; null: the base. Loaded
@@ -190,7 +191,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     cells = []  # one per (adapter, seed); the seeds of one adapter train together with protocol.batch_cells > 1
     for name, acfg in adapters.items():
-        last = cell_epochs(adapters, st)[name]
+        last = epochs[name]
         for seed in seeds:
             folder = session.run_dir / "cells" / f"{name}-seed{seed}"
             cell = cell_config(cfg, acfg, {}, seed, folder)
