@@ -513,6 +513,12 @@ def test_single_item_protocols_sample_in_batches_as_each_alone(tmp_path, paper, 
     captured = together["timings"]["capture"]
     assert captured["alone"] == 0 and sum(captured["passes"]) == cells and max(captured["passes"]) > 1
     assert all("size_weight_median" in r for r in together["rows"] if r["method"] != "base")
+    # the table's gist a sweep's summary shows per job (lorabench.sweeps): each method's mean, metric by metric
+    metrics = {"single_concept": [("identity_alignment", "identity align."),
+                                  ("context_text_alignment", "CLIP-T in context")],
+               "single_style": [("style_top1", "style top-1")]}[paper]
+    assert alone["headline"] == [[f"{label} {m}", alone["summary"][m][k]["mean"]] for k, label in metrics
+                                 for m in alone["methods"]]
 
 
 def test_help_says_what_to_run_under_the_commands_name(tmp_path):

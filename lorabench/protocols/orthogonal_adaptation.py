@@ -83,7 +83,7 @@ from lorabench.protocols.cells import (
     protocol_inputs,
     run_cells,
 )
-from lorabench.protocols.report import LayerMeans, Session, format_verdicts, rebuild_cli, summarise_rows
+from lorabench.protocols.report import LayerMeans, Session, format_verdicts, headline, rebuild_cli, summarise_rows
 from lorabench.protocols.scoring import EvalBatch, EvalSetup, check_eval_batch, concept_seeds, eval_setup
 from lorabench.utils.console import quiet_cells
 from lorabench.utils.plots import layer_lines, paired_bars
@@ -542,9 +542,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         timings={"pretrain_cells_s": t_cells - session.t0, "score_and_merge_s": time.perf_counter() - t_cells,
                  "pretrained_cells": sum(not t.reused for t in trained.values()),
                  "eval_batch": plan.settings.eval_batch, **eval_log})
-    # the table's gist, per job of a sweep's summary (lorabench.sweeps): each method's identity alignment once merged
-    out["headline"] = [[f"merged identity {m}", s["merged_identity_alignment"]["mean"]]
-                       for m, s in out["summary"].items() if "merged_identity_alignment" in s]
+    out["headline"] = headline(out["summary"], ("merged_identity_alignment",),
+                               {"merged_identity_alignment": "merged identity"})
     faces = getattr(ev.scorer.identity, "face_report", lambda: None)()  # ArcFace with a face detector
     if faces is not None:
         out["faces"] = faces

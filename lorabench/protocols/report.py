@@ -67,6 +67,15 @@ def markdown_table(summary: dict, metrics: Sequence[str], labels: Mapping[str, s
     return markdown(columns, list(summary)) + (f"\n\n{note}" if note else "")
 
 
+def headline(summary: Mapping[str, Mapping], metrics: Sequence[str], labels: Mapping[str, str],
+             methods: Optional[Sequence[str]] = None) -> list[list]:
+    """The table's gist a sweep's summary shows per job (:mod:`lorabench.sweeps`): ``[label method, mean]``
+    pairs, metric by metric, for each of ``methods`` (default: every method of ``summary``) that has it. A list
+    of pairs, as JSON keeps their order."""
+    return [[f"{labels.get(k, k)} {m}", summary[m][k]["mean"]] for k in metrics
+            for m in (summary if methods is None else methods) if k in summary.get(m, {})]
+
+
 def format_verdicts(items: Sequence[Mapping]) -> str:
     """One markdown bullet per verdict: ``- **verdict**: claim. detail``."""
     return "\n".join(f"- **{v['verdict']}**: {v['claim']}. {v['detail']}" for v in items)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lorabench.evaluation.scores import score_samples
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import protocol_inputs
-from lorabench.protocols.report import Session, markdown_table, summarise_rows
+from lorabench.protocols.report import Session, headline, markdown_table, summarise_rows
 from lorabench.protocols.scoring import Evaluation, check_eval_batch, compare_with_base, concept_seeds, eval_setup
 
 # Scores on the concept prompt itself ("a sks circle": does the model draw the identity?) and on the
@@ -74,7 +74,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     out = session.results(concepts=concepts, seeds=seeds, methods=["base", *adapters],
                           prompts={c: sets[c].prompts for c in concepts}, images_per_prompt=n_img, sampler=sampler_cfg,
                           rows=rows, summary=summary, timings={"eval_batch": evaluation.batch, **sampling},
-                          summary_by_concept={c: summarise([r for r in rows if r["concept"] == c]) for c in concepts})
+                          summary_by_concept={c: summarise([r for r in rows if r["concept"] == c]) for c in concepts},
+                          headline=headline(summary, ("identity_alignment", "context_text_alignment"), LABELS))
     return session.finish(out, format_table(summary, len(concepts), len(seeds)),
                           "single_concept: update size per layer",
                           f"seed {seeds[0]}; each row: {len(sets[concepts[0]].prompts)} prompts x {n_img} samples "

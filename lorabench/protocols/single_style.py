@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from lorabench.protocols import sizes
 from lorabench.protocols.cells import protocol_inputs
-from lorabench.protocols.report import Session, markdown_table, summarise_rows
+from lorabench.protocols.report import Session, headline, markdown_table, summarise_rows
 from lorabench.protocols.scoring import Evaluation, check_eval_batch, compare_with_base, eval_setup
 from lorabench.utils.seeding import derive_seed_list
 
@@ -57,6 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           sampler=sampler_cfg, rows=rows, summary=summary,
                           timings={"eval_batch": evaluation.batch, **sampling},
                           summary_by_style={s: summarise_rows([r for r in rows if r["style"] == s], METRICS)
-                                            for s in styles})
+                                            for s in styles},
+                          headline=headline(summary, ("style_top1",), LABELS))
     return session.finish(out, table, "single_style: update size per layer",
                           f"seed {seeds[0]}; each row: {len(sets[styles[0]].prompts)} new objects x {n_img} samples")

@@ -58,7 +58,7 @@ from lorabench.protocols.cells import (
     protocol_inputs,
     run_cells,
 )
-from lorabench.protocols.report import Session, mean_std, pm, rebuild_cli, summarise_rows
+from lorabench.protocols.report import Session, headline, mean_std, pm, rebuild_cli, summarise_rows
 from lorabench.sampling import eval_device, sample_each
 from lorabench.training.callbacks import CheckpointEvaluation
 from lorabench.utils.console import quiet_cells
@@ -226,9 +226,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         checkpoints=checkpoints, overtrain=overtrain, prompts=prompts, n_references=scorer.n_references,
         sample_seed=st.sample_seed, sampler=sampler_cfg, rows=rows)
     out.update(summaries(out))
-    # the table's gist, per job of a sweep's summary (lorabench.sweeps): each adapter's NFID and CLIP score
-    out["headline"] = [[f"{LABELS[k]} {m}", out["summary"][m][k]["mean"]] for k in ("nfid", "clip_score")
-                       for m in adapters if k in out["summary"].get(m, {})]
+    out["headline"] = headline(out["summary"], ("nfid", "clip_score"), LABELS, list(adapters))
     data = [[m, *[s.get(k, {}).get("mean") for k in METRICS]] for m, s in out["summary"].items()]
     return session.finish(out, render_table(out), f"update size per layer at epoch {table_epoch}, mean over seeds",
                           f"seed {seeds[0]}; one sample per caption, the dataset's first {n_grid} captions",
