@@ -224,6 +224,26 @@ def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, l
         assert torch.allclose(merged_w, w + res.deltas[name].to_dense(), atol=1e-6)
 
 
+def test_a_file_whose_config_lorabench_refuses_says_so_not_that_it_misfits(tmp_path):
+    """A file trained with alpha 0 (before the check refused it: an adapter that learned nothing) read "does not fit
+    the model (trained on ..., loaded into ...): adapter.alpha: ...", though nothing about the model was wrong."""
+    from safetensors.torch import save_file
+
+    from lorabench.adapters import inject_adapters, load_adapter, read_safetensors, save_adapter
+    from lorabench.models import build_tiny_components
+
+    path = save_adapter(inject_adapters(build_tiny_components(), {"name": "lora", "rank": 4}),
+                        tmp_path / "adapter.safetensors", base_model="elsewhere")
+    tensors, metadata = read_safetensors(path)
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps({**json.loads(metadata["config"]),
+                                                                              "alpha": 0})})
+    with pytest.raises(ConfigError) as err:
+        load_adapter(build_tiny_components(), path)
+    assert err.value.field == f"adapter file {str(path)!r}"
+    assert err.value.message.startswith("holds an adapter config lorabench refuses (adapter.alpha: must be null")
+    assert "does not fit" not in str(err.value) and err.value.message.endswith("train it again with a valid one")
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("other_base", "trained on another base model"),
     ("other_targets", "adapt different target modules"),

@@ -33,7 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from lorabench.adapters.injection import Adapters
+from lorabench.adapters.base import get_adapter_class, parse_options
+from lorabench.adapters.injection import PLACEMENT_KEYS, Adapters
 from lorabench.checks import ADAPTER_FILE
 from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_path
@@ -150,6 +151,13 @@ def load_adapter(components, path) -> Adapters:
     source = f"adapter file {str(path)!r}"
     if metadata.get("lorabench_format"):
         config = json.loads(metadata["config"])
+        try:  # its options first: a file whose config lorabench now refuses (alpha 0, from before the check) fits
+            # no model, and "does not fit the model" would send the user after the wrong cause
+            parse_options(get_adapter_class(config.get("name")),
+                          {k: v for k, v in config.items() if k not in PLACEMENT_KEYS})
+        except ConfigError as exc:
+            raise ConfigError(source, f"holds an adapter config lorabench refuses ({exc}); train it again with a "
+                                      "valid one") from exc
         trained_on = metadata.get("base_model", "")
         # layers that do not match: most often a file of another model (its base_model says which)
         elsewhere = f" (trained on {trained_on!r}, loaded into {components.model_id!r})" if trained_on and \
