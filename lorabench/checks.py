@@ -279,6 +279,20 @@ def check_model_source(pretrained: str) -> None:
                           f"{pretrained!r} is neither an existing folder nor a hub id of the form owner/name")
 
 
+def check_part_source(source: str, field: str, hint: str) -> None:
+    """A model part in place of the model's own (``model.vae``, ``model.unet``): a folder with ``config.json``, or
+    a hub id ``owner/name``; else a ConfigError naming ``field``, then ``hint`` (what to give)."""
+    if os.path.exists(source) or str(source).startswith((".", "/", "~")):
+        if not os.path.isdir(source):
+            raise ConfigError(field, f"{source!r} {'is a file' if os.path.exists(source) else 'does not exist'}; "
+                                     f"{hint}")
+        if not (Path(source) / "config.json").is_file():
+            raise ConfigError(field, f"folder {source!r} has no config.json; {hint}")
+    elif not _HUB_ID.match(str(source)):
+        raise ConfigError(field, f"{source!r} is neither an existing folder nor a hub id of the form owner/name; "
+                                 f"{hint}")
+
+
 def check_data_path(path, field: str = "data.path") -> Path:
     """An image folder or a ``.parquet`` file that exists."""
     if not path:

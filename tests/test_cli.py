@@ -407,13 +407,17 @@ def test_the_schedule_spans_the_steps_the_run_takes(tmp_path):
     assert lrs == pytest.approx(expected, rel=1e-6), lrs
 
 
-def test_a_variant_or_vae_the_model_cannot_load_is_one_line_naming_its_field(tmp_path, tiny_model_dir):
+def test_a_variant_vae_or_unet_the_model_cannot_load_is_one_line_naming_its_field(tmp_path, tiny_model_dir):
     """It named model.pretrained, whose folder holds the weights, only not that variant's files of them."""
     args = [*FAST, "model=sd15", f"model.pretrained={tiny_model_dir}", "model.resolution=16", "model.variant=fp16"]
     assert_one_line_error(run_here(args, tmp_path), tmp_path, "model.variant: 'fp16': ", "set model.variant=null")
-    # a VAE that is not one was said to be model.pretrained's
-    args = [*args[:-1], f"model.vae={tmp_path}"]
-    assert_one_line_error(run_here(args, tmp_path), tmp_path, f"model.vae: could not load '{tmp_path}': ")
+    # a VAE that is not one was said to be model.pretrained's; a missing folder read "couldn't connect to the hub"
+    args = args[:-1]
+    assert_one_line_error(run_here([*args, f"model.vae={tmp_path}"], tmp_path), tmp_path,
+                          f"model.vae: folder '{tmp_path}' has no config.json; give a diffusers AutoencoderKL folder")
+    assert_one_line_error(run_here([*args, f"model.unet={tmp_path / 'nope'}"], tmp_path), tmp_path,
+                          f"model.unet: '{tmp_path / 'nope'}' does not exist; give a diffusers UNet2DConditionModel "
+                          "folder", "protocol.save_as=unet")
 
 
 def test_a_callback_monitoring_a_metric_no_step_logs_is_one_line(tmp_path):

@@ -224,6 +224,33 @@ def test_merged_adapter_file_loads_in_lorabench_and_equals_the_merge(tmp_path, l
         assert torch.allclose(merged_w, w + res.deltas[name].to_dense(), atol=1e-6)
 
 
+def test_a_merged_unet_folder_loads_in_place_of_the_models_own(tmp_path, tiny_model_dir):
+    """experiment=merge_adapters protocol.save_as=unet wrote a UNet folder that lorabench could not use: model.unet
+    now puts it in place of the model's UNet (the rest of the model its own), once its config shows the model's
+    architecture; a UNet of another model, a folder without config.json and a missing one are one line each."""
+    from lorabench.merging import model_weights, save_merged_unet
+    from lorabench.models import build_tiny_components, load_components
+
+    comps = load_components(str(tiny_model_dir))
+    res = merge(_two_updates(comps, rank=2), {"name": "sum", "lam": 0.6})
+    save_merged_unet(comps, res.deltas, tmp_path / "unet")
+    swapped = load_components(str(tiny_model_dir), unet=str(tmp_path / "unet"))
+    for name, w in model_weights(comps, list(res.deltas)).items():
+        assert torch.equal(swapped.unet.get_submodule(name.partition(".")[2]).weight, w + res.deltas[name].to_dense())
+    assert all(torch.equal(a, b) for a, b in zip(swapped.text_encoder.state_dict().values(),
+                                                 comps.text_encoder.state_dict().values()))
+    assert swapped.model_id == f"{tiny_model_dir} with unet {tmp_path / 'unet'}"
+
+    build_tiny_components(cross_attention_dim=16, text_hidden_size=16).unet.save_pretrained(tmp_path / "other")
+    for folder, fragments in ((tmp_path / "other", ("is a UNet of another architecture than model.pretrained",
+                                                    "(cross_attention_dim: 16 here, 32 in the model); give a UNet")),
+                              (tmp_path, ("has no config.json", "give a diffusers UNet2DConditionModel folder")),
+                              (tmp_path / "nope", ("does not exist",))):
+        with pytest.raises(ConfigError) as err:
+            load_components(str(tiny_model_dir), unet=str(folder))
+        assert err.value.field == "model.unet" and all(f in err.value.message for f in fragments), err.value
+
+
 def test_a_file_whose_config_lorabench_refuses_says_so_not_that_it_misfits(tmp_path):
     """A file trained with alpha 0 (before the check refused it: an adapter that learned nothing) read "does not fit
     the model (trained on ..., loaded into ...): adapter.alpha: ...", though nothing about the model was wrong."""
@@ -519,6 +546,7 @@ def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(
     assert proc.returncode == 0, crashed(proc)
     [run_dir] = list((tmp_path / "outputs" / "merge_adapters").glob("*"))
     assert (run_dir / "unet" / "config.json").is_file() and len(list(run_dir.glob("stats-*.safetensors"))) == 2
+    assert f"use it in place of the model's UNet: model.unet={run_dir / 'unet'}" in proc.stdout  # how to use it
     res = json.loads((run_dir / "results.json").read_text())  # on the captured inputs too
     assert all(e["output_median"]["mean"] > 0 for e in res["update_size"].values())
 

@@ -10,6 +10,7 @@ is a pixel-space model: the UNet sees images scaled to [-1, 1].
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-from lorabench.checks import check_model_source
+from lorabench.checks import check_model_source, check_part_source
 from lorabench.errors import ConfigError, choice_error
 from lorabench.utils.io import atomic_dir
 
@@ -217,6 +218,7 @@ def load_components(
     prediction_type: Optional[str] = None,
     resolution: int = 512,
     attention: Optional[str] = None,
+    unet: Optional[str] = None,
 ) -> ModelComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the DDPM noise scheduler.
 
@@ -228,6 +230,8 @@ def load_components(
         prediction_type: override the scheduler's ``epsilon`` / ``v_prediction``; ``None`` keeps it.
         resolution: training and sampling resolution in pixels.
         attention: the UNet's attention kernel, see :func:`set_attention`; ``None`` keeps diffusers' choice.
+        unet: optional UNet folder in place of the model's own, of its architecture (:func:`load_unet`): a merge's
+            ``protocol.save_as=unet`` folder, or a full fine-tune's UNet.
     """
     check_model_source(pretrained)
     torch_dtype = resolve_dtype(dtype)
@@ -243,8 +247,9 @@ def load_components(
         tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(
             pretrained, subfolder="text_encoder", torch_dtype=torch_dtype, variant=variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(
-            pretrained, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw)
+        unet_model = UNet2DConditionModel.from_pretrained(
+            pretrained, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw) if unet is None \
+            else load_unet(unet, pretrained, torch_dtype, revision)
         tokenizer_2 = text_encoder_2 = None
         if _present(index, "text_encoder_2"):
             tokenizer_2 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)
@@ -252,12 +257,13 @@ def load_components(
                 pretrained, subfolder="text_encoder_2", torch_dtype=torch_dtype, variant=variant, **kw)
         vae_model = None
         if vae is not None:
+            hint = "give a diffusers AutoencoderKL folder (with config.json) or hub id, or null for the model's own"
+            check_part_source(vae, "model.vae", hint)
             try:  # its own field: a wrong VAE path was said to be model.pretrained's
                 vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
             except (OSError, ValueError) as exc:
                 why = explain_load_error(exc).rstrip(".")
-                raise ConfigError("model.vae", f"could not load {vae!r}: {why}; give a diffusers AutoencoderKL "
-                                  "folder (with config.json) or hub id, or null for the model's own") from exc
+                raise ConfigError("model.vae", f"could not load {vae!r}: {why}; {hint}") from exc
         elif _present(index, "vae"):
             vae_model = AutoencoderKL.from_pretrained(
                 pretrained, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **kw)
@@ -270,13 +276,44 @@ def load_components(
                               "set model.variant=null to load its plain ones") from exc
         raise ConfigError("model.pretrained", f"could not load {pretrained!r}: {why}") from exc
     if attention is not None:
-        set_attention(unet, attention)
+        set_attention(unet_model, attention)
     return ModelComponents(
-        unet=unet, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet_model, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer,
         noise_scheduler=noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        name=name or pretrained, model_id=pretrained, resolution=int(resolution),
+        name=name or pretrained, model_id=pretrained if unet is None else f"{pretrained} with unet {unet}",
+        resolution=int(resolution),
         pipeline_defaults=pipeline_defaults(index),
     ).freeze()
+
+
+def load_unet(path: str, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str] = None):
+    """``model.unet``: the UNet folder ``path`` in place of ``pretrained``'s own, once its config shows the same
+    architecture (every option of the UNet's constructor, diffusers' defaults where a file omits one): a UNet of
+    another model would fail at the first step, or pair with a text encoder of another width."""
+    hint = ("give a diffusers UNet2DConditionModel folder (with config.json and its weights), e.g. a merge's "
+            "<run>/unet (experiment=merge_adapters protocol.save_as=unet), or null for the model's own")
+    check_part_source(path, "model.unet", hint)
+    try:
+        theirs = UNet2DConditionModel.load_config(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.unet", f"could not load {path!r}: {explain_load_error(exc).rstrip('.')}; "
+                                        f"{hint}") from exc
+    ours = UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=revision)
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    ours, theirs = ({k: json.loads(json.dumps(v)) for k, v in {**defaults, **c}.items() if not k.startswith("_")}
+                    for c in (ours, theirs))  # JSON's lists for the defaults' tuples
+    differ = [k for k in ours if k in defaults and ours[k] != theirs.get(k)]
+    if differ:
+        k = differ[0]
+        raise ConfigError("model.unet", f"{path!r} is a UNet of another architecture than model.pretrained "
+                                        f"{pretrained!r} ({k}: {theirs.get(k)!r} here, {ours[k]!r} in the model); "
+                                        "give a UNet of that model")
+    try:
+        return UNet2DConditionModel.from_pretrained(path, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.unet", f"could not load {path!r}: {explain_load_error(exc).rstrip('.')}; "
+                                        f"{hint}") from exc
 
 
 def pipeline_defaults(index: dict) -> dict:

@@ -136,6 +136,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     extra = "".join(f"\n  {k}: {v:.4g}" for k, v in info.items() if isinstance(v, float))
     out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
                     f"({len(result.deltas)} layers){' weights ' + str(weights) if weights else ''}\n"
-                    + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n"))
+                    + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n")
+                    + ("" if save_as == "adapter" else f"  use it in place of the model's UNet: model.unet={out_path} "
+                       f"(e.g. lorabench sample model=... model.unet={out_path} protocol.prompts=[...])\n"))
     return out
 
