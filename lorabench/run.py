@@ -35,7 +35,7 @@ from lorabench.training import (
     ValidationSamples,
 )
 from lorabench.training.batched import BatchedFineTuner, MemberEpochCallbacks, member_loaders
-from lorabench.training.module import check_cuda_graph
+from lorabench.training.module import check_cuda_graph, check_tokens_reached
 from lorabench.utils.console import first_process, note, share_console
 from lorabench.utils.io import write_json
 
@@ -90,6 +90,8 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
                                 embeddings=for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
                                                        cfg.data.get("concept")) if cfg.get("embeddings") else None,
                                 **OmegaConf.to_container(cfg.get("module", {}) or {}, resolve=True))
+    if module.tokens is not None:
+        check_tokens_reached(components, module.tokens, [caption for _, caption in datamodule.items])
     if cfg.get("init_adapter"):
         if module.adapters is None:
             raise ConfigError("init_adapter", "needs an adapter (adapter is null: full training)")

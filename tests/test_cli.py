@@ -183,6 +183,13 @@ def test_unknown_group_option(tmp_path, override, fragments):
     # Hydra's three and a link
     (["embeddings=textual_inversion", "embeddings.token=<x>"],
      ["embeddings.token: 'embeddings.token=<x>' is not a valid override", "\"embeddings.token='<value>'\""]),
+    # new tokens that no training prompt holds (the toy captions name colours and shapes) got no gradient: the run
+    # ended with its validation loss unchanged
+    (["embeddings=textual_inversion", "embeddings.token='<x>'"],
+     ["embeddings.token: '<x>' is in no training prompt (e.g. 'a ", "the new tokens would train nothing",
+      "embeddings.bind=<word>"]),
+    (["embeddings=textual_inversion", "embeddings.token='<x>'", "embeddings.bind=sks"],
+     ["embeddings.bind: '<x>', nor its bound word 'sks', is in no training prompt"]),
     # a word alone (a command that does not exist, a key without its value) was called an override to quote
     (["train"], ["train: neither a command of lorabench (sample, summarize, tiny-model, rebuild) nor an override"]),
     (["seed"], ["seed: neither a command of lorabench"]),

@@ -79,7 +79,7 @@ def test_tokens_only_checkpoint(tiny_model_dir, tmp_path):
     from omegaconf import open_dict
 
     cfg = compose([*tiny_overrides(tiny_model_dir, steps=2), "embeddings=textual_inversion",
-                   "embeddings.token='<sks>'", "embeddings.bind=false", "trainer.enable_checkpointing=true",
+                   "embeddings.token='<sks>'", "embeddings.bind=red", "trainer.enable_checkpointing=true",
                    "exports=[]", "data.val_samples=0"], tmp_path)
     with open_dict(cfg):
         cfg.adapter = None  # the tokens alone, as a protocol's textual-inversion cell trains them

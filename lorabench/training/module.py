@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
@@ -47,6 +47,25 @@ def check_cuda_graph(module: Mapping, trainer: Mapping) -> None:
     if module.get("snr_gamma") is not None:
         raise ConfigError("module.cuda_graph", "captures the unweighted loss; min-SNR weighting (module.snr_gamma) "
                           "runs without it")
+
+
+def check_tokens_reached(components: ModelComponents, tokens: ConceptTokens, prompts: Sequence[str],
+                         field: str = "embeddings") -> None:
+    """New tokens that no training prompt holds, as the text encoder reads it (bound words rewritten, cut at the
+    tokenizer's length), get no gradient and train nothing: a one-line error before the fit. Before, a run with
+    ``embeddings.token='<sks>'`` on the prompt 'a photo of sks dog' ended with its validation loss unchanged."""
+    texts = list(dict.fromkeys(prompts))
+    if not texts:
+        return
+    ids = set(components.tokenizer.convert_tokens_to_ids(tokens.names))
+    if any(ids & set(row) for row in tokenize_prompts(components, texts, "cpu")["ids"].tolist()):
+        return
+    bind, token = tokens.config.get("bind"), tokens.config["token"]
+    what = f"{token!r}, nor its bound word {bind!r}," if bind else f"{token!r}"
+    raise ConfigError(f"{field}.bind" if bind else f"{field}.token",
+                      f"{what} is in no training prompt (e.g. {texts[0]!r}): the new tokens would train nothing; "
+                      "write the token into the prompts (data.instance_prompt or the captions), or bind a word they "
+                      "hold (embeddings.bind=<word>)")
 
 
 def unique_mean(losses: torch.Tensor, index: torch.Tensor) -> float:
