@@ -307,6 +307,7 @@ def check_data_path(path, field: str = "data.path") -> Path:
 
 
 ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lorabench.adapters.io writes it)
+EMBEDDINGS_FILE = "embeddings.safetensors"  # a run's new tokens (lorabench.adapters.tokens writes it)
 
 
 def adapter_file(path, field: str) -> Path:

@@ -406,6 +406,44 @@ def test_the_sample_job_applies_weighted_adapters_of_any_layout(tiny_model_dir, 
     assert np.abs(outs["one"] - outs["base"]).max() > 0
 
 
+def test_the_sample_job_adds_a_runs_new_tokens(tiny_model_dir, tmp_path):
+    """A run folder stood for its adapter.safetensors alone: a LoRA run with textual inversion sampled without its
+    tokens (the bound word read as the base model's word), and a textual-inversion run was "a folder without
+    adapter.safetensors". Now a run folder brings its embeddings.safetensors too, as protocol.embeddings does a
+    token file, and the bound word samples the trained rows."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    tokens = ["embeddings=textual_inversion", "embeddings.token='<x>'", "embeddings.bind=red", "optim.lr=0.3"]
+    _train(tokens, tiny_model_dir, tmp_path / "both")
+    _train([*tokens, "adapter=none"], tiny_model_dir, tmp_path / "ti")
+    model = ["sample", "model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny", "model.resolution=16",
+             "protocol.sampler.num_inference_steps=2", "protocol.seeds=[0]", "protocol.prompts=[a red circle]"]
+    both, ti = tmp_path / "both", tmp_path / "ti"
+    images = {}
+    for name, args in (("run", [f"protocol.adapters=[{both}]"]),
+                       ("files", [f"protocol.adapters=[{both}/adapter.safetensors]",
+                                  f"protocol.embeddings=[{both}/embeddings.safetensors]"]),
+                       ("adapter", [f"protocol.adapters=[{both}/adapter.safetensors]"]),
+                       ("ti", [f"protocol.adapters=[{ti}]"]), ("base", [])):
+        proc = run_here([*model, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert proc.returncode == 0, crashed(proc)
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        images[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
+        if name in ("run", "files"):
+            assert res["adapters"] == [f"{both}/adapter.safetensors"]
+            assert res["embeddings"] == [f"{both}/embeddings.safetensors"]
+    assert np.array_equal(images["run"], images["files"])
+    assert np.abs(images["run"] - images["adapter"]).max() > 0 and np.abs(images["ti"] - images["base"]).max() > 0
+    # tokens take no weight; a token file that is not there
+    assert_one_line_error(run_here([*model, f"protocol.adapters=[{ti}]", "protocol.weights=[0.5]"], tmp_path),
+                          tmp_path, f"protocol.weights: 0.5 for '{ti}', a run of new tokens alone", "give 1")
+    assert_one_line_error(run_here([*model, f"protocol.embeddings=[{tmp_path}/nope.safetensors]"], tmp_path),
+                          tmp_path, f"protocol.embeddings: '{tmp_path}/nope.safetensors': no such token file")
+
+
 def test_an_adapter_of_another_model_says_which_model_it_was_trained_on(tiny_model_dir, tmp_path):
     """Sampled from another model, an adapter's layers do not match: the error said a tensor was missing, not
     that the file was trained on another model (lorabench files record which)."""

@@ -1,10 +1,17 @@
 """The sample job: images from a base model with adapter files applied (lorabench, diffusers or kohya
-layouts), as one labelled grid, the way a user looks at what they trained or merged.
+layouts) and new tokens added (textual inversion, P+), as one labelled grid, the way a user looks at what
+they trained or merged.
 
     lorabench sample model=sd15 protocol.adapters=[outputs/my_dog/adapter.safetensors] \\
         protocol.prompts=["a photo of sks dog","a sks dog on the beach"]
     lorabench sample ... protocol.adapters=[a.safetensors,b.safetensors] protocol.weights=[0.8,0.5]
     lorabench experiment=sample ...                      # the same job
+    lorabench sample ... protocol.adapters=[outputs/ti_run] protocol.prompts=["a photo of <sks> dog"]
+    lorabench sample ... protocol.embeddings=[learned_embeds.safetensors]   # a diffusers textual inversion
+
+A run folder stands for its ``adapter.safetensors`` and its ``embeddings.safetensors`` (new tokens), whichever it
+holds: a run that trained both (LoRA with textual inversion) samples with both, a textual-inversion run with its
+tokens. Tokens bound to a word (the concept's word) replace it in the prompts, as in training.
 
 Each adapter's update, times its weight (``protocol.weights``, 1 each by default), is added to the model's
 weights while sampling (what diffusers' ``set_adapters(names, weights)`` does for LoRAs), then the exact
@@ -15,6 +22,7 @@ prompt, one column per seed) and each image under ``images/``.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from lorabench.checks import adapter_file, check_validation, check_weights
+from lorabench.adapters.tokens import load_tokens
+from lorabench.checks import ADAPTER_FILE, EMBEDDINGS_FILE, adapter_file, check_validation, check_weights
 from lorabench.errors import ConfigError
 from lorabench.merging import merged_into, model_weights, read_update
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
@@ -31,13 +40,41 @@ from lorabench.utils.console import quiet_cells
 from lorabench.utils.io import atomic_path, write_json
 
 
+def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Path, str]]]:
+    """The job's adapter files with their weights, and its token files with the field that gave each:
+    ``protocol.adapters``' files, and its run folders' ``adapter.safetensors`` and ``embeddings.safetensors``
+    (whichever each holds); ``protocol.embeddings``' token files (or run folders). Checked before a model loads."""
+    entries = list(p.get("adapters") or [])
+    weights = check_weights(p.get("weights"), len(entries), "protocol.adapters") or [1.0] * len(entries)
+    files, scales, tokens = [], [], []
+    for entry, w in zip(entries, weights):
+        folder = Path(os.path.expanduser(str(entry)))
+        if folder.is_dir() and (folder / EMBEDDINGS_FILE).is_file():
+            tokens.append((folder / EMBEDDINGS_FILE, "protocol.adapters"))
+            if not (folder / ADAPTER_FILE).is_file():  # a run of new tokens alone
+                if w != 1.0:
+                    raise ConfigError("protocol.weights", f"{w:g} for {str(entry)!r}, a run of new tokens alone (no "
+                                                          f"{ADAPTER_FILE}): tokens take no weight; give 1")
+                continue
+        files.append(str(adapter_file(entry, "protocol.adapters")))
+        scales.append(w)
+    for entry in p.get("embeddings") or []:
+        path = Path(os.path.expanduser(str(entry)))
+        path = path / EMBEDDINGS_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError("protocol.embeddings", f"{str(entry)!r}: no such token file; give an embeddings "
+                                                     f".safetensors or a run folder that holds {EMBEDDINGS_FILE}")
+        tokens.append((path, "protocol.embeddings"))
+    return files, scales, tokens
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Sample ``protocol.prompts`` from ``protocol.seeds`` with ``protocol.adapters`` applied."""
+    """Sample ``protocol.prompts`` from ``protocol.seeds`` with ``protocol.adapters`` applied and the new tokens of
+    its runs and of ``protocol.embeddings`` added."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     p = cfg.protocol
-    files = [str(adapter_file(f, "protocol.adapters")) for f in (p.get("adapters") or [])]
-    weights = check_weights(p.get("weights"), len(files), "protocol.adapters") or [1.0] * len(files)
+    files, weights, token_files = sample_inputs(p)
     opts = OmegaConf.to_container(p, resolve=True)
     spec = check_validation({k: opts.get(k) for k in ("prompts", "seeds", "sampler")}, "protocol")
     if spec is None:
@@ -45,6 +82,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     with quiet_cells():  # the hub libraries' loading bars, as the other protocols load their model
         components = instantiate(cfg.model, _convert_="all")
     updates = [read_update(components, f) for f in files]
+    for path, field in token_files:
+        try:
+            load_tokens(components, path)
+        except ConfigError as err:  # named where the job was given the file
+            raise ConfigError(field, f"{str(path)!r}: {err.field}: {err.message}") from err
     device = eval_device(cfg)
     with contextlib.ExitStack() as stack:
         for u, w in zip(updates, weights):
@@ -53,7 +95,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         images = sample_prompts(components, spec["sampler"], spec["prompts"], spec["seeds"], device).cpu()
     n = len(spec["seeds"])
     rows = [images[i * n:(i + 1) * n] for i in range(len(spec["prompts"]))]
-    adapters = ", ".join(f"{Path(f).parent.name}/{Path(f).name} x{w:g}" for f, w in zip(files, weights)) or "none"
+    adapters = ", ".join([*(f"{Path(f).parent.name}/{Path(f).name} x{w:g}" for f, w in zip(files, weights)),
+                          *(f"{t.parent.name}/{t.name}" for t, _ in token_files)]) or "none"
     grid = run_dir / "samples.png"
     save_grid(grid, rows, labels=spec["prompts"], title=f"adapters: {adapters}\ncolumns: seeds {spec['seeds']}")
     written = []
@@ -64,7 +107,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             with atomic_path(path) as tmp:
                 Image.fromarray(to_uint8(img[None])[0].numpy()).save(tmp, format="PNG")
             written.append(str(path.relative_to(run_dir)))
-    out = {"protocol": "sample", "adapters": files, "weights": weights, "prompts": spec["prompts"],
+    out = {"protocol": "sample", "adapters": files, "weights": weights,
+           "embeddings": [str(t) for t, _ in token_files], "prompts": spec["prompts"],
            "seeds": spec["seeds"], "sampler": spec["sampler"], "grid": str(grid), "images": written,
            "total_s": time.perf_counter() - t0}
     write_json(run_dir / "results.json", out)
