@@ -310,6 +310,13 @@ ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lo
 EMBEDDINGS_FILE = "embeddings.safetensors"  # a run's new tokens (lorabench.adapters.tokens writes it)
 
 
+def run_embeddings(path) -> Optional[Path]:
+    """A run folder's new tokens (its ``embeddings.safetensors``), None where ``path`` is a file or a folder
+    without them."""
+    p = Path(os.path.expanduser(str(path))) / EMBEDDINGS_FILE
+    return p if p.is_file() else None
+
+
 def adapter_file(path, field: str) -> Path:
     """An adapter file (lorabench, diffusers or kohya ``.safetensors``) or a run folder, which stands for its
     ``adapter.safetensors``: the file, checked to exist and to start with a safetensors header (read here without

@@ -551,6 +551,41 @@ def test_merge_job_fuses_with_statistics_captured_from_prompts_and_saves_a_unet(
     assert all(e["output_median"]["mean"] > 0 for e in res["update_size"].values())
 
 
+@pytest.mark.integration
+def test_merge_job_captures_each_input_with_its_runs_new_tokens(tmp_path, tiny_model_dir):
+    """An input run trained with new tokens (LoRA with textual inversion; Mix-of-Show's ED-LoRA) names its concept
+    by them: its statistics were captured without them (the bound word read as the base model's word), and the
+    merge said nothing of them. Now each input's capture has its tokens, and the job lists them to sample with."""
+    from lorabench.adapters.tokens import inject_tokens
+    from lorabench.merging.capture import load_stats
+    from lorabench.models import load_components
+
+    a, b = (_adapter_files(tiny_model_dir, tmp_path, seed)[0] for seed in (0, 1))
+    tokens = inject_tokens(load_components(str(tiny_model_dir)), {"token": "<sks>", "bind": "sks"})
+    with torch.no_grad():
+        for row in tokens.parameters():
+            row.normal_(std=3.0, generator=torch.Generator().manual_seed(0))
+    words = tokens.save(a.parent / "embeddings.safetensors")
+    stats = {}
+    for run in ("with", "without"):
+        if run == "without":
+            words.unlink()
+        proc = run_here(["experiment=merge_adapters", "model=sd15", f"model.pretrained={tiny_model_dir}",
+                         "model.name=tiny", "model.resolution=16", f"protocol.inputs=[{a.parent},{b.parent}]",
+                         "merge=gradient_fusion", "protocol.prompts=[a sks dog,a photo dog]",
+                         "protocol.capture.num_inference_steps=2", "protocol.capture.images_per_prompt=1",
+                         f"hydra.run.dir={tmp_path / run}"], tmp_path)
+        assert proc.returncode == 0, crashed(proc)
+        res = json.loads((tmp_path / run / "results.json").read_text())
+        assert res["embeddings"] == ([str(words)] if run == "with" else [])
+        assert (f"the inputs' new tokens are not merged; sample with them: protocol.embeddings=[{words}]"
+                in proc.stdout) == (run == "with")
+        stats[run] = [load_stats(tmp_path / run / f"stats-{c}.safetensors") for c in ("c0", "c1")]
+    # c0's prompt reads its tokens where it had them; c1's capture is the same either way
+    assert any(not torch.equal(g, stats["without"][0][k]) for k, g in stats["with"][0].items())
+    assert all(torch.equal(g, stats["without"][1][k]) for k, g in stats["with"][1].items())
+
+
 def _two_updates(comps, rank=8):
     from lorabench.adapters import inject_adapters
     from lorabench.merging import updates_from_adapters

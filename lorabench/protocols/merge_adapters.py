@@ -15,7 +15,10 @@ written in lorabench's layout (``adapter.safetensors``) and the layouts of ``pro
 its own rank, never above what the layer allows (``min(out, in)``), so every loader reads them.
 
 Gradient fusion reads one statistics file per input (``protocol.stats``), or captures them on the
-spot from one prompt per input (``protocol.prompts``) and writes them into the run folder.
+spot from one prompt per input (``protocol.prompts``) and writes them into the run folder. An input run
+folder with new tokens (``embeddings.safetensors``: LoRA with textual inversion or P+, Mix-of-Show's ED-LoRA)
+has them in the model while its statistics are captured, as its prompt names its concept by them; tokens are
+not merged, and the job lists them (``protocol.embeddings`` of the sample job takes them).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import EXPORT_FILES, load_adapter
-from lorabench.checks import adapter_file, check_weights
+from lorabench.adapters.tokens import load_tokens
+from lorabench.checks import adapter_file, check_weights, run_embeddings
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
@@ -65,6 +69,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError("merge", "no merge method; pick one, e.g. merge=sum (valid: see conf/merge/)")
     method = check_merge(merge_cfg, "merge")
     inputs = [str(adapter_file(x, "protocol.inputs")) for x in (p.get("inputs") or [])]
+    # an input run's new tokens (a LoRA trained with textual inversion or P+, Mix-of-Show's ED-LoRA): in the model
+    # while its statistics are captured (its prompt names its concept by them); not merged, but listed
+    tokens = [run_embeddings(x) for x in (p.get("inputs") or [])]
     if len(inputs) < 2:
         raise ConfigError("protocol.inputs", f"give at least two adapter files to merge, got {len(inputs)}")
     if len({os.path.realpath(f) for f in inputs}) < len(inputs):
@@ -101,7 +108,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         seeds = derive_seed_list("merge-capture", int(cfg.seed), n_capture)
         for i, f in enumerate(inputs):
             ad = load_adapter(components, f)
+            own = None
             try:
+                own = None if tokens[i] is None else load_tokens(components, tokens[i])
                 if len(stats_files) == len(inputs):
                     stats.append(load_stats(stats_files[i], ad))
                 else:
@@ -111,6 +120,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     stats.append(grams)
             finally:
                 ad.remove()
+                if own is not None:
+                    own.remove()
     result = merge(updates, merge_cfg, stats=stats)
     base_weights = model_weights(components, list(updates[0].layers))
     size_log = sizes.SizeLog()  # each input against the base it sits on (on its inputs where captured)
@@ -127,7 +138,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         info["dropped_energy_max"] = max(dropped.values(), default=0.0)
     else:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
-    out = {"protocol": "merge_adapters", "inputs": inputs, "weights": weights, "merge": merge_cfg,
+    embeddings = [str(t) for t in tokens if t is not None]
+    out = {"protocol": "merge_adapters", "inputs": inputs, "embeddings": embeddings, "weights": weights,
+           "merge": merge_cfg,
            "merge_s": result.merge_s, "output": str(out_path),
            "files": [str(x) for x in (paths if save_as == "adapter" else [out_path])],
            "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
@@ -138,6 +151,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     f"({len(result.deltas)} layers){' weights ' + str(weights) if weights else ''}\n"
                     + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n")
                     + ("" if save_as == "adapter" else f"  use it in place of the model's UNet: model.unet={out_path} "
-                       f"(e.g. lorabench sample model=... model.unet={out_path} protocol.prompts=[...])\n"))
+                       f"(e.g. lorabench sample model=... model.unet={out_path} protocol.prompts=[...])\n")
+                    + (f"  the inputs' new tokens are not merged; sample with them: protocol.embeddings=["
+                       f"{','.join(embeddings)}]\n" if embeddings else ""))
     return out
 

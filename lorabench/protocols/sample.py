@@ -32,7 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lorabench.adapters.tokens import load_tokens
-from lorabench.checks import ADAPTER_FILE, EMBEDDINGS_FILE, adapter_file, check_validation, check_weights
+from lorabench.checks import (
+    ADAPTER_FILE,
+    EMBEDDINGS_FILE,
+    adapter_file,
+    check_validation,
+    check_weights,
+    run_embeddings,
+)
 from lorabench.errors import ConfigError
 from lorabench.merging import merged_into, model_weights, read_update
 from lorabench.sampling import eval_device, sample_prompts, save_grid, to_uint8
@@ -48,10 +55,9 @@ def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Pat
     weights = check_weights(p.get("weights"), len(entries), "protocol.adapters") or [1.0] * len(entries)
     files, scales, tokens = [], [], []
     for entry, w in zip(entries, weights):
-        folder = Path(os.path.expanduser(str(entry)))
-        if folder.is_dir() and (folder / EMBEDDINGS_FILE).is_file():
-            tokens.append((folder / EMBEDDINGS_FILE, "protocol.adapters"))
-            if not (folder / ADAPTER_FILE).is_file():  # a run of new tokens alone
+        if (own := run_embeddings(entry)) is not None:
+            tokens.append((own, "protocol.adapters"))
+            if not (own.parent / ADAPTER_FILE).is_file():  # a run of new tokens alone
                 if w != 1.0:
                     raise ConfigError("protocol.weights", f"{w:g} for {str(entry)!r}, a run of new tokens alone (no "
                                                           f"{ADAPTER_FILE}): tokens take no weight; give 1")
