@@ -18,6 +18,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning_utilities.core.imports import RequirementCache
 
 from lorabench.errors import ConfigError
+from lorabench.utils.console import note
 
 WANDB_MODES = ("offline", "online", "disabled")
 WANDB_SERVICE_DEFAULT = RequirementCache("wandb>=0.21")  # the service process needs no wandb.require
@@ -88,11 +89,26 @@ def _tags(tags) -> list[str]:
     return [str(tags)] if isinstance(tags, str) else [str(t) for t in tags]
 
 
+def previous_wandb_id(run_dir: str | os.PathLike) -> Optional[str]:
+    """The id of the W&B run that last logged from ``run_dir`` (its ``wandb/latest-run``, a link to
+    ``[offline-]run-<time>-<id>``), None where none did."""
+    latest = Path(run_dir) / "wandb" / "latest-run"
+    try:
+        name = os.readlink(latest) if latest.is_symlink() else ""
+    except OSError:
+        return None
+    found = re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-(\w+)", Path(name).name)
+    return found.group(1) if found else None
+
+
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, run_name: str,
-                  resolved_config: Mapping[str, Any], job_type: str = "train") -> list[Logger]:
+                  resolved_config: Mapping[str, Any], job_type: str = "train",
+                  resume_id: Optional[str] = None) -> list[Logger]:
     """``cfg`` is the ``logger`` config: ``{csv: {...}, wandb: {...} | null}``. W&B runs are grouped by
     ``wandb.group`` (the experiment) and typed ``job_type`` (train / merge / eval, from the caller) unless
-    the config sets one."""
+    the config sets one. ``resume_id``: the W&B run of the part of this run before it resumed
+    (:func:`previous_wandb_id`); an online run goes on logging to it (one run, one curve on the dashboard), an
+    offline one starts its own and says so (W&B cannot resume offline runs, wandb/wandb#2423)."""
     cfg = dict(cfg or {})
     run_dir = Path(run_dir)
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="csv", version="")]
@@ -105,6 +121,11 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, 
         wb.pop("mode", None)
         if mode not in WANDB_MODES:
             raise ConfigError(mode_field, f"unknown mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
+        if resume_id and "id" not in wb and mode == "online":
+            wb["id"] = resume_id  # Lightning's logger asks wandb.init to resume="allow" it
+        elif resume_id and mode == "offline":
+            note(f"lorabench: W&B cannot resume the offline run {resume_id}; the resumed part logs to a run of its "
+                 "own (wandb sync uploads both; online runs go on in theirs)")
         loggers.append(RunWandbLogger(
             project=wb.pop("project", "lorabench"), name=wb.pop("name", None) or run_name,
             group=wb.pop("group", None), job_type=wb.pop("job_type", None) or job_type,

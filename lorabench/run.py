@@ -24,7 +24,7 @@ from lorabench.adapters.stacked import StackedAdapters, take_out
 from lorabench.adapters.tokens import ConceptTokens, check_tokens_config, for_concept, inject_tokens
 from lorabench.checks import adapter_file, check_callbacks, check_validation
 from lorabench.errors import ConfigError, raised_by
-from lorabench.loggers import build_loggers, finish_wandb, join_csv, set_aside_csv
+from lorabench.loggers import build_loggers, finish_wandb, join_csv, previous_wandb_id, set_aside_csv
 from lorabench.training import (
     AdapterEMA,
     DiffusionFineTuner,
@@ -102,8 +102,10 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = resume_checkpoint(cfg.get("resume"), run_dir)
+    wandb_id = None  # the W&B run of this run folder's part before it resumed
     if resume:
         own_folder = cfg.get("resume") is None
+        wandb_id = previous_wandb_id(run_dir) if own_folder else None
         at = check_resume(resume, module, own_folder=own_folder)
         done = None if at is None else nothing_left(resume, at, cfg.trainer.get("max_steps"),
                                                     run_dir if own_folder else None)
@@ -115,7 +117,7 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
     # the first process only (under Lightning's ddp launcher each rank runs this with its LOCAL_RANK)
     earlier_csv = set_aside_csv(run_dir) if resume and first_process() else None
     loggers = build_loggers(cfg.get("logger"), run_dir, run_name=f"{config_name}-seed{cfg.seed}",
-                            resolved_config=resolved)
+                            resolved_config=resolved, resume_id=wandb_id)
     history = LossHistory()
     validation = check_validation(OmegaConf.select(cfg, "eval.validation"))
     samples = ValidationSamples(folder=run_dir / "samples", **validation) if validation else None

@@ -161,3 +161,33 @@ def test_a_resumed_run_keeps_the_first_parts_rows_and_the_checkpoints_own_valida
     assert rows == [(0, "", "1.5"), (1, "1.4", ""), (3, "1.3", ""), (4, "", "1.2"),
                     (4, "1.26", ""), (5, "1.15", ""), (6, "", "1.0")]
     assert not aside.exists()
+
+
+def test_a_resumed_run_goes_on_in_its_online_wandb_run(monkeypatch, tmp_path, capsys):
+    """A run resumed in its folder started a second W&B run: the dashboard showed two runs, each with part of the
+    curves. An online run now goes on in the run it had (its id, read from the folder's wandb/latest-run); an
+    offline one cannot (W&B does not resume offline runs) and says so."""
+    pytest.importorskip("wandb")
+    from lorabench.loggers import RunWandbLogger, build_loggers, finish_wandb, previous_wandb_id
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert previous_wandb_id(tmp_path) is None
+    first = build_loggers({"wandb": {"project": "p", "mode": "offline"}}, str(tmp_path), "r", {})
+    run_id = first[1].experiment.id
+    finish_wandb()
+    assert previous_wandb_id(tmp_path) == run_id
+    # offline: a run of its own, and a line that says why
+    again = build_loggers({"wandb": {"project": "p", "mode": "offline"}}, str(tmp_path), "r", {}, resume_id=run_id)
+    try:
+        assert again[1].experiment.id != run_id
+    finally:
+        finish_wandb()
+    assert f"W&B cannot resume the offline run {run_id}; the resumed part logs to a run of its own" in \
+        capsys.readouterr().out
+    # online (no network here: wandb.init is not reached): the same id, resumed
+    monkeypatch.setattr(RunWandbLogger, "log_hyperparams", lambda self, params: None)
+    online = build_loggers({"wandb": {"project": "p", "mode": "online"}}, str(tmp_path), "r", {}, resume_id=run_id)
+    assert online[1]._wandb_init["id"] == run_id and online[1]._wandb_init["resume"] == "allow"
+    given = build_loggers({"wandb": {"project": "p", "mode": "online", "id": "mine"}}, str(tmp_path), "r", {},
+                          resume_id=run_id)
+    assert given[1]._wandb_init["id"] == "mine"  # an id the config sets is kept
