@@ -191,3 +191,21 @@ def test_a_resumed_run_goes_on_in_its_online_wandb_run(monkeypatch, tmp_path, ca
     given = build_loggers({"wandb": {"project": "p", "mode": "online", "id": "mine"}}, str(tmp_path), "r", {},
                           resume_id=run_id)
     assert given[1]._wandb_init["id"] == "mine"  # an id the config sets is kept
+
+
+def test_a_resumed_protocol_goes_on_in_its_online_wandb_run(monkeypatch, tmp_path):
+    """A continual sequence resumed from its state opened a second W&B run, which held none of the tasks before
+    the stop (their scores are replayed into the metric, not logged again)."""
+    pytest.importorskip("wandb")
+    from lorabench.loggers import RunWandbLogger, finish_wandb
+    from lorabench.protocols.report import Session
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose(["experiment=continual/world_objects", "logger=wandb"], tmp_path)
+    first = Session(cfg, tmp_path, "continual").open_loggers("continual-naive-seed0")
+    run_id = first[1].experiment.id
+    finish_wandb()
+    cfg.logger.wandb.mode = "online"
+    monkeypatch.setattr(RunWandbLogger, "log_hyperparams", lambda self, params: None)  # no network here
+    assert Session(cfg, tmp_path, "continual").open_loggers("x", resumed=True)[1]._wandb_init["id"] == run_id
+    assert Session(cfg, tmp_path, "continual").open_loggers("x")[1]._wandb_init["id"] is None  # a fresh run

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorabench.checks import check_writable
 from lorabench.errors import ConfigError
-from lorabench.loggers import build_loggers, finish_wandb
+from lorabench.loggers import build_loggers, finish_wandb, previous_wandb_id
 from lorabench.protocols import base, sizes
 from lorabench.protocols.base import mean_std, pm
 from lorabench.sampling import save_grid
@@ -97,12 +97,14 @@ class Session:
     progress: Optional[CellProgress] = None
     loggers: Optional[list] = None
 
-    def open_loggers(self, run_name: str) -> list:
+    def open_loggers(self, run_name: str, resumed: bool = False) -> list:
         """The configured loggers, opened now (as a ``job_type="eval"`` W&B run named ``run_name``) for a protocol
         that logs along the way (curves, per-task scores); :meth:`finish` logs the summary to them and ends
-        the W&B run. A protocol that does not call this gets them at :meth:`finish`."""
+        the W&B run. A protocol that does not call this gets them at :meth:`finish`. ``resumed``: the run goes
+        on from its folder's state, and an online W&B run goes on in the one that logged it so far."""
         self.loggers = build_loggers(self.cfg.get("logger"), self.run_dir, run_name=run_name, job_type="eval",
-                                     resolved_config=OmegaConf.to_container(self.cfg, resolve=True))
+                                     resolved_config=OmegaConf.to_container(self.cfg, resolve=True),
+                                     resume_id=previous_wandb_id(self.run_dir) if resumed else None)
         return self.loggers
 
     def count(self, total: int, desc: str = "") -> None:

@@ -199,7 +199,7 @@ def run(session: Session, method: ContinualMethod, adapter: dict, eval_seed: int
     # an adapter config the model cannot take: one line before the run's state and scores
     r.model = RunningModel(base_model(cfg, [("protocol.adapter", a) for a in adapter_cfgs]))
     state.start()
-    loggers = session.open_loggers(f"{session.protocol}-{method.name}-seed{seed}")
+    loggers = session.open_loggers(f"{session.protocol}-{method.name}-seed{seed}", resumed=state.completed() > 0)
     callback = ContinualEvaluation(r.metric, r.evaluate, loggers, [t.name for t in tasks])
     session.count(len(tasks) + 1, desc=f"{session.protocol} {method.name}")
     with quiet_cells():
