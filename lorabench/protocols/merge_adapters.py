@@ -110,10 +110,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             ad = load_adapter(components, f)
             own = None
             try:
-                own = None if tokens[i] is None else load_tokens(components, tokens[i])
                 if len(stats_files) == len(inputs):
                     stats.append(load_stats(stats_files[i], ad))
                 else:
+                    if tokens[i] is not None:
+                        own = load_tokens(components, tokens[i])
                     grams, rows = capture_stats(components, ad, [prompts[i]], seeds, cap, eval_device(cfg))
                     save_stats(run_dir / f"stats-{names[i]}.safetensors", grams, rows, ad.base_fingerprint(),
                                [prompts[i]])
@@ -140,8 +141,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
     embeddings = [str(t) for t in tokens if t is not None]
     out = {"protocol": "merge_adapters", "inputs": inputs, "embeddings": embeddings, "weights": weights,
-           "merge": merge_cfg,
-           "merge_s": result.merge_s, "output": str(out_path),
+           "merge": merge_cfg, "merge_s": result.merge_s, "output": str(out_path),
            "files": [str(x) for x in (paths if save_as == "adapter" else [out_path])],
            "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
            "total_s": time.perf_counter() - t0}
