@@ -251,6 +251,16 @@ def test_a_merged_unet_folder_loads_in_place_of_the_models_own(tmp_path, tiny_mo
         assert err.value.field == "model.unet" and all(f in err.value.message for f in fragments), err.value
 
 
+def test_model_unet_null_keeps_the_cell_caches_and_a_unet_folder_keys_its_own():
+    """model.unet was added to the model configs after cells were cached: null hashes as if it were not there (a
+    cached cell, a continual run's fingerprint stay valid); a folder is another model's cell."""
+    from lorabench.protocols.cells import config_hash
+
+    model = {"name": "sd15", "pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5", "resolution": 512}
+    assert config_hash({"model": {**model, "unet": None}}, ["model"]) == config_hash({"model": model}, ["model"])
+    assert config_hash({"model": {**model, "unet": "run/unet"}}, ["model"]) != config_hash({"model": model}, ["model"])
+
+
 def test_a_file_whose_config_lorabench_refuses_says_so_not_that_it_misfits(tmp_path):
     """A file trained with alpha 0 (before the check refused it: an adapter that learned nothing) read "does not fit
     the model (trained on ..., loaded into ...): adapter.alpha: ...", though nothing about the model was wrong."""

@@ -201,7 +201,7 @@ def cell_config(cfg: DictConfig, adapter_cfg: DictConfig, data: Mapping, seed: i
 
 
 # Options added after results were cached, off when null: a null one hashes as if the key were not there.
-OFF_WHEN_NULL = {"module": ("snr_gamma", "ema_decay"), "data": ("buckets",)}
+OFF_WHEN_NULL = {"module": ("snr_gamma", "ema_decay"), "data": ("buckets",), "model": ("unet",)}
 # Trainer options that change how a run is shown, not what it computes.
 DISPLAY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
