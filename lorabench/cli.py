@@ -633,6 +633,8 @@ def _register_resolvers() -> None:
 
 
 SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None, "rebuild": None}
+# Flags that may come before a command (lorabench --multirun sample ...): Hydra's multirun, lorabench's verbose.
+LEADING_FLAGS = ("-m", "--multirun", "-v", "--verbose")
 
 
 def check_command(args: list[str]) -> list[str]:
@@ -656,6 +658,14 @@ def main() -> None:
         end_with_parent()  # (a rank zero stopped by SIGKILL left the others waiting on it for good)
     # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table;
     # lorabench rebuild <paper> RUNS...: a paper's tables from finished runs
+    # the sample job after flags (lorabench --multirun sample ...; it read "sample: neither a command of lorabench
+    # (sample, ...) nor an override") is the sample job; another command after flags is one line
+    lead = next((i for i, a in enumerate(sys.argv[1:], 1) if a not in LEADING_FLAGS), None)
+    if lead is not None and lead > 1 and sys.argv[lead] in SUBCOMMANDS:
+        if SUBCOMMANDS[sys.argv[lead]] is None:
+            fail(ConfigError(sys.argv[lead], f"a command comes first: lorabench {sys.argv[lead]} ..., without "
+                                             f"{' '.join(sys.argv[1:lead])}"))
+        sys.argv[lead] = SUBCOMMANDS[sys.argv[lead]]
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         if sys.argv[1] == "summarize":
             sys.exit(summarize_main(sys.argv[2:]))

@@ -198,6 +198,15 @@ def test_bad_config_values(tmp_path, args, fragments):
     assert_one_line_error(run_here([*args, *FAST], tmp_path), tmp_path, *fragments)
 
 
+def test_a_command_after_flags(tmp_path):
+    """The sample job after --multirun read "sample: neither a command of lorabench (sample, ...) nor an override":
+    it is the sample job (here with its own one line for a missing prompt); another command says it comes first."""
+    assert_one_line_error(run_here(["--multirun", "sample", "model=tiny"], tmp_path), tmp_path,
+                          "protocol.prompts: give at least one prompt")
+    assert_one_line_error(run_here(["-m", "summarize", str(tmp_path)], tmp_path), tmp_path,
+                          "summarize: a command comes first: lorabench summarize ..., without -m")
+
+
 @pytest.mark.parametrize("args,fragments", [
     # a protocol's sampler and its adapters' new tokens (a single run refuses eval=world and a protocol block)
     (["eval.sampler.num_inference_steps=0"], ["eval.sampler.num_inference_steps: must be an integer >= 1, got 0"]),
