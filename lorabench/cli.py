@@ -637,6 +637,20 @@ SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": N
 LEADING_FLAGS = ("-m", "--multirun", "-v", "--verbose")
 
 
+def hydra_args(args: list[str]) -> list[str]:
+    """A command line's arguments as Hydra reads them: the sample command as its experiment, first or after the
+    :data:`LEADING_FLAGS` (``lorabench --multirun sample ...`` read "sample: neither a command of lorabench
+    (sample, ...) nor an override"). A command of its own (summarize, rebuild, tiny-model) after flags is a
+    ConfigError: it comes first."""
+    lead = next((i for i, a in enumerate(args) if a not in LEADING_FLAGS), None)
+    if lead is None or args[lead] not in SUBCOMMANDS:
+        return list(args)
+    if SUBCOMMANDS[args[lead]] is None:
+        raise ConfigError(args[lead], f"a command comes first: lorabench {args[lead]} ..., without "
+                                      f"{' '.join(args[:lead])}")
+    return [*args[:lead], SUBCOMMANDS[args[lead]], *args[lead + 1:]]
+
+
 def check_command(args: list[str]) -> list[str]:
     """A command's arguments (after ``lorabench``, a subcommand made its experiment, ``-v`` taken out) as
     Hydra gets them, ``adapter=null`` as ``adapter=none``, once every check that needs no model, no data
@@ -656,17 +670,9 @@ def check_command(args: list[str]) -> list[str]:
 def main() -> None:
     if not first_process():  # a rank Lightning's ddp started by running this command again: ends with rank zero
         end_with_parent()  # (a rank zero stopped by SIGKILL left the others waiting on it for good)
-    # lorabench sample ...: the sample job (experiment=sample); lorabench summarize <dir>: a sweep's table;
-    # lorabench rebuild <paper> RUNS...: a paper's tables from finished runs
-    # the sample job after flags (lorabench --multirun sample ...; it read "sample: neither a command of lorabench
-    # (sample, ...) nor an override") is the sample job; another command after flags is one line
-    lead = next((i for i, a in enumerate(sys.argv[1:], 1) if a not in LEADING_FLAGS), None)
-    if lead is not None and lead > 1 and sys.argv[lead] in SUBCOMMANDS:
-        if SUBCOMMANDS[sys.argv[lead]] is None:
-            fail(ConfigError(sys.argv[lead], f"a command comes first: lorabench {sys.argv[lead]} ..., without "
-                                             f"{' '.join(sys.argv[1:lead])}"))
-        sys.argv[lead] = SUBCOMMANDS[sys.argv[lead]]
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    # lorabench sample ...: the sample job (experiment=sample, hydra_args); lorabench summarize <dir>: a sweep's
+    # table; lorabench rebuild <paper> RUNS...: a paper's tables from finished runs
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS and SUBCOMMANDS[sys.argv[1]] is None:
         if sys.argv[1] == "summarize":
             sys.exit(summarize_main(sys.argv[2:]))
         if sys.argv[1] == "rebuild":  # lorabench rebuild <paper> RUNS... = python -m lorabench.protocols rebuild ...
@@ -679,7 +685,10 @@ def main() -> None:
 
             tiny_main(sys.argv[2:])
             return
-        sys.argv = [sys.argv[0], SUBCOMMANDS[sys.argv[1]], *sys.argv[2:]]
+    try:
+        sys.argv = [sys.argv[0], *hydra_args(sys.argv[1:])]
+    except ConfigError as err:
+        fail(err)
     _register_resolvers()
     # -v / --verbose: the full console output of every library (see lorabench.utils.console).
     verbose_flags = {"-v", "--verbose"}

@@ -12,7 +12,7 @@ import pytest
 from hydra.utils import get_method
 
 from helpers import CONF, REPO, compose
-from lorabench.cli import SUBCOMMANDS, check_command, check_group_overrides, config_groups
+from lorabench.cli import check_command, check_group_overrides, config_groups, hydra_args
 from lorabench.errors import ConfigError
 
 EXPERIMENTS = config_groups(CONF)["experiment"]
@@ -270,9 +270,7 @@ def test_every_documented_command_passes_the_checks_before_any_work(line, tmp_pa
     while not args[0].endswith("lorabench"):  # VAR=value before the command: its environment, as the shell sets it
         name, _, value = args.pop(0).partition("=")
         monkeypatch.setenv(name, value)
-    args = [a for a in args[1:] if a not in ("-v", "--verbose")]
-    if args and SUBCOMMANDS.get(args[0]):
-        args = [SUBCOMMANDS[args[0]], *args[1:]]
+    args = [a for a in hydra_args(args[1:]) if a not in ("-v", "--verbose")]
     monkeypatch.chdir(tmp_path)
     check_command(with_paths(args, tmp_path))
 
