@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lorabench.checks import check_writable
 from lorabench.errors import ConfigError
 from lorabench.models.components import ModelComponents, save_components
+from lorabench.utils.console import quiet_cells
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -288,8 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_writable(args.folder, "folder")
     except ConfigError as err:
         parser.error(str(err))
-    comps = build_tiny_components(seed=args.seed, with_vae=not args.pixel, words=args.words)
-    save_components(comps, args.folder)
+    with quiet_cells():  # transformers' "Writing model shards" bar, for a model of a few kilobytes
+        comps = build_tiny_components(seed=args.seed, with_vae=not args.pixel, words=args.words)
+        save_components(comps, args.folder)
     kind = "pixel space, lorabench only" if args.pixel else "with a VAE: also a diffusers StableDiffusionPipeline"
     print(f"wrote {args.folder} ({kind}); train on it with: lorabench experiment=quickstart model=sd15 "
           f"model.pretrained={args.folder} model.name=tiny model.resolution=16")
