@@ -55,11 +55,13 @@ def test_an_empty_metadata_file_says_it_lists_no_images(tmp_path):
         scan_folder(tmp_path, instance_prompt="x", field="data.path")
 
 
-@pytest.mark.parametrize("kind", ["shuffle", "buckets"])
+@pytest.mark.parametrize("kind", ["shuffle", "buckets", "workers"])
 def test_a_loader_resumed_from_its_state_hands_out_what_the_uninterrupted_one_would(kind):
     """lorabench.data.loader: a checkpoint's loader state, taken mid-epoch or at an epoch's end, makes a new
     loader (a resumed run's) hand out the rest of that epoch and then the same epochs as the loader that went
-    on; the aspect-ratio buckets' own generator is kept too (a resumed run drew fresh bucket orders)."""
+    on; the aspect-ratio buckets' own generator is kept too (a resumed run drew fresh bucket orders). With worker
+    processes (persistent: one iterator for the whole fit) the orders after the first epoch differed: the new
+    iterator drew its workers' seed from the shuffling generator, the uninterrupted one's did not."""
     from lorabench.data.imagefolder import BucketBatchSampler
     from lorabench.data.loader import ResumableLoader
 
@@ -67,7 +69,9 @@ def test_a_loader_resumed_from_its_state_hands_out_what_the_uninterrupted_one_wo
         data = list(range(10))
         if kind == "buckets":
             return ResumableLoader(data, batch_sampler=BucketBatchSampler([(8, 8)] * 6 + [(8, 16)] * 4, 3, seed=0))
-        return ResumableLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+        workers = {"num_workers": 2, "persistent_workers": True} if kind == "workers" else {}
+        return ResumableLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0),
+                               **workers)
 
     def epoch(loader, n=None):
         out = []

@@ -11,12 +11,14 @@ had when the epoch's iterator was made and the batches handed out since:
   and drops the batches the stopped run had trained on (loaded and dropped: only public DataLoader API);
 - resumed from a checkpoint at an epoch's end, the next epoch starts from the generators' state there.
 
-With ``num_workers=0`` (lorabench's default) a resumed run draws the orders of the run that was not stopped,
-so both end with the same adapter. With worker processes (``persistent_workers``: one iterator for the whole
-fit), a resumed run still drops the batches already trained on, but its later orders differ: the uninterrupted
-run's iterator drew its workers' seed once, the resumed run's draws it again. A ``DistributedSampler``'s order
-comes from its seed and epoch, which Lightning restores; a sampler's own generator (the aspect-ratio buckets')
-and the dataset's (random crops and flips, ``ImageCaptionDataset.generators``) are kept like the loader's.
+A resumed run draws the orders of the run that was not stopped, so both end with the same adapter: with
+``num_workers=0`` (lorabench's default) and with worker processes (``persistent_workers``: one iterator for the
+whole fit), whose iterator draws its workers' seed from the loader's generator each epoch as a new one does
+(before 2026-12-07 only once, so a resumed run's orders differed after the first epoch). Random crops and flips
+in worker processes draw from each worker's own generator, which PyTorch seeds from that seed: a resumed run's
+workers draw others. A ``DistributedSampler``'s order comes from its seed and epoch, which Lightning restores;
+a sampler's own generator (the aspect-ratio buckets') and the dataset's (random crops and flips in the main
+process, ``ImageCaptionDataset.generators``) are kept like the loader's.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class ResumableLoader(DataLoader):
             skip = int(state["batches"])
         self._epoch_start = [g.get_state() for g in generators]
         self._handed_out = 0
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            # the workers' seed a new iterator draws from the loader's generator before its order (torch's
+            # _BaseDataLoaderIter), drawn here as well by the iterator that goes on: every epoch's order then comes
+            # after one such draw, whether its iterator is the fit's first (a resumed run's) or not
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         for batch in super().__iter__():
             self._handed_out += 1
             if self._handed_out > skip:
