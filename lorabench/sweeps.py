@@ -4,8 +4,8 @@
     lorabench summarize outputs/multirun/quickstart/2026-12-04_10-00-00   # the table again, any time
 
 At the end of a multirun, :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/train.yaml)
-prints the table and writes ``summary.md`` and ``summary.csv`` into the sweep folder. Nothing here imports
-torch: summarising is reading JSON.
+prints the table and writes ``summary.md``, ``summary.csv`` and ``summary.png`` (a bar per job for each measured
+column) into the sweep folder. Nothing here imports torch: summarising is reading JSON.
 
 One job's failure is that job's, not the sweep's: a job that crashes, or that fails on bad input in a field its
 swept values set (``optim.warmup_steps=500,0``: 500 is too long a warm-up), writes ``failed.json`` into its folder
@@ -181,7 +181,48 @@ def summarize(sweep_dir: str | Path, write: bool = True) -> str:
         writer.writeheader()
         writer.writerows(rows)
         write_text(sweep_dir / "summary.csv", buf.getvalue())
+        summary_plot(sweep_dir / "summary.png", rows, cols)
     return text
+
+
+# columns that name, count or time a job rather than measure what it trained: not plotted
+NOT_PLOTTED = ("job", "overrides", "status", "protocol", "table", "adapter", "steps", "total s")
+
+
+def _number(cell: Optional[str]) -> float:
+    try:
+        return float(cell) if cell not in (None, "", "-") else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def summary_plot(path: Path, rows: Sequence[dict[str, str]], cols: Sequence[str], per_row: int = 4) -> bool:
+    """``summary.png``: one panel per measured column of the sweep's table (a run's losses, a protocol's
+    ``headline``), a bar per job, jobs in the table's order (a failed job's bar is missing). Written where two jobs
+    or more measured something; returns whether it was."""
+    shown = [c for c in cols if c not in NOT_PLOTTED and sum(_number(r.get(c)) == _number(r.get(c))
+                                                             for r in rows) >= 1]
+    if len(rows) < 2 or not shown:
+        return False
+    from lorabench.utils.plots import figure, save_figure  # noqa: PLC0415 - matplotlib: only where a table plots
+
+    ncols, nrows = min(per_row, len(shown)), -(-len(shown) // per_row)
+    fig, axes = figure(ncols, nrows, figsize=(3.4 * ncols + 1.6, (0.28 * len(rows) + 1.0) * nrows), sharey=True)
+    names = [r["job"] for r in rows]
+    groups = list(dict.fromkeys(n.split("/", 1)[0] for n in names))  # a nested sweep's method: one colour each
+    colours = [f"C{groups.index(n.split('/', 1)[0]) % 10}" for n in names]
+    for ax, col in zip(axes.flat, shown):
+        ax.barh(range(len(rows)), [_number(r.get(col)) for r in rows], color=colours)
+        ax.set_title(col, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_yticks(range(len(rows)), names, fontsize=7)
+    axes[0, 0].invert_yaxis()  # the first job on top, as in the table (once: every panel shares the axis)
+    fig.suptitle(f"sweep {path.parent.name}: {len(rows)} jobs", fontsize=9)
+    save_figure(fig, path)
+    return True
 
 
 # the exit status of the last sweep this process ran (SweepSummary sets it; the CLI exits with it)
@@ -207,7 +248,8 @@ class SweepSummary(Callback):
             text = summarize(sweep_dir)
         except FileNotFoundError:
             return
-        print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}\n{text}")
+        plot = f" (plotted: {sweep_dir / 'summary.png'})" if (sweep_dir / "summary.png").is_file() else ""
+        print(f"\nlorabench sweep: {sweep_dir / 'summary.md'}{plot}\n{text}")
         jobs = [p for p in sweep_jobs(sweep_dir) if (p / ".hydra" / "overrides.yaml").is_file()
                 and (p / ".hydra" / "overrides.yaml").stat().st_mtime >= self.started - 1.0]  # this sweep's
         failed = [p for p in jobs if not (p / "results.json").is_file()]

@@ -147,3 +147,30 @@ def test_the_summary_of_a_protocol_sweep_lists_each_job_and_its_table(tmp_path):
     (job / ".hydra").mkdir(parents=True)
     (job / "results.json").write_text(json.dumps({"metrics": {"steps": 30, "train_loss_last": 0.5}, "timings": None}))
     assert "| 1_seed=1 |  | done | - | 30 | 0.5 | - | - |" in summarize(tmp_path / "train", write=False)
+
+
+def test_a_sweep_summary_plots_each_measured_column_per_job(tmp_path):
+    """summary.md and summary.csv were tables only: summary.png has a panel per measured column (a run's losses,
+    a protocol's headline), a bar per job in the table's order; ids, counts and times are not plotted, and a sweep
+    of one job, or of jobs that measured nothing (sample jobs), gets no figure."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from lorabench.sweeps import summarize, summary_plot
+
+    for i, loss in enumerate((0.5, 0.25, None)):
+        job = tmp_path / "sweep" / f"{i}_optim.lr={i}"
+        (job / ".hydra").mkdir(parents=True)
+        if loss is not None:  # the third job failed: its bar is missing
+            (job / "results.json").write_text(json.dumps({"metrics": {"steps": 30, "train_loss_last": loss,
+                                                                      "val_loss_after": loss / 2},
+                                                          "timings": {"total_s": 9.0}}))
+    summarize(tmp_path / "sweep")
+    png = np.asarray(Image.open(tmp_path / "sweep" / "summary.png"))
+    assert png.shape[1] > png.shape[0]  # two panels side by side
+    rows = [{"job": "a", "status": "done", "steps": "30", "total s": "9"}, {"job": "b", "steps": "3"}]
+    assert not summary_plot(tmp_path / "none.png", rows, ["job", "status", "steps", "total s"])
+    assert not summary_plot(tmp_path / "one.png", rows[:1], ["job", "train loss last"])
+    assert not (tmp_path / "none.png").exists() and not (tmp_path / "one.png").exists()
