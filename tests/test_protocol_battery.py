@@ -82,6 +82,10 @@ def test_rebuild_bad_input_is_one_line(paper, tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorabench: error:")]
         assert len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "out").exists()
+    # argparse's own errors name the command as the docs show it (they read "python -m lorabench.protocols ...")
+    with pytest.raises(SystemExit):
+        main(["rebuild", paper])
+    assert f"lorabench rebuild {paper}: error: the following arguments are required: paths" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("paper", list(CASES))

@@ -167,7 +167,7 @@ def rebuild_cli(paper: str, argv: Optional[Sequence[str]] = None) -> None:
     prints the tables and writes them into DIR. Bad input (a folder without results, runs that do not
     belong in one table) is one line and exit status 2."""
     p = base.paper(paper)
-    parser = argparse.ArgumentParser(prog=f"python -m lorabench.protocols rebuild {paper}",
+    parser = argparse.ArgumentParser(prog=f"lorabench rebuild {paper}",
                                      description=f"Rebuild {paper}'s tables from its runs' results.json files "
                                      "(folders searched recursively); nothing re-runs.")
     parser.add_argument("paths", nargs="+", help="run folders or results.json files")
