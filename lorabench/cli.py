@@ -465,6 +465,12 @@ def check_trainer(trainer_cfg, field: str = "trainer") -> None:
         if isinstance(devices, int) and devices > have:
             raise ConfigError(f"{field}.devices", f"{devices} asked, {have} CUDA device(s) here; use devices<={have} "
                               "or one process per GPU through a launcher")
+    if str(opts.get("precision")) in ("16", "16-mixed") and (accel == "cpu" or accel == "auto"
+                                                           and not torch.cuda.is_available()):
+        # Lightning trains bf16-mixed instead, with a warning the quiet console hides: results.json said 16-mixed
+        raise ConfigError(f"{field}.precision", f"{opts['precision']!r} on the CPU, where fp16 AMP does not run "
+                                                "(Lightning would train bf16-mixed instead); set trainer.precision="
+                                                "bf16-mixed or 32-true, or train on a GPU")
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
     levels = [lg.level for lg in quiet]
     try:

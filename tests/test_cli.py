@@ -165,6 +165,8 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer.max_epochs=-5"], ["trainer.max_epochs: `max_epochs` must be a non-negative integer or -1"]),
     (["+trainer.max_stepz=10"], ["trainer.max_stepz: not an option of lightning.pytorch.Trainer"]),
     (["trainer.precision=17"], ["trainer.precision: Precision 17 is invalid. Allowed precision values"]),
+    # Lightning trained bf16-mixed instead, its warning hidden by the quiet console; results.json said 16-mixed
+    (["trainer.precision=16-mixed"], ["trainer.precision: '16-mixed' on the CPU, where fp16 AMP does not run"]),
     (["trainer=gpu"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device; use trainer=cpu"]),
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
     # named where the config sets them (they read "sampler.scheduler" before), and a switch given a word
