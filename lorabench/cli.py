@@ -639,17 +639,21 @@ def _register_resolvers() -> None:
 
 
 SUBCOMMANDS = {"sample": "experiment=sample", "summarize": None, "tiny-model": None, "rebuild": None}
-# Flags that may come before a command (lorabench --multirun sample ...): Hydra's multirun, lorabench's verbose.
+# Flags that may come before a command (lorabench --multirun sample ...): Hydra's multirun, lorabench's verbose;
+# and Hydra's flags that take a value (lorabench --cfg job sample).
 LEADING_FLAGS = ("-m", "--multirun", "-v", "--verbose")
+VALUE_FLAGS = ("-c", "--cfg", "-p", "--package")
 
 
 def hydra_args(args: list[str]) -> list[str]:
     """A command line's arguments as Hydra reads them: the sample command as its experiment, first or after the
-    :data:`LEADING_FLAGS` (``lorabench --multirun sample ...`` read "sample: neither a command of lorabench
-    (sample, ...) nor an override"). A command of its own (summarize, rebuild, tiny-model) after flags is a
-    ConfigError: it comes first."""
-    lead = next((i for i, a in enumerate(args) if a not in LEADING_FLAGS), None)
-    if lead is None or args[lead] not in SUBCOMMANDS:
+    :data:`LEADING_FLAGS` and :data:`VALUE_FLAGS` (``lorabench --multirun sample ...`` read "sample: neither a
+    command of lorabench (sample, ...) nor an override"). A command of its own (summarize, rebuild, tiny-model)
+    after flags is a ConfigError: it comes first."""
+    lead = 0
+    while lead < len(args) and args[lead] in LEADING_FLAGS + VALUE_FLAGS:
+        lead += 2 if args[lead] in VALUE_FLAGS else 1
+    if lead >= len(args) or args[lead] not in SUBCOMMANDS:
         return list(args)
     if SUBCOMMANDS[args[lead]] is None:
         raise ConfigError(args[lead], f"a command comes first: lorabench {args[lead]} ..., without "

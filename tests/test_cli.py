@@ -207,6 +207,8 @@ def test_a_command_after_flags(tmp_path):
                           "protocol.prompts: give at least one prompt")
     assert_one_line_error(run_here(["-m", "summarize", str(tmp_path)], tmp_path), tmp_path,
                           "summarize: a command comes first: lorabench summarize ..., without -m")
+    proc = run_here(["--cfg", "job", "sample"], tmp_path)  # Hydra's flag with a value: the config printed
+    assert proc.returncode == 0 and "_target_: lorabench.protocols.sample.run" in proc.stdout, crashed(proc)
 
 
 @pytest.mark.parametrize("args,fragments", [
