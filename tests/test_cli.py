@@ -149,6 +149,9 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["adapter=ortho", "adapter.row_mode=disjoint", "adapter.slot=0", "adapter.num_slots=9"],
      ["adapter.num_slots: rank * num_slots = 4 * 9 = 36 exceeds input width 32"]),
     (["data=imagefolder", "data.path=/no/such/folder"], ["data.path: image folder '/no/such/folder' does not exist"]),
+    # a class prompt without class images trained without prior preservation, without a word
+    (["data=imagefolder", "data.path=.", "data.class_prompt=a photo of dog"],
+     ["data.class_prompt: 'a photo of dog' with no class images: prior preservation needs data.class_data_dir="]),
     (["model=sd15", "model.pretrained=/no/such/model"],
      ["model.pretrained: '/no/such/model' is neither an existing folder nor a hub id"]),
     # numbers that make no sense, and options Lightning rejects: one line, before any work

@@ -350,6 +350,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError("data.max_train_samples",
                               f"must be >= 1 or null (the whole set), got {max_train_samples}")
         self.max_train_samples, self.sample_seed, self.repeats = max_train_samples, sample_seed, repeats
+        if class_prompt and class_data_dir is None:  # trained without prior preservation, without a word
+            raise ConfigError("data.class_prompt", f"{class_prompt!r} with no class images: prior preservation needs "
+                                                   "data.class_data_dir=<folder of class images> too (or leave "
+                                                   "data.class_prompt null)")
         self.class_data_dir, self.class_prompt = class_data_dir, class_prompt
         self.val_samples = check_int(val_samples, "data.val_samples", minimum=0)  # the first images; 0: none
         check_int(repeats, "data.repeats", minimum=1)
