@@ -193,12 +193,16 @@ def test_cuda_graph_option_trains_the_same_adapter(schedule, tiny_model_dir, tmp
 
 def test_cuda_graph_conflicts_are_one_line_errors(tmp_path):
     from helpers import assert_one_line_error
+    from lorabench.errors import ConfigError
+    from lorabench.training.module import check_cuda_graph
 
     base = ["experiment=quickstart", "trainer.max_steps=1", "module.cuda_graph=true"]
     for extra, want in ((["module.gradient_checkpointing=true"], "cannot run with module.gradient_checkpointing"),
-                        (["trainer.precision=16-mixed"], "cannot run under fp16 mixed precision"),
                         (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches must be 1")):
         assert_one_line_error(run_here([*base, *extra], tmp_path), tmp_path, "module.cuda_graph", want)
+    # fp16 on a GPU (on the CPU, trainer.precision=16-mixed is refused first: test_cli.py)
+    with pytest.raises(ConfigError, match="module.cuda_graph: cannot run under fp16 mixed precision"):
+        check_cuda_graph({"cuda_graph": True}, {"accelerator": "gpu", "devices": 1, "precision": "16-mixed"})
 
 
 def test_the_offered_lr_schedules_are_diffusers_own():
