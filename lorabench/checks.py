@@ -235,6 +235,11 @@ def check_validation(validation: Optional[Mapping], field: str = "eval.validatio
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"{field}.prompts", f"must be a list of prompts (strings), got {prompts!r}")
     if not prompts:
+        every = v.get("every_n_steps")
+        if every is not None:  # no samples, without a word
+            raise ConfigError(f"{field}.every_n_steps", f"{every!r} with no {field}.prompts: nothing would be sampled; "
+                                                        f"give prompts, e.g. {field}.prompts=['a photo of sks dog'], "
+                                                        "or leave every_n_steps null")
         return None
     seeds = v.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(_kind(s) == "integer" for s in seeds):

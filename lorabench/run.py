@@ -92,6 +92,11 @@ def train(cfg: DictConfig, run_dir: str | Path, config_name: str = "train", comp
                                 **OmegaConf.to_container(cfg.get("module", {}) or {}, resolve=True))
     if module.tokens is not None:
         check_tokens_reached(components, module.tokens, [caption for _, caption in datamodule.items])
+    if module.prior_loss_weight != 1.0 and getattr(datamodule, "class_items", None) is None:
+        # the weight of a loss no batch has (no class images): it changed nothing, without a word
+        raise ConfigError("module.prior_loss_weight", f"{module.prior_loss_weight!r} with no class images: it weighs "
+                                                      "the prior-preservation loss, which needs data.class_data_dir "
+                                                      "and data.class_prompt; give them, or leave it 1.0")
     if cfg.get("init_adapter"):
         if module.adapters is None:
             raise ConfigError("init_adapter", "needs an adapter (adapter is null: full training)")

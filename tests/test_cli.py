@@ -176,6 +176,12 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["eval.validation.sampler.scheduler=foo"],
      ["eval.validation.sampler.scheduler: unknown value 'foo'; valid: ddim, ddpm, dpm, euler, pipeline"]),
     (["data.center_crop=maybe"], ["data.center_crop: expected true or false, got 'maybe'"]),
+    # the weight of the prior-preservation loss, with no class images: it changed nothing, without a word
+    (["module.prior_loss_weight=0.5"], ["module.prior_loss_weight: 0.5 with no class images: it weighs the "
+                                        "prior-preservation loss, which needs data.class_data_dir"]),
+    # samples asked for every 10 steps, of no prompt: none were drawn, without a word
+    (["eval.validation.prompts=[]", "eval.validation.every_n_steps=10"],
+     ["eval.validation.every_n_steps: 10 with no eval.validation.prompts: nothing would be sampled"]),
     (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
     # a callback refusing its options only when the fit starts (Lightning's MisconfigurationException, a
     # traceback before): one line naming it, the run folder removed
