@@ -234,12 +234,7 @@ def check_validation(validation: Optional[Mapping], field: str = "eval.validatio
     prompts = v.get("prompts") or []
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"{field}.prompts", f"must be a list of prompts (strings), got {prompts!r}")
-    if not prompts:
-        every = v.get("every_n_steps")
-        if every is not None:  # no samples, without a word
-            raise ConfigError(f"{field}.every_n_steps", f"{every!r} with no {field}.prompts: nothing would be sampled; "
-                                                        f"give prompts, e.g. {field}.prompts=['a photo of sks dog'], "
-                                                        "or leave every_n_steps null")
+    if not prompts:  # no samples (prompts=[] turns the quickstart's off: its every_n_steps stays)
         return None
     seeds = v.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(_kind(s) == "integer" for s in seeds):

@@ -179,9 +179,6 @@ def test_unknown_group_option(tmp_path, override, fragments):
     # the weight of the prior-preservation loss, with no class images: it changed nothing, without a word
     (["module.prior_loss_weight=0.5"], ["module.prior_loss_weight: 0.5 with no class images: it weighs the "
                                         "prior-preservation loss, which needs data.class_data_dir"]),
-    # samples asked for every 10 steps, of no prompt: none were drawn, without a word
-    (["eval.validation.prompts=[]", "eval.validation.every_n_steps=10"],
-     ["eval.validation.every_n_steps: 10 with no eval.validation.prompts: nothing would be sampled"]),
     (["+callbacks.lr={logging_interval:step}"], ["callbacks.lr: needs a _target_"]),
     # a callback refusing its options only when the fit starts (Lightning's MisconfigurationException, a
     # traceback before): one line naming it, the run folder removed

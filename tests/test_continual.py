@@ -379,7 +379,7 @@ def test_bad_sequences_fail_in_one_line_before_training(tmp_path, override, frag
 def test_a_task_whose_folder_is_missing_fails_before_training(tmp_path):
     """A full-scale sequence's task folder that is not there; a world sequence's task given a folder, which the
     world's data group takes no path for (its cell failed in Hydra's words, after the base model's evaluation)."""
-    proc = run_here(["experiment=continual/sdxl_objects", "trainer=cpu"], tmp_path,
+    proc = run_here(["experiment=continual/sdxl_objects", "trainer=cpu", "trainer.precision=32"], tmp_path,
                     env_extra={"DREAMBOOTH_DATA": str(tmp_path / "nowhere")})
     assert_one_line_error(proc, tmp_path, "sequence.tasks.", f".data.path: {tmp_path / 'nowhere'}/",
                           "does not exist; each task needs its images")
