@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -198,10 +199,9 @@ def _number(cell: Optional[str]) -> float:
 
 def summary_plot(path: Path, rows: Sequence[dict[str, str]], cols: Sequence[str], per_row: int = 4) -> bool:
     """``summary.png``: one panel per measured column of the sweep's table (a run's losses, a protocol's
-    ``headline``), a bar per job, jobs in the table's order (a failed job's bar is missing). Written where two jobs
-    or more measured something; returns whether it was."""
-    shown = [c for c in cols if c not in NOT_PLOTTED and sum(_number(r.get(c)) == _number(r.get(c))
-                                                             for r in rows) >= 1]
+    ``headline``) that holds a number, a bar per job, jobs in the table's order (a failed job's bar is missing).
+    Written for a sweep of two jobs or more with such a column; returns whether it was."""
+    shown = [c for c in cols if c not in NOT_PLOTTED and any(not math.isnan(_number(r.get(c))) for r in rows)]
     if len(rows) < 2 or not shown:
         return False
     from lorabench.utils.plots import figure, save_figure  # noqa: PLC0415 - matplotlib: only where a table plots
