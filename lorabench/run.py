@@ -333,7 +333,7 @@ def member_tokens(components, cfg: DictConfig, k: int) -> tuple[ConceptTokens, d
     own = check_tokens_config(for_concept(OmegaConf.to_container(cfg.embeddings, resolve=True),
                                           cfg.data.get("concept")))
     tokens = inject_tokens(components, {**own, "token": f"{own['token']}#{k}", "bind": False})
-    return tokens, {own["bind"]: " ".join(tokens.names)}, own
+    return tokens, {own["bind"]: tokens.names[0]}, own  # the model reads a multi-vector token as all its vectors
 
 
 def train_batched(cfgs: Sequence[DictConfig], run_dirs: Sequence[str | Path], config_names: Sequence[str],

@@ -200,17 +200,26 @@ def test_pplus_trains_only_its_rows_through_the_unet(load_tiny):
 
 def test_concepts_side_by_side(load_tiny):
     """Two concepts' tokens in one model: each bound word reads its own tokens; a second concept with the
-    same token or the same word is a one-line error that changes nothing; removal is last-in first-out."""
+    same token or the same word is a one-line error that changes nothing; removal is last-in first-out. A
+    two-vector token named in a prompt reads as both vectors (it read as its first alone: the second row trained
+    nothing, and diffusers' pipelines, which expand it, sampled that row untrained)."""
+    from lorabench.models.components import rewrite_prompt
+
     comps = load_tiny()
     a = inject_tokens(comps, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
     b = inject_tokens(comps, {"name": "textual_inversion", "token": "<twt>", "bind": "photo"})
-    assert comps.prompt_rewrites == {"sks": "<sks> <sks>_1", "photo": "<twt>"}
+    def read(prompt):
+        return rewrite_prompt(prompt, comps.prompt_rewrites)
+
+    # each word its own tokens, a two-vector token both of its vectors (written or bound), never twice
+    assert read("a sks photo") == read("a <sks> <twt>") == "a <sks> <sks>_1 <twt>"
+    before = dict(comps.prompt_rewrites)
     for cfg, fragment in (({"token": "<sks>", "bind": "dog"}, "'<sks>' is already in text_encoder's vocabulary"),
                           ({"token": "<new>", "bind": "sks"}, "two concepts cannot share a word")):
         with pytest.raises(ConfigError, match=fragment) as exc:
             inject_tokens(comps, cfg)
         assert "\n" not in str(exc.value)
-    assert comps.prompt_rewrites == {"sks": "<sks> <sks>_1", "photo": "<twt>"}
+    assert comps.prompt_rewrites == before
     with pytest.raises(RuntimeError, match="reverse order"):
         a.remove()
     b.remove()

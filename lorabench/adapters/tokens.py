@@ -6,8 +6,9 @@ A concept gets ``num_vectors`` new tokens, named as diffusers names a multi-vect
 :meth:`ConceptTokens.remove`) and read by a :class:`NewTokenEmbedding` wrapping each text encoder's token
 embedding: the base table stays frozen and bit-identical, the new rows are the only trainable tensors,
 initialised from an existing word's embedding (or the table's mean). A prompt names the concept by its
-token (``a <sks> circle``) or, with ``bind``, by a word the tokens stand in for (``bind: sks`` rewrites
-``a sks circle`` as ``a <sks> <sks>_1 circle``, so datasets and evaluation prompts stay as they are).
+token (``a <sks> circle``, read as ``a <sks> <sks>_1 circle`` with two vectors, as diffusers' pipelines expand
+it) or, with ``bind``, by a word the tokens stand in for (``bind: sks`` rewrites ``a sks circle`` the same way, so
+datasets and evaluation prompts stay as they are).
 
 - ``textual_inversion``: one row per token, shared by every layer of the UNet.
 - ``pplus``: one row per token *per UNet cross-attention layer* (16 on SD1.5). The text encoder runs once
@@ -258,8 +259,13 @@ class ConceptTokens:
             layers[key] = NewTokenEmbedding(te.get_input_embeddings(), new_tok.convert_tokens_to_ids(names), rows)
             te.set_input_embeddings(layers[key])
             setattr(components, "tokenizer" if key == "text_encoder" else "tokenizer_2", new_tok)
+        rewrites = dict(components.prompt_rewrites)  # applied in order: the bound word, then the token
         if cfg["bind"]:
-            components.prompt_rewrites = {**components.prompt_rewrites, cfg["bind"]: " ".join(names)}
+            rewrites[cfg["bind"]] = names[0]
+        if len(names) > 1:  # a multi-vector token reads as all its vectors, as diffusers' pipelines expand it (a
+            # prompt naming "<sks>" trained its first row alone, and the file sampled the others untrained)
+            rewrites[names[0]] = " ".join(names)
+        components.prompt_rewrites = rewrites
         if groups > 1 and components.text_groups == 1:
             _route(components.unet)
             components.text_groups = groups

@@ -172,7 +172,8 @@ class BatchedFineTuner(DiffusionFineTuner):
         place of the stacked layers, its word bound to its tokens. Yields what a callback reads of a module:
         ``components``, ``adapters``, ``current_epoch``, ``train()``."""
         rewrites = self.components.prompt_rewrites
-        self.components.prompt_rewrites = {**rewrites, **self.rewrites[k]}
+        # its word first, then every token to all its vectors (the order rewrites apply in)
+        self.components.prompt_rewrites = {**self.rewrites[k], **rewrites}
         try:
             with (self.adapters.member_in_model(k) if self.adapters is not None else nullcontext()) as adapters:
                 yield SimpleNamespace(components=self.components, adapters=adapters, current_epoch=self.current_epoch,
@@ -181,7 +182,8 @@ class BatchedFineTuner(DiffusionFineTuner):
             self.components.prompt_rewrites = rewrites
 
     def member_prompts(self, k: int, prompts: Sequence[str]) -> list[str]:
-        """Member ``k``'s prompts with its word rewritten to its own tokens (:func:`lorabench.run.member_tokens`)."""
+        """Member ``k``'s prompts with its word rewritten to its own token (:func:`lorabench.run.member_tokens`),
+        which the model then reads as all its vectors."""
         if not self.rewrites[k]:
             return list(prompts)
         return [rewrite_prompt(p, self.rewrites[k]) for p in prompts]
