@@ -434,6 +434,7 @@ def test_the_sample_job_adds_a_runs_new_tokens(tiny_model_dir, tmp_path):
         assert proc.returncode == 0, crashed(proc)
         res = json.loads((tmp_path / name / "results.json").read_text())
         images[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
+        assert res["model_id"] == str(tiny_model_dir)  # which base model the grid came from
         if name in ("run", "files"):
             assert res["adapters"] == [f"{both}/adapter.safetensors"]
             assert res["embeddings"] == [f"{both}/embeddings.safetensors"]

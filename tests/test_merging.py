@@ -587,6 +587,7 @@ def test_merge_job_captures_each_input_with_its_runs_new_tokens(tmp_path, tiny_m
                          f"hydra.run.dir={tmp_path / run}"], tmp_path)
         assert proc.returncode == 0, crashed(proc)
         res = json.loads((tmp_path / run / "results.json").read_text())
+        assert res["model_id"] == str(tiny_model_dir)  # the base model the merge sits on
         assert res["embeddings"] == ([str(words)] if run == "with" else [])
         assert (f"the inputs' new tokens are not merged; sample with them: protocol.embeddings=[{words}]"
                 in proc.stdout) == (run == "with")

@@ -140,7 +140,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
     embeddings = [str(t) for t in tokens if t is not None]
-    out = {"protocol": "merge_adapters", "inputs": inputs, "embeddings": embeddings, "weights": weights,
+    out = {"protocol": "merge_adapters", "model_id": components.model_id, "inputs": inputs, "embeddings": embeddings,
+           "weights": weights,
            "merge": merge_cfg, "merge_s": result.merge_s, "output": str(out_path),
            "files": [str(x) for x in (paths if save_as == "adapter" else [out_path])],
            "layers": len(result.deltas), "info": info, "update_size": size_log.results(),

@@ -113,7 +113,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             with atomic_path(path) as tmp:
                 Image.fromarray(to_uint8(img[None])[0].numpy()).save(tmp, format="PNG")
             written.append(str(path.relative_to(run_dir)))
-    out = {"protocol": "sample", "adapters": files, "weights": weights,
+    out = {"protocol": "sample", "model_id": components.model_id, "adapters": files, "weights": weights,
            "embeddings": [str(t) for t, _ in token_files], "prompts": spec["prompts"],
            "seeds": spec["seeds"], "sampler": spec["sampler"], "grid": str(grid), "images": written,
            "total_s": time.perf_counter() - t0}
