@@ -4,7 +4,7 @@
     lorabench summarize outputs/multirun/quickstart/2026-12-04_10-00-00   # the table again, any time
 
 At the end of a multirun, :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in conf/train.yaml)
-prints the table and writes ``summary.md``, ``summary.csv`` and ``summary.png`` (a bar per job for each measured
+prints the table and writes ``summary.md``, ``summary.csv`` and ``summary.png`` (a dot per job for each measured
 column) into the sweep folder. Nothing here imports torch: summarising is reading JSON.
 
 One job's failure is that job's, not the sweep's: a job that crashes, or that fails on bad input in a field its
@@ -199,8 +199,10 @@ def _number(cell: Optional[str]) -> float:
 
 def summary_plot(path: Path, rows: Sequence[dict[str, str]], cols: Sequence[str], per_row: int = 4) -> bool:
     """``summary.png``: one panel per measured column of the sweep's table (a run's losses, a protocol's
-    ``headline``) that holds a number, a bar per job, jobs in the table's order (a failed job's bar is missing).
-    Written for a sweep of two jobs or more with such a column; returns whether it was."""
+    ``headline``) that holds a number, a dot per job on an axis spanning the column's values (bars from zero hid
+    losses 1.05 against 1.07), jobs in the table's order (a failed job's dot is missing), a group's jobs one colour
+    (a nested sweep's method, else the first swept value). Written for a sweep of two jobs or more with such a
+    column; returns whether it was."""
     shown = [c for c in cols if c not in NOT_PLOTTED and any(not math.isnan(_number(r.get(c))) for r in rows)]
     if len(rows) < 2 or not shown:
         return False
@@ -209,12 +211,17 @@ def summary_plot(path: Path, rows: Sequence[dict[str, str]], cols: Sequence[str]
     ncols, nrows = min(per_row, len(shown)), -(-len(shown) // per_row)
     fig, axes = figure(ncols, nrows, figsize=(3.4 * ncols + 1.6, (0.28 * len(rows) + 1.0) * nrows), sharey=True)
     names = [r["job"] for r in rows]
-    groups = list(dict.fromkeys(n.split("/", 1)[0] for n in names))  # a nested sweep's method: one colour each
-    colours = [f"C{groups.index(n.split('/', 1)[0]) % 10}" for n in names]
+    keys = [n.split("/", 1)[0] if "/" in n else (r.get("overrides") or n).split(" ", 1)[0] for n, r in zip(names, rows)]
+    groups = list(dict.fromkeys(keys))
+    colours = [f"C{groups.index(k) % 10}" for k in keys]
     for ax, col in zip(axes.flat, shown):
-        ax.barh(range(len(rows)), [_number(r.get(col)) for r in rows], color=colours)
+        values = [_number(r.get(col)) for r in rows]
+        ax.scatter(values, range(len(rows)), c=colours, s=36, zorder=3)
+        seen = [v for v in values if not math.isnan(v)]
+        pad = (max(seen) - min(seen)) * 0.15 or abs(seen[0]) * 0.05 or 0.05
+        ax.set_xlim(min(seen) - pad, max(seen) + pad)
         ax.set_title(col, fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
+        ax.grid(alpha=0.3)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:

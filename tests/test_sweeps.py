@@ -151,7 +151,7 @@ def test_the_summary_of_a_protocol_sweep_lists_each_job_and_its_table(tmp_path):
 
 def test_a_sweep_summary_plots_each_measured_column_per_job(tmp_path):
     """summary.md and summary.csv were tables only: summary.png has a panel per measured column (a run's losses,
-    a protocol's headline), a bar per job in the table's order; ids, counts and times are not plotted, and a sweep
+    a protocol's headline), a dot per job in the table's order; ids, counts and times are not plotted, and a sweep
     of one job, or of jobs that measured nothing (sample jobs), gets no figure."""
     import json
 
