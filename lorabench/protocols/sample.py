@@ -65,8 +65,7 @@ def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Pat
         files.append(str(adapter_file(entry, "protocol.adapters")))
         scales.append(w)
     for entry in p.get("embeddings") or []:
-        path = Path(os.path.expanduser(str(entry)))
-        path = path / EMBEDDINGS_FILE if path.is_dir() else path
+        path = run_embeddings(entry) or Path(os.path.expanduser(str(entry)))  # a run folder: its token file
         if not path.is_file():
             raise ConfigError("protocol.embeddings", f"{str(entry)!r}: no such token file; give an embeddings "
                                                      f".safetensors or a run folder that holds {EMBEDDINGS_FILE}")
