@@ -308,13 +308,17 @@ def check_data_path(path, field: str = "data.path") -> Path:
 
 ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lorabench.adapters.io writes it)
 EMBEDDINGS_FILE = "embeddings.safetensors"  # a run's new tokens (lorabench.adapters.tokens writes it)
+EMBEDDINGS_DIR = "embeddings"  # a merge run's: its inputs' token files, one per concept
 
 
-def run_embeddings(path) -> Optional[Path]:
-    """A run folder's new tokens (its ``embeddings.safetensors``), None where ``path`` is a file or a folder
-    without them."""
-    p = Path(os.path.expanduser(str(path))) / EMBEDDINGS_FILE
-    return p if p.is_file() else None
+def run_embeddings(path) -> list[Path]:
+    """A run folder's new tokens: a training run's ``embeddings.safetensors``, a merge run's token files (its inputs',
+    under ``embeddings/``); none where ``path`` is a file or a folder without them."""
+    run = Path(os.path.expanduser(str(path)))
+    if not run.is_dir():
+        return []
+    own = [run / EMBEDDINGS_FILE] if (run / EMBEDDINGS_FILE).is_file() else []
+    return own + sorted(p for p in (run / EMBEDDINGS_DIR).glob("*.safetensors") if p.is_file())
 
 
 def adapter_file(path, field: str) -> Path:

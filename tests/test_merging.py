@@ -588,13 +588,71 @@ def test_merge_job_captures_each_input_with_its_runs_new_tokens(tmp_path, tiny_m
         assert proc.returncode == 0, crashed(proc)
         res = json.loads((tmp_path / run / "results.json").read_text())
         assert res["model_id"] == str(tiny_model_dir)  # the base model the merge sits on
-        assert res["embeddings"] == ([str(words)] if run == "with" else [])
-        assert (f"the inputs' new tokens are not merged; sample with them: protocol.embeddings=[{words}]"
-                in proc.stdout) == (run == "with")
+        assert res["input_embeddings"] == ([str(words)] if run == "with" else [])
+        copied = tmp_path / run / "embeddings" / "c0.safetensors"  # the merge run folder samples with them
+        assert res["embeddings"] == ([str(copied)] if run == "with" else [])
+        assert ("copied the inputs' new tokens: embeddings/c0.safetensors" in proc.stdout) == (run == "with")
+        if run == "with":
+            assert copied.read_bytes() == words.read_bytes()
         stats[run] = [load_stats(tmp_path / run / f"stats-{c}.safetensors") for c in ("c0", "c1")]
     # c0's prompt reads its tokens where it had them; c1's capture is the same either way
     assert any(not torch.equal(g, stats["without"][0][k]) for k, g in stats["with"][0].items())
     assert all(torch.equal(g, stats["without"][1][k]) for k, g in stats["with"][1].items())
+
+
+@pytest.mark.integration
+def test_a_merge_run_folder_samples_with_every_inputs_new_tokens(tmp_path, tiny_model_dir):
+    """Mix-of-Show merges ED-LoRAs into one model that keeps each concept's embeddings. lorabench's merge wrote the
+    merged adapter alone and printed the inputs' token files: sampling the merge run folder read the concepts'
+    words as the base model's. Now the run copies each input's tokens under embeddings/, the run folder samples with
+    all of them (as the adapter and the inputs' token files given one by one), and inputs whose tokens clash are
+    said, not copied."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from lorabench.adapters.tokens import inject_tokens
+    from lorabench.models import load_components
+
+    a, b = (_adapter_files(tiny_model_dir, tmp_path, seed)[0] for seed in (0, 1))
+    for run, word in ((a.parent, "red"), (b.parent, "blue")):
+        tokens = inject_tokens(load_components(str(tiny_model_dir)), {"token": f"<{word}>", "bind": word})
+        with torch.no_grad():
+            tokens.parameters()[0].normal_(std=3.0, generator=torch.Generator().manual_seed(len(word)))
+        tokens.save(run / "embeddings.safetensors")
+    model = ["model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny", "model.resolution=16"]
+    merged = tmp_path / "merged"
+    proc = run_here(["experiment=merge_adapters", *model, f"protocol.inputs=[{a.parent},{b.parent}]",
+                     f"hydra.run.dir={merged}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert sorted(p.name for p in (merged / "embeddings").iterdir()) == ["c0.safetensors", "c1.safetensors"]
+    assert f"protocol.adapters=[{merged}]" in proc.stdout
+    images = {}
+    sample = ["sample", *model, "protocol.sampler.num_inference_steps=2", "protocol.seeds=[0]",
+              "protocol.prompts=[a red circle and a blue square]"]
+    for name, args in (("run", [f"protocol.adapters=[{merged}]"]),
+                       ("files", [f"protocol.adapters=[{merged}/adapter.safetensors]",
+                                  f"protocol.embeddings=[{a.parent}/embeddings.safetensors,"
+                                  f"{b.parent}/embeddings.safetensors]"]),
+                       ("folder", [f"protocol.adapters=[{merged}/adapter.safetensors]",
+                                   f"protocol.embeddings=[{merged}]"]),  # as beside a merged UNet
+                       ("adapter", [f"protocol.adapters=[{merged}/adapter.safetensors]"])):
+        proc = run_here([*sample, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert proc.returncode == 0, crashed(proc)
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        images[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]), dtype=np.int16)
+        assert len(res["embeddings"]) == (0 if name == "adapter" else 2)
+    assert np.array_equal(images["run"], images["files"]) and np.array_equal(images["run"], images["folder"])
+    assert np.abs(images["run"] - images["adapter"]).max() > 0
+    # two concepts trained as the same token: one model cannot hold both, and the run says so
+    (b.parent / "embeddings.safetensors").write_bytes((a.parent / "embeddings.safetensors").read_bytes())
+    proc = run_here(["experiment=merge_adapters", *model, f"protocol.inputs=[{a.parent},{b.parent}]",
+                     f"hydra.run.dir={tmp_path / 'clash'}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    assert not (tmp_path / "clash" / "embeddings").exists()
+    assert (f"the inputs' new tokens are not in the run: {a.parent}/embeddings.safetensors and {b.parent}/"
+            "embeddings.safetensors both add the token '<red>'") in proc.stdout
 
 
 def _two_updates(comps, rank=8):

@@ -227,6 +227,31 @@ def test_concepts_side_by_side(load_tiny):
     assert comps.prompt_rewrites == {} and comps.text_groups == 1
 
 
+def test_a_token_files_tokens_read_from_its_header_say_which_files_clash(load_tiny, tmp_path):
+    """What the merge job checks before it copies its inputs' token files into one run: the tokens and bound word of
+    lorabench's files (textual inversion with two vectors, P+) and of a diffusers one (a bare (dim,) row, its key
+    the token), read without a model, and the first pair of files that one model could not hold side by side."""
+    from safetensors.torch import save_file
+
+    from lorabench.adapters.tokens import file_tokens, token_clash
+
+    comps = load_tiny()
+    ti = inject_tokens(comps, {"token": "<sks>", "num_vectors": 2, "bind": "sks"})
+    ti_file = ti.save(tmp_path / "ti.safetensors")
+    ti.remove()
+    pplus = inject_tokens(comps, {"name": "pplus", "token": "<zwz>", "bind": "sks"})
+    pplus_file = pplus.save(tmp_path / "pplus.safetensors")
+    pplus.remove()
+    bare = tmp_path / "learned_embeds.safetensors"
+    save_file({"<cat-toy>": torch.zeros(32)}, str(bare))
+    assert file_tokens(ti_file) == (["<sks>", "<sks>_1"], "sks")
+    assert file_tokens(pplus_file) == (["<zwz>"], "sks")
+    assert file_tokens(bare) == (["<cat-toy>"], None)
+    assert token_clash([ti_file, bare]) is None
+    assert token_clash([ti_file, bare, pplus_file]) == f"{ti_file} and {pplus_file} both bind the word 'sks'"
+    assert token_clash([bare, tmp_path / "ti.safetensors", bare]) == f"{bare} and {bare} both add the token '<cat-toy>'"
+
+
 def test_pplus_needs_cross_attention(load_tiny):
     from diffusers import UNet2DConditionModel
 

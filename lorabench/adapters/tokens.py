@@ -324,6 +324,34 @@ def inject_tokens(components, config: Mapping, field: str = "embeddings") -> Con
     return ConceptTokens.inject(components, config, field=field)
 
 
+def file_tokens(path) -> tuple[list[str], Optional[str]]:
+    """A token file's new tokens and the word they are bound to (None: none), from its header alone (no model, no
+    tensor read): what two concepts' files must not share to sit in one model side by side."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {}
+    token = cfg.get("token") or (next(iter(shapes)) if len(shapes) == 1 else None)
+    if not token:
+        return [], None
+    shape = next(iter(shapes.values()), [])
+    vectors = cfg.get("num_vectors") or (shape[0] if len(shape) == 2 else 1)  # diffusers': (n, dim) or (dim,)
+    return token_names(token, int(vectors)), cfg.get("bind") or None
+
+
+def token_clash(files: list) -> Optional[str]:
+    """Where two of ``files`` add the same token or bind the same word (one model cannot hold both): a phrase naming
+    them, else None."""
+    seen: dict[str, Path] = {}
+    for path in map(Path, files):
+        names, bind = file_tokens(path)
+        for key in [*(f"add the token {n!r}" for n in names), *([f"bind the word {bind!r}"] if bind else [])]:
+            if key in seen:
+                return f"{seen[key]} and {path} both {key}"
+            seen[key] = path
+    return None
+
+
 def load_tokens(components, path, token: Optional[str] = None, bind: Optional[str] = None) -> ConceptTokens:
     """Add the tokens of a file: lorabench's (textual inversion or P+) or any diffusers-format textual
     inversion. ``token`` / ``bind`` override the file's."""

@@ -17,13 +17,17 @@ its own rank, never above what the layer allows (``min(out, in)``), so every loa
 Gradient fusion reads one statistics file per input (``protocol.stats``), or captures them on the
 spot from one prompt per input (``protocol.prompts``) and writes them into the run folder. An input run
 folder with new tokens (``embeddings.safetensors``: LoRA with textual inversion or P+, Mix-of-Show's ED-LoRA)
-has them in the model while its statistics are captured, as its prompt names its concept by them; tokens are
-not merged, and the job lists them (``protocol.embeddings`` of the sample job takes them).
+has them in the model while its statistics are captured, as its prompt names its concept by them. Tokens are not
+merged: each input's token file is copied under the run folder's ``embeddings/``, so the merge run folder samples
+with every concept's tokens (``lorabench sample protocol.adapters=[<run folder>]``, or ``protocol.embeddings=[<run
+folder>]`` beside a merged UNet), as Mix-of-Show's merged model keeps each concept's embeddings. Where two inputs
+add the same token or bind the same word, one model cannot hold both: the run copies none and says which clash.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +37,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.adapters import EXPORT_FILES, load_adapter
-from lorabench.adapters.tokens import load_tokens
-from lorabench.checks import adapter_file, check_weights, run_embeddings
+from lorabench.adapters.tokens import load_tokens, token_clash
+from lorabench.checks import EMBEDDINGS_DIR, adapter_file, check_weights, run_embeddings
 from lorabench.errors import ConfigError, check_int, choice_error
 from lorabench.merging import (
     capture_stats,
@@ -53,7 +57,7 @@ from lorabench.merging import (
 from lorabench.protocols import sizes
 from lorabench.sampling import eval_device
 from lorabench.utils.console import quiet_cells
-from lorabench.utils.io import write_json
+from lorabench.utils.io import atomic_path, write_json
 from lorabench.utils.seeding import derive_seed_list
 
 SAVE_AS = ("adapter", "unet")
@@ -70,8 +74,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     method = check_merge(merge_cfg, "merge")
     inputs = [str(adapter_file(x, "protocol.inputs")) for x in (p.get("inputs") or [])]
     # an input run's new tokens (a LoRA trained with textual inversion or P+, Mix-of-Show's ED-LoRA): in the model
-    # while its statistics are captured (its prompt names its concept by them); not merged, but listed
+    # while its statistics are captured (its prompt names its concept by them); not merged, but copied
     tokens = [run_embeddings(x) for x in (p.get("inputs") or [])]
+    clash = token_clash([f for own in tokens for f in own])
     if len(inputs) < 2:
         raise ConfigError("protocol.inputs", f"give at least two adapter files to merge, got {len(inputs)}")
     if len({os.path.realpath(f) for f in inputs}) < len(inputs):
@@ -108,21 +113,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         seeds = derive_seed_list("merge-capture", int(cfg.seed), n_capture)
         for i, f in enumerate(inputs):
             ad = load_adapter(components, f)
-            own = None
+            own = []
             try:
                 if len(stats_files) == len(inputs):
                     stats.append(load_stats(stats_files[i], ad))
                 else:
-                    if tokens[i] is not None:
-                        own = load_tokens(components, tokens[i])
+                    for t in tokens[i]:
+                        own.append(load_tokens(components, t))
                     grams, rows = capture_stats(components, ad, [prompts[i]], seeds, cap, eval_device(cfg))
                     save_stats(run_dir / f"stats-{names[i]}.safetensors", grams, rows, ad.base_fingerprint(),
                                [prompts[i]])
                     stats.append(grams)
             finally:
                 ad.remove()
-                if own is not None:
-                    own.remove()
+                for t in reversed(own):
+                    t.remove()
     result = merge(updates, merge_cfg, stats=stats)
     base_weights = model_weights(components, list(updates[0].layers))
     size_log = sizes.SizeLog()  # each input against the base it sits on (on its inputs where captured)
@@ -139,9 +144,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         info["dropped_energy_max"] = max(dropped.values(), default=0.0)
     else:
         out_path = save_merged_unet(components, result.deltas, run_dir / "unet")
-    embeddings = [str(t) for t in tokens if t is not None]
-    out = {"protocol": "merge_adapters", "model_id": components.model_id, "inputs": inputs, "embeddings": embeddings,
-           "weights": weights,
+    sources = [str(t) for own in tokens for t in own]
+    embeddings = [] if clash else _copy_tokens(tokens, names, run_dir / EMBEDDINGS_DIR)
+    out = {"protocol": "merge_adapters", "model_id": components.model_id, "inputs": inputs,
+           "embeddings": [str(t) for t in embeddings], "input_embeddings": sources, "weights": weights,
            "merge": merge_cfg, "merge_s": result.merge_s, "output": str(out_path),
            "files": [str(x) for x in (paths if save_as == "adapter" else [out_path])],
            "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
@@ -151,9 +157,36 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
                     f"({len(result.deltas)} layers){' weights ' + str(weights) if weights else ''}\n"
                     + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n")
-                    + ("" if save_as == "adapter" else f"  use it in place of the model's UNet: model.unet={out_path} "
-                       f"(e.g. lorabench sample model=... model.unet={out_path} protocol.prompts=[...])\n")
-                    + (f"  the inputs' new tokens are not merged; sample with them: protocol.embeddings=["
-                       f"{','.join(embeddings)}]\n" if embeddings else ""))
+                    + _how_to_sample(save_as, out_path, run_dir, embeddings, sources, clash))
     return out
+
+
+def _copy_tokens(tokens: list[list[Path]], names: list[str], folder: Path) -> list[Path]:
+    """Each input's token files under ``folder``, named by the input (and the file, where an input has several)."""
+    written = []
+    for own, name in zip(tokens, names):
+        for t in own:
+            path = folder / (f"{name}.safetensors" if len(own) == 1 else f"{name}.{t.stem}.safetensors")
+            with atomic_path(path) as tmp:
+                shutil.copyfile(t, tmp)
+            written.append(path)
+    return written
+
+
+def _how_to_sample(save_as: str, out_path: Path, run_dir: Path, embeddings: list[Path], sources: list[str],
+                   clash) -> str:
+    """The console's lines on how to sample the merge: the run folder (or its UNet) with the copied tokens."""
+    if save_as == "unet":
+        tokens = f" protocol.embeddings=[{run_dir}]" if embeddings else ""
+        lines = (f"  use it in place of the model's UNet: model.unet={out_path} (e.g. lorabench sample model=... "
+                 f"model.unet={out_path}{tokens} protocol.prompts=[...])\n")
+    else:
+        lines = (f"  sample it: lorabench sample model=... protocol.adapters=[{run_dir}] protocol.prompts=[...]"
+                 + (" (with its tokens)" if embeddings else "") + "\n")
+    if embeddings:
+        lines += f"  copied the inputs' new tokens: {', '.join(str(t.relative_to(run_dir)) for t in embeddings)}\n"
+    elif clash:
+        lines += (f"  the inputs' new tokens are not in the run: {clash}, which one model cannot hold; sample with "
+                  f"one input's: protocol.embeddings=[{sources[0]}]\n")
+    return lines
 

@@ -9,9 +9,10 @@ they trained or merged.
     lorabench sample ... protocol.adapters=[outputs/ti_run] protocol.prompts=["a photo of <sks> dog"]
     lorabench sample ... protocol.embeddings=[learned_embeds.safetensors]   # a diffusers textual inversion
 
-A run folder stands for its ``adapter.safetensors`` and its ``embeddings.safetensors`` (new tokens), whichever it
-holds: a run that trained both (LoRA with textual inversion) samples with both, a textual-inversion run with its
-tokens. Tokens bound to a word (the concept's word) replace it in the prompts, as in training.
+A run folder stands for its ``adapter.safetensors`` and its new tokens, whichever it holds: a run that trained both
+(LoRA with textual inversion) samples with both, a textual-inversion run with its tokens, a merge run with its
+merged adapter and every input's tokens (its ``embeddings/``). Tokens bound to a word (the concept's word) replace
+it in the prompts, as in training.
 
 Each adapter's update, times its weight (``protocol.weights``, 1 each by default), is added to the model's
 weights while sampling (what diffusers' ``set_adapters(names, weights)`` does for LoRAs), then the exact
@@ -34,6 +35,7 @@ from PIL import Image
 from lorabench.adapters.tokens import load_tokens
 from lorabench.checks import (
     ADAPTER_FILE,
+    EMBEDDINGS_DIR,
     EMBEDDINGS_FILE,
     adapter_file,
     check_validation,
@@ -50,14 +52,15 @@ from lorabench.utils.io import atomic_path, write_json
 def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Path, str]]]:
     """The job's adapter files with their weights, and its token files with the field that gave each:
     ``protocol.adapters``' files, and its run folders' ``adapter.safetensors`` and ``embeddings.safetensors``
-    (whichever each holds); ``protocol.embeddings``' token files (or run folders). Checked before a model loads."""
+    (whichever each holds; a merge run's token files); ``protocol.embeddings``' token files (or run folders' token
+    files). Checked before a model loads."""
     entries = list(p.get("adapters") or [])
     weights = check_weights(p.get("weights"), len(entries), "protocol.adapters") or [1.0] * len(entries)
     files, scales, tokens = [], [], []
     for entry, w in zip(entries, weights):
-        if (own := run_embeddings(entry)) is not None:
-            tokens.append((own, "protocol.adapters"))
-            if not (own.parent / ADAPTER_FILE).is_file():  # a run of new tokens alone
+        if own := run_embeddings(entry):
+            tokens += [(t, "protocol.adapters") for t in own]
+            if not (Path(os.path.expanduser(str(entry))) / ADAPTER_FILE).is_file():  # a run of new tokens alone
                 if w != 1.0:
                     raise ConfigError("protocol.weights", f"{w:g} for {str(entry)!r}, a run of new tokens alone (no "
                                                           f"{ADAPTER_FILE}): tokens take no weight; give 1")
@@ -65,11 +68,12 @@ def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Pat
         files.append(str(adapter_file(entry, "protocol.adapters")))
         scales.append(w)
     for entry in p.get("embeddings") or []:
-        path = run_embeddings(entry) or Path(os.path.expanduser(str(entry)))  # a run folder: its token file
-        if not path.is_file():
+        paths = run_embeddings(entry) or [Path(os.path.expanduser(str(entry)))]  # a run folder: its token files
+        if not paths[0].is_file():
             raise ConfigError("protocol.embeddings", f"{str(entry)!r}: no such token file; give an embeddings "
-                                                     f".safetensors or a run folder that holds {EMBEDDINGS_FILE}")
-        tokens.append((path, "protocol.embeddings"))
+                                                     f".safetensors or a run folder that holds {EMBEDDINGS_FILE} (a "
+                                                     f"training run's) or {EMBEDDINGS_DIR}/ (a merge run's)")
+        tokens += [(path, "protocol.embeddings") for path in paths]
     return files, scales, tokens
 
 
