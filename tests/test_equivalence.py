@@ -120,6 +120,79 @@ def test_kohya_export_reimported(pipeline_and_ours, tmp_path):
 
 
 @torch.no_grad()
+def test_kohya_sdxl_files_in_sgm_names_load_as_diffusers_loads_them(scaled_down_models, tmp_path):
+    """kohya's SDXL trainer names the UNet's layers as SGM's UNet does (``lora_unet_input_blocks_4_1_transformer_
+    blocks_0_attn1_to_q``), not as diffusers' (``lora_unet_down_blocks_1_attentions_0_...``): lorabench refused such a
+    file ("kohya key ... names no layer of this model"), so most SDXL LoRAs shared for A1111 and ComfyUI could be
+    neither sampled nor merged. Now it reads them, to the same model as diffusers' load_lora_weights of the file
+    (which maps SGM's blocks itself) and as the diffusers-named export it was renamed from."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from lorabench.adapters.io import KOHYA_PREFIX_SDXL, kohya_name, ldm_names
+    from lorabench.models import load_components
+
+    model = scaled_down_models["sdxl"]
+    ours = load_components(str(model))
+    adapters = inject_adapters(ours, {"name": "lora", "rank": 4, "alpha": 1, "text_encoder_targets": TE_TARGETS,
+                                      "target_modules": [*UNET_TARGETS, "ff.net.2", "time_emb_proj"]})
+    randomize(adapters, std=0.3)
+    exported = export_kohya(adapters, tmp_path / "kohya.safetensors")
+    sgm_name = {kohya_name(f"unet.{n}", KOHYA_PREFIX_SDXL): kohya_name(f"unet.{ldm}", KOHYA_PREFIX_SDXL)
+                for n, ldm in ldm_names(ours.unet).items()}
+    sgm = {f"{sgm_name.get(stem, stem)}.{kind}": t
+           for stem, _, kind, t in ((*k.partition("."), t) for k, t in load_file(str(exported)).items())}
+    for key in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",  # as kohya's files
+                "lora_unet_middle_block_1_proj_out.alpha", "lora_unet_output_blocks_8_0_emb_layers_1.lora_up.weight",
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"):
+        assert key in sgm
+    assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in sgm)
+    path = tmp_path / "sgm.safetensors"
+    save_file(sgm, str(path), metadata={"ss_network_module": "networks.lora"})
+    adapters.merge()
+    c = ours.unet.config
+    g = torch.Generator().manual_seed(0)
+    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    inputs = (torch.randn(2, c.in_channels, 8, 8, generator=g), torch.tensor([10, 700]),
+              torch.randn(2, 7, c.cross_attention_dim, generator=g))
+    cond = {"text_embeds": torch.randn(2, text_dim, generator=g), "time_ids": torch.rand(2, 6, generator=g) * 64}
+    expected = ours.unet(*inputs, added_cond_kwargs=cond).sample
+    ids = _text_inputs(ours.tokenizer_2)
+    expected_text = ours.text_encoder_2(ids)[0]
+    fresh = load_components(str(model))
+    imported = load_adapter(fresh, path)  # raised "kohya key 'lora_unet_input_blocks_1_0_emb_layers_1' names no layer"
+    assert len(imported) == len(adapters)
+    imported.merge()
+    torch.testing.assert_close(fresh.unet(*inputs, added_cond_kwargs=cond).sample, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh.text_encoder_2(ids)[0], expected_text, atol=1e-5, rtol=0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+    pipe.load_lora_weights(str(path))  # diffusers' own reading of the SGM names
+    torch.testing.assert_close(pipe.unet(*inputs, added_cond_kwargs=cond).sample, expected, atol=1e-5, rtol=0)
+
+
+def test_ldm_names_are_sd15_checkpoints_names(scaled_down_models):
+    """SD1.5's original checkpoint (``model.diffusion_model.<name>.weight``) names its UNet's modules as these; the
+    upsampler of a block without attention sits at index 1 (``output_blocks.2.1.conv``), after one with it at 2."""
+    from lorabench.adapters.io import ldm_names
+    from lorabench.models import load_components
+
+    names = ldm_names(load_components(str(scaled_down_models["sd15"])).unet)
+    for diffusers_name, ldm in (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
+                                ("down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+                                 "input_blocks.2.1.transformer_blocks.0.attn2.to_k"),
+                                ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+                                ("down_blocks.3.resnets.1.conv2", "input_blocks.11.0.out_layers.3"),
+                                ("mid_block.resnets.1.norm1", "middle_block.2.in_layers.0"),
+                                ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv"),
+                                ("up_blocks.1.resnets.0.conv_shortcut", "output_blocks.3.0.skip_connection"),
+                                ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+                                ("up_blocks.3.attentions.2.proj_out", "output_blocks.11.1.proj_out"),
+                                ("conv_out", "out.2")):
+        assert names[diffusers_name] == ldm
+    assert len(set(names.values())) == len(names)  # one module, one name
+
+
+@torch.no_grad()
 def test_native_file_round_trip_every_adapter(load_tiny, tmp_path):
     from lorabench.adapters import save_adapter
 

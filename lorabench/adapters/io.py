@@ -250,6 +250,68 @@ def write_adapter_files(adapters: Adapters, folder, exports=("diffusers", "kohya
 
 
 # -- importing diffusers / kohya LoRA files -----------------------------------------------------------
+# Within a ResNet block, the original LDM UNet's names (``in_layers = (norm, SiLU, conv)``, ``emb_layers = (SiLU,
+# Linear)``, ``out_layers = (norm, SiLU, Dropout, conv)``) of diffusers' modules; the UNet's own top-level modules.
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def ldm_names(unet) -> dict[str, str]:
+    """Each module of a diffusers UNet under the name the original LDM / SGM ``UNetModel`` gives it
+    (``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` on SDXL): the names kohya's SDXL trainer
+    writes its files with (its UNet is SGM's). The blocks are numbered as that model builds them: ``input_blocks``
+    one per ResNet (with its attention beside it) and one per downsampler, after ``conv_in``; ``middle_block``'s
+    ResNets and attentions in turn; ``output_blocks`` one per ResNet, the upsampler after its last."""
+    blocks: dict[str, str] = {}
+    n = 1
+    for b, blk in enumerate(unet.down_blocks):
+        for i in range(len(blk.resnets)):
+            blocks[f"down_blocks.{b}.resnets.{i}"] = f"input_blocks.{n}.0"
+            if getattr(blk, "attentions", None):
+                blocks[f"down_blocks.{b}.attentions.{i}"] = f"input_blocks.{n}.1"
+            n += 1
+        if getattr(blk, "downsamplers", None):
+            blocks[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+            n += 1
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None:
+        attentions = len(getattr(mid, "attentions", None) or [])
+        for i in range(len(mid.resnets)):
+            blocks[f"mid_block.resnets.{i}"] = f"middle_block.{2 * i if attentions else i}"
+        for i in range(attentions):
+            blocks[f"mid_block.attentions.{i}"] = f"middle_block.{2 * i + 1}"
+    n = 0
+    for b, blk in enumerate(unet.up_blocks):
+        attends = bool(getattr(blk, "attentions", None))
+        for i in range(len(blk.resnets)):
+            blocks[f"up_blocks.{b}.resnets.{i}"] = f"output_blocks.{n}.0"
+            if attends:
+                blocks[f"up_blocks.{b}.attentions.{i}"] = f"output_blocks.{n}.1"
+            n += 1
+        if getattr(blk, "upsamplers", None):
+            blocks[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{n - 1}.{2 if attends else 1}.conv"
+    names = {}
+    for name, _ in unet.named_modules():
+        parts = name.split(".")
+        if name in _LDM_TOP:
+            names[name] = _LDM_TOP[name]
+            continue
+        for k in (5, 4, 3):
+            block = ".".join(parts[:k])
+            if block in blocks:
+                rest = parts[k:]
+                if ".resnets." in f".{block}." and rest:
+                    if rest[0] not in _LDM_RESNET:
+                        break
+                    rest = [_LDM_RESNET[rest[0]], *rest[1:]]
+                names[name] = ".".join([blocks[block], *rest])
+                break
+    return names
+
+
 def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str):
     """``{layer: {"down", "up", "alpha"?}}`` from diffusers (PEFT or legacy) or kohya keys."""
     parts: dict[str, dict] = {}
@@ -262,6 +324,9 @@ def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str)
             for n, _ in root.named_modules():
                 if n:
                     lookup[kohya_name(to_file_name(f"{prefix}.{n}", roots), prefixes)] = f"{prefix}.{n}"
+        # kohya's SDXL files name the UNet's layers as SGM's UNet does (input_blocks.4.1...), others as diffusers'
+        ldm = ldm_names(components.unet)
+        lookup.update({kohya_name(f"unet.{name}", prefixes): f"unet.{n}" for n, name in ldm.items()})
         for key, t in tensors.items():
             stem, _, kind = key.partition(".")
             if stem not in lookup:
