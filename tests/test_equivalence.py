@@ -120,6 +120,49 @@ def test_kohya_export_reimported(pipeline_and_ours, tmp_path):
 
 
 @torch.no_grad()
+def test_diffusers_files_in_the_names_before_peft_load_as_diffusers_loads_them(pipeline_and_ours, tmp_path):
+    """diffusers < 0.21 wrote a LoRA's layers under its attention processors (``attn1.processor.to_q_lora.down``) and
+    the text encoders' as ``q_proj.lora_linear_layer.down``; many shared ``pytorch_lora_weights.safetensors`` still
+    are. lorabench refused them ("neither lorabench, diffusers nor kohya LoRA format"); now it renames them as
+    diffusers' loader does, to the same model as its load_lora_weights of the file."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from lorabench.models import load_components
+
+    pipe, ours = pipeline_and_ours
+    adapters = inject_adapters(ours, {"name": "lora", "rank": 4, "alpha": 2, "text_encoder_targets": TE_TARGETS,
+                                      "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+    randomize(adapters, std=0.3)
+    half = {"A": "down", "B": "up"}
+    old = {}
+    for key, t in load_file(str(export_diffusers(adapters, tmp_path / "peft.safetensors"))).items():
+        if key.startswith("unet."):
+            key = re.sub(r"\.(to_[qkv]|to_out)(?:\.0)?\.lora_([AB])\.weight$",
+                         lambda m: f".processor.{m[1]}_lora.{half[m[2]]}.weight", key)
+        else:
+            key = re.sub(r"\.lora_([AB])\.weight$", lambda m: f".lora_linear_layer.{half[m[1]]}.weight", key)
+        old[key] = t
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight" in old
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight" in old
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(old, str(path))
+    adapters.merge()
+    inputs, ids = unet_inputs(ours.unet), _text_inputs(ours.tokenizer)
+    expected, expected_text = ours.unet(*inputs).sample, ours.text_encoder(ids)[0]
+    fresh = load_components(ours.model_id, resolution=16)
+    imported = load_adapter(fresh, path)  # raised "neither lorabench, diffusers nor kohya LoRA format"
+    assert len(imported) == len(adapters)
+    imported.merge()
+    torch.testing.assert_close(fresh.unet(*inputs).sample, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh.text_encoder(ids)[0], expected_text, atol=1e-5, rtol=0)
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(pipe.unet(*inputs).sample, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], expected_text, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_kohya_sdxl_files_in_sgm_names_load_as_diffusers_loads_them(scaled_down_models, tmp_path):
     """kohya's SDXL trainer names the UNet's layers as SGM's UNet does (``lora_unet_input_blocks_4_1_transformer_
     blocks_0_attn1_to_q``), not as diffusers' (``lora_unet_down_blocks_1_attentions_0_...``): lorabench refused such a

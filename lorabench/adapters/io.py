@@ -11,6 +11,10 @@
 - kohya (:func:`export_kohya`): ``lora_unet_<path with _>.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha`` (= rank, scale 1), read by A1111 and ComfyUI.
 
+Imported (:func:`import_lora`), as diffusers' ``load_lora_weights`` reads them: diffusers files in PEFT's names
+and in the names before PEFT (``attn1.processor.to_q_lora.down``, ``q_proj.lora_linear_layer.down``); kohya files
+with the UNet's layers in diffusers' names or in the original LDM / SGM UNet's (:func:`ldm_names`; kohya's SDXL).
+
 Text-encoder layers are always named as in the published CLIP checkpoints
 (``text_encoder.text_model.encoder.layers.0...``), also under transformers >= 5,
 whose ``CLIPTextModel`` dropped the ``text_model`` level: files written with one
@@ -336,6 +340,15 @@ def _parse_foreign(components, tensors: Mapping[str, torch.Tensor], source: str)
                 raise ConfigError(source, f"unsupported kohya tensor {key!r} (only LoRA up/down/alpha)")
             parts.setdefault(lookup[stem], {})[slot] = t
         return parts
+    # diffusers' names before PEFT (attention processors' ``attn1.processor.to_q_lora.down``, the text encoders'
+    # ``q_proj.lora_linear_layer.down``: files of diffusers < 0.21) as diffusers' loader renames them, to PEFT's
+    # (diffusers imported here: reading a foreign file alone pays for it, not every import of the adapters)
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft  # noqa: PLC0415
+    from diffusers.utils.state_dict_utils import StateDictType  # noqa: PLC0415
+
+    unet = {k: t for k, t in tensors.items() if k.startswith("unet.")}
+    rest = {k: t for k, t in tensors.items() if not k.startswith("unet.")}
+    tensors = {**convert_unet_state_dict_to_peft(unet), **convert_state_dict_to_peft(rest, StateDictType.DIFFUSERS_OLD)}
     suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                 ".lora.up.weight": "up", ".alpha": "alpha"}
     roots = components.adaptable_modules()
