@@ -163,6 +163,64 @@ def test_diffusers_files_in_the_names_before_peft_load_as_diffusers_loads_them(p
 
 
 @torch.no_grad()
+def test_diffusers_files_with_their_lora_configs_load_at_peft_scales(pipeline_and_ours, tmp_path):
+    """diffusers saves each part's PEFT LoraConfig in the file's metadata (``lora_adapter_metadata``, when given the
+    adapters' metadata), and
+    its loader scales each layer by it: alpha / r, per-layer alphas and ranks from the patterns, alpha / sqrt(r) with
+    rsLoRA. lorabench read such a file at scale 1: a LoRA trained with lora_alpha=8 at r=4 loaded at half its update.
+    Now it loads to the same model as diffusers' load_lora_weights (and as the PEFT model it was saved from); a DoRA
+    file is refused in one line."""
+    pytest.importorskip("peft", reason="peft writes the file (pip install -e '.[dev]')")
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lorabench.errors import ConfigError
+    from lorabench.models import load_components
+
+    pipe, ours = pipeline_and_ours
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                          rank_pattern={"to_v": 2}, alpha_pattern={"to_k": 2}, init_lora_weights="gaussian")
+    text_cfg = LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=TE_TARGETS, init_lora_weights="gaussian")
+    pipe.unet.add_adapter(unet_cfg)
+    inject_adapter_in_model(text_cfg, pipe.text_encoder)  # transformers' add_adapter wants peft >= 0.22
+    g = torch.Generator().manual_seed(0)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=text_cfg.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    inputs, ids = unet_inputs(ours.unet), _text_inputs(ours.tokenizer)
+    expected, expected_text = pipe.unet(*inputs).sample, pipe.text_encoder(ids)[0]  # the PEFT model saved
+    assert (expected - ours.unet(*inputs).sample).abs().max() > 1e-2  # the adapter changes the model
+    imported = load_adapter(ours, path)
+    imported.merge()
+    torch.testing.assert_close(ours.unet(*inputs).sample, expected, atol=1e-5, rtol=0)  # off by 1.41 at scale 1
+    torch.testing.assert_close(ours.text_encoder(ids)[0], expected_text, atol=1e-5, rtol=0)
+    imported.remove()
+    reread = StableDiffusionPipeline.from_pretrained(ours.model_id, safety_checker=None, requires_safety_checker=False)
+    reread.load_lora_weights(str(path))  # diffusers' own reading agrees
+    torch.testing.assert_close(reread.unet(*inputs).sample, expected, atol=1e-5, rtol=0)
+    # DoRA: its update is not up @ down
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    flat = json.loads(meta["lora_adapter_metadata"])
+    meta["lora_adapter_metadata"] = json.dumps({**flat, "unet.use_dora": True})
+    save_file(tensors, str(tmp_path / "dora.safetensors"), metadata=meta)
+    with pytest.raises(ConfigError, match="its unet adapter is DoRA") as err:
+        load_adapter(load_components(ours.model_id, resolution=16), tmp_path / "dora.safetensors")
+    assert "\n" not in str(err.value)
+
+
+@torch.no_grad()
 def test_kohya_sdxl_files_in_sgm_names_load_as_diffusers_loads_them(scaled_down_models, tmp_path):
     """kohya's SDXL trainer names the UNet's layers as SGM's UNet does (``lora_unet_input_blocks_4_1_transformer_
     blocks_0_attn1_to_q``), not as diffusers' (``lora_unet_down_blocks_1_attentions_0_...``): lorabench refused such a

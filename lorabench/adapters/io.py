@@ -12,7 +12,8 @@
   ``.lora_up.weight`` and ``.alpha`` (= rank, scale 1), read by A1111 and ComfyUI.
 
 Imported (:func:`import_lora`), as diffusers' ``load_lora_weights`` reads them: diffusers files in PEFT's names
-and in the names before PEFT (``attn1.processor.to_q_lora.down``, ``q_proj.lora_linear_layer.down``); kohya files
+and in the names before PEFT (``attn1.processor.to_q_lora.down``, ``q_proj.lora_linear_layer.down``), at the
+scales of the LoraConfig a file stores (``lora_adapter_metadata``: alpha / r per layer, rsLoRA); kohya files
 with the UNet's layers in diffusers' names or in the original LDM / SGM UNet's (:func:`ldm_names`; kohya's SDXL).
 
 Text-encoder layers are always named as in the published CLIP checkpoints
@@ -371,12 +372,51 @@ def import_lora(components, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     for layer, p in parts.items():
         if "down" not in p or "up" not in p:
             raise ConfigError(source, f"layer {layer!r} lacks its {'up' if 'down' in p else 'down'} tensor")
+    configs = _peft_configs(metadata, source)
     pairs = {}
     for layer, p in parts.items():
         down, up = p["down"].float(), p["up"].float()
-        scale = float(p["alpha"]) / down.shape[0] if "alpha" in p else 1.0
+        if "alpha" in p:  # kohya's (and diffusers' network alphas)
+            scale = float(p["alpha"]) / down.shape[0]
+        else:
+            scale = _peft_scale(configs.get(layer.partition(".")[0]), layer.partition(".")[2], down.shape[0])
         pairs[layer] = (up.reshape(up.shape[0], -1) * scale, down.reshape(down.shape[0], -1))
     return lora_from_pairs(components, pairs, source)
+
+
+def _peft_configs(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
+    """The LoraConfig of each model part that diffusers stores in a file it saves with its adapters' metadata
+    (``lora_adapter_metadata``: ``{"unet.r": 4, "unet.lora_alpha": 8, ...}``), by part; {} without."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(source, f"its lora_adapter_metadata is not JSON ({exc})") from exc
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        part, _, option = key.partition(".")
+        configs.setdefault(part, {})[option] = value
+    for part, cfg in configs.items():
+        if cfg.get("use_dora"):
+            raise ConfigError(source, f"its {part} adapter is DoRA (use_dora), whose update is not up @ down: "
+                                      "lorabench loads LoRA files only")
+    return configs
+
+
+def _peft_scale(config: Mapping | None, module: str, rank: int) -> float:
+    """PEFT's scale of one layer: its alpha (``alpha_pattern``'s entry for it, else ``lora_alpha``) over its rank, or
+    over the rank's square root with rsLoRA; the patterns match the module's name as PEFT's ``get_pattern_key``
+    does (the pattern, after a dot or from the start, to the end). 1 without a config (diffusers' default)."""
+    if not config or config.get("lora_alpha") is None:
+        return 1.0
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
 
 
 def lora_from_pairs(components, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
