@@ -204,7 +204,9 @@ def test_diffusers_files_with_their_lora_configs_load_at_peft_scales(pipeline_an
     imported = load_adapter(ours, path)
     imported.merge()
     torch.testing.assert_close(ours.unet(*inputs).sample, expected, atol=1e-5, rtol=0)  # off by 1.41 at scale 1
-    torch.testing.assert_close(ours.text_encoder(ids)[0], expected_text, atol=1e-5, rtol=0)
+    # merged weights against PEFT's separate low-rank path, rsLoRA's scale 3: float32 rounding reached 1.5e-5 in a
+    # one-thread pytest-xdist worker
+    torch.testing.assert_close(ours.text_encoder(ids)[0], expected_text, atol=1e-4, rtol=0)
     imported.remove()
     reread = StableDiffusionPipeline.from_pretrained(ours.model_id, safety_checker=None, requires_safety_checker=False)
     reread.load_lora_weights(str(path))  # diffusers' own reading agrees
