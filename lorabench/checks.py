@@ -307,6 +307,8 @@ def check_data_path(path, field: str = "data.path") -> Path:
 
 
 ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lorabench.adapters.io writes it)
+# diffusers' default LoRA file name: a diffusers training script's output folder holds it, load_lora_weights reads it
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"  # a run's new tokens (lorabench.adapters.tokens writes it)
 EMBEDDINGS_DIR = "embeddings"  # a merge run's: its inputs' token files, one per concept
 
@@ -321,17 +323,27 @@ def run_embeddings(path) -> list[Path]:
     return own + sorted(p for p in (run / EMBEDDINGS_DIR).glob("*.safetensors") if p.is_file())
 
 
+def folder_adapter(folder) -> Optional[Path]:
+    """The adapter file a folder stands for: a lorabench run's ``adapter.safetensors``, else diffusers'
+    ``pytorch_lora_weights.safetensors`` (a diffusers training script's output folder, as ``load_lora_weights``
+    reads a folder); None where it holds neither."""
+    folder = Path(os.path.expanduser(str(folder)))
+    return next((folder / name for name in (ADAPTER_FILE, DIFFUSERS_LORA_FILE) if (folder / name).is_file()), None)
+
+
 def adapter_file(path, field: str) -> Path:
-    """An adapter file (lorabench, diffusers or kohya ``.safetensors``) or a run folder, which stands for its
-    ``adapter.safetensors``: the file, checked to exist and to start with a safetensors header (read here without
+    """An adapter file (lorabench, diffusers or kohya ``.safetensors``) or a folder, which stands for its
+    :func:`folder_adapter`: the file, checked to exist and to start with a safetensors header (read here without
     torch, so a wrong file is one line naming ``field`` before a model loads)."""
     given = str(path)
     p = Path(os.path.expanduser(given))
     if p.is_dir():
-        if not (p / ADAPTER_FILE).is_file():
-            raise ConfigError(field, f"{given!r} is a folder without {ADAPTER_FILE}: give an adapter file (lorabench, "
-                                     "diffusers or kohya .safetensors) or a run folder that holds one")
-        p = p / ADAPTER_FILE
+        found = folder_adapter(p)
+        if found is None:
+            raise ConfigError(field, f"{given!r} is a folder without {ADAPTER_FILE} or {DIFFUSERS_LORA_FILE}: give an "
+                                     "adapter file (lorabench, diffusers or kohya .safetensors) or a run folder that "
+                                     "holds one")
+        p = found
     elif not p.is_file():
         raise ConfigError(field, f"adapter file {given!r} does not exist")
     try:

@@ -447,6 +447,39 @@ def test_the_sample_job_adds_a_runs_new_tokens(tiny_model_dir, tmp_path):
                           tmp_path, f"protocol.embeddings: '{tmp_path}/nope.safetensors': no such token file")
 
 
+def test_a_diffusers_output_folder_stands_for_its_lora_file(tiny_model_dir, tmp_path):
+    """diffusers' training scripts write ``pytorch_lora_weights.safetensors`` into their output folder, and
+    ``load_lora_weights(folder)`` reads it; lorabench took a folder for a run folder alone ("a folder without
+    adapter.safetensors"). Now such a folder stands for its file in the sample and merge jobs, as the file does."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    _train(["exports=[diffusers]"], tiny_model_dir, tmp_path / "run")
+    out = tmp_path / "diffusers_output"
+    out.mkdir()
+    shutil.copy(tmp_path / "run" / "pytorch_lora_weights.safetensors", out)
+    model = ["model=sd15", f"model.pretrained={tiny_model_dir}", "model.name=tiny", "model.resolution=16"]
+    images = {}
+    for name, given in (("folder", out), ("file", out / "pytorch_lora_weights.safetensors")):
+        proc = run_here(["sample", *model, "protocol.sampler.num_inference_steps=2", "protocol.seeds=[0]",
+                         "protocol.prompts=[a red circle]", f"protocol.adapters=[{given}]",
+                         f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert proc.returncode == 0, crashed(proc)
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["adapters"] == [str(out / "pytorch_lora_weights.safetensors")]
+        images[name] = np.asarray(Image.open(tmp_path / name / res["images"][0]))
+    assert np.array_equal(images["folder"], images["file"])
+    proc = run_here(["experiment=merge_adapters", *model, f"protocol.inputs=[{out},{tmp_path / 'run'}]",
+                     f"hydra.run.dir={tmp_path / 'merged'}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)
+    res = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert res["inputs"] == [str(out / "pytorch_lora_weights.safetensors"),
+                             str(tmp_path / "run" / "adapter.safetensors")]
+
+
 def test_an_adapter_of_another_model_says_which_model_it_was_trained_on(tiny_model_dir, tmp_path):
     """Sampled from another model, an adapter's layers do not match: the error said a tensor was missing, not
     that the file was trained on another model (lorabench files record which)."""

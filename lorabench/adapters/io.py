@@ -40,7 +40,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from lorabench.adapters.base import get_adapter_class, parse_options
 from lorabench.adapters.injection import PLACEMENT_KEYS, Adapters
-from lorabench.checks import ADAPTER_FILE
+from lorabench.checks import ADAPTER_FILE, DIFFUSERS_LORA_FILE
 from lorabench.errors import ConfigError
 from lorabench.utils.io import atomic_path
 
@@ -237,7 +237,7 @@ def export_kohya(adapters: Adapters, path) -> Path:
 
 # The files a trained (or merged) adapter is written as: lorabench's own (ADAPTER_FILE, named in the torch-free
 # checks that find it in a run folder), and the exports by layout name.
-EXPORT_FILES = {"diffusers": ("pytorch_lora_weights.safetensors", export_diffusers),
+EXPORT_FILES = {"diffusers": (DIFFUSERS_LORA_FILE, export_diffusers),
                 "kohya": ("kohya_lora.safetensors", export_kohya)}
 
 

@@ -40,6 +40,7 @@ from lorabench.checks import (
     adapter_file,
     check_validation,
     check_weights,
+    folder_adapter,
     run_embeddings,
 )
 from lorabench.errors import ConfigError
@@ -60,7 +61,7 @@ def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Pat
     for entry, w in zip(entries, weights):
         if own := run_embeddings(entry):
             tokens += [(t, "protocol.adapters") for t in own]
-            if not (Path(os.path.expanduser(str(entry))) / ADAPTER_FILE).is_file():  # a run of new tokens alone
+            if folder_adapter(entry) is None:  # a run of new tokens alone
                 if w != 1.0:
                     raise ConfigError("protocol.weights", f"{w:g} for {str(entry)!r}, a run of new tokens alone (no "
                                                           f"{ADAPTER_FILE}): tokens take no weight; give 1")
