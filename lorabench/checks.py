@@ -311,16 +311,19 @@ ADAPTER_FILE = "adapter.safetensors"  # lorabench's own file in a run folder (lo
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"  # a run's new tokens (lorabench.adapters.tokens writes it)
 EMBEDDINGS_DIR = "embeddings"  # a merge run's: its inputs' token files, one per concept
+DIFFUSERS_EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' textual-inversion script's output folder's
 
 
 def run_embeddings(path) -> list[Path]:
     """A run folder's new tokens: a training run's ``embeddings.safetensors``, a merge run's token files (its inputs',
-    under ``embeddings/``); none where ``path`` is a file or a folder without them."""
+    under ``embeddings/``), else a diffusers textual-inversion output folder's ``learned_embeds.safetensors``; none
+    where ``path`` is a file or a folder without them."""
     run = Path(os.path.expanduser(str(path)))
     if not run.is_dir():
         return []
     own = [run / EMBEDDINGS_FILE] if (run / EMBEDDINGS_FILE).is_file() else []
-    return own + sorted(p for p in (run / EMBEDDINGS_DIR).glob("*.safetensors") if p.is_file())
+    found = own + sorted(p for p in (run / EMBEDDINGS_DIR).glob("*.safetensors") if p.is_file())
+    return found or ([run / DIFFUSERS_EMBEDDINGS_FILE] if (run / DIFFUSERS_EMBEDDINGS_FILE).is_file() else [])
 
 
 def folder_adapter(folder) -> Optional[Path]:

@@ -440,6 +440,15 @@ def test_the_sample_job_adds_a_runs_new_tokens(tiny_model_dir, tmp_path):
             assert res["embeddings"] == [f"{both}/embeddings.safetensors"]
     assert np.array_equal(images["run"], images["files"])
     assert np.abs(images["run"] - images["adapter"]).max() > 0 and np.abs(images["ti"] - images["base"]).max() > 0
+    # a diffusers textual-inversion output folder stands for its learned_embeds.safetensors
+    out = tmp_path / "diffusers_ti"
+    out.mkdir()
+    (out / "learned_embeds.safetensors").write_bytes((ti / "embeddings.safetensors").read_bytes())
+    proc = run_here([*model, f"protocol.embeddings=[{out}]", f"hydra.run.dir={tmp_path / 'learned'}"], tmp_path)
+    assert proc.returncode == 0, crashed(proc)  # was "no such token file"
+    res = json.loads((tmp_path / "learned" / "results.json").read_text())
+    assert res["embeddings"] == [str(out / "learned_embeds.safetensors")]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "learned" / res["images"][0]), dtype=np.int16), images["ti"])
     # tokens take no weight; a token file that is not there
     assert_one_line_error(run_here([*model, f"protocol.adapters=[{ti}]", "protocol.weights=[0.5]"], tmp_path),
                           tmp_path, f"protocol.weights: 0.5 for '{ti}', a run of new tokens alone", "give 1")

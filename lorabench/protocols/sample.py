@@ -35,6 +35,7 @@ from PIL import Image
 from lorabench.adapters.tokens import load_tokens
 from lorabench.checks import (
     ADAPTER_FILE,
+    DIFFUSERS_EMBEDDINGS_FILE,
     EMBEDDINGS_DIR,
     EMBEDDINGS_FILE,
     adapter_file,
@@ -72,8 +73,9 @@ def sample_inputs(p: DictConfig) -> tuple[list[str], list[float], list[tuple[Pat
         paths = run_embeddings(entry) or [Path(os.path.expanduser(str(entry)))]  # a run folder: its token files
         if not paths[0].is_file():
             raise ConfigError("protocol.embeddings", f"{str(entry)!r}: no such token file; give an embeddings "
-                                                     f".safetensors or a run folder that holds {EMBEDDINGS_FILE} (a "
-                                                     f"training run's) or {EMBEDDINGS_DIR}/ (a merge run's)")
+                                                     f".safetensors or a folder that holds {EMBEDDINGS_FILE} (a "
+                                                     f"training run's), {EMBEDDINGS_DIR}/ (a merge run's) or "
+                                                     f"{DIFFUSERS_EMBEDDINGS_FILE} (diffusers')")
         tokens += [(path, "protocol.embeddings") for path in paths]
     return files, scales, tokens
 
