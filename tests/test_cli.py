@@ -339,7 +339,8 @@ def test_init_adapter_loads_text_encoder_layers_and_takes_a_run_folder(tmp_path)
 @pytest.mark.parametrize("make, fragments", [
     # each once went past the model's load: a folder or a wrong file said "does not exist" or "not a readable
     # safetensors file" without naming init_adapter, a foreign layout and another adapter type "no matching layer"
-    ("folder", ["init_adapter: ", "is a folder without adapter.safetensors: give an adapter file"]),
+    ("folder", ["init_adapter: ", "is a folder without adapter.safetensors or pytorch_lora_weights.safetensors: "
+                "give an adapter file"]),
     ("text", ["init_adapter: ", "is not a safetensors file (ValueError reading its header)"]),
     ("diffusers", ["init_adapter: ", "is not a lorabench adapter file (a diffusers or kohya export?)"]),
     ("trilora", ["init_adapter: ", "holds a trilora adapter of rank 4, this run trains lora of rank 4: set "
