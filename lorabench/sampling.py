@@ -2,7 +2,11 @@
 
 Each image's initial noise comes from its own seed, so an image does not depend on the batch
 it was drawn in, and protocols that reuse "the same 8 initial latents" for every prompt pass the
-same 8 seeds. Works for pixel-space models (no VAE) and latent models, SD and SDXL.
+same 8 seeds. A stochastic scheduler's noise at each step (DDPM's, an ancestral sampler's) comes from the
+image's seed too (:meth:`Sampler.step_generators`, a generator per image, as diffusers' pipelines take a list of
+generators): before, it came from the global generator, so a DDPM image depended on its batch and on what ran
+before. Works for pixel-space models (no VAE) and latent models, SD and SDXL; ``tests/test_pipelines.py`` holds
+the images to diffusers' pipelines'.
 
 - :class:`Sampler`: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1];
 - :func:`sample_prompts` (every prompt from every seed) and :func:`sample_each` (prompt i from seed i):
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -105,6 +110,11 @@ class Sampler:
             return batch[idx].cpu()
         return torch.stack([torch.randn(shape, generator=generator("sample-latents", int(s))) for s in seeds])
 
+    def step_generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One generator per image, seeded by its seed, for a stochastic scheduler's noise at each step (what a
+        diffusers pipeline takes as ``generator=[...]``, one per image); fresh ones on each call."""
+        return [generator("sample-steps", int(s)) for s in seeds]
+
     def _parts_to_device(self) -> None:
         comps = self.components
         for part in (comps.text_encoder, comps.text_encoder_2, comps.vae):  # they follow the UNet's device
@@ -127,7 +137,9 @@ class Sampler:
                    disable=not self.progress, leave=False)
         for start in batches:
             cond = self.conditions(prompts[start:start + self.batch_size])
-            out.append(self.decode(self._denoise(latents[start:start + self.batch_size], cond, 1, bar)).cpu())
+            noise = self.step_generators(seeds[start:start + self.batch_size])
+            out.append(self.decode(self._denoise(latents[start:start + self.batch_size], cond, 1, bar, noise=noise))
+                       .cpu())
         bar.close()
         return torch.cat(out) if out else torch.empty(0, 3, *self.latent_shape()[1:])
 
@@ -147,16 +159,21 @@ class Sampler:
 
     @torch.no_grad()
     def sample_settings(self, conds: Sequence[dict], latents: Sequence[torch.Tensor],
-                        weights: Optional[Mapping[str, torch.Tensor]] = None) -> list[torch.Tensor]:
+                        weights: Optional[Mapping[str, torch.Tensor]] = None,
+                        seeds: Optional[Sequence[Sequence[int]]] = None) -> list[torch.Tensor]:
         """Several settings in one pass: setting ``s`` is ``conds[s]`` (from :meth:`conditions`) and its initial
-        latents ``latents[s]`` (every setting as many), its UNet Linear layers at the paths of ``weights`` taking
-        ``weights[path][s]`` (:func:`setting_weights`). Each setting's images, as :meth:`__call__` draws them
-        one setting at a time, to float rounding (the UNet runs on a batch of every setting's rows)."""
+        latents ``latents[s]`` (every setting as many), drawn from ``seeds[s]`` (its images' seeds, for a stochastic
+        scheduler's steps), its UNet Linear layers at the paths of ``weights`` taking ``weights[path][s]``
+        (:func:`setting_weights`). Each setting's images, as :meth:`__call__` draws them one setting at a time, to
+        float rounding (the UNet runs on a batch of every setting's rows)."""
         n = len(latents[0]) if latents else 0
+        if seeds is not None and (len(seeds) != len(latents) or any(len(s) != n for s in seeds)):
+            raise ValueError(f"seeds for {[len(s) for s in seeds]} images, latents for {[len(x) for x in latents]}")
+        noise = None if seeds is None else [g for own in seeds for g in self.step_generators(own)]
         bar = tqdm(total=self.num_inference_steps, desc=f"sampling {len(conds)} settings", unit="step",
                    disable=not self.progress, leave=False)
         with self._settings_pass(conds, latents, weights) as (x, cond):
-            x = self._denoise(x, cond, len(conds), bar)
+            x = self._denoise(x, cond, len(conds), bar, noise=noise)
         bar.close()
         return list(self.decode(x).cpu().split(n))
 
@@ -180,13 +197,17 @@ class Sampler:
         with routing, setting_weights(self.components.unet, weights or {}, len(conds)):
             yield torch.cat(list(latents)), cond
 
-    def _denoise(self, x: torch.Tensor, cond: dict, settings: int, bar, steps: Optional[int] = None) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, cond: dict, settings: int, bar, steps: Optional[int] = None,
+                 noise: Optional[list[torch.Generator]] = None) -> torch.Tensor:
         """The sampling loop from initial latents ``x`` ((settings * n, ...), setting-major) under ``cond`` (per
-        setting: its unconditional rows, then its conditional rows, when guided); ``steps``: stop after so many."""
+        setting: its unconditional rows, then its conditional rows, when guided); ``steps``: stop after so many;
+        ``noise``: a generator per row for the scheduler's step noise (None: the global generator)."""
         comps, dev = self.components, self.device
         dtype = next(comps.unet.parameters()).dtype
         guided = self.guidance_scale != 1.0
         sched = self.scheduler
+        takes = noise is not None and "generator" in inspect.signature(sched.step).parameters
+        step_kwargs = {"generator": noise} if takes else {}
         sched.set_timesteps(self.num_inference_steps, device=dev)
         x = x.to(dev, torch.float32) * sched.init_noise_sigma
         for t in sched.timesteps[:steps]:
@@ -200,7 +221,7 @@ class Sampler:
                 pairs = pred.view(settings, 2, -1, *pred.shape[1:])
                 p_uncond, p_cond = pairs[:, 0], pairs[:, 1]
                 pred = (p_uncond + self.guidance_scale * (p_cond - p_uncond)).reshape(-1, *pred.shape[1:])
-            x = sched.step(pred, t, x).prev_sample
+            x = sched.step(pred, t, x, **step_kwargs).prev_sample
             if bar is not None:
                 bar.update(1)
         return x

@@ -182,15 +182,17 @@ def _trained_lora(model, seed: int, text_encoder: bool = False):
     return adapters
 
 
-def test_eval_batch_equals_settings_sampled_alone(load_tiny):
+@pytest.mark.parametrize("scheduler", ["dpm", "ddpm"])
+def test_eval_batch_equals_settings_sampled_alone(load_tiny, scheduler):
     """Settings taken with injected adapters (UNet and text encoder) and with merged deltas: one at a time
-    (size 1) exactly as the sampler draws them, and several in a pass equal to that to float rounding."""
+    (size 1) exactly as the sampler draws them, and several in a pass equal to that to float rounding; with a
+    stochastic scheduler (DDPM) too, each image's step noise from its seed."""
     from lorabench.merging import LayerDelta, merged_into, model_weights, updates_from_adapters
     from lorabench.protocols.scoring import EvalBatch
     from lorabench.sampling import sample_prompts
 
     model = load_tiny()
-    sampler = {"scheduler": "dpm", "num_inference_steps": 3, "progress": False}
+    sampler = {"scheduler": scheduler, "num_inference_steps": 3, "progress": False}
     prompts, seeds, cpu = ["a photo of sks dog", "a dog"], [0, 1], torch.device("cpu")
     updates = []
     for i in range(2):

@@ -10,8 +10,10 @@ from lorabench.errors import ConfigError
 from lorabench.sampling import Sampler, image_grid
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm"])
 def test_seeded_and_batch_invariant(load_tiny, scheduler):
+    """An image is its prompt's and seed's, whatever batch it is drawn in: DDPM's step noise too (it came from the
+    global generator, so a batch of four drew other images than four batches of one)."""
     model = load_tiny()
     prompts = ["a photo of sks dog", "a dog", "a photo", ""]
     a = Sampler(model, scheduler, num_inference_steps=4, batch_size=4, progress=False)(prompts, seeds=[0, 1, 2, 3])
@@ -75,9 +77,11 @@ def _attention_paths(unet, suffixes=("attn1.to_q", "attn2.to_k", "attn2.to_v")):
     return [n for n, m in unet.named_modules() if n.endswith(suffixes)]
 
 
-def test_settings_in_one_pass_equal_each_alone(load_tiny):
+@pytest.mark.parametrize("scheduler", ["dpm", "ddpm"])
+def test_settings_in_one_pass_equal_each_alone(load_tiny, scheduler):
     """Three settings (own prompts, seeds and weights on some Linear layers) in one UNet batch equal each one
-    sampled alone with its weights in the model; each module's own forward is back after the pass."""
+    sampled alone with its weights in the model, DDPM's step noise from each image's seed; each module's own
+    forward is back after the pass."""
     model = load_tiny()
     unet = model.unet
     paths = _attention_paths(unet)
@@ -86,7 +90,7 @@ def test_settings_in_one_pass_equal_each_alone(load_tiny):
               for _ in range(3)]
     prompts = [["a photo of sks dog", "a dog"], ["a photo"] * 2, ["", "a dog on the beach"]]
     seeds = [[0, 1], [0, 1], [2, 3]]
-    s = Sampler(model, "dpm", num_inference_steps=3, progress=False)
+    s = Sampler(model, scheduler, num_inference_steps=3, progress=False)
     alone = []
     for d, ps, ss in zip(deltas, prompts, seeds):
         saved = {p: unet.get_submodule(p).weight.detach().clone() for p in d}
@@ -99,14 +103,14 @@ def test_settings_in_one_pass_equal_each_alone(load_tiny):
                 unet.get_submodule(p).weight.copy_(saved[p])
     weights = {p: torch.stack([unet.get_submodule(p).weight.detach() + d[p] for d in deltas]) for p in paths}
     together = s.sample_settings([s.conditions(ps) for ps in prompts], [s.initial_latents(ss) for ss in seeds],
-                                 weights)
+                                 weights, seeds=seeds)
     for a, b in zip(alone, together):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the settings differ, so the test could fail
     assert all("forward" not in vars(unet.get_submodule(p)) for p in paths)
     # one setting with no weights: the sampler's own images, bit for bit
-    assert torch.equal(s.sample_settings([s.conditions(prompts[0])], [s.initial_latents(seeds[0])])[0],
-                       s(prompts[0], seeds[0]))
+    assert torch.equal(s.sample_settings([s.conditions(prompts[0])], [s.initial_latents(seeds[0])],
+                                         seeds=seeds[:1])[0], s(prompts[0], seeds[0]))
 
 
 def test_per_setting_weights_check_their_layers(load_tiny):

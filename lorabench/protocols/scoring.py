@@ -86,6 +86,7 @@ class _Pending:
     key: Hashable
     cond: dict
     latents: torch.Tensor
+    seeds: list[int]  # each image's (its latents', and a stochastic scheduler's steps')
     deltas: dict[str, LayerDelta]  # the UNet's part, keyed ``unet.<path>``
     inputs: Optional[InputStats] = None  # the setting's input statistics, its UNet layers recorded by the pass
 
@@ -150,8 +151,8 @@ class EvalBatch:
             self.sampler = Sampler(self.components, **self.sampler_cfg)
         with merged_into(model_weights(self.components, list(text)), text):
             cond = self.sampler.conditions([p for p in prompts for _ in seeds])
-        latents = self.sampler.initial_latents([s for _ in prompts for s in seeds])
-        self.pending.append(_Pending(key, cond, latents, unet, inputs))
+        image_seeds = [int(s) for _ in prompts for s in seeds]
+        self.pending.append(_Pending(key, cond, self.sampler.initial_latents(image_seeds), image_seeds, unet, inputs))
 
     def capture(self, key: Hashable, adapters, prompts: Sequence[str], seeds: Sequence[int],
                 deltas: Mapping[str, LayerDelta], then: Callable[[tuple[dict, dict]], None]) -> None:
@@ -191,7 +192,7 @@ class EvalBatch:
                 part = group[start:start + size]
                 with self._recording(part):
                     imgs = self.sampler.sample_settings([p.cond for p in part], [p.latents for p in part],
-                                                        self._weights(part))
+                                                        self._weights(part), seeds=[p.seeds for p in part])
                 self.done.update({p.key: x for p, x in zip(part, imgs)})
                 self.passes.append(len(part))
         self.sample_s += time.perf_counter() - t0
