@@ -72,3 +72,48 @@ def test_sdxl_sampler_draws_what_the_sdxl_pipeline_draws_with_its_own_defaults(s
                   output_type="pt").images
     assert type(pipe.scheduler).__name__ == type(sampler.scheduler).__name__ == "EulerDiscreteScheduler"
     torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0)
+
+
+# The scheduler configs the models ship (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 and of
+# stabilityai/stable-diffusion-xl-base-1.0): PNDM without its Runge-Kutta warm-up, Euler with leading spacing.
+REAL_SCHEDULERS = {
+    "sd15": {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+             "steps_offset": 1, "trained_betas": None, "clip_sample": False},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+             "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+             "use_karras_sigmas": False},
+}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@torch.no_grad()
+def test_scheduler_pipeline_with_the_models_own_scheduler_config_draws_as_its_pipeline(scaled_down_models, tmp_path,
+                                                                                       arch):
+    """``scheduler: pipeline`` (TriLoRA's and the continual paper's full-scale sampling: the pipeline's own
+    scheduler) on a model whose scheduler folder is the real one: lorabench reads it as a DDPMScheduler (its
+    training noise) and builds the pipeline's class from that config, which must keep the other class's options
+    (PNDM's ``skip_prk_steps``, ``set_alpha_to_one``); its images are the pipeline's."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = tmp_path / arch
+    shutil.copytree(scaled_down_models[arch], path)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(REAL_SCHEDULERS[arch]))
+    size = 64 if arch == "sd15" else 32
+    ours = load_components(str(path), resolution=size)
+    guidance = 7.5 if arch == "sd15" else 5.0  # each pipeline's default
+    sampler = Sampler(ours, scheduler="pipeline", num_inference_steps=5, guidance_scale=guidance, progress=False)
+    latents = sampler.initial_latents([0, 1])
+    mine = sampler(["a photo of sks dog", "a dog"], seeds=[0, 1], latents=latents)
+    pipe = _with_our_modules(StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline, path, ours)
+    assert type(pipe.scheduler) is type(sampler.scheduler)
+    assert {k: sampler.scheduler.config[k] for k in REAL_SCHEDULERS[arch] if not k.startswith("_")} == \
+        {k: v for k, v in REAL_SCHEDULERS[arch].items() if not k.startswith("_")}
+    theirs = pipe(["a photo of sks dog", "a dog"], latents=latents.clone(), num_inference_steps=5, height=size,
+                  width=size, output_type="pt").images
+    torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0)
