@@ -55,6 +55,16 @@ def test_an_empty_metadata_file_says_it_lists_no_images(tmp_path):
         scan_folder(tmp_path, instance_prompt="x", field="data.path")
 
 
+def _epoch(loader, n=None):
+    """A loader's batches of one epoch (its first ``n``)."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
 @pytest.mark.parametrize("kind", ["shuffle", "buckets", "workers"])
 def test_a_loader_resumed_from_its_state_hands_out_what_the_uninterrupted_one_would(kind):
     """lorabench.data.loader: a checkpoint's loader state, taken mid-epoch or at an epoch's end, makes a new
@@ -105,30 +115,46 @@ def test_a_loader_keeps_its_datasets_augmentations_and_resumes_a_checkpoint_with
     dm = ImageFolderDataModule(str(toy_images), resolution=12, batch_size=3, center_crop=False, random_flip=True,
                                seed=3).prepare()
 
-    def epoch(loader, n=None):
-        out = []
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-        return out
-
-    whole = epoch(dm.train_dataloader())  # the run that was not stopped
+    whole = _epoch(dm.train_dataloader())  # the run that was not stopped
     going = dm.train_dataloader()
     assert len(going.dataset.generators) == 1
-    epoch(going, 1)
+    _epoch(going, 1)
     state = going.state_dict()
     assert len(state["generator_states"]) == 2 and state["batches"] == 1
     resumed = dm.train_dataloader()
     resumed.load_state_dict(state)
     torch.manual_seed(123)  # what the global generator holds does not matter
-    rest = epoch(resumed)
+    rest = _epoch(resumed)
     assert len(rest) == len(whole) - 1 >= 2
     for a, b in zip(rest, whole[1:]):
         assert a["index"].tolist() == b["index"].tolist() and torch.equal(a["pixel_values"], b["pixel_values"])
     old = dm.train_dataloader()  # a state written when the dataset kept no generator: the loader's alone
     old.load_state_dict({"generator_states": state["generator_states"][:1], "batches": 1})
-    assert [b["index"].tolist() for b in epoch(old)] == [b["index"].tolist() for b in whole[1:]]
+    assert [b["index"].tolist() for b in _epoch(old)] == [b["index"].tolist() for b in whole[1:]]
+
+
+@pytest.mark.parametrize("buckets", [None, {"step": 4, "min_size": 8, "max_size": 16}], ids=["square", "buckets"])
+def test_worker_processes_crop_and_flip_a_resumed_epoch_as_the_stopped_run_did(toy_images, buckets):
+    """With worker processes, random crops and flips drew from each worker's own generator, which persisted across
+    epochs and no checkpoint held: a loader resumed in its second epoch cropped and flipped other images than the
+    uninterrupted one. Now workers that augment start afresh each epoch, seeded from the loader's generator (kept
+    with its order; the buckets' loader has one too), and a resumed epoch is the stopped run's, pixel for pixel."""
+    dm = ImageFolderDataModule(str(toy_images), resolution=12, batch_size=3, center_crop=False, random_flip=True,
+                               seed=3, num_workers=2, buckets=buckets).prepare()
+
+    reference = dm.train_dataloader()  # the run that was not stopped
+    assert not reference.persistent_workers
+    first, second = _epoch(reference), _epoch(reference)
+    going = dm.train_dataloader()
+    assert [b["index"].tolist() for b in _epoch(going)] == [b["index"].tolist() for b in first]
+    _epoch(going, 1)  # stopped after the second epoch's first batch
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(going.state_dict())
+    rest = _epoch(resumed)
+    assert len(rest) == len(second) - 1 >= 1
+    for a, b in zip(rest, second[1:]):
+        assert a["index"].tolist() == b["index"].tolist() and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert any(not torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, second))  # augmented
 
 
 def test_a_16_bit_greyscale_image_loads_at_its_grey_not_white(tmp_path):

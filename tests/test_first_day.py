@@ -135,8 +135,9 @@ AUGMENTED = ["data.random_flip=true", "data.center_crop=false", "adapter.dropout
 
 
 @pytest.mark.parametrize("batch_size,extra", [(4, []), (3, []), (3, AUGMENTED), (4, ["+data.num_workers=2"]),
-                                               (3, ["+data.num_workers=2"])],
-                         ids=["epoch-end", "mid-epoch", "augmented", "workers-epoch-end", "workers-mid-epoch"])
+                                               (3, ["+data.num_workers=2"]), (3, [*AUGMENTED, "+data.num_workers=2"])],
+                         ids=["epoch-end", "mid-epoch", "augmented", "workers-epoch-end", "workers-mid-epoch",
+                              "workers-augmented"])
 def test_a_run_resumes_from_its_last_checkpoint_and_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path,
                                                                                    batch_size, extra):
     """Why: a single training run could not be resumed. With callbacks=checkpoints, the same command (into the

@@ -420,14 +420,18 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
+        # worker processes that crop or flip at random start afresh each epoch, seeded from the loader's generator,
+        # which a checkpoint keeps: a resumed run's workers then draw what the stopped run's drew (persistent ones
+        # carry their generators across epochs, which no checkpoint holds)
+        workers = {"num_workers": self.num_workers,
+                   "persistent_workers": self.num_workers > 0 and not getattr(ds, "generators", ())}
         if self.buckets:
             targets = [ds.target(i) for i in range(len(ds))]
+            seeds = {"generator": torch.Generator().manual_seed(self.seed)} if self.num_workers else {}  # workers'
             return ResumableLoader(ds, batch_sampler=BucketBatchSampler(targets, self.batch_size, self.seed),
-                                   collate_fn=collate, num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0)
+                                   collate_fn=collate, **workers, **seeds)
         return ResumableLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
-                               num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                               drop_last=False, persistent_workers=self.num_workers > 0)
+                               generator=torch.Generator().manual_seed(self.seed), drop_last=False, **workers)
 
     def val_dataloader(self):
         if not self.val_samples:

@@ -15,8 +15,11 @@ A resumed run draws the orders of the run that was not stopped, so both end with
 ``num_workers=0`` (lorabench's default) and with worker processes (``persistent_workers``: one iterator for the
 whole fit), whose iterator draws its workers' seed from the loader's generator each epoch as a new one does
 (before 2026-12-07 only once, so a resumed run's orders differed after the first epoch). Random crops and flips
-in worker processes draw from each worker's own generator, which PyTorch seeds from that seed: a resumed run's
-workers draw others. A ``DistributedSampler``'s order comes from its seed and epoch, which Lightning restores;
+in worker processes draw from each worker's own generator, which PyTorch seeds from that seed: the training loader
+(``ImageFolderDataModule.train_dataloader``) makes workers that augment non-persistent, so every epoch's workers
+are seeded from the loader's generator, and a resumed run's draw what the stopped run's drew (persistent ones
+carried their generators across epochs, which no checkpoint holds). A ``DistributedSampler``'s order comes from its
+seed and epoch, which Lightning restores;
 a sampler's own generator (the aspect-ratio buckets') and the dataset's (random crops and flips in the main
 process, ``ImageCaptionDataset.generators``) are kept like the loader's.
 """
