@@ -407,8 +407,9 @@ def _peft_configs(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
 
 def _peft_scale(config: Mapping | None, module: str, rank: int) -> float:
     """PEFT's scale of one layer: its alpha (``alpha_pattern``'s entry for it, else ``lora_alpha``) over its rank, or
-    over the rank's square root with rsLoRA; the patterns match the module's name as PEFT's ``get_pattern_key``
-    does (the pattern, after a dot or from the start, to the end). 1 without a config (diffusers' default)."""
+    over the rank's square root with rsLoRA; the patterns match the module's name in this model as PEFT's
+    ``get_pattern_key`` matches it in the model diffusers loads the file into (the pattern, after a dot or from the
+    start, to the end). 1 without a config (diffusers' default)."""
     if not config or config.get("lora_alpha") is None:
         return 1.0
     alpha = float(config["lora_alpha"])

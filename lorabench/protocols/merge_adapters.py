@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -174,7 +174,7 @@ def _copy_tokens(tokens: list[list[Path]], names: list[str], folder: Path) -> li
 
 
 def _how_to_sample(save_as: str, out_path: Path, run_dir: Path, embeddings: list[Path], sources: list[str],
-                   clash) -> str:
+                   clash: Optional[str]) -> str:
     """The console's lines on how to sample the merge: the run folder (or its UNet) with the copied tokens."""
     if save_as == "unet":
         tokens = f" protocol.embeddings=[{run_dir}]" if embeddings else ""
