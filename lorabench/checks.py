@@ -97,7 +97,7 @@ def check_group_rates(cfg: Mapping) -> None:
 
 # the sampling schedulers by name (lorabench.sampling builds them), and "pipeline": the model's own
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "ddpm": "DDPMScheduler",
-              "euler": "EulerDiscreteScheduler"}
+              "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}
 
 
 def check_counts(options: Mapping, field: str) -> None:

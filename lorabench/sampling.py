@@ -57,7 +57,8 @@ class Sampler:
     """Draw images for prompts: ``Sampler(model)(prompts, seeds)`` -> float images in [0, 1], (N, 3, H, W).
 
     Args:
-        scheduler: ddim | dpm (DPM-Solver++) | ddpm | euler | pipeline (the model's own pipeline's).
+        scheduler: ddim | dpm (DPM-Solver++) | ddpm | euler | euler_a (Euler ancestral) | pipeline (the model's
+            own pipeline's). DDPM and Euler ancestral add noise at each step, each image's from its seed.
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance weight (1.0 = conditional only).
         batch_size: images per UNet call (each call also runs the unconditional half).

@@ -174,7 +174,7 @@ def test_unknown_group_option(tmp_path, override, fragments):
     (["trainer=ddp"], ["trainer.accelerator: 'gpu' but this machine has no CUDA device"]),
     # named where the config sets them (they read "sampler.scheduler" before), and a switch given a word
     (["eval.validation.sampler.scheduler=foo"],
-     ["eval.validation.sampler.scheduler: unknown value 'foo'; valid: ddim, ddpm, dpm, euler, pipeline"]),
+     ["eval.validation.sampler.scheduler: unknown value 'foo'; valid: ddim, ddpm, dpm, euler, euler_a, pipeline"]),
     (["data.center_crop=maybe"], ["data.center_crop: expected true or false, got 'maybe'"]),
     # the weight of the prior-preservation loss, with no class images: it changed nothing, without a word
     (["module.prior_loss_weight=0.5"], ["module.prior_loss_weight: 0.5 with no class images: it weighs the "

@@ -30,12 +30,12 @@ def _with_our_modules(cls, path, ours):
 
 
 @pytest.mark.parametrize(("scheduler", "guidance"), [("ddim", 7.5), ("euler", 3.0), ("dpm", 7.5), ("ddpm", 1.0),
-                                                     ("ddpm", 5.0)])
+                                                     ("ddpm", 5.0), ("euler_a", 7.5)])
 @torch.no_grad()
 def test_sd15_sampler_draws_what_stable_diffusion_pipeline_draws(tiny_latent_model_dir, scheduler, guidance):
     """SD1.5's classes: lorabench's sampler and ``StableDiffusionPipeline`` with the same scheduler, steps and
-    guidance (an empty negative prompt, encoded), from the same latents; DDPM's step noise from the same
-    per-image generators (lorabench's drew it from the global generator: 0.35 apart)."""
+    guidance (an empty negative prompt, encoded), from the same latents; DDPM's and Euler ancestral's step noise
+    from the same per-image generators (lorabench's drew DDPM's from the global generator: 0.35 apart)."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 

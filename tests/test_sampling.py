@@ -10,7 +10,7 @@ from lorabench.errors import ConfigError
 from lorabench.sampling import Sampler, image_grid
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm", "euler_a"])
 def test_seeded_and_batch_invariant(load_tiny, scheduler):
     """An image is its prompt's and seed's, whatever batch it is drawn in: DDPM's step noise too (it came from the
     global generator, so a batch of four drew other images than four batches of one)."""
