@@ -117,3 +117,25 @@ def test_scheduler_pipeline_with_the_models_own_scheduler_config_draws_as_its_pi
     theirs = pipe(["a photo of sks dog", "a dog"], latents=latents.clone(), num_inference_steps=5, height=size,
                   width=size, output_type="pt").images
     torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@torch.no_grad()
+def test_a_negative_prompt_is_encoded_as_the_pipeline_encodes_it(scaled_down_models, arch):
+    """``sampler.negative_prompt``: the unconditional half encodes it (SDXL: both encoders and the pooled
+    embedding, no zeros), as the pipelines do with ``negative_prompt=``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = scaled_down_models[arch]
+    size = 64 if arch == "sd15" else 32
+    ours = load_components(str(path), resolution=size)
+    sampler = Sampler(ours, scheduler="ddim", num_inference_steps=4, guidance_scale=6.0, progress=False,
+                      negative_prompt="a photo of a cat")
+    assert not sampler.zero_negative
+    latents = sampler.initial_latents([5, 6])
+    mine = sampler(["a photo of sks dog"] * 2, seeds=[5, 6], latents=latents)
+    pipe = _with_our_modules(StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline, path, ours)
+    pipe.scheduler = type(sampler.scheduler).from_config(sampler.scheduler.config)
+    theirs = pipe(["a photo of sks dog"] * 2, negative_prompt=["a photo of a cat"] * 2, latents=latents.clone(),
+                  num_inference_steps=4, guidance_scale=6.0, height=size, width=size, output_type="pt").images
+    torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0)
