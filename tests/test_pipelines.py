@@ -139,3 +139,47 @@ def test_a_negative_prompt_is_encoded_as_the_pipeline_encodes_it(scaled_down_mod
     theirs = pipe(["a photo of sks dog"] * 2, negative_prompt=["a photo of a cat"] * 2, latents=latents.clone(),
                   num_inference_steps=4, guidance_scale=6.0, height=size, width=size, output_type="pt").images
     torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_weighted_adapters_sample_as_the_pipelines_set_adapters(tiny_latent_model_dir, tmp_path):
+    """The sample job's ``protocol.weights``: each adapter's update times its weight added to the model's weights
+    (``lorabench.protocols.sample``), as diffusers' ``set_adapters(names, weights)`` scales two loaded LoRAs (UNet
+    and text encoder), from the same latents; the merged weights against PEFT's separate low-rank path differ by
+    float rounding alone."""
+    import contextlib
+
+    from diffusers import StableDiffusionPipeline
+
+    from lorabench.adapters import export_diffusers, inject_adapters
+    from lorabench.merging import merged_into, model_weights, read_update
+
+    ours = load_components(str(tiny_latent_model_dir), resolution=16)
+    files = []
+    for i in range(2):
+        adapters = inject_adapters(ours, {"name": "lora", "rank": 4, "target_modules": ["to_q", "to_k", "to_v",
+                                          "to_out.0"], "text_encoder_targets": ["q_proj", "v_proj"]})
+        g = torch.Generator().manual_seed(i)
+        for p in adapters.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        files.append(export_diffusers(adapters, tmp_path / f"a{i}" / "pytorch_lora_weights.safetensors"))
+        adapters.remove()
+    weights = [0.8, -0.5]
+    sampler = Sampler(ours, scheduler="ddim", num_inference_steps=4, guidance_scale=5.0, progress=False)
+    latents = sampler.initial_latents([0, 1])
+    updates = [read_update(ours, f) for f in files]
+    with contextlib.ExitStack() as stack:
+        for u, w in zip(updates, weights):
+            deltas = u.deltas(w)
+            stack.enter_context(merged_into(model_weights(ours, list(deltas)), deltas))
+        mine = sampler(["a photo of a dog"] * 2, seeds=[0, 1], latents=latents)
+    plain = sampler(["a photo of a dog"] * 2, seeds=[0, 1], latents=latents)
+    pipe = _with_our_modules(StableDiffusionPipeline, tiny_latent_model_dir, ours)
+    pipe.scheduler = type(sampler.scheduler).from_config(sampler.scheduler.config)
+    for i, f in enumerate(files):
+        pipe.load_lora_weights(str(f.parent), adapter_name=f"a{i}")
+    pipe.set_adapters(["a0", "a1"], weights)
+    theirs = pipe(["a photo of a dog"] * 2, latents=latents.clone(), num_inference_steps=4, guidance_scale=5.0,
+                  height=16, width=16, output_type="pt").images.float()
+    assert (mine - plain).abs().max() > 1e-2  # the adapters change the images
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
