@@ -308,3 +308,57 @@ def test_native_file_round_trip_every_adapter(load_tiny, tmp_path):
         assert loaded.adapter_type == name and loaded.config == adapters.config
         inputs = unet_inputs(a.unet)
         torch.testing.assert_close(b.unet(*inputs).sample, a.unet(*inputs).sample, atol=0, rtol=0)
+
+
+def test_a_training_step_computes_what_diffusers_dreambooth_lora_script_computes(pipeline_and_ours):
+    """A DreamBooth-LoRA step as diffusers' ``train_dreambooth_lora.py`` computes it: the VAE's latent sample times
+    its scaling factor, the training scheduler's ``add_noise`` at the drawn timesteps, the text encoder's last
+    hidden state, the UNet with a PEFT LoRA on to_q/k/v/out.0, MSE against the noise. lorabench's
+    ``DiffusionFineTuner`` gives the same loss and the same gradient on every LoRA factor from the same draws."""
+    pytest.importorskip("peft", reason="peft is the reference implementation (pip install -e '.[dev]')")
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    from lorabench.training import DiffusionFineTuner
+
+    pipe, ours = pipeline_and_ours
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    module = DiffusionFineTuner(ours, {"name": "lora", "rank": 4, "alpha": 8, "target_modules": targets})
+    randomize(module.adapters, std=0.3)  # the up factors too, so every factor has a gradient
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    peft_layers = dict(pipe.unet.named_modules())
+    with torch.no_grad():
+        for name, layer in module.adapters.layers.items():
+            peft = peft_layers[name.removeprefix("unet.")]
+            peft.lora_A["default"].weight.copy_(layer.lora_down.reshape(peft.lora_A["default"].weight.shape))
+            peft.lora_B["default"].weight.copy_(layer.lora_up.reshape(peft.lora_B["default"].weight.shape))
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"pixel_values": pixels, "prompts": ["a photo of sks dog", "a dog"]}
+    module.train()
+    batch, latents, noise, timesteps = module.draw(batch, torch.Generator().manual_seed(0))
+    loss = module.diffusion_loss(batch, noise, timesteps, latents)
+    loss.backward()
+
+    # the script's step, from the same draws (its latent sample first from the same generator)
+    with torch.no_grad():
+        model_input = pipe.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+        model_input = model_input * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(batch["prompts"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        states = pipe.text_encoder(ids, return_dict=False)[0]
+    torch.testing.assert_close(latents, model_input, atol=0, rtol=0)
+    noise_scheduler = DDPMScheduler.from_pretrained(ours.model_id, subfolder="scheduler")
+    noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+    pred = pipe.unet(noisy, timesteps, states, return_dict=False)[0]
+    ref = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
+    n = 0
+    for name, layer in module.adapters.layers.items():
+        peft = peft_layers[name.removeprefix("unet.")]
+        for ours_factor, theirs in ((layer.lora_down, peft.lora_A["default"].weight),
+                                    (layer.lora_up, peft.lora_B["default"].weight)):
+            torch.testing.assert_close(ours_factor.grad.reshape(theirs.shape), theirs.grad, atol=1e-6, rtol=1e-4)
+            n += 1
+    assert n == 2 * len(module.adapters) > 0
