@@ -310,7 +310,56 @@ def test_native_file_round_trip_every_adapter(load_tiny, tmp_path):
         torch.testing.assert_close(b.unet(*inputs).sample, a.unet(*inputs).sample, atol=0, rtol=0)
 
 
-def test_a_training_step_computes_what_diffusers_dreambooth_lora_script_computes(pipeline_and_ours):
+TRAIN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _lorabench_step(components, size: int, alpha: float):
+    """One DreamBooth-LoRA step of lorabench's ``DiffusionFineTuner`` on two random images (the LoRA's up factors
+    random too, so every factor has a gradient): ``(pixels, batch, latents, noise, timesteps, loss, factors)``,
+    ``factors`` each adapted layer's ``(down, up, down's gradient, up's gradient)`` by UNet path; the adapter is
+    removed after, so the script's step can run on the same UNet (a second copy of a scaled-down SDXL rounds its
+    GEMMs otherwise, which put the gradients 1e-3 apart, relative, where the losses agreed to 2e-7)."""
+    from lorabench.training import DiffusionFineTuner
+
+    adapter = {"name": "lora", "rank": 4, "alpha": alpha, "target_modules": TRAIN_TARGETS}
+    module = DiffusionFineTuner(components, adapter)
+    randomize(module.adapters, std=0.3)
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    module.train()
+    batch, latents, noise, timesteps = module.draw({"pixel_values": pixels, "prompts": ["a photo of sks dog", "a dog"]},
+                                                   torch.Generator().manual_seed(0))
+    loss = module.diffusion_loss(batch, noise, timesteps, latents)
+    loss.backward()
+    factors = {name.removeprefix("unet."): (layer.lora_down.detach().clone(), layer.lora_up.detach().clone(),
+                                            layer.lora_down.grad.clone(), layer.lora_up.grad.clone())
+               for name, layer in module.adapters.layers.items()}
+    module.adapters.remove()
+    return pixels, batch, latents, noise, timesteps, loss.detach(), factors
+
+
+def _peft_lora(unet, factors, alpha: float) -> dict:
+    """A PEFT LoRA (as diffusers' scripts configure it) on ``unet`` holding ``factors``: its modules by path."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=TRAIN_TARGETS, init_lora_weights="gaussian"))
+    layers = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, (down, up, _, _) in factors.items():
+            a, b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
+            a.copy_(down.reshape(a.shape))
+            b.copy_(up.reshape(b.shape))
+    return layers
+
+
+def _same_gradients(layers: dict, factors: dict) -> None:
+    for name, (_, _, down_grad, up_grad) in factors.items():
+        a, b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
+        torch.testing.assert_close(down_grad.reshape(a.shape), a.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(up_grad.reshape(b.shape), b.grad, atol=1e-6, rtol=1e-4)
+    assert factors
+
+
+def test_a_training_step_computes_what_diffusers_dreambooth_lora_script_computes(tiny_latent_model_dir):
     """A DreamBooth-LoRA step as diffusers' ``train_dreambooth_lora.py`` computes it: the VAE's latent sample times
     its scaling factor, the training scheduler's ``add_noise`` at the drawn timesteps, the text encoder's last
     hidden state, the UNet with a PEFT LoRA on to_q/k/v/out.0, MSE against the noise. lorabench's
@@ -318,47 +367,55 @@ def test_a_training_step_computes_what_diffusers_dreambooth_lora_script_computes
     pytest.importorskip("peft", reason="peft is the reference implementation (pip install -e '.[dev]')")
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from peft import LoraConfig
 
-    from lorabench.training import DiffusionFineTuner
+    from lorabench.models import load_components
 
-    pipe, ours = pipeline_and_ours
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    module = DiffusionFineTuner(ours, {"name": "lora", "rank": 4, "alpha": 8, "target_modules": targets})
-    randomize(module.adapters, std=0.3)  # the up factors too, so every factor has a gradient
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
-    peft_layers = dict(pipe.unet.named_modules())
-    with torch.no_grad():
-        for name, layer in module.adapters.layers.items():
-            peft = peft_layers[name.removeprefix("unet.")]
-            peft.lora_A["default"].weight.copy_(layer.lora_down.reshape(peft.lora_A["default"].weight.shape))
-            peft.lora_B["default"].weight.copy_(layer.lora_up.reshape(peft.lora_B["default"].weight.shape))
-    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    batch = {"pixel_values": pixels, "prompts": ["a photo of sks dog", "a dog"]}
-    module.train()
-    batch, latents, noise, timesteps = module.draw(batch, torch.Generator().manual_seed(0))
-    loss = module.diffusion_loss(batch, noise, timesteps, latents)
-    loss.backward()
-
-    # the script's step, from the same draws (its latent sample first from the same generator)
-    with torch.no_grad():
-        model_input = pipe.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(0))
-        model_input = model_input * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(batch["prompts"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+    ours = load_components(str(tiny_latent_model_dir), resolution=16)
+    pixels, batch, latents, noise, timesteps, loss, factors = _lorabench_step(ours, 16, alpha=8)
+    layers = _peft_lora(ours.unet, factors, alpha=8)
+    with torch.no_grad():  # the script's step, from the same draws (its latent sample first from the same generator)
+        model_input = ours.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+        model_input = model_input * ours.vae.config.scaling_factor
+        ids = ours.tokenizer(batch["prompts"], padding="max_length", max_length=ours.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        states = pipe.text_encoder(ids, return_dict=False)[0]
+        states = ours.text_encoder(ids, return_dict=False)[0]
     torch.testing.assert_close(latents, model_input, atol=0, rtol=0)
-    noise_scheduler = DDPMScheduler.from_pretrained(ours.model_id, subfolder="scheduler")
-    noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
-    pred = pipe.unet(noisy, timesteps, states, return_dict=False)[0]
-    ref = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    noisy = DDPMScheduler.from_pretrained(str(tiny_latent_model_dir), subfolder="scheduler").add_noise(
+        model_input, noise, timesteps)
+    ref = F.mse_loss(ours.unet(noisy, timesteps, states, return_dict=False)[0].float(), noise.float())
     ref.backward()
-    torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-6, rtol=1e-5)
-    n = 0
-    for name, layer in module.adapters.layers.items():
-        peft = peft_layers[name.removeprefix("unet.")]
-        for ours_factor, theirs in ((layer.lora_down, peft.lora_A["default"].weight),
-                                    (layer.lora_up, peft.lora_B["default"].weight)):
-            torch.testing.assert_close(ours_factor.grad.reshape(theirs.shape), theirs.grad, atol=1e-6, rtol=1e-4)
-            n += 1
-    assert n == 2 * len(module.adapters) > 0
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-5)
+    _same_gradients(layers, factors)
+
+
+def test_an_sdxl_training_step_computes_what_diffusers_sdxl_dreambooth_lora_script_computes(scaled_down_models):
+    """The continual paper trains with diffusers' ``train_dreambooth_lora_sdxl.py``: both text encoders' penultimate
+    hidden states side by side, the second's pooled output, the size conditioning ``(original size, crop corner,
+    target size)`` of a square, centred image, the UNet with a PEFT LoRA. lorabench's step gives the same loss and
+    the same gradient on every LoRA factor from the same draws."""
+    pytest.importorskip("peft", reason="peft is the reference implementation (pip install -e '.[dev]')")
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from lorabench.models import load_components
+
+    path = scaled_down_models["sdxl"]
+    ours = load_components(str(path), resolution=32)
+    _, batch, latents, noise, timesteps, loss, factors = _lorabench_step(ours, 32, alpha=4)
+    layers = _peft_lora(ours.unet, factors, alpha=4)
+    with torch.no_grad():  # the script's encode_prompt and compute_time_ids
+        embeds = []
+        for tokenizer, encoder in ((ours.tokenizer, ours.text_encoder), (ours.tokenizer_2, ours.text_encoder_2)):
+            ids = tokenizer(batch["prompts"], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids, output_hidden_states=True, return_dict=False)
+            pooled, embeds = out[0], [*embeds, out[-1][-2]]
+        states = torch.concat(embeds, dim=-1)
+        time_ids = torch.tensor([[32, 32, 0, 0, 32, 32]] * 2, dtype=states.dtype)
+    noisy = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler").add_noise(latents, noise, timesteps)
+    pred = ours.unet(noisy, timesteps, states, added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled},
+                     return_dict=False)[0]
+    ref = F.mse_loss(pred.float(), noise.float())
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-5)
+    _same_gradients(layers, factors)
