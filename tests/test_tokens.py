@@ -252,6 +252,33 @@ def test_a_token_files_tokens_read_from_its_header_say_which_files_clash(load_ti
     assert token_clash([bare, tmp_path / "ti.safetensors", bare]) == f"{bare} and {bare} both add the token '<cat-toy>'"
 
 
+def test_a1111_and_sdxl_embedding_files_name_their_token_by_the_file(load_tiny, scaled_down_models, tmp_path):
+    """Embeddings shared for A1111 and ComfyUI: an SD1.5 one saved as ``{"emb_params": (n, dim)}`` took the token
+    ``emb_params`` (two such files clashed), and an SDXL one (``clip_l`` / ``clip_g``) was "names no token; give one",
+    which the sample job gives no way to. Both now take their file's name, as A1111's and ComfyUI's prompts do."""
+    from safetensors.torch import save_file
+
+    from lorabench.adapters.tokens import file_tokens, load_tokens
+    from lorabench.models.components import rewrite_prompt
+
+    comps = load_tiny()
+    dim = comps.text_encoder.get_input_embeddings().embedding_dim
+    a1111 = tmp_path / "my-style.safetensors"
+    save_file({"emb_params": torch.randn(2, dim)}, str(a1111))
+    assert file_tokens(a1111) == (["my-style", "my-style_1"], None)
+    tokens = load_tokens(comps, a1111)
+    assert tokens.names == ["my-style", "my-style_1"]
+    assert rewrite_prompt("a my-style circle", comps.prompt_rewrites) == "a my-style my-style_1 circle"
+    tokens.remove()
+    sdxl = load_components(str(scaled_down_models["sdxl"]))
+    dims = {k: sdxl.text_encoders()[e].get_input_embeddings().embedding_dim
+            for k, e in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))}
+    shared = tmp_path / "neon-look.safetensors"
+    save_file({k: torch.randn(1, d) for k, d in dims.items()}, str(shared))
+    assert file_tokens(shared) == (["neon-look"], None)
+    assert load_tokens(sdxl, shared).names == ["neon-look"]  # was "names no token; give one"
+
+
 def test_pplus_needs_cross_attention(load_tiny):
     from diffusers import UNet2DConditionModel
 

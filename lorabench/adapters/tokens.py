@@ -22,7 +22,9 @@ reverse order). A word bound twice, or a token taken twice, is a one-line error 
 Files. Textual inversion: diffusers' format, so ``pipe.load_textual_inversion`` reads it; one encoder
 ``{token: (num_vectors, dim)}``, SDXL ``{"clip_l": ..., "clip_g": ...}``. P+: lorabench's own format,
 ``{encoder: (layers, num_vectors, dim)}`` with the cross-attention layers' names, in order, in the
-metadata (``lorabench_layers``). Both carry the token config in ``lorabench_tokens``.
+metadata (``lorabench_layers``). Both carry the token config in ``lorabench_tokens``. A file without it names its
+token by its key (diffusers'), or, an A1111 ``emb_params`` file or an SDXL ``clip_l`` / ``clip_g`` one, by its file
+name, as A1111 and ComfyUI prompts name an embedding.
 
     tokens = inject_tokens(components, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
     tokens.parameters(); tokens.save("sks.safetensors"); tokens.remove()
@@ -324,6 +326,15 @@ def inject_tokens(components, config: Mapping, field: str = "embeddings") -> Con
     return ConceptTokens.inject(components, config, field=field)
 
 
+A1111_KEY = "emb_params"  # the one tensor of an A1111 (stable-diffusion-webui) embedding saved as safetensors
+
+
+def _file_token(key: str, path) -> str:
+    """The token a one-tensor embedding file names: its key (diffusers' textual inversion), or, for A1111's
+    ``emb_params``, the file's name, as A1111 prompts name an embedding."""
+    return Path(path).stem if key == A1111_KEY else key
+
+
 def file_tokens(path) -> tuple[list[str], Optional[str]]:
     """A token file's new tokens and the word they are bound to (None: none), from its header alone (no model, no
     tensor read): what two concepts' files must not share to sit in one model side by side."""
@@ -331,7 +342,8 @@ def file_tokens(path) -> tuple[list[str], Optional[str]]:
         meta = f.metadata() or {}
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {}
-    token = cfg.get("token") or (next(iter(shapes)) if len(shapes) == 1 else None)
+    token = cfg.get("token") or (_file_token(next(iter(shapes)), path) if len(shapes) == 1 else
+                                 Path(path).stem if set(shapes) == set(SDXL_KEYS.values()) else None)
     if not token:
         return [], None
     shape = next(iter(shapes.values()), [])
@@ -369,10 +381,11 @@ def load_tokens(components, path, token: Optional[str] = None, bind: Optional[st
             raise ConfigError("embeddings.path", f"{path}: P+ rows for {len(layers)} cross-attention layers that are "
                               "not this UNet's: made for another model?")
     elif set(tensors) == set(SDXL_KEYS.values()):
+        cfg.setdefault("token", Path(path).stem)  # an SDXL embedding names no token: its file's name, as in A1111
         init = {k: tensors[v][None] for k, v in SDXL_KEYS.items()}
     elif len(tensors) == 1:
         (name, rows), = tensors.items()
-        cfg.setdefault("token", name)
+        cfg.setdefault("token", _file_token(name, path))
         init = {"text_encoder": (rows if rows.dim() == 2 else rows[None])[None]}
     else:
         raise ConfigError("embeddings.path", f"{path}: not a token file (one tensor, or clip_l and clip_g, or "
