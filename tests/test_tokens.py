@@ -252,10 +252,18 @@ def test_a_token_files_tokens_read_from_its_header_say_which_files_clash(load_ti
     assert token_clash([bare, tmp_path / "ti.safetensors", bare]) == f"{bare} and {bare} both add the token '<cat-toy>'"
 
 
+class _RunsCode:
+    """A pickled object whose loading would call a function (what ``weights_only`` refuses)."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
 def test_a1111_and_sdxl_embedding_files_name_their_token_by_the_file(load_tiny, scaled_down_models, tmp_path):
     """Embeddings shared for A1111 and ComfyUI: an SD1.5 one saved as ``{"emb_params": (n, dim)}`` took the token
     ``emb_params`` (two such files clashed), and an SDXL one (``clip_l`` / ``clip_g``) was "names no token; give one",
-    which the sample job gives no way to. Both now take their file's name, as A1111's and ComfyUI's prompts do."""
+    which the sample job gives no way to. Both now take their file's name, as A1111's and ComfyUI's prompts do.
+    A1111's pickled ``.pt`` embeddings (and diffusers' ``learned_embeds.bin``) load too, read with ``weights_only``."""
     from safetensors.torch import save_file
 
     from lorabench.adapters.tokens import file_tokens, load_tokens
@@ -270,6 +278,25 @@ def test_a1111_and_sdxl_embedding_files_name_their_token_by_the_file(load_tiny, 
     assert tokens.names == ["my-style", "my-style_1"]
     assert rewrite_prompt("a my-style circle", comps.prompt_rewrites) == "a my-style my-style_1 circle"
     tokens.remove()
+    # A1111's pickled .pt (string_to_param, as its webui saves it) and diffusers' older learned_embeds.bin
+    rows = torch.randn(2, dim)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(rows.clone())},
+                "name": "old-style", "step": 500, "sd_checkpoint": "e1441589", "sd_checkpoint_name": "v1-5"},
+               tmp_path / "old-style.pt")
+    torch.save({"<cat-toy>": rows[0].clone()}, tmp_path / "learned_embeds.bin")
+    assert file_tokens(tmp_path / "old-style.pt") == (["old-style", "old-style_1"], None)
+    tokens = load_tokens(comps, tmp_path / "old-style.pt")  # was "not a safetensors file" (safetensors' error)
+    assert tokens.names == ["old-style", "old-style_1"] and torch.equal(tokens.state_dict()["text_encoder"][0], rows)
+    tokens.remove()
+    assert load_tokens(comps, tmp_path / "learned_embeds.bin").names == ["<cat-toy>"]
+    # a pickle that would run code is refused, not run
+    torch.save({"x": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match="evil.pt: not a token file torch reads with weights_only") as err:
+        load_tokens(comps, tmp_path / "evil.pt")
+    assert "\n" not in str(err.value)
+    (tmp_path / "notes.safetensors").write_text("not a tensor file\n")  # was safetensors' own traceback
+    with pytest.raises(ConfigError, match="notes.safetensors: not a safetensors file"):
+        load_tokens(comps, tmp_path / "notes.safetensors")
     sdxl = load_components(str(scaled_down_models["sdxl"]))
     dims = {k: sdxl.text_encoders()[e].get_input_embeddings().embedding_dim
             for k, e in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))}

@@ -24,7 +24,8 @@ Files. Textual inversion: diffusers' format, so ``pipe.load_textual_inversion`` 
 ``{encoder: (layers, num_vectors, dim)}`` with the cross-attention layers' names, in order, in the
 metadata (``lorabench_layers``). Both carry the token config in ``lorabench_tokens``. A file without it names its
 token by its key (diffusers'), or, an A1111 ``emb_params`` file or an SDXL ``clip_l`` / ``clip_g`` one, by its file
-name, as A1111 and ComfyUI prompts name an embedding.
+name, as A1111 and ComfyUI prompts name an embedding. A1111's pickled ``.pt`` embeddings (and diffusers' older
+``learned_embeds.bin``) are read with ``torch.load(weights_only=True)``: tensors and plain data, no code run.
 
     tokens = inject_tokens(components, {"name": "pplus", "token": "<sks>", "num_vectors": 2, "bind": "sks"})
     tokens.parameters(); tokens.save("sks.safetensors"); tokens.remove()
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -335,12 +336,48 @@ def _file_token(key: str, path) -> str:
     return Path(path).stem if key == A1111_KEY else key
 
 
+def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.pt`` / ``.bin`` embedding (A1111's ``{"string_to_param": {"*": rows}, ...}``, diffusers' older
+    ``learned_embeds.bin`` ``{token: rows}``) read with ``weights_only`` (tensors and plain data, no code run): its
+    rows by key, A1111's under ``emb_params`` (named by the file, as A1111 names it)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle's and torch's errors alike: one line naming the file
+        raise ConfigError("embeddings.path", f"{path}: not a token file torch reads with weights_only "
+                          f"({type(exc).__name__}); give a .safetensors or an A1111 / diffusers .pt / .bin") from None
+    if isinstance(state, dict) and isinstance(state.get("string_to_param"), dict):
+        rows = state["string_to_param"].get("*")
+        if isinstance(rows, torch.Tensor):
+            return {A1111_KEY: rows.detach()}
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {k: v.detach() for k, v in state.items()}
+    raise ConfigError("embeddings.path", f"{path}: not an embedding (A1111's string_to_param, or tensors by token)")
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A token file's metadata and tensors: a ``.safetensors`` (lorabench's, diffusers', A1111's, ComfyUI's), or a
+    pickled ``.pt`` / ``.bin`` embedding (:func:`_read_pickled`, no metadata)."""
+    if path.suffix in (".pt", ".bin"):
+        return {}, _read_pickled(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ConfigError("embeddings.path", f"{path}: not a safetensors file ({exc}); give a .safetensors, or an "
+                          "A1111 / diffusers .pt / .bin") from None
+
+
 def file_tokens(path) -> tuple[list[str], Optional[str]]:
-    """A token file's new tokens and the word they are bound to (None: none), from its header alone (no model, no
-    tensor read): what two concepts' files must not share to sit in one model side by side."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    """A token file's new tokens and the word they are bound to (None: none), from its header alone where it is a
+    safetensors file (no model, no tensor read): what two concepts' files must not share to sit in one model side
+    by side."""
+    path = Path(path)
+    if path.suffix in (".pt", ".bin"):
+        meta, shapes = {}, {k: list(v.shape) for k, v in _read_pickled(path).items()}
+    else:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {}
     token = cfg.get("token") or (_file_token(next(iter(shapes)), path) if len(shapes) == 1 else
                                  Path(path).stem if set(shapes) == set(SDXL_KEYS.values()) else None)
@@ -365,14 +402,13 @@ def token_clash(files: list) -> Optional[str]:
 
 
 def load_tokens(components, path, token: Optional[str] = None, bind: Optional[str] = None) -> ConceptTokens:
-    """Add the tokens of a file: lorabench's (textual inversion or P+) or any diffusers-format textual
-    inversion. ``token`` / ``bind`` override the file's."""
+    """Add the tokens of a file: lorabench's (textual inversion or P+), any diffusers-format textual inversion, or
+    an embedding shared for A1111 or ComfyUI (``.safetensors``, or A1111's pickled ``.pt``). ``token`` / ``bind``
+    override the file's."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("embeddings.path", f"{path} is not a file")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read(path)
     cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {"name": "textual_inversion"}
     if cfg.get("name") == "pplus":
         init = tensors
