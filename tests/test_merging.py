@@ -627,7 +627,10 @@ def test_a_merge_run_folder_samples_with_every_inputs_new_tokens(tmp_path, tiny_
                      f"hydra.run.dir={merged}"], tmp_path)
     assert proc.returncode == 0, crashed(proc)
     assert sorted(p.name for p in (merged / "embeddings").iterdir()) == ["c0.safetensors", "c1.safetensors"]
-    assert f"protocol.adapters=[{merged}]" in proc.stdout
+    # its own line, the model as this job loaded it: a command to copy (it followed the last info line, and said
+    # "model=...")
+    assert (f"  sample it: lorabench sample {' '.join(model)} protocol.adapters=[{merged}] protocol.prompts=[...] "
+            "(with its tokens)") in proc.stdout.splitlines()
     images = {}
     sample = ["sample", *model, "protocol.sampler.num_inference_steps=2", "protocol.seeds=[0]",
               "protocol.prompts=[a red circle and a blue square]"]

@@ -27,12 +27,14 @@ add the same token or bind the same word, one model cannot hold both: the run co
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -153,11 +155,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
            "layers": len(result.deltas), "info": info, "update_size": size_log.results(),
            "total_s": time.perf_counter() - t0}
     write_json(run_dir / "results.json", out)
-    extra = "".join(f"\n  {k}: {v:.4g}" for k, v in info.items() if isinstance(v, float))
+    extra = "".join(f"  {k}: {v:.4g}\n" for k, v in info.items() if isinstance(v, float))
     out["table"] = (f"  merged {len(inputs)} adapters with {method.name} in {result.merge_s * 1000:.1f} ms "
                     f"({len(result.deltas)} layers){' weights ' + str(weights) if weights else ''}\n"
-                    + "".join(f"  wrote {f}\n" for f in out["files"]) + extra.lstrip("\n")
-                    + _how_to_sample(save_as, out_path, run_dir, embeddings, sources, clash))
+                    + "".join(f"  wrote {f}\n" for f in out["files"]) + extra
+                    + _how_to_sample(save_as, out_path, run_dir, embeddings, sources, clash)).rstrip("\n")
     return out
 
 
@@ -173,15 +175,29 @@ def _copy_tokens(tokens: list[list[Path]], names: list[str], folder: Path) -> li
     return written
 
 
+def _model_args() -> str:
+    """The model this job loaded as command-line arguments to repeat: its ``model`` choice and the command line's
+    ``model.*`` settings (but ``model.unet``), quoted for a shell; ``model=...`` outside a Hydra run."""
+    if not HydraConfig.initialized():
+        return "model=..."
+    hc = HydraConfig.get()
+    choice = hc.runtime.choices.get("model")
+    args = [f"model={choice}"] if choice else []
+    args += [o for o in hc.overrides.task if o.startswith("model.") and not o.startswith("model.unet=")]
+    return " ".join(shlex.quote(a) for a in args) or "model=..."
+
+
 def _how_to_sample(save_as: str, out_path: Path, run_dir: Path, embeddings: list[Path], sources: list[str],
                    clash: Optional[str]) -> str:
-    """The console's lines on how to sample the merge: the run folder (or its UNet) with the copied tokens."""
+    """The console's lines on how to sample the merge: the run folder (or its UNet) with the copied tokens, with
+    the model this job merged on."""
+    model = _model_args()
     if save_as == "unet":
         tokens = f" protocol.embeddings=[{run_dir}]" if embeddings else ""
-        lines = (f"  use it in place of the model's UNet: model.unet={out_path} (e.g. lorabench sample model=... "
+        lines = (f"  use it in place of the model's UNet: model.unet={out_path} (e.g. lorabench sample {model} "
                  f"model.unet={out_path}{tokens} protocol.prompts=[...])\n")
     else:
-        lines = (f"  sample it: lorabench sample model=... protocol.adapters=[{run_dir}] protocol.prompts=[...]"
+        lines = (f"  sample it: lorabench sample {model} protocol.adapters=[{run_dir}] protocol.prompts=[...]"
                  + (" (with its tokens)" if embeddings else "") + "\n")
     if embeddings:
         lines += f"  copied the inputs' new tokens: {', '.join(str(t.relative_to(run_dir)) for t in embeddings)}\n"
