@@ -330,16 +330,20 @@ def inject_tokens(components, config: Mapping, field: str = "embeddings") -> Con
 A1111_KEY = "emb_params"  # the one tensor of an A1111 (stable-diffusion-webui) embedding saved as safetensors
 
 
-def _file_token(key: str, path) -> str:
-    """The token a one-tensor embedding file names: its key (diffusers' textual inversion), or, for A1111's
-    ``emb_params``, the file's name, as A1111 prompts name an embedding."""
-    return Path(path).stem if key == A1111_KEY else key
+def _default_token(keys, path) -> Optional[str]:
+    """The token a file without lorabench's config names: a one-tensor file's key (diffusers' textual inversion), or
+    the file's name for A1111's ``emb_params`` and for SDXL's ``clip_l`` / ``clip_g`` (as A1111 and ComfyUI prompts
+    name an embedding); None for any other file."""
+    keys = list(keys)
+    if len(keys) == 1:
+        return Path(path).stem if keys[0] == A1111_KEY else keys[0]
+    return Path(path).stem if set(keys) == set(SDXL_KEYS.values()) else None
 
 
 def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
     """A ``.pt`` / ``.bin`` embedding (A1111's ``{"string_to_param": {"*": rows}, ...}``, diffusers' older
     ``learned_embeds.bin`` ``{token: rows}``) read with ``weights_only`` (tensors and plain data, no code run): its
-    rows by key, A1111's under ``emb_params`` (named by the file, as A1111 names it)."""
+    rows by key, A1111's under ``emb_params`` (named by the file: :func:`_default_token`)."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle's and torch's errors alike: one line naming the file
@@ -368,22 +372,14 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def file_tokens(path) -> tuple[list[str], Optional[str]]:
-    """A token file's new tokens and the word they are bound to (None: none), from its header alone where it is a
-    safetensors file (no model, no tensor read): what two concepts' files must not share to sit in one model side
-    by side."""
-    path = Path(path)
-    if path.suffix in (".pt", ".bin"):
-        meta, shapes = {}, {k: list(v.shape) for k, v in _read_pickled(path).items()}
-    else:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    """A token file's new tokens and the word they are bound to (None: none), without a model: what two concepts'
+    files must not share to sit in one model side by side."""
+    meta, tensors = _read(Path(path))
     cfg = json.loads(meta["lorabench_tokens"]) if "lorabench_tokens" in meta else {}
-    token = cfg.get("token") or (_file_token(next(iter(shapes)), path) if len(shapes) == 1 else
-                                 Path(path).stem if set(shapes) == set(SDXL_KEYS.values()) else None)
+    token = cfg.get("token") or _default_token(tensors, path)
     if not token:
         return [], None
-    shape = next(iter(shapes.values()), [])
+    shape = list(next(iter(tensors.values())).shape) if tensors else []
     vectors = cfg.get("num_vectors") or (shape[0] if len(shape) == 2 else 1)  # diffusers': (n, dim) or (dim,)
     return token_names(token, int(vectors)), cfg.get("bind") or None
 
@@ -417,11 +413,11 @@ def load_tokens(components, path, token: Optional[str] = None, bind: Optional[st
             raise ConfigError("embeddings.path", f"{path}: P+ rows for {len(layers)} cross-attention layers that are "
                               "not this UNet's: made for another model?")
     elif set(tensors) == set(SDXL_KEYS.values()):
-        cfg.setdefault("token", Path(path).stem)  # an SDXL embedding names no token: its file's name, as in A1111
+        cfg.setdefault("token", _default_token(tensors, path))
         init = {k: tensors[v][None] for k, v in SDXL_KEYS.items()}
     elif len(tensors) == 1:
         (name, rows), = tensors.items()
-        cfg.setdefault("token", _file_token(name, path))
+        cfg.setdefault("token", _default_token(tensors, path))
         init = {"text_encoder": (rows if rows.dim() == 2 else rows[None])[None]}
     else:
         raise ConfigError("embeddings.path", f"{path}: not a token file (one tensor, or clip_l and clip_g, or "
